@@ -1,0 +1,24 @@
+"""Test-suite setup: Triton runs in its interpreter on machines without a GPU, and
+tests marked ``gpu`` are skipped there."""
+
+import os
+
+import torch
+
+HAS_CUDA = torch.cuda.is_available()
+
+# Must be set before any @triton.jit function is defined, i.e. before vramplan_kernels
+# is imported by a test module: triton reads it when the decorator runs.
+if not HAS_CUDA:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import pytest  # noqa: E402
+
+
+def pytest_collection_modifyitems(config, items):
+    if HAS_CUDA:
+        return
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)

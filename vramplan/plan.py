@@ -1,0 +1,138 @@
+"""The settings of one fine-tuning run: what `fit` chooses, `estimate` prices and `train` runs.
+
+A Plan is plain data. It is written to ``plan.json`` by ``vramplan fit --out`` and read by
+``train``, ``check`` and ``calibrate``, so every field has a JSON-friendly type and the
+file is validated on load with an error that names the field.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from vramplan.errors import VramplanError
+
+QUANTS = ("bf16", "int8", "nf4")
+CHECKPOINTING = ("none", "full", "offload")
+OPTIMIZERS = ("adamw", "adamw8bit", "paged_adamw8bit")
+ATTENTION = ("sdpa", "eager")
+LOSSES = ("chunked", "full")
+STACKS = ("vramplan", "hf")
+COMPUTE_DTYPES = ("bf16", "fp16")
+LORA_DTYPES = ("fp32", "bf16")
+PARALLEL = ("none", "ddp", "fsdp")
+
+#: The linear layers LoRA adapts by default: every projection of attention and MLP.
+ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+_CHOICES = {
+    "quant": QUANTS,
+    "checkpointing": CHECKPOINTING,
+    "optimizer": OPTIMIZERS,
+    "attention": ATTENTION,
+    "loss": LOSSES,
+    "stack": STACKS,
+    "compute_dtype": COMPUTE_DTYPES,
+    "lora_dtype": LORA_DTYPES,
+    "parallel": PARALLEL,
+}
+
+_POSITIVE_INTS = ("lora_rank", "seq_len", "micro_batch", "grad_accum", "gpus")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Everything that decides a run's memory and speed, and nothing about the hardware."""
+
+    model: str
+    quant: str = "nf4"
+    double_quant: bool = True
+    lora_rank: int = 16
+    lora_alpha: int | None = None  # None: 2 * rank, the common default
+    lora_targets: tuple[str, ...] = ALL_LINEAR
+    lora_dtype: str = "fp32"
+    seq_len: int = 2048
+    micro_batch: int = 1
+    grad_accum: int = 1
+    checkpointing: str = "full"
+    optimizer: str = "paged_adamw8bit"
+    attention: str = "sdpa"
+    loss: str = "chunked"
+    stack: str = "vramplan"
+    compute_dtype: str = "bf16"
+    modalities: tuple[str, ...] = ("text",)
+    gpus: int = 1
+    parallel: str = "none"
+
+    def __post_init__(self) -> None:
+        for name, allowed in _CHOICES.items():
+            value = getattr(self, name)
+            if value not in allowed:
+                raise VramplanError(f"plan field '{name}' is {value!r}; choose one of {', '.join(allowed)}")
+        for name in _POSITIVE_INTS:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise VramplanError(f"plan field '{name}' must be a positive whole number, got {value!r}")
+        if self.seq_len > 1 << 22:
+            raise VramplanError(f"plan field 'seq_len' is {self.seq_len}: over 4M tokens is not a real run; lower --seq")
+        if self.lora_rank > 4096:
+            raise VramplanError(f"plan field 'lora_rank' is {self.lora_rank}; LoRA ranks above 4096 are not supported")
+        if not self.lora_targets:
+            raise VramplanError("plan field 'lora_targets' is empty; name at least one module, e.g. q_proj")
+        # tuples, not lists, so a Plan is hashable and can be a dict key in the search
+        object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
+        object.__setattr__(self, "modalities", tuple(self.modalities))
+
+    @property
+    def alpha(self) -> int:
+        return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
+
+    @property
+    def tokens_per_micro_batch(self) -> int:
+        return self.seq_len * self.micro_batch
+
+    @property
+    def effective_batch(self) -> int:
+        return self.micro_batch * self.grad_accum * self.gpus
+
+    def replace(self, **changes: Any) -> "Plan":
+        return dataclasses.replace(self, **changes)
+
+    def to_dict(self) -> dict[str, Any]:
+        data = dataclasses.asdict(self)
+        data["lora_targets"] = list(self.lora_targets)
+        data["modalities"] = list(self.modalities)
+        return data
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any], source: str = "plan") -> "Plan":
+        if not isinstance(data, dict):
+            raise VramplanError(f"{source}: expected a JSON object with the plan's fields")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise VramplanError(f"{source}: unknown plan field(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        if "model" not in data:
+            raise VramplanError(f"{source}: the plan has no 'model' field")
+        try:
+            return cls(**data)
+        except TypeError as err:
+            raise VramplanError(f"{source}: {err}") from None
+
+
+def read_plan(path: str | os.PathLike) -> Plan:
+    """Load a plan file; plan files may wrap the plan as ``{"plan": {...}, ...}`` (fit --out does)."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text())
+    except FileNotFoundError:
+        raise VramplanError(f"plan file {path} does not exist; write one with `vramplan fit MODEL --gpu GPU --out {path}`") from None
+    except json.JSONDecodeError as err:
+        raise VramplanError(f"plan file {path} is not valid JSON (line {err.lineno}): {err.msg}") from None
+    if isinstance(data, dict) and isinstance(data.get("plan"), dict):
+        data = data["plan"]
+    return Plan.from_dict(data, source=str(path))
