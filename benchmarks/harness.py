@@ -1,0 +1,84 @@
+"""Shared pieces of the GPU benchmarks: a case to time, the two ceilings, and result writing."""
+
+from __future__ import annotations
+
+import json
+import platform
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+RESULTS = Path(__file__).resolve().parent / "results"
+
+
+@dataclass
+class Case:
+    """One kernel at one shape, with every implementation to compare.
+
+    ``variants`` maps an implementation's name to a zero-argument callable that runs it once
+    (forward, or forward+backward when ``op`` says so). The first variant is vramplan's.
+    ``bytes_moved`` / ``flops`` are the op's minimum traffic and arithmetic, for the fraction
+    of the measured ceilings it reaches.
+    """
+
+    op: str
+    shape: str
+    variants: dict[str, Callable[[], Any]]
+    bytes_moved: int | None = None
+    flops: int | None = None
+    measure_peak_memory: bool = False
+    notes: str = ""
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+def median_ms(fn: Callable[[], Any]) -> float:
+    import triton.testing
+
+    return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def peak_bytes(fn: Callable[[], Any]) -> int:
+    """Peak allocated memory above what was allocated before ``fn`` ran."""
+    torch.cuda.synchronize()
+    torch.cuda.empty_cache()
+    before = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    fn()
+    torch.cuda.synchronize()
+    return torch.cuda.max_memory_allocated() - before
+
+
+def measure_ceilings() -> dict[str, float]:
+    """Device-to-device copy bandwidth (bytes read + written) and the bf16 matmul rate, measured now."""
+    n = 1 << 30
+    src = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    dst = torch.empty_like(src)
+    copy_ms = median_ms(lambda: dst.copy_(src))
+    m = 8192
+    a = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    b = torch.randn(m, m, device="cuda", dtype=torch.bfloat16)
+    mm_ms = median_ms(lambda: a @ b)
+    del src, dst, a, b
+    torch.cuda.empty_cache()
+    return {"bandwidth_gbs": 2 * n / copy_ms / 1e6, "bf16_tflops": 2 * m**3 / mm_ms / 1e9}
+
+
+def environment() -> dict[str, Any]:
+    import transformers
+    import triton
+
+    return {
+        "gpu": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "transformers": transformers.__version__,
+        "python": platform.python_version(),
+    }
+
+
+def write_results(name: str, payload: dict[str, Any], table_md: str) -> None:
+    RESULTS.mkdir(parents=True, exist_ok=True)
+    (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
+    (RESULTS / f"{name}.md").write_text(table_md + "\n")

@@ -1,0 +1,1 @@
+"""One module per kernel; each defines ``cases(device) -> list[Case]`` for benchmarks/kernels.py."""

@@ -1,0 +1,91 @@
+"""Times every kernel against its alternatives on the GPU: `python benchmarks/kernels.py`.
+
+Each module in benchmarks/kernel_cases/ contributes cases; this script measures the two
+ceilings once, times every variant (median, triton.testing.do_bench), and writes
+benchmarks/results/kernels.{json,md} (or to --out).
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import pkgutil
+import sys
+import traceback
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+import torch  # noqa: E402
+from tabulate import tabulate  # noqa: E402
+
+from benchmarks import kernel_cases  # noqa: E402
+from benchmarks.harness import environment, measure_ceilings, median_ms, peak_bytes, write_results  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--only", default="", help="comma-separated kernel_cases modules to run")
+    parser.add_argument("--out", default="", help="folder for kernels.json / kernels.md (default benchmarks/results)")
+    args = parser.parse_args()
+    only = {n for n in args.only.split(",") if n}
+    ceilings = measure_ceilings()
+    print(json.dumps({"ceilings": ceilings, **environment()}), flush=True)
+    rows, records = [], []
+    for module_info in pkgutil.iter_modules(kernel_cases.__path__):
+        if only and module_info.name not in only:
+            continue
+        module = importlib.import_module(f"benchmarks.kernel_cases.{module_info.name}")
+        try:
+            cases = module.cases("cuda")
+        except Exception:
+            traceback.print_exc()
+            continue
+        for case in cases:
+            timings, peaks = {}, {}
+            for variant, fn in case.variants.items():
+                try:
+                    timings[variant] = median_ms(fn)
+                    if case.measure_peak_memory:
+                        peaks[variant] = peak_bytes(fn)
+                except Exception as err:  # one failing variant must not lose the others
+                    timings[variant] = None
+                    print(f"{case.op} {case.shape} {variant}: {type(err).__name__}: {err}", flush=True)
+            ours = next(iter(case.variants))
+            ms = timings.get(ours)
+            record = {"op": case.op, "shape": case.shape, "ms": timings, "peak_bytes": peaks or None,
+                      "bytes_moved": case.bytes_moved, "flops": case.flops, "notes": case.notes, **case.extra}
+            if ms:
+                if case.bytes_moved:
+                    record["bandwidth_fraction"] = case.bytes_moved / (ms * 1e-3) / (ceilings["bandwidth_gbs"] * 1e9)
+                if case.flops:
+                    record["tflops_fraction"] = case.flops / (ms * 1e-3) / (ceilings["bf16_tflops"] * 1e12)
+            others = [t for v, t in timings.items() if v != ours and t]
+            record["speedup_vs_best_other"] = (min(others) / ms) if ms and others else None
+            records.append(record)
+            print(json.dumps(record), flush=True)
+            rows.append([
+                case.op, case.shape,
+                *(f"{v}: {t:.3f}" if t else f"{v}: failed" for v, t in timings.items()),
+            ])
+    table = [[r["op"], r["shape"], f"{r['ms'].get(next(iter(r['ms'])), 0) or 0:.3f}",
+              ", ".join(f"{v} {t:.3f}" for v, t in list(r["ms"].items())[1:] if t),
+              f"{r['speedup_vs_best_other']:.2f}x" if r.get("speedup_vs_best_other") else "-",
+              f"{r['bandwidth_fraction']:.0%}" if r.get("bandwidth_fraction") else "-",
+              f"{r['tflops_fraction']:.0%}" if r.get("tflops_fraction") else "-"] for r in records]
+    md = tabulate(table, headers=["op", "shape", "vramplan ms", "others ms", "vs best other", "of bandwidth", "of bf16 TFLOP/s"],
+                  tablefmt="github")
+    print(md)
+    payload = {"ceilings": ceilings, "environment": environment(), "records": records}
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "kernels.json").write_text(json.dumps(payload, indent=2))
+        (out / "kernels.md").write_text(md + "\n")
+    else:
+        write_results("kernels", payload, md)
+
+
+if __name__ == "__main__":
+    main()
