@@ -190,10 +190,13 @@ class _ChunkedHead:
         if self.lora_a is not None and (self.need_hidden or self.need_lora):
             grad_b_chunk = grad_logits @ self.lora_b  # [c, r]
         if self.need_hidden:
-            g = grad_logits @ self.weight
+            out = self.grad_hidden[start:end]
+            if out.dtype == self.dtype:
+                torch.mm(grad_logits, self.weight, out=out)  # straight into place: no [c, H] temporary
+            else:
+                out.copy_(grad_logits @ self.weight)
             if grad_b_chunk is not None:
-                g.addmm_(grad_b_chunk, self.lora_a, alpha=self.lora_scale)
-            self.grad_hidden[start:end] = g
+                out.add_((grad_b_chunk @ self.lora_a).to(out.dtype), alpha=self.lora_scale)
         if self.need_weight:
             self.grad_weight.addmm_(grad_logits.t(), h)
         if self.need_bias:
