@@ -206,6 +206,17 @@ class _ChunkedHead:
                                alpha=self.lora_scale)
             self.grad_a.addmm_(grad_b_chunk.t().to(self.grad_a.dtype), h.to(self.grad_a.dtype), alpha=self.lora_scale)
 
+    def gradients(self, bias, lora_a, lora_b):
+        """(grad_hidden, grad_weight, grad_bias, grad_A, grad_B), each None when not asked for,
+        in the dtype of the tensor it belongs to."""
+        return (
+            self.grad_hidden,
+            self.grad_weight,
+            self.grad_bias.to(bias.dtype) if self.need_bias else None,
+            self.grad_a.to(lora_a.dtype) if self.need_lora else None,
+            self.grad_b.to(lora_b.dtype) if self.need_lora else None,
+        )
+
 
 def _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size, grad_scale, need):
     """Per-token losses, and (when ``grad_scale`` is given) the gradients the fused pass produces.
@@ -247,10 +258,13 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         n_targets = (labels != ignore_index).sum()
         ctx.reduction = reduction
         ctx.mark_non_differentiable(n_targets)
-        if reduction == "none":
+        if reduction == "none" or not any(need):
             # The per-token grad_output is known only in backward: compute the losses now and the
-            # gradients then, in a second chunked pass.
+            # gradients then, in a second chunked pass. (With nothing to differentiate, only losses.)
             losses, _ = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size, None, need)
+            if reduction != "none":
+                total = losses.sum()
+                return (total / n_targets.clamp(min=1) if reduction == "mean" else total), n_targets
             ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b)
             ctx.args = (lora_scale, ignore_index, softcap, chunk_size, need)
             return losses, n_targets
@@ -262,13 +276,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         losses, head = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size,
                                      grad_scale, need)
         loss = losses.sum() * grad_scale if reduction == "mean" else losses.sum()
-        ctx.grads = (
-            head.grad_hidden,
-            head.grad_weight,
-            head.grad_bias.to(bias.dtype) if need[2] else None,
-            head.grad_a.to(lora_a.dtype) if need[3] else None,
-            head.grad_b.to(lora_b.dtype) if need[3] else None,
-        )
+        ctx.grads = head.gradients(bias, lora_a, lora_b)
         return loss, n_targets
 
     @staticmethod
@@ -279,10 +287,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             lora = (lora_a, lora_b, lora_scale) if lora_a is not None else None
             _, head = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size,
                                     grad_loss.contiguous(), need)
-            grads = (head.grad_hidden, head.grad_weight,
-                     head.grad_bias.to(bias.dtype) if need[2] else None,
-                     head.grad_a.to(lora_a.dtype) if need[3] else None,
-                     head.grad_b.to(lora_b.dtype) if need[3] else None)
+            grads = head.gradients(bias, lora_a, lora_b)
         else:
             grads = ctx.grads
             # The usual case (loss.backward() straight on this loss) needs no rescaling: skip

@@ -166,6 +166,15 @@ def test_bf16_close_to_reference():
         torch.testing.assert_close(grad.float(), ref.float(), atol=2e-2, rtol=5e-2)
 
 
+def test_loss_without_gradients():
+    hidden, weight, labels, kwargs = make_inputs(7, 8, 60, torch.float32, head="lora")
+    with torch.no_grad(), kernel_mode("triton"):
+        for reduction in ("mean", "sum"):
+            loss, _ = linear_cross_entropy(hidden, weight, labels, reduction=reduction, chunk_size=3, **kwargs)
+            ref, _ = linear_cross_entropy_reference(hidden, weight, labels, reduction=reduction, **kwargs)
+            torch.testing.assert_close(loss, ref, **TOL[torch.float32])
+
+
 def test_cpu_default_runs_the_reference():
     hidden, weight, labels, kwargs = make_inputs(4, 8, 20, torch.float32)
     with kernel_mode("reference"):
@@ -222,4 +231,4 @@ def test_peak_memory_under_five_percent_of_unfused_at_gemma_vocab():
     unfused, ref_loss, ref_grad = peak(linear_cross_entropy_reference)
     assert fused < 0.05 * unfused, f"fused peak {fused / 1e9:.2f} GB vs unfused {unfused / 1e9:.2f} GB"
     torch.testing.assert_close(loss, ref_loss, atol=1e-2, rtol=1e-3)
-    torch.testing.assert_close(grad.float(), ref_grad.float(), atol=1e-4, rtol=5e-2)
+    assert (grad.float() - ref_grad.float()).norm() < 1e-2 * ref_grad.float().norm()
