@@ -46,6 +46,8 @@ def trainable(hidden, weight, kwargs):
 
 
 def loss_and_grads(fn, hidden, weight, labels, kwargs, **options):
+    """Loss and gradients under an upstream gradient that is not 1 (0.5 for a scalar loss, a ramp
+    per token for reduction="none"), so the backward's scaling is exercised too."""
     loss, count = fn(hidden, weight, labels, **kwargs, **options)
     upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
     grads = torch.autograd.grad((loss * upstream).sum(), trainable(hidden, weight, kwargs))
@@ -208,6 +210,20 @@ def test_benchmark_cases_run_at_tiny_sizes():
         assert len(ours) == (2 if case.extra["trainable_head"] else 1)
         for grad, want in zip(ours, ref):
             torch.testing.assert_close(grad.float(), want.float(), atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.slow
+def test_benchmark_compiled_chunked_reference_is_correct():
+    """The torch.compile baseline must compute the same thing, or its timing means nothing (~6 s: inductor)."""
+    from benchmarks.kernel_cases.linear_cross_entropy import compiled_chunked_reference
+
+    hidden, weight, labels, _ = make_inputs(24, 16, 300, torch.float32, head="trainable", ignore_every=5)
+    loss, grad_hidden, grad_weight = compiled_chunked_reference(8)(hidden.detach(), weight, labels)
+    ref_loss, _ = linear_cross_entropy_reference(hidden, weight, labels)
+    ref_hidden, ref_weight = torch.autograd.grad(ref_loss, [hidden, weight])
+    torch.testing.assert_close(loss, ref_loss, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_hidden, ref_hidden, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(grad_weight, ref_weight, atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.gpu
