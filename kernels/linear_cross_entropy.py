@@ -164,7 +164,6 @@ class _ChunkedHead:
             self.lora_a, self.lora_b = lora_a.to(self.dtype), lora_b.to(self.dtype)
             # x·Aᵀ for every token is [N, r]: tiny, so keep it whole.
             self.hidden_a = hidden.to(self.dtype) @ self.lora_a.t()
-        n_tokens = hidden.shape[0]
         self.grad_hidden = torch.empty_like(hidden) if self.need_hidden else None
         self.grad_weight = torch.zeros_like(weight) if self.need_weight else None
         acc = torch.float64 if self.dtype == torch.float64 else torch.float32
@@ -172,7 +171,6 @@ class _ChunkedHead:
         if self.need_lora:
             self.grad_a = torch.zeros(self.lora_a.shape, dtype=acc, device=hidden.device)
             self.grad_b = torch.zeros(self.lora_b.shape, dtype=acc, device=hidden.device)
-        self.n_tokens = n_tokens
 
     def logits(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
         h = self.hidden[start:end].to(self.dtype)
