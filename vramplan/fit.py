@@ -119,7 +119,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     for seq in seqs:
         for plan in _candidates(base, seq, effective):
             priced += 1
-            est = estimate_plan(plan, profile, budget=budget)
+            est = estimate_plan(plan, profile, gpu, budget=budget)
             if est.peak_bytes <= limit:
                 why = _explain(profile, base, est, budget, margin)
                 return FitResult(est, budget, margin, why, priced, gpu.name if gpu else None, est.notes)
