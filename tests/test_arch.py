@@ -74,3 +74,43 @@ def test_multimodal_config_reads_text_config_and_counts_towers():
 def test_missing_field_names_it():
     with pytest.raises(VramplanError, match="hidden_size"):
         from_config({"model_type": "llama", "num_hidden_layers": 2})
+
+
+def _gemma4_moe_config() -> dict:
+    from transformers import Gemma4TextConfig
+
+    return Gemma4TextConfig(
+        hidden_size=256, intermediate_size=512, num_hidden_layers=6, num_attention_heads=4, num_key_value_heads=2,
+        head_dim=64, global_head_dim=128, num_global_key_value_heads=1, attention_k_eq_v=True, enable_moe_block=True,
+        num_experts=4, top_k_experts=2, moe_intermediate_size=128, num_kv_shared_layers=0,
+        hidden_size_per_layer_input=0, vocab_size=1000, layer_types=["sliding_attention"] * 5 + ["full_attention"],
+    ).to_dict()
+
+
+def test_gemma4_moe_with_k_eq_v_matches_transformers():
+    config = _gemma4_moe_config()
+    arch = from_config(config)
+    full = arch.layers[-1]
+    assert full.head_dim == 128 and full.kv_heads == 1 and "v_proj" not in {lin.name for lin in full.linears}
+    assert arch.expert_params > 0 and all(layer.experts == 4 for layer in arch.layers)
+    assert arch.total_params == _meta_params(config)
+
+
+def test_gemma4_multimodal_towers_within_one_percent():
+    from transformers import AutoModel, Gemma4AudioConfig, Gemma4Config, Gemma4VisionConfig
+
+    text = resolve_model("gemma-4-e2b-text").config
+    config = Gemma4Config(text_config=text, vision_config=Gemma4VisionConfig().to_dict(),
+                          audio_config=Gemma4AudioConfig().to_dict()).to_dict()
+    with torch.device("meta"):
+        model = AutoModel.from_config(AutoConfig.for_model(**config))
+    towers = {"vision": 0, "audio": 0}
+    for name, p in model.named_parameters():
+        for tower in towers:
+            if tower in name.split(".")[0]:
+                towers[tower] += p.numel()
+    arch = from_config(config)
+    assert arch.text_params == from_config(text).text_params
+    for tower, count in towers.items():
+        assert arch.tower_params[tower] == pytest.approx(count, rel=0.01)
+    assert arch.total_params == pytest.approx(sum(p.numel() for p in model.parameters()), rel=0.001)

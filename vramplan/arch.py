@@ -174,17 +174,34 @@ def _layer_types(config: dict[str, Any], n_layers: int) -> list[str]:
     return ["full"] * n_layers
 
 
-def _tower_params(config: dict[str, Any] | None) -> int:
-    """A vision or audio encoder counted as a plain transformer stack (approximate, stays off the GPU for text)."""
+def _tower_params(config: dict[str, Any] | None, text_hidden: int) -> int:
+    """A vision or audio encoder, counted from its config's shape (approximate, within ~1%; text plans keep it off the GPU).
+
+    Vision (ViT / SigLIP-style): per layer q, k, v, o and a (gated for Gemma) MLP, plus the
+    patch embedding, Gemma 4's 2-D position table and the projection into the text width.
+    Audio conformers (Gemma 3n/4): per layer two macaron feed-forwards (8h² each),
+    attention with a relative-position projection (5h²) and a light conv module (3h²).
+    """
     if not isinstance(config, dict):
         return 0
-    h = config.get("hidden_size") or config.get("d_model") or 0
-    n = config.get("num_hidden_layers") or config.get("encoder_layers") or 0
-    inter = config.get("intermediate_size") or config.get("encoder_ffn_dim") or 4 * h
+    h = int(config.get("hidden_size") or config.get("d_model") or 0)
+    n = int(config.get("num_hidden_layers") or config.get("encoder_layers") or 0)
     if not h or not n:
         return 0
-    gated = 3 if "gemma" in str(config.get("model_type", "")) else 2
-    return int(n * (4 * h * h + gated * h * inter + 4 * h))
+    kind = str(config.get("model_type", ""))
+    if "audio" in kind and "gemma" in kind:
+        kernel = int(config.get("conv_kernel_size") or 5)
+        out = int(config.get("output_proj_dims") or text_hidden)
+        per_layer = 24 * h * h + kernel * h + 10 * h
+        return n * per_layer + (h * out + out) + out * text_hidden
+    inter = int(config.get("intermediate_size") or config.get("encoder_ffn_dim") or 4 * h)
+    mlp = (3 if "gemma" in kind else 2) * h * inter
+    total = n * (4 * h * h + mlp + 4 * h)
+    patch = int(config.get("patch_size") or 0)
+    if patch:
+        total += 3 * patch * patch * h
+    total += 2 * int(config.get("position_embedding_size") or 0) * h
+    return total + h * text_hidden
 
 
 def _kv_shared_flags(config: dict[str, Any], n_layers: int) -> list[bool]:
@@ -192,6 +209,16 @@ def _kv_shared_flags(config: dict[str, Any], n_layers: int) -> list[bool]:
     # `layer_types[:-0]` is empty: with 0 shared layers every layer computes its own K/V
     first_shared = n_layers - shared if shared > 0 else n_layers
     return [i >= first_shared for i in range(n_layers)]
+
+
+def _per_layer_overrides(config: dict[str, Any], where: str) -> dict[int, dict[str, Any]]:
+    raw = config.get("per_layer_config") or {}
+    if not isinstance(raw, dict):
+        raise VramplanError(f"{where}: field 'per_layer_config' must map layer indices to settings")
+    try:
+        return {int(k): v for k, v in raw.items() if isinstance(v, dict)}
+    except ValueError:
+        raise VramplanError(f"{where}: field 'per_layer_config' has a key that is not a layer index") from None
 
 
 def from_config(config: dict[str, Any], where: str = "config") -> Architecture:
@@ -227,12 +254,16 @@ def from_config(config: dict[str, Any], where: str = "config") -> Architecture:
     mlp_only = set(text.get("mlp_only_layers") or [])
     gemma4_moe = is_gemma4 and bool(text.get("enable_moe_block"))
 
+    overrides = _per_layer_overrides(text, where)
     layers = []
     for i in range(n_layers):
         kind = types[i]
         is_full = kind == "full"
         hd = global_head_dim if (is_gemma4 and is_full) else head_dim
         kvh = global_kv_heads if (is_gemma4 and is_full) else kv_heads
+        if i in overrides:  # transformers' saved form of Gemma 4's global head dim / kv heads
+            hd = int(overrides[i].get("head_dim", hd))
+            kvh = int(overrides[i].get("num_key_value_heads", kvh))
         has_kv = not shared[i]
         linears = [Linear("q_proj", h, heads * hd, attn_bias)]
         if has_kv:
@@ -288,7 +319,7 @@ def from_config(config: dict[str, Any], where: str = "config") -> Architecture:
     if per_layer_dim:
         extra_linears = (Linear("per_layer_model_projection", h, n_layers * per_layer_dim),)
         extra_norms += per_layer_dim
-    towers = {name: _tower_params(config.get(f"{name}_config")) for name in ("vision", "audio")}
+    towers = {name: _tower_params(config.get(f"{name}_config"), h) for name in ("vision", "audio")}
     softcap = text.get("final_logit_softcapping")
     return Architecture(
         model_type=model_type, hidden_size=h, vocab_size=vocab, layers=tuple(layers),
