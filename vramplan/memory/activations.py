@@ -166,3 +166,12 @@ def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: Act
         kept = arch.num_layers if layers_kept is None else min(layers_kept, arch.num_layers)
         persistent = checkpoint_bytes(kept, tokens, h, a)
     return persistent, grad_flow + max(peaks)
+
+
+def model_level_activations(arch, tokens: int, act_bytes: int, per_layer_copies: int) -> dict[str, int]:
+    """Activations that belong to the model rather than to a layer, as components (absent when zero)."""
+    parts = {
+        "per_layer_inputs": per_layer_input_bytes(arch, tokens, act_bytes, per_layer_copies),
+        "shared_kv": shared_kv_bytes(arch, tokens, act_bytes),
+    }
+    return {name: n for name, n in parts.items() if n}

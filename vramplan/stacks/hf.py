@@ -22,7 +22,7 @@ Modelled from what its code does (see /work/shared/reference-stacks/hf_baseline.
 
 from __future__ import annotations
 
-from vramplan.memory.activations import ActivationRecipe, activation_bytes, per_layer_input_bytes, shared_kv_bytes
+from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
 from vramplan.memory.logits import full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import optimizer_state_bytes
@@ -79,26 +79,25 @@ def step_memory(arch, plan) -> StepMemory:
         lora_input_copy_bytes=4 if up == 2 else 0, lora_rank=plan.lora_rank, lora_targets=plan.lora_targets,
         lora_inner_bytes=4, four_norms=arch.model_type.startswith("gemma"))
     persistent, layer_set = activation_bytes(arch, b, s, checkpointing, recipe)
-    persistent += per_layer_input_bytes(arch, tokens, up, copies=3) + shared_kv_bytes(arch, tokens, up)
+    model_level = model_level_activations(arch, tokens, up, per_layer_copies=3)
 
     softcap = arch.final_logit_softcapping is not None
     logits_set = full_logits_peak_bytes(tokens, arch.vocab_size, up, softcap)
     held = held_logits_bytes(tokens, arch.vocab_size, up)
 
     static = {**weights, **adapters, **optim}
-    static_total = sum(static.values()) + grads["lora_grads"]
+    held_through_step = sum(static.values()) + grads["lora_grads"] + persistent + sum(model_level.values())
     if logits_set >= held + layer_set:
-        backward = {**static, **grads, "activations": persistent, "logits_loss": logits_set}
+        backward = {**static, **grads, **model_level, "activations": persistent, "logits_loss": logits_set}
     else:
-        backward = {**static, **grads, "activations": persistent + layer_set, "logits_loss": held}
-    allocated_peak = sum(backward.values())
-    fragmentation = unreused_segment_bytes(static_total + persistent, logits_set, layer_set, allocated_peak)
+        backward = {**static, **grads, **model_level, "activations": persistent + layer_set, "logits_loss": held}
+    fragmentation = unreused_segment_bytes(held_through_step, logits_set, layer_set, sum(backward.values()))
 
     # upcasting a table to fp32 holds its bf16 original and the fp32 copy at once: +2 bytes/param
     upcast_transient = 2 * max(arch.per_layer_embedding_params, arch.embedding_params) if kbit else 0
     phases = {
         "load": {**weights, **adapters, "load_transient": upcast_transient},
-        "forward": {**static, "activations": persistent,
+        "forward": {**static, **model_level, "activations": persistent,
                     "logits_loss": full_logits_forward_bytes(tokens, arch.vocab_size, up, softcap)},
         "backward": backward,
         "optimizer_step": {**static, **grads, "logits_loss": held},

@@ -15,9 +15,9 @@
 
 from __future__ import annotations
 
-from vramplan.memory.activations import ActivationRecipe, activation_bytes, per_layer_input_bytes, shared_kv_bytes
+from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
-from vramplan.memory.logits import chunked_logits_bytes, full_logits_peak_bytes
+from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import optimizer_state_bytes
 from vramplan.memory.overhead import cuda_library_bytes, pooled_fragmentation_bytes
 from vramplan.memory.weights import dense_bytes, linear_weight_bytes, nf4_weight_bytes
@@ -55,24 +55,27 @@ def step_memory(arch, plan) -> StepMemory:
         lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"))
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
     persistent, layer_set = activation_bytes(arch, b, s, plan.checkpointing, recipe, layers_kept=kept)
-    persistent += per_layer_input_bytes(arch, tokens, ACT, copies=2) + shared_kv_bytes(arch, tokens, ACT)
+    model_level = model_level_activations(arch, tokens, ACT, per_layer_copies=2)
 
     softcap = arch.final_logit_softcapping is not None
     if plan.loss == "chunked":
-        loss = chunked_logits_bytes(tokens, arch.vocab_size, h)
+        # the chunked loss computes its gradient during the forward: its buffers peak there, not in backward
+        forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h)
+        backward_parts = {"activations": persistent + layer_set}
     else:
+        forward_loss = full_logits_forward_bytes(tokens, arch.vocab_size, ACT, softcap)
         loss = full_logits_peak_bytes(tokens, arch.vocab_size, ACT, softcap)
+        held = held_logits_bytes(tokens, arch.vocab_size, ACT)
+        backward_parts = ({"activations": persistent, "logits_loss": loss} if loss >= held + layer_set
+                          else {"activations": persistent + layer_set, "logits_loss": held})
 
     static = {**weights, **adapters, **optim}
-    fragmentation = pooled_fragmentation_bytes(persistent + max(layer_set, loss))
+    fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss))
     phases = {
         # quantizing at load holds one layer's bf16 weight beside its packed copy
         "load": {**weights, **adapters, "load_transient": 2 * arch.largest_linear_params},
-        # the chunked loss computes its gradient during the forward, so its chunk buffers peak there
-        "forward": {**static, "activations": persistent, "logits_loss": loss},
-        "backward": {**static, **grads, "activations": persistent + layer_set},
+        "forward": {**static, **model_level, "activations": persistent, "logits_loss": forward_loss},
+        "backward": {**static, **grads, **model_level, **backward_parts},
         "optimizer_step": {**static, **grads},
     }
-    if plan.loss == "full":
-        phases["backward"]["logits_loss"] = tokens * arch.vocab_size * ACT  # held logits
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"))
