@@ -9,6 +9,9 @@ The objective, in order (the first difference decides):
 4. then the fastest: no checkpointing > checkpointing > checkpointing with CPU offload,
    larger micro-batches (fewer accumulation steps), AdamW > 8-bit AdamW > paged 8-bit AdamW.
 
+The loss is the stack's own: chunked on vramplan (fused with the LM head, it costs no
+speed, so full logits are never the better choice), full on hf (the recipe has no other).
+
 A plan fits when its peak stays under the budget less a safety margin. Candidates are
 visited in the objective's order and the first that fits wins, so a search prices a
 few hundred plans at most (each estimate is ~0.1 ms of arithmetic).

@@ -36,8 +36,8 @@ def plot_estimates(estimates: Sequence, path: str, gpu: GpuSpec | None = None, l
         ax.text(x, e.peak_bytes / 1e9, f"{e.peak_bytes / 1e9:.1f} GB", ha="center", va="bottom", fontsize=9)
     if gpu is not None:
         ax.axhline(gpu.memory_bytes / 1e9, color="black", linestyle="--", linewidth=1)
-        ax.text(len(estimates) - 0.5, gpu.memory_bytes / 1e9, f" {gpu.label}: {gpu.memory_bytes / 1e9:.1f} GB",
-                va="bottom", ha="right", fontsize=9)
+        ax.text(-0.45, gpu.memory_bytes / 1e9, f"{gpu.label}: {gpu.memory_bytes / 1e9:.1f} GB",
+                va="bottom", ha="left", fontsize=8)
     plan = estimates[0].plan
     ax.set_title(f"{estimates[0].model}, seq {plan.seq_len}, rank {plan.lora_rank}: peak memory by component", fontsize=10)
     ax.set_ylabel("GB (10^9 bytes)")

@@ -57,6 +57,8 @@ def step_memory(arch, plan) -> StepMemory:
         weights["per_layer_embeddings"] = dense_bytes(arch.per_layer_embedding_params, up)
     if arch.expert_params:
         weights["experts"] = dense_bytes(arch.expert_params, up)
+        notes.append("bitsandbytes quantizes nn.Linear only: the fused expert tensors stay 16-bit"
+                     + (" and prepare_model_for_kbit_training upcasts them to fp32" if kbit else ""))
     towers = sum(v for k, v in arch.tower_params.items() if k in plan.modalities)
     if towers:
         weights["towers"] = dense_bytes(towers, up)
