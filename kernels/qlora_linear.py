@@ -76,7 +76,7 @@ def _nf4_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
     M, P, Q, stride_am, stride_wp, stride_wq,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_IN_FP32: tl.constexpr = False,
 ):
     """out[M, P] = a[M, Q] · op(W), where W's element (q, p) sits at flat index p·stride_wp + q·stride_wq.
 
@@ -99,7 +99,10 @@ def _nf4_matmul_kernel(
         absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, index // BLOCKSIZE, w_mask,
                                    DOUBLE_QUANT)
         w = tl.where(w_mask, tl.load(code4_ptr + nibble) * absmax, 0.0).to(a_ptr.dtype.element_ty)
-        acc += tl.dot(a, w)
+        if DOT_IN_FP32:
+            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+        else:
+            acc += tl.dot(a, w)
     out_mask = (rm[:, None] < M) & (rp[None, :] < P)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -127,7 +130,8 @@ def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor
             stride_wp, stride_wq)
     if interpreting():
         _nf4_matmul_kernel[(triton.cdiv(m, 16), triton.cdiv(p, 32))](
-            *args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32)
+            *args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32,
+            DOT_IN_FP32=True)  # the interpreter's tl.dot reads bf16 tiles as their raw 16-bit integers
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_P"]))  # noqa: E731
         _nf4_matmul_tuned[grid](*args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, enable_fp_fusion=False)

@@ -134,3 +134,15 @@ def test_gpu_matches_bitsandbytes_at_real_shapes(shape):
     assert torch.equal(q.packed, packed.view(-1))
     assert torch.equal(dequantize_nf4(NF4Tensor.from_bnb(packed, state)), _bnb_dequantize(packed, state))
     assert torch.equal(dequantize_nf4(q), dequantize_nf4_reference(q))
+
+
+def test_benchmark_cases_run_at_tiny_shapes():
+    from benchmarks.kernel_cases import nf4 as nf4_cases
+
+    cases = nf4_cases.cases("cpu", shapes={"tiny": (32, 128)})
+    assert [c.op for c in cases] == ["nf4_dequantize"] and next(iter(cases[0].variants)) == "vramplan"
+    assert {"bitsandbytes", "torch"} <= set(cases[0].variants)
+    results = [fn() for fn in cases[0].variants.values()]
+    for other in results[1:]:
+        assert torch.equal(results[0], other.reshape(results[0].shape))
+    assert cases[0].bytes_moved == 32 * 128 // 2 + 64 + 4 + 2 * 32 * 128

@@ -141,3 +141,16 @@ def test_gpu_matches_reference_at_real_shapes(tokens, path):
     torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
     for ours, ref in zip(grads, grads_ref):
         torch.testing.assert_close(ours, ref, rtol=2e-2, atol=5e-2)
+
+
+def test_benchmark_cases_run_at_tiny_shapes():
+    from benchmarks.kernel_cases import qlora_linear as qlora_cases
+
+    with kernel_mode("triton"):
+        cases = qlora_cases.cases("cpu", shapes={"tiny": (64, 32)}, tokens=(16,))
+        assert len(cases) == 1 and cases[0].flops == qlora_cases.qlora_flops(16, 64, 32, qlora_cases.RANK)
+        grads = {name: fn() for name, fn in cases[0].variants.items()}
+    assert "bnb matmul_4bit + peft lora" in grads
+    for name, g in grads.items():
+        for ours, ref in zip(grads["vramplan"], g):  # bf16 dX: within a bf16 rounding of the largest value
+            assert (ours.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max(), name
