@@ -40,6 +40,7 @@ NF4_CODE = (
     0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
     0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
 )
+BLOCKSIZES = (32, 64, 128, 256)  # what the kernels' tiles hold; bitsandbytes also allows larger
 ABSMAX_BLOCKSIZE = 256  # bitsandbytes' fixed block size for the nested (double) quantization
 _TINY = 1e-38  # bitsandbytes clamps an all-zero block's absmax to this before dividing
 
@@ -116,6 +117,8 @@ class NF4Tensor:
     def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Tensor":
         if quant_state.quant_type != "nf4":
             raise ValueError(f"quant_type {quant_state.quant_type!r}: only nf4 weights load as NF4Tensor")
+        if quant_state.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize {quant_state.blocksize}: NF4Tensor supports {BLOCKSIZES}")
         packed = packed.view(torch.uint8).reshape(-1)
         if not quant_state.nested:
             return cls(packed, quant_state.absmax.float(), torch.Size(quant_state.shape), quant_state.dtype,
@@ -166,17 +169,20 @@ def _nf4_dequantize_kernel(
     n, n_bytes,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_BYTES: tl.constexpr,
 ):
+    # A program owns BLOCK_BYTES packed bytes = BLOCK_BYTES // (BLOCKSIZE // 2) whole blocks, laid out
+    # [blocks, bytes of a block]: one absmax load (and decode) per block, contiguous byte loads.
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    ROWS: tl.constexpr = BLOCK_BYTES // HALF
     pid = tl.program_id(0).to(tl.int64)
-    byte = pid * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
-    in_range = byte < n_bytes
-    packed = tl.load(packed_ptr + byte, mask=in_range, other=0).to(tl.int32)
-    # Both nibbles of a byte lie in one block: blocksize is even.
-    absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, (byte * 2) // BLOCKSIZE, in_range,
-                               DOUBLE_QUANT)
+    block = pid * ROWS + tl.arange(0, ROWS)
+    byte = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, block, block * BLOCKSIZE < n,
+                               DOUBLE_QUANT)[:, None]
     high = tl.load(code4_ptr + (packed >> 4)) * absmax
     low = tl.load(code4_ptr + (packed & 0xF)) * absmax
-    values = tl.reshape(tl.join(high, low), [2 * BLOCK_BYTES])
-    index = pid * (2 * BLOCK_BYTES) + tl.arange(0, 2 * BLOCK_BYTES)
+    values = tl.reshape(tl.join(high, low), [ROWS * BLOCKSIZE])  # [rows, half, 2] row-major = flat order
+    index = pid * (ROWS * BLOCKSIZE) + tl.arange(0, ROWS * BLOCKSIZE)
     tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
 
 
@@ -223,9 +229,10 @@ def _dequantize_triton(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
         # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even: decode to
         # fp32 there and let torch round, so the interpreter checks everything else bit for bit.
         staging = out if out.dtype != torch.bfloat16 else torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        _nf4_dequantize_kernel[(triton.cdiv(n_bytes, 256),)](
+        block_bytes = max(256, q.blocksize // 2)
+        _nf4_dequantize_kernel[(triton.cdiv(n_bytes, block_bytes),)](
             q.packed, q.absmax, scale, code8, offset, code4, staging, n, n_bytes,
-            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=256)
+            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=block_bytes)
         return out if staging is out else out.copy_(staging)
     grid = lambda meta: (triton.cdiv(n_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
     _nf4_dequantize_tuned[grid](q.packed, q.absmax, scale, code8, offset, code4, out, n, n_bytes,
@@ -312,8 +319,8 @@ def _dequantize_reference(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
 def _check_weight(weight: torch.Tensor, blocksize: int) -> None:
     if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
         raise ValueError(f"NF4 quantizes fp32/fp16/bf16 weights, not {weight.dtype}")
-    if blocksize % 2 or blocksize <= 0 or blocksize & (blocksize - 1):
-        raise ValueError(f"blocksize {blocksize}: use a power of two such as 64")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize}: use one of {BLOCKSIZES} (QLoRA uses 64)")
 
 
 def _nf4_tensor(weight, packed, absmax, blocksize, double_quant) -> NF4Tensor:

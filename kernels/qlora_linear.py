@@ -14,8 +14,9 @@ Two ways to run the base matmul on the GPU; which one wins depends on the token 
 ``auto`` picks ``fused`` up to ``FUSED_MAX_TOKENS`` tokens and ``dequant`` above; override with
 ``base_path("fused"|"dequant")``, ``qlora_linear(..., base_path=...)`` or ``VRAMPLAN_QLORA_BASE``.
 
-The LoRA branch computes ``x·Aᵀ`` once in the LoRA dtype (as PEFT casts x to the adapter's
-dtype) and saves that [M, r] product for the backward: it is r/in_features the size of x.
+The LoRA branch computes ``x·Aᵀ`` once and saves that [M, r] product for the backward (it is
+r/in_features the size of x). With 16-bit activations the LoRA matmuls run in x's dtype with
+fp32 accumulation, as under autocast; with fp32/fp64 activations, in the adapters' dtype.
 """
 
 from __future__ import annotations
@@ -74,7 +75,7 @@ def choose_base_path(tokens: int, path: str | None = None) -> str:
 @triton.jit
 def _nf4_matmul_kernel(
     a_ptr, packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
-    M, P, Q, stride_am, stride_wp, stride_wq,
+    M, P, Q, stride_am, stride_wp, stride_wq, m_bucket,
     BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_IN_FP32: tl.constexpr = False,
 ):
@@ -82,6 +83,8 @@ def _nf4_matmul_kernel(
 
     Forward (W [N, K], out = x·Wᵀ): P = N, Q = K, strides (K, 1). Backward (dX = dY·W): P = K,
     Q = N, strides (1, K). Blocks of 64 run along W's flattened rows, so any K works.
+    ``m_bucket`` (M rounded up to a power of two) is only the autotuning key: tuning once per
+    bucket, not once per sequence length.
     """
     pid_m = tl.program_id(0)
     pid_p = tl.program_id(1)
@@ -112,7 +115,7 @@ _MATMUL_CONFIGS = [
     for bm, bp, bq, w, s in [(16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3), (32, 128, 64, 4, 4),
                              (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
 ]
-_nf4_matmul_tuned = triton.autotune(_MATMUL_CONFIGS, key=["M", "P", "Q", "DOUBLE_QUANT"])(_nf4_matmul_kernel)
+_nf4_matmul_tuned = triton.autotune(_MATMUL_CONFIGS, key=["m_bucket", "P", "Q", "DOUBLE_QUANT"])(_nf4_matmul_kernel)
 
 
 def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor:
@@ -127,7 +130,7 @@ def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor
     else:
         scale = code8 = offset = q.absmax  # unread placeholders
     args = (a, q.packed, q.absmax, scale, code8, offset, nf4_code(str(a.device)), out, m, p, qdim, a.stride(0),
-            stride_wp, stride_wq)
+            stride_wp, stride_wq, triton.next_power_of_2(m))
     if interpreting():
         _nf4_matmul_kernel[(triton.cdiv(m, 16), triton.cdiv(p, 32))](
             *args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32,
@@ -172,17 +175,20 @@ def _base_matmul(a: torch.Tensor, weight, transpose_w: bool, path: str | None) -
 
 
 class QLoRALinearFunction(torch.autograd.Function):
+    """The LoRA matmuls run in x's dtype when it is 16-bit (as under autocast), accumulating into
+    the base output with ``addmm_``: no [M, out] fp32 intermediate, the largest cost of PEFT's
+    LoRA branch at training token counts. The adapters' gradients come back in their own dtype."""
+
     @staticmethod
     def forward(ctx, x, weight, lora_a, lora_b, scale, bias, path):
-        in_features = x.shape[-1]
-        x2 = x.reshape(-1, in_features)
+        x2 = x.reshape(-1, x.shape[-1])
         y = _base_matmul(x2, weight, transpose_w=True, path=path)
         xa = None
         if lora_a is not None:
-            xa = x2.to(lora_a.dtype) @ lora_a.t()
-            y = y + ((xa @ lora_b.t()) * scale).to(y.dtype)
+            xa = (x2 @ lora_a.to(x2.dtype).t()) if _low_precision(x2) else (x2.to(lora_a.dtype) @ lora_a.t())
+            y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t(), alpha=scale)
         if bias is not None:
-            y = y + bias.to(y.dtype)
+            y += bias.to(y.dtype)
         ctx.weight, ctx.scale, ctx.path = weight, scale, path
         ctx.has_bias = bias is not None
         ctx.save_for_backward(x2 if lora_a is not None else None, xa, lora_a, lora_b)
@@ -192,22 +198,27 @@ class QLoRALinearFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_y):
         x2, xa, lora_a, lora_b = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1])
+        g = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
         grad_x = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
-            grad_x = _base_matmul(g.contiguous(), ctx.weight, transpose_w=False, path=ctx.path)
+            grad_x = _base_matmul(g, ctx.weight, transpose_w=False, path=ctx.path)
         if lora_a is not None:
-            g_lora = g.to(lora_a.dtype) * ctx.scale
-            grad_b = g_lora.t() @ xa
-            g_xa = g_lora @ lora_b  # [M, r]: the gradient at x·Aᵀ
-            grad_a = g_xa.t() @ x2.to(lora_a.dtype)
+            compute = xa.dtype
+            g_c = g.to(compute)
+            grad_b = (g_c.t() @ xa).mul_(ctx.scale).to(lora_b.dtype)
+            g_xa = (g_c @ lora_b.to(compute)).mul_(ctx.scale)  # [M, r]: the gradient at x·Aᵀ
+            grad_a = (g_xa.t() @ x2.to(compute)).to(lora_a.dtype)
             if grad_x is not None:
-                grad_x = grad_x + (g_xa @ lora_a).to(grad_x.dtype)
+                grad_x.addmm_(g_xa.to(grad_x.dtype), lora_a.to(grad_x.dtype))
         if ctx.has_bias and ctx.needs_input_grad[5]:
             grad_bias = g.sum(0)
         if grad_x is not None:
             grad_x = grad_x.reshape(ctx.x_shape)
         return grad_x, None, grad_a, grad_b, None, grad_bias, None
+
+
+def _low_precision(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float16)
 
 
 def qlora_linear(x: torch.Tensor, weight: NF4Tensor | torch.Tensor, lora_a: torch.Tensor | None,
