@@ -101,11 +101,18 @@ def _nf4_matmul_kernel(
         nibble = tl.where(index % 2 == 0, byte >> 4, byte & 0xF)
         absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, index // BLOCKSIZE, w_mask,
                                    DOUBLE_QUANT)
-        w = tl.where(w_mask, tl.load(code4_ptr + nibble) * absmax, 0.0).to(a_ptr.dtype.element_ty)
+        w = tl.where(w_mask, tl.load(code4_ptr + nibble) * absmax, 0.0)
         if DOT_IN_FP32:
-            acc += tl.dot(a.to(tl.float32), w.to(tl.float32))
+            if a_ptr.dtype.element_ty == tl.bfloat16:
+                # round w to bf16 (nearest even) by hand: the interpreter's cast truncates
+                bits = w.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                w = bits.to(tl.float32, bitcast=True)
+            else:
+                w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.dot(a.to(tl.float32), w)
         else:
-            acc += tl.dot(a, w)
+            acc += tl.dot(a, w.to(a_ptr.dtype.element_ty))
     out_mask = (rm[:, None] < M) & (rp[None, :] < P)
     tl.store(out_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
 
@@ -124,7 +131,9 @@ def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor
     a = a.contiguous()
     m = a.shape[0]
     p, qdim, stride_wp, stride_wq = (n, k, k, 1) if transpose_w else (k, n, 1, k)
-    out = torch.empty(m, p, dtype=a.dtype, device=a.device)
+    # the interpreter truncates fp32 -> bf16 on store: it writes fp32 and torch rounds
+    out_dtype = torch.float32 if interpreting() and a.dtype == torch.bfloat16 else a.dtype
+    out = torch.empty(m, p, dtype=out_dtype, device=a.device)
     if q.double_quant:
         scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
     else:
@@ -135,6 +144,7 @@ def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor
         _nf4_matmul_kernel[(triton.cdiv(m, 16), triton.cdiv(p, 32))](
             *args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32,
             DOT_IN_FP32=True)  # the interpreter's tl.dot reads bf16 tiles as their raw 16-bit integers
+        return out.to(a.dtype)
     else:
         grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_P"]))  # noqa: E731
         _nf4_matmul_tuned[grid](*args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, enable_fp_fusion=False)

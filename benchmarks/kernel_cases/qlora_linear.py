@@ -39,11 +39,25 @@ def _dequant_cublas(x, q, a, b, scale):
     return y + ((x.to(a.dtype) @ a.t() @ b.t()) * scale).to(y.dtype)
 
 
-def _step(forward, x, a, b, grad_y):
-    def run():
-        y = forward()
-        return torch.autograd.grad(y, (x, a, b), grad_y)
-    return run
+def _variants(x, q, a, b, scale, grad_y, bnb_weight, matmul_4bit):
+    """One forward+backward per implementation; built in its own scope so each closure keeps its shape's tensors."""
+
+    def step(forward):
+        def run():
+            return torch.autograd.grad(forward(), (x, a, b), grad_y)
+        return run
+
+    variants = {
+        "vramplan": step(lambda: qlora_linear(x, q, a, b, scale)),
+        "vramplan fused": step(lambda: qlora_linear(x, q, a, b, scale, base_path="fused")),
+        "vramplan dequant": step(lambda: qlora_linear(x, q, a, b, scale, base_path="dequant")),
+    }
+    if bnb_weight is not None:
+        packed, state = bnb_weight
+        variants["bnb matmul_4bit + peft lora"] = step(
+            lambda: _peft_bitsandbytes(x, packed, state, a, b, scale, matmul_4bit))
+    variants["dequant + cublas (autograd)"] = step(lambda: _dequant_cublas(x, q, a, b, scale))
+    return variants
 
 
 def cases(device, shapes: dict[str, tuple[int, int]] | None = None, tokens=TOKENS,
@@ -60,23 +74,14 @@ def cases(device, shapes: dict[str, tuple[int, int]] | None = None, tokens=TOKEN
         q = quantize_nf4(weight)
         a = (torch.randn(RANK, k, device=device, dtype=lora_dtype) * 0.02).requires_grad_()
         b = (torch.randn(n, RANK, device=device, dtype=lora_dtype) * 0.02).requires_grad_()
-        bnb_weight = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4") if bnbf else None
+        bnb_weight = None
+        if bnbf is not None:
+            bnb_weight = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
         for m in tokens:
             x = torch.randn(m, k, device=device, dtype=torch.bfloat16).requires_grad_()
             grad_y = torch.randn(m, n, device=device, dtype=torch.bfloat16)
-            variants = {
-                "vramplan": _step(lambda x=x: qlora_linear(x, q, a, b, scale), x, a, b, grad_y),
-                "vramplan fused": _step(lambda x=x: qlora_linear(x, q, a, b, scale, base_path="fused"), x, a, b, grad_y),
-                "vramplan dequant": _step(lambda x=x: qlora_linear(x, q, a, b, scale, base_path="dequant"), x, a, b,
-                                          grad_y),
-            }
-            if bnb_weight is not None:
-                packed, state = bnb_weight
-                variants["bnb matmul_4bit + peft lora"] = _step(
-                    lambda x=x: _peft_bitsandbytes(x, packed, state, a, b, scale, bitsandbytes.matmul_4bit), x, a, b,
-                    grad_y)
-            variants["dequant + cublas (autograd)"] = _step(lambda x=x: _dequant_cublas(x, q, a, b, scale), x, a, b,
-                                                            grad_y)
+            variants = _variants(x, q, a, b, scale, grad_y, bnb_weight,
+                                 bitsandbytes.matmul_4bit if bitsandbytes else None)
             result.append(Case(op="qlora_linear fwd+bwd", shape=f"{name}, {m} tokens, r{RANK}", variants=variants,
                                flops=qlora_flops(m, k, n, RANK), measure_peak_memory=True,
                                notes=f"bf16 x, {str(lora_dtype).removeprefix('torch.')} LoRA, NF4 double quant"))

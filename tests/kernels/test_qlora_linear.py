@@ -147,10 +147,13 @@ def test_benchmark_cases_run_at_tiny_shapes():
     from benchmarks.kernel_cases import qlora_linear as qlora_cases
 
     with kernel_mode("triton"):
-        cases = qlora_cases.cases("cpu", shapes={"tiny": (64, 32)}, tokens=(16,))
-        assert len(cases) == 1 and cases[0].flops == qlora_cases.qlora_flops(16, 64, 32, qlora_cases.RANK)
-        grads = {name: fn() for name, fn in cases[0].variants.items()}
-    assert "bnb matmul_4bit + peft lora" in grads
-    for name, g in grads.items():
-        for ours, ref in zip(grads["vramplan"], g):  # bf16 dX: within a bf16 rounding of the largest value
-            assert (ours.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max(), name
+        cases = qlora_cases.cases("cpu", shapes={"tiny": (64, 32), "other": (128, 48)}, tokens=(16, 80))
+        assert len(cases) == 4 and cases[0].flops == qlora_cases.qlora_flops(16, 64, 32, qlora_cases.RANK)
+        all_grads = [{name: fn() for name, fn in case.variants.items()} for case in cases]
+    # each case keeps its own shape's tensors (no late-bound closure sees the last shape)
+    for (k, n), grads in zip([(64, 32), (64, 32), (128, 48), (128, 48)], all_grads):
+        assert "bnb matmul_4bit + peft lora" in grads
+        assert grads["vramplan"][1].shape == (qlora_cases.RANK, k) and grads["vramplan"][2].shape == (n, qlora_cases.RANK)
+        for name, g in grads.items():
+            for ours, ref in zip(grads["vramplan"], g):  # bf16 dX: within a bf16 rounding of the largest value
+                assert (ours.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max(), name
