@@ -270,6 +270,7 @@ class QLoRALinear(torch.nn.Module):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.rank, self.scale = rank, alpha / rank
+        self.base_path: str | None = None  # None follows the global choice; "fused" / "dequant" pin this layer
         device = weight.device
         if isinstance(weight, NF4Tensor):
             self.weight = weight  # moved by _apply, never cast: its scales must stay fp32
@@ -298,7 +299,8 @@ class QLoRALinear(torch.nn.Module):
         return super()._apply(fn, recurse)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qlora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.bias)
+        return qlora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.bias,
+                            base_path=self.base_path)
 
     def extra_repr(self) -> str:
         kind = "nf4" if isinstance(self.weight, NF4Tensor) else str(self.weight.dtype).removeprefix("torch.")

@@ -153,7 +153,8 @@ def test_benchmark_cases_run_at_tiny_shapes():
     # each case keeps its own shape's tensors (no late-bound closure sees the last shape)
     for (k, n), grads in zip([(64, 32), (64, 32), (128, 48), (128, 48)], all_grads):
         assert "bnb matmul_4bit + peft lora" in grads
-        assert grads["vramplan"][1].shape == (qlora_cases.RANK, k) and grads["vramplan"][2].shape == (n, qlora_cases.RANK)
+        assert grads["vramplan"][1].shape == (qlora_cases.RANK, k)
+        assert grads["vramplan"][2].shape == (n, qlora_cases.RANK)
         for name, g in grads.items():
             for ours, ref in zip(grads["vramplan"], g):  # bf16 dX: within a bf16 rounding of the largest value
                 assert (ours.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max(), name
