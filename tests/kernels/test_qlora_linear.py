@@ -138,9 +138,9 @@ def test_gpu_matches_reference_at_real_shapes(tokens, path):
     b = (torch.randn(6144, 16, device="cuda", generator=g) * 0.02).requires_grad_()
     y, grads, grad_y = _forward_and_grads(lambda *t: qlora_linear(*t, base_path=path), x, weight, a, b, None)
     y_ref, grads_ref, _ = _forward_and_grads(qlora_linear_reference, x, weight, a, b, None, grad_y)
-    torch.testing.assert_close(y, y_ref, rtol=2e-2, atol=2e-2)
-    for ours, ref in zip(grads, grads_ref):
-        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=5e-2)
+    # bf16 LoRA matmuls (as under autocast) against an fp32 reference: compare whole tensors
+    for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
+        assert (ours.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
 
 
 def test_benchmark_cases_run_at_tiny_shapes():
