@@ -101,22 +101,29 @@ def tokenize(record: dict, tokenizer) -> tuple[list[int], list[bool]]:
 
 
 def _tokenize_messages(messages: list[dict], tokenizer) -> tuple[list[int], list[bool]]:
-    # Render growing prefixes: the tokens an assistant turn adds to the rendering are its tokens.
-    # This works with any chat template, unlike {% generation %} markers few templates have.
+    # Render growing prefixes: the tokens a turn adds to the rendering are its tokens. Before an
+    # assistant turn, the prefix is rendered with the generation prompt (the role header), which
+    # inference supplies, so only the reply itself and its end marker are trained on. This works
+    # with any chat template, unlike {% generation %} markers few templates have.
     ids: list[int] = []
     train: list[bool] = []
-    for end in range(1, len(messages) + 1):
-        rendered = tokenizer.apply_chat_template(messages[:end], tokenize=False)
+
+    def extend(rendered: str, trained: bool) -> None:
+        nonlocal ids, train
         prefix_ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
-        if prefix_ids[: len(ids)] != ids:
-            # the template changed earlier text once more turns arrived: fall back to this rendering
-            common = 0
-            while common < min(len(ids), len(prefix_ids)) and ids[common] == prefix_ids[common]:
-                common += 1
-            ids, train = ids[:common], train[:common]
-        new = prefix_ids[len(ids):]
-        ids = ids + new
-        train = train + [messages[end - 1]["role"] == "assistant"] * len(new)
+        common = 0
+        while common < min(len(ids), len(prefix_ids)) and ids[common] == prefix_ids[common]:
+            common += 1
+        # a template that rewrites earlier text once more turns arrive: keep its latest rendering
+        ids, train = ids[:common], train[:common]
+        train = train + [trained] * (len(prefix_ids) - common)
+        ids = prefix_ids
+
+    for end in range(1, len(messages) + 1):
+        is_reply = messages[end - 1]["role"] == "assistant"
+        if is_reply:
+            extend(tokenizer.apply_chat_template(messages[:end - 1], tokenize=False, add_generation_prompt=True), False)
+        extend(tokenizer.apply_chat_template(messages[:end], tokenize=False), is_reply)
     return ids, train
 
 
