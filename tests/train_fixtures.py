@@ -20,6 +20,9 @@ SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|user|>", "<|assistant|>", "<|
 CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
                  "{% if add_generation_prompt %}<|assistant|> {% endif %}")
 VOCAB = 300
+# Larger than the usual 0.02: with a frozen random LM head of std 0.02 and hidden 64, logits cannot
+# spread past ~1, so no adapter could bring the loss far below log(vocab) and "the loss falls" would test nothing.
+INIT = 0.2
 
 
 def make_tokenizer():
@@ -39,7 +42,7 @@ def make_tokenizer():
 def llama_config() -> dict:
     return {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
             "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 256,
-            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "initializer_range": INIT, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
 
 
 def gemma4_config(num_kv_shared_layers: int = 2) -> dict:
@@ -51,7 +54,7 @@ def gemma4_config(num_kv_shared_layers: int = 2) -> dict:
         "num_kv_shared_layers": num_kv_shared_layers, "use_double_wide_mlp": True, "intermediate_size": 96,
         "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
         "final_logit_softcapping": 30.0, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
-        "tie_word_embeddings": True,
+        "tie_word_embeddings": True, "initializer_range": INIT,
         "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
         "rope_parameters": {
             "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},

@@ -132,11 +132,13 @@ def to_example(ids: list[int], train: list[bool]) -> Example:
     return Example(input_ids=list(ids), labels=labels)
 
 
-def build_dataset(path: str | Path, tokenizer, seq_len: int, overlong: str = "truncate") -> Dataset:
-    """Read, tokenize, handle overlong examples and pack them into rows of ``seq_len`` tokens."""
+def build_dataset(path: str | Path, tokenizer, seq_len: int, overlong: str = "truncate",
+                  records: list[dict] | None = None) -> Dataset:
+    """Read (unless ``records`` were read already), tokenize, handle overlong examples, pack into rows."""
     if overlong not in OVERLONG:
         raise VramplanError(f"--overlong is {overlong!r}; choose truncate or drop")
-    records = read_jsonl(path)
+    if records is None:
+        records = read_jsonl(path)
     examples, truncated, dropped = [], 0, 0
     for record in records:
         ids, train = tokenize(record, tokenizer)

@@ -20,7 +20,7 @@ from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import adapter, checkpoint, data, metrics
 from vramplan.train.loss import accumulate_gradients
-from vramplan.train.model import lora_parameters, load_for_training
+from vramplan.train.model import load_for_training, lora_parameters, read_config
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     merge: bool = False
     device: str | None = None
+    stop_after: int | None = None  # stop at this step with a checkpoint, as Ctrl-C would (time-limited jobs)
     progress: bool = True
     notes: list[str] = field(default_factory=list)
 
@@ -122,11 +123,13 @@ def train(cfg: TrainConfig) -> dict:
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.seed)
 
-    # 1. Data first: a malformed line fails in seconds, before the model loads.
+    # 1. Data first: a malformed line fails in seconds, before the model (or even its tokenizer) loads.
     from transformers import AutoTokenizer
 
+    records = data.read_jsonl(cfg.data)
+    read_config(cfg.model_dir)
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
-    dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong)
+    dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong, records=records)
     steps = total_steps(cfg, dataset)
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * steps)
 
@@ -181,6 +184,8 @@ def train(cfg: TrainConfig) -> dict:
             _update_progress(bar, record)
             if cfg.save_every and state.step % cfg.save_every == 0:
                 save()
+            if cfg.stop_after is not None and state.step >= cfg.stop_after and state.step < steps:
+                raise KeyboardInterrupt
     except KeyboardInterrupt:
         save()
         return {"steps": state.step, "loss": loss, "interrupted": True, "output": str(out), "notes": cfg.notes}
