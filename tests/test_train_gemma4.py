@@ -107,3 +107,21 @@ def _cache_kw() -> str:
     from transformers.masking_utils import create_causal_mask
 
     return "cache" if "cache" in inspect.signature(create_causal_mask).parameters else "past_key_values"
+
+
+def test_multimodal_checkpoint_loads_as_text_model_only(tmp_path):
+    """A Gemma 4 checkpoint with a vision tower loads as Gemma4ForCausalLM: towers never built, same text logits."""
+    from transformers.models.gemma4 import Gemma4Config, Gemma4ForConditionalGeneration
+
+    text = gemma4_config()
+    text.pop("model_type")
+    vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2,
+              "num_key_value_heads": 2, "head_dim": 16}
+    torch.manual_seed(0)
+    full = Gemma4ForConditionalGeneration(Gemma4Config(text_config=text, vision_config=vision, audio_config=None)).eval()
+    full.save_pretrained(tmp_path / "mm")
+    model = load_base_model(tmp_path / "mm", torch.float32).eval()
+    assert type(model).__name__ == "Gemma4ForCausalLM"
+    assert not any("vision" in name for name, _ in model.named_modules())
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=IDS).logits, full(input_ids=IDS).logits)
