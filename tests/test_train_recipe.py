@@ -114,11 +114,25 @@ def test_cli_trains_with_plan_overrides(work):
     out = work / "cli-run"
     result = CliRunner().invoke(main, ["train", str(work / "plan.json"), "--model", str(work / "llama"), "--data",
                                        str(work / "train.jsonl"), "--output", str(out), "--steps", "3", "--rank", "4",
-                                       "--seq", "32", "--batch", "1", "--accum", "2", "--optim", "adamw"])
+                                       "--seq", "32", "--batch", "1", "--accum", "2", "--optim", "adamw",
+                                       "--lr", "1e-2", "--merge"])
     assert result.exit_code == 0, result.output
     assert "done: 3 steps" in result.output
     assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
     assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["plan"]["seq_len"] == 32
+    # --merge: base + scale·B·A in bf16, equal to PEFT's merge of the same adapter on the original weights
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2, 12, 30, 25, 9, 40]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "llama"), out / "adapter")
+    peft = peft.merge_and_unload().eval()
+    base = AutoModelForCausalLM.from_pretrained(work / "llama").eval()
+    with torch.no_grad():
+        ours, theirs, unmerged = merged(input_ids=ids).logits, peft(input_ids=ids).logits, base(input_ids=ids).logits
+    effect, error = (theirs - unmerged).abs().max(), (ours - theirs).abs().max()
+    assert error < 0.1 * effect, (float(error), float(effect))  # bf16 rounding only, against a real change
     bad = CliRunner().invoke(main, ["train", str(work / "plan.json"), "--model", str(work / "llama"), "--data",
                                     str(work / "missing.jsonl"), "--output", str(out)])
     assert bad.exit_code == 2 and "missing.jsonl does not exist" in bad.output

@@ -6,6 +6,7 @@ read the run. Everything it calls is a small function in this package.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 import random
 import sys
@@ -159,6 +160,7 @@ def train(cfg: TrainConfig) -> dict:
     loss = float("nan")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
+    committed = dataclasses.replace(state)  # the position after the last finished step
     try:
         while state.step < steps:
             started = time.perf_counter()
@@ -182,11 +184,15 @@ def train(cfg: TrainConfig) -> dict:
             if state.step % cfg.log_every == 0 or state.step == steps:
                 log.write(record)
             _update_progress(bar, record)
+            committed = dataclasses.replace(state)
             if cfg.save_every and state.step % cfg.save_every == 0:
                 save()
             if cfg.stop_after is not None and state.step >= cfg.stop_after and state.step < steps:
                 raise KeyboardInterrupt
     except KeyboardInterrupt:
+        # a step cut short applied nothing: save the position before its micro-batches, so resume redoes it
+        state = committed
+        optimizer.zero_grad(set_to_none=True)
         save()
         return {"steps": state.step, "loss": loss, "interrupted": True, "output": str(out), "notes": cfg.notes}
     except torch.cuda.OutOfMemoryError:
