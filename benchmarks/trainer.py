@@ -80,15 +80,10 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     batch = {"input_ids": ids.to(device), "labels": labels.to(device),
              "position_ids": torch.arange(plan.seq_len).expand(plan.micro_batch, -1).to(device)}
     times, losses = [], []
-    offload = torch.autograd.graph.save_on_cpu(pin_memory=True) if plan.checkpointing == "offload" else None
     for _ in range(steps):
         torch.cuda.synchronize()
         started = time.time()
-        if offload is not None:
-            with offload:
-                loss, _ = accumulate_gradients(model, [batch])
-        else:
-            loss, _ = accumulate_gradients(model, [batch])
+        loss, _ = accumulate_gradients(model, [batch])
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         torch.cuda.synchronize()

@@ -117,9 +117,44 @@ def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     return params
 
 
-def enable_checkpointing(model: nn.Module) -> None:
-    """Recompute each decoder layer in backward (non-reentrant, so no input needs requires_grad)."""
+def enable_checkpointing(model: nn.Module, offload: bool = False) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so no input needs requires_grad).
+
+    Non-reentrant, not reentrant: Gemma 4's shared-KV layers use K/V computed inside earlier
+    layers, and only the non-reentrant form keeps the gradient flowing back into those layers.
+    With ``offload`` each layer's input also waits for the backward pass in host memory.
+    """
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offload:
+        for layer in decoder_layers(model):
+            layer._gradient_checkpointing_func = checkpoint_with_input_on_host
+
+
+def checkpoint_with_input_on_host(fn, hidden, *args):
+    """Non-reentrant checkpoint of ``fn(hidden, *args)`` that keeps ``hidden`` in (pinned) host memory.
+
+    A checkpointed layer still holds its input until backward: b·s·h values per layer (1 GB
+    for an 8 B model at 4,096 tokens). Recompute only has to reproduce the saved values, not
+    the graph, so it may start from a copy brought back from the host: the forward graph,
+    built from the real input, is what the gradient flows through.
+    """
+    if not isinstance(hidden, torch.Tensor) or not torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, hidden, *args, use_reentrant=False)
+    device, requires_grad = hidden.device, hidden.requires_grad
+    box = {"input": hidden}
+
+    def run(*rest):
+        layer_input = box.pop("input", None)
+        if layer_input is None:  # the recompute in backward
+            layer_input = box["host"].to(device, non_blocking=True).requires_grad_(requires_grad)
+        return fn(layer_input, *rest)
+
+    out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+    pin = device.type == "cuda"
+    host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=pin)
+    host.copy_(hidden.detach(), non_blocking=pin)
+    box["host"] = host
+    return out
 
 
 def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device) -> tuple[nn.Module, list[str]]:
@@ -129,6 +164,6 @@ def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device) -
     for param in lora_parameters(model):
         param.requires_grad_(True)
     if plan.checkpointing != "none":
-        enable_checkpointing(model)
+        enable_checkpointing(model, offload=plan.checkpointing == "offload")
     model.train()
     return model, adapted

@@ -11,7 +11,6 @@ import math
 import random
 import sys
 import time
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -155,7 +154,6 @@ def train(cfg: TrainConfig) -> dict:
     save = lambda: checkpoint.save_checkpoint(out / "checkpoint", model, plan, cfg.model_dir, optimizer, scheduler, state)  # noqa: E731
 
     # 5. The loop.
-    offload = torch.autograd.graph.save_on_cpu(pin_memory=device.type == "cuda") if plan.checkpointing == "offload" else nullcontext()
     bar = _progress(cfg, steps, state.step)
     loss = float("nan")
     if device.type == "cuda":
@@ -165,8 +163,7 @@ def train(cfg: TrainConfig) -> dict:
         while state.step < steps:
             started = time.perf_counter()
             micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in next_micro_batches(dataset, state, plan, cfg.seed)]
-            with offload:
-                loss, n_targets = accumulate_gradients(model, micro_batches)
+            loss, n_targets = accumulate_gradients(model, micro_batches)
             if not math.isfinite(loss):
                 raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
