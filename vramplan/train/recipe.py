@@ -61,17 +61,29 @@ def planned_peak_bytes(plan: Plan, model_dir: str) -> int | None:
 def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weight_decay: float, device: torch.device):
     """bitsandbytes 8-bit AdamW (paged: states move to the host under pressure) or torch AdamW.
 
-    Returns (optimizer, note); the note says when the plan's optimizer was replaced.
+    Returns (optimizer, note); the note says when the plan's optimizer could not run here and
+    torch AdamW stands in (bitsandbytes' 8-bit optimizers need its native library for the device).
     """
-    if plan.optimizer == "adamw" or device.type != "cuda":
-        note = None
-        if plan.optimizer != "adamw":
-            note = f"optimizer {plan.optimizer} runs on a GPU only here; using torch AdamW on the {device.type}"
-        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
+    if plan.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), None
     import bitsandbytes as bnb
 
     cls = bnb.optim.PagedAdamW8bit if plan.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    if device.type != "cuda" and not _optimizer_steps_on(cls, device):
+        note = f"optimizer {plan.optimizer} does not run on the {device.type} here; using torch AdamW"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
     return cls(params, lr=lr, weight_decay=weight_decay), None
+
+
+def _optimizer_steps_on(cls, device: torch.device) -> bool:
+    """Whether one step of ``cls`` runs on ``device`` (bitsandbytes' CPU support depends on its build)."""
+    probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # 8-bit state starts at 4,096 elements
+    probe.grad = torch.ones_like(probe)
+    try:
+        cls([probe], lr=1e-3).step()
+        return True
+    except Exception:  # any failure of the native library means: not here
+        return False
 
 
 def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
@@ -131,6 +143,8 @@ def train(cfg: TrainConfig) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
     dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong, records=records)
     steps = total_steps(cfg, dataset)
+    _say(cfg, f"data: {dataset.n_examples} examples packed into {len(dataset.rows)} rows of at most {plan.seq_len} tokens; "
+              f"{dataset.n_truncated} truncated, {dataset.n_dropped} dropped (--overlong {cfg.overlong})")
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * steps)
 
     # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen.
@@ -143,7 +157,7 @@ def train(cfg: TrainConfig) -> dict:
     optimizer, note = make_optimizer(params, plan, cfg.lr, cfg.weight_decay, device)
     if note:
         cfg.notes.append(note)
-        print(f"note: {note}", file=sys.stderr)
+        _say(cfg, f"note: {note}")
     scheduler = make_scheduler(optimizer, cfg.schedule, warmup, steps)
 
     # 4. Resume: LoRA weights, optimizer, scheduler, RNG and the data position.
@@ -235,6 +249,11 @@ def export_merged(model_dir: str, adapter_dir: Path, folder: Path, plan: Plan) -
     adapter.merge_into_base(base, adapter.read_adapter_weights(adapter_dir), plan.alpha / plan.lora_rank)
     base.save_pretrained(folder)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+
+
+def _say(cfg: TrainConfig, line: str) -> None:
+    if cfg.progress:
+        print(line, file=sys.stderr)
 
 
 def _progress(cfg: TrainConfig, steps: int, start: int):
