@@ -79,8 +79,12 @@ def test_resume_continues_exactly(work):
     straight = train(config(work, "llama", "straight", steps=8, save_every=100))
     stopped = train(config(work, "llama", "split", steps=8, stop_after=4))
     assert stopped["interrupted"] and stopped["steps"] == 4
+    with open(work / "split" / "metrics.jsonl", "a") as log:  # a step logged after the checkpoint, then a crash
+        log.write(json.dumps({"step": 5, "loss": 9.9}) + "\n")
     resumed = train(config(work, "llama", "split", steps=8, resume=str(work / "split")))
     assert resumed["steps"] == 8 and not resumed["interrupted"]
+    logged = [json.loads(line)["step"] for line in (work / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 9))
     a = adapter.read_adapter_weights(work / "straight" / "adapter")
     b = adapter.read_adapter_weights(work / "split" / "adapter")
     assert a.keys() == b.keys()

@@ -48,6 +48,14 @@ class MetricsLog:
         with open(self.path, "a") as handle:
             handle.write(json.dumps(record) + "\n")
 
+    def drop_after(self, step: int) -> None:
+        """On resume: forget steps logged after the checkpoint, which the resumed run logs again."""
+        kept = [r for r in self.read() if r["step"] <= step]
+        if self.path.exists():
+            from vramplan.atomic import write_atomic
+
+            write_atomic(self.path, lambda tmp: open(tmp, "w").write("".join(json.dumps(r) + "\n" for r in kept)))
+
     def read(self) -> list[dict]:
         if not self.path.exists():
             return []

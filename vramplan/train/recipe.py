@@ -132,6 +132,9 @@ def seed_everything(seed: int) -> None:
 def train(cfg: TrainConfig) -> dict:
     """Run the recipe; return a summary (steps, final loss, paths)."""
     plan, out = cfg.plan, Path(cfg.output)
+    if plan.gpus > 1 or plan.parallel != "none":
+        raise VramplanError(f"the plan asks for {plan.gpus} GPUs ({plan.parallel}); vramplan train runs on one GPU so far: "
+                            "set gpus 1 and parallel none")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.seed)
 
@@ -165,6 +168,7 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.resume:
         state = checkpoint.load_checkpoint(Path(cfg.resume) / "checkpoint", model, optimizer, scheduler)
     log = metrics.MetricsLog(out / "metrics.jsonl")
+    log.drop_after(state.step)
     save = lambda: checkpoint.save_checkpoint(out / "checkpoint", model, plan, cfg.model_dir, optimizer, scheduler, state)  # noqa: E731
 
     # 5. The loop.
