@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import json
 import random
+import shutil
 import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Callable
 
 import torch
 
@@ -47,16 +49,28 @@ def set_rng_states(states: dict) -> None:
         torch.cuda.set_rng_state_all(states["cuda"])
 
 
-def save_checkpoint(folder: str | Path, model, plan, base_model: str, optimizer, scheduler, state: TrainState) -> None:
+def write_dir_atomic(folder: str | Path, fill: Callable[[Path], None]) -> None:
+    """``fill(staging)`` writes the files into a fresh folder beside ``folder``, which then replaces it in one rename."""
     folder = Path(folder)
     folder.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    adapter.write_adapter(staging, model, plan, base_model)
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    torch.save(rng_states(), staging / "rng.pt")
-    (staging / STATE_FILE).write_text(json.dumps({**asdict(state), "plan": plan.to_dict()}, indent=2) + "\n")
+    try:
+        fill(staging)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
     replace_dir_atomic(staging, folder)
+
+
+def save_checkpoint(folder: str | Path, model, plan, base_model: str, optimizer, scheduler, state: TrainState) -> None:
+    def fill(staging: Path) -> None:
+        adapter.write_adapter(staging, model, plan, base_model)
+        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+        torch.save(rng_states(), staging / "rng.pt")
+        (staging / STATE_FILE).write_text(json.dumps({**asdict(state), "plan": plan.to_dict()}, indent=2) + "\n")
+
+    write_dir_atomic(folder, fill)
 
 
 def load_checkpoint(folder: str | Path, model, optimizer, scheduler) -> TrainState:

@@ -185,6 +185,8 @@ def train(cfg: TrainConfig) -> dict:
             if not math.isfinite(loss):
                 raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
             grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise VramplanError(f"the gradient became {grad_norm} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=True)
@@ -221,7 +223,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 6. The adapter, a final checkpoint, the loss curve and (optionally) a merged model.
     save()
-    _write_adapter_atomic(out / "adapter", model, plan, cfg.model_dir)
+    checkpoint.write_dir_atomic(out / "adapter", lambda folder: adapter.write_adapter(folder, model, plan, cfg.model_dir))
     records = log.read()
     if records:
         metrics.plot_loss(records, out / "loss.png")
@@ -230,17 +232,6 @@ def train(cfg: TrainConfig) -> dict:
     return {"steps": state.step, "loss": loss, "interrupted": False, "output": str(out), "adapted_modules": len(adapted),
             "examples": dataset.n_examples, "truncated": dataset.n_truncated, "dropped": dataset.n_dropped,
             "notes": cfg.notes}
-
-
-def _write_adapter_atomic(folder: Path, model, plan: Plan, base_model: str) -> None:
-    import tempfile
-
-    from vramplan.atomic import replace_dir_atomic
-
-    folder.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(dir=folder.parent, prefix=f".{folder.name}."))
-    adapter.write_adapter(staging, model, plan, base_model)
-    replace_dir_atomic(staging, folder)
 
 
 def export_merged(model_dir: str, adapter_dir: Path, folder: Path, plan: Plan) -> None:
