@@ -161,10 +161,12 @@ def checkpoint_with_input_on_host(fn, hidden, *args):
     return out
 
 
-def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device) -> tuple[nn.Module, list[str]]:
+def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device,
+                      host_per_layer_embeddings: bool | None = None) -> tuple[nn.Module, list[str]]:
+    """The model ready to train; ``host_per_layer_embeddings`` None means: on the host when training on a GPU."""
     dtype = compute_dtype(plan, device)
     model = load_base_model(model_dir, dtype, plan.attention)
-    adapted = prepare_for_qlora(model, plan, device)
+    adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings)
     for param in lora_parameters(model):
         param.requires_grad_(True)
     if plan.checkpointing != "none":

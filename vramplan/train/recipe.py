@@ -45,6 +45,7 @@ class TrainConfig:
     seed: int = 0
     merge: bool = False
     device: str | None = None
+    host_per_layer_embeddings: bool | None = None  # Gemma 4's per-layer tables in host memory; None: yes on a GPU
     stop_after: int | None = None  # stop at this step with a checkpoint, as Ctrl-C would (time-limited jobs)
     progress: bool = True
     notes: list[str] = field(default_factory=list)
@@ -151,7 +152,7 @@ def train(cfg: TrainConfig) -> dict:
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * steps)
 
     # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen.
-    model, adapted = load_for_training(cfg.model_dir, plan, device)
+    model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
     params = lora_parameters(model)
     for param in params:
         param.requires_grad_(True)
