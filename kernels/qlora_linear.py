@@ -288,7 +288,8 @@ class QLoRALinear(torch.nn.Module):
         if quant == "nf4":
             weight = quantize_nf4(linear.weight.detach(), double_quant=double_quant)
         elif quant == "bf16":
-            weight = linear.weight.detach().to(torch.bfloat16)
+            # "bf16" means not quantized: keep the dtype the model was loaded in (bf16 on a GPU)
+            weight = linear.weight.detach()
         else:
             raise ValueError(f"quant {quant!r}: choose nf4 or bf16")
         return cls(weight, linear.bias, rank, alpha, lora_dtype)
@@ -297,6 +298,12 @@ class QLoRALinear(torch.nn.Module):
         if isinstance(self.weight, NF4Tensor):
             self.weight = self.weight.to(fn(torch.empty(0, device=self.weight.device)).device)
         return super()._apply(fn, recurse)
+
+    def base_weight(self, dtype: torch.dtype | None = None) -> torch.Tensor:
+        """The frozen base as a dense tensor (dequantized when NF4): for merging and for tests."""
+        if isinstance(self.weight, NF4Tensor):
+            return dequantize_nf4(self.weight, dtype)
+        return self.weight.detach().to(dtype or self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return qlora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.bias,

@@ -140,3 +140,21 @@ def test_cli_trains_with_plan_overrides(work):
     bad = CliRunner().invoke(main, ["train", str(work / "plan.json"), "--model", str(work / "llama"), "--data",
                                     str(work / "missing.jsonl"), "--output", str(out)])
     assert bad.exit_code == 2 and "missing.jsonl does not exist" in bad.output
+
+
+def test_planned_peak_comes_from_the_planner_for_the_folder_architecture(tmp_path):
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import estimate_plan
+    from vramplan.plan import Plan
+    from vramplan.train.recipe import planned_peak_bytes
+
+    folder = tmp_path / "m"
+    folder.mkdir()
+    (folder / "config.json").write_text(
+        '{"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, '
+        '"num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": 300}')
+    plan = Plan(model="whatever", seq_len=512, stack="hf")
+    expected = estimate_plan(plan.replace(stack="vramplan"), resolve_model(str(folder))).peak_bytes
+    assert planned_peak_bytes(plan, str(folder)) == expected
+    assert planned_peak_bytes(plan.replace(seq_len=4096), str(folder)) > expected
+    assert planned_peak_bytes(plan, str(tmp_path / "missing")) is None

@@ -117,9 +117,11 @@ def test_module_from_linear_nf4():
 
 
 def test_module_from_linear_bf16_and_unknown_quant():
-    linear = torch.nn.Linear(64, 32, bias=False)
+    linear = torch.nn.Linear(64, 32, bias=False, dtype=torch.bfloat16)
     module = QLoRALinear.from_linear(linear, rank=4, alpha=8, quant="bf16", lora_dtype=torch.bfloat16)
     assert module.weight.dtype == torch.bfloat16 and not module.weight.requires_grad
+    # an unquantized base keeps the dtype the model was loaded in
+    assert QLoRALinear.from_linear(torch.nn.Linear(64, 32), rank=4, alpha=8, quant="bf16").weight.dtype == torch.float32
     assert module.lora_A.weight.dtype == torch.bfloat16
     y = module(torch.randn(3, 64, dtype=torch.bfloat16))
     assert y.dtype == torch.bfloat16 and y.shape == (3, 32)

@@ -24,6 +24,7 @@ from vramplan.plan import CHECKPOINTING, OPTIMIZERS, read_plan
               help="What to do with examples longer than the plan's seq_len.")
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--merge", is_flag=True, help="Also export base + adapter merged, in bf16.")
+@click.option("--skip-check", is_flag=True, help="Train even if the planner predicts the plan will not fit the GPU.")
 @click.option("--rank", type=click.IntRange(min=1), help="Override the plan's LoRA rank.")
 @click.option("--seq", type=click.IntRange(min=1), help="Override the plan's seq_len.")
 @click.option("--batch", type=click.IntRange(min=1), help="Override the plan's micro-batch.")
@@ -31,7 +32,7 @@ from vramplan.plan import CHECKPOINTING, OPTIMIZERS, read_plan
 @click.option("--checkpointing", type=click.Choice(CHECKPOINTING), help="Override the plan's checkpointing.")
 @click.option("--optim", type=click.Choice(OPTIMIZERS), help="Override the plan's optimizer.")
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
-          overlong, seed, merge, rank, seq, batch, accum, checkpointing, optim):
+          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim):
     """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter."""
     from vramplan.errors import VramplanError
     from vramplan.train.recipe import TrainConfig
@@ -44,7 +45,7 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(plan=plan, model_dir=model_dir, data=data_file, output=output, resume=resume, steps=steps,
                       epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, save_every=save_every,
-                      overlong=overlong, seed=seed, merge=merge)
+                      overlong=overlong, seed=seed, merge=merge, skip_check=skip_check)
     summary = run(cfg)
     if summary["interrupted"]:
         click.echo(f"interrupted after {summary['steps']} steps; checkpoint in {output}/checkpoint (continue with --resume {output})")

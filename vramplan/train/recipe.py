@@ -44,6 +44,7 @@ class TrainConfig:
     overlong: str = "truncate"
     seed: int = 0
     merge: bool = False
+    skip_check: bool = False  # train even when the planner says the plan will not fit
     device: str | None = None
     host_per_layer_embeddings: bool | None = None  # Gemma 4's per-layer tables in host memory; None: yes on a GPU
     stop_after: int | None = None  # stop at this step with a checkpoint, as Ctrl-C would (time-limited jobs)
@@ -52,11 +53,34 @@ class TrainConfig:
 
 
 def planned_peak_bytes(plan: Plan, model_dir: str) -> int | None:
-    """The planner's predicted peak for this plan, shown next to the measured peak on OOM.
+    """The planner's predicted peak (CUDA context included) for this plan on this model folder's
+    architecture, as this trainer runs it; None when the folder's config cannot be read."""
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import estimate_plan
 
-    Wired by the lead to ``vramplan.estimate.estimate_plan(plan, profile, gpu)``; None until then.
+    try:
+        profile = resolve_model(model_dir)
+    except VramplanError:
+        return None
+    return estimate_plan(plan.replace(stack="vramplan"), profile).peak_bytes
+
+
+def check_plan_fits(plan: Plan, model_dir: str, device: torch.device) -> None:
+    """Refuse, before anything loads, a plan the planner says will not fit the GPU's free memory.
+
+    Flags may have overridden the plan that `fit` chose, so it is priced again here.
     """
-    return None
+    if device.type != "cuda":
+        return
+    from vramplan.gpu import detect_gpu
+
+    planned = planned_peak_bytes(plan, model_dir)
+    free = detect_gpu(device.index or 0).free_bytes
+    if planned is not None and planned > free:
+        raise VramplanError(
+            f"this plan needs {planned / 1e9:.2f} GB at its peak but the GPU has {free / 1e9:.2f} GB free "
+            f"({(planned - free) / 1e9:.2f} GB short); lower --seq/--batch/--rank, use --checkpointing offload, "
+            "re-plan with `vramplan fit`, or pass --skip-check to try anyway")
 
 
 def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weight_decay: float, device: torch.device):
@@ -150,6 +174,9 @@ def train(cfg: TrainConfig) -> dict:
     _say(cfg, f"data: {dataset.n_examples} examples packed into {len(dataset.rows)} rows of at most {plan.seq_len} tokens; "
               f"{dataset.n_truncated} truncated, {dataset.n_dropped} dropped (--overlong {cfg.overlong})")
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * steps)
+
+    if not cfg.skip_check:
+        check_plan_fits(plan, cfg.model_dir, device)
 
     # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen.
     model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
