@@ -19,6 +19,9 @@ for job in "$@"; do
     tests)   python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
     kernels) python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     kernels:*) python3 benchmarks/kernels.py --only "${job#kernels:}" --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    trainer:*)  # trainer:CONFIG.json:GRID.json  (the config's file name labels the lines)
+      IFS=: read -r _ cfg grid <<<"$job"
+      python3 -m benchmarks.trainer --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
     *)       echo "unknown job $job" ;;
   esac
 done

@@ -80,6 +80,9 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     batch = {"input_ids": ids.to(device), "labels": labels.to(device),
              "position_ids": torch.arange(plan.seq_len).expand(plan.micro_batch, -1).to(device)}
     times, losses = [], []
+    from vramplan.measure import NvmlPeakSampler
+
+    sampler = NvmlPeakSampler().__enter__()
     for _ in range(steps):
         torch.cuda.synchronize()
         started = time.time()
@@ -89,7 +92,9 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         torch.cuda.synchronize()
         times.append(time.time() - started)
         losses.append(round(loss, 4))
+    sampler.__exit__(None, None, None)
     record["losses"] = losses
+    record["nvml_peak_step_delta"] = sampler.peak_delta  # sampled peak during the steps, above the reading at their start
     record["peak_alloc"] = torch.cuda.max_memory_allocated()
     record["peak_reserved"] = torch.cuda.max_memory_reserved()
     del model, optimizer, params, batch
