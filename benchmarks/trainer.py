@@ -6,7 +6,7 @@ Prints one JSON line per configuration with the same fields as
 steps go through the recipe's own functions (load_for_training, make_optimizer,
 accumulate_gradients), not the CLI, on random token ids at the configured seq.
 
-    python -m benchmarks.trainer --config llama-3.2-1b.json \
+    python -m benchmarks.trainer --config llama-3.2-1b \
         --grid '[{"seq": 2048, "batch": 1, "rank": 16, "gc": true, "optim": "paged_adamw_8bit"}]'
 """
 
@@ -22,6 +22,7 @@ import time
 
 import torch
 
+from vramplan.catalog import resolve_model
 from vramplan.plan import Plan
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters
@@ -46,7 +47,7 @@ def build_random_model(config_path: str, folder: str) -> int:
     """Random bf16 weights from a config.json, saved as a local model folder; returns the parameter count."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.for_model(**json.load(open(config_path)))
+    config = AutoConfig.for_model(**resolve_model(config_path).config)
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
     params = sum(p.numel() for p in model.parameters())
@@ -103,7 +104,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--config", required=True, help="a config.json (text model)")
+    parser.add_argument("--config", required=True, help="a profile name (llama-3.2-1b) or a config.json (text model)")
     parser.add_argument("--grid", required=True, help="JSON list (or a file holding one) of {seq,batch,rank,gc,optim,quant}")
     parser.add_argument("--steps", type=int, default=4)
     args = parser.parse_args()
@@ -115,7 +116,8 @@ def main() -> None:
     started = time.time()
     n_params = build_random_model(args.config, folder)
     print(json.dumps({"event": "saved", "params": n_params, "s": round(time.time() - started, 1)}), flush=True)
-    vocab = json.load(open(args.config))["vocab_size"]
+    config = resolve_model(args.config).config
+    vocab = config.get("text_config", config)["vocab_size"]
     torch.zeros(1, device=device)  # the CUDA context exists before the baseline, as in hf_baseline
     base_used = nvml_used()
     for g in grid:
