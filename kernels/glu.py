@@ -48,8 +48,8 @@ def _activation_and_slope(g, KIND: tl.constexpr):
         return g * sig, sig * (1.0 + g * (1.0 - sig))
     else:
         # tl.full keeps the constants' precision in fp64 (a bare float literal is fp32).
-        two_k = tl.full([], 1.5957691216057308, g.dtype)  # 2 * sqrt(2 / pi)
-        cubic = tl.full([], 0.044715, g.dtype)
+        two_k = tl.full(g.shape, 1.5957691216057308, g.dtype)  # 2 * sqrt(2 / pi)
+        cubic = tl.full(g.shape, 0.044715, g.dtype)
         sig = _sigmoid(two_k * (g + cubic * g * g * g))
         slope = sig + g * sig * (1.0 - sig) * two_k * (1.0 + 3.0 * cubic * g * g)
         return g * sig, slope

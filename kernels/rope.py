@@ -21,7 +21,9 @@ Two partial-rotary layouts exist, and both are supported:
 q and k may be ``[batch, heads, seq, head_dim]`` (``unsqueeze_dim=1``, Llama) or
 ``[batch, seq, heads, head_dim]`` (``unsqueeze_dim=2``, Gemma 4), in any strides — no copy is
 made. One program handles one token of q (or k): all its heads, loading cos/sin once.
-Backward is the transpose of the rotation (by −θ), written in place into the incoming gradients.
+Backward is the transpose of the rotation (by −θ), written in place into the incoming gradient
+(as Liger does): in training that is attention's fresh dq/dk; a caller passing its own
+``grad_outputs`` gets them back rotated.
 """
 
 from __future__ import annotations
