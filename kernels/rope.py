@@ -1,4 +1,4 @@
-"""Rotary position embedding applied in place to q and k, forward and backward.
+"""Rotary position embedding on q and k, in place where that is free, forward and backward.
 
 The rotate-half convention of transformers: ``y = x·cos + rotate_half(x)·sin`` with
 ``rotate_half(x) = cat(-x[half:], x[:half])``, i.e. dim ``i`` pairs with dim ``i + half``.
@@ -37,7 +37,7 @@ from vramplan_kernels.dispatch import use_triton
 
 @triton.jit
 def _rope_kernel(
-    X, x_sb, x_ss, x_sh, x_sd, n_heads,
+    X, x_sb, x_ss, x_sh, x_sd, Y, y_sb, y_ss, y_sh, y_sd, n_heads,
     COS, SIN, c_sb, c_ss, c_sd, seq_len, half, n_pairs,
     BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
 ):
@@ -59,13 +59,13 @@ def _rope_kernel(
         s1 = s_first
     heads = tl.arange(0, BLOCK_H)
     mask = (heads[:, None] < n_heads) & pmask[None, :]
-    first = X + b * x_sb + s * x_ss + heads[:, None] * x_sh + cols[None, :] * x_sd
-    second = first + half * x_sd
-    x1_in = tl.load(first, mask=mask, other=0.0)
+    x_first = X + b * x_sb + s * x_ss + heads[:, None] * x_sh + cols[None, :] * x_sd
+    y_first = Y + b * y_sb + s * y_ss + heads[:, None] * y_sh + cols[None, :] * y_sd
+    x1_in = tl.load(x_first, mask=mask, other=0.0)
     x1 = x1_in.to(ACC)
-    x2 = tl.load(second, mask=mask, other=0.0).to(ACC)
-    tl.store(first, (x1 * c1 - x2 * s1).to(x1_in.dtype), mask=mask)
-    tl.store(second, (x2 * c2 + x1 * s2).to(x1_in.dtype), mask=mask)
+    x2 = tl.load(x_first + half * x_sd, mask=mask, other=0.0).to(ACC)
+    tl.store(y_first, (x1 * c1 - x2 * s1).to(x1_in.dtype), mask=mask)
+    tl.store(y_first + half * y_sd, (x2 * c2 + x1 * s2).to(x1_in.dtype), mask=mask)
 
 
 def _token_major(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
@@ -89,8 +89,10 @@ def _layout(q: torch.Tensor, cos: torch.Tensor, rotated_pairs: int | None) -> tu
     return half, pairs
 
 
-def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int, pairs: int, backward: bool) -> None:
-    """Rotate ``x`` ([batch, seq, heads, head_dim], any strides) in place."""
+def _launch(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int, pairs: int,
+            backward: bool) -> None:
+    """Write ``x`` rotated into ``y`` (both [batch, seq, heads, head_dim], any strides; ``y`` may be ``x``).
+    Only the rotated dims are written: an out-of-place ``y`` must already hold the others."""
     b, s, heads, _ = x.shape
     if cos.shape != sin.shape or cos.shape[-2] != s or cos.shape[0] not in (1, b):
         raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} do not match {tuple(x.shape)}")
@@ -98,7 +100,7 @@ def _launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int, pa
         cos, sin = cos.contiguous(), sin.contiguous()
     block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(max(pairs, 1))
     _rope_kernel[(b * s,)](
-        x, *x.stride(), heads,
+        x, *x.stride(), y, *y.stride(), heads,
         cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2), s, half, pairs,
         BACKWARD=backward, BLOCK_H=block_h, BLOCK_P=block_p,
         ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
@@ -115,27 +117,40 @@ def _writable(grad: torch.Tensor) -> torch.Tensor:
 
 
 class RopeFunction(torch.autograd.Function):
-    """Rotates one tensor in place. q and k go through separately: autograd allows a Function to
-    modify a view input in place (q and k are transposed views of the projections) only when it
-    has a single output."""
+    """Rotates one tensor. q and k go through separately: autograd lets a Function modify a view
+    input in place only when it has a single output.
+
+    In place unless ``x`` is a view that needs a gradient (Llama's q and k are transposed views of
+    the projections): there autograd would answer ``mark_dirty`` with an as_strided backward and a
+    clone of the whole gradient (CopySlices), three extra passes over dq; writing a new tensor
+    costs the same traffic as writing in place and the view's memory is freed when the caller
+    drops it. Backward always rotates the incoming gradient in place.
+    """
 
     @staticmethod
-    def forward(ctx, x, cos, sin, unsqueeze_dim, half, pairs):
+    def forward(ctx, x, cos, sin, unsqueeze_dim, half, pairs, inplace):
         cos, sin = _batched(cos), _batched(sin)
+        if inplace:
+            y = x
+            ctx.mark_dirty(x)
+        elif pairs < x.shape[-1] // 2:
+            y = x.clone()  # the kernel writes only the rotated dims
+        else:
+            y = torch.empty_like(x)
         if pairs:
-            _launch(_token_major(x, unsqueeze_dim), cos, sin, half, pairs, False)
-        ctx.mark_dirty(x)
+            _launch(_token_major(x, unsqueeze_dim), _token_major(y, unsqueeze_dim), cos, sin, half, pairs, False)
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim, ctx.half, ctx.pairs = unsqueeze_dim, half, pairs
-        return x
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         cos, sin = ctx.saved_tensors
         dy = _writable(dy)
         if ctx.pairs:
-            _launch(_token_major(dy, ctx.unsqueeze_dim), cos, sin, ctx.half, ctx.pairs, True)
-        return dy, None, None, None, None, None
+            dy_ = _token_major(dy, ctx.unsqueeze_dim)
+            _launch(dy_, dy_, cos, sin, ctx.half, ctx.pairs, True)
+        return dy, None, None, None, None, None, None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -166,11 +181,16 @@ def proportional_rotated_pairs(head_dim: int, partial_rotary_factor: float) -> i
     return int(partial_rotary_factor * head_dim // 2)
 
 
+def _in_place(x: torch.Tensor) -> bool:
+    return x._base is None or not (x.requires_grad and torch.is_grad_enabled())
+
+
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     unsqueeze_dim: int = 1, rotated_pairs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k by the positions in cos/sin; in place on the Triton path: use the returned tensors.
+    """Rotate q and k by the positions in cos/sin; use the returned tensors (the Triton path
+    rotates in place where that is free, see RopeFunction).
 
     ``unsqueeze_dim`` means what it means in transformers: 1 for [batch, heads, seq, head_dim],
     2 for [batch, seq, heads, head_dim].
@@ -179,6 +199,6 @@ def apply_rope(
         raise ValueError("rope: q and k must be 4-D and unsqueeze_dim 1 (b,h,s,d) or 2 (b,s,h,d)")
     half, pairs = _layout(q, cos, rotated_pairs)
     if use_triton(q):
-        return (RopeFunction.apply(q, cos, sin, unsqueeze_dim, half, pairs),
-                RopeFunction.apply(k, cos, sin, unsqueeze_dim, half, pairs))
+        return (RopeFunction.apply(q, cos, sin, unsqueeze_dim, half, pairs, _in_place(q)),
+                RopeFunction.apply(k, cos, sin, unsqueeze_dim, half, pairs, _in_place(k)))
     return rope_reference(q, k, cos, sin, unsqueeze_dim)

@@ -31,7 +31,7 @@ for compute_dw in (True, False):
                      {**bf16("DX", "DY", "X", "W"), "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "offset": "fp32"},
                      {"HAS_WEIGHT": True, "LLAMA_CAST": True, "COMPUTE_DW": compute_dw, "ACC": tl.float32, "BLOCK": 2048})
 for backward in (False, True):
-    compile_for_h100(rope._rope_kernel, bf16("X", "COS", "SIN"),
+    compile_for_h100(rope._rope_kernel, bf16("X", "Y", "COS", "SIN"),
                      {"BACKWARD": backward, "BLOCK_H": 32, "BLOCK_P": 64, "ACC": tl.float32})
 for kind in (glu.SILU, glu.GELU_TANH):
     compile_for_h100(glu._glu_forward_kernel, bf16("GATE", "UP", "OUT"), {"KIND": kind, "ACC": tl.float32, "BLOCK": 1024})

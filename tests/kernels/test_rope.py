@@ -133,6 +133,38 @@ def test_in_place_on_projection_views_and_grad_of_only_q():
     _assert_all_close(grads[0], grads[1], rtol=1e-5, atol=1e-5)
 
 
+def _graph(fn):
+    names, stack = set(), [fn]
+    while stack:
+        node = stack.pop()
+        if node is not None and type(node).__name__ not in names:
+            names.add(type(node).__name__)
+            stack.extend(next_fn for next_fn, _ in node.next_functions)
+    return names
+
+
+def test_writes_in_place_unless_autograd_would_copy():
+    cos, sin = _llama_trig(8, PACKED, torch.float32)
+    # Gemma 4: q and k come out of q_norm/k_norm, not views: rotated in place.
+    q = torch.randn(2, 7, 4, 8, requires_grad=True) * 1
+    k = torch.randn(2, 7, 1, 8, requires_grad=True) * 1
+    with kernel_mode("triton"):
+        q_out, k_out = apply_rope(q, k, cos, sin, unsqueeze_dim=2)
+    assert q_out is q and k_out is k
+    # Llama: transposed views of the projections that need a gradient: a new tensor, and no
+    # as_strided/CopySlices nodes in the graph (they would copy dq three times in backward).
+    x = torch.randn(2, 7, 32, requires_grad=True)
+    q = (x * 1).view(2, 7, 4, 8).transpose(1, 2)
+    with kernel_mode("triton"):
+        q_out, _ = apply_rope(q, q.detach().clone(), cos, sin)
+    assert q_out.data_ptr() != q.data_ptr() and q_out.stride() == q.stride()
+    assert not _graph(q_out.grad_fn) & {"CopySlices", "AsStridedBackward0"}
+    # Without autograd the same view is rotated in place.
+    with torch.no_grad(), kernel_mode("triton"):
+        q_out, _ = apply_rope(q, q.clone(), cos, sin)
+    assert q_out.data_ptr() == q.data_ptr()
+
+
 def test_bf16_close_to_fp64():
     cos, sin = _llama_trig(32, PACKED, torch.bfloat16)
     q, k = _qk((2, 2, 7, 32), (2, 1, 7, 32), torch.bfloat16)
