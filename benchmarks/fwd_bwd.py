@@ -24,6 +24,24 @@ def forward_backward(
     return step
 
 
+def compiled(fn: Callable[..., Any], backend: str | None) -> Callable[..., Any] | None:
+    """``torch.compile(fn)`` with room for one specialization per case (shapes, dtypes, flags):
+    past Dynamo's default recompile limit it would quietly fall back to eager. None for no backend
+    (the CPU checks of the cases skip inductor, whose C++ builds take seconds each)."""
+    if backend is None:
+        return None
+    import torch._dynamo
+
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(torch._dynamo.config, name):
+            setattr(torch._dynamo.config, name, max(getattr(torch._dynamo.config, name), 64))
+    return torch.compile(fn, backend=backend)
+
+
+def default_backend(device: str) -> str | None:
+    return "inductor" if device == "cuda" else None
+
+
 def try_import(path: str, name: str) -> Any | None:
     """``from path import name``, or None where that package (Liger Kernel, say) is not installed."""
     try:

@@ -83,7 +83,8 @@ def _rms_norm_backward_kernel(
             dx_hat = dy * w
         else:
             dx_hat = dy
-        # d/dx of x·rstd: rstd · (g − x̂ · mean(g · x̂)); the .to(dtype) in the llama path is the identity for grads.
+        # d/dx of x·rstd is rstd · (g − x̂ · mean(g · x̂)); the llama path's rounding of x̂ passes
+        # gradients through unchanged.
         dx = rstd * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=0) / n_cols))
         tl.store(DX + row * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
@@ -137,7 +138,8 @@ class RMSNormFunction(torch.autograd.Function):
         _rms_norm_forward_kernel[(n_rows,)](
             y, y.stride(0), x_rows, x_rows.stride(0), weight if weight is not None else x_rows, rstd,
             n_cols, eps, offset,
-            HAS_WEIGHT=weight is not None, LLAMA_CAST=llama_cast, ACC=_tl_accumulator(x.dtype), BLOCK=block, num_warps=num_warps,
+            HAS_WEIGHT=weight is not None, LLAMA_CAST=llama_cast, ACC=_tl_accumulator(x.dtype),
+            BLOCK=block, num_warps=num_warps,
         )
         ctx.save_for_backward(x_rows, weight, rstd)
         ctx.offset, ctx.llama_cast, ctx.x_shape = offset, llama_cast, x.shape
@@ -158,8 +160,8 @@ class RMSNormFunction(torch.autograd.Function):
             dx, dx.stride(0), dy_rows, dy_rows.stride(0), x_rows, x_rows.stride(0),
             weight if weight is not None else x_rows, rstd, dw_partial,
             n_rows, n_cols, ctx.offset, rows_per_program,
-            HAS_WEIGHT=weight is not None, LLAMA_CAST=ctx.llama_cast, COMPUTE_DW=compute_dw, ACC=_tl_accumulator(x_rows.dtype),
-            BLOCK=block, num_warps=num_warps,
+            HAS_WEIGHT=weight is not None, LLAMA_CAST=ctx.llama_cast, COMPUTE_DW=compute_dw,
+            ACC=_tl_accumulator(x_rows.dtype), BLOCK=block, num_warps=num_warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
         return dx.view(ctx.x_shape), dw, None, None, None

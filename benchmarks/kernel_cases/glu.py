@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.fwd_bwd import forward_backward, try_import
+from benchmarks.fwd_bwd import compiled, default_backend, forward_backward, try_import
 from benchmarks.harness import Case
 from vramplan_kernels.dispatch import kernel_mode
 from vramplan_kernels.glu import geglu, geglu_reference, swiglu, swiglu_reference
@@ -35,11 +35,12 @@ def _ours(op, gate, up):
         return _OURS[op](gate, up, inplace_backward=True)
 
 
-def cases(device: str, tokens: int = TOKENS, models=MODELS) -> list[Case]:
+def cases(device: str, tokens: int = TOKENS, models=MODELS, compile_backend: str | None = "default") -> list[Case]:
+    backend = default_backend(device) if compile_backend == "default" else compile_backend
     out = []
     for model, width, op in models:
         reference = _REFERENCE[op]
-        compiled = torch.compile(reference) if device == "cuda" else None
+        compiled_reference = compiled(reference, backend)
         liger = try_import(*_LIGER[op])
         dout = torch.randn(tokens, width, device=device, dtype=torch.bfloat16)
         gate, up = _buffers(tokens, width, device)  # the in-place variants overwrite these
@@ -48,8 +49,8 @@ def cases(device: str, tokens: int = TOKENS, models=MODELS) -> list[Case]:
             "vramplan": forward_backward(lambda g=gate, u=up, o=op: _ours(o, g, u), [gate, up], [dout]),
             "torch": forward_backward(lambda g=ref_gate, u=ref_up, r=reference: r(g, u), [ref_gate, ref_up], [dout]),
         }
-        if compiled is not None:
-            variants["torch.compile"] = forward_backward(lambda g=ref_gate, u=ref_up, c=compiled: c(g, u),
+        if compiled_reference is not None:
+            variants["torch.compile"] = forward_backward(lambda g=ref_gate, u=ref_up, c=compiled_reference: c(g, u),
                                                          [ref_gate, ref_up], [dout])
         if liger is not None:
             liger_gate, liger_up = _buffers(tokens, width, device)

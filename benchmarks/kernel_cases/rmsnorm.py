@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.fwd_bwd import forward_backward, try_import
+from benchmarks.fwd_bwd import compiled, default_backend, forward_backward, try_import
 from benchmarks.harness import Case
 from vramplan_kernels.dispatch import kernel_mode
 from vramplan_kernels.rmsnorm import rms_norm, rms_norm_reference
@@ -25,9 +25,10 @@ def _ours(x, w, eps, offset, cast_mode):
         return rms_norm(x, w, eps, offset, cast_mode)
 
 
-def cases(device: str, tokens: int = TOKENS, models=MODELS) -> list[Case]:
+def cases(device: str, tokens: int = TOKENS, models=MODELS, compile_backend: str | None = "default") -> list[Case]:
+    backend = default_backend(device) if compile_backend == "default" else compile_backend
     liger = try_import("liger_kernel.ops.rms_norm", "LigerRMSNormFunction")
-    compiled = torch.compile(rms_norm_reference) if device == "cuda" else None
+    compiled_reference = compiled(rms_norm_reference, backend)
     out = []
     for model, hidden, offset, cast_mode in models:
         for train_weight in (False, True):
@@ -40,8 +41,8 @@ def cases(device: str, tokens: int = TOKENS, models=MODELS) -> list[Case]:
                 "vramplan": forward_backward(lambda a=args: _ours(*a), inputs, [dy]),
                 "torch": forward_backward(lambda a=args: rms_norm_reference(*a), inputs, [dy]),
             }
-            if compiled is not None:
-                variants["torch.compile"] = forward_backward(lambda a=args: compiled(*a), inputs, [dy])
+            if compiled_reference is not None:
+                variants["torch.compile"] = forward_backward(lambda a=args, c=compiled_reference: c(*a), inputs, [dy])
             if liger is not None:
                 # Liger writes dx into dy (in_place); give it its own dy so the others' stays intact.
                 liger_dy = dy.clone()

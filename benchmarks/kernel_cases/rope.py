@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import torch
 
-from benchmarks.fwd_bwd import forward_backward, try_import
+from benchmarks.fwd_bwd import compiled, default_backend, forward_backward, try_import
 from benchmarks.harness import Case
 from vramplan_kernels.dispatch import kernel_mode
 from vramplan_kernels.rope import apply_rope, proportional_rotated_pairs, rope_reference
@@ -45,9 +45,10 @@ def _layout(t, unsqueeze_dim):
     return t.transpose(1, 2) if unsqueeze_dim == 1 else t
 
 
-def cases(device: str, tokens: int = TOKENS, layers=LAYERS) -> list[Case]:
+def cases(device: str, tokens: int = TOKENS, layers=LAYERS, compile_backend: str | None = "default") -> list[Case]:
+    backend = default_backend(device) if compile_backend == "default" else compile_backend
     liger = try_import("liger_kernel.ops.rope", "LigerRopeFunction")
-    compiled = torch.compile(rope_reference) if device == "cuda" else None
+    compiled_reference = compiled(rope_reference, backend)
     out = []
     for model, layer, hq, hk, head_dim, theta, factor, unsqueeze_dim in layers:
         cos, sin, pairs = rotary_cos_sin(tokens, head_dim, theta, factor, device)
@@ -72,8 +73,8 @@ def cases(device: str, tokens: int = TOKENS, layers=LAYERS) -> list[Case]:
             "vramplan": forward_backward(ours, inputs, [dq.clone(), dk.clone()]),
             "torch": forward_backward(reference, inputs, [dq, dk]),
         }
-        if compiled is not None:
-            variants["torch.compile"] = forward_backward(lambda r=reference: r(fn=compiled), inputs, [dq, dk])
+        if compiled_reference is not None:
+            variants["torch.compile"] = forward_backward(lambda r=reference, c=compiled_reference: r(fn=c), inputs, [dq, dk])
         if liger is not None:
             def liger_step(u=unsqueeze_dim, cos=cos, sin=sin, fresh=fresh):
                 q, k = fresh()

@@ -14,10 +14,11 @@ TOKENS = 4
 @pytest.mark.parametrize("module", [rmsnorm, rope, glu], ids=lambda m: m.__name__.rsplit(".", 1)[-1])
 def test_cases_run_and_variants_agree(module):
     torch.manual_seed(0)
-    cases = module.cases("cpu", tokens=TOKENS)
+    # Dynamo with the eager backend checks the torch.compile variants' wiring without inductor's C++ builds.
+    cases = module.cases("cpu", tokens=TOKENS, compile_backend="eager")
     assert cases and all(c.bytes_moved > 0 for c in cases)
     for case in cases:
-        assert next(iter(case.variants)) == "vramplan"
+        assert list(case.variants)[:3] == ["vramplan", "torch", "torch.compile"]
         grads = {name: fn() for name, fn in case.variants.items()}
         want = grads["torch"]
         for name, got in grads.items():

@@ -111,7 +111,8 @@ def test_reference_equals_transformers_modules(dtype):
 
 def test_from_hf_reads_each_convention():
     llama, qwen, g3, g4, g4_noscale = _hf_modules(8)
-    assert (RMSNorm.from_hf(llama).offset, RMSNorm.from_hf(llama).cast_mode, RMSNorm.from_hf(llama).eps) == (0.0, "llama", 1e-5)
+    ours = RMSNorm.from_hf(llama)
+    assert (ours.offset, ours.cast_mode, ours.eps) == (0.0, "llama", 1e-5)
     assert (RMSNorm.from_hf(qwen).offset, RMSNorm.from_hf(qwen).cast_mode) == (0.0, "llama")
     assert (RMSNorm.from_hf(g3).offset, RMSNorm.from_hf(g3).cast_mode) == (1.0, "gemma")
     assert (RMSNorm.from_hf(g4).offset, RMSNorm.from_hf(g4).cast_mode) == (0.0, "gemma")
