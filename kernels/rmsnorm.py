@@ -132,39 +132,41 @@ class RMSNormFunction(torch.autograd.Function):
         x_rows = _as_rows(x)
         n_rows, n_cols = x_rows.shape
         out_dtype = torch.promote_types(x.dtype, weight.dtype) if (llama_cast and weight is not None) else x.dtype
-        y = torch.empty((n_rows, n_cols), dtype=out_dtype, device=x.device)
+        # Allocated in x's shape, not viewed into it: a view would make RoPE's in-place write on
+        # Gemma's q_norm/k_norm output go through autograd's CopySlices.
+        y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=_accumulator(x.dtype), device=x.device)
         block, num_warps = _launch_shape(n_cols, x.element_size())
         _rms_norm_forward_kernel[(n_rows,)](
-            y, y.stride(0), x_rows, x_rows.stride(0), weight if weight is not None else x_rows, rstd,
+            y, n_cols, x_rows, x_rows.stride(0), weight if weight is not None else x_rows, rstd,
             n_cols, eps, offset,
             HAS_WEIGHT=weight is not None, LLAMA_CAST=llama_cast, ACC=_tl_accumulator(x.dtype),
             BLOCK=block, num_warps=num_warps,
         )
         ctx.save_for_backward(x_rows, weight, rstd)
         ctx.offset, ctx.llama_cast, ctx.x_shape = offset, llama_cast, x.shape
-        return y.view(*x.shape[:-1], n_cols)
+        return y
 
     @staticmethod
     def backward(ctx, dy):
         x_rows, weight, rstd = ctx.saved_tensors
         n_rows, n_cols = x_rows.shape
         dy_rows = _as_rows(dy)
-        dx = torch.empty((n_rows, n_cols), dtype=x_rows.dtype, device=x_rows.device)
+        dx = torch.empty(ctx.x_shape, dtype=x_rows.dtype, device=x_rows.device)
         compute_dw = weight is not None and ctx.needs_input_grad[1]
         programs = max(1, _backward_programs(n_rows, n_cols, x_rows.device, compute_dw))
         rows_per_program = triton.cdiv(n_rows, programs)
         dw_partial = torch.empty((programs, n_cols) if compute_dw else (1,), dtype=rstd.dtype, device=x_rows.device)
         block, num_warps = _launch_shape(n_cols, x_rows.element_size())
         _rms_norm_backward_kernel[(programs,)](
-            dx, dx.stride(0), dy_rows, dy_rows.stride(0), x_rows, x_rows.stride(0),
+            dx, n_cols, dy_rows, dy_rows.stride(0), x_rows, x_rows.stride(0),
             weight if weight is not None else x_rows, rstd, dw_partial,
             n_rows, n_cols, ctx.offset, rows_per_program,
             HAS_WEIGHT=weight is not None, LLAMA_CAST=ctx.llama_cast, COMPUTE_DW=compute_dw,
             ACC=_tl_accumulator(x_rows.dtype), BLOCK=block, num_warps=num_warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
-        return dx.view(ctx.x_shape), dw, None, None, None
+        return dx, dw, None, None, None
 
 
 def rms_norm_reference(

@@ -11,6 +11,7 @@ from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as llama_apply
 
 from vramplan_kernels.dispatch import kernel_mode
+from vramplan_kernels.rmsnorm import rms_norm
 from vramplan_kernels.rope import apply_rope, proportional_rotated_pairs, rope_reference
 
 # Two packed sequences in one row: positions restart at the fourth token.
@@ -144,13 +145,16 @@ def _graph(fn):
 
 
 def test_writes_in_place_unless_autograd_would_copy():
+    torch.manual_seed(0)
     cos, sin = _llama_trig(8, PACKED, torch.float32)
-    # Gemma 4: q and k come out of q_norm/k_norm, not views: rotated in place.
-    q = torch.randn(2, 7, 4, 8, requires_grad=True) * 1
-    k = torch.randn(2, 7, 1, 8, requires_grad=True) * 1
+    # Gemma 4: q and k come out of q_norm/k_norm (vramplan's RMSNorm), not views: rotated in place.
     with kernel_mode("triton"):
+        q = rms_norm(torch.randn(2, 7, 4, 8, requires_grad=True) * 1, torch.ones(8), 1e-6)
+        k = rms_norm(torch.randn(2, 7, 1, 8, requires_grad=True) * 1, None, 1e-6)
+        assert q._base is None and k._base is None
         q_out, k_out = apply_rope(q, k, cos, sin, unsqueeze_dim=2)
     assert q_out is q and k_out is k
+    assert not _graph(q_out.grad_fn) & {"CopySlices", "AsStridedBackward0"}
     # Llama: transposed views of the projections that need a gradient: a new tensor, and no
     # as_strided/CopySlices nodes in the graph (they would copy dq three times in backward).
     x = torch.randn(2, 7, 32, requires_grad=True)
