@@ -120,11 +120,12 @@ class RopeFunction(torch.autograd.Function):
     """Rotates one tensor. q and k go through separately: autograd lets a Function modify a view
     input in place only when it has a single output.
 
-    In place unless ``x`` is a view that needs a gradient (Llama's q and k are transposed views of
-    the projections): there autograd would answer ``mark_dirty`` with an as_strided backward and a
-    clone of the whole gradient (CopySlices), three extra passes over dq; writing a new tensor
-    costs the same traffic as writing in place and the view's memory is freed when the caller
-    drops it. Backward always rotates the incoming gradient in place.
+    In place unless ``x`` needs a gradient and is a leaf (autograd forbids that) or a view (Llama's
+    q and k are transposed views of the projections): for a view autograd would answer
+    ``mark_dirty`` with an as_strided backward and a clone of the whole gradient (CopySlices),
+    three extra passes over dq, while writing a new tensor costs the same traffic as writing in
+    place, and the view's memory is freed when the caller drops it. Backward always rotates the
+    incoming gradient in place.
     """
 
     @staticmethod
@@ -182,7 +183,10 @@ def proportional_rotated_pairs(head_dim: int, partial_rotary_factor: float) -> i
 
 
 def _in_place(x: torch.Tensor) -> bool:
-    return x._base is None or not (x.requires_grad and torch.is_grad_enabled())
+    """Rotate in place unless autograd would copy for it (a view) or forbid it (a leaf)."""
+    if not (x.requires_grad and torch.is_grad_enabled()):
+        return True
+    return x._base is None and x.grad_fn is not None
 
 
 def apply_rope(

@@ -163,6 +163,12 @@ def test_writes_in_place_unless_autograd_would_copy():
         q_out, _ = apply_rope(q, q.detach().clone(), cos, sin)
     assert q_out.data_ptr() != q.data_ptr() and q_out.stride() == q.stride()
     assert not _graph(q_out.grad_fn) & {"CopySlices", "AsStridedBackward0"}
+    # A leaf that needs a gradient cannot be written in place: a new tensor, and its gradient.
+    leaf = torch.randn(1, 2, 7, 8, requires_grad=True)
+    with kernel_mode("triton"):
+        q_out, _ = apply_rope(leaf, leaf.detach().clone(), cos[:1], sin[:1])
+    q_out.sum().backward()
+    assert leaf.grad is not None and q_out.data_ptr() != leaf.data_ptr()
     # Without autograd the same view is rotated in place.
     with torch.no_grad(), kernel_mode("triton"):
         q_out, _ = apply_rope(q, q.clone(), cos, sin)
