@@ -8,6 +8,8 @@ activation from ``gate``, and with ``inplace_backward=True`` it writes ``dgate``
 those two saved buffers instead of allocating two more (as Liger Kernel does). That is safe when
 nothing else holds ``gate`` and ``up`` — true for the outputs of ``gate_proj``/``up_proj`` in an
 HF MLP, LoRA-wrapped or not — and the trainer turns it on; the default leaves inputs untouched.
+It also rules out a second backward through the same graph (``retain_graph=True``), and it is
+ignored for leaf tensors, whose gradient would otherwise share their storage.
 
 The tanh-approximate GELU (``gelu_pytorch_tanh``, Gemma's ``hidden_activation``) is computed as
 ``g · sigmoid(2k(g + 0.044715 g³))``, ``k = sqrt(2/π)``: the same function as
@@ -117,6 +119,8 @@ def geglu_reference(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
 
 def _gated(kind: int, gate: torch.Tensor, up: torch.Tensor, inplace_backward: bool) -> torch.Tensor:
     if use_triton(gate):
+        # A leaf's gradient would become its own storage: never in place there.
+        inplace_backward = inplace_backward and not (gate.is_leaf or up.is_leaf)
         return GatedActivationFunction.apply(gate, up, kind, inplace_backward)
     return (swiglu_reference if kind == SILU else geglu_reference)(gate, up)
 

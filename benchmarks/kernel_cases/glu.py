@@ -25,8 +25,9 @@ _LIGER = {"swiglu": ("liger_kernel.ops.swiglu", "LigerSiLUMulFunction"),
 
 
 def _buffers(tokens, width, device):
-    gate = torch.randn(tokens, width, device=device, dtype=torch.bfloat16, requires_grad=True)
-    up = torch.randn(tokens, width, device=device, dtype=torch.bfloat16, requires_grad=True)
+    """gate and up as a projection leaves them: non-leaf tensors (``autograd.grad`` stops at them)."""
+    gate = torch.randn(tokens, width, device=device, dtype=torch.bfloat16, requires_grad=True) * 1
+    up = torch.randn(tokens, width, device=device, dtype=torch.bfloat16, requires_grad=True) * 1
     return gate, up
 
 

@@ -64,6 +64,16 @@ def test_inplace_backward_reuses_the_saved_buffers(op):
     assert seen == {"dgate": gate_ptr, "dup": up_ptr}
 
 
+def test_inplace_backward_is_ignored_for_leaves():
+    gate = torch.randn(4, 64, requires_grad=True)
+    up = torch.randn(4, 64, requires_grad=True)
+    gate_before = gate.detach().clone()
+    with kernel_mode("triton"):
+        swiglu(gate, up, inplace_backward=True).sum().backward()
+    assert torch.equal(gate.detach(), gate_before)
+    assert gate.grad.data_ptr() != gate.data_ptr()
+
+
 @pytest.mark.parametrize("op", list(OPS))
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_half_precision_close_to_fp64(op, dtype):

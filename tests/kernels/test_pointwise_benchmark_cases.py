@@ -32,8 +32,7 @@ def test_glu_case_in_place_variant_matches_on_its_first_run():
     torch.manual_seed(0)
     # The case's in-place variant and its reference start from different random buffers, so run
     # the variant's own step function against the reference on shared inputs instead.
-    g = torch.randn(TOKENS, 40, dtype=torch.bfloat16, requires_grad=True)
-    u = torch.randn(TOKENS, 40, dtype=torch.bfloat16, requires_grad=True)
+    g, u = glu._buffers(TOKENS, 40, "cpu")
     dout = torch.randn(TOKENS, 40, dtype=torch.bfloat16)
     want = forward_backward(lambda: geglu_reference(g, u), [g, u], [dout])()
     want = [w.clone() for w in want]
