@@ -1,1 +1,24 @@
-"""stacks"""
+"""What each training stack does with a plan: which bytes it keeps where, phase by phase.
+
+A stack turns (Architecture, Plan) into a ``StepMemory``: the components alive in each
+phase of a step, the allocator fragmentation it causes, the library memory it loads,
+and notes on plan settings it cannot honour. ``vramplan.memory.peak`` picks the peak.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class StepMemory:
+    phases: dict[str, dict[str, int]]
+    fragmentation: int
+    library_bytes: int
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+
+def step_memory(arch, plan) -> StepMemory:
+    from vramplan.stacks import hf, vramplan
+
+    return (hf if plan.stack == "hf" else vramplan).step_memory(arch, plan)

@@ -1,0 +1,130 @@
+"""Fused LM head + cross-entropy (forward and backward) against the paths a trainer would otherwise take.
+
+Shapes are (tokens, hidden, vocab) of real heads at 8,192 tokens, where the unfused logits set the
+peak. The head is frozen (a LoRA run's LM head, often tied to the embedding) except in the
+"trainable head" case. Variants: vramplan's chunked kernel, the unfused path transformers runs
+(bf16 logits -> float -> F.cross_entropy), Liger's fused linear cross-entropy when installed, and
+torch.compile of the same chunked algorithm in plain PyTorch.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+
+from benchmarks.harness import Case
+from vramplan_kernels.linear_cross_entropy import (
+    default_chunk_size,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
+
+SHAPES = {
+    "gemma-4-e2b": (8192, 1536, 262144),
+    "gemma-4-e4b": (8192, 2560, 262144),
+    "llama-3.1-8b": (8192, 4096, 128256),
+}
+
+
+def _forward_backward(loss_fn: Callable, hidden, weight, labels) -> Callable[[], object]:
+    inputs = [hidden, weight] if weight.requires_grad else [hidden]
+
+    def run():
+        loss = loss_fn(hidden, weight, labels)
+        return torch.autograd.grad(loss, inputs)
+
+    return run
+
+
+def _liger_loss() -> Callable | None:
+    try:
+        from liger_kernel.transformers.fused_linear_cross_entropy import LigerFusedLinearCrossEntropyLoss
+    except Exception:
+        return None
+    module = LigerFusedLinearCrossEntropyLoss()
+
+    def loss(hidden, weight, labels):
+        out = module(weight, hidden, labels)
+        if isinstance(out, tuple):
+            out = out[0]
+        return getattr(out, "loss", out)
+
+    return loss
+
+
+def compiled_chunked_reference(chunk_size: int) -> Callable:
+    """The chunked algorithm in plain PyTorch under torch.compile: per chunk, logits in fp32,
+    loss and d loss / d logits in one fused graph, then the matmuls back. Returns a function
+    (hidden, weight, labels) -> (loss, grad_hidden, grad_weight or None), mean over targets."""
+
+    @torch.compile(dynamic=False)
+    def chunk_step(h, w, y, scale):
+        logits = (h @ w.t()).float()
+        lse = torch.logsumexp(logits, dim=-1)
+        valid = y != -100
+        safe_y = torch.where(valid, y, 0)
+        target = logits.gather(1, safe_y[:, None]).squeeze(1)
+        loss = torch.where(valid, lse - target, 0.0).sum()
+        probs = torch.exp(logits - lse[:, None])
+        onehot = torch.arange(logits.shape[1], device=logits.device)[None, :] == safe_y[:, None]
+        grad = torch.where(onehot, probs - 1.0, probs) * (valid.float() * scale)[:, None]
+        return loss, grad.to(h.dtype)
+
+    def run(hidden, weight, labels):
+        n_targets = (labels != -100).sum()
+        scale = 1.0 / n_targets.clamp(min=1).float()
+        grad_hidden = torch.empty_like(hidden)
+        grad_weight = torch.zeros_like(weight) if weight.requires_grad else None
+        total = hidden.new_zeros((), dtype=torch.float32)
+        for start in range(0, hidden.shape[0], chunk_size):
+            h, y = hidden[start:start + chunk_size], labels[start:start + chunk_size]
+            loss, grad_logits = chunk_step(h, weight.detach(), y, scale)
+            total += loss
+            torch.mm(grad_logits, weight.detach(), out=grad_hidden[start:start + chunk_size])
+            if grad_weight is not None:
+                grad_weight.addmm_(grad_logits.t(), h)
+        return total * scale, grad_hidden, grad_weight
+
+    return run
+
+
+def _case(name: str, tokens: int, hidden_size: int, vocab: int, device: str, trainable: bool,
+          with_compiled: bool) -> Case:
+    dtype = torch.bfloat16
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, device=device, dtype=dtype, generator=generator).requires_grad_()
+    weight = (torch.randn(vocab, hidden_size, device=device, dtype=dtype, generator=generator) * 0.02)
+    weight.requires_grad_(trainable)
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
+    labels[::7] = -100  # some prompt tokens carry no loss, as in a real batch
+
+    variants = {
+        "vramplan": _forward_backward(lambda h, w, y: linear_cross_entropy(h, w, y)[0], hidden, weight, labels),
+        "unfused": _forward_backward(lambda h, w, y: linear_cross_entropy_reference(h, w, y)[0],
+                                     hidden, weight, labels),
+    }
+    liger = _liger_loss()
+    if liger is not None:
+        variants["liger"] = _forward_backward(liger, hidden, weight, labels)
+    if with_compiled:
+        compiled = compiled_chunked_reference(default_chunk_size(tokens, vocab, dtype))
+        variants["torch.compile chunked"] = lambda: compiled(hidden.detach(), weight, labels)
+    matmuls = 3 if trainable else 2
+    return Case(
+        op="linear_cross_entropy",
+        shape=f"{name} N={tokens} H={hidden_size} V={vocab}" + (" trainable head" if trainable else ""),
+        variants=variants,
+        flops=2 * matmuls * tokens * hidden_size * vocab,
+        measure_peak_memory=True,
+        notes="forward+backward, bf16, mean over target tokens; peak is memory above the inputs",
+        extra={"trainable_head": trainable},
+    )
+
+
+def cases(device: str, shapes: dict[str, tuple[int, int, int]] | None = None, with_compiled: bool = True) -> list[Case]:
+    shapes = SHAPES if shapes is None else shapes
+    out = [_case(name, *shape, device, trainable=False, with_compiled=with_compiled) for name, shape in shapes.items()]
+    first = next(iter(shapes))
+    out.append(_case(first, *shapes[first], device, trainable=True, with_compiled=with_compiled))
+    return out

@@ -1,0 +1,89 @@
+"""QLoRA linear, forward + backward, at training token counts.
+
+Compared with what PEFT runs on bitsandbytes (``matmul_4bit`` for the base, then two separate
+LoRA matmuls on x cast to the adapter dtype) and with dequantize-then-cuBLAS under autograd
+(which keeps the bf16 weight alive for the backward). vramplan's own two base paths are timed
+too, so the per-shape choice (``FUSED_MAX_TOKENS``) can be checked against the measurement.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from benchmarks.harness import Case
+from vramplan_kernels.nf4 import dequantize_nf4, quantize_nf4
+from vramplan_kernels.qlora_linear import qlora_linear
+
+LINEAR_SHAPES = {  # name: (in_features, out_features)
+    "gemma4-e2b up 1536->6144": (1536, 6144),
+    "gemma4-e4b up 2560->10240": (2560, 10240),
+    "llama3.1-8b up 4096->14336": (4096, 14336),
+    "llama3.1-8b down 14336->4096": (14336, 4096),
+}
+TOKENS = (2048, 8192)
+RANK, ALPHA = 16, 32
+
+
+def qlora_flops(tokens: int, in_features: int, out_features: int, rank: int) -> int:
+    """Base forward and input gradient (2·M·K·N each) plus the six LoRA matmuls (forward 2, backward 4)."""
+    return 4 * tokens * in_features * out_features + 6 * tokens * rank * (in_features + out_features)
+
+
+def _peft_bitsandbytes(x, packed, state, a, b, scale, matmul_4bit):
+    y = matmul_4bit(x, packed.t(), quant_state=state)
+    return y + ((x.to(a.dtype) @ a.t() @ b.t()) * scale).to(y.dtype)
+
+
+def _dequant_cublas(x, q, a, b, scale):
+    y = x @ dequantize_nf4(q, x.dtype).t()
+    return y + ((x.to(a.dtype) @ a.t() @ b.t()) * scale).to(y.dtype)
+
+
+def _variants(x, q, a, b, scale, grad_y, bnb_weight, matmul_4bit):
+    """One forward+backward per implementation; built in its own scope so each closure keeps its shape's tensors."""
+
+    def step(forward):
+        def run():
+            return torch.autograd.grad(forward(), (x, a, b), grad_y)
+        return run
+
+    variants = {
+        "vramplan": step(lambda: qlora_linear(x, q, a, b, scale)),
+        "vramplan fused": step(lambda: qlora_linear(x, q, a, b, scale, base_path="fused")),
+        "vramplan dequant": step(lambda: qlora_linear(x, q, a, b, scale, base_path="dequant")),
+    }
+    if bnb_weight is not None:
+        packed, state = bnb_weight
+        variants["bnb matmul_4bit + peft lora"] = step(
+            lambda: _peft_bitsandbytes(x, packed, state, a, b, scale, matmul_4bit))
+    variants["dequant + cublas (autograd)"] = step(lambda: _dequant_cublas(x, q, a, b, scale))
+    return variants
+
+
+def cases(device, shapes: dict[str, tuple[int, int]] | None = None, tokens=TOKENS,
+          lora_dtype=torch.float32) -> list[Case]:
+    try:
+        import bitsandbytes
+        import bitsandbytes.functional as bnbf
+    except ImportError:  # the GPU machine may not have it
+        bitsandbytes = bnbf = None
+    scale = ALPHA / RANK
+    result = []
+    for name, (k, n) in (shapes or LINEAR_SHAPES).items():
+        weight = torch.randn(n, k, device=device, dtype=torch.bfloat16)
+        q = quantize_nf4(weight)
+        a = (torch.randn(RANK, k, device=device, dtype=lora_dtype) * 0.02).requires_grad_()
+        b = (torch.randn(n, RANK, device=device, dtype=lora_dtype) * 0.02).requires_grad_()
+        bnb_weight = None
+        if bnbf is not None:
+            bnb_weight = bnbf.quantize_4bit(weight, blocksize=64, compress_statistics=True, quant_type="nf4")
+        for m in tokens:
+            x = torch.randn(m, k, device=device, dtype=torch.bfloat16).requires_grad_()
+            grad_y = torch.randn(m, n, device=device, dtype=torch.bfloat16)
+            variants = _variants(x, q, a, b, scale, grad_y, bnb_weight,
+                                 bitsandbytes.matmul_4bit if bitsandbytes else None)
+            result.append(Case(op="qlora_linear fwd+bwd", shape=f"{name}, {m} tokens, r{RANK}", variants=variants,
+                               flops=qlora_flops(m, k, n, RANK), measure_peak_memory=True,
+                               notes=f"bf16 x, {str(lora_dtype).removeprefix('torch.')} LoRA, NF4 double quant"))
+        del weight
+    return result

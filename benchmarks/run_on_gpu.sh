@@ -1,0 +1,24 @@
+#!/usr/bin/env bash
+# Runs the GPU side of the project in one go on a CUDA machine, from the repository root:
+#   benchmarks/run_on_gpu.sh [tests] [kernels] [trainer ...]
+# Wheels in .whl/ (bitsandbytes, liger-kernel) are installed to /tmp/site first when present.
+# Results go to $OUT (default benchmarks/results/gpu-run).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+OUT=${OUT:-benchmarks/results/gpu-run}
+mkdir -p "$OUT" /tmp/shim
+if ls .whl/*.whl >/dev/null 2>&1; then
+  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl
+fi
+ln -sfn "$PWD/kernels" /tmp/shim/vramplan_kernels
+export PYTHONPATH="$PWD:/tmp/shim:/tmp/site${PYTHONPATH:+:$PYTHONPATH}" PYTHONUNBUFFERED=1
+nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv | tee "$OUT/gpu.txt"
+python3 -c "import torch, triton, transformers; print('torch', torch.__version__, 'triton', triton.__version__, 'transformers', transformers.__version__)" | tee -a "$OUT/gpu.txt"
+for job in "$@"; do
+  case "$job" in
+    tests)   python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    kernels) python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    kernels:*) python3 benchmarks/kernels.py --only "${job#kernels:}" --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
+    *)       echo "unknown job $job" ;;
+  esac
+done

@@ -1,0 +1,137 @@
+"""vramplan's trainer on a model built from its config with random weights: memory and tokens/s.
+
+Prints one JSON line per configuration with the same fields as
+/work/shared/reference-stacks/hf_baseline.py (``nvml_used_delta``, ``peak_alloc``,
+``peak_reserved``, ``tok_s``, ``step_s``, ...), so the two stacks compare line by line. The
+steps go through the recipe's own functions (load_for_training, make_optimizer,
+accumulate_gradients), not the CLI, on random token ids at the configured seq.
+
+    python -m benchmarks.trainer --config llama-3.2-1b.json \
+        --grid '[{"seq": 2048, "batch": 1, "rank": 16, "gc": true, "optim": "paged_adamw_8bit"}]'
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import tempfile
+import time
+
+import torch
+
+from vramplan.plan import Plan
+from vramplan.train.loss import accumulate_gradients
+from vramplan.train.model import load_for_training, lora_parameters
+from vramplan.train.recipe import make_optimizer
+
+#: hf_baseline's optimizer names -> the plan's
+OPTIMIZERS = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
+
+
+def nvml_used() -> int | None:
+    """Device memory in use as the driver sees it (all processes), as hf_baseline measures it."""
+    try:
+        import pynvml
+
+        pynvml.nvmlInit()
+        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
+    except Exception:
+        return None
+
+
+def build_random_model(config_path: str, folder: str) -> int:
+    """Random bf16 weights from a config.json, saved as a local model folder; returns the parameter count."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**json.load(open(config_path)))
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.bfloat16)
+    params = sum(p.numel() for p in model.parameters())
+    model.save_pretrained(folder)
+    del model
+    gc.collect()
+    return params
+
+
+def plan_for(grid: dict, model: str) -> Plan:
+    return Plan(model=model, quant=grid.get("quant", "nf4"), lora_rank=grid["rank"], seq_len=grid["seq"],
+                micro_batch=grid["batch"], checkpointing=grid.get("checkpointing", "full" if grid["gc"] else "none"),
+                optimizer=OPTIMIZERS[grid.get("optim", "paged_adamw_8bit")], lora_dtype=grid.get("lora_dtype", "fp32"))
+
+
+def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device) -> tuple[dict, list[float]]:
+    plan = plan_for(grid, os.path.basename(folder))
+    record: dict = {}
+    torch.cuda.empty_cache()
+    torch.cuda.reset_peak_memory_stats()
+    model, _ = load_for_training(folder, plan, device)
+    params = lora_parameters(model)
+    record["trainable"] = sum(p.numel() for p in params)
+    record["after_load_alloc"] = torch.cuda.memory_allocated()
+    optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device)
+    record["load_peak_alloc"] = torch.cuda.max_memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    generator = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, vocab, (plan.micro_batch, plan.seq_len), generator=generator)
+    labels = torch.cat([ids[:, 1:], torch.full((plan.micro_batch, 1), -100)], dim=1)
+    batch = {"input_ids": ids.to(device), "labels": labels.to(device),
+             "position_ids": torch.arange(plan.seq_len).expand(plan.micro_batch, -1).to(device)}
+    times, losses = [], []
+    for _ in range(steps):
+        torch.cuda.synchronize()
+        started = time.time()
+        loss, _ = accumulate_gradients(model, [batch])
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        torch.cuda.synchronize()
+        times.append(time.time() - started)
+        losses.append(round(loss, 4))
+    record["losses"] = losses
+    record["peak_alloc"] = torch.cuda.max_memory_allocated()
+    record["peak_reserved"] = torch.cuda.max_memory_reserved()
+    del model, optimizer, params, batch
+    return record, times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--config", required=True, help="a config.json (text model)")
+    parser.add_argument("--grid", required=True, help="JSON list (or a file holding one) of {seq,batch,rank,gc,optim,quant}")
+    parser.add_argument("--steps", type=int, default=4)
+    args = parser.parse_args()
+    grid = json.loads(open(args.grid).read() if os.path.exists(args.grid) else args.grid)
+    if not torch.cuda.is_available():
+        raise SystemExit("benchmarks/trainer.py measures GPU memory; run it on a machine with CUDA")
+    device = torch.device("cuda")
+    folder = tempfile.mkdtemp(dir="/tmp")
+    started = time.time()
+    n_params = build_random_model(args.config, folder)
+    print(json.dumps({"event": "saved", "params": n_params, "s": round(time.time() - started, 1)}), flush=True)
+    vocab = json.load(open(args.config))["vocab_size"]
+    torch.zeros(1, device=device)  # the CUDA context exists before the baseline, as in hf_baseline
+    base_used = nvml_used()
+    for g in grid:
+        rec = dict(g, model=os.path.basename(args.config), params=n_params, stack="vramplan")
+        try:
+            measured, times = run_one(g, folder, vocab, args.steps, device)
+            rec.update(measured)
+            used = nvml_used()
+            rec["nvml_used_delta"] = (used - base_used) if base_used is not None and used is not None else None
+            tail = sorted(times[1:]) or times
+            rec["step_s"] = tail[len(tail) // 2]
+            rec["tok_s"] = g["batch"] * g["seq"] / rec["step_s"]
+        except torch.cuda.OutOfMemoryError:
+            rec["error"] = "OOM"
+        except Exception as err:  # one failing configuration must not hide the others' lines
+            rec["error"] = f"{type(err).__name__}: {str(err)[:300]}"
+        print(json.dumps(rec), flush=True)
+        gc.collect()
+        torch.cuda.empty_cache()
+    shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,364 @@
+"""Cross-entropy of an LM head, computed chunk by chunk so the [tokens, vocab] logits never exist whole.
+
+With a 262,144-token vocabulary (Gemma 4) the logits, not the weights, set the peak at long
+sequences: 8,192 tokens x 262,144 x 4 bytes = 8.6 GB per fp32 copy, and the unfused path keeps
+a bf16 copy, an fp32 copy and an fp32 gradient. Here the forward pass walks the tokens in chunks:
+one chunk's logits are computed (matmul in the compute dtype, fp32 accumulation), a Triton kernel
+finds each row's logsumexp and target logit online and, in the same launch, overwrites the logits
+with the gradient of the loss with respect to them; that gradient is multiplied into the hidden
+states' gradient (and the head's, when it trains) before the next chunk reuses the buffer. The
+backward pass only scales the stored gradients by ``grad_output``. Extra memory is one chunk's
+logits plus grad_hidden [N, H] (plus grad_W [V, H] when the head is trainable).
+
+Learned from Liger Kernel's fused_linear_cross_entropy and Apple's cut-cross-entropy.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from vramplan_kernels.dispatch import use_triton
+
+LOGITS_CHUNK_BYTES = 256 * 1024**2
+"""Default budget for one chunk's logits: large enough that the chunk's matmul fills the GPU
+(512 tokens at a 262,144 vocabulary in bf16), small next to the 8.6 GB it replaces."""
+
+_REDUCTIONS = ("mean", "sum", "none")
+
+
+@triton.jit
+def _tanh(x):
+    # exp-based so it runs on every backend and in the interpreter; saturates cleanly at +-1.
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _cross_entropy_rows_kernel(
+    logits_ptr,
+    logits_row_stride,
+    labels_ptr,
+    loss_ptr,
+    grad_scale_ptr,
+    grad_scale_stride,
+    n_cols,
+    ignore_index,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_GRAD: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per token row: loss = logsumexp(z) - z[label], z = softcap(logits).
+
+    With WRITE_GRAD the row is overwritten by d loss / d logits, times the row's grad scale:
+    (softmax(z) - onehot(label)) * (1 - tanh^2(logits / cap)) * scale. Ignored rows get loss 0
+    and a zero gradient.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride
+    label = tl.load(labels_ptr + row)
+
+    if label == ignore_index:
+        tl.store(loss_ptr + row, tl.zeros([], dtype=ACC_DTYPE))
+        if WRITE_GRAD:
+            for start in range(0, n_cols, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                tl.store(row_ptr + offs, tl.zeros((BLOCK_V,), dtype=ACC_DTYPE).to(logits_ptr.dtype.element_ty),
+                         mask=offs < n_cols)
+        return
+
+    # Pass 1: running max and running sum of exponentials (online logsumexp).
+    running_max = tl.full([], float("-inf"), dtype=ACC_DTYPE)
+    running_sum = tl.zeros([], dtype=ACC_DTYPE)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < n_cols
+        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(mask, z, float("-inf"))
+        block_max = tl.maximum(running_max, tl.max(z, axis=0))
+        running_sum = running_sum * tl.exp(running_max - block_max) + tl.sum(tl.exp(z - block_max), axis=0)
+        running_max = block_max
+    lse = running_max + tl.log(running_sum)
+
+    z_target = tl.load(row_ptr + label).to(ACC_DTYPE)
+    if HAS_SOFTCAP:
+        z_target = softcap * _tanh(z_target / softcap)
+    tl.store(loss_ptr + row, lse - z_target)
+
+    if WRITE_GRAD:
+        # Pass 2: the gradient, written over the logits it came from.
+        scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(ACC_DTYPE)
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            mask = offs < n_cols
+            x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                z = softcap * t
+            else:
+                z = x
+            grad = tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0).to(ACC_DTYPE)
+            if HAS_SOFTCAP:
+                grad = grad * (1.0 - t * t)
+            tl.store(row_ptr + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, grad_scale: torch.Tensor | None,
+                 ignore_index: int, softcap: float | None) -> None:
+    """Run the row kernel on a [rows, V] logits chunk; with ``grad_scale`` it also writes the gradient."""
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
+    block_v = min(triton.next_power_of_2(vocab), 8192 if logits.dtype == torch.float64 else 16384)
+    write_grad = grad_scale is not None
+    if grad_scale is None:
+        grad_scale = loss  # unread placeholder
+    _cross_entropy_rows_kernel[(rows,)](
+        logits, logits.stride(0), labels, loss, grad_scale, grad_scale.stride(0) if grad_scale.dim() else 0,
+        vocab, ignore_index, float(softcap) if softcap else 1.0,
+        HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, ACC_DTYPE=acc, BLOCK_V=block_v,
+        num_warps=16 if block_v >= 4096 else 4,
+    )
+
+
+def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype) -> int:
+    """Tokens per chunk so that one chunk's logits fit in LOGITS_CHUNK_BYTES (a multiple of 128 when large)."""
+    element = torch.empty((), dtype=dtype).element_size()
+    chunk = max(1, LOGITS_CHUNK_BYTES // (vocab * element))
+    if chunk >= 256:
+        chunk -= chunk % 128
+    return max(1, min(chunk, n_tokens))
+
+
+def _check(hidden, weight, labels, reduction, lora):
+    if reduction not in _REDUCTIONS:
+        raise ValueError(f"reduction={reduction!r}; choose one of {', '.join(_REDUCTIONS)}")
+    if hidden.shape[-1] != weight.shape[1]:
+        raise ValueError(f"hidden size {hidden.shape[-1]} does not match the LM head's {weight.shape[1]}")
+    if hidden.shape[:-1] != labels.shape:
+        raise ValueError(f"labels {tuple(labels.shape)} do not align with hidden {tuple(hidden.shape[:-1])}")
+    if lora is not None:
+        lora_a, lora_b, _ = lora
+        if lora_a.shape[1] != weight.shape[1] or lora_b.shape[0] != weight.shape[0] or lora_a.shape[0] != lora_b.shape[1]:
+            raise ValueError(f"LoRA shapes A {tuple(lora_a.shape)}, B {tuple(lora_b.shape)} do not fit the head "
+                             f"{tuple(weight.shape)}")
+
+
+class _ChunkedHead:
+    """The pieces of one chunked pass: the head (W, bias, LoRA) applied to a chunk of tokens, and the
+    gradients of everything that asked for one, accumulated chunk by chunk."""
+
+    def __init__(self, hidden, weight, bias, lora, need):
+        self.hidden, self.weight, self.bias = hidden, weight, bias
+        self.dtype = weight.dtype
+        self.need_hidden, self.need_weight, self.need_bias, self.need_lora = need
+        self.lora_a = self.lora_b = None
+        if lora is not None:
+            lora_a, lora_b, self.lora_scale = lora
+            self.lora_a, self.lora_b = lora_a.to(self.dtype), lora_b.to(self.dtype)
+            # x·Aᵀ for every token is [N, r]: tiny, so keep it whole.
+            self.hidden_a = hidden.to(self.dtype) @ self.lora_a.t()
+        self.grad_hidden = torch.empty_like(hidden) if self.need_hidden else None
+        self.grad_weight = torch.zeros_like(weight) if self.need_weight else None
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        self.grad_bias = torch.zeros(weight.shape[0], dtype=acc, device=hidden.device) if self.need_bias else None
+        if self.need_lora:
+            self.grad_a = torch.zeros(self.lora_a.shape, dtype=acc, device=hidden.device)
+            self.grad_b = torch.zeros(self.lora_b.shape, dtype=acc, device=hidden.device)
+
+    def logits(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
+        h = self.hidden[start:end].to(self.dtype)
+        torch.mm(h, self.weight.t(), out=out)
+        if self.lora_a is not None:
+            out.addmm_(self.hidden_a[start:end], self.lora_b.t(), alpha=self.lora_scale)
+        if self.bias is not None:
+            out.add_(self.bias.to(self.dtype))
+        return out
+
+    def accumulate(self, start: int, end: int, grad_logits: torch.Tensor) -> None:
+        """Fold one chunk's d loss / d logits into every requested gradient."""
+        h = self.hidden[start:end].to(self.dtype)
+        grad_b_chunk = None
+        if self.lora_a is not None and (self.need_hidden or self.need_lora):
+            grad_b_chunk = grad_logits @ self.lora_b  # [c, r]
+        if self.need_hidden:
+            out = self.grad_hidden[start:end]
+            if out.dtype == self.dtype:
+                torch.mm(grad_logits, self.weight, out=out)  # straight into place: no [c, H] temporary
+            else:
+                out.copy_(grad_logits @ self.weight)
+            if grad_b_chunk is not None:
+                out.add_((grad_b_chunk @ self.lora_a).to(out.dtype), alpha=self.lora_scale)
+        if self.need_weight:
+            self.grad_weight.addmm_(grad_logits.t(), h)
+        if self.need_bias:
+            self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
+        if self.need_lora:
+            self.grad_b.addmm_(grad_logits.t().to(self.grad_b.dtype), self.hidden_a[start:end].to(self.grad_b.dtype),
+                               alpha=self.lora_scale)
+            self.grad_a.addmm_(grad_b_chunk.t().to(self.grad_a.dtype), h.to(self.grad_a.dtype), alpha=self.lora_scale)
+
+    def gradients(self, bias, lora_a, lora_b):
+        """(grad_hidden, grad_weight, grad_bias, grad_A, grad_B), each None when not asked for,
+        in the dtype of the tensor it belongs to."""
+        return (
+            self.grad_hidden,
+            self.grad_weight,
+            self.grad_bias.to(bias.dtype) if self.need_bias else None,
+            self.grad_a.to(lora_a.dtype) if self.need_lora else None,
+            self.grad_b.to(lora_b.dtype) if self.need_lora else None,
+        )
+
+
+def _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size, grad_scale, need):
+    """Per-token losses, and (when ``grad_scale`` is given) the gradients the fused pass produces.
+
+    ``grad_scale`` is a device tensor, scalar or one per token, so no host sync is needed to
+    know the reduction's scale.
+    """
+    n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+    losses = torch.zeros(n_tokens, dtype=acc, device=hidden.device)
+    head = _ChunkedHead(hidden, weight, bias, lora, need if grad_scale is not None else (False,) * 4)
+    chunk = chunk_size or default_chunk_size(n_tokens, vocab, weight.dtype)
+    buffer = torch.empty(min(chunk, n_tokens), vocab, dtype=weight.dtype, device=hidden.device)
+    for start in range(0, n_tokens, chunk):
+        end = min(start + chunk, n_tokens)
+        logits = head.logits(start, end, buffer[: end - start])
+        scale = None
+        if grad_scale is not None:
+            scale = grad_scale[start:end] if grad_scale.dim() else grad_scale
+        _launch_rows(logits, labels[start:end], losses[start:end], scale, ignore_index, softcap)
+        if grad_scale is not None:
+            head.accumulate(start, end, logits)
+    return losses, head
+
+
+class LinearCrossEntropyFunction(torch.autograd.Function):
+    """Fused LM head + cross-entropy. Inputs are already flattened: hidden [N, H], labels [N]."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, lora_scale, ignore_index, softcap, reduction,
+                chunk_size):
+        lora = (lora_a, lora_b, lora_scale) if lora_a is not None else None
+        need = (
+            ctx.needs_input_grad[0],
+            ctx.needs_input_grad[1],
+            bias is not None and ctx.needs_input_grad[3],
+            lora is not None and (ctx.needs_input_grad[4] or ctx.needs_input_grad[5]),
+        )
+        n_targets = (labels != ignore_index).sum()
+        ctx.reduction = reduction
+        ctx.mark_non_differentiable(n_targets)
+        if reduction == "none" or not any(need):
+            # The per-token grad_output is known only in backward: compute the losses now and the
+            # gradients then, in a second chunked pass. (With nothing to differentiate, only losses.)
+            losses, _ = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size, None, need)
+            if reduction != "none":
+                total = losses.sum()
+                return (total / n_targets.clamp(min=1) if reduction == "mean" else total), n_targets
+            ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b)
+            ctx.args = (lora_scale, ignore_index, softcap, chunk_size, need)
+            return losses, n_targets
+        acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
+        if reduction == "mean":
+            grad_scale = 1.0 / n_targets.clamp(min=1).to(acc)
+        else:
+            grad_scale = torch.ones((), dtype=acc, device=hidden.device)
+        losses, head = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size,
+                                     grad_scale, need)
+        loss = losses.sum() * grad_scale if reduction == "mean" else losses.sum()
+        ctx.grads = head.gradients(bias, lora_a, lora_b)
+        return loss, n_targets
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_count):
+        if ctx.reduction == "none":
+            hidden, weight, labels, bias, lora_a, lora_b = ctx.saved_tensors
+            lora_scale, ignore_index, softcap, chunk_size, need = ctx.args
+            lora = (lora_a, lora_b, lora_scale) if lora_a is not None else None
+            _, head = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size,
+                                    grad_loss.contiguous(), need)
+            grads = head.gradients(bias, lora_a, lora_b)
+        else:
+            grads = ctx.grads
+            # The usual case (loss.backward() straight on this loss) needs no rescaling: skip
+            # touching grad_W, which can be hundreds of MB.
+            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
+                grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+        grad_hidden, grad_weight, grad_bias, grad_a, grad_b = grads
+        return grad_hidden, grad_weight, None, grad_bias, grad_a, grad_b, None, None, None, None, None
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Cross-entropy of ``hidden @ weight.T`` (+ bias, + LoRA, softcapped) against ``labels``.
+
+    Returns (loss, n_target_tokens). ``reduction="sum"`` lets a trainer divide by the target
+    count of a whole accumulated batch. Triton on CUDA tensors, the reference elsewhere.
+    """
+    _check(hidden, weight, labels, reduction, lora)
+    if not use_triton(hidden):
+        return linear_cross_entropy_reference(hidden, weight, labels, bias=bias, ignore_index=ignore_index,
+                                              softcap=softcap, reduction=reduction, chunk_size=chunk_size, lora=lora)
+    lora_a, lora_b, lora_scale = lora if lora is not None else (None, None, 0.0)
+    loss, n_targets = LinearCrossEntropyFunction.apply(
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(), labels.reshape(-1).contiguous(),
+        bias, lora_a, lora_b, float(lora_scale), ignore_index, softcap, reduction, chunk_size,
+    )
+    if reduction == "none":
+        loss = loss.reshape(labels.shape)
+    return loss, n_targets
+
+
+def linear_cross_entropy_reference(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    *,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    chunk_size: int | None = None,
+    lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The unfused path, as transformers runs it: full logits in the compute dtype, upcast to fp32
+    (fp64 stays fp64), softcap, F.cross_entropy. ``chunk_size`` is accepted and ignored.
+    A mean over zero target tokens is 0, not NaN."""
+    _check(hidden, weight, labels, reduction, lora)
+    h = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
+    y = labels.reshape(-1)
+    logits = h @ weight.t()
+    if lora is not None:
+        lora_a, lora_b, lora_scale = lora
+        logits = logits + lora_scale * ((h @ lora_a.to(weight.dtype).t()) @ lora_b.to(weight.dtype).t())
+    if bias is not None:
+        logits = logits + bias.to(weight.dtype)
+    logits = logits.double() if logits.dtype == torch.float64 else logits.float()
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    losses = F.cross_entropy(logits, y, ignore_index=ignore_index, reduction="none")
+    n_targets = (y != ignore_index).sum()
+    if reduction == "none":
+        return losses.reshape(labels.shape), n_targets
+    total = losses.sum()
+    if reduction == "mean":
+        total = total / n_targets.clamp(min=1)
+    return total, n_targets

@@ -1,0 +1,361 @@
+"""NF4 quantization, bit-compatible with bitsandbytes (blocksize 64, double-quantized absmax).
+
+Layout (bitsandbytes 0.50, ``functional.quantize_4bit`` / its default backend): the weight is
+flattened and cut into blocks of ``blocksize`` values; each block stores its absolute maximum
+(fp32) and one 4-bit index per value into the 16-entry NF4 code book, two indices per byte,
+the *first* value in the high nibble. A value is scaled by ``x * (1 / absmax)`` — except in a
+trailing partial block, where bitsandbytes divides (``x / absmax``) and stores the absmax
+clamped to 1e-38; both quirks are reproduced so packed bytes come out identical. The index is
+the count of code-book midpoints strictly below the scaled value (``torch.bucketize``), so a
+tie goes to the lower code. A padding nibble (odd numel) encodes 0.0, i.e. index 7.
+
+Double quantization: ``offset = absmax.mean()``; ``absmax - offset`` is quantized to 8 bits
+with bitsandbytes' signed dynamic code book in blocks of 256, one fp32 scale per block. (This
+step is tiny and runs in PyTorch; bitsandbytes' CPU and CUDA kernels pick the 8-bit code in two
+slightly different ways near ties, and each device follows its own.)
+Decoding is ``code8[q] * scale + offset`` as two separate roundings (bitsandbytes runs them as
+two kernels), so the Triton kernels are compiled with ``enable_fp_fusion=False``: an FMA would
+round once and differ from bitsandbytes in the last bit.
+
+The dequantize kernel is the hot path of QLoRA (every forward and backward of every linear):
+it reads 4.13 bits per weight and writes 16, so it is bound by memory bandwidth; each program
+handles several KB of packed bytes and decodes the double-quantized absmax in place.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, replace
+
+import torch
+import triton
+import triton.language as tl
+
+from vramplan_kernels.dispatch import interpreting, use_triton
+
+# bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1].
+NF4_CODE = (
+    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
+    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
+    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
+    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
+)
+BLOCKSIZES = (32, 64, 128, 256)  # what the kernels' tiles hold; bitsandbytes also allows larger
+ABSMAX_BLOCKSIZE = 256  # bitsandbytes' fixed block size for the nested (double) quantization
+_TINY = 1e-38  # bitsandbytes clamps an all-zero block's absmax to this before dividing
+
+
+@functools.lru_cache(maxsize=None)
+def nf4_code(device: str) -> torch.Tensor:
+    return torch.tensor(NF4_CODE, dtype=torch.float32, device=device)
+
+
+@functools.lru_cache(maxsize=None)
+def nf4_midpoints(device: str) -> torch.Tensor:
+    code = nf4_code(device)
+    return (code[:-1] + code[1:]) / 2
+
+
+@functools.lru_cache(maxsize=None)
+def dynamic_code(device: str) -> torch.Tensor:
+    """bitsandbytes' signed 8-bit dynamic code book (``create_dynamic_map()``), 256 sorted values."""
+    signed_exponent_bits, values = 7, []
+    for i in range(signed_exponent_bits):
+        fraction_items = 2**i + 1  # 7 bits besides the sign, all of them exponent bits
+        boundaries = torch.linspace(0.1, 1, fraction_items, dtype=torch.float32)
+        means = (boundaries[:-1] + boundaries[1:]) / 2.0
+        values += (10 ** (-(signed_exponent_bits - 1) + i) * means).tolist()
+        values += (-(10 ** (-(signed_exponent_bits - 1) + i)) * means).tolist()
+    values += [0.0, 1.0]
+    values.sort()
+    return torch.tensor(values, dtype=torch.float32, device=device)
+
+
+@dataclass
+class NF4Tensor:
+    """A frozen weight in NF4, in bitsandbytes' layout (so checkpoints and kernels interchange)."""
+
+    packed: torch.Tensor  # uint8 [ceil(numel / 2)]
+    absmax: torch.Tensor  # float32 [n_blocks], or uint8 codes [n_blocks] when double-quantized
+    shape: torch.Size
+    dtype: torch.dtype
+    blocksize: int = 64
+    absmax_scale: torch.Tensor | None = None  # float32 [ceil(n_blocks / 256)]
+    absmax_offset: float | torch.Tensor | None = None
+    absmax_code: torch.Tensor | None = None  # float32 [256]
+
+    @property
+    def double_quant(self) -> bool:
+        return self.absmax_scale is not None
+
+    @property
+    def device(self) -> torch.device:
+        return self.packed.device
+
+    def numel(self) -> int:
+        return self.shape.numel()
+
+    def nbytes(self) -> int:
+        tensors = [self.packed, self.absmax, self.absmax_scale, self.absmax_code]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    def to(self, device) -> "NF4Tensor":
+        def move(t):
+            return t.to(device) if isinstance(t, torch.Tensor) else t
+
+        return replace(self, packed=move(self.packed), absmax=move(self.absmax), absmax_scale=move(self.absmax_scale),
+                       absmax_offset=move(self.absmax_offset), absmax_code=move(self.absmax_code))
+
+    def offset_tensor(self) -> torch.Tensor:
+        """The offset as a 1-element fp32 tensor on the weight's device (read by the kernels without a sync)."""
+        offset = self.absmax_offset
+        if isinstance(offset, torch.Tensor):
+            return offset.reshape(1).to(device=self.device, dtype=torch.float32)
+        return torch.tensor([float(offset or 0.0)], dtype=torch.float32, device=self.device)
+
+    @classmethod
+    def from_bnb(cls, packed: torch.Tensor, quant_state) -> "NF4Tensor":
+        if quant_state.quant_type != "nf4":
+            raise ValueError(f"quant_type {quant_state.quant_type!r}: only nf4 weights load as NF4Tensor")
+        if quant_state.blocksize not in BLOCKSIZES:
+            raise ValueError(f"blocksize {quant_state.blocksize}: NF4Tensor supports {BLOCKSIZES}")
+        packed = packed.view(torch.uint8).reshape(-1)
+        if not quant_state.nested:
+            return cls(packed, quant_state.absmax.float(), torch.Size(quant_state.shape), quant_state.dtype,
+                       quant_state.blocksize)
+        if quant_state.state2.blocksize != ABSMAX_BLOCKSIZE:
+            raise ValueError(f"nested blocksize {quant_state.state2.blocksize}: NF4Tensor expects {ABSMAX_BLOCKSIZE}")
+        return cls(packed, quant_state.absmax, torch.Size(quant_state.shape), quant_state.dtype, quant_state.blocksize,
+                   absmax_scale=quant_state.state2.absmax, absmax_offset=quant_state.offset,
+                   absmax_code=quant_state.state2.code)
+
+    def to_bnb(self):
+        """(packed [ceil(numel/2), 1], QuantState) as ``bitsandbytes.functional.quantize_4bit`` returns them."""
+        from bitsandbytes.functional import QuantState
+
+        code = nf4_code(str(self.device))
+        if not self.double_quant:
+            state = QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
+                               quant_type="nf4", dtype=self.dtype)
+        else:
+            nested = QuantState(absmax=self.absmax_scale, code=self.absmax_code, blocksize=ABSMAX_BLOCKSIZE,
+                                dtype=torch.float32)
+            state = QuantState(absmax=self.absmax, shape=self.shape, code=code, blocksize=self.blocksize,
+                               quant_type="nf4", dtype=self.dtype, offset=self.offset_tensor().reshape(()),
+                               state2=nested)
+        return self.packed.reshape(-1, 1), state
+
+
+# --------------------------------------------------------------------------------------------
+# Triton kernels
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """The fp32 absmax of each block index in ``block``, decoding the 8-bit codes when double-quantized."""
+    if DOUBLE_QUANT:
+        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        scale = tl.load(scale_ptr + block // 256, mask=mask, other=0.0)
+        absmax = tl.load(code8_ptr + q, mask=mask, other=0.0) * scale + tl.load(offset_ptr)
+    else:
+        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+    return absmax
+
+
+@triton.jit
+def _nf4_dequantize_kernel(
+    packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
+    n, n_bytes,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_BYTES: tl.constexpr,
+):
+    # A program owns BLOCK_BYTES packed bytes = BLOCK_BYTES // (BLOCKSIZE // 2) whole blocks, laid out
+    # [blocks, bytes of a block]: one absmax load (and decode) per block, contiguous byte loads.
+    HALF: tl.constexpr = BLOCKSIZE // 2
+    ROWS: tl.constexpr = BLOCK_BYTES // HALF
+    pid = tl.program_id(0).to(tl.int64)
+    block = pid * ROWS + tl.arange(0, ROWS)
+    byte = block[:, None] * HALF + tl.arange(0, HALF)[None, :]
+    packed = tl.load(packed_ptr + byte, mask=byte < n_bytes, other=0).to(tl.int32)
+    absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, block, block * BLOCKSIZE < n,
+                               DOUBLE_QUANT)[:, None]
+    high = tl.load(code4_ptr + (packed >> 4)) * absmax
+    low = tl.load(code4_ptr + (packed & 0xF)) * absmax
+    values = tl.reshape(tl.join(high, low), [ROWS * BLOCKSIZE])  # [rows, half, 2] row-major = flat order
+    index = pid * (ROWS * BLOCKSIZE) + tl.arange(0, ROWS * BLOCKSIZE)
+    tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
+
+
+@triton.jit
+def _nf4_quantize_kernel(
+    x_ptr, midpoints_ptr, packed_ptr, absmax_ptr,
+    n, n_blocks,
+    BLOCKSIZE: tl.constexpr, BLOCKS_PER_PROGRAM: tl.constexpr,
+):
+    pid = tl.program_id(0).to(tl.int64)
+    block = pid * BLOCKS_PER_PROGRAM + tl.arange(0, BLOCKS_PER_PROGRAM)
+    index = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
+    x = tl.load(x_ptr + index, mask=index < n, other=0.0).to(tl.float32)
+    absmax = tl.max(tl.abs(x), axis=1)
+    clamped = tl.maximum(absmax, 1e-38)
+    partial = (block + 1) * BLOCKSIZE > n  # bitsandbytes divides in the trailing partial block
+    scaled_full = x * tl.math.div_rn(tl.full(clamped.shape, 1.0, tl.float32), clamped)[:, None]
+    scaled_tail = tl.math.div_rn(x, tl.broadcast_to(clamped[:, None], x.shape))
+    scaled = tl.where(partial[:, None], scaled_tail, scaled_full)
+    scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+    code = tl.zeros(x.shape, dtype=tl.int32)
+    for i in tl.static_range(15):
+        code += (scaled > tl.load(midpoints_ptr + i)).to(tl.int32)
+    high, low = tl.split(tl.reshape(code, [BLOCKS_PER_PROGRAM * BLOCKSIZE // 2, 2]))
+    byte = pid * (BLOCKS_PER_PROGRAM * BLOCKSIZE // 2) + tl.arange(0, BLOCKS_PER_PROGRAM * BLOCKSIZE // 2)
+    tl.store(packed_ptr + byte, ((high << 4) | low).to(tl.uint8), mask=byte < (n + 1) // 2)
+    tl.store(absmax_ptr + block, tl.where(partial, clamped, absmax), mask=block < n_blocks)
+
+
+_DEQUANT_CONFIGS = [triton.Config({"BLOCK_BYTES": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
+_nf4_dequantize_tuned = triton.autotune(_DEQUANT_CONFIGS, key=["n_bytes", "DOUBLE_QUANT"])(_nf4_dequantize_kernel)
+
+
+def _dequantize_triton(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
+    n = q.numel()
+    n_bytes = q.packed.numel()
+    device = str(q.device)
+    code4 = nf4_code(device)
+    if q.double_quant:
+        scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
+    else:
+        scale = code8 = offset = q.absmax  # unread placeholders
+    if interpreting():
+        # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even: decode to
+        # fp32 there and let torch round, so the interpreter checks everything else bit for bit.
+        staging = out if out.dtype != torch.bfloat16 else torch.empty(q.shape, dtype=torch.float32, device=q.device)
+        block_bytes = max(256, q.blocksize // 2)
+        _nf4_dequantize_kernel[(triton.cdiv(n_bytes, block_bytes),)](
+            q.packed, q.absmax, scale, code8, offset, code4, staging, n, n_bytes,
+            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=block_bytes)
+        return out if staging is out else out.copy_(staging)
+    grid = lambda meta: (triton.cdiv(n_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
+    _nf4_dequantize_tuned[grid](q.packed, q.absmax, scale, code8, offset, code4, out, n, n_bytes,
+                                BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, enable_fp_fusion=False)
+    return out
+
+
+def _quantize_triton(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = weight.contiguous().reshape(-1)
+    n = x.numel()
+    n_blocks = triton.cdiv(n, blocksize)
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(n_blocks, dtype=torch.float32, device=x.device)
+    per_program = 4 if interpreting() else 16
+    _nf4_quantize_kernel[(triton.cdiv(n_blocks, per_program),)](
+        x, nf4_midpoints(str(x.device)), packed, absmax, n, n_blocks,
+        BLOCKSIZE=blocksize, BLOCKS_PER_PROGRAM=per_program, enable_fp_fusion=False)
+    return packed, absmax
+
+
+# --------------------------------------------------------------------------------------------
+# PyTorch reference (the same arithmetic, step by step)
+# --------------------------------------------------------------------------------------------
+
+
+def _quantize_reference(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
+    x = weight.reshape(-1).float()
+    n = x.numel()
+    n_blocks = -(-n // blocksize)
+    blocks = torch.nn.functional.pad(x, (0, n_blocks * blocksize - n)).view(n_blocks, blocksize)
+    absmax = blocks.abs().amax(dim=1)
+    clamped = absmax.clamp(min=_TINY)
+    scaled = blocks * (1.0 / clamped)[:, None]
+    if n % blocksize:
+        absmax[-1] = clamped[-1]
+        scaled[-1] = blocks[-1] / clamped[-1]
+    scaled = scaled.clamp(-1, 1).reshape(-1)[: n + n % 2]
+    codes = torch.bucketize(scaled, nf4_midpoints(str(x.device))).to(torch.uint8)
+    if n % 2:
+        codes[-1] = 7  # bitsandbytes pads with 0.0, whose index is 7
+    return (codes[0::2] << 4) | codes[1::2], absmax
+
+
+def _quantize_absmax(absmax: torch.Tensor):
+    """Double quantization of the absmax, as bitsandbytes' ``quantize_blockwise(absmax - mean, blocksize=256)``."""
+    offset = absmax.mean()
+    centred = absmax - offset
+    n = centred.numel()
+    n_blocks = -(-n // ABSMAX_BLOCKSIZE)
+    blocks = torch.nn.functional.pad(centred, (0, n_blocks * ABSMAX_BLOCKSIZE - n)).view(n_blocks, ABSMAX_BLOCKSIZE)
+    scale = blocks.abs().amax(dim=1)
+    scaled = (blocks * (1.0 / scale.clamp(min=_TINY))[:, None]).clamp(-1, 1).reshape(-1)[:n]
+    code = dynamic_code(str(absmax.device))
+    midpoints = (code[:-1] + code[1:]) / 2
+    if absmax.is_cuda:  # bitsandbytes' CUDA kernel: a search for the nearest code
+        codes = torch.bucketize(scaled, midpoints)
+    else:  # its CPU kernel: the nearest code of the closest point on a 65,536-step grid over [-1, 1]
+        grid = torch.arange(65536, dtype=torch.float64, device=absmax.device) / 65535 * 2 - 1
+        lookup = torch.bucketize(grid.float(), midpoints)
+        codes = lookup[(((scaled + 1) * 0.5) * 65535 + 0.5).long()]
+    return codes.to(torch.uint8), scale, offset, code
+
+
+def _decoded_absmax(q: NF4Tensor) -> torch.Tensor:
+    if not q.double_quant:
+        return q.absmax.float()
+    n_blocks = q.absmax.numel()
+    scale = q.absmax_scale.repeat_interleave(ABSMAX_BLOCKSIZE)[:n_blocks]
+    return q.absmax_code.float()[q.absmax.long()] * scale + q.offset_tensor()
+
+
+def _dequantize_reference(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    n = q.numel()
+    codes = torch.stack([q.packed >> 4, q.packed & 0xF], dim=1).reshape(-1)[:n].long()
+    absmax = _decoded_absmax(q).repeat_interleave(q.blocksize)[:n]
+    return (nf4_code(str(q.device))[codes] * absmax).to(dtype).reshape(q.shape)
+
+
+# --------------------------------------------------------------------------------------------
+# Public functions
+# --------------------------------------------------------------------------------------------
+
+
+def _check_weight(weight: torch.Tensor, blocksize: int) -> None:
+    if weight.dtype not in (torch.float32, torch.float16, torch.bfloat16):
+        raise ValueError(f"NF4 quantizes fp32/fp16/bf16 weights, not {weight.dtype}")
+    if blocksize not in BLOCKSIZES:
+        raise ValueError(f"blocksize {blocksize}: use one of {BLOCKSIZES} (QLoRA uses 64)")
+
+
+def _nf4_tensor(weight, packed, absmax, blocksize, double_quant) -> NF4Tensor:
+    if not double_quant:
+        return NF4Tensor(packed, absmax, weight.shape, weight.dtype, blocksize)
+    codes, scale, offset, code = _quantize_absmax(absmax)
+    return NF4Tensor(packed, codes, weight.shape, weight.dtype, blocksize, absmax_scale=scale, absmax_offset=offset,
+                     absmax_code=code)
+
+
+def quantize_nf4_reference(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    _check_weight(weight, blocksize)
+    packed, absmax = _quantize_reference(weight.detach(), blocksize)
+    return _nf4_tensor(weight, packed, absmax, blocksize, double_quant)
+
+
+def dequantize_nf4_reference(q: NF4Tensor, dtype: torch.dtype | None = None) -> torch.Tensor:
+    return _dequantize_reference(q, dtype or q.dtype)
+
+
+def quantize_nf4(weight: torch.Tensor, blocksize: int = 64, double_quant: bool = True) -> NF4Tensor:
+    """Quantize ``weight`` to NF4 exactly as ``bitsandbytes.functional.quantize_4bit(..., quant_type="nf4")``."""
+    _check_weight(weight, blocksize)
+    if not use_triton(weight):
+        return quantize_nf4_reference(weight, blocksize, double_quant)
+    packed, absmax = _quantize_triton(weight.detach(), blocksize)
+    return _nf4_tensor(weight, packed, absmax, blocksize, double_quant)
+
+
+def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Tensor | None = None) -> torch.Tensor:
+    """The weight back in ``dtype`` (default: its original dtype); ``out`` reuses a buffer of ``q.shape``."""
+    dtype = out.dtype if out is not None else (dtype or q.dtype)
+    if not use_triton(q.packed):
+        result = _dequantize_reference(q, dtype)
+        return out.copy_(result) if out is not None else result
+    if out is None:
+        out = torch.empty(q.shape, dtype=dtype, device=q.device)
+    return _dequantize_triton(q, out)

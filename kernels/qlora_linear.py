@@ -1,0 +1,307 @@
+"""QLoRA linear: ``y = x·dequant(W)ᵀ + s·(x·Aᵀ)·Bᵀ (+ bias)`` with a frozen NF4 (or bf16) base.
+
+The backward produces dX, dA, dB (and d(bias) when the bias trains), never dW. The base weight
+is dequantized again in the backward instead of being saved: saving it would keep a bf16 copy
+of every linear alive between forward and backward, the memory QLoRA exists to avoid.
+
+Two ways to run the base matmul on the GPU; which one wins depends on the token count M:
+
+* ``fused``: a Triton matmul that decodes NF4 tiles in registers; it reads 0.52 bytes per weight
+  and writes no bf16 copy, which wins when M is small and the matmul is bound by reading W;
+* ``dequant``: dequantize into a reused buffer (one per device and dtype), then cuBLAS; the
+  decode costs one pass over W, amortised when M is large and the matmul is bound by arithmetic.
+
+``auto`` picks ``fused`` up to ``FUSED_MAX_TOKENS`` tokens and ``dequant`` above; override with
+``base_path("fused"|"dequant")``, ``qlora_linear(..., base_path=...)`` or ``VRAMPLAN_QLORA_BASE``.
+
+The LoRA branch computes ``x·Aᵀ`` once and saves that [M, r] product for the backward (it is
+r/in_features the size of x). With 16-bit activations the LoRA matmuls run in x's dtype with
+fp32 accumulation, as under autocast; with fp32/fp64 activations, in the adapters' dtype.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+from typing import Iterator
+
+import torch
+import triton
+import triton.language as tl
+
+from vramplan_kernels.dispatch import interpreting, use_triton
+from vramplan_kernels.nf4 import (
+    NF4Tensor,
+    _absmax_of_blocks,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    nf4_code,
+    quantize_nf4,
+)
+
+FUSED_MAX_TOKENS = 64
+_BASE_PATHS = ("auto", "fused", "dequant")
+_base_path = os.environ.get("VRAMPLAN_QLORA_BASE", "auto")
+if _base_path not in _BASE_PATHS:
+    raise ValueError(f"VRAMPLAN_QLORA_BASE={_base_path!r}; choose one of {', '.join(_BASE_PATHS)}")
+
+
+@contextlib.contextmanager
+def base_path(path: str) -> Iterator[None]:
+    """Force how the NF4 base matmul runs (benchmarks, tests): ``auto``, ``fused`` or ``dequant``."""
+    global _base_path
+    if path not in _BASE_PATHS:
+        raise ValueError(f"base path {path!r}; choose one of {', '.join(_BASE_PATHS)}")
+    previous, _base_path = _base_path, path
+    try:
+        yield
+    finally:
+        _base_path = previous
+
+
+def choose_base_path(tokens: int, path: str | None = None) -> str:
+    path = path or _base_path
+    if path == "auto":
+        return "fused" if tokens <= FUSED_MAX_TOKENS else "dequant"
+    return path
+
+
+# --------------------------------------------------------------------------------------------
+# Triton: matmul with the NF4 weight decoded tile by tile
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _nf4_matmul_kernel(
+    a_ptr, packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
+    M, P, Q, stride_am, stride_wp, stride_wq, m_bucket,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_IN_FP32: tl.constexpr = False,
+):
+    """out[M, P] = a[M, Q] · op(W), where W's element (q, p) sits at flat index p·stride_wp + q·stride_wq.
+
+    Forward (W [N, K], out = x·Wᵀ): P = N, Q = K, strides (K, 1). Backward (dX = dY·W): P = K,
+    Q = N, strides (1, K). Blocks of 64 run along W's flattened rows, so any K works.
+    ``m_bucket`` (M rounded up to a power of two) is only the autotuning key: tuning once per
+    bucket, not once per sequence length.
+    """
+    pid_m = tl.program_id(0)
+    pid_p = tl.program_id(1)
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rp = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
+    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
+    for q0 in range(0, Q, BLOCK_Q):
+        rq = q0 + tl.arange(0, BLOCK_Q)
+        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rq[None, :],
+                    mask=(rm[:, None] < M) & (rq[None, :] < Q), other=0.0)
+        w_mask = (rq[:, None] < Q) & (rp[None, :] < P)
+        index = rq[:, None].to(tl.int64) * stride_wq + rp[None, :] * stride_wp
+        byte = tl.load(packed_ptr + index // 2, mask=w_mask, other=0).to(tl.int32)
+        nibble = tl.where(index % 2 == 0, byte >> 4, byte & 0xF)
+        absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, index // BLOCKSIZE, w_mask,
+                                   DOUBLE_QUANT)
+        w = tl.where(w_mask, tl.load(code4_ptr + nibble) * absmax, 0.0)
+        if DOT_IN_FP32:
+            if a_ptr.dtype.element_ty == tl.bfloat16:
+                # round w to bf16 (nearest even) by hand: the interpreter's cast truncates
+                bits = w.to(tl.uint32, bitcast=True)
+                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+                w = bits.to(tl.float32, bitcast=True)
+            else:
+                w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
+            acc += tl.dot(a.to(tl.float32), w)
+        else:
+            acc += tl.dot(a, w.to(a_ptr.dtype.element_ty))
+    out_mask = (rm[:, None] < M) & (rp[None, :] < P)
+    tl.store(out_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+
+
+_MATMUL_CONFIGS = [
+    triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq}, num_warps=w, num_stages=s)
+    for bm, bp, bq, w, s in [(16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3), (32, 128, 64, 4, 4),
+                             (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
+]
+_nf4_matmul_tuned = triton.autotune(_MATMUL_CONFIGS, key=["m_bucket", "P", "Q", "DOUBLE_QUANT"])(_nf4_matmul_kernel)
+
+
+def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor:
+    """a·Wᵀ (``transpose_w``: the forward) or a·W (the input gradient), W never materialised."""
+    n, k = q.shape
+    a = a.contiguous()
+    m = a.shape[0]
+    p, qdim, stride_wp, stride_wq = (n, k, k, 1) if transpose_w else (k, n, 1, k)
+    # the interpreter truncates fp32 -> bf16 on store: it writes fp32 and torch rounds
+    out_dtype = torch.float32 if interpreting() and a.dtype == torch.bfloat16 else a.dtype
+    out = torch.empty(m, p, dtype=out_dtype, device=a.device)
+    if q.double_quant:
+        scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
+    else:
+        scale = code8 = offset = q.absmax  # unread placeholders
+    args = (a, q.packed, q.absmax, scale, code8, offset, nf4_code(str(a.device)), out, m, p, qdim, a.stride(0),
+            stride_wp, stride_wq, triton.next_power_of_2(m))
+    if interpreting():
+        _nf4_matmul_kernel[(triton.cdiv(m, 16), triton.cdiv(p, 32))](
+            *args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32,
+            DOT_IN_FP32=True)  # the interpreter's tl.dot reads bf16 tiles as their raw 16-bit integers
+        return out.to(a.dtype)
+    else:
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_P"]))  # noqa: E731
+        _nf4_matmul_tuned[grid](*args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, enable_fp_fusion=False)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# The base matmul, either way
+# --------------------------------------------------------------------------------------------
+
+_buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _dequant_buffer(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """A [N, K] view of one flat buffer per (device, dtype), grown to the largest weight seen.
+
+    Every linear reuses it: one transient bf16 weight at a time instead of one per layer
+    (the caching allocator would otherwise hand out, and keep, a block per weight shape).
+    """
+    key = (q.device, dtype)
+    buffer = _buffers.get(key)
+    if buffer is None or buffer.numel() < q.numel():
+        buffer = _buffers[key] = torch.empty(q.numel(), dtype=dtype, device=q.device)
+    return buffer[: q.numel()].view(q.shape)
+
+
+def _base_matmul(a: torch.Tensor, weight, transpose_w: bool, path: str | None) -> torch.Tensor:
+    if isinstance(weight, NF4Tensor):
+        if use_triton(a):
+            if choose_base_path(a.shape[0], path) == "fused":
+                return nf4_matmul(a, weight, transpose_w)
+            w = dequantize_nf4(weight, out=_dequant_buffer(weight, a.dtype))
+        else:
+            w = dequantize_nf4(weight, a.dtype)
+    else:
+        w = weight.to(a.dtype)
+    return a @ (w.t() if transpose_w else w)
+
+
+class QLoRALinearFunction(torch.autograd.Function):
+    """The LoRA matmuls run in x's dtype when it is 16-bit (as under autocast), accumulating into
+    the base output with ``addmm_``: no [M, out] fp32 intermediate, the largest cost of PEFT's
+    LoRA branch at training token counts. The adapters' gradients come back in their own dtype."""
+
+    @staticmethod
+    def forward(ctx, x, weight, lora_a, lora_b, scale, bias, path):
+        x2 = x.reshape(-1, x.shape[-1])
+        y = _base_matmul(x2, weight, transpose_w=True, path=path)
+        xa = None
+        if lora_a is not None:
+            xa = (x2 @ lora_a.to(x2.dtype).t()) if _low_precision(x2) else (x2.to(lora_a.dtype) @ lora_a.t())
+            y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t(), alpha=scale)
+        if bias is not None:
+            y += bias.to(y.dtype)
+        ctx.weight, ctx.scale, ctx.path = weight, scale, path
+        ctx.has_bias = bias is not None
+        ctx.save_for_backward(x2 if lora_a is not None else None, xa, lora_a, lora_b)
+        ctx.x_shape = x.shape
+        return y.reshape(*x.shape[:-1], y.shape[-1])
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x2, xa, lora_a, lora_b = ctx.saved_tensors
+        g = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
+        grad_x = grad_a = grad_b = grad_bias = None
+        if ctx.needs_input_grad[0]:
+            grad_x = _base_matmul(g, ctx.weight, transpose_w=False, path=ctx.path)
+        if lora_a is not None:
+            compute = xa.dtype
+            g_c = g.to(compute)
+            grad_b = (g_c.t() @ xa).mul_(ctx.scale).to(lora_b.dtype)
+            g_xa = (g_c @ lora_b.to(compute)).mul_(ctx.scale)  # [M, r]: the gradient at x·Aᵀ
+            grad_a = (g_xa.t() @ x2.to(compute)).to(lora_a.dtype)
+            if grad_x is not None:
+                grad_x.addmm_(g_xa.to(grad_x.dtype), lora_a.to(grad_x.dtype))
+        if ctx.has_bias and ctx.needs_input_grad[5]:
+            grad_bias = g.sum(0)
+        if grad_x is not None:
+            grad_x = grad_x.reshape(ctx.x_shape)
+        return grad_x, None, grad_a, grad_b, None, grad_bias, None
+
+
+def _low_precision(x: torch.Tensor) -> bool:
+    return x.dtype in (torch.bfloat16, torch.float16)
+
+
+def qlora_linear(x: torch.Tensor, weight: NF4Tensor | torch.Tensor, lora_a: torch.Tensor | None,
+                 lora_b: torch.Tensor | None, scale: float, bias: torch.Tensor | None = None,
+                 base_path: str | None = None) -> torch.Tensor:
+    """``x·dequant(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias`` in x's dtype; gradients for x, A, B and bias only."""
+    if (lora_a is None) != (lora_b is None):
+        raise ValueError("pass both lora_a and lora_b, or neither")
+    if base_path is not None and base_path not in _BASE_PATHS:
+        raise ValueError(f"base path {base_path!r}; choose one of {', '.join(_BASE_PATHS)}")
+    return QLoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, base_path)
+
+
+def qlora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None):
+    """The same function in plain PyTorch ops, differentiated by autograd (W dequantized up front)."""
+    w = dequantize_nf4_reference(weight, x.dtype) if isinstance(weight, NF4Tensor) else weight.to(x.dtype)
+    y = x @ w.t()
+    if lora_a is not None:
+        y = y + ((x.to(lora_a.dtype) @ lora_a.t() @ lora_b.t()) * scale).to(y.dtype)
+    if bias is not None:
+        y = y + bias.to(y.dtype)
+    return y
+
+
+# --------------------------------------------------------------------------------------------
+# Module
+# --------------------------------------------------------------------------------------------
+
+
+class QLoRALinear(torch.nn.Module):
+    """A frozen base linear (NF4, or a plain bf16 weight) plus a trainable LoRA pair.
+
+    The adapters are ``lora_A`` / ``lora_B`` submodules so their state-dict keys read
+    ``….lora_A.weight`` [r, in] and ``….lora_B.weight`` [out, r], as PEFT writes them.
+    """
+
+    def __init__(self, weight: NF4Tensor | torch.Tensor, bias: torch.Tensor | None, rank: int, alpha: float,
+                 lora_dtype: torch.dtype = torch.float32):
+        super().__init__()
+        self.out_features, self.in_features = weight.shape
+        self.rank, self.scale = rank, alpha / rank
+        self.base_path: str | None = None  # None follows the global choice; "fused" / "dequant" pin this layer
+        device = weight.device
+        if isinstance(weight, NF4Tensor):
+            self.weight = weight  # moved by _apply, never cast: its scales must stay fp32
+        else:
+            self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
+        self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
+        self.lora_A = torch.nn.Linear(self.in_features, rank, bias=False, device=device, dtype=lora_dtype)
+        self.lora_B = torch.nn.Linear(rank, self.out_features, bias=False, device=device, dtype=lora_dtype)
+        torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
+        torch.nn.init.zeros_(self.lora_B.weight)
+
+    @classmethod
+    def from_linear(cls, linear: torch.nn.Linear, rank: int, alpha: float, quant: str = "nf4",
+                    double_quant: bool = True, lora_dtype=torch.float32) -> "QLoRALinear":
+        if quant == "nf4":
+            weight = quantize_nf4(linear.weight.detach(), double_quant=double_quant)
+        elif quant == "bf16":
+            weight = linear.weight.detach().to(torch.bfloat16)
+        else:
+            raise ValueError(f"quant {quant!r}: choose nf4 or bf16")
+        return cls(weight, linear.bias, rank, alpha, lora_dtype)
+
+    def _apply(self, fn, recurse=True):
+        if isinstance(self.weight, NF4Tensor):
+            self.weight = self.weight.to(fn(torch.empty(0, device=self.weight.device)).device)
+        return super()._apply(fn, recurse)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return qlora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.bias,
+                            base_path=self.base_path)
+
+    def extra_repr(self) -> str:
+        kind = "nf4" if isinstance(self.weight, NF4Tensor) else str(self.weight.dtype).removeprefix("torch.")
+        return f"in_features={self.in_features}, out_features={self.out_features}, rank={self.rank}, base={kind}"

@@ -1,0 +1,152 @@
+"""NF4 against bitsandbytes (the format's owner) both ways, and the Triton kernels against the reference."""
+
+import bitsandbytes.functional as bnbf
+import pytest
+import torch
+
+from vramplan_kernels.dispatch import kernel_mode
+from vramplan_kernels.nf4 import (
+    NF4Tensor,
+    dequantize_nf4,
+    dequantize_nf4_reference,
+    dynamic_code,
+    nf4_code,
+    quantize_nf4,
+    quantize_nf4_reference,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+# 64-multiples, a trailing partial block, an odd numel, and more than one 256-block group of absmax
+SHAPES = [(64, 48), (33, 17), (3, 1001), (300 * 64 + 17,)]
+
+
+def _bnb_quantize(w, double_quant=True):
+    return bnbf.quantize_4bit(w, blocksize=64, compress_statistics=double_quant, quant_type="nf4")
+
+
+def _bnb_dequantize(packed, state):
+    """bitsandbytes' dequantization of the flattened weight.
+
+    Its CPU kernel (0.50.2) decodes rows of even length that are not a multiple of the block
+    size wrongly (a [64, 48] weight comes back scaled by ~1/100); its default backend and its
+    flat path agree with each other and with us, so compare against the flat path.
+    """
+    flat = bnbf.QuantState(absmax=state.absmax, shape=torch.Size([state.shape.numel()]), code=state.code,
+                           blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
+                           offset=state.offset, state2=state.state2)
+    return bnbf.dequantize_4bit(packed, flat).reshape(state.shape)
+
+
+def _weight(shape, dtype, seed=0):
+    w = torch.randn(shape, generator=torch.Generator().manual_seed(seed)).to(dtype)
+    w.view(-1)[:64] = 0  # an all-zero block: bitsandbytes' clamp of the absmax
+    return w
+
+
+def test_code_books_are_bitsandbytes():
+    assert torch.equal(nf4_code("cpu"), bnbf.get_4bit_type("nf4", device="cpu"))
+    assert torch.equal(dynamic_code("cpu"), bnbf.create_dynamic_map())
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_quantize_matches_bitsandbytes_bytes(mode, dtype, shape):
+    w = _weight(shape, dtype)
+    packed, state = _bnb_quantize(w)
+    with kernel_mode(mode):
+        q = quantize_nf4(w)
+    assert torch.equal(q.packed, packed.view(-1))
+    assert torch.equal(q.absmax, state.absmax)
+    assert torch.equal(q.absmax_scale, state.state2.absmax)
+    assert q.absmax_offset.item() == state.offset.item()
+    assert q.shape == w.shape and q.dtype == dtype
+
+
+@pytest.mark.parametrize("mode", ["reference", "triton"])
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_bitsandbytes_weights_dequantize_identically(mode, dtype, shape):
+    packed, state = _bnb_quantize(_weight(shape, dtype, seed=1))
+    expected = _bnb_dequantize(packed, state)
+    with kernel_mode(mode):
+        ours = dequantize_nf4(NF4Tensor.from_bnb(packed, state))
+    assert ours.dtype == dtype
+    assert torch.equal(ours, expected)
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_our_weights_dequantize_identically_in_bitsandbytes(double_quant, dtype):
+    w = _weight((45, 70), dtype, seed=2)
+    with kernel_mode("triton"):
+        q = quantize_nf4(w, double_quant=double_quant)
+        ours = dequantize_nf4(q)
+    packed, state = q.to_bnb()
+    assert torch.equal(_bnb_dequantize(packed, state), ours)
+    assert torch.equal(NF4Tensor.from_bnb(packed, state).packed, q.packed)
+
+
+def test_single_quant_absmax_is_fp32_and_matches_bitsandbytes():
+    w = _weight((20, 50), torch.bfloat16)
+    packed, state = _bnb_quantize(w, double_quant=False)
+    with kernel_mode("triton"):
+        q = quantize_nf4(w, double_quant=False)
+        assert torch.equal(dequantize_nf4(NF4Tensor.from_bnb(packed, state)), dequantize_nf4(q))
+    assert q.absmax.dtype == torch.float32 and torch.equal(q.absmax, state.absmax)
+
+
+@pytest.mark.parametrize("out_dtype", DTYPES)
+def test_triton_dequantize_matches_reference_in_other_dtypes(out_dtype):
+    q = quantize_nf4_reference(_weight((77, 130), torch.bfloat16, seed=3))
+    with kernel_mode("triton"):
+        ours = dequantize_nf4(q, out_dtype)
+    assert torch.equal(ours, dequantize_nf4_reference(q, out_dtype))
+    assert torch.equal(ours, dequantize_nf4(q, out=torch.empty(q.shape, dtype=out_dtype)))
+
+
+def test_dequantized_error_is_within_one_code_step():
+    w = _weight((64, 256), torch.float32, seed=4)
+    q = quantize_nf4(w)
+    err = (dequantize_nf4(q) - w).abs().view(-1, 64).amax(1)
+    absmax = w.abs().view(-1, 64).amax(1)
+    assert (err <= 0.16 * absmax + 1e-6).all()  # the widest NF4 gap is 0.30 of the absmax
+
+
+def test_nbytes_and_move():
+    q = quantize_nf4(torch.randn(128, 256))
+    blocks = 128 * 256 // 64
+    assert q.nbytes() == 128 * 256 // 2 + blocks + 2 * 4 + 256 * 4  # packed, 8-bit absmax, 2 scales, code book
+    assert q.to("cpu").packed.data_ptr() == q.packed.data_ptr()
+
+
+def test_rejects_integer_weights():
+    with pytest.raises(ValueError, match="fp32/fp16/bf16"):
+        quantize_nf4(torch.ones(64, dtype=torch.int32))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(6144, 1536), (4096, 14336)])
+def test_gpu_matches_bitsandbytes_at_real_shapes(shape):
+    w = torch.randn(shape, device="cuda", dtype=torch.bfloat16)
+    packed, state = _bnb_quantize(w)
+    # Decoding is deterministic arithmetic: bit-exact with bitsandbytes' CUDA kernel.
+    assert torch.equal(dequantize_nf4(NF4Tensor.from_bnb(packed, state)), bnbf.dequantize_4bit(packed, state))
+    q = quantize_nf4(w)
+    assert torch.equal(dequantize_nf4(q), dequantize_nf4_reference(q))
+    # bitsandbytes' CUDA quantizer compares against hard-coded midpoints with fast-math reciprocals,
+    # so a value within rounding of a midpoint may take the neighbouring code there.
+    same = (q.packed == packed.view(-1)).float().mean().item()
+    assert same > 0.9999, same
+
+
+def test_benchmark_cases_run_at_tiny_shapes():
+    from benchmarks.kernel_cases import nf4 as nf4_cases
+
+    cases = nf4_cases.cases("cpu", shapes={"tiny": (32, 128)})
+    assert [c.op for c in cases] == ["nf4_dequantize"] and next(iter(cases[0].variants)) == "vramplan"
+    assert {"bitsandbytes", "torch"} <= set(cases[0].variants)
+    results = [fn() for fn in cases[0].variants.values()]
+    for other in results[1:]:
+        assert torch.equal(results[0], other.reshape(results[0].shape))
+    assert cases[0].bytes_moved == 32 * 128 // 2 + 64 + 4 + 2 * 32 * 128

@@ -1,0 +1,160 @@
+"""The QLoRA linear against its plain-PyTorch reference: forward, every gradient, both base paths."""
+
+import math
+
+import pytest
+import torch
+
+from vramplan_kernels.dispatch import kernel_mode
+from vramplan_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from vramplan_kernels.qlora_linear import (
+    FUSED_MAX_TOKENS,
+    QLoRALinear,
+    base_path,
+    choose_base_path,
+    qlora_linear,
+    qlora_linear_reference,
+)
+
+
+def _gen(seed):
+    return torch.Generator().manual_seed(seed)
+
+
+def _problem(x_shape, out_features, rank=4, bias=True, lora=True, dtype=torch.float32, seed=0):
+    g = _gen(seed)
+    in_features = x_shape[-1]
+    weight = quantize_nf4(torch.randn(out_features, in_features, generator=g))
+    x = torch.randn(x_shape, generator=g, dtype=dtype).requires_grad_()
+    a = (torch.randn(rank, in_features, generator=g, dtype=dtype) * 0.1).requires_grad_() if lora else None
+    b = (torch.randn(out_features, rank, generator=g, dtype=dtype) * 0.1).requires_grad_() if lora else None
+    c = torch.randn(out_features, generator=g, dtype=dtype).requires_grad_() if bias else None
+    return x, weight, a, b, c
+
+
+def _forward_and_grads(fn, x, weight, a, b, c, grad_y=None):
+    y = fn(x, weight, a, b, 0.5, c)
+    if grad_y is None:
+        grad_y = torch.randn(y.shape, generator=_gen(9), dtype=y.dtype)
+    inputs = [t for t in (x, a, b, c) if t is not None]
+    return y, torch.autograd.grad(y, inputs, grad_y), grad_y
+
+
+CASES = [  # x shape, out_features, bias, lora
+    ((5, 100), 70, True, True),  # in/out not multiples of the block size
+    ((1, 64), 48, False, True),  # a single token
+    ((2, 3, 40), 24, True, True),  # a 3-D input [b, s, in]
+    ((1, 7, 96), 33, True, False),  # batch of one, LoRA disabled
+]
+
+
+@pytest.mark.parametrize("mode,path", [("reference", None), ("triton", "fused"), ("triton", "dequant")])
+@pytest.mark.parametrize("x_shape,out_features,bias,lora", CASES)
+def test_matches_reference(mode, path, x_shape, out_features, bias, lora):
+    x, weight, a, b, c = _problem(x_shape, out_features, bias=bias, lora=lora)
+    y_ref, grads_ref, grad_y = _forward_and_grads(qlora_linear_reference, x, weight, a, b, c)
+    with kernel_mode(mode):
+        y, grads, _ = _forward_and_grads(
+            lambda *args: qlora_linear(*args, base_path=path), x, weight, a, b, c, grad_y)
+    assert y.shape == (*x_shape[:-1], out_features)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
+def test_reference_gradcheck_float64():
+    x, weight, a, b, c = _problem((3, 70), 20, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: qlora_linear_reference(t[0], weight, *t[1:3], 0.7, t[3]), (x, a, b, c))
+
+
+def test_autograd_function_gradcheck_float64():
+    x, weight, a, b, c = _problem((3, 70), 20, dtype=torch.float64)
+    assert torch.autograd.gradcheck(lambda *t: qlora_linear(t[0], weight, *t[1:3], 0.7, t[3]), (x, a, b, c))
+
+
+def test_bf16_base_and_mixed_dtypes():
+    """bf16 activations, an fp32 LoRA pair, a plain bf16 weight: output in bf16, LoRA grads in fp32."""
+    g = _gen(1)
+    weight = torch.randn(40, 96, generator=g).to(torch.bfloat16)
+    x = torch.randn(6, 96, generator=g).to(torch.bfloat16).requires_grad_()
+    a = (torch.randn(8, 96, generator=g) * 0.1).requires_grad_()
+    b = (torch.randn(40, 8, generator=g) * 0.1).requires_grad_()
+    y, (gx, ga, gb), grad_y = _forward_and_grads(qlora_linear, x, weight, a, b, None)
+    y_ref, (rx, ra, rb), _ = _forward_and_grads(qlora_linear_reference, x, weight, a, b, None, grad_y)
+    assert y.dtype == gx.dtype == torch.bfloat16 and ga.dtype == gb.dtype == torch.float32
+    torch.testing.assert_close(y, y_ref)
+    for ours, ref in ((gx, rx), (ga, ra), (gb, rb)):
+        torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)
+
+
+def test_base_path_choice_follows_token_count_and_can_be_forced():
+    assert choose_base_path(1) == "fused" and choose_base_path(FUSED_MAX_TOKENS + 1) == "dequant"
+    with base_path("dequant"):
+        assert choose_base_path(1) == "dequant"
+    assert choose_base_path(8, "dequant") == "dequant"
+    with pytest.raises(ValueError, match="choose one of"):
+        qlora_linear(torch.ones(1, 64), quantize_nf4(torch.ones(8, 64)), None, None, 1.0, base_path="cublas")
+
+
+def test_module_from_linear_nf4():
+    linear = torch.nn.Linear(96, 40)
+    module = QLoRALinear.from_linear(linear, rank=8, alpha=16)
+    assert (module.in_features, module.out_features, module.rank, module.scale) == (96, 40, 8, 2.0)
+    assert isinstance(module.weight, NF4Tensor)
+    assert set(module.state_dict()) == {"bias", "lora_A.weight", "lora_B.weight"}
+    assert module.lora_A.weight.shape == (8, 96) and module.lora_B.weight.shape == (40, 8)
+    assert torch.count_nonzero(module.lora_B.weight) == 0
+    bound = 1 / math.sqrt(96)  # kaiming_uniform_(a=sqrt(5)) on [8, 96], as PEFT initialises A
+    assert module.lora_A.weight.abs().max() <= bound and module.lora_A.weight.std() > bound / 3
+    assert [n for n, p in module.named_parameters() if p.requires_grad] == ["lora_A.weight", "lora_B.weight"]
+    x = torch.randn(2, 5, 96)
+    # B = 0: the adapter starts as the identity on the quantized base
+    torch.testing.assert_close(module(x), x @ dequantize_nf4(module.weight).t() + linear.bias)
+    module.lora_B.weight.data.normal_()
+    module(x).sum().backward()
+    assert module.lora_A.weight.grad is not None and module.lora_B.weight.grad is not None
+    assert module.to("cpu").weight.packed.device.type == "cpu"
+
+
+def test_module_from_linear_bf16_and_unknown_quant():
+    linear = torch.nn.Linear(64, 32, bias=False)
+    module = QLoRALinear.from_linear(linear, rank=4, alpha=8, quant="bf16", lora_dtype=torch.bfloat16)
+    assert module.weight.dtype == torch.bfloat16 and not module.weight.requires_grad
+    assert module.lora_A.weight.dtype == torch.bfloat16
+    y = module(torch.randn(3, 64, dtype=torch.bfloat16))
+    assert y.dtype == torch.bfloat16 and y.shape == (3, 32)
+    with pytest.raises(ValueError, match="nf4 or bf16"):
+        QLoRALinear.from_linear(linear, rank=4, alpha=8, quant="fp8")
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [16, 2048])
+@pytest.mark.parametrize("path", ["fused", "dequant"])
+def test_gpu_matches_reference_at_real_shapes(tokens, path):
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weight = quantize_nf4(torch.randn(6144, 1536, device="cuda", dtype=torch.bfloat16, generator=g))
+    x = torch.randn(tokens, 1536, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    a = (torch.randn(16, 1536, device="cuda", generator=g) * 0.02).requires_grad_()
+    b = (torch.randn(6144, 16, device="cuda", generator=g) * 0.02).requires_grad_()
+    y, grads, grad_y = _forward_and_grads(lambda *t: qlora_linear(*t, base_path=path), x, weight, a, b, None)
+    y_ref, grads_ref, _ = _forward_and_grads(qlora_linear_reference, x, weight, a, b, None, grad_y)
+    # bf16 LoRA matmuls (as under autocast) against an fp32 reference: compare whole tensors
+    for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
+        assert (ours.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
+
+
+def test_benchmark_cases_run_at_tiny_shapes():
+    from benchmarks.kernel_cases import qlora_linear as qlora_cases
+
+    with kernel_mode("triton"):
+        cases = qlora_cases.cases("cpu", shapes={"tiny": (64, 32), "other": (128, 48)}, tokens=(16, 80))
+        assert len(cases) == 4 and cases[0].flops == qlora_cases.qlora_flops(16, 64, 32, qlora_cases.RANK)
+        all_grads = [{name: fn() for name, fn in case.variants.items()} for case in cases]
+    # each case keeps its own shape's tensors (no late-bound closure sees the last shape)
+    for (k, n), grads in zip([(64, 32), (64, 32), (128, 48), (128, 48)], all_grads):
+        assert "bnb matmul_4bit + peft lora" in grads
+        assert grads["vramplan"][1].shape == (qlora_cases.RANK, k)
+        assert grads["vramplan"][2].shape == (n, qlora_cases.RANK)
+        for name, g in grads.items():
+            for ours, ref in zip(grads["vramplan"], g):  # bf16 dX: within a bf16 rounding of the largest value
+                assert (ours.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max(), name

@@ -1,0 +1,62 @@
+"""The plan search: objective order, budget with margin, explanation, impossible budgets."""
+
+import time
+
+import pytest
+
+from vramplan.catalog import resolve_gpu, resolve_model
+from vramplan.errors import VramplanError
+from vramplan.estimate import DRIVER_RESERVE_BYTES, budget_bytes, estimate_plan
+from vramplan.fit import fit_plan, safety_margin
+from vramplan.plan import Plan
+
+GEMMA = resolve_model("gemma-4-e2b-text")
+LLAMA = resolve_model("llama-3.2-1b")
+
+
+def test_catalog_budget_keeps_driver_reserve():
+    gpu = resolve_gpu("rtx-4060")
+    assert budget_bytes(gpu) == gpu.memory_bytes - DRIVER_RESERVE_BYTES
+    assert budget_bytes(resolve_gpu("12GB")) == 12 * 10**9
+
+
+def test_fit_keeps_seq_and_fits_with_margin():
+    result = fit_plan(GEMMA, resolve_gpu("rtx-4060"), base=Plan(model=GEMMA.name, seq_len=2048))
+    assert result.plan.seq_len == 2048
+    assert result.estimate.peak_bytes <= result.budget_bytes - safety_margin(result.budget_bytes)
+    assert result.explanation and "2048" in result.explanation[0]
+
+
+def test_tight_budget_trades_precision_not_sequence():
+    result = fit_plan(GEMMA, budget=4 * 10**9, base=Plan(model=GEMMA.name, seq_len=2048))
+    assert result.plan.seq_len == 2048 and result.plan.quant == "nf4"
+    assert any("bf16 needs at least" in line for line in result.explanation)
+    # the next-better choice really does not fit
+    limit = result.budget_bytes - result.margin_bytes
+    if result.plan.lora_rank < 64:
+        better = estimate_plan(result.plan.replace(lora_rank=result.plan.lora_rank * 2), GEMMA)
+        assert better.peak_bytes > limit
+
+
+def test_effective_batch_is_kept():
+    result = fit_plan(LLAMA, budget=6 * 10**9, base=Plan(model=LLAMA.name, seq_len=2048, micro_batch=8, stack="hf"))
+    assert result.plan.effective_batch == 8
+    assert result.plan.checkpointing in ("none", "full")  # hf has no offload
+
+
+def test_impossible_budget_names_shortfall_and_gpu():
+    with pytest.raises(VramplanError) as err:
+        fit_plan(GEMMA, budget=1 * 10**9, base=Plan(model=GEMMA.name, seq_len=2048))
+    message = str(err.value)
+    assert "more than" in message and "rtx-4060" in message and "\n" not in message
+
+
+def test_search_is_fast():
+    start = time.perf_counter()
+    for budget in (3 * 10**9, 5 * 10**9, 24 * 10**9):
+        for stack in ("vramplan", "hf"):
+            try:
+                fit_plan(GEMMA, budget=budget, base=Plan(model=GEMMA.name, seq_len=4096, micro_batch=4, stack=stack))
+            except VramplanError:
+                pass
+    assert (time.perf_counter() - start) / 6 < 1.0

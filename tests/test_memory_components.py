@@ -1,0 +1,85 @@
+"""Each memory component against values computed by hand."""
+
+import pytest
+
+from vramplan.arch import from_config
+from vramplan.catalog import resolve_model
+from vramplan.memory.activations import attention_scores_bytes, checkpoint_bytes, per_layer_input_bytes, shared_kv_bytes
+from vramplan.memory.adapters import lora_param_count
+from vramplan.memory.logits import chunked_logits_bytes, full_logits_peak_bytes, loss_chunk_tokens
+from vramplan.memory.optimizer import optimizer_state_bytes
+from vramplan.memory.overhead import pooled_fragmentation_bytes, unreused_segment_bytes
+from vramplan.memory.peak import assemble
+from vramplan.memory.weights import int8_weight_bytes, nf4_weight_bytes
+from vramplan.plan import ALL_LINEAR
+
+LLAMA = from_config(resolve_model("llama-3.2-1b").config)
+GEMMA = from_config(resolve_model("gemma-4-e2b-text").config)
+
+
+def test_nf4_bits_per_weight():
+    n = 64 * 256 * 1000
+    assert nf4_weight_bytes(n, double_quant=False) == n // 2 + (n // 64) * 4  # 4.5 bits
+    dq = nf4_weight_bytes(n, double_quant=True)
+    assert dq == n // 2 + n // 64 + 1000 * 4 + 4
+    assert dq * 8 / n == pytest.approx(4.127, abs=0.002)
+
+
+def test_int8_has_a_scale_per_row():
+    assert int8_weight_bytes(4096 * 1024, rows=4096) == 4096 * 1024 + 4 * 4096
+
+
+def test_lora_params_llama_1b_rank_16():
+    per_layer = 16 * ((2048 + 2048) * 2 + (2048 + 512) * 2 + (2048 + 8192) * 3)
+    assert lora_param_count(LLAMA, 16, ALL_LINEAR) == 16 * per_layer == 11_272_192
+
+
+def test_lora_skips_missing_kv_on_shared_layers():
+    shared = [layer for layer in GEMMA.layers if not layer.has_kv]
+    assert shared and all("k_proj" not in {lin.name for lin in layer.linears} for layer in shared)
+    only_kv = lora_param_count(GEMMA, 8, ("k_proj",))
+    expected = sum(8 * (1536 + layer.kv_dim) for layer in GEMMA.layers if layer.has_kv)
+    assert only_kv == expected
+
+
+def test_optimizer_state_bytes():
+    assert optimizer_state_bytes(1000, "adamw") == 8000
+    assert optimizer_state_bytes(1000, "paged_adamw8bit") == 2000
+    assert optimizer_state_bytes(1000, "adamw", master_weights=True) == 12000
+
+
+def test_full_logits_copies():
+    t, v = 2048, 128256
+    assert full_logits_peak_bytes(t, v, 4, softcap=False) == 4 * t * v * 4  # logits, log-softmax, two grads
+    assert full_logits_peak_bytes(t, v, 4, softcap=True) == 5 * t * v * 4  # + tanh's saved output
+    assert full_logits_peak_bytes(t, v, 2, softcap=False) == t * v * 2 + 3 * t * v * 4
+
+
+def test_chunked_loss_never_builds_full_logits():
+    t, v, h = 4096, 262144, 1536
+    chunk = loss_chunk_tokens(t, v)
+    assert chunk == 64 and chunk * v * 4 <= 64 * 2**20
+    assert chunked_logits_bytes(t, v, h) == chunk * v * 6 + t * h * 4
+    assert chunked_logits_bytes(t, v, h) < t * v * 4 / 10
+
+
+def test_activation_pieces():
+    assert checkpoint_bytes(16, 2048, 2048, 2) == 16 * 2048 * 2048 * 2
+    layer = LLAMA.layers[0]
+    assert attention_scores_bytes(layer, 1, 2048, 4) == 32 * 2048 * 2048 * 4
+    assert per_layer_input_bytes(GEMMA, 2048, 2, copies=1) == 2048 * 35 * 256 * 2
+    # E2B stores K/V of its last sliding layer (kv 256) and its last full layer (kv 512)
+    assert shared_kv_bytes(GEMMA, 2048, 2) == 2 * 2048 * (256 + 512) * 2
+    assert shared_kv_bytes(LLAMA, 2048, 2) == 0
+
+
+def test_fragmentation_rules():
+    assert unreused_segment_bytes(10, 5, 3, allocated_peak=15) == 3
+    assert unreused_segment_bytes(10, 5, 3, allocated_peak=20) == 0
+    assert pooled_fragmentation_bytes(1000) == 50
+
+
+def test_peak_is_max_over_phases_not_a_sum():
+    phases = {"load": {"w": 5}, "forward": {"w": 5, "a": 3}, "backward": {"w": 5, "a": 4, "g": 1}, "optimizer_step": {"w": 5, "o": 2}}
+    name, parts, totals = assemble(phases, {"cuda_context": 1}, {"fragmentation": 2})
+    assert name == "backward" and sum(parts.values()) == 13 and totals["load"] == 6

@@ -1,0 +1,142 @@
+"""The whole recipe on tiny random models: the loss falls, resume is exact, the adapter loads in PEFT."""
+
+import json
+
+import pytest
+import torch
+
+from train_fixtures import build_model, chat_records, gemma4_config, llama_config, write_jsonl
+from vramplan.errors import VramplanError
+from vramplan.plan import Plan
+from vramplan.train import adapter, ops
+from vramplan.train.recipe import TrainConfig, train
+
+pytestmark = pytest.mark.slow
+
+CONFIGS = {"llama": llama_config, "gemma4": gemma4_config}
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("recipe")
+    write_jsonl(root / "train.jsonl", chat_records(24))
+    for name, config in CONFIGS.items():
+        build_model(config(), root / name)
+    return root
+
+
+def config(work, name, out, **changes):
+    plan = Plan(model=name, lora_rank=8, seq_len=64, micro_batch=2, grad_accum=1, checkpointing="full")
+    fields = dict(plan=plan, model_dir=str(work / name), data=str(work / "train.jsonl"), output=str(work / out),
+                  lr=1e-2, warmup_steps=2, progress=False)
+    fields.update(changes)
+    return TrainConfig(**fields)
+
+
+def peft_logits(work, name, run, ids):
+    """Logits of PEFT on the base whose target weights went through the same NF4 round trip."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(work / name, dtype=torch.float32)
+    targets = set(Plan(model=name).lora_targets)
+    with torch.no_grad():
+        for path, module in base.named_modules():
+            if isinstance(module, torch.nn.Linear) and path.rpartition(".")[2] in targets:
+                module.weight.copy_(ops.dequantize_nf4(ops.quantize_nf4(module.weight), torch.float32))
+    model = PeftModel.from_pretrained(base, work / run / "adapter").eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+def trainer_logits(work, name, run, ids):
+    from vramplan.train.model import load_for_training
+
+    model, _ = load_for_training(work / name, Plan(model=name, lora_rank=8, seq_len=64), torch.device("cpu"))
+    adapter.load_lora_state_dict(model, adapter.read_adapter_weights(work / run / "adapter"))
+    model.eval()
+    with torch.no_grad():
+        return model(input_ids=ids).logits
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_loss_falls_and_adapter_loads_in_peft(work, name):
+    summary = train(config(work, name, f"{name}-run", steps=24))
+    records = [json.loads(line) for line in (work / f"{name}-run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 24 and len(records) == 24
+    assert {"step", "loss", "lr", "grad_norm", "tokens_per_s", "peak_allocated", "peak_reserved", "process_memory"} <= set(records[0])
+    first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert (work / f"{name}-run" / "loss.png").stat().st_size > 1000
+    saved = json.loads((work / f"{name}-run" / "adapter" / "adapter_config.json").read_text())
+    assert (saved["peft_type"], saved["task_type"], saved["r"], saved["lora_alpha"]) == ("LORA", "CAUSAL_LM", 8, 16)
+    ids = torch.tensor([[2, 12, 30, 25, 9, 40, 33, 12, 30, 18]])
+    ours, theirs = trainer_logits(work, name, f"{name}-run", ids), peft_logits(work, name, f"{name}-run", ids)
+    torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
+
+
+def test_resume_continues_exactly(work):
+    straight = train(config(work, "llama", "straight", steps=8, save_every=100))
+    stopped = train(config(work, "llama", "split", steps=8, stop_after=4))
+    assert stopped["interrupted"] and stopped["steps"] == 4
+    with open(work / "split" / "metrics.jsonl", "a") as log:  # a step logged after the checkpoint, then a crash
+        log.write(json.dumps({"step": 5, "loss": 9.9}) + "\n")
+    resumed = train(config(work, "llama", "split", steps=8, resume=str(work / "split")))
+    assert resumed["steps"] == 8 and not resumed["interrupted"]
+    logged = [json.loads(line)["step"] for line in (work / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert logged == list(range(1, 9))
+    a = adapter.read_adapter_weights(work / "straight" / "adapter")
+    b = adapter.read_adapter_weights(work / "split" / "adapter")
+    assert a.keys() == b.keys()
+    for key in a:
+        torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
+    assert straight["loss"] == pytest.approx(resumed["loss"], rel=1e-5)
+
+
+def test_bad_data_fails_before_the_model_loads(work, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "the cat"}', '{"prompt": "a"}'])
+    with pytest.raises(VramplanError, match="bad.jsonl:2"):
+        train(config(work, "llama", "bad", steps=1, data=str(bad), model_dir=str(tmp_path / "no-model-here")))
+
+
+def test_nan_loss_stops_with_the_step_named(work):
+    with pytest.raises(VramplanError, match=r"loss became nan at step \d+"):
+        train(config(work, "llama", "nan", steps=10, lr=1e30, warmup_steps=0, schedule="constant"))
+
+
+def test_missing_model_folder_is_a_user_error(work, tmp_path):
+    with pytest.raises(VramplanError, match="no config.json"):
+        train(config(work, "llama", "nomodel", steps=1, model_dir=str(tmp_path / "absent")))
+
+
+def test_cli_trains_with_plan_overrides(work):
+    from click.testing import CliRunner
+
+    from vramplan.cli import main
+
+    (work / "plan.json").write_text(json.dumps({"plan": {"model": "tiny", "seq_len": 2048, "lora_rank": 16}}))
+    out = work / "cli-run"
+    result = CliRunner().invoke(main, ["train", str(work / "plan.json"), "--model", str(work / "llama"), "--data",
+                                       str(work / "train.jsonl"), "--output", str(out), "--steps", "3", "--rank", "4",
+                                       "--seq", "32", "--batch", "1", "--accum", "2", "--optim", "adamw",
+                                       "--lr", "1e-2", "--merge"])
+    assert result.exit_code == 0, result.output
+    assert "done: 3 steps" in result.output
+    assert json.loads((out / "adapter" / "adapter_config.json").read_text())["r"] == 4
+    assert json.loads((out / "checkpoint" / "trainer_state.json").read_text())["plan"]["seq_len"] == 32
+    # --merge: base + scale·B·A in bf16, equal to PEFT's merge of the same adapter on the original weights
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    ids = torch.tensor([[2, 12, 30, 25, 9, 40]])
+    merged = AutoModelForCausalLM.from_pretrained(out / "merged", dtype=torch.float32).eval()
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "llama"), out / "adapter")
+    peft = peft.merge_and_unload().eval()
+    base = AutoModelForCausalLM.from_pretrained(work / "llama").eval()
+    with torch.no_grad():
+        ours, theirs, unmerged = merged(input_ids=ids).logits, peft(input_ids=ids).logits, base(input_ids=ids).logits
+    effect, error = (theirs - unmerged).abs().max(), (ours - theirs).abs().max()
+    assert error < 0.1 * effect, (float(error), float(effect))  # bf16 rounding only, against a real change
+    bad = CliRunner().invoke(main, ["train", str(work / "plan.json"), "--model", str(work / "llama"), "--data",
+                                    str(work / "missing.jsonl"), "--output", str(out)])
+    assert bad.exit_code == 2 and "missing.jsonl does not exist" in bad.output

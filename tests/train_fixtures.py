@@ -1,0 +1,93 @@
+"""Tiny real models and a tiny tokenizer for the trainer tests: built here, nothing downloaded."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+SENTENCES = [
+    "the cat sat on the mat",
+    "a dog ran in the park",
+    "birds sing in the morning light",
+    "the quick brown fox jumps over the lazy dog",
+    "we train small models on small data",
+    "what is the answer",
+    "the answer is forty two",
+]
+SPECIALS = ["<pad>", "<eos>", "<bos>", "<unk>", "<|user|>", "<|assistant|>", "<|system|>", "<|end|>"]
+CHAT_TEMPLATE = ("{% for m in messages %}<|{{ m['role'] }}|> {{ m['content'] }} <|end|> {% endfor %}"
+                 "{% if add_generation_prompt %}<|assistant|> {% endif %}")
+VOCAB = 300
+# Larger than the usual 0.02: with a frozen random LM head of std 0.02 and hidden 64, logits cannot
+# spread past ~1, so no adapter could bring the loss far below log(vocab) and "the loss falls" would test nothing.
+INIT = 0.2
+
+
+def make_tokenizer():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    words = sorted({w for s in SENTENCES for w in s.split()})
+    vocab = {tok: i for i, tok in enumerate(SPECIALS + words)}
+    raw = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<unk>"))
+    raw.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tok = PreTrainedTokenizerFast(tokenizer_object=raw, pad_token="<pad>", eos_token="<eos>", bos_token="<bos>",
+                                  unk_token="<unk>")
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def llama_config() -> dict:
+    return {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "vocab_size": VOCAB, "max_position_embeddings": 256,
+            "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "initializer_range": INIT, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
+
+
+def gemma4_config(num_kv_shared_layers: int = 2) -> dict:
+    """Gemma-4-E2B's text architecture shrunk: sliding + full layers, shared KV, per-layer embeddings, double-wide MLP."""
+    return {
+        "model_type": "gemma4_text", "hidden_size": 64, "num_hidden_layers": 4, "num_attention_heads": 2,
+        "num_key_value_heads": 1, "head_dim": 16, "global_head_dim": 32, "sliding_window": 8,
+        "vocab_size": VOCAB, "vocab_size_per_layer_input": VOCAB, "hidden_size_per_layer_input": 8,
+        "num_kv_shared_layers": num_kv_shared_layers, "use_double_wide_mlp": True, "intermediate_size": 96,
+        "max_position_embeddings": 512, "rms_norm_eps": 1e-6, "hidden_activation": "gelu_pytorch_tanh",
+        "final_logit_softcapping": 30.0, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+        "tie_word_embeddings": True, "initializer_range": INIT,
+        "layer_types": ["sliding_attention", "full_attention", "sliding_attention", "full_attention"],
+        "rope_parameters": {
+            "full_attention": {"partial_rotary_factor": 0.25, "rope_theta": 1000000.0, "rope_type": "proportional"},
+            "sliding_attention": {"rope_theta": 10000.0, "rope_type": "default"},
+        },
+    }
+
+
+def build_model(config: dict, folder: Path, seed: int = 0) -> Path:
+    """A random-weight model + the tiny tokenizer saved as a local Hugging Face folder."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(seed)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float32)
+    model.save_pretrained(folder)
+    make_tokenizer().save_pretrained(folder)
+    return folder
+
+
+def write_jsonl(path: Path, records: list) -> Path:
+    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
+    return path
+
+
+def chat_records(n: int = 24) -> list[dict]:
+    out = []
+    for i in range(n):
+        s = SENTENCES[i % len(SENTENCES)]
+        if i % 3 == 0:
+            out.append({"messages": [{"role": "user", "content": "what is the answer"},
+                                     {"role": "assistant", "content": s}]})
+        elif i % 3 == 1:
+            out.append({"prompt": "what is the answer", "completion": s})
+        else:
+            out.append({"text": s})
+    return out

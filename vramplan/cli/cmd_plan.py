@@ -1,0 +1,119 @@
+"""``vramplan estimate`` and ``vramplan fit``: price a plan, or find the best one for a GPU."""
+
+from __future__ import annotations
+
+import click
+
+from vramplan.catalog import GpuSpec, resolve_gpu, resolve_model
+from vramplan.cli import main
+from vramplan.cli.output import emit_json, gb, json_option, table
+from vramplan.estimate import Estimate, budget_bytes, estimate_plan
+from vramplan.plan import CHECKPOINTING, LOSSES, OPTIMIZERS, QUANTS, STACKS, Plan
+
+
+def _gpu_and_budget(spec: str | None) -> tuple[GpuSpec | None, int | None]:
+    """A catalog GPU or bare budget, or ``auto``: the detected GPU's free memory right now."""
+    if spec is None:
+        return None, None
+    if spec.strip().lower() == "auto":
+        from vramplan.gpu import detect_gpu  # pynvml, only when asked for
+
+        detected = detect_gpu()
+        return detected.spec, detected.free_bytes
+    gpu = resolve_gpu(spec)
+    return gpu, budget_bytes(gpu)
+
+
+def _components_table(est: Estimate) -> str:
+    total = est.peak_bytes or 1
+    rows = [(name, gb(n), f"{100 * n / total:.1f}%") for name, n in sorted(est.components.items(), key=lambda kv: -kv[1])]
+    rows.append(("peak", gb(est.peak_bytes), "100%"))
+    return table(rows, ["component", "memory", "share"], colalign=("left", "right", "right"))
+
+
+def _summary(est: Estimate) -> str:
+    lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}, "
+             f"batch {est.plan.micro_batch} × {est.plan.grad_accum}, checkpointing {est.plan.checkpointing}, "
+             f"{est.plan.optimizer}, stack {est.plan.stack}",
+             f"peak {gb(est.peak_bytes)} in the {est.peak_phase} phase "
+             f"(" + ", ".join(f"{k} {gb(v)}" for k, v in est.phases.items()) + ")"]
+    if est.budget_bytes is not None:
+        verdict = "fits" if est.fits else "does NOT fit"
+        lines.append(f"{verdict} {est.gpu or 'the budget'}: budget {gb(est.budget_bytes)}, headroom {gb(est.headroom_bytes)}")
+    lines += [f"note: {n}" for n in est.notes]
+    return "\n".join(lines)
+
+
+@main.command()
+@click.argument("model")
+@click.option("--quant", type=click.Choice(QUANTS), default="nf4", show_default=True)
+@click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
+@click.option("--seq", type=int, default=2048, show_default=True, help="Sequence length in tokens.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch size.")
+@click.option("--accum", type=int, default=1, show_default=True, help="Gradient accumulation steps.")
+@click.option("--checkpointing", type=click.Choice(CHECKPOINTING), default="full", show_default=True)
+@click.option("--optim", type=click.Choice(OPTIMIZERS), default="paged_adamw8bit", show_default=True)
+@click.option("--loss", type=click.Choice(LOSSES), default=None, help="Default: chunked on vramplan, full on hf.")
+@click.option("--attention", type=click.Choice(("sdpa", "eager")), default="sdpa", show_default=True)
+@click.option("--lora-dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True)
+@click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
+@click.option("--gpu", default=None, help="A catalog GPU (rtx-4060), a budget (12GB) or auto.")
+@click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a stacked-bar PNG.")
+@json_option
+def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, attention, lora_dtype, stack, gpu,
+             plot_path, as_json):
+    """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component."""
+    profile = resolve_model(model)
+    plan = Plan(model=profile.name, quant=quant, lora_rank=rank, seq_len=seq, micro_batch=batch, grad_accum=accum,
+                checkpointing=checkpointing, optimizer=optim, attention=attention, lora_dtype=lora_dtype, stack=stack,
+                loss=loss or ("full" if stack == "hf" else "chunked"))
+    spec, budget = _gpu_and_budget(gpu)
+    est = estimate_plan(plan, profile, spec, budget=budget)
+    if plot_path:
+        from vramplan.plot import plot_estimates
+
+        plot_estimates([est], plot_path, spec)
+    if as_json:
+        emit_json(est.to_dict())
+        return
+    click.echo(_summary(est))
+    click.echo(_components_table(est))
+
+
+@main.command()
+@click.argument("model")
+@click.option("--gpu", required=True, help="A catalog GPU (rtx-4060), a budget (12GB) or auto (free memory now).")
+@click.option("--seq", type=int, default=2048, show_default=True, help="Sequence length to keep.")
+@click.option("--batch", type=int, default=1, show_default=True, help="Effective batch to keep (micro-batch × accumulation).")
+@click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
+@click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Write the chosen plan as JSON.")
+@json_option
+def fit(model, gpu, seq, batch, stack, out_path, as_json):
+    """The best plan for MODEL that fits a GPU, and why it was chosen."""
+    from vramplan.fit import fit_plan
+
+    profile = resolve_model(model)
+    base = Plan(model=profile.name, seq_len=seq, micro_batch=batch, stack=stack)
+    spec, budget = _gpu_and_budget(gpu)
+    result = fit_plan(profile, spec, budget=budget, base=base)
+    if out_path:
+        from vramplan.atomic import write_json_atomic
+
+        write_json_atomic(out_path, {"plan": result.plan.to_dict(), "peak_bytes": result.estimate.peak_bytes,
+                                     "components": result.estimate.components, "gpu": _gpu_dict(spec, budget)})
+    if as_json:
+        emit_json(result.to_dict())
+        return
+    click.echo(_summary(result.estimate))
+    click.echo(_components_table(result.estimate))
+    click.echo("\nWhy this plan:")
+    for line in result.explanation:
+        click.echo(f"  - {line}")
+    if out_path:
+        click.echo(f"\nwrote {out_path}")
+
+
+def _gpu_dict(spec: GpuSpec | None, budget: int | None) -> dict | None:
+    if spec is None:
+        return None
+    return {"name": spec.name, "label": spec.label, "memory_bytes": spec.memory_bytes, "budget_bytes": budget}

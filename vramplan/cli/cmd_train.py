@@ -1,0 +1,52 @@
+"""``vramplan train``: run a plan as a QLoRA fine-tune and write a PEFT adapter."""
+
+from __future__ import annotations
+
+import click
+
+from vramplan.cli import main
+from vramplan.plan import CHECKPOINTING, OPTIMIZERS, read_plan
+
+
+@main.command()
+@click.argument("plan_file", type=click.Path(dir_okay=False))
+@click.option("--model", "model_dir", required=True, type=click.Path(file_okay=False), help="Local Hugging Face model folder.")
+@click.option("--data", "data_file", required=True, type=click.Path(dir_okay=False), help="Training JSONL.")
+@click.option("--output", required=True, type=click.Path(file_okay=False), help="Run folder: adapter/, checkpoint/, metrics.jsonl.")
+@click.option("--resume", type=click.Path(file_okay=False), help="Continue the run in this folder from its last checkpoint.")
+@click.option("--steps", type=click.IntRange(min=1), help="Optimizer steps to run (default: one epoch).")
+@click.option("--epochs", type=click.FloatRange(min=0, min_open=True), help="Epochs to run instead of --steps.")
+@click.option("--lr", type=float, default=2e-4, show_default=True)
+@click.option("--schedule", type=click.Choice(["cosine", "linear", "constant"]), default="cosine", show_default=True)
+@click.option("--warmup", "warmup_steps", type=click.IntRange(min=0), help="Warmup steps (default 3% of the steps).")
+@click.option("--save-every", type=click.IntRange(min=1), help="Write a checkpoint every N steps.")
+@click.option("--overlong", type=click.Choice(["truncate", "drop"]), default="truncate", show_default=True,
+              help="What to do with examples longer than the plan's seq_len.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--merge", is_flag=True, help="Also export base + adapter merged, in bf16.")
+@click.option("--rank", type=click.IntRange(min=1), help="Override the plan's LoRA rank.")
+@click.option("--seq", type=click.IntRange(min=1), help="Override the plan's seq_len.")
+@click.option("--batch", type=click.IntRange(min=1), help="Override the plan's micro-batch.")
+@click.option("--accum", type=click.IntRange(min=1), help="Override the plan's gradient accumulation.")
+@click.option("--checkpointing", type=click.Choice(CHECKPOINTING), help="Override the plan's checkpointing.")
+@click.option("--optim", type=click.Choice(OPTIMIZERS), help="Override the plan's optimizer.")
+def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
+          overlong, seed, merge, rank, seq, batch, accum, checkpointing, optim):
+    """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter."""
+    from vramplan.errors import VramplanError
+    from vramplan.train.recipe import TrainConfig
+    from vramplan.train.recipe import train as run
+
+    if steps and epochs:
+        raise VramplanError("give --steps or --epochs, not both")
+    overrides = {"lora_rank": rank, "seq_len": seq, "micro_batch": batch, "grad_accum": accum,
+                 "checkpointing": checkpointing, "optimizer": optim}
+    plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
+    cfg = TrainConfig(plan=plan, model_dir=model_dir, data=data_file, output=output, resume=resume, steps=steps,
+                      epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, save_every=save_every,
+                      overlong=overlong, seed=seed, merge=merge)
+    summary = run(cfg)
+    if summary["interrupted"]:
+        click.echo(f"interrupted after {summary['steps']} steps; checkpoint in {output}/checkpoint (continue with --resume {output})")
+    else:
+        click.echo(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; adapter in {output}/adapter")

@@ -1,0 +1,185 @@
+"""Search the plans a model can train with for the best one that fits a memory budget.
+
+The objective, in order (the first difference decides):
+
+1. keep the requested sequence length and effective batch (shorter sequences are tried
+   only when nothing fits at the requested one, halving down to 256 tokens);
+2. prefer higher precision of the base weights: bf16 > int8 > nf4;
+3. prefer a higher LoRA rank: 64 > 32 > 16 > 8;
+4. then the fastest: no checkpointing > checkpointing > checkpointing with CPU offload,
+   larger micro-batches (fewer accumulation steps), AdamW > 8-bit AdamW > paged 8-bit AdamW.
+
+The loss is the stack's own: chunked on vramplan (fused with the LM head, it costs no
+speed, so full logits are never the better choice), full on hf (the recipe has no other).
+
+A plan fits when its peak stays under the budget less a safety margin. Candidates are
+visited in the objective's order and the first that fits wins, so a search prices a
+few hundred plans at most (each estimate is ~0.1 ms of arithmetic).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from vramplan.catalog import GpuSpec, ModelProfile, list_gpus
+from vramplan.errors import VramplanError
+from vramplan.estimate import Estimate, budget_bytes as gpu_budget_bytes, estimate_plan
+from vramplan.plan import Plan
+
+QUANT_ORDER = ("bf16", "int8", "nf4")
+RANK_ORDER = (64, 32, 16, 8)
+OPTIMIZER_ORDER = ("adamw", "adamw8bit", "paged_adamw8bit")
+MIN_SEQ = 256
+
+#: Kept free under the budget: estimates carry error (±10% on the measured anchors) and
+#: other processes or a display may take memory mid-run.
+SAFETY_FRACTION = 0.05
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """The chosen plan's estimate, the budget it was fitted to, and why it was chosen."""
+
+    estimate: Estimate
+    budget_bytes: int
+    margin_bytes: int
+    explanation: tuple[str, ...]
+    plans_priced: int
+    gpu: str | None = None
+    notes: tuple[str, ...] = field(default_factory=tuple)
+
+    @property
+    def plan(self) -> Plan:
+        return self.estimate.plan
+
+    def to_dict(self) -> dict[str, Any]:
+        data = self.estimate.to_dict()
+        data.update(budget_bytes=self.budget_bytes, margin_bytes=self.margin_bytes,
+                    explanation=list(self.explanation), plans_priced=self.plans_priced, gpu=self.gpu)
+        return data
+
+
+def safety_margin(budget: int) -> int:
+    return int(budget * SAFETY_FRACTION)
+
+
+def _checkpointing_order(stack: str) -> tuple[str, ...]:
+    return ("none", "full") if stack == "hf" else ("none", "full", "offload")
+
+
+def _micro_batches(effective: int) -> list[int]:
+    """Micro-batch sizes that divide the effective batch, largest first."""
+    return [m for m in range(effective, 0, -1) if effective % m == 0]
+
+
+def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
+    loss = "full" if base.stack == "hf" else "chunked"
+    for quant in QUANT_ORDER:
+        for rank in RANK_ORDER:
+            for checkpointing in _checkpointing_order(base.stack):
+                for micro in _micro_batches(effective):
+                    for optimizer in OPTIMIZER_ORDER:
+                        yield base.replace(quant=quant, lora_rank=rank, checkpointing=checkpointing, seq_len=seq,
+                                           micro_batch=micro, grad_accum=effective // micro, optimizer=optimizer,
+                                           loss=loss)
+
+
+def leanest_plan(base: Plan, seq: int) -> Plan:
+    """The least memory this search can ask for at ``seq``: NF4, rank 8, batch 1, offloaded checkpoints, paged 8-bit AdamW."""
+    return base.replace(quant="nf4", lora_rank=8, seq_len=seq, micro_batch=1,
+                        grad_accum=base.micro_batch * base.grad_accum,
+                        checkpointing="full" if base.stack == "hf" else "offload",
+                        optimizer="paged_adamw8bit", loss="full" if base.stack == "hf" else "chunked")
+
+
+def smallest_gpu_for(peak: int) -> GpuSpec | None:
+    """The catalog GPU with the least memory whose budget (less the safety margin) holds ``peak``."""
+    fitting = [g for g in list_gpus() if gpu_budget_bytes(g) - safety_margin(gpu_budget_bytes(g)) >= peak]
+    return min(fitting, key=lambda g: g.memory_bytes) if fitting else None
+
+
+def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int | None = None,
+             base: Plan | None = None) -> FitResult:
+    """The best plan for ``profile`` under ``budget`` bytes (or ``gpu``'s budget), by the module's objective.
+
+    ``base`` carries the request: sequence length, micro-batch × accumulation (their
+    product is the effective batch to keep), stack, targets. Raises VramplanError naming
+    the shortfall and the smallest catalog GPU that would fit when nothing does.
+    """
+    if budget is None:
+        if gpu is None:
+            raise VramplanError("fit needs a GPU or a budget: pass --gpu NAME, --gpu 12GB or --gpu auto")
+        budget = gpu_budget_bytes(gpu)
+    base = base or Plan(model=profile.name)
+    margin = safety_margin(budget)
+    limit = budget - margin
+    effective = base.micro_batch * base.grad_accum
+    priced = 0
+    seqs = [base.seq_len]
+    while seqs[-1] // 2 >= MIN_SEQ:
+        seqs.append(seqs[-1] // 2)
+    for seq in seqs:
+        for plan in _candidates(base, seq, effective):
+            priced += 1
+            est = estimate_plan(plan, profile, gpu, budget=budget)
+            if est.peak_bytes <= limit:
+                why = _explain(profile, base, est, budget, margin)
+                return FitResult(est, budget, margin, why, priced, gpu.name if gpu else None, est.notes)
+    lean = estimate_plan(leanest_plan(base, base.seq_len), profile, budget=budget)
+    short = lean.peak_bytes - limit
+    bigger = smallest_gpu_for(lean.peak_bytes)
+    where = gpu.name if gpu else f"{budget / 1e9:.2f} GB"
+    suggestion = f"the smallest catalog GPU that fits it is {bigger.name} ({bigger.memory_bytes / 1e9:.1f} GB)" if bigger \
+        else "no single catalog GPU holds it"
+    raise VramplanError(
+        f"nothing fits {where}: the leanest plan for {profile.name} at {base.seq_len} tokens needs "
+        f"{lean.peak_bytes / 1e9:.2f} GB, {short / 1e9:.2f} GB ({short} bytes) more than the "
+        f"{limit / 1e9:.2f} GB usable; {suggestion}")
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB"
+
+
+def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, margin: int) -> tuple[str, ...]:
+    """Sentences saying what was kept, what was given up and what the next-better choice would have needed."""
+    plan = est.plan
+    lines = []
+    limit = budget - margin
+
+    def peak(**changes: Any) -> int:
+        return estimate_plan(plan.replace(**changes), profile).peak_bytes
+
+    if plan.seq_len == base.seq_len:
+        lines.append(f"Kept the sequence length of {plan.seq_len} tokens and the effective batch of "
+                     f"{plan.effective_batch} ({plan.micro_batch} × {plan.grad_accum} accumulation steps).")
+    else:
+        lines.append(f"Gave up sequence length: {base.seq_len} tokens does not fit even with the leanest settings "
+                     f"({_gb(estimate_plan(leanest_plan(base, base.seq_len), profile).peak_bytes)}); "
+                     f"trains {plan.seq_len}-token sequences instead.")
+    better_quants = QUANT_ORDER[:QUANT_ORDER.index(plan.quant)]
+    if better_quants:
+        lean = {q: estimate_plan(leanest_plan(plan, plan.seq_len).replace(quant=q), profile).peak_bytes for q in better_quants}
+        gave = ", ".join(f"{q} needs at least {_gb(v)}" for q, v in lean.items())
+        lines.append(f"Base weights in {plan.quant}: {gave}, over the {_gb(limit)} usable.")
+    else:
+        lines.append("Base weights in bf16: full precision fits.")
+    if plan.lora_rank != RANK_ORDER[0]:
+        higher = RANK_ORDER[RANK_ORDER.index(plan.lora_rank) - 1]
+        lines.append(f"LoRA rank {plan.lora_rank}: rank {higher} would need {_gb(peak(lora_rank=higher))} at these settings.")
+    else:
+        lines.append(f"LoRA rank {plan.lora_rank}, the highest searched.")
+    speed = []
+    if plan.checkpointing != "none":
+        speed.append(f"checkpointing '{plan.checkpointing}' (without it: {_gb(peak(checkpointing='none'))})")
+    else:
+        speed.append("no checkpointing (no recompute)")
+    if plan.micro_batch < plan.effective_batch:
+        speed.append(f"micro-batch {plan.micro_batch} (micro-batch {plan.effective_batch} would need "
+                     f"{_gb(peak(micro_batch=plan.effective_batch, grad_accum=1))})")
+    speed.append(f"optimizer {plan.optimizer}")
+    lines.append("Fastest settings that fit: " + ", ".join(speed) + ".")
+    lines.append(f"Peak {_gb(est.peak_bytes)} in the {est.peak_phase} phase, against a budget of {_gb(budget)} "
+                 f"less a {_gb(margin)} safety margin: {_gb(limit - est.peak_bytes)} to spare.")
+    return tuple(lines)

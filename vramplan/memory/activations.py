@@ -1,0 +1,177 @@
+"""Activations: what autograd keeps between a layer's forward and its backward.
+
+Counted per token (bytes), per layer, from the operations a decoder layer runs: the
+normed inputs the projections save, the attention kernel's saved tensors, the MLP's
+intermediates. Attention implementations differ in kind, not degree: flash and
+memory-efficient SDPA keep O(s) (q, k, v, the output and a log-sum-exp), while the
+math/eager path keeps the b·heads·s² probabilities and, while computing them, holds
+the scores, the probabilities and a boolean mask at once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable
+
+#: Kernels an attention call can run on; "math" is SDPA's composite fallback.
+KERNELS = ("flash", "efficient", "math", "eager")
+
+
+def attention_saved_bytes_per_token(layer, hidden: int, act_bytes: int, kernel: str, *,
+                                    four_norms: bool = False) -> int:
+    """Bytes autograd saves per token for a layer's attention half (without its input and without s² scores).
+
+    The normed input (LoRA's A matrices save it), q/k normalisation outputs where the model
+    has them (Qwen3, Gemma 3/4); flash/efficient SDPA saves q, k, v and the output, the
+    math/eager paths the scaled q and K/V repeated to every query head and the output;
+    then the output projection's input, the mid-layer residual, and Gemma's extra norms.
+    """
+    a = act_bytes
+    h, qd, kvd = hidden, layer.q_dim, layer.kv_dim
+    total = h * a
+    if layer.qk_norm:
+        total += (qd + (kvd if layer.has_kv else 0)) * a
+    if kernel in ("flash", "efficient"):
+        total += (qd + 2 * kvd + qd) * a + layer.heads * 4
+    else:
+        total += 4 * qd * a
+    total += qd * a + h * a
+    if four_norms:
+        total += h * a  # Gemma: the post-attention norm saves its input
+    return total
+
+
+def mlp_saved_bytes_per_token(layer, hidden: int, act_bytes: int, *, fused_glu: bool = False,
+                              four_norms: bool = False) -> int:
+    """Bytes autograd saves per token for a layer's MLP half.
+
+    The normed input; a gated MLP saves gate, up, the activation and their product (a fused
+    GLU kernel recomputes the activation: three), an ungated one the up projection and the
+    activation; MoE layers each token's top-k expert inputs and intermediates plus router
+    logits; Gemma 4's per-layer input path (gate, activation, product, projection, norm).
+    """
+    a, h = act_bytes, hidden
+    total = h * a
+    if four_norms:
+        total += h * a  # the post-feedforward norm's input
+    if layer.mlp_intermediate:
+        total += (3 if fused_glu else 4) * layer.mlp_intermediate * a
+    if layer.experts:
+        total += layer.top_k * (h + 4 * layer.expert_intermediate) * a + layer.experts * 4
+    if layer.per_layer_input:
+        total += (3 * layer.per_layer_input + 2 * h) * a
+    return total
+
+
+def mlp_backward_transient_bytes_per_token(layer, act_bytes: int) -> int:
+    """Gradients of the MLP intermediates alive at once during its backward (two of width I)."""
+    width = max(layer.mlp_intermediate, layer.top_k * layer.expert_intermediate)
+    return 2 * width * act_bytes
+
+
+def attention_scores_bytes(layer, batch: int, seq: int, score_bytes: int) -> int:
+    """One copy of the attention probabilities, b·heads·s·s: only the math/eager paths build it.
+
+    A sliding window does not shrink it there: the mask hides entries, the matrix is full size.
+    """
+    return batch * layer.heads * seq * seq * score_bytes
+
+
+#: While computing softmax, SDPA's math path holds the scores, the probabilities, a boolean
+#: mask (¼ of a copy) and the masked probabilities it returns: 3.25 copies at once; the
+#: backward holds the probabilities, their gradient and the scores' gradient: 3.
+MATH_ATTENTION_PEAK_COPIES = 3.25
+
+
+def checkpoint_bytes(num_layers: int, tokens: int, hidden: int, act_bytes: int) -> int:
+    """Gradient checkpointing keeps each decoder layer's input, b·s·h per layer, and recomputes the rest."""
+    return num_layers * tokens * hidden * act_bytes
+
+
+def per_layer_input_bytes(arch, tokens: int, act_bytes: int, copies: int) -> int:
+    """Gemma 4's per-layer inputs: the looked-up rows b·s·layers·d_pl (and the copies the model derives from them).
+
+    The rows are gathered from the per-layer embedding table, a projection of the token
+    embedding of the same shape is added, and the sum is normed: ``copies`` of them live
+    through the step.
+    """
+    return copies * tokens * arch.num_layers * arch.per_layer_dim * act_bytes
+
+
+def shared_kv_bytes(arch, tokens: int, act_bytes: int) -> int:
+    """Gemma 4's shared K/V: the last non-shared layer of each attention type keeps K and V
+    for the whole sequence alive until the shared layers have read them."""
+    if all(layer.has_kv for layer in arch.layers):
+        return 0
+    producers: dict[str, object] = {}
+    for layer in arch.layers:
+        if layer.has_kv:
+            producers[layer.attention] = layer
+    return sum(2 * tokens * layer.kv_dim * act_bytes for layer in producers.values())
+
+
+@dataclass(frozen=True)
+class ActivationRecipe:
+    """How a trainer runs a decoder layer: what decides the bytes its activations take."""
+
+    act_bytes: int  # dtype of the residual stream and most activations
+    kernel: Callable[[Any], str]  # the attention kernel a layer runs on (see KERNELS)
+    fused_glu: bool = False
+    lora_input_copy_bytes: int = 0  # >0: each LoRA layer saves its own copy of its input in this dtype
+    lora_rank: int = 0
+    lora_targets: tuple[str, ...] = ()
+    lora_inner_bytes: int = 4  # dtype of the r-wide product x·A that B saves
+    four_norms: bool = False
+
+
+def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: ActivationRecipe,
+                     layers_kept: int | None = None) -> tuple[int, int]:
+    """(persistent, working set): the activation bytes held through the backward, and the most
+    one layer adds on top at any moment of its forward (or recompute) and backward.
+
+    With checkpointing only each layer's input persists (``layers_kept`` of them on the GPU
+    when checkpoints are offloaded) and the working set is one layer recomputed: its attention
+    half at the softmax (saved tensors + the scores' peak copies), or the whole layer's saved
+    tensors plus the MLP's gradient buffers, whichever is larger. Without checkpointing every
+    layer's saved tensors persist and the working set is only the transients.
+    """
+    tokens = batch * seq
+    h, a = arch.hidden_size, recipe.act_bytes
+    targets = set(recipe.lora_targets)
+    persistent_layers, peaks = 0, []
+    for layer in arch.layers:
+        kernel = recipe.kernel(layer)
+        lora_attn = lora_mlp = 0
+        for lin in layer.linears:
+            if lin.name in targets:
+                copy = recipe.lora_input_copy_bytes * lin.d_in + recipe.lora_inner_bytes * recipe.lora_rank
+                if lin.name in ("q_proj", "k_proj", "v_proj", "o_proj"):
+                    lora_attn += copy
+                else:
+                    lora_mlp += copy
+        attn = tokens * (attention_saved_bytes_per_token(layer, h, a, kernel, four_norms=recipe.four_norms) + lora_attn)
+        mlp = tokens * (mlp_saved_bytes_per_token(layer, h, a, fused_glu=recipe.fused_glu,
+                                                  four_norms=recipe.four_norms) + lora_mlp)
+        scores = attention_scores_bytes(layer, batch, seq, a) if kernel in ("math", "eager") else 0
+        mlp_grads = tokens * mlp_backward_transient_bytes_per_token(layer, a)
+        persistent_layers += attn + mlp + scores
+        if checkpointing == "none":
+            peaks.append(max(int(scores * (MATH_ATTENTION_PEAK_COPIES - 1)), mlp_grads))
+        else:
+            peaks.append(max(attn + int(scores * MATH_ATTENTION_PEAK_COPIES), attn + scores + mlp + mlp_grads))
+    grad_flow = 2 * tokens * h * a  # the gradient arriving at a layer's output and the one leaving its input
+    if checkpointing == "none":
+        persistent = persistent_layers + checkpoint_bytes(arch.num_layers, tokens, h, a)
+    else:
+        kept = arch.num_layers if layers_kept is None else min(layers_kept, arch.num_layers)
+        persistent = checkpoint_bytes(kept, tokens, h, a)
+    return persistent, grad_flow + max(peaks)
+
+
+def model_level_activations(arch, tokens: int, act_bytes: int, per_layer_copies: int) -> dict[str, int]:
+    """Activations that belong to the model rather than to a layer, as components (absent when zero)."""
+    parts = {
+        "per_layer_inputs": per_layer_input_bytes(arch, tokens, act_bytes, per_layer_copies),
+        "shared_kv": shared_kv_bytes(arch, tokens, act_bytes),
+    }
+    return {name: n for name, n in parts.items() if n}

@@ -1,0 +1,42 @@
+"""Bytes of the frozen base weights, by storage format."""
+
+from __future__ import annotations
+
+NF4_BLOCK = 64  # bitsandbytes' 4-bit blocksize: one absmax per 64 weights
+DQ_BLOCK = 256  # double quantization: one fp32 scale per 256 absmax values
+
+
+def nf4_weight_bytes(params: int, double_quant: bool = True) -> int:
+    """NF4 (bitsandbytes, blocksize 64): 4 bits per weight plus the block absmax.
+
+    Without double quantization each absmax is fp32 (4 bytes / 64 weights, ≈4.5 bits per
+    weight); with it the absmax is stored as 8 bits with an fp32 scale (and offset) per
+    256 blocks (≈4.127 bits per weight).
+    """
+    blocks = -(-params // NF4_BLOCK)
+    if double_quant:
+        absmax = blocks + (-(-blocks // DQ_BLOCK)) * 4 + 4
+    else:
+        absmax = blocks * 4
+    return params // 2 + params % 2 + absmax
+
+
+def int8_weight_bytes(params: int, rows: int) -> int:
+    """LLM.int8 (bitsandbytes): one byte per weight plus an fp32 scale per output row (SCB)."""
+    return params + 4 * rows
+
+
+def dense_bytes(params: int, dtype_bytes: int) -> int:
+    """Plain tensors: embeddings, norms, an untied LM head, bf16 base weights."""
+    return params * dtype_bytes
+
+
+def linear_weight_bytes(arch, quant: str, double_quant: bool) -> int:
+    """All decoder linears (not the LM head) stored as ``quant``: what the quantizer converts."""
+    if quant == "nf4":
+        return sum(nf4_weight_bytes(lin.params, double_quant) for layer in arch.layers for lin in layer.linears) + sum(
+            nf4_weight_bytes(lin.params, double_quant) for lin in arch.extra_linears)
+    if quant == "int8":
+        rows = sum(lin.d_out for layer in arch.layers for lin in layer.linears) + sum(lin.d_out for lin in arch.extra_linears)
+        return int8_weight_bytes(arch.linear_params, rows)
+    return dense_bytes(arch.linear_params, 2)

@@ -1,0 +1,81 @@
+"""vramplan's own trainer, as it is being built.
+
+- Base linears NF4 (double quant by default) or int8/bf16, dequantized tile by tile inside
+  fused Triton kernels: no full bf16 copy of a weight is ever materialised.
+- The token embedding / LM head in bf16 on the GPU; Gemma 4's per-layer embedding tables
+  stay in CPU memory and only the looked-up rows (b·s·layers·d_pl) travel to the GPU.
+- LoRA adapters in fp32 (or bf16 with an fp32 master copy in the optimizer), bf16 compute.
+- bf16 activations, flash attention through SDPA (O(s)), a fused GLU that recomputes the
+  activation instead of saving it.
+- Chunked linear cross-entropy: logits exist one chunk of rows at a time.
+- Gradient checkpointing of every decoder layer's bf16 input, optionally offloaded to CPU
+  memory (two layers' worth stay on the GPU: the one in use and the one being prefetched).
+- Fixed shapes every step: the caching allocator reuses its blocks, little fragmentation.
+"""
+
+from __future__ import annotations
+
+from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
+from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
+from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
+from vramplan.memory.optimizer import optimizer_state_bytes
+from vramplan.memory.overhead import cuda_library_bytes, pooled_fragmentation_bytes
+from vramplan.memory.weights import dense_bytes, linear_weight_bytes, nf4_weight_bytes
+from vramplan.stacks import StepMemory
+
+ACT = 2  # bf16 activations
+OFFLOAD_LAYERS_ON_GPU = 2
+
+
+def step_memory(arch, plan) -> StepMemory:
+    b, s = plan.micro_batch, plan.seq_len
+    tokens = b * s
+    h = arch.hidden_size
+    lora_bytes = 4 if plan.lora_dtype == "fp32" else 2
+
+    weights = {
+        "weights_quantized" if plan.quant != "bf16" else "weights": linear_weight_bytes(arch, plan.quant, plan.double_quant),
+        "embeddings": dense_bytes(arch.embedding_params + arch.lm_head_params, 2),
+        "norms": dense_bytes(arch.norm_params, 2),
+    }
+    if arch.expert_params:
+        weights["experts"] = (nf4_weight_bytes(arch.expert_params, plan.double_quant) if plan.quant == "nf4"
+                              else dense_bytes(arch.expert_params, 1 if plan.quant == "int8" else 2))
+    towers = sum(v for k, v in arch.tower_params.items() if k in plan.modalities)
+    if towers:
+        weights["towers"] = dense_bytes(towers, 2)
+    trainable = lora_param_count(arch, plan.lora_rank, plan.lora_targets)
+    adapters = {"lora_params": lora_param_bytes(trainable, lora_bytes)}
+    grads = {"lora_grads": lora_grad_bytes(trainable, lora_bytes)}
+    optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer, master_weights=lora_bytes == 2)}
+
+    kernel = "eager" if plan.attention == "eager" else "flash"
+    recipe = ActivationRecipe(
+        act_bytes=ACT, kernel=lambda layer: kernel, fused_glu=True, lora_rank=plan.lora_rank,
+        lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"))
+    kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
+    persistent, layer_set = activation_bytes(arch, b, s, plan.checkpointing, recipe, layers_kept=kept)
+    model_level = model_level_activations(arch, tokens, ACT, per_layer_copies=2)
+
+    softcap = arch.final_logit_softcapping is not None
+    if plan.loss == "chunked":
+        # the chunked loss computes its gradient during the forward: its buffers peak there, not in backward
+        forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h)
+        backward_parts = {"activations": persistent + layer_set}
+    else:
+        forward_loss = full_logits_forward_bytes(tokens, arch.vocab_size, ACT, softcap)
+        loss = full_logits_peak_bytes(tokens, arch.vocab_size, ACT, softcap)
+        held = held_logits_bytes(tokens, arch.vocab_size, ACT)
+        backward_parts = ({"activations": persistent, "logits_loss": loss} if loss >= held + layer_set
+                          else {"activations": persistent + layer_set, "logits_loss": held})
+
+    static = {**weights, **adapters, **optim}
+    fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss))
+    phases = {
+        # quantizing at load holds one layer's bf16 weight beside its packed copy
+        "load": {**weights, **adapters, "load_transient": 2 * arch.largest_linear_params},
+        "forward": {**static, **model_level, "activations": persistent, "logits_loss": forward_loss},
+        "backward": {**static, **grads, **model_level, **backward_parts},
+        "optimizer_step": {**static, **grads},
+    }
+    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"))

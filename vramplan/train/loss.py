@@ -1,0 +1,51 @@
+"""The training loss: the decoder's hidden states through the fused LM head + cross-entropy.
+
+The model's own ``forward(labels=...)`` path is never used in training: it materialises
+b·s·V logits, upcasts them to fp32 and keeps their gradient (2.1 GB per copy at s=4096,
+V=128k). ``ops.linear_cross_entropy`` computes the same loss in chunks of tokens.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from vramplan.train import ops
+
+
+def lm_head_of(model: nn.Module) -> nn.Linear:
+    head = model.get_output_embeddings()
+    if head is None:
+        raise AssertionError(f"{type(model).__name__} has no output embeddings")
+    return head
+
+
+def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
+    """The final-norm hidden states of the decoder, with no cache (training)."""
+    out = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
+    return out.last_hidden_state
+
+
+def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sum of the token losses of one micro-batch and its number of target tokens."""
+    hidden = hidden_states(model, batch)
+    head = lm_head_of(model)
+    softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+    return ops.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=head.bias, softcap=softcap, reduction="sum")
+
+
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+    """Forward + backward over the micro-batches of one optimizer step; return (mean token loss, target tokens).
+
+    Every micro-batch's summed loss is divided by the target-token count of the WHOLE
+    accumulated batch, so the gradient equals that of one big batch; averaging per micro-batch
+    would weight the tokens of short micro-batches more.
+    """
+    total_targets = int(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches))
+    denominator = max(total_targets, 1)
+    loss_sum = 0.0
+    for mb in micro_batches:
+        loss, _ = summed_loss(model, mb)
+        (loss / denominator).backward()
+        loss_sum += float(loss.detach())
+    return loss_sum / denominator, total_targets

@@ -1,0 +1,175 @@
+"""Load a local Hugging Face model for QLoRA training: quantize layer by layer, add LoRA, freeze the rest.
+
+The bf16 model is read into CPU memory; then one decoder layer at a time moves to the training
+device and its target linears are quantized there, so the GPU never holds the whole bf16 model
+(a 8 B model would need 16 GB for a moment that NF4 brings down to ~5 GB).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from vramplan.errors import VramplanError
+from vramplan.plan import Plan
+from vramplan.train import patching
+from vramplan.train.ops import QLoRALinear
+
+DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
+
+
+def compute_dtype(plan: Plan, device: torch.device) -> torch.dtype:
+    """bf16/fp16 on a GPU as planned; fp32 on the CPU, where half-precision matmuls are slow and only tests run."""
+    return DTYPES[plan.compute_dtype] if device.type == "cuda" else torch.float32
+
+
+def read_config(model_dir: str | Path) -> dict:
+    path = Path(model_dir) / "config.json"
+    if not path.is_file():
+        raise VramplanError(f"--model {model_dir} has no config.json; pass a local Hugging Face model folder")
+    return json.loads(path.read_text())
+
+
+def load_base_model(model_dir: str | Path, dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
+    """The causal LM on the CPU. A multimodal Gemma 4 checkpoint loads as its text model only:
+    the vision and audio towers are never built, let alone moved to the GPU."""
+    from transformers import AutoModelForCausalLM
+
+    config = read_config(model_dir)
+    if config.get("model_type") == "gemma4":
+        return _load_gemma4_text(model_dir, dtype, attention)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=attention)
+    return model
+
+
+def _load_gemma4_text(model_dir: str | Path, dtype: torch.dtype, attention: str) -> nn.Module:
+    from transformers import AutoConfig
+    from transformers.models.gemma4.modeling_gemma4 import Gemma4ForCausalLM
+
+    text_config = AutoConfig.from_pretrained(model_dir).get_text_config()
+    from transformers.utils import logging as hf_logging
+
+    # the checkpoint's text weights live under model.language_model.*; the towers' weights are read past,
+    # and the report listing them as unexpected (hundreds of lines for E2B) is silenced
+    verbosity = hf_logging.get_verbosity()
+    hf_logging.set_verbosity_error()
+    try:
+        return Gemma4ForCausalLM.from_pretrained(model_dir, config=text_config, dtype=dtype, attn_implementation=attention,
+                                                 key_mapping={r"^model\.language_model\.": "model."})
+    finally:
+        hf_logging.set_verbosity(verbosity)
+
+
+def decoder_layers(model: nn.Module) -> nn.ModuleList:
+    layers = getattr(model.get_decoder(), "layers", None)
+    if not isinstance(layers, nn.ModuleList):
+        raise VramplanError(f"{type(model).__name__} has no decoder layer list; vramplan train supports decoder-only LMs")
+    return layers
+
+
+def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> list[str]:
+    """Quantize + add LoRA layer by layer on ``device``, then move the rest; return the adapted module paths."""
+    model.requires_grad_(False)
+    lora_dtype = DTYPES[plan.lora_dtype]
+    quant = "nf4" if plan.quant == "nf4" else "bf16"
+    if plan.quant == "int8":
+        raise VramplanError("plan quant 'int8' is not supported by vramplan train yet; use nf4 or bf16")
+    if host_per_layer_embeddings is None:
+        host_per_layer_embeddings = device.type == "cuda"
+    if host_per_layer_embeddings:
+        patching.keep_per_layer_embeddings_on_host(model)
+    adapted = []
+    prefix = _layers_path(model)
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.to(device)
+        names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant, lora_dtype)
+        adapted += [f"{prefix}.{index}.{name}" for name in names]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    if not adapted:
+        raise VramplanError(f"none of the LoRA targets {', '.join(plan.lora_targets)} is a linear layer of this model; "
+                            "set lora_targets to its projection names")
+    model.to(device)  # the rest: embeddings, norms, LM head (host-resident tables and NF4 weights stay put)
+    patching.apply_kernel_patches(model)
+    model.config.use_cache = False
+    return adapted
+
+
+def _layers_path(model: nn.Module) -> str:
+    layers = decoder_layers(model)
+    for path, module in model.named_modules():
+        if module is layers:
+            return path
+    raise AssertionError("decoder layers not found by identity")
+
+
+def lora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
+    return {path: m for path, m in model.named_modules() if isinstance(m, QLoRALinear)}
+
+
+def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
+    params = []
+    for module in lora_modules(model).values():
+        params += [module.lora_A.weight, module.lora_B.weight]
+    return params
+
+
+def enable_checkpointing(model: nn.Module, offload: bool = False) -> None:
+    """Recompute each decoder layer in backward (non-reentrant, so no input needs requires_grad).
+
+    Non-reentrant, not reentrant: Gemma 4's shared-KV layers use K/V computed inside earlier
+    layers, and only the non-reentrant form keeps the gradient flowing back into those layers.
+    With ``offload`` each layer's input also waits for the backward pass in host memory.
+    """
+    import warnings
+
+    with warnings.catch_warnings():  # renamed activation_checkpointing_enable after 5.17; the old name works in both
+        warnings.simplefilter("ignore", FutureWarning)
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    if offload:
+        for layer in decoder_layers(model):
+            layer._gradient_checkpointing_func = checkpoint_with_input_on_host
+
+
+def checkpoint_with_input_on_host(fn, hidden, *args):
+    """Non-reentrant checkpoint of ``fn(hidden, *args)`` that keeps ``hidden`` in (pinned) host memory.
+
+    A checkpointed layer still holds its input until backward: b·s·h values per layer (1 GB
+    for an 8 B model at 4,096 tokens). Recompute only has to reproduce the saved values, not
+    the graph, so it may start from a copy brought back from the host: the forward graph,
+    built from the real input, is what the gradient flows through.
+    """
+    if not isinstance(hidden, torch.Tensor) or not torch.is_grad_enabled():
+        return torch.utils.checkpoint.checkpoint(fn, hidden, *args, use_reentrant=False)
+    device, requires_grad = hidden.device, hidden.requires_grad
+    box = {"input": hidden}
+
+    def run(*rest):
+        layer_input = box.pop("input", None)
+        if layer_input is None:  # the recompute in backward
+            layer_input = box["host"].to(device, non_blocking=True).requires_grad_(requires_grad)
+        return fn(layer_input, *rest)
+
+    out = torch.utils.checkpoint.checkpoint(run, *args, use_reentrant=False)
+    pin = device.type == "cuda"
+    host = torch.empty(hidden.shape, dtype=hidden.dtype, device="cpu", pin_memory=pin)
+    host.copy_(hidden.detach(), non_blocking=pin)
+    box["host"] = host
+    return out
+
+
+def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device,
+                      host_per_layer_embeddings: bool | None = None) -> tuple[nn.Module, list[str]]:
+    """The model ready to train; ``host_per_layer_embeddings`` None means: on the host when training on a GPU."""
+    dtype = compute_dtype(plan, device)
+    model = load_base_model(model_dir, dtype, plan.attention)
+    adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings)
+    for param in lora_parameters(model):
+        param.requires_grad_(True)
+    if plan.checkpointing != "none":
+        enable_checkpointing(model, offload=plan.checkpointing == "offload")
+    model.train()
+    return model, adapted

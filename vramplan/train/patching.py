@@ -1,0 +1,90 @@
+"""Module surgery on a loaded transformers model: each patch is one small function.
+
+``patch_model`` applies them in one visible place. Kernel patches (RMSNorm, RoPE, SwiGLU/GeGLU
+from ``vramplan.train.ops``) are added to ``KERNEL_PATCHES`` as ``(module class name, function)``
+pairs; each function takes a module and returns a replacement (or patches it in place and
+returns it), so a new kernel is one entry, not a new walk over the model.
+
+What a patch must never do: change the forward loop of the decoder. Gemma 4's shared-KV
+layers read K/V that earlier layers hand over through ``shared_kv_states``; replacing the
+attention modules or the layer loop is how the upstream KV-sharing bug came back (tests in
+tests/test_train_gemma4.py compare cached and uncached logits).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from vramplan.train import ops
+
+#: (class name of a transformers module, function returning its replacement). Filled at merge.
+KERNEL_PATCHES: list[tuple[str, Callable[[nn.Module], nn.Module]]] = []
+
+
+def replace_modules(root: nn.Module, choose: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
+    """Replace every submodule for which ``choose(path, module)`` returns a module; return the paths."""
+    replaced = []
+    for path, module in list(root.named_modules()):
+        new = choose(path, module)
+        if new is None or new is module:
+            continue
+        parent_path, _, name = path.rpartition(".")
+        setattr(root.get_submodule(parent_path) if parent_path else root, name, new)
+        replaced.append(path)
+    return replaced
+
+
+def add_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, quant: str, double_quant: bool,
+             lora_dtype: torch.dtype) -> list[str]:
+    """Swap the target linears of one decoder layer for QLoRALinear (quantized where the layer lives)."""
+
+    def choose(path: str, module: nn.Module):
+        if isinstance(module, nn.Linear) and path.rpartition(".")[2] in targets:
+            return ops.QLoRALinear.from_linear(module, rank=rank, alpha=alpha, quant=quant, double_quant=double_quant,
+                                               lora_dtype=lora_dtype)
+        return None
+
+    return replace_modules(layer, choose)
+
+
+def apply_kernel_patches(model: nn.Module) -> list[str]:
+    patches = dict(KERNEL_PATCHES)
+    return replace_modules(model, lambda path, module: patches[type(module).__name__](module)
+                           if type(module).__name__ in patches else None)
+
+
+class HostResidentEmbedding(nn.Module):
+    """An embedding table kept in CPU memory; only the looked-up rows travel to the GPU.
+
+    Gemma 4's per-layer embeddings (``embed_tokens_per_layer``: 2.35 B parameters in E2B) are
+    pure lookups and frozen, so keeping them on the host saves GBs of GPU memory for a copy of
+    b·s·layers·256 values per step. The table is a plain attribute, not a parameter or buffer,
+    so ``model.to("cuda")`` leaves it where it is.
+    """
+
+    def __init__(self, embedding: nn.Embedding):
+        super().__init__()
+        weight = embedding.weight.detach().to("cpu")
+        self.table = weight.pin_memory() if torch.cuda.is_available() else weight
+        self.padding_idx = embedding.padding_idx
+        scale = getattr(embedding, "scalar_embed_scale", 1.0)
+        self.embed_scale = float(scale)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = F.embedding(input_ids.to("cpu"), self.table, self.padding_idx)
+        rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
+        return rows.to(input_ids.device, non_blocking=True)
+
+
+def keep_per_layer_embeddings_on_host(model: nn.Module) -> bool:
+    """Move Gemma 4's per-layer embedding table out of the model's device placement; True if there was one."""
+    base = model.get_decoder() if hasattr(model, "get_decoder") else model
+    table = getattr(base, "embed_tokens_per_layer", None)
+    if not isinstance(table, nn.Embedding):
+        return False
+    base.embed_tokens_per_layer = HostResidentEmbedding(table)
+    return True

@@ -1,0 +1,274 @@
+"""The QLoRA training recipe, top to bottom: config -> data -> model -> optimizer -> loop -> adapter.
+
+No trainer class hides the loop: read ``train`` from the first line to the last and you have
+read the run. Everything it calls is a small function in this package.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+
+from vramplan.errors import VramplanError
+from vramplan.plan import Plan
+from vramplan.train import adapter, checkpoint, data, metrics
+from vramplan.train.loss import accumulate_gradients
+from vramplan.train.model import load_for_training, lora_parameters, read_config
+
+SCHEDULES = ("cosine", "linear", "constant")
+
+
+@dataclass
+class TrainConfig:
+    plan: Plan
+    model_dir: str
+    data: str
+    output: str
+    resume: str | None = None
+    steps: int | None = None
+    epochs: float | None = None
+    lr: float = 2e-4
+    schedule: str = "cosine"
+    warmup_steps: int | None = None  # None: 3% of the steps
+    max_grad_norm: float = 1.0
+    weight_decay: float = 0.0
+    save_every: int | None = None
+    log_every: int = 1
+    overlong: str = "truncate"
+    seed: int = 0
+    merge: bool = False
+    device: str | None = None
+    host_per_layer_embeddings: bool | None = None  # Gemma 4's per-layer tables in host memory; None: yes on a GPU
+    stop_after: int | None = None  # stop at this step with a checkpoint, as Ctrl-C would (time-limited jobs)
+    progress: bool = True
+    notes: list[str] = field(default_factory=list)
+
+
+def planned_peak_bytes(plan: Plan, model_dir: str) -> int | None:
+    """The planner's predicted peak for this plan, shown next to the measured peak on OOM.
+
+    Wired by the lead to ``vramplan.estimate.estimate_plan(plan, profile, gpu)``; None until then.
+    """
+    return None
+
+
+def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weight_decay: float, device: torch.device):
+    """bitsandbytes 8-bit AdamW (paged: states move to the host under pressure) or torch AdamW.
+
+    Returns (optimizer, note); the note says when the plan's optimizer could not run here and
+    torch AdamW stands in (bitsandbytes' 8-bit optimizers need its native library for the device).
+    """
+    if plan.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), None
+    import bitsandbytes as bnb
+
+    cls = bnb.optim.PagedAdamW8bit if plan.optimizer == "paged_adamw8bit" else bnb.optim.AdamW8bit
+    if device.type != "cuda" and not _optimizer_steps_on(cls, device):
+        note = f"optimizer {plan.optimizer} does not run on the {device.type} here; using torch AdamW"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
+    return cls(params, lr=lr, weight_decay=weight_decay), None
+
+
+def _optimizer_steps_on(cls, device: torch.device) -> bool:
+    """Whether one step of ``cls`` runs on ``device`` (bitsandbytes' CPU support depends on its build)."""
+    probe = torch.nn.Parameter(torch.zeros(4096, device=device))  # 8-bit state starts at 4,096 elements
+    probe.grad = torch.ones_like(probe)
+    try:
+        cls([probe], lr=1e-3).step()
+        return True
+    except Exception:  # any failure of the native library means: not here
+        return False
+
+
+def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
+    """Linear warmup to the peak LR, then cosine or linear decay to zero (or constant)."""
+    if schedule not in SCHEDULES:
+        raise VramplanError(f"--schedule {schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+    def factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / (warmup + 1)
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        if schedule == "cosine":
+            return 0.5 * (1.0 + math.cos(math.pi * progress))
+        if schedule == "linear":
+            return 1.0 - progress
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan: Plan, seed: int):
+    """The micro-batches of the next optimizer step, advancing the data position in ``state``."""
+    micro = []
+    for _ in range(plan.grad_accum):
+        order = data.epoch_order(len(dataset.rows), seed, state.epoch)
+        rows = [dataset.rows[i] for i in order[state.cursor:state.cursor + plan.micro_batch]]
+        state.cursor += len(rows)
+        if state.cursor >= len(order):
+            state.epoch, state.cursor = state.epoch + 1, 0
+        micro.append(data.collate(rows, dataset.pad_token_id))
+    return micro
+
+
+def total_steps(cfg: TrainConfig, dataset: data.Dataset) -> int:
+    if cfg.steps is not None:
+        return cfg.steps
+    rows_per_step = cfg.plan.micro_batch * cfg.plan.grad_accum
+    return max(1, math.ceil((cfg.epochs or 1.0) * len(dataset.rows) / rows_per_step))
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    torch.manual_seed(seed)
+
+
+def train(cfg: TrainConfig) -> dict:
+    """Run the recipe; return a summary (steps, final loss, paths)."""
+    plan, out = cfg.plan, Path(cfg.output)
+    if plan.gpus > 1 or plan.parallel != "none":
+        raise VramplanError(f"the plan asks for {plan.gpus} GPUs ({plan.parallel}); vramplan train runs on one GPU so far: "
+                            "set gpus 1 and parallel none")
+    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    seed_everything(cfg.seed)
+
+    # 1. Data first: a malformed line fails in seconds, before the model (or even its tokenizer) loads.
+    from transformers import AutoTokenizer
+
+    records = data.read_jsonl(cfg.data)
+    read_config(cfg.model_dir)
+    tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
+    dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong, records=records)
+    steps = total_steps(cfg, dataset)
+    _say(cfg, f"data: {dataset.n_examples} examples packed into {len(dataset.rows)} rows of at most {plan.seq_len} tokens; "
+              f"{dataset.n_truncated} truncated, {dataset.n_dropped} dropped (--overlong {cfg.overlong})")
+    warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * steps)
+
+    # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen.
+    model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
+    params = lora_parameters(model)
+    for param in params:
+        param.requires_grad_(True)
+
+    # 3. Optimizer and schedule.
+    optimizer, note = make_optimizer(params, plan, cfg.lr, cfg.weight_decay, device)
+    if note:
+        cfg.notes.append(note)
+        _say(cfg, f"note: {note}")
+    scheduler = make_scheduler(optimizer, cfg.schedule, warmup, steps)
+
+    # 4. Resume: LoRA weights, optimizer, scheduler, RNG and the data position.
+    state = checkpoint.TrainState()
+    if cfg.resume:
+        state = checkpoint.load_checkpoint(Path(cfg.resume) / "checkpoint", model, optimizer, scheduler)
+    log = metrics.MetricsLog(out / "metrics.jsonl")
+    log.drop_after(state.step)
+    save = lambda: checkpoint.save_checkpoint(out / "checkpoint", model, plan, cfg.model_dir, optimizer, scheduler, state)  # noqa: E731
+
+    # 5. The loop.
+    bar = _progress(cfg, steps, state.step)
+    loss = float("nan")
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    committed = dataclasses.replace(state)  # the position after the last finished step
+    try:
+        while state.step < steps:
+            started = time.perf_counter()
+            micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in next_micro_batches(dataset, state, plan, cfg.seed)]
+            loss, n_targets = accumulate_gradients(model, micro_batches)
+            if not math.isfinite(loss):
+                raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
+            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            if not math.isfinite(grad_norm):
+                raise VramplanError(f"the gradient became {grad_norm} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            if device.type == "cuda":
+                torch.cuda.synchronize()
+            state.step += 1
+            tokens = sum(int(mb["input_ids"].numel()) for mb in micro_batches)
+            state.tokens_seen += tokens
+            seconds = time.perf_counter() - started
+            record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                      "target_tokens": n_targets, "tokens_per_s": tokens / seconds, **metrics.memory_stats()}
+            if state.step % cfg.log_every == 0 or state.step == steps:
+                log.write(record)
+            _update_progress(bar, record)
+            committed = dataclasses.replace(state)
+            if cfg.save_every and state.step % cfg.save_every == 0:
+                save()
+            if cfg.stop_after is not None and state.step >= cfg.stop_after and state.step < steps:
+                raise KeyboardInterrupt
+    except KeyboardInterrupt:
+        # a step cut short applied nothing: save the position before its micro-batches, so resume redoes it
+        state = committed
+        optimizer.zero_grad(set_to_none=True)
+        save()
+        return {"steps": state.step, "loss": loss, "interrupted": True, "output": str(out), "notes": cfg.notes}
+    except torch.cuda.OutOfMemoryError:
+        measured = torch.cuda.max_memory_allocated()
+        planned = planned_peak_bytes(plan, cfg.model_dir)
+        predicted = f"the plan predicted {planned / 1e9:.2f} GB" if planned else "no prediction for this plan"
+        raise VramplanError(f"CUDA out of memory at step {state.step + 1}: measured peak {measured / 1e9:.2f} GB, {predicted}; "
+                            "lower --seq or --batch, or use --checkpointing offload (the last checkpoint is kept)") from None
+    finally:
+        _close(bar)
+
+    # 6. The adapter, a final checkpoint, the loss curve and (optionally) a merged model.
+    save()
+    checkpoint.write_dir_atomic(out / "adapter", lambda folder: adapter.write_adapter(folder, model, plan, cfg.model_dir))
+    records = log.read()
+    if records:
+        metrics.plot_loss(records, out / "loss.png")
+    if cfg.merge:
+        export_merged(cfg.model_dir, out / "adapter", out / "merged", plan)
+    return {"steps": state.step, "loss": loss, "interrupted": False, "output": str(out), "adapted_modules": len(adapted),
+            "examples": dataset.n_examples, "truncated": dataset.n_truncated, "dropped": dataset.n_dropped,
+            "notes": cfg.notes}
+
+
+def export_merged(model_dir: str, adapter_dir: Path, folder: Path, plan: Plan) -> None:
+    """bf16 base + scale·B·A written as a plain Hugging Face model (from the original bf16 weights, on the CPU)."""
+    from transformers import AutoTokenizer
+
+    from vramplan.train.model import load_base_model
+
+    base = load_base_model(model_dir, torch.bfloat16, plan.attention)
+    adapter.merge_into_base(base, adapter.read_adapter_weights(adapter_dir), plan.alpha / plan.lora_rank)
+    base.save_pretrained(folder)
+    AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+
+
+def _say(cfg: TrainConfig, line: str) -> None:
+    if cfg.progress:
+        print(line, file=sys.stderr)
+
+
+def _progress(cfg: TrainConfig, steps: int, start: int):
+    if not cfg.progress:
+        return None
+    from tqdm import tqdm
+
+    return tqdm(total=steps, initial=start, desc="train", unit="step")
+
+
+def _update_progress(bar, record: dict) -> None:
+    if bar is None:
+        return
+    peak = record.get("peak_allocated")
+    bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
+                    peak=f"{peak / 1e9:.2f}GB" if peak else "-")
+    bar.update(1)
+
+
+def _close(bar) -> None:
+    if bar is not None:
+        bar.close()
