@@ -4,10 +4,10 @@ import time
 
 import pytest
 
-from vramplan.catalog import resolve_gpu, resolve_model
+from vramplan.catalog import list_gpus, resolve_gpu, resolve_model
 from vramplan.errors import VramplanError
 from vramplan.estimate import DRIVER_RESERVE_BYTES, budget_bytes, estimate_plan
-from vramplan.fit import fit_plan, safety_margin
+from vramplan.fit import fit_plan, leanest_plan, safety_margin, smallest_gpu_for
 from vramplan.plan import Plan
 
 GEMMA = resolve_model("gemma-4-e2b-text")
@@ -48,7 +48,12 @@ def test_impossible_budget_names_shortfall_and_gpu():
     with pytest.raises(VramplanError) as err:
         fit_plan(GEMMA, budget=1 * 10**9, base=Plan(model=GEMMA.name, seq_len=2048))
     message = str(err.value)
-    assert "more than" in message and "rtx-4060" in message and "\n" not in message
+    needed = estimate_plan(leanest_plan(Plan(model=GEMMA.name, seq_len=2048), 2048), GEMMA).peak_bytes
+    smallest = smallest_gpu_for(needed)
+    assert "more than" in message and f"is {smallest.name} (" in message and "\n" not in message
+    # no catalog GPU with less memory would hold it
+    assert all(g.memory_bytes >= smallest.memory_bytes for g in list_gpus()
+               if budget_bytes(g) - safety_margin(budget_bytes(g)) >= needed)
 
 
 def test_search_is_fast():
