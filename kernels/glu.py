@@ -158,3 +158,22 @@ def gated_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor, inplace_backward: b
     act = gated_mlp_act(hf_activation(mlp), mlp.gate_proj(x), mlp.up_proj(x), inplace_backward)
     return mlp.down_proj(act)
 
+
+class GatedMLP(torch.nn.Module):
+    """Drop-in for an HF gated MLP: the same projection modules (LoRA-wrapped or quantized ones
+    included, under the same names), with the fused activation between them."""
+
+    def __init__(self, gate_proj: torch.nn.Module, up_proj: torch.nn.Module, down_proj: torch.nn.Module, kind: str):
+        super().__init__()
+        if kind not in _KINDS:
+            raise ValueError(f"glu: no fused kernel for activation {kind!r}; choose one of {', '.join(_KINDS)}")
+        self.gate_proj, self.up_proj, self.down_proj, self.kind = gate_proj, up_proj, down_proj, kind
+
+    @classmethod
+    def from_hf(cls, mlp: torch.nn.Module) -> "GatedMLP":
+        return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, hf_activation(mlp))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        act = gated_mlp_act(self.kind, self.gate_proj(x), self.up_proj(x), inplace_backward=True)
+        return self.down_proj(act)
+

@@ -159,7 +159,8 @@ def rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
 
 
-def _rope_reference_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
+def rope_reference_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1) -> torch.Tensor:
+    """One tensor rotated as transformers does it (and its partial-rotary split), out of place."""
     cos, sin = _batched(cos).unsqueeze(unsqueeze_dim), _batched(sin).unsqueeze(unsqueeze_dim)
     rotary_dim = cos.shape[-1]
     if rotary_dim == x.shape[-1]:
@@ -169,12 +170,12 @@ def _rope_reference_one(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, u
 
 
 def rope_reference(q, k, cos, sin, unsqueeze_dim: int = 1, rotated_pairs: int | None = None):
-    """transformers' apply_rotary_pos_emb (and its partial-rotary split) in plain PyTorch, out of place.
+    """transformers' apply_rotary_pos_emb in plain PyTorch, out of place.
 
     ``rotated_pairs`` is accepted for symmetry and ignored: it only promises cos = 1, sin = 0
     beyond it, which this computes anyway.
     """
-    return _rope_reference_one(q, cos, sin, unsqueeze_dim), _rope_reference_one(k, cos, sin, unsqueeze_dim)
+    return rope_reference_one(q, cos, sin, unsqueeze_dim), rope_reference_one(k, cos, sin, unsqueeze_dim)
 
 
 def proportional_rotated_pairs(head_dim: int, partial_rotary_factor: float) -> int:
@@ -189,20 +190,28 @@ def _in_place(x: torch.Tensor) -> bool:
     return x._base is None and x.grad_fn is not None
 
 
-def apply_rope(
-    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    unsqueeze_dim: int = 1, rotated_pairs: int | None = None,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k by the positions in cos/sin; use the returned tensors (the Triton path
-    rotates in place where that is free, see RopeFunction).
+def apply_rope_one(
+    x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1, rotated_pairs: int | None = None,
+) -> torch.Tensor:
+    """Rotate one tensor: the signature of Gemma 4's ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)``,
+    which rotates q and k in separate calls (its shared-KV layers rotate only q). Use the returned
+    tensor: the Triton path rotates in place where that is free (see RopeFunction).
 
     ``unsqueeze_dim`` means what it means in transformers: 1 for [batch, heads, seq, head_dim],
     2 for [batch, seq, heads, head_dim].
     """
-    if unsqueeze_dim not in (1, 2) or q.dim() != 4 or k.dim() != 4:
+    if unsqueeze_dim not in (1, 2) or x.dim() != 4:
         raise ValueError("rope: q and k must be 4-D and unsqueeze_dim 1 (b,h,s,d) or 2 (b,s,h,d)")
-    half, pairs = _layout(q, cos, rotated_pairs)
-    if use_triton(q):
-        return (RopeFunction.apply(q, cos, sin, unsqueeze_dim, half, pairs, _in_place(q)),
-                RopeFunction.apply(k, cos, sin, unsqueeze_dim, half, pairs, _in_place(k)))
-    return rope_reference(q, k, cos, sin, unsqueeze_dim)
+    half, pairs = _layout(x, cos, rotated_pairs)
+    if use_triton(x):
+        return RopeFunction.apply(x, cos, sin, unsqueeze_dim, half, pairs, _in_place(x))
+    return rope_reference_one(x, cos, sin, unsqueeze_dim)
+
+
+def apply_rope(
+    q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+    unsqueeze_dim: int = 1, rotated_pairs: int | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rotate q and k: the arguments of Llama's ``apply_rotary_pos_emb`` (see ``apply_rope_one``)."""
+    return (apply_rope_one(q, cos, sin, unsqueeze_dim, rotated_pairs),
+            apply_rope_one(k, cos, sin, unsqueeze_dim, rotated_pairs))

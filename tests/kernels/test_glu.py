@@ -12,8 +12,8 @@ from transformers.models.gemma4.modeling_gemma4 import Gemma4TextMLP
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 from vramplan_kernels.dispatch import kernel_mode
-from vramplan_kernels.glu import (gated_mlp_act, gated_mlp_forward, geglu, geglu_reference, hf_activation,
-                                  swiglu, swiglu_reference)
+from vramplan_kernels.glu import (GatedMLP, gated_mlp_act, gated_mlp_forward, geglu, geglu_reference,
+                                  hf_activation, swiglu, swiglu_reference)
 
 OPS = {"swiglu": swiglu, "geglu": geglu}
 
@@ -118,18 +118,25 @@ def test_gated_mlp_forward_matches_hf_modules_forward_and_backward():
         assert hf_activation(mlp) == kind
         x = torch.randn(2, 3, 24)
         results = []
-        for run in ("hf", "triton"):
+        for run in ("hf", "triton", "module"):
             mlp.zero_grad()
             x_ = x.clone().requires_grad_()
             if run == "hf":
                 out = mlp(x_)
-            else:
+            elif run == "triton":
                 with kernel_mode("triton"):
                     out = gated_mlp_forward(mlp, x_)
+            else:
+                fused = GatedMLP.from_hf(mlp)
+                assert fused.gate_proj is mlp.gate_proj and set(dict(fused.named_parameters())) == set(
+                    dict(mlp.named_parameters()))
+                with kernel_mode("triton"):
+                    out = fused(x_)
             out.square().sum().backward()
             results.append((out.detach(), x_.grad, mlp.gate_proj.weight.grad.clone(), mlp.up_proj.weight.grad.clone()))
-        for got, want in zip(results[1], results[0]):
-            torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+        for result in results[1:]:
+            for got, want in zip(result, results[0]):
+                torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
 
 
 def test_unknown_activation_is_refused():

@@ -12,7 +12,7 @@ from transformers.models.llama.modeling_llama import apply_rotary_pos_emb as lla
 
 from vramplan_kernels.dispatch import kernel_mode
 from vramplan_kernels.rmsnorm import rms_norm
-from vramplan_kernels.rope import apply_rope, proportional_rotated_pairs, rope_reference
+from vramplan_kernels.rope import apply_rope, apply_rope_one, proportional_rotated_pairs, rope_reference
 
 # Two packed sequences in one row: positions restart at the fourth token.
 PACKED = torch.tensor([[0, 1, 2, 0, 1, 2, 3], [0, 1, 2, 3, 4, 5, 6]])
@@ -198,6 +198,19 @@ def test_reference_equals_transformers(dtype):
         got_q, got_k = rope_reference(q, k, cos, sin, unsqueeze_dim=2)
         assert torch.equal(got_q, gemma4_apply(q, cos, sin, unsqueeze_dim=2))
         assert torch.equal(got_k, gemma4_apply(k, cos, sin, unsqueeze_dim=2))
+        with kernel_mode("reference"):
+            assert torch.equal(apply_rope_one(q, cos, sin, unsqueeze_dim=2), gemma4_apply(q, cos, sin, unsqueeze_dim=2))
+
+
+def test_single_tensor_form_as_gemma4_calls_it():
+    # Gemma 4's shared-KV layers rotate only q, one call per tensor.
+    _, rotary = _gemma4_rotary()
+    cos, sin = rotary(torch.zeros(1), PACKED, "full_attention")
+    q = torch.randn(2, 7, 2, 32, dtype=torch.float32)
+    want = gemma4_apply(q, cos, sin, unsqueeze_dim=2)
+    with kernel_mode("triton"):
+        got = apply_rope_one(q.clone(), cos, sin, unsqueeze_dim=2, rotated_pairs=4)
+    torch.testing.assert_close(got, want, rtol=1e-6, atol=1e-6)
 
 
 def test_rejects_bad_layouts():
