@@ -35,23 +35,24 @@ _MAX_FUSED_BYTES = 65536
 
 @triton.jit
 def _rms_norm_forward_kernel(
-    Y, y_row_stride, X, x_row_stride, W, RSTD, n_cols, eps, offset,
-    HAS_WEIGHT: tl.constexpr, LLAMA_CAST: tl.constexpr, ACC: tl.constexpr, BLOCK: tl.constexpr,
+    Y, y_row_stride, X, x_row_stride, W, RSTD, n_rows, n_cols, eps, offset,
+    HAS_WEIGHT: tl.constexpr, LLAMA_CAST: tl.constexpr, ACC: tl.constexpr, ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    rows = tl.program_id(0).to(tl.int64) * ROWS + tl.arange(0, ROWS)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
-    x_in = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0)
+    row_mask = rows < n_rows
+    mask = row_mask[:, None] & (cols < n_cols)[None, :]
+    x_in = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
     x = x_in.to(ACC)
-    rstd = tl.rsqrt(tl.sum(x * x, axis=0) / n_cols + eps)
-    tl.store(RSTD + row, rstd.to(RSTD.dtype.element_ty))
-    x_hat = x * rstd
+    rstd = tl.rsqrt(tl.sum(x * x, axis=1) / n_cols + eps)
+    tl.store(RSTD + rows, rstd.to(RSTD.dtype.element_ty), mask=row_mask)
+    x_hat = x * rstd[:, None]
     if LLAMA_CAST:
         x_hat = x_hat.to(x_in.dtype).to(ACC)
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset
-        x_hat = x_hat * w
-    tl.store(Y + row * y_row_stride + cols, x_hat.to(Y.dtype.element_ty), mask=mask)
+        w = tl.load(W + cols, mask=cols < n_cols, other=0.0).to(ACC) + offset
+        x_hat = x_hat * w[None, :]
+    tl.store(Y + rows[:, None] * y_row_stride + cols[None, :], x_hat.to(Y.dtype.element_ty), mask=mask)
 
 
 @triton.jit
@@ -59,56 +60,64 @@ def _rms_norm_backward_kernel(
     DX, dx_row_stride, DY, dy_row_stride, X, x_row_stride, W, RSTD, DW_PARTIAL,
     n_rows, n_cols, offset, rows_per_program,
     HAS_WEIGHT: tl.constexpr, LLAMA_CAST: tl.constexpr, COMPUTE_DW: tl.constexpr, ACC: tl.constexpr,
-    BLOCK: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
     row_end = min(row_start + rows_per_program, n_rows)
     cols = tl.arange(0, BLOCK)
-    mask = cols < n_cols
+    col_mask = cols < n_cols
     if HAS_WEIGHT:
-        w = tl.load(W + cols, mask=mask, other=0.0).to(ACC) + offset
+        w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC) + offset
     dw = tl.zeros([BLOCK], dtype=ACC)
-    for row in range(row_start, row_end):
-        x_in = tl.load(X + row * x_row_stride + cols, mask=mask, other=0.0)
-        dy = tl.load(DY + row * dy_row_stride + cols, mask=mask, other=0.0).to(ACC)
-        rstd = tl.load(RSTD + row).to(ACC)
-        x_hat = x_in.to(ACC) * rstd
+    for first in range(row_start, row_end, ROWS):
+        rows = first + tl.arange(0, ROWS)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        x_in = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(ACC)
+        x_hat = x_in.to(ACC) * rstd[:, None]
         if HAS_WEIGHT:
             if COMPUTE_DW:
                 if LLAMA_CAST:
-                    dw += dy * x_hat.to(x_in.dtype).to(ACC)
+                    dw += tl.sum(dy * x_hat.to(x_in.dtype).to(ACC), axis=0)
                 else:
-                    dw += dy * x_hat
-            dx_hat = dy * w
+                    dw += tl.sum(dy * x_hat, axis=0)
+            dx_hat = dy * w[None, :]
         else:
             dx_hat = dy
         # d/dx of x·rstd is rstd · (g − x̂ · mean(g · x̂)); the llama path's rounding of x̂ passes
         # gradients through unchanged.
-        dx = rstd * (dx_hat - x_hat * (tl.sum(dx_hat * x_hat, axis=0) / n_cols))
-        tl.store(DX + row * dx_row_stride + cols, dx.to(DX.dtype.element_ty), mask=mask)
+        dot = tl.sum(dx_hat * x_hat, axis=1) / n_cols
+        dx = rstd[:, None] * (dx_hat - x_hat * dot[:, None])
+        tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
-        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=mask)
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
 
 
-def _launch_shape(n_cols: int, element_size: int) -> tuple[int, int]:
+def _launch_shape(n_cols: int, element_size: int) -> tuple[int, int, int]:
+    """(rows per tile, columns per tile, warps). Narrow rows (Gemma's q_norm/k_norm over a
+    256-wide head, 8 heads per token) are stacked into tiles of about 2048 elements, so a program
+    does as much work as one over a 2048-wide row."""
     block = triton.next_power_of_2(n_cols)
     if block * element_size > _MAX_FUSED_BYTES:
         raise ValueError(f"rms_norm: hidden size {n_cols} is over the fused row limit; use the reference")
-    num_warps = 32 if block >= 32768 else 16 if block >= 8192 else 8 if block >= 2048 else 4
-    return block, num_warps
+    rows = max(1, min(16, 2048 // block))
+    tile = rows * block
+    num_warps = 32 if tile >= 32768 else 16 if tile >= 8192 else 8 if tile >= 2048 else 4
+    return rows, block, num_warps
 
 
-def _backward_programs(n_rows: int, n_cols: int, device: torch.device, compute_dw: bool) -> int:
-    """One row per program without dW (most parallelism); with dW, a few programs per SM, each
+def _backward_programs(n_rows: int, tile_rows: int, device: torch.device, compute_dw: bool) -> int:
+    """One tile per program without dW (most parallelism); with dW, a few programs per SM, each
     summing its rows' dW in registers, so the partials to add up stay small."""
+    tiles = triton.cdiv(n_rows, tile_rows)
     if not compute_dw:
-        return n_rows
+        return tiles
     if device.type == "cuda":
-        # Narrow rows put fewer bytes in flight per program: more programs keep the loads coming.
-        per_sm = 4 if n_cols <= 2048 else 2
-        return min(n_rows, per_sm * torch.cuda.get_device_properties(device).multi_processor_count)
-    return min(n_rows, 4)
+        return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+    return min(tiles, 4)
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -136,12 +145,12 @@ class RMSNormFunction(torch.autograd.Function):
         # Gemma's q_norm/k_norm output go through autograd's CopySlices.
         y = torch.empty(x.shape, dtype=out_dtype, device=x.device)
         rstd = torch.empty(n_rows, dtype=_accumulator(x.dtype), device=x.device)
-        block, num_warps = _launch_shape(n_cols, x.element_size())
-        _rms_norm_forward_kernel[(n_rows,)](
+        tile_rows, block, num_warps = _launch_shape(n_cols, x.element_size())
+        _rms_norm_forward_kernel[(triton.cdiv(n_rows, tile_rows),)](
             y, n_cols, x_rows, x_rows.stride(0), weight if weight is not None else x_rows, rstd,
-            n_cols, eps, offset,
+            n_rows, n_cols, eps, offset,
             HAS_WEIGHT=weight is not None, LLAMA_CAST=llama_cast, ACC=_tl_accumulator(x.dtype),
-            BLOCK=block, num_warps=num_warps,
+            ROWS=tile_rows, BLOCK=block, num_warps=num_warps,
         )
         ctx.save_for_backward(x_rows, weight, rstd)
         ctx.offset, ctx.llama_cast, ctx.x_shape = offset, llama_cast, x.shape
@@ -154,16 +163,16 @@ class RMSNormFunction(torch.autograd.Function):
         dy_rows = _as_rows(dy)
         dx = torch.empty(ctx.x_shape, dtype=x_rows.dtype, device=x_rows.device)
         compute_dw = weight is not None and ctx.needs_input_grad[1]
-        programs = max(1, _backward_programs(n_rows, n_cols, x_rows.device, compute_dw))
-        rows_per_program = triton.cdiv(n_rows, programs)
+        tile_rows, block, num_warps = _launch_shape(n_cols, x_rows.element_size())
+        programs = max(1, _backward_programs(n_rows, tile_rows, x_rows.device, compute_dw))
+        rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), tile_rows) * tile_rows
         dw_partial = torch.empty((programs, n_cols) if compute_dw else (1,), dtype=rstd.dtype, device=x_rows.device)
-        block, num_warps = _launch_shape(n_cols, x_rows.element_size())
         _rms_norm_backward_kernel[(programs,)](
             dx, n_cols, dy_rows, dy_rows.stride(0), x_rows, x_rows.stride(0),
             weight if weight is not None else x_rows, rstd, dw_partial,
             n_rows, n_cols, ctx.offset, rows_per_program,
             HAS_WEIGHT=weight is not None, LLAMA_CAST=ctx.llama_cast, COMPUTE_DW=compute_dw,
-            ACC=_tl_accumulator(x_rows.dtype), BLOCK=block, num_warps=num_warps,
+            ACC=_tl_accumulator(x_rows.dtype), ROWS=tile_rows, BLOCK=block, num_warps=num_warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
         return dx, dw, None, None, None

@@ -25,11 +25,14 @@ bf16 = lambda *names: {n: "*bf16" for n in names}
 fp32 = lambda *names: {n: "fp32" for n in names}
 for has_weight, llama in ((True, True), (True, False), (False, False)):
     compile_for_h100(rmsnorm._rms_norm_forward_kernel, {**bf16("Y", "X", "W"), "RSTD": "*fp32", **fp32("eps", "offset")},
-                     {"HAS_WEIGHT": has_weight, "LLAMA_CAST": llama, "ACC": tl.float32, "BLOCK": 4096})
+                     {"HAS_WEIGHT": has_weight, "LLAMA_CAST": llama, "ACC": tl.float32, "ROWS": 1, "BLOCK": 4096})
+compile_for_h100(rmsnorm._rms_norm_forward_kernel, {**bf16("Y", "X", "W"), "RSTD": "*fp32", **fp32("eps", "offset")},
+                 {"HAS_WEIGHT": True, "LLAMA_CAST": False, "ACC": tl.float32, "ROWS": 8, "BLOCK": 256})
 for compute_dw in (True, False):
     compile_for_h100(rmsnorm._rms_norm_backward_kernel,
                      {**bf16("DX", "DY", "X", "W"), "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "offset": "fp32"},
-                     {"HAS_WEIGHT": True, "LLAMA_CAST": True, "COMPUTE_DW": compute_dw, "ACC": tl.float32, "BLOCK": 2048})
+                     {"HAS_WEIGHT": True, "LLAMA_CAST": True, "COMPUTE_DW": compute_dw, "ACC": tl.float32,
+                      "ROWS": 1 if compute_dw else 8, "BLOCK": 2048 if compute_dw else 256})
 for backward in (False, True):
     compile_for_h100(rope._rope_kernel, bf16("X", "Y", "COS", "SIN"),
                      {"BACKWARD": backward, "BLOCK_H": 32, "BLOCK_P": 64, "ACC": tl.float32})

@@ -27,15 +27,19 @@ def _close(got, want, rel):
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])
-@pytest.mark.parametrize("hidden,offset,cast_mode", [(1536, 0.0, "gemma"), (2560, 1.0, "gemma"), (4096, 0.0, "llama")])
+@pytest.mark.parametrize("hidden,offset,cast_mode", [(1536, 0.0, "gemma"), (2560, 1.0, "gemma"), (4096, 0.0, "llama"),
+                                                     (256, 0.0, "gemma")])
 def test_rmsnorm(hidden, offset, cast_mode, dtype, rel):
-    x = torch.randn(TOKENS, hidden, device="cuda", dtype=dtype)
+    x = torch.randn(TOKENS, 8, hidden, device="cuda", dtype=dtype)
     w = torch.rand(hidden, device="cuda", dtype=dtype)
     dy = torch.randn_like(x)
     with kernel_mode("triton"):
         got = _grads(lambda x, w: rms_norm(x, w, 1e-6, offset, cast_mode), [x, w], [dy])
+        got_unweighted = _grads(lambda x: rms_norm(x, None, 1e-6, offset, cast_mode), [x], [dy])
     want = _grads(lambda x, w: rms_norm_reference(x, w, 1e-6, offset, cast_mode), [x.float(), w.float()], [dy.float()])
+    want_unweighted = _grads(lambda x: rms_norm_reference(x, None, 1e-6), [x.float()], [dy.float()])
     _close(got, want, rel)
+    _close(got_unweighted, want_unweighted, rel)
 
 
 @pytest.mark.parametrize("dtype,rel", [(torch.float32, 1e-5), (torch.bfloat16, 2e-2)])

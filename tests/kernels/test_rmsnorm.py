@@ -26,7 +26,7 @@ def _run(x, w, eps, offset, cast_mode, mode):
 
 @pytest.mark.parametrize("offset,cast_mode", CONVENTIONS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-@pytest.mark.parametrize("shape", [(2, 5, 48), (1, 1, 37), (3, 130)])
+@pytest.mark.parametrize("shape", [(2, 5, 48), (1, 1, 37), (3, 130), (100, 24), (7, 3000)])
 def test_kernel_matches_reference(shape, dtype, offset, cast_mode):
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(shape, generator=gen, dtype=dtype) * 3
