@@ -197,7 +197,8 @@ def _nf4_quantize_kernel(
     index = block[:, None] * BLOCKSIZE + tl.arange(0, BLOCKSIZE)[None, :]
     x = tl.load(x_ptr + index, mask=index < n, other=0.0).to(tl.float32)
     absmax = tl.max(tl.abs(x), axis=1)
-    clamped = tl.maximum(absmax, 1e-38)
+    # typed: Triton 3.6 reads a bare 1e-38 (below fp32's normal range) as fp64
+    clamped = tl.maximum(absmax, tl.full(absmax.shape, 1e-38, tl.float32))
     partial = (block + 1) * BLOCKSIZE > n  # bitsandbytes divides in the trailing partial block
     scaled_full = x * tl.math.div_rn(tl.full(clamped.shape, 1.0, tl.float32), clamped)[:, None]
     scaled_tail = tl.math.div_rn(x, tl.broadcast_to(clamped[:, None], x.shape))
