@@ -125,3 +125,14 @@ def test_multimodal_checkpoint_loads_as_text_model_only(tmp_path):
     assert not any("vision" in name for name, _ in model.named_modules())
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=IDS).logits, full(input_ids=IDS).logits)
+
+
+def test_kernel_patches_are_in_place_and_attention_is_untouched(folder):
+    from vramplan_kernels.glu import GatedMLP
+    from vramplan_kernels.rmsnorm import RMSNorm
+
+    model = trainer_model(folder)
+    kinds = {type(m).__name__ for m in model.modules()}
+    assert "Gemma4RMSNorm" not in kinds and "Gemma4TextMLP" not in kinds
+    assert any(isinstance(m, RMSNorm) for m in model.modules()) and any(isinstance(m, GatedMLP) for m in model.modules())
+    assert "Gemma4TextAttention" in kinds  # the shared-KV path stays transformers' own

@@ -4,8 +4,10 @@ The ops live in ``vramplan_kernels``: Triton kernels on CUDA tensors, their PyTo
 on the CPU (see ``vramplan_kernels.dispatch``), so the same trainer runs in CI and on a GPU.
 """
 
+from vramplan_kernels.glu import GatedMLP
 from vramplan_kernels.linear_cross_entropy import linear_cross_entropy
 from vramplan_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
 from vramplan_kernels.qlora_linear import QLoRALinear
+from vramplan_kernels.rmsnorm import RMSNorm
 
-__all__ = ["NF4Tensor", "QLoRALinear", "dequantize_nf4", "linear_cross_entropy", "quantize_nf4"]
+__all__ = ["GatedMLP", "NF4Tensor", "QLoRALinear", "RMSNorm", "dequantize_nf4", "linear_cross_entropy", "quantize_nf4"]

@@ -21,8 +21,17 @@ from torch import nn
 
 from vramplan.train import ops
 
-#: (class name of a transformers module, function returning its replacement). Filled at merge.
-KERNEL_PATCHES: list[tuple[str, Callable[[nn.Module], nn.Module]]] = []
+_RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm",
+              "Gemma2RMSNorm", "Gemma3RMSNorm", "Gemma4RMSNorm")
+_GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "Gemma3MLP", "Gemma4TextMLP")
+
+#: (class name of a transformers module, function returning its replacement): the fused Triton
+#: RMSNorm (weights shared, not copied) and the gated MLP whose activation never stores its
+#: intermediate product twice. Attention and the decoder loop are deliberately not patched.
+KERNEL_PATCHES: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
+    *((name, ops.RMSNorm.from_hf) for name in _RMS_NORMS),
+    *((name, ops.GatedMLP.from_hf) for name in _GATED_MLPS),
+]
 
 
 def replace_modules(root: nn.Module, choose: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
