@@ -35,7 +35,7 @@ def _problem(x_shape, out_features, rank=4, bias=True, lora=True, dtype=torch.fl
 def _forward_and_grads(fn, x, weight, a, b, c, grad_y=None):
     y = fn(x, weight, a, b, 0.5, c)
     if grad_y is None:
-        grad_y = torch.randn(y.shape, generator=_gen(9), dtype=y.dtype)
+        grad_y = torch.randn(y.shape, generator=_gen(9), dtype=y.dtype).to(y.device)
     inputs = [t for t in (x, a, b, c) if t is not None]
     return y, torch.autograd.grad(y, inputs, grad_y), grad_y
 
