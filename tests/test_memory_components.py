@@ -58,9 +58,19 @@ def test_full_logits_copies():
 def test_chunked_loss_never_builds_full_logits():
     t, v, h = 4096, 262144, 1536
     chunk = loss_chunk_tokens(t, v)
-    assert chunk == 64 and chunk * v * 4 <= 64 * 2**20
-    assert chunked_logits_bytes(t, v, h) == chunk * v * 6 + t * h * 4
-    assert chunked_logits_bytes(t, v, h) < t * v * 4 / 10
+    assert chunk == 512 and chunk * v * 2 <= 256 * 2**20  # a multiple of 128 bf16 rows within 256 MiB
+    assert chunked_logits_bytes(t, v, h) == chunk * v * 2 + t * h * 2 + t * 4
+    assert chunked_logits_bytes(t, v, h) < t * v * 4 / 7
+
+
+def test_chunk_rule_matches_the_kernel():
+    from vramplan.memory import logits
+    from vramplan_kernels import linear_cross_entropy as kernel
+    import torch
+
+    assert logits.CHUNK_BUDGET_BYTES == kernel.LOGITS_CHUNK_BYTES
+    for tokens, vocab in [(8192, 262144), (2048, 128256), (100, 151936), (4096, 1000)]:
+        assert logits.loss_chunk_tokens(tokens, vocab) == kernel.default_chunk_size(tokens, vocab, torch.bfloat16)
 
 
 def test_activation_pieces():
@@ -76,7 +86,8 @@ def test_activation_pieces():
 def test_fragmentation_rules():
     assert unreused_segment_bytes(10, 5, 3, allocated_peak=15) == 3
     assert unreused_segment_bytes(10, 5, 3, allocated_peak=20) == 0
-    assert pooled_fragmentation_bytes(1000) == 50
+    assert pooled_fragmentation_bytes(1000) == 170_000_000  # the measured floor
+    assert pooled_fragmentation_bytes(10 * 10**9) == 500_000_000  # 5% of large transients
 
 
 def test_peak_is_max_over_phases_not_a_sum():

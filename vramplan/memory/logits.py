@@ -33,25 +33,27 @@ def held_logits_bytes(tokens: int, vocab: int, logits_bytes: int) -> int:
     return tokens * vocab * logits_bytes
 
 
-#: One fp32 chunk of logits is kept under this size: small enough to vanish beside the
-#: weights, large enough (≥16 rows) that the LM-head matmul stays efficient.
-CHUNK_BUDGET_BYTES = 64 * 2**20
+#: The fused loss keeps one chunk of logits, in the LM head's dtype, under this size; it must
+#: equal ``vramplan_kernels.linear_cross_entropy.LOGITS_CHUNK_BYTES`` (a test checks): the planner
+#: does not import the kernels (they import torch).
+CHUNK_BUDGET_BYTES = 256 * 2**20
 
 
-def loss_chunk_tokens(tokens: int, vocab: int) -> int:
-    """Rows per chunk of the chunked linear cross-entropy: a power of two, 16 to 4096, ≤ the tokens."""
-    chunk = 4096
-    while chunk > 16 and chunk * vocab * FP32 > CHUNK_BUDGET_BYTES:
-        chunk //= 2
+def loss_chunk_tokens(tokens: int, vocab: int, logits_bytes: int = 2) -> int:
+    """Rows per chunk, as the kernel picks them: as many as fit the budget, a multiple of 128 once ≥ 256."""
+    chunk = max(1, CHUNK_BUDGET_BYTES // (vocab * logits_bytes))
+    if chunk >= 256:
+        chunk -= chunk % 128
     return max(1, min(chunk, tokens))
 
 
-def chunked_logits_bytes(tokens: int, vocab: int, hidden: int) -> int:
-    """Chunked linear cross-entropy (Liger's fused linear CE, Apple's cut cross-entropy).
+def chunked_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 2) -> int:
+    """Chunked linear cross-entropy (kernels/linear_cross_entropy.py; Liger's fused linear CE).
 
-    Never builds the b·s·V logits: a chunk of rows is multiplied by the LM head (bf16
-    output), softmaxed in fp32 and turned into its gradient in place, and the hidden
-    states' gradient (fp32, b·s·h) is accumulated as chunks go by.
+    Never builds the b·s·V logits: one chunk of rows is multiplied by the LM head into a
+    reused buffer (the head's dtype), a Triton kernel overwrites it with d loss / d logits
+    in place, and that is multiplied into the hidden states' gradient (b·s·h, the hidden
+    dtype) before the next chunk. Plus the per-token fp32 losses.
     """
-    chunk = loss_chunk_tokens(tokens, vocab)
-    return chunk * vocab * (2 + FP32) + tokens * hidden * FP32
+    chunk = loss_chunk_tokens(tokens, vocab, act_bytes)
+    return chunk * vocab * act_bytes + tokens * hidden * act_bytes + tokens * FP32

@@ -11,9 +11,11 @@ CUDA_CONTEXT_BYTES = 500_000_000
 #: optimizer's kernels). Measured on the hf stack (H100): 0.27–0.43 GB, all five anchors.
 HF_LIBRARY_BYTES = 300_000_000
 
-#: The same for vramplan's trainer: cuBLAS workspace plus its Triton modules. Not yet
-#: measured; a stated assumption until calibration replaces it.
-VRAMPLAN_LIBRARY_BYTES = 150_000_000
+#: The same for vramplan's trainer: cuBLAS workspaces plus its Triton modules and bitsandbytes'
+#: optimizer kernels. Measured on an H100 (benchmarks/results/trainer_h100.jsonl): pynvml used
+#: minus torch's reserved peak was 0.29, 0.29 and 0.30 GB on Llama-3.2-1B (2048, 4096) and
+#: Gemma-4-E2B (2048).
+VRAMPLAN_LIBRARY_BYTES = 290_000_000
 
 
 def cuda_context_bytes() -> int:
@@ -43,7 +45,13 @@ def unreused_segment_bytes(persistent: int, logits_set: int, layer_set: int, all
 #: chunks, one layer's buffers), so cached blocks are reused; a stated 5% margin.
 POOLED_FRAGMENTATION = 0.05
 
+#: What the caching allocator holds beyond the allocated peak even when shapes repeat: 2 MB
+#: segment rounding of the small-block pool, the dequantization buffer as it grows to the
+#: largest weight, the loss chunk's buffer. Measured reserved − allocated on an H100: 0.17,
+#: 0.20 and 0.17 GB (Llama-3.2-1B at 2048 and 4096, Gemma-4-E2B at 2048).
+POOLED_FRAGMENTATION_FLOOR_BYTES = 170_000_000
+
 
 def pooled_fragmentation_bytes(transient: int) -> int:
-    """Fragmentation when transient buffers recur in identical sizes: a fraction of the transient bytes."""
-    return int(POOLED_FRAGMENTATION * transient)
+    """Fragmentation when transient buffers recur in identical sizes: a fraction of the transient bytes, at least the measured floor."""
+    return max(int(POOLED_FRAGMENTATION * transient), POOLED_FRAGMENTATION_FLOOR_BYTES)
