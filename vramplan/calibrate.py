@@ -195,7 +195,7 @@ def run_calibration(plan: Plan, model_dir: str, steps: int = 3, batch: dict | No
 def fit_and_calibrate(model_dir: str, base: Plan, steps: int = 3, device_index: int = 0):
     """`fit --calibrate`: fit to the free memory, measure the chosen plan, refit with the correction.
 
-    Returns (first fit, calibration result, refit). The refit can only differ from the first
+    Returns (first fit, calibration result, refit, the GPU). The refit can only differ from the first
     fit where the measurement moved the prediction across a plan boundary.
     """
     from vramplan.fit import fit_plan
@@ -205,7 +205,7 @@ def fit_and_calibrate(model_dir: str, base: Plan, steps: int = 3, device_index: 
     first = fit_plan(profile, detected.spec, budget=detected.free_bytes, base=base)
     result = run_calibration(first.plan, model_dir, steps=steps, device_index=device_index)
     if result.calibration is None or result.calibration.fit["kind"] == "none":
-        return first, result, first
+        return first, result, first, detected.spec
     refit = fit_plan(profile, detected.spec, budget=detected.free_bytes, base=base,
                      adjust=lambda est: apply_calibration(est, result.calibration)[0])
-    return first, result, refit
+    return first, result, refit, detected.spec
