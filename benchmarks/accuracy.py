@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 from collections import defaultdict
 from pathlib import Path
 from statistics import mean
@@ -36,6 +37,8 @@ from vramplan.plan import Plan
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks/results"
 SOURCES = {"hf": RESULTS / "hf_stack_h100.jsonl", "vramplan": RESULTS / "trainer_h100.jsonl"}
+#: Where --measure appends; read too when present (its rows carry their plan and GPU).
+MEASURED = RESULTS / "accuracy_rows.jsonl"
 OPTIMIZERS = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
 GPU = "h100"
 #: The measurements were taken on the project's H100 machine with torch 2.11; its driver was not recorded.
@@ -52,20 +55,25 @@ def plan_of(record: dict, stack: str) -> Plan:
                 loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype", "fp32"))
 
 
-def measured_rows() -> list[dict]:
-    """Every committed measurement that completed, as (stack, plan, estimate, measured)."""
+def _row(record: dict, stack: str) -> dict | None:
+    if record.get("error") or record.get("fitted") is False or record.get("nvml_used_delta") is None:
+        return None
+    plan = Plan.from_dict(record["plan"]) if isinstance(record.get("plan"), dict) else plan_of(record, stack)
+    profile = resolve_model(plan.model)
+    return {"stack": plan.stack, "plan": plan, "profile": profile, "measured": record["nvml_used_delta"],
+            "peak_alloc": record.get("peak_alloc"), "gpu": record.get("gpu", GPU), "estimate": estimate_plan(plan, profile)}
+
+
+def measured_rows(extra: Path | None = MEASURED) -> list[dict]:
+    """Every committed measurement that completed, with its plan and the uncalibrated estimate."""
+    files = list(SOURCES.items()) + ([("vramplan", extra)] if extra is not None and extra.exists() else [])
     rows = []
-    for stack, path in SOURCES.items():
+    for stack, path in files:
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if "nvml_used_delta" not in record or record.get("error") or record["nvml_used_delta"] is None:
-                continue
-            plan = plan_of(record, stack)
-            profile = resolve_model(plan.model)
-            rows.append({"stack": stack, "plan": plan, "profile": profile, "measured": record["nvml_used_delta"],
-                         "peak_alloc": record.get("peak_alloc"),
-                         "estimate": estimate_plan(plan, profile)})
-    return rows
+            if "nvml_used_delta" in record and (row := _row(record, stack)) is not None:
+                rows.append(row)
+    return [r for r in rows if r["gpu"] == GPU]  # one GPU's calibration per table
 
 
 def choose_calibration_rows(rows: list[dict]) -> None:
@@ -205,20 +213,35 @@ MATRIX = [
 ]
 
 
+def build_random_model_folder(model: str) -> str:
+    """A local model folder with random bf16 weights for a profile (built on the GPU; no download)."""
+    import tempfile
+
+    from benchmarks.trainer import build_random_model
+
+    folder = tempfile.mkdtemp(prefix=f"vramplan-{model}-")
+    build_random_model(model, folder)
+    return folder
+
+
 def measure(out_path: Path, stacks=("vramplan", "hf"), steps: int = 3) -> None:
     """Run MATRIX through both runners on this machine's GPU, appending one JSON line per run."""
-    from vramplan.calibrate import build_random_model_folder, measure_run
+    from vramplan.calibrate import measure_run
+    from vramplan.gpu import detect_gpu
 
+    gpu = detect_gpu().spec.name
     with open(out_path, "a") as handle:
-        for cell in MATRIX:
-            folder = build_random_model_folder(cell["model"])
-            for stack in stacks:
-                plan = Plan(model=cell["model"], quant=cell["quant"], seq_len=cell["seq"], lora_rank=cell["rank"],
-                            checkpointing=cell["checkpointing"], micro_batch=cell["batch"], stack=stack,
-                            loss="full" if stack == "hf" else "chunked")
-                run = measure_run(plan, folder, steps=steps)
-                handle.write(json.dumps(run.to_record()) + "\n")
-                handle.flush()
+        for model in dict.fromkeys(cell["model"] for cell in MATRIX):
+            folder = build_random_model_folder(model)
+            for cell in (c for c in MATRIX if c["model"] == model):
+                for stack in stacks:
+                    plan = Plan(model=model, quant=cell["quant"], seq_len=cell["seq"], lora_rank=cell["rank"],
+                                checkpointing=cell["checkpointing"], micro_batch=cell["batch"], stack=stack,
+                                loss="full" if stack == "hf" else "chunked")
+                    run = measure_run(plan, folder, steps=steps)
+                    handle.write(json.dumps(dict(run.to_record(), gpu=gpu)) + "\n")
+                    handle.flush()
+            shutil.rmtree(folder, ignore_errors=True)
 
 
 def emulated_cap_check(model: str = "llama-3.2-1b", caps_gb=(8, 12, 16), stack: str = "vramplan") -> list[dict]:
@@ -229,7 +252,7 @@ def emulated_cap_check(model: str = "llama-3.2-1b", caps_gb=(8, 12, 16), stack: 
     """
     import torch
 
-    from vramplan.calibrate import build_random_model_folder, measure_run
+    from vramplan.calibrate import measure_run
     from vramplan.fit import fit_plan
 
     folder = build_random_model_folder(model)
@@ -241,9 +264,12 @@ def emulated_cap_check(model: str = "llama-3.2-1b", caps_gb=(8, 12, 16), stack: 
         torch.cuda.set_per_process_memory_fraction(min(1.0, (budget - fitted.estimate.components["cuda_context"]) / total))
         run = measure_run(fitted.plan, folder, steps=3)
         torch.cuda.set_per_process_memory_fraction(1.0)
+        # NVML deltas exclude the context; the estimate's context stands in for it against the budget
+        process = run.measured_process_bytes + fitted.estimate.components["cuda_context"]
         results.append({"cap_gb": cap, "plan": fitted.plan.to_dict(), "predicted_bytes": fitted.estimate.peak_bytes,
-                        "fitted": run.fitted, "measured_bytes": run.measured_process_bytes,
-                        "stayed_inside": run.fitted and run.measured_process_bytes <= budget})
+                        "fitted": run.fitted, "measured_process_bytes": process,
+                        "stayed_inside": run.fitted and process <= budget})
+    shutil.rmtree(folder, ignore_errors=True)
     return results
 
 
