@@ -196,3 +196,41 @@ def test_calibrate_a_tiny_model_on_the_gpu(tmp_path, monkeypatch):
         assert result.run.measured_process_bytes > 0 and result.run.allocated_by_phase["backward"] > 0
         assert result.calibration is not None and len(result.calibration.points) == 1
         assert result.calibration.source.startswith(str(tmp_path / "cache"))
+
+
+def test_random_batch_is_the_worst_case_shape_each_stack_expects():
+    from vramplan.calibrate import random_batch
+
+    ours = random_batch(Plan(model="x", seq_len=32, micro_batch=3), vocab_size=50)
+    assert ours["input_ids"].shape == (3, 32) and (ours["labels"][:, :-1] == ours["input_ids"][:, 1:]).all()
+    assert (ours["labels"][:, -1] == -100).all() and ours["position_ids"][2, 31] == 31
+    hf = random_batch(Plan(model="x", seq_len=32, micro_batch=3, stack="hf", loss="full"), vocab_size=50)
+    assert (hf["labels"] == hf["input_ids"]).all() and "position_ids" not in hf
+
+
+def test_out_of_memory_is_recognised_in_its_library_forms():
+    import torch
+
+    from vramplan.calibrate import _is_out_of_memory
+
+    assert _is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert _is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_report_compares_each_phase_and_the_process(tmp_path):
+    from vramplan.calibrate import CalibrationResult, MeasuredRun, predicted_allocated_by_phase
+    from vramplan.cli.cmd_calibrate import report_lines
+
+    est = _estimate(seq_len=2048)
+    phases = predicted_allocated_by_phase(est)
+    assert phases["load"] == est.phases["load"] - est.components["cuda_context"] - est.components["cuda_libraries"]
+    above = est.peak_bytes - est.components["cuda_context"]
+    run_ = MeasuredRun(plan=est.plan, fitted=True, steps=3, measured_process_bytes=int(above / 1.1),
+                       after_load_allocated=phases["load"], batch_shape=(1, 2048),
+                       allocated_by_phase={"forward": phases["forward"], "backward": phases["backward"], "optimizer": 1})
+    stored = add_point(KEY, point_from(est, run_.measured_process_bytes), tmp_path)
+    text = "\n".join(report_lines(CalibrationResult(est, run_, KEY, stored, 80 * 10**9)))
+    assert "+10.0%" in text and "calibrated prediction" in text and "+0.0%" in text and "stored in" in text
+    oom = MeasuredRun(plan=est.plan, fitted=False, steps=0, measured_process_bytes=10**9, error="out of memory: x")
+    assert "did NOT fit at 8.00 GB free" in "\n".join(report_lines(CalibrationResult(est, oom, KEY, None, 8 * 10**9)))

@@ -125,7 +125,7 @@ def measure_run(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None =
     """Load ``model_dir`` for ``plan`` and run ``steps`` optimizer steps, measuring memory; an OOM is a result."""
     import torch
 
-    from vramplan.measure import NvmlPeakSampler, measure_step
+    from vramplan.measure import NvmlPeakSampler
 
     device = torch.device("cuda", device_index)
     torch.zeros(1, device=device)  # the CUDA context exists before the baseline: NVML deltas exclude it
@@ -134,34 +134,50 @@ def measure_run(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None =
     torch.cuda.reset_peak_memory_stats(device)
     run = MeasuredRun(plan=plan, fitted=True, steps=0, measured_process_bytes=0)
     sampler = NvmlPeakSampler(device_index)
-    held: list = []
     try:
         with sampler:
-            model, optimizer, forward, backward, vocab = _load(plan, model_dir, device)
-            held += [model, optimizer]
-            run.after_load_allocated = torch.cuda.memory_allocated(device)
-            host = batch if batch is not None else random_batch(plan, vocab)
-            on_device = {k: v.to(device) for k, v in host.items()}
-            run.batch_shape = tuple(on_device["input_ids"].shape)
-            for _ in range(steps):
-                def optimizer_step():
-                    optimizer.step()
-                    optimizer.zero_grad(set_to_none=True)
-                peaks = measure_step(lambda: forward(on_device), backward, optimizer_step)
-                for name in ("forward", "backward", "optimizer"):
-                    value = getattr(peaks, f"{name}_allocated")
-                    run.allocated_by_phase[name] = max(run.allocated_by_phase.get(name, 0), value)
-                run.peak_reserved = max(run.peak_reserved, peaks.peak_reserved)
-                run.steps += 1
-    except torch.cuda.OutOfMemoryError as err:
+            _run_steps(run, plan, model_dir, device, steps, batch)
+    except (torch.cuda.OutOfMemoryError, RuntimeError) as err:
+        if not _is_out_of_memory(err):
+            raise
         run.fitted = False
         run.error = f"out of memory: {str(err).splitlines()[0][:200]}"
     finally:
         run.measured_process_bytes = sampler.peak_delta
-        held.clear()
-        gc.collect()
+        gc.collect()  # the model and optimizer died with _run_steps' frame; give their memory back
         torch.cuda.empty_cache()
     return run
+
+
+def _is_out_of_memory(err: BaseException) -> bool:
+    """torch's OOM, or a library's (cuBLAS, bitsandbytes' paged buffers) that surfaces as a RuntimeError."""
+    import torch
+
+    text = str(err)
+    return isinstance(err, torch.cuda.OutOfMemoryError) or "out of memory" in text or "ALLOC_FAILED" in text
+
+
+def _run_steps(run: MeasuredRun, plan: Plan, model_dir: str, device, steps: int, batch: dict | None) -> None:
+    import torch
+
+    from vramplan.measure import measure_step
+
+    model, optimizer, forward, backward, vocab = _load(plan, model_dir, device)
+    run.after_load_allocated = torch.cuda.memory_allocated(device)
+    host = batch if batch is not None else random_batch(plan, vocab)
+    on_device = {k: v.to(device) for k, v in host.items()}
+    run.batch_shape = tuple(on_device["input_ids"].shape)
+
+    def optimizer_step():
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+
+    for _ in range(steps):
+        peaks = measure_step(lambda: forward(on_device), backward, optimizer_step)
+        for name in ("forward", "backward", "optimizer"):
+            run.allocated_by_phase[name] = max(run.allocated_by_phase.get(name, 0), getattr(peaks, f"{name}_allocated"))
+        run.peak_reserved = max(run.peak_reserved, peaks.peak_reserved)
+        run.steps += 1
 
 
 def _detect(device_index: int):
