@@ -242,9 +242,9 @@ def find_calibration(gpu: str, family: str, stack: str, driver_major: int | None
     return max(candidates, key=rank) if candidates else None  # max keeps the first of equals: the cache's
 
 
-def new_calibration(key: CalibrationKey, points: list[CalibrationPoint]) -> Calibration:
+def new_calibration(key: CalibrationKey, points: list[CalibrationPoint], created: str | None = None) -> Calibration:
     return Calibration(key=key, points=tuple(points), fit=fit_correction(points),
-                       created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+                       created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"))
 
 
 def add_point(key: CalibrationKey, point: CalibrationPoint, directory: Path | None = None) -> Calibration:
