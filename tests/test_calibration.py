@@ -191,11 +191,12 @@ def test_calibrate_a_tiny_model_on_the_gpu(tmp_path, monkeypatch):
     folder = build_model(llama_config(), tmp_path / "tiny")
     for stack in ("vramplan", "hf"):
         plan = Plan(model="tiny", seq_len=128, micro_batch=2, stack=stack, loss="full" if stack == "hf" else "chunked")
-        result = run_calibration(plan, str(folder), steps=2)
+        result = run_calibration(plan, str(folder), steps=2, also_in=tmp_path / "commit")
         assert result.run.fitted and result.run.steps == 2 and result.run.batch_shape == (2, 128)
         assert result.run.measured_process_bytes > 0 and result.run.allocated_by_phase["backward"] > 0
         assert result.calibration is not None and len(result.calibration.points) == 1
         assert result.calibration.source.startswith(str(tmp_path / "cache"))
+        assert (tmp_path / "commit" / f"{result.key.slug()}.json").exists()
 
 
 def test_random_batch_is_the_worst_case_shape_each_stack_expects():

@@ -191,8 +191,9 @@ def _detect(device_index: int):
 
 
 def run_calibration(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None = None, device_index: int = 0,
-                    store: bool = True) -> CalibrationResult:
-    """Price, refuse if it cannot fit, measure, and store the point in the user's calibration for this key."""
+                    store: bool = True, also_in=None) -> CalibrationResult:
+    """Price, refuse if it cannot fit, measure, and store the point in the user's calibration for this key
+    (and in the folder ``also_in``, e.g. profiles/calibration of a repository, to commit it)."""
     if steps < 1:
         raise VramplanError(f"--steps is {steps}; run at least 1 step (3 is the default)")
     detected = _detect(device_index)
@@ -204,7 +205,12 @@ def run_calibration(plan: Plan, model_dir: str, steps: int = 3, batch: dict | No
                          driver_major=driver_major(detected.driver), torch_minor=torch_minor())
     calibration = None
     if store:
-        calibration = add_point(key, point_from(est, run.measured_process_bytes, fitted=run.fitted))
+        point = point_from(est, run.measured_process_bytes, fitted=run.fitted)
+        calibration = add_point(key, point)
+        if also_in:
+            from pathlib import Path
+
+            add_point(key, point, Path(also_in))
     return CalibrationResult(predicted=est, run=run, key=key, calibration=calibration, gpu_free_bytes=detected.free_bytes)
 
 

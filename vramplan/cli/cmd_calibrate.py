@@ -56,8 +56,10 @@ def report_lines(result: CalibrationResult) -> list[str]:
 @click.option("--data", "data_path", default=None, type=click.Path(dir_okay=False),
               help="Run the dataset's worst micro-batch instead of random token ids.")
 @click.option("--no-store", is_flag=True, help="Measure and print only; keep no calibration point.")
+@click.option("--also-in", "also_in", default=None, type=click.Path(file_okay=False),
+              help="Also store the point in this folder (e.g. profiles/calibration, to commit it).")
 @json_option
-def calibrate(plan_path, model_dir, stack, steps, data_path, no_store, as_json):
+def calibrate(plan_path, model_dir, stack, steps, data_path, no_store, also_in, as_json):
     """A short profiled dry run of PLAN on this GPU: predicted vs measured, stored as a correction."""
     plan = read_plan(plan_path)
     if stack:
@@ -70,7 +72,7 @@ def calibrate(plan_path, model_dir, stack, steps, data_path, no_store, as_json):
         worst = worst_micro_batch(read_jsonl(data_path), load_tokenizer(model_dir), plan)
         batch = worst_batch_tensors(worst, plan.stack)
         plan = plan.replace(seq_len=worst.width, micro_batch=worst.rows)
-    result = run_calibration(plan, model_dir, steps=steps, batch=batch, store=not no_store)
+    result = run_calibration(plan, model_dir, steps=steps, batch=batch, store=not no_store, also_in=also_in)
     if as_json:
         emit_json({"key": result.key.to_dict(), "predicted": result.predicted.to_dict(), "run": result.run.to_record(),
                    "calibration": result.calibration.to_dict() if result.calibration else None})
