@@ -147,7 +147,7 @@ def markdown(rows: list[dict], stats: dict) -> str:
     lines.append(tabulate(
         [[name, f"{s['n']}", f"{100 * s['mean']:.1f}%", f"{100 * s['max']:.1f}%"]
          for name, s in stats.items() if name != "targets"],
-        headers=["", "rows", "mean |error|", "max |error|"], tablefmt="github"))
+        headers=["", "rows", "mean abs error", "max abs error"], tablefmt="github"))
     lines += ["", f"Targets: uncalibrated ≤ 8% mean / ≤ 15% max; calibrated ≤ 3% mean / ≤ 6% max.", ""]
     lines.append(tabulate(
         [[r["stack"], r["model"], r["quant"], r["seq"], r["batch"], r["rank"], r["checkpointing"], r["optimizer"],
