@@ -22,3 +22,9 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture(autouse=True)
+def _own_calibration_cache(tmp_path_factory, monkeypatch):
+    """A developer's own calibrations (~/.cache/vramplan) must never change what a test sees."""
+    monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path_factory.mktemp("vramplan-cache")))

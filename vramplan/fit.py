@@ -20,7 +20,7 @@ few hundred plans at most (each estimate is ~0.1 ms of arithmetic).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from vramplan.catalog import GpuSpec, ModelProfile, list_gpus
 from vramplan.errors import VramplanError
@@ -100,13 +100,15 @@ def smallest_gpu_for(peak: int) -> GpuSpec | None:
 
 
 def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int | None = None,
-             base: Plan | None = None) -> FitResult:
+             base: Plan | None = None, adjust: Callable[[Estimate], Estimate] | None = None) -> FitResult:
     """The best plan for ``profile`` under ``budget`` bytes (or ``gpu``'s budget), by the module's objective.
 
     ``base`` carries the request: sequence length, micro-batch × accumulation (their
     product is the effective batch to keep), stack, targets. Raises VramplanError naming
-    the shortfall and the smallest catalog GPU that would fit when nothing does.
+    the shortfall and the smallest catalog GPU that would fit when nothing does. ``adjust``
+    corrects every estimate priced (a calibration: ``vramplan.calibration.apply_calibration``).
     """
+    adjust = adjust or (lambda est: est)
     if budget is None:
         if gpu is None:
             raise VramplanError("fit needs a GPU or a budget: pass --gpu NAME, --gpu 12GB or --gpu auto")
@@ -122,11 +124,11 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     for seq in seqs:
         for plan in _candidates(base, seq, effective):
             priced += 1
-            est = estimate_plan(plan, profile, gpu, budget=budget)
+            est = adjust(estimate_plan(plan, profile, gpu, budget=budget))
             if est.peak_bytes <= limit:
-                why = _explain(profile, base, est, budget, margin)
+                why = _explain(profile, base, est, budget, margin, adjust)
                 return FitResult(est, budget, margin, why, priced, gpu.name if gpu else None, est.notes)
-    lean = estimate_plan(leanest_plan(base, base.seq_len), profile, budget=budget)
+    lean = adjust(estimate_plan(leanest_plan(base, base.seq_len), profile, budget=budget))
     short = lean.peak_bytes - limit
     bigger = smallest_gpu_for(lean.peak_bytes)
     where = gpu.name if gpu else f"{budget / 1e9:.2f} GB"
@@ -142,25 +144,27 @@ def _gb(n: int) -> str:
     return f"{n / 1e9:.2f} GB"
 
 
-def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, margin: int) -> tuple[str, ...]:
+def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, margin: int,
+             adjust: Callable[[Estimate], Estimate]) -> tuple[str, ...]:
     """Sentences saying what was kept, what was given up and what the next-better choice would have needed."""
     plan = est.plan
     lines = []
     limit = budget - margin
 
     def peak(**changes: Any) -> int:
-        return estimate_plan(plan.replace(**changes), profile).peak_bytes
+        return adjust(estimate_plan(plan.replace(**changes), profile)).peak_bytes
 
     if plan.seq_len == base.seq_len:
         lines.append(f"Kept the sequence length of {plan.seq_len} tokens and the effective batch of "
                      f"{plan.effective_batch} ({plan.micro_batch} × {plan.grad_accum} accumulation steps).")
     else:
         lines.append(f"Gave up sequence length: {base.seq_len} tokens does not fit even with the leanest settings "
-                     f"({_gb(estimate_plan(leanest_plan(base, base.seq_len), profile).peak_bytes)}); "
+                     f"({_gb(adjust(estimate_plan(leanest_plan(base, base.seq_len), profile)).peak_bytes)}); "
                      f"trains {plan.seq_len}-token sequences instead.")
     better_quants = QUANT_ORDER[:QUANT_ORDER.index(plan.quant)]
     if better_quants:
-        lean = {q: estimate_plan(leanest_plan(plan, plan.seq_len).replace(quant=q), profile).peak_bytes for q in better_quants}
+        lean = {q: adjust(estimate_plan(leanest_plan(plan, plan.seq_len).replace(quant=q), profile)).peak_bytes
+                for q in better_quants}
         gave = ", ".join(f"{q} needs at least {_gb(v)}" for q, v in lean.items())
         lines.append(f"Base weights in {plan.quant}: {gave}, over the {_gb(limit)} usable.")
     else:

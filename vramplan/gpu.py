@@ -123,3 +123,22 @@ def process_memory_bytes(pid: int | None = None) -> int:
                         )
                     total += int(process.usedGpuMemory)
     return total
+
+
+def gpu_and_budget(option: str | None) -> tuple[GpuSpec | None, int | None, str | None]:
+    """What a ``--gpu`` option means: (catalog GPU or bare budget, budget in bytes, driver version).
+
+    ``auto`` is the detected GPU with its free memory right now (and its driver, which
+    calibrations are keyed by); a catalog name is that card less the driver's reserve; ``12GB``
+    is a bare budget. None: no GPU named.
+    """
+    from vramplan.catalog import resolve_gpu
+    from vramplan.estimate import budget_bytes
+
+    if option is None:
+        return None, None, None
+    if option.strip().lower() == "auto":
+        detected = detect_gpu()
+        return detected.spec, detected.free_bytes, detected.driver
+    gpu = resolve_gpu(option)
+    return gpu, budget_bytes(gpu), None

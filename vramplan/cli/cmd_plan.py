@@ -4,24 +4,27 @@ from __future__ import annotations
 
 import click
 
-from vramplan.catalog import GpuSpec, resolve_gpu, resolve_model
+from vramplan.catalog import GpuSpec, resolve_model
 from vramplan.cli import main
 from vramplan.cli.output import emit_json, gb, json_option, table
-from vramplan.estimate import Estimate, budget_bytes, estimate_plan
+from vramplan.estimate import Estimate, estimate_plan
+from vramplan.gpu import gpu_and_budget
 from vramplan.plan import CHECKPOINTING, LOSSES, OPTIMIZERS, QUANTS, STACKS, Plan
 
 
-def _gpu_and_budget(spec: str | None) -> tuple[GpuSpec | None, int | None]:
-    """A catalog GPU or bare budget, or ``auto``: the detected GPU's free memory right now."""
-    if spec is None:
-        return None, None
-    if spec.strip().lower() == "auto":
-        from vramplan.gpu import detect_gpu  # pynvml, only when asked for
+def _calibrated(profile, stack: str, spec: GpuSpec | None, driver: str | None, off: bool):
+    """The correction for this GPU/family/stack, or None (``--no-calibration``, no GPU, or a bare budget)."""
+    if off or spec is None or spec.kind == "budget":
+        return None
+    from vramplan.calibration import calibration_for
 
-        detected = detect_gpu()
-        return detected.spec, detected.free_bytes
-    gpu = resolve_gpu(spec)
-    return gpu, budget_bytes(gpu)
+    return calibration_for(profile, stack, spec.name, driver)
+
+
+def _adjust(calibration):
+    from vramplan.calibration import apply_calibration
+
+    return lambda est: apply_calibration(est, calibration)[0]
 
 
 def _components_table(est: Estimate) -> str:
@@ -58,17 +61,18 @@ def _summary(est: Estimate) -> str:
 @click.option("--lora-dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True)
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
 @click.option("--gpu", default=None, help="A catalog GPU (rtx-4060), a budget (12GB) or auto.")
+@click.option("--no-calibration", is_flag=True, help="Ignore stored calibrations: the planner's own arithmetic.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a stacked-bar PNG.")
 @json_option
 def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, attention, lora_dtype, stack, gpu,
-             plot_path, as_json):
+             no_calibration, plot_path, as_json):
     """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component."""
     profile = resolve_model(model)
     plan = Plan(model=profile.name, quant=quant, lora_rank=rank, seq_len=seq, micro_batch=batch, grad_accum=accum,
                 checkpointing=checkpointing, optimizer=optim, attention=attention, lora_dtype=lora_dtype, stack=stack,
                 loss=loss or ("full" if stack == "hf" else "chunked"))
-    spec, budget = _gpu_and_budget(gpu)
-    est = estimate_plan(plan, profile, spec, budget=budget)
+    spec, budget, driver = gpu_and_budget(gpu)
+    est = _adjust(_calibrated(profile, stack, spec, driver, no_calibration))(estimate_plan(plan, profile, spec, budget=budget))
     if plot_path:
         from vramplan.plot import plot_estimates
 
@@ -87,15 +91,24 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
 @click.option("--batch", type=int, default=1, show_default=True, help="Effective batch to keep (micro-batch × accumulation).")
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Write the chosen plan as JSON.")
+@click.option("--no-calibration", is_flag=True, help="Ignore stored calibrations: the planner's own arithmetic.")
+@click.option("--calibrate", "calibrate_run", is_flag=True,
+              help="Plan, measure the plan with a short dry run on this GPU (needs --model), correct, re-plan.")
+@click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
+              help="The model folder to run for --calibrate.")
 @json_option
-def fit(model, gpu, seq, batch, stack, out_path, as_json):
+def fit(model, gpu, seq, batch, stack, out_path, no_calibration, calibrate_run, model_dir, as_json):
     """The best plan for MODEL that fits a GPU, and why it was chosen."""
     from vramplan.fit import fit_plan
 
     profile = resolve_model(model)
     base = Plan(model=profile.name, seq_len=seq, micro_batch=batch, stack=stack)
-    spec, budget = _gpu_and_budget(gpu)
-    result = fit_plan(profile, spec, budget=budget, base=base)
+    if calibrate_run:
+        result, spec, budget = _fit_calibrating(model_dir, gpu, base, as_json)
+    else:
+        spec, budget, driver = gpu_and_budget(gpu)
+        calibration = _calibrated(profile, stack, spec, driver, no_calibration)
+        result = fit_plan(profile, spec, budget=budget, base=base, adjust=_adjust(calibration))
     if out_path:
         from vramplan.atomic import write_json_atomic
 
@@ -111,6 +124,27 @@ def fit(model, gpu, seq, batch, stack, out_path, as_json):
         click.echo(f"  - {line}")
     if out_path:
         click.echo(f"\nwrote {out_path}")
+
+
+def _fit_calibrating(model_dir: str | None, gpu: str, base: Plan, quiet: bool):
+    """`fit --calibrate`: measured on this machine's GPU, so only ``--gpu auto`` makes sense."""
+    from vramplan.calibrate import fit_and_calibrate
+    from vramplan.cli.cmd_calibrate import report_lines
+    from vramplan.errors import VramplanError
+
+    if not model_dir:
+        raise VramplanError("fit --calibrate runs the plan for real: pass the model folder with --model DIR")
+    if gpu.strip().lower() != "auto":
+        raise VramplanError(f"fit --calibrate measures this machine's GPU; use --gpu auto, not --gpu {gpu}")
+    first, measured, refit, spec = fit_and_calibrate(model_dir, base)
+    if not quiet:
+        click.echo("first plan, uncalibrated:")
+        click.echo(_summary(first.estimate))
+        click.echo("\ndry run of that plan:")
+        for line in report_lines(measured):
+            click.echo(f"  {line}")
+        click.echo("\nre-planned with the correction:")
+    return refit, spec, refit.budget_bytes
 
 
 def _gpu_dict(spec: GpuSpec | None, budget: int | None) -> dict | None:

@@ -1,0 +1,298 @@
+"""How close the planner comes to measured GPU memory, before and after calibration.
+
+    python -m benchmarks.accuracy --from-results   # no GPU: the committed H100 measurements
+    python -m benchmarks.accuracy --measure --out benchmarks/results/accuracy_rows.jsonl   # on a GPU
+
+``--from-results`` reads benchmarks/results/hf_stack_h100.jsonl (the hf recipe) and
+trainer_h100.jsonl (vramplan's trainer), calibrates on a few configurations per architecture
+(the first one listed for each model: the calibration a user would make with one
+``vramplan calibrate`` per model) and reports the error on the others, held out. It writes
+benchmarks/results/accuracy.json (one row per configuration), accuracy.md (the tables),
+accuracy.png (predicted vs measured) and the shipped calibrations
+profiles/calibration/h100-{hf,vramplan}.json.
+
+Every byte figure is process memory above the CUDA context: NVML's used memory during the run
+less its reading with the context already created, against the estimate's peak less its
+``cuda_context`` component.
+
+``--measure`` runs a matrix through both runners (vramplan.calibrate.measure_run) and appends
+rows in the same shape; ``emulated_cap_check`` fits plans for 8/12/16 GB and runs each under
+``torch.cuda.set_per_process_memory_fraction`` to see whether it stayed inside.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+from collections import defaultdict
+from pathlib import Path
+from statistics import mean
+
+from vramplan.calibration import (Calibration, CalibrationKey, model_family, new_calibration, point_from)
+from vramplan.catalog import resolve_model
+from vramplan.estimate import estimate_plan
+from vramplan.plan import Plan
+
+ROOT = Path(__file__).resolve().parent.parent
+RESULTS = ROOT / "benchmarks/results"
+SOURCES = {"hf": RESULTS / "hf_stack_h100.jsonl", "vramplan": RESULTS / "trainer_h100.jsonl"}
+#: Where --measure appends; read too when present (its rows carry their plan and GPU).
+MEASURED = RESULTS / "accuracy_rows.jsonl"
+OPTIMIZERS = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
+GPU = "h100"
+#: The measurements were taken on the project's H100 machine with torch 2.11; its driver was not recorded.
+TORCH_MINOR = "2.11"
+#: When the committed measurements were taken: the shipped calibrations' date, so rebuilding them changes nothing.
+MEASURED_ON = "2026-11-24"
+TARGETS = {"uncalibrated": (0.08, 0.15), "calibrated": (0.03, 0.06)}  # (mean, max) relative error
+
+
+def plan_of(record: dict, stack: str) -> Plan:
+    model = record["model"].removesuffix(".json")
+    return Plan(model=model, quant=record.get("quant") or "nf4", lora_rank=record["rank"], seq_len=record["seq"],
+                micro_batch=record["batch"],
+                checkpointing=record.get("checkpointing") or ("full" if record["gc"] else "none"),
+                optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
+                loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype", "fp32"))
+
+
+def _row(record: dict, stack: str) -> dict | None:
+    if record.get("error") or record.get("fitted") is False or record.get("nvml_used_delta") is None:
+        return None
+    plan = Plan.from_dict(record["plan"]) if isinstance(record.get("plan"), dict) else plan_of(record, stack)
+    profile = resolve_model(plan.model)
+    return {"stack": plan.stack, "plan": plan, "profile": profile, "measured": record["nvml_used_delta"],
+            "peak_alloc": record.get("peak_alloc"), "gpu": record.get("gpu", GPU), "estimate": estimate_plan(plan, profile)}
+
+
+def measured_rows(extra: Path | None = MEASURED) -> list[dict]:
+    """Every committed measurement that completed, with its plan and the uncalibrated estimate."""
+    files = list(SOURCES.items()) + ([("vramplan", extra)] if extra is not None and extra.exists() else [])
+    rows = []
+    for stack, path in files:
+        for line in path.read_text().splitlines():
+            record = json.loads(line)
+            if "nvml_used_delta" in record and (row := _row(record, stack)) is not None:
+                rows.append(row)
+    return [r for r in rows if r["gpu"] == GPU]  # one GPU's calibration per table
+
+
+def choose_calibration_rows(rows: list[dict]) -> None:
+    """Mark the first row of each (stack, model) for calibration; the rest are held out."""
+    seen = set()
+    for row in rows:
+        key = (row["stack"], row["plan"].model)
+        row["used_for_calibration"] = key not in seen
+        seen.add(key)
+
+
+def calibrations_from(rows: list[dict]) -> dict[tuple[str, str], Calibration]:
+    """One calibration per (stack, family) from the rows marked for calibration."""
+    grouped = defaultdict(list)
+    for row in rows:
+        if row["used_for_calibration"]:
+            est = row["estimate"]
+            grouped[(row["stack"], model_family(row["profile"]))].append(
+                point_from(est, row["measured"]))
+    return {key: new_calibration(CalibrationKey(gpu=GPU, family=key[1], stack=key[0], torch_minor=TORCH_MINOR), points,
+                                 created=MEASURED_ON)
+            for key, points in grouped.items()}
+
+
+def accuracy_rows(rows: list[dict], calibrations: dict) -> list[dict]:
+    from vramplan.calibration import split_estimate
+
+    out = []
+    for row in rows:
+        est = row["estimate"]
+        predicted = est.peak_bytes - est.components["cuda_context"]
+        calibration = calibrations.get((row["stack"], model_family(row["profile"])))
+        calibrated = round(calibration.correct(*split_estimate(est))) if calibration else predicted
+        measured = row["measured"]
+        out.append({
+            "model": row["plan"].model, "stack": row["stack"], "gpu": GPU, "family": model_family(row["profile"]),
+            "quant": row["plan"].quant, "seq": row["plan"].seq_len, "batch": row["plan"].micro_batch,
+            "rank": row["plan"].lora_rank, "checkpointing": row["plan"].checkpointing, "optimizer": row["plan"].optimizer,
+            "measured_bytes": measured, "predicted_bytes": predicted, "calibrated_bytes": calibrated,
+            "measured_peak_allocated": row["peak_alloc"],
+            "used_for_calibration": row["used_for_calibration"],
+            "error_uncalibrated": (predicted - measured) / measured,
+            "error_calibrated": (calibrated - measured) / measured,
+            "basis": "process memory above the CUDA context (NVML)",
+        })
+    return out
+
+
+def summary(rows: list[dict]) -> dict:
+    """Mean and max |relative error|, uncalibrated over all rows and calibrated over the held-out ones."""
+    held = [r for r in rows if not r["used_for_calibration"]]
+
+    def stats(values):
+        values = [abs(v) for v in values]
+        return {"mean": mean(values), "max": max(values), "n": len(values)}
+
+    return {"uncalibrated_all": stats([r["error_uncalibrated"] for r in rows]),
+            "uncalibrated_held_out": stats([r["error_uncalibrated"] for r in held]),
+            "calibrated_held_out": stats([r["error_calibrated"] for r in held]),
+            "targets": TARGETS}
+
+
+def markdown(rows: list[dict], stats: dict) -> str:
+    from tabulate import tabulate
+
+    lines = ["# Planner accuracy on the H100 (process memory above the CUDA context)", "",
+             "Calibrated on the first configuration of each model (per stack and model family); "
+             "the calibrated error is over the held-out rows only.", ""]
+    lines.append(tabulate(
+        [[name, f"{s['n']}", f"{100 * s['mean']:.1f}%", f"{100 * s['max']:.1f}%"]
+         for name, s in stats.items() if name != "targets"],
+        headers=["", "rows", "mean abs error", "max abs error"], tablefmt="github"))
+    lines += ["", f"Targets: uncalibrated ≤ 8% mean / ≤ 15% max; calibrated ≤ 3% mean / ≤ 6% max.", ""]
+    lines.append(tabulate(
+        [[r["stack"], r["model"], r["quant"], r["seq"], r["batch"], r["rank"], r["checkpointing"], r["optimizer"],
+          f"{r['measured_bytes'] / 1e9:.2f}", f"{r['predicted_bytes'] / 1e9:.2f}", f"{100 * r['error_uncalibrated']:+.1f}%",
+          f"{r['calibrated_bytes'] / 1e9:.2f}", f"{100 * r['error_calibrated']:+.1f}%",
+          "calibration" if r["used_for_calibration"] else "held out"] for r in rows],
+        headers=["stack", "model", "quant", "seq", "batch", "rank", "ckpt", "optimizer", "measured GB", "predicted GB",
+                 "error", "calibrated GB", "error", "role"], tablefmt="github"))
+    return "\n".join(lines) + "\n"
+
+
+def scatter(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 6))
+    measured = [r["measured_bytes"] / 1e9 for r in rows]
+    ax.scatter(measured, [r["predicted_bytes"] / 1e9 for r in rows], label="uncalibrated", marker="o", alpha=0.7)
+    held = [r for r in rows if not r["used_for_calibration"]]
+    ax.scatter([r["measured_bytes"] / 1e9 for r in held], [r["calibrated_bytes"] / 1e9 for r in held],
+               label="calibrated (held out)", marker="x")
+    top = max(measured) * 1.1
+    ax.plot([0, top], [0, top], color="grey", linewidth=1)
+    ax.set_xlabel("measured GB (NVML, above CUDA context)")
+    ax.set_ylabel("predicted GB")
+    ax.set_title("vramplan: predicted vs measured, H100")
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def from_results(out_dir: Path = RESULTS, calibration_dir: Path | None = ROOT / "profiles/calibration",
+                 plot: bool = True) -> dict:
+    """Build the accuracy table and the shipped calibrations from the committed measurements."""
+    from vramplan.atomic import write_json_atomic
+
+    rows = measured_rows()
+    choose_calibration_rows(rows)
+    calibrations = calibrations_from(rows)
+    table = accuracy_rows(rows, calibrations)
+    stats = summary(table)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(out_dir / "accuracy.json", table)
+    (out_dir / "accuracy.md").write_text(markdown(table, stats))
+    if plot:
+        scatter(table, out_dir / "accuracy.png")
+    if calibration_dir is not None:
+        calibration_dir.mkdir(parents=True, exist_ok=True)
+        for stack in SOURCES:
+            entries = [c.to_dict() for (s, _), c in sorted(calibrations.items()) if s == stack]
+            write_json_atomic(calibration_dir / f"{GPU}-{stack}.json", entries)
+    return {"rows": table, "summary": stats}
+
+
+# ---------------------------------------------------------------- on a GPU
+
+#: The matrix --measure runs: per architecture × quant × seq × rank × checkpointing × batch, both stacks.
+MATRIX = [
+    {"model": m, "quant": q, "seq": s, "rank": r, "checkpointing": c, "batch": b}
+    for m in ("llama-3.2-1b", "qwen3-0.6b", "gemma-3-1b", "gemma-4-e2b-text")
+    for q, s, r, c, b in (("nf4", 1024, 16, "full", 1), ("nf4", 2048, 16, "full", 1), ("nf4", 2048, 64, "full", 1),
+                          ("nf4", 1024, 16, "none", 1), ("nf4", 1024, 16, "full", 2), ("bf16", 1024, 16, "full", 1))
+]
+
+
+def build_random_model_folder(model: str) -> str:
+    """A local model folder with random bf16 weights for a profile (built on the GPU; no download)."""
+    import tempfile
+
+    from benchmarks.trainer import build_random_model
+
+    folder = tempfile.mkdtemp(prefix=f"vramplan-{model}-")
+    build_random_model(model, folder)
+    return folder
+
+
+def measure(out_path: Path, stacks=("vramplan", "hf"), steps: int = 3, models: list[str] | None = None) -> None:
+    """Run MATRIX (or its rows for ``models``) through both runners on this GPU, appending one JSON line per run."""
+    from vramplan.calibrate import measure_run
+    from vramplan.gpu import detect_gpu
+
+    gpu = detect_gpu().spec.name
+    with open(out_path, "a") as handle:
+        for model in models or dict.fromkeys(cell["model"] for cell in MATRIX):
+            folder = build_random_model_folder(model)
+            for cell in (c for c in MATRIX if c["model"] == model):
+                for stack in stacks:
+                    plan = Plan(model=model, quant=cell["quant"], seq_len=cell["seq"], lora_rank=cell["rank"],
+                                checkpointing=cell["checkpointing"], micro_batch=cell["batch"], stack=stack,
+                                loss="full" if stack == "hf" else "chunked")
+                    run = measure_run(plan, folder, steps=steps)
+                    handle.write(json.dumps(dict(run.to_record(), gpu=gpu)) + "\n")
+                    handle.flush()
+            shutil.rmtree(folder, ignore_errors=True)
+
+
+def emulated_cap_check(model: str = "llama-3.2-1b", caps_gb=(8, 12, 16), stack: str = "vramplan") -> list[dict]:
+    """Fit a plan for each cap, run it with torch limited to that much of the GPU; did it stay inside?
+
+    ``set_per_process_memory_fraction`` caps torch's allocator, not the CUDA context or
+    libraries, so the cap given to torch is the budget less the estimate's context.
+    """
+    import torch
+
+    from vramplan.calibrate import measure_run
+    from vramplan.fit import fit_plan
+
+    folder = build_random_model_folder(model)
+    total = torch.cuda.get_device_properties(0).total_memory
+    results = []
+    for cap in caps_gb:
+        budget = int(cap * 1e9)
+        fitted = fit_plan(resolve_model(model), budget=budget, base=Plan(model=model, stack=stack))
+        torch.cuda.set_per_process_memory_fraction(min(1.0, (budget - fitted.estimate.components["cuda_context"]) / total))
+        run = measure_run(fitted.plan, folder, steps=3)
+        torch.cuda.set_per_process_memory_fraction(1.0)
+        # NVML deltas exclude the context; the estimate's context stands in for it against the budget
+        process = run.measured_process_bytes + fitted.estimate.components["cuda_context"]
+        results.append({"cap_gb": cap, "plan": fitted.plan.to_dict(), "predicted_bytes": fitted.estimate.peak_bytes,
+                        "fitted": run.fitted, "measured_process_bytes": process,
+                        "stayed_inside": run.fitted and process <= budget})
+    shutil.rmtree(folder, ignore_errors=True)
+    return results
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--from-results", action="store_true", help="build the tables from the committed measurements")
+    parser.add_argument("--measure", action="store_true", help="run the matrix on this machine's GPU")
+    parser.add_argument("--cap-check", action="store_true", help="the emulated 8/12/16 GB cap check (GPU)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the matrix's models (split long runs)")
+    parser.add_argument("--stacks", default="vramplan,hf")
+    parser.add_argument("--out", default=str(MEASURED))
+    args = parser.parse_args()
+    if args.measure:
+        measure(Path(args.out), stacks=tuple(args.stacks.split(",")), models=args.models.split(",") if args.models else None)
+    if args.cap_check:
+        print(json.dumps(emulated_cap_check(), indent=2))
+    if args.from_results or not (args.measure or args.cap_check):
+        result = from_results()
+        print(json.dumps(result["summary"], indent=2))
+
+
+if __name__ == "__main__":
+    main()

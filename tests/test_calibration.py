@@ -1,0 +1,237 @@
+"""The calibration store and correction: fits, round trips through files, matching, and the CLI saying so."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from vramplan.calibrate import refuse_if_over, run_calibration
+from vramplan.calibration import (CalibrationKey, CalibrationPoint, add_point, apply_calibration, cache_dir,
+                                  calibration_for, find_calibration, fit_correction, new_calibration, point_from,
+                                  read_calibration_file, split_estimate)
+from vramplan.catalog import resolve_model
+from vramplan.cli import main
+from vramplan.errors import VramplanError
+from vramplan.estimate import estimate_plan
+from vramplan.plan import Plan
+
+KEY = CalibrationKey(gpu="h100", family="llama", stack="vramplan", driver_major=570, torch_minor="2.11")
+
+
+def _estimate(**changes):
+    plan = Plan(model="llama-3.2-1b", **changes)
+    return estimate_plan(plan, resolve_model("llama-3.2-1b"))
+
+
+def _points(a, b, c=0.0):
+    """Points whose 'measurements' follow a·static + b·per_token + c exactly, from real estimates."""
+    plans = [dict(seq_len=512), dict(seq_len=2048), dict(seq_len=4096, quant="bf16"), dict(seq_len=1024, micro_batch=4),
+             dict(seq_len=2048, checkpointing="none"), dict(seq_len=8192, lora_rank=64)]
+    points = []
+    for changes in plans:
+        est = _estimate(**changes)
+        static, per_token = split_estimate(est)
+        points.append(point_from(est, int(a * static + b * per_token + c)))
+    return points
+
+
+def test_one_point_is_a_ratio():
+    point = _points(1.1, 1.1)[0]
+    fit = fit_correction([point])
+    assert fit["kind"] == "ratio"
+    assert fit["a"] == fit["b"] == pytest.approx(point.measured_bytes / point.predicted_bytes)
+
+
+def test_linear_fit_recovers_the_two_factors_without_an_intercept_below_five_points():
+    fit = fit_correction(_points(1.08, 0.9)[:3])
+    assert fit["kind"] == "linear" and fit["c"] == 0.0
+    assert fit["a"] == pytest.approx(1.08, rel=1e-3) and fit["b"] == pytest.approx(0.9, rel=1e-3)
+
+
+def test_intercept_fitted_from_five_points():
+    fit = fit_correction(_points(1.02, 0.95, c=3e8))
+    assert fit["c"] == pytest.approx(3e8, rel=1e-2)
+
+
+def test_implausible_factors_fall_back_to_a_ratio():
+    points = _points(1.0, 1.0)[:2]
+    wild = [CalibrationPoint(p.model, p.static_bytes, p.per_token_bytes, m, p.plan)
+            for p, m in zip(points, (points[0].predicted_bytes * 3, points[1].predicted_bytes // 3))]
+    assert fit_correction(wild)["kind"] == "ratio"
+
+
+def test_out_of_memory_points_are_kept_but_never_fitted():
+    good = _points(1.1, 1.1)[0]
+    oom = CalibrationPoint("llama-3.2-1b", 10**9, 10**9, 5 * 10**9, fitted=False)
+    assert fit_correction([good, oom])["a"] == pytest.approx(good.measured_bytes / good.predicted_bytes)
+    with pytest.raises(VramplanError, match="at least one run that fitted"):
+        fit_correction([oom])
+
+
+def test_apply_keeps_the_context_sums_the_components_and_says_so():
+    est = _estimate(seq_len=2048)
+    calibration = new_calibration(KEY, _points(1.1, 0.8)[:3])
+    corrected, note = apply_calibration(est, calibration)
+    assert corrected.components["cuda_context"] == est.components["cuda_context"]
+    assert sum(corrected.components.values()) == corrected.peak_bytes
+    static, per_token = split_estimate(est)
+    assert corrected.peak_bytes - est.components["cuda_context"] == pytest.approx(1.1 * static + 0.8 * per_token, abs=16)
+    assert corrected.phases[corrected.peak_phase] == pytest.approx(corrected.peak_bytes, rel=1e-6)
+    assert "calibrated with h100/llama/vramplan" in note and note in corrected.notes
+    assert apply_calibration(est, None) == (est, None)
+
+
+def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
+    monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == tmp_path / "mine" / "calibration"
+    monkeypatch.delenv("VRAMPLAN_CACHE")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == tmp_path / "xdg" / "vramplan" / "calibration"
+
+
+def test_store_round_trip_adds_points_and_refits(tmp_path):
+    first, second = _points(1.1, 0.9)[:2]
+    add_point(KEY, first, tmp_path)
+    stored = add_point(KEY, second, tmp_path)
+    [read] = read_calibration_file(tmp_path / f"{KEY.slug()}.json")
+    assert read.key == KEY and len(read.points) == 2 and read.fit == pytest.approx(stored.fit)
+    assert read.fit["kind"] == "linear" and read.created.startswith("20")
+    assert find_calibration("h100", "llama", "vramplan", directories=[tmp_path]).points == read.points
+    assert find_calibration("h100", "qwen3", "vramplan", directories=[tmp_path]) is None
+    assert find_calibration("a100-80gb", "llama", "vramplan", directories=[tmp_path]) is None
+
+
+def test_same_driver_and_torch_win_then_the_cache_wins_a_tie(tmp_path):
+    cache, shipped = tmp_path / "cache", tmp_path / "shipped"
+    point = _points(1.1, 1.1)[0]
+    add_point(KEY, point, cache)
+    other = CalibrationKey(gpu="h100", family="llama", stack="vramplan", driver_major=535, torch_minor="2.4")
+    add_point(other, point, shipped)
+    dirs = [cache, shipped]
+    assert find_calibration("h100", "llama", "vramplan", 535, "2.4", dirs).key == other
+    assert find_calibration("h100", "llama", "vramplan", 570, "2.11", dirs).key == KEY
+    add_point(KEY, point, shipped)
+    assert find_calibration("h100", "llama", "vramplan", 570, "2.11", dirs).source.startswith(str(cache))
+
+
+def test_a_malformed_file_names_itself(tmp_path):
+    (tmp_path / "bad.json").write_text(json.dumps({"key": {"gpu": "h100"}, "points": [], "fit": {}}))
+    with pytest.raises(VramplanError, match="bad.json"):
+        find_calibration("h100", "llama", "hf", directories=[tmp_path])
+
+
+def test_shipped_calibrations_cover_the_measured_families():
+    for family, model in (("llama", "llama-3.1-8b"), ("qwen3", "qwen3-4b"), ("gemma3", "gemma-3-1b"), ("gemma4", "gemma-4-e4b")):
+        assert calibration_for(resolve_model(model), "hf", "h100").key.family == family
+    cal = calibration_for(resolve_model("gemma-4-e2b-text"), "hf", "h100")
+    assert cal.key.family == "gemma4" and cal.source.endswith("h100-hf.json")
+    assert calibration_for(resolve_model("llama-3.2-1b"), "hf", "rtx-4060") is None
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+def test_estimate_and_fit_say_they_were_calibrated():
+    calibrated = run("estimate", "llama-3.2-1b", "--stack", "hf", "--gpu", "h100", "--json")
+    plain = run("estimate", "llama-3.2-1b", "--stack", "hf", "--gpu", "h100", "--json", "--no-calibration")
+    calibrated, plain = json.loads(calibrated.output), json.loads(plain.output)
+    assert any("calibrated with h100/llama/hf" in n for n in calibrated["notes"])
+    assert not any("calibrated" in n for n in plain["notes"])
+    assert calibrated["peak_bytes"] != plain["peak_bytes"]
+    fit = run("fit", "qwen3-0.6b", "--gpu", "h100", "--stack", "hf")
+    assert fit.exit_code == 0 and "note: calibrated with h100/qwen3/hf" in fit.output
+    budget = run("estimate", "llama-3.2-1b", "--gpu", "12GB")
+    assert "calibrated" not in budget.output
+
+
+def test_a_user_calibration_changes_the_fit(tmp_path, monkeypatch):
+    """A measurement that says the plan needs twice the memory must make fit choose a leaner plan."""
+    monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path))
+    base = json.loads(run("fit", "llama-3.2-1b", "--gpu", "rtx-4060", "--json").output)
+    key = CalibrationKey(gpu="rtx-4060", family="llama", stack="vramplan")
+    est = _estimate(seq_len=2048)
+    add_point(key, point_from(est, 2 * (est.peak_bytes - est.components["cuda_context"])))
+    after = json.loads(run("fit", "llama-3.2-1b", "--gpu", "rtx-4060", "--json").output)
+    assert after["peak_bytes"] <= base["budget_bytes"] and after["plan"] != base["plan"]
+    assert any("calibrated with rtx-4060/llama/vramplan" in n for n in after["notes"])
+
+
+def test_refuses_a_dry_run_the_prediction_says_cannot_fit():
+    est = _estimate(seq_len=2048)
+    refuse_if_over(est, est.peak_bytes)
+    with pytest.raises(VramplanError, match="predicted to need"):
+        refuse_if_over(est, est.peak_bytes - 1)
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="tests the machine without a GPU")
+def test_calibrate_without_a_gpu_is_one_line_naming_gpu(tmp_path):
+    with pytest.raises(VramplanError) as err:
+        run_calibration(Plan(model="llama-3.2-1b"), str(tmp_path))
+    assert "--gpu" in str(err.value) and "\n" not in str(err.value)
+    plan = tmp_path / "plan.json"
+    plan.write_text(json.dumps({"plan": Plan(model="llama-3.2-1b").to_dict()}))
+    result = run("calibrate", str(plan), "--model", str(tmp_path))
+    assert result.exit_code == 2 and "--gpu" in result.output and result.output.count("\n") == 1
+    fit = run("fit", "llama-3.2-1b", "--gpu", "auto", "--calibrate", "--model", str(tmp_path))
+    assert fit.exit_code == 2 and "--gpu" in fit.output
+
+
+def test_fit_calibrate_needs_a_model_folder_and_this_gpu(tmp_path):
+    assert "--model DIR" in run("fit", "llama-3.2-1b", "--gpu", "auto", "--calibrate").output
+    wrong = run("fit", "llama-3.2-1b", "--gpu", "h100", "--calibrate", "--model", str(tmp_path))
+    assert wrong.exit_code == 2 and "use --gpu auto" in wrong.output
+
+
+@pytest.mark.gpu
+def test_calibrate_a_tiny_model_on_the_gpu(tmp_path, monkeypatch):
+    from tests.train_fixtures import build_model, llama_config
+
+    monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path / "cache"))
+    folder = build_model(llama_config(), tmp_path / "tiny")
+    for stack in ("vramplan", "hf"):
+        plan = Plan(model="tiny", seq_len=128, micro_batch=2, stack=stack, loss="full" if stack == "hf" else "chunked")
+        result = run_calibration(plan, str(folder), steps=2, also_in=tmp_path / "commit")
+        assert result.run.fitted and result.run.steps == 2 and result.run.batch_shape == (2, 128)
+        assert result.run.measured_process_bytes > 0 and result.run.allocated_by_phase["backward"] > 0
+        assert result.calibration is not None and len(result.calibration.points) == 1
+        assert result.calibration.source.startswith(str(tmp_path / "cache"))
+        assert (tmp_path / "commit" / f"{result.key.slug()}.json").exists()
+
+
+def test_random_batch_is_the_worst_case_shape_each_stack_expects():
+    from vramplan.calibrate import random_batch
+
+    ours = random_batch(Plan(model="x", seq_len=32, micro_batch=3), vocab_size=50)
+    assert ours["input_ids"].shape == (3, 32) and (ours["labels"][:, :-1] == ours["input_ids"][:, 1:]).all()
+    assert (ours["labels"][:, -1] == -100).all() and ours["position_ids"][2, 31] == 31
+    hf = random_batch(Plan(model="x", seq_len=32, micro_batch=3, stack="hf", loss="full"), vocab_size=50)
+    assert (hf["labels"] == hf["input_ids"]).all() and "position_ids" not in hf
+
+
+def test_out_of_memory_is_recognised_in_its_library_forms():
+    import torch
+
+    from vramplan.calibrate import _is_out_of_memory
+
+    assert _is_out_of_memory(torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2 GiB"))
+    assert _is_out_of_memory(RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling cublasCreate"))
+    assert not _is_out_of_memory(RuntimeError("shape mismatch"))
+
+
+def test_report_compares_each_phase_and_the_process(tmp_path):
+    from vramplan.calibrate import CalibrationResult, MeasuredRun, predicted_allocated_by_phase
+    from vramplan.cli.cmd_calibrate import report_lines
+
+    est = _estimate(seq_len=2048)
+    phases = predicted_allocated_by_phase(est)
+    assert phases["load"] == est.phases["load"] - est.components["cuda_context"] - est.components["cuda_libraries"]
+    above = est.peak_bytes - est.components["cuda_context"]
+    run_ = MeasuredRun(plan=est.plan, fitted=True, steps=3, measured_process_bytes=int(above / 1.1),
+                       after_load_allocated=phases["load"], batch_shape=(1, 2048),
+                       allocated_by_phase={"forward": phases["forward"], "backward": phases["backward"], "optimizer": 1})
+    stored = add_point(KEY, point_from(est, run_.measured_process_bytes), tmp_path)
+    text = "\n".join(report_lines(CalibrationResult(est, run_, KEY, stored, 80 * 10**9)))
+    assert "+10.0%" in text and "calibrated prediction" in text and "+0.0%" in text and "stored in" in text
+    oom = MeasuredRun(plan=est.plan, fitted=False, steps=0, measured_process_bytes=10**9, error="out of memory: x")
+    assert "did NOT fit at 8.00 GB free" in "\n".join(report_lines(CalibrationResult(est, oom, KEY, None, 8 * 10**9)))

@@ -1,0 +1,299 @@
+"""Correcting the planner with what a GPU really used: the calibration store.
+
+A calibration belongs to one (GPU, driver major, torch minor, model family, stack): what the
+allocator, cuBLAS and the kernels really take differs along each of those, and nowhere else
+can the estimate be trusted to generalise. It holds measured points and one small fit:
+
+    measured ≈ a · static + b · per_token + c
+
+where ``static`` is the estimate's bytes that do not grow with the tokens of a micro-batch
+(weights, adapters, optimizer states, libraries) and ``per_token`` those that do (activations,
+logits, fragmentation), both above the CUDA context, which NVML's deltas exclude too. With one
+point (or points that cannot separate the two parts) the fit is a single ratio; the intercept
+is fitted only from five points on, so two or three points never buy a free parameter.
+
+Where they live: the user's cache (``$VRAMPLAN_CACHE``, else ``$XDG_CACHE_HOME/vramplan``, else
+``~/.cache/vramplan``), under ``calibration/``, one file per key; and the ones this project
+measured itself in ``profiles/calibration/*.json`` (a file may hold a list). A file's entry is
+``{"key": {...}, "points": [...], "fit": {...}, "created": ISO date}``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from vramplan.catalog import ModelProfile, profiles_dir
+from vramplan.errors import VramplanError
+from vramplan.estimate import Estimate
+
+#: Estimate components that grow with the tokens of a micro-batch; the rest (less the context) is static.
+PER_TOKEN_COMPONENTS = ("activations", "logits_loss", "per_layer_inputs", "shared_kv", "fragmentation")
+#: Not corrected: NVML deltas are taken with the context already there, so no point measures it.
+UNCORRECTED = ("cuda_context",)
+CACHE_ENV = "VRAMPLAN_CACHE"
+#: A fitted a or b outside this range means the points do not separate the parts; use a ratio.
+_SANE = (0.5, 2.0)
+_MIN_POINTS_FOR_INTERCEPT = 5
+
+
+@dataclass(frozen=True)
+class CalibrationKey:
+    """What a correction is valid for. ``None`` for driver/torch: measured without recording it (matches any)."""
+
+    gpu: str
+    family: str
+    stack: str
+    driver_major: int | None = None
+    torch_minor: str | None = None
+
+    def slug(self) -> str:
+        parts = [self.gpu, self.family, self.stack, f"driver{self.driver_major}" if self.driver_major else "",
+                 f"torch{self.torch_minor}" if self.torch_minor else ""]
+        return re.sub(r"[^a-z0-9.]+", "-", "-".join(p for p in parts if p).lower()).strip("-")
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+
+@dataclass(frozen=True)
+class CalibrationPoint:
+    """One measured run: the estimate's two parts and the process memory above the CUDA context."""
+
+    model: str
+    static_bytes: int
+    per_token_bytes: int
+    measured_bytes: int  # process memory above the CUDA context (NVML peak delta)
+    plan: dict[str, Any] = field(default_factory=dict)
+    fitted: bool = True  # False: the run ran out of memory; kept as a fact, never fitted
+
+    @property
+    def predicted_bytes(self) -> int:
+        return self.static_bytes + self.per_token_bytes
+
+
+@dataclass(frozen=True)
+class Calibration:
+    key: CalibrationKey
+    points: tuple[CalibrationPoint, ...]
+    fit: dict[str, Any]
+    created: str
+    source: str = ""
+
+    def correct(self, static: float, per_token: float) -> float:
+        """Measured-equivalent bytes above the CUDA context for an estimate with these parts."""
+        return self.fit["a"] * static + self.fit["b"] * per_token + self.fit.get("c", 0.0)
+
+    def describe(self) -> str:
+        n = sum(p.fitted for p in self.points)
+        where = f" from {self.source}" if self.source else ""
+        return (f"calibrated with {self.key.gpu}/{self.key.family}/{self.key.stack}{where} "
+                f"({n} point{'s' if n != 1 else ''}, {self.created[:10]}, {self.fit['kind']} fit)")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"key": self.key.to_dict(), "points": [dataclasses.asdict(p) for p in self.points],
+                "fit": dict(self.fit), "created": self.created}
+
+
+# ---------------------------------------------------------------- the correction
+
+
+def split_estimate(est: Estimate) -> tuple[int, int]:
+    """(static, per-token) bytes of an estimate's peak, the CUDA context left out."""
+    per_token = sum(v for k, v in est.components.items() if k in PER_TOKEN_COMPONENTS)
+    static = sum(v for k, v in est.components.items() if k not in PER_TOKEN_COMPONENTS and k not in UNCORRECTED)
+    return static, per_token
+
+
+def point_from(est: Estimate, measured_above_context: int, fitted: bool = True) -> CalibrationPoint:
+    static, per_token = split_estimate(est)
+    return CalibrationPoint(model=est.model, static_bytes=static, per_token_bytes=per_token,
+                            measured_bytes=int(measured_above_context), plan=est.plan.to_dict(), fitted=fitted)
+
+
+def _ratio(points: list[CalibrationPoint]) -> dict[str, Any]:
+    ratio = sum(p.measured_bytes for p in points) / sum(p.predicted_bytes for p in points)
+    return {"kind": "ratio", "a": ratio, "b": ratio, "c": 0.0}
+
+
+def _solve(rows: list[list[float]], targets: list[float]) -> list[float] | None:
+    """Least squares by the normal equations (2 or 3 unknowns); None when singular."""
+    import numpy as np
+
+    x, y = np.array(rows, dtype=float), np.array(targets, dtype=float)
+    gram = x.T @ x
+    if np.linalg.cond(gram) > 1e12:
+        return None
+    return list(np.linalg.solve(gram, x.T @ y))
+
+
+def fit_correction(points: list[CalibrationPoint]) -> dict[str, Any]:
+    """The correction for these points: linear in the two parts where the points allow, else one ratio."""
+    usable = [p for p in points if p.fitted and p.predicted_bytes > 0]
+    if not usable:
+        raise VramplanError("a calibration needs at least one run that fitted; calibrate a smaller plan first")
+    if len(usable) < 2:
+        return _ratio(usable)
+    scale = 1e9  # gigabytes keep the normal equations well conditioned
+    with_intercept = len(usable) >= _MIN_POINTS_FOR_INTERCEPT
+    rows = [[p.static_bytes / scale, p.per_token_bytes / scale] + ([1.0] if with_intercept else []) for p in usable]
+    solved = _solve(rows, [p.measured_bytes / scale for p in usable])
+    if solved is None or not all(_SANE[0] <= v <= _SANE[1] for v in solved[:2]):
+        return _ratio(usable)
+    c = solved[2] * scale if with_intercept else 0.0
+    return {"kind": "linear", "a": float(solved[0]), "b": float(solved[1]), "c": float(c)}
+
+
+def apply_calibration(est: Estimate, calibration: Calibration | None) -> tuple[Estimate, str | None]:
+    """The estimate corrected by ``calibration`` (or unchanged with None), and a note saying which one.
+
+    Static components are scaled by ``a``, per-token ones by ``b``, the intercept becomes a
+    ``calibration_offset`` component, the CUDA context is kept; the phases are scaled by the
+    peak's ratio above the context (the fit was made on peaks, not on phases).
+    """
+    if calibration is None:
+        return est, None
+    a, b, c = calibration.fit["a"], calibration.fit["b"], calibration.fit.get("c", 0.0)
+    components = {}
+    for name, value in est.components.items():
+        if name in UNCORRECTED:
+            components[name] = value
+        else:
+            components[name] = int(round(value * (b if name in PER_TOKEN_COMPONENTS else a)))
+    if round(c):
+        components["calibration_offset"] = int(round(c))
+    peak = sum(components.values())
+    context = sum(est.components.get(k, 0) for k in UNCORRECTED)
+    scale = (peak - context) / max(est.peak_bytes - context, 1)
+    phases = {k: int(round(context + (v - context) * scale)) for k, v in est.phases.items()}
+    note = calibration.describe()
+    corrected = dataclasses.replace(est, peak_bytes=peak, components=components, phases=phases,
+                                    notes=tuple(est.notes) + (note,))
+    return corrected, note
+
+
+# ---------------------------------------------------------------- the store
+
+
+def cache_dir() -> Path:
+    """Where this user's own calibrations go (``$VRAMPLAN_CACHE``, ``$XDG_CACHE_HOME/vramplan``, ``~/.cache/vramplan``)."""
+    if os.environ.get(CACHE_ENV):
+        root = Path(os.environ[CACHE_ENV])
+    else:
+        root = Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "vramplan"
+    return root / "calibration"
+
+
+def shipped_dir() -> Path:
+    """The calibrations this project measured itself: ``profiles/calibration/``."""
+    return profiles_dir() / "calibration"
+
+
+def _entry(data: Any, where: str) -> Calibration:
+    if not isinstance(data, dict) or not {"key", "points", "fit"} <= set(data):
+        raise VramplanError(f"{where}: a calibration needs 'key', 'points' and 'fit'; delete or fix the file")
+    try:
+        key = CalibrationKey(**data["key"])
+        points = tuple(CalibrationPoint(**p) for p in data["points"])
+        fit = {k: data["fit"][k] for k in ("kind", "a", "b")} | {"c": data["fit"].get("c", 0.0)}
+    except (TypeError, KeyError) as err:
+        raise VramplanError(f"{where}: malformed calibration ({err}); delete or fix the file") from None
+    return Calibration(key=key, points=points, fit=fit, created=str(data.get("created", "")), source=where)
+
+
+def read_calibration_file(path: Path) -> list[Calibration]:
+    try:
+        data = json.loads(path.read_text())
+    except json.JSONDecodeError as err:
+        raise VramplanError(f"{path}: not valid JSON (line {err.lineno}); delete or fix the file") from None
+    entries = data if isinstance(data, list) else [data]
+    return [_entry(e, str(path)) for e in entries]
+
+
+def load_calibrations(directories: list[Path] | None = None) -> list[Calibration]:
+    """Every calibration in the user's cache, then the shipped ones."""
+    found = []
+    for directory in directories if directories is not None else [cache_dir(), shipped_dir()]:
+        if directory.is_dir():
+            for path in sorted(directory.glob("*.json")):
+                found.extend(read_calibration_file(path))
+    return found
+
+
+def find_calibration(gpu: str, family: str, stack: str, driver_major: int | None = None, torch_minor: str | None = None,
+                     directories: list[Path] | None = None) -> Calibration | None:
+    """The calibration for this GPU, family and stack: one measured under the same driver and torch
+    first, then one that recorded neither or differs in them; among equals the most points, then the newest.
+    The cache is searched before the shipped files, so a user's own measurement wins a tie."""
+    candidates = [c for c in load_calibrations(directories)
+                  if c.key.gpu == gpu and c.key.family == family and c.key.stack == stack]
+
+    def rank(c: Calibration) -> tuple:
+        same = (driver_major is not None and c.key.driver_major == driver_major) + \
+               (torch_minor is not None and c.key.torch_minor == torch_minor)
+        return (same, sum(p.fitted for p in c.points), c.created)
+
+    return max(candidates, key=rank) if candidates else None  # max keeps the first of equals: the cache's
+
+
+def new_calibration(key: CalibrationKey, points: list[CalibrationPoint], created: str | None = None) -> Calibration:
+    return Calibration(key=key, points=tuple(points), fit=fit_correction(points),
+                       created=created or datetime.now(timezone.utc).isoformat(timespec="seconds"))
+
+
+def add_point(key: CalibrationKey, point: CalibrationPoint, directory: Path | None = None) -> Calibration:
+    """Add a measured point to the user's calibration for ``key``, refit, and write it atomically."""
+    from vramplan.atomic import write_json_atomic
+
+    directory = directory or cache_dir()
+    path = directory / f"{key.slug()}.json"
+    points = list(read_calibration_file(path)[0].points) if path.exists() else []
+    points.append(point)
+    if not any(p.fitted for p in points):  # only OOMs so far: keep them, nothing to fit yet
+        calibration = Calibration(key=key, points=tuple(points), fit={"kind": "none", "a": 1.0, "b": 1.0, "c": 0.0},
+                                  created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    else:
+        calibration = new_calibration(key, points)
+    directory.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(path, calibration.to_dict())
+    return dataclasses.replace(calibration, source=str(path))
+
+
+# ---------------------------------------------------------------- keys
+
+
+def model_family(profile: ModelProfile) -> str:
+    """The profile's family (``llama``, ``gemma4``), else its config's model_type."""
+    if profile.family:
+        return profile.family
+    from vramplan.estimate import architecture
+
+    return architecture(profile).model_type
+
+
+def torch_minor() -> str | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    return ".".join(torch.__version__.split("+")[0].split(".")[:2])
+
+
+def driver_major(driver: str) -> int | None:
+    head = driver.split(".")[0]
+    return int(head) if head.isdigit() else None
+
+
+def calibration_for(profile: ModelProfile, stack: str, gpu_name: str | None, driver: str | None = None,
+                    directories: list[Path] | None = None) -> Calibration | None:
+    """The calibration an estimate on ``gpu_name`` (a catalog name) should use, or None."""
+    if not gpu_name:
+        return None
+    major = driver_major(driver) if driver else None
+    return find_calibration(gpu_name, model_family(profile), stack, major, torch_minor() if driver else None, directories)

@@ -1,0 +1,199 @@
+"""Pre-flight: will THIS dataset's worst micro-batch fit, and how long will the run take?
+
+The plan prices ``micro_batch × seq_len`` tokens, but a run only ever sees the batches its data
+makes. vramplan's trainer packs examples into rows of at most ``seq_len`` tokens and pads each
+micro-batch to its longest row, so the worst micro-batch is the ``micro_batch`` longest rows
+(with enough data, full rows: the plan's own shape). The hf recipe does not pack: each
+micro-batch is padded to its longest example, so the worst is the longest examples (cut at
+``seq_len``). That worst shape is priced against the GPU; when it does not fit, the nearest plan
+that does (same sequence length and effective batch where possible) is searched.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+from vramplan.catalog import GpuSpec, ModelProfile
+from vramplan.errors import VramplanError
+from vramplan.estimate import Estimate, architecture, estimate_plan
+from vramplan.plan import Plan
+
+#: Placeholder share of the GPU's dense bf16 rate a LoRA step reaches (the H100 trainer runs
+#: measured 5-13k tok/s on 1-5B models: 0.2-0.35 of peak). vramplan.throughput replaces it.
+_PLACEHOLDER_EFFICIENCY = 0.3
+
+
+@dataclass
+class WorstBatch:
+    """The largest micro-batch the run will see: ``rows`` sequences padded to ``width`` tokens."""
+
+    rows: int
+    width: int
+    packed: bool
+    n_examples: int
+    n_micro_batches: int
+    total_tokens: int
+    n_truncated: int
+    n_dropped: int
+    batch_rows: list  # list[list[Example]]: the rows of the worst micro-batch, for a dry run
+    pad_token_id: int
+
+    def describe(self, seq_len: int) -> str:
+        if self.packed:
+            how = (f"packed into rows of at most {seq_len} tokens (each micro-batch padded to its longest row): "
+                   f"the worst micro-batch is {self.rows} row(s) of {self.width} tokens")
+            if self.width == seq_len:
+                how += ", full rows, the plan's own shape"
+        else:
+            how = (f"not packed (each micro-batch padded to its longest example): the worst micro-batch is "
+                   f"{self.rows} example(s) of {self.width} tokens")
+        extra = []
+        if self.n_truncated:
+            extra.append(f"{self.n_truncated} example(s) truncated to {seq_len}")
+        if self.n_dropped:
+            extra.append(f"{self.n_dropped} dropped")
+        return how + (f" ({', '.join(extra)})" if extra else "")
+
+
+def load_tokenizer(model_dir: str):
+    """The plan's tokenizer, from the model folder."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir)
+    except (OSError, ValueError) as err:
+        raise VramplanError(f"cannot load a tokenizer from {model_dir} ({str(err).splitlines()[0][:120]}); "
+                            "point --model at the model folder with its tokenizer files") from None
+
+
+def worst_micro_batch(records: list[dict], tokenizer, plan: Plan, overlong: str = "truncate") -> WorstBatch:
+    """The largest micro-batch ``plan``'s stack will build from ``records``, tokenized as training will."""
+    from vramplan.train import data
+
+    if plan.stack == "vramplan":
+        dataset = data.build_dataset("the dataset", tokenizer, plan.seq_len, overlong, records=records)
+        rows, pad = dataset.rows, dataset.pad_token_id
+        truncated, dropped, n_examples = dataset.n_truncated, dataset.n_dropped, dataset.n_examples
+    else:
+        examples, truncated, dropped = [], 0, 0
+        for record in records:
+            ids, train = data.tokenize(record, tokenizer)
+            if len(ids) > plan.seq_len:
+                if overlong == "drop":
+                    dropped += 1
+                    continue
+                ids, train = ids[:plan.seq_len], train[:plan.seq_len]
+                truncated += 1
+            examples.append(data.to_example(ids, train))
+        if not examples:
+            raise VramplanError(f"no example is left at --seq {plan.seq_len}; raise the plan's seq_len or use --overlong truncate")
+        rows, n_examples = [[e] for e in examples], len(examples)
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
+    widths = [sum(len(e.input_ids) for e in row) for row in rows]
+    longest = sorted(range(len(rows)), key=lambda i: -widths[i])[:plan.micro_batch]
+    return WorstBatch(rows=len(longest), width=widths[longest[0]], packed=plan.stack == "vramplan",
+                      n_examples=n_examples, n_micro_batches=-(-len(rows) // plan.micro_batch),
+                      total_tokens=sum(widths), n_truncated=truncated, n_dropped=dropped,
+                      batch_rows=[rows[i] for i in longest], pad_token_id=pad)
+
+
+def worst_batch_tensors(worst: WorstBatch, stack: str) -> dict:
+    """The worst micro-batch as the stack's step takes it (host tensors)."""
+    from vramplan.train.data import IGNORE, collate
+
+    batch = collate(worst.batch_rows, worst.pad_token_id)
+    if stack == "vramplan":
+        return batch
+    # the hf model shifts labels itself and needs an attention mask over the padding
+    lengths = [sum(len(e.input_ids) for e in row) for row in worst.batch_rows]
+    mask = batch["input_ids"].new_zeros(batch["input_ids"].shape)
+    for b, n in enumerate(lengths):
+        mask[b, :n] = 1
+    labels = batch["input_ids"].masked_fill(mask == 0, IGNORE)
+    return {"input_ids": batch["input_ids"], "attention_mask": mask, "labels": labels}
+
+
+def predicted_tokens_per_s(profile: ModelProfile, plan: Plan, gpu: GpuSpec | None) -> float | None:
+    """Training tokens per second: vramplan.throughput's model when present, else a FLOPs placeholder.
+
+    The placeholder: a LoRA step on a frozen base costs ~4·N FLOPs per token (forward 2N, input
+    gradients 2N; no weight gradients), +2N with checkpointing's recompute, at a fixed share
+    of the GPU's dense bf16 rate. None when the GPU's rate is unknown (a bare budget).
+    """
+    try:
+        from vramplan.throughput import predict_tokens_per_s  # type: ignore[import-not-found]
+    except ImportError:
+        predict_tokens_per_s = None
+    if predict_tokens_per_s is not None and gpu is not None:
+        return predict_tokens_per_s(architecture(profile), plan, gpu)
+    if gpu is None or not gpu.bf16_tflops:
+        return None
+    flops_per_token = (4 + (2 if plan.checkpointing != "none" else 0)) * architecture(profile).text_params
+    return _PLACEHOLDER_EFFICIENCY * gpu.bf16_tflops * 1e12 / flops_per_token
+
+
+@dataclass
+class CheckResult:
+    plan: Plan
+    worst: WorstBatch
+    estimate: Estimate  # at the worst micro-batch's shape
+    budget_bytes: int
+    tokens_per_s: float | None
+    seconds_to_finish: float | None
+    nearest: Any = None  # FitResult when it does not fit and something does
+    nearest_error: str | None = None
+    dry_run: Any = None  # calibrate.MeasuredRun with --dry-run
+
+    @property
+    def fits(self) -> bool:
+        if self.dry_run is not None and not self.dry_run.fitted:
+            return False
+        return self.estimate.peak_bytes <= self.budget_bytes
+
+    @property
+    def headroom_bytes(self) -> int:
+        return self.budget_bytes - self.estimate.peak_bytes
+
+    @property
+    def headroom_percent(self) -> float:
+        return 100 * self.headroom_bytes / self.budget_bytes
+
+    @property
+    def exit_code(self) -> int:
+        return 0 if self.fits else 1
+
+    def to_dict(self) -> dict[str, Any]:
+        w = self.worst
+        return {
+            "fits": self.fits, "headroom_bytes": self.headroom_bytes, "headroom_percent": self.headroom_percent,
+            "budget_bytes": self.budget_bytes, "peak_bytes": self.estimate.peak_bytes, "gpu": self.estimate.gpu,
+            "worst_batch": {"rows": w.rows, "width": w.width, "packed": w.packed, "examples": w.n_examples,
+                            "micro_batches": w.n_micro_batches, "tokens": w.total_tokens,
+                            "truncated": w.n_truncated, "dropped": w.n_dropped},
+            "tokens_per_s": self.tokens_per_s, "seconds_to_finish": self.seconds_to_finish,
+            "plan": self.plan.to_dict(), "estimate": self.estimate.to_dict(),
+            "nearest_plan": self.nearest.plan.to_dict() if self.nearest else None, "nearest_error": self.nearest_error,
+            "dry_run": self.dry_run.to_record() if self.dry_run is not None else None,
+        }
+
+
+def check_plan(plan: Plan, profile: ModelProfile, records: list[dict], tokenizer, gpu: GpuSpec | None, budget: int,
+               epochs: float = 1.0, overlong: str = "truncate", adjust=None) -> CheckResult:
+    """Price the dataset's worst micro-batch under ``plan`` against ``budget``; find the nearest fitting plan if not."""
+    from vramplan.fit import fit_plan
+
+    adjust = adjust or (lambda est: est)
+    worst = worst_micro_batch(records, tokenizer, plan, overlong)
+    shaped = plan.replace(seq_len=worst.width, micro_batch=worst.rows)
+    est = adjust(estimate_plan(shaped, profile, gpu, budget=budget))
+    rate = predicted_tokens_per_s(profile, plan, gpu)
+    seconds = worst.total_tokens * epochs / rate if rate else None
+    result = CheckResult(plan=plan, worst=worst, estimate=est, budget_bytes=budget, tokens_per_s=rate,
+                         seconds_to_finish=seconds)
+    if not result.fits:
+        try:
+            result.nearest = fit_plan(profile, gpu, budget=budget, base=plan, adjust=adjust)
+        except VramplanError as err:
+            result.nearest_error = str(err)
+    return result
