@@ -1,7 +1,5 @@
 """The throughput model: FLOPs by hand, the directions it must move in, and its error on held-out runs."""
 
-import json
-from pathlib import Path
 
 import pytest
 

@@ -29,9 +29,8 @@ from typing import Any
 
 from vramplan.catalog import GpuSpec, ModelProfile, list_gpus
 from vramplan.errors import VramplanError
-from vramplan.estimate import architecture, estimate_plan
+from vramplan.estimate import architecture, budget_bytes, estimate_plan
 from vramplan.fit import fit_plan, leanest_plan, safety_margin
-from vramplan.estimate import budget_bytes
 from vramplan.plan import Plan
 from vramplan.throughput import predict_tokens_per_s
 

@@ -25,14 +25,13 @@ every machine (it is CPU work).
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
 
 from vramplan.arch import Architecture, Layer
-from vramplan.catalog import GpuSpec, profiles_dir
+from vramplan.catalog import GpuSpec, _read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 
@@ -80,12 +79,7 @@ class Factors:
 @lru_cache(maxsize=None)
 def _calibration(directory: Path) -> dict[str, Any]:
     path = directory / CALIBRATION_FILE
-    try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise VramplanError(f"{path} does not exist; run `python -m benchmarks.throughput` to fit it") from None
-    except json.JSONDecodeError as err:
-        raise VramplanError(f"{path} is not valid JSON (line {err.lineno}): {err.msg}") from None
+    data = _read_json(path)  # `python -m benchmarks.throughput --write` writes it
     stacks = data.get("stacks") if isinstance(data, dict) else None
     if not isinstance(stacks, dict):
         raise VramplanError(f"{path}: expected {{\"stacks\": {{\"vramplan\": {{...}}, \"hf\": {{...}}}}}}")
