@@ -19,8 +19,9 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
+import itertools
+
 import numpy as np
-from scipy.optimize import nnls
 
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
@@ -93,6 +94,22 @@ def _terms(run: Run) -> dict[str, float]:
     return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), unit)
 
 
+def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """min |a·x - b| with x >= 0, by trying every set of free columns (there are 2 or 3 unknowns)."""
+    best, best_residual = np.zeros(a.shape[1]), float(np.sum(b * b))
+    for k in range(1, a.shape[1] + 1):
+        for columns in itertools.combinations(range(a.shape[1]), k):
+            x_sub = np.linalg.lstsq(a[:, columns], b, rcond=None)[0]
+            if np.any(x_sub < 0):
+                continue
+            x = np.zeros(a.shape[1])
+            x[list(columns)] = x_sub
+            residual = float(np.sum((a @ x - b) ** 2))
+            if residual < best_residual:
+                best, best_residual = x, residual
+    return best
+
+
 def fit_factors(runs: list[Run], stack: str) -> Factors:
     """Non-negative least squares on the relative step-time error.
 
@@ -107,7 +124,7 @@ def fit_factors(runs: list[Run], stack: str) -> Factors:
         row = [t["launch"], t["matmul"], t["attention"]] if stack == "hf" else [t["launch"], t["matmul"] + t["attention"]]
         rows.append([v / run.step_s for v in row])
         targets.append((run.step_s - fixed) / run.step_s)
-    solution, _ = nnls(np.array(rows), np.array(targets))
+    solution = nonnegative_least_squares(np.array(rows), np.array(targets))
     kernel, inv_mm = float(solution[0]), float(solution[1])
     inv_att = float(solution[2]) if stack == "hf" else inv_mm
     return Factors(seconds_per_kernel=kernel, matmul_efficiency=1 / max(inv_mm, 1e-9),
