@@ -154,6 +154,7 @@ def evaluate(runs: list[Run] | None = None) -> dict:
         "factors": {stack: f.__dict__ for stack, f in factors.items()},
         "rows": rows,
         "held_out": {"count": len(held_errors), "mean_abs_error": round(statistics.mean(held_errors), 4),
+                     "median_abs_error": round(statistics.median(held_errors), 4),
                      "max_abs_error": round(max(held_errors), 4)},
         "fit": {"count": len(fit)},
     }
@@ -167,6 +168,7 @@ def markdown(result: dict) -> str:
                      f"{r['predicted_tok_s']:,.0f} | {100 * r['error']:+.1f}% | {r['set']} |")
     held = result["held_out"]
     lines += ["", f"Held out: {held['count']} configurations, mean |error| {100 * held['mean_abs_error']:.1f}%, "
+                  f"median {100 * held['median_abs_error']:.1f}%, "
                   f"max {100 * held['max_abs_error']:.1f}%.", "", "Factors:", ""]
     for stack, f in result["factors"].items():
         lines.append(f"- {stack}: {f['seconds_per_kernel'] * 1e6:.1f} µs per kernel, matmul {100 * f['matmul_efficiency']:.1f}%, "

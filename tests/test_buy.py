@@ -133,3 +133,21 @@ def test_mark_with_nothing_fitting_marks_nothing():
     options = [Option(list_gpus()[0], fits=False, lacks="x")]
     mark(options)
     assert options[0].marks == []
+
+
+def test_dataset_tokens_counted_with_the_models_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="</s>").save_pretrained(tmp_path / "tok")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"text": "hello world hello"}) + "\n" + json.dumps({"text": "world"}) + "\n")
+    assert dataset_tokens(str(data), str(tmp_path / "tok")) == (3 + 1 + 1 + 1, "tokenizer")  # each text ends with </s>
+    result = run("buy", "llama-3.2-1b", "--data", str(data), "--model", str(tmp_path / "tok"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tokens_source"] == "tokenizer"
+    missing = run("buy", "llama-3.2-1b", "--data", str(data), "--model", str(tmp_path / "nothing"))
+    assert missing.exit_code != 0 and "no tokenizer" in missing.output

@@ -74,8 +74,9 @@ def test_a_gpu_without_speed_figures_is_a_clear_error():
 
 
 def test_held_out_error_on_the_committed_measurements():
-    """The fit never sees the held-out runs. Target: 15% mean; reached today: under 17% mean
-    (Gemma-4-E2B on vramplan's stack, the only held-out trainer run, is 37% slow-predicted)."""
+    """The fit never sees the held-out runs. Target: 15% mean. Reached on the committed data: 16.3% mean,
+    9.3% median over 12 held-out runs; the worst are Gemma-4-E2B on vramplan's stack (its only
+    held-out trainer run, predicted 37% slow) and Gemma-4-E4B on hf (+40%)."""
     from benchmarks.throughput import evaluate, split, load_runs
 
     runs = load_runs()
@@ -84,6 +85,7 @@ def test_held_out_error_on_the_committed_measurements():
     result = evaluate(runs)
     assert result["held_out"]["count"] == len(held)
     assert result["held_out"]["mean_abs_error"] < 0.17
+    assert result["held_out"]["median_abs_error"] < 0.15
     fitted = [r for r in result["rows"] if r["set"] == "fit" and r["stack"] == "vramplan"]
     assert all(abs(r["error"]) < 0.01 for r in fitted)  # two runs, two unknowns
     committed = calibration()
