@@ -84,6 +84,7 @@ def buy(model, seq, tokens_text, data_path, tokenizer_dir, epochs, batch, stack,
     if as_json:
         emit_json({"model": profile.name, "seq_len": seq, "tokens": tokens, "tokens_source": how, "epochs": epochs,
                    "total_tokens": job.total_tokens, "stack": stack, "prices_date": about.get("date"),
+                   "prices_sources": about.get("sources", []),
                    "calibration_date": calib.get("date"), "notes": notes, "options": [o.to_dict() for o in options]})
         return
     click.echo(f"{profile.name}: {job.total_tokens:,.0f} tokens ({tokens:,} × {epochs:g} epochs, {how}) at seq {seq}, "
