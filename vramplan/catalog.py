@@ -241,6 +241,12 @@ def _gpu_catalog(directory: Path) -> _Catalog:
     return _Catalog(by_key, nvml_names)
 
 
+def gpu_catalog_about(profiles: str | Path | None = None) -> dict[str, Any]:
+    """The catalog's ``_about`` block: its ``date`` (when the figures and prices were gathered) and ``sources``."""
+    about = _read_json(profiles_dir(profiles) / "gpus.json").get("_about")
+    return about if isinstance(about, dict) else {}
+
+
 def _gpu_table(profiles: str | Path | None = None) -> dict[str, GpuSpec]:
     return _gpu_catalog(profiles_dir(profiles)).by_key
 

@@ -45,3 +45,31 @@ def plot_estimates(estimates: Sequence, path: str, gpu: GpuSpec | None = None, l
     fig.tight_layout()
     write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
     plt.close(fig)
+
+
+def plot_cost_time(options: Sequence, path: str, title: str = "") -> None:
+    """Cost to finish against hours to finish, one labelled point per GPU that fits and has a price."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    if Path(path).suffix.lower() != ".png":
+        raise VramplanError(f"--plot {path}: write a .png file")
+    points = [o for o in options if o.fits and o.cost_usd is not None]
+    fig, ax = plt.subplots(figsize=(8, 5.5))
+    for o in points:
+        color = "tab:red" if o.marks else "tab:blue"
+        ax.scatter(o.hours, o.cost_usd, color=color, marker="s" if o.cost_basis == "buy" else "o")
+        label = o.gpu.name + (f" ({', '.join(o.marks)})" if o.marks else "")
+        ax.annotate(label, (o.hours, o.cost_usd), fontsize=7, xytext=(3, 3), textcoords="offset points")
+    if points:
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+    ax.set_xlabel("hours to finish")
+    ax.set_ylabel("cost to finish (USD; circle: rent, square: buy)")
+    ax.set_title(title or "cost vs time to finish", fontsize=10)
+    ax.grid(True, which="both", alpha=0.3)
+    fig.tight_layout()
+    write_atomic(path, lambda tmp: fig.savefig(tmp, format="png", dpi=110))
+    plt.close(fig)

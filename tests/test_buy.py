@@ -1,0 +1,153 @@
+"""`vramplan buy`: options ranked by cost to finish, marked, explained; bad inputs are one-line errors."""
+
+import json
+
+import pytest
+from click.testing import CliRunner
+
+from vramplan.buy import Job, dataset_tokens, mark, parse_tokens, price_job
+from vramplan.catalog import list_gpus, resolve_model
+from vramplan.cli import main
+from vramplan.errors import VramplanError
+from vramplan.plan import Plan
+
+
+def run(*args):
+    return CliRunner().invoke(main, list(args))
+
+
+@pytest.fixture(scope="module")
+def options():
+    profile = resolve_model("llama-3.1-8b")
+    return price_job(Job(profile, Plan(model=profile.name, seq_len=4096), 50_000_000))
+
+
+def test_ranked_by_cost_to_finish(options):
+    priced = [o for o in options if o.fits and o.cost_usd is not None]
+    assert len(priced) > 10
+    costs = [o.cost_usd for o in priced]
+    assert costs == sorted(costs)
+    first_unpriced = next(i for i, o in enumerate(options) if not (o.fits and o.cost_usd is not None))
+    assert all(not (o.fits and o.cost_usd is not None) for o in options[first_unpriced:])
+
+
+def test_cost_is_the_cheaper_of_renting_and_buying(options):
+    for o in options:
+        if not o.fits:
+            continue
+        assert o.hours == pytest.approx(50_000_000 / o.tokens_per_s / 3600)
+        if o.gpu.rent_usd_per_hour:
+            assert o.rent_usd == pytest.approx(o.hours * o.gpu.rent_usd_per_hour)
+        known = [c for c in (o.rent_usd, o.purchase_usd) if c is not None]
+        assert o.cost_usd == (min(known) if known else None)
+
+
+def test_cheapest_fastest_and_best_value_are_marked_once(options):
+    fitting = [o for o in options if o.fits]
+    priced = [o for o in fitting if o.cost_usd is not None]
+    marked = {m: [o for o in options if m in o.marks] for m in ("cheapest", "fastest", "best value")}
+    assert all(len(v) == 1 for v in marked.values())
+    assert marked["cheapest"][0].cost_usd == min(o.cost_usd for o in priced)
+    assert marked["fastest"][0].hours == min(o.hours for o in fitting)
+    assert marked["best value"][0].cost_usd * marked["best value"][0].hours == min(o.cost_usd * o.hours for o in priced)
+    assert marked["fastest"][0].gpu.name == "b200"
+
+
+def test_apple_machines_and_small_cards_do_not_fit_with_a_reason(options):
+    by_name = {o.gpu.name: o for o in options}
+    assert not by_name["m3-ultra-512gb"].fits and "CUDA" in by_name["m3-ultra-512gb"].lacks
+    assert not any(o.marks for o in options if o.gpu.unified_memory)
+    profile = resolve_model("llama-3.3-70b")
+    cards = [g for g in list_gpus() if g.name in ("rtx-4060", "h200")]
+    big = price_job(Job(profile, Plan(model=profile.name, seq_len=8192), 10_000_000), cards)
+    small = {o.gpu.name: o for o in big}["rtx-4060"]
+    assert not small.fits and "GB more memory" in small.lacks
+
+
+def test_a_gpu_without_bf16_trains_in_fp16():
+    profile = resolve_model("llama-3.2-1b")
+    t4 = [g for g in list_gpus() if g.name == "t4"]
+    option = price_job(Job(profile, Plan(model=profile.name), 1_000_000), t4)[0]
+    assert option.fits and option.plan.compute_dtype == "fp16" and option.tokens_per_s > 0
+
+
+@pytest.mark.parametrize("text,count", [("50M", 50_000_000), ("1.5B", 1_500_000_000), ("200k", 200_000), ("123", 123)])
+def test_token_counts(text, count):
+    assert parse_tokens(text) == count
+
+
+def test_dataset_tokens_estimated_from_characters(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"text": "x" * 400}) + "\n" + json.dumps({"prompt": "ab", "completion": "cd" * 99}) + "\n")
+    assert dataset_tokens(str(data)) == (150, "estimated from characters")
+
+
+def test_json_shape():
+    result = run("buy", "gemma-4-e4b", "--seq", "4096", "--tokens", "50M", "--json")
+    assert result.exit_code == 0, result.output
+    data = json.loads(result.output)
+    assert data["total_tokens"] == 50_000_000 and data["prices_date"]
+    assert len(data["options"]) == len(list_gpus())
+    for option in data["options"]:
+        assert {"gpu", "fits", "tokens_per_s", "hours", "cost", "marks", "lacks"} <= set(option)
+        assert (option["tokens_per_s"] is not None) == option["fits"]
+
+
+def test_table_for_people_says_how_old_the_prices_are(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"text": "hello " * 1000}) + "\n")
+    result = run("buy", "llama-3.1-8b", "--data", str(data), "--epochs", "3")
+    assert result.exit_code == 0, result.output
+    assert "cheapest" in result.output and "fastest" in result.output and "best value" in result.output
+    assert "days old" in result.output and "ESTIMATED from characters" in result.output
+    assert "needs CUDA" in result.output
+
+
+@pytest.mark.parametrize("args,message", [
+    (["llama-3.1-8b", "--tokens", "-5"], "--tokens -5"),
+    (["llama-3.1-8b", "--tokens", "12Q"], "--tokens 12Q"),
+    (["no-such-model", "--tokens", "5M"], "unknown model"),
+    (["llama-3.1-8b"], "--tokens 50M, or --data"),
+    (["llama-3.1-8b", "--tokens", "5M", "--epochs", "0"], "--epochs"),
+    (["llama-3.1-8b", "--data", "/nonexistent.jsonl"], "does not exist"),
+])
+def test_bad_inputs_are_one_line_errors(args, message):
+    result = run("buy", *args)
+    assert result.exit_code != 0
+    assert message in result.output and "Traceback" not in result.output
+    assert len(result.output.strip().splitlines()) == 1
+
+
+def test_plot_writes_a_png(tmp_path):
+    path = tmp_path / "cost.png"
+    result = run("buy", "llama-3.2-1b", "--tokens", "10M", "--plot", str(path))
+    assert result.exit_code == 0, result.output
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    bad = run("buy", "llama-3.2-1b", "--tokens", "10M", "--plot", str(tmp_path / "cost.jpg"))
+    assert bad.exit_code != 0 and ".png" in bad.output
+
+
+def test_mark_with_nothing_fitting_marks_nothing():
+    from vramplan.buy import Option
+
+    options = [Option(list_gpus()[0], fits=False, lacks="x")]
+    mark(options)
+    assert options[0].marks == []
+
+
+def test_dataset_tokens_counted_with_the_models_tokenizer(tmp_path):
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {"[UNK]": 0, "</s>": 1, "hello": 2, "world": 3}
+    words = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    words.pre_tokenizer = pre_tokenizers.Whitespace()
+    PreTrainedTokenizerFast(tokenizer_object=words, unk_token="[UNK]", eos_token="</s>").save_pretrained(tmp_path / "tok")
+    data = tmp_path / "train.jsonl"
+    data.write_text(json.dumps({"text": "hello world hello"}) + "\n" + json.dumps({"text": "world"}) + "\n")
+    assert dataset_tokens(str(data), str(tmp_path / "tok")) == (3 + 1 + 1 + 1, "tokenizer")  # each text ends with </s>
+    result = run("buy", "llama-3.2-1b", "--data", str(data), "--model", str(tmp_path / "tok"), "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["tokens_source"] == "tokenizer"
+    missing = run("buy", "llama-3.2-1b", "--data", str(data), "--model", str(tmp_path / "nothing"))
+    assert missing.exit_code != 0 and "no tokenizer" in missing.output

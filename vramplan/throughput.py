@@ -1,0 +1,290 @@
+"""How fast a plan trains on a GPU: predicted seconds per step, as pure arithmetic.
+
+A training step of ``b × s`` tokens costs the sum of four times (no overlap is assumed;
+the fitted factors absorb what overlap there is):
+
+* **arithmetic**: the step's matmul FLOPs (:func:`step_flops`) over the GPU's dense bf16
+  (fp16 when the plan computes in fp16) tensor rate times a fitted matmul efficiency. The
+  attention score term (the ``s²`` part) has its own efficiency, because the hf recipe runs
+  it in fp32 through SDPA's math kernel while vramplan's runs flash attention in bf16;
+* **memory traffic**: the bytes a step moves through GPU memory (:func:`step_bytes`: NF4
+  dequantization, activations, logits, the attention scores the math kernel materializes,
+  the optimizer's pass over its states) over the GPU's bandwidth times its efficiency;
+* **host link**: CPU-offloaded checkpoints cross PCIe (:func:`step_pcie_bytes`);
+* **launch floor**: the kernels a step launches (:func:`step_kernels`, counted per
+  linear and per layer, so it scales with depth) times a fitted host cost per launch. On
+  the H100 the small models we measured are bound by this: Llama-3.2-1B at 2048 tokens
+  launches ~6,000 kernels and the GPU is busy ~123 ms of a ~270 ms step.
+
+The efficiencies are fitted per stack to tokens/s measured on an H100
+(``profiles/calibration/throughput.json``, written by ``benchmarks/throughput.py``). They
+are fractions of a catalog peak, so they carry over to other GPUs as far as those GPUs
+reach the same fraction of their peak; the per-launch host cost is taken as the same on
+every machine (it is CPU work).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+from vramplan.arch import Architecture, Layer
+from vramplan.catalog import GpuSpec, _read_json, profiles_dir
+from vramplan.errors import VramplanError
+from vramplan.plan import Plan
+
+#: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
+PCIE_BYTES_PER_S = 25e9
+
+#: Bytes moved per base weight per pass (forward, backward, recompute). NF4: read 0.52 B
+#: (4.13 bits), write a bf16 copy and read it back in cuBLAS (vramplan's fused path, which
+#: skips the copy, only runs at <= 64 tokens). int8: read 1 B, write and read 2 B each.
+WEIGHT_BYTES_PER_PASS = {"nf4": 0.52 + 2 + 2, "int8": 1 + 2 + 2, "bf16": 2}
+
+#: Activation element reads+writes per token per layer and pass: per hidden-sized value
+#: (norms, residual adds, RoPE, attention in/out, casts) and per MLP-intermediate value
+#: (gate, up, the activation, their product). hf's recipe runs unfused in fp32.
+ACTIVATION_ACCESSES = {"vramplan": (14, 5), "hf": (30, 8)}
+ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}
+
+#: Kernels launched per forward pass: per LoRA-adapted linear (base matmul or dequant +
+#: matmul, the two LoRA matmuls, scale, add, casts) and per layer otherwise (norms, RoPE,
+#: attention, residuals, the gated activation, checkpoint bookkeeping). A backward
+#: launches about twice a forward's kernels. Llama-3.2-1B at 2048 tokens, fully
+#: checkpointed, comes to ~6,000 launches on vramplan's stack, as profiled.
+KERNELS_PER_LINEAR = {"vramplan": 6, "hf": 8}
+#: More per quantized linear: dequantize (and bitsandbytes' Python wrapper around it) each pass.
+KERNELS_PER_DEQUANT = {"vramplan": 2, "hf": 6}
+KERNELS_PER_LAYER = {"vramplan": 24, "hf": 40}
+KERNELS_PER_NORM = {"vramplan": 1, "hf": 7}  # vramplan's RMSNorm is one fused kernel
+KERNELS_PER_LAYER_INPUT = 8  # Gemma 4's per-layer embedding gate and projection
+KERNELS_PER_MODEL = 40  # embedding, final norm, loss, bookkeeping
+
+CALIBRATION_FILE = "calibration/throughput.json"
+FACTOR_FIELDS = ("seconds_per_kernel", "matmul_efficiency", "attention_efficiency", "bandwidth_efficiency")
+
+
+@dataclass(frozen=True)
+class Factors:
+    """One stack's fitted efficiencies (fractions of the catalog peaks) and host cost per launch."""
+
+    seconds_per_kernel: float
+    matmul_efficiency: float
+    attention_efficiency: float
+    bandwidth_efficiency: float
+
+
+@lru_cache(maxsize=None)
+def _calibration(directory: Path) -> dict[str, Any]:
+    path = directory / CALIBRATION_FILE
+    data = _read_json(path)  # `python -m benchmarks.throughput --write` writes it
+    stacks = data.get("stacks") if isinstance(data, dict) else None
+    if not isinstance(stacks, dict):
+        raise VramplanError(f"{path}: expected {{\"stacks\": {{\"vramplan\": {{...}}, \"hf\": {{...}}}}}}")
+    for stack, entry in stacks.items():
+        for name in FACTOR_FIELDS:
+            value = entry.get(name) if isinstance(entry, dict) else None
+            if not isinstance(value, (int, float)) or isinstance(value, bool) or value <= 0:
+                raise VramplanError(f"{path}: stacks.{stack}.{name} must be a positive number")
+    return data
+
+
+def calibration(profiles: str | Path | None = None) -> dict[str, Any]:
+    """The calibration file as loaded: factors per stack, its date and its measurement source."""
+    return _calibration(profiles_dir(profiles))
+
+
+def factors_for(stack: str, profiles: str | Path | None = None) -> Factors:
+    stacks = calibration(profiles)["stacks"]
+    if stack not in stacks:
+        raise VramplanError(f"no throughput calibration for stack '{stack}'; calibrated: {', '.join(stacks)}")
+    return Factors(**{name: float(stacks[stack][name]) for name in FACTOR_FIELDS})
+
+
+# ------------------------------------------------------------------ work per step
+
+
+def _keys_per_query(layer: Layer, seq: int) -> float:
+    """Mean keys a causal query attends to: s/2 on full layers, about the window on sliding ones."""
+    window = layer.sliding_window if layer.attention == "sliding" and layer.sliding_window else None
+    if window is None or window >= seq:
+        return (seq + 1) / 2
+    return window - window * window / (2 * seq)
+
+
+def _recomputes(plan: Plan) -> bool:
+    return plan.checkpointing in ("full", "offload")
+
+
+def _lora_width(arch: Architecture, layer: Layer, plan: Plan) -> int:
+    """Σ (in + out) over the adapted linears of a layer: LoRA's FLOPs per token are 2·r·that."""
+    return sum(lin.d_in + lin.d_out for lin in layer.linears if lin.name in plan.lora_targets)
+
+
+def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
+    """Matmul FLOPs of one micro-batch's forward and backward, by part (multiply-add = 2 FLOPs).
+
+    - ``linears_forward``: 2·T·P over the decoder's linears (experts: the top-k active ones);
+    - ``linears_backward``: the same again: frozen base weights need dX only, no dW;
+    - ``lora``: forward 2·T·r·(in+out) per adapted linear, ×3 with its backward (dX, dA, dB);
+    - ``lm_head``: forward and dX of the (frozen) head, 2·T·V·h each;
+    - ``attention``: QKᵀ and PV, 4·T·keys·q_dim forward and 2.5× that backward (flash
+      attention recomputes the scores);
+    - ``recompute``: under checkpointing, the layers' forward once more (linears, LoRA, attention).
+    """
+    tokens = plan.micro_batch * plan.seq_len
+    linear = sum(lin.params for lin in arch.extra_linears)
+    active_experts = 0
+    lora = 0
+    attention = 0.0
+    for layer in arch.layers:
+        linear += layer.linear_params
+        if layer.experts:
+            active_experts += layer.top_k * 3 * arch.hidden_size * layer.expert_intermediate
+        lora += _lora_width(arch, layer, plan)
+        attention += 4 * plan.seq_len * _keys_per_query(layer, plan.seq_len) * layer.q_dim * plan.micro_batch
+    forward = 2.0 * tokens * (linear + active_experts)
+    lora_forward = 2.0 * tokens * plan.lora_rank * lora
+    parts = {
+        "linears_forward": forward,
+        "linears_backward": forward,
+        "lora": 3 * lora_forward,
+        "lm_head": 2 * 2.0 * tokens * arch.vocab_size * arch.hidden_size,
+        "attention": 3.5 * attention,
+        "recompute": 0.0,
+    }
+    if _recomputes(plan):
+        parts["recompute"] = forward + lora_forward
+        parts["attention"] += attention
+    return parts
+
+
+def attention_flops(arch: Architecture, plan: Plan) -> float:
+    """The s² part of :func:`step_flops` (recompute included): it runs at its own efficiency."""
+    return step_flops(arch, plan)["attention"]
+
+
+def _passes(plan: Plan) -> int:
+    """Passes over the layers' weights: forward, backward, and the recompute under checkpointing."""
+    return 3 if _recomputes(plan) else 2
+
+
+def _math_attention_layers(arch: Architecture, plan: Plan) -> list[Layer]:
+    """Layers whose scores hf materializes: fp32 GQA without a mask falls back to SDPA's math kernel."""
+    if plan.stack != "hf" and plan.attention != "eager":
+        return []
+    if plan.attention == "eager":
+        return list(arch.layers)
+    return [layer for layer in arch.layers if layer.attention != "sliding" and layer.kv_heads < layer.heads]
+
+
+def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
+    """Bytes one micro-batch moves through GPU memory, by part.
+
+    - ``weights``: each pass reads (and for NF4/int8 dequantizes) every base linear; the LM head twice;
+    - ``activations``: the element-wise traffic of each layer per pass (``ACTIVATION_ACCESSES``);
+    - ``logits``: full loss writes bf16 logits, an fp32 copy, its log-softmax and their
+      gradients (~24 B per logit); the chunked loss keeps each chunk's fp32 logits (~8 B);
+    - ``attention_scores``: b·heads·s² fp32 scores written and read ~12 times per layer
+      (forward, recompute, backward) where the math kernel runs;
+    - ``optimizer``: the 8-bit or fp32 AdamW pass over params, grads and states, once per
+      ``grad_accum`` micro-batches.
+    """
+    tokens = plan.micro_batch * plan.seq_len
+    stack = plan.stack
+    passes = _passes(plan)
+    hidden_acc, inter_acc = ACTIVATION_ACCESSES[stack]
+    act = ACTIVATION_BYTES[stack]
+    weights = passes * arch.linear_params * WEIGHT_BYTES_PER_PASS[plan.quant]
+    weights += 2 * 2 * arch.vocab_size * arch.hidden_size
+    activations = 0.0
+    for layer in arch.layers:
+        inter = layer.mlp_intermediate + layer.top_k * layer.expert_intermediate
+        activations += tokens * (arch.hidden_size * hidden_acc + inter * inter_acc) * act
+    activations *= passes + 1  # a backward touches about twice what its forward does
+    logits = tokens * arch.vocab_size * (24 if plan.loss == "full" else 8)
+    scores = sum(12 * plan.micro_batch * layer.heads * plan.seq_len * min(plan.seq_len, layer.sliding_window or plan.seq_len) * 4
+                 for layer in _math_attention_layers(arch, plan))
+    trainable = sum(_lora_width(arch, layer, plan) for layer in arch.layers) * plan.lora_rank
+    per_param = 28.0 if plan.optimizer == "adamw" else 16.0
+    return {
+        "weights": float(weights),
+        "activations": float(activations),
+        "logits": float(logits),
+        "attention_scores": float(scores),
+        "optimizer": trainable * per_param / plan.grad_accum,
+    }
+
+
+def step_pcie_bytes(arch: Architecture, plan: Plan) -> float:
+    """Bytes over PCIe per micro-batch: offloaded checkpoints go to the host and come back."""
+    if plan.checkpointing != "offload":
+        return 0.0
+    return 2.0 * plan.micro_batch * plan.seq_len * arch.hidden_size * 2 * arch.num_layers
+
+
+def _norms_per_layer(arch: Architecture, layer: Layer) -> int:
+    four = arch.model_type.startswith(("gemma2", "gemma3", "gemma4"))
+    return (4 if four else 2) + (2 if layer.qk_norm else 0)
+
+
+def step_kernels(arch: Architecture, plan: Plan) -> float:
+    """Kernels launched per micro-batch: forward, twice that in backward, the recompute, the optimizer."""
+    stack = plan.stack
+    forward = KERNELS_PER_MODEL
+    adapted = 0
+    for layer in arch.layers:
+        n_linears = len(layer.linears)
+        adapted += sum(1 for lin in layer.linears if lin.name in plan.lora_targets)
+        per_linear = KERNELS_PER_LINEAR[stack] + (KERNELS_PER_DEQUANT[stack] if plan.quant != "bf16" else 0)
+        forward += n_linears * per_linear + KERNELS_PER_LAYER[stack]
+        forward += _norms_per_layer(arch, layer) * KERNELS_PER_NORM[stack]
+        if layer.per_layer_input:
+            forward += KERNELS_PER_LAYER_INPUT
+        if layer.experts:
+            forward += layer.experts * 3 if stack == "hf" else 12  # hf loops over experts
+    launches = forward * (3 + (1 if _recomputes(plan) else 0))
+    launches += 2 * adapted * 3 / plan.grad_accum  # optimizer step and zeroing per A and B tensor
+    return float(launches)
+
+
+# ------------------------------------------------------------------ time
+
+
+def compute_tflops(gpu: GpuSpec, plan: Plan) -> float:
+    """The GPU's dense tensor rate for the plan's compute dtype (TFLOP/s)."""
+    return gpu.bf16_tflops if plan.compute_dtype == "bf16" and gpu.supports_bf16 else gpu.fp16_tflops
+
+
+def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors | None = None) -> dict[str, float]:
+    """Seconds of one micro-batch, by term (see the module docstring); their sum is the prediction."""
+    factors = factors or factors_for(plan.stack)
+    rate = compute_tflops(gpu, plan) * 1e12
+    if rate <= 0 or gpu.bandwidth_gbs <= 0:
+        raise VramplanError(f"GPU {gpu.name} has no compute rate or bandwidth in the catalog; its speed cannot be predicted")
+    flops = step_flops(arch, plan)
+    attention = flops.pop("attention")
+    return {
+        "launch": step_kernels(arch, plan) * factors.seconds_per_kernel,
+        "matmul": sum(flops.values()) / (rate * factors.matmul_efficiency),
+        "attention": attention / (rate * factors.attention_efficiency),
+        "memory": sum(step_bytes(arch, plan).values()) / (gpu.bandwidth_gbs * 1e9 * factors.bandwidth_efficiency),
+        "pcie": step_pcie_bytes(arch, plan) / PCIE_BYTES_PER_S,
+    }
+
+
+def predict_tokens_per_s(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors | None = None) -> float:
+    """Predicted training tokens per second of ``plan`` on one ``gpu``.
+
+    Counted: the matmul FLOPs of forward, dX-only backward through the frozen weights,
+    LoRA's forward and backward (its dA, dB), the LM head's forward and dX, the causal
+    attention s² term and, under checkpointing, the recomputed forward; the memory
+    traffic of NF4/int8 dequantization, activations, logits, materialized attention
+    scores and the optimizer; offloaded checkpoints over PCIe; and the launch floor.
+    Not counted: data loading, logging, checkpoint saving, paged-optimizer evictions (the
+    plan fits, so its states stay resident), thermal throttling.
+    """
+    seconds = sum(step_seconds(arch, plan, gpu, factors).values())
+    return plan.micro_batch * plan.seq_len / seconds
