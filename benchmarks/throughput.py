@@ -4,7 +4,7 @@ Reads the committed H100 measurements (``benchmarks/results/trainer_h100.jsonl``
 vramplan's trainer, ``hf_stack_h100.jsonl`` for the transformers + PEFT + bitsandbytes
 recipe), fits each stack's factors (:mod:`vramplan.throughput`) on a fixed subset, and
 reports the error on the configurations the fit never saw. ``--write`` stores the factors
-in ``profiles/calibration/throughput.json``; the comparison goes to
+in ``profiles/calibration/throughput/h100.json``; the comparison goes to
 ``benchmarks/results/throughput.{json,md}``. On a GPU, ``--measure MODEL --grid JSON`` first
 runs fresh configurations through benchmarks/trainer.py's functions and adds them (held out).
 
@@ -32,7 +32,7 @@ from vramplan.throughput import Factors, step_seconds
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SOURCES = {"vramplan": RESULTS / "trainer_h100.jsonl", "hf": RESULTS / "hf_stack_h100.jsonl"}
-CALIBRATION = ROOT / "profiles" / "calibration" / "throughput.json"
+CALIBRATION = ROOT / "profiles" / "calibration" / "throughput" / "h100.json"
 GPU = "h100"
 #: The H100's measured copy bandwidth, ~3.0 of its 3.35 TB/s: fixed, not fitted (the runs
 #: we have are not bound by memory traffic, so they could not pin it down).
@@ -213,7 +213,7 @@ def measure(model: str, grid: list[dict], steps: int) -> list[dict]:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--write", action="store_true", help="also write profiles/calibration/throughput.json")
+    parser.add_argument("--write", action="store_true", help="also write profiles/calibration/throughput/h100.json")
     parser.add_argument("--date", default=None, help="the calibration's date (default: today, UTC)")
     parser.add_argument("--measure", default=None, metavar="MODEL", help="on a GPU: measure MODEL with --grid first")
     parser.add_argument("--grid", default='[{"seq": 2048, "batch": 1, "rank": 16, "gc": true}]')

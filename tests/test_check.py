@@ -39,7 +39,7 @@ def test_unpacked_worst_batch_is_the_longest_example_cut_at_seq():
     assert cut.width == 20 and cut.n_truncated == sum(n > 20 for n in _lengths(tok))
 
 
-def test_placeholder_throughput_scales_with_the_gpu():
+def test_throughput_scales_with_the_gpu():
     profile, plan = resolve_model("llama-3.2-1b"), Plan(model="llama-3.2-1b")
     h100, rtx = predicted_tokens_per_s(profile, plan, resolve_gpu("h100")), predicted_tokens_per_s(profile, plan, resolve_gpu("rtx-4060"))
     assert h100 > rtx > 0

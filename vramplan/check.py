@@ -21,7 +21,6 @@ from vramplan.plan import Plan
 
 #: Placeholder share of the GPU's dense bf16 rate a LoRA step reaches (the H100 trainer runs
 #: measured 5-13k tok/s on 1-5B models: 0.2-0.35 of peak). vramplan.throughput replaces it.
-_PLACEHOLDER_EFFICIENCY = 0.3
 
 
 @dataclass
@@ -115,22 +114,13 @@ def worst_batch_tensors(worst: WorstBatch, stack: str) -> dict:
 
 
 def predicted_tokens_per_s(profile: ModelProfile, plan: Plan, gpu: GpuSpec | None) -> float | None:
-    """Training tokens per second: vramplan.throughput's model when present, else a FLOPs placeholder.
+    """Training tokens per second from the throughput model (vramplan.throughput); None when the
+    GPU's speed is unknown (a bare budget such as 12GB, or a GPU the catalog lacks)."""
+    from vramplan.throughput import predict_tokens_per_s
 
-    The placeholder: a LoRA step on a frozen base costs ~4·N FLOPs per token (forward 2N, input
-    gradients 2N; no weight gradients), +2N with checkpointing's recompute, at a fixed share
-    of the GPU's dense bf16 rate. None when the GPU's rate is unknown (a bare budget).
-    """
-    try:
-        from vramplan.throughput import predict_tokens_per_s  # type: ignore[import-not-found]
-    except ImportError:
-        predict_tokens_per_s = None
-    if predict_tokens_per_s is not None and gpu is not None:
-        return predict_tokens_per_s(architecture(profile), plan, gpu)
-    if gpu is None or not gpu.bf16_tflops:
+    if gpu is None or not (gpu.bf16_tflops or gpu.fp16_tflops) or not gpu.bandwidth_gbs:
         return None
-    flops_per_token = (4 + (2 if plan.checkpointing != "none" else 0)) * architecture(profile).text_params
-    return _PLACEHOLDER_EFFICIENCY * gpu.bf16_tflops * 1e12 / flops_per_token
+    return predict_tokens_per_s(architecture(profile), plan, gpu)
 
 
 @dataclass

@@ -17,7 +17,7 @@ the fitted factors absorb what overlap there is):
   launches ~6,000 kernels and the GPU is busy ~123 ms of a ~270 ms step.
 
 The efficiencies are fitted per stack to tokens/s measured on an H100
-(``profiles/calibration/throughput.json``, written by ``benchmarks/throughput.py``). They
+(``profiles/calibration/throughput/h100.json``, written by ``benchmarks/throughput.py``). They
 are fractions of a catalog peak, so they carry over to other GPUs as far as those GPUs
 reach the same fraction of their peak; the per-launch host cost is taken as the same on
 every machine (it is CPU work).
@@ -62,7 +62,7 @@ KERNELS_PER_NORM = {"vramplan": 1, "hf": 7}  # vramplan's RMSNorm is one fused k
 KERNELS_PER_LAYER_INPUT = 8  # Gemma 4's per-layer embedding gate and projection
 KERNELS_PER_MODEL = 40  # embedding, final norm, loss, bookkeeping
 
-CALIBRATION_FILE = "calibration/throughput.json"
+CALIBRATION_FILE = "calibration/throughput/h100.json"
 FACTOR_FIELDS = ("seconds_per_kernel", "matmul_efficiency", "attention_efficiency", "bandwidth_efficiency")
 
 

@@ -71,7 +71,7 @@ def buy(model, seq, tokens_text, data_path, tokenizer_dir, epochs, batch, stack,
     options = price_job(job)
     about, calib = gpu_catalog_about(), calibration()
     notes = [f"prices and GPU figures: profiles/gpus.json, {_age(about.get('date', '?'))}",
-             f"speed model: profiles/calibration/throughput.json, {_age(calib.get('date', '?'))}, fitted on {calib.get('gpu', '?')}; "
+             f"speed model: profiles/calibration/throughput/h100.json, {_age(calib.get('date', '?'))}, fitted on {calib.get('gpu', '?')}; "
              f"held-out error {100 * calib.get('held_out', {}).get('mean_abs_error', float('nan')):.0f}% mean",
              "multi-GPU boxes (2, 4, 8) are not listed: the trainer runs on one GPU"]
     if how == "estimated from characters":
