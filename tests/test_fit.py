@@ -65,3 +65,14 @@ def test_search_is_fast():
             except VramplanError:
                 pass
     assert (time.perf_counter() - start) / 6 < 1.0
+
+
+def test_fit_only_chooses_quantizations_the_stack_can_run():
+    # an 8 GB card where bf16 does not fit: the vramplan trainer has no int8 path, the hf recipe does
+    for stack, allowed in (("vramplan", {"bf16", "nf4"}), ("hf", {"bf16", "int8", "nf4"})):
+        for budget in (6e9, 8e9, 12e9, 20e9):
+            try:
+                result = fit_plan(GEMMA, budget=int(budget), base=Plan(model=GEMMA.name, seq_len=1024, stack=stack))
+            except VramplanError:
+                continue
+            assert result.plan.quant in allowed

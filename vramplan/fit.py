@@ -28,6 +28,9 @@ from vramplan.estimate import Estimate, budget_bytes as gpu_budget_bytes, estima
 from vramplan.plan import Plan
 
 QUANT_ORDER = ("bf16", "int8", "nf4")
+#: What each stack can run: vramplan's trainer quantizes to NF4 or keeps bf16 (no int8 kernels);
+#: the hf recipe also loads bitsandbytes' LLM.int8().
+STACK_QUANTS = {"vramplan": ("bf16", "nf4"), "hf": QUANT_ORDER}
 RANK_ORDER = (64, 32, 16, 8)
 OPTIMIZER_ORDER = ("adamw", "adamw8bit", "paged_adamw8bit")
 MIN_SEQ = 256
@@ -75,7 +78,7 @@ def _micro_batches(effective: int) -> list[int]:
 
 def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
     loss = "full" if base.stack == "hf" else "chunked"
-    for quant in QUANT_ORDER:
+    for quant in STACK_QUANTS[base.stack]:
         for rank in RANK_ORDER:
             for checkpointing in _checkpointing_order(base.stack):
                 for micro in _micro_batches(effective):
@@ -161,7 +164,8 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
         lines.append(f"Gave up sequence length: {base.seq_len} tokens does not fit even with the leanest settings "
                      f"({_gb(adjust(estimate_plan(leanest_plan(base, base.seq_len), profile)).peak_bytes)}); "
                      f"trains {plan.seq_len}-token sequences instead.")
-    better_quants = QUANT_ORDER[:QUANT_ORDER.index(plan.quant)]
+    quants = STACK_QUANTS[plan.stack]
+    better_quants = quants[:quants.index(plan.quant)]
     if better_quants:
         lean = {q: adjust(estimate_plan(leanest_plan(plan, plan.seq_len).replace(quant=q), profile)).peak_bytes
                 for q in better_quants}
