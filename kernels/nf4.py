@@ -213,7 +213,7 @@ def _nf4_quantize_kernel(
     tl.store(absmax_ptr + block, tl.where(partial, clamped, absmax), mask=block < n_blocks)
 
 
-_DEQUANT_CONFIGS = [triton.Config({"BLOCK_BYTES": b}, num_warps=w) for b in (512, 1024, 2048, 4096, 8192) for w in (4, 8, 16)]
+_DEQUANT_CONFIGS = [triton.Config({"BLOCK_BYTES": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
 _nf4_dequantize_tuned = triton.autotune(_DEQUANT_CONFIGS, key=["n_bytes", "DOUBLE_QUANT"])(_nf4_dequantize_kernel)
 
 

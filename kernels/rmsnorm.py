@@ -33,9 +33,12 @@ from vramplan_kernels.dispatch import use_triton
 CAST_MODES = ("llama", "gemma")
 _MAX_FUSED_BYTES = 65536
 # With dW: programs per SM, and the elements of the tile each program's loop takes per step.
-_DW_PROGRAMS_PER_SM = 8
+# Chosen on an H100 among 4-16 programs per SM, tiles of 2048-8192 elements and a loop that
+# prefetches the next tile (benchmarks/results/kernels-tuned.md, one run, noisy at these sub-ms
+# sizes): Gemma's q_norm (65536 rows of 256) went from 0.60 to 0.34 ms forward+backward with
+# 16-row tiles whose dW is summed over rows once, after the loop.
+_DW_PROGRAMS_PER_SM = 4
 _DW_TILE_ELEMENTS = 4096
-_DW_PREFETCH = True
 
 
 @triton.jit
@@ -61,22 +64,11 @@ def _rms_norm_forward_kernel(
 
 
 @triton.jit
-def _load_rows(X, x_row_stride, DY, dy_row_stride, RSTD, rows, row_end, cols, col_mask):
-    """x and dy (in their own dtypes) and rstd of the rows ``rows`` below ``row_end``."""
-    row_mask = rows < row_end
-    mask = row_mask[:, None] & col_mask[None, :]
-    x = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
-    dy = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0)
-    rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0)
-    return x, dy, rstd
-
-
-@triton.jit
 def _rms_norm_backward_kernel(
     DX, dx_row_stride, DY, dy_row_stride, X, x_row_stride, W, RSTD, DW_PARTIAL,
     n_rows, n_cols, offset, rows_per_program,
     HAS_WEIGHT: tl.constexpr, LLAMA_CAST: tl.constexpr, COMPUTE_DW: tl.constexpr, ACC: tl.constexpr,
-    ROWS: tl.constexpr, BLOCK: tl.constexpr, PREFETCH: tl.constexpr,
+    ROWS: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     row_start = pid.to(tl.int64) * rows_per_program
@@ -86,21 +78,13 @@ def _rms_norm_backward_kernel(
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC) + offset
     dw = tl.zeros([ROWS, BLOCK], dtype=ACC)
-    if PREFETCH:
-        x_next, dy_next, rstd_next = _load_rows(X, x_row_stride, DY, dy_row_stride, RSTD,
-                                                row_start + tl.arange(0, ROWS), row_end, cols, col_mask)
     for first in range(row_start, row_end, ROWS):
         rows = first + tl.arange(0, ROWS)
-        if PREFETCH:
-            # A program that loops over many tiles waits on memory once per tile unless the next
-            # tile's loads are in flight while this one is computed.
-            x_in, dy_in, rstd_in = x_next, dy_next, rstd_next
-            x_next, dy_next, rstd_next = _load_rows(X, x_row_stride, DY, dy_row_stride, RSTD, rows + ROWS, row_end,
-                                                    cols, col_mask)
-        else:
-            x_in, dy_in, rstd_in = _load_rows(X, x_row_stride, DY, dy_row_stride, RSTD, rows, row_end, cols, col_mask)
-        dy = dy_in.to(ACC)
-        rstd = rstd_in.to(ACC)
+        row_mask = rows < row_end
+        mask = row_mask[:, None] & col_mask[None, :]
+        x_in = tl.load(X + rows[:, None] * x_row_stride + cols[None, :], mask=mask, other=0.0)
+        dy = tl.load(DY + rows[:, None] * dy_row_stride + cols[None, :], mask=mask, other=0.0).to(ACC)
+        rstd = tl.load(RSTD + rows, mask=row_mask, other=0.0).to(ACC)
         x_hat = x_in.to(ACC) * rstd[:, None]
         if HAS_WEIGHT:
             if COMPUTE_DW:
@@ -116,7 +100,6 @@ def _rms_norm_backward_kernel(
         # gradients through unchanged.
         dot = tl.sum(dx_hat * x_hat, axis=1) / n_cols
         dx = rstd[:, None] * (dx_hat - x_hat * dot[:, None])
-        mask = (rows < row_end)[:, None] & col_mask[None, :]
         tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
@@ -204,8 +187,7 @@ class RMSNormFunction(torch.autograd.Function):
             weight if weight is not None else x_rows, rstd, dw_partial,
             n_rows, n_cols, ctx.offset, rows_per_program,
             HAS_WEIGHT=weight is not None, LLAMA_CAST=ctx.llama_cast, COMPUTE_DW=compute_dw,
-            ACC=_tl_accumulator(x_rows.dtype), ROWS=tile_rows, BLOCK=block, PREFETCH=compute_dw and _DW_PREFETCH,
-            num_warps=num_warps,
+            ACC=_tl_accumulator(x_rows.dtype), ROWS=tile_rows, BLOCK=block, num_warps=num_warps,
         )
         dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
         return dx, dw, None, None, None

@@ -21,7 +21,9 @@ Two partial-rotary layouts exist, and both are supported:
 q and k may be ``[batch, heads, seq, head_dim]`` (``unsqueeze_dim=1``, Llama) or
 ``[batch, seq, heads, head_dim]`` (``unsqueeze_dim=2``, Gemma 4), in any strides with head_dim
 contiguous (others take the reference path) — no copy is made. One launch rotates q and k: one
-program per token, all heads of both, cos/sin loaded once (Liger's layout of the work).
+program per token, all heads of both, cos/sin loaded once (Liger's layout of the work): on an
+H100 that took 0.4-0.8x the time of one launch per tensor (benchmarks/results/kernels-tuned.md),
+the step being mostly launch and Python overhead at these sizes.
 Backward is the transpose of the rotation (by −θ), written in place into the incoming gradient
 (as Liger does): in training that is attention's fresh dq/dk; a caller passing its own
 ``grad_outputs`` gets them back rotated.

@@ -28,12 +28,11 @@ for has_weight, llama in ((True, True), (True, False), (False, False)):
                      {"HAS_WEIGHT": has_weight, "LLAMA_CAST": llama, "ACC": tl.float32, "ROWS": 1, "BLOCK": 4096})
 compile_for_h100(rmsnorm._rms_norm_forward_kernel, {**bf16("Y", "X", "W"), "RSTD": "*fp32", **fp32("eps", "offset")},
                  {"HAS_WEIGHT": True, "LLAMA_CAST": False, "ACC": tl.float32, "ROWS": 8, "BLOCK": 256})
-for compute_dw, rows, block, prefetch in ((True, 1, 2048, True), (True, 16, 256, True), (True, 1, 4096, False),
-                                         (False, 8, 256, False)):
+for compute_dw, rows, block in ((True, 1, 2048), (True, 16, 256), (False, 8, 256)):
     compile_for_h100(rmsnorm._rms_norm_backward_kernel,
                      {**bf16("DX", "DY", "X", "W"), "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "offset": "fp32"},
                      {"HAS_WEIGHT": True, "LLAMA_CAST": True, "COMPUTE_DW": compute_dw, "ACC": tl.float32,
-                      "ROWS": rows, "BLOCK": block, "PREFETCH": prefetch})
+                      "ROWS": rows, "BLOCK": block})
 rope_types = {**bf16("Q", "QY", "K", "KY", "COS", "SIN"), "q_sb": "i64", "k_sb": "i64"}
 for backward, k_heads, block_kh, q_heads, pairs in ((False, 8, 8, 32, 64), (True, 1, 1, 8, 128), (False, 0, 1, 8, 64)):
     compile_for_h100(rope._rope_kernel, rope_types,
