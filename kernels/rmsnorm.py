@@ -21,6 +21,7 @@ entirely when the weight is frozen (LoRA), which is the common case here.
 
 from __future__ import annotations
 
+import functools
 import inspect
 
 import torch
@@ -31,6 +32,13 @@ from vramplan_kernels.dispatch import use_triton
 
 CAST_MODES = ("llama", "gemma")
 _MAX_FUSED_BYTES = 65536
+# With dW: programs per SM, and the elements of the tile each program's loop takes per step.
+# Chosen on an H100 among 4-16 programs per SM, tiles of 2048-8192 elements and a loop that
+# prefetches the next tile (benchmarks/results/kernels-tuned.md, one run, noisy at these sub-ms
+# sizes): Gemma's q_norm (65536 rows of 256) went from 0.60 to 0.34 ms forward+backward with
+# 16-row tiles whose dW is summed over rows once, after the loop.
+_DW_PROGRAMS_PER_SM = 4
+_DW_TILE_ELEMENTS = 4096
 
 
 @triton.jit
@@ -69,7 +77,7 @@ def _rms_norm_backward_kernel(
     col_mask = cols < n_cols
     if HAS_WEIGHT:
         w = tl.load(W + cols, mask=col_mask, other=0.0).to(ACC) + offset
-    dw = tl.zeros([BLOCK], dtype=ACC)
+    dw = tl.zeros([ROWS, BLOCK], dtype=ACC)
     for first in range(row_start, row_end, ROWS):
         rows = first + tl.arange(0, ROWS)
         row_mask = rows < row_end
@@ -80,10 +88,11 @@ def _rms_norm_backward_kernel(
         x_hat = x_in.to(ACC) * rstd[:, None]
         if HAS_WEIGHT:
             if COMPUTE_DW:
+                # Summed over rows once, after the loop: no cross-warp reduction per tile.
                 if LLAMA_CAST:
-                    dw += tl.sum(dy * x_hat.to(x_in.dtype).to(ACC), axis=0)
+                    dw += dy * x_hat.to(x_in.dtype).to(ACC)
                 else:
-                    dw += tl.sum(dy * x_hat, axis=0)
+                    dw += dy * x_hat
             dx_hat = dy * w[None, :]
         else:
             dx_hat = dy
@@ -93,17 +102,17 @@ def _rms_norm_backward_kernel(
         dx = rstd[:, None] * (dx_hat - x_hat * dot[:, None])
         tl.store(DX + rows[:, None] * dx_row_stride + cols[None, :], dx.to(DX.dtype.element_ty), mask=mask)
     if COMPUTE_DW:
-        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, dw, mask=col_mask)
+        tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
-def _launch_shape(n_cols: int, element_size: int) -> tuple[int, int, int]:
+def _launch_shape(n_cols: int, element_size: int, tile_elements: int = 2048) -> tuple[int, int, int]:
     """(rows per tile, columns per tile, warps). Narrow rows (Gemma's q_norm/k_norm over a
-    256-wide head, 8 heads per token) are stacked into tiles of about 2048 elements, so a program
-    does as much work as one over a 2048-wide row."""
+    256-wide head, 8 heads per token) are stacked into tiles of about ``tile_elements``, so a
+    program does as much work as one over a row that wide."""
     block = triton.next_power_of_2(n_cols)
     if block * element_size > _MAX_FUSED_BYTES:
         raise ValueError(f"rms_norm: hidden size {n_cols} is over the fused row limit; use the reference")
-    rows = max(1, min(16, 2048 // block))
+    rows = max(1, min(16, tile_elements // block))
     tile = rows * block
     num_warps = 32 if tile >= 32768 else 16 if tile >= 8192 else 8 if tile >= 2048 else 4
     return rows, block, num_warps
@@ -116,8 +125,13 @@ def _backward_programs(n_rows: int, tile_rows: int, device: torch.device, comput
     if not compute_dw:
         return tiles
     if device.type == "cuda":
-        return min(tiles, 4 * torch.cuda.get_device_properties(device).multi_processor_count)
+        return min(tiles, _DW_PROGRAMS_PER_SM * _multi_processors(device.index))
     return min(tiles, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_processors(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index if device_index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
@@ -163,7 +177,8 @@ class RMSNormFunction(torch.autograd.Function):
         dy_rows = _as_rows(dy)
         dx = torch.empty(ctx.x_shape, dtype=x_rows.dtype, device=x_rows.device)
         compute_dw = weight is not None and ctx.needs_input_grad[1]
-        tile_rows, block, num_warps = _launch_shape(n_cols, x_rows.element_size())
+        tile_rows, block, num_warps = _launch_shape(n_cols, x_rows.element_size(),
+                                                    _DW_TILE_ELEMENTS if compute_dw else 2048)
         programs = max(1, _backward_programs(n_rows, tile_rows, x_rows.device, compute_dw))
         rows_per_program = triton.cdiv(triton.cdiv(n_rows, programs), tile_rows) * tile_rows
         dw_partial = torch.empty((programs, n_cols) if compute_dw else (1,), dtype=rstd.dtype, device=x_rows.device)

@@ -19,8 +19,11 @@ Two partial-rotary layouts exist, and both are supported:
   ``rotated_pairs`` and the kernel leaves the other dims untouched instead of multiplying them by 1.
 
 q and k may be ``[batch, heads, seq, head_dim]`` (``unsqueeze_dim=1``, Llama) or
-``[batch, seq, heads, head_dim]`` (``unsqueeze_dim=2``, Gemma 4), in any strides — no copy is
-made. One program handles one token of q (or k): all its heads, loading cos/sin once.
+``[batch, seq, heads, head_dim]`` (``unsqueeze_dim=2``, Gemma 4), in any strides with head_dim
+contiguous (others take the reference path) — no copy is made. One launch rotates q and k: one
+program per token, all heads of both, cos/sin loaded once (Liger's layout of the work): on an
+H100 that took 0.4-0.8x the time of one launch per tensor (benchmarks/results/kernels-tuned.md),
+the step being mostly launch and Python overhead at these sizes.
 Backward is the transpose of the rotation (by −θ), written in place into the incoming gradient
 (as Liger does): in training that is attention's fresh dq/dk; a caller passing its own
 ``grad_outputs`` gets them back rotated.
@@ -36,41 +39,48 @@ from vramplan_kernels.dispatch import use_triton
 
 
 @triton.jit
+def _rotate_heads(X, Y, x_sb, x_ss, x_sh, b, s, cols, pmask, c1, c2, s1, s2,
+                  N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Rotate every head of one token: the [heads, pairs] tiles of both halves at once. ``Y`` has
+    ``X``'s strides (it may be ``X``)."""
+    heads = tl.arange(0, BLOCK_H)
+    mask = (heads[:, None] < N_HEADS) & pmask[None, :]
+    offsets = b * x_sb + s * x_ss + heads[:, None] * x_sh + cols[None, :]
+    x1_in = tl.load(X + offsets, mask=mask, other=0.0)
+    x2_in = tl.load(X + offsets + HALF, mask=mask, other=0.0)
+    x1, x2 = x1_in.to(c1.dtype), x2_in.to(c1.dtype)
+    tl.store(Y + offsets, (x1 * c1[None, :] - x2 * s1[None, :]).to(x1_in.dtype), mask=mask)
+    tl.store(Y + offsets + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(x1_in.dtype), mask=mask)
+
+
+@triton.jit
 def _rope_kernel(
-    X, x_sb, x_ss, x_sh, x_sd, Y, y_sb, y_ss, y_sh, y_sd, n_heads,
-    COS, SIN, c_sb, c_ss, c_sd, seq_len, half, n_pairs,
-    BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_P: tl.constexpr, ACC: tl.constexpr,
+    Q, QY, q_sb, q_ss, q_sh, K, KY, k_sb, k_ss, k_sh, COS, SIN, c_sb, c_ss, seq_len,
+    N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr, HALF: tl.constexpr, N_PAIRS: tl.constexpr,
+    BACKWARD: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_P: tl.constexpr,
+    ACC: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64)
     b = token // seq_len
     s = token % seq_len
     cols = tl.arange(0, BLOCK_P)
-    pmask = cols < n_pairs
-    trig = b * c_sb + s * c_ss
-    c1 = tl.load(COS + trig + cols * c_sd, mask=pmask, other=1.0).to(ACC)
-    c2 = tl.load(COS + trig + (cols + half) * c_sd, mask=pmask, other=1.0).to(ACC)
-    s1 = tl.load(SIN + trig + cols * c_sd, mask=pmask, other=0.0).to(ACC)
-    s2 = tl.load(SIN + trig + (cols + half) * c_sd, mask=pmask, other=0.0).to(ACC)
+    pmask = cols < N_PAIRS
+    trig = b * c_sb + s * c_ss + cols
+    c1 = tl.load(COS + trig, mask=pmask, other=1.0).to(ACC)
+    c2 = tl.load(COS + trig + HALF, mask=pmask, other=1.0).to(ACC)
+    s1 = tl.load(SIN + trig, mask=pmask, other=0.0).to(ACC)
+    s2 = tl.load(SIN + trig + HALF, mask=pmask, other=0.0).to(ACC)
     if BACKWARD:
         # The transpose of [[c1, -s1], [s2, c2]] is [[c1, s2], [-s1, c2]]: the forward with
         # (s1, s2) replaced by (-s2, -s1).
         s_first = -s2
         s2 = -s1
         s1 = s_first
-    heads = tl.arange(0, BLOCK_H)
-    mask = (heads[:, None] < n_heads) & pmask[None, :]
-    x_first = X + b * x_sb + s * x_ss + heads[:, None] * x_sh + cols[None, :] * x_sd
-    y_first = Y + b * y_sb + s * y_ss + heads[:, None] * y_sh + cols[None, :] * y_sd
-    x1_in = tl.load(x_first, mask=mask, other=0.0)
-    x1 = x1_in.to(ACC)
-    x2 = tl.load(x_first + half * x_sd, mask=mask, other=0.0).to(ACC)
-    tl.store(y_first, (x1 * c1 - x2 * s1).to(x1_in.dtype), mask=mask)
-    tl.store(y_first + half * y_sd, (x2 * c2 + x1 * s2).to(x1_in.dtype), mask=mask)
-
-
-def _token_major(x: torch.Tensor, unsqueeze_dim: int) -> torch.Tensor:
-    """The [batch, seq, heads, head_dim] view of q or k (no copy)."""
-    return x.transpose(1, 2) if unsqueeze_dim == 1 else x
+    _rotate_heads(Q, QY, q_sb, q_ss, q_sh, b, s, cols, pmask, c1, c2, s1, s2,
+                  N_HEADS=N_Q_HEADS, HALF=HALF, BLOCK_H=BLOCK_QH)
+    if N_K_HEADS > 0:
+        _rotate_heads(K, KY, k_sb, k_ss, k_sh, b, s, cols, pmask, c1, c2, s1, s2,
+                      N_HEADS=N_K_HEADS, HALF=HALF, BLOCK_H=BLOCK_KH)
 
 
 def _batched(trig: torch.Tensor) -> torch.Tensor:
@@ -89,69 +99,101 @@ def _layout(q: torch.Tensor, cos: torch.Tensor, rotated_pairs: int | None) -> tu
     return half, pairs
 
 
-def _launch(x: torch.Tensor, y: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, half: int, pairs: int,
-            backward: bool) -> None:
-    """Write ``x`` rotated into ``y`` (both [batch, seq, heads, head_dim], any strides; ``y`` may be ``x``).
-    Only the rotated dims are written: an out-of-place ``y`` must already hold the others."""
-    b, s, heads, _ = x.shape
+def _token_major(x: torch.Tensor, unsqueeze_dim: int) -> tuple[int, int, int, int, int]:
+    """(batch, seq, heads) sizes and (batch, seq, head) strides of q or k read as [batch, seq, heads,
+    head_dim], without making that view."""
+    st = x.stride()
+    if unsqueeze_dim == 1:
+        return x.shape[0], x.shape[2], x.shape[1], (st[0], st[2], st[1])
+    return x.shape[0], x.shape[1], x.shape[2], (st[0], st[1], st[2])
+
+
+def _launch(q: torch.Tensor, q_out: torch.Tensor, k: torch.Tensor | None, k_out: torch.Tensor | None,
+            cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int, half: int, pairs: int, backward: bool) -> None:
+    """Write ``q`` (and ``k``) rotated into ``q_out`` (``k_out``) in one launch: one program per token
+    rotates all heads of q and of k with cos/sin loaded once. An output has its input's strides (it
+    may be the input) and a unit stride over head_dim. Only the rotated dims are written."""
+    b, s, q_heads, q_strides = _token_major(q, unsqueeze_dim)
     if cos.shape != sin.shape or cos.shape[-2] != s or cos.shape[0] not in (1, b):
-        raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} do not match {tuple(x.shape)}")
-    if sin.stride() != cos.stride():
+        raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} do not match {tuple(q.shape)}")
+    if cos.stride(-1) != 1 or sin.stride() != cos.stride():
         cos, sin = cos.contiguous(), sin.contiguous()
-    block_h, block_p = triton.next_power_of_2(heads), triton.next_power_of_2(max(pairs, 1))
+    if k is not None:
+        k_b, k_s, k_heads, k_strides = _token_major(k, unsqueeze_dim)
+        if (k_b, k_s) != (b, s):
+            raise ValueError(f"rope: q {tuple(q.shape)} and k {tuple(k.shape)} differ in batch or sequence")
+    else:
+        k, k_out, k_heads, k_strides = q, q_out, 0, (0, 0, 0)
+    block_p = triton.next_power_of_2(max(pairs, 1))
+    block_qh, block_kh = triton.next_power_of_2(q_heads), triton.next_power_of_2(max(k_heads, 1))
     _rope_kernel[(b * s,)](
-        x, *x.stride(), y, *y.stride(), heads,
-        cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), cos.stride(2), s, half, pairs,
-        BACKWARD=backward, BLOCK_H=block_h, BLOCK_P=block_p,
-        ACC=tl.float64 if x.dtype == torch.float64 else tl.float32,
-        num_warps=8 if block_h * block_p >= 4096 else 4,
+        q, q_out, *q_strides, k, k_out, *k_strides,
+        cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), s,
+        N_Q_HEADS=q_heads, N_K_HEADS=k_heads, HALF=half, N_PAIRS=pairs, BACKWARD=backward,
+        BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_P=block_p,
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
+        num_warps=8 if (block_qh + block_kh) * block_p >= 4096 else 4,
     )
 
 
-def _writable(grad: torch.Tensor) -> torch.Tensor:
-    """Gradients can arrive expanded (stride 0, e.g. from ``.sum()``); rotating those in place would
-    write one element many times, so they are copied first."""
-    if 0 in grad.stride():
+def _writable(grad: torch.Tensor | None) -> torch.Tensor | None:
+    """Gradients can arrive expanded (stride 0, e.g. from ``.sum()``), and rotating those in place
+    would write one element many times; or with a non-unit stride over head_dim, which the kernel
+    does not take. Those are copied first."""
+    if grad is not None and (grad.stride(-1) != 1 or 0 in grad.stride()):
         return grad.contiguous()
     return grad
 
 
-class RopeFunction(torch.autograd.Function):
-    """Rotates one tensor. q and k go through separately: autograd lets a Function modify a view
-    input in place only when it has a single output.
+def _source_and_output(x: torch.Tensor, inplace: bool, pairs: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """What the kernel reads and where it writes (at the same strides)."""
+    if inplace:
+        return x, x
+    if pairs == x.shape[-1] // 2:
+        y = torch.empty_like(x)  # a dense x's strides, kept
+        if y.stride() == x.stride():
+            return x, y
+    # Partial rotary: the untouched dims are copied; a non-dense view (a slice of a fused qkv
+    # projection) becomes a dense copy. Either is then rotated in place.
+    y = x.clone()
+    return y, y
 
-    In place unless ``x`` needs a gradient and is a leaf (autograd forbids that) or a view (Llama's
-    q and k are transposed views of the projections): for a view autograd would answer
+
+class RopeFunction(torch.autograd.Function):
+    """Rotates q, or q and k together (``k`` None for one tensor), in one launch each way.
+
+    In place unless a tensor needs a gradient and is a leaf (autograd forbids that) or a view
+    (Llama's q and k are transposed views of the projections): for a view autograd would answer
     ``mark_dirty`` with an as_strided backward and a clone of the whole gradient (CopySlices),
     three extra passes over dq, while writing a new tensor costs the same traffic as writing in
-    place, and the view's memory is freed when the caller drops it. Backward always rotates the
-    incoming gradient in place.
+    place, and the view's memory is freed when the caller drops it. (Autograd also refuses a
+    view modified in place by a Function with two outputs.) Backward always rotates the
+    incoming gradients in place.
     """
 
     @staticmethod
-    def forward(ctx, x, cos, sin, unsqueeze_dim, half, pairs, inplace):
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim, half, pairs, q_inplace, k_inplace):
         cos, sin = _batched(cos), _batched(sin)
-        if inplace:
-            y = x
-            ctx.mark_dirty(x)
-        elif pairs < x.shape[-1] // 2:
-            y = x.clone()  # the kernel writes only the rotated dims
-        else:
-            y = torch.empty_like(x)
+        q_src, q_out = _source_and_output(q, q_inplace, pairs)
+        k_src, k_out = _source_and_output(k, k_inplace, pairs) if k is not None else (None, None)
+        if q_inplace and k_inplace and k is not None:
+            ctx.mark_dirty(q, k)
+        elif q_inplace or k_inplace:
+            ctx.mark_dirty(q if q_inplace else k)
         if pairs:
-            _launch(_token_major(x, unsqueeze_dim), _token_major(y, unsqueeze_dim), cos, sin, half, pairs, False)
+            _launch(q_src, q_out, k_src, k_out, cos, sin, unsqueeze_dim, half, pairs, False)
         ctx.save_for_backward(cos, sin)
         ctx.unsqueeze_dim, ctx.half, ctx.pairs = unsqueeze_dim, half, pairs
-        return y
+        return (q_out, k_out) if k is not None else q_out
 
     @staticmethod
-    def backward(ctx, dy):
+    def backward(ctx, dq, dk=None):
         cos, sin = ctx.saved_tensors
-        dy = _writable(dy)
-        if ctx.pairs:
-            dy_ = _token_major(dy, ctx.unsqueeze_dim)
-            _launch(dy_, dy_, cos, sin, ctx.half, ctx.pairs, True)
-        return dy, None, None, None, None, None, None
+        dq, dk = _writable(dq), _writable(dk)
+        if ctx.pairs and (dq is not None or dk is not None):
+            first, second = (dq, dk) if dq is not None else (dk, None)
+            _launch(first, first, second, second, cos, sin, ctx.unsqueeze_dim, ctx.half, ctx.pairs, True)
+        return dq, dk, None, None, None, None, None, None, None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -203,8 +245,8 @@ def apply_rope_one(
     if unsqueeze_dim not in (1, 2) or x.dim() != 4:
         raise ValueError("rope: q and k must be 4-D and unsqueeze_dim 1 (b,h,s,d) or 2 (b,s,h,d)")
     half, pairs = _layout(x, cos, rotated_pairs)
-    if use_triton(x):
-        return RopeFunction.apply(x, cos, sin, unsqueeze_dim, half, pairs, _in_place(x))
+    if use_triton(x) and x.stride(-1) == 1:
+        return RopeFunction.apply(x, None, cos, sin, unsqueeze_dim, half, pairs, _in_place(x), False)
     return rope_reference_one(x, cos, sin, unsqueeze_dim)
 
 
@@ -212,6 +254,12 @@ def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
     unsqueeze_dim: int = 1, rotated_pairs: int | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rotate q and k: the arguments of Llama's ``apply_rotary_pos_emb`` (see ``apply_rope_one``)."""
-    return (apply_rope_one(q, cos, sin, unsqueeze_dim, rotated_pairs),
-            apply_rope_one(k, cos, sin, unsqueeze_dim, rotated_pairs))
+    """Rotate q and k in one launch: the arguments of Llama's ``apply_rotary_pos_emb`` (see ``apply_rope_one``)."""
+    if unsqueeze_dim not in (1, 2) or q.dim() != 4 or k.dim() != 4:
+        raise ValueError("rope: q and k must be 4-D and unsqueeze_dim 1 (b,h,s,d) or 2 (b,s,h,d)")
+    half, pairs = _layout(q, cos, rotated_pairs)
+    if k.shape[-1] != q.shape[-1]:
+        raise ValueError(f"rope: q head_dim {q.shape[-1]} and k head_dim {k.shape[-1]} differ")
+    if use_triton(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
+        return RopeFunction.apply(q, k, cos, sin, unsqueeze_dim, half, pairs, _in_place(q), _in_place(k))
+    return rope_reference_one(q, cos, sin, unsqueeze_dim), rope_reference_one(k, cos, sin, unsqueeze_dim)

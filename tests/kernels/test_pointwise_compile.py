@@ -28,14 +28,17 @@ for has_weight, llama in ((True, True), (True, False), (False, False)):
                      {"HAS_WEIGHT": has_weight, "LLAMA_CAST": llama, "ACC": tl.float32, "ROWS": 1, "BLOCK": 4096})
 compile_for_h100(rmsnorm._rms_norm_forward_kernel, {**bf16("Y", "X", "W"), "RSTD": "*fp32", **fp32("eps", "offset")},
                  {"HAS_WEIGHT": True, "LLAMA_CAST": False, "ACC": tl.float32, "ROWS": 8, "BLOCK": 256})
-for compute_dw in (True, False):
+for compute_dw, rows, block in ((True, 1, 2048), (True, 16, 256), (False, 8, 256)):
     compile_for_h100(rmsnorm._rms_norm_backward_kernel,
                      {**bf16("DX", "DY", "X", "W"), "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "offset": "fp32"},
                      {"HAS_WEIGHT": True, "LLAMA_CAST": True, "COMPUTE_DW": compute_dw, "ACC": tl.float32,
-                      "ROWS": 1 if compute_dw else 8, "BLOCK": 2048 if compute_dw else 256})
-for backward in (False, True):
-    compile_for_h100(rope._rope_kernel, bf16("X", "Y", "COS", "SIN"),
-                     {"BACKWARD": backward, "BLOCK_H": 32, "BLOCK_P": 64, "ACC": tl.float32})
+                      "ROWS": rows, "BLOCK": block})
+rope_types = {**bf16("Q", "QY", "K", "KY", "COS", "SIN"), "q_sb": "i64", "k_sb": "i64"}
+for backward, k_heads, block_kh, q_heads, pairs in ((False, 8, 8, 32, 64), (True, 1, 1, 8, 128), (False, 0, 1, 8, 64)):
+    compile_for_h100(rope._rope_kernel, rope_types,
+                     {"N_Q_HEADS": q_heads, "N_K_HEADS": k_heads, "HALF": 2 * pairs if pairs == 64 else pairs,
+                      "N_PAIRS": pairs, "BACKWARD": backward, "BLOCK_QH": q_heads, "BLOCK_KH": block_kh,
+                      "BLOCK_P": pairs, "ACC": tl.float32})
 for kind in (glu.SILU, glu.GELU_TANH):
     compile_for_h100(glu._glu_forward_kernel, bf16("GATE", "UP", "OUT"), {"KIND": kind, "ACC": tl.float32, "BLOCK": 1024})
     compile_for_h100(glu._glu_backward_kernel, bf16("DOUT", "GATE", "UP", "DGATE", "DUP"),

@@ -220,3 +220,38 @@ def test_rejects_bad_layouts():
         apply_rope(q, q, cos, sin)
     with pytest.raises(ValueError, match="rotated_pairs"):
         apply_rope(torch.randn(2, 4, 7, 16), torch.randn(2, 4, 7, 16), cos, sin, rotated_pairs=9)
+
+
+def test_slices_of_a_fused_projection_and_mixed_in_place():
+    # q and k as slices of one fused qkv output (views that are not dense): each becomes a dense
+    # copy rotated in place; a non-view k next to them is rotated in place. Outputs and gradients
+    # match the reference either way.
+    torch.manual_seed(0)
+    cos, sin = _llama_trig(8, PACKED, torch.float32)
+    x = torch.randn(2, 7, 16, requires_grad=True)
+    proj = torch.nn.Linear(16, (4 + 2 + 2) * 8, bias=False)
+    results = []
+    for mode in ("triton", "reference"):
+        x.grad, proj.weight.grad = None, None
+        qkv = proj(x)
+        q = qkv[..., :32].view(2, 7, 4, 8)  # [batch, seq, heads, head_dim], Gemma 4's layout
+        k = qkv[..., 32:48].reshape(2, 7, 2, 8) * 1  # not a view: rotated in place
+        with kernel_mode(mode):
+            q_out, k_out = apply_rope(q, k, cos, sin, unsqueeze_dim=2)
+        if mode == "triton":
+            assert k_out is k and q_out.data_ptr() != q.data_ptr()
+        (q_out * torch.arange(8.0)).sum().backward(retain_graph=True)
+        (k_out ** 2).sum().backward()
+        results.append((q_out.detach(), k_out.detach(), x.grad.clone(), proj.weight.grad.clone()))
+    _assert_all_close(results[0], results[1], rtol=1e-5, atol=1e-5)
+
+
+def test_head_dim_not_contiguous_takes_the_reference():
+    cos, sin = _llama_trig(16, PACKED, torch.float32)
+    q, k = _qk((2, 4, 7, 16), (2, 2, 7, 16), torch.float32)
+    q_strided = q.repeat_interleave(2, dim=-1)[..., ::2]  # head_dim stride 2
+    assert q_strided.stride(-1) == 2
+    with kernel_mode("triton"):
+        got = apply_rope(q_strided, k.clone(), cos, sin)
+    for g, w in zip(got, rope_reference(q, k, cos, sin)):
+        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-6)
