@@ -35,6 +35,7 @@ from vramplan_kernels.dispatch import interpreting, use_triton
 from vramplan_kernels.nf4 import (
     NF4Tensor,
     _absmax_of_blocks,
+    _dequant_launch,
     dequantize_nf4,
     dequantize_nf4_reference,
     nf4_code,
@@ -135,11 +136,8 @@ def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor
     # the interpreter truncates fp32 -> bf16 on store: it writes fp32 and torch rounds
     out_dtype = torch.float32 if interpreting() and a.dtype == torch.bfloat16 else a.dtype
     out = torch.empty(m, p, dtype=out_dtype, device=a.device)
-    if q.double_quant:
-        scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
-    else:
-        scale = code8 = offset = q.absmax  # unread placeholders
-    args = (a, q.packed, q.absmax, scale, code8, offset, nf4_code(str(a.device)), out, m, p, qdim, a.stride(0),
+    packed, absmax, scale, code8, offset, code4 = _dequant_launch(q).tensors
+    args = (a, packed, absmax, scale, code8, offset, code4, out, m, p, qdim, a.stride(0),
             stride_wp, stride_wq, triton.next_power_of_2(m))
     if interpreting():
         _nf4_matmul_kernel[(triton.cdiv(m, 16), triton.cdiv(p, 32))](
