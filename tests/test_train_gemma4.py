@@ -138,7 +138,8 @@ def test_kernel_patches_are_in_place_and_attention_is_untouched(folder):
     assert "Gemma4TextAttention" in kinds  # the shared-KV path stays transformers' own
 
 
-def test_host_resident_embedding_equals_the_scaled_lookup():
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_host_resident_embedding_equals_the_scaled_lookup(device):
     """Gathered into (pinned, on a GPU machine) memory and scaled after the copy: the same values
     as the module it replaces, ``embedding(ids) * scale`` in bf16."""
     torch.manual_seed(0)
@@ -148,4 +149,5 @@ def test_host_resident_embedding_equals_the_scaled_lookup():
     ids[0, 0] = 0
     expected = torch.nn.functional.embedding(ids, table.weight.detach(), 0)
     expected = expected * torch.tensor(40**0.5, dtype=torch.bfloat16)
-    assert torch.equal(patching.HostResidentEmbedding(table)(ids), expected)
+    got = patching.HostResidentEmbedding(table)(ids.to(device))
+    assert got.device.type == device and torch.equal(got.cpu(), expected)
