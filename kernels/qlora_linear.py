@@ -322,7 +322,6 @@ def qlora_linear(x: torch.Tensor, weight: NF4Tensor | torch.Tensor, lora_a: torc
     return QLoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, base_path, lora_copies)
 
 
-
 def qlora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None):
     """The same function in plain PyTorch ops, differentiated by autograd (W dequantized up front)."""
     w = dequantize_nf4_reference(weight, x.dtype) if isinstance(weight, NF4Tensor) else weight.to(x.dtype)
