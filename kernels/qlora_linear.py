@@ -29,11 +29,13 @@ from typing import Iterator
 import torch
 import triton
 import triton.language as tl
+from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vramplan_kernels.dispatch import interpreting, use_triton
 from vramplan_kernels.nf4 import (
     NF4Tensor,
     _absmax_of_blocks,
+    _dequant_launch,
     dequantize_nf4,
     dequantize_nf4_reference,
     nf4_code,
@@ -134,11 +136,8 @@ def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor
     # the interpreter truncates fp32 -> bf16 on store: it writes fp32 and torch rounds
     out_dtype = torch.float32 if interpreting() and a.dtype == torch.bfloat16 else a.dtype
     out = torch.empty(m, p, dtype=out_dtype, device=a.device)
-    if q.double_quant:
-        scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
-    else:
-        scale = code8 = offset = q.absmax  # unread placeholders
-    args = (a, q.packed, q.absmax, scale, code8, offset, nf4_code(str(a.device)), out, m, p, qdim, a.stride(0),
+    packed, absmax, scale, code8, offset, code4 = _dequant_launch(q).tensors
+    args = (a, packed, absmax, scale, code8, offset, code4, out, m, p, qdim, a.stride(0),
             stride_wp, stride_wq, triton.next_power_of_2(m))
     if interpreting():
         _nf4_matmul_kernel[(triton.cdiv(m, 16), triton.cdiv(p, 32))](
@@ -156,19 +155,30 @@ def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor
 # --------------------------------------------------------------------------------------------
 
 _buffers: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+_buffer_views: dict[tuple[torch.device, torch.dtype, torch.Size], tuple[torch.Tensor, torch.Tensor]] = {}
 
 
-def _dequant_buffer(q: NF4Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """A [N, K] view of one flat buffer per (device, dtype), grown to the largest weight seen.
+def _dequant_buffer(q: NF4Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(W, Wᵀ): a [N, K] view of one flat buffer per (device, dtype), grown to the largest weight seen, and its transpose.
 
     Every linear reuses it: one transient bf16 weight at a time instead of one per layer
     (the caching allocator would otherwise hand out, and keep, a block per weight shape).
+    The views are kept per shape: a decoder has a handful of weight shapes, and slicing and
+    viewing anew costs three host ops per call, hundreds of calls per step.
     """
+    view_key = (q.device, dtype, q.shape)
+    views = _buffer_views.get(view_key)
+    if views is not None:
+        return views
     key = (q.device, dtype)
     buffer = _buffers.get(key)
     if buffer is None or buffer.numel() < q.numel():
         buffer = _buffers[key] = torch.empty(q.numel(), dtype=dtype, device=q.device)
-    return buffer[: q.numel()].view(q.shape)
+        for stale in [k for k in _buffer_views if k[:2] == key]:
+            del _buffer_views[stale]
+    w = buffer[: q.numel()].view(q.shape)
+    views = _buffer_views[view_key] = (w, w.t())
+    return views
 
 
 def _base_matmul(a: torch.Tensor, weight, transpose_w: bool, path: str | None) -> torch.Tensor:
@@ -176,55 +186,123 @@ def _base_matmul(a: torch.Tensor, weight, transpose_w: bool, path: str | None) -
         if use_triton(a):
             if choose_base_path(a.shape[0], path) == "fused":
                 return nf4_matmul(a, weight, transpose_w)
-            w = dequantize_nf4(weight, out=_dequant_buffer(weight, a.dtype))
-        else:
-            w = dequantize_nf4(weight, a.dtype)
+            w, w_t = _dequant_buffer(weight, a.dtype)
+            dequantize_nf4(weight, out=w)
+            return torch.mm(a, w_t if transpose_w else w)
+        w = dequantize_nf4(weight, a.dtype)
     else:
-        w = weight.to(a.dtype)
-    return a @ (w.t() if transpose_w else w)
+        w = weight if weight.dtype == a.dtype else weight.to(a.dtype)
+    return torch.mm(a, w.t() if transpose_w else w)
+
+
+def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t.to(dtype)`` without the dispatch when it is a no-op (a host op saved, hundreds per step)."""
+    return t if t.dtype == dtype else t.to(dtype)
+
+
+def _rows(t: torch.Tensor) -> torch.Tensor:
+    """t as [rows, last dim]: a view when t is contiguous (one host op, where reshape costs two)."""
+    if t.dim() == 2:
+        return t
+    return t.view(-1, t.shape[-1]) if t.is_contiguous() else t.reshape(-1, t.shape[-1])
 
 
 class QLoRALinearFunction(torch.autograd.Function):
     """The LoRA matmuls run in x's dtype when it is 16-bit (as under autocast), accumulating into
     the base output with ``addmm_``: no [M, out] fp32 intermediate, the largest cost of PEFT's
-    LoRA branch at training token counts. The adapters' gradients come back in their own dtype."""
+    LoRA branch at training token counts. The adapters' gradients come back in their own dtype.
+
+    ``lora_copies`` (optional) are A and B already in the compute dtype, with their transposes:
+    ``QLoRALinear`` keeps them for a whole optimizer step (see ``LoRACopies``), so the forward,
+    its recompute under checkpointing and the backward cast nothing. Only activations go
+    through ``save_for_backward`` (where checkpointing's hooks drop and recompute them); the
+    adapters are parameters and sit on ``ctx`` as they are.
+    """
 
     @staticmethod
-    def forward(ctx, x, weight, lora_a, lora_b, scale, bias, path):
-        x2 = x.reshape(-1, x.shape[-1])
+    def forward(ctx, x, weight, lora_a, lora_b, scale, bias, path, lora_copies=None):
+        x2 = _rows(x)
         y = _base_matmul(x2, weight, transpose_w=True, path=path)
         xa = None
         if lora_a is not None:
-            xa = (x2 @ lora_a.to(x2.dtype).t()) if _low_precision(x2) else (x2.to(lora_a.dtype) @ lora_a.t())
-            y.addmm_(xa.to(y.dtype), lora_b.to(y.dtype).t(), alpha=scale)
+            if _low_precision(x2):
+                a_c, a_t, b_c, b_t = lora_copies if lora_copies is not None and lora_copies[0].dtype == x2.dtype \
+                    else _copies(lora_a, lora_b, x2.dtype)
+                xa = torch.mm(x2, a_t)
+            else:
+                a_c, a_t, b_c, b_t = _copies(lora_a, lora_b, lora_a.dtype)
+                xa = torch.mm(_cast(x2, lora_a.dtype), a_t)
+            y.addmm_(_cast(xa, y.dtype), _cast(b_t, y.dtype), alpha=scale)
+            ctx.lora = (lora_a, lora_b, a_c, b_c)
+            ctx.save_for_backward(x2, xa)
         if bias is not None:
-            y += bias.to(y.dtype)
+            y += _cast(bias, y.dtype)
         ctx.weight, ctx.scale, ctx.path = weight, scale, path
-        ctx.has_bias = bias is not None
-        ctx.save_for_backward(x2 if lora_a is not None else None, xa, lora_a, lora_b)
+        ctx.has_bias, ctx.has_lora = bias is not None, lora_a is not None
         ctx.x_shape = x.shape
-        return y.reshape(*x.shape[:-1], y.shape[-1])
+        return y if x.dim() == 2 else y.view(*x.shape[:-1], y.shape[-1])
 
     @staticmethod
     def backward(ctx, grad_y):
-        x2, xa, lora_a, lora_b = ctx.saved_tensors
-        g = grad_y.reshape(-1, grad_y.shape[-1]).contiguous()
+        g = _rows(grad_y)
+        if not g.is_contiguous():
+            g = g.contiguous()
         grad_x = grad_a = grad_b = grad_bias = None
         if ctx.needs_input_grad[0]:
             grad_x = _base_matmul(g, ctx.weight, transpose_w=False, path=ctx.path)
-        if lora_a is not None:
+        if ctx.has_lora:
+            x2, xa = ctx.saved_tensors
+            lora_a, lora_b, a_c, b_c = ctx.lora
             compute = xa.dtype
-            g_c = g.to(compute)
-            grad_b = (g_c.t() @ xa).mul_(ctx.scale).to(lora_b.dtype)
-            g_xa = (g_c @ lora_b.to(compute)).mul_(ctx.scale)  # [M, r]: the gradient at x·Aᵀ
-            grad_a = (g_xa.t() @ x2.to(compute)).to(lora_a.dtype)
+            g_c = _cast(g, compute)
+            grad_b = _cast(torch.mm(g_c.t(), xa).mul_(ctx.scale), lora_b.dtype)
+            g_xa = torch.mm(g_c, _cast(b_c, compute)).mul_(ctx.scale)  # [M, r]: the gradient at x·Aᵀ
+            grad_a = _cast(torch.mm(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
             if grad_x is not None:
-                grad_x.addmm_(g_xa.to(grad_x.dtype), lora_a.to(grad_x.dtype))
+                grad_x.addmm_(_cast(g_xa, grad_x.dtype), _cast(a_c, grad_x.dtype))
         if ctx.has_bias and ctx.needs_input_grad[5]:
             grad_bias = g.sum(0)
-        if grad_x is not None:
-            grad_x = grad_x.reshape(ctx.x_shape)
-        return grad_x, None, grad_a, grad_b, None, grad_bias, None
+        if grad_x is not None and grad_x.shape != ctx.x_shape:
+            grad_x = grad_x.view(ctx.x_shape)
+        return grad_x, None, grad_a, grad_b, None, grad_bias, None, None
+
+
+def _copies(lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+    """(A, Aᵀ, B, Bᵀ) in ``dtype``, detached (the Function differentiates through the originals)."""
+    a, b = _cast(lora_a.detach(), dtype), _cast(lora_b.detach(), dtype)
+    return a, a.t(), b, b.t()
+
+
+class LoRACopies:
+    """A module's LoRA pair cast to the compute dtype once per optimizer step, not once per call.
+
+    With checkpointing each adapted linear runs its forward twice and its backward once per
+    step, and each would cast the fp32 adapters to bf16 again (six casts, 24 host ops). The
+    copies are rebuilt when an optimizer has stepped since (a global step hook bumps
+    ``_generation``: bitsandbytes' fused update writes the parameters in place without bumping
+    their version counter) or when the parameters were changed in place by torch ops or replaced
+    (version counter, data pointer). Memory: r·(in+out) 16-bit values per linear (22 MB for
+    Llama-3.2-1B at r=16), held between steps.
+    """
+
+    _generation = 0
+
+    def __init__(self):
+        self._key = None
+        self._copies: tuple[torch.Tensor, ...] | None = None
+
+    @classmethod
+    def _optimizer_stepped(cls, *_args) -> None:
+        cls._generation += 1
+
+    def get(self, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
+        key = (LoRACopies._generation, dtype, lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr())
+        if key != self._key:
+            self._copies, self._key = _copies(lora_a, lora_b, dtype), key
+        return self._copies
+
+
+register_optimizer_step_post_hook(LoRACopies._optimizer_stepped)
 
 
 def _low_precision(x: torch.Tensor) -> bool:
@@ -233,13 +311,15 @@ def _low_precision(x: torch.Tensor) -> bool:
 
 def qlora_linear(x: torch.Tensor, weight: NF4Tensor | torch.Tensor, lora_a: torch.Tensor | None,
                  lora_b: torch.Tensor | None, scale: float, bias: torch.Tensor | None = None,
-                 base_path: str | None = None) -> torch.Tensor:
-    """``x·dequant(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias`` in x's dtype; gradients for x, A, B and bias only."""
+                 base_path: str | None = None, lora_copies: tuple[torch.Tensor, ...] | None = None) -> torch.Tensor:
+    """``x·dequant(W)ᵀ + scale·(x·Aᵀ)·Bᵀ + bias`` in x's dtype; gradients for x, A, B and bias only.
+
+    ``lora_copies``: (A, Aᵀ, B, Bᵀ) already in x's dtype, from ``LoRACopies.get`` (saves the casts)."""
     if (lora_a is None) != (lora_b is None):
         raise ValueError("pass both lora_a and lora_b, or neither")
     if base_path is not None and base_path not in _BASE_PATHS:
         raise ValueError(f"base path {base_path!r}; choose one of {', '.join(_BASE_PATHS)}")
-    return QLoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, base_path)
+    return QLoRALinearFunction.apply(x, weight, lora_a, lora_b, scale, bias, base_path, lora_copies)
 
 
 def qlora_linear_reference(x, weight, lora_a, lora_b, scale, bias=None):
@@ -281,6 +361,7 @@ class QLoRALinear(torch.nn.Module):
         self.lora_B = torch.nn.Linear(rank, self.out_features, bias=False, device=device, dtype=lora_dtype)
         torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
         torch.nn.init.zeros_(self.lora_B.weight)
+        self._lora_copies = LoRACopies()
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, rank: int, alpha: float, quant: str = "nf4",
@@ -306,8 +387,9 @@ class QLoRALinear(torch.nn.Module):
         return self.weight.detach().to(dtype or self.weight.dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return qlora_linear(x, self.weight, self.lora_A.weight, self.lora_B.weight, self.scale, self.bias,
-                            base_path=self.base_path)
+        a, b = self.lora_A.weight, self.lora_B.weight
+        copies = self._lora_copies.get(a, b, x.dtype) if _low_precision(x) and a.dtype != x.dtype else None
+        return qlora_linear(x, self.weight, a, b, self.scale, self.bias, base_path=self.base_path, lora_copies=copies)
 
     def extra_repr(self) -> str:
         kind = "nf4" if isinstance(self.weight, NF4Tensor) else str(self.weight.dtype).removeprefix("torch.")

@@ -144,6 +144,8 @@ def _tl_accumulator(dtype: torch.dtype):
 
 
 def _as_rows(t: torch.Tensor) -> torch.Tensor:
+    if t.is_contiguous():
+        return t.view(-1, t.shape[-1])  # one host op where reshape costs two
     rows = t.reshape(-1, t.shape[-1])
     return rows if rows.stride(-1) == 1 else rows.contiguous()
 
@@ -166,13 +168,15 @@ class RMSNormFunction(torch.autograd.Function):
             HAS_WEIGHT=weight is not None, LLAMA_CAST=llama_cast, ACC=_tl_accumulator(x.dtype),
             ROWS=tile_rows, BLOCK=block, num_warps=num_warps,
         )
-        ctx.save_for_backward(x_rows, weight, rstd)
-        ctx.offset, ctx.llama_cast, ctx.x_shape = offset, llama_cast, x.shape
+        # the weight is a parameter: kept on ctx, not through checkpointing's saved-tensor hooks
+        ctx.save_for_backward(x_rows, rstd)
+        ctx.weight, ctx.offset, ctx.llama_cast, ctx.x_shape = weight, offset, llama_cast, x.shape
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x_rows, weight, rstd = ctx.saved_tensors
+        x_rows, rstd = ctx.saved_tensors
+        weight = ctx.weight
         n_rows, n_cols = x_rows.shape
         dy_rows = _as_rows(dy)
         dx = torch.empty(ctx.x_shape, dtype=x_rows.dtype, device=x_rows.device)

@@ -136,3 +136,18 @@ def test_kernel_patches_are_in_place_and_attention_is_untouched(folder):
     assert "Gemma4RMSNorm" not in kinds and "Gemma4TextMLP" not in kinds
     assert any(isinstance(m, RMSNorm) for m in model.modules()) and any(isinstance(m, GatedMLP) for m in model.modules())
     assert "Gemma4TextAttention" in kinds  # the shared-KV path stays transformers' own
+
+
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
+def test_host_resident_embedding_equals_the_scaled_lookup(device):
+    """Gathered into (pinned, on a GPU machine) memory and scaled after the copy: the same values
+    as the module it replaces, ``embedding(ids) * scale`` in bf16."""
+    torch.manual_seed(0)
+    table = torch.nn.Embedding(300, 40, padding_idx=0).to(torch.bfloat16)
+    table.scalar_embed_scale = 40**0.5  # not a power of two: the bf16 product rounds
+    ids = torch.randint(0, 300, (2, 17))
+    ids[0, 0] = 0
+    expected = torch.nn.functional.embedding(ids, table.weight.detach(), 0)
+    expected = expected * torch.tensor(40**0.5, dtype=torch.bfloat16)
+    got = patching.HostResidentEmbedding(table)(ids.to(device))
+    assert got.device.type == device and torch.equal(got.cpu(), expected)

@@ -140,6 +140,24 @@ def test_gpu_matches_bitsandbytes_at_real_shapes(shape):
     assert same > 0.9999, same
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("double_quant", [True, False])
+def test_gpu_repeated_decodes_take_the_direct_launch(double_quant):
+    """After the first decode of a weight the compiled kernel is launched without the JIT; every
+    decode (into the same buffer, refilled in between, and into a fresh one) stays exact."""
+    from vramplan_kernels.nf4 import _dequant_launch
+
+    q = quantize_nf4(torch.randn(1536, 640, device="cuda", dtype=torch.bfloat16), double_quant=double_quant)
+    expected = dequantize_nf4_reference(q)
+    out = torch.empty(q.shape, dtype=torch.bfloat16, device="cuda")
+    for _ in range(3):
+        out.fill_(float("nan"))
+        assert torch.equal(dequantize_nf4(q, out=out), expected)
+    assert torch.equal(dequantize_nf4(q), expected)
+    launchers = _dequant_launch(q).compiled
+    assert launchers and all(getattr(f, "__name__", "") != "_jit" for f in launchers.values())
+
+
 def test_benchmark_cases_run_at_tiny_shapes():
     from benchmarks.kernel_cases import nf4 as nf4_cases
 

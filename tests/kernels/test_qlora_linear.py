@@ -160,3 +160,39 @@ def test_benchmark_cases_run_at_tiny_shapes():
         for name, g in grads.items():
             for ours, ref in zip(grads["vramplan"], g):  # bf16 dX: within a bf16 rounding of the largest value
                 assert (ours.float() - ref.float()).abs().max() <= 1e-2 * ref.float().abs().max(), name
+
+
+class _DataSGD(torch.optim.Optimizer):
+    """Writes the parameters through ``.data``, which leaves their version counters alone, as
+    bitsandbytes' fused 8-bit update does."""
+
+    def __init__(self, params):
+        super().__init__(params, {"lr": 0.5})
+
+    def step(self, closure=None):
+        for group in self.param_groups:
+            for p in group["params"]:
+                p.data.add_(p.grad, alpha=-group["lr"])
+
+
+def test_module_casts_adapters_once_per_optimizer_step():
+    torch.manual_seed(0)
+    layer = QLoRALinear.from_linear(torch.nn.Linear(32, 24, bias=False), rank=4, alpha=8)
+    torch.nn.init.normal_(layer.lora_B.weight)
+    x = torch.randn(2, 5, 32, dtype=torch.bfloat16)
+    a, b = layer.lora_A.weight, layer.lora_B.weight
+    copies = layer._lora_copies.get(a, b, torch.bfloat16)
+    assert layer._lora_copies.get(a, b, torch.bfloat16) is copies  # cached between calls
+    y = layer(x)
+    expected = qlora_linear(x, layer.weight, a, b, layer.scale)  # casts afresh
+    assert torch.equal(y, expected)
+    y.float().square().sum().backward()
+    version = a._version
+    _DataSGD([a, b]).step()
+    assert a._version == version  # the update bypassed the version counter ...
+    fresh = layer._lora_copies.get(a, b, torch.bfloat16)
+    assert fresh is not copies and torch.equal(fresh[0], a.detach().to(torch.bfloat16))  # ... the step hook caught it
+    with torch.no_grad():
+        b.mul_(2)  # an in-place torch op bumps the version
+    assert torch.equal(layer._lora_copies.get(a, b, torch.bfloat16)[2], b.detach().to(torch.bfloat16))
+    assert torch.equal(layer(x), qlora_linear(x, layer.weight, a, b, layer.scale))

@@ -16,7 +16,6 @@ from __future__ import annotations
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from vramplan.train import ops
@@ -84,9 +83,17 @@ class HostResidentEmbedding(nn.Module):
         self.embed_scale = float(scale)
 
     def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
-        rows = F.embedding(input_ids.to("cpu"), self.table, self.padding_idx)
-        rows = rows * torch.tensor(self.embed_scale, dtype=rows.dtype)
-        return rows.to(input_ids.device, non_blocking=True)
+        """The rows gathered straight into pinned memory, copied without blocking, scaled on the device.
+
+        (E2B at 2,048 tokens gathers 37 MB a step: gathering into pageable memory, scaling there and
+        copying synchronously cost tens of ms of host time. The product is the same bf16 multiply.)
+        """
+        ids = input_ids.to("cpu").reshape(-1)
+        rows = torch.empty((ids.numel(), self.table.shape[1]), dtype=self.table.dtype,
+                           pin_memory=input_ids.is_cuda and self.table.is_pinned())
+        torch.index_select(self.table, 0, ids, out=rows)  # the lookup of F.embedding (padding_idx only affects grads)
+        rows = rows.view(*input_ids.shape, -1).to(input_ids.device, non_blocking=True)
+        return rows.mul_(torch.tensor(self.embed_scale, dtype=rows.dtype))
 
 
 def keep_per_layer_embeddings_on_host(model: nn.Module) -> bool:
