@@ -19,7 +19,6 @@ import statistics
 from dataclasses import dataclass
 from pathlib import Path
 
-import itertools
 
 import numpy as np
 
@@ -27,7 +26,7 @@ from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
 from vramplan.plan import Plan
-from vramplan.throughput import Factors, step_seconds
+from vramplan.throughput import combine, Factors, step_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -74,16 +73,14 @@ def load_runs(sources: dict[str, Path] = SOURCES) -> list[Run]:
 
 
 def split(runs: list[Run]) -> tuple[list[Run], list[Run]]:
-    """The fitting set: every other hf run in file order (all seven architectures appear in both
-    halves), and vramplan's two Llama-3.2-1B runs; Gemma-4-E2B on vramplan's stack is held out."""
+    """The fitting set: every other run of each stack in file order, so host-bound small models and
+    compute-bound large ones (Llama-3.1-8B, Gemma-4-E4B) fall in both halves; the rest is held out."""
     fit, held = [], []
-    hf_index = 0
+    index: dict[str, int] = {}
     for run in runs:
-        if run.stack == "hf":
-            (fit if hf_index % 2 == 0 else held).append(run)
-            hf_index += 1
-        else:
-            (fit if run.model == "llama-3.2-1b" else held).append(run)
+        i = index.get(run.stack, 0)
+        (fit if i % 2 == 0 else held).append(run)
+        index[run.stack] = i + 1
     return fit, held
 
 
@@ -94,46 +91,37 @@ def _terms(run: Run) -> dict[str, float]:
     return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), unit)
 
 
-def nonnegative_least_squares(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """min |a·x - b| with x >= 0, by trying every set of free columns (there are 2 or 3 unknowns)."""
-    best, best_residual = np.zeros(a.shape[1]), float(np.sum(b * b))
-    for k in range(1, a.shape[1] + 1):
-        for columns in itertools.combinations(range(a.shape[1]), k):
-            x_sub = np.linalg.lstsq(a[:, columns], b, rcond=None)[0]
-            if np.any(x_sub < 0):
-                continue
-            x = np.zeros(a.shape[1])
-            x[list(columns)] = x_sub
-            residual = float(np.sum((a @ x - b) ** 2))
-            if residual < best_residual:
-                best, best_residual = x, residual
-    return best
-
-
 def fit_factors(runs: list[Run], stack: str) -> Factors:
-    """Non-negative least squares on the relative step-time error.
+    """The factors that minimise the mean relative step-time error of ``stack``'s runs.
 
-    Unknowns: seconds per kernel, 1/matmul efficiency and 1/attention efficiency; vramplan's
-    stack runs attention as bf16 flash attention, so its two efficiencies are one unknown.
+    The step time is max(launch floor, device work) + PCIe (``vramplan.throughput.combine``),
+    which is not linear in the factors, so this searches a grid: seconds per kernel 1–100 µs,
+    matmul efficiency 2–100%, and (hf only, whose attention runs in fp32) a separate attention
+    efficiency; vramplan's stack runs bf16 flash attention, so its two efficiencies are one.
     """
     mine = [r for r in runs if r.stack == stack]
-    rows, targets = [], []
-    for run in mine:
-        t = _terms(run)
-        fixed = t["memory"] + t["pcie"]
-        row = [t["launch"], t["matmul"], t["attention"]] if stack == "hf" else [t["launch"], t["matmul"] + t["attention"]]
-        rows.append([v / run.step_s for v in row])
-        targets.append((run.step_s - fixed) / run.step_s)
-    solution = nonnegative_least_squares(np.array(rows), np.array(targets))
-    kernel, inv_mm = float(solution[0]), float(solution[1])
-    inv_att = float(solution[2]) if stack == "hf" else inv_mm
-    return Factors(seconds_per_kernel=kernel, matmul_efficiency=1 / max(inv_mm, 1e-9),
-                   attention_efficiency=1 / max(inv_att, 1e-9), bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
+    terms = [_terms(r) for r in mine]
+    launch = np.array([t["launch"] for t in terms])[:, None, None, None]
+    matmul = np.array([t["matmul"] for t in terms])[:, None, None, None]
+    attention = np.array([t["attention"] for t in terms])[:, None, None, None]
+    fixed_device = np.array([t["memory"] for t in terms])[:, None, None, None]
+    pcie = np.array([t["pcie"] for t in terms])[:, None, None, None]
+    measured = np.array([r.step_s for r in mine])[:, None, None, None]
+    kernel = np.linspace(1e-6, 100e-6, 199)[None, :, None, None]
+    mm_eff = np.linspace(0.02, 1.0, 99)[None, None, :, None]
+    att_eff = np.linspace(0.02, 1.0, 50)[None, None, None, :] if stack == "hf" else mm_eff[..., None][..., 0]
+    device = matmul / mm_eff + attention / att_eff + fixed_device
+    predicted = np.maximum(launch * kernel, device) + pcie
+    error = np.mean(np.abs(predicted - measured) / measured, axis=0)
+    k, m, a = np.unravel_index(np.argmin(error), error.shape)
+    attention_efficiency = float(att_eff[0, 0, 0, a]) if stack == "hf" else float(mm_eff[0, 0, m, 0])
+    return Factors(seconds_per_kernel=float(kernel[0, k, 0, 0]), matmul_efficiency=float(mm_eff[0, 0, m, 0]),
+                   attention_efficiency=attention_efficiency, bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
 
 
 def predicted_tok_s(run: Run, factors: Factors) -> float:
     seconds = step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), factors)
-    return run.plan.micro_batch * run.plan.seq_len / sum(seconds.values())
+    return run.plan.micro_batch * run.plan.seq_len / combine(seconds)
 
 
 def evaluate(runs: list[Run] | None = None) -> dict:

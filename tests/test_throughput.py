@@ -74,9 +74,10 @@ def test_a_gpu_without_speed_figures_is_a_clear_error():
 
 
 def test_held_out_error_on_the_committed_measurements():
-    """The fit never sees the held-out runs. Target: 15% mean. Reached on the committed data: 16.3% mean,
-    14.0% median over 12 held-out runs; the worst are Gemma-4-E2B on vramplan's stack (its only
-    held-out trainer run, predicted 37% slow) and Gemma-4-E4B on hf (+40%)."""
+    """The fit never sees the held-out runs. Target: 15%. Reached on the committed data (H100,
+    23 hf-stack runs and 12 trainer runs over 7 architectures, every other run of each stack
+    held out): 13.3% mean, 8.0% median over 17 held-out runs; the worst are Gemma-4-E4B on hf
+    (+38%) and the small Qwen3/Gemma-4-E2B trainer runs (about -20%: kernel counts per layer)."""
     from benchmarks.throughput import evaluate, split, load_runs
 
     runs = load_runs()
@@ -84,10 +85,11 @@ def test_held_out_error_on_the_committed_measurements():
     assert len(runs) >= 24 and len(held) >= 12 and not set(r.key for r in fit) & set(r.key for r in held)
     result = evaluate(runs)
     assert result["held_out"]["count"] == len(held)
-    assert result["held_out"]["mean_abs_error"] < 0.17
-    assert result["held_out"]["median_abs_error"] < 0.15
-    fitted = [r for r in result["rows"] if r["set"] == "fit" and r["stack"] == "vramplan"]
-    assert all(abs(r["error"]) < 0.01 for r in fitted)  # two runs, two unknowns
+    assert result["held_out"]["mean_abs_error"] < 0.15
+    assert result["held_out"]["median_abs_error"] < 0.10
+    # the fitted factors are physical: a launch floor of tens of µs, matmul efficiency under 100%
+    for factors in result["factors"].values():
+        assert 5e-6 < factors["seconds_per_kernel"] < 100e-6 and 0.02 <= factors["matmul_efficiency"] <= 1.0
     committed = calibration()
     for stack, factors in result["factors"].items():
         for name, value in factors.items():

@@ -15,9 +15,19 @@ ROWS = [json.loads(line) for line in (Path(__file__).resolve().parent.parent / "
 ROWS = [r for r in ROWS if "nvml_used_delta" in r]
 
 
-@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['model']}-s{r['seq']}")
-def test_trainer_measurements_within_8_percent(row):
+def _relative_error(row) -> float:
     plan = Plan(model=row["model"], seq_len=row["seq"], micro_batch=row["batch"], lora_rank=row["rank"])
     est = estimate_plan(plan, resolve_model(row["model"]))
     predicted = est.peak_bytes - est.components["cuda_context"]
-    assert abs(predicted - row["nvml_used_delta"]) <= 0.08 * row["nvml_used_delta"]
+    return (predicted - row["nvml_used_delta"]) / row["nvml_used_delta"]
+
+
+@pytest.mark.parametrize("row", ROWS, ids=lambda r: f"{r['model']}-s{r['seq']}-b{r['batch']}-r{r['rank']}")
+def test_trainer_measurements_within_10_percent(row):
+    assert abs(_relative_error(row)) <= 0.10
+
+
+def test_trainer_measurements_mean_error_under_5_percent():
+    # 12 runs over 6 architectures (Llama-3.2-1B, Llama-3.1-8B, Qwen3-0.6B, Qwen3-4B, Gemma-4-E2B, Gemma-4-E4B)
+    assert len(ROWS) >= 12
+    assert sum(abs(_relative_error(row)) for row in ROWS) / len(ROWS) <= 0.05
