@@ -15,9 +15,30 @@ from typing import Iterator
 import torch
 
 _MODES = ("auto", "triton", "reference")
-_mode = os.environ.get("VRAMPLAN_KERNELS", "auto")
-if _mode not in _MODES:
-    raise ValueError(f"VRAMPLAN_KERNELS={_mode!r}; choose one of {', '.join(_MODES)}")
+
+
+class Switch:
+    """A process-wide choice among fixed values: read once from an environment variable, and
+    overridable for a block of code (tests and benchmarks force a path this way)."""
+
+    def __init__(self, env: str, choices: tuple[str, ...], default: str):
+        self.env, self.choices = env, choices
+        self.value = os.environ.get(env, default)
+        if self.value not in choices:
+            raise ValueError(f"{env}={self.value!r}; choose one of {', '.join(choices)}")
+
+    @contextlib.contextmanager
+    def override(self, value: str) -> Iterator[None]:
+        if value not in self.choices:
+            raise ValueError(f"{value!r} for {self.env}; choose one of {', '.join(self.choices)}")
+        previous, self.value = self.value, value
+        try:
+            yield
+        finally:
+            self.value = previous
+
+
+_MODE = Switch("VRAMPLAN_KERNELS", _MODES, "auto")
 
 
 def interpreting() -> bool:
@@ -26,21 +47,13 @@ def interpreting() -> bool:
 
 def use_triton(tensor: torch.Tensor) -> bool:
     """Should an op given ``tensor`` launch its Triton kernel?"""
-    if _mode == "reference":
+    if _MODE.value == "reference":
         return False
-    if _mode == "triton":
+    if _MODE.value == "triton":
         return tensor.is_cuda or interpreting()
     return tensor.is_cuda
 
 
-@contextlib.contextmanager
-def kernel_mode(mode: str) -> Iterator[None]:
+def kernel_mode(mode: str):
     """Temporarily force ``triton`` or ``reference`` (tests and benchmarks)."""
-    global _mode
-    if mode not in _MODES:
-        raise ValueError(f"kernel mode {mode!r}; choose one of {', '.join(_MODES)}")
-    previous, _mode = _mode, mode
-    try:
-        yield
-    finally:
-        _mode = previous
+    return _MODE.override(mode)

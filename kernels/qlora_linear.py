@@ -21,17 +21,14 @@ fp32 accumulation, as under autocast; with fp32/fp64 activations, in the adapter
 
 from __future__ import annotations
 
-import contextlib
 import math
-import os
-from typing import Iterator
 
 import torch
 import triton
 import triton.language as tl
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from vramplan_kernels.dispatch import interpreting, use_triton
+from vramplan_kernels.dispatch import Switch, interpreting, use_triton
 from vramplan_kernels.nf4 import (
     NF4Tensor,
     _absmax_of_blocks,
@@ -44,26 +41,16 @@ from vramplan_kernels.nf4 import (
 
 FUSED_MAX_TOKENS = 64
 _BASE_PATHS = ("auto", "fused", "dequant")
-_base_path = os.environ.get("VRAMPLAN_QLORA_BASE", "auto")
-if _base_path not in _BASE_PATHS:
-    raise ValueError(f"VRAMPLAN_QLORA_BASE={_base_path!r}; choose one of {', '.join(_BASE_PATHS)}")
+_BASE = Switch("VRAMPLAN_QLORA_BASE", _BASE_PATHS, "auto")
 
 
-@contextlib.contextmanager
-def base_path(path: str) -> Iterator[None]:
+def base_path(path: str):
     """Force how the NF4 base matmul runs (benchmarks, tests): ``auto``, ``fused`` or ``dequant``."""
-    global _base_path
-    if path not in _BASE_PATHS:
-        raise ValueError(f"base path {path!r}; choose one of {', '.join(_BASE_PATHS)}")
-    previous, _base_path = _base_path, path
-    try:
-        yield
-    finally:
-        _base_path = previous
+    return _BASE.override(path)
 
 
 def choose_base_path(tokens: int, path: str | None = None) -> str:
-    path = path or _base_path
+    path = path or _BASE.value
     if path == "auto":
         return "fused" if tokens <= FUSED_MAX_TOKENS else "dequant"
     return path
