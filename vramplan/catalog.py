@@ -20,7 +20,13 @@ from typing import Any
 
 from vramplan.errors import VramplanError
 
-PROFILES_DIR = Path(__file__).resolve().parent.parent / "profiles"
+def _packaged_profiles() -> Path:
+    """``profiles/`` as installed (package data ``vramplan.profiles``), or beside the source tree."""
+    installed = Path(__file__).resolve().parent / "profiles"
+    return installed if (installed / "gpus.json").exists() else Path(__file__).resolve().parent.parent / "profiles"
+
+
+PROFILES_DIR = _packaged_profiles()
 PROFILES_ENV = "VRAMPLAN_PROFILES"
 
 
