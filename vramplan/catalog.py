@@ -82,7 +82,8 @@ class GpuSpec:
     count: int = 1
 
 
-def _read_json(path: Path) -> Any:
+def read_json(path: Path) -> Any:
+    """A profiles JSON file, or a one-line VramplanError naming the file and what is wrong."""
     try:
         return json.loads(path.read_text())
     except FileNotFoundError:
@@ -162,7 +163,7 @@ def list_models(profiles: str | Path | None = None) -> list[str]:
 
 
 def _profile_from_file(name: str, path: Path) -> ModelProfile:
-    data = _read_json(path)
+    data = read_json(path)
     if not isinstance(data, dict):
         raise VramplanError(f"{path}: expected a JSON object (a Hugging Face config.json)")
     meta = data.pop("_vramplan", None) or {}
@@ -218,7 +219,7 @@ class _Catalog:
 @lru_cache(maxsize=None)
 def _gpu_catalog(directory: Path) -> _Catalog:
     path = directory / "gpus.json"
-    data = _read_json(path)
+    data = read_json(path)
     entries = data.get("gpus") if isinstance(data, dict) else None
     if not isinstance(entries, list):
         raise VramplanError(f"{path}: expected {{\"gpus\": [...]}}")
@@ -249,7 +250,7 @@ def _gpu_catalog(directory: Path) -> _Catalog:
 
 def gpu_catalog_about(profiles: str | Path | None = None) -> dict[str, Any]:
     """The catalog's ``_about`` block: its ``date`` (when the figures and prices were gathered) and ``sources``."""
-    about = _read_json(profiles_dir(profiles) / "gpus.json").get("_about")
+    about = read_json(profiles_dir(profiles) / "gpus.json").get("_about")
     return about if isinstance(about, dict) else {}
 
 

@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from vramplan.arch import Architecture, Layer
-from vramplan.catalog import GpuSpec, _read_json, profiles_dir
+from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 
@@ -79,7 +79,7 @@ class Factors:
 @lru_cache(maxsize=None)
 def _calibration(directory: Path) -> dict[str, Any]:
     path = directory / CALIBRATION_FILE
-    data = _read_json(path)  # `python -m benchmarks.throughput --write` writes it
+    data = read_json(path)  # `python -m benchmarks.throughput --write` writes it
     stacks = data.get("stacks") if isinstance(data, dict) else None
     if not isinstance(stacks, dict):
         raise VramplanError(f"{path}: expected {{\"stacks\": {{\"vramplan\": {{...}}, \"hf\": {{...}}}}}}")
