@@ -32,6 +32,7 @@ from statistics import mean
 from vramplan.calibration import (Calibration, CalibrationKey, model_family, new_calibration, point_from)
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
+from benchmarks.records import plan_of
 from vramplan.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -39,22 +40,12 @@ RESULTS = ROOT / "benchmarks/results"
 SOURCES = {"hf": RESULTS / "hf_stack_h100.jsonl", "vramplan": RESULTS / "trainer_h100.jsonl"}
 #: Where --measure appends; read too when present (its rows carry their plan and GPU).
 MEASURED = RESULTS / "accuracy_rows.jsonl"
-OPTIMIZERS = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
 GPU = "h100"
 #: The measurements were taken on the project's H100 machine with torch 2.11; its driver was not recorded.
 TORCH_MINOR = "2.11"
 #: When the committed measurements were taken: the shipped calibrations' date, so rebuilding them changes nothing.
 MEASURED_ON = "2026-11-24"
 TARGETS = {"uncalibrated": (0.08, 0.15), "calibrated": (0.03, 0.06)}  # (mean, max) relative error
-
-
-def plan_of(record: dict, stack: str) -> Plan:
-    model = record["model"].removesuffix(".json")
-    return Plan(model=model, quant=record.get("quant") or "nf4", lora_rank=record["rank"], seq_len=record["seq"],
-                micro_batch=record["batch"],
-                checkpointing=record.get("checkpointing") or ("full" if record["gc"] else "none"),
-                optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
-                loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype", "fp32"))
 
 
 def _row(record: dict, stack: str) -> dict | None:

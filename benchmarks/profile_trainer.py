@@ -14,7 +14,8 @@ import time
 
 import torch
 
-from benchmarks.trainer import build_random_model, plan_for
+from benchmarks.records import plan_of
+from benchmarks.trainer import build_random_model
 from vramplan.catalog import resolve_model
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters
@@ -33,7 +34,7 @@ def main() -> None:
     config = resolve_model(args.config).config
     vocab = config.get("text_config", config)["vocab_size"]
     device = torch.device("cuda")
-    plan = plan_for({"seq": args.seq, "batch": 1, "rank": 16, "gc": True}, args.config)
+    plan = plan_of({"model": args.config, "seq": args.seq, "batch": 1, "rank": 16, "gc": True})
     model, _ = load_for_training(folder, plan, device)
     optimizer, _ = make_optimizer(lora_parameters(model), plan, 2e-4, 0.0, device)
     ids = torch.randint(0, vocab, (1, args.seq), device=device)

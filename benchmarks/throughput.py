@@ -25,6 +25,7 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
+from benchmarks.records import plan_of
 from vramplan.plan import Plan
 from vramplan.throughput import combine, Factors, step_seconds
 
@@ -36,7 +37,6 @@ GPU = "h100"
 #: The H100's measured copy bandwidth, ~3.0 of its 3.35 TB/s: fixed, not fitted (the runs
 #: we have are not bound by memory traffic, so they could not pin it down).
 BANDWIDTH_EFFICIENCY = 0.9
-OPTIMIZERS = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
 
 
 @dataclass(frozen=True)
@@ -47,14 +47,6 @@ class Run:
     plan: Plan
     tok_s: float
     step_s: float
-
-
-def plan_of(record: dict, stack: str) -> Plan:
-    model = record["model"].removesuffix(".json")
-    return Plan(model=model, quant=record.get("quant") or "nf4", lora_rank=record["rank"], seq_len=record["seq"],
-                micro_batch=record["batch"], checkpointing="full" if record["gc"] else "none",
-                optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
-                loss="full" if stack == "hf" else "chunked")
 
 
 def load_runs(sources: dict[str, Path] = SOURCES) -> list[Run]:

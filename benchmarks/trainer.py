@@ -23,25 +23,11 @@ import time
 import torch
 
 from vramplan.catalog import resolve_model
-from vramplan.plan import Plan
+from benchmarks.records import plan_of
+from vramplan.gpu import used_memory_bytes
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters
 from vramplan.train.recipe import make_optimizer
-
-#: hf_baseline's optimizer names -> the plan's
-OPTIMIZERS = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
-
-
-def nvml_used() -> int | None:
-    """Device memory in use as the driver sees it (all processes), as hf_baseline measures it."""
-    try:
-        import pynvml
-
-        pynvml.nvmlInit()
-        return int(pynvml.nvmlDeviceGetMemoryInfo(pynvml.nvmlDeviceGetHandleByIndex(0)).used)
-    except Exception:
-        return None
-
 
 def build_random_model(config_path: str, folder: str) -> int:
     """Random bf16 weights from a config.json, saved as a local model folder; returns the parameter count."""
@@ -59,14 +45,8 @@ def build_random_model(config_path: str, folder: str) -> int:
     return params
 
 
-def plan_for(grid: dict, model: str) -> Plan:
-    return Plan(model=model, quant=grid.get("quant", "nf4"), lora_rank=grid["rank"], seq_len=grid["seq"],
-                micro_batch=grid["batch"], checkpointing=grid.get("checkpointing", "full" if grid["gc"] else "none"),
-                optimizer=OPTIMIZERS[grid.get("optim", "paged_adamw_8bit")], lora_dtype=grid.get("lora_dtype", "fp32"))
-
-
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device) -> tuple[dict, list[float]]:
-    plan = plan_for(grid, os.path.basename(folder))
+    plan = plan_of(dict(grid, model=os.path.basename(folder)))
     record: dict = {}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
@@ -121,13 +101,13 @@ def main() -> None:
     config = resolve_model(args.config).config
     vocab = config.get("text_config", config)["vocab_size"]
     torch.zeros(1, device=device)  # the CUDA context exists before the baseline, as in hf_baseline
-    base_used = nvml_used()
+    base_used = used_memory_bytes()
     for g in grid:
         rec = dict(g, model=os.path.basename(args.config), params=n_params, stack="vramplan")
         try:
             measured, times = run_one(g, folder, vocab, args.steps, device)
             rec.update(measured)
-            used = nvml_used()
+            used = used_memory_bytes()
             rec["nvml_used_delta"] = (used - base_used) if base_used is not None and used is not None else None
             tail = sorted(times[1:]) or times
             rec["step_s"] = tail[len(tail) // 2]

@@ -12,12 +12,12 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.records import plan_of
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
 from vramplan.plan import Plan
 
 ROOT = Path(__file__).resolve().parent.parent
-OPTIMIZER = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
 
 # FIELD_NOTES, "Measured on the reference GPU": (model, seq, batch, rank, gc, quant, optimizer, process GB)
 FIELD_NOTES = [
@@ -36,8 +36,8 @@ def _measured_rows():
         rec = json.loads(line)
         if rec.get("error"):
             continue
-        rows.append((rec["model"].removesuffix(".json"), rec["seq"], rec["batch"], rec["rank"], rec["gc"],
-                     rec.get("quant", "nf4"), OPTIMIZER[rec.get("optim", "paged_adamw_8bit")],
+        plan = plan_of(rec, "hf")
+        rows.append((plan.model, plan.seq_len, plan.micro_batch, plan.lora_rank, rec["gc"], plan.quant, plan.optimizer,
                      rec["nvml_used_delta"] / 1e9))
     return rows
 

@@ -8,7 +8,7 @@ import pytest
 
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
-from vramplan.plan import Plan
+from benchmarks.records import plan_of
 
 ROWS = [json.loads(line) for line in (Path(__file__).resolve().parent.parent / "benchmarks/results/trainer_h100.jsonl")
         .read_text().splitlines()]
@@ -16,8 +16,8 @@ ROWS = [r for r in ROWS if "nvml_used_delta" in r]
 
 
 def _relative_error(row) -> float:
-    plan = Plan(model=row["model"], seq_len=row["seq"], micro_batch=row["batch"], lora_rank=row["rank"])
-    est = estimate_plan(plan, resolve_model(row["model"]))
+    plan = plan_of(row)
+    est = estimate_plan(plan, resolve_model(plan.model))
     predicted = est.peak_bytes - est.components["cuda_context"]
     return (predicted - row["nvml_used_delta"]) / row["nvml_used_delta"]
 

@@ -9,21 +9,17 @@ import torch
 
 
 def process_memory_bytes() -> int | None:
-    """GPU memory this process holds as the driver sees it (pynvml), CUDA context included; None on the CPU."""
+    """GPU memory this process holds as the driver sees it (pynvml), CUDA context included; None on
+    the CPU or where NVML cannot say. Inside containers NVML may list host PIDs only: then the
+    device's used memory stands in."""
     if not torch.cuda.is_available():
         return None
+    from vramplan.errors import VramplanError
+    from vramplan.gpu import process_memory_bytes as held_by_this_process, used_memory_bytes
+
     try:
-        import os
-
-        import pynvml
-
-        pynvml.nvmlInit()
-        handle = pynvml.nvmlDeviceGetHandleByIndex(torch.cuda.current_device())
-        for proc in pynvml.nvmlDeviceGetComputeRunningProcesses(handle):
-            if proc.pid == os.getpid():
-                return int(proc.usedGpuMemory) if proc.usedGpuMemory is not None else None
-        return int(pynvml.nvmlDeviceGetMemoryInfo(handle).used)
-    except Exception:  # pynvml missing or no permission: the metric is optional
+        return held_by_this_process() or used_memory_bytes(torch.cuda.current_device())
+    except VramplanError:  # pynvml missing, or per-process memory not reported: the metric is optional
         return None
 
 

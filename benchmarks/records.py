@@ -1,0 +1,19 @@
+"""The measurement line shared by benchmarks/trainer.py, the hf reference harness and the tables
+built from their output (``seq``, ``batch``, ``rank``, ``gc``, optional ``quant``, ``optim``,
+``checkpointing``, ``lora_dtype``), read back as the Plan it measured."""
+
+from __future__ import annotations
+
+from vramplan.plan import Plan
+
+#: The harnesses' optimizer names -> the plan's
+OPTIMIZERS = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
+
+
+def plan_of(record: dict, stack: str = "vramplan") -> Plan:
+    """The plan a measurement line (or a benchmark grid entry with its ``model``) describes."""
+    return Plan(model=record["model"].removesuffix(".json"), quant=record.get("quant") or "nf4",
+                lora_rank=record["rank"], seq_len=record["seq"], micro_batch=record["batch"],
+                checkpointing=record.get("checkpointing") or ("full" if record["gc"] else "none"),
+                optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
+                loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype") or "fp32")
