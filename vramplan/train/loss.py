@@ -41,11 +41,15 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     accumulated batch, so the gradient equals that of one big batch; averaging per micro-batch
     would weight the tokens of short micro-batches more.
     """
-    total_targets = int(sum(int((mb["labels"] != -100).sum()) for mb in micro_batches))
-    denominator = max(total_targets, 1)
-    loss_sum = 0.0
+    if not micro_batches:
+        return 0.0, 0
+    # counted and summed on the device: one host sync per optimizer step (the returned numbers),
+    # not two per micro-batch, so the host keeps queueing kernels while the GPU works
+    total_targets = torch.stack([(mb["labels"] != -100).sum() for mb in micro_batches]).sum()
+    denominator = total_targets.clamp(min=1)
+    loss_sum = torch.zeros((), device=total_targets.device)
     for mb in micro_batches:
         loss, _ = summed_loss(model, mb)
         (loss / denominator).backward()
-        loss_sum += float(loss.detach())
-    return loss_sum / denominator, total_targets
+        loss_sum += loss.detach()
+    return float(loss_sum / denominator), int(total_targets)
