@@ -21,7 +21,7 @@ for job in "$@"; do
     kernels:*) python3 benchmarks/kernels.py --only "${job#kernels:}" --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     trainer:*)  # trainer:CONFIG.json:GRID.json  (the config's file name labels the lines)
       IFS=: read -r _ cfg grid <<<"$job"
-      python3 -m benchmarks.trainer --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
+      python3 -m benchmarks.trainer --fresh --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
     accuracy)   python3 -m benchmarks.accuracy --measure --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     accuracy:*) python3 -m benchmarks.accuracy --measure --models "${job#accuracy:}" --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     capcheck)   python3 -m benchmarks.accuracy --cap-check 2>&1 | tee "$OUT/cap_check.json" | tail -40 ;;
