@@ -25,6 +25,7 @@ import torch
 from vramplan.catalog import resolve_model
 from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
+from vramplan.train.allocator import configure_allocator_for_training
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters
 from vramplan.train.recipe import make_optimizer
@@ -94,6 +95,7 @@ def main() -> None:
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
     args = parser.parse_args()
     grid = json.loads(open(args.grid).read() if os.path.exists(args.grid) else args.grid)
+    configure_allocator_for_training()  # as `vramplan train` does, before CUDA starts
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/trainer.py measures GPU memory; run it on a machine with CUDA")
     device = torch.device("cuda")

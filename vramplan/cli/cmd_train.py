@@ -35,6 +35,9 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
           overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim):
     """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter."""
     from vramplan.errors import VramplanError
+    from vramplan.train.allocator import configure_allocator_for_training
+
+    configure_allocator_for_training()  # before anything touches CUDA
     from vramplan.train.recipe import TrainConfig
     from vramplan.train.recipe import train as run
 

@@ -81,6 +81,7 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
         host_per_layer_embeddings = device.type == "cuda"
     if host_per_layer_embeddings:
         patching.keep_per_layer_embeddings_on_host(model)
+        patching.keep_input_embeddings_on_host(model)
     adapted = []
     prefix = _layers_path(model)
     for index, layer in enumerate(decoder_layers(model)):
