@@ -24,6 +24,12 @@ for job in "$@"; do
       python3 -m benchmarks.trainer --fresh --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
     accuracy)   python3 -m benchmarks.accuracy --measure --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     accuracy:*) python3 -m benchmarks.accuracy --measure --models "${job#accuracy:}" --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
+    unsloth:*)  # unsloth:CONFIG.json:GRID.json — the reference Unsloth harness, side by side (wheels in .whl/unsloth,
+                # script at .dev/unsloth_bench.py: ../shared/reference-stacks/unsloth_bench.py, carried, not committed)
+      IFS=: read -r _ cfg grid <<<"$job"
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth .whl/unsloth/*.whl >/dev/null 2>&1
+      HF_HUB_OFFLINE=1 PYTHONPATH="/tmp/site-unsloth:$PYTHONPATH" timeout 420 python3 .dev/unsloth_bench.py --config "$cfg" --grid "$grid" --steps 5 \
+        2>"$OUT/unsloth-err.log" | tee -a "$OUT/unsloth.jsonl" ;;
     capcheck)   python3 -m benchmarks.accuracy --cap-check 2>&1 | tee "$OUT/cap_check.json" | tail -40 ;;
     *)       echo "unknown job $job" ;;
   esac
