@@ -219,7 +219,10 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
                      f"trains {plan.seq_len}-token sequences instead.")
     quants = STACK_QUANTS[plan.stack]
     better_quants = quants[:quants.index(plan.quant)]
-    if better_quants:
+    if plan.cpu_offload:
+        lines.append("Base weights in nf4: CPU offload is searched with 4-bit weights only (bf16 shards would need "
+                     "4× the host memory and PCIe traffic).")
+    elif better_quants:
         lean = {q: adjust(estimate_plan(leanest_plan(plan, plan.seq_len).replace(quant=q), profile)).peak_bytes
                 for q in better_quants}
         gave = ", ".join(f"{q} needs at least {_gb(v)}" for q, v in lean.items())
