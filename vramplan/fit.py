@@ -154,7 +154,12 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
         seqs.append(seqs[-1] // 2)
     for seq in seqs:
         for parallel, offload in layouts(base):
-            for plan in _candidates(base.replace(parallel=parallel, cpu_offload=offload), seq, effective):
+            layout = base.replace(parallel=parallel, cpu_offload=offload)
+            # the layout's leanest plan bounds its candidates at this length from below: skip a layout that cannot fit
+            priced += 1
+            if adjust(estimate_plan(leanest_plan(layout, seq), profile, gpu, budget=budget)).peak_bytes > limit:
+                continue
+            for plan in _candidates(layout, seq, effective):
                 priced += 1
                 est = adjust(estimate_plan(plan, profile, gpu, budget=budget))
                 if est.peak_bytes <= limit:

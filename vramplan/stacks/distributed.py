@@ -58,9 +58,23 @@ def _ddp_phase(name: str, parts: dict[str, int]) -> dict[str, int]:
     return out
 
 
+_SHARES: dict[tuple[int, tuple[str, ...]], tuple[object, list]] = {}
+
+
 def _layer_shares(arch, plan) -> list[tuple[float, float, float, float]]:
-    """Per decoder layer: its fraction of the decoder linears, experts, norms and LoRA parameters."""
-    wanted = set(plan.lora_targets)
+    """Per decoder layer: its fraction of the decoder linears, experts, norms and LoRA parameters
+    (remembered per architecture object: fit prices thousands of plans of one model)."""
+    key = (id(arch), tuple(plan.lora_targets))
+    cached = _SHARES.get(key)
+    if cached is None or cached[0] is not arch:
+        if len(_SHARES) > 256:
+            _SHARES.clear()
+        cached = _SHARES[key] = (arch, _compute_layer_shares(arch, plan.lora_targets))
+    return cached[1]
+
+
+def _compute_layer_shares(arch, targets) -> list[tuple[float, float, float, float]]:
+    wanted = set(targets)
     lora = [sum(lin.d_in + lin.d_out for lin in layer.linears if lin.name in wanted) for layer in arch.layers]
     totals = (arch.linear_params or 1, arch.expert_params or 1, arch.norm_params or 1, sum(lora) or 1)
     return [(layer.linear_params / totals[0], layer.expert_params / totals[1], layer.norm_params / totals[2],
