@@ -294,6 +294,14 @@ def gpu_box(gpu: GpuSpec, count: int) -> GpuSpec:
     return GpuSpec(**{**gpu.__dict__, "count": count, "name": single if count == 1 else f"{count}x{single}"})
 
 
+def box_count(gpu: GpuSpec | None, gpus: int | None) -> int:
+    """GPUs in the run: ``gpus`` (``--gpus N``) or the box ``gpu`` names (``2xrtx-4090``); they must agree."""
+    boxed = gpu.count if gpu is not None else 1
+    if gpus is not None and boxed > 1 and gpus != boxed:
+        raise VramplanError(f"--gpu {gpu.name} is a box of {boxed} GPUs but --gpus is {gpus}; give one of them")
+    return gpus or boxed
+
+
 def resolve_gpu(spec: str, profiles: str | Path | None = None) -> GpuSpec:
     """A catalog name or alias (``rtx-4060``), a budget (``12GB``, ``24GiB``) or a box (``8xh100``).
 

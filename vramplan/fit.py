@@ -29,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from vramplan.catalog import GpuSpec, ModelProfile, gpu_box, list_gpus
+from vramplan.catalog import GpuSpec, ModelProfile, box_count, gpu_box, list_gpus
 from vramplan.errors import VramplanError
 from vramplan.estimate import Estimate, budget_bytes as gpu_budget_bytes, estimate_plan
 from vramplan.plan import Plan
@@ -120,12 +120,8 @@ def smallest_gpu_for(peak: int) -> GpuSpec | None:
 
 def with_gpus(base: Plan, gpu: GpuSpec | None) -> Plan:
     """``base`` spread over the GPUs of ``gpu`` (a box such as ``2xrtx-4090``) when it names several."""
-    count = gpu.count if gpu is not None else 1
-    if count > 1 and base.gpus > 1 and count != base.gpus:
-        raise VramplanError(f"--gpu {gpu.name} is a box of {count} but --gpus is {base.gpus}; give one of them")
-    if count > 1 and base.gpus == 1:
-        return base.replace(gpus=count, parallel="ddp")
-    return base
+    count = box_count(gpu, base.gpus if base.gpus > 1 else None)
+    return base.replace(gpus=count, parallel="ddp") if count > 1 and base.gpus == 1 else base
 
 
 def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int | None = None,
@@ -244,9 +240,10 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
         speed.append(f"checkpointing '{plan.checkpointing}' (without it: {_gb(peak(checkpointing='none'))})")
     else:
         speed.append("no checkpointing (no recompute)")
-    if plan.micro_batch < plan.effective_batch:
-        speed.append(f"micro-batch {plan.micro_batch} (micro-batch {plan.effective_batch} would need "
-                     f"{_gb(peak(micro_batch=plan.effective_batch, grad_accum=1))})")
+    per_rank_batch = plan.micro_batch * plan.grad_accum
+    if plan.micro_batch < per_rank_batch:
+        speed.append(f"micro-batch {plan.micro_batch} (micro-batch {per_rank_batch} would need "
+                     f"{_gb(peak(micro_batch=per_rank_batch, grad_accum=1))})")
     speed.append(f"optimizer {plan.optimizer}")
     lines.append("Fastest settings that fit: " + ", ".join(speed) + ".")
     lines.append(f"Peak {_gb(est.peak_bytes)}{' per GPU' if plan.gpus > 1 else ''} in the {est.peak_phase} phase, "

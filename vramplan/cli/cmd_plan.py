@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from vramplan.catalog import GpuSpec, resolve_model
+from vramplan.catalog import GpuSpec, box_count, resolve_model
 from vramplan.cli import main
 from vramplan.cli.output import emit_json, gb, json_option, table
 from vramplan.estimate import Estimate, estimate_plan
@@ -13,16 +13,6 @@ from vramplan.plan import CHECKPOINTING, LOSSES, OPTIMIZERS, QUANTS, STACKS, Pla
 
 gpus_option = click.option("--gpus", type=click.IntRange(1, 64), default=None,
                            help="GPUs of the box (or name one: --gpu 2xrtx-4090); memory is then per GPU (per rank).")
-
-
-def _gpus(spec: GpuSpec | None, gpus: int | None) -> int:
-    """The GPU count from ``--gpus`` or a box named by ``--gpu``; both must agree."""
-    from vramplan.errors import VramplanError
-
-    boxed = spec.count if spec is not None else 1
-    if gpus is not None and boxed > 1 and gpus != boxed:
-        raise VramplanError(f"--gpu {spec.name} is a box of {boxed} GPUs but --gpus is {gpus}; give one of them")
-    return gpus or boxed
 
 
 def _box(spec: GpuSpec | None, gpus: int) -> GpuSpec | None:
@@ -99,7 +89,7 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
     """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component (per GPU on several)."""
     profile = resolve_model(model)
     spec, budget, driver = gpu_and_budget(gpu)
-    count = _gpus(spec, gpus)
+    count = box_count(spec, gpus)
     layout = (parallel or ("fsdp" if cpu_offload else "ddp")) if count > 1 else (parallel or "none")
     plan = Plan(model=profile.name, quant=quant, lora_rank=rank, seq_len=seq, micro_batch=batch, grad_accum=accum,
                 checkpointing=checkpointing, optimizer=optim, attention=attention, lora_dtype=lora_dtype, stack=stack,
@@ -147,7 +137,7 @@ def fit(model, gpu, gpus, seq, batch, stack, out_path, no_calibration, calibrate
         result, spec, budget = _fit_calibrating(model_dir, gpu, base, as_json)
     else:
         spec, budget, driver = gpu_and_budget(gpu)
-        count = _gpus(spec, gpus)
+        count = box_count(spec, gpus)
         spec = _box(spec, count)
         base = base.replace(gpus=count, parallel="ddp" if count > 1 else "none")
         calibration = _calibrated(profile, stack, spec, driver, no_calibration)
