@@ -41,7 +41,10 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def adapter_config(model: nn.Module, plan: Plan, base_model: str) -> dict:
-    targets = sorted({path.rpartition(".")[2] for path in lora_modules(model)})
+    paths = sorted(lora_modules(model))
+    # a multimodal model has towers with the same leaf names (q_proj …): there PEFT gets the full paths
+    multimodal = any(".language_model." in f".{p}" for p in paths)
+    targets = paths if multimodal else sorted({path.rpartition(".")[2] for path in paths})
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
