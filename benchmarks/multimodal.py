@@ -63,11 +63,12 @@ def build_model(config_dict: dict, dtype: torch.dtype):
 
 def processor_parts(tiny: bool):
     from transformers.models.gemma4 import Gemma4AudioFeatureExtractor
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from vramplan.train.mm_data import gemma4_image_processor
 
     if tiny:
-        return Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3), Gemma4AudioFeatureExtractor(feature_size=16)
-    return Gemma4ImageProcessorPil(), Gemma4AudioFeatureExtractor()
+        return gemma4_image_processor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3), Gemma4AudioFeatureExtractor(feature_size=16)
+    return gemma4_image_processor(), Gemma4AudioFeatureExtractor()
 
 
 def synthetic_batch(config: dict, plan: Plan, arch, tiny: bool, seed: int) -> dict:

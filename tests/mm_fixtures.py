@@ -41,11 +41,12 @@ def make_tokenizer():
 
 def make_processor():
     from transformers.models.gemma4 import Gemma4AudioFeatureExtractor
-    from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil
+
+    from vramplan.train.mm_data import gemma4_image_processor
 
     from vramplan.train.mm_data import MMProcessor
 
-    return MMProcessor(make_tokenizer(), Gemma4ImageProcessorPil(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3),
+    return MMProcessor(make_tokenizer(), gemma4_image_processor(patch_size=4, max_soft_tokens=70, pooling_kernel_size=3),
                        Gemma4AudioFeatureExtractor(feature_size=16))
 
 

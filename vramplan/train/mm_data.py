@@ -220,3 +220,19 @@ def collate(rows: list[list[MMExample]], pad_token_id: int, processor: MMProcess
         batch["input_features"] = out["input_features"]
         batch["input_features_mask"] = out["input_features_mask"]
     return batch
+
+
+def gemma4_image_processor(**settings):
+    """Gemma 4's image processor: the PIL one (no torchvision needed) where this transformers has it."""
+    try:
+        from transformers.models.gemma4.image_processing_pil_gemma4 import Gemma4ImageProcessorPil as cls
+    except ImportError:
+        from transformers.models.gemma4 import Gemma4ImageProcessor as cls
+    return cls(**settings)
+
+
+def media_token_count(example: data.Example, processor: MMProcessor) -> int:
+    """Tokens of an example that the towers fill in or that frame them (soft tokens, begin/end markers)."""
+    names = ("image_token", "boi_token", "eoi_token", "audio_token", "boa_token", "eoa_token")
+    ids = {processor.token_id(n) for n in names if getattr(processor.tokenizer, n, None) is not None}
+    return sum(t in ids for t in example.input_ids)
