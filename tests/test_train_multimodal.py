@@ -23,7 +23,7 @@ def mm_run(tmp_path_factory):
     model_dir = build_mm_model(root / "model")
     data_file = write_jsonl(root / "vqa.jsonl", vqa_records(root))
     plan = Plan(model=str(model_dir), quant="bf16", lora_rank=8, seq_len=64, optimizer="adamw", modalities=("text", "image", "audio"),
-                images_per_example=1, audio_seconds_per_example=0.5, train_parts=("language", "vision", "audio"))
+                images_per_example=1, audio_seconds_per_example=0.5, train_parts=("language", "vision", "audio"), train_projectors=True)
     cfg = TrainConfig(plan=plan, model_dir=str(model_dir), data=str(data_file), output=str(root / "run"), steps=30, lr=3e-3,
                       schedule="constant", progress=False, device="cpu")
     summary = train(cfg)
@@ -51,6 +51,7 @@ def test_adapter_loads_with_peft_and_gives_the_trainers_logits(mm_run):
     config = json.loads((root / "run" / "adapter" / "adapter_config.json").read_text())
     assert any("vision_tower" in t for t in config["target_modules"])
     assert any("audio_tower" in t for t in config["target_modules"])
+    assert config["modules_to_save"] == ["embed_audio", "embed_vision"]
 
     processor = mm_data.MMProcessor.from_pretrained(model_dir)
     dataset = mm_data.build_dataset(data_file, processor, 200)

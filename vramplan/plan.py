@@ -144,6 +144,10 @@ class Plan:
         data["lora_targets"] = list(self.lora_targets)
         data["modalities"] = list(self.modalities)
         data["train_parts"] = list(self.train_parts)
+        if not self.multimodal:  # text plans write the same file as before images and audio existed
+            for name in _MULTIMODAL_FIELDS:
+                if data[name] == _DEFAULTS[name]:
+                    del data[name]
         return data
 
     @classmethod
@@ -160,6 +164,10 @@ class Plan:
             return cls(**data)
         except TypeError as err:
             raise VramplanError(f"{source}: {err}") from None
+
+
+_MULTIMODAL_FIELDS = ("images_per_example", "audio_seconds_per_example", "train_parts", "train_projectors")
+_DEFAULTS = {"images_per_example": 0, "audio_seconds_per_example": 0.0, "train_parts": ["language"], "train_projectors": False}
 
 
 def read_plan(path: str | os.PathLike) -> Plan:

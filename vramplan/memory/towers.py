@@ -39,6 +39,14 @@ TOWER_TARGETS = {
 _TEXT_KINDS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
 
 
+def lora_targets_from(spec: str) -> tuple[str, ...]:
+    """``--targets attention,mlp`` (Unsloth's words) or module names, as the plan's ``lora_targets``."""
+    names: list[str] = []
+    for word in (w.strip() for w in spec.split(",") if w.strip()):
+        names += list(_TEXT_KINDS.get(word, (word,)))
+    return tuple(dict.fromkeys(names))
+
+
 def target_kinds(lora_targets) -> tuple[str, ...]:
     """Which kinds (attention / mlp) the plan's text LoRA targets name: the towers get the same kinds."""
     wanted = set(lora_targets)
