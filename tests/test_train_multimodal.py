@@ -127,3 +127,35 @@ def test_audio_mask_fill_is_finite_in_float16():
     with torch.no_grad():
         out = tower(features, attention_mask=mask).last_hidden_state
     assert torch.isfinite(out).all()
+
+
+@pytest.mark.slow
+def test_shared_kv_stays_exact_with_checkpointing_and_images(mm_run):
+    """The trainer's uncached, checkpointed path gives the cached inference logits on the multimodal model."""
+    from vramplan.train import multimodal
+    from vramplan.train.loss import hidden_states, lm_head_of
+    from vramplan.train.model import enable_checkpointing, lora_parameters
+
+    _, model_dir, data_file, plan, _, _ = mm_run
+    processor = mm_data.MMProcessor.from_pretrained(model_dir)
+    dataset = mm_data.build_dataset(data_file, processor, 200)
+    batch = mm_data.collate([dataset.rows[0]], dataset.pad_token_id, processor)
+    model = multimodal.load_multimodal(model_dir, torch.float32)
+    multimodal.prepare_multimodal(model, plan, torch.device("cpu"), host_per_layer_embeddings=True)
+    enable_checkpointing(model)
+    with torch.no_grad():
+        for param in lora_parameters(model):
+            param.normal_(std=0.2)
+    model.train()
+    trained = lm_head_of(model)(hidden_states(model, batch))
+    softcap = model.config.get_text_config().final_logit_softcapping
+    trained = torch.tanh(trained / softcap) * softcap
+    trained.float().logsumexp(-1).sum().backward()
+    from vramplan.train.model import lora_modules
+
+    reached = [m.lora_A.weight.grad is not None for path, m in lora_modules(model).items() if "audio_tower" not in path]
+    assert reached and all(reached)  # an image row: the audio tower does not run
+    model.eval()
+    with torch.no_grad():
+        cached = model(**{k: v for k, v in batch.items() if k not in ("labels", "position_ids")}, use_cache=True).logits
+    torch.testing.assert_close(trained.detach(), cached, atol=1e-5, rtol=1e-5)
