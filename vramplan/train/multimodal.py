@@ -23,7 +23,8 @@ from vramplan.errors import VramplanError
 from vramplan.memory.towers import TOWER_TARGETS, target_kinds
 from vramplan.plan import Plan
 from vramplan.train import ops, patching
-from vramplan.train.model import DTYPES, compute_dtype, decoder_layers, enable_checkpointing, lora_parameters
+from vramplan.train.model import (DTYPES, add_decoder_lora, compute_dtype, enable_checkpointing, freeze,
+                                  lora_parameters)
 
 #: The submodule of Gemma4Model holding each tower's encoder layers, and each projector.
 TOWER_LAYERS = {"vision": "model.vision_tower.encoder.layers", "audio": "model.audio_tower.layers"}
@@ -99,23 +100,9 @@ def projector_parameters(model: nn.Module, plan: Plan) -> list[nn.Parameter]:
 
 def prepare_multimodal(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> list[str]:
     """LoRA where the plan says, quantize the decoder's linears, move to ``device``; return the adapted paths."""
-    model.requires_grad_(False)
-    if plan.quant == "int8":
-        raise VramplanError("plan quant 'int8' is not supported by vramplan train yet; use nf4 or bf16")
-    if host_per_layer_embeddings is None:
-        host_per_layer_embeddings = device.type == "cuda"
-    if host_per_layer_embeddings:
-        patching.keep_per_layer_embeddings_on_host(model)
+    freeze(model, plan, device, host_per_layer_embeddings)
     kinds = target_kinds(plan.lora_targets)
-    adapted = []
-    if "language" in plan.train_parts:
-        prefix = "model.language_model.layers"
-        quant = "nf4" if plan.quant == "nf4" else "bf16"
-        for index, layer in enumerate(decoder_layers(model)):
-            layer.to(device)
-            names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant,
-                                      DTYPES[plan.lora_dtype])
-            adapted += [f"{prefix}.{index}.{name}" for name in names]
+    adapted = add_decoder_lora(model, plan, device) if "language" in plan.train_parts else []
     for tower in ("vision", "audio"):
         if tower in plan.train_parts:
             adapted += add_tower_lora(model, tower, kinds, plan)

@@ -169,6 +169,8 @@ def train(cfg: TrainConfig) -> dict:
     if plan.gpus > 1 or plan.parallel != "none":
         raise VramplanError(f"the plan asks for {plan.gpus} GPUs ({plan.parallel}); vramplan train runs on one GPU so far: "
                             "set gpus 1 and parallel none")
+    if cfg.merge and plan.multimodal:
+        raise VramplanError("--merge exports text models so far; drop --merge (the adapter loads with peft onto the multimodal model)")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.seed)
 
