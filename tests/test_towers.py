@@ -113,3 +113,9 @@ def test_check_counts_each_examples_real_soft_tokens(tmp_path):
     assert result.worst.width == len(text_ids) - 1 + n + 2
     shaped = result.estimate.plan  # priced as that example: its text tokens and its one image
     assert (shaped.seq_len, shaped.images_per_example, shaped.audio_seconds_per_example) == (len(text_ids) - 1, 1, 0.0)
+
+
+def test_targets_in_unsloths_words():
+    assert towers.lora_targets_from("attention") == ("q_proj", "k_proj", "v_proj", "o_proj")
+    assert towers.lora_targets_from("mlp,q_proj") == ("gate_proj", "up_proj", "down_proj", "q_proj")
+    assert towers.target_kinds(towers.lora_targets_from("attention,mlp")) == ("attention", "mlp")
