@@ -203,7 +203,9 @@ def tower_activation_bytes(arch, plan, act_bytes: int = 2) -> tuple[int, int]:
         trained = tower in plan.train_parts or plan.train_projectors
         layer = units * per_unit
         if tower in plan.train_parts:
-            if plan.checkpointing == "none":
+            # transformers checkpoints the vision encoder's layers (GradientCheckpointingLayer) but not the
+            # audio conformer's (plain nn.Module): a trained audio tower keeps every layer's tensors
+            if plan.checkpointing == "none" or tower == "audio":
                 persistent += layers * layer
                 working = max(working, 2 * units * h * act_bytes)
             else:
