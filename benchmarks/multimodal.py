@@ -202,6 +202,8 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--steps", type=int, default=8)
     parser.add_argument("--only", default=None, help="run only configs whose model name contains this")
+    parser.add_argument("--config", type=int, action="append", help="run only CONFIGS[N] (repeatable): 0 E2B image, "
+                        "1 E2B image + vision LoRA, 2 E2B 10 s audio, 3 E4B image")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (CPU smoke test)")
     args = parser.parse_args()
     if args.tiny:
@@ -209,8 +211,8 @@ def main() -> None:
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
     configs = [("gemma-4-e2b", ("text", "image", "audio"), 1, 0.5, ("language", "vision", "audio"))] if args.tiny else CONFIGS
-    for name, modalities, images, seconds, parts in configs:
-        if args.only and args.only not in name:
+    for index, (name, modalities, images, seconds, parts) in enumerate(configs):
+        if (args.only and args.only not in name) or (args.config and not args.tiny and index not in args.config):
             continue
         record = run(name, modalities, images, seconds, parts, args)
         with open(out, "a") as handle:
