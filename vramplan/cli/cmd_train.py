@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from vramplan.cli import main
-from vramplan.plan import CHECKPOINTING, OPTIMIZERS, read_plan
+from vramplan.plan import CHECKPOINTING, OPTIMIZERS, PARALLEL, read_plan
 
 
 @main.command()
@@ -31,23 +33,47 @@ from vramplan.plan import CHECKPOINTING, OPTIMIZERS, read_plan
 @click.option("--accum", type=click.IntRange(min=1), help="Override the plan's gradient accumulation.")
 @click.option("--checkpointing", type=click.Choice(CHECKPOINTING), help="Override the plan's checkpointing.")
 @click.option("--optim", type=click.Choice(OPTIMIZERS), help="Override the plan's optimizer.")
+@click.option("--gpus", type=click.IntRange(min=1), help="Override the plan's GPU count (1: one process, no torchrun).")
+@click.option("--parallel", type=click.Choice(PARALLEL), help="Override the plan's multi-GPU mode (ddp or fsdp).")
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
-          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim):
-    """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter."""
+          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, gpus, parallel):
+    """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter.
+
+    A plan for several GPUs starts ``torchrun --nproc-per-node N -m vramplan train ...`` itself;
+    started by torchrun already, the launch's world size is the one that counts."""
     from vramplan.errors import VramplanError
+    from vramplan.train import distributed
     from vramplan.train.recipe import TrainConfig
     from vramplan.train.recipe import train as run
 
     if steps and epochs:
         raise VramplanError("give --steps or --epochs, not both")
     overrides = {"lora_rank": rank, "seq_len": seq, "micro_batch": batch, "grad_accum": accum,
-                 "checkpointing": checkpointing, "optimizer": optim}
+                 "checkpointing": checkpointing, "optimizer": optim, "gpus": gpus, "parallel": parallel}
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
+    if plan.gpus > 1 and not distributed.under_torchrun():
+        sys.exit(distributed.launch(plan.gpus, _command_line(click.get_current_context())))
     cfg = TrainConfig(plan=plan, model_dir=model_dir, data=data_file, output=output, resume=resume, steps=steps,
                       epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, save_every=save_every,
                       overlong=overlong, seed=seed, merge=merge, skip_check=skip_check)
-    summary = run(cfg)
+    summary = distributed.run_rank(lambda: run(cfg)) if distributed.under_torchrun() else run(cfg)
+    if summary.get("rank", 0) != 0:
+        return
     if summary["interrupted"]:
         click.echo(f"interrupted after {summary['steps']} steps; checkpoint in {output}/checkpoint (continue with --resume {output})")
     else:
         click.echo(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; adapter in {output}/adapter")
+
+
+def _command_line(ctx: click.Context) -> list[str]:
+    """``train`` and the arguments this invocation was given, as the ranks' command line."""
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif param.is_flag:
+            args += [param.opts[0]] if value else []
+        elif value is not None and value != param.default:
+            args += [param.opts[0], str(value)]
+    return args

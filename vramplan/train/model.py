@@ -70,8 +70,50 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> list[str]:
-    """Quantize + add LoRA layer by layer on ``device``, then move the rest; return the adapted module paths."""
+def random_model_from_config(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
+    """The causal LM of ``model_dir/config.json`` built on the ``meta`` device: no weights anywhere yet.
+
+    ``prepare_for_qlora`` materialises it one decoder layer at a time on the training device with
+    seeded random weights, so a 70 B model (140 GB in bf16) trains, for benchmarks, without ever
+    existing whole in host or GPU memory, and without a checkpoint on disk.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type == "gemma4":
+        config = config.get_text_config()
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def materialise_random(module: nn.Module, device: torch.device, seed: int, std: float, recurse: bool = True) -> None:
+    """Give a ``meta`` module real, seeded random storage on ``device``: matrices N(0, std), vectors
+    (norm scales) 1, and the rotary tables recomputed (they are buffers computed at init)."""
+    module.to_empty(device=device, recurse=recurse)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters(recurse=recurse):
+            if param.dim() >= 2:
+                param.normal_(0.0, std, generator=generator)
+            else:
+                param.fill_(1.0)
+        for sub in module.modules() if recurse else [module]:
+            if "inv_freq" in sub._buffers and hasattr(sub, "rope_init_fn") and hasattr(sub, "config"):
+                fresh = type(sub)(sub.config).to(device)
+                for name, buffer in fresh._buffers.items():
+                    sub._buffers[name] = buffer
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters())
+
+
+def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None,
+                      after_layer=None, seed: int = 0) -> list[str]:
+    """Quantize + add LoRA layer by layer on ``device``, then move the rest; return the adapted module paths.
+
+    ``after_layer(layer)`` runs on each layer once it is adapted (FSDP2 shards it there). A model
+    built on the ``meta`` device gets seeded random weights, one layer at a time."""
     model.requires_grad_(False)
     lora_dtype = DTYPES[plan.lora_dtype]
     quant = "nf4" if plan.quant == "nf4" else "bf16"
@@ -79,14 +121,26 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
         raise VramplanError("plan quant 'int8' is not supported by vramplan train yet; use nf4 or bf16")
     if host_per_layer_embeddings is None:
         host_per_layer_embeddings = device.type == "cuda"
+    random_init = _on_meta(model)
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
+    if random_init:  # everything but the layers first (embeddings, norm, head, rotary tables), seeded
+        layers = decoder_layers(model)
+        for module in model.modules():
+            if module is not layers and not any(module is m for m in layers.modules()) \
+                    and any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+                materialise_random(module, device, seed, std, recurse=False)
     if host_per_layer_embeddings:
         patching.keep_per_layer_embeddings_on_host(model)
     adapted = []
     prefix = _layers_path(model)
     for index, layer in enumerate(decoder_layers(model)):
+        if random_init:
+            materialise_random(layer, device, seed + 1 + index, std)
         layer.to(device)
         names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant, lora_dtype)
         adapted += [f"{prefix}.{index}.{name}" for name in names]
+        if after_layer is not None:
+            after_layer(layer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     if not adapted:
@@ -162,11 +216,19 @@ def checkpoint_with_input_on_host(fn, hidden, *args):
 
 
 def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device,
-                      host_per_layer_embeddings: bool | None = None) -> tuple[nn.Module, list[str]]:
-    """The model ready to train; ``host_per_layer_embeddings`` None means: on the host when training on a GPU."""
+                      host_per_layer_embeddings: bool | None = None, after_layer=None,
+                      random_init_from_config: bool = False, seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """The model ready to train; ``host_per_layer_embeddings`` None means: on the host when training on a GPU.
+
+    ``random_init_from_config``: seeded random weights from ``model_dir/config.json`` alone, built
+    layer by layer on ``device`` (benchmarks of models that cannot be written or held whole)."""
     dtype = compute_dtype(plan, device)
-    model = load_base_model(model_dir, dtype, plan.attention)
-    adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings)
+    if random_init_from_config:
+        model = random_model_from_config(model_dir, dtype)
+        model.config._attn_implementation = plan.attention
+    else:
+        model = load_base_model(model_dir, dtype, plan.attention)
+    adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings, after_layer=after_layer, seed=seed)
     for param in lora_parameters(model):
         param.requires_grad_(True)
     if plan.checkpointing != "none":

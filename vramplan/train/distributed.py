@@ -1,0 +1,338 @@
+"""Training on several GPUs with PyTorch's own ``torch.distributed``, started by ``torchrun``.
+
+Two ways, as the plan's ``parallel`` says:
+
+* ``ddp``: every rank holds the whole quantized model; ``DistributedDataParallel`` all-reduces the
+  LoRA gradients (the only ones there are) once per optimizer step.
+* ``fsdp``: FSDP2 (``fully_shard``) shards each decoder layer, the frozen NF4 bytes included, so a
+  model whose 4-bit weights do not fit one GPU trains on several. The NF4 state of a linear is a
+  plain dataclass, which FSDP cannot see; ``ShardableQLoRALinear`` keeps the same bytes as frozen
+  parameters instead and rebuilds the ``NF4Tensor`` view from the (all-gathered) parameters on
+  every call.
+
+Every rank reads the same data order and takes its own contiguous slice of each global
+micro-batch (``recipe.next_micro_batches``); the loss is divided by the target tokens of the
+whole global batch (one all-reduce on the device), so N ranks with micro-batch m compute the
+gradient of one rank with micro-batch N·m. Rank 0 alone writes files.
+
+A failing rank writes its one-line message into the run's error folder before it exits; the
+other ranks, whose collectives then fail, see the message and leave quietly, and the launcher
+that ``vramplan train`` started prints that one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import tempfile
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vramplan.errors import VramplanError
+from vramplan.train.ops import NF4Tensor, QLoRALinear
+
+ERROR_DIR_ENV = "VRAMPLAN_ERROR_DIR"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: rank, local rank (its GPU), how many ranks, how they train."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    parallel: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def under_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets these for every worker it starts."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def start(parallel: str, device: str | None) -> tuple[World, torch.device]:
+    """Join the process group when torchrun started this process; the launch's world size wins over the plan's.
+
+    nccl on CUDA (each rank on cuda:LOCAL_RANK), gloo on the CPU. Outside torchrun: one rank, no group.
+    """
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
+        return World(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                device_id=torch.device("cuda", local_rank) if use_cuda else None)
+    parallel = parallel if parallel != "none" else "ddp"
+    return World(rank, local_rank, size, parallel), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def stop() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher: `vramplan train` with a plan for N GPUs starts torchrun itself
+# --------------------------------------------------------------------------------------------
+
+
+def launch(gpus: int, argv: list[str]) -> int:
+    """Run ``torchrun --nproc-per-node gpus -m vramplan <argv>``; return the exit code to leave with.
+
+    The ranks' output is passed through as it comes (rank 0's progress bar included) until a rank
+    reports a failure; from then on the dying ranks' and torchrun's own reports are dropped, and
+    the failing rank's one line is printed instead.
+    """
+    errors = Path(tempfile.mkdtemp(prefix="vramplan-ranks-"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+               "-m", "vramplan", *argv]
+    env = dict(os.environ, **{ERROR_DIR_ENV: str(errors)})
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    try:
+        while chunk := process.stdout.read1(4096):
+            if not _failures(errors):
+                sys.stderr.buffer.write(chunk)
+                sys.stderr.flush()
+        code = process.wait()
+    except KeyboardInterrupt:
+        process.wait()
+        raise
+    failures = _failures(errors)
+    if failures:
+        rank, message, exit_code = failures[0]
+        print(f"error: {message}" + ("" if exit_code == 2 else f" (rank {rank})"), file=sys.stderr)
+        return exit_code
+    return code
+
+
+def _failures(folder: Path) -> list[tuple[int, str, int]]:
+    found = []
+    for path in sorted(folder.glob("rank-*.txt")):
+        code, _, message = path.read_text().partition(" ")
+        found.append((int(path.stem.removeprefix("rank-")), message.strip(), int(code)))
+    return sorted(found, key=lambda f: f[0])
+
+
+def run_rank(fn):
+    """Call ``fn()`` on a rank; a failure there ends this rank with one line, not a traceback per rank.
+
+    A VramplanError is written (exit code 2) to the error folder; another exception on the rank
+    that failed first keeps its traceback (a bug); a rank whose collective broke because a peer
+    had already failed exits quietly.
+    """
+    errors = os.environ.get(ERROR_DIR_ENV)
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return fn()
+    except VramplanError as err:
+        _report(errors, rank, 2, str(err))
+        if not errors:
+            print(f"error: {err}", file=sys.stderr, flush=True)
+        _leave(2)
+    except Exception as err:  # noqa: BLE001: every failure of one rank must end the others
+        if errors and any(Path(errors).glob("rank-*.txt")):
+            _leave(1)  # a peer failed first: its message is the one that matters
+        traceback.print_exc()
+        _report(errors, rank, 1, f"{type(err).__name__}: {err}".splitlines()[0])
+        _leave(1)
+
+
+def _report(errors: str | None, rank: int, code: int, message: str) -> None:
+    if errors:
+        path = Path(errors) / f"rank-{rank}.txt"
+        path.with_suffix(".tmp").write_text(f"{code} {message}")
+        path.with_suffix(".tmp").rename(path)
+
+
+def _leave(code: int) -> None:
+    """Exit now: no interpreter teardown that could wait on a collective a dead peer never joins."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# The model under DDP or FSDP2
+# --------------------------------------------------------------------------------------------
+
+
+class ShardableQLoRALinear(QLoRALinear):
+    """A QLoRALinear whose NF4 bytes are frozen parameters, so FSDP2 can shard and all-gather them.
+
+    Each part of the NF4 state (packed nibbles, absmax codes, their scales, offset and code book)
+    becomes a ``requires_grad=False`` parameter; ``weight`` rebuilds the ``NF4Tensor`` view from
+    whatever those parameters are at the moment: the local shards between steps, the gathered
+    whole inside the layer's forward and backward. The kernels see the same NF4Tensor as on one GPU.
+    (Answer.AI's FSDP-QLoRA stored bitsandbytes' bytes as bf16 for FSDP1's flat parameters;
+    FSDP2 shards each parameter on its own and takes uint8 as it is.)
+    """
+
+    _PARTS = ("packed", "absmax", "absmax_scale", "absmax_code")
+
+    @classmethod
+    def convert(cls, module: QLoRALinear) -> None:
+        """Turn ``module`` into this class in place (FSDP2 itself swaps classes this way)."""
+        q = module.__dict__.pop("weight")
+        for part in cls._PARTS:
+            value = getattr(q, part)
+            if value is not None:
+                module.register_parameter(f"nf4_{part}", nn.Parameter(value, requires_grad=False))
+        if q.absmax_offset is not None:
+            module.register_parameter("nf4_absmax_offset", nn.Parameter(q.offset_tensor(), requires_grad=False))
+        module._nf4_layout = (q.shape, q.dtype, q.blocksize)
+        module.__class__ = cls
+
+    @property
+    def weight(self) -> NF4Tensor:
+        shape, dtype, blocksize = self._nf4_layout
+        params = self._parameters
+        return NF4Tensor(params["nf4_packed"], params["nf4_absmax"], shape, dtype, blocksize,
+                         absmax_scale=params.get("nf4_absmax_scale"), absmax_offset=params.get("nf4_absmax_offset"),
+                         absmax_code=params.get("nf4_absmax_code"))
+
+    def _apply(self, fn, recurse=True):
+        return nn.Module._apply(self, fn, recurse)  # the NF4 parts are parameters now: moved like any other
+
+
+def make_shardable(layer: nn.Module) -> None:
+    for module in list(layer.modules()):
+        if type(module) is QLoRALinear and isinstance(module.weight, NF4Tensor):
+            ShardableQLoRALinear.convert(module)
+
+
+class SummedLoss(nn.Module):
+    """The model's training loss as a module, so DDP and FSDP2 see a forward call.
+
+    The recipe never calls the causal LM's own forward (it would build the logits); DDP needs
+    its forward to run to prepare the gradient all-reduce, FSDP2 to gather the root's
+    parameters (embeddings, final norm, LM head).
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, position_ids, labels):
+        from vramplan.train.loss import summed_loss
+
+        return summed_loss(self.lm, {"input_ids": input_ids, "position_ids": position_ids, "labels": labels})
+
+
+def shard_layer(layer: nn.Module) -> None:
+    """FSDP2 on one decoder layer right after it was quantized: its full copy is freed at once,
+    so a rank never holds more than one layer unsharded while the model loads."""
+    from torch.distributed.fsdp import fully_shard
+
+    make_shardable(layer)
+    fully_shard(layer)
+
+
+def wrap(model: nn.Module, world: World, device: torch.device) -> "Parallel":
+    """The model ready for the loop: DDP around it, or FSDP2 at its root (its layers were sharded as they loaded)."""
+    loss = SummedLoss(model)
+    if world.size < 2:
+        return Parallel(loss, world)
+    if world.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        return Parallel(fully_shard(loss), world)
+    from torch.nn.parallel import DistributedDataParallel
+
+    ids = [device.index] if device.type == "cuda" else None
+    return Parallel(DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False),
+                    world)
+
+
+@dataclass
+class Parallel:
+    """What ``loss.accumulate_gradients`` needs to know of the ranks: the loss module to call,
+    the world size, a device-side sum over ranks and whether this micro-batch syncs gradients."""
+
+    module: nn.Module
+    world: World
+
+    @property
+    def size(self) -> int:
+        return self.world.size
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def gradient_sync(self, last: bool):
+        """DDP's ``no_sync`` / FSDP2's ``set_requires_gradient_sync``: only the last micro-batch of a step reduces."""
+        if self.world.size < 2 or last:
+            if self.world.parallel == "fsdp" and self.world.size > 1:
+                self.module.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.world.parallel == "fsdp":
+            self.module.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+
+# --------------------------------------------------------------------------------------------
+# Whole tensors out of shards (for saving) and shards out of whole tensors (for resuming)
+# --------------------------------------------------------------------------------------------
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor shard (a collective: every rank calls it), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``param`` is: sharded the same way when param is a DTensor."""
+    from torch.distributed.tensor import DTensor, distribute_tensor
+
+    if isinstance(param, DTensor):
+        local = value.to(device=param.device, dtype=param.dtype)
+        return distribute_tensor(local, param.device_mesh, param.placements)
+    return value
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded state tensor made whole: the same file for any rank count."""
+    state = optimizer.state_dict()
+    state["state"] = {index: {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                      for index, entry in state["state"].items()}
+    return state
+
+
+def shard_optimizer_state(state: dict, optimizer) -> dict:
+    """The inverse of ``full_optimizer_state`` for this optimizer's (possibly sharded) parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = dict(state)
+    out["state"] = {}
+    for index, entry in state["state"].items():
+        param = params[int(index)]
+        out["state"][index] = {k: like(param, v) if isinstance(v, torch.Tensor) and v.shape == param.shape else v
+                               for k, v in entry.items()}
+    return out
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` that also takes FSDP2's sharded gradients (their norm is reduced over ranks)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = full(torch.nn.utils.get_total_norm(grads))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
