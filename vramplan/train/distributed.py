@@ -28,6 +28,7 @@ import subprocess
 import sys
 import tempfile
 import traceback
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -103,6 +104,7 @@ def launch(gpus: int, argv: list[str]) -> int:
     command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
                "-m", "vramplan", *argv]
     env = dict(os.environ, **{ERROR_DIR_ENV: str(errors)})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))  # torchrun would set 1, with a banner
     process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     try:
         while chunk := process.stdout.read1(4096):
@@ -115,17 +117,19 @@ def launch(gpus: int, argv: list[str]) -> int:
         raise
     failures = _failures(errors)
     if failures:
-        rank, message, exit_code = failures[0]
-        print(f"error: {message}" + ("" if exit_code == 2 else f" (rank {rank})"), file=sys.stderr)
+        rank, message, exit_code, details = failures[0]
+        print(f"{details}error: {message}" + ("" if exit_code == 2 else f" (rank {rank})"), file=sys.stderr)
         return exit_code
     return code
 
 
-def _failures(folder: Path) -> list[tuple[int, str, int]]:
+def _failures(folder: Path) -> list[tuple[int, str, int, str]]:
+    """(rank, one-line message, exit code, traceback or "") of each rank that reported a failure."""
     found = []
-    for path in sorted(folder.glob("rank-*.txt")):
-        code, _, message = path.read_text().partition(" ")
-        found.append((int(path.stem.removeprefix("rank-")), message.strip(), int(code)))
+    for path in folder.glob("rank-*.txt"):
+        head, _, details = path.read_text().partition("\n")
+        code, _, message = head.partition(" ")
+        found.append((int(path.stem.removeprefix("rank-")), message.strip(), int(code), details))
     return sorted(found, key=lambda f: f[0])
 
 
@@ -148,15 +152,17 @@ def run_rank(fn):
     except Exception as err:  # noqa: BLE001: every failure of one rank must end the others
         if errors and any(Path(errors).glob("rank-*.txt")):
             _leave(1)  # a peer failed first: its message is the one that matters
-        traceback.print_exc()
-        _report(errors, rank, 1, f"{type(err).__name__}: {err}".splitlines()[0])
+        if not errors:
+            traceback.print_exc()
+        # a bug: the launcher prints the traceback (the ranks' own output stops being passed on at the first failure)
+        _report(errors, rank, 1, f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc())
         _leave(1)
 
 
-def _report(errors: str | None, rank: int, code: int, message: str) -> None:
+def _report(errors: str | None, rank: int, code: int, message: str, details: str = "") -> None:
     if errors:
         path = Path(errors) / f"rank-{rank}.txt"
-        path.with_suffix(".tmp").write_text(f"{code} {message}")
+        path.with_suffix(".tmp").write_text(f"{code} {message}\n{details}")
         path.with_suffix(".tmp").rename(path)
 
 
@@ -255,8 +261,11 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> "Parallel":
     from torch.nn.parallel import DistributedDataParallel
 
     ids = [device.index] if device.type == "cuda" else None
-    return Parallel(DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False),
-                    world)
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only that name
+        warnings.simplefilter("ignore", FutureWarning)
+        # buffers (rotary tables) are the same on every rank: no broadcast before each forward
+        ddp = DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+    return Parallel(ddp, world)
 
 
 @dataclass

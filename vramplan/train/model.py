@@ -139,6 +139,7 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
         layer.to(device)
         names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant, lora_dtype)
         adapted += [f"{prefix}.{index}.{name}" for name in names]
+        patching.apply_kernel_patches(layer)  # before after_layer: FSDP2 must see the modules that run
         if after_layer is not None:
             after_layer(layer)
         if device.type == "cuda":
@@ -147,7 +148,7 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
         raise VramplanError(f"none of the LoRA targets {', '.join(plan.lora_targets)} is a linear layer of this model; "
                             "set lora_targets to its projection names")
     model.to(device)  # the rest: embeddings, norms, LM head (host-resident tables and NF4 weights stay put)
-    patching.apply_kernel_patches(model)
+    patching.apply_kernel_patches(model)  # the rest: the final norm
     model.config.use_cache = False
     return adapted
 

@@ -178,8 +178,11 @@ def train(cfg: TrainConfig) -> dict:
     """
     world, device = distributed.start(cfg.plan.parallel, cfg.device)
     plan, out = cfg.plan.replace(gpus=world.size, parallel=world.parallel), Path(cfg.output)
-    if not world.is_main:
+    if not world.is_main:  # one progress bar and one set of notes: rank 0's
         cfg = dataclasses.replace(cfg, progress=False)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     seed_everything(cfg.seed)
 
     # 1. Data first: a malformed line fails in seconds, before the model (or even its tokenizer) loads.
