@@ -27,6 +27,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import traceback
 import warnings
 from dataclasses import dataclass
@@ -105,22 +106,31 @@ def launch(gpus: int, argv: list[str]) -> int:
                "-m", "vramplan", *argv]
     env = dict(os.environ, **{ERROR_DIR_ENV: str(errors)})
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))  # torchrun would set 1, with a banner
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pumps = [threading.Thread(target=_pass_through, args=(pipe, stream, errors), daemon=True)
+             for pipe, stream in ((process.stdout, sys.stdout), (process.stderr, sys.stderr))]
+    for pump in pumps:
+        pump.start()
     try:
-        while chunk := process.stdout.read1(4096):
-            if not _failures(errors):
-                sys.stderr.buffer.write(chunk)
-                sys.stderr.flush()
         code = process.wait()
-    except KeyboardInterrupt:
-        process.wait()
-        raise
+    except KeyboardInterrupt:  # the ranks got the same Ctrl-C from the terminal
+        code = process.wait()
+    for pump in pumps:
+        pump.join()
     failures = _failures(errors)
     if failures:
         rank, message, exit_code, details = failures[0]
         print(f"{details}error: {message}" + ("" if exit_code == 2 else f" (rank {rank})"), file=sys.stderr)
         return exit_code
     return code
+
+
+def _pass_through(pipe, stream, errors: Path) -> None:
+    """Copy a rank pipe to our stream as it comes (progress bars redraw with \\r), until a rank failed."""
+    while chunk := pipe.read1(4096):
+        if not _failures(errors):
+            stream.buffer.write(chunk)
+            stream.flush()
 
 
 def _failures(folder: Path) -> list[tuple[int, str, int, str]]:
