@@ -70,7 +70,7 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def random_model_from_config(model_dir: str | Path, dtype: torch.dtype) -> nn.Module:
+def random_model_from_config(model_dir: str | Path, dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
     """The causal LM of ``model_dir/config.json`` built on the ``meta`` device: no weights anywhere yet.
 
     ``prepare_for_qlora`` materialises it one decoder layer at a time on the training device with
@@ -83,7 +83,7 @@ def random_model_from_config(model_dir: str | Path, dtype: torch.dtype) -> nn.Mo
     if config.model_type == "gemma4":
         config = config.get_text_config()
     with torch.device("meta"):
-        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
 
 
 def materialise_random(module: nn.Module, device: torch.device, seed: int, std: float, recurse: bool = True) -> None:
@@ -124,9 +124,9 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
     random_init = _on_meta(model)
     std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
     if random_init:  # everything but the layers first (embeddings, norm, head, rotary tables), seeded
-        layers = decoder_layers(model)
+        in_layers = {id(m) for m in decoder_layers(model).modules()}
         for module in model.modules():
-            if module is not layers and not any(module is m for m in layers.modules()) \
+            if id(module) not in in_layers \
                     and any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
                 materialise_random(module, device, seed, std, recurse=False)
     if host_per_layer_embeddings:
@@ -225,8 +225,7 @@ def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device,
     layer by layer on ``device`` (benchmarks of models that cannot be written or held whole)."""
     dtype = compute_dtype(plan, device)
     if random_init_from_config:
-        model = random_model_from_config(model_dir, dtype)
-        model.config._attn_implementation = plan.attention
+        model = random_model_from_config(model_dir, dtype, plan.attention)
     else:
         model = load_base_model(model_dir, dtype, plan.attention)
     adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings, after_layer=after_layer, seed=seed)
