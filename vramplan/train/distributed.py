@@ -270,12 +270,27 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> "Parallel":
         return Parallel(fully_shard(loss), world)
     from torch.nn.parallel import DistributedDataParallel
 
+    freeze_unused_adapters(model)
     ids = [device.index] if device.type == "cuda" else None
     with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only that name
         warnings.simplefilter("ignore", FutureWarning)
         # buffers (rotary tables) are the same on every rank: no broadcast before each forward
         ddp = DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
     return Parallel(ddp, world)
+
+
+def freeze_unused_adapters(model: nn.Module) -> None:
+    """Stop DDP waiting for gradients that never come: Gemma 4's shared-KV layers read K/V from an
+    earlier layer, so where a transformers version still builds their k_proj/v_proj, those adapters
+    get no gradient (DDP with ``find_unused_parameters=False`` would fail at the next step). They
+    stay in the optimizer, which skips a parameter without a gradient, as it does on one GPU."""
+    for module in model.modules():
+        if getattr(module, "is_kv_shared_layer", False):
+            for name in ("k_proj", "v_proj"):
+                projection = getattr(module, name, None)
+                if isinstance(projection, QLoRALinear):
+                    projection.lora_A.weight.requires_grad_(False)
+                    projection.lora_B.weight.requires_grad_(False)
 
 
 @dataclass
