@@ -146,34 +146,42 @@ def _failures(folder: Path) -> list[tuple[int, str, int, str]]:
 def run_rank(fn):
     """Call ``fn()`` on a rank; a failure there ends this rank with one line, not a traceback per rank.
 
-    A VramplanError is written (exit code 2) to the error folder; another exception on the rank
-    that failed first keeps its traceback (a bug); a rank whose collective broke because a peer
-    had already failed exits quietly.
+    A VramplanError is reported with exit code 2; another exception (a bug) with its traceback; a
+    rank whose collective broke because a peer had failed first leaves quietly. Under the
+    launcher of ``vramplan train`` the launcher prints the report; under a bare torchrun the
+    first rank to fail prints it.
     """
-    errors = os.environ.get(ERROR_DIR_ENV)
+    launched = os.environ.get(ERROR_DIR_ENV)
+    errors = Path(launched or Path(tempfile.gettempdir()) / f"vramplan-ranks-{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}"
+                  f"-{os.environ.get('MASTER_PORT', '')}")
     rank = int(os.environ.get("RANK", "0"))
     try:
         return fn()
     except VramplanError as err:
-        _report(errors, rank, 2, str(err))
-        if not errors:
-            print(f"error: {err}", file=sys.stderr, flush=True)
-        _leave(2)
+        code, message, details = 2, str(err), ""
     except Exception as err:  # noqa: BLE001: every failure of one rank must end the others
-        if errors and any(Path(errors).glob("rank-*.txt")):
-            _leave(1)  # a peer failed first: its message is the one that matters
-        if not errors:
-            traceback.print_exc()
-        # a bug: the launcher prints the traceback (the ranks' own output stops being passed on at the first failure)
-        _report(errors, rank, 1, f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc())
-        _leave(1)
+        code, message, details = 1, f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc()
+    if not _first_to_fail(errors):
+        _leave(1)  # a peer failed first: its message is the one that matters
+    _report(errors, rank, code, message, details)
+    if not launched:
+        print(f"{details}error: {message}" + ("" if code == 2 else f" (rank {rank})"), file=sys.stderr, flush=True)
+    _leave(code)
 
 
-def _report(errors: str | None, rank: int, code: int, message: str, details: str = "") -> None:
-    if errors:
-        path = Path(errors) / f"rank-{rank}.txt"
-        path.with_suffix(".tmp").write_text(f"{code} {message}\n{details}")
-        path.with_suffix(".tmp").rename(path)
+def _first_to_fail(errors: Path) -> bool:
+    errors.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(errors / "first", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _report(errors: Path, rank: int, code: int, message: str, details: str = "") -> None:
+    path = errors / f"rank-{rank}.txt"
+    path.with_suffix(".tmp").write_text(f"{code} {message}\n{details}")
+    path.with_suffix(".tmp").rename(path)
 
 
 def _leave(code: int) -> None:
