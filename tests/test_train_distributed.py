@@ -128,20 +128,23 @@ def test_ddp_two_ranks_equal_one_rank_and_resume_on_one(work):
 
 
 @pytest.mark.slow
-def test_fsdp_two_ranks_equal_one_rank_on_gemma4(work):
-    """FSDP2 shards the NF4 bytes of every layer; started by torchrun directly, grad accumulation 2."""
-    run = vramplan("train", str(plan_file(work, "fsdp", parallel="fsdp")), "--model", str(work / "gemma4"),
-                   "--data", str(work / "train.jsonl"), "--output", str(work / "fsdp"), "--steps", "3", "--lr", "1e-2",
-                   "--warmup", "0", "--save-every", "2", torchrun=2)
+def test_fsdp_two_ranks_equal_one_rank_on_gemma4_and_resume_sharded(work):
+    """FSDP2 shards the NF4 bytes of every layer; started by torchrun directly, grad accumulation 2; its
+    whole-tensor checkpoint is sharded again when the run resumes."""
+    args = ["train", str(plan_file(work, "fsdp", parallel="fsdp")), "--model", str(work / "gemma4"), "--data",
+            str(work / "train.jsonl"), "--output", str(work / "fsdp"), "--lr", "1e-2", "--warmup", "0",
+            "--schedule", "constant"]
+    run = vramplan(*args, "--steps", "3", torchrun=2)
     assert run.returncode == 0, run.stderr[-3000:]
     assert run.stdout.count("done: 3 steps") == 1  # rank 0 reports, rank 1 stays quiet
-    one_rank(work, "gemma4", "gemma-one", steps=3)
-    assert losses(work / "fsdp") == pytest.approx(losses(work / "gemma-one"), rel=1e-5)
-    assert_same_adapter(work / "fsdp" / "adapter", work / "gemma-one" / "adapter")
-    assert_same_adapter(work / "fsdp" / "checkpoint", work / "gemma-one" / "checkpoint")
     saved = torch.load(work / "fsdp" / "checkpoint" / "optimizer.pt", weights_only=False)
     first = saved["state"][0]["exp_avg"]
     assert type(first) is torch.Tensor and first.shape == (8, 64)  # whole, not a rank's shard
+    run = vramplan(*args, "--steps", "4", "--resume", str(work / "fsdp"), torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_rank(work, "gemma4", "gemma-one", steps=4, schedule="constant")
+    assert losses(work / "fsdp") == pytest.approx(losses(work / "gemma-one"), rel=1e-5)
+    assert_same_adapter(work / "fsdp" / "adapter", work / "gemma-one" / "adapter")
 
 
 @pytest.mark.slow
