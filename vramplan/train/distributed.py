@@ -275,6 +275,11 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> "Parallel":
     if world.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
 
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if head is None or head.weight is not embedding.weight:
+            # its own unit: gathered for its forward only (no gradient flows into it), where in the root's
+            # unit it would stay whole through the backward too (2.1 GB a rank for Llama-3.3-70B's table)
+            fully_shard(embedding)
         return Parallel(fully_shard(loss), world)
     from torch.nn.parallel import DistributedDataParallel
 
