@@ -70,7 +70,7 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
     folder, config = config_folder(args.model)
     plan = Plan(model=args.model, seq_len=args.seq, micro_batch=args.batch, lora_rank=args.rank,
                 checkpointing=args.checkpointing, optimizer=args.optim, gpus=world.size,
-                parallel=world.parallel if world.size > 1 else "none")
+                parallel=world.parallel if world.size > 1 else "none", cpu_offload=args.cpu_offload and world.size > 1)
     sharded = world.size > 1 and world.parallel == "fsdp"
     cuda = device.type == "cuda"
     if cuda:
@@ -79,9 +79,9 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
             torch.cuda.set_per_process_memory_fraction(min(1.0, args.cap_gb * 1e9 / total), device)
         torch.cuda.reset_peak_memory_stats(device)
     started = time.perf_counter()
-    model, _ = load_for_training(folder, plan, device, after_layer=distributed.shard_layer if sharded else None,
+    model, _ = load_for_training(folder, plan, device, after_layer=distributed.layer_sharder(plan) if sharded else None,
                                  random_init_from_config=True, seed=0)
-    trainee = distributed.wrap(model, world, device)
+    trainee = distributed.wrap(model, world, device, offload=plan.cpu_offload)
     params = lora_parameters(model)
     optimizer, note = make_optimizer(params, plan, 2e-4, 0.0, device, sharded=sharded)
     record = {"load_s": round(time.perf_counter() - started, 1), "optimizer_note": note,
@@ -137,6 +137,7 @@ def main() -> None:
     parser.add_argument("--rank", type=int, default=16)
     parser.add_argument("--optim", default="paged_adamw8bit", help="FSDP runs torch AdamW whatever this says")
     parser.add_argument("--checkpointing", default="full")
+    parser.add_argument("--cpu-offload", action="store_true", help="FSDP2 with the shards in host memory")
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--cap-gb", type=float, help="cap each rank's GPU memory (set_per_process_memory_fraction)")
     parser.add_argument("--out", required=True, help="JSON lines file to append to")

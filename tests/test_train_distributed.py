@@ -131,7 +131,7 @@ def test_ddp_two_ranks_equal_one_rank_and_resume_on_one(work):
 def test_fsdp_two_ranks_equal_one_rank_on_gemma4_and_resume_sharded(work):
     """FSDP2 shards the NF4 bytes of every layer; started by torchrun directly, grad accumulation 2; its
     whole-tensor checkpoint is sharded again when the run resumes."""
-    args = ["train", str(plan_file(work, "fsdp", parallel="fsdp")), "--model", str(work / "gemma4"), "--data",
+    args = ["train", str(plan_file(work, "fsdp", gpus=2, parallel="fsdp")), "--model", str(work / "gemma4"), "--data",
             str(work / "train.jsonl"), "--output", str(work / "fsdp"), "--lr", "1e-2", "--warmup", "0",
             "--schedule", "constant"]
     run = vramplan(*args, "--steps", "3", torchrun=2)
@@ -150,13 +150,13 @@ def test_fsdp_two_ranks_equal_one_rank_on_gemma4_and_resume_sharded(work):
 @pytest.mark.slow
 def test_a_failing_rank_ends_the_run_with_its_one_line(work, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "the cat"}', '{"prompt": "a"}'])
-    run = vramplan("train", str(plan_file(work, "fail", gpus=2)), "--model", str(work / "llama"), "--data", str(bad),
+    run = vramplan("train", str(plan_file(work, "fail", gpus=2, parallel="ddp")), "--model", str(work / "llama"), "--data", str(bad),
                    "--output", str(tmp_path / "out"))
     assert run.returncode == 2
     assert run.stderr.count("error: ") == 1 and "bad.jsonl:2" in run.stderr and "Traceback" not in run.stderr
     # only rank 0 writes: an output folder inside a file fails rank 0 alone; the launcher names it and ends rank 1
     (tmp_path / "taken").write_text("")
-    run = vramplan("train", str(plan_file(work, "fail", gpus=2)), "--model", str(work / "llama"), "--data",
+    run = vramplan("train", str(plan_file(work, "fail", gpus=2, parallel="ddp")), "--model", str(work / "llama"), "--data",
                    str(work / "train.jsonl"), "--output", str(tmp_path / "taken" / "run"), "--steps", "2")
     assert run.returncode == 1
     assert "(rank 0)" in run.stderr and run.stderr.count("Traceback") == 1 and "done" not in run.stdout

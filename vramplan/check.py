@@ -116,10 +116,12 @@ def worst_batch_tensors(worst: WorstBatch, stack: str) -> dict:
 def predicted_tokens_per_s(profile: ModelProfile, plan: Plan, gpu: GpuSpec | None) -> float | None:
     """Training tokens per second from the throughput model (vramplan.throughput); None when the
     GPU's speed is unknown (a bare budget such as 12GB, or a GPU the catalog lacks)."""
-    from vramplan.throughput import predict_tokens_per_s
+    from vramplan.throughput import LINK_BYTES_PER_S, predict_tokens_per_s
 
     if gpu is None or not (gpu.bf16_tflops or gpu.fp16_tflops) or not gpu.bandwidth_gbs:
         return None
+    if plan.gpus > 1 and gpu.interconnect not in LINK_BYTES_PER_S:
+        return None  # the box's link is unknown: its communication time cannot be predicted
     return predict_tokens_per_s(architecture(profile), plan, gpu)
 
 

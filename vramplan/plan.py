@@ -66,7 +66,8 @@ class Plan:
     compute_dtype: str = "bf16"
     modalities: tuple[str, ...] = ("text",)
     gpus: int = 1
-    parallel: str = "none"
+    parallel: str = "none"  # "ddp": the whole model on every GPU; "fsdp": FSDP2, frozen weights sharded
+    cpu_offload: bool = False  # FSDP2 only: the shards (and LoRA state) live in CPU memory
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -81,6 +82,13 @@ class Plan:
             raise VramplanError(f"plan field 'seq_len' is {self.seq_len}: over 4M tokens is not a real run; lower --seq")
         if self.lora_rank > 4096:
             raise VramplanError(f"plan field 'lora_rank' is {self.lora_rank}; LoRA ranks above 4096 are not supported")
+        if (self.gpus > 1) != (self.parallel != "none"):
+            fix = "set parallel to ddp or fsdp" if self.gpus > 1 else "set gpus above 1, or parallel to none"
+            raise VramplanError(f"plan has gpus={self.gpus} and parallel={self.parallel!r}: {fix} (--gpus N with --parallel)")
+        if not isinstance(self.cpu_offload, bool):
+            raise VramplanError(f"plan field 'cpu_offload' must be true or false, got {self.cpu_offload!r}")
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise VramplanError("plan field 'cpu_offload' is true but parallel is not fsdp: CPU offload of parameters is FSDP2's; set parallel to fsdp")
         if not self.lora_targets:
             raise VramplanError("plan field 'lora_targets' is empty; name at least one module, e.g. q_proj")
         # tuples, not lists, so a Plan is hashable and can be a dict key in the search

@@ -42,6 +42,9 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     A plan for several GPUs starts ``torchrun --nproc-per-node N -m vramplan train ...`` itself;
     started by torchrun already, the launch's world size is the one that counts."""
     from vramplan.errors import VramplanError
+    from vramplan.train.allocator import configure_allocator_for_training
+
+    configure_allocator_for_training()  # before anything touches CUDA (the ranks torchrun starts inherit it)
     from vramplan.train import distributed
     from vramplan.train.recipe import TrainConfig
     from vramplan.train.recipe import train as run
@@ -49,8 +52,10 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     if steps and epochs:
         raise VramplanError("give --steps or --epochs, not both")
     overrides = {"lora_rank": rank, "seq_len": seq, "micro_batch": batch, "grad_accum": accum,
-                 "checkpointing": checkpointing, "optimizer": optim, "gpus": gpus, "parallel": parallel}
+                 "checkpointing": checkpointing, "optimizer": optim}
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
+    if gpus is not None or parallel is not None:
+        plan = plan.replace(**distributed.layout(plan, gpus, parallel))
     if plan.gpus > 1 and not distributed.under_torchrun():
         sys.exit(distributed.launch(plan.gpus, _command_line(click.get_current_context())))
     cfg = TrainConfig(plan=plan, model_dir=model_dir, data=data_file, output=output, resume=resume, steps=steps,

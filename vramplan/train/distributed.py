@@ -61,6 +61,16 @@ class World:
         return dist.is_available() and dist.is_initialized()
 
 
+def layout(plan, gpus: int | None, parallel: str | None) -> dict:
+    """``gpus`` and ``parallel`` (plan fields) after ``--gpus`` / ``--parallel``: one GPU means no
+    parallel mode; several without one named keep the plan's, or DDP (CPU offload stays FSDP's)."""
+    gpus = plan.gpus if gpus is None else gpus
+    if gpus < 2:
+        return {"gpus": 1, "parallel": "none", "cpu_offload": False}
+    parallel = parallel or (plan.parallel if plan.parallel != "none" else "ddp")
+    return {"gpus": gpus, "parallel": parallel, "cpu_offload": plan.cpu_offload and parallel == "fsdp"}
+
+
 def under_torchrun() -> bool:
     """torchrun (torch.distributed.run) sets these for every worker it starts."""
     return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
@@ -258,16 +268,28 @@ class SummedLoss(nn.Module):
         return summed_loss(self.lm, {"input_ids": input_ids, "position_ids": position_ids, "labels": labels})
 
 
-def shard_layer(layer: nn.Module) -> None:
-    """FSDP2 on one decoder layer right after it was quantized: its full copy is freed at once,
-    so a rank never holds more than one layer unsharded while the model loads."""
+def layer_sharder(plan):
+    """``after_layer`` for ``load_for_training``: FSDP2 on one decoder layer right after it was
+    quantized, so its full copy is freed at once and a rank never holds more than one layer
+    unsharded while the model loads. ``plan.cpu_offload``: the shards live in (pinned) host memory."""
     from torch.distributed.fsdp import fully_shard
 
-    make_shardable(layer)
-    fully_shard(layer)
+    def shard(layer: nn.Module) -> None:
+        make_shardable(layer)
+        fully_shard(layer, **_fsdp_options(plan.cpu_offload))
+
+    return shard
 
 
-def wrap(model: nn.Module, world: World, device: torch.device) -> "Parallel":
+def _fsdp_options(offload: bool) -> dict:
+    if not offload:
+        return {}
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return {"offload_policy": CPUOffloadPolicy()}
+
+
+def wrap(model: nn.Module, world: World, device: torch.device, offload: bool = False) -> "Parallel":
     """The model ready for the loop: DDP around it, or FSDP2 at its root (its layers were sharded as they loaded)."""
     loss = SummedLoss(model)
     if world.size < 2:
@@ -276,11 +298,12 @@ def wrap(model: nn.Module, world: World, device: torch.device) -> "Parallel":
         from torch.distributed.fsdp import fully_shard
 
         embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
-        if head is None or head.weight is not embedding.weight:
+        if isinstance(embedding, nn.Embedding) and (head is None or head.weight is not embedding.weight):
+            # (on a GPU an untied table is in host memory already: patching.keep_input_embeddings_on_host)
             # its own unit: gathered for its forward only (no gradient flows into it), where in the root's
             # unit it would stay whole through the backward too (2.1 GB a rank for Llama-3.3-70B's table)
-            fully_shard(embedding)
-        return Parallel(fully_shard(loss), world)
+            fully_shard(embedding, **_fsdp_options(offload))
+        return Parallel(fully_shard(loss, **_fsdp_options(offload)), world)
     from torch.nn.parallel import DistributedDataParallel
 
     freeze_unused_adapters(model)

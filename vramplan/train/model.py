@@ -131,6 +131,7 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
                 materialise_random(module, device, seed, std, recurse=False)
     if host_per_layer_embeddings:
         patching.keep_per_layer_embeddings_on_host(model)
+        patching.keep_input_embeddings_on_host(model)
     adapted = []
     prefix = _layers_path(model)
     for index, layer in enumerate(decoder_layers(model)):

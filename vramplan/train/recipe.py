@@ -177,7 +177,8 @@ def train(cfg: TrainConfig) -> dict:
     wins over the plan's ``gpus``, so a run may resume on another number of GPUs.
     """
     world, device = distributed.start(cfg.plan.parallel, cfg.device)
-    plan, out = cfg.plan.replace(gpus=world.size, parallel=world.parallel), Path(cfg.output)
+    plan = cfg.plan.replace(**distributed.layout(cfg.plan, world.size, world.parallel if world.size > 1 else None))
+    out = Path(cfg.output)
     if not world.is_main:  # one progress bar and one set of notes: rank 0's
         cfg = dataclasses.replace(cfg, progress=False)
         from transformers.utils import logging as hf_logging
@@ -206,8 +207,8 @@ def train(cfg: TrainConfig) -> dict:
     #    under FSDP each layer is sharded as soon as it is quantized.
     sharded = world.size > 1 and world.parallel == "fsdp"
     model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings,
-                                       after_layer=distributed.shard_layer if sharded else None)
-    trainee = distributed.wrap(model, world, device)
+                                       after_layer=distributed.layer_sharder(plan) if sharded else None)
+    trainee = distributed.wrap(model, world, device, offload=plan.cpu_offload)
     params = lora_parameters(model)  # after wrapping: FSDP2 replaces them with their shards
 
     # 3. Optimizer and schedule.
