@@ -105,6 +105,26 @@ def test_shardable_linear_computes_what_the_plain_one_does():
     torch.testing.assert_close(layer(x), before, atol=0, rtol=0)
 
 
+def test_random_init_from_config_builds_a_working_model_layer_by_layer(work):
+    """The benchmarks' path: meta device, then seeded weights one layer at a time; the rotary tables are real."""
+    from transformers import AutoModelForCausalLM
+
+    from vramplan.train.loss import summed_loss
+    from vramplan.train.model import load_for_training
+
+    plan = Plan(model="tiny", lora_rank=4, seq_len=32)
+    model, adapted = load_for_training(work / "llama", plan, torch.device("cpu"), random_init_from_config=True, seed=1)
+    again, _ = load_for_training(work / "llama", plan, torch.device("cpu"), random_init_from_config=True, seed=1)
+    assert len(adapted) == 14 and not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    reference = AutoModelForCausalLM.from_pretrained(work / "llama")
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    torch.testing.assert_close(model.model.embed_tokens.weight, again.model.embed_tokens.weight)  # seeded
+    ids = torch.randint(0, 300, (1, 16))
+    batch = {"input_ids": ids, "position_ids": torch.arange(16)[None], "labels": ids}
+    loss, count = summed_loss(model, batch)
+    assert torch.isfinite(loss) and int(count) == 16
+
+
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_one_rank_and_resume_on_one(work):
     """`vramplan train` with a 2-GPU plan starts torchrun itself; its checkpoint resumes in one process."""

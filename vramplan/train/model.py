@@ -88,7 +88,8 @@ def random_model_from_config(model_dir: str | Path, dtype: torch.dtype, attentio
 
 def materialise_random(module: nn.Module, device: torch.device, seed: int, std: float, recurse: bool = True) -> None:
     """Give a ``meta`` module real, seeded random storage on ``device``: matrices N(0, std), vectors
-    (norm scales) 1, and the rotary tables recomputed (they are buffers computed at init)."""
+    (norm scales) 1, and the rotary tables recomputed (they are buffers computed at init). Other
+    buffers computed at init (Gemma's embedding scales) are not: benchmarks use Llama-style models."""
     module.to_empty(device=device, recurse=recurse)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
@@ -98,7 +99,7 @@ def materialise_random(module: nn.Module, device: torch.device, seed: int, std: 
             else:
                 param.fill_(1.0)
         for sub in module.modules() if recurse else [module]:
-            if "inv_freq" in sub._buffers and hasattr(sub, "rope_init_fn") and hasattr(sub, "config"):
+            if any("inv_freq" in name for name in sub._buffers) and hasattr(sub, "config"):  # rotary: built again
                 fresh = type(sub)(sub.config).to(device)
                 for name, buffer in fresh._buffers.items():
                     sub._buffers[name] = buffer
