@@ -30,6 +30,11 @@ for job in "$@"; do
       python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth .whl/unsloth/*.whl >/dev/null 2>&1
       HF_HUB_OFFLINE=1 PYTHONPATH="/tmp/site-unsloth:$PYTHONPATH" timeout 420 python3 .dev/unsloth_bench.py --config "$cfg" --grid "$grid" --steps 5 \
         2>"$OUT/unsloth-err.log" | tee -a "$OUT/unsloth.jsonl" ;;
+    multimodal:*)  # multimodal:N[,N...] — benchmarks/multimodal.py CONFIGS[N], each in its own process
+      IFS=, read -ra picks <<<"${job#multimodal:}"
+      for n in "${picks[@]}"; do
+        python3 benchmarks/multimodal.py --config "$n" --out "$OUT/multimodal.jsonl" 2>>"$OUT/multimodal-err.log" | tail -1
+      done ;;
     capcheck)   python3 -m benchmarks.accuracy --cap-check 2>&1 | tee "$OUT/cap_check.json" | tail -40 ;;
     multigpu)   # 1, 2, 4, 8 GPUs as present: Llama-3.1-8B under DDP, Llama-3.3-70B under FSDP2 capped at 24 GB a rank
       n=$(nvidia-smi -L | wc -l)

@@ -36,6 +36,19 @@ def _adjust(calibration):
     return lambda est: apply_calibration(est, calibration)[0]
 
 
+def multimodal_fields(modalities: str, images: int | None, seconds: float | None, train_parts: str) -> dict:
+    """The plan fields of --modalities / --images-per-example / --audio-seconds / --train."""
+    chosen = tuple(m.strip() for m in modalities.split(",") if m.strip())
+    if "text" not in chosen:
+        chosen = ("text", *chosen)
+    if images is None:
+        images = 1 if ("image" in chosen or "vision" in chosen) else 0
+    if seconds is None:
+        seconds = 10.0 if "audio" in chosen else 0.0
+    return {"modalities": chosen, "images_per_example": images, "audio_seconds_per_example": seconds,
+            "train_parts": tuple(p.strip() for p in train_parts.split(",") if p.strip())}
+
+
 def _components_table(est: Estimate) -> str:
     total = est.peak_bytes or 1
     rows = [(name, gb(n), f"{100 * n / total:.1f}%") for name, n in sorted(est.components.items(), key=lambda kv: -kv[1])]
@@ -43,8 +56,17 @@ def _components_table(est: Estimate) -> str:
     return table(rows, ["component", "memory", "share"], colalign=("left", "right", "right"))
 
 
+def _soft_tokens(est: Estimate) -> str:
+    from vramplan.estimate import architecture
+    from vramplan.memory.towers import soft_tokens
+
+    if not est.plan.multimodal:
+        return ""
+    return f" + {soft_tokens(architecture(resolve_model(est.plan.model)), est.plan)} soft tokens ({'/'.join(est.plan.modalities)})"
+
+
 def _summary(est: Estimate) -> str:
-    lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}, "
+    lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}{_soft_tokens(est)}, "
              f"batch {est.plan.micro_batch} × {est.plan.grad_accum}, checkpointing {est.plan.checkpointing}, "
              f"{est.plan.optimizer}, stack {est.plan.stack}" + _layout(est.plan),
              f"peak {gb(est.peak_bytes)} in the {est.peak_phase} phase "
@@ -76,6 +98,10 @@ def _layout(plan: Plan) -> str:
 @click.option("--attention", type=click.Choice(("sdpa", "eager")), default="sdpa", show_default=True)
 @click.option("--lora-dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True)
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
+@click.option("--modalities", default="text", show_default=True, help="What examples hold: text,image,audio (comma-separated).")
+@click.option("--images-per-example", type=click.IntRange(min=0), default=None, help="Images per example (default 1 with image).")
+@click.option("--audio-seconds", type=click.FloatRange(min=0), default=None, help="Seconds of audio per example (default 10 with audio).")
+@click.option("--train", "train_parts", default="language", show_default=True, help="Where LoRA goes: language,vision,audio.")
 @click.option("--gpu", default=None, help="A catalog GPU (rtx-4060), a box (2xrtx-4090), a budget (12GB) or auto.")
 @gpus_option
 @click.option("--parallel", type=click.Choice(("ddp", "fsdp")), default=None,
@@ -85,7 +111,8 @@ def _layout(plan: Plan) -> str:
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a stacked-bar PNG.")
 @json_option
 def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, attention, lora_dtype, stack, gpu,
-             gpus, parallel, cpu_offload, no_calibration, plot_path, as_json):
+             gpus, parallel, cpu_offload, no_calibration, plot_path, as_json, modalities, images_per_example,
+             audio_seconds, train_parts):
     """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component (per GPU on several)."""
     profile = resolve_model(model)
     spec, budget, driver = gpu_and_budget(gpu)
@@ -94,7 +121,7 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
     plan = Plan(model=profile.name, quant=quant, lora_rank=rank, seq_len=seq, micro_batch=batch, grad_accum=accum,
                 checkpointing=checkpointing, optimizer=optim, attention=attention, lora_dtype=lora_dtype, stack=stack,
                 loss=loss or ("full" if stack == "hf" else "chunked"), gpus=count, parallel=layout,
-                cpu_offload=cpu_offload)
+                cpu_offload=cpu_offload, **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
     spec = _box(spec, count)
     est = _adjust(_calibrated(profile, stack, spec, driver, no_calibration))(estimate_plan(plan, profile, spec, budget=budget))
     if plot_path:
@@ -116,6 +143,10 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
 @click.option("--seq", type=int, default=2048, show_default=True, help="Sequence length to keep.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Effective batch to keep (micro-batch × accumulation).")
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
+@click.option("--modalities", default="text", show_default=True, help="What examples hold: text,image,audio (comma-separated).")
+@click.option("--images-per-example", type=click.IntRange(min=0), default=None, help="Images per example (default 1 with image).")
+@click.option("--audio-seconds", type=click.FloatRange(min=0), default=None, help="Seconds of audio per example (default 10 with audio).")
+@click.option("--train", "train_parts", default="language", show_default=True, help="Where LoRA goes: language,vision,audio.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Write the chosen plan as JSON.")
 @click.option("--no-calibration", is_flag=True, help="Ignore stored calibrations: the planner's own arithmetic.")
 @click.option("--calibrate", "calibrate_run", is_flag=True,
@@ -123,12 +154,14 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="The model folder to run for --calibrate.")
 @json_option
-def fit(model, gpu, gpus, seq, batch, stack, out_path, no_calibration, calibrate_run, model_dir, as_json):
+def fit(model, gpu, gpus, seq, batch, stack, out_path, no_calibration, calibrate_run, model_dir, as_json, modalities,
+        images_per_example, audio_seconds, train_parts):
     """The best plan for MODEL that fits a GPU (or each GPU of a box), and why it was chosen."""
     from vramplan.fit import fit_plan
 
     profile = resolve_model(model)
-    base = Plan(model=profile.name, seq_len=seq, micro_batch=batch, stack=stack)
+    base = Plan(model=profile.name, seq_len=seq, micro_batch=batch, stack=stack,
+                **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
     if calibrate_run:
         if gpus and gpus > 1:
             from vramplan.errors import VramplanError

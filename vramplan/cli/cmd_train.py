@@ -33,10 +33,14 @@ from vramplan.plan import CHECKPOINTING, OPTIMIZERS, PARALLEL, read_plan
 @click.option("--accum", type=click.IntRange(min=1), help="Override the plan's gradient accumulation.")
 @click.option("--checkpointing", type=click.Choice(CHECKPOINTING), help="Override the plan's checkpointing.")
 @click.option("--optim", type=click.Choice(OPTIMIZERS), help="Override the plan's optimizer.")
+@click.option("--train", "train_parts", help="Where LoRA goes: language,vision,audio (override the plan's train_parts).")
+@click.option("--targets", help="What LoRA adapts: attention,mlp or module names (override the plan's lora_targets).")
+@click.option("--train-projectors/--freeze-projectors", default=None, help="Train the image/audio projectors in full.")
 @click.option("--gpus", type=click.IntRange(min=1), help="Override the plan's GPU count (1: one process, no torchrun).")
 @click.option("--parallel", type=click.Choice(PARALLEL), help="Override the plan's multi-GPU mode (ddp or fsdp).")
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
-          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, gpus, parallel):
+          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, train_parts,
+          targets, train_projectors, gpus, parallel):
     """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter.
 
     A plan for several GPUs starts ``torchrun --nproc-per-node N -m vramplan train ...`` itself;
@@ -45,6 +49,7 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     from vramplan.train.allocator import configure_allocator_for_training
 
     configure_allocator_for_training()  # before anything touches CUDA (the ranks torchrun starts inherit it)
+    from vramplan.memory.towers import lora_targets_from
     from vramplan.train import distributed
     from vramplan.train.recipe import TrainConfig
     from vramplan.train.recipe import train as run
@@ -52,7 +57,9 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     if steps and epochs:
         raise VramplanError("give --steps or --epochs, not both")
     overrides = {"lora_rank": rank, "seq_len": seq, "micro_batch": batch, "grad_accum": accum,
-                 "checkpointing": checkpointing, "optimizer": optim}
+                 "checkpointing": checkpointing, "optimizer": optim, "train_projectors": train_projectors,
+                 "train_parts": tuple(p.strip() for p in train_parts.split(",") if p.strip()) if train_parts else None,
+                 "lora_targets": lora_targets_from(targets) if targets else None}
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
     if gpus is not None or parallel is not None:
         plan = plan.replace(**distributed.layout(plan, gpus, parallel))
@@ -78,7 +85,10 @@ def _command_line(ctx: click.Context) -> list[str]:
         if isinstance(param, click.Argument):
             args.append(str(value))
         elif param.is_flag:
-            args += [param.opts[0]] if value else []
+            if value:
+                args.append(param.opts[0])
+            elif value is False and param.secondary_opts:
+                args.append(param.secondary_opts[0])
         elif value is not None and value != param.default:
             args += [param.opts[0], str(value)]
     return args

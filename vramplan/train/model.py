@@ -115,13 +115,6 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
 
     ``after_layer(layer)`` runs on each layer once it is adapted (FSDP2 shards it there). A model
     built on the ``meta`` device gets seeded random weights, one layer at a time."""
-    model.requires_grad_(False)
-    lora_dtype = DTYPES[plan.lora_dtype]
-    quant = "nf4" if plan.quant == "nf4" else "bf16"
-    if plan.quant == "int8":
-        raise VramplanError("plan quant 'int8' is not supported by vramplan train yet; use nf4 or bf16")
-    if host_per_layer_embeddings is None:
-        host_per_layer_embeddings = device.type == "cuda"
     random_init = _on_meta(model)
     std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
     if random_init:  # everything but the layers first (embeddings, norm, head, rotary tables), seeded
@@ -130,28 +123,51 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
             if id(module) not in in_layers \
                     and any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
                 materialise_random(module, device, seed, std, recurse=False)
-    if host_per_layer_embeddings:
-        patching.keep_per_layer_embeddings_on_host(model)
-        patching.keep_input_embeddings_on_host(model)
-    adapted = []
-    prefix = _layers_path(model)
-    for index, layer in enumerate(decoder_layers(model)):
-        if random_init:
-            materialise_random(layer, device, seed + 1 + index, std)
-        layer.to(device)
-        names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant, lora_dtype)
-        adapted += [f"{prefix}.{index}.{name}" for name in names]
-        patching.apply_kernel_patches(layer)  # before after_layer: FSDP2 must see the modules that run
-        if after_layer is not None:
-            after_layer(layer)
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    freeze(model, plan, device, host_per_layer_embeddings)
+    adapted = add_decoder_lora(model, plan, device, after_layer, (seed, std) if random_init else None)
     if not adapted:
         raise VramplanError(f"none of the LoRA targets {', '.join(plan.lora_targets)} is a linear layer of this model; "
                             "set lora_targets to its projection names")
     model.to(device)  # the rest: embeddings, norms, LM head (host-resident tables and NF4 weights stay put)
     patching.apply_kernel_patches(model)  # the rest: the final norm
     model.config.use_cache = False
+    return adapted
+
+
+def freeze(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> None:
+    """Freeze every weight; Gemma 4's per-layer tables and an untied token embedding go to host memory
+    (by default when training on a GPU)."""
+    model.requires_grad_(False)
+    if plan.quant == "int8":
+        raise VramplanError("plan quant 'int8' is not supported by vramplan train yet; use nf4 or bf16")
+    if host_per_layer_embeddings is None:
+        host_per_layer_embeddings = device.type == "cuda"
+    if host_per_layer_embeddings:
+        patching.keep_per_layer_embeddings_on_host(model)
+        patching.keep_input_embeddings_on_host(model)
+
+
+def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_layer=None,
+                     random_init: tuple[int, float] | None = None) -> list[str]:
+    """Move each decoder layer to ``device``, quantize its linears there and add LoRA; return the adapted paths.
+
+    ``after_layer(layer)`` runs on each adapted layer (FSDP2 shards it there); ``random_init``
+    (seed, std): the layers are on the meta device and get seeded random weights one at a time."""
+    quant = "nf4" if plan.quant == "nf4" else "bf16"
+    adapted = []
+    prefix = _layers_path(model)
+    for index, layer in enumerate(decoder_layers(model)):
+        if random_init is not None:
+            materialise_random(layer, device, random_init[0] + 1 + index, random_init[1])
+        layer.to(device)
+        names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant,
+                                  DTYPES[plan.lora_dtype])
+        adapted += [f"{prefix}.{index}.{name}" for name in names]
+        patching.apply_kernel_patches(layer)  # before after_layer: FSDP2 must see the modules that run
+        if after_layer is not None:
+            after_layer(layer)
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return adapted
 
 

@@ -135,7 +135,7 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
 
 
 def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan: Plan, seed: int,
-                       rank: int = 0, world: int = 1) -> tuple[list[dict], int]:
+                       rank: int = 0, world: int = 1, collate=None) -> tuple[list[dict], int]:
     """This rank's micro-batches of the next optimizer step and the tokens of the whole global batch,
     advancing the data position in ``state``.
 
@@ -143,6 +143,7 @@ def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan
     rows, and rank r takes rows [r·m, (r+1)·m) of it. So the ranks never repeat a row, and N ranks
     with micro-batch m train on exactly the rows (and gradient) of one rank with micro-batch N·m.
     At an epoch's end a short global micro-batch is split as far as it goes (a rank may get fewer rows).
+    ``collate`` (rows -> batch) defaults to the text collate; multimodal runs (one rank) pass theirs.
     """
     micro, tokens = [], 0
     for _ in range(plan.grad_accum):
@@ -154,8 +155,18 @@ def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan
         share = -(-len(rows) // world)  # ceil: on a short tail the last ranks get fewer rows (never none, see below)
         slices = [rows[r * share:(r + 1) * share] or rows[-1:] for r in range(world)]
         tokens += sum(len(s) * max(sum(len(e.input_ids) for e in row) for row in s) for s in slices)
-        micro.append(data.collate(slices[rank], dataset.pad_token_id, no_targets=not rows[rank * share:(rank + 1) * share]))
+        stand_in = not rows[rank * share:(rank + 1) * share]
+        micro.append(collate(slices[rank]) if collate else data.collate(slices[rank], dataset.pad_token_id, no_targets=stand_in))
     return micro, tokens
+
+
+def multimodal_seq_len(plan: Plan, model_dir: str) -> int:
+    """A row's budget with images / audio: the plan's text tokens plus the soft tokens the plan counts per example."""
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import architecture
+    from vramplan.memory.towers import decoder_seq_len
+
+    return decoder_seq_len(architecture(resolve_model(model_dir)), plan)
 
 
 def total_steps(cfg: TrainConfig, dataset: data.Dataset, world: int = 1) -> int:
@@ -176,9 +187,13 @@ def train(cfg: TrainConfig) -> dict:
     Under torchrun every rank runs this same function (``distributed``): the launch's world size
     wins over the plan's ``gpus``, so a run may resume on another number of GPUs.
     """
+    if cfg.merge and cfg.plan.multimodal:
+        raise VramplanError("--merge exports text models so far; drop --merge (the adapter loads with peft onto the multimodal model)")
     world, device = distributed.start(cfg.plan.parallel, cfg.device)
     plan = cfg.plan.replace(**distributed.layout(cfg.plan, world.size, world.parallel if world.size > 1 else None))
     out = Path(cfg.output)
+    if world.size > 1 and plan.multimodal:
+        raise VramplanError("multimodal training runs on one GPU so far; train the text parts on several, or set gpus 1")
     if not world.is_main:  # one progress bar and one set of notes: rank 0's
         cfg = dataclasses.replace(cfg, progress=False)
         from transformers.utils import logging as hf_logging
@@ -191,8 +206,14 @@ def train(cfg: TrainConfig) -> dict:
 
     records = data.read_jsonl(cfg.data)
     read_config(cfg.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
-    dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong, records=records)
+    if plan.multimodal:  # images / audio: rendered with the processor's parts, every file opened now
+        from vramplan.train import mm_data, multimodal
+
+        processor = mm_data.MMProcessor.from_pretrained(cfg.model_dir)
+        dataset = mm_data.build_dataset(cfg.data, processor, multimodal_seq_len(plan, cfg.model_dir), cfg.overlong, records=records)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
+        dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong, records=records)
     steps = total_steps(cfg, dataset, world.size)
     _say(cfg, f"data: {dataset.n_examples} examples packed into {len(dataset.rows)} rows of at most {plan.seq_len} tokens; "
               f"{dataset.n_truncated} truncated, {dataset.n_dropped} dropped (--overlong {cfg.overlong})")
@@ -206,10 +227,18 @@ def train(cfg: TrainConfig) -> dict:
     # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen;
     #    under FSDP each layer is sharded as soon as it is quantized.
     sharded = world.size > 1 and world.parallel == "fsdp"
-    model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings,
-                                       after_layer=distributed.layer_sharder(plan) if sharded else None)
+    if plan.multimodal:
+        model, adapted = multimodal.load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
+        params = multimodal.trainable_parameters(model, plan)
+    else:
+        model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings,
+                                           after_layer=distributed.layer_sharder(plan) if sharded else None)
+        params = lora_parameters(model)
+    for param in params:
+        param.requires_grad_(True)
     trainee = distributed.wrap(model, world, device, offload=plan.cpu_offload)
-    params = lora_parameters(model)  # after wrapping: FSDP2 replaces them with their shards
+    if not plan.multimodal:
+        params = lora_parameters(model)  # after wrapping: FSDP2 replaces them with their shards
 
     # 3. Optimizer and schedule.
     optimizer, note = make_optimizer(params, plan, cfg.lr, cfg.weight_decay, device, sharded=sharded)
@@ -229,6 +258,7 @@ def train(cfg: TrainConfig) -> dict:
                                               state, main=world.is_main)
 
     # 5. The loop.
+    collate = (lambda rows: mm_data.collate(rows, dataset.pad_token_id, processor)) if plan.multimodal else None
     bar = _progress(cfg, steps, state.step)
     loss = float("nan")
     if device.type == "cuda":
@@ -237,7 +267,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while state.step < steps:
             started = time.perf_counter()
-            local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size)
+            local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate)
             micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
             loss, n_targets = accumulate_gradients(model, micro_batches, trainee if world.size > 1 else None)
             if not math.isfinite(loss):
