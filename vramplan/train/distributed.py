@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -128,6 +129,7 @@ def launch(gpus: int, argv: list[str]) -> int:
     for pump in pumps:
         pump.join()
     failures = _failures(errors)
+    shutil.rmtree(errors, ignore_errors=True)
     if failures:
         rank, message, exit_code, details = failures[0]
         print(f"{details}error: {message}" + ("" if exit_code == 2 else f" (rank {rank})"), file=sys.stderr)
