@@ -373,13 +373,20 @@ def full(tensor: torch.Tensor) -> torch.Tensor:
 
 
 def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
-    """``value`` (a whole tensor) laid out as ``param`` is: sharded the same way when param is a DTensor."""
-    from torch.distributed.tensor import DTensor, distribute_tensor
+    """``value`` (a whole tensor) laid out as ``param`` is: this rank's dim-0 slice of it, as FSDP2 cuts it,
+    when param is a DTensor. Cut locally, with no collective: every rank read the same file, and the
+    shards may live on the host (CPU offload) while the mesh is on the GPUs."""
+    from torch.distributed.tensor import DTensor
 
-    if isinstance(param, DTensor):
-        local = value.to(device=param.device, dtype=param.dtype)
-        return distribute_tensor(local, param.device_mesh, param.placements)
-    return value
+    if not isinstance(param, DTensor):
+        return value
+    local = param.to_local()
+    rank, size = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    chunks = torch.chunk(value, size, dim=0)  # FSDP2's Shard(0): torch.chunk, trailing ranks possibly empty
+    mine = chunks[rank] if rank < len(chunks) else value.new_empty((0, *value.shape[1:]))
+    mine = mine.to(device=local.device, dtype=local.dtype).contiguous()
+    return DTensor.from_local(mine, param.device_mesh, param.placements, run_check=False, shape=value.shape,
+                              stride=value.stride())
 
 
 def full_optimizer_state(optimizer) -> dict:
