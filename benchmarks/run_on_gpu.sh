@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the GPU side of the project in one go on a CUDA machine, from the repository root:
-#   benchmarks/run_on_gpu.sh [tests] [kernels] [trainer ...] [accuracy[:MODEL,...]] [capcheck]
+#   benchmarks/run_on_gpu.sh [tests] [kernels] [trainer ...] [accuracy[:MODEL,...]] [capcheck] [multigpu]
 # Wheels in .whl/ (bitsandbytes, liger-kernel) are installed to /tmp/site first when present.
 # Results go to $OUT (default benchmarks/results/gpu-run).
 set -uo pipefail
@@ -36,6 +36,15 @@ for job in "$@"; do
         python3 benchmarks/multimodal.py --config "$n" --out "$OUT/multimodal.jsonl" 2>>"$OUT/multimodal-err.log" | tail -1
       done ;;
     capcheck)   python3 -m benchmarks.accuracy --cap-check 2>&1 | tee "$OUT/cap_check.json" | tail -40 ;;
+    multigpu)   # 1, 2, 4, 8 GPUs as present: Llama-3.1-8B under DDP, Llama-3.3-70B under FSDP2 capped at 24 GB a rank
+      n=$(nvidia-smi -L | wc -l)
+      for g in 1 2 4 8; do
+        [ "$g" -le "$n" ] || continue
+        python3 -m torch.distributed.run --standalone --nproc-per-node "$g" -m benchmarks.multigpu --model llama-3.1-8b \
+          --parallel ddp --seq 2048 --steps 6 --out "$OUT/multigpu.jsonl" 2>>"$OUT/multigpu-err.log" | tail -1
+        python3 -m torch.distributed.run --standalone --nproc-per-node "$g" -m benchmarks.multigpu --model llama-3.3-70b \
+          --parallel fsdp --seq 2048 --steps 6 --cap-gb 24 --out "$OUT/multigpu.jsonl" 2>>"$OUT/multigpu-err.log" | tail -1
+      done ;;
     *)       echo "unknown job $job" ;;
   esac
 done

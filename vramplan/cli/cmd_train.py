@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import sys
+
 import click
 
 from vramplan.cli import main
-from vramplan.plan import CHECKPOINTING, OPTIMIZERS, read_plan
+from vramplan.plan import CHECKPOINTING, OPTIMIZERS, PARALLEL, read_plan
 
 
 @main.command()
@@ -34,15 +36,21 @@ from vramplan.plan import CHECKPOINTING, OPTIMIZERS, read_plan
 @click.option("--train", "train_parts", help="Where LoRA goes: language,vision,audio (override the plan's train_parts).")
 @click.option("--targets", help="What LoRA adapts: attention,mlp or module names (override the plan's lora_targets).")
 @click.option("--train-projectors/--freeze-projectors", default=None, help="Train the image/audio projectors in full.")
+@click.option("--gpus", type=click.IntRange(min=1), help="Override the plan's GPU count (1: one process, no torchrun).")
+@click.option("--parallel", type=click.Choice(PARALLEL), help="Override the plan's multi-GPU mode (ddp or fsdp).")
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
           overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, train_parts,
-          targets, train_projectors):
-    """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter."""
+          targets, train_projectors, gpus, parallel):
+    """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter.
+
+    A plan for several GPUs starts ``torchrun --nproc-per-node N -m vramplan train ...`` itself;
+    started by torchrun already, the launch's world size is the one that counts."""
     from vramplan.errors import VramplanError
     from vramplan.train.allocator import configure_allocator_for_training
 
-    configure_allocator_for_training()  # before anything touches CUDA
+    configure_allocator_for_training()  # before anything touches CUDA (the ranks torchrun starts inherit it)
     from vramplan.memory.towers import lora_targets_from
+    from vramplan.train import distributed
     from vramplan.train.recipe import TrainConfig
     from vramplan.train.recipe import train as run
 
@@ -53,11 +61,34 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
                  "train_parts": tuple(p.strip() for p in train_parts.split(",") if p.strip()) if train_parts else None,
                  "lora_targets": lora_targets_from(targets) if targets else None}
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
+    if gpus is not None or parallel is not None:
+        plan = plan.replace(**distributed.layout(plan, gpus, parallel))
+    if plan.gpus > 1 and not distributed.under_torchrun():
+        sys.exit(distributed.launch(plan.gpus, _command_line(click.get_current_context())))
     cfg = TrainConfig(plan=plan, model_dir=model_dir, data=data_file, output=output, resume=resume, steps=steps,
                       epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, save_every=save_every,
                       overlong=overlong, seed=seed, merge=merge, skip_check=skip_check)
-    summary = run(cfg)
+    summary = distributed.run_rank(lambda: run(cfg)) if distributed.under_torchrun() else run(cfg)
+    if summary.get("rank", 0) != 0:
+        return
     if summary["interrupted"]:
         click.echo(f"interrupted after {summary['steps']} steps; checkpoint in {output}/checkpoint (continue with --resume {output})")
     else:
         click.echo(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; adapter in {output}/adapter")
+
+
+def _command_line(ctx: click.Context) -> list[str]:
+    """``train`` and the arguments this invocation was given, as the ranks' command line."""
+    args = [ctx.info_name]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if isinstance(param, click.Argument):
+            args.append(str(value))
+        elif param.is_flag:
+            if value:
+                args.append(param.opts[0])
+            elif value is False and param.secondary_opts:
+                args.append(param.secondary_opts[0])
+        elif value is not None and value != param.default:
+            args += [param.opts[0], str(value)]
+    return args

@@ -21,12 +21,15 @@ PEFT_PREFIX = "base_model.model."
 
 
 def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The adapters as whole CPU tensors; under FSDP each is gathered from its shards (every rank must call this)."""
+    from vramplan.train.distributed import full
+
     state = {}
     for path, module in lora_modules(model).items():
-        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.lora_A.weight.detach().to("cpu").contiguous()
-        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.weight.detach().to("cpu").contiguous()
+        state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = full(module.lora_A.weight.detach()).to("cpu").contiguous()
+        state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = full(module.lora_B.weight.detach()).to("cpu").contiguous()
     for name, param in trained_in_full(model).items():  # e.g. Gemma 4's projectors: PEFT's modules_to_save keys
-        state[f"{PEFT_PREFIX}{name}"] = param.detach().to("cpu").contiguous()
+        state[f"{PEFT_PREFIX}{name}"] = full(param.detach()).to("cpu").contiguous()
     return state
 
 
@@ -50,10 +53,12 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
     if set(state) != expected:
         missing = sorted(expected - set(state))[:1] or sorted(set(state) - expected)[:1]
         raise ValueError(f"the adapter does not match the model's LoRA layers (e.g. {missing[0]})")
+    from vramplan.train.distributed import like
+
     with torch.no_grad():
         for path, module in modules.items():
-            module.lora_A.weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_A.weight"])
-            module.lora_B.weight.copy_(state[f"{PEFT_PREFIX}{path}.lora_B.weight"])
+            for param, key in ((module.lora_A.weight, "lora_A"), (module.lora_B.weight, "lora_B")):
+                param.copy_(like(param, state[f"{PEFT_PREFIX}{path}.{key}.weight"]))
 
 
 def adapter_config(model: nn.Module, plan: Plan, base_model: str) -> dict:
@@ -78,13 +83,16 @@ def adapter_config(model: nn.Module, plan: Plan, base_model: str) -> dict:
     }
 
 
-def write_adapter(folder: str | Path, model: nn.Module, plan: Plan, base_model: str) -> None:
-    """Write the two PEFT files into ``folder`` (the caller makes the folder's appearance atomic)."""
+def write_adapter(folder: str | Path, model: nn.Module, plan: Plan, base_model: str,
+                  weights: dict[str, torch.Tensor] | None = None) -> None:
+    """Write the two PEFT files into ``folder`` (the caller makes the folder's appearance atomic);
+    ``weights``: the LoRA state dict already gathered (on several ranks every rank gathers, rank 0 writes)."""
     from safetensors.torch import save_file
 
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
-    save_file(lora_state_dict(model), str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
+    weights = lora_state_dict(model) if weights is None else weights
+    save_file(weights, str(folder / "adapter_model.safetensors"), metadata={"format": "pt"})
     (folder / "adapter_config.json").write_text(json.dumps(adapter_config(model, plan, base_model), indent=2) + "\n")
 
 

@@ -62,10 +62,20 @@ def write_dir_atomic(folder: str | Path, fill: Callable[[Path], None]) -> None:
     replace_dir_atomic(staging, folder)
 
 
-def save_checkpoint(folder: str | Path, model, plan, base_model: str, optimizer, scheduler, state: TrainState) -> None:
+def save_checkpoint(folder: str | Path, model, plan, base_model: str, optimizer, scheduler, state: TrainState,
+                    main: bool = True) -> None:
+    """Write the checkpoint. On several ranks every rank calls this (sharded LoRA weights and
+    optimizer states are gathered whole, a collective) and only ``main`` (rank 0) writes: the
+    files are the same for any number of ranks, so a run resumes on another number of GPUs."""
+    from vramplan.train.distributed import full_optimizer_state
+
+    weights, optimizer_state = adapter.lora_state_dict(model), full_optimizer_state(optimizer)
+    if not main:
+        return
+
     def fill(staging: Path) -> None:
-        adapter.write_adapter(staging, model, plan, base_model)
-        torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+        adapter.write_adapter(staging, model, plan, base_model, weights)
+        torch.save(optimizer_state, staging / "optimizer.pt")
         torch.save(scheduler.state_dict(), staging / "scheduler.pt")
         torch.save(rng_states(), staging / "rng.pt")
         (staging / STATE_FILE).write_text(json.dumps({**asdict(state), "plan": plan.to_dict()}, indent=2) + "\n")
@@ -81,7 +91,9 @@ def load_checkpoint(folder: str | Path, model, optimizer, scheduler) -> TrainSta
         adapter.load_lora_state_dict(model, adapter.read_adapter_weights(folder))
     except ValueError as err:
         raise VramplanError(f"--resume {folder}: {err}; resume with the plan the run started with") from None
-    optimizer.load_state_dict(torch.load(folder / "optimizer.pt", weights_only=False))
+    from vramplan.train.distributed import shard_optimizer_state
+
+    optimizer.load_state_dict(shard_optimizer_state(torch.load(folder / "optimizer.pt", weights_only=False), optimizer))
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     set_rng_states(torch.load(folder / "rng.pt", weights_only=False))
     saved = json.loads((folder / STATE_FILE).read_text())

@@ -183,8 +183,11 @@ def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
     return rows
 
 
-def collate(rows: list[list[Example]], pad_token_id: int) -> dict[str, torch.Tensor]:
+def collate(rows: list[list[Example]], pad_token_id: int, no_targets: bool = False) -> dict[str, torch.Tensor]:
     """Rows -> ``input_ids``, ``labels``, ``position_ids`` [batch, longest row].
+
+    ``no_targets``: every label ignored (a rank with no row left at an epoch's end runs a
+    stand-in row that adds nothing to the loss, so it still joins the step's collectives).
 
     ``position_ids`` restart at 0 for every example (and for the padding tail). With no
     attention mask, transformers reads those restarts as packed-sequence boundaries and
@@ -203,6 +206,8 @@ def collate(rows: list[list[Example]], pad_token_id: int) -> dict[str, torch.Ten
             position_ids[b, start:start + n] = torch.arange(n)
             start += n
         position_ids[b, start:] = torch.arange(width - start)
+    if no_targets:
+        labels.fill_(IGNORE)
     return {"input_ids": input_ids, "labels": labels, "position_ids": position_ids}
 
 

@@ -40,22 +40,37 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     return ops.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=head.bias, softcap=softcap, reduction="sum")
 
 
-def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]]) -> tuple[float, int]:
+def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
+                         parallel=None) -> tuple[float, int]:
     """Forward + backward over the micro-batches of one optimizer step; return (mean token loss, target tokens).
 
     Every micro-batch's summed loss is divided by the target-token count of the WHOLE
     accumulated batch, so the gradient equals that of one big batch; averaging per micro-batch
-    would weight the tokens of short micro-batches more.
+    would weight the tokens of short micro-batches more. On several ranks (``parallel``, a
+    ``distributed.Parallel``) the count is summed over the ranks first, on the device, and the
+    loss scaled by the world size, which DDP's and FSDP's gradient averaging divides back out:
+    the gradient is the one of the global batch as one rank would compute it.
     """
     if not micro_batches:
         return 0.0, 0
     # counted and summed on the device: one host sync per optimizer step (the returned numbers),
     # not two per micro-batch, so the host keeps queueing kernels while the GPU works
     total_targets = torch.stack([(mb["labels"] != -100).sum() for mb in micro_batches]).sum()
-    denominator = total_targets.clamp(min=1)
+    world = 1
+    if parallel is not None:
+        total_targets = parallel.all_reduce_sum(total_targets)
+        world = parallel.size
+    denominator = total_targets.clamp(min=1) / world
     loss_sum = torch.zeros((), device=total_targets.device)
-    for mb in micro_batches:
-        loss, _ = summed_loss(model, mb)
-        (loss / denominator).backward()
+    for index, mb in enumerate(micro_batches):
+        if parallel is None:
+            loss, _ = summed_loss(model, mb)
+            (loss / denominator).backward()
+        else:
+            with parallel.gradient_sync(last=index == len(micro_batches) - 1):
+                loss, _ = parallel.module(mb["input_ids"], mb["position_ids"], mb["labels"])
+                (loss / denominator).backward()
         loss_sum += loss.detach()
-    return float(loss_sum / denominator), int(total_targets)
+    if parallel is not None:
+        loss_sum = parallel.all_reduce_sum(loss_sum)
+    return float(loss_sum / total_targets.clamp(min=1)), int(total_targets)

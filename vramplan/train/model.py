@@ -70,15 +70,66 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
     return layers
 
 
-def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> list[str]:
-    """Quantize + add LoRA layer by layer on ``device``, then move the rest; return the adapted module paths."""
+def random_model_from_config(model_dir: str | Path, dtype: torch.dtype, attention: str = "sdpa") -> nn.Module:
+    """The causal LM of ``model_dir/config.json`` built on the ``meta`` device: no weights anywhere yet.
+
+    ``prepare_for_qlora`` materialises it one decoder layer at a time on the training device with
+    seeded random weights, so a 70 B model (140 GB in bf16) trains, for benchmarks, without ever
+    existing whole in host or GPU memory, and without a checkpoint on disk.
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(model_dir)
+    if config.model_type == "gemma4":
+        config = config.get_text_config()
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
+
+
+def materialise_random(module: nn.Module, device: torch.device, seed: int, std: float, recurse: bool = True) -> None:
+    """Give a ``meta`` module real, seeded random storage on ``device``: matrices N(0, std), vectors
+    (norm scales) 1, and the rotary tables recomputed (they are buffers computed at init). Other
+    buffers computed at init (Gemma's embedding scales) are not: benchmarks use Llama-style models."""
+    module.to_empty(device=device, recurse=recurse)
+    generator = torch.Generator(device=device).manual_seed(seed)
+    with torch.no_grad():
+        for param in module.parameters(recurse=recurse):
+            if param.dim() >= 2:
+                param.normal_(0.0, std, generator=generator)
+            else:
+                param.fill_(1.0)
+        for sub in module.modules() if recurse else [module]:
+            if any("inv_freq" in name for name in sub._buffers) and hasattr(sub, "config"):  # rotary: built again
+                fresh = type(sub)(sub.config).to(device)
+                for name, buffer in fresh._buffers.items():
+                    sub._buffers[name] = buffer
+
+
+def _on_meta(module: nn.Module) -> bool:
+    return any(t.is_meta for t in module.parameters())
+
+
+def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None,
+                      after_layer=None, seed: int = 0) -> list[str]:
+    """Quantize + add LoRA layer by layer on ``device``, then move the rest; return the adapted module paths.
+
+    ``after_layer(layer)`` runs on each layer once it is adapted (FSDP2 shards it there). A model
+    built on the ``meta`` device gets seeded random weights, one layer at a time."""
+    random_init = _on_meta(model)
+    std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
+    if random_init:  # everything but the layers first (embeddings, norm, head, rotary tables), seeded
+        in_layers = {id(m) for m in decoder_layers(model).modules()}
+        for module in model.modules():
+            if id(module) not in in_layers \
+                    and any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
+                materialise_random(module, device, seed, std, recurse=False)
     freeze(model, plan, device, host_per_layer_embeddings)
-    adapted = add_decoder_lora(model, plan, device)
+    adapted = add_decoder_lora(model, plan, device, after_layer, (seed, std) if random_init else None)
     if not adapted:
         raise VramplanError(f"none of the LoRA targets {', '.join(plan.lora_targets)} is a linear layer of this model; "
                             "set lora_targets to its projection names")
     model.to(device)  # the rest: embeddings, norms, LM head (host-resident tables and NF4 weights stay put)
-    patching.apply_kernel_patches(model)
+    patching.apply_kernel_patches(model)  # the rest: the final norm
     model.config.use_cache = False
     return adapted
 
@@ -96,16 +147,25 @@ def freeze(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_em
         patching.keep_input_embeddings_on_host(model)
 
 
-def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device) -> list[str]:
-    """Move each decoder layer to ``device``, quantize its linears there and add LoRA; return the adapted paths."""
+def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_layer=None,
+                     random_init: tuple[int, float] | None = None) -> list[str]:
+    """Move each decoder layer to ``device``, quantize its linears there and add LoRA; return the adapted paths.
+
+    ``after_layer(layer)`` runs on each adapted layer (FSDP2 shards it there); ``random_init``
+    (seed, std): the layers are on the meta device and get seeded random weights one at a time."""
     quant = "nf4" if plan.quant == "nf4" else "bf16"
     adapted = []
     prefix = _layers_path(model)
     for index, layer in enumerate(decoder_layers(model)):
+        if random_init is not None:
+            materialise_random(layer, device, random_init[0] + 1 + index, random_init[1])
         layer.to(device)
         names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant,
                                   DTYPES[plan.lora_dtype])
         adapted += [f"{prefix}.{index}.{name}" for name in names]
+        patching.apply_kernel_patches(layer)  # before after_layer: FSDP2 must see the modules that run
+        if after_layer is not None:
+            after_layer(layer)
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return adapted
@@ -175,11 +235,18 @@ def checkpoint_with_input_on_host(fn, hidden, *args):
 
 
 def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device,
-                      host_per_layer_embeddings: bool | None = None) -> tuple[nn.Module, list[str]]:
-    """The model ready to train; ``host_per_layer_embeddings`` None means: on the host when training on a GPU."""
+                      host_per_layer_embeddings: bool | None = None, after_layer=None,
+                      random_init_from_config: bool = False, seed: int = 0) -> tuple[nn.Module, list[str]]:
+    """The model ready to train; ``host_per_layer_embeddings`` None means: on the host when training on a GPU.
+
+    ``random_init_from_config``: seeded random weights from ``model_dir/config.json`` alone, built
+    layer by layer on ``device`` (benchmarks of models that cannot be written or held whole)."""
     dtype = compute_dtype(plan, device)
-    model = load_base_model(model_dir, dtype, plan.attention)
-    adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings)
+    if random_init_from_config:
+        model = random_model_from_config(model_dir, dtype, plan.attention)
+    else:
+        model = load_base_model(model_dir, dtype, plan.attention)
+    adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings, after_layer=after_layer, seed=seed)
     for param in lora_parameters(model):
         param.requires_grad_(True)
     if plan.checkpointing != "none":

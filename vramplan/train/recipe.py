@@ -18,7 +18,7 @@ import torch
 
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
-from vramplan.train import adapter, checkpoint, data, metrics
+from vramplan.train import adapter, checkpoint, data, distributed, metrics
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
 from vramplan.train.optim import eight_bit_adamw
@@ -84,14 +84,20 @@ def check_plan_fits(plan: Plan, model_dir: str, device: torch.device) -> None:
             "re-plan with `vramplan fit`, or pass --skip-check to try anyway")
 
 
-def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weight_decay: float, device: torch.device):
+def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weight_decay: float, device: torch.device,
+                   sharded: bool = False):
     """bitsandbytes 8-bit AdamW (paged: states move to the host under pressure) or torch AdamW.
 
     Returns (optimizer, note); the note says when the plan's optimizer could not run here and
-    torch AdamW stands in (bitsandbytes' 8-bit optimizers need its native library for the device).
+    torch AdamW stands in (bitsandbytes' 8-bit optimizers need its native library for the device,
+    and plain tensors: under FSDP (``sharded``) the LoRA parameters are DTensor shards, whose
+    fp32 AdamW states are themselves sharded N ways).
     """
     if plan.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), None
+    if sharded:
+        note = f"optimizer {plan.optimizer} does not take FSDP-sharded parameters; using torch AdamW (states sharded too)"
+        return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
     cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit")
     if device.type != "cuda" and not _optimizer_steps_on(cls, device):
         note = f"optimizer {plan.optimizer} does not run on the {device.type} here; using torch AdamW"
@@ -128,18 +134,30 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan: Plan, seed: int, collate=None):
-    """The micro-batches of the next optimizer step, advancing the data position in ``state``."""
-    collate = collate or (lambda rows: data.collate(rows, dataset.pad_token_id))
-    micro = []
+def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan: Plan, seed: int,
+                       rank: int = 0, world: int = 1, collate=None) -> tuple[list[dict], int]:
+    """This rank's micro-batches of the next optimizer step and the tokens of the whole global batch,
+    advancing the data position in ``state``.
+
+    Every rank reads the same order: each global micro-batch is the next ``micro_batch × world``
+    rows, and rank r takes rows [r·m, (r+1)·m) of it. So the ranks never repeat a row, and N ranks
+    with micro-batch m train on exactly the rows (and gradient) of one rank with micro-batch N·m.
+    At an epoch's end a short global micro-batch is split as far as it goes (a rank may get fewer rows).
+    ``collate`` (rows -> batch) defaults to the text collate; multimodal runs (one rank) pass theirs.
+    """
+    micro, tokens = [], 0
     for _ in range(plan.grad_accum):
         order = data.epoch_order(len(dataset.rows), seed, state.epoch)
-        rows = [dataset.rows[i] for i in order[state.cursor:state.cursor + plan.micro_batch]]
+        rows = [dataset.rows[i] for i in order[state.cursor:state.cursor + plan.micro_batch * world]]
         state.cursor += len(rows)
         if state.cursor >= len(order):
             state.epoch, state.cursor = state.epoch + 1, 0
-        micro.append(collate(rows))
-    return micro
+        share = -(-len(rows) // world)  # ceil: on a short tail the last ranks get fewer rows (never none, see below)
+        slices = [rows[r * share:(r + 1) * share] or rows[-1:] for r in range(world)]
+        tokens += sum(len(s) * max(sum(len(e.input_ids) for e in row) for row in s) for s in slices)
+        stand_in = not rows[rank * share:(rank + 1) * share]
+        micro.append(collate(slices[rank]) if collate else data.collate(slices[rank], dataset.pad_token_id, no_targets=stand_in))
+    return micro, tokens
 
 
 def multimodal_seq_len(plan: Plan, model_dir: str) -> int:
@@ -151,10 +169,10 @@ def multimodal_seq_len(plan: Plan, model_dir: str) -> int:
     return decoder_seq_len(architecture(resolve_model(model_dir)), plan)
 
 
-def total_steps(cfg: TrainConfig, dataset: data.Dataset) -> int:
+def total_steps(cfg: TrainConfig, dataset: data.Dataset, world: int = 1) -> int:
     if cfg.steps is not None:
         return cfg.steps
-    rows_per_step = cfg.plan.micro_batch * cfg.plan.grad_accum
+    rows_per_step = cfg.plan.micro_batch * cfg.plan.grad_accum * world
     return max(1, math.ceil((cfg.epochs or 1.0) * len(dataset.rows) / rows_per_step))
 
 
@@ -164,14 +182,23 @@ def seed_everything(seed: int) -> None:
 
 
 def train(cfg: TrainConfig) -> dict:
-    """Run the recipe; return a summary (steps, final loss, paths)."""
-    plan, out = cfg.plan, Path(cfg.output)
-    if plan.gpus > 1 or plan.parallel != "none":
-        raise VramplanError(f"the plan asks for {plan.gpus} GPUs ({plan.parallel}); vramplan train runs on one GPU so far: "
-                            "set gpus 1 and parallel none")
-    if cfg.merge and plan.multimodal:
+    """Run the recipe; return a summary (steps, final loss, paths).
+
+    Under torchrun every rank runs this same function (``distributed``): the launch's world size
+    wins over the plan's ``gpus``, so a run may resume on another number of GPUs.
+    """
+    if cfg.merge and cfg.plan.multimodal:
         raise VramplanError("--merge exports text models so far; drop --merge (the adapter loads with peft onto the multimodal model)")
-    device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    world, device = distributed.start(cfg.plan.parallel, cfg.device)
+    plan = cfg.plan.replace(**distributed.layout(cfg.plan, world.size, world.parallel if world.size > 1 else None))
+    out = Path(cfg.output)
+    if world.size > 1 and plan.multimodal:
+        raise VramplanError("multimodal training runs on one GPU so far; train the text parts on several, or set gpus 1")
+    if not world.is_main:  # one progress bar and one set of notes: rank 0's
+        cfg = dataclasses.replace(cfg, progress=False)
+        from transformers.utils import logging as hf_logging
+
+        hf_logging.disable_progress_bar()
     seed_everything(cfg.seed)
 
     # 1. Data first: a malformed line fails in seconds, before the model (or even its tokenizer) loads.
@@ -187,26 +214,34 @@ def train(cfg: TrainConfig) -> dict:
     else:
         tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
         dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong, records=records)
-    steps = total_steps(cfg, dataset)
+    steps = total_steps(cfg, dataset, world.size)
     _say(cfg, f"data: {dataset.n_examples} examples packed into {len(dataset.rows)} rows of at most {plan.seq_len} tokens; "
               f"{dataset.n_truncated} truncated, {dataset.n_dropped} dropped (--overlong {cfg.overlong})")
+    if world.size > 1:
+        _say(cfg, f"{world.size} ranks ({world.parallel}): {plan.micro_batch * plan.grad_accum * world.size} rows per step")
     warmup = cfg.warmup_steps if cfg.warmup_steps is not None else int(0.03 * steps)
 
     if not cfg.skip_check:
         check_plan_fits(plan, cfg.model_dir, device)
 
-    # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen.
+    # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen;
+    #    under FSDP each layer is sharded as soon as it is quantized.
+    sharded = world.size > 1 and world.parallel == "fsdp"
     if plan.multimodal:
         model, adapted = multimodal.load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
         params = multimodal.trainable_parameters(model, plan)
     else:
-        model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
+        model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings,
+                                           after_layer=distributed.layer_sharder(plan) if sharded else None)
         params = lora_parameters(model)
     for param in params:
         param.requires_grad_(True)
+    trainee = distributed.wrap(model, world, device, offload=plan.cpu_offload)
+    if not plan.multimodal:
+        params = lora_parameters(model)  # after wrapping: FSDP2 replaces them with their shards
 
     # 3. Optimizer and schedule.
-    optimizer, note = make_optimizer(params, plan, cfg.lr, cfg.weight_decay, device)
+    optimizer, note = make_optimizer(params, plan, cfg.lr, cfg.weight_decay, device, sharded=sharded)
     if note:
         cfg.notes.append(note)
         _say(cfg, f"note: {note}")
@@ -216,9 +251,11 @@ def train(cfg: TrainConfig) -> dict:
     state = checkpoint.TrainState()
     if cfg.resume:
         state = checkpoint.load_checkpoint(Path(cfg.resume) / "checkpoint", model, optimizer, scheduler)
-    log = metrics.MetricsLog(out / "metrics.jsonl")
-    log.drop_after(state.step)
-    save = lambda: checkpoint.save_checkpoint(out / "checkpoint", model, plan, cfg.model_dir, optimizer, scheduler, state)  # noqa: E731
+    log = metrics.MetricsLog(out / "metrics.jsonl") if world.is_main else None
+    if log is not None:
+        log.drop_after(state.step)
+    save = lambda: checkpoint.save_checkpoint(out / "checkpoint", model, plan, cfg.model_dir, optimizer, scheduler,  # noqa: E731
+                                              state, main=world.is_main)
 
     # 5. The loop.
     collate = (lambda rows: mm_data.collate(rows, dataset.pad_token_id, processor)) if plan.multimodal else None
@@ -230,11 +267,12 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while state.step < steps:
             started = time.perf_counter()
-            micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in next_micro_batches(dataset, state, plan, cfg.seed, collate)]
-            loss, n_targets = accumulate_gradients(model, micro_batches)
+            local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate)
+            micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
+            loss, n_targets = accumulate_gradients(model, micro_batches, trainee if world.size > 1 else None)
             if not math.isfinite(loss):
                 raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
-            grad_norm = float(torch.nn.utils.clip_grad_norm_(params, cfg.max_grad_norm))
+            grad_norm = float(distributed.clip_gradients(params, cfg.max_grad_norm))
             if not math.isfinite(grad_norm):
                 raise VramplanError(f"the gradient became {grad_norm} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
             optimizer.step()
@@ -243,12 +281,11 @@ def train(cfg: TrainConfig) -> dict:
             if device.type == "cuda":
                 torch.cuda.synchronize()
             state.step += 1
-            tokens = sum(int(mb["input_ids"].numel()) for mb in micro_batches)
             state.tokens_seen += tokens
             seconds = time.perf_counter() - started
             record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                       "target_tokens": n_targets, "tokens_per_s": tokens / seconds, **metrics.memory_stats()}
-            if state.step % cfg.log_every == 0 or state.step == steps:
+            if log is not None and (state.step % cfg.log_every == 0 or state.step == steps):
                 log.write(record)
             _update_progress(bar, record)
             committed = dataclasses.replace(state)
@@ -261,19 +298,27 @@ def train(cfg: TrainConfig) -> dict:
         state = committed
         optimizer.zero_grad(set_to_none=True)
         save()
-        return {"steps": state.step, "loss": loss, "interrupted": True, "output": str(out), "notes": cfg.notes}
+        distributed.stop()
+        return {"steps": state.step, "loss": loss, "interrupted": True, "output": str(out), "notes": cfg.notes,
+                "rank": world.rank}
     except torch.cuda.OutOfMemoryError:
         measured = torch.cuda.max_memory_allocated()
         planned = planned_peak_bytes(plan, cfg.model_dir)
         predicted = f"the plan predicted {planned / 1e9:.2f} GB" if planned else "no prediction for this plan"
-        raise VramplanError(f"CUDA out of memory at step {state.step + 1}: measured peak {measured / 1e9:.2f} GB, {predicted}; "
+        where = f" on rank {world.rank}" if world.size > 1 else ""
+        raise VramplanError(f"CUDA out of memory at step {state.step + 1}{where}: measured peak {measured / 1e9:.2f} GB, {predicted}; "
                             "lower --seq or --batch, or use --checkpointing offload (the last checkpoint is kept)") from None
     finally:
         _close(bar)
 
-    # 6. The adapter, a final checkpoint, the loss curve and (optionally) a merged model.
+    # 6. The adapter, a final checkpoint, the loss curve and (optionally) a merged model: rank 0 writes.
     save()
-    checkpoint.write_dir_atomic(out / "adapter", lambda folder: adapter.write_adapter(folder, model, plan, cfg.model_dir))
+    weights = adapter.lora_state_dict(model)  # gathered on every rank under FSDP
+    distributed.stop()
+    if not world.is_main:
+        return {"steps": state.step, "loss": loss, "interrupted": False, "output": str(out), "notes": cfg.notes,
+                "rank": world.rank}
+    checkpoint.write_dir_atomic(out / "adapter", lambda folder: adapter.write_adapter(folder, model, plan, cfg.model_dir, weights))
     records = log.read()
     if records:
         metrics.plot_loss(records, out / "loss.png")

@@ -1,0 +1,182 @@
+"""Training on several ranks (torchrun, gloo on the CPU): N ranks with micro-batch m train exactly as one
+rank with micro-batch N·m, under DDP and FSDP2; checkpoints resume on another rank count; a failure is one line."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from train_fixtures import build_model, chat_records, gemma4_config, llama_config, write_jsonl
+from vramplan.plan import Plan
+from vramplan.train import adapter, checkpoint, data
+from vramplan.train.recipe import TrainConfig, next_micro_batches, train
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def work(tmp_path_factory):
+    root = tmp_path_factory.mktemp("distributed")
+    write_jsonl(root / "train.jsonl", chat_records(24))
+    build_model(llama_config(), root / "llama")
+    build_model(gemma4_config(), root / "gemma4")
+    return root
+
+
+def plan_file(work: Path, name: str, **fields) -> Path:
+    plan = {"model": "tiny", "lora_rank": 8, "seq_len": 64, "micro_batch": 1, "grad_accum": 2, "optimizer": "adamw",
+            **fields}
+    path = work / f"{name}.json"
+    path.write_text(json.dumps(plan))
+    return path
+
+
+def vramplan(*args: str, torchrun: int | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
+    """``python -m vramplan ...`` (or under ``torchrun --nproc-per-node N``) with this checkout importable."""
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / ".dev"), os.environ.get("PYTHONPATH", "")]),
+               TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)] \
+        if torchrun else [sys.executable]
+    return subprocess.run([*launcher, "-m", "vramplan", *args], env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def one_rank(work: Path, name: str, out: str, **changes) -> dict:
+    """The reference: one process, micro-batch 2 (what 2 ranks of micro-batch 1 are together)."""
+    plan = Plan(model="tiny", lora_rank=8, seq_len=64, micro_batch=2, grad_accum=2, optimizer="adamw")
+    fields = dict(plan=plan, model_dir=str(work / name), data=str(work / "train.jsonl"), output=str(work / out),
+                  lr=1e-2, warmup_steps=0, progress=False)
+    return train(TrainConfig(**{**fields, **changes}))
+
+
+def losses(folder: Path) -> list[float]:
+    return [json.loads(line)["loss"] for line in (folder / "metrics.jsonl").read_text().splitlines()]
+
+
+def assert_same_adapter(a: Path, b: Path) -> None:
+    wa, wb = adapter.read_adapter_weights(a), adapter.read_adapter_weights(b)
+    assert wa.keys() == wb.keys()
+    assert any(float(w.abs().max()) > 0 for k, w in wa.items() if "lora_B" in k)  # B moved off its zero init
+    for key in wa:
+        torch.testing.assert_close(wa[key], wb[key], atol=3e-4, rtol=1e-3)
+
+
+def test_ranks_take_disjoint_slices_of_the_one_rank_batch():
+    rows = [[data.Example([i] * (1 + i % 5), [i] * (1 + i % 5))] for i in range(11)]
+    dataset = data.Dataset(rows=rows, seq_len=8, pad_token_id=0, n_examples=11)
+    plan = Plan(model="tiny", micro_batch=2, grad_accum=2)
+    single, _ = next_micro_batches(dataset, checkpoint.TrainState(), plan.replace(micro_batch=4), seed=3)
+    for step in range(2):
+        states = [checkpoint.TrainState(cursor=8 * step) for _ in range(2)]
+        shares = [next_micro_batches(dataset, states[r], plan, seed=3, rank=r, world=2)[0] for r in range(2)]
+        assert states[0] == states[1]  # every rank advances the same global position
+        if step == 0:
+            for accum in range(2):
+                together = torch.cat([shares[r][accum]["input_ids"][:, :1] for r in range(2)])
+                assert together.flatten().tolist() == single[accum]["input_ids"][:, 0].tolist()
+    # the epoch's tail: 3 rows for 4 places split 2 + 1; 1 row for 4 places leaves rank 1 a stand-in with no targets
+    for cursor, sizes, rank1_trains in ((8, (2, 1), True), (10, (1, 1), False)):
+        tail = [next_micro_batches(dataset, checkpoint.TrainState(cursor=cursor), plan.replace(grad_accum=1),
+                                   seed=3, rank=r, world=2)[0][0] for r in range(2)]
+        assert (tail[0]["input_ids"].shape[0], tail[1]["input_ids"].shape[0]) == sizes
+        assert (tail[0]["labels"] != -100).any() and bool((tail[1]["labels"] != -100).any()) == rank1_trains
+
+
+def test_shardable_linear_computes_what_the_plain_one_does():
+    from vramplan.train.distributed import ShardableQLoRALinear, make_shardable
+    from vramplan.train.ops import QLoRALinear
+
+    torch.manual_seed(0)
+    layer = torch.nn.Sequential(QLoRALinear.from_linear(torch.nn.Linear(96, 40, bias=False), rank=4, alpha=8))
+    torch.nn.init.normal_(layer[0].lora_B.weight)
+    x = torch.randn(3, 96)
+    before = layer(x)
+    make_shardable(layer)
+    assert isinstance(layer[0], ShardableQLoRALinear)
+    frozen = {name for name, p in layer.named_parameters() if not p.requires_grad}
+    assert {"0.nf4_packed", "0.nf4_absmax", "0.nf4_absmax_scale", "0.nf4_absmax_code", "0.nf4_absmax_offset"} == frozen
+    assert layer[0].nf4_packed.dtype == torch.uint8 and layer[0].nf4_packed.numel() == 96 * 40 // 2
+    torch.testing.assert_close(layer(x), before, atol=0, rtol=0)
+    layer.to(torch.float64).to(torch.float32)  # casts never touch the NF4 bytes (uint8 stays uint8)
+    assert layer[0].nf4_packed.dtype == torch.uint8
+    torch.testing.assert_close(layer(x), before, atol=0, rtol=0)
+
+
+def test_random_init_from_config_builds_a_working_model_layer_by_layer(work):
+    """The benchmarks' path: meta device, then seeded weights one layer at a time; the rotary tables are real."""
+    from transformers import AutoModelForCausalLM
+
+    from vramplan.train.loss import summed_loss
+    from vramplan.train.model import load_for_training
+
+    plan = Plan(model="tiny", lora_rank=4, seq_len=32)
+    model, adapted = load_for_training(work / "llama", plan, torch.device("cpu"), random_init_from_config=True, seed=1)
+    again, _ = load_for_training(work / "llama", plan, torch.device("cpu"), random_init_from_config=True, seed=1)
+    assert len(adapted) == 14 and not any(t.is_meta for t in [*model.parameters(), *model.buffers()])
+    reference = AutoModelForCausalLM.from_pretrained(work / "llama")
+    torch.testing.assert_close(model.model.rotary_emb.inv_freq, reference.model.rotary_emb.inv_freq)
+    torch.testing.assert_close(model.model.embed_tokens.weight, again.model.embed_tokens.weight)  # seeded
+    ids = torch.randint(0, 300, (1, 16))
+    batch = {"input_ids": ids, "position_ids": torch.arange(16)[None], "labels": ids}
+    loss, count = summed_loss(model, batch)
+    assert torch.isfinite(loss) and int(count) == 16
+
+
+@pytest.mark.slow
+def test_ddp_two_ranks_equal_one_rank_and_resume_on_one(work):
+    """`vramplan train` with a 2-GPU plan starts torchrun itself; its checkpoint resumes in one process."""
+    run = vramplan("train", str(plan_file(work, "ddp", gpus=2, parallel="ddp")), "--model", str(work / "llama"),
+                   "--data", str(work / "train.jsonl"), "--output", str(work / "ddp"), "--steps", "3", "--lr", "1e-2",
+                   "--warmup", "0", "--schedule", "constant")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done: 3 steps" in run.stdout and run.stderr.count("train:") >= 1 and "Traceback" not in run.stderr
+    one_rank(work, "llama", "one", steps=5, schedule="constant")
+    assert losses(work / "ddp") == pytest.approx(losses(work / "one")[:3], rel=1e-5)
+    resumed = one_rank(work, "llama", "ddp", steps=5, schedule="constant", resume=str(work / "ddp"))
+    assert resumed["steps"] == 5
+    assert losses(work / "ddp") == pytest.approx(losses(work / "one"), rel=1e-4)
+    assert_same_adapter(work / "ddp" / "adapter", work / "one" / "adapter")
+
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    peft = PeftModel.from_pretrained(AutoModelForCausalLM.from_pretrained(work / "llama"), work / "ddp" / "adapter")
+    assert sum("lora_B" in name for name, _ in peft.named_parameters()) == 14
+
+
+@pytest.mark.slow
+def test_fsdp_two_ranks_equal_one_rank_on_gemma4_and_resume_sharded(work):
+    """FSDP2 shards the NF4 bytes of every layer; started by torchrun directly, grad accumulation 2; its
+    whole-tensor checkpoint is sharded again when the run resumes."""
+    args = ["train", str(plan_file(work, "fsdp", gpus=2, parallel="fsdp")), "--model", str(work / "gemma4"), "--data",
+            str(work / "train.jsonl"), "--output", str(work / "fsdp"), "--lr", "1e-2", "--warmup", "0",
+            "--schedule", "constant"]
+    run = vramplan(*args, "--steps", "3", torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("done: 3 steps") == 1  # rank 0 reports, rank 1 stays quiet
+    saved = torch.load(work / "fsdp" / "checkpoint" / "optimizer.pt", weights_only=False)
+    first = saved["state"][0]["exp_avg"]
+    assert type(first) is torch.Tensor and first.shape == (8, 64)  # whole, not a rank's shard
+    run = vramplan(*args, "--steps", "4", "--resume", str(work / "fsdp"), torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    one_rank(work, "gemma4", "gemma-one", steps=4, schedule="constant")
+    assert losses(work / "fsdp") == pytest.approx(losses(work / "gemma-one"), rel=1e-5)
+    assert_same_adapter(work / "fsdp" / "adapter", work / "gemma-one" / "adapter")
+
+
+@pytest.mark.slow
+def test_a_failing_rank_ends_the_run_with_its_one_line(work, tmp_path):
+    bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "the cat"}', '{"prompt": "a"}'])
+    run = vramplan("train", str(plan_file(work, "fail", gpus=2, parallel="ddp")), "--model", str(work / "llama"), "--data", str(bad),
+                   "--output", str(tmp_path / "out"))
+    assert run.returncode == 2
+    assert run.stderr.count("error: ") == 1 and "bad.jsonl:2" in run.stderr and "Traceback" not in run.stderr
+    # only rank 0 writes: an output folder inside a file fails rank 0 alone; the launcher names it and ends rank 1
+    (tmp_path / "taken").write_text("")
+    run = vramplan("train", str(plan_file(work, "fail", gpus=2, parallel="ddp")), "--model", str(work / "llama"), "--data",
+                   str(work / "train.jsonl"), "--output", str(tmp_path / "taken" / "run"), "--steps", "2")
+    assert run.returncode == 1
+    assert "(rank 0)" in run.stderr and run.stderr.count("Traceback") == 1 and "done" not in run.stdout

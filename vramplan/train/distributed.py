@@ -1,0 +1,417 @@
+"""Training on several GPUs with PyTorch's own ``torch.distributed``, started by ``torchrun``.
+
+Two ways, as the plan's ``parallel`` says:
+
+* ``ddp``: every rank holds the whole quantized model; ``DistributedDataParallel`` all-reduces the
+  LoRA gradients (the only ones there are) once per optimizer step.
+* ``fsdp``: FSDP2 (``fully_shard``) shards each decoder layer, the frozen NF4 bytes included, so a
+  model whose 4-bit weights do not fit one GPU trains on several. The NF4 state of a linear is a
+  plain dataclass, which FSDP cannot see; ``ShardableQLoRALinear`` keeps the same bytes as frozen
+  parameters instead and rebuilds the ``NF4Tensor`` view from the (all-gathered) parameters on
+  every call.
+
+Every rank reads the same data order and takes its own contiguous slice of each global
+micro-batch (``recipe.next_micro_batches``); the loss is divided by the target tokens of the
+whole global batch (one all-reduce on the device), so N ranks with micro-batch m compute the
+gradient of one rank with micro-batch N·m. Rank 0 alone writes files.
+
+A failing rank writes its one-line message into the run's error folder before it exits; the
+other ranks, whose collectives then fail, see the message and leave quietly, and the launcher
+that ``vramplan train`` started prints that one line.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import traceback
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from vramplan.errors import VramplanError
+from vramplan.train.ops import NF4Tensor, QLoRALinear
+
+ERROR_DIR_ENV = "VRAMPLAN_ERROR_DIR"
+
+
+@dataclass(frozen=True)
+class World:
+    """This process's place in the run: rank, local rank (its GPU), how many ranks, how they train."""
+
+    rank: int = 0
+    local_rank: int = 0
+    size: int = 1
+    parallel: str = "none"
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+
+def layout(plan, gpus: int | None, parallel: str | None) -> dict:
+    """``gpus`` and ``parallel`` (plan fields) after ``--gpus`` / ``--parallel``: one GPU means no
+    parallel mode; several without one named keep the plan's, or DDP (CPU offload stays FSDP's)."""
+    gpus = plan.gpus if gpus is None else gpus
+    if gpus < 2:
+        return {"gpus": 1, "parallel": "none", "cpu_offload": False}
+    parallel = parallel or (plan.parallel if plan.parallel != "none" else "ddp")
+    return {"gpus": gpus, "parallel": parallel, "cpu_offload": plan.cpu_offload and parallel == "fsdp"}
+
+
+def under_torchrun() -> bool:
+    """torchrun (torch.distributed.run) sets these for every worker it starts."""
+    return "LOCAL_RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def start(parallel: str, device: str | None) -> tuple[World, torch.device]:
+    """Join the process group when torchrun started this process; the launch's world size wins over the plan's.
+
+    nccl on CUDA (each rank on cuda:LOCAL_RANK), gloo on the CPU. Outside torchrun: one rank, no group.
+    """
+    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
+        return World(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
+    use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
+    if use_cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo",
+                                device_id=torch.device("cuda", local_rank) if use_cuda else None)
+    parallel = parallel if parallel != "none" else "ddp"
+    return World(rank, local_rank, size, parallel), torch.device("cuda", local_rank) if use_cuda else torch.device("cpu")
+
+
+def stop() -> None:
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------
+# The launcher: `vramplan train` with a plan for N GPUs starts torchrun itself
+# --------------------------------------------------------------------------------------------
+
+
+def launch(gpus: int, argv: list[str]) -> int:
+    """Run ``torchrun --nproc-per-node gpus -m vramplan <argv>``; return the exit code to leave with.
+
+    The ranks' output is passed through as it comes (rank 0's progress bar included) until a rank
+    reports a failure; from then on the dying ranks' and torchrun's own reports are dropped, and
+    the failing rank's one line is printed instead.
+    """
+    errors = Path(tempfile.mkdtemp(prefix="vramplan-ranks-"))
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(gpus),
+               "-m", "vramplan", *argv]
+    env = dict(os.environ, **{ERROR_DIR_ENV: str(errors)})
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))  # torchrun would set 1, with a banner
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    pumps = [threading.Thread(target=_pass_through, args=(pipe, stream, errors), daemon=True)
+             for pipe, stream in ((process.stdout, sys.stdout), (process.stderr, sys.stderr))]
+    for pump in pumps:
+        pump.start()
+    try:
+        code = process.wait()
+    except KeyboardInterrupt:  # the ranks got the same Ctrl-C from the terminal
+        code = process.wait()
+    for pump in pumps:
+        pump.join()
+    failures = _failures(errors)
+    shutil.rmtree(errors, ignore_errors=True)
+    if failures:
+        rank, message, exit_code, details = failures[0]
+        print(f"{details}error: {message}" + ("" if exit_code == 2 else f" (rank {rank})"), file=sys.stderr)
+        return exit_code
+    return code
+
+
+def _pass_through(pipe, stream, errors: Path) -> None:
+    """Copy a rank pipe to our stream as it comes (progress bars redraw with \\r), until a rank failed."""
+    while chunk := pipe.read1(4096):
+        if not _failures(errors):
+            stream.buffer.write(chunk)
+            stream.flush()
+
+
+def _failures(folder: Path) -> list[tuple[int, str, int, str]]:
+    """(rank, one-line message, exit code, traceback or "") of each rank that reported a failure."""
+    found = []
+    for path in folder.glob("rank-*.txt"):
+        head, _, details = path.read_text().partition("\n")
+        code, _, message = head.partition(" ")
+        found.append((int(path.stem.removeprefix("rank-")), message.strip(), int(code), details))
+    return sorted(found, key=lambda f: f[0])
+
+
+def run_rank(fn):
+    """Call ``fn()`` on a rank; a failure there ends this rank with one line, not a traceback per rank.
+
+    A VramplanError is reported with exit code 2; another exception (a bug) with its traceback; a
+    rank whose collective broke because a peer had failed first leaves quietly. Under the
+    launcher of ``vramplan train`` the launcher prints the report; under a bare torchrun the
+    first rank to fail prints it.
+    """
+    launched = os.environ.get(ERROR_DIR_ENV)
+    errors = Path(launched or Path(tempfile.gettempdir()) / f"vramplan-ranks-{os.environ.get('TORCHELASTIC_RUN_ID', 'none')}"
+                  f"-{os.environ.get('MASTER_PORT', '')}")
+    rank = int(os.environ.get("RANK", "0"))
+    try:
+        return fn()
+    except VramplanError as err:
+        code, message, details = 2, str(err), ""
+    except Exception as err:  # noqa: BLE001: every failure of one rank must end the others
+        code, message, details = 1, f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc()
+    if not _first_to_fail(errors):
+        _leave(1)  # a peer failed first: its message is the one that matters
+    _report(errors, rank, code, message, details)
+    if not launched:
+        print(f"{details}error: {message}" + ("" if code == 2 else f" (rank {rank})"), file=sys.stderr, flush=True)
+    _leave(code)
+
+
+def _first_to_fail(errors: Path) -> bool:
+    errors.mkdir(parents=True, exist_ok=True)
+    try:
+        os.close(os.open(errors / "first", os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+        return True
+    except FileExistsError:
+        return False
+
+
+def _report(errors: Path, rank: int, code: int, message: str, details: str = "") -> None:
+    path = errors / f"rank-{rank}.txt"
+    path.with_suffix(".tmp").write_text(f"{code} {message}\n{details}")
+    path.with_suffix(".tmp").rename(path)
+
+
+def _leave(code: int) -> None:
+    """Exit now: no interpreter teardown that could wait on a collective a dead peer never joins."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
+# --------------------------------------------------------------------------------------------
+# The model under DDP or FSDP2
+# --------------------------------------------------------------------------------------------
+
+
+class ShardableQLoRALinear(QLoRALinear):
+    """A QLoRALinear whose NF4 bytes are frozen parameters, so FSDP2 can shard and all-gather them.
+
+    Each part of the NF4 state (packed nibbles, absmax codes, their scales, offset and code book)
+    becomes a ``requires_grad=False`` parameter; ``weight`` rebuilds the ``NF4Tensor`` view from
+    whatever those parameters are at the moment: the local shards between steps, the gathered
+    whole inside the layer's forward and backward. The kernels see the same NF4Tensor as on one GPU.
+    (Answer.AI's FSDP-QLoRA stored bitsandbytes' bytes as bf16 for FSDP1's flat parameters;
+    FSDP2 shards each parameter on its own and takes uint8 as it is.)
+    """
+
+    _PARTS = ("packed", "absmax", "absmax_scale", "absmax_code")
+
+    @classmethod
+    def convert(cls, module: QLoRALinear) -> None:
+        """Turn ``module`` into this class in place (FSDP2 itself swaps classes this way)."""
+        q = module.__dict__.pop("weight")
+        for part in cls._PARTS:
+            value = getattr(q, part)
+            if value is not None:
+                module.register_parameter(f"nf4_{part}", nn.Parameter(value, requires_grad=False))
+        if q.absmax_offset is not None:
+            module.register_parameter("nf4_absmax_offset", nn.Parameter(q.offset_tensor(), requires_grad=False))
+        module._nf4_layout = (q.shape, q.dtype, q.blocksize)
+        module.__class__ = cls
+
+    @property
+    def weight(self) -> NF4Tensor:
+        shape, dtype, blocksize = self._nf4_layout
+        params = self._parameters
+        return NF4Tensor(params["nf4_packed"], params["nf4_absmax"], shape, dtype, blocksize,
+                         absmax_scale=params.get("nf4_absmax_scale"), absmax_offset=params.get("nf4_absmax_offset"),
+                         absmax_code=params.get("nf4_absmax_code"))
+
+    def _apply(self, fn, recurse=True):
+        return nn.Module._apply(self, fn, recurse)  # the NF4 parts are parameters now: moved like any other
+
+
+def make_shardable(layer: nn.Module) -> None:
+    for module in list(layer.modules()):
+        if type(module) is QLoRALinear and isinstance(module.weight, NF4Tensor):
+            ShardableQLoRALinear.convert(module)
+
+
+class SummedLoss(nn.Module):
+    """The model's training loss as a module, so DDP and FSDP2 see a forward call.
+
+    The recipe never calls the causal LM's own forward (it would build the logits); DDP needs
+    its forward to run to prepare the gradient all-reduce, FSDP2 to gather the root's
+    parameters (embeddings, final norm, LM head).
+    """
+
+    def __init__(self, lm: nn.Module):
+        super().__init__()
+        self.lm = lm
+
+    def forward(self, input_ids, position_ids, labels):
+        from vramplan.train.loss import summed_loss
+
+        return summed_loss(self.lm, {"input_ids": input_ids, "position_ids": position_ids, "labels": labels})
+
+
+def layer_sharder(plan):
+    """``after_layer`` for ``load_for_training``: FSDP2 on one decoder layer right after it was
+    quantized, so its full copy is freed at once and a rank never holds more than one layer
+    unsharded while the model loads. ``plan.cpu_offload``: the shards live in (pinned) host memory."""
+    from torch.distributed.fsdp import fully_shard
+
+    def shard(layer: nn.Module) -> None:
+        make_shardable(layer)
+        fully_shard(layer, **_fsdp_options(plan.cpu_offload))
+
+    return shard
+
+
+def _fsdp_options(offload: bool) -> dict:
+    if not offload:
+        return {}
+    from torch.distributed.fsdp import CPUOffloadPolicy
+
+    return {"offload_policy": CPUOffloadPolicy()}
+
+
+def wrap(model: nn.Module, world: World, device: torch.device, offload: bool = False) -> "Parallel":
+    """The model ready for the loop: DDP around it, or FSDP2 at its root (its layers were sharded as they loaded)."""
+    loss = SummedLoss(model)
+    if world.size < 2:
+        return Parallel(loss, world)
+    if world.parallel == "fsdp":
+        from torch.distributed.fsdp import fully_shard
+
+        embedding, head = model.get_input_embeddings(), model.get_output_embeddings()
+        if isinstance(embedding, nn.Embedding) and (head is None or head.weight is not embedding.weight):
+            # (on a GPU an untied table is in host memory already: patching.keep_input_embeddings_on_host)
+            # its own unit: gathered for its forward only (no gradient flows into it), where in the root's
+            # unit it would stay whole through the backward too (2.1 GB a rank for Llama-3.3-70B's table)
+            fully_shard(embedding, **_fsdp_options(offload))
+        return Parallel(fully_shard(loss, **_fsdp_options(offload)), world)
+    from torch.nn.parallel import DistributedDataParallel
+
+    freeze_unused_adapters(model)
+    ids = [device.index] if device.type == "cuda" else None
+    with warnings.catch_warnings():  # torch 2.13 renames broadcast_buffers; 2.11 knows only that name
+        warnings.simplefilter("ignore", FutureWarning)
+        # buffers (rotary tables) are the same on every rank: no broadcast before each forward
+        ddp = DistributedDataParallel(loss, device_ids=ids, find_unused_parameters=False, broadcast_buffers=False)
+    return Parallel(ddp, world)
+
+
+def freeze_unused_adapters(model: nn.Module) -> None:
+    """Stop DDP waiting for gradients that never come: Gemma 4's shared-KV layers read K/V from an
+    earlier layer, so where a transformers version still builds their k_proj/v_proj, those adapters
+    get no gradient (DDP with ``find_unused_parameters=False`` would fail at the next step). They
+    stay in the optimizer, which skips a parameter without a gradient, as it does on one GPU."""
+    for module in model.modules():
+        if getattr(module, "is_kv_shared_layer", False):
+            for name in ("k_proj", "v_proj"):
+                projection = getattr(module, name, None)
+                if isinstance(projection, QLoRALinear):
+                    projection.lora_A.weight.requires_grad_(False)
+                    projection.lora_B.weight.requires_grad_(False)
+
+
+@dataclass
+class Parallel:
+    """What ``loss.accumulate_gradients`` needs to know of the ranks: the loss module to call,
+    the world size, a device-side sum over ranks and whether this micro-batch syncs gradients."""
+
+    module: nn.Module
+    world: World
+
+    @property
+    def size(self) -> int:
+        return self.world.size
+
+    def all_reduce_sum(self, tensor: torch.Tensor) -> torch.Tensor:
+        if self.world.size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def gradient_sync(self, last: bool):
+        """DDP's ``no_sync`` / FSDP2's ``set_requires_gradient_sync``: only the last micro-batch of a step reduces."""
+        if self.world.size < 2 or last:
+            if self.world.parallel == "fsdp" and self.world.size > 1:
+                self.module.set_requires_gradient_sync(True)
+            return contextlib.nullcontext()
+        if self.world.parallel == "fsdp":
+            self.module.set_requires_gradient_sync(False)
+            return contextlib.nullcontext()
+        return self.module.no_sync()
+
+
+# --------------------------------------------------------------------------------------------
+# Whole tensors out of shards (for saving) and shards out of whole tensors (for resuming)
+# --------------------------------------------------------------------------------------------
+
+
+def full(tensor: torch.Tensor) -> torch.Tensor:
+    """The whole tensor behind a DTensor shard (a collective: every rank calls it), else the tensor."""
+    from torch.distributed.tensor import DTensor
+
+    return tensor.full_tensor() if isinstance(tensor, DTensor) else tensor
+
+
+def like(param: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+    """``value`` (a whole tensor) laid out as ``param`` is: this rank's dim-0 slice of it, as FSDP2 cuts it,
+    when param is a DTensor. Cut locally, with no collective: every rank read the same file, and the
+    shards may live on the host (CPU offload) while the mesh is on the GPUs."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(param, DTensor):
+        return value
+    local = param.to_local()
+    rank, size = param.device_mesh.get_local_rank(), param.device_mesh.size()
+    chunks = torch.chunk(value, size, dim=0)  # FSDP2's Shard(0): torch.chunk, trailing ranks possibly empty
+    mine = chunks[rank] if rank < len(chunks) else value.new_empty((0, *value.shape[1:]))
+    mine = mine.to(device=local.device, dtype=local.dtype).contiguous()
+    return DTensor.from_local(mine, param.device_mesh, param.placements, run_check=False, shape=value.shape,
+                              stride=value.stride())
+
+
+def full_optimizer_state(optimizer) -> dict:
+    """``optimizer.state_dict()`` with every sharded state tensor made whole: the same file for any rank count."""
+    state = optimizer.state_dict()
+    state["state"] = {index: {k: full(v) if isinstance(v, torch.Tensor) else v for k, v in entry.items()}
+                      for index, entry in state["state"].items()}
+    return state
+
+
+def shard_optimizer_state(state: dict, optimizer) -> dict:
+    """The inverse of ``full_optimizer_state`` for this optimizer's (possibly sharded) parameters."""
+    params = [p for group in optimizer.param_groups for p in group["params"]]
+    out = dict(state)
+    out["state"] = {}
+    for index, entry in state["state"].items():
+        param = params[int(index)]
+        out["state"][index] = {k: like(param, v) if isinstance(v, torch.Tensor) and v.shape == param.shape else v
+                               for k, v in entry.items()}
+    return out
+
+
+def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
+    """``clip_grad_norm_`` that also takes FSDP2's sharded gradients (their norm is reduced over ranks)."""
+    grads = [p.grad for p in params if p.grad is not None]
+    norm = full(torch.nn.utils.get_total_norm(grads))
+    torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+    return norm
