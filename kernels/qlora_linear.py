@@ -22,6 +22,7 @@ fp32 accumulation, as under autocast; with fp32/fp64 activations, in the adapter
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import triton
@@ -242,8 +243,10 @@ class QLoRALinearFunction(torch.autograd.Function):
             lora_a, lora_b, a_c, b_c = ctx.lora
             compute = xa.dtype
             g_c = _cast(g, compute)
-            grad_b = _cast(torch.mm(g_c.t(), xa).mul_(ctx.scale), lora_b.dtype)
-            g_xa = torch.mm(g_c, _cast(b_c, compute)).mul_(ctx.scale)  # [M, r]: the gradient at x·Aᵀ
+            # the scale rides in the matmul (addmm's alpha over an ignored input): one launch, not mm + mul_
+            zero = _zero(g_c)
+            grad_b = _cast(torch.addmm(zero, g_c.t(), xa, beta=0, alpha=ctx.scale), lora_b.dtype)
+            g_xa = torch.addmm(zero, g_c, _cast(b_c, compute), beta=0, alpha=ctx.scale)  # [M, r]: the gradient at x·Aᵀ
             grad_a = _cast(torch.mm(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
             if grad_x is not None:
                 grad_x.addmm_(_cast(g_xa, grad_x.dtype), _cast(a_c, grad_x.dtype))
@@ -252,6 +255,19 @@ class QLoRALinearFunction(torch.autograd.Function):
         if grad_x is not None and grad_x.shape != ctx.x_shape:
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, grad_a, grad_b, None, grad_bias, None, None
+
+
+_zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-d zero of ``like``'s dtype and device: the input of ``addmm(..., beta=0)``, which reads no
+    value of it (and with beta 0 copies nothing into the output), kept so no step allocates one."""
+    key = (like.device, like.dtype)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = _zeros[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
 
 
 def _copies(lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -285,11 +301,54 @@ class LoRACopies:
     def get(self, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         key = (LoRACopies._generation, dtype, lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr())
         if key != self._key:
-            self._copies, self._key = _copies(lora_a, lora_b, dtype), key
+            together = _cast_together.get(lora_a.untyped_storage().data_ptr())
+            if together is not None and together.holds(lora_a) and together.holds(lora_b):
+                # changed since this step's copies were made (not by the optimizer): cast the whole buffer anew
+                changed = self._key is not None and self._key[:2] == key[:2]
+                self._copies = together.copies(lora_a, lora_b, dtype, refresh=changed)
+            else:
+                self._copies = _copies(lora_a, lora_b, dtype)
+            self._key = key
         return self._copies
 
 
 register_optimizer_step_post_hook(LoRACopies._optimizer_stepped)
+
+
+class _CastTogether:
+    """Adapters stored as views of one flat tensor, cast to the compute dtype in one launch per
+    optimizer step (for all of them) instead of two per module."""
+
+    def __init__(self, flat: torch.Tensor):
+        self._flat, self._key, self._cast = weakref.ref(flat), None, None  # dies with its optimizer
+
+    @property
+    def flat(self) -> torch.Tensor | None:
+        return self._flat()
+
+    def holds(self, t: torch.Tensor) -> bool:
+        flat = self.flat
+        return flat is not None and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() and t.is_contiguous()
+
+    def copies(self, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype, refresh: bool) -> tuple[torch.Tensor, ...]:
+        key = (LoRACopies._generation, dtype)
+        if refresh or key != self._key:
+            self._cast, self._key = self.flat.detach().to(dtype), key
+        a, b = self._view(lora_a), self._view(lora_b)
+        return a, a.t(), b, b.t()
+
+    def _view(self, t: torch.Tensor) -> torch.Tensor:
+        start = t.storage_offset() - self.flat.storage_offset()
+        return self._cast[start:start + t.numel()].view(t.shape)
+
+
+_cast_together: dict[int, _CastTogether] = {}
+
+
+def cast_adapters_together(flat: torch.Tensor) -> None:
+    """Adapters whose storage is ``flat`` (views of it: an optimizer's flat parameter) take their
+    compute-dtype copies from one cast of all of ``flat`` per optimizer step."""
+    _cast_together[flat.untyped_storage().data_ptr()] = _CastTogether(flat)
 
 
 def _low_precision(x: torch.Tensor) -> bool:
