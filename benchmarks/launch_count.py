@@ -14,7 +14,9 @@ plan's optimizer), and counts one optimizer step under a ``TorchDispatchMode``:
 * every Triton launch (the kernels run in the interpreter, ``TRITON_INTERPRET=1``; what the
   interpreter does inside a launch is not counted, and the NF4 decode, a single launch on the
   GPU, counts as one);
-* bitsandbytes' optimizer ops (one per parameter).
+* bitsandbytes' optimizer ops (one per parameter it steps).
+
+The counts compare with ``--compare BEFORE.json AFTER.json`` (benchmarks/results/launch_count*.md).
 
 Each counted op is attributed to a component (the module or function running it: QLoRA linear,
 norm, rope, attention, MLP, decoder layer, embedding, model, loss) and a phase (forward, the
@@ -58,7 +60,9 @@ TINY = {
                "hidden_size_per_layer_input": 8, "sliding_window": 16},
 }
 PHASES = ("forward", "recompute", "backward", "grad_clip", "optimizer", "zero_grad", "step")
-KINDS = ("launch", "triton", "host", "sync")
+#: what a counted op is: device work, a Triton launch, a bitsandbytes op, a wait for the device, or host-only
+KINDS = ("launch", "triton", "bnb", "sync", "host")
+LAUNCHING = ("launch", "triton", "bnb", "sync")
 
 # aten ops that launch no kernel on a GPU (views, metadata, allocation); still host time
 _HOST_ONLY = {"empty", "empty_like", "empty_strided", "detach", "alias", "lift_fresh", "set_", "resize_",
@@ -244,12 +248,12 @@ def tiny_config(family: str, layers: int | None = None) -> dict:
 
     config = dict(resolve_model(MODELS[family]).config, **TINY[family])
     config.pop("torch_dtype", None)
-    if layers is not None:
+    if layers is not None:  # fewer layers (tests): both layer types, and for shared KV half the layers sharing
         config["num_hidden_layers"] = layers
         if "layer_types" in config:
-            config["layer_types"] = config["layer_types"][-layers:]  # keeps the last (full attention) layer type
+            config["layer_types"] = (["sliding_attention", "full_attention"] * layers)[:layers]
         if "num_kv_shared_layers" in config:
-            config["num_kv_shared_layers"] = min(config["num_kv_shared_layers"], layers // 2)
+            config["num_kv_shared_layers"] = layers // 2 if layers >= 4 else 0
     return config
 
 
@@ -313,9 +317,8 @@ def count_step(family: str, layers: int | None = None, seq: int = 32, optimizer:
             by_kind.update(kinds)
     return {"model": MODELS[family], "tiny": TINY[family], "layers": model.config.get_text_config().num_hidden_layers,
             "seq": seq, "lora_linears": len(params) // 2, "optimizer": type(opt).__name__, "base_path": base,
-            "totals": dict(by_kind), "launches": by_kind["launch"] + by_kind["triton"] + by_kind["bnb"] + by_kind["sync"],
-            "per_phase": {p: sum(sum(k.get(x, 0) for x in ("launch", "triton", "bnb", "sync")) for k in c.values())
-                          for p, c in table.items()},
+            "totals": dict(by_kind), "launches": sum(by_kind[k] for k in LAUNCHING),
+            "per_phase": {p: sum(sum(k.get(x, 0) for x in LAUNCHING) for k in c.values()) for p, c in table.items()},
             "table": table}
 
 
@@ -336,6 +339,34 @@ def markdown(results: list[dict], title: str) -> str:
     return "\n".join(lines)
 
 
+def _by_component(result: dict) -> Counter:
+    out: Counter = Counter()
+    for components in result["table"].values():
+        for component, kinds in components.items():
+            out[component] += sum(kinds.get(k, 0) for k in LAUNCHING)
+    return out
+
+
+def comparison(before: list[dict], after: list[dict]) -> str:
+    """Before/after launches per step, per model, by phase and by component (all phases)."""
+    lines = ["# Kernel launches per optimizer step, before and after", "",
+             "Counted on the CPU by `python -m benchmarks.launch_count` (see its docstring); launches = aten ops "
+             "that launch device work + Triton launches + bitsandbytes ops + syncs.", ""]
+    for b, a in zip(before, after):
+        lines += [f"## {a['model']} structure ({a['layers']} layers, {a['lora_linears']} LoRA linears)", "",
+                  f"**{b['launches']} → {a['launches']} launches/step** ({a['launches'] / b['launches'] - 1:+.0%})", "",
+                  "| phase | before | after |", "|---|---|---|"]
+        for phase in PHASES:
+            if phase in b["per_phase"] or phase in a["per_phase"]:
+                lines.append(f"| {phase} | {b['per_phase'].get(phase, 0)} | {a['per_phase'].get(phase, 0)} |")
+        lines += ["", "| component (all phases) | before | after |", "|---|---|---|"]
+        cb, ca = _by_component(b), _by_component(a)
+        for c in sorted(cb.keys() | ca.keys(), key=lambda c: -cb.get(c, 0)):
+            lines.append(f"| {c} | {cb.get(c, 0)} | {ca.get(c, 0)} |")
+        lines.append("")
+    return "\n".join(lines)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="llama,gemma4")
@@ -343,7 +374,13 @@ def main() -> None:
     parser.add_argument("--seq", type=int, default=32)
     parser.add_argument("--out", default="", help="write OUT.json and OUT.md")
     parser.add_argument("--title", default="Kernel launches per optimizer step")
+    parser.add_argument("--compare", nargs=2, metavar=("BEFORE.json", "AFTER.json"),
+                        help="print the before/after table of two earlier --out runs instead of counting")
     args = parser.parse_args()
+    if args.compare:
+        before, after = (json.loads(Path(f).read_text()) for f in args.compare)
+        print(comparison(before, after))
+        return
     results = [count_step(family, args.layers, args.seq) for family in args.models.split(",")]
     md = markdown(results, args.title)
     print(md)
