@@ -54,7 +54,9 @@ def test_flat_steps_one_tensor_with_bitsandbytes_per_tensor_updates(paged):
             opt_ours.zero_grad(set_to_none=True)
     except RuntimeError as e:
         pytest.skip(f"bitsandbytes 8-bit optimizers do not step on the CPU here: {e}")
-    assert len(opt_ours.state) == 1 and all(p.grad is None for p in ours)
+    assert len(opt_ours.state) == 1
+    # one process: the gradients stay views of the flat gradient, zeroed in one launch
+    assert all(p.grad is v and not v.any() for p, v in zip(ours, opt_ours.flat.grad_views))
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
         assert a.untyped_storage().data_ptr() == opt_ours.flat.param.untyped_storage().data_ptr()
@@ -97,3 +99,40 @@ def test_flat_adapters_cast_once_per_step_and_follow_updates():
     layer(x).float().sum().backward()
     flat.gather_grads()
     assert torch.equal(flat.grad_views[3], layer.lora_B.weight.grad) and flat.grad_views[0].abs().sum() == 0
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_flat_gradient_sink_equals_autograd_with_accumulation_and_checkpointing(dtype):
+    """The backward writing dA/dB into the flat buffer (one add_ per backward) gives exactly the
+    gradients autograd accumulates per adapter, over two backward passes, checkpointed or not."""
+    from vramplan.train.ops import QLoRALinear
+    from vramplan.train.optim import FlatLoRA
+
+    def stack(seed):
+        torch.manual_seed(seed)
+        layers = torch.nn.ModuleList(QLoRALinear.from_linear(torch.nn.Linear(64, 64, bias=False), 16, 24, quant="bf16")
+                                     for _ in range(3))
+        for layer in layers:
+            layer.weight.data = layer.weight.data.to(dtype)
+            for p in (layer.lora_A.weight, layer.lora_B.weight):
+                torch.nn.init.normal_(p, std=0.1)
+                p.requires_grad_(True)
+        return layers
+
+    def run(layers, x, checkpointed):
+        h = x
+        for layer in layers:
+            h = torch.utils.checkpoint.checkpoint(layer, h, use_reentrant=False) if checkpointed else layer(h)
+        return h.float().square().sum()
+
+    plain, flat_layers = stack(0), stack(0)
+    params = [p for layer in flat_layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
+    flat = FlatLoRA(params)
+    xs = [torch.randn(2, 5, 64, dtype=dtype, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    for x, checkpointed in zip(xs, (False, True)):
+        run(plain, x, checkpointed).backward()
+        run(flat_layers, x, checkpointed).backward()
+    for want, got in zip((p for layer in plain for p in (layer.lora_A.weight, layer.lora_B.weight)), params):
+        assert got.grad.data_ptr() >= flat.grad.data_ptr() and torch.equal(got.grad, want.grad)
+    flat.zero_grad()
+    assert not flat.grad.any() and all(p.grad is not None for p in params)

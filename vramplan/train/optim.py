@@ -26,16 +26,24 @@ import functools
 
 import torch
 
-from vramplan.train.ops import cast_adapters_together
+from vramplan.train.ops import flat_adapters
 
 
 ALIGN = 256  # bitsandbytes' 8-bit blockwise optimizer state: one absmax per 256 values
 
 
 class FlatLoRA:
-    """Parameters re-pointed at views of one flat buffer (``param``), their gradients gathered into
-    one flat gradient before a step. Tensors without a gradient get zeros there: all LoRA adapters
-    get one every step; a frozen one would still feel momentum and weight decay."""
+    """Parameters re-pointed at views of one flat buffer (``param``) and their gradients at views of
+    one flat gradient (``grad``).
+
+    On one process the adapters' backward writes their gradients there itself (``ops.flat_adapters``:
+    one launch per backward for all of them instead of a cast per adapter), and ``.grad`` of every
+    adapter stays a view of ``grad``: zeroing is one ``zero_``, never None. Under torch.distributed
+    (DDP's reducer waits for autograd's per-parameter gradients) the gradients come from autograd
+    as usual and are gathered with one foreach copy before a step. Either way an adapter without a
+    gradient contributes zeros: all LoRA adapters get one every step; a frozen one would still feel
+    momentum and weight decay.
+    """
 
     def __init__(self, params: list[torch.nn.Parameter]):
         if not params or len({(p.dtype, p.device) for p in params}) != 1:
@@ -46,19 +54,34 @@ class FlatLoRA:
             offsets.append(total)
             total += -(-p.numel() // ALIGN) * ALIGN
         flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
-        grad = torch.zeros_like(flat)
+        self.grad = torch.zeros_like(flat)
         with torch.no_grad():
             for p, start in zip(params, offsets):
                 view = flat[start:start + p.numel()].view_as(p)
                 view.copy_(p)
                 p.data = view
-        self.grad_views = [grad[start:start + p.numel()].view_as(p) for p, start in zip(params, offsets)]
+        self.grad_views = [self.grad[start:start + p.numel()].view_as(p) for p, start in zip(params, offsets)]
         self.param = torch.nn.Parameter(flat)
-        self.grad = grad
-        cast_adapters_together(self.param)  # held weakly there: it lives as long as the optimizer
+        distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+        self.grads_in_place = not distributed
+        if self.grads_in_place:
+            self._point_grads()
+        # held weakly there: they live as long as the optimizer
+        flat_adapters(self.param, self.grad if self.grads_in_place else None)
+
+    def _point_grads(self) -> None:
+        for p, view in zip(self.params, self.grad_views):
+            if p.grad is not view:
+                if p.grad is not None:
+                    view.copy_(p.grad)
+                p.grad = view
 
     def gather_grads(self) -> None:
-        """``param.grad``: the adapters' gradients in one buffer (one foreach copy), or None when none has one."""
+        """``param.grad``: the adapters' gradients in one buffer, or None when none has one."""
+        if self.grads_in_place:
+            self._point_grads()  # a gradient someone replaced is copied in
+            self.param.grad = self.grad
+            return
         present = [(view, p.grad) for view, p in zip(self.grad_views, self.params) if p.grad is not None]
         if not present:
             self.param.grad = None
@@ -67,6 +90,18 @@ class FlatLoRA:
             self.grad.zero_()
         torch._foreach_copy_([view for view, _ in present], [g for _, g in present])
         self.param.grad = self.grad
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        if self.grads_in_place:
+            self.grad.zero_()  # the views stay: the backward writes into them
+            self._point_grads()
+        else:
+            for p in self.params:
+                if set_to_none:
+                    p.grad = None
+                elif p.grad is not None:
+                    p.grad.zero_()
+        self.param.grad = None
 
 
 class _OneFlatTensor:
@@ -81,12 +116,7 @@ class _OneFlatTensor:
         return super().step(closure)
 
     def zero_grad(self, set_to_none: bool = True) -> None:
-        for p in self.flat.params:
-            if set_to_none:
-                p.grad = None
-            elif p.grad is not None:
-                p.grad.zero_()
-        self.flat.param.grad = None
+        self.flat.zero_grad(set_to_none)
 
 
 class _OneSyncPerStep:
