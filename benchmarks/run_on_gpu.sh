@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the GPU side of the project in one go on a CUDA machine, from the repository root:
-#   benchmarks/run_on_gpu.sh [tests] [kernels] [trainer ...] [accuracy[:MODEL,...]] [capcheck]
+#   benchmarks/run_on_gpu.sh [tests] [kernels[:MODULES]] [trainer ...] [profile:CONFIG:SEQ] [accuracy[:MODEL,...]] [capcheck]
 # Wheels in .whl/ (bitsandbytes, liger-kernel) are installed to /tmp/site first when present.
 # Results go to $OUT (default benchmarks/results/gpu-run).
 set -uo pipefail
@@ -22,6 +22,9 @@ for job in "$@"; do
     trainer:*)  # trainer:CONFIG.json:GRID.json  (the config's file name labels the lines)
       IFS=: read -r _ cfg grid <<<"$job"
       python3 -m benchmarks.trainer --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
+    profile:*)  # profile:CONFIG:SEQ  wall vs GPU-busy time per step and the top host ops (benchmarks/profile_trainer.py)
+      IFS=: read -r _ cfg seq <<<"$job"
+      python3 -m benchmarks.profile_trainer --config "$cfg" --seq "$seq" 2>&1 | tee -a "$OUT/profile-$(basename "$cfg" .json)-$seq.txt" | head -3 ;;
     accuracy)   python3 -m benchmarks.accuracy --measure --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     accuracy:*) python3 -m benchmarks.accuracy --measure --models "${job#accuracy:}" --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     capcheck)   python3 -m benchmarks.accuracy --cap-check 2>&1 | tee "$OUT/cap_check.json" | tail -40 ;;

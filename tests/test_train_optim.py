@@ -33,13 +33,18 @@ def test_same_updates_as_bitsandbytes(paged):
     assert isinstance(opt_ours, theirs_cls)
 
 
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("paged", [True, False])
-def test_flat_steps_one_tensor_with_bitsandbytes_per_tensor_updates(paged):
+def test_flat_steps_one_tensor_with_bitsandbytes_per_tensor_updates(paged, device):
     """Adapters of 4,096+ values (8-bit state) in one flat buffer: bit-equal updates, one state."""
     bnb = pytest.importorskip("bitsandbytes")
     theirs_cls = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
     torch.manual_seed(0)
-    start = [torch.randn(16, 4096), torch.randn(300, 16), torch.randn(16, 300)]  # 4,800 values: not 256-aligned
+    start = [torch.randn(16, 4096, device=device), torch.randn(300, 16, device=device),
+             torch.randn(16, 300, device=device)]  # 4,800 values: not 256-aligned
     ours = [torch.nn.Parameter(t.clone()) for t in start]
     theirs = [torch.nn.Parameter(t.clone()) for t in start]
     try:
@@ -101,8 +106,9 @@ def test_flat_adapters_cast_once_per_step_and_follow_updates():
     assert torch.equal(flat.grad_views[3], layer.lora_B.weight.grad) and flat.grad_views[0].abs().sum() == 0
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
-def test_flat_gradient_sink_equals_autograd_with_accumulation_and_checkpointing(dtype):
+def test_flat_gradient_sink_equals_autograd_with_accumulation_and_checkpointing(dtype, device):
     """The backward writing dA/dB into the flat buffer (one add_ per backward) gives exactly the
     gradients autograd accumulates per adapter, over two backward passes, checkpointed or not."""
     from vramplan.train.ops import QLoRALinear
@@ -111,7 +117,7 @@ def test_flat_gradient_sink_equals_autograd_with_accumulation_and_checkpointing(
     def stack(seed):
         torch.manual_seed(seed)
         layers = torch.nn.ModuleList(QLoRALinear.from_linear(torch.nn.Linear(64, 64, bias=False), 16, 24, quant="bf16")
-                                     for _ in range(3))
+                                     for _ in range(3)).to(device)
         for layer in layers:
             layer.weight.data = layer.weight.data.to(dtype)
             for p in (layer.lora_A.weight, layer.lora_B.weight):
@@ -128,7 +134,7 @@ def test_flat_gradient_sink_equals_autograd_with_accumulation_and_checkpointing(
     plain, flat_layers = stack(0), stack(0)
     params = [p for layer in flat_layers for p in (layer.lora_A.weight, layer.lora_B.weight)]
     flat = FlatLoRA(params)
-    xs = [torch.randn(2, 5, 64, dtype=dtype, generator=torch.Generator().manual_seed(i)) for i in range(2)]
+    xs = [torch.randn(2, 5, 64, dtype=dtype, generator=torch.Generator().manual_seed(i)).to(device) for i in range(2)]
     for x, checkpointed in zip(xs, (False, True)):
         run(plain, x, checkpointed).backward()
         run(flat_layers, x, checkpointed).backward()

@@ -5,7 +5,7 @@ import pytest
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from tests.train_fixtures import gemma4_config, llama_config
+from train_fixtures import gemma4_config, llama_config
 from vramplan.train import ops, patching
 from vramplan_kernels.dispatch import kernel_mode
 
@@ -50,3 +50,33 @@ def test_patched_rope_keeps_logits_and_grads_with_checkpointing(config, monkeypa
     assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
     for name, grad in want_grads.items():
         torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [llama_config(), gemma4_config()], ids=["llama", "gemma4"])
+def test_patched_rope_on_the_gpu_in_bf16(config):
+    """On CUDA the patch runs the kernel by default: bf16 logits and grads as close to the original's
+    as two bf16 computations of the same rotation are."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16,
+                                             attn_implementation="sdpa").cuda().train()
+    ids = torch.randint(0, config["vocab_size"], POSITIONS.shape).cuda()
+    patching.patch_rope(model)
+    modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    patched = modeling.apply_rotary_pos_emb
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, position_ids=POSITIONS.cuda(), use_cache=False).logits
+        logits.float().square().mean().backward()
+        return logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    got = run()
+    modeling.apply_rotary_pos_emb = patched.vramplan_original
+    try:
+        want = run()
+    finally:
+        modeling.apply_rotary_pos_emb = patched
+    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=5e-2, atol=5e-2, msg=name)
