@@ -249,8 +249,8 @@ class QLoRALinearFunction(torch.autograd.Function):
             flat = _flat_of(lora_a)
             sink = flat.grad_sink(lora_a, lora_b, compute) if flat is not None and all(ctx.needs_input_grad[2:4]) else None
             if sink is not None:  # into the flat gradient buffer, cast once for all adapters at the end
-                torch.addmm(sink[1], g_c.t(), xa, alpha=ctx.scale, out=sink[1])
-                torch.addmm(sink[0], g_xa.t(), _cast(x2, compute), out=sink[0])
+                sink[1].addmm_(g_c.t(), xa, alpha=ctx.scale)
+                sink[0].addmm_(g_xa.t(), _cast(x2, compute))
             else:
                 grad_b = _cast(torch.addmm(zero, g_c.t(), xa, beta=0, alpha=ctx.scale), lora_b.dtype)
                 grad_a = _cast(torch.mm(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
@@ -327,8 +327,7 @@ class _FlatAdapters:
     * their compute-dtype copies come from one cast of the whole tensor per optimizer step,
       instead of two casts per module;
     * with ``grad`` (the flat gradient whose views are the adapters' ``.grad``), the backward
-      writes dA and dB straight into a flat compute-dtype buffer (``addmm(out=)`` with the scale
-      folded in) and autograd gets no gradient for them: at the end of the backward one ``add_``
+      adds dA and dB straight into a flat compute-dtype buffer (``addmm_``, the scale folded in) and autograd gets no gradient for them: at the end of the backward one ``add_``
       moves the whole buffer into ``grad`` (the same values autograd's per-tensor cast and
       accumulate would give), and one ``zero_`` clears it. Two launches per step instead of two
       casts per adapted linear. Off under ``create_graph`` (the normal path then runs).

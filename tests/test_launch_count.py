@@ -20,7 +20,9 @@ def test_one_step_counted_by_phase_and_component(family, layers):
     for phase in ("forward", "recompute", "backward"):
         rope = table[phase]["rope"]
         assert rope.get("triton", 0) >= layers and (phase == "forward" or rope.get("launch", 0) == 0)
-    # per LoRA linear: dequant (Triton) + 3 aten launches in the recompute; at most 8 in the backward
+    # per LoRA linear: dequant (Triton) + 3 aten launches in the recompute; in the backward dequant + 5
+    # (dX, the gradient at x·Aᵀ, dA and dB into the flat buffer, the LoRA part of dX), plus a copy where
+    # a gradient arrives non-contiguous
     assert table["recompute"]["qlora_linear"]["launch"] == 3 * linears
-    assert table["backward"]["qlora_linear"]["launch"] <= 8 * linears
+    assert table["backward"]["qlora_linear"]["launch"] <= 6 * linears
     assert table["backward"]["qlora_linear"]["triton"] == linears
