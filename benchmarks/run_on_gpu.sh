@@ -21,12 +21,23 @@ for job in "$@"; do
     kernels:*) python3 benchmarks/kernels.py --only "${job#kernels:}" --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     trainer:*)  # trainer:CONFIG.json:GRID.json  (the config's file name labels the lines)
       IFS=: read -r _ cfg grid <<<"$job"
-      python3 -m benchmarks.trainer --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
+      python3 -m benchmarks.trainer --fresh --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
     profile:*)  # profile:CONFIG:SEQ  wall vs GPU-busy time per step and the top host ops (benchmarks/profile_trainer.py)
       IFS=: read -r _ cfg seq <<<"$job"
       python3 -m benchmarks.profile_trainer --config "$cfg" --seq "$seq" 2>&1 | tee -a "$OUT/profile-$(basename "$cfg" .json)-$seq.txt" | head -3 ;;
     accuracy)   python3 -m benchmarks.accuracy --measure --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     accuracy:*) python3 -m benchmarks.accuracy --measure --models "${job#accuracy:}" --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
+    unsloth:*)  # unsloth:CONFIG.json:GRID.json — the reference Unsloth harness, side by side (wheels in .whl/unsloth,
+                # script at .dev/unsloth_bench.py: ../shared/reference-stacks/unsloth_bench.py, carried, not committed)
+      IFS=: read -r _ cfg grid <<<"$job"
+      python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site-unsloth .whl/unsloth/*.whl >/dev/null 2>&1
+      HF_HUB_OFFLINE=1 PYTHONPATH="/tmp/site-unsloth:$PYTHONPATH" timeout 420 python3 .dev/unsloth_bench.py --config "$cfg" --grid "$grid" --steps 5 \
+        2>"$OUT/unsloth-err.log" | tee -a "$OUT/unsloth.jsonl" ;;
+    multimodal:*)  # multimodal:N[,N...] — benchmarks/multimodal.py CONFIGS[N], each in its own process
+      IFS=, read -ra picks <<<"${job#multimodal:}"
+      for n in "${picks[@]}"; do
+        python3 benchmarks/multimodal.py --config "$n" --out "$OUT/multimodal.jsonl" 2>>"$OUT/multimodal-err.log" | tail -1
+      done ;;
     capcheck)   python3 -m benchmarks.accuracy --cap-check 2>&1 | tee "$OUT/cap_check.json" | tail -40 ;;
     *)       echo "unknown job $job" ;;
   esac

@@ -25,6 +25,7 @@ import torch
 from vramplan.catalog import resolve_model
 from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
+from vramplan.train.allocator import configure_allocator_for_training
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters
 from vramplan.train.recipe import make_optimizer
@@ -89,15 +90,25 @@ def main() -> None:
     parser.add_argument("--config", required=True, help="a profile name (llama-3.2-1b) or a config.json (text model)")
     parser.add_argument("--grid", required=True, help="JSON list (or a file holding one) of {seq,batch,rank,gc,optim,quant}")
     parser.add_argument("--steps", type=int, default=4)
+    parser.add_argument("--fresh", action="store_true",
+                        help="measure each configuration in its own process (no allocator or library state carried over)")
+    parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
     args = parser.parse_args()
     grid = json.loads(open(args.grid).read() if os.path.exists(args.grid) else args.grid)
+    configure_allocator_for_training()  # as `vramplan train` does, before CUDA starts
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/trainer.py measures GPU memory; run it on a machine with CUDA")
     device = torch.device("cuda")
-    folder = tempfile.mkdtemp(dir="/tmp")
+    folder = args.folder or tempfile.mkdtemp(dir="/tmp")
     started = time.time()
-    n_params = build_random_model(args.config, folder)
-    print(json.dumps({"event": "saved", "params": n_params, "s": round(time.time() - started, 1)}), flush=True)
+    if args.folder:
+        n_params = None
+    else:
+        n_params = build_random_model(args.config, folder)
+        print(json.dumps({"event": "saved", "params": n_params, "s": round(time.time() - started, 1)}), flush=True)
+    if args.fresh:
+        run_each_in_own_process(args, grid, folder, n_params)
+        return
     config = resolve_model(args.config).config
     vocab = config.get("text_config", config)["vocab_size"]
     torch.zeros(1, device=device)  # the CUDA context exists before the baseline, as in hf_baseline
@@ -119,6 +130,32 @@ def main() -> None:
         print(json.dumps(rec), flush=True)
         gc.collect()
         torch.cuda.empty_cache()
+    if not args.folder:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int) -> None:
+    """One child process per configuration, so each line's NVML delta is that configuration's alone.
+
+    Run one after another in a process, a configuration inherits the allocator's cached segments,
+    cuBLAS workspaces and bitsandbytes' paged buffers of those before it, and the first one pays
+    for what the later ones reuse: the deltas stop being comparable.
+    """
+    import subprocess
+    import sys
+
+    for g in grid:
+        child = subprocess.run([sys.executable, "-m", "benchmarks.trainer", "--config", args.config, "--grid",
+                                json.dumps([g]), "--steps", str(args.steps), "--folder", folder],
+                               capture_output=True, text=True)
+        lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
+        if child.returncode or not lines:
+            rec = dict(g, model=os.path.basename(args.config), stack="vramplan",
+                       error=f"child exited {child.returncode}: {child.stderr.strip().splitlines()[-1:]}")
+        else:
+            rec = json.loads(lines[-1])
+        rec.update(params=n_params, fresh_process=True)
+        print(json.dumps(rec), flush=True)
     shutil.rmtree(folder, ignore_errors=True)
 
 

@@ -37,7 +37,7 @@ def test_cost_is_the_cheaper_of_renting_and_buying(options):
             continue
         assert o.hours == pytest.approx(50_000_000 / o.tokens_per_s / 3600)
         if o.gpu.rent_usd_per_hour:
-            assert o.rent_usd == pytest.approx(o.hours * o.gpu.rent_usd_per_hour)
+            assert o.rent_usd == pytest.approx(o.hours * o.gpu.rent_usd_per_hour * o.gpu.count)  # a box: N × the rate
         known = [c for c in (o.rent_usd, o.purchase_usd) if c is not None]
         assert o.cost_usd == (min(known) if known else None)
 
@@ -50,7 +50,7 @@ def test_cheapest_fastest_and_best_value_are_marked_once(options):
     assert marked["cheapest"][0].cost_usd == min(o.cost_usd for o in priced)
     assert marked["fastest"][0].hours == min(o.hours for o in fitting)
     assert marked["best value"][0].cost_usd * marked["best value"][0].hours == min(o.cost_usd * o.hours for o in priced)
-    assert marked["fastest"][0].gpu.name == "b200"
+    assert marked["fastest"][0].gpu.name == "8xb200"  # the largest box of the fastest GPU
 
 
 def test_apple_machines_and_small_cards_do_not_fit_with_a_reason(options):
@@ -87,7 +87,8 @@ def test_json_shape():
     assert result.exit_code == 0, result.output
     data = json.loads(result.output)
     assert data["total_tokens"] == 50_000_000 and data["prices_date"]
-    assert len(data["options"]) == len(list_gpus())
+    singles = [o for o in data["options"] if o["count"] == 1]
+    assert len(singles) == len(list_gpus()) and all(o["fits"] for o in data["options"] if o["count"] > 1)
     for option in data["options"]:
         assert {"gpu", "fits", "tokens_per_s", "hours", "cost", "marks", "lacks"} <= set(option)
         assert (option["tokens_per_s"] is not None) == option["fits"]

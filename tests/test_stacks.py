@@ -80,5 +80,5 @@ def test_towers_only_on_gpu_when_the_plan_uses_them():
 
     profile = ModelProfile(name="gemma-4-e2b", config=nested)
     assert "towers" not in estimate_plan(Plan(model="gemma-4-e2b"), profile).components
-    with_vision = estimate_plan(Plan(model="gemma-4-e2b", modalities=("text", "vision")), profile)
+    with_vision = estimate_plan(Plan(model="gemma-4-e2b", modalities=("text", "image")), profile)
     assert with_vision.components["towers"] > 0

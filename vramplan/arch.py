@@ -91,6 +91,8 @@ class Architecture:
     extra_linears: tuple[Linear, ...] = ()  # model-level linears, e.g. Gemma 4's per_layer_model_projection
     extra_norm_params: int = 0  # final norm and other model-level vectors
     tower_params: dict[str, int] = field(default_factory=dict)  # "vision"/"audio" -> parameters
+    tower_configs: dict[str, dict] = field(default_factory=dict)  # "vision"/"audio" -> the tower's config (vramplan.memory.towers)
+    image_soft_tokens: int = 0  # soft tokens one image becomes (Gemma 4: vision_soft_tokens_per_image)
 
     @property
     def num_layers(self) -> int:
@@ -328,4 +330,6 @@ def from_config(config: dict[str, Any], where: str = "config") -> Architecture:
         per_layer_vocab=per_layer_vocab, per_layer_dim=per_layer_dim,
         extra_linears=extra_linears, extra_norm_params=extra_norms,
         tower_params={k: v for k, v in towers.items() if v},
+        tower_configs={k: dict(config[f"{k}_config"]) for k, v in towers.items() if v},
+        image_soft_tokens=int(config.get("vision_soft_tokens_per_image") or (280 if towers.get("vision") else 0)),
     )

@@ -15,10 +15,11 @@ Marked among the GPUs that fit: the **cheapest** (least cost to finish), the **f
 of either). A job that fits only at a shorter sequence than asked does not fit: the
 planner would train a different job.
 
-Boxes of several GPUs are a seam, not a feature yet: the trainer runs on one GPU
-(``Plan.parallel`` is always "none"), so ``BOX_SIZES`` is ``(1,)``. When data-parallel
-training lands, add 2, 4 and 8 here and scale :func:`box_tokens_per_s` by the measured
-scaling efficiency.
+Boxes of several GPUs are priced beside single GPUs, in the sizes each kind of GPU is
+sold or rented in (:data:`BOX_SIZES`): the plan is fitted per GPU (DDP, FSDP2 or FSDP2
+with CPU offload, see :mod:`vramplan.fit`), the speed is the box's (communication over
+its interconnect included, :mod:`vramplan.throughput`), and the price is N × the GPU's.
+A box that does not fit is left out when a single GPU of its kind is listed anyway.
 """
 
 from __future__ import annotations
@@ -27,15 +28,19 @@ import math
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramplan.catalog import GpuSpec, ModelProfile, list_gpus
+from vramplan.catalog import GpuSpec, ModelProfile, gpu_box, list_gpus
 from vramplan.errors import VramplanError
 from vramplan.estimate import architecture, budget_bytes, estimate_plan
 from vramplan.fit import fit_plan, leanest_plan, safety_margin
 from vramplan.plan import Plan
 from vramplan.throughput import predict_tokens_per_s
 
-#: GPUs per box the trainer can use; see the module docstring before adding 2, 4, 8.
-BOX_SIZES = (1,)
+#: GPUs per box, by catalog kind, as they are sold or rented: data-center GPUs in servers
+#: of up to 8 (HGX/DGX, cloud 8-GPU instances; T4/L4/A10 too: 4- and 8-GPU cloud
+#: instances); workstation and consumer cards up to 4 on PCIe (desktop and
+#: marketplace rigs); laptops one; Apple unified-memory machines never several.
+BOX_SIZES = {"datacenter": (1, 2, 4, 8), "workstation": (1, 2, 4), "consumer": (1, 2, 4),
+             "laptop": (1,), "unified": (1,), "budget": (1,)}
 
 NEEDS_CUDA = "needs CUDA: vramplan trains with bitsandbytes and Triton kernels on NVIDIA GPUs"
 
@@ -89,14 +94,9 @@ class Option:
         }
 
 
-def box(gpu: GpuSpec, count: int) -> GpuSpec:
-    return gpu if count == 1 else GpuSpec(**{**gpu.__dict__, "count": count, "name": f"{count}x{gpu.name}"})
-
-
-def box_tokens_per_s(single: float, count: int) -> float:
-    if count != 1:
-        raise VramplanError("multi-GPU boxes are not supported by the trainer yet")
-    return single
+def box_sizes(gpu: GpuSpec) -> tuple[int, ...]:
+    """The box sizes ``gpu``'s kind comes in (see :data:`BOX_SIZES`)."""
+    return BOX_SIZES.get(gpu.kind, (1,))
 
 
 def _lacks(job: Job, gpu: GpuSpec, base: Plan) -> str:
@@ -117,7 +117,7 @@ def price_option(job: Job, gpu: GpuSpec) -> Option:
         return Option(gpu, fits=False, lacks=_lacks(job, gpu, base))
     if result.plan.seq_len != base.seq_len:
         return Option(gpu, fits=False, lacks=f"{_lacks(job, gpu, base)}; fits only at seq {result.plan.seq_len}")
-    speed = box_tokens_per_s(predict_tokens_per_s(architecture(job.profile), result.plan, gpu), gpu.count)
+    speed = predict_tokens_per_s(architecture(job.profile), result.plan, gpu)
     hours = job.total_tokens / speed / 3600
     rent = hours * gpu.rent_usd_per_hour * gpu.count if gpu.rent_usd_per_hour else None
     purchase = gpu.price_usd * gpu.count if gpu.price_usd else None
@@ -148,8 +148,10 @@ def mark(options: list[Option]) -> None:
 
 
 def price_job(job: Job, gpus: list[GpuSpec] | None = None) -> list[Option]:
-    """Every catalog GPU (each box size the trainer supports) for ``job``, sorted by cost to finish, marked."""
-    options = [price_option(job, box(gpu, count)) for gpu in (gpus or list_gpus()) for count in BOX_SIZES]
+    """Every catalog GPU in each box size it comes in for ``job``, sorted by cost to finish, marked.
+    Boxes that do not fit are dropped: their single GPU is listed with what it lacks."""
+    options = [option for gpu in (gpus or list_gpus()) for count in box_sizes(gpu)
+               for option in [price_option(job, gpu_box(gpu, count))] if option.fits or count == 1]
     options.sort(key=_sort_key)
     mark(options)
     return options

@@ -286,6 +286,22 @@ def budget_gpu(memory_bytes: int, label: str) -> GpuSpec:
     return GpuSpec(name=label, label=f"{label} budget", memory_bytes=memory_bytes, kind="budget")
 
 
+def gpu_box(gpu: GpuSpec, count: int) -> GpuSpec:
+    """A box of ``count`` GPUs like ``gpu`` (``2xrtx-4090``); every figure stays per GPU."""
+    if count == gpu.count:
+        return gpu
+    single = gpu.name.split("x", 1)[1] if gpu.count > 1 else gpu.name
+    return GpuSpec(**{**gpu.__dict__, "count": count, "name": single if count == 1 else f"{count}x{single}"})
+
+
+def box_count(gpu: GpuSpec | None, gpus: int | None) -> int:
+    """GPUs in the run: ``gpus`` (``--gpus N``) or the box ``gpu`` names (``2xrtx-4090``); they must agree."""
+    boxed = gpu.count if gpu is not None else 1
+    if gpus is not None and boxed > 1 and gpus != boxed:
+        raise VramplanError(f"--gpu {gpu.name} is a box of {boxed} GPUs but --gpus is {gpus}; give one of them")
+    return gpus or boxed
+
+
 def resolve_gpu(spec: str, profiles: str | Path | None = None) -> GpuSpec:
     """A catalog name or alias (``rtx-4060``), a budget (``12GB``, ``24GiB``) or a box (``8xh100``).
 
@@ -305,8 +321,7 @@ def resolve_gpu(spec: str, profiles: str | Path | None = None) -> GpuSpec:
         count = int(box.group(1))
         if not 1 <= count <= 64:
             raise VramplanError(f"--gpu {spec}: a box holds 1 to 64 GPUs")
-        single = table[box.group(2).strip().lower()]
-        return GpuSpec(**{**single.__dict__, "count": count, "name": f"{count}x{single.name}"})
+        return gpu_box(table[box.group(2).strip().lower()], count)
     if text.lower() not in table:
         raise VramplanError(
             f"unknown GPU '{spec}'{_suggest(text, list(table))} (`vramplan gpus` lists them, or give a budget such as --gpu 12GB)"

@@ -66,11 +66,23 @@ def load_tokenizer(model_dir: str):
                             "point --model at the model folder with its tokenizer files") from None
 
 
-def worst_micro_batch(records: list[dict], tokenizer, plan: Plan, overlong: str = "truncate") -> WorstBatch:
-    """The largest micro-batch ``plan``'s stack will build from ``records``, tokenized as training will."""
+def worst_micro_batch(records: list[dict], tokenizer, plan: Plan, overlong: str = "truncate",
+                      data_path: str | None = None, row_budget: int | None = None) -> WorstBatch:
+    """The largest micro-batch ``plan``'s stack will build from ``records``, tokenized as training will.
+
+    With images or audio, ``tokenizer`` is the model's ``mm_data.MMProcessor``: every image and clip
+    is opened and its real soft tokens counted (rows are then single examples of at most ``row_budget``).
+    """
     from vramplan.train import data
 
-    if plan.stack == "vramplan":
+    if plan.multimodal:
+        from vramplan.train import mm_data
+
+        dataset = mm_data.build_dataset(data_path or "the dataset", tokenizer, row_budget or plan.seq_len, overlong,
+                                        records=records)
+        rows, pad = dataset.rows, dataset.pad_token_id
+        truncated, dropped, n_examples = dataset.n_truncated, dataset.n_dropped, dataset.n_examples
+    elif plan.stack == "vramplan":
         dataset = data.build_dataset("the dataset", tokenizer, plan.seq_len, overlong, records=records)
         rows, pad = dataset.rows, dataset.pad_token_id
         truncated, dropped, n_examples = dataset.n_truncated, dataset.n_dropped, dataset.n_examples
@@ -116,10 +128,12 @@ def worst_batch_tensors(worst: WorstBatch, stack: str) -> dict:
 def predicted_tokens_per_s(profile: ModelProfile, plan: Plan, gpu: GpuSpec | None) -> float | None:
     """Training tokens per second from the throughput model (vramplan.throughput); None when the
     GPU's speed is unknown (a bare budget such as 12GB, or a GPU the catalog lacks)."""
-    from vramplan.throughput import predict_tokens_per_s
+    from vramplan.throughput import LINK_BYTES_PER_S, predict_tokens_per_s
 
     if gpu is None or not (gpu.bf16_tflops or gpu.fp16_tflops) or not gpu.bandwidth_gbs:
         return None
+    if plan.gpus > 1 and gpu.interconnect not in LINK_BYTES_PER_S:
+        return None  # the box's link is unknown: its communication time cannot be predicted
     return predict_tokens_per_s(architecture(profile), plan, gpu)
 
 
@@ -169,13 +183,26 @@ class CheckResult:
 
 
 def check_plan(plan: Plan, profile: ModelProfile, records: list[dict], tokenizer, gpu: GpuSpec | None, budget: int,
-               epochs: float = 1.0, overlong: str = "truncate", adjust=None) -> CheckResult:
+               epochs: float = 1.0, overlong: str = "truncate", adjust=None, data_path: str | None = None) -> CheckResult:
     """Price the dataset's worst micro-batch under ``plan`` against ``budget``; find the nearest fitting plan if not."""
     from vramplan.fit import fit_plan
 
     adjust = adjust or (lambda est: est)
-    worst = worst_micro_batch(records, tokenizer, plan, overlong)
-    shaped = plan.replace(seq_len=worst.width, micro_batch=worst.rows)
+    if plan.multimodal:  # the rows hold the examples' real soft tokens; the plan adds its own per example
+        from vramplan.memory.towers import decoder_seq_len
+
+        arch = architecture(profile)
+        worst = worst_micro_batch(records, tokenizer, plan, overlong, data_path, decoder_seq_len(arch, plan))
+        from vramplan.train.mm_data import media_token_count
+
+        # priced as the worst example really is: its text tokens, its own images, its audio (if any)
+        example = worst.batch_rows[0][0]
+        shaped = plan.replace(seq_len=max(1, worst.width - media_token_count(example, tokenizer)), micro_batch=worst.rows,
+                              images_per_example=len(example.images),
+                              audio_seconds_per_example=plan.audio_seconds_per_example if example.audio else 0.0)
+    else:
+        worst = worst_micro_batch(records, tokenizer, plan, overlong)
+        shaped = plan.replace(seq_len=worst.width, micro_batch=worst.rows)
     est = adjust(estimate_plan(shaped, profile, gpu, budget=budget))
     rate = predicted_tokens_per_s(profile, plan, gpu)
     seconds = worst.total_tokens * epochs / rate if rate else None

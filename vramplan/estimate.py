@@ -3,7 +3,9 @@
 ``estimate_plan(plan, profile, gpu)`` is pure arithmetic (no torch, no device): it reads
 the architecture from the profile's config, lets the plan's stack say which bytes live
 in which phase of a step, adds the CUDA context and the allocator's fragmentation, and
-reports the peak phase with its components.
+reports the peak phase with its components. A plan on several GPUs (``plan.gpus`` > 1)
+is priced **per rank**: one process on one GPU, with one CUDA context, holding its copy
+(DDP) or shard (FSDP2) of the model (``vramplan.stacks.distributed``); the budget is one GPU's.
 """
 
 from __future__ import annotations
@@ -51,6 +53,9 @@ class Estimate:
     def to_dict(self) -> dict[str, Any]:
         return {
             "model": self.model,
+            "gpus": self.plan.gpus,
+            "parallel": self.plan.parallel,
+            "memory_per": "rank" if self.plan.gpus > 1 else "gpu",  # components, peak and budget are one GPU's
             "peak_bytes": self.peak_bytes,
             "peak_phase": self.peak_phase,
             "fits": self.fits,

@@ -4,6 +4,10 @@ The objective, in order (the first difference decides):
 
 1. keep the requested sequence length and effective batch (shorter sequences are tried
    only when nothing fits at the requested one, halving down to 256 tokens);
+   on several GPUs, then the layout: DDP (the whole model per GPU, only LoRA gradients
+   cross the link) > FSDP2 (weights sharded, all-gathered layer by layer) > FSDP2 with CPU
+   offload (shards in host memory; searched with NF4 only: it exists to fit what 4-bit
+   sharding cannot, and bf16 shards would cost 4× the host memory and PCIe traffic);
 2. prefer higher precision of the base weights: bf16 > int8 > nf4;
 3. prefer a higher LoRA rank: 64 > 32 > 16 > 8;
 4. then the fastest: no checkpointing > checkpointing > checkpointing with CPU offload,
@@ -11,6 +15,9 @@ The objective, in order (the first difference decides):
 
 The loss is the stack's own: chunked on vramplan (fused with the LM head, it costs no
 speed, so full logits are never the better choice), full on hf (the recipe has no other).
+
+Memory is per GPU (per rank) throughout: the budget is one GPU's, and a multi-GPU
+estimate is what each rank's process holds (``vramplan.stacks.distributed``).
 
 A plan fits when its peak stays under the budget less a safety margin. Candidates are
 visited in the objective's order and the first that fits wins, so a search prices a
@@ -22,7 +29,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator
 
-from vramplan.catalog import GpuSpec, ModelProfile, list_gpus
+from vramplan.catalog import GpuSpec, ModelProfile, box_count, gpu_box, list_gpus
 from vramplan.errors import VramplanError
 from vramplan.estimate import Estimate, budget_bytes as gpu_budget_bytes, estimate_plan
 from vramplan.plan import Plan
@@ -33,6 +40,9 @@ QUANT_ORDER = ("bf16", "int8", "nf4")
 STACK_QUANTS = {"vramplan": ("bf16", "nf4"), "hf": QUANT_ORDER}
 RANK_ORDER = (64, 32, 16, 8)
 OPTIMIZER_ORDER = ("adamw", "adamw8bit", "paged_adamw8bit")
+#: Multi-GPU layouts, fastest first: (parallel, cpu_offload).
+LAYOUT_ORDER = (("ddp", False), ("fsdp", False), ("fsdp", True))
+LAYOUT_NAMES = {("ddp", False): "DDP", ("fsdp", False): "FSDP2", ("fsdp", True): "FSDP2 with CPU offload"}
 MIN_SEQ = 256
 
 #: Kept free under the budget: estimates carry error (±10% on the measured anchors) and
@@ -76,9 +86,15 @@ def _micro_batches(effective: int) -> list[int]:
     return [m for m in range(effective, 0, -1) if effective % m == 0]
 
 
+def layouts(base: Plan) -> tuple[tuple[str, bool], ...]:
+    """The (parallel, cpu_offload) layouts the search tries for ``base.gpus``, fastest first."""
+    return (("none", False),) if base.gpus == 1 else LAYOUT_ORDER
+
+
 def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
     loss = "full" if base.stack == "hf" else "chunked"
-    for quant in STACK_QUANTS[base.stack]:
+    quants = ("nf4",) if base.cpu_offload else STACK_QUANTS[base.stack]
+    for quant in quants:
         for rank in RANK_ORDER:
             for checkpointing in _checkpointing_order(base.stack):
                 for micro in _micro_batches(effective):
@@ -102,6 +118,12 @@ def smallest_gpu_for(peak: int) -> GpuSpec | None:
     return min(fitting, key=lambda g: g.memory_bytes) if fitting else None
 
 
+def with_gpus(base: Plan, gpu: GpuSpec | None) -> Plan:
+    """``base`` spread over the GPUs of ``gpu`` (a box such as ``2xrtx-4090``) when it names several."""
+    count = box_count(gpu, base.gpus if base.gpus > 1 else None)
+    return base.replace(gpus=count, parallel="ddp") if count > 1 and base.gpus == 1 else base
+
+
 def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int | None = None,
              base: Plan | None = None, adjust: Callable[[Estimate], Estimate] | None = None) -> FitResult:
     """The best plan for ``profile`` under ``budget`` bytes (or ``gpu``'s budget), by the module's objective.
@@ -116,7 +138,9 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
         if gpu is None:
             raise VramplanError("fit needs a GPU or a budget: pass --gpu NAME, --gpu 12GB or --gpu auto")
         budget = gpu_budget_bytes(gpu)
-    base = base or Plan(model=profile.name)
+    base = with_gpus(base or Plan(model=profile.name), gpu)
+    if gpu is not None and gpu.count != base.gpus:
+        gpu = gpu_box(gpu, base.gpus)
     margin = safety_margin(budget)
     limit = budget - margin
     effective = base.micro_batch * base.grad_accum
@@ -125,22 +149,49 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     while seqs[-1] // 2 >= MIN_SEQ:
         seqs.append(seqs[-1] // 2)
     for seq in seqs:
-        for plan in _candidates(base, seq, effective):
+        for parallel, offload in layouts(base):
+            layout = base.replace(parallel=parallel, cpu_offload=offload)
+            # the layout's leanest plan bounds its candidates at this length from below: skip a layout that cannot fit
             priced += 1
-            est = adjust(estimate_plan(plan, profile, gpu, budget=budget))
-            if est.peak_bytes <= limit:
-                why = _explain(profile, base, est, budget, margin, adjust)
-                return FitResult(est, budget, margin, why, priced, gpu.name if gpu else None, est.notes)
+            if adjust(estimate_plan(leanest_plan(layout, seq), profile, gpu, budget=budget)).peak_bytes > limit:
+                continue
+            for plan in _candidates(layout, seq, effective):
+                priced += 1
+                est = adjust(estimate_plan(plan, profile, gpu, budget=budget))
+                if est.peak_bytes <= limit:
+                    why = _explain(profile, base, est, budget, margin, adjust)
+                    return FitResult(est, budget, margin, why, priced, gpu.name if gpu else None, est.notes)
+    where = gpu.name if gpu else f"{budget / 1e9:.2f} GB"
+    if base.gpus > 1:
+        raise VramplanError(_no_layout_fits(profile, base, where, limit, adjust))
     lean = adjust(estimate_plan(leanest_plan(base, base.seq_len), profile, budget=budget))
     short = lean.peak_bytes - limit
     bigger = smallest_gpu_for(lean.peak_bytes)
-    where = gpu.name if gpu else f"{budget / 1e9:.2f} GB"
     suggestion = f"the smallest catalog GPU that fits it is {bigger.name} ({bigger.memory_bytes / 1e9:.1f} GB)" if bigger \
         else "no single catalog GPU holds it"
     raise VramplanError(
         f"nothing fits {where}: the leanest plan for {profile.name} at {base.seq_len} tokens needs "
         f"{lean.peak_bytes / 1e9:.2f} GB, {short / 1e9:.2f} GB ({short} bytes) more than the "
         f"{limit / 1e9:.2f} GB usable; {suggestion}")
+
+
+def leanest_per_layout(profile: ModelProfile, base: Plan, adjust: Callable[[Estimate], Estimate]) -> dict[str, int]:
+    """Per-rank peak of the leanest plan in each multi-GPU layout, by the layout's name."""
+    return {LAYOUT_NAMES[(p, o)]: adjust(estimate_plan(
+        leanest_plan(base.replace(parallel=p, cpu_offload=o), base.seq_len), profile)).peak_bytes
+        for p, o in LAYOUT_ORDER}
+
+
+def _no_layout_fits(profile: ModelProfile, base: Plan, where: str, limit: int,
+                    adjust: Callable[[Estimate], Estimate]) -> str:
+    lean = leanest_per_layout(profile, base, adjust)
+    needs = ", ".join(f"{name} {_gb(peak)}" for name, peak in lean.items())
+    least = min(lean.values())
+    bigger = smallest_gpu_for(least)
+    suggestion = (f"{base.gpus}x{bigger.name} ({bigger.memory_bytes / 1e9:.1f} GB each) would hold it" if bigger
+                  else "no catalog GPU holds it; add GPUs")
+    return (f"nothing fits {where}: the leanest plan for {profile.name} at {base.seq_len} tokens needs per GPU {needs}, "
+            f"at best {_gb(least - limit)} ({least - limit} bytes) more than the {_gb(limit)} usable per GPU; {suggestion}")
 
 
 def _gb(n: int) -> str:
@@ -157,16 +208,22 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
     def peak(**changes: Any) -> int:
         return adjust(estimate_plan(plan.replace(**changes), profile)).peak_bytes
 
+    if plan.gpus > 1:
+        lines.append(_explain_layout(profile, plan, est, limit, adjust))
+    per_gpu = f" on each of {plan.gpus} GPUs" if plan.gpus > 1 else ""
     if plan.seq_len == base.seq_len:
         lines.append(f"Kept the sequence length of {plan.seq_len} tokens and the effective batch of "
-                     f"{plan.effective_batch} ({plan.micro_batch} × {plan.grad_accum} accumulation steps).")
+                     f"{plan.effective_batch} ({plan.micro_batch} × {plan.grad_accum} accumulation steps{per_gpu}).")
     else:
         lines.append(f"Gave up sequence length: {base.seq_len} tokens does not fit even with the leanest settings "
                      f"({_gb(adjust(estimate_plan(leanest_plan(base, base.seq_len), profile)).peak_bytes)}); "
                      f"trains {plan.seq_len}-token sequences instead.")
     quants = STACK_QUANTS[plan.stack]
     better_quants = quants[:quants.index(plan.quant)]
-    if better_quants:
+    if plan.cpu_offload:
+        lines.append("Base weights in nf4: CPU offload is searched with 4-bit weights only (bf16 shards would need "
+                     "4× the host memory and PCIe traffic).")
+    elif better_quants:
         lean = {q: adjust(estimate_plan(leanest_plan(plan, plan.seq_len).replace(quant=q), profile)).peak_bytes
                 for q in better_quants}
         gave = ", ".join(f"{q} needs at least {_gb(v)}" for q, v in lean.items())
@@ -183,11 +240,42 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
         speed.append(f"checkpointing '{plan.checkpointing}' (without it: {_gb(peak(checkpointing='none'))})")
     else:
         speed.append("no checkpointing (no recompute)")
-    if plan.micro_batch < plan.effective_batch:
-        speed.append(f"micro-batch {plan.micro_batch} (micro-batch {plan.effective_batch} would need "
-                     f"{_gb(peak(micro_batch=plan.effective_batch, grad_accum=1))})")
+    per_rank_batch = plan.micro_batch * plan.grad_accum
+    if plan.micro_batch < per_rank_batch:
+        speed.append(f"micro-batch {plan.micro_batch} (micro-batch {per_rank_batch} would need "
+                     f"{_gb(peak(micro_batch=per_rank_batch, grad_accum=1))})")
     speed.append(f"optimizer {plan.optimizer}")
     lines.append("Fastest settings that fit: " + ", ".join(speed) + ".")
-    lines.append(f"Peak {_gb(est.peak_bytes)} in the {est.peak_phase} phase, against a budget of {_gb(budget)} "
+    lines.append(f"Peak {_gb(est.peak_bytes)}{' per GPU' if plan.gpus > 1 else ''} in the {est.peak_phase} phase, "
+                 f"against a budget of {_gb(budget)} "
                  f"less a {_gb(margin)} safety margin: {_gb(limit - est.peak_bytes)} to spare.")
     return tuple(lines)
+
+
+def model_weight_bytes(profile: ModelProfile, plan: Plan) -> int:
+    """The frozen weights of ``plan``'s model on one GPU, in the plan's quantization."""
+    from vramplan.stacks.distributed import WEIGHT_COMPONENTS
+
+    single = estimate_plan(plan.replace(gpus=1, parallel="none", cpu_offload=False), profile)
+    return sum(v for k, v in single.components.items() if k in WEIGHT_COMPONENTS)
+
+
+def _explain_layout(profile: ModelProfile, plan: Plan, est: Estimate, limit: int,
+                    adjust: Callable[[Estimate], Estimate]) -> str:
+    """Why DDP, FSDP2 or FSDP2 with CPU offload: the layouts before it did not fit (with their numbers)."""
+    n = plan.gpus
+    model = f"the {_QUANT_WORDS[plan.quant]} model ({_gb(model_weight_bytes(profile, plan))})"
+    if plan.parallel == "ddp":
+        return (f"DDP over {n} GPUs: {model} fits on each GPU; no sharding traffic, only the LoRA gradients "
+                f"are all-reduced.")
+    lean = leanest_per_layout(profile, plan, adjust)
+    if not plan.cpu_offload:
+        return (f"FSDP2 over {n} GPUs: {model} does not fit one GPU beside the rest (DDP needs at least "
+                f"{_gb(lean['DDP'])} per GPU, over the {_gb(limit)} usable); sharded {n} ways it is "
+                f"{_gb(est.components.get('sharded_weights', 0))} per GPU.")
+    return (f"FSDP2 with CPU offload over {n} GPUs: {model} does not fit even sharded {n} ways (at least "
+            f"DDP {_gb(lean['DDP'])}, FSDP2 {_gb(lean['FSDP2'])} per GPU, over the {_gb(limit)} usable); the shards "
+            f"stay in host memory and each GPU holds only the layers in flight.")
+
+
+_QUANT_WORDS = {"nf4": "4-bit", "int8": "8-bit", "bf16": "bf16"}

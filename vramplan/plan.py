@@ -25,6 +25,10 @@ STACKS = ("vramplan", "hf")
 COMPUTE_DTYPES = ("bf16", "fp16")
 LORA_DTYPES = ("fp32", "bf16")
 PARALLEL = ("none", "ddp", "fsdp")
+MODALITIES = ("text", "image", "audio")
+#: The parts of a multimodal model LoRA can adapt (Unsloth's finetune_vision_layers / _language_layers, plus audio).
+TRAIN_PARTS = ("language", "vision", "audio")
+_MODALITY_ALIASES = {"vision": "image"}  # what the tower is called, for the modality it reads
 
 #: The linear layers LoRA adapts by default: every projection of attention and MLP.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -66,7 +70,12 @@ class Plan:
     compute_dtype: str = "bf16"
     modalities: tuple[str, ...] = ("text",)
     gpus: int = 1
-    parallel: str = "none"
+    parallel: str = "none"  # "ddp": the whole model on every GPU; "fsdp": FSDP2, frozen weights sharded
+    cpu_offload: bool = False  # FSDP2 only: the shards (and LoRA state) live in CPU memory
+    images_per_example: int = 0  # each adds the vision tower's soft tokens to the sequence
+    audio_seconds_per_example: float = 0.0  # each second adds 25 audio soft tokens (one per 40 ms)
+    train_parts: tuple[str, ...] = ("language",)  # where LoRA goes: language and/or the vision / audio towers
+    train_projectors: bool = False  # train the multimodal embedders (projectors into the text width) in full
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -81,11 +90,47 @@ class Plan:
             raise VramplanError(f"plan field 'seq_len' is {self.seq_len}: over 4M tokens is not a real run; lower --seq")
         if self.lora_rank > 4096:
             raise VramplanError(f"plan field 'lora_rank' is {self.lora_rank}; LoRA ranks above 4096 are not supported")
+        if (self.gpus > 1) != (self.parallel != "none"):
+            fix = "set parallel to ddp or fsdp" if self.gpus > 1 else "set gpus above 1, or parallel to none"
+            raise VramplanError(f"plan has gpus={self.gpus} and parallel={self.parallel!r}: {fix} (--gpus N with --parallel)")
+        if not isinstance(self.cpu_offload, bool):
+            raise VramplanError(f"plan field 'cpu_offload' must be true or false, got {self.cpu_offload!r}")
+        if self.cpu_offload and self.parallel != "fsdp":
+            raise VramplanError("plan field 'cpu_offload' is true but parallel is not fsdp: CPU offload of parameters is FSDP2's; set parallel to fsdp")
         if not self.lora_targets:
             raise VramplanError("plan field 'lora_targets' is empty; name at least one module, e.g. q_proj")
         # tuples, not lists, so a Plan is hashable and can be a dict key in the search
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
-        object.__setattr__(self, "modalities", tuple(self.modalities))
+        object.__setattr__(self, "modalities", tuple(dict.fromkeys(_MODALITY_ALIASES.get(m, m) for m in self.modalities)))
+        object.__setattr__(self, "train_parts", tuple(self.train_parts))
+        self._check_multimodal()
+
+    def _check_multimodal(self) -> None:
+        unknown = [m for m in self.modalities if m not in MODALITIES]
+        if unknown:
+            raise VramplanError(f"plan field 'modalities' has {unknown[0]!r}; choose from {', '.join(MODALITIES)}")
+        images, seconds = self.images_per_example, self.audio_seconds_per_example
+        if not isinstance(images, int) or isinstance(images, bool) or images < 0:
+            raise VramplanError(f"plan field 'images_per_example' must be a whole number >= 0, got {images!r}")
+        if isinstance(seconds, bool) or not isinstance(seconds, (int, float)) or not 0 <= seconds <= 3600:
+            raise VramplanError(f"plan field 'audio_seconds_per_example' must be 0 to 3600 seconds, got {seconds!r}")
+        if images and "image" not in self.modalities:
+            raise VramplanError("the plan has images per example but no 'image' modality; add --modalities text,image")
+        if seconds and "audio" not in self.modalities:
+            raise VramplanError("the plan has audio seconds per example but no 'audio' modality; add --modalities text,audio")
+        parts = [p for p in self.train_parts if p not in TRAIN_PARTS]
+        if parts or not self.train_parts:
+            raise VramplanError(f"plan field 'train_parts' must name some of {', '.join(TRAIN_PARTS)}, got {list(self.train_parts)}")
+        for part, modality in (("vision", "image"), ("audio", "audio")):
+            if part in self.train_parts and modality not in self.modalities:
+                raise VramplanError(f"--train {part} needs the {modality} tower: add {modality} to --modalities")
+        if self.train_projectors and self.modalities == ("text",):
+            raise VramplanError("train_projectors needs an image or audio modality; the projectors are unused on text")
+
+    @property
+    def multimodal(self) -> bool:
+        """Images or audio reach the model: the towers are loaded and run (text-only plans never build them)."""
+        return any(m != "text" for m in self.modalities)
 
     @property
     def alpha(self) -> int:
@@ -106,6 +151,11 @@ class Plan:
         data = dataclasses.asdict(self)
         data["lora_targets"] = list(self.lora_targets)
         data["modalities"] = list(self.modalities)
+        data["train_parts"] = list(self.train_parts)
+        if not self.multimodal:  # text plans write the same file as before images and audio existed
+            for name in _MULTIMODAL_FIELDS:
+                if data[name] == _DEFAULTS[name]:
+                    del data[name]
         return data
 
     @classmethod
@@ -122,6 +172,10 @@ class Plan:
             return cls(**data)
         except TypeError as err:
             raise VramplanError(f"{source}: {err}") from None
+
+
+_MULTIMODAL_FIELDS = ("images_per_example", "audio_seconds_per_example", "train_parts", "train_projectors")
+_DEFAULTS = {"images_per_example": 0, "audio_seconds_per_example": 0.0, "train_parts": ["language"], "train_projectors": False}
 
 
 def read_plan(path: str | os.PathLike) -> Plan:

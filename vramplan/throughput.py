@@ -16,6 +16,14 @@ the fitted factors absorb what overlap there is):
   the H100 the small models we measured are bound by this: Llama-3.2-1B at 2048 tokens
   launches ~6,000 kernels and the GPU is busy ~123 ms of a ~270 ms step.
 
+On several GPUs each rank runs that step on its own micro-batch, plus **communication**
+over the box's interconnect (:func:`step_comm_bytes`, :data:`LINK_BYTES_PER_S`): DDP
+all-reduces the LoRA gradients once per optimizer step, overlapped with the backward but
+for its last bucket; FSDP2 all-gathers the frozen weights in the forward and again in the
+backward and reduce-scatters the LoRA gradients, prefetching a layer ahead so the traffic
+overlaps compute but for the first layer's gather. The box's tokens/s is N × a rank's
+tokens over the step time. None of this is measured yet (no multi-GPU run so far).
+
 The efficiencies are fitted per stack to tokens/s measured on an H100
 (``profiles/calibration/throughput/h100.json``, written by ``benchmarks/throughput.py``). They
 are fractions of a catalog peak, so they carry over to other GPUs as far as those GPUs
@@ -61,6 +69,29 @@ KERNELS_PER_LAYER = {"vramplan": 24, "hf": 40}
 KERNELS_PER_NORM = {"vramplan": 1, "hf": 7}  # vramplan's RMSNorm is one fused kernel
 KERNELS_PER_LAYER_INPUT = 8  # Gemma 4's per-layer embedding gate and projection
 KERNELS_PER_MODEL = 40  # embedding, final norm, loss, bookkeeping
+
+#: Nominal per-direction bandwidth of one GPU's link to its peers, by the catalog's
+#: ``interconnect``: PCIe x16 at 16/32/64 GB/s (PCI-SIG 3.0/4.0/5.0); NVLink totals from
+#: NVIDIA's datasheets halved to one direction: V100 SXM2 300 GB/s, A100 SXM 600 GB/s, H100/
+#: H200 SXM 900 GB/s, B200 1.8 TB/s (all through NVSwitch, so every GPU gets its full link);
+#: MI300X: 7 Infinity Fabric links × 64 GB/s per direction (AMD data sheet: 896 GB/s total).
+LINK_BYTES_PER_S = {
+    "pcie3": 16e9, "pcie4": 32e9, "pcie5": 64e9,
+    "nvlink2": 150e9, "nvlink3": 300e9, "nvlink4": 450e9, "nvlink5": 900e9,
+    "infinity-fabric": 448e9,
+}
+
+#: The fraction of the nominal link rate NCCL's ring collectives reach as bus bandwidth on
+#: large messages (nccl-tests: ~360–480 GB/s all-reduce busbw on 8×H100 SXM of 450; PCIe
+#: boxes 75–85%). GeForce cards have no peer-to-peer, so traffic is staged through host
+#: memory: :data:`NO_P2P_EFFICIENCY` of the link instead.
+COLLECTIVE_EFFICIENCY = 0.8
+NO_P2P_EFFICIENCY = 0.5
+
+#: FSDP2 all-gathers of each decoder layer per micro-batch: forward and backward. Under
+#: checkpointing the recompute runs inside the backward's unshard (the layer is already
+#: gathered when autograd unpacks its checkpoint), so it adds no gather.
+FSDP_GATHERS_PER_MICRO_BATCH = 2
 
 CALIBRATION_FILE = "calibration/throughput/h100.json"
 FACTOR_FIELDS = ("seconds_per_kernel", "matmul_efficiency", "attention_efficiency", "bandwidth_efficiency")
@@ -258,21 +289,81 @@ def compute_tflops(gpu: GpuSpec, plan: Plan) -> float:
     return gpu.bf16_tflops if plan.compute_dtype == "bf16" and gpu.supports_bf16 else gpu.fp16_tflops
 
 
+def collective_bytes_per_s(gpu: GpuSpec) -> float:
+    """The bus bandwidth ring collectives reach on ``gpu``'s interconnect."""
+    link = LINK_BYTES_PER_S.get(gpu.interconnect or "")
+    if link is None:
+        raise VramplanError(f"GPU {gpu.name} has no known interconnect ({gpu.interconnect!r}); known: "
+                            f"{', '.join(LINK_BYTES_PER_S)}")
+    return link * (NO_P2P_EFFICIENCY if gpu.kind in ("consumer", "laptop") else COLLECTIVE_EFFICIENCY)
+
+
+def step_comm_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
+    """Bytes each rank sends per micro-batch, by part, and what cannot overlap compute.
+
+    - ``all_reduce`` (DDP): the LoRA gradients, 2(N−1)/N of them in a ring, once per
+      optimizer step (``no_sync`` during accumulation), so / ``grad_accum`` per micro-batch;
+    - ``all_gather`` (FSDP2): (N−1)/N of the frozen weights (and LoRA adapters) per gather,
+      :data:`FSDP_GATHERS_PER_MICRO_BATCH` times for the layers; the embedding once and the
+      LM head once in the forward (again in the backward on the full loss);
+    - ``reduce_scatter`` (FSDP2): (N−1)/N of the LoRA gradients, every micro-batch;
+    - ``host`` (FSDP2 CPU offload): each gather first copies the rank's shard to the GPU,
+      the gradients' shard goes back: bytes over PCIe, not the peer link;
+    - ``exposed``: the part that waits: DDP's last bucket, FSDP2's first layer and embedding.
+    """
+    from vramplan.memory.distributed import DDP_BUCKET_CAP_BYTES, ring_bytes_all_reduce, ring_bytes_gather
+    from vramplan.stacks import step_memory
+    from vramplan.stacks.distributed import WEIGHT_COMPONENTS, head_bytes, unsharded_layer_bytes
+
+    n = plan.gpus
+    parts = {"all_reduce": 0.0, "all_gather": 0.0, "reduce_scatter": 0.0, "host": 0.0, "exposed": 0.0}
+    if n == 1:
+        return parts
+    single = step_memory(arch, plan.replace(gpus=1, parallel="none", cpu_offload=False)).phases
+    grads = float(single["optimizer_step"].get("lora_grads", 0))
+    if plan.parallel == "ddp":
+        parts["all_reduce"] = ring_bytes_all_reduce(grads, n) / plan.grad_accum
+        parts["exposed"] = ring_bytes_all_reduce(min(grads, DDP_BUCKET_CAP_BYTES), n) / plan.grad_accum
+        return parts
+    weights = {k: v for k, v in single["load"].items() if k in WEIGHT_COMPONENTS}
+    lora = single["load"].get("lora_params", 0)
+    embeddings = weights.get("embeddings", 0)
+    layers = sum(weights.values()) - embeddings + lora
+    head_gathers = 1 + (1 if plan.stack == "hf" or plan.loss == "full" else 0)
+    embedding = embeddings - head_bytes(arch, weights) if arch.lm_head_params else 0
+    head = head_bytes(arch, weights) if arch.lm_head_params else embeddings
+    gathered = FSDP_GATHERS_PER_MICRO_BATCH * layers + embedding + head_gathers * head
+    parts["all_gather"] = ring_bytes_gather(gathered, n)
+    parts["reduce_scatter"] = ring_bytes_gather(grads, n)
+    if plan.cpu_offload:
+        parts["host"] = (gathered + grads) / n
+    parts["exposed"] = ring_bytes_gather(unsharded_layer_bytes(arch, plan, weights, lora) + embedding, n)
+    return parts
+
+
 def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors | None = None) -> dict[str, float]:
-    """Seconds of one micro-batch, by term (see the module docstring); :func:`combine` makes the step time."""
+    """Seconds of one micro-batch on one rank, by term (see the module docstring); :func:`combine`
+    makes the step time. Multi-GPU plans add ``comm`` (overlappable) and ``comm_exposed``."""
     factors = factors or factors_for(plan.stack)
     rate = compute_tflops(gpu, plan) * 1e12
     if rate <= 0 or gpu.bandwidth_gbs <= 0:
         raise VramplanError(f"GPU {gpu.name} has no compute rate or bandwidth in the catalog; its speed cannot be predicted")
     flops = step_flops(arch, plan)
     attention = flops.pop("attention")
-    return {
+    seconds = {
         "launch": step_kernels(arch, plan) * factors.seconds_per_kernel,
         "matmul": sum(flops.values()) / (rate * factors.matmul_efficiency),
         "attention": attention / (rate * factors.attention_efficiency),
         "memory": sum(step_bytes(arch, plan).values()) / (gpu.bandwidth_gbs * 1e9 * factors.bandwidth_efficiency),
         "pcie": step_pcie_bytes(arch, plan) / PCIE_BYTES_PER_S,
     }
+    if plan.gpus > 1:
+        comm = step_comm_bytes(arch, plan)
+        link = collective_bytes_per_s(gpu)
+        collectives = comm["all_reduce"] + comm["all_gather"] + comm["reduce_scatter"]
+        seconds["comm"] = collectives / link + comm["host"] / PCIE_BYTES_PER_S
+        seconds["comm_exposed"] = comm["exposed"] / link
+    return seconds
 
 
 def combine(seconds: dict[str, float]) -> float:
@@ -282,11 +373,15 @@ def combine(seconds: dict[str, float]) -> float:
     Llama-3.2-1B's step took ~0.22 s at 1,024, 2,048 and 4,096 tokens alike (host-bound), while
     Llama-3.1-8B's grew with the work (benchmarks/results/trainer_h100.jsonl)."""
     device = seconds["matmul"] + seconds["attention"] + seconds["memory"]
-    return max(seconds["launch"], device) + seconds["pcie"]
+    compute = max(seconds["launch"], device) + seconds["pcie"]
+    # on several GPUs the collectives run on their own stream beside the compute (FSDP2's
+    # prefetch, DDP's bucketed all-reduce during the backward); what cannot overlap is added
+    return max(compute, seconds.get("comm", 0.0)) + seconds.get("comm_exposed", 0.0)
 
 
 def predict_tokens_per_s(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors | None = None) -> float:
-    """Predicted training tokens per second of ``plan`` on one ``gpu``.
+    """Predicted training tokens per second of ``plan`` on ``gpu`` (on all ``plan.gpus`` GPUs of a box:
+    N × a rank's tokens over the step time, communication included).
 
     Counted: the matmul FLOPs of forward, dX-only backward through the frozen weights,
     LoRA's forward and backward (its dA, dB), the LM head's forward and dX, the causal
@@ -297,4 +392,4 @@ def predict_tokens_per_s(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: 
     plan fits, so its states stay resident), thermal throttling.
     """
     seconds = combine(step_seconds(arch, plan, gpu, factors))
-    return plan.micro_batch * plan.seq_len / seconds
+    return plan.gpus * plan.micro_batch * plan.seq_len / seconds

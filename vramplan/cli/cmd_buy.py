@@ -38,7 +38,8 @@ def _plan_text(plan: Plan | None) -> str:
     if plan is None:
         return ""
     ckpt = {"none": "no ckpt", "full": "ckpt", "offload": "ckpt+offload"}[plan.checkpointing]
-    return f"{plan.quant} r{plan.lora_rank} b{plan.micro_batch}×{plan.grad_accum} {ckpt} {plan.optimizer}"
+    layout = {"none": "", "ddp": "ddp ", "fsdp": "fsdp+cpu " if plan.cpu_offload else "fsdp "}[plan.parallel]
+    return f"{layout}{plan.quant} r{plan.lora_rank} b{plan.micro_batch}×{plan.grad_accum} {ckpt} {plan.optimizer}"
 
 
 @main.command()
@@ -73,7 +74,8 @@ def buy(model, seq, tokens_text, data_path, tokenizer_dir, epochs, batch, stack,
     notes = [f"prices and GPU figures: profiles/gpus.json, {_age(about.get('date', '?'))}",
              f"speed model: profiles/calibration/throughput/h100.json, {_age(calib.get('date', '?'))}, fitted on {calib.get('gpu', '?')}; "
              f"held-out error {100 * calib.get('held_out', {}).get('mean_abs_error', float('nan')):.0f}% mean",
-             "multi-GPU boxes (2, 4, 8) are not listed: the trainer runs on one GPU"]
+             "boxes (2x, 4x, 8x): memory per GPU and the communication model are not yet measured on several GPUs; "
+             "price = GPUs × the per-GPU price"]
     if how == "estimated from characters":
         notes.insert(0, f"dataset tokens ESTIMATED from characters (~4 characters per token): {tokens:,}; "
                         f"pass --model DIR with a tokenizer to count exactly")
@@ -90,8 +92,9 @@ def buy(model, seq, tokens_text, data_path, tokenizer_dir, epochs, batch, stack,
     click.echo(f"{profile.name}: {job.total_tokens:,.0f} tokens ({tokens:,} × {epochs:g} epochs, {how}) at seq {seq}, "
                f"stack {stack}")
     fitting = [o for o in options if o.fits]
-    rows = [(o.gpu.name, gb(o.peak_bytes), _plan_text(o.plan), f"{o.tokens_per_s:,.0f}", _duration(o.hours),
-             _money(o.cost_usd) + (f" ({o.cost_basis})" if o.cost_basis else ""), _money(o.gpu.rent_usd_per_hour),
+    rows = [(o.gpu.name, gb(o.peak_bytes) + ("/GPU" if o.gpu.count > 1 else ""), _plan_text(o.plan), f"{o.tokens_per_s:,.0f}", _duration(o.hours),
+             _money(o.cost_usd) + (f" ({o.cost_basis})" if o.cost_basis else ""),
+             _money(o.gpu.rent_usd_per_hour and o.gpu.rent_usd_per_hour * o.gpu.count),
              _money(o.purchase_usd), ", ".join(o.marks)) for o in fitting]
     if rows:
         click.echo(table(rows, ["gpu", "peak", "plan", "tok/s", "time", "cost to finish", "rent/h", "buy", ""],

@@ -74,8 +74,14 @@ def check(plan_path, model_dir, data_path, gpu, epochs, overlong, no_calibration
     spec, budget, driver = gpu_and_budget(gpu)
     calibration = None if no_calibration or spec is None or spec.kind == "budget" else \
         calibration_for(profile, plan.stack, spec.name, driver)
-    result = check_plan(plan, profile, records, load_tokenizer(model_dir), spec, budget, epochs=epochs,
-                        overlong=overlong, adjust=lambda est: apply_calibration(est, calibration)[0])
+    if plan.multimodal:  # images and audio: the processor's parts count each example's real soft tokens
+        from vramplan.train.mm_data import MMProcessor
+
+        tokenizer = MMProcessor.from_pretrained(model_dir)
+    else:
+        tokenizer = load_tokenizer(model_dir)
+    result = check_plan(plan, profile, records, tokenizer, spec, budget, epochs=epochs, overlong=overlong,
+                        adjust=lambda est: apply_calibration(est, calibration)[0], data_path=data_path)
     if dry_run:
         result.dry_run = _dry_run(result, model_dir)
     if as_json:

@@ -4,12 +4,21 @@ from __future__ import annotations
 
 import click
 
-from vramplan.catalog import GpuSpec, resolve_model
+from vramplan.catalog import GpuSpec, box_count, resolve_model
 from vramplan.cli import main
 from vramplan.cli.output import emit_json, gb, json_option, table
 from vramplan.estimate import Estimate, estimate_plan
 from vramplan.gpu import gpu_and_budget
 from vramplan.plan import CHECKPOINTING, LOSSES, OPTIMIZERS, QUANTS, STACKS, Plan
+
+gpus_option = click.option("--gpus", type=click.IntRange(1, 64), default=None,
+                           help="GPUs of the box (or name one: --gpu 2xrtx-4090); memory is then per GPU (per rank).")
+
+
+def _box(spec: GpuSpec | None, gpus: int) -> GpuSpec | None:
+    from vramplan.catalog import gpu_box
+
+    return gpu_box(spec, gpus) if spec is not None else None
 
 
 def _calibrated(profile, stack: str, spec: GpuSpec | None, driver: str | None, off: bool):
@@ -27,17 +36,39 @@ def _adjust(calibration):
     return lambda est: apply_calibration(est, calibration)[0]
 
 
+def multimodal_fields(modalities: str, images: int | None, seconds: float | None, train_parts: str) -> dict:
+    """The plan fields of --modalities / --images-per-example / --audio-seconds / --train."""
+    chosen = tuple(m.strip() for m in modalities.split(",") if m.strip())
+    if "text" not in chosen:
+        chosen = ("text", *chosen)
+    if images is None:
+        images = 1 if ("image" in chosen or "vision" in chosen) else 0
+    if seconds is None:
+        seconds = 10.0 if "audio" in chosen else 0.0
+    return {"modalities": chosen, "images_per_example": images, "audio_seconds_per_example": seconds,
+            "train_parts": tuple(p.strip() for p in train_parts.split(",") if p.strip())}
+
+
 def _components_table(est: Estimate) -> str:
     total = est.peak_bytes or 1
     rows = [(name, gb(n), f"{100 * n / total:.1f}%") for name, n in sorted(est.components.items(), key=lambda kv: -kv[1])]
-    rows.append(("peak", gb(est.peak_bytes), "100%"))
+    rows.append(("peak per GPU" if est.plan.gpus > 1 else "peak", gb(est.peak_bytes), "100%"))
     return table(rows, ["component", "memory", "share"], colalign=("left", "right", "right"))
 
 
+def _soft_tokens(est: Estimate) -> str:
+    from vramplan.estimate import architecture
+    from vramplan.memory.towers import soft_tokens
+
+    if not est.plan.multimodal:
+        return ""
+    return f" + {soft_tokens(architecture(resolve_model(est.plan.model)), est.plan)} soft tokens ({'/'.join(est.plan.modalities)})"
+
+
 def _summary(est: Estimate) -> str:
-    lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}, "
+    lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}{_soft_tokens(est)}, "
              f"batch {est.plan.micro_batch} × {est.plan.grad_accum}, checkpointing {est.plan.checkpointing}, "
-             f"{est.plan.optimizer}, stack {est.plan.stack}",
+             f"{est.plan.optimizer}, stack {est.plan.stack}" + _layout(est.plan),
              f"peak {gb(est.peak_bytes)} in the {est.peak_phase} phase "
              f"(" + ", ".join(f"{k} {gb(v)}" for k, v in est.phases.items()) + ")"]
     if est.budget_bytes is not None:
@@ -45,6 +76,13 @@ def _summary(est: Estimate) -> str:
         lines.append(f"{verdict} {est.gpu or 'the budget'}: budget {gb(est.budget_bytes)}, headroom {gb(est.headroom_bytes)}")
     lines += [f"note: {n}" for n in est.notes]
     return "\n".join(lines)
+
+
+def _layout(plan: Plan) -> str:
+    if plan.gpus == 1:
+        return ""
+    name = {"ddp": "DDP", "fsdp": "FSDP2"}[plan.parallel] + (" with CPU offload" if plan.cpu_offload else "")
+    return f", {name} on {plan.gpus} GPUs (memory per GPU)"
 
 
 @main.command()
@@ -60,18 +98,31 @@ def _summary(est: Estimate) -> str:
 @click.option("--attention", type=click.Choice(("sdpa", "eager")), default="sdpa", show_default=True)
 @click.option("--lora-dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True)
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
-@click.option("--gpu", default=None, help="A catalog GPU (rtx-4060), a budget (12GB) or auto.")
+@click.option("--modalities", default="text", show_default=True, help="What examples hold: text,image,audio (comma-separated).")
+@click.option("--images-per-example", type=click.IntRange(min=0), default=None, help="Images per example (default 1 with image).")
+@click.option("--audio-seconds", type=click.FloatRange(min=0), default=None, help="Seconds of audio per example (default 10 with audio).")
+@click.option("--train", "train_parts", default="language", show_default=True, help="Where LoRA goes: language,vision,audio.")
+@click.option("--gpu", default=None, help="A catalog GPU (rtx-4060), a box (2xrtx-4090), a budget (12GB) or auto.")
+@gpus_option
+@click.option("--parallel", type=click.Choice(("ddp", "fsdp")), default=None,
+              help="On several GPUs: ddp (whole model per GPU, the default) or fsdp (FSDP2, weights sharded).")
+@click.option("--cpu-offload", is_flag=True, help="FSDP2: keep the weight shards and LoRA state in CPU memory.")
 @click.option("--no-calibration", is_flag=True, help="Ignore stored calibrations: the planner's own arithmetic.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a stacked-bar PNG.")
 @json_option
 def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, attention, lora_dtype, stack, gpu,
-             no_calibration, plot_path, as_json):
-    """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component."""
+             gpus, parallel, cpu_offload, no_calibration, plot_path, as_json, modalities, images_per_example,
+             audio_seconds, train_parts):
+    """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component (per GPU on several)."""
     profile = resolve_model(model)
+    spec, budget, driver = gpu_and_budget(gpu)
+    count = box_count(spec, gpus)
+    layout = (parallel or ("fsdp" if cpu_offload else "ddp")) if count > 1 else (parallel or "none")
     plan = Plan(model=profile.name, quant=quant, lora_rank=rank, seq_len=seq, micro_batch=batch, grad_accum=accum,
                 checkpointing=checkpointing, optimizer=optim, attention=attention, lora_dtype=lora_dtype, stack=stack,
-                loss=loss or ("full" if stack == "hf" else "chunked"))
-    spec, budget, driver = gpu_and_budget(gpu)
+                loss=loss or ("full" if stack == "hf" else "chunked"), gpus=count, parallel=layout,
+                cpu_offload=cpu_offload, **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
+    spec = _box(spec, count)
     est = _adjust(_calibrated(profile, stack, spec, driver, no_calibration))(estimate_plan(plan, profile, spec, budget=budget))
     if plot_path:
         from vramplan.plot import plot_estimates
@@ -86,10 +137,16 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
 
 @main.command()
 @click.argument("model")
-@click.option("--gpu", required=True, help="A catalog GPU (rtx-4060), a budget (12GB) or auto (free memory now).")
+@click.option("--gpu", required=True,
+              help="A catalog GPU (rtx-4060), a box (2xrtx-4090), a budget (12GB) or auto (free memory now).")
+@gpus_option
 @click.option("--seq", type=int, default=2048, show_default=True, help="Sequence length to keep.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Effective batch to keep (micro-batch × accumulation).")
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
+@click.option("--modalities", default="text", show_default=True, help="What examples hold: text,image,audio (comma-separated).")
+@click.option("--images-per-example", type=click.IntRange(min=0), default=None, help="Images per example (default 1 with image).")
+@click.option("--audio-seconds", type=click.FloatRange(min=0), default=None, help="Seconds of audio per example (default 10 with audio).")
+@click.option("--train", "train_parts", default="language", show_default=True, help="Where LoRA goes: language,vision,audio.")
 @click.option("--out", "out_path", default=None, type=click.Path(dir_okay=False), help="Write the chosen plan as JSON.")
 @click.option("--no-calibration", is_flag=True, help="Ignore stored calibrations: the planner's own arithmetic.")
 @click.option("--calibrate", "calibrate_run", is_flag=True,
@@ -97,16 +154,25 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="The model folder to run for --calibrate.")
 @json_option
-def fit(model, gpu, seq, batch, stack, out_path, no_calibration, calibrate_run, model_dir, as_json):
-    """The best plan for MODEL that fits a GPU, and why it was chosen."""
+def fit(model, gpu, gpus, seq, batch, stack, out_path, no_calibration, calibrate_run, model_dir, as_json, modalities,
+        images_per_example, audio_seconds, train_parts):
+    """The best plan for MODEL that fits a GPU (or each GPU of a box), and why it was chosen."""
     from vramplan.fit import fit_plan
 
     profile = resolve_model(model)
-    base = Plan(model=profile.name, seq_len=seq, micro_batch=batch, stack=stack)
+    base = Plan(model=profile.name, seq_len=seq, micro_batch=batch, stack=stack,
+                **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
     if calibrate_run:
+        if gpus and gpus > 1:
+            from vramplan.errors import VramplanError
+
+            raise VramplanError("fit --calibrate measures one GPU; drop --gpus, or fit the box without --calibrate")
         result, spec, budget = _fit_calibrating(model_dir, gpu, base, as_json)
     else:
         spec, budget, driver = gpu_and_budget(gpu)
+        count = box_count(spec, gpus)
+        spec = _box(spec, count)
+        base = base.replace(gpus=count, parallel="ddp" if count > 1 else "none")
         calibration = _calibrated(profile, stack, spec, driver, no_calibration)
         result = fit_plan(profile, spec, budget=budget, base=base, adjust=_adjust(calibration))
     if out_path:
@@ -150,4 +216,5 @@ def _fit_calibrating(model_dir: str | None, gpu: str, base: Plan, quiet: bool):
 def _gpu_dict(spec: GpuSpec | None, budget: int | None) -> dict | None:
     if spec is None:
         return None
-    return {"name": spec.name, "label": spec.label, "memory_bytes": spec.memory_bytes, "budget_bytes": budget}
+    return {"name": spec.name, "label": spec.label, "memory_bytes": spec.memory_bytes, "budget_bytes": budget,
+            "count": spec.count}

@@ -31,17 +31,27 @@ from vramplan.plan import CHECKPOINTING, OPTIMIZERS, read_plan
 @click.option("--accum", type=click.IntRange(min=1), help="Override the plan's gradient accumulation.")
 @click.option("--checkpointing", type=click.Choice(CHECKPOINTING), help="Override the plan's checkpointing.")
 @click.option("--optim", type=click.Choice(OPTIMIZERS), help="Override the plan's optimizer.")
+@click.option("--train", "train_parts", help="Where LoRA goes: language,vision,audio (override the plan's train_parts).")
+@click.option("--targets", help="What LoRA adapts: attention,mlp or module names (override the plan's lora_targets).")
+@click.option("--train-projectors/--freeze-projectors", default=None, help="Train the image/audio projectors in full.")
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
-          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim):
+          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, train_parts,
+          targets, train_projectors):
     """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter."""
     from vramplan.errors import VramplanError
+    from vramplan.train.allocator import configure_allocator_for_training
+
+    configure_allocator_for_training()  # before anything touches CUDA
+    from vramplan.memory.towers import lora_targets_from
     from vramplan.train.recipe import TrainConfig
     from vramplan.train.recipe import train as run
 
     if steps and epochs:
         raise VramplanError("give --steps or --epochs, not both")
     overrides = {"lora_rank": rank, "seq_len": seq, "micro_batch": batch, "grad_accum": accum,
-                 "checkpointing": checkpointing, "optimizer": optim}
+                 "checkpointing": checkpointing, "optimizer": optim, "train_projectors": train_projectors,
+                 "train_parts": tuple(p.strip() for p in train_parts.split(",") if p.strip()) if train_parts else None,
+                 "lora_targets": lora_targets_from(targets) if targets else None}
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
     cfg = TrainConfig(plan=plan, model_dir=model_dir, data=data_file, output=output, resume=resume, steps=steps,
                       epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, save_every=save_every,

@@ -19,6 +19,7 @@ class StepMemory:
 
 
 def step_memory(arch, plan) -> StepMemory:
-    from vramplan.stacks import hf, vramplan
+    """One rank's step memory: the stack's, spread over ``plan.gpus`` GPUs as ``plan.parallel`` says."""
+    from vramplan.stacks import distributed, hf, vramplan
 
-    return (hf if plan.stack == "hf" else vramplan).step_memory(arch, plan)
+    return distributed.per_rank(arch, plan, (hf if plan.stack == "hf" else vramplan).step_memory(arch, plan))

@@ -28,6 +28,7 @@ from vramplan.memory.logits import full_logits_forward_bytes, full_logits_peak_b
 from vramplan.memory.optimizer import optimizer_state_bytes
 from vramplan.memory.overhead import cuda_library_bytes, unreused_segment_bytes
 from vramplan.memory.weights import dense_bytes, linear_weight_bytes
+from vramplan.memory import towers as mm
 from vramplan.stacks import StepMemory
 
 
@@ -45,7 +46,7 @@ def step_memory(arch, plan) -> StepMemory:
     notes = []
     kbit = plan.quant in ("nf4", "int8")
     up = 4 if kbit else 2  # prepare_model_for_kbit_training upcasts what bnb left in bf16
-    b, s = plan.micro_batch, plan.seq_len
+    b, s = plan.micro_batch, mm.decoder_seq_len(arch, plan)  # images' and audio's soft tokens included
     tokens = b * s
 
     weights = {
@@ -59,12 +60,13 @@ def step_memory(arch, plan) -> StepMemory:
         weights["experts"] = dense_bytes(arch.expert_params, up)
         notes.append("bitsandbytes quantizes nn.Linear only: the fused expert tensors stay 16-bit"
                      + (" and prepare_model_for_kbit_training upcasts them to fp32" if kbit else ""))
-    towers = sum(v for k, v in arch.tower_params.items() if k in plan.modalities)
+    towers = mm.tower_weight_params(arch, plan)
     if towers:
         weights["towers"] = dense_bytes(towers, up)
     if plan.lora_dtype != "fp32":
         notes.append("PEFT keeps LoRA adapters in fp32 (autocast_adapter_dtype); lora_dtype=bf16 ignored on the hf stack")
-    trainable = lora_param_count(arch, plan.lora_rank, plan.lora_targets)
+    trainable = (lora_param_count(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else 0) \
+        + mm.tower_lora_params(arch, plan) + mm.projector_params(arch, plan)
     adapters = {"lora_params": lora_param_bytes(trainable, 4)}
     grads = {"lora_grads": lora_grad_bytes(trainable, 4)}
     optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer)}
@@ -82,6 +84,9 @@ def step_memory(arch, plan) -> StepMemory:
         lora_inner_bytes=4, four_norms=arch.model_type.startswith("gemma"))
     persistent, layer_set = activation_bytes(arch, b, s, checkpointing, recipe)
     model_level = model_level_activations(arch, tokens, up, per_layer_copies=3)
+    tower_kept, tower_working = mm.tower_activation_bytes(arch, plan, up)
+    if tower_kept:
+        model_level["tower_activations"] = tower_kept
 
     softcap = arch.final_logit_softcapping is not None
     logits_set = full_logits_peak_bytes(tokens, arch.vocab_size, up, softcap)
@@ -104,4 +109,7 @@ def step_memory(arch, plan) -> StepMemory:
         "backward": backward,
         "optimizer_step": {**static, **grads, "logits_loss": held},
     }
+    if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
+        for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
+            phases[phase]["tower_working_set"] = tower_working
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("hf"), notes=tuple(notes))

@@ -21,6 +21,7 @@ from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_byt
 from vramplan.memory.optimizer import optimizer_state_bytes
 from vramplan.memory.overhead import cuda_library_bytes, pooled_fragmentation_bytes
 from vramplan.memory.weights import dense_bytes, linear_weight_bytes, nf4_weight_bytes
+from vramplan.memory import towers as mm
 from vramplan.stacks import StepMemory
 
 ACT = 2  # bf16 activations
@@ -28,7 +29,7 @@ OFFLOAD_LAYERS_ON_GPU = 2
 
 
 def step_memory(arch, plan) -> StepMemory:
-    b, s = plan.micro_batch, plan.seq_len
+    b, s = plan.micro_batch, mm.decoder_seq_len(arch, plan)  # images' and audio's soft tokens included
     tokens = b * s
     h = arch.hidden_size
     lora_bytes = 4 if plan.lora_dtype == "fp32" else 2
@@ -41,10 +42,11 @@ def step_memory(arch, plan) -> StepMemory:
     if arch.expert_params:
         weights["experts"] = (nf4_weight_bytes(arch.expert_params, plan.double_quant) if plan.quant == "nf4"
                               else dense_bytes(arch.expert_params, 1 if plan.quant == "int8" else 2))
-    towers = sum(v for k, v in arch.tower_params.items() if k in plan.modalities)
+    towers = mm.tower_weight_params(arch, plan)
     if towers:
         weights["towers"] = dense_bytes(towers, 2)
-    trainable = lora_param_count(arch, plan.lora_rank, plan.lora_targets)
+    trainable = (lora_param_count(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else 0) \
+        + mm.tower_lora_params(arch, plan) + mm.projector_params(arch, plan)
     adapters = {"lora_params": lora_param_bytes(trainable, lora_bytes)}
     grads = {"lora_grads": lora_grad_bytes(trainable, lora_bytes)}
     optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer, master_weights=lora_bytes == 2)}
@@ -56,6 +58,9 @@ def step_memory(arch, plan) -> StepMemory:
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
     persistent, layer_set = activation_bytes(arch, b, s, plan.checkpointing, recipe, layers_kept=kept)
     model_level = model_level_activations(arch, tokens, ACT, per_layer_copies=2)
+    tower_kept, tower_working = mm.tower_activation_bytes(arch, plan, ACT)
+    if tower_kept:
+        model_level["tower_activations"] = tower_kept
 
     softcap = arch.final_logit_softcapping is not None
     if plan.loss == "chunked":
@@ -78,4 +83,7 @@ def step_memory(arch, plan) -> StepMemory:
         "backward": {**static, **grads, **model_level, **backward_parts},
         "optimizer_step": {**static, **grads},
     }
+    if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
+        for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
+            phases[phase]["tower_working_set"] = tower_working
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"))

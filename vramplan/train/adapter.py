@@ -25,12 +25,28 @@ def lora_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
     for path, module in lora_modules(model).items():
         state[f"{PEFT_PREFIX}{path}.lora_A.weight"] = module.lora_A.weight.detach().to("cpu").contiguous()
         state[f"{PEFT_PREFIX}{path}.lora_B.weight"] = module.lora_B.weight.detach().to("cpu").contiguous()
+    for name, param in trained_in_full(model).items():  # e.g. Gemma 4's projectors: PEFT's modules_to_save keys
+        state[f"{PEFT_PREFIX}{name}"] = param.detach().to("cpu").contiguous()
     return state
+
+
+def trained_in_full(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Parameters trained whole rather than through LoRA (the multimodal projectors when asked)."""
+    lora = {id(p) for m in lora_modules(model).values() for p in m.parameters()}
+    return {name: p for name, p in model.named_parameters() if p.requires_grad and id(p) not in lora}
 
 
 def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> None:
     modules = lora_modules(model)
     expected = {f"{PEFT_PREFIX}{p}.lora_{ab}.weight" for p in modules for ab in "AB"}
+    whole = {k: v for k, v in state.items() if ".lora_" not in k}
+    state = {k: v for k, v in state.items() if ".lora_" in k}
+    with torch.no_grad():
+        for key, value in whole.items():
+            try:
+                model.get_parameter(key[len(PEFT_PREFIX):]).copy_(value)
+            except AttributeError:
+                raise ValueError(f"the adapter holds {key}, which the model does not have") from None
     if set(state) != expected:
         missing = sorted(expected - set(state))[:1] or sorted(set(state) - expected)[:1]
         raise ValueError(f"the adapter does not match the model's LoRA layers (e.g. {missing[0]})")
@@ -41,7 +57,10 @@ def load_lora_state_dict(model: nn.Module, state: dict[str, torch.Tensor]) -> No
 
 
 def adapter_config(model: nn.Module, plan: Plan, base_model: str) -> dict:
-    targets = sorted({path.rpartition(".")[2] for path in lora_modules(model)})
+    paths = sorted(lora_modules(model))
+    # a multimodal model has towers with the same leaf names (q_proj …): there PEFT gets the full paths
+    multimodal = any(".language_model." in f".{p}" for p in paths)
+    targets = paths if multimodal else sorted({path.rpartition(".")[2] for path in paths})
     return {
         "peft_type": "LORA",
         "task_type": "CAUSAL_LM",
@@ -55,7 +74,7 @@ def adapter_config(model: nn.Module, plan: Plan, base_model: str) -> dict:
         "use_rslora": False,
         "inference_mode": True,
         "init_lora_weights": True,
-        "modules_to_save": None,
+        "modules_to_save": sorted({n.split(".")[1] for n in trained_in_full(model) if n.startswith("model.")}) or None,
     }
 
 

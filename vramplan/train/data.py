@@ -71,7 +71,8 @@ def _check_shape(record, where: str) -> None:
     if "messages" in record:
         messages = record["messages"]
         if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in messages
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), (str, list))
+            for m in messages
         ):
             raise VramplanError(f"{where}: 'messages' must be a non-empty list of {{role, content}} objects")
     elif "prompt" in record and "completion" in record:

@@ -22,6 +22,12 @@ def lm_head_of(model: nn.Module) -> nn.Linear:
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
     """The final-norm hidden states of the decoder, with no cache (training)."""
+    media = {k: v for k, v in batch.items() if k not in ("input_ids", "position_ids", "labels")}
+    if media:  # pixel values / audio features: the multimodal model runs the towers and fills in their soft tokens
+        dtype = model.get_input_embeddings().weight.dtype
+        media = {k: v.to(dtype) if v.is_floating_point() else v for k, v in media.items()}
+        out = model.model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False, **media)
+        return out.last_hidden_state
     out = model.get_decoder()(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False)
     return out.last_hidden_state
 

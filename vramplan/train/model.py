@@ -72,29 +72,42 @@ def decoder_layers(model: nn.Module) -> nn.ModuleList:
 
 def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> list[str]:
     """Quantize + add LoRA layer by layer on ``device``, then move the rest; return the adapted module paths."""
-    model.requires_grad_(False)
-    lora_dtype = DTYPES[plan.lora_dtype]
-    quant = "nf4" if plan.quant == "nf4" else "bf16"
-    if plan.quant == "int8":
-        raise VramplanError("plan quant 'int8' is not supported by vramplan train yet; use nf4 or bf16")
-    if host_per_layer_embeddings is None:
-        host_per_layer_embeddings = device.type == "cuda"
-    if host_per_layer_embeddings:
-        patching.keep_per_layer_embeddings_on_host(model)
-    adapted = []
-    prefix = _layers_path(model)
-    for index, layer in enumerate(decoder_layers(model)):
-        layer.to(device)
-        names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant, lora_dtype)
-        adapted += [f"{prefix}.{index}.{name}" for name in names]
-        if device.type == "cuda":
-            torch.cuda.empty_cache()
+    freeze(model, plan, device, host_per_layer_embeddings)
+    adapted = add_decoder_lora(model, plan, device)
     if not adapted:
         raise VramplanError(f"none of the LoRA targets {', '.join(plan.lora_targets)} is a linear layer of this model; "
                             "set lora_targets to its projection names")
     model.to(device)  # the rest: embeddings, norms, LM head (host-resident tables and NF4 weights stay put)
     patching.apply_kernel_patches(model)
     model.config.use_cache = False
+    return adapted
+
+
+def freeze(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> None:
+    """Freeze every weight; Gemma 4's per-layer tables and an untied token embedding go to host memory
+    (by default when training on a GPU)."""
+    model.requires_grad_(False)
+    if plan.quant == "int8":
+        raise VramplanError("plan quant 'int8' is not supported by vramplan train yet; use nf4 or bf16")
+    if host_per_layer_embeddings is None:
+        host_per_layer_embeddings = device.type == "cuda"
+    if host_per_layer_embeddings:
+        patching.keep_per_layer_embeddings_on_host(model)
+        patching.keep_input_embeddings_on_host(model)
+
+
+def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device) -> list[str]:
+    """Move each decoder layer to ``device``, quantize its linears there and add LoRA; return the adapted paths."""
+    quant = "nf4" if plan.quant == "nf4" else "bf16"
+    adapted = []
+    prefix = _layers_path(model)
+    for index, layer in enumerate(decoder_layers(model)):
+        layer.to(device)
+        names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant,
+                                  DTYPES[plan.lora_dtype])
+        adapted += [f"{prefix}.{index}.{name}" for name in names]
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
     return adapted
 
 

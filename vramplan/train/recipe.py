@@ -128,8 +128,9 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
-def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan: Plan, seed: int):
+def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan: Plan, seed: int, collate=None):
     """The micro-batches of the next optimizer step, advancing the data position in ``state``."""
+    collate = collate or (lambda rows: data.collate(rows, dataset.pad_token_id))
     micro = []
     for _ in range(plan.grad_accum):
         order = data.epoch_order(len(dataset.rows), seed, state.epoch)
@@ -137,8 +138,17 @@ def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan
         state.cursor += len(rows)
         if state.cursor >= len(order):
             state.epoch, state.cursor = state.epoch + 1, 0
-        micro.append(data.collate(rows, dataset.pad_token_id))
+        micro.append(collate(rows))
     return micro
+
+
+def multimodal_seq_len(plan: Plan, model_dir: str) -> int:
+    """A row's budget with images / audio: the plan's text tokens plus the soft tokens the plan counts per example."""
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import architecture
+    from vramplan.memory.towers import decoder_seq_len
+
+    return decoder_seq_len(architecture(resolve_model(model_dir)), plan)
 
 
 def total_steps(cfg: TrainConfig, dataset: data.Dataset) -> int:
@@ -159,6 +169,8 @@ def train(cfg: TrainConfig) -> dict:
     if plan.gpus > 1 or plan.parallel != "none":
         raise VramplanError(f"the plan asks for {plan.gpus} GPUs ({plan.parallel}); vramplan train runs on one GPU so far: "
                             "set gpus 1 and parallel none")
+    if cfg.merge and plan.multimodal:
+        raise VramplanError("--merge exports text models so far; drop --merge (the adapter loads with peft onto the multimodal model)")
     device = torch.device(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     seed_everything(cfg.seed)
 
@@ -167,8 +179,14 @@ def train(cfg: TrainConfig) -> dict:
 
     records = data.read_jsonl(cfg.data)
     read_config(cfg.model_dir)
-    tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
-    dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong, records=records)
+    if plan.multimodal:  # images / audio: rendered with the processor's parts, every file opened now
+        from vramplan.train import mm_data, multimodal
+
+        processor = mm_data.MMProcessor.from_pretrained(cfg.model_dir)
+        dataset = mm_data.build_dataset(cfg.data, processor, multimodal_seq_len(plan, cfg.model_dir), cfg.overlong, records=records)
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(cfg.model_dir)
+        dataset = data.build_dataset(cfg.data, tokenizer, plan.seq_len, cfg.overlong, records=records)
     steps = total_steps(cfg, dataset)
     _say(cfg, f"data: {dataset.n_examples} examples packed into {len(dataset.rows)} rows of at most {plan.seq_len} tokens; "
               f"{dataset.n_truncated} truncated, {dataset.n_dropped} dropped (--overlong {cfg.overlong})")
@@ -178,8 +196,12 @@ def train(cfg: TrainConfig) -> dict:
         check_plan_fits(plan, cfg.model_dir, device)
 
     # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen.
-    model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
-    params = lora_parameters(model)
+    if plan.multimodal:
+        model, adapted = multimodal.load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
+        params = multimodal.trainable_parameters(model, plan)
+    else:
+        model, adapted = load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
+        params = lora_parameters(model)
     for param in params:
         param.requires_grad_(True)
 
@@ -199,6 +221,7 @@ def train(cfg: TrainConfig) -> dict:
     save = lambda: checkpoint.save_checkpoint(out / "checkpoint", model, plan, cfg.model_dir, optimizer, scheduler, state)  # noqa: E731
 
     # 5. The loop.
+    collate = (lambda rows: mm_data.collate(rows, dataset.pad_token_id, processor)) if plan.multimodal else None
     bar = _progress(cfg, steps, state.step)
     loss = float("nan")
     if device.type == "cuda":
@@ -207,7 +230,7 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while state.step < steps:
             started = time.perf_counter()
-            micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in next_micro_batches(dataset, state, plan, cfg.seed)]
+            micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in next_micro_batches(dataset, state, plan, cfg.seed, collate)]
             loss, n_targets = accumulate_gradients(model, micro_batches)
             if not math.isfinite(loss):
                 raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
