@@ -31,12 +31,53 @@ class Case:
     measure_peak_memory: bool = False
     notes: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
+    #: also time each variant replayed from a CUDA graph: for small ops whose eager timing is the
+    #: host's launch overhead (RMSNorm, RoPE: ±40% run to run), so the ceiling fractions are the kernel's
+    cuda_graph: bool = False
 
 
 def median_ms(fn: Callable[[], Any]) -> float:
     import triton.testing
 
     return float(triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median"))
+
+
+def graph_median_ms(fn: Callable[[], Any]) -> float:
+    """Median ms of ``fn`` replayed from a CUDA graph (``triton.testing.do_bench_cudagraph``, in
+    Triton 3.6 and 3.9): no launch overhead, the GPU's own time."""
+    import triton.testing
+
+    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+
+
+def time_variants(case: Case, eager: Callable[[Callable[[], Any]], float] = median_ms,
+                  graphed: Callable[[Callable[[], Any]], float] | None = None) -> tuple[dict, dict]:
+    """({variant: eager ms}, {variant: CUDA-graph ms}); the second only for a ``cuda_graph`` case
+    when ``graphed`` is given (on CUDA). A variant that fails is None there and reported, so one
+    failing variant (a capture that syncs, say) never loses the others."""
+    timings: dict[str, float | None] = {}
+    graph_timings: dict[str, float | None] = {}
+    for variant, fn in case.variants.items():
+        for timer, into, label in ((eager, timings, ""), (graphed if case.cuda_graph else None, graph_timings, " (cuda graph)")):
+            if timer is None:
+                continue
+            try:
+                into[variant] = timer(fn)
+            except Exception as err:  # noqa: BLE001
+                into[variant] = None
+                print(f"{case.op} {case.shape} {variant}{label}: {type(err).__name__}: {err}", flush=True)
+    return timings, graph_timings
+
+
+def ceiling_fractions(case: Case, ms: float | None, ceilings: dict[str, float]) -> dict[str, float]:
+    """The fractions of the measured bandwidth and bf16 matmul ceilings that ``ms`` reaches."""
+    out = {}
+    if ms:
+        if case.bytes_moved:
+            out["bandwidth_fraction"] = case.bytes_moved / (ms * 1e-3) / (ceilings["bandwidth_gbs"] * 1e9)
+        if case.flops:
+            out["tflops_fraction"] = case.flops / (ms * 1e-3) / (ceilings["bf16_tflops"] * 1e12)
+    return out
 
 
 def peak_bytes(fn: Callable[[], Any]) -> int:

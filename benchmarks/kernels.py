@@ -1,7 +1,8 @@
 """Times every kernel against its alternatives on the GPU: `python benchmarks/kernels.py`.
 
 Each module in benchmarks/kernel_cases/ contributes cases; this script measures the two
-ceilings once, times every variant (median, triton.testing.do_bench), and writes
+ceilings once, times every variant (median, triton.testing.do_bench; cases marked ``cuda_graph``
+also replayed from a CUDA graph, ``ms_cudagraph``, which their ceiling fractions use), and writes
 benchmarks/results/kernels.{json,md} (or to --out).
 """
 
@@ -21,7 +22,8 @@ import torch  # noqa: E402
 from tabulate import tabulate  # noqa: E402
 
 from benchmarks import kernel_cases  # noqa: E402
-from benchmarks.harness import environment, measure_ceilings, median_ms, peak_bytes, write_results  # noqa: E402
+from benchmarks.harness import (  # noqa: E402
+    ceiling_fractions, environment, graph_median_ms, measure_ceilings, median_ms, peak_bytes, time_variants, write_results)
 
 
 def main() -> None:
@@ -43,24 +45,24 @@ def main() -> None:
             traceback.print_exc()
             continue
         for case in cases:
-            timings, peaks = {}, {}
-            for variant, fn in case.variants.items():
-                try:
-                    timings[variant] = median_ms(fn)
-                    if case.measure_peak_memory:
-                        peaks[variant] = peak_bytes(fn)
-                except Exception as err:  # one failing variant must not lose the others
-                    timings[variant] = None
-                    print(f"{case.op} {case.shape} {variant}: {type(err).__name__}: {err}", flush=True)
+            timings, graph_timings = time_variants(case, median_ms, graph_median_ms if torch.cuda.is_available() else None)
+            peaks = {}
+            if case.measure_peak_memory:
+                for variant, fn in case.variants.items():
+                    if timings.get(variant) is not None:
+                        try:
+                            peaks[variant] = peak_bytes(fn)
+                        except Exception as err:  # noqa: BLE001
+                            print(f"{case.op} {case.shape} {variant} peak: {type(err).__name__}: {err}", flush=True)
             ours = next(iter(case.variants))
-            ms = timings.get(ours)
+            ms, graph_ms = timings.get(ours), graph_timings.get(ours)
             record = {"op": case.op, "shape": case.shape, "ms": timings, "peak_bytes": peaks or None,
                       "bytes_moved": case.bytes_moved, "flops": case.flops, "notes": case.notes, **case.extra}
-            if ms:
-                if case.bytes_moved:
-                    record["bandwidth_fraction"] = case.bytes_moved / (ms * 1e-3) / (ceilings["bandwidth_gbs"] * 1e9)
-                if case.flops:
-                    record["tflops_fraction"] = case.flops / (ms * 1e-3) / (ceilings["bf16_tflops"] * 1e12)
+            # ceiling fractions from the CUDA-graph time where there is one (the kernel's own), eager kept beside it
+            record.update(ceiling_fractions(case, graph_ms or ms, ceilings))
+            if graph_timings:
+                record["ms_cudagraph"] = graph_timings
+                record.update({f"{k}_eager": v for k, v in ceiling_fractions(case, ms, ceilings).items()})
             # vramplan's own alternative paths (qlora_linear's forced "fused"/"dequant") are not rivals.
             others = [t for v, t in timings.items() if v != ours and not v.startswith("vramplan") and t]
             record["speedup_vs_best_other"] = (min(others) / ms) if ms and others else None
@@ -71,11 +73,12 @@ def main() -> None:
                 *(f"{v}: {t:.3f}" if t else f"{v}: failed" for v, t in timings.items()),
             ])
     table = [[r["op"], r["shape"], f"{r['ms'].get(next(iter(r['ms'])), 0) or 0:.3f}",
+              f"{(r.get('ms_cudagraph') or {}).get(next(iter(r['ms']))) or 0:.3f}" if r.get("ms_cudagraph") else "-",
               ", ".join(f"{v} {t:.3f}" for v, t in list(r["ms"].items())[1:] if t),
               f"{r['speedup_vs_best_other']:.2f}x" if r.get("speedup_vs_best_other") else "-",
               f"{r['bandwidth_fraction']:.0%}" if r.get("bandwidth_fraction") else "-",
               f"{r['tflops_fraction']:.0%}" if r.get("tflops_fraction") else "-"] for r in records]
-    md = tabulate(table, headers=["op", "shape", "vramplan ms", "others ms", "vs best other", "of bandwidth", "of bf16 TFLOP/s"],
+    md = tabulate(table, headers=["op", "shape", "vramplan ms", "vramplan graph ms", "others ms", "vs best other", "of bandwidth", "of bf16 TFLOP/s"],
                   tablefmt="github")
     print(md)
     payload = {"ceilings": ceilings, "environment": environment(), "records": records}

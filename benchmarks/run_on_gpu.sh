@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Runs the GPU side of the project in one go on a CUDA machine, from the repository root:
-#   benchmarks/run_on_gpu.sh [tests] [kernels] [trainer ...] [accuracy[:MODEL,...]] [capcheck] [multigpu]
+#   benchmarks/run_on_gpu.sh [tests] [kernels[:MODULES]] [trainer ...] [profile:CONFIG:SEQ] [unsloth:CONFIG:GRID]
+#                            [multimodal:N,...] [accuracy[:MODEL,...]] [capcheck] [multigpu]
 # Wheels in .whl/ (bitsandbytes, liger-kernel) are installed to /tmp/site first when present.
 # Results go to $OUT (default benchmarks/results/gpu-run).
 set -uo pipefail
@@ -22,6 +23,9 @@ for job in "$@"; do
     trainer:*)  # trainer:CONFIG.json:GRID.json  (the config's file name labels the lines)
       IFS=: read -r _ cfg grid <<<"$job"
       python3 -m benchmarks.trainer --fresh --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
+    profile:*)  # profile:CONFIG:SEQ  wall vs GPU-busy time per step and the top host ops (benchmarks/profile_trainer.py)
+      IFS=: read -r _ cfg seq <<<"$job"
+      python3 -m benchmarks.profile_trainer --config "$cfg" --seq "$seq" 2>&1 | tee -a "$OUT/profile-$(basename "$cfg" .json)-$seq.txt" | head -3 ;;
     accuracy)   python3 -m benchmarks.accuracy --measure --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     accuracy:*) python3 -m benchmarks.accuracy --measure --models "${job#accuracy:}" --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     unsloth:*)  # unsloth:CONFIG.json:GRID.json — the reference Unsloth harness, side by side (wheels in .whl/unsloth,

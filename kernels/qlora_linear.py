@@ -22,6 +22,7 @@ fp32 accumulation, as under autocast; with fp32/fp64 activations, in the adapter
 from __future__ import annotations
 
 import math
+import weakref
 
 import torch
 import triton
@@ -242,9 +243,17 @@ class QLoRALinearFunction(torch.autograd.Function):
             lora_a, lora_b, a_c, b_c = ctx.lora
             compute = xa.dtype
             g_c = _cast(g, compute)
-            grad_b = _cast(torch.mm(g_c.t(), xa).mul_(ctx.scale), lora_b.dtype)
-            g_xa = torch.mm(g_c, _cast(b_c, compute)).mul_(ctx.scale)  # [M, r]: the gradient at x·Aᵀ
-            grad_a = _cast(torch.mm(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
+            # the scale rides in the matmul (addmm's alpha over an ignored input): one launch, not mm + mul_
+            zero = _zero(g_c)
+            g_xa = torch.addmm(zero, g_c, _cast(b_c, compute), beta=0, alpha=ctx.scale)  # [M, r]: the gradient at x·Aᵀ
+            flat = _flat_of(lora_a)
+            sink = flat.grad_sink(lora_a, lora_b, compute) if flat is not None and all(ctx.needs_input_grad[2:4]) else None
+            if sink is not None:  # into the flat gradient buffer, cast once for all adapters at the end
+                sink[1].addmm_(g_c.t(), xa, alpha=ctx.scale)
+                sink[0].addmm_(g_xa.t(), _cast(x2, compute))
+            else:
+                grad_b = _cast(torch.addmm(zero, g_c.t(), xa, beta=0, alpha=ctx.scale), lora_b.dtype)
+                grad_a = _cast(torch.mm(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
             if grad_x is not None:
                 grad_x.addmm_(_cast(g_xa, grad_x.dtype), _cast(a_c, grad_x.dtype))
         if ctx.has_bias and ctx.needs_input_grad[5]:
@@ -252,6 +261,19 @@ class QLoRALinearFunction(torch.autograd.Function):
         if grad_x is not None and grad_x.shape != ctx.x_shape:
             grad_x = grad_x.view(ctx.x_shape)
         return grad_x, None, grad_a, grad_b, None, grad_bias, None, None
+
+
+_zeros: dict[tuple[torch.device, torch.dtype], torch.Tensor] = {}
+
+
+def _zero(like: torch.Tensor) -> torch.Tensor:
+    """A 0-d zero of ``like``'s dtype and device: the input of ``addmm(..., beta=0)``, which reads no
+    value of it (and with beta 0 copies nothing into the output), kept so no step allocates one."""
+    key = (like.device, like.dtype)
+    zero = _zeros.get(key)
+    if zero is None:
+        zero = _zeros[key] = torch.zeros((), dtype=like.dtype, device=like.device)
+    return zero
 
 
 def _copies(lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
@@ -285,11 +307,88 @@ class LoRACopies:
     def get(self, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, ...]:
         key = (LoRACopies._generation, dtype, lora_a._version, lora_b._version, lora_a.data_ptr(), lora_b.data_ptr())
         if key != self._key:
-            self._copies, self._key = _copies(lora_a, lora_b, dtype), key
+            together = _flat_of(lora_a)
+            if together is not None and together.holds(lora_a) and together.holds(lora_b):
+                # changed since this step's copies were made (not by the optimizer): cast the whole buffer anew
+                changed = self._key is not None and self._key[:2] == key[:2]
+                self._copies = together.copies(lora_a, lora_b, dtype, refresh=changed)
+            else:
+                self._copies = _copies(lora_a, lora_b, dtype)
+            self._key = key
         return self._copies
 
 
 register_optimizer_step_post_hook(LoRACopies._optimizer_stepped)
+
+
+class _FlatAdapters:
+    """Adapters stored as views of one flat tensor (an optimizer's flat parameter):
+
+    * their compute-dtype copies come from one cast of the whole tensor per optimizer step,
+      instead of two casts per module;
+    * with ``grad`` (the flat gradient whose views are the adapters' ``.grad``), the backward
+      adds dA and dB straight into a flat compute-dtype buffer (``addmm_``, the scale folded in) and autograd gets no gradient for them: at the end of the backward one ``add_``
+      moves the whole buffer into ``grad`` (the same values autograd's per-tensor cast and
+      accumulate would give), and one ``zero_`` clears it. Two launches per step instead of two
+      casts per adapted linear. Off under ``create_graph`` (the normal path then runs).
+    """
+
+    def __init__(self, flat: torch.Tensor, grad: torch.Tensor | None):
+        self._flat = weakref.ref(flat)  # dies with its optimizer
+        self._grad = weakref.ref(grad) if grad is not None else None
+        self._key, self._cast, self._sink, self._flush_queued = None, None, None, False
+
+    @property
+    def flat(self) -> torch.Tensor | None:
+        return self._flat()
+
+    def holds(self, t: torch.Tensor) -> bool:
+        flat = self.flat
+        return flat is not None and t.untyped_storage().data_ptr() == flat.untyped_storage().data_ptr() and t.is_contiguous()
+
+    def copies(self, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype, refresh: bool) -> tuple[torch.Tensor, ...]:
+        key = (LoRACopies._generation, dtype)
+        if refresh or key != self._key:
+            self._cast, self._key = self.flat.detach().to(dtype), key
+        a, b = self._view(self._cast, lora_a), self._view(self._cast, lora_b)
+        return a, a.t(), b, b.t()
+
+    def grad_sink(self, lora_a: torch.Tensor, lora_b: torch.Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """(dA, dB) views to accumulate this backward's adapter gradients into, or None: return them to autograd."""
+        grad = self._grad() if self._grad is not None else None
+        if grad is None or torch.is_grad_enabled() or not (self.holds(lora_a) and self.holds(lora_b)):
+            return None
+        if self._sink is None or self._sink.dtype != dtype or self._sink.device != grad.device:
+            self._sink = torch.zeros(grad.shape, dtype=dtype, device=grad.device)
+        if not self._flush_queued:
+            torch.autograd.Variable._execution_engine.queue_callback(self._flush)
+            self._flush_queued = True
+        return self._view(self._sink, lora_a), self._view(self._sink, lora_b)
+
+    def _flush(self) -> None:
+        self._flush_queued = False
+        grad = self._grad()
+        if grad is not None:
+            grad.add_(self._sink)
+        self._sink.zero_()
+
+    def _view(self, buffer: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        start = t.storage_offset() - self.flat.storage_offset()
+        return buffer[start:start + t.numel()].view(t.shape)
+
+
+_flat_adapters: dict[int, _FlatAdapters] = {}
+
+
+def flat_adapters(flat: torch.Tensor, grad: torch.Tensor | None = None) -> None:
+    """Register ``flat``, the storage of adapters that are views of it: one cast per step for all
+    of them, and with ``grad`` (``flat``'s gradient, whose views are the adapters' ``.grad``) their
+    gradients written there in one launch per backward. See ``_FlatAdapters``."""
+    _flat_adapters[flat.untyped_storage().data_ptr()] = _FlatAdapters(flat, grad)
+
+
+def _flat_of(lora_a: torch.Tensor) -> _FlatAdapters | None:
+    return _flat_adapters.get(lora_a.untyped_storage().data_ptr()) if _flat_adapters else None
 
 
 def _low_precision(x: torch.Tensor) -> bool:

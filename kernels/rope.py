@@ -232,6 +232,14 @@ def _in_place(x: torch.Tensor) -> bool:
     return x._base is None and x.grad_fn is not None
 
 
+def rope_applies(x: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int) -> bool:
+    """Whether the Triton kernel takes this call of transformers' ``apply_rotary_pos_emb`` (a model patch
+    runs the original otherwise): the kernel's mode for x, a 4-D x with head_dim contiguous, and cos
+    of [seq, width] or [batch, seq, width] with an even width up to head_dim."""
+    return (use_triton(x) and x.dim() == 4 and x.stride(-1) == 1 and unsqueeze_dim in (1, 2)
+            and cos.dim() in (2, 3) and cos.shape[-1] % 2 == 0 and cos.shape[-1] <= x.shape[-1])
+
+
 def apply_rope_one(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1, rotated_pairs: int | None = None,
 ) -> torch.Tensor:

@@ -57,7 +57,7 @@ def cases(device: str, tokens: int = TOKENS, models=MODELS, compile_backend: str
             weight_note = "+dW" if train_weight else "frozen w" if has_weight else "no weight"
             out.append(Case(
                 op="rmsnorm", shape=f"{model} {rows}x{hidden} {weight_note}",
-                variants=variants, bytes_moved=bytes_moved, measure_peak_memory=True,
+                variants=variants, bytes_moved=bytes_moved, measure_peak_memory=True, cuda_graph=True,
                 notes="fwd+bwd, bf16", extra={"model": model, "cast_mode": cast_mode, "dw": train_weight},
             ))
     return out

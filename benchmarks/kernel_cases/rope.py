@@ -89,7 +89,7 @@ def cases(device: str, tokens: int = TOKENS, layers=LAYERS, compile_backend: str
         rotated = qk * pairs * 2 // head_dim
         out.append(Case(
             op="rope", shape=f"{model} {layer} {tokens}x({hq}+{hk})x{head_dim} rot {2 * pairs}",
-            variants=variants, bytes_moved=2 * qk + 4 * rotated,
+            variants=variants, bytes_moved=2 * qk + 4 * rotated, cuda_graph=True,
             notes="fwd+bwd, bf16, includes the copy of q/k every variant starts from",
             extra={"model": model, "layer": layer, "rotated_pairs": pairs},
         ))

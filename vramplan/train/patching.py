@@ -1,6 +1,6 @@
 """Module surgery on a loaded transformers model: each patch is one small function.
 
-``patch_model`` applies them in one visible place. Kernel patches (RMSNorm, RoPE, SwiGLU/GeGLU
+``apply_kernel_patches`` applies them in one visible place. Kernel patches (RMSNorm, RoPE, SwiGLU/GeGLU
 from ``vramplan.train.ops``) are added to ``KERNEL_PATCHES`` as ``(module class name, function)``
 pairs; each function takes a module and returns a replacement (or patches it in place and
 returns it), so a new kernel is one entry, not a new walk over the model.
@@ -13,6 +13,7 @@ tests/test_train_gemma4.py compare cached and uncached logits).
 
 from __future__ import annotations
 
+import importlib
 from typing import Callable
 
 import torch
@@ -31,6 +32,56 @@ KERNEL_PATCHES: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
     *((name, ops.RMSNorm.from_hf) for name in _RMS_NORMS),
     *((name, ops.GatedMLP.from_hf) for name in _GATED_MLPS),
 ]
+
+
+def rope_pair(original: Callable) -> Callable:
+    """``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` (Llama, Mistral, Qwen, Gemma 3) as one
+    Triton launch each way instead of ~14 ops (rotate_half's slices, neg, cat, two multiplies and an
+    add per tensor); the original where the kernel does not run (CPU tensors, other layouts)."""
+
+    def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
+        if ops.rope_applies(q, cos, unsqueeze_dim) and k.dim() == 4 and k.stride(-1) == 1 and k.shape[-1] == q.shape[-1]:
+            return ops.apply_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    apply_rotary_pos_emb.vramplan_original = original
+    return apply_rotary_pos_emb
+
+
+def rope_single(original: Callable) -> Callable:
+    """Gemma 4's ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1)``, one tensor per call (its
+    shared-KV layers rotate only q). Its full-attention layers' proportional RoPE has cos 1 and
+    sin 0 beyond the rotated pairs, which the kernel computes exactly (x·1 − y·0 = x)."""
+
+    def apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):
+        if ops.rope_applies(x, cos, unsqueeze_dim):
+            return ops.apply_rope_one(x, cos, sin, unsqueeze_dim=unsqueeze_dim)
+        return original(x, cos, sin, unsqueeze_dim=unsqueeze_dim)
+
+    apply_rotary_pos_emb.vramplan_original = original
+    return apply_rotary_pos_emb
+
+
+#: transformers modeling module -> the maker of its Triton ``apply_rotary_pos_emb``. The attention
+#: modules call that function by its module-global name, so the replacement is set on the module
+#: (as Liger does): process-wide, but it runs the original on anything but CUDA tensors.
+ROPE_PATCHES: dict[str, Callable[[Callable], Callable]] = {
+    **{f"transformers.models.{family}.modeling_{family}": rope_pair
+       for family in ("llama", "mistral", "qwen2", "qwen3", "gemma3")},
+    "transformers.models.gemma4.modeling_gemma4": rope_single,
+}
+
+
+def patch_rope(model: nn.Module) -> list[str]:
+    """Point the modeling modules of ``model``'s classes at the Triton RoPE; return the modules patched now."""
+    patched = []
+    for name in sorted({type(m).__module__ for m in model.modules()} & ROPE_PATCHES.keys()):
+        module = importlib.import_module(name)
+        current = module.apply_rotary_pos_emb
+        if not hasattr(current, "vramplan_original"):
+            module.apply_rotary_pos_emb = ROPE_PATCHES[name](current)
+            patched.append(name)
+    return patched
 
 
 def replace_modules(root: nn.Module, choose: Callable[[str, nn.Module], nn.Module | None]) -> list[str]:
@@ -60,7 +111,9 @@ def add_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha: float
 
 
 def apply_kernel_patches(model: nn.Module) -> list[str]:
+    """The module patches of ``KERNEL_PATCHES`` and the RoPE function patch; return the replaced module paths."""
     patches = dict(KERNEL_PATCHES)
+    patch_rope(model)
     return replace_modules(model, lambda path, module: patches[type(module).__name__](module)
                            if type(module).__name__ in patches else None)
 

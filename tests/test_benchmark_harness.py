@@ -1,0 +1,45 @@
+"""The kernel benchmark's timing logic on the CPU: which cases get a CUDA-graph timing, that a failing
+variant loses only itself, and that ceiling fractions come from the graph timing (the kernel's own).
+The timers stand in for triton.testing's, which need a GPU; the cases' callables really run."""
+
+import pytest
+import torch
+
+from benchmarks.harness import Case, ceiling_fractions, time_variants
+from benchmarks.kernel_cases import rmsnorm, rope
+
+CEILINGS = {"bandwidth_gbs": 1000.0, "bf16_tflops": 500.0}
+
+
+def _timer(ms):
+    def time(fn):
+        fn()  # the variant runs, as under do_bench
+        return ms
+    return time
+
+
+def _fails():
+    raise RuntimeError("operation not permitted when stream is capturing")
+
+
+def test_graph_timing_only_for_marked_cases_and_failures_stay_local():
+    ran = []
+    small = Case("rmsnorm", "s", {"vramplan": lambda: ran.append("v"), "liger": _fails}, bytes_moved=10**6, cuda_graph=True)
+    large = Case("qlora_linear", "l", {"vramplan": lambda: ran.append("q")}, flops=10**12)
+    eager, graphed = time_variants(small, _timer(0.02), _timer(0.005))
+    assert eager == {"vramplan": 0.02, "liger": None} and graphed == {"vramplan": 0.005, "liger": None}
+    assert ran == ["v", "v"]
+    assert time_variants(large, _timer(3.0), _timer(1.0)) == ({"vramplan": 3.0}, {})
+    assert time_variants(small, _timer(0.02), None)[1] == {}  # no CUDA: eager only
+    # 1 MB in 5 µs is 200 GB/s: a fifth of the 1000 GB/s ceiling; eager's 20 µs would say a twentieth
+    assert ceiling_fractions(small, 0.005, CEILINGS) == {"bandwidth_fraction": pytest.approx(0.2)}
+    assert ceiling_fractions(small, 0.02, CEILINGS)["bandwidth_fraction"] == pytest.approx(0.05)
+    assert ceiling_fractions(large, 3.0, CEILINGS) == {"tflops_fraction": pytest.approx(10**12 / 3e-3 / 500e12)}
+    assert ceiling_fractions(small, None, CEILINGS) == {}
+
+
+def test_rmsnorm_and_rope_cases_ask_for_graph_timing():
+    torch.manual_seed(0)
+    for module in (rmsnorm, rope):
+        cases = module.cases("cpu", tokens=2, compile_backend=None)
+        assert cases and all(c.cuda_graph for c in cases)

@@ -1,0 +1,28 @@
+"""The CPU launch counter (benchmarks/launch_count.py) on one step of the trainer on tiny models:
+it sees every phase, attributes ops to their source, and shows the reductions this branch made
+(one optimizer op, RoPE as Triton launches, a bounded LoRA backward)."""
+
+import pytest
+
+from benchmarks.launch_count import count_step
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("family, layers", [("llama", 1), ("gemma4", 4)])
+def test_one_step_counted_by_phase_and_component(family, layers):
+    result = count_step(family, layers=layers, seq=8)
+    table, linears = result["table"], result["lora_linears"]
+    assert set(result["per_phase"]) >= {"forward", "recompute", "backward", "grad_clip", "optimizer"}
+    assert result["launches"] == sum(result["per_phase"].values())
+    # the 8-bit AdamW steps one flat tensor: one bitsandbytes op (+ the one foreach copy of the gradients)
+    assert table["optimizer"]["step"].get("bnb") == 1 and table["optimizer"]["step"].get("launch", 0) <= 1
+    # RoPE is one Triton launch per call in forward, recompute and backward, and no aten op launches
+    for phase in ("forward", "recompute", "backward"):
+        rope = table[phase]["rope"]
+        assert rope.get("triton", 0) >= layers and (phase == "forward" or rope.get("launch", 0) == 0)
+    # per LoRA linear: dequant (Triton) + 3 aten launches in the recompute; in the backward dequant + 5
+    # (dX, the gradient at x·Aᵀ, dA and dB into the flat buffer, the LoRA part of dX), plus a copy where
+    # a gradient arrives non-contiguous
+    assert table["recompute"]["qlora_linear"]["launch"] == 3 * linears
+    assert table["backward"]["qlora_linear"]["launch"] <= 6 * linears
+    assert table["backward"]["qlora_linear"]["triton"] == linears

@@ -1,0 +1,82 @@
+"""The Triton RoPE patched into transformers' apply_rotary_pos_emb (Llama and Gemma 4, in the
+interpreter, float64): the same logits and gradients as the unpatched model, with checkpointing."""
+
+import pytest
+import torch
+from transformers import AutoConfig, AutoModelForCausalLM
+
+from train_fixtures import gemma4_config, llama_config
+from vramplan.train import ops, patching
+from vramplan_kernels.dispatch import kernel_mode
+
+# two packed sequences in the first row: positions restart mid-row
+POSITIONS = torch.tensor([[0, 1, 2, 3, 4, 0, 1, 2, 3, 4, 5, 6], list(range(12))])
+
+
+def _logits_and_grads(model, ids, mode):
+    model.zero_grad(set_to_none=True)
+    with kernel_mode(mode):
+        logits = model(input_ids=ids, position_ids=POSITIONS, use_cache=False).logits
+        weights = torch.linspace(-1, 1, logits.numel(), dtype=logits.dtype).view_as(logits)
+        (logits * weights).sum().backward()
+    return logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+@pytest.mark.parametrize("config", [llama_config(), gemma4_config()], ids=["llama", "gemma4"])
+def test_patched_rope_keeps_logits_and_grads_with_checkpointing(config, monkeypatch):
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.float64,
+                                             attn_implementation="sdpa")
+    model.train()
+    ids = torch.randint(0, config["vocab_size"], POSITIONS.shape, generator=torch.Generator().manual_seed(1))
+    want_logits, want_grads = _logits_and_grads(model, ids, "reference")  # the patch runs the original here
+
+    patching.patch_rope(model)
+    modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    assert hasattr(modeling.apply_rotary_pos_emb, "vramplan_original")
+    assert patching.patch_rope(model) == []  # idempotent: never wraps its own wrapper
+    calls = []
+    for name in ("apply_rope", "apply_rope_one"):
+        real = getattr(ops, name)
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    got_logits, got_grads = _logits_and_grads(model, ids, "triton")
+
+    layers = config["num_hidden_layers"]
+    # forward + recompute per layer; Gemma 4 rotates q and k in separate calls, its shared-KV layers only q
+    shared = config.get("num_kv_shared_layers", 0)
+    assert len(calls) == 2 * (layers if "gemma" not in config["model_type"] else 2 * layers - shared)
+    torch.testing.assert_close(got_logits, want_logits, rtol=1e-12, atol=1e-12)
+    assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-10, atol=1e-12, msg=name)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("config", [llama_config(), gemma4_config()], ids=["llama", "gemma4"])
+def test_patched_rope_on_the_gpu_in_bf16(config):
+    """On CUDA the patch runs the kernel by default: bf16 logits and grads as close to the original's
+    as two bf16 computations of the same rotation are."""
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.for_model(**config), dtype=torch.bfloat16,
+                                             attn_implementation="sdpa").cuda().train()
+    ids = torch.randint(0, config["vocab_size"], POSITIONS.shape).cuda()
+    patching.patch_rope(model)
+    modeling = __import__(type(model).__module__, fromlist=["apply_rotary_pos_emb"])
+    patched = modeling.apply_rotary_pos_emb
+
+    def run():
+        model.zero_grad(set_to_none=True)
+        logits = model(input_ids=ids, position_ids=POSITIONS.cuda(), use_cache=False).logits
+        logits.float().square().mean().backward()
+        return logits.float(), {n: p.grad.float() for n, p in model.named_parameters() if p.grad is not None}
+
+    got = run()
+    modeling.apply_rotary_pos_emb = patched.vramplan_original
+    try:
+        want = run()
+    finally:
+        modeling.apply_rotary_pos_emb = patched
+    torch.testing.assert_close(got[0], want[0], rtol=2e-2, atol=2e-2)
+    for name, grad in want[1].items():
+        torch.testing.assert_close(got[1][name], grad, rtol=5e-2, atol=5e-2, msg=name)
