@@ -69,7 +69,7 @@ def batch_of(plan: Plan, vocab: int, rank: int, device: torch.device) -> dict[st
 def measure(args, world: distributed.World, device: torch.device) -> dict:
     folder, config = config_folder(args.model)
     plan = Plan(model=args.model, seq_len=args.seq, micro_batch=args.batch, lora_rank=args.rank,
-                checkpointing=args.checkpointing, optimizer=args.optim, gpus=world.size,
+                checkpointing=args.checkpointing, optimizer="adamw" if world.parallel == "fsdp" else args.optim, gpus=world.size,
                 parallel=world.parallel if world.size > 1 else "none", cpu_offload=args.cpu_offload and world.size > 1)
     sharded = world.size > 1 and world.parallel == "fsdp"
     cuda = device.type == "cuda"

@@ -25,7 +25,7 @@ for job in "$@"; do
       python3 -m benchmarks.trainer --fresh --config "$cfg" --grid "$grid" --steps 5 2>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
     profile:*)  # profile:CONFIG:SEQ  wall vs GPU-busy time per step and the top host ops (benchmarks/profile_trainer.py)
       IFS=: read -r _ cfg seq <<<"$job"
-      python3 -m benchmarks.profile_trainer --config "$cfg" --seq "$seq" 2>&1 | tee -a "$OUT/profile-$(basename "$cfg" .json)-$seq.txt" | head -3 ;;
+      python3 -m benchmarks.profile_trainer --config "$cfg" --seq "$seq" 2>&1 > "$OUT/profile-$(basename "$cfg" .json)-$seq.txt"; head -3 "$OUT/profile-$(basename "$cfg" .json)-$seq.txt" ;;
     accuracy)   python3 -m benchmarks.accuracy --measure --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     accuracy:*) python3 -m benchmarks.accuracy --measure --models "${job#accuracy:}" --out "$OUT/accuracy_rows.jsonl" 2>&1 | tail -5 ;;
     unsloth:*)  # unsloth:CONFIG.json:GRID.json — the reference Unsloth harness, side by side (wheels in .whl/unsloth,
@@ -40,14 +40,18 @@ for job in "$@"; do
         python3 benchmarks/multimodal.py --config "$n" --out "$OUT/multimodal.jsonl" 2>>"$OUT/multimodal-err.log" | tail -1
       done ;;
     capcheck)   python3 -m benchmarks.accuracy --cap-check 2>&1 | tee "$OUT/cap_check.json" | tail -40 ;;
-    multigpu)   # 1, 2, 4, 8 GPUs as present: Llama-3.1-8B under DDP, Llama-3.3-70B under FSDP2 capped at 24 GB a rank
+    multigpu)   # 1, 2, 4, 8 GPUs as present: Llama-3.1-8B under DDP; Llama-3.3-70B under FSDP2, each rank capped at 24 GB
+                # with CPU offload (what fit chooses for 2x24 GB) and, to check the per-rank model, without it under a 40 GB cap
       n=$(nvidia-smi -L | wc -l)
+      run_mg() { timeout 400 python3 -m torch.distributed.run --standalone --nproc-per-node "$@" --out "$OUT/multigpu.jsonl" 2>>"$OUT/multigpu-err.log" | tail -1; }
       for g in 1 2 4 8; do
         [ "$g" -le "$n" ] || continue
-        python3 -m torch.distributed.run --standalone --nproc-per-node "$g" -m benchmarks.multigpu --model llama-3.1-8b \
-          --parallel ddp --seq 2048 --steps 6 --out "$OUT/multigpu.jsonl" 2>>"$OUT/multigpu-err.log" | tail -1
-        python3 -m torch.distributed.run --standalone --nproc-per-node "$g" -m benchmarks.multigpu --model llama-3.3-70b \
-          --parallel fsdp --seq 2048 --steps 6 --cap-gb 24 --out "$OUT/multigpu.jsonl" 2>>"$OUT/multigpu-err.log" | tail -1
+        run_mg "$g" -m benchmarks.multigpu --model llama-3.1-8b --parallel ddp --seq 2048 --steps 6
+      done
+      for g in 2 4 8; do
+        [ "$g" -le "$n" ] || continue
+        run_mg "$g" -m benchmarks.multigpu --model llama-3.3-70b --parallel fsdp --seq 2048 --steps 4 --cap-gb 24 --cpu-offload
+        run_mg "$g" -m benchmarks.multigpu --model llama-3.3-70b --parallel fsdp --seq 2048 --steps 4 --cap-gb 40
       done ;;
     *)       echo "unknown job $job" ;;
   esac

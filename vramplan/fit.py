@@ -91,6 +91,12 @@ def layouts(base: Plan) -> tuple[tuple[str, bool], ...]:
     return (("none", False),) if base.gpus == 1 else LAYOUT_ORDER
 
 
+def optimizers_for(plan: Plan) -> tuple[str, ...]:
+    """The optimizers the trainer can run for ``plan``: under FSDP2 the LoRA parameters are DTensor
+    shards, which bitsandbytes' 8-bit optimizers do not take, so torch AdamW (its states sharded too)."""
+    return ("adamw",) if plan.parallel == "fsdp" else OPTIMIZER_ORDER
+
+
 def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
     loss = "full" if base.stack == "hf" else "chunked"
     quants = ("nf4",) if base.cpu_offload else STACK_QUANTS[base.stack]
@@ -98,7 +104,7 @@ def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
         for rank in RANK_ORDER:
             for checkpointing in _checkpointing_order(base.stack):
                 for micro in _micro_batches(effective):
-                    for optimizer in OPTIMIZER_ORDER:
+                    for optimizer in optimizers_for(base):
                         yield base.replace(quant=quant, lora_rank=rank, checkpointing=checkpointing, seq_len=seq,
                                            micro_batch=micro, grad_accum=effective // micro, optimizer=optimizer,
                                            loss=loss)
@@ -109,7 +115,7 @@ def leanest_plan(base: Plan, seq: int) -> Plan:
     return base.replace(quant="nf4", lora_rank=8, seq_len=seq, micro_batch=1,
                         grad_accum=base.micro_batch * base.grad_accum,
                         checkpointing="full" if base.stack == "hf" else "offload",
-                        optimizer="paged_adamw8bit", loss="full" if base.stack == "hf" else "chunked")
+                        optimizer=optimizers_for(base)[-1], loss="full" if base.stack == "hf" else "chunked")
 
 
 def smallest_gpu_for(peak: int) -> GpuSpec | None:
