@@ -70,8 +70,8 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
     folder, config = config_folder(args.model)
     plan = Plan(model=args.model, seq_len=args.seq, micro_batch=args.batch, lora_rank=args.rank,
                 checkpointing=args.checkpointing, optimizer="adamw" if world.parallel == "fsdp" else args.optim, gpus=world.size,
-                parallel=world.parallel if world.size > 1 else "none", cpu_offload=args.cpu_offload and world.size > 1)
-    sharded = world.size > 1 and world.parallel == "fsdp"
+                parallel=world.parallel, cpu_offload=args.cpu_offload and world.parallel == "fsdp")
+    sharded = world.parallel == "fsdp"  # on one GPU too (torchrun --nproc-per-node 1): FSDP2's CPU offload
     cuda = device.type == "cuda"
     if cuda:
         if args.cap_gb:
@@ -93,7 +93,7 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         begun = time.perf_counter()
-        loss, _ = accumulate_gradients(model, [batch], trainee if world.size > 1 else None)
+        loss, _ = accumulate_gradients(model, [batch], trainee if world.size > 1 or sharded else None)
         distributed.clip_gradients(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -165,7 +165,7 @@ def main() -> None:
         per_rank = [{k: record[k] for k in ("peak_alloc", "peak_reserved", "process_memory", "step_s")}]
     if world.is_main:
         plan = Plan.from_dict(record["plan"])
-        line = dict(base, parallel=world.parallel if world.size > 1 else "none", tok_s=record["tok_s"],
+        line = dict(base, parallel=world.parallel, tok_s=record["tok_s"],
                     step_s=record["step_s"], losses=record["losses"], load_s=record["load_s"],
                     load_peak_alloc=record["load_peak_alloc"], optimizer_note=record["optimizer_note"],
                     per_rank=per_rank, max_rank_peak_alloc=max((r["peak_alloc"] or 0) for r in per_rank) or None,

@@ -81,7 +81,7 @@ def test_cpu_offload_leaves_only_the_layers_in_flight_on_the_gpu():
 
 @pytest.mark.parametrize("fields,fix", [
     ({"gpus": 2}, "set parallel to ddp or fsdp"),
-    ({"parallel": "fsdp"}, "set gpus above 1"),
+    ({"parallel": "ddp"}, "set gpus above 1"),
     ({"gpus": 2, "parallel": "ddp", "cpu_offload": True}, "set parallel to fsdp"),
     ({"gpus": 2, "parallel": "fsdp", "cpu_offload": "yes"}, "true or false"),
 ])
@@ -216,3 +216,12 @@ def test_buy_table_shows_boxes():
     result = run("buy", "llama-3.3-70b", "--seq", "4096", "--tokens", "20M")
     assert result.exit_code == 0, result.output
     assert "8xh100" in result.output and "/GPU" in result.output and "fsdp" in result.output
+
+
+def test_one_gpu_fsdp_with_offload_is_a_plan_and_holds_only_layers_in_flight():
+    """FSDP2 on one GPU is CPU offload of the frozen base: a model bigger than the GPU trains on it."""
+    profile = resolve_model("llama-3.3-70b")
+    offloaded = estimate_plan(Plan(model="llama-3.3-70b", parallel="fsdp", cpu_offload=True, optimizer="adamw",
+                                   checkpointing="offload"), profile)
+    whole = estimate_plan(Plan(model="llama-3.3-70b"), profile)
+    assert offloaded.peak_bytes < 24e9 < 35e9 < whole.peak_bytes

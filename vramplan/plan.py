@@ -90,8 +90,9 @@ class Plan:
             raise VramplanError(f"plan field 'seq_len' is {self.seq_len}: over 4M tokens is not a real run; lower --seq")
         if self.lora_rank > 4096:
             raise VramplanError(f"plan field 'lora_rank' is {self.lora_rank}; LoRA ranks above 4096 are not supported")
-        if (self.gpus > 1) != (self.parallel != "none"):
-            fix = "set parallel to ddp or fsdp" if self.gpus > 1 else "set gpus above 1, or parallel to none"
+        # one GPU may still run FSDP2: its CPU offload keeps a model larger than the GPU in host memory
+        if (self.gpus > 1 and self.parallel == "none") or (self.gpus == 1 and self.parallel == "ddp"):
+            fix = "set parallel to ddp or fsdp" if self.gpus > 1 else "set gpus above 1, or parallel to none or fsdp"
             raise VramplanError(f"plan has gpus={self.gpus} and parallel={self.parallel!r}: {fix} (--gpus N with --parallel)")
         if not isinstance(self.cpu_offload, bool):
             raise VramplanError(f"plan field 'cpu_offload' must be true or false, got {self.cpu_offload!r}")

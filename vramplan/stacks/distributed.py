@@ -38,7 +38,7 @@ TRAINABLE_COMPONENTS = ("lora_params", "lora_grads", "optimizer_states")
 
 def per_rank(arch, plan, step: StepMemory) -> StepMemory:
     """``step`` (one GPU's memory) as one rank of ``plan.gpus`` holds it under ``plan.parallel``."""
-    if plan.gpus == 1:
+    if plan.parallel == "none":
         return step
     notes = [f"memory per rank: each of the {plan.gpus} GPUs runs its own process, with its own CUDA context"]
     if plan.parallel == "ddp":

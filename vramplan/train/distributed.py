@@ -82,7 +82,8 @@ def start(parallel: str, device: str | None) -> tuple[World, torch.device]:
 
     nccl on CUDA (each rank on cuda:LOCAL_RANK), gloo on the CPU. Outside torchrun: one rank, no group.
     """
-    if not under_torchrun() or int(os.environ["WORLD_SIZE"]) < 2:
+    one_rank_sharded = parallel == "fsdp" and under_torchrun()  # FSDP2 on one GPU: CPU offload of a model too big for it
+    if not under_torchrun() or (int(os.environ["WORLD_SIZE"]) < 2 and not one_rank_sharded):
         return World(), torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
     rank, local_rank, size = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"])
     use_cuda = torch.cuda.is_available() and (device is None or device.startswith("cuda"))
@@ -294,7 +295,7 @@ def _fsdp_options(offload: bool) -> dict:
 def wrap(model: nn.Module, world: World, device: torch.device, offload: bool = False) -> "Parallel":
     """The model ready for the loop: DDP around it, or FSDP2 at its root (its layers were sharded as they loaded)."""
     loss = SummedLoss(model)
-    if world.size < 2:
+    if world.size < 2 and world.parallel != "fsdp":
         return Parallel(loss, world)
     if world.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -351,7 +352,7 @@ class Parallel:
     def gradient_sync(self, last: bool):
         """DDP's ``no_sync`` / FSDP2's ``set_requires_gradient_sync``: only the last micro-batch of a step reduces."""
         if self.world.size < 2 or last:
-            if self.world.parallel == "fsdp" and self.world.size > 1:
+            if self.world.parallel == "fsdp":
                 self.module.set_requires_gradient_sync(True)
             return contextlib.nullcontext()
         if self.world.parallel == "fsdp":
