@@ -98,10 +98,13 @@ def test_shardable_linear_computes_what_the_plain_one_does():
     assert isinstance(layer[0], ShardableQLoRALinear)
     frozen = {name for name, p in layer.named_parameters() if not p.requires_grad}
     assert {"0.nf4_packed", "0.nf4_absmax", "0.nf4_absmax_scale", "0.nf4_absmax_code", "0.nf4_absmax_offset"} == frozen
-    assert layer[0].nf4_packed.dtype == torch.uint8 and layer[0].nf4_packed.numel() == 96 * 40 // 2
+    # the bytes as bf16 (FSDP-QLoRA's quant_storage): the same memory, a float dtype FSDP2's offload accepts
+    assert layer[0].nf4_packed.dtype == torch.bfloat16 and layer[0].nf4_packed.numel() * 2 == 96 * 40 // 2
+    assert layer[0].weight.packed.dtype == torch.uint8 and layer[0].weight.packed.numel() == 96 * 40 // 2
     torch.testing.assert_close(layer(x), before, atol=0, rtol=0)
     layer.to(torch.float64).to(torch.float32)  # casts never touch the NF4 bytes (uint8 stays uint8)
-    assert layer[0].nf4_packed.dtype == torch.uint8
+    assert layer[0].nf4_packed.dtype == torch.bfloat16
+    torch.testing.assert_close(layer.to(torch.float32)(x), before, atol=0, rtol=0)
     torch.testing.assert_close(layer(x), before, atol=0, rtol=0)
 
 

@@ -216,8 +216,9 @@ class ShardableQLoRALinear(QLoRALinear):
     becomes a ``requires_grad=False`` parameter; ``weight`` rebuilds the ``NF4Tensor`` view from
     whatever those parameters are at the moment: the local shards between steps, the gathered
     whole inside the layer's forward and backward. The kernels see the same NF4Tensor as on one GPU.
-    (Answer.AI's FSDP-QLoRA stored bitsandbytes' bytes as bf16 for FSDP1's flat parameters;
-    FSDP2 shards each parameter on its own and takes uint8 as it is.)
+    Byte parts (the packed nibbles, the double-quantized absmax codes) are stored as bf16 views
+    of the same bytes, as Answer.AI's FSDP-QLoRA stores bitsandbytes' (``quant_storage=bf16``):
+    FSDP2's CPU offload makes each shard a fresh ``nn.Parameter``, which refuses an integer dtype.
     """
 
     _PARTS = ("packed", "absmax", "absmax_scale", "absmax_code")
@@ -226,10 +227,16 @@ class ShardableQLoRALinear(QLoRALinear):
     def convert(cls, module: QLoRALinear) -> None:
         """Turn ``module`` into this class in place (FSDP2 itself swaps classes this way)."""
         q = module.__dict__.pop("weight")
+        byte_counts = {}
         for part in cls._PARTS:
             value = getattr(q, part)
-            if value is not None:
-                module.register_parameter(f"nf4_{part}", nn.Parameter(value, requires_grad=False))
+            if value is None:
+                continue
+            if value.dtype == torch.uint8:
+                byte_counts[part] = value.numel()
+                value = _as_bf16_storage(value)
+            module.register_parameter(f"nf4_{part}", nn.Parameter(value, requires_grad=False))
+        module._nf4_bytes = byte_counts
         if q.absmax_offset is not None:
             module.register_parameter("nf4_absmax_offset", nn.Parameter(q.offset_tensor(), requires_grad=False))
         module._nf4_layout = (q.shape, q.dtype, q.blocksize)
@@ -238,13 +245,32 @@ class ShardableQLoRALinear(QLoRALinear):
     @property
     def weight(self) -> NF4Tensor:
         shape, dtype, blocksize = self._nf4_layout
-        params = self._parameters
-        return NF4Tensor(params["nf4_packed"], params["nf4_absmax"], shape, dtype, blocksize,
-                         absmax_scale=params.get("nf4_absmax_scale"), absmax_offset=params.get("nf4_absmax_offset"),
-                         absmax_code=params.get("nf4_absmax_code"))
+        params = {name.removeprefix("nf4_"): value for name, value in self._parameters.items() if name.startswith("nf4_")}
+        for part, count in self._nf4_bytes.items():
+            params[part] = params[part].view(torch.uint8).view(-1)[:count]
+        return NF4Tensor(params["packed"], params["absmax"], shape, dtype, blocksize,
+                         absmax_scale=params.get("absmax_scale"), absmax_offset=params.get("absmax_offset"),
+                         absmax_code=params.get("absmax_code"))
 
     def _apply(self, fn, recurse=True):
-        return nn.Module._apply(self, fn, recurse)  # the NF4 parts are parameters now: moved like any other
+        """Moves reach the NF4 parts (parameters now), casts never do: ``.to(torch.float32)`` on the
+        model would turn their bf16-typed bytes into other numbers."""
+        parts = {name: self._parameters.pop(name) for name in list(self._parameters) if name.startswith("nf4_")}
+        try:
+            return nn.Module._apply(self, fn, recurse)
+        finally:
+            for name, param in parts.items():
+                device = fn(torch.empty(0, device=param.device)).device
+                self._parameters[name] = param if device == param.device else \
+                    nn.Parameter(param.detach().to(device), requires_grad=False)
+
+
+def _as_bf16_storage(data: torch.Tensor) -> torch.Tensor:
+    """The bytes of a uint8 tensor viewed as bf16 (padded to an even count): the same memory, a float dtype."""
+    flat = data.reshape(-1)
+    if flat.numel() % 2:
+        flat = torch.cat([flat, flat.new_zeros(1)])
+    return flat.view(torch.bfloat16)
 
 
 def make_shardable(layer: nn.Module) -> None:
