@@ -305,9 +305,30 @@ def layer_sharder(plan):
 
     def shard(layer: nn.Module) -> None:
         make_shardable(layer)
+        if plan.cpu_offload:
+            parameters_to_host(layer)
         fully_shard(layer, **_fsdp_options(plan.cpu_offload))
 
     return shard
+
+
+def parameters_to_host(module: nn.Module) -> None:
+    """Every parameter not yet sharded into CPU memory, buffers left where they are.
+
+    FSDP2's CPU offload takes parameters that already live on the CPU (it pins their shards and
+    gathers them to the GPU per layer); the buffers (rotary tables) are not FSDP's and stay on the
+    GPU, so ``module.to("cpu")`` would be wrong. A parameter shared by two modules stays shared.
+    """
+    from torch.distributed.tensor import DTensor
+
+    moved: dict[int, nn.Parameter] = {}
+    for sub in module.modules():
+        for name, param in list(sub._parameters.items()):
+            if param is None or isinstance(param, DTensor) or param.device.type == "cpu":
+                continue
+            if id(param) not in moved:
+                moved[id(param)] = nn.Parameter(param.detach().to("cpu"), requires_grad=param.requires_grad)
+            sub._parameters[name] = moved[id(param)]
 
 
 def _fsdp_options(offload: bool) -> dict:
@@ -331,7 +352,11 @@ def wrap(model: nn.Module, world: World, device: torch.device, offload: bool = F
             # (on a GPU an untied table is in host memory already: patching.keep_input_embeddings_on_host)
             # its own unit: gathered for its forward only (no gradient flows into it), where in the root's
             # unit it would stay whole through the backward too (2.1 GB a rank for Llama-3.3-70B's table)
+            if offload:
+                parameters_to_host(embedding)
             fully_shard(embedding, **_fsdp_options(offload))
+        if offload:
+            parameters_to_host(loss)
         return Parallel(fully_shard(loss, **_fsdp_options(offload)), world)
     from torch.nn.parallel import DistributedDataParallel
 

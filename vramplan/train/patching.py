@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vramplan.train import ops
+from vramplan.train import ops, switches
 
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm",
               "Gemma2RMSNorm", "Gemma3RMSNorm", "Gemma4RMSNorm")
@@ -113,7 +113,8 @@ def add_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha: float
 def apply_kernel_patches(model: nn.Module) -> list[str]:
     """The module patches of ``KERNEL_PATCHES`` and the RoPE function patch; return the replaced module paths."""
     patches = dict(KERNEL_PATCHES)
-    patch_rope(model)
+    if switches.enabled("rope"):
+        patch_rope(model)
     return replace_modules(model, lambda path, module: patches[type(module).__name__](module)
                            if type(module).__name__ in patches else None)
 

@@ -21,6 +21,7 @@ from vramplan.plan import Plan
 from vramplan.train import adapter, checkpoint, data, distributed, metrics
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
+from vramplan.train import switches
 from vramplan.train.optim import eight_bit_adamw
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -98,7 +99,7 @@ def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weig
     if sharded:
         note = f"optimizer {plan.optimizer} does not take FSDP-sharded parameters; using torch AdamW (states sharded too)"
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
-    cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit")
+    cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit", flat=switches.enabled("flat_optimizer"))
     if device.type != "cuda" and not _optimizer_steps_on(cls, device):
         note = f"optimizer {plan.optimizer} does not run on the {device.type} here; using torch AdamW"
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
