@@ -128,10 +128,22 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
     if not adapted:
         raise VramplanError(f"none of the LoRA targets {', '.join(plan.lora_targets)} is a linear layer of this model; "
                             "set lora_targets to its projection names")
-    model.to(device)  # the rest: embeddings, norms, LM head (host-resident tables and NF4 weights stay put)
+    move_outside_layers(model, device)  # the rest: embeddings, norms, LM head (host-resident tables stay put)
     patching.apply_kernel_patches(model)  # the rest: the final norm
     model.config.use_cache = False
     return adapted
+
+
+def move_outside_layers(model: nn.Module, device: torch.device) -> None:
+    """Move every parameter and buffer outside the decoder layers to ``device``.
+
+    The layers are where ``add_decoder_lora`` put them, and under FSDP2 they are sharded, their
+    shards possibly offloaded to host memory: ``model.to(device)`` would pull those back.
+    """
+    in_layers = {id(m) for m in decoder_layers(model).modules()}
+    for module in model.modules():
+        if id(module) not in in_layers:
+            module._apply(lambda t: t.to(device), recurse=False)
 
 
 def freeze(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> None:
