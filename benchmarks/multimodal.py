@@ -212,9 +212,6 @@ def main() -> None:
                         "1 E2B image + vision LoRA, 2 E2B 10 s audio, 3 E4B image")
     parser.add_argument("--tiny", action="store_true", help="a tiny random model (CPU smoke test)")
     args = parser.parse_args()
-    from vramplan.train.allocator import configure_allocator_for_training
-
-    configure_allocator_for_training()  # as `vramplan train` does, before CUDA starts
     if args.tiny:
         args.seq = min(args.seq, 48)
     out = Path(args.out)

@@ -25,8 +25,8 @@ import torch
 from vramplan.catalog import resolve_model
 from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
-from vramplan.train.allocator import configure_allocator_for_training
 from vramplan.train.loss import accumulate_gradients
+from vramplan.train.optim import flat_update_pays
 from vramplan.train.model import load_for_training, lora_parameters
 from vramplan.train.recipe import make_optimizer
 
@@ -55,7 +55,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     params = lora_parameters(model)
     record["trainable"] = sum(p.numel() for p in params)
     record["after_load_alloc"] = torch.cuda.memory_allocated()
-    optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device)
+    optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model))
     record["load_peak_alloc"] = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator().manual_seed(0)
@@ -95,7 +95,6 @@ def main() -> None:
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
     args = parser.parse_args()
     grid = json.loads(open(args.grid).read() if os.path.exists(args.grid) else args.grid)
-    configure_allocator_for_training()  # as `vramplan train` does, before CUDA starts
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/trainer.py measures GPU memory; run it on a machine with CUDA")
     device = torch.device("cuda")

@@ -6,3 +6,19 @@ def test_disable_lists_the_switches_turned_off(monkeypatch):
     assert switches.enabled("rope") and switches.enabled("flat_optimizer")
     monkeypatch.setenv(switches.DISABLE_ENV, "flat_optimizer, rope")
     assert not switches.enabled("rope") and not switches.enabled("flat_optimizer")
+
+
+def test_measured_choices_per_architecture(tmp_path):
+    """Gemma 4 keeps the per-tensor optimizer step and transformers' RoPE (measured slower fused);
+    Llama gets both."""
+    import torch
+
+    from train_fixtures import build_model, gemma4_config, llama_config
+    from vramplan.train.model import load_base_model
+    from vramplan.train.optim import flat_update_pays
+    from vramplan.train.patching import ROPE_PATCHED_BY_DEFAULT
+
+    llama = load_base_model(build_model(llama_config(), tmp_path / "l"), torch.float32)
+    gemma = load_base_model(build_model(gemma4_config(), tmp_path / "g"), torch.float32)
+    assert flat_update_pays(llama) and not flat_update_pays(gemma)
+    assert type(llama).__module__ in ROPE_PATCHED_BY_DEFAULT and type(gemma).__module__ not in ROPE_PATCHED_BY_DEFAULT

@@ -64,10 +64,6 @@ def calibrate(plan_path, model_dir, stack, steps, data_path, no_store, also_in, 
     plan = read_plan(plan_path)
     if stack:
         plan = plan.replace(stack=stack, loss="full" if stack == "hf" else "chunked")
-    if plan.stack == "vramplan":  # measure the allocator as `vramplan train` configures it
-        from vramplan.train.allocator import configure_allocator_for_training
-
-        configure_allocator_for_training()
     batch = None
     if data_path:
         from vramplan.check import load_tokenizer, worst_batch_tensors, worst_micro_batch

@@ -46,9 +46,6 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     A plan for several GPUs starts ``torchrun --nproc-per-node N -m vramplan train ...`` itself;
     started by torchrun already, the launch's world size is the one that counts."""
     from vramplan.errors import VramplanError
-    from vramplan.train.allocator import configure_allocator_for_training
-
-    configure_allocator_for_training()  # before anything touches CUDA (the ranks torchrun starts inherit it)
     from vramplan.memory.towers import lora_targets_from
     from vramplan.train import distributed
     from vramplan.train.recipe import TrainConfig

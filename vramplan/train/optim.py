@@ -147,6 +147,15 @@ class _OneSyncPerStep:
         return loss
 
 
+def flat_update_pays(model) -> bool:
+    """Whether to step the adapters as one flat tensor for this model, as measured (H100, 2,048
+    tokens): Llama-3.2-1B runs 24% faster with it (9,841 -> 12,228 tok/s); Gemma-4-E2B runs 18%
+    slower (4,820 -> 3,962) and holds 0.3 GB more, so Gemma 4 keeps bitsandbytes' per-tensor step."""
+    config = getattr(model, "config", None)
+    text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
+    return getattr(text, "model_type", "") not in ("gemma4", "gemma4_text")
+
+
 @functools.lru_cache(maxsize=None)
 def eight_bit_adamw(paged: bool, flat: bool = True) -> type:
     """The bitsandbytes class for the plan's optimizer, with one sync per step and (``flat``) one

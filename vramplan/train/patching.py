@@ -70,12 +70,17 @@ ROPE_PATCHES: dict[str, Callable[[Callable], Callable]] = {
        for family in ("llama", "mistral", "qwen2", "qwen3", "gemma3")},
     "transformers.models.gemma4.modeling_gemma4": rope_single,
 }
+#: Where the patch is applied by default. Gemma 4 is left out by measurement (H100, E2B at 2,048
+#: tokens: 4,820 tok/s patched, 5,254 not: it rotates q and k in separate calls, and its full
+#: layers' partial rotary runs padded over the whole head); Llama-3.2-1B gains 17% (8,426 -> 9,841).
+ROPE_PATCHED_BY_DEFAULT = tuple(name for name in ROPE_PATCHES if "gemma4" not in name)
 
 
-def patch_rope(model: nn.Module) -> list[str]:
-    """Point the modeling modules of ``model``'s classes at the Triton RoPE; return the modules patched now."""
+def patch_rope(model: nn.Module, modules=tuple(ROPE_PATCHES)) -> list[str]:
+    """Point the modeling modules of ``model``'s classes (among ``modules``) at the Triton RoPE;
+    return the modules patched now."""
     patched = []
-    for name in sorted({type(m).__module__ for m in model.modules()} & ROPE_PATCHES.keys()):
+    for name in sorted({type(m).__module__ for m in model.modules()} & set(modules)):
         module = importlib.import_module(name)
         current = module.apply_rotary_pos_emb
         if not hasattr(current, "vramplan_original"):
@@ -114,7 +119,7 @@ def apply_kernel_patches(model: nn.Module) -> list[str]:
     """The module patches of ``KERNEL_PATCHES`` and the RoPE function patch; return the replaced module paths."""
     patches = dict(KERNEL_PATCHES)
     if switches.enabled("rope"):
-        patch_rope(model)
+        patch_rope(model, ROPE_PATCHED_BY_DEFAULT)
     return replace_modules(model, lambda path, module: patches[type(module).__name__](module)
                            if type(module).__name__ in patches else None)
 

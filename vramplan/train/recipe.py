@@ -22,7 +22,7 @@ from vramplan.train import adapter, checkpoint, data, distributed, metrics
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
 from vramplan.train import switches
-from vramplan.train.optim import eight_bit_adamw
+from vramplan.train.optim import eight_bit_adamw, flat_update_pays
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -86,7 +86,7 @@ def check_plan_fits(plan: Plan, model_dir: str, device: torch.device) -> None:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weight_decay: float, device: torch.device,
-                   sharded: bool = False):
+                   sharded: bool = False, flat: bool = True):
     """bitsandbytes 8-bit AdamW (paged: states move to the host under pressure) or torch AdamW.
 
     Returns (optimizer, note); the note says when the plan's optimizer could not run here and
@@ -99,7 +99,7 @@ def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weig
     if sharded:
         note = f"optimizer {plan.optimizer} does not take FSDP-sharded parameters; using torch AdamW (states sharded too)"
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
-    cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit", flat=switches.enabled("flat_optimizer"))
+    cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit", flat=flat and switches.enabled("flat_optimizer"))
     if device.type != "cuda" and not _optimizer_steps_on(cls, device):
         note = f"optimizer {plan.optimizer} does not run on the {device.type} here; using torch AdamW"
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
@@ -242,7 +242,8 @@ def train(cfg: TrainConfig) -> dict:
         params = lora_parameters(model)  # after wrapping: FSDP2 replaces them with their shards
 
     # 3. Optimizer and schedule.
-    optimizer, note = make_optimizer(params, plan, cfg.lr, cfg.weight_decay, device, sharded=sharded)
+    optimizer, note = make_optimizer(params, plan, cfg.lr, cfg.weight_decay, device, sharded=sharded,
+                                     flat=flat_update_pays(model))
     if note:
         cfg.notes.append(note)
         _say(cfg, f"note: {note}")
