@@ -19,7 +19,8 @@ def count_step(*args, **kwargs):
 
 @pytest.mark.slow
 @pytest.mark.parametrize("family, layers", [("llama", 1), ("gemma4", 4)])
-def test_one_step_counted_by_phase_and_component(family, layers):
+def test_one_step_counted_by_phase_and_component(family, layers, monkeypatch):
+    monkeypatch.setenv("VRAMPLAN_ENABLE", "flat_optimizer")  # counted with the opt-in flat step
     result = count_step(family, layers=layers, seq=8)
     table, linears = result["table"], result["lora_linears"]
     assert set(result["per_phase"]) >= {"forward", "recompute", "backward", "grad_clip", "optimizer"}

@@ -1,16 +1,18 @@
 from vramplan.train import switches
 
 
-def test_disable_lists_the_switches_turned_off(monkeypatch):
+def test_defaults_and_environment(monkeypatch):
     monkeypatch.delenv(switches.DISABLE_ENV, raising=False)
-    assert switches.enabled("rope") and switches.enabled("flat_optimizer")
-    monkeypatch.setenv(switches.DISABLE_ENV, "flat_optimizer, rope")
-    assert not switches.enabled("rope") and not switches.enabled("flat_optimizer")
+    monkeypatch.delenv(switches.ENABLE_ENV, raising=False)
+    assert switches.enabled("rope") and not switches.enabled("flat_optimizer")
+    monkeypatch.setenv(switches.ENABLE_ENV, "flat_optimizer")
+    monkeypatch.setenv(switches.DISABLE_ENV, "rope")
+    assert not switches.enabled("rope") and switches.enabled("flat_optimizer")
 
 
-def test_measured_choices_per_architecture(tmp_path):
+def test_measured_choices_per_architecture(tmp_path, monkeypatch):
     """Gemma 4 keeps the per-tensor optimizer step and transformers' RoPE (measured slower fused);
-    Llama gets both."""
+    Llama gets the Triton RoPE, and the flat step where it is switched on."""
     import torch
 
     from train_fixtures import build_model, gemma4_config, llama_config
@@ -20,5 +22,8 @@ def test_measured_choices_per_architecture(tmp_path):
 
     llama = load_base_model(build_model(llama_config(), tmp_path / "l"), torch.float32)
     gemma = load_base_model(build_model(gemma4_config(), tmp_path / "g"), torch.float32)
+    monkeypatch.delenv(switches.ENABLE_ENV, raising=False)
+    assert not flat_update_pays(llama)
+    monkeypatch.setenv(switches.ENABLE_ENV, "flat_optimizer")
     assert flat_update_pays(llama) and not flat_update_pays(gemma)
     assert type(llama).__module__ in ROPE_PATCHED_BY_DEFAULT and type(gemma).__module__ not in ROPE_PATCHED_BY_DEFAULT

@@ -2,8 +2,9 @@
 
 - Base linears NF4 (double quant by default) or int8/bf16, dequantized tile by tile inside
   fused Triton kernels: no full bf16 copy of a weight is ever materialised.
-- The token embedding / LM head in bf16 on the GPU; Gemma 4's per-layer embedding tables
-  stay in CPU memory and only the looked-up rows (b·s·layers·d_pl) travel to the GPU.
+- The LM head in bf16 on the GPU; an untied token embedding and Gemma 4's per-layer embedding
+  tables stay in CPU memory and only the looked-up rows travel to the GPU. (A tied table is
+  the LM head's weight, so it stays.)
 - LoRA adapters in fp32 (or bf16 with an fp32 master copy in the optimizer), bf16 compute.
 - bf16 activations, flash attention through SDPA (O(s)), a fused GLU that recomputes the
   activation instead of saving it.
@@ -28,6 +29,11 @@ ACT = 2  # bf16 activations
 OFFLOAD_LAYERS_ON_GPU = 2
 
 
+def on_gpu_embedding_params(arch) -> int:
+    """The LM head; the token table too only when tied to it (untied, it is a host-side lookup)."""
+    return arch.embedding_params if arch.tied_embeddings else arch.lm_head_params
+
+
 def step_memory(arch, plan) -> StepMemory:
     b, s = plan.micro_batch, mm.decoder_seq_len(arch, plan)  # images' and audio's soft tokens included
     tokens = b * s
@@ -36,7 +42,7 @@ def step_memory(arch, plan) -> StepMemory:
 
     weights = {
         "weights_quantized" if plan.quant != "bf16" else "weights": linear_weight_bytes(arch, plan.quant, plan.double_quant),
-        "embeddings": dense_bytes(arch.embedding_params + arch.lm_head_params, 2),
+        "embeddings": dense_bytes(on_gpu_embedding_params(arch), 2),
         "norms": dense_bytes(arch.norm_params, 2),
     }
     if arch.expert_params:

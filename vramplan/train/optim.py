@@ -148,9 +148,14 @@ class _OneSyncPerStep:
 
 
 def flat_update_pays(model) -> bool:
-    """Whether to step the adapters as one flat tensor for this model, as measured (H100, 2,048
-    tokens): Llama-3.2-1B runs 24% faster with it (9,841 -> 12,228 tok/s); Gemma-4-E2B runs 18%
-    slower (4,820 -> 3,962) and holds 0.3 GB more, so Gemma 4 keeps bitsandbytes' per-tensor step."""
+    """Whether to step the adapters as one flat tensor for this model: only when switched on
+    (``VRAMPLAN_ENABLE=flat_optimizer``), and never for Gemma 4. One A/B on the H100 at 2,048 tokens
+    had Llama-3.2-1B 24% faster with it (9,841 -> 12,228 tok/s) and Gemma-4-E2B 18% slower (4,820 ->
+    3,962), but repeated runs vary by ±15% and it always holds 0.25-0.5 GB more (switches.py)."""
+    from vramplan.train import switches
+
+    if not switches.enabled("flat_optimizer"):
+        return False
     config = getattr(model, "config", None)
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
     return getattr(text, "model_type", "") not in ("gemma4", "gemma4_text")
