@@ -50,7 +50,8 @@ class Run:
 
 
 def load_runs(sources: dict[str, Path] = SOURCES) -> list[Run]:
-    """Every measured configuration with a tok_s (event lines and failed runs skipped), in file order."""
+    """Every measured configuration with a tok_s (event lines and failed runs skipped), in file order;
+    a configuration measured again counts once, at its latest measurement (no run in both halves)."""
     runs = []
     for stack, path in sources.items():
         for line in path.read_text().splitlines():
@@ -60,6 +61,7 @@ def load_runs(sources: dict[str, Path] = SOURCES) -> list[Run]:
             plan = plan_of(record, stack)
             key = (f"{stack}:{plan.model}:s{plan.seq_len}:b{plan.micro_batch}:r{plan.lora_rank}:{plan.checkpointing}"
                    f":{plan.quant}:{plan.optimizer}")
+            runs = [run for run in runs if run.key != key]
             runs.append(Run(key, stack, plan.model, plan, float(record["tok_s"]), float(record["step_s"])))
     return runs
 
