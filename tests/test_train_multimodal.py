@@ -159,3 +159,15 @@ def test_shared_kv_stays_exact_with_checkpointing_and_images(mm_run):
     with torch.no_grad():
         cached = model(**{k: v for k, v in batch.items() if k not in ("labels", "position_ids")}, use_cache=True).logits
     torch.testing.assert_close(trained.detach(), cached, atol=1e-5, rtol=1e-5)
+
+
+def test_towers_of_absent_modalities_stay_on_the_host(tmp_path):
+    """An image plan never calls the audio tower: it is not moved to the device (the planner does not count it)."""
+    from vramplan.train.multimodal import load_multimodal, unused_towers
+
+    model = load_multimodal(build_mm_model(tmp_path / "m"), torch.float32, "sdpa")
+    plan = Plan(model="tiny", quant="bf16", lora_rank=4, seq_len=64, modalities=("text", "image"), images_per_example=1)
+    names = {name for name, module in model.model.named_children() if any(module is u for u in unused_towers(model, plan))}
+    assert names == {"audio_tower", "embed_audio"}
+    both = plan.replace(modalities=("text", "image", "audio"), audio_seconds_per_example=1.0)
+    assert unused_towers(model, both) == []
