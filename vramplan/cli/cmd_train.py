@@ -66,12 +66,13 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
                       epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, save_every=save_every,
                       overlong=overlong, seed=seed, merge=merge, skip_check=skip_check)
     summary = distributed.run_rank(lambda: run(cfg)) if distributed.under_torchrun() else run(cfg)
-    if summary.get("rank", 0) != 0:
-        return
-    if summary["interrupted"]:
-        click.echo(f"interrupted after {summary['steps']} steps; checkpoint in {output}/checkpoint (continue with --resume {output})")
-    else:
-        click.echo(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; adapter in {output}/adapter")
+    if summary.get("rank", 0) == 0:
+        if summary["interrupted"]:
+            click.echo(f"interrupted after {summary['steps']} steps; checkpoint in {output}/checkpoint (continue with --resume {output})")
+        else:
+            click.echo(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; adapter in {output}/adapter")
+    if distributed.under_torchrun():
+        distributed.finish()
 
 
 def _command_line(ctx: click.Context) -> list[str]:

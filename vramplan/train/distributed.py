@@ -197,6 +197,13 @@ def _report(errors: Path, rank: int, code: int, message: str, details: str = "")
     path.with_suffix(".tmp").rename(path)
 
 
+def finish() -> None:
+    """A rank's clean end: everything is written and the group is gone, so exit without the
+    interpreter's teardown, where a communication library's threads can still abort the process
+    ("terminate called without an active exception", seen under load with gloo)."""
+    _leave(0)
+
+
 def _leave(code: int) -> None:
     """Exit now: no interpreter teardown that could wait on a collective a dead peer never joins."""
     sys.stdout.flush()
