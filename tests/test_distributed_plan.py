@@ -209,7 +209,8 @@ def test_buy_lists_boxes_of_sensible_sizes_at_n_times_the_price():
     assert not any(o.gpu.count > 1 for o in options if o.gpu.kind in ("unified", "laptop"))
     assert not any(o.gpu.count > 4 for o in options if o.gpu.kind == "consumer")
     assert by_name["2xrtx-4090"].plan.parallel == "fsdp"
-    assert not by_name["rtx-4090"].fits
+    one = by_name["rtx-4090"]  # one 24 GB card: only with the frozen 70B in host memory, slower than two
+    assert one.plan.gpus == 1 and one.plan.cpu_offload and one.tokens_per_s < by_name["2xrtx-4090"].tokens_per_s
 
 
 def test_buy_table_shows_boxes():

@@ -183,3 +183,18 @@ def test_a_failing_rank_ends_the_run_with_its_one_line(work, tmp_path):
                    str(work / "train.jsonl"), "--output", str(tmp_path / "taken" / "run"), "--steps", "2")
     assert run.returncode == 1
     assert "(rank 0)" in run.stderr and run.stderr.count("Traceback") == 1 and "done" not in run.stdout
+
+
+@pytest.mark.slow
+def test_one_gpu_fsdp_plan_starts_torchrun_and_equals_the_plain_run(work):
+    """A one-GPU FSDP2 plan (what fit proposes when only CPU offload fits) is started under torchrun with one
+    process by `vramplan train` itself and computes what the plain run does. (CPU offload itself needs a GPU.)"""
+    plan = plan_file(work, "fsdp-one", gpus=1, parallel="fsdp", micro_batch=2)
+    run = vramplan("train", str(plan), "--model", str(work / "llama"), "--data", str(work / "train.jsonl"),
+                   "--output", str(work / "fsdp-one"), "--steps", "3", "--lr", "1e-2", "--warmup", "0",
+                   "--schedule", "constant")
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "done: 3 steps" in run.stdout and "note: optimizer" not in run.stderr  # the plan's adamw runs as planned
+    one_rank(work, "llama", "plain-for-fsdp-one", steps=3, schedule="constant")
+    assert losses(work / "fsdp-one") == pytest.approx(losses(work / "plain-for-fsdp-one"), rel=1e-5)
+    assert_same_adapter(work / "fsdp-one" / "adapter", work / "plain-for-fsdp-one" / "adapter")

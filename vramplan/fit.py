@@ -154,8 +154,12 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     seqs = [base.seq_len]
     while seqs[-1] // 2 >= MIN_SEQ:
         seqs.append(seqs[-1] // 2)
-    for seq in seqs:
-        for parallel, offload in layouts(base):
+    searches = [[(seq, parallel, offload) for seq in seqs for parallel, offload in layouts(base)]]
+    if base.gpus == 1 and base.stack == "vramplan":
+        # the last resort on one GPU, after every shorter sequence: the frozen weights in host memory (PCIe-bound)
+        searches.append([(seq, "fsdp", True) for seq in seqs])
+    for search in searches:
+        for seq, parallel, offload in search:
             layout = base.replace(parallel=parallel, cpu_offload=offload)
             # the layout's leanest plan bounds its candidates at this length from below: skip a layout that cannot fit
             priced += 1
@@ -214,7 +218,7 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
     def peak(**changes: Any) -> int:
         return adjust(estimate_plan(plan.replace(**changes), profile)).peak_bytes
 
-    if plan.gpus > 1:
+    if plan.gpus > 1 or plan.parallel != "none":
         lines.append(_explain_layout(profile, plan, est, limit, adjust))
     per_gpu = f" on each of {plan.gpus} GPUs" if plan.gpus > 1 else ""
     if plan.seq_len == base.seq_len:
@@ -271,6 +275,12 @@ def _explain_layout(profile: ModelProfile, plan: Plan, est: Estimate, limit: int
     """Why DDP, FSDP2 or FSDP2 with CPU offload: the layouts before it did not fit (with their numbers)."""
     n = plan.gpus
     model = f"the {_QUANT_WORDS[plan.quant]} model ({_gb(model_weight_bytes(profile, plan))})"
+    if n == 1:
+        alone = adjust(estimate_plan(leanest_plan(plan.replace(parallel="none", cpu_offload=False), plan.seq_len),
+                                     profile)).peak_bytes
+        return (f"FSDP2 with CPU offload on one GPU: {model} does not fit beside the rest even at the leanest "
+                f"({_gb(alone)} over the {_gb(limit)} usable), at any shorter sequence either; its weights stay in "
+                f"host memory and each layer is copied to the GPU as it runs, so expect a fraction of the speed.")
     if plan.parallel == "ddp":
         return (f"DDP over {n} GPUs: {model} fits on each GPU; no sharding traffic, only the LoRA gradients "
                 f"are all-reduced.")

@@ -317,7 +317,7 @@ def step_comm_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
 
     n = plan.gpus
     parts = {"all_reduce": 0.0, "all_gather": 0.0, "reduce_scatter": 0.0, "host": 0.0, "exposed": 0.0}
-    if n == 1:
+    if n == 1 and not plan.cpu_offload:  # (one GPU with CPU offload still copies every layer over PCIe)
         return parts
     single = step_memory(arch, plan.replace(gpus=1, parallel="none", cpu_offload=False)).phases
     grads = float(single["optimizer_step"].get("lora_grads", 0))
@@ -357,10 +357,10 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
         "memory": sum(step_bytes(arch, plan).values()) / (gpu.bandwidth_gbs * 1e9 * factors.bandwidth_efficiency),
         "pcie": step_pcie_bytes(arch, plan) / PCIE_BYTES_PER_S,
     }
-    if plan.gpus > 1:
+    if plan.gpus > 1 or plan.cpu_offload:
         comm = step_comm_bytes(arch, plan)
-        link = collective_bytes_per_s(gpu)
         collectives = comm["all_reduce"] + comm["all_gather"] + comm["reduce_scatter"]
+        link = collective_bytes_per_s(gpu) if collectives or comm["exposed"] else 1.0
         seconds["comm"] = collectives / link + comm["host"] / PCIE_BYTES_PER_S
         seconds["comm_exposed"] = comm["exposed"] / link
     return seconds

@@ -60,7 +60,7 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
     if gpus is not None or parallel is not None:
         plan = plan.replace(**distributed.layout(plan, gpus, parallel))
-    if plan.gpus > 1 and not distributed.under_torchrun():
+    if (plan.gpus > 1 or plan.parallel == "fsdp") and not distributed.under_torchrun():
         sys.exit(distributed.launch(plan.gpus, _command_line(click.get_current_context())))
     cfg = TrainConfig(plan=plan, model_dir=model_dir, data=data_file, output=output, resume=resume, steps=steps,
                       epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, save_every=save_every,

@@ -40,7 +40,8 @@ def per_rank(arch, plan, step: StepMemory) -> StepMemory:
     """``step`` (one GPU's memory) as one rank of ``plan.gpus`` holds it under ``plan.parallel``."""
     if plan.parallel == "none":
         return step
-    notes = [f"memory per rank: each of the {plan.gpus} GPUs runs its own process, with its own CUDA context"]
+    notes = [f"memory per rank: each of the {plan.gpus} GPUs runs its own process, with its own CUDA context"
+             if plan.gpus > 1 else "FSDP2 on one GPU: its CPU offload keeps the frozen weights in host memory"]
     if plan.parallel == "ddp":
         phases = {name: _ddp_phase(name, parts) for name, parts in step.phases.items()}
     else:

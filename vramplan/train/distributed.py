@@ -66,8 +66,9 @@ def layout(plan, gpus: int | None, parallel: str | None) -> dict:
     """``gpus`` and ``parallel`` (plan fields) after ``--gpus`` / ``--parallel``: one GPU means no
     parallel mode; several without one named keep the plan's, or DDP (CPU offload stays FSDP's)."""
     gpus = plan.gpus if gpus is None else gpus
-    if gpus < 2:
-        return {"gpus": 1, "parallel": "none", "cpu_offload": False}
+    if gpus < 2:  # one GPU may still run FSDP2, for its CPU offload of a model too big for the GPU
+        keep = (parallel or plan.parallel) == "fsdp"
+        return {"gpus": 1, "parallel": "fsdp" if keep else "none", "cpu_offload": keep and plan.cpu_offload}
     parallel = parallel or (plan.parallel if plan.parallel != "none" else "ddp")
     return {"gpus": gpus, "parallel": parallel, "cpu_offload": plan.cpu_offload and parallel == "fsdp"}
 

@@ -191,9 +191,10 @@ def train(cfg: TrainConfig) -> dict:
     if cfg.merge and cfg.plan.multimodal:
         raise VramplanError("--merge exports text models so far; drop --merge (the adapter loads with peft onto the multimodal model)")
     world, device = distributed.start(cfg.plan.parallel, cfg.device)
-    plan = cfg.plan.replace(**distributed.layout(cfg.plan, world.size, world.parallel if world.size > 1 else None))
+    plan = cfg.plan.replace(**distributed.layout(cfg.plan, world.size,
+                                                 world.parallel if world.size > 1 or world.parallel == "fsdp" else None))
     out = Path(cfg.output)
-    if world.size > 1 and plan.multimodal:
+    if (world.size > 1 or world.parallel == "fsdp") and plan.multimodal:
         raise VramplanError("multimodal training runs on one GPU so far; train the text parts on several, or set gpus 1")
     if not world.is_main:  # one progress bar and one set of notes: rank 0's
         cfg = dataclasses.replace(cfg, progress=False)
@@ -227,7 +228,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen;
     #    under FSDP each layer is sharded as soon as it is quantized.
-    sharded = world.size > 1 and world.parallel == "fsdp"
+    sharded = world.parallel == "fsdp"  # on one GPU too: FSDP2's CPU offload
     if plan.multimodal:
         model, adapted = multimodal.load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
         params = multimodal.trainable_parameters(model, plan)
@@ -271,7 +272,7 @@ def train(cfg: TrainConfig) -> dict:
             started = time.perf_counter()
             local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate)
             micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
-            loss, n_targets = accumulate_gradients(model, micro_batches, trainee if world.size > 1 else None)
+            loss, n_targets = accumulate_gradients(model, micro_batches, trainee if world.size > 1 or sharded else None)
             if not math.isfinite(loss):
                 raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
             grad_norm = float(distributed.clip_gradients(params, cfg.max_grad_norm))
