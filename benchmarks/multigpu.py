@@ -34,6 +34,7 @@ from vramplan.train import distributed
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.metrics import process_memory_bytes
 from vramplan.train.model import load_for_training, lora_parameters
+from vramplan.train.optim import flat_update_pays
 from vramplan.train.recipe import make_optimizer, seed_everything
 
 
@@ -71,7 +72,7 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
     plan = Plan(model=args.model, seq_len=args.seq, micro_batch=args.batch, lora_rank=args.rank,
                 checkpointing=args.checkpointing, optimizer="adamw" if world.parallel == "fsdp" else args.optim, gpus=world.size,
                 parallel=world.parallel, cpu_offload=args.cpu_offload and world.parallel == "fsdp")
-    sharded = world.parallel == "fsdp"  # on one GPU too (torchrun --nproc-per-node 1): FSDP2's CPU offload
+    sharded = world.sharded
     cuda = device.type == "cuda"
     if cuda:
         if args.cap_gb:
@@ -83,7 +84,7 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
                                  random_init_from_config=True, seed=0)
     trainee = distributed.wrap(model, world, device, offload=plan.cpu_offload)
     params = lora_parameters(model)
-    optimizer, note = make_optimizer(params, plan, 2e-4, 0.0, device, sharded=sharded)
+    optimizer, note = make_optimizer(params, plan, 2e-4, 0.0, device, sharded=sharded, flat=flat_update_pays(model))
     record = {"load_s": round(time.perf_counter() - started, 1), "optimizer_note": note,
               "load_peak_alloc": torch.cuda.max_memory_allocated(device) if cuda else None}
     vocab = config.get("text_config", config)["vocab_size"]
@@ -93,7 +94,7 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
         if cuda:
             torch.cuda.synchronize(device)
         begun = time.perf_counter()
-        loss, _ = accumulate_gradients(model, [batch], trainee if world.size > 1 or sharded else None)
+        loss, _ = accumulate_gradients(model, [batch], trainee)
         distributed.clip_gradients(params, 1.0)
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)

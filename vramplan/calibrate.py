@@ -107,10 +107,11 @@ def _load(plan: Plan, model_dir: str, device):
         return model, optimizer, forward, backward, recipe.vocab_size
     from vramplan.train.loss import summed_loss
     from vramplan.train.model import load_for_training, lora_parameters
+    from vramplan.train.optim import flat_update_pays
     from vramplan.train.recipe import make_optimizer
 
     model, _ = load_for_training(model_dir, plan, device)
-    optimizer, _ = make_optimizer(lora_parameters(model), plan, 2e-4, 0.0, device)
+    optimizer, _ = make_optimizer(lora_parameters(model), plan, 2e-4, 0.0, device, flat=flat_update_pays(model))
 
     def forward(batch):
         return summed_loss(model, batch)

@@ -61,6 +61,11 @@ class World:
     def distributed(self) -> bool:
         return dist.is_available() and dist.is_initialized()
 
+    @property
+    def sharded(self) -> bool:
+        """FSDP2, on several GPUs or on one (its CPU offload of a model too big for the GPU)."""
+        return self.parallel == "fsdp"
+
 
 def layout(plan, gpus: int | None, parallel: str | None) -> dict:
     """``gpus`` and ``parallel`` (plan fields) after ``--gpus`` / ``--parallel``: one GPU means no
@@ -347,12 +352,13 @@ def _fsdp_options(offload: bool) -> dict:
     return {"offload_policy": CPUOffloadPolicy()}
 
 
-def wrap(model: nn.Module, world: World, device: torch.device, offload: bool = False) -> "Parallel":
-    """The model ready for the loop: DDP around it, or FSDP2 at its root (its layers were sharded as they loaded)."""
+def wrap(model: nn.Module, world: World, device: torch.device, offload: bool = False) -> "Parallel | None":
+    """The model ready for the loop: DDP around it, or FSDP2 at its root (its layers were sharded as they
+    loaded); None for one unsharded process, whose loop calls the model itself."""
+    if world.size < 2 and not world.sharded:
+        return None
     loss = SummedLoss(model)
-    if world.size < 2 and world.parallel != "fsdp":
-        return Parallel(loss, world)
-    if world.parallel == "fsdp":
+    if world.sharded:
         from torch.distributed.fsdp import fully_shard
 
         embedding, head = model.get_input_embeddings(), model.get_output_embeddings()

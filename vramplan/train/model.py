@@ -134,16 +134,21 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
     return adapted
 
 
+def move_except(model: nn.Module, device: torch.device, left: list[nn.Module]) -> None:
+    """Move every parameter and buffer of ``model`` to ``device`` but those inside ``left``."""
+    skipped = {id(m) for part in left for m in part.modules()}
+    for module in model.modules():
+        if id(module) not in skipped:
+            module._apply(lambda t: t.to(device), recurse=False)
+
+
 def move_outside_layers(model: nn.Module, device: torch.device) -> None:
     """Move every parameter and buffer outside the decoder layers to ``device``.
 
     The layers are where ``add_decoder_lora`` put them, and under FSDP2 they are sharded, their
     shards possibly offloaded to host memory: ``model.to(device)`` would pull those back.
     """
-    in_layers = {id(m) for m in decoder_layers(model).modules()}
-    for module in model.modules():
-        if id(module) not in in_layers:
-            module._apply(lambda t: t.to(device), recurse=False)
+    move_except(model, device, [decoder_layers(model)])
 
 
 def freeze(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> None:

@@ -23,7 +23,7 @@ from vramplan.errors import VramplanError
 from vramplan.memory.towers import TOWER_TARGETS, target_kinds
 from vramplan.plan import Plan
 from vramplan.train import ops, patching
-from vramplan.train.model import (DTYPES, add_decoder_lora, compute_dtype, enable_checkpointing, freeze,
+from vramplan.train.model import (DTYPES, add_decoder_lora, compute_dtype, enable_checkpointing, freeze, move_except,
                                   lora_parameters)
 
 #: The submodule of Gemma4Model holding each tower's encoder layers, and each projector.
@@ -108,10 +108,7 @@ def prepare_multimodal(model: nn.Module, plan: Plan, device: torch.device, host_
             adapted += add_tower_lora(model, tower, kinds, plan)
     if not adapted and not plan.train_projectors:
         raise VramplanError("nothing to train: --train names no part with a LoRA target and the projectors are frozen")
-    stay_on_host = {id(m) for part in unused_towers(model, plan) for m in part.modules()}
-    for module in model.modules():  # everything to the device but the towers of modalities the data lacks
-        if id(module) not in stay_on_host:
-            module._apply(lambda t: t.to(device), recurse=False)
+    move_except(model, device, unused_towers(model, plan))  # the towers of modalities the data lacks stay
     patching.apply_kernel_patches(model.get_decoder())  # the decoder only: the towers' norms differ
     model.config.use_cache = False
     model.config.get_text_config().use_cache = False

@@ -21,7 +21,6 @@ from vramplan.plan import Plan
 from vramplan.train import adapter, checkpoint, data, distributed, metrics
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
-from vramplan.train import switches
 from vramplan.train.optim import eight_bit_adamw, flat_update_pays
 
 SCHEDULES = ("cosine", "linear", "constant")
@@ -86,7 +85,7 @@ def check_plan_fits(plan: Plan, model_dir: str, device: torch.device) -> None:
 
 
 def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weight_decay: float, device: torch.device,
-                   sharded: bool = False, flat: bool = True):
+                   sharded: bool = False, flat: bool = False):
     """bitsandbytes 8-bit AdamW (paged: states move to the host under pressure) or torch AdamW.
 
     Returns (optimizer, note); the note says when the plan's optimizer could not run here and
@@ -99,7 +98,7 @@ def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weig
     if sharded:
         note = f"optimizer {plan.optimizer} does not take FSDP-sharded parameters; using torch AdamW (states sharded too)"
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
-    cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit", flat=flat and switches.enabled("flat_optimizer"))
+    cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit", flat=flat)
     if device.type != "cuda" and not _optimizer_steps_on(cls, device):
         note = f"optimizer {plan.optimizer} does not run on the {device.type} here; using torch AdamW"
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
@@ -192,9 +191,9 @@ def train(cfg: TrainConfig) -> dict:
         raise VramplanError("--merge exports text models so far; drop --merge (the adapter loads with peft onto the multimodal model)")
     world, device = distributed.start(cfg.plan.parallel, cfg.device)
     plan = cfg.plan.replace(**distributed.layout(cfg.plan, world.size,
-                                                 world.parallel if world.size > 1 or world.parallel == "fsdp" else None))
+                                                 world.parallel if world.size > 1 or world.sharded else None))
     out = Path(cfg.output)
-    if (world.size > 1 or world.parallel == "fsdp") and plan.multimodal:
+    if (world.size > 1 or world.sharded) and plan.multimodal:
         raise VramplanError("multimodal training runs on one GPU so far; train the text parts on several, or set gpus 1")
     if not world.is_main:  # one progress bar and one set of notes: rank 0's
         cfg = dataclasses.replace(cfg, progress=False)
@@ -228,7 +227,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 2. Model: quantized layer by layer on the device, LoRA on the targets, the rest frozen;
     #    under FSDP each layer is sharded as soon as it is quantized.
-    sharded = world.parallel == "fsdp"  # on one GPU too: FSDP2's CPU offload
+    sharded = world.sharded
     if plan.multimodal:
         model, adapted = multimodal.load_for_training(cfg.model_dir, plan, device, cfg.host_per_layer_embeddings)
         params = multimodal.trainable_parameters(model, plan)
@@ -272,7 +271,7 @@ def train(cfg: TrainConfig) -> dict:
             started = time.perf_counter()
             local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate)
             micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
-            loss, n_targets = accumulate_gradients(model, micro_batches, trainee if world.size > 1 or sharded else None)
+            loss, n_targets = accumulate_gradients(model, micro_batches, trainee)
             if not math.isfinite(loss):
                 raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
             grad_norm = float(distributed.clip_gradients(params, cfg.max_grad_norm))
