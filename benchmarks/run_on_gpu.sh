@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Runs the GPU side of the project in one go on a CUDA machine, from the repository root:
-#   benchmarks/run_on_gpu.sh [tests] [kernels[:MODULES]] [trainer ...] [profile:CONFIG:SEQ] [unsloth:CONFIG:GRID]
+#   benchmarks/run_on_gpu.sh [tests[:K_EXPR]] [kernels[:MODULES]] [trainer ...] [profile:CONFIG:SEQ] [unsloth:CONFIG:GRID]
 #                            [multimodal:N,...] [accuracy[:MODEL,...]] [capcheck] [multigpu]
 # Wheels in .whl/ (bitsandbytes, liger-kernel) are installed to /tmp/site first when present.
 # Results go to $OUT (default benchmarks/results/gpu-run).
@@ -18,6 +18,7 @@ python3 -c "import torch, triton, transformers; print('torch', torch.__version__
 for job in "$@"; do
   case "$job" in
     tests)   python3 -m pytest -q -m gpu -p no:cacheprovider tests 2>&1 | tee "$OUT/gpu-tests.log" | tail -25 ;;
+    tests:*) python3 -m pytest -q -m gpu -p no:cacheprovider tests -k "${job#tests:}" 2>&1 | tee -a "$OUT/gpu-tests.log" | tail -25 ;;
     kernels) python3 benchmarks/kernels.py --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     kernels:*) python3 benchmarks/kernels.py --only "${job#kernels:}" --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     trainer:*)  # trainer:CONFIG.json:GRID.json  (the config's file name labels the lines)
@@ -53,6 +54,7 @@ for job in "$@"; do
         run_mg "$g" -m benchmarks.multigpu --model llama-3.3-70b --parallel fsdp --seq 2048 --steps 4 --cap-gb 24 --cpu-offload
         run_mg "$g" -m benchmarks.multigpu --model llama-3.3-70b --parallel fsdp --seq 2048 --steps 4 --cap-gb 40
       done ;;
+    py:*)    python3 -m "${job#py:}" 2>&1 | tee -a "$OUT/$(echo "${job#py:}" | tr . _).log" | tail -80 ;;  # any benchmarks module, no arguments
     *)       echo "unknown job $job" ;;
   esac
 done

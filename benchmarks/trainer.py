@@ -28,6 +28,8 @@ from vramplan.gpu import used_memory_bytes
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.optim import flat_update_pays
 from vramplan.train.model import load_for_training, lora_parameters
+from vramplan.train import switches
+from vramplan.train.graphs import StepGraphs
 from vramplan.train.recipe import make_optimizer
 
 def build_random_model(config_path: str, folder: str) -> int:
@@ -56,6 +58,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["trainable"] = sum(p.numel() for p in params)
     record["after_load_alloc"] = torch.cuda.memory_allocated()
     optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model))
+    graphs = StepGraphs(model, params) if switches.enabled("cuda_graphs") and StepGraphs.available(model, plan, device) else None
     record["load_peak_alloc"] = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator().manual_seed(0)
@@ -70,18 +73,21 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     for _ in range(steps):
         torch.cuda.synchronize()
         started = time.time()
-        loss, _ = accumulate_gradients(model, [batch])
+        loss, _ = accumulate_gradients(model, [batch], graphs=graphs)
         optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
+        optimizer.zero_grad(set_to_none=graphs is None)
         torch.cuda.synchronize()
         times.append(time.time() - started)
         losses.append(round(loss, 4))
     sampler.__exit__(None, None, None)
     record["losses"] = losses
+    if graphs is not None:
+        record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
+        record["graph_notes"] = graphs.notes
     record["nvml_peak_step_delta"] = sampler.peak_delta  # sampled peak during the steps, above the reading at their start
     record["peak_alloc"] = torch.cuda.max_memory_allocated()
     record["peak_reserved"] = torch.cuda.max_memory_reserved()
-    del model, optimizer, params, batch
+    del model, optimizer, params, batch, graphs
     return record, times
 
 

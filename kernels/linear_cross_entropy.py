@@ -287,11 +287,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
                                     grad_loss.contiguous(), need)
             grads = head.gradients(bias, lora_a, lora_b)
         else:
-            grads = ctx.grads
-            # The usual case (loss.backward() straight on this loss) needs no rescaling: skip
-            # touching grad_W, which can be hundreds of MB.
-            if not torch.equal(grad_loss, torch.ones_like(grad_loss)):
-                grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in grads)
+            # Always scaled by grad_output, never first asked whether it is 1: asking is a host
+            # sync (the trainer's is 1/target tokens anyway), which a CUDA graph may not hold.
+            grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
         grad_hidden, grad_weight, grad_bias, grad_a, grad_b = grads
         return grad_hidden, grad_weight, None, grad_bias, grad_a, grad_b, None, None, None, None, None
 

@@ -46,3 +46,83 @@ def test_gemma4_per_layer_embeddings_stay_on_the_host_and_training_runs(tmp_path
     assert records[0]["peak_allocated"] > 0 and records[0]["peak_reserved"] >= records[0]["peak_allocated"]
     first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
     assert last < 0.8 * first, (first, last)
+
+
+def _train_steps(model, params, batches, graphs):
+    from vramplan.train.loss import accumulate_gradients
+    from vramplan.train.recipe import make_optimizer
+
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
+    optimizer, _ = make_optimizer(params, plan, 1e-3, 0.0, torch.device("cuda"))
+    losses = []
+    for micro_batches in batches:
+        loss, _ = accumulate_gradients(model, micro_batches, graphs=graphs)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=graphs is None)
+        losses.append(loss)
+    return losses
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_cuda_graph_steps_train_like_eager_steps(tmp_path, arch):
+    """Same model, same data, eager and through captured graphs (two shapes, one packed, two
+    micro-batches a step): the losses and the adapters after six optimizer steps agree."""
+    from vramplan.train.graphs import StepGraphs
+    from vramplan.train.model import lora_parameters
+
+    folder = build_model(llama_config() if arch == "llama" else gemma4_config(), tmp_path / arch)
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
+    generator = torch.Generator().manual_seed(0)
+
+    def micro_batch(width, packed):
+        ids = torch.randint(4, 300, (2, width), generator=generator)
+        positions = torch.arange(width).expand(2, -1).clone()
+        if packed:
+            positions[1, width // 2:] = torch.arange(width - width // 2)
+        labels = ids.roll(-1, dims=1)
+        labels[:, -1] = -100
+        return {"input_ids": ids.cuda(), "labels": labels.cuda(), "position_ids": positions.cuda()}
+
+    batches = [[micro_batch(24, False), micro_batch(16, True)] for _ in range(6)]
+    results = []
+    for use_graphs in (False, True):
+        model, _ = load_for_training(folder, plan, torch.device("cuda"))
+        params = lora_parameters(model)
+        graphs = StepGraphs(model, params) if use_graphs else None
+        losses = _train_steps(model, params, batches, graphs)
+        results.append((losses, [p.detach().float().cpu() for p in params], graphs))
+    (eager_losses, eager_params, _), (graph_losses, graph_params, graphs) = results
+    assert graphs.notes == []
+    assert sum(g is not None for g in graphs.graphs.values()) == 2
+    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=2e-3, atol=2e-3)
+    for got, want in zip(graph_params, eager_params):
+        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+    assert graph_losses[-1] < graph_losses[0]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_graph_body_makes_no_host_sync(tmp_path, arch):
+    """A CUDA graph capture may hold no host sync: the body runs once with torch's sync debugger
+    set to raise, which names the first synchronizing call if one creeps in."""
+    from vramplan.train.graphs import StaticInputs, StepGraphs, checkpoints_without_rng_state, packing_decided
+    from vramplan.train.model import lora_parameters
+
+    folder = build_model(llama_config() if arch == "llama" else gemma4_config(), tmp_path / arch)
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
+    model, _ = load_for_training(folder, plan, torch.device("cuda"))
+    params = lora_parameters(model)
+    ids = torch.randint(4, 300, (2, 24), device="cuda")
+    batch = {"input_ids": ids, "labels": ids.roll(-1, dims=1), "position_ids": torch.arange(24, device="cuda").expand(2, -1)}
+    graphs = StepGraphs(model, params)
+    embeds, per_layer = graphs.prologue(batch)
+    static = StaticInputs.like(embeds, per_layer, batch)
+    static.fill(embeds, per_layer, batch, torch.tensor(40.0, device="cuda"))
+    graphs._grads_in_place()
+    with packing_decided(False), checkpoints_without_rng_state(model):
+        graphs.body(static)  # warm: compiles and autotunes outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            graphs.body(static)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")

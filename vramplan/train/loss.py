@@ -41,12 +41,13 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
-                         parallel=None) -> tuple[float, int]:
+                         parallel=None, graphs=None) -> tuple[float, int]:
     """Forward + backward over the micro-batches of one optimizer step; return (mean token loss, target tokens).
 
     Every micro-batch's summed loss is divided by the target-token count of the WHOLE
     accumulated batch, so the gradient equals that of one big batch; averaging per micro-batch
-    would weight the tokens of short micro-batches more. On several ranks (``parallel``, a
+    would weight the tokens of short micro-batches more. With ``graphs`` (a ``graphs.StepGraphs``)
+    a micro-batch it has captured replays as one CUDA graph (the others run eagerly, on its stream). On several ranks (``parallel``, a
     ``distributed.Parallel``) the count is summed over the ranks first, on the device, and the
     loss scaled by the world size, which DDP's and FSDP's gradient averaging divides back out:
     the gradient is the one of the global batch as one rank would compute it.
@@ -63,7 +64,9 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     denominator = total_targets.clamp(min=1) / world
     loss_sum = torch.zeros((), device=total_targets.device)
     for index, mb in enumerate(micro_batches):
-        if parallel is None:
+        if graphs is not None and parallel is None:
+            loss = graphs.summed_loss(mb, denominator)
+        elif parallel is None:
             loss, _ = summed_loss(model, mb)
             (loss / denominator).backward()
         else:

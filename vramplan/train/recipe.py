@@ -18,7 +18,8 @@ import torch
 
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
-from vramplan.train import adapter, checkpoint, data, distributed, metrics
+from vramplan.train import adapter, checkpoint, data, distributed, metrics, switches
+from vramplan.train.graphs import StepGraphs
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
 from vramplan.train.optim import eight_bit_adamw, flat_update_pays
@@ -248,6 +249,8 @@ def train(cfg: TrainConfig) -> dict:
         cfg.notes.append(note)
         _say(cfg, f"note: {note}")
     scheduler = make_scheduler(optimizer, cfg.schedule, warmup, steps)
+    graphs = StepGraphs(model, params) if switches.enabled("cuda_graphs") and \
+        StepGraphs.available(model, plan, device, world.size) else None
 
     # 4. Resume: LoRA weights, optimizer, scheduler, RNG and the data position.
     state = checkpoint.TrainState()
@@ -271,7 +274,7 @@ def train(cfg: TrainConfig) -> dict:
             started = time.perf_counter()
             local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate)
             micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
-            loss, n_targets = accumulate_gradients(model, micro_batches, trainee)
+            loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs)
             if not math.isfinite(loss):
                 raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
             grad_norm = float(distributed.clip_gradients(params, cfg.max_grad_norm))
@@ -279,7 +282,7 @@ def train(cfg: TrainConfig) -> dict:
                 raise VramplanError(f"the gradient became {grad_norm} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
             optimizer.step()
             scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
+            optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
             if device.type == "cuda":
                 torch.cuda.synchronize()
             state.step += 1
@@ -312,6 +315,8 @@ def train(cfg: TrainConfig) -> dict:
                             "lower --seq or --batch, or use --checkpointing offload (the last checkpoint is kept)") from None
     finally:
         _close(bar)
+        if graphs is not None:
+            cfg.notes.extend(graphs.notes)
 
     # 6. The adapter, a final checkpoint, the loss curve and (optionally) a merged model: rank 0 writes.
     save()

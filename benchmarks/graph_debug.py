@@ -1,0 +1,114 @@
+"""Diagnose CUDA-graph capture of the trainer's micro-batch step on tiny random models (GPU only).
+
+    python -m benchmarks.graph_debug
+
+For Llama and Gemma 4: (1) the graph body run eagerly equals the eager step; (2) the body under
+torch's sync debugger (the first synchronizing call, with its stack); (3) a capture and replay,
+with the gradients compared against the eager step, after the adapters changed in place too.
+"""
+
+from __future__ import annotations
+
+import sys
+import tempfile
+import traceback
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
+
+from train_fixtures import build_model, gemma4_config, llama_config  # noqa: E402
+from vramplan.plan import Plan  # noqa: E402
+from vramplan.train.graphs import StaticInputs, StepGraphs, checkpoints_without_rng_state, packing_decided  # noqa: E402
+from vramplan.train.loss import summed_loss  # noqa: E402
+from vramplan.train.model import load_for_training, lora_parameters  # noqa: E402
+
+
+def _diff(a, b):
+    return max(float((x - y).abs().max()) for x, y in zip(a, b))
+
+
+def check(arch: str, variant: str) -> None:
+    config = llama_config() if arch == "llama" else gemma4_config()
+    if variant == "no-cudnn":
+        torch.backends.cuda.enable_cudnn_sdp(False)
+    folder = build_model(config, Path(tempfile.mkdtemp()) / arch)
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
+    model, _ = load_for_training(folder, plan, torch.device("cuda"))
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+    ids = torch.randint(4, 300, (2, 24), device="cuda")
+    batch = {"input_ids": ids, "labels": ids.roll(-1, dims=1), "position_ids": torch.arange(24, device="cuda").expand(2, -1)}
+    denominator = torch.tensor(48.0, device="cuda")
+
+    def eager():
+        for p in params:
+            p.grad = None
+        loss, _ = summed_loss(model, batch)
+        (loss / denominator).backward()
+        return float(loss.detach()), [p.grad.detach().clone() for p in params]
+
+    loss_e, grads_e = eager()
+    graphs = StepGraphs(model, params)
+    embeds, per_layer = graphs.prologue(batch)
+    static = StaticInputs.like(embeds, per_layer, batch)
+    static.fill(embeds, per_layer, batch, denominator)
+    for p in params:
+        p.grad = None
+    graphs._grads_in_place()
+    with packing_decided(False), checkpoints_without_rng_state(model):
+        graphs.body(static)
+    print(arch, variant, "body eager: loss", float(static.loss), "vs", loss_e, "grad diff",
+          _diff([p.grad for p in params], grads_e), flush=True)
+    torch.cuda.synchronize()
+
+    def forward_only():
+        with torch.no_grad():
+            kwargs = {"inputs_embeds": static.embeds, "position_ids": static.position_ids, "use_cache": False}
+            if static.per_layer is not None:
+                kwargs["per_layer_inputs"] = static.per_layer
+            graphs.decoder(**kwargs)
+
+    if variant == "fwd":
+        graph = torch.cuda.CUDAGraph()
+        try:
+            with graphs._on_own_stream() as stream, torch.cuda.graph(graph, stream=stream):
+                forward_only()
+            print(arch, variant, "capture ok", flush=True)
+        except Exception as err:
+            print(arch, variant, "capture FAILED:", "".join(traceback.format_exception(err.__context__ or err)), flush=True)
+        return
+    # the trainer's own path: eager on the graphs' stream, then capture, then replays after in-place updates
+    for trial in range(4):
+        for p in params:
+            p.grad = None
+        loss_g = float(graphs.summed_loss(batch, denominator))
+        grads_g = [p.grad.detach().clone() for p in params]
+        for p in params:
+            p.grad = None
+        loss_e = float(graphs._eager(batch, denominator))
+        grads_e = [p.grad.detach().clone() for p in params]
+        captured = sum(g is not None for g in graphs.graphs.values())
+        print(arch, variant, "step", trial, "graphs", captured, graphs.notes, "loss", loss_g, "vs eager", loss_e,
+              "grad diff", _diff(grads_g, grads_e), flush=True)
+        with torch.no_grad():
+            for p in params:
+                p.add_(torch.randn_like(p) * 0.01)  # as an optimizer step would, in place
+
+
+def main() -> None:
+    import subprocess
+
+    if len(sys.argv) == 3:
+        check(sys.argv[1], sys.argv[2])
+        return
+    for arch in ("llama", "gemma4"):
+        for variant in ("fwd", "full", "no-cudnn"):
+            subprocess.run([sys.executable, "-m", "benchmarks.graph_debug", arch, variant])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,102 @@
+"""The CUDA-graph step's body, run eagerly on the CPU: what a graph would replay computes the same
+loss and gradients as the eager step, for Llama and for Gemma 4 (per-layer inputs, shared K/V),
+packed and unpacked, under checkpointing. The capture itself needs a GPU (tests/test_train_gpu.py)."""
+
+import pytest
+import torch
+
+from train_fixtures import build_model, gemma4_config, llama_config
+from vramplan.plan import Plan
+from vramplan.train.graphs import StaticInputs, StepGraphs, checkpoints_without_rng_state, is_packed, packing_decided
+from vramplan.train.loss import summed_loss
+from vramplan.train.model import load_for_training, lora_parameters
+
+
+def _batch(vocab: int, packed: bool) -> dict[str, torch.Tensor]:
+    generator = torch.Generator().manual_seed(3)
+    ids = torch.randint(4, vocab, (2, 24), generator=generator)
+    positions = torch.arange(24).expand(2, -1).clone()
+    if packed:  # row 0: two sequences (10 + 14 tokens)
+        positions[0, 10:] = torch.arange(14)
+    labels = ids.roll(-1, dims=1)
+    labels[:, -1] = -100
+    labels[0, 9] = -100
+    return {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+
+def _grads(params):
+    return [p.grad.detach().clone() for p in params]
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+@pytest.mark.parametrize("packed", [False, True])
+def test_graph_body_equals_eager_step(tmp_path, arch, packed):
+    config = llama_config() if arch == "llama" else gemma4_config()
+    folder = build_model(config, tmp_path / arch)
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
+    model, _ = load_for_training(folder, plan, torch.device("cpu"))
+    params = lora_parameters(model)
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+    batch = _batch(model.config.get_text_config().vocab_size, packed)
+    assert is_packed(batch["position_ids"]) == packed
+    denominator = (batch["labels"] != -100).sum().float()
+
+    eager_loss, _ = summed_loss(model, batch)
+    (eager_loss / denominator).backward()
+    eager_grads = _grads(params)
+    for p in params:
+        p.grad = None
+
+    graphs = StepGraphs(model, params)
+    embeds, per_layer = graphs.prologue(batch)
+    assert (per_layer is not None) == (arch == "gemma4")
+    static = StaticInputs.like(embeds, per_layer, batch)
+    static.fill(embeds, per_layer, batch, denominator)
+    graphs._grads_in_place()
+    with packing_decided(packed), checkpoints_without_rng_state(model):
+        graphs.body(static)
+    torch.testing.assert_close(static.loss, eager_loss.detach())
+    for got, want in zip(_grads(params), eager_grads):
+        torch.testing.assert_close(got, want)
+    assert any(g.abs().sum() > 0 for g in eager_grads)
+
+
+def test_body_accumulates_into_existing_gradients(tmp_path):
+    """Two replays of one micro-batch add up, as two eager backward passes do: gradients are never replaced."""
+    folder = build_model(llama_config(), tmp_path / "llama")
+    plan = Plan(model="tiny", quant="bf16", lora_rank=4, seq_len=24, checkpointing="full")
+    model, _ = load_for_training(folder, plan, torch.device("cpu"))
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=0.05)
+    batch = _batch(model.config.vocab_size, packed=False)
+    graphs = StepGraphs(model, params)
+    embeds, per_layer = graphs.prologue(batch)
+    static = StaticInputs.like(embeds, per_layer, batch)
+    static.fill(embeds, per_layer, batch, torch.tensor(10.0))
+    graphs._grads_in_place()
+    with packing_decided(False):
+        graphs.body(static)
+    once = _grads(params)
+    with packing_decided(False):
+        graphs.body(static)
+    for got, single in zip(_grads(params), once):
+        torch.testing.assert_close(got, 2 * single)
+
+
+def test_graphs_are_only_offered_where_a_capture_can_hold_the_step():
+    from torch import nn
+
+    class Text(nn.Module):
+        def get_decoder(self):
+            return self
+
+    plan = Plan(model="tiny")
+    assert not StepGraphs.available(Text(), plan, torch.device("cpu"))
+    assert StepGraphs.available(Text(), plan, torch.device("cuda"))
+    assert not StepGraphs.available(Text(), plan, torch.device("cuda"), world_size=2)
+    assert not StepGraphs.available(Text(), Plan(model="tiny", checkpointing="offload"), torch.device("cuda"))

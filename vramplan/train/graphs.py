@@ -1,0 +1,251 @@
+"""A micro-batch's forward and backward replayed as one CUDA graph.
+
+The trainer is host-bound on small models: an H100 step of Llama-3.2-1B at 2,048 tokens takes
+≈220 ms of wall time for ≈42 ms of kernels (benchmarks/results/profiles), because the host
+spends 100-300 µs of Python and launch work on each of ~15,000 operations (forward, the
+checkpoint's recompute, backward). Captured once, the same kernels replay from one launch.
+
+What the graph holds, and what it may not:
+
+* Its inputs are static buffers filled before each replay: the token embeddings (looked up
+  eagerly: Llama-8B's and Gemma 4's tables stay in host memory, and a host gather cannot be
+  captured), Gemma 4's per-layer inputs, positions, labels and the loss's denominator (the
+  target tokens of the whole accumulated batch, so accumulation stays exact).
+* Gradients accumulate into ``.grad`` tensors allocated before capture, outside the graph's
+  memory: the captured backward adds into them, so several micro-batches accumulate and the
+  optimizer, run eagerly, reads them. They are zeroed in place, never set to None.
+* Each graph casts the adapters to the compute dtype itself (``LoRACopies`` is invalidated
+  before capture), so a replay never reads a copy another graph or the eager path made.
+* One capture per (shape, packed-or-not); a shape is captured the second time it is seen, so
+  the first, eager, pass has compiled and autotuned every Triton kernel for it. transformers
+  decides packing with a host sync (``find_packed_sequence_indices``), which a capture may not
+  contain: the decision is made from the host copy of the positions instead.
+
+* Every backward of a graphed run, eager or captured, runs on one side stream: autograd keeps the
+  stream an adapter's gradient was last accumulated on, and a capture that has to wait on the
+  legacy default stream fails ("would make the legacy stream depend on a capturing stream").
+
+Anything the graph cannot hold runs eagerly: multimodal batches, several ranks, CPU offload of
+checkpoints, and a shape whose capture failed (noted once).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from vramplan.train import ops
+
+#: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs).
+MAX_GRAPHS = 8
+
+
+@dataclass
+class StaticInputs:
+    """The buffers one graph reads; filled by ``fill`` before each replay."""
+
+    embeds: torch.Tensor
+    per_layer: torch.Tensor | None
+    position_ids: torch.Tensor
+    labels: torch.Tensor
+    denominator: torch.Tensor
+    loss: torch.Tensor  # the micro-batch's summed token loss, written by the graph
+
+    @classmethod
+    def like(cls, embeds, per_layer, batch) -> "StaticInputs":
+        return cls(embeds=torch.empty_like(embeds),
+                   per_layer=None if per_layer is None else torch.empty_like(per_layer),
+                   position_ids=torch.empty_like(batch["position_ids"]), labels=torch.empty_like(batch["labels"]),
+                   denominator=torch.ones((), device=embeds.device), loss=torch.zeros((), device=embeds.device))
+
+    def fill(self, embeds, per_layer, batch, denominator) -> None:
+        self.embeds.copy_(embeds)
+        if per_layer is not None:
+            self.per_layer.copy_(per_layer)
+        self.position_ids.copy_(batch["position_ids"])
+        self.labels.copy_(batch["labels"])
+        self.denominator.copy_(denominator)
+
+
+def is_packed(position_ids: torch.Tensor) -> bool:
+    """Whether any row holds several sequences: its positions restart somewhere after the first token."""
+    return bool((position_ids[:, 1:] != position_ids[:, :-1] + 1).any())
+
+
+@contextlib.contextmanager
+def packing_decided(packed: bool):
+    """transformers' packed-sequence detection without its host sync: the answer is known already."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+
+    def known(position_ids):
+        if not packed:
+            return None
+        first = position_ids[:, :1] - 1
+        return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
+
+    masking_utils.find_packed_sequence_indices = known
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
+def checkpoints_without_rng_state(model: nn.Module):
+    """Checkpointing that does not save and restore the RNG state around the recompute: reading the
+    CUDA generator's state is not allowed while capturing, and no training layer here draws random
+    numbers (no dropout in the adapters; the models' attention dropout is 0 in these configs)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    layers = [m for m in model.modules() if getattr(m, "_gradient_checkpointing_func", None) is not None]
+    saved = [m._gradient_checkpointing_func for m in layers]
+    plain = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
+    for m in layers:
+        m._gradient_checkpointing_func = plain
+    try:
+        yield
+    finally:
+        for m, func in zip(layers, saved):
+            m._gradient_checkpointing_func = func
+
+
+class StepGraphs:
+    """The captured micro-batch steps of one text model on one GPU (see the module docstring)."""
+
+    def __init__(self, model: nn.Module, params: list[nn.Parameter]):
+        from vramplan.train.loss import lm_head_of
+
+        self.model, self.params = model, list(params)
+        self.decoder = model.get_decoder()
+        self.head = lm_head_of(model)
+        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
+        self.per_layer = bool(getattr(self.decoder, "hidden_size_per_layer_input", 0))
+        self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, StaticInputs] | None] = {}
+        self.seen: set[tuple] = set()
+        self.pool = None
+        self.grad_tensors: list[torch.Tensor] | None = None
+        self.stream: torch.cuda.Stream | None = None
+        self.notes: list[str] = []
+
+    @staticmethod
+    def available(model: nn.Module, plan, device: torch.device, world_size: int = 1) -> bool:
+        """Whether this run's steps can be captured at all."""
+        return (device.type == "cuda" and world_size == 1 and not plan.multimodal
+                and plan.checkpointing != "offload" and hasattr(model, "get_decoder"))
+
+    # -- the pieces a replay runs ---------------------------------------------------------------
+    def prologue(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """The frozen lookups the graph cannot hold: token embeddings (and Gemma 4's per-layer inputs)."""
+        with torch.no_grad():
+            ids = batch["input_ids"]
+            embeds = self.decoder.embed_tokens(ids)
+            per_layer = self.decoder.get_per_layer_inputs(ids, embeds) if self.per_layer else None
+        return embeds, per_layer
+
+    def body(self, static: StaticInputs) -> None:
+        """Forward from the embeddings, the chunked loss and the backward: what one graph holds."""
+        kwargs = {"inputs_embeds": static.embeds, "position_ids": static.position_ids, "use_cache": False}
+        if static.per_layer is not None:
+            kwargs["per_layer_inputs"] = static.per_layer
+        hidden = self.decoder(**kwargs).last_hidden_state
+        loss, _ = ops.linear_cross_entropy(hidden, self.head.weight, static.labels, bias=self.head.bias,
+                                           softcap=self.softcap, reduction="sum")
+        (loss / static.denominator).backward()
+        static.loss.copy_(loss.detach())
+
+    # -- capture and replay ---------------------------------------------------------------------
+    def _grads_in_place(self) -> None:
+        """Point every ``.grad`` at the tensor the graphs add into (made once, before the first capture).
+
+        An eager micro-batch, or a ``zero_grad(set_to_none=True)``, may have replaced or dropped one:
+        its value moves back into the captured tensor, so a replay never writes to freed memory."""
+        if self.grad_tensors is None:
+            self.grad_tensors = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        for p, held in zip(self.params, self.grad_tensors):
+            if p.grad is not held:
+                if p.grad is None:
+                    held.zero_()
+                else:
+                    held.copy_(p.grad)
+                p.grad = held
+
+    def _capture(self, embeds, per_layer, batch, denominator, packed: bool):
+        from vramplan_kernels.qlora_linear import LoRACopies
+
+        static = StaticInputs.like(embeds, per_layer, batch)
+        static.fill(embeds, per_layer, batch, denominator)
+        self._grads_in_place()  # captured kernels record, they do not run: the replay after this computes
+        graph = torch.cuda.CUDAGraph()
+        torch.cuda.synchronize()
+        LoRACopies._generation += 1  # the graph makes its own compute-dtype copies of the adapters
+        try:
+            with self._on_own_stream() as stream, packing_decided(packed), \
+                    checkpoints_without_rng_state(self.model), torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                self.body(static)
+        finally:
+            LoRACopies._generation += 1  # and the eager path never reuses those
+        torch.cuda.synchronize()
+        if self.pool is None:
+            self.pool = graph.pool()
+        return graph, static
+
+    @contextlib.contextmanager
+    def _on_own_stream(self):
+        """Every backward of a graphed run, eager or captured, on one side stream: autograd remembers
+        the stream each adapter's gradient was last accumulated on, and a capture may not wait on
+        the legacy default stream (nor may anything be captured on it)."""
+        if self.stream is None:
+            self.stream = torch.cuda.Stream()
+        self.stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(self.stream):
+            yield self.stream
+        torch.cuda.current_stream().wait_stream(self.stream)
+
+    def _eager(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor) -> torch.Tensor:
+        from vramplan.train.loss import summed_loss
+
+        with self._on_own_stream():
+            loss, _ = summed_loss(self.model, batch)
+            (loss / denominator).backward()
+        return loss.detach()
+
+    def summed_loss(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor,
+                    host_positions: torch.Tensor | None = None) -> torch.Tensor:
+        """One micro-batch's forward and backward, through its graph when it has one (capturing it
+        when due) and eagerly otherwise; returns its summed token loss."""
+        if any(k not in ("input_ids", "position_ids", "labels") for k in batch):
+            return self._eager(batch, denominator)
+        packed = is_packed(host_positions if host_positions is not None else batch["position_ids"])
+        key = (tuple(batch["input_ids"].shape), packed)
+        if key not in self.seen:
+            self.seen.add(key)
+            return self._eager(batch, denominator)  # eager first: compiles and autotunes the kernels for this shape
+        entry = self.graphs.get(key, False)
+        if entry is None:
+            return self._eager(batch, denominator)
+        embeds, per_layer = self.prologue(batch)
+        if entry is False:
+            if len(self.graphs) >= MAX_GRAPHS:
+                self.graphs[key] = None
+                return self._eager(batch, denominator)
+            try:
+                entry = self._capture(embeds, per_layer, batch, denominator, packed)
+            except Exception as err:  # a capture that met a sync or an unsupported call: this shape stays eager
+                self.graphs[key] = None
+                self.notes.append(f"CUDA graph capture failed for shape {key[0]} ({type(err).__name__}: "
+                                  f"{str(err).splitlines()[0][:160]}); running it eagerly")
+                torch.cuda.synchronize()
+                return self._eager(batch, denominator)
+            self.graphs[key] = entry
+        graph, static = entry
+        self._grads_in_place()
+        static.fill(embeds, per_layer, batch, denominator)
+        graph.replay()
+        return static.loss.clone()
