@@ -248,13 +248,19 @@ def new_calibration(key: CalibrationKey, points: list[CalibrationPoint], created
 
 
 def add_point(key: CalibrationKey, point: CalibrationPoint, directory: Path | None = None) -> Calibration:
-    """Add a measured point to the user's calibration for ``key``, refit, and write it atomically."""
+    """Add one measured point to the user's calibration for ``key``, refit, and write it atomically."""
+    return add_points(key, [point], directory)
+
+
+def add_points(key: CalibrationKey, new_points: list[CalibrationPoint], directory: Path | None = None) -> Calibration:
+    """Add the points of one calibration (the plan's shape and its shorter twin) to the user's
+    calibration for ``key``, refit once, and write it atomically."""
     from vramplan.atomic import write_json_atomic
 
     directory = directory or cache_dir()
     path = directory / f"{key.slug()}.json"
     points = list(read_calibration_file(path)[0].points) if path.exists() else []
-    points.append(point)
+    points.extend(new_points)
     if not any(p.fitted for p in points):  # only OOMs so far: keep them, nothing to fit yet
         calibration = Calibration(key=key, points=tuple(points), fit={"kind": "none", "a": 1.0, "b": 1.0, "c": 0.0},
                                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
