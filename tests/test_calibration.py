@@ -25,8 +25,10 @@ def _estimate(**changes):
 
 def _points(a, b, c=0.0):
     """Points whose 'measurements' follow a·static + b·per_token + c exactly, from real estimates."""
-    plans = [dict(seq_len=512), dict(seq_len=2048), dict(seq_len=4096, quant="bf16"), dict(seq_len=1024, micro_batch=4),
-             dict(seq_len=2048, checkpointing="none"), dict(seq_len=8192, lora_rank=64)]
+    # spread wide in both parts (gigabytes of per-token bytes apart), so the 64 MiB measurement
+    # noise leaves both factors pinned down and the fit stays linear
+    plans = [dict(seq_len=512), dict(seq_len=8192, checkpointing="none"), dict(seq_len=4096, quant="bf16"),
+             dict(seq_len=1024, micro_batch=4), dict(seq_len=2048, checkpointing="none"), dict(seq_len=8192, lora_rank=64)]
     points = []
     for changes in plans:
         est = _estimate(**changes)
@@ -256,14 +258,28 @@ def test_two_shapes_separate_static_from_per_token_bytes():
     fit recovers both factors where one point could only give one ratio."""
     from vramplan.calibrate import shorter_shape
 
-    plan = Plan(model="llama-3.2-1b", seq_len=8192)
-    ests = [estimate_plan(p, resolve_model("llama-3.2-1b")) for p in (plan, shorter_shape(plan))]
+    plan = Plan(model="llama-3.1-8b", seq_len=8192)  # 5.6 GB static, 3.8 GB per-token (1.9 GB at half)
+    ests = [estimate_plan(p, resolve_model("llama-3.1-8b")) for p in (plan, shorter_shape(plan))]
     parts = [split_estimate(e) for e in ests]
     assert parts[0][0] == parts[1][0] and parts[0][1] > 1.5 * parts[1][1]
     points = [point_from(e, int(1.05 * s + 0.85 * t)) for e, (s, t) in zip(ests, parts)]
     fit = fit_correction(points)
     assert fit["kind"] == "linear" and fit["a"] == pytest.approx(1.05, rel=1e-3) and fit["b"] == pytest.approx(0.85, rel=1e-3)
     assert fit_correction(points[:1])["kind"] == "ratio"
+
+
+def test_shapes_too_close_for_the_measurement_noise_give_one_ratio():
+    """Llama-3.2-1B at 2,048 and 1,024 tokens differ by ~0.1 GB of per-token bytes: a 64 MiB reading
+    error would swing b by more than ±10% (on the H100 the measured pair gave a = 0.64, b = 1.97), so the
+    two points are pooled into one ratio instead."""
+    from vramplan.calibrate import shorter_shape
+
+    plan = Plan(model="llama-3.2-1b", seq_len=2048)
+    ests = [estimate_plan(p, resolve_model("llama-3.2-1b")) for p in (plan, shorter_shape(plan))]
+    points = [point_from(e, m) for e, m in zip(ests, (2_090_860_544, 1_950_351_360))]  # the H100's readings
+    fit = fit_correction(points)
+    assert fit["kind"] == "ratio"
+    assert fit["a"] == pytest.approx(sum(p.measured_bytes for p in points) / sum(p.predicted_bytes for p in points))
 
 
 def test_a_calibration_stores_its_points_together(tmp_path):
