@@ -71,15 +71,15 @@ def test_calibrated_as_vramplan_calibrate_would_and_held_out_on_the_rest(built):
 
 def test_errors_against_the_issue_targets(built):
     """Measured on the committed data (52 rows, 48 configurations, 4 architectures): uncalibrated
-    3.1% mean / 8.5% max, inside the issue's 8% / 15%. Calibrated (two shapes per model and stack
-    where the data has them, held-out rows only): 3.1% mean / 8.7% max, NOT inside 3% / 6%; on the
-    25 held-out runs of 3 GB and more 2.3% / 5.7%, inside. The worst rows are ~2 GB trainer runs
-    where NVML's memory outside torch's pool steps by 128 MiB between runs (0.15 / 0.29 / 0.42 GB),
-    ±7% of such a run, which no correction can know in advance."""
+    3.2% mean / 7.4% max, inside the issue's 8% / 15%. Calibrated (two shapes per model and stack
+    where the data has them, held-out rows only): 2.9% mean, inside 3%, but 8.9% max, NOT inside
+    6%; on the 25 held-out runs of 3 GB and more 2.3% / 5.5%, inside both. The worst rows are ~2 GB
+    trainer runs where NVML's memory outside torch's pool steps by 128 MiB between runs
+    (0.15 / 0.29 / 0.42 GB), ±7% of such a run, which no correction can know in advance."""
     stats = built[1]["summary"]
     assert stats["uncalibrated_all"]["n"] >= 50
     assert stats["uncalibrated_all"]["mean"] <= 0.08 and stats["uncalibrated_all"]["max"] <= 0.15
-    assert stats["calibrated_held_out"]["mean"] <= 0.04 and stats["calibrated_held_out"]["max"] <= 0.10
+    assert stats["calibrated_held_out"]["mean"] <= 0.03 and stats["calibrated_held_out"]["max"] <= 0.10
     large = stats["calibrated_held_out_from_3gb"]
     assert large["n"] >= 20 and large["mean"] <= 0.03 and large["max"] <= 0.06
 

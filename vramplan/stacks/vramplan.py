@@ -22,7 +22,7 @@ from __future__ import annotations
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import optimizer_state_bytes
+from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import cublas_workspace_bytes, cuda_library_bytes, pooled_fragmentation_bytes
 from vramplan.memory.weights import dense_bytes, dequant_buffer_bytes, linear_weight_bytes, nf4_weight_bytes
 from vramplan.memory import towers as mm
@@ -58,7 +58,8 @@ def step_memory(arch, plan) -> StepMemory:
         + mm.tower_lora_params(arch, plan) + mm.projector_params(arch, plan)
     adapters = {"lora_params": lora_param_bytes(trainable, lora_bytes)}
     grads = {"lora_grads": lora_grad_bytes(trainable, lora_bytes)}
-    optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer, master_weights=lora_bytes == 2)}
+    managed = managed_state_bytes(trainable, plan.optimizer)
+    optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer, master_weights=lora_bytes == 2) - managed}
 
     kernel = "eager" if plan.attention == "eager" else "flash"
     recipe = ActivationRecipe(
@@ -99,4 +100,5 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
-    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"))
+    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"),
+                      notes=managed_state_note(managed))
