@@ -279,7 +279,8 @@ def from_results(out_dir: Path = RESULTS, calibration_dir: Path | None = ROOT / 
 MATRIX = [
     {"model": m, "quant": q, "seq": s, "rank": r, "checkpointing": c, "batch": b}
     for m in ("llama-3.2-1b", "qwen3-0.6b", "gemma-3-1b", "gemma-4-e2b-text")
-    for q, s, r, c, b in (("nf4", 1024, 16, "full", 1), ("nf4", 2048, 16, "full", 1), ("nf4", 2048, 64, "full", 1),
+    # first a plan and its half-length twin: what one `vramplan calibrate` of it measures
+    for q, s, r, c, b in (("nf4", 2048, 16, "full", 1), ("nf4", 1024, 16, "full", 1), ("nf4", 2048, 64, "full", 1),
                           ("nf4", 1024, 16, "none", 1), ("nf4", 1024, 16, "full", 2), ("bf16", 1024, 16, "full", 1))
 ]
 
