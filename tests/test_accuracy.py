@@ -23,7 +23,7 @@ def test_rows_have_the_contract(built):
     out, result = built
     rows = json.loads((out / "accuracy.json").read_text())
     assert rows == json.loads(json.dumps(result["rows"]))
-    assert {r["stack"] for r in rows} == {"hf", "vramplan"} and len({r["model"] for r in rows}) == 7
+    assert {r["stack"] for r in rows} == {"hf", "vramplan"} and len({r["model"] for r in rows}) >= 7
     for row in rows:
         assert {"model", "stack", "gpu", "measured_bytes", "predicted_bytes", "calibrated_bytes",
                 "used_for_calibration"} <= set(row)
@@ -32,24 +32,56 @@ def test_rows_have_the_contract(built):
     assert "held out" in (out / "accuracy.md").read_text()
 
 
-def test_calibrated_on_a_few_per_architecture_and_held_out_on_the_rest(built):
+def test_the_matrix_the_issue_asks_for(built):
+    """At least 40 configurations over at least 4 architectures, each row naming what it ran."""
+    stats = built[1]["summary"]
+    assert stats["configurations"] >= 40 and len(stats["architectures"]) >= 4
+    for row in built[1]["rows"]:
+        assert {"quant", "seq", "rank", "checkpointing", "batch", "optimizer"} <= set(row)
+    table = (built[0] / "accuracy.md").read_text()
+    assert all(column in table for column in ("quant", "seq", "rank", "ckpt", "batch", "optimizer"))
+
+
+def test_calibrated_as_vramplan_calibrate_would_and_held_out_on_the_rest(built):
+    """Per (stack, model): the first configuration listed and, where the data has it, the same plan at a
+    shorter sequence (the half-length shape `vramplan calibrate` also runs). Nothing else is fitted; a
+    repeat of a calibration configuration is neither fitted nor held out."""
     rows = built[1]["rows"]
+    keys = {(r["stack"], r["model"]) for r in rows}
     calibrating = [r for r in rows if r["used_for_calibration"]]
-    assert len(calibrating) == len({(r["stack"], r["model"]) for r in rows})  # one per model and stack
-    held = [r for r in rows if not r["used_for_calibration"]]
-    assert len(held) >= 15
+    assert len(keys) <= len(calibrating) <= 2 * len(keys)
+    same = ("quant", "batch", "rank", "checkpointing", "optimizer")
+    for key in keys:
+        mine = [r for r in rows if (r["stack"], r["model"]) == key]
+        chosen = [r for r in mine if r["used_for_calibration"]]
+        assert chosen[0] is mine[0]
+        if len(chosen) == 2:
+            first, short = chosen
+            assert short["seq"] < first["seq"] and all(short[k] == first[k] for k in same)
+    # llama-3.2-1b on the trainer: 2048 tokens listed first, its 1024-token twin measured too
+    llama = [(r["seq"], r["batch"], r["rank"]) for r in rows
+             if r["stack"] == "vramplan" and r["model"] == "llama-3.2-1b" and r["used_for_calibration"]]
+    assert llama == [(2048, 1, 16), (1024, 1, 16)]
+    assert {r["role"] for r in rows} == {"calibration", "held out", "repeat of a calibration configuration"}
+    for row in rows:
+        assert (row["role"] == "calibration") == row["used_for_calibration"]
+    held = [r for r in rows if r["role"] == "held out"]
+    assert len(held) >= 30 and built[1]["summary"]["calibrated_held_out"]["n"] == len(held)
 
 
 def test_errors_against_the_issue_targets(built):
-    """Measured on the committed data (35 rows: 23 hf-stack, 12 trainer runs, 7 architectures):
-    uncalibrated 3.5% mean / 8.4% max, inside the issue's 8% / 15%. Calibrated (one point per model
-    and stack, held-out rows only): 3.7% mean / 17.6% max, NOT yet inside 3% / 6%: a one-point ratio
-    inflates Qwen3-0.6B at 4096 tokens, a run that measured less than the same model at 2048
-    (issue 5 stays open on this)."""
+    """Measured on the committed data (52 rows, 48 configurations, 4 architectures): uncalibrated
+    3.2% mean / 7.4% max, inside the issue's 8% / 15%. Calibrated (two shapes per model and stack
+    where the data has them, held-out rows only): 2.9% mean, inside 3%, but 8.9% max, NOT inside
+    6%; on the 25 held-out runs of 3 GB and more 2.3% / 5.5%, inside both. The worst rows are ~2 GB
+    trainer runs where NVML's memory outside torch's pool steps by 128 MiB between runs
+    (0.15 / 0.29 / 0.42 GB), ±7% of such a run, which no correction can know in advance."""
     stats = built[1]["summary"]
-    assert stats["uncalibrated_all"]["n"] >= 35
+    assert stats["uncalibrated_all"]["n"] >= 50
     assert stats["uncalibrated_all"]["mean"] <= 0.08 and stats["uncalibrated_all"]["max"] <= 0.15
-    assert stats["calibrated_held_out"]["mean"] <= 0.04
+    assert stats["calibrated_held_out"]["mean"] <= 0.035 and stats["calibrated_held_out"]["max"] <= 0.10
+    large = stats["calibrated_held_out_from_3gb"]
+    assert large["n"] >= 20 and large["mean"] <= 0.03 and large["max"] <= 0.06
 
 
 def test_the_shipped_calibrations_are_what_the_committed_data_gives(built):

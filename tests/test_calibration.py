@@ -25,8 +25,10 @@ def _estimate(**changes):
 
 def _points(a, b, c=0.0):
     """Points whose 'measurements' follow a·static + b·per_token + c exactly, from real estimates."""
-    plans = [dict(seq_len=512), dict(seq_len=2048), dict(seq_len=4096, quant="bf16"), dict(seq_len=1024, micro_batch=4),
-             dict(seq_len=2048, checkpointing="none"), dict(seq_len=8192, lora_rank=64)]
+    # spread wide in both parts (gigabytes of per-token bytes apart), so the 64 MiB measurement
+    # noise leaves both factors pinned down and the fit stays linear
+    plans = [dict(seq_len=512), dict(seq_len=8192, checkpointing="none"), dict(seq_len=4096, quant="bf16"),
+             dict(seq_len=1024, micro_batch=4), dict(seq_len=2048, checkpointing="none"), dict(seq_len=8192, lora_rank=64)]
     points = []
     for changes in plans:
         est = _estimate(**changes)
@@ -194,7 +196,11 @@ def test_calibrate_a_tiny_model_on_the_gpu(tmp_path, monkeypatch):
         result = run_calibration(plan, str(folder), steps=2, also_in=tmp_path / "commit")
         assert result.run.fitted and result.run.steps == 2 and result.run.batch_shape == (2, 128)
         assert result.run.measured_process_bytes > 0 and result.run.allocated_by_phase["backward"] > 0
-        assert result.calibration is not None and len(result.calibration.points) == 1
+        # the plan's shape and the same plan at half the sequence, both stored
+        assert result.shorter_run is not None and result.shorter_run.batch_shape == (2, 64)
+        assert result.shorter_run.fitted and result.shorter_run.baseline_used == result.run.baseline_used
+        assert result.calibration is not None and len(result.calibration.points) == 2
+        assert [p.plan["seq_len"] for p in result.calibration.points] == [128, 64]
         assert result.calibration.source.startswith(str(tmp_path / "cache"))
         assert (tmp_path / "commit" / f"{result.key.slug()}.json").exists()
 
@@ -235,3 +241,90 @@ def test_report_compares_each_phase_and_the_process(tmp_path):
     assert "+10.0%" in text and "calibrated prediction" in text and "+0.0%" in text and "stored in" in text
     oom = MeasuredRun(plan=est.plan, fitted=False, steps=0, measured_process_bytes=10**9, error="out of memory: x")
     assert "did NOT fit at 8.00 GB free" in "\n".join(report_lines(CalibrationResult(est, oom, KEY, None, 8 * 10**9)))
+
+
+def test_the_second_shape_is_the_plan_at_half_the_sequence():
+    from vramplan.calibrate import MIN_SHORTER_SEQ, shorter_shape
+
+    plan = Plan(model="llama-3.2-1b", seq_len=4096, micro_batch=2, lora_rank=64, checkpointing="offload")
+    short = shorter_shape(plan)
+    assert short == plan.replace(seq_len=2048)
+    assert shorter_shape(plan.replace(seq_len=2 * MIN_SHORTER_SEQ)).seq_len == MIN_SHORTER_SEQ
+    assert shorter_shape(plan.replace(seq_len=2 * MIN_SHORTER_SEQ - 1)) is None  # too short to measure anything
+
+
+def test_two_shapes_separate_static_from_per_token_bytes():
+    """The two points a calibration stores share their static bytes and differ in per-token ones, so the
+    fit recovers both factors where one point could only give one ratio."""
+    from vramplan.calibrate import shorter_shape
+
+    plan = Plan(model="llama-3.1-8b", seq_len=8192)  # 5.6 GB static, 3.8 GB per-token (1.9 GB at half)
+    ests = [estimate_plan(p, resolve_model("llama-3.1-8b")) for p in (plan, shorter_shape(plan))]
+    parts = [split_estimate(e) for e in ests]
+    assert parts[0][0] == parts[1][0] and parts[0][1] > 1.5 * parts[1][1]
+    points = [point_from(e, int(1.05 * s + 0.85 * t)) for e, (s, t) in zip(ests, parts)]
+    fit = fit_correction(points)
+    assert fit["kind"] == "linear" and fit["a"] == pytest.approx(1.05, rel=1e-3) and fit["b"] == pytest.approx(0.85, rel=1e-3)
+    assert fit_correction(points[:1])["kind"] == "ratio"
+
+
+def test_shapes_too_close_for_the_measurement_noise_give_one_ratio():
+    """Llama-3.2-1B at 2,048 and 1,024 tokens differ by ~0.1 GB of per-token bytes: a 64 MiB reading
+    error would swing b by more than ±10% (on the H100 the measured pair gave a = 0.64, b = 1.97), so the
+    two points are pooled into one ratio instead."""
+    from vramplan.calibrate import shorter_shape
+
+    plan = Plan(model="llama-3.2-1b", seq_len=2048)
+    ests = [estimate_plan(p, resolve_model("llama-3.2-1b")) for p in (plan, shorter_shape(plan))]
+    points = [point_from(e, m) for e, m in zip(ests, (2_090_860_544, 1_950_351_360))]  # the H100's readings
+    fit = fit_correction(points)
+    assert fit["kind"] == "ratio"
+    assert fit["a"] == pytest.approx(sum(p.measured_bytes for p in points) / sum(p.predicted_bytes for p in points))
+
+
+def test_a_calibration_stores_its_points_together(tmp_path):
+    from vramplan.calibration import add_points
+
+    a, b = _points(1.1, 0.9)[1], _points(1.1, 0.9)[0]
+    stored = add_points(KEY, [a, b], tmp_path)
+    assert len(stored.points) == 2 and stored.fit["kind"] == "linear"
+    again = add_points(KEY, [a], tmp_path)
+    assert len(again.points) == 3 and read_calibration_file(tmp_path / f"{KEY.slug()}.json")[0].points == again.points
+
+
+def test_the_shorter_batch_is_the_worst_batch_cut_to_its_length():
+    import torch
+
+    from vramplan.calibrate import random_batch, shorter_batch
+
+    batch = random_batch(Plan(model="x", seq_len=32, micro_batch=3), vocab_size=50)
+    short = shorter_batch(batch, 16)
+    assert all(t.shape == (3, 16) for t in short.values())
+    assert torch.equal(short["input_ids"], batch["input_ids"][:, :16]) and short["position_ids"][0, 15] == 15
+
+
+def test_a_calibration_measures_one_or_two_shapes():
+    with pytest.raises(VramplanError, match="1 or 2 shapes"):
+        run_calibration(Plan(model="llama-3.2-1b"), ".", shapes=3)
+
+
+def test_report_shows_the_half_length_shape(tmp_path):
+    from vramplan.calibrate import CalibrationResult, MeasuredRun, shorter_shape
+    from vramplan.cli.cmd_calibrate import report_lines
+
+    est = _estimate(seq_len=2048)
+    short_est = estimate_plan(shorter_shape(est.plan), resolve_model("llama-3.2-1b"))
+    above = est.peak_bytes - est.components["cuda_context"]
+    run_ = MeasuredRun(plan=est.plan, fitted=True, steps=3, measured_process_bytes=above, batch_shape=(1, 2048))
+    short = MeasuredRun(plan=short_est.plan, fitted=True, steps=3, batch_shape=(1, 1024),
+                        measured_process_bytes=int((short_est.peak_bytes - short_est.components["cuda_context"]) / 0.8))
+    text = "\n".join(report_lines(CalibrationResult(est, run_, KEY, None, 80 * 10**9, short_est, short)))
+    assert "half the sequence (1024 tokens)" in text and "-20.0%" in text
+    oom = MeasuredRun(plan=short_est.plan, fitted=False, steps=0, measured_process_bytes=0, error="out of memory: x")
+    text = "\n".join(report_lines(CalibrationResult(est, run_, KEY, None, 80 * 10**9, short_est, oom)))
+    assert "out of memory" in text
+
+
+def test_calibrate_cli_offers_one_shape():
+    result = run("calibrate", "--help")
+    assert "--one-shape" in result.output and "half" in result.output

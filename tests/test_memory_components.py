@@ -94,3 +94,35 @@ def test_peak_is_max_over_phases_not_a_sum():
     phases = {"load": {"w": 5}, "forward": {"w": 5, "a": 3}, "backward": {"w": 5, "a": 4, "g": 1}, "optimizer_step": {"w": 5, "o": 2}}
     name, parts, totals = assemble(phases, {"cuda_context": 1}, {"fragmentation": 2})
     assert name == "backward" and sum(parts.values()) == 13 and totals["load"] == 6
+
+
+def test_in_place_glu_backward_adds_one_intermediate_not_two():
+    from vramplan.memory.activations import mlp_backward_transient_bytes_per_token
+
+    layer = LLAMA.layers[0]  # intermediate 8192
+    assert mlp_backward_transient_bytes_per_token(layer, 2) == 2 * 8192 * 2
+    assert mlp_backward_transient_bytes_per_token(layer, 2, inplace_glu_backward=True) == 8192 * 2
+
+
+def test_step_buffers_the_trainer_keeps_from_its_first_matmul():
+    """cuBLAS workspaces of two threads (32 MiB + 1 MiB each on Hopper) and, for NF4 above the fused
+    kernel's token limit, one bf16 copy of the largest linear (Llama-3.2-1B: gate/up/down, 8192 × 2048)."""
+    from vramplan.estimate import estimate_plan
+    from vramplan.memory.overhead import cublas_workspace_bytes
+    from vramplan.memory.weights import dequant_buffer_bytes
+    from vramplan.plan import Plan
+
+    assert cublas_workspace_bytes() == 2 * 33 * 2**20
+    assert dequant_buffer_bytes(LLAMA, "nf4", 2048) == 2 * 8192 * 2048
+    assert dequant_buffer_bytes(LLAMA, "nf4", 64) == 0 and dequant_buffer_bytes(LLAMA, "bf16", 2048) == 0
+    est = estimate_plan(Plan(model="llama-3.2-1b"), resolve_model("llama-3.2-1b"))
+    assert est.components["dequant_buffer"] == 2 * 8192 * 2048 and est.components["cublas_workspaces"] == 2 * 33 * 2**20
+    hf = estimate_plan(Plan(model="llama-3.2-1b", stack="hf", loss="full"), resolve_model("llama-3.2-1b"))
+    assert "dequant_buffer" not in hf.components
+
+
+def test_fused_token_limit_matches_the_kernel():
+    from vramplan.memory import weights
+    from vramplan_kernels import qlora_linear
+
+    assert weights.FUSED_MAX_TOKENS == qlora_linear.FUSED_MAX_TOKENS

@@ -45,7 +45,7 @@ def test_hf_upcasts_embeddings_to_fp32_on_kbit_only():
 
 def test_hf_notes_what_it_cannot_do():
     est = _est(LLAMA, stack="hf", checkpointing="offload", loss="chunked", lora_dtype="bf16")
-    assert len(est.notes) == 3
+    assert len(est.notes) == 4 and any("paged optimizer states" in n for n in est.notes)
     assert est.peak_bytes == _est(LLAMA, stack="hf", checkpointing="full", loss="full").peak_bytes
 
 
@@ -82,3 +82,20 @@ def test_towers_only_on_gpu_when_the_plan_uses_them():
     assert "towers" not in estimate_plan(Plan(model="gemma-4-e2b"), profile).components
     with_vision = estimate_plan(Plan(model="gemma-4-e2b", modalities=("text", "image")), profile)
     assert with_vision.components["towers"] > 0
+
+
+def test_paged_optimizer_states_stay_outside_the_gpu_peak():
+    """bitsandbytes' paged states are CUDA managed memory: left out of the peak, named in the notes;
+    the same states unpaged (adamw8bit) are torch tensors and counted."""
+    from vramplan.estimate import architecture
+
+    for stack in ("vramplan", "hf"):
+        loss = "full" if stack == "hf" else "chunked"
+        paged = _est(LLAMA, stack=stack, loss=loss, lora_rank=128)
+        plain = _est(LLAMA, stack=stack, loss=loss, lora_rank=128, optimizer="adamw8bit")
+        states = plain.components["optimizer_states"]
+        arch = architecture(LLAMA)
+        assert states == 2 * 128 * sum(lin.d_in + lin.d_out for layer in arch.layers for lin in layer.linears)
+        assert paged.components["optimizer_states"] == 0 and plain.peak_bytes - paged.peak_bytes == states
+        assert any(f"{states / 1e9:.2f} GB in CUDA managed memory" in n for n in paged.notes)
+        assert not any("managed memory" in n for n in plain.notes)

@@ -7,6 +7,16 @@ that crashes a shared GPU. Then it runs a few optimizer steps at the plan's wors
 through vramplan's trainer or the hf recipe, with NVML sampled in a background thread (the
 whole process, CUDA context and libraries included) and torch's allocator peak per phase.
 Running out of memory is a measurement (it did not fit at N GB), never a crash.
+
+It then runs the same plan at half the sequence length (``shorter_shape``) and stores both
+points. The correction is ``a · static + b · per_token``: one point cannot tell a static error
+(libraries, weights) from a per-token one (activations, fragmentation), and a single ratio
+fitted at one length over- or under-corrects every other length. Two shapes that share the
+static bytes and differ in half the per-token ones separate the two factors, where that half
+is large beside the measurement's own noise (``calibration.MAX_FACTOR_ERROR``; otherwise the two
+points are pooled into one ratio, still better founded than one). Both runs are
+measured above the same NVML baseline, taken before the first: what the first loaded and kept
+(cuBLAS handles, kernel images) is then counted in both, as in a process that ran either alone.
 """
 
 from __future__ import annotations
@@ -15,7 +25,7 @@ import gc
 from dataclasses import dataclass, field
 from typing import Any
 
-from vramplan.calibration import (Calibration, CalibrationKey, add_point, apply_calibration, driver_major,
+from vramplan.calibration import (Calibration, CalibrationKey, add_points, apply_calibration, driver_major,
                                   model_family, point_from, torch_minor)
 from vramplan.catalog import resolve_model
 from vramplan.errors import VramplanError
@@ -36,6 +46,7 @@ class MeasuredRun:
     peak_reserved: int = 0
     batch_shape: tuple[int, int] = (0, 0)
     error: str | None = None
+    baseline_used: int | None = None  # the NVML reading the process figure is measured above
 
     def to_record(self) -> dict[str, Any]:
         return {"model": self.plan.model, "stack": self.plan.stack, "plan": self.plan.to_dict(), "fitted": self.fitted,
@@ -50,8 +61,10 @@ class CalibrationResult:
     predicted: Estimate  # uncalibrated
     run: MeasuredRun
     key: CalibrationKey
-    calibration: Calibration | None  # after this point was added; None when nothing was stored
+    calibration: Calibration | None  # after these points were added; None when nothing was stored
     gpu_free_bytes: int
+    shorter_predicted: Estimate | None = None  # the second shape (half the sequence), when it ran
+    shorter_run: MeasuredRun | None = None
 
     @property
     def predicted_above_context(self) -> int:
@@ -77,6 +90,24 @@ def refuse_if_over(est: Estimate, free_bytes: int) -> None:
         raise VramplanError(
             f"this plan is predicted to need {est.peak_bytes / 1e9:.2f} GB but the GPU has {free_bytes / 1e9:.2f} GB "
             f"free; calibrate a plan that fits (`vramplan fit {est.model} --gpu auto --out plan.json`)")
+
+
+#: The second shape of a calibration has this share of the plan's sequence.
+SHORTER_FRACTION = 0.5
+#: Below this many tokens a second shape measures little but fixed costs: one point only.
+MIN_SHORTER_SEQ = 64
+
+
+def shorter_shape(plan: Plan) -> Plan | None:
+    """The plan at half its sequence length (batch, rank and all else unchanged): the second point
+    of a calibration, with the same static bytes and half the per-token ones; None when too short."""
+    seq = int(plan.seq_len * SHORTER_FRACTION)
+    return plan.replace(seq_len=seq) if seq >= MIN_SHORTER_SEQ else None
+
+
+def shorter_batch(batch: dict, seq_len: int) -> dict:
+    """The first ``seq_len`` positions of every row of a batch (a dataset's worst batch, cut to the shorter shape)."""
+    return {name: tensor[:, :seq_len] for name, tensor in batch.items()}
 
 
 def random_batch(plan: Plan, vocab_size: int, seed: int = 0) -> dict:
@@ -122,8 +153,11 @@ def _load(plan: Plan, model_dir: str, device):
     return model, optimizer, forward, backward, model.config.get_text_config().vocab_size
 
 
-def measure_run(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None = None, device_index: int = 0) -> MeasuredRun:
-    """Load ``model_dir`` for ``plan`` and run ``steps`` optimizer steps, measuring memory; an OOM is a result."""
+def measure_run(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None = None, device_index: int = 0,
+                baseline_used: int | None = None) -> MeasuredRun:
+    """Load ``model_dir`` for ``plan`` and run ``steps`` optimizer steps, measuring memory; an OOM is a result.
+
+    ``baseline_used``: measure above this NVML reading (an earlier run's) instead of the one now."""
     import torch
 
     from vramplan.measure import NvmlPeakSampler
@@ -134,7 +168,8 @@ def measure_run(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None =
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
     run = MeasuredRun(plan=plan, fitted=True, steps=0, measured_process_bytes=0)
-    sampler = NvmlPeakSampler(device_index)
+    sampler = NvmlPeakSampler(device_index, baseline_used=baseline_used)
+    run.baseline_used = sampler.baseline_used
     try:
         with sampler:
             _run_steps(run, plan, model_dir, device, steps, batch)
@@ -192,27 +227,40 @@ def _detect(device_index: int):
 
 
 def run_calibration(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None = None, device_index: int = 0,
-                    store: bool = True, also_in=None) -> CalibrationResult:
-    """Price, refuse if it cannot fit, measure, and store the point in the user's calibration for this key
-    (and in the folder ``also_in``, e.g. profiles/calibration of a repository, to commit it)."""
+                    store: bool = True, also_in=None, shapes: int = 2) -> CalibrationResult:
+    """Price, refuse if it cannot fit, measure the plan's shape and (``shapes=2``) the same plan at half
+    the sequence, and store both points in the user's calibration for this key (and in the folder
+    ``also_in``, e.g. profiles/calibration of a repository, to commit them). The second shape runs
+    only when the first fitted; a shape that runs out of memory is stored as such, never fitted."""
     if steps < 1:
         raise VramplanError(f"--steps is {steps}; run at least 1 step (3 is the default)")
+    if shapes not in (1, 2):
+        raise VramplanError(f"a calibration measures 1 or 2 shapes, not {shapes}; leave it at 2 unless time is short")
     detected = _detect(device_index)
     profile = resolve_model(model_dir)
     est = estimate_plan(plan, profile, detected.spec, budget=detected.free_bytes)
     refuse_if_over(est, detected.free_bytes)
     run = measure_run(plan, model_dir, steps=steps, batch=batch, device_index=device_index)
+    points = [point_from(est, run.measured_process_bytes, fitted=run.fitted)]
+    shorter = shorter_shape(plan) if shapes == 2 and run.fitted else None
+    shorter_est = shorter_run = None
+    if shorter is not None:
+        shorter_est = estimate_plan(shorter, profile, detected.spec, budget=detected.free_bytes)
+        shorter_run = measure_run(shorter, model_dir, steps=steps, device_index=device_index,
+                                  batch=shorter_batch(batch, shorter.seq_len) if batch is not None else None,
+                                  baseline_used=run.baseline_used)
+        points.append(point_from(shorter_est, shorter_run.measured_process_bytes, fitted=shorter_run.fitted))
     key = CalibrationKey(gpu=detected.spec.name, family=model_family(profile), stack=plan.stack,
                          driver_major=driver_major(detected.driver), torch_minor=torch_minor())
     calibration = None
     if store:
-        point = point_from(est, run.measured_process_bytes, fitted=run.fitted)
-        calibration = add_point(key, point)
+        calibration = add_points(key, points)
         if also_in:
             from pathlib import Path
 
-            add_point(key, point, Path(also_in))
-    return CalibrationResult(predicted=est, run=run, key=key, calibration=calibration, gpu_free_bytes=detected.free_bytes)
+            add_points(key, points, Path(also_in))
+    return CalibrationResult(predicted=est, run=run, key=key, calibration=calibration, gpu_free_bytes=detected.free_bytes,
+                             shorter_predicted=shorter_est, shorter_run=shorter_run)
 
 
 def fit_and_calibrate(model_dir: str, base: Plan, steps: int = 3, device_index: int = 0):

@@ -9,8 +9,10 @@ can the estimate be trusted to generalise. It holds measured points and one smal
 where ``static`` is the estimate's bytes that do not grow with the tokens of a micro-batch
 (weights, adapters, optimizer states, libraries) and ``per_token`` those that do (activations,
 logits, fragmentation), both above the CUDA context, which NVML's deltas exclude too. With one
-point (or points that cannot separate the two parts) the fit is a single ratio; the intercept
-is fitted only from five points on, so two or three points never buy a free parameter.
+point, or points that cannot separate the two parts against the measurement noise (their
+per-token bytes too close for a 128 MiB reading step to leave ``b`` within ±10%), the fit is a
+single ratio over all the points; the intercept is fitted only from five points on, so two or
+three points never buy a free parameter.
 
 Where they live: the user's cache (``$VRAMPLAN_CACHE``, else ``$XDG_CACHE_HOME/vramplan``, else
 ``~/.cache/vramplan``), under ``calibration/``, one file per key; and the ones this project
@@ -41,6 +43,14 @@ CACHE_ENV = "VRAMPLAN_CACHE"
 #: A fitted a or b outside this range means the points do not separate the parts; use a ratio.
 _SANE = (0.5, 2.0)
 _MIN_POINTS_FOR_INTERCEPT = 5
+#: How far one process-memory reading can sit from another run's of the same plan for reasons no
+#: plan shows: on the H100 the memory NVML sees outside torch's pool steps by 128 MiB between runs
+#: (0.15 / 0.29 / 0.42 GB, benchmarks/results/trainer_h100.jsonl), a spread of about ±64 MiB.
+MEASUREMENT_NOISE_BYTES = 64 * 2**20
+#: The linear fit is kept only when that noise moves neither factor by more than this (its standard
+#: error); two shapes a few hundred MB apart in per-token bytes cannot pin ``b`` down, and a
+#: ``b`` of 2 fitted from noise doubles every other length's activations.
+MAX_FACTOR_ERROR = 0.1
 
 
 @dataclass(frozen=True)
@@ -122,19 +132,24 @@ def _ratio(points: list[CalibrationPoint]) -> dict[str, Any]:
     return {"kind": "ratio", "a": ratio, "b": ratio, "c": 0.0}
 
 
-def _solve(rows: list[list[float]], targets: list[float]) -> list[float] | None:
-    """Least squares by the normal equations (2 or 3 unknowns); None when singular."""
+def _solve(rows: list[list[float]], targets: list[float], noise: float = 0.0) -> list[float] | None:
+    """Least squares by the normal equations (2 or 3 unknowns); None when singular, or when a
+    measurement error of ``noise`` (in the rows' units) would move a or b by more than
+    ``MAX_FACTOR_ERROR`` (their standard errors, from the inverse of the normal matrix)."""
     import numpy as np
 
     x, y = np.array(rows, dtype=float), np.array(targets, dtype=float)
     gram = x.T @ x
     if np.linalg.cond(gram) > 1e12:
         return None
+    if noise and max(np.sqrt(np.diag(np.linalg.inv(gram))[:2])) * noise > MAX_FACTOR_ERROR:
+        return None
     return list(np.linalg.solve(gram, x.T @ y))
 
 
 def fit_correction(points: list[CalibrationPoint]) -> dict[str, Any]:
-    """The correction for these points: linear in the two parts where the points allow, else one ratio."""
+    """The correction for these points: linear in the two parts where the points pin both factors
+    down against the measurement noise (``MAX_FACTOR_ERROR``), else one ratio over all of them."""
     usable = [p for p in points if p.fitted and p.predicted_bytes > 0]
     if not usable:
         raise VramplanError("a calibration needs at least one run that fitted; calibrate a smaller plan first")
@@ -143,7 +158,7 @@ def fit_correction(points: list[CalibrationPoint]) -> dict[str, Any]:
     scale = 1e9  # gigabytes keep the normal equations well conditioned
     with_intercept = len(usable) >= _MIN_POINTS_FOR_INTERCEPT
     rows = [[p.static_bytes / scale, p.per_token_bytes / scale] + ([1.0] if with_intercept else []) for p in usable]
-    solved = _solve(rows, [p.measured_bytes / scale for p in usable])
+    solved = _solve(rows, [p.measured_bytes / scale for p in usable], noise=MEASUREMENT_NOISE_BYTES / scale)
     if solved is None or not all(_SANE[0] <= v <= _SANE[1] for v in solved[:2]):
         return _ratio(usable)
     c = solved[2] * scale if with_intercept else 0.0
@@ -248,13 +263,19 @@ def new_calibration(key: CalibrationKey, points: list[CalibrationPoint], created
 
 
 def add_point(key: CalibrationKey, point: CalibrationPoint, directory: Path | None = None) -> Calibration:
-    """Add a measured point to the user's calibration for ``key``, refit, and write it atomically."""
+    """Add one measured point to the user's calibration for ``key``, refit, and write it atomically."""
+    return add_points(key, [point], directory)
+
+
+def add_points(key: CalibrationKey, new_points: list[CalibrationPoint], directory: Path | None = None) -> Calibration:
+    """Add the points of one calibration (the plan's shape and its shorter twin) to the user's
+    calibration for ``key``, refit once, and write it atomically."""
     from vramplan.atomic import write_json_atomic
 
     directory = directory or cache_dir()
     path = directory / f"{key.slug()}.json"
     points = list(read_calibration_file(path)[0].points) if path.exists() else []
-    points.append(point)
+    points.extend(new_points)
     if not any(p.fitted for p in points):  # only OOMs so far: keep them, nothing to fit yet
         calibration = Calibration(key=key, points=tuple(points), fit={"kind": "none", "a": 1.0, "b": 1.0, "c": 0.0},
                                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))

@@ -37,15 +37,17 @@ class NvmlPeakSampler:
     already existed at entry).
     """
 
-    def __init__(self, index: int = 0, interval_s: float = 0.002):
+    def __init__(self, index: int = 0, interval_s: float = 0.002, baseline_used: int | None = None):
         import pynvml
 
         self._pynvml = pynvml
         pynvml.nvmlInit()
         self._handle = pynvml.nvmlDeviceGetHandleByIndex(index)
         self.interval_s = interval_s
-        self.baseline_used = self.used()
-        self.peak_used = self.baseline_used
+        self.peak_used = self.used()
+        # an earlier reading may stand in for the baseline: two runs of one calibration are both
+        # measured above the device as it was before the first (libraries it loaded stay counted)
+        self.baseline_used = self.peak_used if baseline_used is None else baseline_used
         self.samples = 0
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None

@@ -37,6 +37,14 @@ def report_lines(result: CalibrationResult) -> list[str]:
             rows.append((f"{measured_name} peak (allocated)", gb(p), gb(m), _pct(p, m)))
     total_p, total_m = result.predicted_above_context, run.measured_process_bytes
     rows.append(("process peak above CUDA context (NVML)", gb(total_p), gb(total_m), _pct(total_p, total_m)))
+    if result.shorter_run is not None and result.shorter_predicted is not None:
+        short, short_est = result.shorter_run, result.shorter_predicted
+        label = f"  at half the sequence ({short.plan.seq_len} tokens)"
+        if short.fitted:
+            p = short_est.peak_bytes - short_est.components.get("cuda_context", 0)
+            rows.append((label, gb(p), gb(short.measured_process_bytes), _pct(p, short.measured_process_bytes)))
+        else:
+            rows.append((label, "", "out of memory", ""))
     calibrated = result.calibrated
     if calibrated is not None:
         c = calibrated.peak_bytes - calibrated.components.get("cuda_context", 0)
@@ -55,12 +63,17 @@ def report_lines(result: CalibrationResult) -> list[str]:
 @click.option("--steps", type=int, default=3, show_default=True, help="Optimizer steps to run.")
 @click.option("--data", "data_path", default=None, type=click.Path(dir_okay=False),
               help="Run the dataset's worst micro-batch instead of random token ids.")
+@click.option("--one-shape", is_flag=True,
+              help="Measure only the plan's shape, not also half its sequence (one point: the correction is one ratio).")
 @click.option("--no-store", is_flag=True, help="Measure and print only; keep no calibration point.")
 @click.option("--also-in", "also_in", default=None, type=click.Path(file_okay=False),
               help="Also store the point in this folder (e.g. profiles/calibration, to commit it).")
 @json_option
-def calibrate(plan_path, model_dir, stack, steps, data_path, no_store, also_in, as_json):
-    """A short profiled dry run of PLAN on this GPU: predicted vs measured, stored as a correction."""
+def calibrate(plan_path, model_dir, stack, steps, data_path, one_shape, no_store, also_in, as_json):
+    """A short profiled dry run of PLAN on this GPU: predicted vs measured, stored as a correction.
+
+    Runs the plan's shape and the same plan at half the sequence: two points separate the
+    static bytes from the per-token ones, so the correction holds at other lengths too."""
     plan = read_plan(plan_path)
     if stack:
         plan = plan.replace(stack=stack, loss="full" if stack == "hf" else "chunked")
@@ -72,9 +85,11 @@ def calibrate(plan_path, model_dir, stack, steps, data_path, no_store, also_in, 
         worst = worst_micro_batch(read_jsonl(data_path), load_tokenizer(model_dir), plan)
         batch = worst_batch_tensors(worst, plan.stack)
         plan = plan.replace(seq_len=worst.width, micro_batch=worst.rows)
-    result = run_calibration(plan, model_dir, steps=steps, batch=batch, store=not no_store, also_in=also_in)
+    result = run_calibration(plan, model_dir, steps=steps, batch=batch, store=not no_store, also_in=also_in,
+                             shapes=1 if one_shape else 2)
     if as_json:
         emit_json({"key": result.key.to_dict(), "predicted": result.predicted.to_dict(), "run": result.run.to_record(),
+                   "shorter_run": result.shorter_run.to_record() if result.shorter_run else None,
                    "calibration": result.calibration.to_dict() if result.calibration else None})
     else:
         click.echo("\n".join(report_lines(result)))

@@ -63,10 +63,16 @@ def mlp_saved_bytes_per_token(layer, hidden: int, act_bytes: int, *, fused_glu: 
     return total
 
 
-def mlp_backward_transient_bytes_per_token(layer, act_bytes: int) -> int:
-    """Gradients of the MLP intermediates alive at once during its backward (two of width I)."""
+def mlp_backward_transient_bytes_per_token(layer, act_bytes: int, *, inplace_glu_backward: bool = False) -> int:
+    """Gradients of the MLP intermediates alive at once during its backward.
+
+    Autograd's GLU makes d(gate) and d(up) as new tensors: two of width I beside the saved
+    ones. A fused GLU whose backward writes d(gate) and d(up) over the saved gate and up
+    (kernels/glu.py, ``inplace_backward``) adds only the gradient of its output, the one
+    down_proj's backward hands it: one of width I.
+    """
     width = max(layer.mlp_intermediate, layer.top_k * layer.expert_intermediate)
-    return 2 * width * act_bytes
+    return (1 if inplace_glu_backward else 2) * width * act_bytes
 
 
 def attention_scores_bytes(layer, batch: int, seq: int, score_bytes: int) -> int:
@@ -117,6 +123,7 @@ class ActivationRecipe:
     act_bytes: int  # dtype of the residual stream and most activations
     kernel: Callable[[Any], str]  # the attention kernel a layer runs on (see KERNELS)
     fused_glu: bool = False
+    inplace_glu_backward: bool = False  # the fused GLU's backward overwrites the saved gate and up
     lora_input_copy_bytes: int = 0  # >0: each LoRA layer saves its own copy of its input in this dtype
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
@@ -153,7 +160,7 @@ def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: Act
         mlp = tokens * (mlp_saved_bytes_per_token(layer, h, a, fused_glu=recipe.fused_glu,
                                                   four_norms=recipe.four_norms) + lora_mlp)
         scores = attention_scores_bytes(layer, batch, seq, a) if kernel in ("math", "eager") else 0
-        mlp_grads = tokens * mlp_backward_transient_bytes_per_token(layer, a)
+        mlp_grads = tokens * mlp_backward_transient_bytes_per_token(layer, a, inplace_glu_backward=recipe.inplace_glu_backward)
         persistent_layers += attn + mlp + scores
         if checkpointing == "none":
             peaks.append(max(int(scores * (MATH_ATTENTION_PEAK_COPIES - 1)), mlp_grads))

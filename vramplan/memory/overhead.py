@@ -11,11 +11,30 @@ CUDA_CONTEXT_BYTES = 500_000_000
 #: optimizer's kernels). Measured on the hf stack (H100): 0.27–0.43 GB, all five anchors.
 HF_LIBRARY_BYTES = 300_000_000
 
-#: The same for vramplan's trainer: cuBLAS workspaces plus its Triton modules and bitsandbytes'
-#: optimizer kernels. Measured on an H100 (benchmarks/results/trainer_h100.jsonl): pynvml used
-#: minus torch's reserved peak was 0.29, 0.29 and 0.30 GB on Llama-3.2-1B (2048, 4096) and
-#: Gemma-4-E2B (2048).
+#: The same for vramplan's trainer: its Triton modules, bitsandbytes' optimizer kernels, cuBLAS's
+#: kernel images (cuBLAS's workspaces are torch's allocations: ``cublas_workspace_bytes``).
+#: Measured on an H100 (benchmarks/results/trainer_h100.jsonl): pynvml used minus torch's reserved
+#: peak was 0.29, 0.29 and 0.30 GB on Llama-3.2-1B (2048, 4096) and Gemma-4-E2B (2048). Over the
+#: 20 fresh-process runs of sessions 2-3 it takes three values, 0.15, 0.29 and 0.42 GB (steps of
+#: 128 MiB, unrelated to model size; likely the driver's local-memory reservation growing when a
+#: kernel with more per-thread stack launches, which depends on the kernels cuBLAS picks per
+#: shape): 0.29 is the middle one, so a run sits within ±0.13 GB of it.
 VRAMPLAN_LIBRARY_BYTES = 290_000_000
+
+
+#: torch hands cuBLAS a workspace from its caching allocator (inside torch's allocated and
+#: reserved bytes, so not in the library figures above) for each (cuBLAS handle, stream), and
+#: the handles are per thread: one for the forward on the caller's thread, one for autograd's
+#: backward thread. 32 MiB each on Hopper (aten/src/ATen/cuda/CublasHandlePool.cpp,
+#: ``parseChosenWorkspaceSize``: ``4096 * 8`` KiB on sm_90; 8.1 MiB elsewhere, where this
+#: overstates by 48 MB), plus cuBLASLt's own 1 MiB per handle.
+CUBLAS_WORKSPACE_BYTES = 32 * 2**20 + 2**20
+CUBLAS_THREADS = 2
+
+
+def cublas_workspace_bytes() -> int:
+    """cuBLAS(Lt) workspaces of the forward's and the backward's threads, allocated on a step's first matmuls and kept."""
+    return CUBLAS_THREADS * CUBLAS_WORKSPACE_BYTES
 
 
 def cuda_context_bytes() -> int:
@@ -46,9 +65,10 @@ def unreused_segment_bytes(persistent: int, logits_set: int, layer_set: int, all
 POOLED_FRAGMENTATION = 0.05
 
 #: What the caching allocator holds beyond the allocated peak even when shapes repeat: 2 MB
-#: segment rounding of the small-block pool, the dequantization buffer as it grows to the
-#: largest weight, the loss chunk's buffer. Measured reserved − allocated on an H100: 0.17,
-#: 0.20 and 0.17 GB (Llama-3.2-1B at 2048 and 4096, Gemma-4-E2B at 2048).
+#: segment rounding of the small-block pool, the freed smaller sizes of the dequantization
+#: buffer as it grew to the largest weight, the loss chunk's buffer. Measured reserved −
+#: allocated on an H100: 0.17, 0.20 and 0.17 GB (Llama-3.2-1B at 2048 and 4096, Gemma-4-E2B at
+#: 2048); Qwen3 runs hold more (0.3-0.8 GB, most at 8,192 tokens), not modelled yet.
 POOLED_FRAGMENTATION_FLOOR_BYTES = 170_000_000
 
 

@@ -40,3 +40,15 @@ def linear_weight_bytes(arch, quant: str, double_quant: bool) -> int:
         rows = sum(lin.d_out for layer in arch.layers for lin in layer.linears) + sum(lin.d_out for lin in arch.extra_linears)
         return int8_weight_bytes(arch.linear_params, rows)
     return dense_bytes(arch.linear_params, 2)
+
+
+#: Up to this many tokens a NF4 matmul decodes tiles in registers and needs no buffer; it must
+#: equal ``vramplan_kernels.qlora_linear.FUSED_MAX_TOKENS`` (a test checks; the planner does not import torch).
+FUSED_MAX_TOKENS = 64
+
+
+def dequant_buffer_bytes(arch, quant: str, tokens: int) -> int:
+    """vramplan's NF4 linears dequantize into one reused bf16 buffer, grown to the largest
+    quantized weight (kernels/qlora_linear.py ``_dequant_buffer``; used above ``FUSED_MAX_TOKENS``
+    tokens) and kept from the first step on: one weight's bf16 bytes in every phase of a step."""
+    return 2 * arch.largest_linear_params if quant == "nf4" and tokens > FUSED_MAX_TOKENS else 0

@@ -25,7 +25,7 @@ from __future__ import annotations
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
 from vramplan.memory.logits import full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import optimizer_state_bytes
+from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import cuda_library_bytes, unreused_segment_bytes
 from vramplan.memory.weights import dense_bytes, linear_weight_bytes
 from vramplan.memory import towers as mm
@@ -69,7 +69,9 @@ def step_memory(arch, plan) -> StepMemory:
         + mm.tower_lora_params(arch, plan) + mm.projector_params(arch, plan)
     adapters = {"lora_params": lora_param_bytes(trainable, 4)}
     grads = {"lora_grads": lora_grad_bytes(trainable, 4)}
-    optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer)}
+    managed = managed_state_bytes(trainable, plan.optimizer)
+    optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer) - managed}
+    notes.extend(managed_state_note(managed))
 
     # activations
     checkpointing = plan.checkpointing

@@ -7,7 +7,10 @@
   the LM head's weight, so it stays.)
 - LoRA adapters in fp32 (or bf16 with an fp32 master copy in the optimizer), bf16 compute.
 - bf16 activations, flash attention through SDPA (O(s)), a fused GLU that recomputes the
-  activation instead of saving it.
+  activation instead of saving it and writes its backward over the saved gate and up.
+- Kept from a step's first matmul on: the cuBLAS workspaces of the forward's and the backward's
+  threads (torch's allocations) and, for NF4, one bf16 buffer the size of the largest linear
+  that every base matmul dequantizes into.
 - Chunked linear cross-entropy: logits exist one chunk of rows at a time.
 - Gradient checkpointing of every decoder layer's bf16 input, optionally offloaded to CPU
   memory (two layers' worth stay on the GPU: the one in use and the one being prefetched).
@@ -19,9 +22,9 @@ from __future__ import annotations
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import optimizer_state_bytes
-from vramplan.memory.overhead import cuda_library_bytes, pooled_fragmentation_bytes
-from vramplan.memory.weights import dense_bytes, linear_weight_bytes, nf4_weight_bytes
+from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
+from vramplan.memory.overhead import cublas_workspace_bytes, cuda_library_bytes, pooled_fragmentation_bytes
+from vramplan.memory.weights import dense_bytes, dequant_buffer_bytes, linear_weight_bytes, nf4_weight_bytes
 from vramplan.memory import towers as mm
 from vramplan.stacks import StepMemory
 
@@ -55,11 +58,12 @@ def step_memory(arch, plan) -> StepMemory:
         + mm.tower_lora_params(arch, plan) + mm.projector_params(arch, plan)
     adapters = {"lora_params": lora_param_bytes(trainable, lora_bytes)}
     grads = {"lora_grads": lora_grad_bytes(trainable, lora_bytes)}
-    optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer, master_weights=lora_bytes == 2)}
+    managed = managed_state_bytes(trainable, plan.optimizer)
+    optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer, master_weights=lora_bytes == 2) - managed}
 
     kernel = "eager" if plan.attention == "eager" else "flash"
     recipe = ActivationRecipe(
-        act_bytes=ACT, kernel=lambda layer: kernel, fused_glu=True, lora_rank=plan.lora_rank,
+        act_bytes=ACT, kernel=lambda layer: kernel, fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
         lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"))
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
     persistent, layer_set = activation_bytes(arch, b, s, plan.checkpointing, recipe, layers_kept=kept)
@@ -80,7 +84,11 @@ def step_memory(arch, plan) -> StepMemory:
         backward_parts = ({"activations": persistent, "logits_loss": loss} if loss >= held + layer_set
                           else {"activations": persistent + layer_set, "logits_loss": held})
 
-    static = {**weights, **adapters, **optim}
+    # buffers made on a step's first matmuls and kept: cuBLAS workspaces, the NF4 dequantization buffer
+    step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
+    if dequant := dequant_buffer_bytes(arch, plan.quant, tokens):
+        step_buffers["dequant_buffer"] = dequant
+    static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss))
     phases = {
         # quantizing at load holds one layer's bf16 weight beside its packed copy
@@ -92,4 +100,5 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
-    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"))
+    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"),
+                      notes=managed_state_note(managed))
