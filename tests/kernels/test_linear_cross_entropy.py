@@ -37,7 +37,7 @@ def make_inputs(n, h, v, dtype, *, head="frozen", bias=False, ignore_every=4, se
 
 
 def trainable(hidden, weight, kwargs):
-    tensors = [hidden] + [weight] * weight.requires_grad
+    tensors = [hidden] + [weight] * getattr(weight, "requires_grad", False)  # an Int8Rows head is frozen
     if "bias" in kwargs:
         tensors.append(kwargs["bias"])
     if "lora" in kwargs:
