@@ -40,3 +40,9 @@ def linear_weight_bytes(arch, quant: str, double_quant: bool) -> int:
         rows = sum(lin.d_out for layer in arch.layers for lin in layer.linears) + sum(lin.d_out for lin in arch.extra_linears)
         return int8_weight_bytes(arch.linear_params, rows)
     return dense_bytes(arch.linear_params, 2)
+
+
+def head_weight_bytes(params: int, vocab: int, head_quant: str) -> int:
+    """The token embedding / LM head on the GPU: bf16, or int8 rows with one fp32 absmax scale per
+    vocabulary row (kernels/int8_rows.py), which is ``int8_weight_bytes`` with one row per token."""
+    return int8_weight_bytes(params, vocab) if head_quant == "int8" else dense_bytes(params, 2)
