@@ -1,6 +1,6 @@
 """The measurement line shared by benchmarks/trainer.py, the hf reference harness and the tables
 built from their output (``seq``, ``batch``, ``rank``, ``gc``, optional ``quant``, ``optim``,
-``checkpointing``, ``lora_dtype``), read back as the Plan it measured."""
+``checkpointing``, ``lora_dtype``, ``head_quant``), read back as the Plan it measured."""
 
 from __future__ import annotations
 
@@ -16,4 +16,5 @@ def plan_of(record: dict, stack: str = "vramplan") -> Plan:
                 lora_rank=record["rank"], seq_len=record["seq"], micro_batch=record["batch"],
                 checkpointing=record.get("checkpointing") or ("full" if record["gc"] else "none"),
                 optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
-                loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype") or "fp32")
+                loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype") or "fp32",
+                head_quant=record.get("head_quant") or "bf16")

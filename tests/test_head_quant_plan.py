@@ -95,3 +95,14 @@ def test_cli_head_quant_on_estimate_and_fit(tmp_path):
                                   "--no-calibration"])
     assert result.exit_code == 0, result.output
     assert "LM head in int8" in result.output and json.loads(out.read_text())["plan"]["head_quant"] == "int8"
+
+
+def test_benchmark_grid_entries_name_the_head():
+    from pathlib import Path
+
+    from benchmarks.records import plan_of
+
+    grid = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/configs/grid-int8-head.json").read_text())
+    plans = [plan_of(dict(entry, model="llama-3.2-1b")) for entry in grid]
+    assert [p.head_quant for p in plans] == ["int8", "bf16", "int8"]
+    assert plans[0] == Plan(model="llama-3.2-1b", seq_len=2048, lora_rank=16, head_quant="int8")
