@@ -104,5 +104,16 @@ def test_benchmark_grid_entries_name_the_head():
 
     grid = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/configs/grid-int8-head.json").read_text())
     plans = [plan_of(dict(entry, model="llama-3.2-1b")) for entry in grid]
-    assert [p.head_quant for p in plans] == ["int8", "bf16", "int8"]
+    assert [(p.head_quant, p.loss_chunk_mb) for p in plans] == [("int8", 128), ("bf16", 128), ("bf16", 256), ("int8", 128)]
     assert plans[0] == Plan(model="llama-3.2-1b", seq_len=2048, lora_rank=16, head_quant="int8")
+
+
+def test_loss_chunk_budget_is_a_plan_setting_with_the_kernels_default():
+    from vramplan_kernels import linear_cross_entropy as kernel
+
+    assert Plan(model="m").loss_chunk_mb * 2**20 == logits.CHUNK_BUDGET_BYTES == kernel.LOGITS_CHUNK_BYTES
+    assert "loss_chunk_mb" not in Plan(model="m").to_dict()
+    small, large = (estimate_plan(Plan(model=LLAMA.name, head_quant="int8", loss_chunk_mb=mb), LLAMA) for mb in (128, 256))
+    # Llama-3.2-1B, 2,048 tokens, int8 head: at 256 MB the forward (on the loss buffer) is the peak; at 128 MB the backward
+    assert large.peak_phase == "forward" and small.peak_phase == "backward"
+    assert large.phases["forward"] - small.phases["forward"] == (1024 - 512) * 128256 * 2 + 512 * 2048 * 6

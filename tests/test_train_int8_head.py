@@ -48,6 +48,7 @@ def test_one_int8_table_serves_the_tied_lookup_and_the_head(work, name):
     step = (table.qscale[IDS] * table.embed_scale).unsqueeze(-1)
     assert ((ours - theirs).abs() <= step / 2 + 1e-6).all()
     assert table.embed_scale == (8.0 if name == "gemma4" else 1.0)
+    assert model.loss_chunk_bytes == 128 * 2**20  # the plan's loss_chunk_mb, handed to the fused loss
 
 
 def test_untied_head_is_int8_and_the_input_embedding_is_untouched(work):

@@ -48,7 +48,7 @@ _CHOICES = {
     "head_quant": HEAD_QUANTS,
 }
 
-_POSITIVE_INTS = ("lora_rank", "seq_len", "micro_batch", "grad_accum", "gpus")
+_POSITIVE_INTS = ("lora_rank", "seq_len", "micro_batch", "grad_accum", "gpus", "loss_chunk_mb")
 
 
 @dataclass(frozen=True)
@@ -80,6 +80,7 @@ class Plan:
     train_parts: tuple[str, ...] = ("language",)  # where LoRA goes: language and/or the vision / audio towers
     train_projectors: bool = False  # train the multimodal embedders (projectors into the text width) in full
     head_quant: str = "bf16"  # "int8": the frozen token embedding / LM head as int8 rows, one scale each (vramplan stack)
+    loss_chunk_mb: int = 128  # the chunked loss's logits buffer (one chunk of tokens x vocab); measurements before it existed ran 256
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -167,8 +168,9 @@ class Plan:
             for name in _MULTIMODAL_FIELDS:
                 if data[name] == _DEFAULTS[name]:
                     del data[name]
-        if self.head_quant == "bf16":  # and plans written before head_quant existed read the same
-            del data["head_quant"]
+        for name, default in (("head_quant", "bf16"), ("loss_chunk_mb", 128)):  # files as before these fields
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod

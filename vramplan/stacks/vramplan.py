@@ -74,7 +74,8 @@ def step_memory(arch, plan) -> StepMemory:
     if plan.loss == "chunked":
         # the chunked loss computes its gradient during the forward: its buffers peak there, not in backward
         forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h,
-                                                            int8_head=plan.head_quant == "int8")
+                                                            int8_head=plan.head_quant == "int8",
+                                                            budget=plan.loss_chunk_mb * 2**20)
         backward_parts = {"activations": persistent + layer_set}
     else:
         forward_loss = full_logits_forward_bytes(tokens, arch.vocab_size, ACT, softcap)

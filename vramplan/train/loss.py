@@ -41,9 +41,13 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     """Sum of the token losses of one micro-batch and its number of target tokens."""
     hidden = hidden_states(model, batch)
     head = lm_head_of(model)
+    weight = head_weight(head)
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return ops.linear_cross_entropy(hidden, head_weight(head), batch["labels"], bias=head.bias, softcap=softcap,
-                                    reduction="sum")
+    # the plan's budget (load_for_training sets it); the kernel's default where a model was loaded otherwise
+    chunk = ops.default_chunk_size(hidden.numel() // hidden.shape[-1], weight.shape[0], weight.dtype,
+                                   getattr(model, "loss_chunk_bytes", None))
+    return ops.linear_cross_entropy(hidden, weight, batch["labels"], bias=head.bias, softcap=softcap,
+                                    reduction="sum", chunk_size=chunk)
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
