@@ -68,7 +68,8 @@ def _soft_tokens(est: Estimate) -> str:
 def _summary(est: Estimate) -> str:
     lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}{_soft_tokens(est)}, "
              f"batch {est.plan.micro_batch} × {est.plan.grad_accum}, checkpointing {est.plan.checkpointing}, "
-             f"{est.plan.optimizer}, stack {est.plan.stack}" + _layout(est.plan),
+             f"{est.plan.optimizer}, stack {est.plan.stack}" + (", int8 LM head" if est.plan.head_quant == "int8" else "")
+             + _layout(est.plan),
              f"peak {gb(est.peak_bytes)} in the {est.peak_phase} phase "
              f"(" + ", ".join(f"{k} {gb(v)}" for k, v in est.phases.items()) + ")"]
     if est.budget_bytes is not None:
