@@ -1,10 +1,14 @@
 """The measurement line shared by benchmarks/trainer.py, the hf reference harness and the tables
 built from their output (``seq``, ``batch``, ``rank``, ``gc``, optional ``quant``, ``optim``,
-``checkpointing``, ``lora_dtype``), read back as the Plan it measured."""
+``checkpointing``, ``lora_dtype``, ``head_quant``, ``loss_chunk_mb``), read back as the Plan it measured.
+Lines without ``loss_chunk_mb`` ran the 256 MB logits chunks of the kernel before it was halved."""
 
 from __future__ import annotations
 
 from vramplan.plan import Plan
+
+#: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
+HISTORICAL_LOSS_CHUNK_MB = 256
 
 #: The harnesses' optimizer names -> the plan's
 OPTIMIZERS = {"paged_adamw_8bit": "paged_adamw8bit", "adamw_8bit": "adamw8bit", "adamw": "adamw"}
@@ -16,4 +20,6 @@ def plan_of(record: dict, stack: str = "vramplan") -> Plan:
                 lora_rank=record["rank"], seq_len=record["seq"], micro_batch=record["batch"],
                 checkpointing=record.get("checkpointing") or ("full" if record["gc"] else "none"),
                 optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
-                loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype") or "fp32")
+                loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype") or "fp32",
+                head_quant=record.get("head_quant") or "bf16",
+                **({"loss_chunk_mb": record.get("loss_chunk_mb") or HISTORICAL_LOSS_CHUNK_MB} if stack == "vramplan" else {}))

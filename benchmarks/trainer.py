@@ -8,6 +8,9 @@ accumulate_gradients), not the CLI, on random token ids at the configured seq.
 
     python -m benchmarks.trainer --config llama-3.2-1b \
         --grid '[{"seq": 2048, "batch": 1, "rank": 16, "gc": true, "optim": "paged_adamw_8bit"}]'
+
+A grid entry may also name ``quant``, ``checkpointing``, ``lora_dtype`` and ``head_quant``
+(``"int8"``: the frozen LM head / tied embedding as int8 rows), read by ``benchmarks.records.plan_of``.
 """
 
 from __future__ import annotations
@@ -94,7 +97,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True, help="a profile name (llama-3.2-1b) or a config.json (text model)")
-    parser.add_argument("--grid", required=True, help="JSON list (or a file holding one) of {seq,batch,rank,gc,optim,quant}")
+    parser.add_argument("--grid", required=True, help="JSON list (or a file holding one) of {seq,batch,rank,gc,optim,quant,head_quant}")
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fresh", action="store_true",
                         help="measure each configuration in its own process (no allocator or library state carried over)")

@@ -10,6 +10,11 @@ states' gradient (and the head's, when it trains) before the next chunk reuses t
 backward pass only scales the stored gradients by ``grad_output``. Extra memory is one chunk's
 logits plus grad_hidden [N, H] (plus grad_W [V, H] when the head is trainable).
 
+A frozen head may come quantized (``Int8Rows``: int8 rows with one scale each). Then each chunk's
+logits are filled one slice of vocabulary rows at a time, the slice dequantized into a small reused
+temporary (``int8_rows.DEQUANT_SLICE_BYTES``), and grad_hidden = d logits · W is summed over the
+same slices in fp32: the bf16 head never exists whole.
+
 Learned from Liger Kernel's fused_linear_cross_entropy and Apple's cut-cross-entropy.
 """
 
@@ -21,10 +26,15 @@ import triton
 import triton.language as tl
 
 from vramplan_kernels.dispatch import use_triton
+from vramplan_kernels.int8_rows import Int8Rows, slice_rows
 
-LOGITS_CHUNK_BYTES = 256 * 1024**2
+LOGITS_CHUNK_BYTES = 128 * 1024**2
 """Default budget for one chunk's logits: large enough that the chunk's matmul fills the GPU
-(512 tokens at a 262,144 vocabulary in bf16), small next to the 8.6 GB it replaces."""
+(256 tokens at a 262,144 vocabulary in bf16, 512 at 128,256), small next to the 8.6 GB it replaces.
+Halved from 256 MB where the planner put the forward phase's peak on this buffer: Llama-3.2-1B at
+2,048 tokens with an int8 head (forward 1.28 GB vs backward 1.25 GB at 256 MB; 1.15 vs 1.25 at
+128 MB, where the backward's activations set the peak and a smaller chunk saves nothing more), and
+Qwen3-0.6B at 2,048 tokens, whose measured peak (trainer_h100.jsonl) the 256 MB buffer explains."""
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -127,10 +137,11 @@ def _launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
     )
 
 
-def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype) -> int:
-    """Tokens per chunk so that one chunk's logits fit in LOGITS_CHUNK_BYTES (a multiple of 128 when large)."""
+def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, budget: int | None = None) -> int:
+    """Tokens per chunk so that one chunk's logits fit in ``budget`` bytes (default LOGITS_CHUNK_BYTES;
+    a multiple of 128 when large)."""
     element = torch.empty((), dtype=dtype).element_size()
-    chunk = max(1, LOGITS_CHUNK_BYTES // (vocab * element))
+    chunk = max(1, (budget or LOGITS_CHUNK_BYTES) // (vocab * element))
     if chunk >= 256:
         chunk -= chunk % 128
     return max(1, min(chunk, n_tokens))
@@ -158,6 +169,13 @@ class _ChunkedHead:
         self.hidden, self.weight, self.bias = hidden, weight, bias
         self.dtype = weight.dtype
         self.need_hidden, self.need_weight, self.need_bias, self.need_lora = need
+        self.quantized = isinstance(weight, Int8Rows)
+        if self.quantized:
+            if self.need_weight:
+                raise ValueError("a quantized LM head is frozen: it has no weight gradient (train LoRA on it instead)")
+            # one reused slice of dequantized rows, shared by the logits and grad_hidden
+            rows = min(weight.shape[0], slice_rows(weight.shape[1], self.dtype))
+            self.slice = torch.empty(rows, weight.shape[1], dtype=self.dtype, device=hidden.device)
         self.lora_a = self.lora_b = None
         if lora is not None:
             lora_a, lora_b, self.lora_scale = lora
@@ -172,9 +190,20 @@ class _ChunkedHead:
             self.grad_a = torch.zeros(self.lora_a.shape, dtype=acc, device=hidden.device)
             self.grad_b = torch.zeros(self.lora_b.shape, dtype=acc, device=hidden.device)
 
+    def slices(self):
+        """(v0, v1, rows v0:v1 of the quantized head dequantized into the reused slice buffer)."""
+        step = self.slice.shape[0]
+        for v0 in range(0, self.weight.shape[0], step):
+            v1 = min(v0 + step, self.weight.shape[0])
+            yield v0, v1, self.weight.dequantize(v0, v1, out=self.slice[: v1 - v0])
+
     def logits(self, start: int, end: int, out: torch.Tensor) -> torch.Tensor:
         h = self.hidden[start:end].to(self.dtype)
-        torch.mm(h, self.weight.t(), out=out)
+        if self.quantized:
+            for v0, v1, rows in self.slices():
+                torch.mm(h, rows.t(), out=out[:, v0:v1])  # a column block of the buffer: no copy
+        else:
+            torch.mm(h, self.weight.t(), out=out)
         if self.lora_a is not None:
             out.addmm_(self.hidden_a[start:end], self.lora_b.t(), alpha=self.lora_scale)
         if self.bias is not None:
@@ -189,7 +218,9 @@ class _ChunkedHead:
             grad_b_chunk = grad_logits @ self.lora_b  # [c, r]
         if self.need_hidden:
             out = self.grad_hidden[start:end]
-            if out.dtype == self.dtype:
+            if self.quantized:
+                out.copy_(self.grad_hidden_quantized(grad_logits))
+            elif out.dtype == self.dtype:
                 torch.mm(grad_logits, self.weight, out=out)  # straight into place: no [c, H] temporary
             else:
                 out.copy_(grad_logits @ self.weight)
@@ -203,6 +234,19 @@ class _ChunkedHead:
             self.grad_b.addmm_(grad_logits.t().to(self.grad_b.dtype), self.hidden_a[start:end].to(self.grad_b.dtype),
                                alpha=self.lora_scale)
             self.grad_a.addmm_(grad_b_chunk.t().to(self.grad_a.dtype), h.to(self.grad_a.dtype), alpha=self.lora_scale)
+
+    def grad_hidden_quantized(self, grad_logits: torch.Tensor) -> torch.Tensor:
+        """d logits · W summed over the head's slices in fp32 (fp64 stays fp64): a sum of 16-odd
+        partial products rounded to bf16 one by one would lose what one matmul keeps."""
+        acc_dtype = torch.float64 if self.dtype == torch.float64 else torch.float32
+        acc = torch.zeros(grad_logits.shape[0], self.weight.shape[1], dtype=acc_dtype, device=grad_logits.device)
+        partial = None if self.dtype == acc_dtype else torch.empty_like(acc, dtype=self.dtype)
+        for v0, v1, rows in self.slices():
+            if partial is None:
+                acc.addmm_(grad_logits[:, v0:v1], rows)
+            else:
+                acc.add_(torch.mm(grad_logits[:, v0:v1], rows, out=partial))
+        return acc
 
     def gradients(self, bias, lora_a, lora_b):
         """(grad_hidden, grad_weight, grad_bias, grad_A, grad_B), each None when not asked for,
@@ -241,7 +285,8 @@ def _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chu
 
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
-    """Fused LM head + cross-entropy. Inputs are already flattened: hidden [N, H], labels [N]."""
+    """Fused LM head + cross-entropy. Inputs are already flattened: hidden [N, H], labels [N].
+    ``weight`` is a tensor or a frozen ``Int8Rows`` (not a tensor: autograd gives it no gradient)."""
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, lora_scale, ignore_index, softcap, reduction,
@@ -263,7 +308,9 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
             if reduction != "none":
                 total = losses.sum()
                 return (total / n_targets.clamp(min=1) if reduction == "mean" else total), n_targets
-            ctx.save_for_backward(hidden, weight, labels, bias, lora_a, lora_b)
+            quantized = isinstance(weight, Int8Rows)
+            ctx.save_for_backward(hidden, labels, bias, lora_a, lora_b, *(() if quantized else (weight,)))
+            ctx.quantized_head = weight if quantized else None
             ctx.args = (lora_scale, ignore_index, softcap, chunk_size, need)
             return losses, n_targets
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
@@ -280,7 +327,8 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, _grad_count):
         if ctx.reduction == "none":
-            hidden, weight, labels, bias, lora_a, lora_b = ctx.saved_tensors
+            hidden, labels, bias, lora_a, lora_b, *weight = ctx.saved_tensors
+            weight = ctx.quantized_head if ctx.quantized_head is not None else weight[0]
             lora_scale, ignore_index, softcap, chunk_size, need = ctx.args
             lora = (lora_a, lora_b, lora_scale) if lora_a is not None else None
             _, head = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size,
@@ -296,7 +344,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
 def linear_cross_entropy(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Int8Rows,
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
@@ -309,7 +357,8 @@ def linear_cross_entropy(
     """Cross-entropy of ``hidden @ weight.T`` (+ bias, + LoRA, softcapped) against ``labels``.
 
     Returns (loss, n_target_tokens). ``reduction="sum"`` lets a trainer divide by the target
-    count of a whole accumulated batch. Triton on CUDA tensors, the reference elsewhere.
+    count of a whole accumulated batch. ``weight`` may be a frozen ``Int8Rows`` head, computed in
+    its ``dtype``. Triton on CUDA tensors, the reference elsewhere.
     """
     _check(hidden, weight, labels, reduction, lora)
     if not use_triton(hidden):
@@ -317,7 +366,8 @@ def linear_cross_entropy(
                                               softcap=softcap, reduction=reduction, chunk_size=chunk_size, lora=lora)
     lora_a, lora_b, lora_scale = lora if lora is not None else (None, None, 0.0)
     loss, n_targets = LinearCrossEntropyFunction.apply(
-        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight.contiguous(), labels.reshape(-1).contiguous(),
+        hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight if isinstance(weight, Int8Rows) else weight.contiguous(),
+        labels.reshape(-1).contiguous(),
         bias, lora_a, lora_b, float(lora_scale), ignore_index, softcap, reduction, chunk_size,
     )
     if reduction == "none":
@@ -327,7 +377,7 @@ def linear_cross_entropy(
 
 def linear_cross_entropy_reference(
     hidden: torch.Tensor,
-    weight: torch.Tensor,
+    weight: torch.Tensor | Int8Rows,
     labels: torch.Tensor,
     *,
     bias: torch.Tensor | None = None,
@@ -339,8 +389,10 @@ def linear_cross_entropy_reference(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """The unfused path, as transformers runs it: full logits in the compute dtype, upcast to fp32
     (fp64 stays fp64), softcap, F.cross_entropy. ``chunk_size`` is accepted and ignored.
-    A mean over zero target tokens is 0, not NaN."""
+    A mean over zero target tokens is 0, not NaN. An ``Int8Rows`` head is dequantized whole first."""
     _check(hidden, weight, labels, reduction, lora)
+    if isinstance(weight, Int8Rows):
+        weight = weight.dequantize()
     h = hidden.reshape(-1, hidden.shape[-1]).to(weight.dtype)
     y = labels.reshape(-1)
     logits = h @ weight.t()

@@ -58,7 +58,8 @@ def test_full_logits_copies():
 def test_chunked_loss_never_builds_full_logits():
     t, v, h = 4096, 262144, 1536
     chunk = loss_chunk_tokens(t, v)
-    assert chunk == 512 and chunk * v * 2 <= 256 * 2**20  # a multiple of 128 bf16 rows within 256 MiB
+    assert chunk == 256 and chunk * v * 2 <= 128 * 2**20  # a multiple of 128 bf16 rows within 128 MiB
+    assert loss_chunk_tokens(t, v, budget=256 * 2**20) == 512  # a plan's loss_chunk_mb=256, as measured before
     assert chunked_logits_bytes(t, v, h) == chunk * v * 2 + t * h * 2 + t * 4
     assert chunked_logits_bytes(t, v, h) < t * v * 4 / 7
 

@@ -9,8 +9,10 @@ The objective, in order (the first difference decides):
    offload (shards in host memory; searched with NF4 only: it exists to fit what 4-bit
    sharding cannot, and bf16 shards would cost 4× the host memory and PCIe traffic);
 2. prefer higher precision of the base weights: bf16 > int8 > nf4;
-3. prefer a higher LoRA rank: 64 > 32 > 16 > 8;
-4. then the fastest: no checkpointing > checkpointing > checkpointing with CPU offload,
+3. keep the LM head in bf16: on vramplan's stack an int8 head (one scale per vocabulary row,
+   half the bytes of the head) is searched only when nothing fits with a bf16 head;
+4. prefer a higher LoRA rank: 64 > 32 > 16 > 8;
+5. then the fastest: no checkpointing > checkpointing > checkpointing with CPU offload,
    larger micro-batches (fewer accumulation steps), AdamW > 8-bit AdamW > paged 8-bit AdamW.
 
 The loss is the stack's own: chunked on vramplan (fused with the LM head, it costs no
@@ -40,6 +42,7 @@ QUANT_ORDER = ("bf16", "int8", "nf4")
 STACK_QUANTS = {"vramplan": ("bf16", "nf4"), "hf": QUANT_ORDER}
 RANK_ORDER = (64, 32, 16, 8)
 OPTIMIZER_ORDER = ("adamw", "adamw8bit", "paged_adamw8bit")
+HEAD_QUANT_ORDER = ("bf16", "int8")
 #: Multi-GPU layouts, fastest first: (parallel, cpu_offload).
 LAYOUT_ORDER = (("ddp", False), ("fsdp", False), ("fsdp", True))
 LAYOUT_NAMES = {("ddp", False): "DDP", ("fsdp", False): "FSDP2", ("fsdp", True): "FSDP2 with CPU offload"}
@@ -97,6 +100,15 @@ def optimizers_for(plan: Plan) -> tuple[str, ...]:
     return ("adamw",) if plan.parallel == "fsdp" else OPTIMIZER_ORDER
 
 
+def head_quants_for(base: Plan) -> tuple[str, ...]:
+    """The LM head storages to search: int8 only on vramplan's trainer, one GPU or DDP, text; pinned int8 stays int8."""
+    if base.head_quant == "int8":
+        return ("int8",)
+    if base.stack != "vramplan" or base.multimodal or base.gpus > 1:
+        return ("bf16",)
+    return HEAD_QUANT_ORDER
+
+
 def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
     loss = "full" if base.stack == "hf" else "chunked"
     quants = ("nf4",) if base.cpu_offload else STACK_QUANTS[base.stack]
@@ -131,13 +143,15 @@ def with_gpus(base: Plan, gpu: GpuSpec | None) -> Plan:
 
 
 def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int | None = None,
-             base: Plan | None = None, adjust: Callable[[Estimate], Estimate] | None = None) -> FitResult:
+             base: Plan | None = None, adjust: Callable[[Estimate], Estimate] | None = None,
+             head_quants: tuple[str, ...] | None = None) -> FitResult:
     """The best plan for ``profile`` under ``budget`` bytes (or ``gpu``'s budget), by the module's objective.
 
     ``base`` carries the request: sequence length, micro-batch × accumulation (their
     product is the effective batch to keep), stack, targets. Raises VramplanError naming
     the shortfall and the smallest catalog GPU that would fit when nothing does. ``adjust``
     corrects every estimate priced (a calibration: ``vramplan.calibration.apply_calibration``).
+    ``head_quants`` pins the LM head storages searched (default: ``head_quants_for(base)``).
     """
     adjust = adjust or (lambda est: est)
     if budget is None:
@@ -154,13 +168,17 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     seqs = [base.seq_len]
     while seqs[-1] // 2 >= MIN_SEQ:
         seqs.append(seqs[-1] // 2)
-    searches = [[(seq, parallel, offload) for seq in seqs for parallel, offload in layouts(base)]]
+    heads = head_quants or head_quants_for(base)
+    # at each length, an int8 head only once nothing fits with a bf16 one
+    searches = [[(seq, parallel, offload, head) for seq in seqs for head in heads for parallel, offload in layouts(base)]]
     if base.gpus == 1 and base.stack == "vramplan":
         # the last resort on one GPU, after every shorter sequence: the frozen weights in host memory (PCIe-bound)
-        searches.append([(seq, "fsdp", True) for seq in seqs])
+        searches.append([(seq, "fsdp", True, heads[0]) for seq in seqs])
     for search in searches:
-        for seq, parallel, offload in search:
-            layout = base.replace(parallel=parallel, cpu_offload=offload)
+        for seq, parallel, offload, head in search:
+            if head == "int8" and parallel == "fsdp":
+                continue
+            layout = base.replace(parallel=parallel, cpu_offload=offload, head_quant=head)
             # the layout's leanest plan bounds its candidates at this length from below: skip a layout that cannot fit
             priced += 1
             if adjust(estimate_plan(leanest_plan(layout, seq), profile, gpu, budget=budget)).peak_bytes > limit:
@@ -174,7 +192,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     where = gpu.name if gpu else f"{budget / 1e9:.2f} GB"
     if base.gpus > 1:
         raise VramplanError(_no_layout_fits(profile, base, where, limit, adjust))
-    lean = adjust(estimate_plan(leanest_plan(base, base.seq_len), profile, budget=budget))
+    lean = adjust(estimate_plan(leanest_plan(base.replace(head_quant=heads[-1]), base.seq_len), profile, budget=budget))
     short = lean.peak_bytes - limit
     bigger = smallest_gpu_for(lean.peak_bytes)
     suggestion = f"the smallest catalog GPU that fits it is {bigger.name} ({bigger.memory_bytes / 1e9:.1f} GB)" if bigger \
@@ -240,6 +258,13 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
         lines.append(f"Base weights in {plan.quant}: {gave}, over the {_gb(limit)} usable.")
     else:
         lines.append("Base weights in bf16: full precision fits.")
+    if plan.head_quant == "int8":
+        if base.head_quant == "int8":
+            lines.append("LM head in int8 (one scale per vocabulary row), as asked.")
+        else:
+            bf16_head = adjust(estimate_plan(leanest_plan(plan, plan.seq_len).replace(head_quant="bf16"), profile))
+            lines.append(f"LM head in int8 (one scale per vocabulary row, half its bf16 bytes): with a bf16 head the "
+                         f"leanest plan needs {_gb(bf16_head.peak_bytes)}, over the {_gb(limit)} usable.")
     if plan.lora_rank != RANK_ORDER[0]:
         higher = RANK_ORDER[RANK_ORDER.index(plan.lora_rank) - 1]
         lines.append(f"LoRA rank {plan.lora_rank}: rank {higher} would need {_gb(peak(lora_rank=higher))} at these settings.")

@@ -25,6 +25,8 @@ STACKS = ("vramplan", "hf")
 COMPUTE_DTYPES = ("bf16", "fp16")
 LORA_DTYPES = ("fp32", "bf16")
 PARALLEL = ("none", "ddp", "fsdp")
+#: The frozen token embedding / LM head: bf16, or int8 with one absmax scale per vocabulary row.
+HEAD_QUANTS = ("bf16", "int8")
 MODALITIES = ("text", "image", "audio")
 #: The parts of a multimodal model LoRA can adapt (Unsloth's finetune_vision_layers / _language_layers, plus audio).
 TRAIN_PARTS = ("language", "vision", "audio")
@@ -43,9 +45,10 @@ _CHOICES = {
     "compute_dtype": COMPUTE_DTYPES,
     "lora_dtype": LORA_DTYPES,
     "parallel": PARALLEL,
+    "head_quant": HEAD_QUANTS,
 }
 
-_POSITIVE_INTS = ("lora_rank", "seq_len", "micro_batch", "grad_accum", "gpus")
+_POSITIVE_INTS = ("lora_rank", "seq_len", "micro_batch", "grad_accum", "gpus", "loss_chunk_mb")
 
 
 @dataclass(frozen=True)
@@ -76,6 +79,8 @@ class Plan:
     audio_seconds_per_example: float = 0.0  # each second adds 25 audio soft tokens (one per 40 ms)
     train_parts: tuple[str, ...] = ("language",)  # where LoRA goes: language and/or the vision / audio towers
     train_projectors: bool = False  # train the multimodal embedders (projectors into the text width) in full
+    head_quant: str = "bf16"  # "int8": the frozen token embedding / LM head as int8 rows, one scale each (vramplan stack)
+    loss_chunk_mb: int = 128  # the chunked loss's logits buffer (one chunk of tokens x vocab); measurements before it existed ran 256
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -98,6 +103,9 @@ class Plan:
             raise VramplanError(f"plan field 'cpu_offload' must be true or false, got {self.cpu_offload!r}")
         if self.cpu_offload and self.parallel != "fsdp":
             raise VramplanError("plan field 'cpu_offload' is true but parallel is not fsdp: CPU offload of parameters is FSDP2's; set parallel to fsdp")
+        if self.head_quant == "int8" and self.parallel == "fsdp":
+            raise VramplanError("plan field 'head_quant' is int8 with parallel fsdp: FSDP2 shards the bf16 head instead; "
+                                "set head_quant to bf16 or parallel to ddp")
         if not self.lora_targets:
             raise VramplanError("plan field 'lora_targets' is empty; name at least one module, e.g. q_proj")
         # tuples, not lists, so a Plan is hashable and can be a dict key in the search
@@ -125,6 +133,9 @@ class Plan:
         for part, modality in (("vision", "image"), ("audio", "audio")):
             if part in self.train_parts and modality not in self.modalities:
                 raise VramplanError(f"--train {part} needs the {modality} tower: add {modality} to --modalities")
+        if self.head_quant == "int8" and self.multimodal:
+            raise VramplanError("plan field 'head_quant' is int8 on a multimodal plan: the multimodal model reads its "
+                                "token table directly; set head_quant to bf16 or train text only")
         if self.train_projectors and self.modalities == ("text",):
             raise VramplanError("train_projectors needs an image or audio modality; the projectors are unused on text")
 
@@ -157,6 +168,9 @@ class Plan:
             for name in _MULTIMODAL_FIELDS:
                 if data[name] == _DEFAULTS[name]:
                     del data[name]
+        for name, default in (("head_quant", "bf16"), ("loss_chunk_mb", 128)):  # files as before these fields
+            if data[name] == default:
+                del data[name]
         return data
 
     @classmethod

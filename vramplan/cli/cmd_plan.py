@@ -9,7 +9,7 @@ from vramplan.cli import main
 from vramplan.cli.output import emit_json, gb, json_option, table
 from vramplan.estimate import Estimate, estimate_plan
 from vramplan.gpu import gpu_and_budget
-from vramplan.plan import CHECKPOINTING, LOSSES, OPTIMIZERS, QUANTS, STACKS, Plan
+from vramplan.plan import CHECKPOINTING, HEAD_QUANTS, LOSSES, OPTIMIZERS, QUANTS, STACKS, Plan
 
 gpus_option = click.option("--gpus", type=click.IntRange(1, 64), default=None,
                            help="GPUs of the box (or name one: --gpu 2xrtx-4090); memory is then per GPU (per rank).")
@@ -68,7 +68,8 @@ def _soft_tokens(est: Estimate) -> str:
 def _summary(est: Estimate) -> str:
     lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}{_soft_tokens(est)}, "
              f"batch {est.plan.micro_batch} × {est.plan.grad_accum}, checkpointing {est.plan.checkpointing}, "
-             f"{est.plan.optimizer}, stack {est.plan.stack}" + _layout(est.plan),
+             f"{est.plan.optimizer}, stack {est.plan.stack}" + (", int8 LM head" if est.plan.head_quant == "int8" else "")
+             + _layout(est.plan),
              f"peak {gb(est.peak_bytes)} in the {est.peak_phase} phase "
              f"(" + ", ".join(f"{k} {gb(v)}" for k, v in est.phases.items()) + ")"]
     if est.budget_bytes is not None:
@@ -88,6 +89,8 @@ def _layout(plan: Plan) -> str:
 @main.command()
 @click.argument("model")
 @click.option("--quant", type=click.Choice(QUANTS), default="nf4", show_default=True)
+@click.option("--head-quant", type=click.Choice(HEAD_QUANTS), default="bf16", show_default=True,
+              help="The frozen token embedding / LM head: bf16, or int8 with one scale per vocabulary row.")
 @click.option("--rank", type=int, default=16, show_default=True, help="LoRA rank.")
 @click.option("--seq", type=int, default=2048, show_default=True, help="Sequence length in tokens.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Micro-batch size.")
@@ -110,7 +113,7 @@ def _layout(plan: Plan) -> str:
 @click.option("--no-calibration", is_flag=True, help="Ignore stored calibrations: the planner's own arithmetic.")
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a stacked-bar PNG.")
 @json_option
-def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, attention, lora_dtype, stack, gpu,
+def estimate(model, quant, head_quant, rank, seq, batch, accum, checkpointing, optim, loss, attention, lora_dtype, stack, gpu,
              gpus, parallel, cpu_offload, no_calibration, plot_path, as_json, modalities, images_per_example,
              audio_seconds, train_parts):
     """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component (per GPU on several)."""
@@ -121,7 +124,8 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
     plan = Plan(model=profile.name, quant=quant, lora_rank=rank, seq_len=seq, micro_batch=batch, grad_accum=accum,
                 checkpointing=checkpointing, optimizer=optim, attention=attention, lora_dtype=lora_dtype, stack=stack,
                 loss=loss or ("full" if stack == "hf" else "chunked"), gpus=count, parallel=layout,
-                cpu_offload=cpu_offload, **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
+                cpu_offload=cpu_offload, head_quant=head_quant,
+                **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
     spec = _box(spec, count)
     est = _adjust(_calibrated(profile, stack, spec, driver, no_calibration))(estimate_plan(plan, profile, spec, budget=budget))
     if plot_path:
@@ -143,6 +147,8 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
 @click.option("--seq", type=int, default=2048, show_default=True, help="Sequence length to keep.")
 @click.option("--batch", type=int, default=1, show_default=True, help="Effective batch to keep (micro-batch × accumulation).")
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
+@click.option("--head-quant", type=click.Choice(HEAD_QUANTS), default=None,
+              help="Pin the LM head's storage; by default bf16, int8 when nothing fits with a bf16 head.")
 @click.option("--modalities", default="text", show_default=True, help="What examples hold: text,image,audio (comma-separated).")
 @click.option("--images-per-example", type=click.IntRange(min=0), default=None, help="Images per example (default 1 with image).")
 @click.option("--audio-seconds", type=click.FloatRange(min=0), default=None, help="Seconds of audio per example (default 10 with audio).")
@@ -154,13 +160,13 @@ def estimate(model, quant, rank, seq, batch, accum, checkpointing, optim, loss, 
 @click.option("--model", "model_dir", default=None, type=click.Path(exists=True, file_okay=False),
               help="The model folder to run for --calibrate.")
 @json_option
-def fit(model, gpu, gpus, seq, batch, stack, out_path, no_calibration, calibrate_run, model_dir, as_json, modalities,
+def fit(model, gpu, gpus, seq, batch, stack, head_quant, out_path, no_calibration, calibrate_run, model_dir, as_json, modalities,
         images_per_example, audio_seconds, train_parts):
     """The best plan for MODEL that fits a GPU (or each GPU of a box), and why it was chosen."""
     from vramplan.fit import fit_plan
 
     profile = resolve_model(model)
-    base = Plan(model=profile.name, seq_len=seq, micro_batch=batch, stack=stack,
+    base = Plan(model=profile.name, seq_len=seq, micro_batch=batch, stack=stack, head_quant=head_quant or "bf16",
                 **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
     if calibrate_run:
         if gpus and gpus > 1:
@@ -174,7 +180,8 @@ def fit(model, gpu, gpus, seq, batch, stack, out_path, no_calibration, calibrate
         spec = _box(spec, count)
         base = base.replace(gpus=count, parallel="ddp" if count > 1 else "none")
         calibration = _calibrated(profile, stack, spec, driver, no_calibration)
-        result = fit_plan(profile, spec, budget=budget, base=base, adjust=_adjust(calibration))
+        result = fit_plan(profile, spec, budget=budget, base=base, adjust=_adjust(calibration),
+                          head_quants=(head_quant,) if head_quant else None)
     if out_path:
         from vramplan.atomic import write_json_atomic
 

@@ -7,7 +7,7 @@ import sys
 import click
 
 from vramplan.cli import main
-from vramplan.plan import CHECKPOINTING, OPTIMIZERS, PARALLEL, read_plan
+from vramplan.plan import CHECKPOINTING, HEAD_QUANTS, OPTIMIZERS, PARALLEL, read_plan
 
 
 @main.command()
@@ -33,13 +33,14 @@ from vramplan.plan import CHECKPOINTING, OPTIMIZERS, PARALLEL, read_plan
 @click.option("--accum", type=click.IntRange(min=1), help="Override the plan's gradient accumulation.")
 @click.option("--checkpointing", type=click.Choice(CHECKPOINTING), help="Override the plan's checkpointing.")
 @click.option("--optim", type=click.Choice(OPTIMIZERS), help="Override the plan's optimizer.")
+@click.option("--head-quant", type=click.Choice(HEAD_QUANTS), help="Override the plan's LM head storage (bf16 or int8).")
 @click.option("--train", "train_parts", help="Where LoRA goes: language,vision,audio (override the plan's train_parts).")
 @click.option("--targets", help="What LoRA adapts: attention,mlp or module names (override the plan's lora_targets).")
 @click.option("--train-projectors/--freeze-projectors", default=None, help="Train the image/audio projectors in full.")
 @click.option("--gpus", type=click.IntRange(min=1), help="Override the plan's GPU count (1: one process, no torchrun).")
 @click.option("--parallel", type=click.Choice(PARALLEL), help="Override the plan's multi-GPU mode (ddp or fsdp).")
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
-          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, train_parts,
+          overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, head_quant, train_parts,
           targets, train_projectors, gpus, parallel):
     """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter.
 
@@ -54,7 +55,7 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     if steps and epochs:
         raise VramplanError("give --steps or --epochs, not both")
     overrides = {"lora_rank": rank, "seq_len": seq, "micro_batch": batch, "grad_accum": accum,
-                 "checkpointing": checkpointing, "optimizer": optim, "train_projectors": train_projectors,
+                 "checkpointing": checkpointing, "optimizer": optim, "head_quant": head_quant, "train_projectors": train_projectors,
                  "train_parts": tuple(p.strip() for p in train_parts.split(",") if p.strip()) if train_parts else None,
                  "lora_targets": lora_targets_from(targets) if targets else None}
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -36,24 +36,45 @@ def held_logits_bytes(tokens: int, vocab: int, logits_bytes: int) -> int:
 #: The fused loss keeps one chunk of logits, in the LM head's dtype, under this size; it must
 #: equal ``vramplan_kernels.linear_cross_entropy.LOGITS_CHUNK_BYTES`` (a test checks): the planner
 #: does not import the kernels (they import torch).
-CHUNK_BUDGET_BYTES = 256 * 2**20
+CHUNK_BUDGET_BYTES = 128 * 2**20
 
 
-def loss_chunk_tokens(tokens: int, vocab: int, logits_bytes: int = 2) -> int:
-    """Rows per chunk, as the kernel picks them: as many as fit the budget, a multiple of 128 once ≥ 256."""
-    chunk = max(1, CHUNK_BUDGET_BYTES // (vocab * logits_bytes))
+def loss_chunk_tokens(tokens: int, vocab: int, logits_bytes: int = 2, budget: int | None = None) -> int:
+    """Rows per chunk, as the kernel picks them: as many as fit ``budget`` (default CHUNK_BUDGET_BYTES;
+    a plan's ``loss_chunk_mb``), a multiple of 128 once ≥ 256."""
+    chunk = max(1, (budget or CHUNK_BUDGET_BYTES) // (vocab * logits_bytes))
     if chunk >= 256:
         chunk -= chunk % 128
     return max(1, min(chunk, tokens))
 
 
-def chunked_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 2) -> int:
+#: One dequantized slice of an int8 head's rows; must equal
+#: ``vramplan_kernels.int8_rows.DEQUANT_SLICE_BYTES`` (a test checks).
+DEQUANT_SLICE_BUDGET_BYTES = 32 * 2**20
+
+
+def dequant_slice_rows(vocab: int, hidden: int, act_bytes: int = 2) -> int:
+    """Rows of an int8 head dequantized at once, as the kernel picks them (``int8_rows.slice_rows``)."""
+    rows = max(1, DEQUANT_SLICE_BUDGET_BYTES // (hidden * act_bytes))
+    if rows >= 256:
+        rows -= rows % 128
+    return min(rows, vocab)
+
+
+def chunked_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 2, int8_head: bool = False,
+                         budget: int | None = None) -> int:
     """Chunked linear cross-entropy (kernels/linear_cross_entropy.py; Liger's fused linear CE).
 
     Never builds the b·s·V logits: one chunk of rows is multiplied by the LM head into a
     reused buffer (the head's dtype), a Triton kernel overwrites it with d loss / d logits
     in place, and that is multiplied into the hidden states' gradient (b·s·h, the hidden
     dtype) before the next chunk. Plus the per-token fp32 losses.
+
+    An int8 head (``head_quant="int8"``) adds one dequantized slice of its rows and, per chunk,
+    grad_hidden summed over the slices in fp32 beside each slice's product in the compute dtype.
     """
-    chunk = loss_chunk_tokens(tokens, vocab, act_bytes)
-    return chunk * vocab * act_bytes + tokens * hidden * act_bytes + tokens * FP32
+    chunk = loss_chunk_tokens(tokens, vocab, act_bytes, budget)
+    total = chunk * vocab * act_bytes + tokens * hidden * act_bytes + tokens * FP32
+    if int8_head:
+        total += dequant_slice_rows(vocab, hidden, act_bytes) * hidden * act_bytes + chunk * hidden * (FP32 + act_bytes)
+    return total

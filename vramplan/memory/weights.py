@@ -52,3 +52,9 @@ def dequant_buffer_bytes(arch, quant: str, tokens: int) -> int:
     quantized weight (kernels/qlora_linear.py ``_dequant_buffer``; used above ``FUSED_MAX_TOKENS``
     tokens) and kept from the first step on: one weight's bf16 bytes in every phase of a step."""
     return 2 * arch.largest_linear_params if quant == "nf4" and tokens > FUSED_MAX_TOKENS else 0
+
+
+def head_weight_bytes(params: int, vocab: int, head_quant: str) -> int:
+    """The token embedding / LM head on the GPU: bf16, or int8 rows with one fp32 absmax scale per
+    vocabulary row (kernels/int8_rows.py), which is ``int8_weight_bytes`` with one row per token."""
+    return int8_weight_bytes(params, vocab) if head_quant == "int8" else dense_bytes(params, 2)

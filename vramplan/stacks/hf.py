@@ -63,6 +63,8 @@ def step_memory(arch, plan) -> StepMemory:
     towers = mm.tower_weight_params(arch, plan)
     if towers:
         weights["towers"] = dense_bytes(towers, up)
+    if plan.head_quant != "bf16":
+        notes.append("the hf recipe keeps the token embedding and LM head in 16 bits; head_quant=int8 ignored on the hf stack")
     if plan.lora_dtype != "fp32":
         notes.append("PEFT keeps LoRA adapters in fp32 (autocast_adapter_dtype); lora_dtype=bf16 ignored on the hf stack")
     trainable = (lora_param_count(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else 0) \

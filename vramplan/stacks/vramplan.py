@@ -2,7 +2,9 @@
 
 - Base linears NF4 (double quant by default) or int8/bf16, dequantized tile by tile inside
   fused Triton kernels: no full bf16 copy of a weight is ever materialised.
-- The LM head in bf16 on the GPU; an untied token embedding and Gemma 4's per-layer embedding
+- The LM head in bf16 on the GPU, or (``head_quant="int8"``) int8 with one scale per vocabulary
+  row, dequantized a slice at a time by the fused loss (a tied table: one int8 copy serves the
+  lookup and the head); an untied token embedding and Gemma 4's per-layer embedding
   tables stay in CPU memory and only the looked-up rows travel to the GPU. (A tied table is
   the LM head's weight, so it stays.)
 - LoRA adapters in fp32 (or bf16 with an fp32 master copy in the optimizer), bf16 compute.
@@ -24,7 +26,7 @@ from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_par
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import cublas_workspace_bytes, cuda_library_bytes, pooled_fragmentation_bytes
-from vramplan.memory.weights import dense_bytes, dequant_buffer_bytes, linear_weight_bytes, nf4_weight_bytes
+from vramplan.memory.weights import dense_bytes, dequant_buffer_bytes, head_weight_bytes, linear_weight_bytes, nf4_weight_bytes
 from vramplan.memory import towers as mm
 from vramplan.stacks import StepMemory
 
@@ -45,7 +47,7 @@ def step_memory(arch, plan) -> StepMemory:
 
     weights = {
         "weights_quantized" if plan.quant != "bf16" else "weights": linear_weight_bytes(arch, plan.quant, plan.double_quant),
-        "embeddings": dense_bytes(on_gpu_embedding_params(arch), 2),
+        "embeddings": head_weight_bytes(on_gpu_embedding_params(arch), arch.vocab_size, plan.head_quant),
         "norms": dense_bytes(arch.norm_params, 2),
     }
     if arch.expert_params:
@@ -75,7 +77,9 @@ def step_memory(arch, plan) -> StepMemory:
     softcap = arch.final_logit_softcapping is not None
     if plan.loss == "chunked":
         # the chunked loss computes its gradient during the forward: its buffers peak there, not in backward
-        forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h)
+        forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h,
+                                                            int8_head=plan.head_quant == "int8",
+                                                            budget=plan.loss_chunk_mb * 2**20)
         backward_parts = {"activations": persistent + layer_set}
     else:
         forward_loss = full_logits_forward_bytes(tokens, arch.vocab_size, ACT, softcap)

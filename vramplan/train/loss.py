@@ -10,7 +10,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vramplan.train import ops
+from vramplan.train import ops, patching
 
 
 def lm_head_of(model: nn.Module) -> nn.Linear:
@@ -18,6 +18,11 @@ def lm_head_of(model: nn.Module) -> nn.Linear:
     if head is None:
         raise AssertionError(f"{type(model).__name__} has no output embeddings")
     return head
+
+
+def head_weight(head: nn.Module):
+    """What the fused loss multiplies by: the bf16 weight, or the int8 rows of a quantized head."""
+    return head.rows if isinstance(head, patching.Int8LMHead) else head.weight
 
 
 def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Tensor:
@@ -36,8 +41,13 @@ def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch
     """Sum of the token losses of one micro-batch and its number of target tokens."""
     hidden = hidden_states(model, batch)
     head = lm_head_of(model)
+    weight = head_weight(head)
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
-    return ops.linear_cross_entropy(hidden, head.weight, batch["labels"], bias=head.bias, softcap=softcap, reduction="sum")
+    # the plan's budget (load_for_training sets it); the kernel's default where a model was loaded otherwise
+    chunk = ops.default_chunk_size(hidden.numel() // hidden.shape[-1], weight.shape[0], weight.dtype,
+                                   getattr(model, "loss_chunk_bytes", None))
+    return ops.linear_cross_entropy(hidden, weight, batch["labels"], bias=head.bias, softcap=softcap,
+                                    reduction="sum", chunk_size=chunk)
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],

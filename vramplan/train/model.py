@@ -153,7 +153,7 @@ def move_outside_layers(model: nn.Module, device: torch.device) -> None:
 
 def freeze(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_embeddings: bool | None = None) -> None:
     """Freeze every weight; Gemma 4's per-layer tables and an untied token embedding go to host memory
-    (by default when training on a GPU)."""
+    (by default when training on a GPU); with ``head_quant="int8"`` the LM head (and a tied table) becomes int8."""
     model.requires_grad_(False)
     if plan.quant == "int8":
         raise VramplanError("plan quant 'int8' is not supported by vramplan train yet; use nf4 or bf16")
@@ -162,6 +162,8 @@ def freeze(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_em
     if host_per_layer_embeddings:
         patching.keep_per_layer_embeddings_on_host(model)
         patching.keep_input_embeddings_on_host(model)
+    if plan.head_quant == "int8":  # where the head lives now: the CPU for a checkpoint, the device when random
+        patching.quantize_token_head(model)
 
 
 def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_layer=None,
@@ -264,6 +266,7 @@ def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device,
     else:
         model = load_base_model(model_dir, dtype, plan.attention)
     adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings, after_layer=after_layer, seed=seed)
+    model.loss_chunk_bytes = plan.loss_chunk_mb * 2**20  # what loss.summed_loss hands the fused loss
     for param in lora_parameters(model):
         param.requires_grad_(True)
     if plan.checkpointing != "none":

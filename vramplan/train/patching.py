@@ -184,3 +184,73 @@ def keep_input_embeddings_on_host(model: nn.Module) -> bool:
         return False
     base.embed_tokens = HostResidentEmbedding(embedding)
     return True
+
+
+class Int8TokenTable(nn.Module):
+    """A frozen token table as int8 rows with one absmax scale each (``ops.Int8Rows``), half the bf16 bytes.
+
+    Called as the input embedding it gathers int8 rows and their scales and dequantizes only
+    those (times Gemma's sqrt(hidden) scale, as its scaled embedding does); read through
+    ``rows`` it is the LM head the fused loss dequantizes a slice at a time. Tied, one table
+    serves both: the same module sits at ``embed_tokens`` and inside the head, so ``.to()`` and
+    ``named_buffers`` see one copy. Buffers, not parameters: nothing trains them or shards them.
+    """
+
+    def __init__(self, weight: torch.Tensor, embed_scale: float = 1.0, padding_idx: int | None = None):
+        super().__init__()
+        rows = ops.Int8Rows.quantize(weight)
+        self.register_buffer("qweight", rows.data)
+        self.register_buffer("qscale", rows.scale)
+        self.dtype, self.embed_scale, self.padding_idx = weight.dtype, float(embed_scale), padding_idx
+
+    @property
+    def rows(self) -> "ops.Int8Rows":
+        return ops.Int8Rows(self.qweight, self.qscale, self.dtype)
+
+    def forward(self, input_ids: torch.Tensor) -> torch.Tensor:
+        rows = self.rows.lookup(input_ids)
+        if self.embed_scale == 1.0:
+            return rows
+        return rows.mul_(torch.tensor(self.embed_scale, dtype=rows.dtype))  # the bf16 multiply of Gemma's embedding
+
+
+class Int8LMHead(nn.Module):
+    """The LM head over an ``Int8TokenTable``: training reads ``rows`` (the fused loss); calling it
+    (evaluation, generate) dequantizes the whole head once per call."""
+
+    def __init__(self, table: Int8TokenTable, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.table = table
+        self.bias = None if bias is None else nn.Parameter(bias.detach(), requires_grad=False)
+
+    @property
+    def rows(self) -> "ops.Int8Rows":
+        return self.table.rows
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        weight = self.table.rows.dequantize()
+        return nn.functional.linear(hidden.to(weight.dtype), weight, self.bias)
+
+
+def quantize_token_head(model: nn.Module) -> str:
+    """Store the frozen LM head as int8 rows; a tied token embedding becomes the same table. Return what was done.
+
+    An untied input embedding is left as it is (on a GPU it already lives on the host:
+    ``keep_input_embeddings_on_host``). The bf16 table is dropped once both users point at the
+    int8 one.
+    """
+    head = model.get_output_embeddings()
+    embedding = model.get_input_embeddings()
+    if not isinstance(head, nn.Linear):
+        raise AssertionError(f"{type(model).__name__}'s LM head is {type(head).__name__}, not a linear layer")
+    tied = isinstance(embedding, nn.Embedding) and embedding.weight is head.weight
+    if tied:
+        table = Int8TokenTable(embedding.weight, getattr(embedding, "scalar_embed_scale", 1.0), embedding.padding_idx)
+        base = model.get_decoder() if hasattr(model, "get_decoder") else model
+        if getattr(base, "embed_tokens", None) is not embedding:
+            raise AssertionError(f"{type(model).__name__}: the tied token embedding is not its decoder's embed_tokens")
+        base.embed_tokens = table
+    else:
+        table = Int8TokenTable(head.weight)
+    model.set_output_embeddings(Int8LMHead(table, head.bias))
+    return "tied token embedding and LM head: one int8 table" if tied else "LM head: int8"
