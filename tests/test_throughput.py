@@ -144,16 +144,20 @@ def test_a_gpu_without_speed_figures_is_a_clear_error():
 def test_held_out_error_on_the_committed_measurements():
     """The fit never sees the held-out runs. The issue's target is 15% per configuration; not reached on
     every one. On the committed data (H100: 25 trainer and 23 hf-stack configurations, repeats kept
-    and taken at their median, a third of each stack fitted): 10.9% mean, 8.9% median, 35.9% max, 22
-    of 31 within 15%. Repeats of one configuration differ by up to 22% (host-bound steps), which
-    bounds what any model of them can reach."""
+    at their median, a third of each stack fitted): 10.9% mean, 8.9% median, 35.9% max, 22 of 31
+    within 15%; with the other two thirds fitted 11.3% and 18.2% mean. Repeats of one configuration
+    differ by up to 22% (host-bound steps), which bounds what any model of them can reach."""
     from benchmarks.throughput import evaluate, load_runs, split
 
     runs = load_runs()
     fit, held = split(runs)
     assert len(runs) >= 40 and len(held) > len(fit) >= 12 and not {r.key for r in fit} & {r.key for r in held}
     assert any(len(r.step_times) > 1 for r in runs)  # repeats are kept, not overwritten
-    result = evaluate(runs)
+    for offset in (1, 2):  # the rotations fit other thirds; each still sees a run without checkpointing
+        other_fit, other_held = split(runs, offset)
+        assert not {r.key for r in other_fit} & {r.key for r in other_held} and len(other_held) > len(other_fit)
+        assert {r.stack for r in other_fit if r.plan.checkpointing == "none"} == {"hf", "vramplan"}
+    result = evaluate(runs, rotate=False)
     assert result["held_out"]["count"] == len(held)
     assert result["held_out"]["mean_abs_error"] < 0.13
     assert result["held_out"]["median_abs_error"] < 0.11
