@@ -58,7 +58,7 @@ def test_checkpointing_offload_and_quantization_slow_a_step():
     assert speed() > speed(quant="nf4")
     assert step_bytes(arch, plan.replace(quant="nf4"))["weights"] > step_bytes(arch, plan)["weights"]
     full, none = step_host_ops(arch, plan.replace(checkpointing="full")), step_host_ops(arch, plan)
-    assert full["recompute"] > 0 == none["recompute"] and full["checkpointed"] == full["forward"] > 0 == none["checkpointed"]
+    assert full["recompute"] > 0 == none["recompute"] and full["forward"] > full["checkpointed"] > 0 == none["checkpointed"]
 
 
 def test_more_layers_dispatch_more_host_ops():
@@ -144,8 +144,8 @@ def test_a_gpu_without_speed_figures_is_a_clear_error():
 def test_held_out_error_on_the_committed_measurements():
     """The fit never sees the held-out runs. The issue's target is 15% per configuration; not reached on
     every one. On the committed data (H100: 25 trainer and 23 hf-stack configurations, repeats kept
-    at their median, a third of each stack fitted): 10.9% mean, 8.9% median, 35.9% max, 22 of 31
-    within 15%; with the other two thirds fitted 11.3% and 18.2% mean. Repeats of one configuration
+    at their median, a third of each stack fitted): 11.6% mean, 10.9% median, 35.3% max, 22 of 31
+    within 15%; with the other two thirds fitted 11.5% and 18.2% mean. Repeats of one configuration
     differ by up to 22% (host-bound steps), which bounds what any model of them can reach."""
     from benchmarks.throughput import evaluate, load_runs, split
 
@@ -160,7 +160,7 @@ def test_held_out_error_on_the_committed_measurements():
     result = evaluate(runs, rotate=False)
     assert result["held_out"]["count"] == len(held)
     assert result["held_out"]["mean_abs_error"] < 0.13
-    assert result["held_out"]["median_abs_error"] < 0.11
+    assert result["held_out"]["median_abs_error"] < 0.12
     assert result["held_out"]["within_15_percent"] >= 20
     # the fitted factors are physical: tens of µs of host work per op, matmuls below cuBLAS's own rate
     for factors in result["factors"].values():
@@ -170,3 +170,12 @@ def test_held_out_error_on_the_committed_measurements():
         for name, value in factors.items():
             assert committed["stacks"][stack][name] == pytest.approx(value, rel=1e-6), (stack, name)
     assert committed["date"] and "trainer_h100.jsonl" in committed["source"]
+
+
+def test_host_and_device_overlap_to_about_the_longer():
+    """Where one side dominates the step takes it; at the crossover each waits on the other now and then."""
+    from vramplan.throughput import overlap
+
+    assert overlap(0.2, 0.02) == pytest.approx(0.2, rel=1e-3)
+    assert overlap(0.02, 0.2) == pytest.approx(0.2, rel=1e-3)
+    assert 0.2 < overlap(0.2, 0.2) < 0.4 and overlap(0.2, 0.1) < overlap(0.2, 0.15) < overlap(0.2, 0.2)

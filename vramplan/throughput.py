@@ -331,7 +331,7 @@ def optimizer_tensors(arch: Architecture, plan: Plan) -> int:
 def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
     """Host ops of one micro-batch, by phase (``forward``, ``recompute``, ``backward``) and, divided
     by ``grad_accum``, of its share of the optimizer step (``optimizer``, ``step``); ``checkpointed``
-    is the forward's ops again when checkpointing is on: each of them saves tensors through
+    is the decoder layers' forward ops again when checkpointing is on: each of them saves tensors through
     torch.utils.checkpoint's (non-reentrant) Python pack hook, unpacked by another in the backward,
     a cost per op that :class:`Factors` ``checkpoint_host_ops`` weighs (fitted: the hooks' Python
     has no op count of its own).
@@ -370,7 +370,7 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
         "forward": forward,
         "recompute": recompute if recomputes else 0.0,
         "backward": backward,
-        "checkpointed": forward if recomputes else 0.0,
+        "checkpointed": forward - HOST_OPS_PER_MODEL[0] if recomputes else 0.0,  # the layers' part
         "optimizer": optimizer / plan.grad_accum,
         "step": HOST_OPS_PER_STEP / plan.grad_accum,
     }
