@@ -27,7 +27,7 @@ from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
 from benchmarks.records import plan_of
 from vramplan.plan import Plan
-from vramplan.throughput import combine, Factors, step_seconds
+from vramplan.throughput import _recomputes, combine, Factors, overlap, step_host_ops, step_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -41,76 +41,135 @@ BANDWIDTH_EFFICIENCY = 0.9
 
 @dataclass(frozen=True)
 class Run:
+    """One configuration of one stack: its measured step times (one per fresh measurement) and their median."""
+
     key: str
     stack: str
     model: str
     plan: Plan
-    tok_s: float
-    step_s: float
+    step_times: tuple[float, ...]
+
+    @property
+    def step_s(self) -> float:
+        return statistics.median(self.step_times)
+
+    @property
+    def tok_s(self) -> float:
+        return self.plan.micro_batch * self.plan.seq_len / self.step_s
+
+    @property
+    def spread(self) -> float:
+        """(slowest - fastest) / median over its repeats; 0 for a configuration measured once."""
+        return (max(self.step_times) - min(self.step_times)) / self.step_s
+
+
+def run_key(stack: str, plan: Plan) -> str:
+    return (f"{stack}:{plan.model}:s{plan.seq_len}:b{plan.micro_batch}:r{plan.lora_rank}:{plan.checkpointing}"
+            f":{plan.quant}:{plan.optimizer}")
 
 
 def load_runs(sources: dict[str, Path] = SOURCES) -> list[Run]:
-    """Every measured configuration with a tok_s (event lines and failed runs skipped), in file order;
-    a configuration measured again counts once, at its latest measurement (no run in both halves)."""
-    runs = []
+    """Every measured configuration with a tok_s (event lines and failed runs skipped), in the order
+    of its first measurement; a configuration measured again keeps all its step times (its repeats)."""
+    times: dict[str, list[float]] = {}
+    plans: dict[str, tuple[str, Plan]] = {}
     for stack, path in sources.items():
         for line in path.read_text().splitlines():
             record = json.loads(line)
             if "tok_s" not in record:
                 continue
             plan = plan_of(record, stack)
-            key = (f"{stack}:{plan.model}:s{plan.seq_len}:b{plan.micro_batch}:r{plan.lora_rank}:{plan.checkpointing}"
-                   f":{plan.quant}:{plan.optimizer}")
-            runs = [run for run in runs if run.key != key]
-            runs.append(Run(key, stack, plan.model, plan, float(record["tok_s"]), float(record["step_s"])))
-    return runs
+            key = run_key(stack, plan)
+            plans.setdefault(key, (stack, plan))
+            times.setdefault(key, []).append(float(record["step_s"]))
+    return [Run(key, stack, plan.model, plan, tuple(times[key])) for key, (stack, plan) in plans.items()]
 
 
-def split(runs: list[Run]) -> tuple[list[Run], list[Run]]:
-    """The fitting set: every other run of each stack in file order, so host-bound small models and
-    compute-bound large ones (Llama-3.1-8B, Gemma-4-E4B) fall in both halves; the rest is held out."""
+#: One configuration in FIT_EVERY of each stack is fitted on.
+FIT_EVERY = 3
+
+
+def split(runs: list[Run], offset: int = 0) -> tuple[list[Run], list[Run]]:
+    """The fitting set: of each stack's configurations, in the order they were first measured, the
+    1st, 4th, 7th, ... (a third); the rest held out. That order interleaves models and settings, so
+    the fit sees host-bound small models and device-bound long sequences (Qwen3-4B at 8,192,
+    Llama-3.1-8B) without choosing configurations by their error. One rule on top: a stack whose
+    third holds no run without checkpointing also fits on its first such run, since nothing else
+    shows what checkpointing's hooks cost. ``offset`` 1 and 2 fit the other two thirds instead: the
+    report's rotations, which show how much a result owes to its split."""
     fit, held = [], []
     index: dict[str, int] = {}
     for run in runs:
         i = index.get(run.stack, 0)
-        (fit if i % 2 == 0 else held).append(run)
+        (fit if i % FIT_EVERY == offset else held).append(run)
         index[run.stack] = i + 1
+    for stack in index:
+        if not any(r.stack == stack and not _recomputes(r.plan) for r in fit):
+            first = next((r for r in held if r.stack == stack and not _recomputes(r.plan)), None)
+            if first is not None:
+                held.remove(first)
+                fit.append(first)
     return fit, held
 
 
+def _checkpointed(run: Run) -> float:
+    return step_host_ops(architecture(resolve_model(run.model)), run.plan)["checkpointed"]
+
+
 def _terms(run: Run) -> dict[str, float]:
-    """The model's terms for ``run`` with unit factors (1 s per kernel, efficiency 1), bandwidth fixed."""
-    unit = Factors(seconds_per_kernel=1.0, matmul_efficiency=1.0, attention_efficiency=1.0,
+    """The model's terms for ``run`` with unit factors (1 s per host op, efficiencies 1), bandwidth fixed."""
+    unit = Factors(seconds_per_host_op=1.0, checkpoint_host_ops=0.0, matmul_efficiency=1.0, attention_efficiency=1.0,
                    bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
     return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), unit)
 
 
-def fit_factors(runs: list[Run], stack: str) -> Factors:
-    """The factors that minimise the mean relative step-time error of ``stack``'s runs.
+#: The grids searched. Matmul efficiency stops at the H100's measured bf16 GEMM rate (702-798 of
+#: its 989 TFLOP/s): a stack cannot run its matmuls faster than cuBLAS alone.
+HOST_OP_SECONDS = np.linspace(1e-6, 150e-6, 150)
+CHECKPOINT_HOST_OPS = np.linspace(0.0, 4.0, 41)
+MATMUL_EFFICIENCY = np.linspace(0.02, 0.80, 40)
+ATTENTION_EFFICIENCY = np.linspace(0.02, 1.0, 50)
 
-    The step time is max(launch floor, device work) + PCIe (``vramplan.throughput.combine``),
-    which is not linear in the factors, so this searches a grid: seconds per kernel 1–100 µs,
-    matmul efficiency 2–100%, and (hf only, whose attention runs in fp32) a separate attention
-    efficiency; vramplan's stack runs bf16 flash attention, so its two efficiencies are one.
-    """
-    mine = [r for r in runs if r.stack == stack]
+
+def _fit_stack(mine: list[Run], hooks: float) -> tuple[float, Factors]:
+    """The mean relative step-time error and the factors that minimise it on ``mine``, hooks fixed."""
     terms = [_terms(r) for r in mine]
-    launch = np.array([t["launch"] for t in terms])[:, None, None, None]
-    matmul = np.array([t["matmul"] for t in terms])[:, None, None, None]
-    attention = np.array([t["attention"] for t in terms])[:, None, None, None]
-    fixed_device = np.array([t["memory"] for t in terms])[:, None, None, None]
-    pcie = np.array([t["pcie"] for t in terms])[:, None, None, None]
-    measured = np.array([r.step_s for r in mine])[:, None, None, None]
-    kernel = np.linspace(1e-6, 100e-6, 199)[None, :, None, None]
-    mm_eff = np.linspace(0.02, 1.0, 99)[None, None, :, None]
-    att_eff = np.linspace(0.02, 1.0, 50)[None, None, None, :] if stack == "hf" else mm_eff[..., None][..., 0]
-    device = matmul / mm_eff + attention / att_eff + fixed_device
-    predicted = np.maximum(launch * kernel, device) + pcie
+    column = lambda values: np.array(values)[:, None, None, None]  # noqa: E731
+    term = lambda name: column([t[name] for t in terms])  # noqa: E731
+    host_op = HOST_OP_SECONDS[None, :, None, None]
+    mm_eff = MATMUL_EFFICIENCY[None, None, :, None]
+    att_eff = ATTENTION_EFFICIENCY[None, None, None, :]
+    host = (term("host") + column([_checkpointed(r) for r in mine]) * hooks) * host_op
+    # the wide-head attention term carries its own fixed efficiency, the memory term the fixed bandwidth
+    device = term("matmul") / mm_eff + term("attention") / att_eff + term("attention_wide") + term("memory")
+    predicted = overlap(host, device) + term("pcie")
+    measured = column([r.step_s for r in mine])
     error = np.mean(np.abs(predicted - measured) / measured, axis=0)
     k, m, a = np.unravel_index(np.argmin(error), error.shape)
-    attention_efficiency = float(att_eff[0, 0, 0, a]) if stack == "hf" else float(mm_eff[0, 0, m, 0])
-    return Factors(seconds_per_kernel=float(kernel[0, k, 0, 0]), matmul_efficiency=float(mm_eff[0, 0, m, 0]),
-                   attention_efficiency=attention_efficiency, bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
+    return float(error[k, m, a]), Factors(
+        seconds_per_host_op=float(HOST_OP_SECONDS[k]), checkpoint_host_ops=hooks,
+        matmul_efficiency=float(MATMUL_EFFICIENCY[m]), attention_efficiency=float(ATTENTION_EFFICIENCY[a]),
+        bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
+
+
+def fit_factors(runs: list[Run]) -> dict[str, Factors]:
+    """Each stack's factors, minimising the mean relative step-time error of its runs.
+
+    Per stack: seconds per host op, matmul efficiency and attention efficiency. Shared by the
+    stacks: the checkpoint hooks' host ops per checkpointed op (both run torch.utils.checkpoint,
+    non-reentrant, around each decoder layer: the same Python per saved tensor), chosen to
+    minimise the two stacks' summed error. The step time (``vramplan.throughput.combine``) is
+    not linear in the factors, so this searches grids; each configuration weighs once, at its
+    median step time.
+    """
+    stacks = sorted({r.stack for r in runs})
+    best = None
+    for hooks in CHECKPOINT_HOST_OPS:
+        fits = {stack: _fit_stack([r for r in runs if r.stack == stack], float(hooks)) for stack in stacks}
+        total = sum(error for error, _ in fits.values())
+        if best is None or total < best[0]:
+            best = (total, {stack: factors for stack, (_, factors) in fits.items()})
+    return best[1]
 
 
 def predicted_tok_s(run: Run, factors: Factors) -> float:
@@ -118,43 +177,80 @@ def predicted_tok_s(run: Run, factors: Factors) -> float:
     return run.plan.micro_batch * run.plan.seq_len / combine(seconds)
 
 
-def evaluate(runs: list[Run] | None = None) -> dict:
-    """Fit on the fitting set, predict every run; errors are (predicted - measured) / measured."""
+def _summary(errors: list[float]) -> dict:
+    return {"count": len(errors), "mean_abs_error": round(statistics.mean(errors), 4),
+            "median_abs_error": round(statistics.median(errors), 4), "max_abs_error": round(max(errors), 4),
+            "within_15_percent": sum(e <= 0.15 for e in errors)}
+
+
+def rotation(runs: list[Run], offset: int) -> dict:
+    """Held-out errors when another third of each stack is fitted (``split(runs, offset)``)."""
+    fit, held = split(runs, offset)
+    factors = fit_factors(fit)
+    return dict(offset=offset, **_summary([abs(predicted_tok_s(r, factors[r.stack]) - r.tok_s) / r.tok_s for r in held]))
+
+
+def evaluate(runs: list[Run] | None = None, rotate: bool = True) -> dict:
+    """Fit on the fitting set, predict every run; errors are (predicted - measured) / measured tok/s."""
     runs = runs if runs is not None else load_runs()
     fit, held = split(runs)
-    factors = {stack: fit_factors(fit, stack) for stack in sorted({r.stack for r in runs})}
+    factors = fit_factors(fit)
+    fitted = {r.key for r in fit}
     rows = []
     for run in runs:
         predicted = predicted_tok_s(run, factors[run.stack])
-        rows.append({"key": run.key, "stack": run.stack, "model": run.model, "seq": run.plan.seq_len,
-                     "batch": run.plan.micro_batch, "measured_tok_s": round(run.tok_s, 1),
+        plan = run.plan
+        rows.append({"key": run.key, "stack": run.stack, "model": run.model, "seq": plan.seq_len,
+                     "batch": plan.micro_batch, "rank": plan.lora_rank, "checkpointing": plan.checkpointing,
+                     "quant": plan.quant, "optimizer": plan.optimizer, "repeats": len(run.step_times),
+                     "spread": round(run.spread, 4), "measured_tok_s": round(run.tok_s, 1),
                      "predicted_tok_s": round(predicted, 1), "error": round((predicted - run.tok_s) / run.tok_s, 4),
-                     "set": "fit" if run in fit else "held_out"})
-    held_errors = [abs(r["error"]) for r in rows if r["set"] == "held_out"]
+                     "set": "fit" if run.key in fitted else "held_out"})
+    held_rows = [r for r in rows if r["set"] == "held_out"]
+    rotations = [rotation(runs, offset) for offset in range(1, FIT_EVERY)] if rotate else []
+    repeated = [r["spread"] for r in rows if r["repeats"] > 1]
     return {
         "gpu": GPU,
+        "split": f"per stack, in order of first measurement, configurations 1, 1+{FIT_EVERY}, 1+2*{FIT_EVERY}, ... fitted",
         "factors": {stack: f.__dict__ for stack, f in factors.items()},
         "rows": rows,
-        "held_out": {"count": len(held_errors), "mean_abs_error": round(statistics.mean(held_errors), 4),
-                     "median_abs_error": round(statistics.median(held_errors), 4),
-                     "max_abs_error": round(max(held_errors), 4)},
+        "held_out": _summary([abs(r["error"]) for r in held_rows]),
+        "held_out_by_stack": {stack: _summary([abs(r["error"]) for r in held_rows if r["stack"] == stack])
+                              for stack in factors},
         "fit": {"count": len(fit)},
+        "repeats": {"configurations": len(repeated), "max_spread": round(max(repeated, default=0.0), 4)},
+        "rotations": rotations,
     }
 
 
 def markdown(result: dict) -> str:
     lines = ["# Predicted vs measured tokens/s (H100)", "",
-             "| stack | model | seq | batch | measured | predicted | error | set |", "|---|---|---|---|---|---|---|---|"]
+             "Measured: median step time over a configuration's fresh measurements (repeats; spread = "
+             "(slowest - fastest) / median). Error: (predicted - measured) / measured tokens/s.", "",
+             "| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
+             "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in result["rows"]:
-        lines.append(f"| {r['stack']} | {r['model']} | {r['seq']} | {r['batch']} | {r['measured_tok_s']:,.0f} | "
+        repeats = f"{r['repeats']} ({100 * r['spread']:.0f}%)" if r["repeats"] > 1 else "1"
+        lines.append(f"| {r['stack']} | {r['model']} | {r['seq']} | {r['batch']} | {r['rank']} | {r['checkpointing']} | "
+                     f"{r['quant']} | {r['optimizer']} | {repeats} | {r['measured_tok_s']:,.0f} | "
                      f"{r['predicted_tok_s']:,.0f} | {100 * r['error']:+.1f}% | {r['set']} |")
-    held = result["held_out"]
-    lines += ["", f"Held out: {held['count']} configurations, mean |error| {100 * held['mean_abs_error']:.1f}%, "
-                  f"median {100 * held['median_abs_error']:.1f}%, "
-                  f"max {100 * held['max_abs_error']:.1f}%.", "", "Factors:", ""]
+    lines += ["", f"Split: {result['split']}; {result['fit']['count']} fitted."]
+    for name, held in [("all stacks", result["held_out"]), *result["held_out_by_stack"].items()]:
+        lines.append(f"Held out ({name}): {held['count']} configurations, mean |error| {100 * held['mean_abs_error']:.1f}%, "
+                     f"median {100 * held['median_abs_error']:.1f}%, max {100 * held['max_abs_error']:.1f}%, "
+                     f"{held['within_15_percent']} within 15%.")
+    for rot in result["rotations"]:
+        lines.append(f"Held out with the split rotated by {rot['offset']} (another third fitted): {rot['count']} "
+                     f"configurations, mean {100 * rot['mean_abs_error']:.1f}%, median {100 * rot['median_abs_error']:.1f}%, "
+                     f"max {100 * rot['max_abs_error']:.1f}%, {rot['within_15_percent']} within 15%.")
+    rep = result["repeats"]
+    lines += [f"Repeats: {rep['configurations']} configurations measured more than once; largest spread "
+              f"{100 * rep['max_spread']:.0f}%.", "", "Factors:", ""]
     for stack, f in result["factors"].items():
-        lines.append(f"- {stack}: {f['seconds_per_kernel'] * 1e6:.1f} µs per kernel, matmul {100 * f['matmul_efficiency']:.1f}%, "
-                     f"attention {100 * f['attention_efficiency']:.1f}%, bandwidth {100 * f['bandwidth_efficiency']:.0f}% of peak")
+        lines.append(f"- {stack}: {f['seconds_per_host_op'] * 1e6:.1f} µs per host op, checkpoint hooks "
+                     f"{f['checkpoint_host_ops']:.1f} host ops per checkpointed op, matmul "
+                     f"{100 * f['matmul_efficiency']:.1f}%, attention {100 * f['attention_efficiency']:.1f}%, "
+                     f"bandwidth {100 * f['bandwidth_efficiency']:.0f}% of peak")
     return "\n".join(lines) + "\n"
 
 
@@ -206,7 +302,7 @@ def main() -> None:
         fresh = measure(args.measure, json.loads(args.grid), args.steps)
         for record in fresh:
             plan = plan_of(record, "vramplan")
-            runs.append(Run(f"fresh:{plan.model}:s{plan.seq_len}", "vramplan", plan.model, plan, record["tok_s"], record["step_s"]))
+            runs.append(Run("fresh:" + run_key("vramplan", plan), "vramplan", plan.model, plan, (record["step_s"],)))
     result = evaluate(runs)
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / "throughput.json", result)

@@ -41,3 +41,23 @@ def test_one_step_counted_by_phase_and_component(family, layers, monkeypatch):
     assert table["recompute"]["qlora_linear"]["launch"] == 3 * linears
     assert table["backward"]["qlora_linear"]["launch"] <= 6 * linears
     assert table["backward"]["qlora_linear"]["triton"] == linears
+
+
+@pytest.mark.slow
+def test_the_throughput_models_host_ops_per_layer_match_the_counted_ones():
+    """vramplan.throughput counts host ops from the architecture alone; the counter sees them. Per
+    decoder layer of Llama (default switches: per-tensor 8-bit AdamW, Triton RoPE), by phase, the
+    two agree within 20%."""
+    from benchmarks.launch_count import tiny_config
+    from vramplan.arch import from_config
+    from vramplan.plan import Plan
+    from vramplan.throughput import step_host_ops
+
+    counted = {n: count_step("llama", layers=n, seq=8)["per_phase"] for n in (1, 3)}
+    ops = {n: step_host_ops(from_config(tiny_config("llama", n)), Plan(model="llama")) for n in (1, 3)}
+    for phase in ("forward", "recompute", "backward"):
+        seen = (counted[3][phase] - counted[1][phase]) / 2
+        modelled = (ops[3][phase] - ops[1][phase]) / 2
+        assert modelled == pytest.approx(seen, rel=0.2), phase
+    # the optimizer: one bitsandbytes update per LoRA tensor, 7 linears x (A, B) a layer
+    assert counted[3]["optimizer"] - counted[1]["optimizer"] == 2 * 14

@@ -7,7 +7,9 @@ from vramplan.arch import from_config
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
 from vramplan.plan import Plan
-from vramplan.throughput import calibration, predict_tokens_per_s, step_bytes, step_flops, step_kernels, step_seconds
+from vramplan.throughput import combine
+from vramplan.throughput import (calibration, factors_for, host_seconds, optimizer_tensors, predict_tokens_per_s, step_bytes,
+                                 step_flops, step_host_ops, step_seconds)
 
 TINY = {"model_type": "llama", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
         "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": 100,
@@ -55,14 +57,80 @@ def test_checkpointing_offload_and_quantization_slow_a_step():
     assert speed() > speed(checkpointing="full") > speed(checkpointing="offload")
     assert speed() > speed(quant="nf4")
     assert step_bytes(arch, plan.replace(quant="nf4"))["weights"] > step_bytes(arch, plan)["weights"]
-    assert step_kernels(arch, plan.replace(checkpointing="full")) > step_kernels(arch, plan)
+    full, none = step_host_ops(arch, plan.replace(checkpointing="full")), step_host_ops(arch, plan)
+    assert full["recompute"] > 0 == none["recompute"] and full["forward"] > full["checkpointed"] > 0 == none["checkpointed"]
 
 
-def test_more_layers_launch_more_kernels():
-    small = from_config(TINY)
-    deep = from_config({**TINY, "num_hidden_layers": 8})
+def test_more_layers_dispatch_more_host_ops():
+    """Host ops grow by the same count with every decoder layer (the per-model part stays)."""
     plan = Plan(model="tiny")
-    assert step_kernels(deep, plan) > 3.5 * (step_kernels(small, plan) - 200)
+    ops = {n: sum(step_host_ops(from_config({**TINY, "num_hidden_layers": n}), plan).values()) for n in (2, 4, 8)}
+    per_layer = (ops[4] - ops[2]) / 2
+    assert per_layer > 30 and ops[8] - ops[2] == pytest.approx(6 * per_layer) and ops[2] > 2 * per_layer
+
+
+def test_host_ops_ignore_the_sequence_and_the_batch():
+    """The host dispatches the same ops for 512 tokens as for 8,192: a small model's step time stays flat."""
+    arch = architecture(resolve_model("llama-3.2-1b"))
+    plan = Plan(model="llama-3.2-1b", seq_len=512)
+    assert step_host_ops(arch, plan) == step_host_ops(arch, plan.replace(seq_len=8192, micro_batch=4))
+    h100 = resolve_gpu("h100")
+    steps = [combine(step_seconds(arch, plan.replace(seq_len=s), h100)) for s in (512, 1024, 2048)]
+    assert max(steps) < 1.15 * min(steps)  # measured: 0.16-0.26 s over 512-8,192 tokens
+    big = architecture(resolve_model("qwen3-4b"))
+    long = [combine(step_seconds(big, Plan(model="qwen3-4b", seq_len=s), h100)) for s in (1024, 8192)]
+    assert long[1] > 1.3 * long[0]  # measured 0.42-0.52 s at 1,024-2,048 (checkpointed), 0.67 s at 8,192
+
+
+def test_optimizer_host_work_counts_bitsandbytes_tensors():
+    arch = architecture(resolve_model("llama-3.2-1b"))
+    plan = Plan(model="llama-3.2-1b")
+    assert optimizer_tensors(arch, plan) == 224  # 16 layers x 7 linears x (A, B), as the launch counter saw
+    assert optimizer_tensors(arch, plan.replace(lora_targets=("q_proj", "v_proj"))) == 64
+    per_tensor = step_host_ops(arch, plan)["optimizer"]
+    assert per_tensor > 10 * step_host_ops(arch, plan.replace(optimizer="adamw"))["optimizer"]
+    assert step_host_ops(arch, plan.replace(grad_accum=4))["optimizer"] == pytest.approx(per_tensor / 4)
+
+
+def test_gemma4_norms_and_wide_heads():
+    """E2B: 6.9 norms a layer, as benchmarks/launch_count.py counted; its 512-wide full-attention heads
+    have no flash kernel and run at the profiled slow rate (the 256-wide sliding ones do not)."""
+    from vramplan.throughput import _norms_per_layer
+
+    arch = architecture(resolve_model("gemma-4-e2b-text"))
+    norms = [_norms_per_layer(arch, layer) for layer in arch.layers]
+    assert sum(norms) / len(norms) == pytest.approx(6.86, abs=0.05)
+    plan = Plan(model="gemma-4-e2b-text")
+    flops = step_flops(arch, plan)
+    assert flops["attention_wide"] > 0 and flops["attention"] > 0
+    assert step_flops(architecture(resolve_model("llama-3.2-1b")), plan)["attention_wide"] == 0
+
+
+def test_host_cost_is_the_cpus_not_the_gpus():
+    """The same plan spends the same host seconds whatever GPU it runs on; a host-bound plan gains
+    little from a faster GPU."""
+    arch = architecture(resolve_model("llama-3.2-1b"))
+    plan = Plan(model="llama-3.2-1b", seq_len=1024)
+    seconds = {g: step_seconds(arch, plan, resolve_gpu(g)) for g in ("rtx-4090", "h100", "b200")}
+    assert len({round(s["host"], 12) for s in seconds.values()}) == 1
+    assert seconds["b200"]["matmul"] < seconds["h100"]["matmul"]
+    h100, b200 = (predict_tokens_per_s(arch, plan, resolve_gpu(g)) for g in ("h100", "b200"))
+    assert b200 < 1.1 * h100
+
+
+def test_captured_phases_would_remove_their_host_ops(monkeypatch):
+    """The switch a CUDA-graph plan will use: captured phases cost one replay each, not their ops."""
+    import vramplan.throughput as throughput
+
+    arch = architecture(resolve_model("llama-3.2-1b"))
+    plan = Plan(model="llama-3.2-1b")
+    factors = factors_for("vramplan")
+    eager = host_seconds(arch, plan, factors)
+    monkeypatch.setattr(throughput, "captured_phases", lambda plan: ("forward", "recompute", "backward", "checkpointed"))
+    graphed = host_seconds(arch, plan, factors)
+    ops = step_host_ops(arch, plan)
+    assert graphed == pytest.approx((ops["optimizer"] + ops["step"] + 4) * factors.seconds_per_host_op)
+    assert graphed < eager / 3
 
 
 def test_a_gpu_without_speed_figures_is_a_clear_error():
@@ -74,25 +142,40 @@ def test_a_gpu_without_speed_figures_is_a_clear_error():
 
 
 def test_held_out_error_on_the_committed_measurements():
-    """The fit never sees the held-out runs. The issue's target is 15% per configuration; not reached.
-    On the committed data (H100: 23 hf-stack runs and the trainer's configurations of sessions 1-3, a
-    configuration measured twice counted at its latest run, every other run of each stack held out):
-    16.8% mean, 14.4% median over 23 held-out runs (13.4% / 8.1% over 17 before session 3's rows). Repeated trainer runs of one configuration differ by up to
-    ±15% (host-bound steps), which bounds what any model of them can reach."""
-    from benchmarks.throughput import evaluate, split, load_runs
+    """The fit never sees the held-out runs. The issue's target is 15% per configuration; not reached on
+    every one. On the committed data (H100: 25 trainer and 23 hf-stack configurations, repeats kept
+    at their median, a third of each stack fitted): 11.6% mean, 10.9% median, 35.3% max, 22 of 31
+    within 15%; with the other two thirds fitted 11.5% and 18.2% mean. Repeats of one configuration
+    differ by up to 22% (host-bound steps), which bounds what any model of them can reach."""
+    from benchmarks.throughput import evaluate, load_runs, split
 
     runs = load_runs()
     fit, held = split(runs)
-    assert len(runs) >= 24 and len(held) >= 12 and not set(r.key for r in fit) & set(r.key for r in held)
-    result = evaluate(runs)
+    assert len(runs) >= 40 and len(held) > len(fit) >= 12 and not {r.key for r in fit} & {r.key for r in held}
+    assert any(len(r.step_times) > 1 for r in runs)  # repeats are kept, not overwritten
+    for offset in (1, 2):  # the rotations fit other thirds; each still sees a run without checkpointing
+        other_fit, other_held = split(runs, offset)
+        assert not {r.key for r in other_fit} & {r.key for r in other_held} and len(other_held) > len(other_fit)
+        assert {r.stack for r in other_fit if r.plan.checkpointing == "none"} == {"hf", "vramplan"}
+    result = evaluate(runs, rotate=False)
     assert result["held_out"]["count"] == len(held)
-    assert result["held_out"]["mean_abs_error"] < 0.17
-    assert result["held_out"]["median_abs_error"] < 0.15
-    # the fitted factors are physical: a launch floor of tens of µs, matmul efficiency under 100%
+    assert result["held_out"]["mean_abs_error"] < 0.13
+    assert result["held_out"]["median_abs_error"] < 0.12
+    assert result["held_out"]["within_15_percent"] >= 20
+    # the fitted factors are physical: tens of µs of host work per op, matmuls below cuBLAS's own rate
     for factors in result["factors"].values():
-        assert 5e-6 < factors["seconds_per_kernel"] < 100e-6 and 0.02 <= factors["matmul_efficiency"] <= 1.0
+        assert 5e-6 < factors["seconds_per_host_op"] < 100e-6 and 0.02 <= factors["matmul_efficiency"] <= 0.8
     committed = calibration()
     for stack, factors in result["factors"].items():
         for name, value in factors.items():
             assert committed["stacks"][stack][name] == pytest.approx(value, rel=1e-6), (stack, name)
     assert committed["date"] and "trainer_h100.jsonl" in committed["source"]
+
+
+def test_host_and_device_overlap_to_about_the_longer():
+    """Where one side dominates the step takes it; at the crossover each waits on the other now and then."""
+    from vramplan.throughput import overlap
+
+    assert overlap(0.2, 0.02) == pytest.approx(0.2, rel=1e-3)
+    assert overlap(0.02, 0.2) == pytest.approx(0.2, rel=1e-3)
+    assert 0.2 < overlap(0.2, 0.2) < 0.4 and overlap(0.2, 0.1) < overlap(0.2, 0.15) < overlap(0.2, 0.2)

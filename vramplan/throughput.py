@@ -1,20 +1,22 @@
 """How fast a plan trains on a GPU: predicted seconds per step, as pure arithmetic.
 
-A training step of ``b × s`` tokens costs the sum of four times (no overlap is assumed;
-the fitted factors absorb what overlap there is):
+A step has a host side and a device side, which overlap (:func:`overlap`: about the longer of
+the two, softened near the crossover):
 
-* **arithmetic**: the step's matmul FLOPs (:func:`step_flops`) over the GPU's dense bf16
-  (fp16 when the plan computes in fp16) tensor rate times a fitted matmul efficiency. The
-  attention score term (the ``s²`` part) has its own efficiency, because the hf recipe runs
-  it in fp32 through SDPA's math kernel while vramplan's runs flash attention in bf16;
-* **memory traffic**: the bytes a step moves through GPU memory (:func:`step_bytes`: NF4
-  dequantization, activations, logits, the attention scores the math kernel materializes,
-  the optimizer's pass over its states) over the GPU's bandwidth times its efficiency;
-* **host link**: CPU-offloaded checkpoints cross PCIe (:func:`step_pcie_bytes`);
-* **launch floor**: the kernels a step launches (:func:`step_kernels`, counted per
-  linear and per layer, so it scales with depth) times a fitted host cost per launch. On
-  the H100 the small models we measured are bound by this: Llama-3.2-1B at 2048 tokens
-  launches ~6,000 kernels and the GPU is busy ~123 ms of a ~270 ms step.
+* **host**: the ops the host dispatches (:func:`step_host_ops`: per LoRA linear, norm, decoder
+  layer and Gemma 4 per-layer input, per pass: forward, the recompute under checkpointing, the
+  backward; plus the optimizer's per-tensor Python for bitsandbytes) times a fitted host cost per
+  op, plus checkpointing's Python hooks (a fitted number of host ops per checkpointed op). The
+  count depends on the architecture and the settings, never on the sequence length: on the H100
+  Llama-3.2-1B's QLoRA step stays at 0.16-0.26 s from 512 to 8,192 tokens while its GPU kernels
+  take ~42 ms of a 220 ms step at 2,048 (benchmarks/results/profiles/);
+* **device**: the step's matmul FLOPs (:func:`step_flops`) over the GPU's dense bf16 (fp16 when
+  the plan computes in fp16) rate times a fitted matmul efficiency; the attention s² term at
+  its own fitted efficiency (heads wider than flash attention takes run a slower kernel at a
+  profiled fixed one); the bytes a step moves (:func:`step_bytes`: NF4 dequantization,
+  activations, logits, materialized attention scores, the optimizer's pass over its states)
+  over the GPU's bandwidth;
+* **host link**: CPU-offloaded checkpoints cross PCIe (:func:`step_pcie_bytes`), added.
 
 On several GPUs each rank runs that step on its own micro-batch, plus **communication**
 over the box's interconnect (:func:`step_comm_bytes`, :data:`LINK_BYTES_PER_S`): DDP
@@ -24,11 +26,21 @@ backward and reduce-scatters the LoRA gradients, prefetching a layer ahead so th
 overlaps compute but for the first layer's gather. The box's tokens/s is N × a rank's
 tokens over the step time. None of this is measured yet (no multi-GPU run so far).
 
-The efficiencies are fitted per stack to tokens/s measured on an H100
-(``profiles/calibration/throughput/h100.json``, written by ``benchmarks/throughput.py``). They
-are fractions of a catalog peak, so they carry over to other GPUs as far as those GPUs
-reach the same fraction of their peak; the per-launch host cost is taken as the same on
-every machine (it is CPU work).
+The factors are fitted per stack to step times measured on an H100
+(``profiles/calibration/throughput/h100.json``, written by ``benchmarks/throughput.py``).
+
+How they carry over to other GPUs: the efficiencies are fractions of a catalog peak, so they
+transfer as far as another GPU reaches the same fraction of its peak. The host cost per op is
+not a GPU property at all: it is Python, PyTorch's dispatcher and the CUDA driver on the CPU
+that feeds the GPU, so it is used unchanged for every GPU in the catalog and for every GPU of
+a box (each rank has its own process and core). It was measured on the H100 machine's CPU; a
+slower host (a desktop with a consumer GPU is usually faster per thread, a busy cloud VM
+slower) shifts it, and a host-bound plan's speed with it, by the same factor. A GPU that is
+faster than the H100 speeds a host-bound plan up not at all.
+
+A later switch to CUDA-graph-captured steps changes the host term only: :func:`captured_phases`
+names the phases a graph replays, and :func:`host_seconds` charges each of them one replay
+instead of its ops.
 """
 
 from __future__ import annotations
@@ -57,18 +69,53 @@ WEIGHT_BYTES_PER_PASS = {"nf4": 0.52 + 2 + 2, "int8": 1 + 2 + 2, "bf16": 2}
 ACTIVATION_ACCESSES = {"vramplan": (14, 5), "hf": (30, 8)}
 ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}
 
-#: Kernels launched per forward pass: per LoRA-adapted linear (base matmul or dequant +
-#: matmul, the two LoRA matmuls, scale, add, casts) and per layer otherwise (norms, RoPE,
-#: attention, residuals, the gated activation, checkpoint bookkeeping). A backward
-#: launches about twice a forward's kernels. Llama-3.2-1B at 2048 tokens, fully
-#: checkpointed, comes to ~6,000 launches on vramplan's stack, as profiled.
-KERNELS_PER_LINEAR = {"vramplan": 6, "hf": 8}
-#: More per quantized linear: dequantize (and bitsandbytes' Python wrapper around it) each pass.
-KERNELS_PER_DEQUANT = {"vramplan": 2, "hf": 6}
-KERNELS_PER_LAYER = {"vramplan": 24, "hf": 40}
-KERNELS_PER_NORM = {"vramplan": 1, "hf": 7}  # vramplan's RMSNorm is one fused kernel
-KERNELS_PER_LAYER_INPUT = 8  # Gemma 4's per-layer embedding gate and projection
-KERNELS_PER_MODEL = 40  # embedding, final norm, loss, bookkeeping
+#: Host ops per pass, as ``(forward, recompute, backward)``: what the host dispatches (aten ops that
+#: launch device work, Triton launches, bitsandbytes calls), the unit benchmarks/launch_count.py
+#: counts. vramplan's figures are that counter's on the trainer at 1cee967 (Llama-3.2-1B: 844
+#: forward, 560 recompute, 1,079 backward, 224 optimizer; Gemma-4-E2B: 2,289 / 1,464 / 3,172 /
+#: 410); hf's are read off its code (no counter runs it): PEFT's LoRA layer around bitsandbytes'
+#: Linear4bit (cast, dropout, A, B, scale, add around a dequantize and a matmul), unfused
+#: RMSNorm (~7 ops) and RoPE (~14 ops each way). None of them depends on the sequence length.
+#:
+#: per LoRA-adapted linear: base matmul, the two LoRA matmuls, casts, the add; the recompute
+#: reuses the forward's bf16 copies of the adapters; the backward adds dA and dB
+HOST_OPS_PER_LINEAR = {"vramplan": (6, 4, 8), "hf": (10, 10, 14)}
+#: per quantized linear: dequantize each pass (bitsandbytes' wrapper around it on hf)
+HOST_OPS_PER_DEQUANT = {"vramplan": (1, 1, 1), "hf": (3, 3, 3)}
+HOST_OPS_PER_NORM = {"vramplan": (1, 1, 2), "hf": (7, 7, 12)}  # vramplan's RMSNorm: one Triton kernel
+#: per decoder layer otherwise: the attention call, the gated activation, residual adds, RoPE
+#: (vramplan: one Triton launch a pass where patched; transformers' ~14 ops where not)
+HOST_OPS_PER_LAYER = {"vramplan": (5, 3, 3), "hf": (12, 12, 14)}
+#: transformers' RoPE on vramplan's stack where it stays unpatched (Gemma 4: q and k rotated in
+#: separate calls, shared-KV layers rotate only q; as counted on E2B)
+HOST_OPS_ROPE_UNFUSED = (8, 7, 10)
+HOST_OPS_PER_LAYER_INPUT = (10, 10, 16)  # Gemma 4's per-layer embedding gating, around its two linears
+HOST_OPS_PER_PLAIN_LINEAR = (1, 1, 1)  # a linear LoRA leaves alone: its matmul, dX in the backward
+#: per micro-batch outside the layers (embedding, masks, cos/sin, loss) and per optimizer
+#: step outside the optimizer (gradient clipping, the scheduler, zeroing)
+HOST_OPS_PER_MODEL = (60, 0, 15)
+HOST_OPS_PER_STEP = 25
+#: The optimizer's host work per trainable tensor, in host ops: bitsandbytes' 8-bit AdamW steps
+#: each tensor from Python (~165 µs of host time each, profiled: 32 ms for Llama-3.2-1B's 224
+#: adapters, ~3 ops' worth); torch's AdamW runs foreach kernels over all tensors at once.
+OPTIMIZER_HOST_OPS_PER_TENSOR = {"paged_adamw8bit": 3.0, "adamw8bit": 3.0, "adamw": 0.1}
+OPTIMIZER_HOST_OPS_PER_STEP = {"paged_adamw8bit": 0.0, "adamw8bit": 0.0, "adamw": 20.0}
+#: RoPE patched with the Triton kernel on vramplan's stack (vramplan.train.patching.ROPE_PATCHED_BY_DEFAULT)
+ROPE_UNPATCHED_MODEL_TYPES = ("gemma4",)
+
+#: How host work and device work overlap: the step takes (host^p + device^p)^(1/p). The host
+#: queues kernels ahead of the GPU, so the step is the longer of the two where one dominates
+#: (p -> inf is max); near the crossover each waits on the other now and then (syncs, the
+#: caching allocator, the loss's .item()), which a finite p adds. Fixed, not fitted.
+OVERLAP_SHARPNESS = 4.0
+
+#: SDPA has no flash or cuDNN kernel for heads wider than 256 (Gemma 4's full-attention layers:
+#: 512) and runs the memory-efficient one. Profiled on the H100 (Gemma-4-E2B, 2,048 tokens,
+#: benchmarks/results/profiles/): 0.40 ms per forward (34 GFLOP, ~9% of the bf16 peak) and
+#: 6.6 ms per backward (86 GFLOP, ~1.3%): over forward, recompute and backward 2.1% of the peak,
+#: a fixed fraction here (bf16 stacks only; the hf recipe's fp32 attention has its own fitted one).
+FLASH_MAX_HEAD_DIM = 256
+WIDE_HEAD_ATTENTION_EFFICIENCY = 0.021
 
 #: Nominal per-direction bandwidth of one GPU's link to its peers, by the catalog's
 #: ``interconnect``: PCIe x16 at 16/32/64 GB/s (PCI-SIG 3.0/4.0/5.0); NVLink totals from
@@ -94,14 +141,18 @@ NO_P2P_EFFICIENCY = 0.5
 FSDP_GATHERS_PER_MICRO_BATCH = 2
 
 CALIBRATION_FILE = "calibration/throughput/h100.json"
-FACTOR_FIELDS = ("seconds_per_kernel", "matmul_efficiency", "attention_efficiency", "bandwidth_efficiency")
+FACTOR_FIELDS = (
+    "seconds_per_host_op", "checkpoint_host_ops", "matmul_efficiency", "attention_efficiency", "bandwidth_efficiency",
+)
 
 
 @dataclass(frozen=True)
 class Factors:
-    """One stack's fitted efficiencies (fractions of the catalog peaks) and host cost per launch."""
+    """One stack's fitted efficiencies (fractions of the catalog peaks) and host seconds per host op
+    (a property of the CPU and the Python stack, not of the GPU: see the module docstring)."""
 
-    seconds_per_kernel: float
+    seconds_per_host_op: float
+    checkpoint_host_ops: float  # host ops' worth of checkpointing's Python hooks per checkpointed forward op
     matmul_efficiency: float
     attention_efficiency: float
     bandwidth_efficiency: float
@@ -162,20 +213,22 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
     - ``lora``: forward 2·T·r·(in+out) per adapted linear, ×3 with its backward (dX, dA, dB);
     - ``lm_head``: forward and dX of the (frozen) head, 2·T·V·h each;
     - ``attention``: QKᵀ and PV, 4·T·keys·q_dim forward and 2.5× that backward (flash
-      attention recomputes the scores);
+      attention recomputes the scores); ``attention_wide``: the same on layers whose heads are
+      too wide for flash attention (:data:`FLASH_MAX_HEAD_DIM`), which run a slower kernel;
     - ``recompute``: under checkpointing, the layers' forward once more (linears, LoRA, attention).
     """
     tokens = plan.micro_batch * plan.seq_len
     linear = sum(lin.params for lin in arch.extra_linears)
     active_experts = 0
     lora = 0
-    attention = 0.0
+    attention = {"attention": 0.0, "attention_wide": 0.0}
     for layer in arch.layers:
         linear += layer.linear_params
         if layer.experts:
             active_experts += layer.top_k * 3 * arch.hidden_size * layer.expert_intermediate
         lora += _lora_width(arch, layer, plan)
-        attention += 4 * plan.seq_len * _keys_per_query(layer, plan.seq_len) * layer.q_dim * plan.micro_batch
+        part = "attention_wide" if layer.head_dim > FLASH_MAX_HEAD_DIM else "attention"
+        attention[part] += 4 * plan.seq_len * _keys_per_query(layer, plan.seq_len) * layer.q_dim * plan.micro_batch
     forward = 2.0 * tokens * (linear + active_experts)
     lora_forward = 2.0 * tokens * plan.lora_rank * lora
     parts = {
@@ -183,18 +236,19 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
         "linears_backward": forward,
         "lora": 3 * lora_forward,
         "lm_head": 2 * 2.0 * tokens * arch.vocab_size * arch.hidden_size,
-        "attention": 3.5 * attention,
         "recompute": 0.0,
     }
+    passes = 4.5 if _recomputes(plan) else 3.5
+    parts.update({name: passes * flops for name, flops in attention.items()})
     if _recomputes(plan):
         parts["recompute"] = forward + lora_forward
-        parts["attention"] += attention
     return parts
 
 
 def attention_flops(arch: Architecture, plan: Plan) -> float:
     """The s² part of :func:`step_flops` (recompute included): it runs at its own efficiency."""
-    return step_flops(arch, plan)["attention"]
+    flops = step_flops(arch, plan)
+    return flops["attention"] + flops["attention_wide"]
 
 
 def _passes(plan: Plan) -> int:
@@ -257,28 +311,90 @@ def step_pcie_bytes(arch: Architecture, plan: Plan) -> float:
 
 
 def _norms_per_layer(arch: Architecture, layer: Layer) -> int:
-    four = arch.model_type.startswith(("gemma2", "gemma3", "gemma4"))
+    if arch.model_type.startswith("gemma4"):
+        # four around attention and MLP, q_norm, k_norm and v_norm where the layer computes its own
+        # K/V, the per-layer input's norm: 6.9 a layer on E2B, as the launch counter saw
+        return 5 + (2 if layer.has_kv else 0) + (1 if layer.per_layer_input else 0)
+    four = arch.model_type.startswith(("gemma2", "gemma3"))
     return (4 if four else 2) + (2 if layer.qk_norm else 0)
 
 
-def step_kernels(arch: Architecture, plan: Plan) -> float:
-    """Kernels launched per micro-batch: forward, twice that in backward, the recompute, the optimizer."""
+def _per_pass(counts: tuple[float, ...], n: float) -> list[float]:
+    return [c * n for c in counts]
+
+
+def optimizer_tensors(arch: Architecture, plan: Plan) -> int:
+    """Trainable tensors the optimizer steps: LoRA's A and B of every adapted linear."""
+    return 2 * sum(1 for layer in arch.layers for lin in layer.linears if lin.name in plan.lora_targets)
+
+
+def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
+    """Host ops of one micro-batch, by phase (``forward``, ``recompute``, ``backward``) and, divided
+    by ``grad_accum``, of its share of the optimizer step (``optimizer``, ``step``); ``checkpointed``
+    is the decoder layers' forward ops again when checkpointing is on: each of them saves tensors through
+    torch.utils.checkpoint's (non-reentrant) Python pack hook, unpacked by another in the backward,
+    a cost per op that :class:`Factors` ``checkpoint_host_ops`` weighs (fitted: the hooks' Python
+    has no op count of its own).
+
+    Counted from the architecture alone: per decoder layer its LoRA linears (and their
+    dequantization), norms, the attention/activation/residual work, Gemma 4's per-layer input;
+    the recompute exists under checkpointing; the optimizer's work is per trainable tensor for
+    bitsandbytes (a Python loop over parameters) and nearly constant for torch's foreach AdamW.
+    The sequence length and batch never enter: a host op costs the same for 512 tokens as for
+    8,192, which is why small models train at one step time across lengths (H100: Llama-3.2-1B
+    0.16-0.26 s from 512 to 8,192 tokens).
+    """
     stack = plan.stack
-    forward = KERNELS_PER_MODEL
-    adapted = 0
+    phases = [float(c) for c in HOST_OPS_PER_MODEL]
+    rope_unfused = stack == "vramplan" and arch.model_type.startswith(ROPE_UNPATCHED_MODEL_TYPES)
     for layer in arch.layers:
-        n_linears = len(layer.linears)
-        adapted += sum(1 for lin in layer.linears if lin.name in plan.lora_targets)
-        per_linear = KERNELS_PER_LINEAR[stack] + (KERNELS_PER_DEQUANT[stack] if plan.quant != "bf16" else 0)
-        forward += n_linears * per_linear + KERNELS_PER_LAYER[stack]
-        forward += _norms_per_layer(arch, layer) * KERNELS_PER_NORM[stack]
-        if layer.per_layer_input:
-            forward += KERNELS_PER_LAYER_INPUT
-        if layer.experts:
-            forward += layer.experts * 3 if stack == "hf" else 12  # hf loops over experts
-    launches = forward * (3 + (1 if _recomputes(plan) else 0))
-    launches += 2 * adapted * 3 / plan.grad_accum  # optimizer step and zeroing per A and B tensor
-    return float(launches)
+        adapted = sum(1 for lin in layer.linears if lin.name in plan.lora_targets)
+        per_layer = [
+            _per_pass(HOST_OPS_PER_LINEAR[stack], adapted),
+            _per_pass(HOST_OPS_PER_DEQUANT[stack], adapted if plan.quant != "bf16" else 0),
+            _per_pass(HOST_OPS_PER_PLAIN_LINEAR, len(layer.linears) - adapted),
+            _per_pass(HOST_OPS_PER_NORM[stack], _norms_per_layer(arch, layer)),
+            list(HOST_OPS_PER_LAYER[stack]),
+            _per_pass(HOST_OPS_ROPE_UNFUSED, 1 if rope_unfused else 0),
+            _per_pass(HOST_OPS_PER_LAYER_INPUT, 1 if layer.per_layer_input else 0),
+        ]
+        for counts in per_layer:
+            phases = [p + c for p, c in zip(phases, counts)]
+        if layer.experts:  # hf loops over the experts in Python; vramplan's grouped path does not
+            phases = [p + (layer.experts * 3 if stack == "hf" else 12) for p in phases]
+    forward, recompute, backward = phases
+    recomputes = _recomputes(plan)
+    tensors = optimizer_tensors(arch, plan)
+    optimizer = OPTIMIZER_HOST_OPS_PER_TENSOR[plan.optimizer] * tensors + OPTIMIZER_HOST_OPS_PER_STEP[plan.optimizer]
+    return {
+        "forward": forward,
+        "recompute": recompute if recomputes else 0.0,
+        "backward": backward,
+        "checkpointed": forward - HOST_OPS_PER_MODEL[0] if recomputes else 0.0,  # the layers' part
+        "optimizer": optimizer / plan.grad_accum,
+        "step": HOST_OPS_PER_STEP / plan.grad_accum,
+    }
+
+
+def captured_phases(plan: Plan) -> tuple[str, ...]:
+    """The phases of :func:`step_host_ops` that a CUDA graph replays instead of dispatching op by op:
+    none, since vramplan's trainer and the hf recipe both run eagerly. A plan that asks for captured
+    steps (a future flag) returns its captured phases here; :func:`host_seconds` then charges them
+    :data:`GRAPH_REPLAY_HOST_OPS` each instead of their ops, and the host term falls to what stays
+    outside the graphs (the optimizer's Python, the loss's sync)."""
+    return ()
+
+
+#: Host ops' worth of one graph replay (cudaGraphLaunch and its bookkeeping).
+GRAPH_REPLAY_HOST_OPS = 1.0
+
+
+def host_seconds(arch: Architecture, plan: Plan, factors: Factors) -> float:
+    """Host time of one micro-batch: its host ops times the stack's fitted seconds per op."""
+    captured = captured_phases(plan)
+    ops = step_host_ops(arch, plan)
+    ops["checkpointed"] *= factors.checkpoint_host_ops
+    return sum(GRAPH_REPLAY_HOST_OPS if phase in captured else n for phase, n in ops.items()) * factors.seconds_per_host_op
 
 
 # ------------------------------------------------------------------ time
@@ -350,10 +466,14 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
         raise VramplanError(f"GPU {gpu.name} has no compute rate or bandwidth in the catalog; its speed cannot be predicted")
     flops = step_flops(arch, plan)
     attention = flops.pop("attention")
+    wide = flops.pop("attention_wide")
+    if not _bf16_attention(plan):  # fp32 attention runs the math or memory-efficient kernel on every layer
+        attention, wide = attention + wide, 0.0
     seconds = {
-        "launch": step_kernels(arch, plan) * factors.seconds_per_kernel,
+        "host": host_seconds(arch, plan, factors),
         "matmul": sum(flops.values()) / (rate * factors.matmul_efficiency),
         "attention": attention / (rate * factors.attention_efficiency),
+        "attention_wide": wide / (rate * WIDE_HEAD_ATTENTION_EFFICIENCY),
         "memory": sum(step_bytes(arch, plan).values()) / (gpu.bandwidth_gbs * 1e9 * factors.bandwidth_efficiency),
         "pcie": step_pcie_bytes(arch, plan) / PCIE_BYTES_PER_S,
     }
@@ -366,14 +486,26 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
     return seconds
 
 
+def _bf16_attention(plan: Plan) -> bool:
+    """Whether attention runs SDPA's 16-bit kernels (vramplan's stack; hf's NF4 recipe runs fp32)."""
+    return plan.stack != "hf" or plan.quant == "bf16"
+
+
+def overlap(host: float, device: float) -> float:
+    """Host and device time of one step together: (host^p + device^p)^(1/p), p = :data:`OVERLAP_SHARPNESS`."""
+    p = OVERLAP_SHARPNESS
+    return (host ** p + device ** p) ** (1 / p)
+
+
 def combine(seconds: dict[str, float]) -> float:
-    """A step's wall time from its terms: the host launches kernels while the GPU runs earlier
-    ones, so the step takes the longer of the host's launch work and the device's work (matmuls,
-    attention, memory traffic), plus offload transfers, which wait on PCIe. Measured on an H100:
-    Llama-3.2-1B's step took ~0.22 s at 1,024, 2,048 and 4,096 tokens alike (host-bound), while
-    Llama-3.1-8B's grew with the work (benchmarks/results/trainer_h100.jsonl)."""
-    device = seconds["matmul"] + seconds["attention"] + seconds["memory"]
-    compute = max(seconds["launch"], device) + seconds["pcie"]
+    """A step's wall time from its terms: the host dispatches ops while the GPU runs earlier ones,
+    so the step takes about the longer of the host's work and the device's (matmuls, attention,
+    memory traffic; :func:`overlap`), plus offload transfers, which wait on PCIe. Measured on an
+    H100: Llama-3.2-1B's step took 0.16-0.26 s from 512 to 8,192 tokens (host-bound), while
+    Qwen3-4B's grew from 0.34 s to 0.67 s between 1,024 and 8,192 tokens
+    (benchmarks/results/trainer_h100.jsonl)."""
+    device = seconds["matmul"] + seconds["attention"] + seconds["attention_wide"] + seconds["memory"]
+    compute = overlap(seconds["host"], device) + seconds["pcie"]
     # on several GPUs the collectives run on their own stream beside the compute (FSDP2's
     # prefetch, DDP's bucketed all-reduce during the backward); what cannot overlap is added
     return max(compute, seconds.get("comm", 0.0)) + seconds.get("comm_exposed", 0.0)
@@ -387,7 +519,7 @@ def predict_tokens_per_s(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: 
     LoRA's forward and backward (its dA, dB), the LM head's forward and dX, the causal
     attention s² term and, under checkpointing, the recomputed forward; the memory
     traffic of NF4/int8 dequantization, activations, logits, materialized attention
-    scores and the optimizer; offloaded checkpoints over PCIe; and the launch floor.
+    scores and the optimizer; offloaded checkpoints over PCIe; and the host's dispatch of every op.
     Not counted: data loading, logging, checkpoint saving, paged-optimizer evictions (the
     plan fits, so its states stay resident), thermal throttling.
     """
