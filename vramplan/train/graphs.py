@@ -239,8 +239,9 @@ class StepGraphs:
                 entry = self._capture(embeds, per_layer, batch, denominator, packed)
             except Exception as err:  # a capture that met a sync or an unsupported call: this shape stays eager
                 self.graphs[key] = None
-                self.notes.append(f"CUDA graph capture failed for shape {key[0]} ({type(err).__name__}: "
-                                  f"{str(err).splitlines()[0][:160]}); running it eagerly")
+                first = err.__context__ or err  # capture_end's error hides the call that broke the capture
+                self.notes.append(f"CUDA graph capture failed for shape {key[0]} ({type(first).__name__}: "
+                                  f"{str(first).splitlines()[0][:160]}); running it eagerly")
                 torch.cuda.synchronize()
                 return self._eager(batch, denominator)
             self.graphs[key] = entry
