@@ -25,18 +25,26 @@ class HfRecipe:
     trainable_params: int
 
 
-def load_hf_recipe(model_dir: str, plan: Plan, device: str = "cuda") -> HfRecipe:
-    """Load ``model_dir`` the way the standard recipe does, for ``plan``'s settings."""
+def load_hf_recipe(model_dir: str, plan: Plan, device: str = "cuda", dtype=None,
+                   keep_unquantized: list[str] | None = None) -> HfRecipe:
+    """Load ``model_dir`` the way the standard recipe does, for ``plan``'s settings.
+
+    For comparisons with vramplan's trainer: ``dtype`` overrides the plan's compute dtype (fp32 on
+    the CPU, as the trainer runs there) and ``keep_unquantized`` names linears bitsandbytes should
+    leave alone (the recipe quantizes every linear but the LM head; the trainer only the planned
+    targets, so Gemma 4's per-layer projections stay bf16 there)."""
     import torch
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
-    dtype = torch.bfloat16 if plan.compute_dtype == "bf16" else torch.float16
+    if dtype is None:
+        dtype = torch.bfloat16 if plan.compute_dtype == "bf16" else torch.float16
     kwargs: dict[str, Any] = {}
     if plan.quant == "nf4":
         kwargs["quantization_config"] = BitsAndBytesConfig(
             load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
-            bnb_4bit_use_double_quant=plan.double_quant)
+            bnb_4bit_use_double_quant=plan.double_quant,
+            llm_int8_skip_modules=["lm_head", *keep_unquantized] if keep_unquantized else None)
     elif plan.quant == "int8":
         kwargs["quantization_config"] = BitsAndBytesConfig(load_in_8bit=True)
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, device_map={"": device},
