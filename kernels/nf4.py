@@ -213,16 +213,68 @@ def _nf4_quantize_kernel(
     tl.store(absmax_ptr + block, tl.where(partial, clamped, absmax), mask=block < n_blocks)
 
 
-def _dequant_config(n_bytes: int) -> tuple[int, int]:
-    """(BLOCK_BYTES, num_warps) for a weight of ``n_bytes`` packed bytes.
+@triton.jit
+def _nf4_dequantize_words_kernel(
+    words_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
+    n, n_words, tiles_per_program,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, WORDS: tl.constexpr,
+):
+    """The packed bytes read as int32 words, 8 values each, laid out [words, 8]: every thread
+    stores its words' 8 bf16 values as one 16-byte store (the byte kernel's [blocks, bytes, 2]
+    join compiles to 2-byte stores on sm_90). A program decodes ``tiles_per_program``
+    consecutive tiles of WORDS words, so a small weight runs as one wave of programs instead of
+    2-3 waves whose last one idles most of the GPU."""
+    pid = tl.program_id(0).to(tl.int64)
+    lane = tl.arange(0, 8)
+    # bit offset of a little-endian word's 8 values: byte lane // 2, the first value of a byte in its high nibble
+    shift = (lane // 2) * 8 + (1 - lane % 2) * 4
+    for t in range(tiles_per_program):
+        word = (pid * tiles_per_program + t) * WORDS + tl.arange(0, WORDS)
+        in_range = word < n_words
+        packed = tl.load(words_ptr + word, mask=in_range, other=0)
+        nibble = (packed[:, None] >> shift[None, :]) & 0xF
+        absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, (word * 8) // BLOCKSIZE, in_range,
+                                   DOUBLE_QUANT)
+        values = tl.load(code4_ptr + nibble) * absmax[:, None]
+        index = word[:, None] * 8 + lane[None, :]
+        tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
+
+
+@dataclass(frozen=True)
+class DequantConfig:
+    """How a decode is launched. ``words`` > 0: the word kernel with ``words`` int32 words per tile
+    and, with ``programs_per_sm`` > 0, at most that many programs per SM, each looping over its
+    share of tiles (0: one tile per program). ``words`` == 0: the byte kernel with
+    ``block_bytes`` packed bytes per program (any size, any alignment)."""
+
+    words: int = 256
+    num_warps: int = 4
+    programs_per_sm: int = 16
+    block_bytes: int = 1024
+
+
+BYTE_KERNEL = DequantConfig(words=0, programs_per_sm=0)
+
+
+def _dequant_config(n_bytes: int) -> DequantConfig:
+    """The launch for a weight of ``n_bytes`` packed bytes.
 
     Fixed, not autotuned per call: the autotuner's per-launch bookkeeping (argument dicts, a key
     with every tensor's dtype as a string) cost ~35 µs of host time per decode on the reference
-    GPU, ~340 decodes a step. Autotuned on the H100 over 1024/2048/4096 bytes × 4/8 warps, the
-    winners were 1024/4 for 0.5 MB and 8 MB weights and 2048/4 for 2 MB, all within 5% of each
-    other (the decode is bound by memory bandwidth).
+    GPU, ~340 decodes a step. The byte kernel autotuned on the H100 over 1024/2048/4096 bytes ×
+    4/8 warps was within 5% across them, and at 56-59% of copy bandwidth on Gemma-4-E2B's
+    weights (2.2 waves of programs, 2-byte stores). The word kernel stores 16 bytes per thread
+    and runs as one wave: 1 KB tiles, 4 warps (16 programs fill an SM), as many programs as fit
+    at once. ``benchmarks/kernel_cases/nf4.py`` times the alternatives beside it.
     """
-    return (2048, 4) if (1 << 20) <= n_bytes < (1 << 22) else (1024, 4)
+    if n_bytes < 4096:  # a few tiles: the byte kernel's single launch is as good, and any size goes
+        return BYTE_KERNEL
+    return DequantConfig()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
 class _DequantLaunch:
@@ -239,24 +291,48 @@ class _DequantLaunch:
     pick differs only with ``out``'s dtype and 16-byte alignment, the key of ``compiled``.
     """
 
-    __slots__ = ("tensors", "n", "n_bytes", "grid", "constexprs", "constexpr_values", "compiled")
+    __slots__ = ("tensors", "n", "n_bytes", "config", "kernel", "inputs", "grid", "constexprs", "constexpr_values",
+                 "compiled")
 
-    def __init__(self, q: "NF4Tensor"):
+    def __init__(self, q: "NF4Tensor", config: DequantConfig | None = None):
         if q.double_quant:
             scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
         else:
             scale = code8 = offset = q.absmax  # unread placeholders
+        #: the kernels' inputs in byte form (the fused QLoRA matmul reads them too)
         self.tensors = (q.packed, q.absmax, scale, code8, offset, nf4_code(str(q.device)))
         self.n, self.n_bytes = q.numel(), q.packed.numel()
-        block_bytes, num_warps = _dequant_config(self.n_bytes)
-        self.grid = (triton.cdiv(self.n_bytes, block_bytes), 1, 1)
-        self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=block_bytes,
-                               num_warps=num_warps, enable_fp_fusion=False)
-        self.constexpr_values = (q.blocksize, q.double_quant, block_bytes)  # in the kernel's signature order
+        config = config or _dequant_config(self.n_bytes)
+        if config.words and (self.n_bytes % 4 or q.packed.data_ptr() % 16 or q.packed.stride(-1) != 1):
+            config = BYTE_KERNEL  # the words view needs whole, aligned int32 words
+        self.config = config
+        if config.words:
+            n_words = self.n_bytes // 4
+            tiles = triton.cdiv(n_words, config.words)
+            slots = _sm_count(q.device) * config.programs_per_sm
+            per_program = triton.cdiv(tiles, slots) if config.programs_per_sm else 1
+            self.kernel = _nf4_dequantize_words_kernel
+            self.inputs = (q.packed.view(torch.int32), *self.tensors[1:])
+            self.grid = (triton.cdiv(tiles, per_program), 1, 1)
+            scalars = (n_words, per_program)
+            self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, WORDS=config.words)
+        else:
+            self.kernel = _nf4_dequantize_kernel
+            self.inputs = self.tensors
+            self.grid = (triton.cdiv(self.n_bytes, config.block_bytes), 1, 1)
+            scalars = (self.n_bytes,)
+            self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=config.block_bytes)
+        self.constexpr_values = tuple(self.constexprs.values())  # in the kernels' signature order
+        self.constexprs.update(num_warps=config.num_warps, enable_fp_fusion=False)
+        self.inputs = (*self.inputs, self.n, *scalars)  # ``out`` goes between the tensors and n
         self.compiled: dict[tuple[torch.dtype, bool], object] = {}
 
+    def args(self, out: torch.Tensor) -> tuple:
+        """The kernel's positional arguments for a decode into ``out``, constexprs last."""
+        return (*self.inputs[:6], out, *self.inputs[6:], *self.constexpr_values)
+
     def __call__(self, out: torch.Tensor) -> None:
-        args = (*self.tensors, out, self.n, self.n_bytes, *self.constexpr_values)
+        args = self.args(out)
         key = (out.dtype, out.data_ptr() % 16 == 0)
         launch = self.compiled.get(key)
         if launch is None:
@@ -265,7 +341,7 @@ class _DequantLaunch:
             launch(*args)
 
     def _jit(self, *args) -> object:
-        return _nf4_dequantize_kernel[self.grid](*args[:-len(self.constexpr_values)], **self.constexprs)
+        return self.kernel[self.grid](*args[:-len(self.constexpr_values)], **self.constexprs)
 
     def _first_launch(self, args: tuple):
         """Launch through the JIT (compiling if needed); return the launcher for the next calls:
@@ -287,23 +363,19 @@ def _dequant_launch(q: "NF4Tensor") -> _DequantLaunch:
     return launch
 
 
-def _dequantize_triton(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
-    if interpreting():
-        n, n_bytes = q.numel(), q.packed.numel()
-        if q.double_quant:
-            scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
-        else:
-            scale = code8 = offset = q.absmax  # unread placeholders
+def _decode(launch: _DequantLaunch, out: torch.Tensor) -> torch.Tensor:
+    if interpreting() and out.dtype == torch.bfloat16:
         # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even: decode to
         # fp32 there and let torch round, so the interpreter checks everything else bit for bit.
-        staging = out if out.dtype != torch.bfloat16 else torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        block_bytes = max(256, q.blocksize // 2)
-        _nf4_dequantize_kernel[(triton.cdiv(n_bytes, block_bytes),)](
-            q.packed, q.absmax, scale, code8, offset, nf4_code(str(q.device)), staging, n, n_bytes,
-            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=block_bytes)
-        return out if staging is out else out.copy_(staging)
-    _dequant_launch(q)(out)
+        staging = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        launch(staging)
+        return out.copy_(staging)
+    launch(out)
     return out
+
+
+def _dequantize_triton(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
+    return _decode(_dequant_launch(q), out)
 
 
 def _quantize_triton(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,3 +497,13 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
     if out is None:
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
     return _dequantize_triton(q, out)
+
+
+def dequantize_nf4_with(q: "NF4Tensor", out: torch.Tensor, config: DequantConfig) -> torch.Tensor:
+    """Decode into ``out`` with an explicit launch ``config`` (benchmarks compare launches with
+    it); the launch plan is kept per config on the weight, as ``dequantize_nf4`` keeps its own."""
+    plans = q.__dict__.setdefault("_launches", {})
+    launch = plans.get(config)
+    if launch is None:
+        launch = plans[config] = _DequantLaunch(q, config)
+    return _decode(launch, out)

@@ -168,3 +168,49 @@ def test_benchmark_cases_run_at_tiny_shapes():
     for other in results[1:]:
         assert torch.equal(results[0], other.reshape(results[0].shape))
     assert cases[0].bytes_moved == 32 * 128 // 2 + 64 + 4 + 2 * 32 * 128
+
+
+# Whole int32 words of packed bytes and more than one tile: the word kernel (the GPU's path for
+# real weights); a partial last tile and a partial 256-block absmax group.
+WORD_SHAPES = [(128, 96), (40, 1000)]
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", WORD_SHAPES)
+def test_word_kernel_decodes_bitsandbytes_weights_identically(shape, double_quant):
+    from vramplan_kernels.nf4 import _dequant_launch
+
+    packed, state = _bnb_quantize(_weight(shape, torch.bfloat16, seed=2), double_quant)
+    q = NF4Tensor.from_bnb(packed, state)
+    with kernel_mode("triton"):
+        ours = dequantize_nf4(q)
+    assert _dequant_launch(q).config.words  # the word kernel ran, not the byte fallback
+    assert torch.equal(ours, _bnb_dequantize(packed, state))
+
+
+@pytest.mark.parametrize("config", [
+    dict(words=256, num_warps=4, programs_per_sm=16),  # one wave: on the CPU a single program loops over every tile
+    dict(words=128, num_warps=4, programs_per_sm=0),  # one tile per program
+    dict(words=512, num_warps=8, programs_per_sm=2),
+    dict(words=0, block_bytes=512),  # the byte kernel
+])
+def test_every_launch_config_decodes_the_same(config):
+    from vramplan_kernels.nf4 import DequantConfig, dequantize_nf4_with
+
+    q = quantize_nf4_reference(_weight((96, 640), torch.float32, seed=3))
+    expected = dequantize_nf4_reference(q, torch.bfloat16)
+    with kernel_mode("triton"):
+        out = dequantize_nf4_with(q, torch.empty(q.shape, dtype=torch.bfloat16), DequantConfig(**config))
+    assert torch.equal(out, expected)
+
+
+def test_unaligned_packed_bytes_fall_back_to_the_byte_kernel():
+    from vramplan_kernels.nf4 import _dequant_launch
+
+    q = quantize_nf4_reference(_weight((64, 128), torch.float32, seed=4))
+    shifted = torch.empty(q.packed.numel() + 1, dtype=torch.uint8)[1:]  # storage offset 1: no int32 view
+    shifted.copy_(q.packed)
+    moved = NF4Tensor(shifted, q.absmax, q.shape, q.dtype, q.blocksize, q.absmax_scale, q.absmax_offset, q.absmax_code)
+    with kernel_mode("triton"):
+        assert torch.equal(dequantize_nf4(moved, torch.float32), dequantize_nf4_reference(q, torch.float32))
+    assert _dequant_launch(moved).config.words == 0
