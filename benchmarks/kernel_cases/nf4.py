@@ -38,8 +38,9 @@ WEIGHT_SHAPES = {
     "llama3.1-8b up (14336x4096)": (14336, 4096),
     "llama3.1-8b down (4096x14336)": (4096, 14336),
 }
-#: vramplan's alternative launches, timed at weights under this many values (the ones below 70%)
-SWEEP_BELOW = 40_000_000
+#: where vramplan's alternative launches are timed too (the sizes that read below 70%, and one above)
+SWEEP_SHAPES = ("gemma4-e2b up (6144x1536)", "gemma4-e2b down (1536x6144)", "llama3.1-8b q (4096x4096)",
+                "gemma4-e4b up (10240x2560)")
 LAUNCHES = {
     "vramplan byte kernel (main's)": BYTE_KERNEL,
     "vramplan words 256/4w, 1 tile per program": DequantConfig(words=256, num_warps=4, programs_per_sm=0),
@@ -79,7 +80,7 @@ def cases(device, shapes: dict[str, tuple[int, int]] | None = None) -> list[Case
         qs = [quantize_nf4(w) for w in weights]
         outs = [torch.empty(shape, device=device, dtype=torch.bfloat16) for _ in range(repeats)]
         variants = {"vramplan": _each(list(zip(qs, outs)), lambda q, out: dequantize_nf4(q, out=out))}
-        if on_gpu and numel < SWEEP_BELOW:
+        if on_gpu and name in SWEEP_SHAPES:
             for label, config in LAUNCHES.items():
                 variants[label] = _each(list(zip(qs, outs)), lambda q, out, c=config: dequantize_nf4_with(q, out, c))
         if bnbf is not None:
