@@ -158,6 +158,23 @@ def test_gpu_repeated_decodes_take_the_direct_launch(double_quant):
     assert launchers and all(getattr(f, "__name__", "") != "_jit" for f in launchers.values())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(6144, 1536), (1536, 640)])
+def test_gpu_every_benchmarked_launch_decodes_exactly(shape):
+    """The launches the benchmark compares (one wave of looping programs, one tile per program,
+    the byte kernel), each twice: the JIT's launch, then the compiled kernel's direct one."""
+    from benchmarks.kernel_cases.nf4 import LAUNCHES
+    from vramplan_kernels.nf4 import dequantize_nf4_with
+
+    q = quantize_nf4(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
+    expected = dequantize_nf4_reference(q)
+    out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+    for config in LAUNCHES.values():
+        for _ in range(2):
+            out.fill_(float("nan"))
+            assert torch.equal(dequantize_nf4_with(q, out, config), expected), config
+
+
 def test_benchmark_cases_run_at_tiny_shapes():
     from benchmarks.kernel_cases import nf4 as nf4_cases
 
