@@ -80,9 +80,10 @@ def cases(device, shapes: dict[str, tuple[int, int]] | None = None) -> list[Case
         qs = [quantize_nf4(w) for w in weights]
         outs = [torch.empty(shape, device=device, dtype=torch.bfloat16) for _ in range(repeats)]
         variants = {"vramplan": _each(list(zip(qs, outs)), lambda q, out: dequantize_nf4(q, out=out))}
-        if on_gpu and name in SWEEP_SHAPES:
+        if on_gpu:  # main's launch everywhere, the others where the sweep runs
             for label, config in LAUNCHES.items():
-                variants[label] = _each(list(zip(qs, outs)), lambda q, out, c=config: dequantize_nf4_with(q, out, c))
+                if config == BYTE_KERNEL or name in SWEEP_SHAPES:
+                    variants[label] = _each(list(zip(qs, outs)), lambda q, out, c=config: dequantize_nf4_with(q, out, c))
         if bnbf is not None:
             bnb = [bnbf.quantize_4bit(w, blocksize=64, compress_statistics=True, quant_type="nf4") for w in weights]
             # bitsandbytes writes into a given buffer on CUDA only (its CPU backend lacks the .out op)
