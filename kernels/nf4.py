@@ -223,21 +223,29 @@ def _nf4_dequantize_words_kernel(
     stores its words' 8 bf16 values as one 16-byte store (the byte kernel's [blocks, bytes, 2]
     join compiles to 2-byte stores on sm_90). A program decodes ``tiles_per_program``
     consecutive tiles of WORDS words, so a small weight runs as one wave of programs instead of
-    2-3 waves whose last one idles most of the GPU."""
+    2-3 waves whose last one idles most of the GPU; it loads its next tile before decoding the
+    current one, so two tiles' words are in flight (a small decode is bound by latency, not by
+    bytes: ~8 KB of loads in flight per SM is far from what 3 TB/s needs)."""
     pid = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, 8)
     # bit offset of a little-endian word's 8 values: byte lane // 2, the first value of a byte in its high nibble
     shift = (lane // 2) * 8 + (1 - lane % 2) * 4
-    for t in range(tiles_per_program):
-        word = (pid * tiles_per_program + t) * WORDS + tl.arange(0, WORDS)
-        in_range = word < n_words
-        packed = tl.load(words_ptr + word, mask=in_range, other=0)
+    start = pid * tiles_per_program * WORDS
+    end = tl.minimum(start + tiles_per_program * WORDS, n_words)  # this program's words stop here
+    word = start + tl.arange(0, WORDS)
+    packed = tl.load(words_ptr + word, mask=word < end, other=0)
+    for _ in range(tiles_per_program):
+        # the next tile's words are loaded before this one is decoded: two tiles' loads in flight a program
+        next_word = word + WORDS
+        next_packed = tl.load(words_ptr + next_word, mask=next_word < end, other=0)
+        in_range = word < end
         nibble = (packed[:, None] >> shift[None, :]) & 0xF
         absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, (word * 8) // BLOCKSIZE, in_range,
                                    DOUBLE_QUANT)
         values = tl.load(code4_ptr + nibble) * absmax[:, None]
         index = word[:, None] * 8 + lane[None, :]
         tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
+        word, packed = next_word, next_packed
 
 
 @dataclass(frozen=True)
@@ -263,9 +271,10 @@ def _dequant_config(n_bytes: int) -> DequantConfig:
     with every tensor's dtype as a string) cost ~35 µs of host time per decode on the reference
     GPU, ~340 decodes a step. The byte kernel autotuned on the H100 over 1024/2048/4096 bytes ×
     4/8 warps was within 5% across them, and at 56-59% of copy bandwidth on Gemma-4-E2B's
-    weights (2.2 waves of programs, 2-byte stores). The word kernel stores 16 bytes per thread
-    and runs as one wave: 1 KB tiles, 4 warps (16 programs fill an SM), as many programs as fit
-    at once. ``benchmarks/kernel_cases/nf4.py`` times the alternatives beside it.
+    weights (2.2 waves of programs, 2-byte stores, 8 bytes of loads in flight a thread). The word
+    kernel stores 16 bytes a thread, keeps two tiles' loads in flight, and runs as one wave: 1 KB
+    tiles, 4 warps, 32 registers a thread (ptxas, sm_90), so 16 programs fill an SM.
+    ``benchmarks/kernel_cases/nf4.py`` times the alternatives beside it.
     """
     if n_bytes < 4096:  # a few tiles: the byte kernel's single launch is as good, and any size goes
         return BYTE_KERNEL
