@@ -154,12 +154,29 @@ class NF4Tensor:
 @triton.jit
 def _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
     """The fp32 absmax of each block index in ``block``, decoding the 8-bit codes when double-quantized."""
+    stored, scale = _load_absmax(absmax_ptr, scale_ptr, block, mask, DOUBLE_QUANT)
+    return _decode_absmax(stored, scale, code8_ptr, offset_ptr, mask, DOUBLE_QUANT)
+
+
+@triton.jit
+def _load_absmax(absmax_ptr, scale_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """(the stored absmax: 8-bit code or fp32, the fp32 scale of its 256-block group or 1): the
+    loads from DRAM, apart so a kernel can issue them a tile ahead."""
     if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        stored = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(scale_ptr + block // 256, mask=mask, other=0.0)
-        absmax = tl.load(code8_ptr + q, mask=mask, other=0.0) * scale + tl.load(offset_ptr)
     else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        stored = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = stored
+    return stored, scale
+
+
+@triton.jit
+def _decode_absmax(stored, scale, code8_ptr, offset_ptr, mask, DOUBLE_QUANT: tl.constexpr):
+    if DOUBLE_QUANT:
+        absmax = tl.load(code8_ptr + stored, mask=mask, other=0.0) * scale + tl.load(offset_ptr)
+    else:
+        absmax = stored
     return absmax
 
 
@@ -217,7 +234,7 @@ def _nf4_quantize_kernel(
 def _nf4_dequantize_words_kernel(
     words_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
     n, n_words, tiles_per_program,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, WORDS: tl.constexpr,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, WORDS: tl.constexpr, PREFETCH_ABSMAX: tl.constexpr,
 ):
     """The packed bytes read as int32 words, 8 values each, laid out [words, 8]: every thread
     stores its words' 8 bf16 values as one 16-byte store (the byte kernel's [blocks, bytes, 2]
@@ -234,18 +251,24 @@ def _nf4_dequantize_words_kernel(
     end = tl.minimum(start + tiles_per_program * WORDS, n_words)  # this program's words stop here
     word = start + tl.arange(0, WORDS)
     packed = tl.load(words_ptr + word, mask=word < end, other=0)
+    stored, scale = _load_absmax(absmax_ptr, scale_ptr, (word * 8) // BLOCKSIZE, word < end, DOUBLE_QUANT)
     for _ in range(tiles_per_program):
-        # the next tile's words are loaded before this one is decoded: two tiles' loads in flight a program
+        # the next tile's words (and absmax) are loaded before this one is decoded: two tiles'
+        # loads in flight a program
         next_word = word + WORDS
         next_packed = tl.load(words_ptr + next_word, mask=next_word < end, other=0)
-        in_range = word < end
+        if PREFETCH_ABSMAX:
+            next_stored, next_scale = _load_absmax(absmax_ptr, scale_ptr, (next_word * 8) // BLOCKSIZE,
+                                                   next_word < end, DOUBLE_QUANT)
+        else:  # 32 registers a thread instead of 40: 16 programs of 4 warps an SM instead of 12
+            stored, scale = _load_absmax(absmax_ptr, scale_ptr, (word * 8) // BLOCKSIZE, word < end, DOUBLE_QUANT)
+            next_stored, next_scale = stored, scale
         nibble = (packed[:, None] >> shift[None, :]) & 0xF
-        absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, (word * 8) // BLOCKSIZE, in_range,
-                                   DOUBLE_QUANT)
+        absmax = _decode_absmax(stored, scale, code8_ptr, offset_ptr, word < end, DOUBLE_QUANT)
         values = tl.load(code4_ptr + nibble) * absmax[:, None]
         index = word[:, None] * 8 + lane[None, :]
         tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
-        word, packed = next_word, next_packed
+        word, packed, stored, scale = next_word, next_packed, next_stored, next_scale
 
 
 @dataclass(frozen=True)
@@ -257,8 +280,9 @@ class DequantConfig:
 
     words: int = 256
     num_warps: int = 4
-    programs_per_sm: int = 16
+    programs_per_sm: int = 12
     block_bytes: int = 1024
+    prefetch_absmax: bool = True
 
 
 BYTE_KERNEL = DequantConfig(words=0, programs_per_sm=0)
@@ -273,7 +297,7 @@ def _dequant_config(n_bytes: int) -> DequantConfig:
     4/8 warps was within 5% across them, and at 56-59% of copy bandwidth on Gemma-4-E2B's
     weights (2.2 waves of programs, 2-byte stores, 8 bytes of loads in flight a thread). The word
     kernel stores 16 bytes a thread, keeps two tiles' loads in flight, and runs as one wave: 1 KB
-    tiles, 4 warps, 32 registers a thread (ptxas, sm_90), so 16 programs fill an SM.
+    tiles, 4 warps, 40 registers a thread (ptxas, sm_90), so 12 programs fill an SM.
     ``benchmarks/kernel_cases/nf4.py`` times the alternatives beside it.
     """
     if n_bytes < 4096:  # a few tiles: the byte kernel's single launch is as good, and any size goes
@@ -324,7 +348,8 @@ class _DequantLaunch:
             self.inputs = (q.packed.view(torch.int32), *self.tensors[1:])
             self.grid = (triton.cdiv(tiles, per_program), 1, 1)
             scalars = (n_words, per_program)
-            self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, WORDS=config.words)
+            self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, WORDS=config.words,
+                                   PREFETCH_ABSMAX=config.prefetch_absmax)
         else:
             self.kernel = _nf4_dequantize_kernel
             self.inputs = self.tensors

@@ -41,15 +41,16 @@ WEIGHT_SHAPES = {
 #: where vramplan's alternative launches are timed too (the sizes that read below 70%, and one above)
 SWEEP_SHAPES = ("gemma4-e2b up (6144x1536)", "gemma4-e2b down (1536x6144)", "llama3.1-8b q (4096x4096)",
                 "gemma4-e4b up (10240x2560)")
-#: (programs per SM: as many as its registers allow; ptxas for sm_90 gave 32 registers a thread at
-#: 128-512 words with 4-8 warps and 78 at 1024 words / 8 warps)
+#: (programs per SM: as many as its registers allow; ptxas for sm_90 gave 40 registers a thread
+#: with the absmax prefetched at 128-512 words and 4-8 warps, 32 without, 80 at 1024 words / 8 warps)
 LAUNCHES = {
     "vramplan byte kernel (main's)": BYTE_KERNEL,
-    "vramplan words 256/4w, 1 tile per program": DequantConfig(words=256, num_warps=4, programs_per_sm=0),
-    "vramplan words 128/4w, one wave": DequantConfig(words=128, num_warps=4, programs_per_sm=16),
-    "vramplan words 512/8w, one wave": DequantConfig(words=512, num_warps=8, programs_per_sm=8),
+    "vramplan words 256/4w, absmax not prefetched, 16/SM": DequantConfig(programs_per_sm=16, prefetch_absmax=False),
+    "vramplan words 256/4w, 1 tile per program": DequantConfig(programs_per_sm=0),
+    "vramplan words 256/4w, two waves": DequantConfig(programs_per_sm=24),
+    "vramplan words 128/4w, one wave": DequantConfig(words=128, num_warps=4, programs_per_sm=12),
+    "vramplan words 512/8w, one wave": DequantConfig(words=512, num_warps=8, programs_per_sm=6),
     "vramplan words 1024/8w, one wave": DequantConfig(words=1024, num_warps=8, programs_per_sm=3),
-    "vramplan words 256/4w, two waves": DequantConfig(words=256, num_warps=4, programs_per_sm=32),
 }
 TRAFFIC_PER_CALL = 128 * 1024**2
 

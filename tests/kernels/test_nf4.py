@@ -207,6 +207,7 @@ def test_word_kernel_decodes_bitsandbytes_weights_identically(shape, double_quan
 
 @pytest.mark.parametrize("config", [
     dict(words=256, num_warps=4, programs_per_sm=16),  # one wave: on the CPU a single program loops over every tile
+    dict(words=256, num_warps=4, programs_per_sm=3, prefetch_absmax=False),
     dict(words=128, num_warps=4, programs_per_sm=0),  # one tile per program
     dict(words=512, num_warps=8, programs_per_sm=2),
     dict(words=0, block_bytes=512),  # the byte kernel
