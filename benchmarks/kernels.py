@@ -3,7 +3,8 @@
 Each module in benchmarks/kernel_cases/ contributes cases; this script measures the two
 ceilings once, times every variant (median, triton.testing.do_bench; cases marked ``cuda_graph``
 also replayed from a CUDA graph, ``ms_cudagraph``, which their ceiling fractions use), and writes
-benchmarks/results/kernels.{json,md} (or to --out).
+benchmarks/results/kernels.{json,md} (or to --out). ``--only nf4,qlora_linear,linear_cross_entropy``
+runs those modules alone (``benchmarks/run_on_gpu.sh kernels:nf4,qlora_linear,linear_cross_entropy``).
 """
 
 from __future__ import annotations

@@ -18,8 +18,11 @@ two kernels), so the Triton kernels are compiled with ``enable_fp_fusion=False``
 round once and differ from bitsandbytes in the last bit.
 
 The dequantize kernel is the hot path of QLoRA (every forward and backward of every linear):
-it reads 4.13 bits per weight and writes 16, so it is bound by memory bandwidth; each program
-handles several KB of packed bytes and decodes the double-quantized absmax in place.
+it reads 4.13 bits per weight and writes 16, so it is bound by memory bandwidth, and at a 2B
+model's weights (5 MB packed, ~10 µs) by the latency of its loads too. The word kernel reads
+the packed bytes as int32 words and stores 16 bytes a thread, in one wave of programs that each
+loop over their tiles with the next tile's loads in flight; the byte kernel takes any size
+and alignment. The fused QLoRA matmul decodes tiles with the same absmax helpers.
 """
 
 from __future__ import annotations
@@ -241,8 +244,9 @@ def _nf4_dequantize_words_kernel(
     join compiles to 2-byte stores on sm_90). A program decodes ``tiles_per_program``
     consecutive tiles of WORDS words, so a small weight runs as one wave of programs instead of
     2-3 waves whose last one idles most of the GPU; it loads its next tile before decoding the
-    current one, so two tiles' words are in flight (a small decode is bound by latency, not by
-    bytes: ~8 KB of loads in flight per SM is far from what 3 TB/s needs)."""
+    current one, so two tiles' words are in flight (the byte kernel keeps ~16 KB of loads in
+    flight an SM; at ~1 µs of loaded DRAM latency 3 TB/s asks for ~23 KB: a small decode is bound
+    by latency as much as by bytes, a reading that benchmarks/kernel_cases/nf4.py's sweep checks)."""
     pid = tl.program_id(0).to(tl.int64)
     lane = tl.arange(0, 8)
     # bit offset of a little-endian word's 8 values: byte lane // 2, the first value of a byte in its high nibble
@@ -325,7 +329,7 @@ class _DequantLaunch:
     """
 
     __slots__ = ("tensors", "n", "n_bytes", "config", "kernel", "inputs", "grid", "constexprs", "constexpr_values",
-                 "compiled")
+                 "head", "tail", "compiled")
 
     def __init__(self, q: "NF4Tensor", config: DequantConfig | None = None):
         if q.double_quant:
@@ -359,6 +363,7 @@ class _DequantLaunch:
         self.constexpr_values = tuple(self.constexprs.values())  # in the kernels' signature order
         self.constexprs.update(num_warps=config.num_warps, enable_fp_fusion=False)
         self.inputs = (*self.inputs, self.n, *scalars)  # ``out`` goes between the tensors and n
+        self.head, self.tail = self.inputs[:6], (*self.inputs[6:], *self.constexpr_values)  # around ``out``
         self.compiled: dict[tuple[torch.dtype, bool], object] = {}
 
     def args(self, out: torch.Tensor) -> tuple:
@@ -366,13 +371,12 @@ class _DequantLaunch:
         return (*self.inputs[:6], out, *self.inputs[6:], *self.constexpr_values)
 
     def __call__(self, out: torch.Tensor) -> None:
-        args = self.args(out)
         key = (out.dtype, out.data_ptr() % 16 == 0)
         launch = self.compiled.get(key)
         if launch is None:
-            self.compiled[key] = self._first_launch(args)
+            self.compiled[key] = self._first_launch(self.args(out))
         else:
-            launch(*args)
+            launch(*self.head, out, *self.tail)
 
     def _jit(self, *args) -> object:
         return self.kernel[self.grid](*args[:-len(self.constexpr_values)], **self.constexprs)
