@@ -233,7 +233,7 @@ def _nf4_quantize_kernel(
     tl.store(absmax_ptr + block, tl.where(partial, clamped, absmax), mask=block < n_blocks)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["tiles_per_program"])
 def _nf4_dequantize_words_kernel(
     words_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
     n, n_words, tiles_per_program,
@@ -314,6 +314,21 @@ def _sm_count(device: torch.device) -> int:
     return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
 
 
+def programs_that_fit(registers: int, num_warps: int, device: torch.device | None = None) -> int:
+    """How many programs of ``num_warps`` warps at ``registers`` registers a thread an SM holds at
+    once (0 when unknown): registers are handed out per warp in units of 256, and an SM of
+    compute capability 8.0-9.0 holds 64K registers, 64 warps and 32 programs."""
+    if not registers:
+        return 0
+    total, warps = 65536, 64
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        total = getattr(props, "regs_per_multiprocessor", total) or total
+        warps = getattr(props, "max_threads_per_multi_processor", warps * 32) // 32 or warps
+    per_warp = -(-registers * 32 // 256) * 256
+    return max(1, min(total // (per_warp * num_warps), warps // num_warps, 32))
+
+
 class _DequantLaunch:
     """Everything ``_dequantize_triton`` passes to the kernel besides ``out``, computed once per weight.
 
@@ -328,8 +343,8 @@ class _DequantLaunch:
     pick differs only with ``out``'s dtype and 16-byte alignment, the key of ``compiled``.
     """
 
-    __slots__ = ("tensors", "n", "n_bytes", "config", "kernel", "inputs", "grid", "constexprs", "constexpr_values",
-                 "head", "tail", "compiled")
+    __slots__ = ("tensors", "n", "n_bytes", "config", "sms", "kernel", "tensors_in", "inputs", "grid", "constexprs",
+                 "constexpr_values", "head", "tail", "compiled")
 
     def __init__(self, q: "NF4Tensor", config: DequantConfig | None = None):
         if q.double_quant:
@@ -343,28 +358,35 @@ class _DequantLaunch:
         if config.words and (self.n_bytes % 4 or q.packed.data_ptr() % 16 or q.packed.stride(-1) != 1):
             config = BYTE_KERNEL  # the words view needs whole, aligned int32 words
         self.config = config
+        self.sms = _sm_count(q.device)
         if config.words:
-            n_words = self.n_bytes // 4
-            tiles = triton.cdiv(n_words, config.words)
-            slots = _sm_count(q.device) * config.programs_per_sm
-            per_program = triton.cdiv(tiles, slots) if config.programs_per_sm else 1
             self.kernel = _nf4_dequantize_words_kernel
-            self.inputs = (q.packed.view(torch.int32), *self.tensors[1:])
-            self.grid = (triton.cdiv(tiles, per_program), 1, 1)
-            scalars = (n_words, per_program)
+            self.tensors_in = (q.packed.view(torch.int32), *self.tensors[1:])
             self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, WORDS=config.words,
                                    PREFETCH_ABSMAX=config.prefetch_absmax)
         else:
             self.kernel = _nf4_dequantize_kernel
-            self.inputs = self.tensors
-            self.grid = (triton.cdiv(self.n_bytes, config.block_bytes), 1, 1)
-            scalars = (self.n_bytes,)
+            self.tensors_in = self.tensors
             self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=config.block_bytes)
         self.constexpr_values = tuple(self.constexprs.values())  # in the kernels' signature order
         self.constexprs.update(num_warps=config.num_warps, enable_fp_fusion=False)
-        self.inputs = (*self.inputs, self.n, *scalars)  # ``out`` goes between the tensors and n
-        self.head, self.tail = self.inputs[:6], (*self.inputs[6:], *self.constexpr_values)  # around ``out``
+        self._spread(config.programs_per_sm)
         self.compiled: dict[tuple[torch.dtype, bool], object] = {}
+
+    def _spread(self, programs_per_sm: int) -> None:
+        """The grid and the scalar arguments for at most ``programs_per_sm`` word-kernel programs
+        an SM (0: one tile each)."""
+        if self.config.words:
+            n_words = self.n_bytes // 4
+            tiles = triton.cdiv(n_words, self.config.words)
+            per_program = triton.cdiv(tiles, self.sms * programs_per_sm) if programs_per_sm else 1
+            self.grid = (triton.cdiv(tiles, per_program), 1, 1)
+            scalars = (n_words, per_program)
+        else:
+            self.grid = (triton.cdiv(self.n_bytes, self.config.block_bytes), 1, 1)
+            scalars = (self.n_bytes,)
+        self.inputs = (*self.tensors_in, self.n, *scalars)  # ``out`` goes between the tensors and n
+        self.head, self.tail = self.inputs[:6], (*self.inputs[6:], *self.constexpr_values)  # around ``out``
 
     def args(self, out: torch.Tensor) -> tuple:
         """The kernel's positional arguments for a decode into ``out``, constexprs last."""
@@ -386,6 +408,14 @@ class _DequantLaunch:
         the compiled kernel's own (Triton 3.6 to 3.9 take every argument there, constexprs
         included, as the JIT passes them), or the JIT where this Triton's refuses the arguments."""
         kernel = self._jit(*args)
+        # One wave needs the programs an SM to fit at once: if this Triton's build of the kernel
+        # takes more registers than ``DequantConfig`` assumed, spread the tiles over fewer programs
+        # (``tiles_per_program`` is not specialized on, so the compiled kernel serves any value).
+        wanted = self.config.programs_per_sm if self.config.words else 0
+        fit = programs_that_fit(getattr(kernel, "n_regs", 0), self.config.num_warps, args[0].device)
+        if wanted and fit and fit < wanted:
+            self._spread(fit)
+            args = self.args(args[6])
         try:
             runner = kernel[self.grid]
             runner(*args)  # decodes the same values again, once: proves the arguments bind

@@ -232,3 +232,12 @@ def test_unaligned_packed_bytes_fall_back_to_the_byte_kernel():
     with kernel_mode("triton"):
         assert torch.equal(dequantize_nf4(moved, torch.float32), dequantize_nf4_reference(q, torch.float32))
     assert _dequant_launch(moved).config.words == 0
+
+
+def test_programs_that_fit_an_sm():
+    from vramplan_kernels.nf4 import programs_that_fit
+
+    # 4 warps: 40 registers (the word kernel with its absmax prefetch) -> 12; 32 -> 16 (the warp limit)
+    assert programs_that_fit(40, 4) == 12 and programs_that_fit(32, 4) == 16 and programs_that_fit(16, 4) == 16
+    assert programs_that_fit(80, 8) == 3 and programs_that_fit(255, 8) == 1
+    assert programs_that_fit(0, 4) == 0  # unknown (the interpreter): keep the configured count
