@@ -6,11 +6,11 @@ LoRA matmuls on x cast to the adapter dtype) and with dequantize-then-cuBLAS und
 backward: the memory QLoRA exists to avoid; vramplan decodes W again in the backward instead).
 vramplan's own base paths are timed too, so the per-shape choice (``FUSED_MAX_TOKENS``) can be
 checked against the measurement: the fused Triton matmul only at token counts near that bound
-(at 2,048 tokens it took 20-500x as long), the dequant path everywhere. "vramplan QLoRALinear"
+(64 and 256 tokens; at 2,048 it took 20-500x as long), the dequant path everywhere. "vramplan QLoRALinear"
 is the trainer's own call: the module, whose bf16 LoRA copies are cached for an optimizer step.
 
-At 2,048 tokens a fwd+bwd is ~1 ms eager of which the GPU's share is far less, so every case is
-also timed from a CUDA graph (the GPU's time, which the TFLOP/s fraction uses).
+At 2,048 tokens a fwd+bwd is ~1 ms eager of which the GPU's share is far less, so the cases under
+4,096 tokens are also timed from a CUDA graph (the GPU's time, which the TFLOP/s fraction uses).
 """
 
 from __future__ import annotations
@@ -29,7 +29,9 @@ LINEAR_SHAPES = {  # name: (in_features, out_features)
 }
 TOKENS = (2048, 8192)
 #: token counts where the fused path is timed too: around its bound (a short prompt, a decode batch)
-FUSED_TOKENS = (FUSED_MAX_TOKENS // 4, FUSED_MAX_TOKENS, 4 * FUSED_MAX_TOKENS)
+FUSED_TOKENS = (FUSED_MAX_TOKENS, 4 * FUSED_MAX_TOKENS)
+#: below this many tokens a fwd+bwd is short enough that launch gaps matter: timed from a CUDA graph too
+GRAPH_BELOW_TOKENS = 4096
 SMALL_SHAPES = ("gemma4-e2b up 1536->6144", "llama3.1-8b up 4096->14336")
 RANK, ALPHA = 16, 32
 
@@ -106,7 +108,8 @@ def cases(device, shapes: dict[str, tuple[int, int]] | None = None, tokens=TOKEN
                                  bitsandbytes.matmul_4bit if bitsandbytes else None,
                                  with_fused=name in small_shapes and m in fused_tokens)
             result.append(Case(op="qlora_linear fwd+bwd", shape=f"{name}, {m} tokens, r{RANK}", variants=variants,
-                               flops=qlora_flops(m, k, n, RANK), measure_peak_memory=True, cuda_graph=True,
+                               flops=qlora_flops(m, k, n, RANK), measure_peak_memory=True,
+                               cuda_graph=m < GRAPH_BELOW_TOKENS,
                                notes=f"bf16 x, {str(lora_dtype).removeprefix('torch.')} LoRA, NF4 double quant"))
         del weight
     return result
