@@ -28,6 +28,7 @@ and alignment. The fused QLoRA matmul decodes tiles with the same absmax helpers
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -357,21 +358,24 @@ class _DequantLaunch:
         config = config or _dequant_config(self.n_bytes)
         if config.words and (self.n_bytes % 4 or q.packed.data_ptr() % 16 or q.packed.stride(-1) != 1):
             config = BYTE_KERNEL  # the words view needs whole, aligned int32 words
-        self.config = config
         self.sms = _sm_count(q.device)
+        self._use(config, q.blocksize, q.double_quant)
+        self.compiled: dict[tuple[torch.dtype, bool], object] = {}
+
+    def _use(self, config: DequantConfig, blocksize: int, double_quant: bool) -> None:
+        self.config = config
         if config.words:
             self.kernel = _nf4_dequantize_words_kernel
-            self.tensors_in = (q.packed.view(torch.int32), *self.tensors[1:])
-            self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, WORDS=config.words,
+            self.tensors_in = (self.tensors[0].view(torch.int32), *self.tensors[1:])
+            self.constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, WORDS=config.words,
                                    PREFETCH_ABSMAX=config.prefetch_absmax)
         else:
             self.kernel = _nf4_dequantize_kernel
             self.tensors_in = self.tensors
-            self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=config.block_bytes)
+            self.constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, BLOCK_BYTES=config.block_bytes)
         self.constexpr_values = tuple(self.constexprs.values())  # in the kernels' signature order
         self.constexprs.update(num_warps=config.num_warps, enable_fp_fusion=False)
         self._spread(config.programs_per_sm)
-        self.compiled: dict[tuple[torch.dtype, bool], object] = {}
 
     def _spread(self, programs_per_sm: int) -> None:
         """The grid and the scalar arguments for at most ``programs_per_sm`` word-kernel programs
@@ -407,7 +411,15 @@ class _DequantLaunch:
         """Launch through the JIT (compiling if needed); return the launcher for the next calls:
         the compiled kernel's own (Triton 3.6 to 3.9 take every argument there, constexprs
         included, as the JIT passes them), or the JIT where this Triton's refuses the arguments."""
-        kernel = self._jit(*args)
+        try:
+            kernel = self._jit(*args)
+        except Exception as err:  # noqa: BLE001 - a Triton that cannot build the word kernel
+            if not self.config.words:
+                raise
+            warnings.warn(f"NF4 word kernel did not build on this Triton ({type(err).__name__}: {err}); "
+                          "decoding with the byte kernel", RuntimeWarning, stacklevel=2)
+            self._use(BYTE_KERNEL, self.constexprs["BLOCKSIZE"], self.constexprs["DOUBLE_QUANT"])
+            return self._first_launch(self.args(args[6]))
         # One wave needs the programs an SM to fit at once: if this Triton's build of the kernel
         # takes more registers than ``DequantConfig`` assumed, spread the tiles over fewer programs
         # (``tiles_per_program`` is not specialized on, so the compiled kernel serves any value).

@@ -241,3 +241,21 @@ def test_programs_that_fit_an_sm():
     assert programs_that_fit(40, 4) == 12 and programs_that_fit(32, 4) == 16 and programs_that_fit(16, 4) == 16
     assert programs_that_fit(80, 8) == 3 and programs_that_fit(255, 8) == 1
     assert programs_that_fit(0, 4) == 0  # unknown (the interpreter): keep the configured count
+
+
+def test_a_word_kernel_that_does_not_build_falls_back_to_the_byte_kernel(monkeypatch):
+    """A Triton that cannot build the word kernel (only Triton 3.9 compiled it here) still decodes: with the byte kernel."""
+    import vramplan_kernels.nf4 as nf4
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(nf4, "_nf4_dequantize_words_kernel", Unbuildable())
+    q = quantize_nf4_reference(_weight((128, 96), torch.float32, seed=5))
+    with kernel_mode("triton"), pytest.warns(RuntimeWarning, match="byte kernel"):
+        out = dequantize_nf4(q, torch.float32)
+    assert torch.equal(out, dequantize_nf4_reference(q, torch.float32))
+    assert nf4._dequant_launch(q).config.words == 0
