@@ -34,6 +34,13 @@ class Case:
     #: also time each variant replayed from a CUDA graph: for small ops whose eager timing is the
     #: host's launch overhead (RMSNorm, RoPE: ±40% run to run), so the ceiling fractions are the kernel's
     cuda_graph: bool = False
+    #: each callable runs the op this many times (on distinct tensors, so a CUDA graph's replays
+    #: cannot serve a small op from the 50 MB L2 cache); timings are divided back to one op
+    repeats: int = 1
+
+
+#: variants named so are yardsticks measured beside the op (a copy of the same bytes), not rivals
+YARDSTICK = "ceiling: "
 
 
 def median_ms(fn: Callable[[], Any]) -> float:
@@ -47,14 +54,15 @@ def graph_median_ms(fn: Callable[[], Any]) -> float:
     Triton 3.6 and 3.9): no launch overhead, the GPU's own time."""
     import triton.testing
 
-    return float(triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median"))
+    return float(triton.testing.do_bench_cudagraph(fn, rep=50, return_mode="median"))
 
 
 def time_variants(case: Case, eager: Callable[[Callable[[], Any]], float] = median_ms,
                   graphed: Callable[[Callable[[], Any]], float] | None = None) -> tuple[dict, dict]:
     """({variant: eager ms}, {variant: CUDA-graph ms}); the second only for a ``cuda_graph`` case
     when ``graphed`` is given (on CUDA). A variant that fails is None there and reported, so one
-    failing variant (a capture that syncs, say) never loses the others."""
+    failing variant (a capture that syncs, say) never loses the others. Times are per op
+    (divided by ``case.repeats``)."""
     timings: dict[str, float | None] = {}
     graph_timings: dict[str, float | None] = {}
     for variant, fn in case.variants.items():
@@ -62,7 +70,7 @@ def time_variants(case: Case, eager: Callable[[Callable[[], Any]], float] = medi
             if timer is None:
                 continue
             try:
-                into[variant] = timer(fn)
+                into[variant] = timer(fn) / case.repeats
             except Exception as err:  # noqa: BLE001
                 into[variant] = None
                 print(f"{case.op} {case.shape} {variant}{label}: {type(err).__name__}: {err}", flush=True)

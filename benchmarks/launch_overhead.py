@@ -35,19 +35,20 @@ def main() -> None:
     q = nf4.quantize_nf4(torch.randn(64, 256, device=dev))
     out = torch.empty(q.shape, dtype=torch.bfloat16, device=dev)
     launch = nf4._dequant_launch(q)
-    kernel = nf4._nf4_dequantize_kernel
-    args = (*launch.tensors, out, launch.n, launch.n_bytes)
+    kernel = launch.kernel
+    args = launch.args(out)[:-len(launch.constexpr_values)]
     print(f"dequant, static config + enable_fp_fusion kwarg: {per_call_us(lambda: kernel[launch.grid](*args, **launch.constexprs)):.1f} us")
     plain = {k: v for k, v in launch.constexprs.items() if k != "enable_fp_fusion"}
     print(f"dequant, static config, no compile kwarg: {per_call_us(lambda: kernel[launch.grid](*args, **plain)):.1f} us")
     configs = [triton.Config({"BLOCK_BYTES": b}, num_warps=w) for b in (1024, 2048, 4096) for w in (4, 8)]
-    tuned = triton.autotune(configs, key=["n_bytes", "DOUBLE_QUANT"])(kernel)
+    tuned = triton.autotune(configs, key=["n_bytes", "DOUBLE_QUANT"])(nf4._nf4_dequantize_kernel)
     grid = lambda meta: (triton.cdiv(launch.n_bytes, meta["BLOCK_BYTES"]),)  # noqa: E731
-    print(f"dequant, autotuned + kwarg: {per_call_us(lambda: tuned[grid](*args, BLOCKSIZE=64, DOUBLE_QUANT=True, enable_fp_fusion=False)):.1f} us")
+    byte_args = (*launch.tensors, out, launch.n, launch.n_bytes)
+    print(f"dequant, autotuned + kwarg: {per_call_us(lambda: tuned[grid](*byte_args, BLOCKSIZE=64, DOUBLE_QUANT=True, enable_fp_fusion=False)):.1f} us")
     print(f"dequantize_nf4(out=): {per_call_us(lambda: nf4.dequantize_nf4(q, out=out)):.1f} us")
     try:
         compiled = kernel[launch.grid](*args, **launch.constexprs)
-        full = (*args, 64, True, launch.constexprs["BLOCK_BYTES"])
+        full = launch.args(out)
         runner = compiled[launch.grid]
         print(f"dequant, compiled handle (all args): {per_call_us(lambda: runner(*full)):.1f} us")
     except Exception as e:  # noqa: BLE001
@@ -83,12 +84,12 @@ def main() -> None:
         qw = nf4.quantize_nf4(torch.randn(n, k, device=dev))
         o = torch.empty(n, k, dtype=torch.bfloat16, device=dev)
         lw = nf4._dequant_launch(qw)
-        a = (*lw.tensors, o, lw.n, lw.n_bytes)
-        static = triton.testing.do_bench(lambda: kernel[lw.grid](*a, **lw.constexprs))
+        a = lw.args(o)[:-len(lw.constexpr_values)]
+        static = triton.testing.do_bench(lambda: lw.kernel[lw.grid](*a, **lw.constexprs))
         best = triton.testing.do_bench(lambda: tuned[lambda m: (triton.cdiv(lw.n_bytes, m["BLOCK_BYTES"]),)](
-            *a, BLOCKSIZE=64, DOUBLE_QUANT=True, enable_fp_fusion=False))
-        print(f"dequant {n}x{k}: static {lw.constexprs['BLOCK_BYTES']}/{lw.constexprs['num_warps']} {static * 1e3:.1f} us, "
-              f"autotuned {tuned.best_config} {best * 1e3:.1f} us")
+            *lw.tensors, o, lw.n, lw.n_bytes, BLOCKSIZE=64, DOUBLE_QUANT=True, enable_fp_fusion=False))
+        print(f"dequant {n}x{k}: static {lw.config} {static * 1e3:.1f} us, "
+              f"byte kernel autotuned {tuned.best_config} {best * 1e3:.1f} us")
 
 
 if __name__ == "__main__":

@@ -36,6 +36,13 @@ Halved from 256 MB where the planner put the forward phase's peak on this buffer
 128 MB, where the backward's activations set the peak and a smaller chunk saves nothing more), and
 Qwen3-0.6B at 2,048 tokens, whose measured peak (trainer_h100.jsonl) the 256 MB buffer explains."""
 
+TRAINABLE_HEAD_CHUNK_FACTOR = 4
+"""A trainable head's chunks are this many times larger: each chunk's ``grad_W += grad_logitsᵀ·h``
+reads and writes all of grad_W [V, H] (1.6 GB a chunk at Gemma 4's 262,144 x 1,536, ~0.5 ms on
+an H100), so fewer chunks save most of that traffic; the chunk's extra logits (384 MB more there, at the 128 MB budget)
+are small next to grad_W itself. (The trainer's head is frozen: the planner's logits model
+counts the frozen head's budget.)"""
+
 _REDUCTIONS = ("mean", "sum", "none")
 
 
@@ -137,11 +144,14 @@ def _launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
     )
 
 
-def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, budget: int | None = None) -> int:
+def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, budget: int | None = None,
+                       trainable_head: bool = False) -> int:
     """Tokens per chunk so that one chunk's logits fit in ``budget`` bytes (default LOGITS_CHUNK_BYTES;
-    a multiple of 128 when large)."""
+    a multiple of 128 when large), or TRAINABLE_HEAD_CHUNK_FACTOR times that when the head's weight
+    gets a gradient."""
     element = torch.empty((), dtype=dtype).element_size()
-    chunk = max(1, (budget or LOGITS_CHUNK_BYTES) // (vocab * element))
+    budget = (budget or LOGITS_CHUNK_BYTES) * (TRAINABLE_HEAD_CHUNK_FACTOR if trainable_head else 1)
+    chunk = max(1, budget // (vocab * element))
     if chunk >= 256:
         chunk -= chunk % 128
     return max(1, min(chunk, n_tokens))
@@ -231,8 +241,10 @@ class _ChunkedHead:
         if self.need_bias:
             self.grad_bias += grad_logits.sum(0, dtype=self.grad_bias.dtype)
         if self.need_lora:
-            self.grad_b.addmm_(grad_logits.t().to(self.grad_b.dtype), self.hidden_a[start:end].to(self.grad_b.dtype),
-                               alpha=self.lora_scale)
+            # dB's chunk [V, r] in the compute dtype (fp32 accumulation inside the matmul), then added
+            # to the fp32 sum: casting grad_logits [c, V] to fp32 first would write and read 2x the
+            # chunk's logits again (512 MB a chunk at Gemma 4's vocabulary) for a [V, r] result
+            self.grad_b.add_(torch.mm(grad_logits.t(), self.hidden_a[start:end]), alpha=self.lora_scale)
             self.grad_a.addmm_(grad_b_chunk.t().to(self.grad_a.dtype), h.to(self.grad_a.dtype), alpha=self.lora_scale)
 
     def grad_hidden_quantized(self, grad_logits: torch.Tensor) -> torch.Tensor:
@@ -270,7 +282,7 @@ def _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chu
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     losses = torch.zeros(n_tokens, dtype=acc, device=hidden.device)
     head = _ChunkedHead(hidden, weight, bias, lora, need if grad_scale is not None else (False,) * 4)
-    chunk = chunk_size or default_chunk_size(n_tokens, vocab, weight.dtype)
+    chunk = chunk_size or default_chunk_size(n_tokens, vocab, weight.dtype, trainable_head=head.need_weight)
     buffer = torch.empty(min(chunk, n_tokens), vocab, dtype=weight.dtype, device=hidden.device)
     for start in range(0, n_tokens, chunk):
         end = min(start + chunk, n_tokens)

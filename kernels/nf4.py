@@ -18,13 +18,17 @@ two kernels), so the Triton kernels are compiled with ``enable_fp_fusion=False``
 round once and differ from bitsandbytes in the last bit.
 
 The dequantize kernel is the hot path of QLoRA (every forward and backward of every linear):
-it reads 4.13 bits per weight and writes 16, so it is bound by memory bandwidth; each program
-handles several KB of packed bytes and decodes the double-quantized absmax in place.
+it reads 4.13 bits per weight and writes 16, so it is bound by memory bandwidth, and at a 2B
+model's weights (5 MB packed, ~10 µs) by the latency of its loads too. The word kernel reads
+the packed bytes as int32 words and stores 16 bytes a thread, in one wave of programs that each
+loop over their tiles with the next tile's loads in flight; the byte kernel takes any size
+and alignment. The fused QLoRA matmul decodes tiles with the same absmax helpers.
 """
 
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass, replace
 
 import torch
@@ -154,12 +158,29 @@ class NF4Tensor:
 @triton.jit
 def _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
     """The fp32 absmax of each block index in ``block``, decoding the 8-bit codes when double-quantized."""
+    stored, scale = _load_absmax(absmax_ptr, scale_ptr, block, mask, DOUBLE_QUANT)
+    return _decode_absmax(stored, scale, code8_ptr, offset_ptr, mask, DOUBLE_QUANT)
+
+
+@triton.jit
+def _load_absmax(absmax_ptr, scale_ptr, block, mask, DOUBLE_QUANT: tl.constexpr):
+    """(the stored absmax: 8-bit code or fp32, the fp32 scale of its 256-block group or 1): the
+    loads from DRAM, apart so a kernel can issue them a tile ahead."""
     if DOUBLE_QUANT:
-        q = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
+        stored = tl.load(absmax_ptr + block, mask=mask, other=0).to(tl.int32)
         scale = tl.load(scale_ptr + block // 256, mask=mask, other=0.0)
-        absmax = tl.load(code8_ptr + q, mask=mask, other=0.0) * scale + tl.load(offset_ptr)
     else:
-        absmax = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        stored = tl.load(absmax_ptr + block, mask=mask, other=0.0)
+        scale = stored
+    return stored, scale
+
+
+@triton.jit
+def _decode_absmax(stored, scale, code8_ptr, offset_ptr, mask, DOUBLE_QUANT: tl.constexpr):
+    if DOUBLE_QUANT:
+        absmax = tl.load(code8_ptr + stored, mask=mask, other=0.0) * scale + tl.load(offset_ptr)
+    else:
+        absmax = stored
     return absmax
 
 
@@ -213,16 +234,105 @@ def _nf4_quantize_kernel(
     tl.store(absmax_ptr + block, tl.where(partial, clamped, absmax), mask=block < n_blocks)
 
 
-def _dequant_config(n_bytes: int) -> tuple[int, int]:
-    """(BLOCK_BYTES, num_warps) for a weight of ``n_bytes`` packed bytes.
+@triton.jit(do_not_specialize=["tiles_per_program"])
+def _nf4_dequantize_words_kernel(
+    words_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
+    n, n_words, tiles_per_program,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, WORDS: tl.constexpr, PREFETCH_ABSMAX: tl.constexpr,
+):
+    """The packed bytes read as int32 words, 8 values each, laid out [words, 8]: every thread
+    stores its words' 8 bf16 values as one 16-byte store (the byte kernel's [blocks, bytes, 2]
+    join compiles to 2-byte stores on sm_90). A program decodes ``tiles_per_program``
+    consecutive tiles of WORDS words, so a small weight runs as one wave of programs instead of
+    2-3 waves whose last one idles most of the GPU; it loads its next tile before decoding the
+    current one, so two tiles' words are in flight (the byte kernel keeps ~16 KB of loads in
+    flight an SM; at ~1 µs of loaded DRAM latency 3 TB/s asks for ~23 KB: a small decode is bound
+    by latency as much as by bytes, a reading that benchmarks/kernel_cases/nf4.py's sweep checks)."""
+    pid = tl.program_id(0).to(tl.int64)
+    lane = tl.arange(0, 8)
+    # bit offset of a little-endian word's 8 values: byte lane // 2, the first value of a byte in its high nibble
+    shift = (lane // 2) * 8 + (1 - lane % 2) * 4
+    start = pid * tiles_per_program * WORDS
+    end = tl.minimum(start + tiles_per_program * WORDS, n_words)  # this program's words stop here
+    word = start + tl.arange(0, WORDS)
+    packed = tl.load(words_ptr + word, mask=word < end, other=0)
+    stored, scale = _load_absmax(absmax_ptr, scale_ptr, (word * 8) // BLOCKSIZE, word < end, DOUBLE_QUANT)
+    for _ in range(tiles_per_program):
+        # the next tile's words (and absmax) are loaded before this one is decoded: two tiles'
+        # loads in flight a program
+        next_word = word + WORDS
+        next_packed = tl.load(words_ptr + next_word, mask=next_word < end, other=0)
+        if PREFETCH_ABSMAX:
+            next_stored, next_scale = _load_absmax(absmax_ptr, scale_ptr, (next_word * 8) // BLOCKSIZE,
+                                                   next_word < end, DOUBLE_QUANT)
+        else:  # 32 registers a thread instead of 40: 16 programs of 4 warps an SM instead of 12
+            stored, scale = _load_absmax(absmax_ptr, scale_ptr, (word * 8) // BLOCKSIZE, word < end, DOUBLE_QUANT)
+            next_stored, next_scale = stored, scale
+        nibble = (packed[:, None] >> shift[None, :]) & 0xF
+        absmax = _decode_absmax(stored, scale, code8_ptr, offset_ptr, word < end, DOUBLE_QUANT)
+        values = tl.load(code4_ptr + nibble) * absmax[:, None]
+        index = word[:, None] * 8 + lane[None, :]
+        tl.store(out_ptr + index, values.to(out_ptr.dtype.element_ty), mask=index < n)
+        word, packed, stored, scale = next_word, next_packed, next_stored, next_scale
+
+
+@dataclass(frozen=True)
+class DequantConfig:
+    """How a decode is launched. ``words`` > 0: the word kernel with ``words`` int32 words per tile
+    and, with ``programs_per_sm`` > 0, at most that many programs per SM, each looping over its
+    share of tiles (0: one tile per program). ``words`` == 0: the byte kernel with
+    ``block_bytes`` packed bytes per program (any size, any alignment)."""
+
+    words: int = 256
+    num_warps: int = 4
+    programs_per_sm: int = 12
+    block_bytes: int = 1024
+    prefetch_absmax: bool = True
+
+
+BYTE_KERNEL = DequantConfig(words=0, programs_per_sm=0)
+#: The word kernel decodes bit-exactly on the CPU interpreter and compiles for sm_90 with Triton 3.9,
+#: but has not run on a GPU yet: the trainer keeps the measured byte kernel until
+#: ``benchmarks/run_on_gpu.sh tests kernels:nf4`` has timed both (the benchmark times the word kernel
+#: through ``dequantize_nf4_with`` either way).
+WORD_KERNEL_BY_DEFAULT = False
+
+
+def _dequant_config(n_bytes: int) -> DequantConfig:
+    """The launch for a weight of ``n_bytes`` packed bytes.
 
     Fixed, not autotuned per call: the autotuner's per-launch bookkeeping (argument dicts, a key
     with every tensor's dtype as a string) cost ~35 µs of host time per decode on the reference
-    GPU, ~340 decodes a step. Autotuned on the H100 over 1024/2048/4096 bytes × 4/8 warps, the
-    winners were 1024/4 for 0.5 MB and 8 MB weights and 2048/4 for 2 MB, all within 5% of each
-    other (the decode is bound by memory bandwidth).
+    GPU, ~340 decodes a step. The byte kernel autotuned on the H100 over 1024/2048/4096 bytes ×
+    4/8 warps was within 5% across them, and at 56-59% of copy bandwidth on Gemma-4-E2B's
+    weights (2.2 waves of programs, 2-byte stores, 8 bytes of loads in flight a thread). The word
+    kernel stores 16 bytes a thread, keeps two tiles' loads in flight, and runs as one wave: 1 KB
+    tiles, 4 warps, 40 registers a thread (ptxas, sm_90), so 12 programs fill an SM.
+    ``benchmarks/kernel_cases/nf4.py`` times the alternatives beside it.
     """
-    return (2048, 4) if (1 << 20) <= n_bytes < (1 << 22) else (1024, 4)
+    if n_bytes < 4096 or not WORD_KERNEL_BY_DEFAULT:  # a few tiles: the byte kernel's single launch is as good
+        return BYTE_KERNEL
+    return DequantConfig()
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(device: torch.device) -> int:
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
+
+
+def programs_that_fit(registers: int, num_warps: int, device: torch.device | None = None) -> int:
+    """How many programs of ``num_warps`` warps at ``registers`` registers a thread an SM holds at
+    once (0 when unknown): registers are handed out per warp in units of 256, and an SM of
+    compute capability 8.0-9.0 holds 64K registers, 64 warps and 32 programs."""
+    if not registers:
+        return 0
+    total, warps = 65536, 64
+    if device is not None and device.type == "cuda":
+        props = torch.cuda.get_device_properties(device)
+        total = getattr(props, "regs_per_multiprocessor", total) or total
+        warps = getattr(props, "max_threads_per_multi_processor", warps * 32) // 32 or warps
+    per_warp = -(-registers * 32 // 256) * 256
+    return max(1, min(total // (per_warp * num_warps), warps // num_warps, 32))
 
 
 class _DequantLaunch:
@@ -239,39 +349,90 @@ class _DequantLaunch:
     pick differs only with ``out``'s dtype and 16-byte alignment, the key of ``compiled``.
     """
 
-    __slots__ = ("tensors", "n", "n_bytes", "grid", "constexprs", "constexpr_values", "compiled")
+    __slots__ = ("tensors", "n", "n_bytes", "config", "sms", "kernel", "tensors_in", "inputs", "grid", "constexprs",
+                 "constexpr_values", "head", "tail", "compiled")
 
-    def __init__(self, q: "NF4Tensor"):
+    def __init__(self, q: "NF4Tensor", config: DequantConfig | None = None):
         if q.double_quant:
             scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
         else:
             scale = code8 = offset = q.absmax  # unread placeholders
+        #: the kernels' inputs in byte form (the fused QLoRA matmul reads them too)
         self.tensors = (q.packed, q.absmax, scale, code8, offset, nf4_code(str(q.device)))
         self.n, self.n_bytes = q.numel(), q.packed.numel()
-        block_bytes, num_warps = _dequant_config(self.n_bytes)
-        self.grid = (triton.cdiv(self.n_bytes, block_bytes), 1, 1)
-        self.constexprs = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=block_bytes,
-                               num_warps=num_warps, enable_fp_fusion=False)
-        self.constexpr_values = (q.blocksize, q.double_quant, block_bytes)  # in the kernel's signature order
+        config = config or _dequant_config(self.n_bytes)
+        if config.words and (self.n_bytes % 4 or q.packed.data_ptr() % 16 or q.packed.stride(-1) != 1):
+            config = BYTE_KERNEL  # the words view needs whole, aligned int32 words
+        self.sms = _sm_count(q.device)
+        self._use(config, q.blocksize, q.double_quant)
         self.compiled: dict[tuple[torch.dtype, bool], object] = {}
 
+    def _use(self, config: DequantConfig, blocksize: int, double_quant: bool) -> None:
+        self.config = config
+        if config.words:
+            self.kernel = _nf4_dequantize_words_kernel
+            self.tensors_in = (self.tensors[0].view(torch.int32), *self.tensors[1:])
+            self.constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, WORDS=config.words,
+                                   PREFETCH_ABSMAX=config.prefetch_absmax)
+        else:
+            self.kernel = _nf4_dequantize_kernel
+            self.tensors_in = self.tensors
+            self.constexprs = dict(BLOCKSIZE=blocksize, DOUBLE_QUANT=double_quant, BLOCK_BYTES=config.block_bytes)
+        self.constexpr_values = tuple(self.constexprs.values())  # in the kernels' signature order
+        self.constexprs.update(num_warps=config.num_warps, enable_fp_fusion=False)
+        self._spread(config.programs_per_sm)
+
+    def _spread(self, programs_per_sm: int) -> None:
+        """The grid and the scalar arguments for at most ``programs_per_sm`` word-kernel programs
+        an SM (0: one tile each)."""
+        if self.config.words:
+            n_words = self.n_bytes // 4
+            tiles = triton.cdiv(n_words, self.config.words)
+            per_program = triton.cdiv(tiles, self.sms * programs_per_sm) if programs_per_sm else 1
+            self.grid = (triton.cdiv(tiles, per_program), 1, 1)
+            scalars = (n_words, per_program)
+        else:
+            self.grid = (triton.cdiv(self.n_bytes, self.config.block_bytes), 1, 1)
+            scalars = (self.n_bytes,)
+        self.inputs = (*self.tensors_in, self.n, *scalars)  # ``out`` goes between the tensors and n
+        self.head, self.tail = self.inputs[:6], (*self.inputs[6:], *self.constexpr_values)  # around ``out``
+
+    def args(self, out: torch.Tensor) -> tuple:
+        """The kernel's positional arguments for a decode into ``out``, constexprs last."""
+        return (*self.inputs[:6], out, *self.inputs[6:], *self.constexpr_values)
+
     def __call__(self, out: torch.Tensor) -> None:
-        args = (*self.tensors, out, self.n, self.n_bytes, *self.constexpr_values)
         key = (out.dtype, out.data_ptr() % 16 == 0)
         launch = self.compiled.get(key)
         if launch is None:
-            self.compiled[key] = self._first_launch(args)
+            self.compiled[key] = self._first_launch(self.args(out))
         else:
-            launch(*args)
+            launch(*self.head, out, *self.tail)
 
     def _jit(self, *args) -> object:
-        return _nf4_dequantize_kernel[self.grid](*args[:-len(self.constexpr_values)], **self.constexprs)
+        return self.kernel[self.grid](*args[:-len(self.constexpr_values)], **self.constexprs)
 
     def _first_launch(self, args: tuple):
         """Launch through the JIT (compiling if needed); return the launcher for the next calls:
         the compiled kernel's own (Triton 3.6 to 3.9 take every argument there, constexprs
         included, as the JIT passes them), or the JIT where this Triton's refuses the arguments."""
-        kernel = self._jit(*args)
+        try:
+            kernel = self._jit(*args)
+        except Exception as err:  # noqa: BLE001 - a Triton that cannot build the word kernel
+            if not self.config.words:
+                raise
+            warnings.warn(f"NF4 word kernel did not build on this Triton ({type(err).__name__}: {err}); "
+                          "decoding with the byte kernel", RuntimeWarning, stacklevel=2)
+            self._use(BYTE_KERNEL, self.constexprs["BLOCKSIZE"], self.constexprs["DOUBLE_QUANT"])
+            return self._first_launch(self.args(args[6]))
+        # One wave needs the programs an SM to fit at once: if this Triton's build of the kernel
+        # takes more registers than ``DequantConfig`` assumed, spread the tiles over fewer programs
+        # (``tiles_per_program`` is not specialized on, so the compiled kernel serves any value).
+        wanted = self.config.programs_per_sm if self.config.words else 0
+        fit = programs_that_fit(getattr(kernel, "n_regs", 0), self.config.num_warps, args[0].device)
+        if wanted and fit and fit < wanted:
+            self._spread(fit)
+            args = self.args(args[6])
         try:
             runner = kernel[self.grid]
             runner(*args)  # decodes the same values again, once: proves the arguments bind
@@ -287,23 +448,19 @@ def _dequant_launch(q: "NF4Tensor") -> _DequantLaunch:
     return launch
 
 
-def _dequantize_triton(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
-    if interpreting():
-        n, n_bytes = q.numel(), q.packed.numel()
-        if q.double_quant:
-            scale, code8, offset = q.absmax_scale, q.absmax_code.float(), q.offset_tensor()
-        else:
-            scale = code8 = offset = q.absmax  # unread placeholders
+def _decode(launch: _DequantLaunch, out: torch.Tensor) -> torch.Tensor:
+    if interpreting() and out.dtype == torch.bfloat16:
         # The interpreter truncates fp32 -> bf16 where the GPU rounds to nearest even: decode to
         # fp32 there and let torch round, so the interpreter checks everything else bit for bit.
-        staging = out if out.dtype != torch.bfloat16 else torch.empty(q.shape, dtype=torch.float32, device=q.device)
-        block_bytes = max(256, q.blocksize // 2)
-        _nf4_dequantize_kernel[(triton.cdiv(n_bytes, block_bytes),)](
-            q.packed, q.absmax, scale, code8, offset, nf4_code(str(q.device)), staging, n, n_bytes,
-            BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_BYTES=block_bytes)
-        return out if staging is out else out.copy_(staging)
-    _dequant_launch(q)(out)
+        staging = torch.empty(out.shape, dtype=torch.float32, device=out.device)
+        launch(staging)
+        return out.copy_(staging)
+    launch(out)
     return out
+
+
+def _dequantize_triton(q: NF4Tensor, out: torch.Tensor) -> torch.Tensor:
+    return _decode(_dequant_launch(q), out)
 
 
 def _quantize_triton(weight: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -425,3 +582,13 @@ def dequantize_nf4(q: NF4Tensor, dtype: torch.dtype | None = None, out: torch.Te
     if out is None:
         out = torch.empty(q.shape, dtype=dtype, device=q.device)
     return _dequantize_triton(q, out)
+
+
+def dequantize_nf4_with(q: "NF4Tensor", out: torch.Tensor, config: DequantConfig) -> torch.Tensor:
+    """Decode into ``out`` with an explicit launch ``config`` (benchmarks compare launches with
+    it); the launch plan is kept per config on the weight, as ``dequantize_nf4`` keeps its own."""
+    plans = q.__dict__.setdefault("_launches", {})
+    launch = plans.get(config)
+    if launch is None:
+        launch = plans[config] = _DequantLaunch(q, config)
+    return _decode(launch, out)

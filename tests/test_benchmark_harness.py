@@ -43,3 +43,10 @@ def test_rmsnorm_and_rope_cases_ask_for_graph_timing():
     for module in (rmsnorm, rope):
         cases = module.cases("cpu", tokens=2, compile_backend=None)
         assert cases and all(c.cuda_graph for c in cases)
+
+
+def test_repeated_ops_are_timed_per_op():
+    """A case whose callable runs the op over 4 distinct tensors reports a quarter of the call's time,
+    so bytes_moved (one op's traffic) over that time is the op's bandwidth."""
+    case = Case("nf4_dequantize", "s", {"vramplan": lambda: None}, bytes_moved=10**6, cuda_graph=True, repeats=4)
+    assert time_variants(case, _timer(0.02), _timer(0.008)) == ({"vramplan": 0.005}, {"vramplan": 0.002})

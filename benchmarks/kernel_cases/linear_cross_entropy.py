@@ -2,9 +2,12 @@
 
 Shapes are (tokens, hidden, vocab) of real heads at 8,192 tokens, where the unfused logits set the
 peak. The head is frozen (a LoRA run's LM head, often tied to the embedding) except in the
-"trainable head" case. Variants: vramplan's chunked kernel, the unfused path transformers runs
-(bf16 logits -> float -> F.cross_entropy), Liger's fused linear cross-entropy when installed, and
-torch.compile of the same chunked algorithm in plain PyTorch.
+"trainable head" case (grad_W too) and the "LoRA head" case (a rank-16 adapter on the frozen head,
+fp32 as the trainer keeps adapters; only the unfused path has that op). Variants: vramplan's chunked
+kernel, the unfused path transformers runs (bf16 logits -> float -> F.cross_entropy), Liger's fused
+linear cross-entropy when installed, and torch.compile of the same chunked algorithm in plain
+PyTorch, at vramplan's chunk size. With a trainable head vramplan's chunks are 4x larger (each
+chunk reads and writes all of grad_W); "vramplan chunk N" times smaller chunks beside it.
 """
 
 from __future__ import annotations
@@ -15,6 +18,7 @@ import torch
 
 from benchmarks.harness import Case
 from vramplan_kernels.linear_cross_entropy import (
+    TRAINABLE_HEAD_CHUNK_FACTOR,
     default_chunk_size,
     linear_cross_entropy,
     linear_cross_entropy_reference,
@@ -27,8 +31,13 @@ SHAPES = {
 }
 
 
-def _forward_backward(loss_fn: Callable, hidden, weight, labels) -> Callable[[], object]:
+LORA_RANK = 16
+
+
+def _forward_backward(loss_fn: Callable, hidden, weight, labels, lora=None) -> Callable[[], object]:
     inputs = [hidden, weight] if weight.requires_grad else [hidden]
+    if lora is not None:
+        inputs += list(lora[:2])
 
     def run():
         loss = loss_fn(hidden, weight, labels)
@@ -90,7 +99,7 @@ def compiled_chunked_reference(chunk_size: int) -> Callable:
 
 
 def _case(name: str, tokens: int, hidden_size: int, vocab: int, device: str, trainable: bool,
-          with_compiled: bool) -> Case:
+          with_compiled: bool, lora_head: bool = False) -> Case:
     dtype = torch.bfloat16
     generator = torch.Generator(device=device).manual_seed(0)
     hidden = torch.randn(tokens, hidden_size, device=device, dtype=dtype, generator=generator).requires_grad_()
@@ -98,27 +107,43 @@ def _case(name: str, tokens: int, hidden_size: int, vocab: int, device: str, tra
     weight.requires_grad_(trainable)
     labels = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
     labels[::7] = -100  # some prompt tokens carry no loss, as in a real batch
+    lora = None
+    if lora_head:
+        a = torch.randn(LORA_RANK, hidden_size, device=device, generator=generator) * 0.02
+        b = torch.randn(vocab, LORA_RANK, device=device, generator=generator) * 0.02
+        lora = (a.requires_grad_(), b.requires_grad_(), 2.0)
+
+    def ours(chunk_size=None):
+        return _forward_backward(lambda h, w, y: linear_cross_entropy(h, w, y, lora=lora, chunk_size=chunk_size)[0],
+                                 hidden, weight, labels, lora)
 
     variants = {
-        "vramplan": _forward_backward(lambda h, w, y: linear_cross_entropy(h, w, y)[0], hidden, weight, labels),
-        "unfused": _forward_backward(lambda h, w, y: linear_cross_entropy_reference(h, w, y)[0],
-                                     hidden, weight, labels),
+        "vramplan": ours(),
+        "unfused": _forward_backward(lambda h, w, y: linear_cross_entropy_reference(h, w, y, lora=lora)[0],
+                                     hidden, weight, labels, lora),
     }
-    liger = _liger_loss()
-    if liger is not None:
-        variants["liger"] = _forward_backward(liger, hidden, weight, labels)
-    if with_compiled:
-        compiled = compiled_chunked_reference(default_chunk_size(tokens, vocab, dtype))
-        variants["torch.compile chunked"] = lambda: compiled(hidden.detach(), weight, labels)
+    chunk = default_chunk_size(tokens, vocab, dtype, trainable_head=trainable)
+    if trainable:  # the smaller chunks vramplan used before, beside its default
+        frozen_chunk = default_chunk_size(tokens, vocab, dtype)
+        for smaller in sorted({frozen_chunk, frozen_chunk * TRAINABLE_HEAD_CHUNK_FACTOR // 2} - {chunk}):
+            variants[f"vramplan chunk {smaller}"] = ours(smaller)
+    if not lora_head:
+        liger = _liger_loss()
+        if liger is not None:
+            variants["liger"] = _forward_backward(liger, hidden, weight, labels)
+        if with_compiled:
+            compiled = compiled_chunked_reference(chunk)
+            variants["torch.compile chunked"] = lambda: compiled(hidden.detach(), weight, labels)
     matmuls = 3 if trainable else 2
+    suffix = " trainable head" if trainable else f" LoRA head r{LORA_RANK}" if lora_head else ""
     return Case(
         op="linear_cross_entropy",
-        shape=f"{name} N={tokens} H={hidden_size} V={vocab}" + (" trainable head" if trainable else ""),
+        shape=f"{name} N={tokens} H={hidden_size} V={vocab}" + suffix,
         variants=variants,
         flops=2 * matmuls * tokens * hidden_size * vocab,
         measure_peak_memory=True,
         notes="forward+backward, bf16, mean over target tokens; peak is memory above the inputs",
-        extra={"trainable_head": trainable},
+        extra={"trainable_head": trainable, "lora_head": lora_head, "chunk_tokens": chunk},
     )
 
 
@@ -127,4 +152,5 @@ def cases(device: str, shapes: dict[str, tuple[int, int, int]] | None = None, wi
     out = [_case(name, *shape, device, trainable=False, with_compiled=with_compiled) for name, shape in shapes.items()]
     first = next(iter(shapes))
     out.append(_case(first, *shapes[first], device, trainable=True, with_compiled=with_compiled))
+    out.append(_case(first, *shapes[first], device, trainable=False, with_compiled=False, lora_head=True))
     return out

@@ -190,6 +190,8 @@ def test_default_chunk_keeps_logits_within_budget():
     assert default_chunk_size(8192, 262144, torch.bfloat16, budget=256 * 1024**2) == 512
     assert default_chunk_size(10, 1000, torch.float32) == 10
     assert default_chunk_size(100_000, 10**9, torch.float32) == 1
+    # a trainable head: 4x the budget (each chunk reads and writes all of grad_W)
+    assert default_chunk_size(8192, 262144, torch.bfloat16, trainable_head=True) == 1024
 
 
 def test_rejects_misaligned_labels():
@@ -202,15 +204,18 @@ def test_benchmark_cases_run_at_tiny_sizes():
     from benchmarks.kernel_cases.linear_cross_entropy import cases
 
     built = cases("cpu", shapes={"tiny": (24, 16, 300)}, with_compiled=False)
-    assert len(built) == 2 and all(case.measure_peak_memory for case in built)
+    assert len(built) == 3 and all(case.measure_peak_memory for case in built)
+    assert [(c.extra["trainable_head"], c.extra["lora_head"]) for c in built] == [(False, False), (True, False), (False, True)]
     for case in built:
         assert list(case.variants)[:2] == ["vramplan", "unfused"]
         with kernel_mode("triton"):
             ours = case.variants["vramplan"]()
+            others = [fn() for name, fn in case.variants.items() if name.startswith("vramplan chunk")]
         ref = case.variants["unfused"]()
-        assert len(ours) == (2 if case.extra["trainable_head"] else 1)
-        for grad, want in zip(ours, ref):
-            torch.testing.assert_close(grad.float(), want.float(), atol=2e-2, rtol=5e-2)
+        assert len(ours) == (2 if case.extra["trainable_head"] else 3 if case.extra["lora_head"] else 1)
+        for grads in (ours, *others):
+            for grad, want in zip(grads, ref):
+                torch.testing.assert_close(grad.float(), want.float(), atol=2e-2, rtol=5e-2)
 
 
 @pytest.mark.slow

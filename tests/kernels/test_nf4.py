@@ -158,6 +158,23 @@ def test_gpu_repeated_decodes_take_the_direct_launch(double_quant):
     assert launchers and all(getattr(f, "__name__", "") != "_jit" for f in launchers.values())
 
 
+@pytest.mark.gpu
+@pytest.mark.parametrize("shape", [(6144, 1536), (1536, 640)])
+def test_gpu_every_benchmarked_launch_decodes_exactly(shape):
+    """The launches the benchmark compares (one wave of looping programs, one tile per program,
+    the byte kernel), each twice: the JIT's launch, then the compiled kernel's direct one."""
+    from benchmarks.kernel_cases.nf4 import LAUNCHES
+    from vramplan_kernels.nf4 import dequantize_nf4_with
+
+    q = quantize_nf4(torch.randn(shape, device="cuda", dtype=torch.bfloat16))
+    expected = dequantize_nf4_reference(q)
+    out = torch.empty(shape, device="cuda", dtype=torch.bfloat16)
+    for config in LAUNCHES.values():
+        for _ in range(2):
+            out.fill_(float("nan"))
+            assert torch.equal(dequantize_nf4_with(q, out, config), expected), config
+
+
 def test_benchmark_cases_run_at_tiny_shapes():
     from benchmarks.kernel_cases import nf4 as nf4_cases
 
@@ -168,3 +185,81 @@ def test_benchmark_cases_run_at_tiny_shapes():
     for other in results[1:]:
         assert torch.equal(results[0], other.reshape(results[0].shape))
     assert cases[0].bytes_moved == 32 * 128 // 2 + 64 + 4 + 2 * 32 * 128
+
+
+# Whole int32 words of packed bytes and more than one tile: the word kernel (the GPU's path for
+# real weights); a partial last tile and a partial 256-block absmax group.
+WORD_SHAPES = [(128, 96), (40, 1000)]
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("shape", WORD_SHAPES)
+def test_word_kernel_decodes_bitsandbytes_weights_identically(shape, double_quant, monkeypatch):
+    import vramplan_kernels.nf4 as nf4
+    from vramplan_kernels.nf4 import _dequant_launch
+
+    monkeypatch.setattr(nf4, "WORD_KERNEL_BY_DEFAULT", True)  # not the trainer's default until timed on a GPU
+
+    packed, state = _bnb_quantize(_weight(shape, torch.bfloat16, seed=2), double_quant)
+    q = NF4Tensor.from_bnb(packed, state)
+    with kernel_mode("triton"):
+        ours = dequantize_nf4(q)
+    assert _dequant_launch(q).config.words  # the word kernel ran, not the byte fallback
+    assert torch.equal(ours, _bnb_dequantize(packed, state))
+
+
+@pytest.mark.parametrize("config", [
+    dict(words=256, num_warps=4, programs_per_sm=16),  # one wave: on the CPU a single program loops over every tile
+    dict(words=256, num_warps=4, programs_per_sm=3, prefetch_absmax=False),
+    dict(words=128, num_warps=4, programs_per_sm=0),  # one tile per program
+    dict(words=512, num_warps=8, programs_per_sm=2),
+    dict(words=0, block_bytes=512),  # the byte kernel
+])
+def test_every_launch_config_decodes_the_same(config):
+    from vramplan_kernels.nf4 import DequantConfig, dequantize_nf4_with
+
+    q = quantize_nf4_reference(_weight((96, 640), torch.float32, seed=3))
+    expected = dequantize_nf4_reference(q, torch.bfloat16)
+    with kernel_mode("triton"):
+        out = dequantize_nf4_with(q, torch.empty(q.shape, dtype=torch.bfloat16), DequantConfig(**config))
+    assert torch.equal(out, expected)
+
+
+def test_unaligned_packed_bytes_fall_back_to_the_byte_kernel():
+    from vramplan_kernels.nf4 import _dequant_launch
+
+    q = quantize_nf4_reference(_weight((64, 128), torch.float32, seed=4))
+    shifted = torch.empty(q.packed.numel() + 1, dtype=torch.uint8)[1:]  # storage offset 1: no int32 view
+    shifted.copy_(q.packed)
+    moved = NF4Tensor(shifted, q.absmax, q.shape, q.dtype, q.blocksize, q.absmax_scale, q.absmax_offset, q.absmax_code)
+    with kernel_mode("triton"):
+        assert torch.equal(dequantize_nf4(moved, torch.float32), dequantize_nf4_reference(q, torch.float32))
+    assert _dequant_launch(moved).config.words == 0
+
+
+def test_programs_that_fit_an_sm():
+    from vramplan_kernels.nf4 import programs_that_fit
+
+    # 4 warps: 40 registers (the word kernel with its absmax prefetch) -> 12; 32 -> 16 (the warp limit)
+    assert programs_that_fit(40, 4) == 12 and programs_that_fit(32, 4) == 16 and programs_that_fit(16, 4) == 16
+    assert programs_that_fit(80, 8) == 3 and programs_that_fit(255, 8) == 1
+    assert programs_that_fit(0, 4) == 0  # unknown (the interpreter): keep the configured count
+
+
+def test_a_word_kernel_that_does_not_build_falls_back_to_the_byte_kernel(monkeypatch):
+    """A Triton that cannot build the word kernel (only Triton 3.9 compiled it here) still decodes: with the byte kernel."""
+    import vramplan_kernels.nf4 as nf4
+
+    class Unbuildable:
+        def __getitem__(self, grid):
+            def launch(*args, **kwargs):
+                raise RuntimeError("PassManager::run failed")
+            return launch
+
+    monkeypatch.setattr(nf4, "WORD_KERNEL_BY_DEFAULT", True)
+    monkeypatch.setattr(nf4, "_nf4_dequantize_words_kernel", Unbuildable())
+    q = quantize_nf4_reference(_weight((128, 96), torch.float32, seed=5))
+    with kernel_mode("triton"), pytest.warns(RuntimeWarning, match="byte kernel"):
+        out = dequantize_nf4(q, torch.float32)
+    assert torch.equal(out, dequantize_nf4_reference(q, torch.float32))
+    assert nf4._dequant_launch(q).config.words == 0

@@ -149,9 +149,13 @@ def test_benchmark_cases_run_at_tiny_shapes():
     from benchmarks.kernel_cases import qlora_linear as qlora_cases
 
     with kernel_mode("triton"):
-        cases = qlora_cases.cases("cpu", shapes={"tiny": (64, 32), "other": (128, 48)}, tokens=(16, 80))
+        cases = qlora_cases.cases("cpu", shapes={"tiny": (64, 32), "other": (128, 48)}, tokens=(16, 80),
+                                  fused_tokens=(16,), small_shapes=("tiny",))
         assert len(cases) == 4 and cases[0].flops == qlora_cases.qlora_flops(16, 64, 32, qlora_cases.RANK)
         all_grads = [{name: fn() for name, fn in case.variants.items()} for case in cases]
+    # the fused path only where it is timed (around FUSED_MAX_TOKENS): at 80 tokens it is not
+    assert ["vramplan fused" in case.variants for case in cases] == [True, False, False, False]
+    assert all(case.cuda_graph and "vramplan QLoRALinear" in case.variants for case in cases)  # all under 4,096 tokens
     # each case keeps its own shape's tensors (no late-bound closure sees the last shape)
     for (k, n), grads in zip([(64, 32), (64, 32), (128, 48), (128, 48)], all_grads):
         assert "bnb matmul_4bit + peft lora" in grads
