@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
 from train_fixtures import build_model, gemma4_config, llama_config  # noqa: E402
 from vramplan.plan import Plan  # noqa: E402
-from vramplan.train.graphs import StaticInputs, StepGraphs, checkpoints_without_rng_state, packing_decided  # noqa: E402
+from vramplan.train.graphs import StaticInputs, StepGraphs, graph_safe_checkpoints, packing_decided  # noqa: E402
 from vramplan.train.loss import summed_loss  # noqa: E402
 from vramplan.train.model import load_for_training, lora_parameters  # noqa: E402
 
@@ -65,7 +65,7 @@ def check(arch: str, variant: str) -> None:
     for p in params:
         p.grad = None
     graphs._grads_in_place()
-    with packing_decided(False), checkpoints_without_rng_state(model):
+    with packing_decided(False), graph_safe_checkpoints(model):
         graphs.body(static)
     print(arch, variant, "body eager: loss", float(static.loss), "vs", loss_e, "grad diff",
           _diff([p.grad for p in params], grads_e), flush=True)

@@ -104,7 +104,7 @@ def test_cuda_graph_steps_train_like_eager_steps(tmp_path, arch):
 def test_graph_body_makes_no_host_sync(tmp_path, arch):
     """A CUDA graph capture may hold no host sync: the body runs once with torch's sync debugger
     set to raise, which names the first synchronizing call if one creeps in."""
-    from vramplan.train.graphs import StaticInputs, StepGraphs, checkpoints_without_rng_state, packing_decided
+    from vramplan.train.graphs import StaticInputs, StepGraphs, graph_safe_checkpoints, packing_decided
     from vramplan.train.model import lora_parameters
 
     folder = build_model(llama_config() if arch == "llama" else gemma4_config(), tmp_path / arch)
@@ -118,7 +118,7 @@ def test_graph_body_makes_no_host_sync(tmp_path, arch):
     static = StaticInputs.like(embeds, per_layer, batch)
     static.fill(embeds, per_layer, batch, torch.tensor(40.0, device="cuda"))
     graphs._grads_in_place()
-    with packing_decided(False), checkpoints_without_rng_state(model):
+    with packing_decided(False), graph_safe_checkpoints(model):
         graphs.body(static)  # warm: compiles and autotunes outside the check
         torch.cuda.synchronize()
         torch.cuda.set_sync_debug_mode("error")

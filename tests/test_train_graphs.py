@@ -7,7 +7,7 @@ import torch
 
 from train_fixtures import build_model, gemma4_config, llama_config
 from vramplan.plan import Plan
-from vramplan.train.graphs import StaticInputs, StepGraphs, checkpoints_without_rng_state, is_packed, packing_decided
+from vramplan.train.graphs import StaticInputs, StepGraphs, graph_safe_checkpoints, is_packed, packing_decided
 from vramplan.train.loss import summed_loss
 from vramplan.train.model import load_for_training, lora_parameters
 
@@ -56,7 +56,7 @@ def test_graph_body_equals_eager_step(tmp_path, arch, packed):
     static = StaticInputs.like(embeds, per_layer, batch)
     static.fill(embeds, per_layer, batch, denominator)
     graphs._grads_in_place()
-    with packing_decided(packed), checkpoints_without_rng_state(model):
+    with packing_decided(packed), graph_safe_checkpoints(model):
         graphs.body(static)
     torch.testing.assert_close(static.loss, eager_loss.detach())
     for got, want in zip(_grads(params), eager_grads):

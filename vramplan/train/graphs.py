@@ -16,6 +16,9 @@ What the graph holds, and what it may not:
   optimizer, run eagerly, reads them. They are zeroed in place, never set to None.
 * Each graph casts the adapters to the compute dtype itself (``LoRACopies`` is invalidated
   before capture), so a replay never reads a copy another graph or the eager path made.
+* Checkpointed layers recompute through ``recompute.checkpoint_without_leaf`` inside a capture:
+  torch 2.11's own non-reentrant checkpoint roots a node on a CPU leaf, whose end-of-backward
+  stream sync breaks the capture.
 * One capture per (shape, packed-or-not); a shape is captured the second time it is seen, so
   the first, eager, pass has compiled and autotuned every Triton kernel for it. transformers
   decides packing with a host sync (``find_packed_sequence_indices``), which a capture may not
@@ -96,19 +99,16 @@ def packing_decided(packed: bool):
 
 
 @contextlib.contextmanager
-def checkpoints_without_rng_state(model: nn.Module):
-    """Checkpointing that does not save and restore the RNG state around the recompute: reading the
-    CUDA generator's state is not allowed while capturing, and no training layer here draws random
-    numbers (no dropout in the adapters; the models' attention dropout is 0 in these configs)."""
-    import functools
-
-    from torch.utils.checkpoint import checkpoint
+def graph_safe_checkpoints(model: nn.Module):
+    """The model's checkpointed layers recompute through ``recompute.checkpoint_without_leaf`` while
+    the context is open: no CPU leaf for the end-of-backward stream sync to trip on, and no read of
+    the CUDA generator's state (both forbidden while capturing)."""
+    from vramplan.train.recompute import checkpoint_without_leaf
 
     layers = [m for m in model.modules() if getattr(m, "_gradient_checkpointing_func", None) is not None]
     saved = [m._gradient_checkpointing_func for m in layers]
-    plain = functools.partial(checkpoint, use_reentrant=False, preserve_rng_state=False)
     for m in layers:
-        m._gradient_checkpointing_func = plain
+        m._gradient_checkpointing_func = checkpoint_without_leaf
     try:
         yield
     finally:
@@ -187,7 +187,7 @@ class StepGraphs:
         LoRACopies._generation += 1  # the graph makes its own compute-dtype copies of the adapters
         try:
             with self._on_own_stream() as stream, packing_decided(packed), \
-                    checkpoints_without_rng_state(self.model), torch.cuda.graph(graph, pool=self.pool, stream=stream):
+                    graph_safe_checkpoints(self.model), torch.cuda.graph(graph, pool=self.pool, stream=stream):
                 self.body(static)
         finally:
             LoRACopies._generation += 1  # and the eager path never reuses those
