@@ -18,11 +18,10 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
 
-from train_fixtures import build_model, gemma4_config, llama_config  # noqa: E402
+from train_fixtures import build_model, gemma4_config, llama_config, load_with_random_adapters  # noqa: E402
 from vramplan.plan import Plan  # noqa: E402
 from vramplan.train.graphs import StaticInputs, StepGraphs, graph_safe_checkpoints, packing_decided  # noqa: E402
 from vramplan.train.loss import summed_loss  # noqa: E402
-from vramplan.train.model import load_for_training, lora_parameters  # noqa: E402
 
 
 def _diff(a, b):
@@ -41,11 +40,7 @@ def check(arch: str, variant: str) -> None:
         torch.autograd.set_detect_anomaly(True, check_nan=False)
     folder = build_model(config, Path(tempfile.mkdtemp()) / arch)
     plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
-    model, _ = load_for_training(folder, plan, torch.device("cuda"))
-    params = lora_parameters(model)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(std=0.05)
+    model, params = load_with_random_adapters(folder, plan, "cuda")
     ids = torch.randint(4, 300, (2, 24), device="cuda")
     batch = {"input_ids": ids, "labels": ids.roll(-1, dims=1), "position_ids": torch.arange(24, device="cuda").expand(2, -1)}
     denominator = torch.tensor(48.0, device="cuda")

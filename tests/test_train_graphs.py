@@ -5,11 +5,10 @@ packed and unpacked, under checkpointing. The capture itself needs a GPU (tests/
 import pytest
 import torch
 
-from train_fixtures import build_model, gemma4_config, llama_config
+from train_fixtures import build_model, gemma4_config, llama_config, load_with_random_adapters
 from vramplan.plan import Plan
 from vramplan.train.graphs import StaticInputs, StepGraphs, graph_safe_checkpoints, is_packed, packing_decided
 from vramplan.train.loss import summed_loss
-from vramplan.train.model import load_for_training, lora_parameters
 
 
 def _batch(vocab: int, packed: bool) -> dict[str, torch.Tensor]:
@@ -34,12 +33,7 @@ def test_graph_body_equals_eager_step(tmp_path, arch, packed):
     config = llama_config() if arch == "llama" else gemma4_config()
     folder = build_model(config, tmp_path / arch)
     plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
-    model, _ = load_for_training(folder, plan, torch.device("cpu"))
-    params = lora_parameters(model)
-    torch.manual_seed(1)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(std=0.05)
+    model, params = load_with_random_adapters(folder, plan, "cpu")
     batch = _batch(model.config.get_text_config().vocab_size, packed)
     assert is_packed(batch["position_ids"]) == packed
     denominator = (batch["labels"] != -100).sum().float()
@@ -68,11 +62,7 @@ def test_body_accumulates_into_existing_gradients(tmp_path):
     """Two replays of one micro-batch add up, as two eager backward passes do: gradients are never replaced."""
     folder = build_model(llama_config(), tmp_path / "llama")
     plan = Plan(model="tiny", quant="bf16", lora_rank=4, seq_len=24, checkpointing="full")
-    model, _ = load_for_training(folder, plan, torch.device("cpu"))
-    params = lora_parameters(model)
-    with torch.no_grad():
-        for p in params:
-            p.normal_(std=0.05)
+    model, params = load_with_random_adapters(folder, plan, "cpu")
     batch = _batch(model.config.vocab_size, packed=False)
     graphs = StepGraphs(model, params)
     embeds, per_layer = graphs.prologue(batch)

@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from train_fixtures import build_model, chat_records, gemma4_config, llama_config, write_jsonl
+from train_fixtures import build_model, gemma4_config, llama_config, models_with_data
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import patching
@@ -21,10 +21,7 @@ CONFIGS = {"llama": lambda: dict(llama_config(), tie_word_embeddings=True), "gem
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("int8head")
-    write_jsonl(root / "train.jsonl", chat_records(24))
-    for name, config in CONFIGS.items():
-        build_model(config(), root / name)
+    root = models_with_data(tmp_path_factory.mktemp("int8head"), CONFIGS)
     build_model(llama_config(), root / "untied")
     return root
 

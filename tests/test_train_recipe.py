@@ -5,7 +5,7 @@ import json
 import pytest
 import torch
 
-from train_fixtures import build_model, chat_records, gemma4_config, llama_config, write_jsonl
+from train_fixtures import gemma4_config, llama_config, models_with_data, write_jsonl
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import adapter, ops
@@ -18,10 +18,7 @@ CONFIGS = {"llama": llama_config, "gemma4": gemma4_config}
 
 @pytest.fixture(scope="module")
 def work(tmp_path_factory):
-    root = tmp_path_factory.mktemp("recipe")
-    write_jsonl(root / "train.jsonl", chat_records(24))
-    for name, config in CONFIGS.items():
-        build_model(config(), root / name)
+    root = models_with_data(tmp_path_factory.mktemp("recipe"), CONFIGS)
     return root
 
 

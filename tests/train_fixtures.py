@@ -91,3 +91,24 @@ def chat_records(n: int = 24) -> list[dict]:
         else:
             out.append({"text": s})
     return out
+
+
+def models_with_data(root: Path, configs: dict) -> Path:
+    """A folder with a tiny chat dataset (``train.jsonl``) and one random model per named config."""
+    write_jsonl(root / "train.jsonl", chat_records(24))
+    for name, config in configs.items():
+        build_model(config(), root / name)
+    return root
+
+
+def load_with_random_adapters(folder: Path, plan, device, std: float = 0.05, seed: int = 1):
+    """The trainer's model with nonzero adapters (B starts at zero, and A gets no gradient until it is not)."""
+    from vramplan.train.model import load_for_training, lora_parameters
+
+    model, _ = load_for_training(folder, plan, torch.device(device) if isinstance(device, str) else device)
+    params = lora_parameters(model)
+    torch.manual_seed(seed)
+    with torch.no_grad():
+        for p in params:
+            p.normal_(std=std)
+    return model, params
