@@ -194,6 +194,9 @@ class StepGraphs:
         torch.cuda.synchronize()
         if self.pool is None:
             self.pool = graph.pool()
+        # the eager passes on the side stream left their blocks cached outside the graph's pool: the
+        # graph's own pool holds a step's working set from now on, so hand those back
+        torch.cuda.empty_cache()
         return graph, static
 
     @contextlib.contextmanager
