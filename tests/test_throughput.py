@@ -179,3 +179,20 @@ def test_host_and_device_overlap_to_about_the_longer():
     assert overlap(0.2, 0.02) == pytest.approx(0.2, rel=1e-3)
     assert overlap(0.02, 0.2) == pytest.approx(0.2, rel=1e-3)
     assert 0.2 < overlap(0.2, 0.2) < 0.4 and overlap(0.2, 0.1) < overlap(0.2, 0.15) < overlap(0.2, 0.2)
+
+
+def test_an_int8_head_costs_its_dequantization():
+    """Llama-3.2-1B at 2,048 tokens: 4 chunks of 512 tokens, each dequantizing the 128,256-row head
+    twice in 16 slices of 8,192 rows: 512 more host ops and 8 passes over the head's bytes."""
+    from vramplan.throughput import HOST_OPS_PER_HEAD_SLICE, int8_head_walks, step_host_ops
+
+    arch = architecture(resolve_model("llama-3.2-1b"))
+    bf16 = Plan(model="llama-3.2-1b", seq_len=2048)
+    int8 = Plan(model="llama-3.2-1b", seq_len=2048, head_quant="int8")
+    assert int8_head_walks(arch, bf16) == (0, 0)
+    assert int8_head_walks(arch, int8) == (8, 16)
+    extra_ops = step_host_ops(arch, int8)["forward"] - step_host_ops(arch, bf16)["forward"]
+    assert extra_ops == 8 * 16 * HOST_OPS_PER_HEAD_SLICE
+    head = arch.vocab_size * arch.hidden_size
+    assert step_bytes(arch, int8)["weights"] - step_bytes(arch, bf16)["weights"] == pytest.approx((8 * 5 - 4) * head)
+    assert int8_head_walks(arch, Plan(model="llama-3.2-1b", seq_len=2048, head_quant="int8", stack="hf")) == (0, 0)

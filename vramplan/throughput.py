@@ -53,6 +53,7 @@ from typing import Any
 from vramplan.arch import Architecture, Layer
 from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
+from vramplan.memory.logits import dequant_slice_rows, loss_chunk_tokens
 from vramplan.plan import Plan
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
@@ -265,10 +266,29 @@ def _math_attention_layers(arch: Architecture, plan: Plan) -> list[Layer]:
     return [layer for layer in arch.layers if layer.attention != "sliding" and layer.kv_heads < layer.heads]
 
 
+#: Per dequantized slice of an int8 head, per pass over it: the slice's cast, its row scales, the matmul.
+HOST_OPS_PER_HEAD_SLICE = 4
+#: Bytes per head element a pass moves: the int8 read, the bf16 slice written and read back by the matmul.
+HEAD_DEQUANT_BYTES_PER_ELEMENT = 1 + 2 + 2
+
+
+def int8_head_walks(arch: Architecture, plan: Plan) -> tuple[int, int]:
+    """(passes over the head, slices per pass) of an int8 head's loss in one micro-batch: every chunk
+    of tokens dequantizes the whole head twice, slice by slice (its logits, then d hidden). (0, 0)
+    with a bf16 head, which the chunks read as it is."""
+    if plan.head_quant != "int8" or plan.stack != "vramplan":
+        return 0, 0
+    tokens = plan.micro_batch * plan.seq_len
+    chunk = loss_chunk_tokens(tokens, arch.vocab_size, 2, plan.loss_chunk_mb * 2**20)
+    rows = dequant_slice_rows(arch.vocab_size, arch.hidden_size)
+    return 2 * -(-tokens // chunk), -(-arch.vocab_size // rows)
+
+
 def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     """Bytes one micro-batch moves through GPU memory, by part.
 
-    - ``weights``: each pass reads (and for NF4/int8 dequantizes) every base linear; the LM head twice;
+    - ``weights``: each pass reads (and for NF4/int8 dequantizes) every base linear; the LM head twice,
+      or an int8 head dequantized twice per chunk of tokens (``int8_head_walks``);
     - ``activations``: the element-wise traffic of each layer per pass (``ACTIVATION_ACCESSES``);
     - ``logits``: full loss writes bf16 logits, an fp32 copy, its log-softmax and their
       gradients (~24 B per logit); the chunked loss keeps each chunk's fp32 logits (~8 B);
@@ -283,7 +303,11 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     hidden_acc, inter_acc = ACTIVATION_ACCESSES[stack]
     act = ACTIVATION_BYTES[stack]
     weights = passes * arch.linear_params * WEIGHT_BYTES_PER_PASS[plan.quant]
-    weights += 2 * 2 * arch.vocab_size * arch.hidden_size
+    head_passes, _ = int8_head_walks(arch, plan)
+    if head_passes:
+        weights += head_passes * HEAD_DEQUANT_BYTES_PER_ELEMENT * arch.vocab_size * arch.hidden_size
+    else:
+        weights += 2 * 2 * arch.vocab_size * arch.hidden_size
     activations = 0.0
     for layer in arch.layers:
         inter = layer.mlp_intermediate + layer.top_k * layer.expert_intermediate
@@ -338,9 +362,10 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
 
     Counted from the architecture alone: per decoder layer its LoRA linears (and their
     dequantization), norms, the attention/activation/residual work, Gemma 4's per-layer input;
-    the recompute exists under checkpointing; the optimizer's work is per trainable tensor for
-    bitsandbytes (a Python loop over parameters) and nearly constant for torch's foreach AdamW.
-    The sequence length and batch never enter: a host op costs the same for 512 tokens as for
+    the recompute exists under checkpointing; an int8 head's slices, per chunk of tokens; the
+    optimizer's work is per trainable tensor for bitsandbytes (a Python loop over parameters) and
+    nearly constant for torch's foreach AdamW. Apart from an int8 head's chunks, the sequence length
+    and batch never enter: a host op costs the same for 512 tokens as for
     8,192, which is why small models train at one step time across lengths (H100: Llama-3.2-1B
     0.16-0.26 s from 512 to 8,192 tokens).
     """
@@ -363,6 +388,8 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
         if layer.experts:  # hf loops over the experts in Python; vramplan's grouped path does not
             phases = [p + (layer.experts * 3 if stack == "hf" else 12) for p in phases]
     forward, recompute, backward = phases
+    head_passes, head_slices = int8_head_walks(arch, plan)
+    forward += head_passes * head_slices * HOST_OPS_PER_HEAD_SLICE  # the fused loss runs in the forward
     recomputes = _recomputes(plan)
     tensors = optimizer_tensors(arch, plan)
     optimizer = OPTIMIZER_HOST_OPS_PER_TENSOR[plan.optimizer] * tensors + OPTIMIZER_HOST_OPS_PER_STEP[plan.optimizer]
