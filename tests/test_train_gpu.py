@@ -48,12 +48,12 @@ def test_gemma4_per_layer_embeddings_stay_on_the_host_and_training_runs(tmp_path
     assert last < 0.8 * first, (first, last)
 
 
-def _train_steps(model, params, batches, graphs):
+def _train_steps(model, params, batches, graphs, flat=False):
     from vramplan.train.loss import accumulate_gradients
     from vramplan.train.recipe import make_optimizer
 
     plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
-    optimizer, _ = make_optimizer(params, plan, 1e-3, 0.0, torch.device("cuda"))
+    optimizer, _ = make_optimizer(params, plan, 1e-3, 0.0, torch.device("cuda"), flat=flat)
     losses = []
     for micro_batches in batches:
         loss, _ = accumulate_gradients(model, micro_batches, graphs=graphs)
@@ -63,10 +63,11 @@ def _train_steps(model, params, batches, graphs):
     return losses
 
 
-@pytest.mark.parametrize("arch", ["llama", "gemma4"])
-def test_cuda_graph_steps_train_like_eager_steps(tmp_path, arch):
+@pytest.mark.parametrize("arch,flat", [("llama", False), ("gemma4", False), ("llama", True)])
+def test_cuda_graph_steps_train_like_eager_steps(tmp_path, arch, flat):
     """Same model, same data, eager and through captured graphs (two shapes, one packed, two
-    micro-batches a step): the losses and the adapters after six optimizer steps agree."""
+    micro-batches a step): the losses and the adapters after six optimizer steps agree. ``flat``:
+    the adapters stepped as one flat tensor, their gradients summed into it by the backward."""
     from vramplan.train.graphs import StepGraphs
     from vramplan.train.model import lora_parameters
 
@@ -89,7 +90,7 @@ def test_cuda_graph_steps_train_like_eager_steps(tmp_path, arch):
         model, _ = load_for_training(folder, plan, torch.device("cuda"))
         params = lora_parameters(model)
         graphs = StepGraphs(model, params) if use_graphs else None
-        losses = _train_steps(model, params, batches, graphs)
+        losses = _train_steps(model, params, batches, graphs, flat)
         results.append((losses, [p.detach().float().cpu() for p in params], graphs))
     (eager_losses, eager_params, _), (graph_losses, graph_params, graphs) = results
     assert graphs.notes == []
