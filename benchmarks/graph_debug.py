@@ -1,10 +1,15 @@
 """Diagnose CUDA-graph capture of the trainer's micro-batch step on tiny random models (GPU only).
 
-    python -m benchmarks.graph_debug
+    python -m benchmarks.graph_debug                 # every model and variant, each in its own process
+    python -m benchmarks.graph_debug llama anomaly   # one
 
-For Llama and Gemma 4: (1) the graph body run eagerly equals the eager step; (2) the body under
-torch's sync debugger (the first synchronizing call, with its stack); (3) a capture and replay,
-with the gradients compared against the eager step, after the adapters changed in place too.
+Each run: the graph body run eagerly against the eager step; then the trainer's own path
+(``StepGraphs.summed_loss``: eager, capture, replays after the adapters changed in place) with its
+gradients against eager ones. Variants: ``full``; ``anomaly`` (autograd's anomaly mode without
+NaN checks: a failing backward names the forward call of its node); ``override`` (torch's
+stale-stream override, where this torch has it); ``fwd`` (the forward alone, captured);
+``no-cudnn`` (SDPA without cuDNN). A separate process per run: a failed capture leaves the CUDA
+generator unusable in the process that made it.
 """
 
 from __future__ import annotations
@@ -106,8 +111,8 @@ def main() -> None:
     if len(sys.argv) == 3:
         check(sys.argv[1], sys.argv[2])
         return
-    for arch in ("llama",):
-        for variant in ("anomaly", "override"):
+    for arch in ("llama", "gemma4"):
+        for variant in ("full", "anomaly"):
             subprocess.run([sys.executable, "-m", "benchmarks.graph_debug", arch, variant])
 
 
