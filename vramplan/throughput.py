@@ -71,34 +71,57 @@ ACTIVATION_ACCESSES = {"vramplan": (14, 5), "hf": (30, 8)}
 ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}
 
 #: Host ops per pass, as ``(forward, recompute, backward)``: what the host dispatches (aten ops that
-#: launch device work, Triton launches, bitsandbytes calls), the unit benchmarks/launch_count.py
-#: counts. vramplan's figures are that counter's on the trainer at 1cee967 (Llama-3.2-1B: 844
-#: forward, 560 recompute, 1,079 backward, 224 optimizer; Gemma-4-E2B: 2,289 / 1,464 / 3,172 /
-#: 410); hf's are read off its code (no counter runs it): PEFT's LoRA layer around bitsandbytes'
-#: Linear4bit (cast, dropout, A, B, scale, add around a dequantize and a matmul), unfused
-#: RMSNorm (~7 ops) and RoPE (~14 ops each way). None of them depends on the sequence length.
+#: launch device work, Triton launches, bitsandbytes calls), the unit the CPU launch counters count:
+#: benchmarks/launch_count.py on vramplan's trainer (at 1cee967, Llama-3.2-1B: 844 forward, 560
+#: recompute, 1,079 backward, 224 optimizer; Gemma-4-E2B: 2,289 / 1,464 / 3,172 / 410) and
+#: benchmarks/launch_count_hf.py on the hf recipe (transformers + PEFT + bitsandbytes, run on the CPU
+#: with bf16 compute as on a GPU; per decoder layer of Llama, Qwen3, Gemma 3 and Gemma 4 structures,
+#: NF4 and bf16, with and without checkpointing; tests/test_launch_count.py holds the model to them).
+#: None of them depends on the sequence length. The recompute is shorter than the forward:
+#: torch.utils.checkpoint's non-reentrant recompute stops once the last saved tensor is rebuilt, so a
+#: layer's trailing residual adds and gating are not replayed.
 #:
 #: per LoRA-adapted linear: base matmul, the two LoRA matmuls, casts, the add; the recompute
-#: reuses the forward's bf16 copies of the adapters; the backward adds dA and dB
-HOST_OPS_PER_LINEAR = {"vramplan": (6, 4, 8), "hf": (10, 10, 14)}
-#: per quantized linear: dequantize each pass (bitsandbytes' wrapper around it on hf)
-HOST_OPS_PER_DEQUANT = {"vramplan": (1, 1, 1), "hf": (3, 3, 3)}
-HOST_OPS_PER_NORM = {"vramplan": (1, 1, 2), "hf": (7, 7, 12)}  # vramplan's RMSNorm: one Triton kernel
+#: reuses the forward's bf16 copies of the adapters; the backward adds dA and dB. hf (counted, bf16
+#: base): PEFT casts the input to the fp32 adapters' dtype and the result back, scales and adds.
+HOST_OPS_PER_LINEAR = {"vramplan": (6, 4, 8), "hf": (10, 9.5, 10.5)}
+#: per quantized linear: dequantize each pass. hf, counted: the forward's ``bitsandbytes::gemm_4bit``
+#: is one op where the bf16 base's matmul was one; the backward adds the double-quantized dequantization
+#: (absmax, its offset, the weight). Every linear of the hf recipe is quantized, adapted or not.
+HOST_OPS_PER_DEQUANT = {"vramplan": (1, 1, 1), "hf": (0, 0, 3)}
+#: What the counter cannot see inside a bitsandbytes 4-bit matmul on hf, in host ops' worth per
+#: quantized linear and pass: its CUDA kernel is Python (torch.library) that allocates, launches the
+#: absmax's and the weight's dequantization through ctypes, adds the offset and runs the linear
+#: (bitsandbytes/backends/cuda/ops.py, ``_dequant_linear_fallback``), all behind one counted op.
+#: Measured on the CPU (``python -m benchmarks.launch_count_hf --time``): a quantized Llama layer's
+#: step takes 1.43× the bf16 one's at 1.03× its counted ops, 6.6 ops' worth more per quantized linear
+#: and pass, 1.0 of them counted. On the H100 the NF4/bf16 pairs differ by 8-13 ops' worth per pass
+#: (Llama-3.2-1B, Qwen3-0.6B at 2,048 tokens), a third of which is outside this measurement's reach.
+HF_UNCOUNTED_DEQUANT_HOST_OPS = 5.6
+#: per RMSNorm: vramplan's is one Triton kernel. hf's is unfused (cast to fp32, square, mean, rsqrt,
+#: scale, cast back): under NF4 prepare_model_for_kbit_training has upcast the weights and the residual
+#: stream to fp32, so the casts are no-ops and dispatch nothing; a bf16 model's norm casts
+#: :data:`HF_NORM_CASTS` times more (counted: Llama 6/6/13 and 8/8/15 a norm).
+HOST_OPS_PER_NORM = {"vramplan": (1, 1, 2), "hf": (6.5, 6.5, 12.5)}
+HF_NORM_CASTS = (2.5, 2.5, 2)
 #: per decoder layer otherwise: the attention call, the gated activation, residual adds, RoPE
-#: (vramplan: one Triton launch a pass where patched; transformers' ~14 ops where not)
-HOST_OPS_PER_LAYER = {"vramplan": (5, 3, 3), "hf": (12, 12, 14)}
+#: (vramplan: one Triton launch a pass where patched; transformers' ~10 ops where not)
+HOST_OPS_PER_LAYER = {"vramplan": (5, 3, 3), "hf": (15, 13, 22)}
 #: transformers' RoPE on vramplan's stack where it stays unpatched (Gemma 4: q and k rotated in
 #: separate calls, shared-KV layers rotate only q; as counted on E2B)
 HOST_OPS_ROPE_UNFUSED = (8, 7, 10)
-HOST_OPS_PER_LAYER_INPUT = (10, 10, 16)  # Gemma 4's per-layer embedding gating, around its two linears
+#: Gemma 4's per-layer embedding gating, around its two linears (not recomputed on hf: it follows the
+#: layer's last saved tensor)
+HOST_OPS_PER_LAYER_INPUT = {"vramplan": (10, 10, 16), "hf": (8, 0, 14)}
 HOST_OPS_PER_PLAIN_LINEAR = (1, 1, 1)  # a linear LoRA leaves alone: its matmul, dX in the backward
 #: per micro-batch outside the layers (embedding, masks, cos/sin, loss) and per optimizer
-#: step outside the optimizer (gradient clipping, the scheduler, zeroing)
-HOST_OPS_PER_MODEL = (60, 0, 15)
-HOST_OPS_PER_STEP = 25
+#: step outside the optimizer (vramplan: gradient clipping, the scheduler, zeroing; the hf recipe as
+#: measured clips nothing and zeroes by dropping the gradients: counted 1)
+HOST_OPS_PER_MODEL = {"vramplan": (60, 0, 15), "hf": (35, 0, 15)}
+HOST_OPS_PER_STEP = {"vramplan": 25, "hf": 1}
 #: The optimizer's host work per trainable tensor, in host ops: bitsandbytes' 8-bit AdamW steps
 #: each tensor from Python (~165 µs of host time each, profiled: 32 ms for Llama-3.2-1B's 224
-#: adapters, ~3 ops' worth); torch's AdamW runs foreach kernels over all tensors at once.
+#: adapters, ~3 ops' worth; one counted op each); torch's AdamW runs foreach kernels over all tensors at once.
 OPTIMIZER_HOST_OPS_PER_TENSOR = {"paged_adamw8bit": 3.0, "adamw8bit": 3.0, "adamw": 0.1}
 OPTIMIZER_HOST_OPS_PER_STEP = {"paged_adamw8bit": 0.0, "adamw8bit": 0.0, "adamw": 20.0}
 #: RoPE patched with the Triton kernel on vramplan's stack (vramplan.train.patching.ROPE_PATCHED_BY_DEFAULT)
@@ -370,18 +393,27 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
     0.16-0.26 s from 512 to 8,192 tokens).
     """
     stack = plan.stack
-    phases = [float(c) for c in HOST_OPS_PER_MODEL]
+    phases = [float(c) for c in HOST_OPS_PER_MODEL[stack]]
     rope_unfused = stack == "vramplan" and arch.model_type.startswith(ROPE_UNPATCHED_MODEL_TYPES)
+    quantized = plan.quant != "bf16"
+    norm = HOST_OPS_PER_NORM[stack]
+    if stack == "hf" and not quantized:  # no fp32 upcast: the norms' casts dispatch
+        norm = tuple(n + c for n, c in zip(norm, HF_NORM_CASTS))
+    dequant = HOST_OPS_PER_DEQUANT[stack]
+    if stack == "hf":
+        dequant = tuple(d + HF_UNCOUNTED_DEQUANT_HOST_OPS for d in dequant)
     for layer in arch.layers:
         adapted = sum(1 for lin in layer.linears if lin.name in plan.lora_targets)
+        # vramplan quantizes the adapted linears only; the hf recipe every linear of the layers
+        dequantized = 0 if not quantized else len(layer.linears) if stack == "hf" else adapted
         per_layer = [
             _per_pass(HOST_OPS_PER_LINEAR[stack], adapted),
-            _per_pass(HOST_OPS_PER_DEQUANT[stack], adapted if plan.quant != "bf16" else 0),
+            _per_pass(dequant, dequantized),
             _per_pass(HOST_OPS_PER_PLAIN_LINEAR, len(layer.linears) - adapted),
-            _per_pass(HOST_OPS_PER_NORM[stack], _norms_per_layer(arch, layer)),
+            _per_pass(norm, _norms_per_layer(arch, layer)),
             list(HOST_OPS_PER_LAYER[stack]),
             _per_pass(HOST_OPS_ROPE_UNFUSED, 1 if rope_unfused else 0),
-            _per_pass(HOST_OPS_PER_LAYER_INPUT, 1 if layer.per_layer_input else 0),
+            _per_pass(HOST_OPS_PER_LAYER_INPUT[stack], 1 if layer.per_layer_input else 0),
         ]
         for counts in per_layer:
             phases = [p + c for p, c in zip(phases, counts)]
@@ -397,9 +429,9 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
         "forward": forward,
         "recompute": recompute if recomputes else 0.0,
         "backward": backward,
-        "checkpointed": forward - HOST_OPS_PER_MODEL[0] if recomputes else 0.0,  # the layers' part
+        "checkpointed": forward - HOST_OPS_PER_MODEL[stack][0] if recomputes else 0.0,  # the layers' part
         "optimizer": optimizer / plan.grad_accum,
-        "step": HOST_OPS_PER_STEP / plan.grad_accum,
+        "step": HOST_OPS_PER_STEP[stack] / plan.grad_accum,
     }
 
 

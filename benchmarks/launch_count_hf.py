@@ -1,0 +1,107 @@
+"""Host ops of one optimizer step of the hf recipe (transformers + PEFT + bitsandbytes), counted on the CPU.
+
+The sibling of :mod:`benchmarks.launch_count`, which counts vramplan's trainer: the same counter
+(:class:`~benchmarks.launch_count.LaunchCounter`, a ``TorchDispatchMode``), the same tiny models with
+the real architectures' structure (layer count, layer types, qk-norms, Gemma 4's per-layer inputs and
+shared KV; only the widths and the vocabulary shrunk), loaded by :func:`vramplan.runners.hf.load_hf_recipe`
+on the CPU and stepped the way the H100 measurements stepped it
+(/work/shared/reference-stacks/hf_baseline.py: ``model(input_ids, labels)``, ``loss.backward()``,
+``opt.step()``, ``opt.zero_grad()``; no gradient clipping).
+
+On the CPU bitsandbytes runs the same Python as on a GPU: PEFT's LoRA layer around ``Linear4bit``,
+``matmul_4bit``'s autograd function, the double-quantized dequantization (a ``bitsandbytes::`` op
+per call, counted as one op, as it is one launch on the GPU), and the 8-bit optimizers' per-parameter
+``bitsandbytes::optimizer_update_8bit_blockwise``. What differs from the GPU:
+
+* SDPA: the CPU takes its own flash kernel where the GPU (fp32 under the NF4 recipe, GQA) takes the
+  math or memory-efficient one; either is one op a call here and a handful there, per layer;
+* bitsandbytes' paged buffers are plain ones on the CPU (its page prefetch is host work on a GPU).
+
+So the counts are the recipe's host ops per phase to within a few ops per layer, which is what
+:data:`vramplan.throughput.HOST_OPS_PER_LINEAR` and its siblings model for ``stack="hf"``.
+
+    python -m benchmarks.launch_count_hf                  # all four families, nf4/bf16, with/without checkpointing
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import tempfile
+import warnings
+from collections import Counter
+from pathlib import Path
+
+os.environ.setdefault("TRITON_INTERPRET", "1")
+
+import torch  # noqa: E402
+
+from benchmarks.launch_count import LAUNCHING, MODELS, LaunchCounter, build_model  # noqa: E402
+
+#: The configurations the throughput model needs: both base weights, with and without checkpointing.
+SETTINGS = (("nf4", "full"), ("nf4", "none"), ("bf16", "full"), ("bf16", "none"))
+
+
+def count_hf_step(family: str, layers: int, quant: str = "nf4", checkpointing: str = "full",
+                  optimizer: str = "paged_adamw8bit", seq: int = 8) -> dict:
+    """Launching host ops of one optimizer step (after a warm-up step) of the hf recipe on the tiny
+    model, by phase and by component: ``{"per_phase": {...}, "by_component": {phase: {component: n}}}``."""
+    from vramplan.plan import Plan
+    from vramplan.runners.hf import load_hf_recipe
+
+    warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
+    folder = build_model(family, Path(tempfile.mkdtemp(prefix="launch-count-hf-")), layers)
+    plan = Plan(model=family, stack="hf", quant=quant, lora_rank=8, seq_len=seq, optimizer=optimizer,
+                checkpointing=checkpointing)
+    recipe = load_hf_recipe(str(folder), plan, device="cpu", dtype=torch.bfloat16)  # bf16 compute, as on a GPU
+    model, opt = recipe.model, recipe.optimizer
+    ids = torch.randint(0, recipe.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
+    counter = LaunchCounter()
+
+    def step():  # hf_baseline.py's loop body
+        model(input_ids=ids, labels=ids).loss.backward()
+        with counter.phase("optimizer"):
+            opt.step()
+        with counter.phase("zero_grad"):
+            opt.zero_grad(set_to_none=True)
+
+    step()
+    with counter.instrument(model), counter:
+        step()
+    per_phase: Counter = Counter()
+    by_component: dict = {}
+    for (phase, component, kind), n in counter.counts.items():
+        if kind in LAUNCHING:
+            per_phase[phase] += n
+            by_component.setdefault(phase, Counter())[component] += n
+    return {"model": MODELS[family], "layers": layers, "quant": quant, "checkpointing": checkpointing,
+            "optimizer": type(opt).__name__, "per_phase": dict(per_phase),
+            "by_component": {p: dict(c) for p, c in by_component.items()}}
+
+
+def per_layer(family: str, quant: str, checkpointing: str, layers: tuple[int, int] = (2, 4)) -> dict:
+    """Host ops one decoder layer adds, per phase: the difference of two layer counts, per layer (the
+    ops outside the layers cancel). Gemma 4's pair keeps both attention types and a shared-KV half."""
+    low, high = (count_hf_step(family, n, quant, checkpointing)["per_phase"] for n in layers)
+    return {phase: (high.get(phase, 0) - low.get(phase, 0)) / (layers[1] - layers[0]) for phase in high.keys() | low.keys()}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--models", default="llama,qwen3,gemma3,gemma4")
+    parser.add_argument("--layers", type=int, default=2)
+    parser.add_argument("--out", default="", help="write OUT.json")
+    args = parser.parse_args()
+    results = []
+    for family in args.models.split(","):
+        for quant, checkpointing in SETTINGS:
+            result = count_hf_step(family, args.layers, quant, checkpointing)
+            results.append(result)
+            print(json.dumps(result))
+    if args.out:
+        Path(args.out + ".json").write_text(json.dumps(results, indent=1) + "\n")
+
+
+if __name__ == "__main__":
+    main()
