@@ -140,8 +140,9 @@ def _fit_stack(mine: list[Run], hooks: float) -> tuple[float, Factors]:
     mm_eff = MATMUL_EFFICIENCY[None, None, :, None]
     att_eff = ATTENTION_EFFICIENCY[None, None, None, :]
     host = (term("host") + column([_checkpointed(r) for r in mine]) * hooks) * host_op
-    # the wide-head attention term carries its own fixed efficiency, the memory term the fixed bandwidth
-    device = term("matmul") / mm_eff + term("attention") / att_eff + term("attention_wide") + term("memory")
+    # the wide-head and flash attention terms carry their own fixed efficiencies, the memory term the fixed bandwidth
+    device = (term("matmul") / mm_eff + term("attention") / att_eff + term("attention_wide") + term("attention_flash")
+              + term("memory"))
     predicted = overlap(host, device) + term("pcie")
     measured = column([r.step_s for r in mine])
     error = np.mean(np.abs(predicted - measured) / measured, axis=0)

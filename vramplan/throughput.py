@@ -68,7 +68,7 @@ WEIGHT_BYTES_PER_PASS = {"nf4": 0.52 + 2 + 2, "int8": 1 + 2 + 2, "bf16": 2}
 #: (norms, residual adds, RoPE, attention in/out, casts) and per MLP-intermediate value
 #: (gate, up, the activation, their product). hf's recipe runs unfused in fp32.
 ACTIVATION_ACCESSES = {"vramplan": (14, 5), "hf": (30, 8)}
-ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}
+ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}  # hf: fp32 where prepare_model_for_kbit_training upcast (4-bit, 8-bit)
 
 #: Host ops per pass, as ``(forward, recompute, backward)``: what the host dispatches (aten ops that
 #: launch device work, Triton launches, bitsandbytes calls), the unit the CPU launch counters count:
@@ -84,8 +84,8 @@ ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}
 #: per LoRA-adapted linear: base matmul, the two LoRA matmuls, casts, the add; the recompute
 #: reuses the forward's bf16 copies of the adapters; the backward adds dA and dB. hf (counted, bf16
 #: base): PEFT casts the input to the fp32 adapters' dtype and the result back, scales and adds.
-HOST_OPS_PER_LINEAR = {"vramplan": (6, 4, 8), "hf": (10, 9.5, 10.5)}
-#: per quantized linear: dequantize each pass. hf, counted: the forward's ``bitsandbytes::gemm_4bit``
+HOST_OPS_PER_LINEAR = {"vramplan": (5, 3, 7.5), "hf": (10, 9.5, 10.5)}
+#: per quantized linear: dequantize each pass (vramplan: one Triton launch). hf, counted: the forward's ``bitsandbytes::gemm_4bit``
 #: is one op where the bf16 base's matmul was one; the backward adds the double-quantized dequantization
 #: (absmax, its offset, the weight). Every linear of the hf recipe is quantized, adapted or not.
 HOST_OPS_PER_DEQUANT = {"vramplan": (1, 1, 1), "hf": (0, 0, 3)}
@@ -98,21 +98,22 @@ HOST_OPS_PER_DEQUANT = {"vramplan": (1, 1, 1), "hf": (0, 0, 3)}
 #: and pass, 1.0 of them counted. On the H100 the NF4/bf16 pairs differ by 8-13 ops' worth per pass
 #: (Llama-3.2-1B, Qwen3-0.6B at 2,048 tokens), a third of which is outside this measurement's reach.
 HF_UNCOUNTED_DEQUANT_HOST_OPS = 5.6
-#: per RMSNorm: vramplan's is one Triton kernel. hf's is unfused (cast to fp32, square, mean, rsqrt,
+#: per RMSNorm: vramplan's is a Triton kernel, with a copy or cast around it on some (counted: Llama
+#: and Qwen3 2 a pass, Gemma 3 and 4 1-1.3). hf's is unfused (cast to fp32, square, mean, rsqrt,
 #: scale, cast back): under NF4 prepare_model_for_kbit_training has upcast the weights and the residual
 #: stream to fp32, so the casts are no-ops and dispatch nothing; a bf16 model's norm casts
 #: :data:`HF_NORM_CASTS` times more (counted: Llama 6/6/13 and 8/8/15 a norm).
-HOST_OPS_PER_NORM = {"vramplan": (1, 1, 2), "hf": (6.5, 6.5, 12.5)}
+HOST_OPS_PER_NORM = {"vramplan": (1.5, 1.5, 1.5), "hf": (6.5, 6.5, 12.5)}
 HF_NORM_CASTS = (2.5, 2.5, 2)
 #: per decoder layer otherwise: the attention call, the gated activation, residual adds, RoPE
 #: (vramplan: one Triton launch a pass where patched; transformers' ~10 ops where not)
 HOST_OPS_PER_LAYER = {"vramplan": (5, 3, 3), "hf": (15, 13, 22)}
 #: transformers' RoPE on vramplan's stack where it stays unpatched (Gemma 4: q and k rotated in
 #: separate calls, shared-KV layers rotate only q; as counted on E2B)
-HOST_OPS_ROPE_UNFUSED = (8, 7, 10)
-#: Gemma 4's per-layer embedding gating, around its two linears (not recomputed on hf: it follows the
+HOST_OPS_ROPE_UNFUSED = (6.5, 6.5, 9.5)  # beyond the one launch HOST_OPS_PER_LAYER counts
+#: Gemma 4's per-layer embedding gating, around its two linears (not recomputed: it follows the
 #: layer's last saved tensor)
-HOST_OPS_PER_LAYER_INPUT = {"vramplan": (10, 10, 16), "hf": (8, 0, 14)}
+HOST_OPS_PER_LAYER_INPUT = {"vramplan": (6, 0, 14), "hf": (8, 0, 14)}
 HOST_OPS_PER_PLAIN_LINEAR = (1, 1, 1)  # a linear LoRA leaves alone: its matmul, dX in the backward
 #: per micro-batch outside the layers (embedding, masks, cos/sin, loss) and per optimizer
 #: step outside the optimizer (vramplan: gradient clipping, the scheduler, zeroing; the hf recipe as
@@ -140,6 +141,12 @@ OVERLAP_SHARPNESS = 4.0
 #: a fixed fraction here (bf16 stacks only; the hf recipe's fp32 attention has its own fitted one).
 FLASH_MAX_HEAD_DIM = 256
 WIDE_HEAD_ATTENTION_EFFICIENCY = 0.021
+#: SDPA's bf16 flash kernels (cuDNN's on the H100) as profiled in vramplan's step (Llama-3.2-1B, 2,048
+#: tokens, benchmarks/results/profiles/): 1.24 TFLOP of forward, recompute and backward attention in
+#: 4.1 ms a step, 30% of the bf16 peak. The hf stack's fitted attention efficiency describes its NF4
+#: recipe's fp32 kernels (math, memory-efficient); its bf16 recipe runs these flash kernels, at this
+#: fixed fraction (no hf bf16 run is fitted on).
+FLASH_ATTENTION_EFFICIENCY = 0.30
 
 #: Nominal per-direction bandwidth of one GPU's link to its peers, by the catalog's
 #: ``interconnect``: PCIe x16 at 16/32/64 GB/s (PCI-SIG 3.0/4.0/5.0); NVLink totals from
@@ -237,7 +244,10 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
     - ``lora``: forward 2·T·r·(in+out) per adapted linear, ×3 with its backward (dX, dA, dB);
     - ``lm_head``: forward and dX of the (frozen) head, 2·T·V·h each;
     - ``attention``: QKᵀ and PV, 4·T·keys·q_dim forward and 2.5× that backward (flash
-      attention recomputes the scores); ``attention_wide``: the same on layers whose heads are
+      attention recomputes the scores). Flash kernels skip the blocks a causal or sliding mask
+      removes (keys: s/2, about the window); the fp32 kernels hf's NF4 recipe falls back to (math
+      for unmasked GQA, memory-efficient under the sliding layers' dense mask) multiply the whole
+      s×s square and mask it afterwards (keys: s); ``attention_wide``: the same on layers whose heads are
       too wide for flash attention (:data:`FLASH_MAX_HEAD_DIM`), which run a slower kernel;
     - ``recompute``: under checkpointing, the layers' forward once more (linears, LoRA, attention).
     """
@@ -252,7 +262,8 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
             active_experts += layer.top_k * 3 * arch.hidden_size * layer.expert_intermediate
         lora += _lora_width(arch, layer, plan)
         part = "attention_wide" if layer.head_dim > FLASH_MAX_HEAD_DIM else "attention"
-        attention[part] += 4 * plan.seq_len * _keys_per_query(layer, plan.seq_len) * layer.q_dim * plan.micro_batch
+        keys = plan.seq_len if not _bf16_attention(plan) else _keys_per_query(layer, plan.seq_len)
+        attention[part] += 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
     forward = 2.0 * tokens * (linear + active_experts)
     lora_forward = 2.0 * tokens * plan.lora_rank * lora
     parts = {
@@ -281,8 +292,9 @@ def _passes(plan: Plan) -> int:
 
 
 def _math_attention_layers(arch: Architecture, plan: Plan) -> list[Layer]:
-    """Layers whose scores hf materializes: fp32 GQA without a mask falls back to SDPA's math kernel."""
-    if plan.stack != "hf" and plan.attention != "eager":
+    """Layers whose scores hf materializes: fp32 GQA without a mask falls back to SDPA's math kernel
+    (the NF4 recipe's fp32 attention; its bf16 recipe runs SDPA's flash kernels, as vramplan's stack)."""
+    if _bf16_attention(plan) and plan.attention != "eager":
         return []
     if plan.attention == "eager":
         return list(arch.layers)
@@ -324,7 +336,7 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     stack = plan.stack
     passes = _passes(plan)
     hidden_acc, inter_acc = ACTIVATION_ACCESSES[stack]
-    act = ACTIVATION_BYTES[stack]
+    act = ACTIVATION_BYTES[stack] if _upcasts(plan) or stack != "hf" else 2
     weights = passes * arch.linear_params * WEIGHT_BYTES_PER_PASS[plan.quant]
     head_passes, _ = int8_head_walks(arch, plan)
     if head_passes:
@@ -526,13 +538,17 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
     flops = step_flops(arch, plan)
     attention = flops.pop("attention")
     wide = flops.pop("attention_wide")
+    flash = 0.0
     if not _bf16_attention(plan):  # fp32 attention runs the math or memory-efficient kernel on every layer
         attention, wide = attention + wide, 0.0
+    elif plan.stack == "hf":  # hf's fitted efficiency is its fp32 kernels': bf16 runs flash, profiled
+        attention, flash = 0.0, attention
     seconds = {
         "host": host_seconds(arch, plan, factors),
         "matmul": sum(flops.values()) / (rate * factors.matmul_efficiency),
         "attention": attention / (rate * factors.attention_efficiency),
         "attention_wide": wide / (rate * WIDE_HEAD_ATTENTION_EFFICIENCY),
+        "attention_flash": flash / (rate * FLASH_ATTENTION_EFFICIENCY),
         "memory": sum(step_bytes(arch, plan).values()) / (gpu.bandwidth_gbs * 1e9 * factors.bandwidth_efficiency),
         "pcie": step_pcie_bytes(arch, plan) / PCIE_BYTES_PER_S,
     }
@@ -545,9 +561,16 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
     return seconds
 
 
+def _upcasts(plan: Plan) -> bool:
+    """Whether the hf recipe ran prepare_model_for_kbit_training, which casts every parameter bitsandbytes
+    left unquantized (norms, embeddings, the LM head) to fp32: the residual stream, the norms, attention
+    and the MLP's activations then run in fp32. Its bf16 recipe stays in bf16."""
+    return plan.stack == "hf" and plan.quant != "bf16"
+
+
 def _bf16_attention(plan: Plan) -> bool:
-    """Whether attention runs SDPA's 16-bit kernels (vramplan's stack; hf's NF4 recipe runs fp32)."""
-    return plan.stack != "hf" or plan.quant == "bf16"
+    """Whether attention runs SDPA's 16-bit kernels (vramplan's stack, hf's bf16 recipe; hf's NF4 recipe runs fp32)."""
+    return not _upcasts(plan)
 
 
 def overlap(host: float, device: float) -> float:
@@ -563,7 +586,8 @@ def combine(seconds: dict[str, float]) -> float:
     H100: Llama-3.2-1B's step took 0.16-0.26 s from 512 to 8,192 tokens (host-bound), while
     Qwen3-4B's grew from 0.34 s to 0.67 s between 1,024 and 8,192 tokens
     (benchmarks/results/trainer_h100.jsonl)."""
-    device = seconds["matmul"] + seconds["attention"] + seconds["attention_wide"] + seconds["memory"]
+    device = (seconds["matmul"] + seconds["attention"] + seconds["attention_wide"] + seconds.get("attention_flash", 0.0)
+              + seconds["memory"])
     compute = overlap(seconds["host"], device) + seconds["pcie"]
     # on several GPUs the collectives run on their own stream beside the compute (FSDP2's
     # prefetch, DDP's bucketed all-reduce during the backward); what cannot overlap is added
