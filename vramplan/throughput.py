@@ -108,13 +108,16 @@ HF_NORM_CASTS = (2.5, 2.5, 2)
 #: per decoder layer otherwise: the attention call, the gated activation, residual adds, RoPE
 #: (vramplan: one Triton launch a pass where patched; transformers' ~10 ops where not)
 HOST_OPS_PER_LAYER = {"vramplan": (5, 3, 3), "hf": (15, 13, 22)}
-#: transformers' RoPE on vramplan's stack where it stays unpatched (Gemma 4: q and k rotated in
-#: separate calls, shared-KV layers rotate only q; as counted on E2B)
-HOST_OPS_ROPE_UNFUSED = (6.5, 6.5, 9.5)  # beyond the one launch HOST_OPS_PER_LAYER counts
-#: Gemma 4's per-layer embedding gating, around its two linears (not recomputed: it follows the
-#: layer's last saved tensor)
-HOST_OPS_PER_LAYER_INPUT = {"vramplan": (6, 0, 14), "hf": (8, 0, 14)}
-HOST_OPS_PER_PLAIN_LINEAR = (1, 1, 1)  # a linear LoRA leaves alone: its matmul, dX in the backward
+#: transformers' RoPE on vramplan's stack where it stays unpatched, beyond the one launch
+#: HOST_OPS_PER_LAYER counts (Gemma 4: q and k rotated in separate calls; its shared-KV layers
+#: rotate only q; as counted on Gemma-4-E2B's structure)
+HOST_OPS_ROPE_UNFUSED = (9, 9, 13)
+HOST_OPS_ROPE_UNFUSED_Q_ONLY = (4, 4, 6)
+#: Gemma 4's per-layer embedding gating with its two linears (not recomputed: it follows the
+#: layer's last saved tensor; on hf its linears are quantized, which HOST_OPS_PER_DEQUANT adds)
+HOST_OPS_PER_LAYER_INPUT = {"vramplan": (8, 0, 16), "hf": (8, 0, 16)}
+HOST_OPS_PER_PLAIN_LINEAR = (1, 1, 1)  # another linear LoRA leaves alone: its matmul, dX in the backward
+_LAYER_INPUT_LINEARS = ("per_layer_input_gate", "per_layer_projection")
 #: per micro-batch outside the layers (embedding, masks, cos/sin, loss) and per optimizer
 #: step outside the optimizer (vramplan: gradient clipping, the scheduler, zeroing; the hf recipe as
 #: measured clips nothing and zeroes by dropping the gradients: counted 1)
@@ -421,10 +424,11 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
         per_layer = [
             _per_pass(HOST_OPS_PER_LINEAR[stack], adapted),
             _per_pass(dequant, dequantized),
-            _per_pass(HOST_OPS_PER_PLAIN_LINEAR, len(layer.linears) - adapted),
+            _per_pass(HOST_OPS_PER_PLAIN_LINEAR, sum(1 for lin in layer.linears if lin.name not in plan.lora_targets
+                                                     and lin.name not in _LAYER_INPUT_LINEARS)),
             _per_pass(norm, _norms_per_layer(arch, layer)),
             list(HOST_OPS_PER_LAYER[stack]),
-            _per_pass(HOST_OPS_ROPE_UNFUSED, 1 if rope_unfused else 0),
+            _per_pass(HOST_OPS_ROPE_UNFUSED if layer.has_kv else HOST_OPS_ROPE_UNFUSED_Q_ONLY, 1 if rope_unfused else 0),
             _per_pass(HOST_OPS_PER_LAYER_INPUT[stack], 1 if layer.per_layer_input else 0),
         ]
         for counts in per_layer:
