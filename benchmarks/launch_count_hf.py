@@ -20,7 +20,13 @@ per call, counted as one op, as it is one launch on the GPU), and the 8-bit opti
 So the counts are the recipe's host ops per phase to within a few ops per layer, which is what
 :data:`vramplan.throughput.HOST_OPS_PER_LINEAR` and its siblings model for ``stack="hf"``.
 
+What the count cannot see is what a bitsandbytes op does behind its one dispatch (Python, ctypes):
+:func:`uncounted_dequant_host_ops` times it instead, as the wall time a quantized layer's step takes
+beyond the bf16 one's, in the counted ops' worth of this CPU
+(:data:`vramplan.throughput.HF_UNCOUNTED_DEQUANT_HOST_OPS`).
+
     python -m benchmarks.launch_count_hf                  # all four families, nf4/bf16, with/without checkpointing
+    python -m benchmarks.launch_count_hf --time           # and the bitsandbytes linear's uncounted host time
 """
 
 from __future__ import annotations
@@ -28,7 +34,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import statistics
 import tempfile
+import time
 import warnings
 from collections import Counter
 from pathlib import Path
@@ -43,29 +51,35 @@ from benchmarks.launch_count import LAUNCHING, MODELS, LaunchCounter, build_mode
 SETTINGS = (("nf4", "full"), ("nf4", "none"), ("bf16", "full"), ("bf16", "none"))
 
 
-def count_hf_step(family: str, layers: int, quant: str = "nf4", checkpointing: str = "full",
-                  optimizer: str = "paged_adamw8bit", seq: int = 8) -> dict:
-    """Launching host ops of one optimizer step (after a warm-up step) of the hf recipe on the tiny
-    model, by phase and by component: ``{"per_phase": {...}, "by_component": {phase: {component: n}}}``."""
+def _recipe_step(folder: Path, family: str, quant: str, checkpointing: str, optimizer: str, seq: int, counter):
+    """The hf recipe loaded from ``folder`` on the CPU (bf16 compute, as on a GPU) and its loop body
+    (hf_baseline.py's), phases marked for ``counter``."""
     from vramplan.plan import Plan
     from vramplan.runners.hf import load_hf_recipe
 
     warnings.filterwarnings("ignore", message=".*[Pp]aged.*")
-    folder = build_model(family, Path(tempfile.mkdtemp(prefix="launch-count-hf-")), layers)
     plan = Plan(model=family, stack="hf", quant=quant, lora_rank=8, seq_len=seq, optimizer=optimizer,
                 checkpointing=checkpointing)
-    recipe = load_hf_recipe(str(folder), plan, device="cpu", dtype=torch.bfloat16)  # bf16 compute, as on a GPU
+    recipe = load_hf_recipe(str(folder), plan, device="cpu", dtype=torch.bfloat16)
     model, opt = recipe.model, recipe.optimizer
     ids = torch.randint(0, recipe.vocab_size, (1, seq), generator=torch.Generator().manual_seed(0))
-    counter = LaunchCounter()
 
-    def step():  # hf_baseline.py's loop body
+    def step():
         model(input_ids=ids, labels=ids).loss.backward()
         with counter.phase("optimizer"):
             opt.step()
         with counter.phase("zero_grad"):
             opt.zero_grad(set_to_none=True)
+    return model, step
 
+
+def count_hf_step(family: str, layers: int, quant: str = "nf4", checkpointing: str = "full",
+                  optimizer: str = "paged_adamw8bit", seq: int = 8) -> dict:
+    """Launching host ops of one optimizer step (after a warm-up step) of the hf recipe on the tiny
+    model, by phase and by component: ``{"per_phase": {...}, "by_component": {phase: {component: n}}}``."""
+    folder = build_model(family, Path(tempfile.mkdtemp(prefix="launch-count-hf-")), layers)
+    counter = LaunchCounter()
+    model, step = _recipe_step(folder, family, quant, checkpointing, optimizer, seq, counter)
     step()
     with counter.instrument(model), counter:
         step()
@@ -76,7 +90,7 @@ def count_hf_step(family: str, layers: int, quant: str = "nf4", checkpointing: s
             per_phase[phase] += n
             by_component.setdefault(phase, Counter())[component] += n
     return {"model": MODELS[family], "layers": layers, "quant": quant, "checkpointing": checkpointing,
-            "optimizer": type(opt).__name__, "per_phase": dict(per_phase),
+            "optimizer": optimizer, "per_phase": dict(per_phase),
             "by_component": {p: dict(c) for p, c in by_component.items()}}
 
 
@@ -87,12 +101,48 @@ def per_layer(family: str, quant: str, checkpointing: str, layers: tuple[int, in
     return {phase: (high.get(phase, 0) - low.get(phase, 0)) / (layers[1] - layers[0]) for phase in high.keys() | low.keys()}
 
 
+def uncounted_dequant_host_ops(family: str = "llama", layers: tuple[int, int] = (2, 6), repeats: int = 15) -> dict:
+    """The host time a bitsandbytes 4-bit linear takes beyond its counted ops, in counted ops' worth:
+    per decoder layer (the difference of two layer counts), the NF4 recipe's checkpointed step time
+    minus the bf16 one's, over the quantized linear passes (3 a linear: forward, recompute, backward),
+    in units of the bf16 step's seconds per counted op, less the ops the counter saw the NF4 layer add.
+    Single-threaded wall time on this CPU, so a proxy: on a GPU the same Python dispatches CUDA kernels."""
+    torch.set_num_threads(1)
+    seconds, ops = {}, {}
+    for n in layers:
+        folder = build_model(family, Path(tempfile.mkdtemp(prefix="launch-count-hf-")), n)
+        for quant in ("nf4", "bf16"):
+            _, step = _recipe_step(folder, family, quant, "full", "paged_adamw8bit", 8, LaunchCounter())
+            for _ in range(3):
+                step()
+            times = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            seconds[(n, quant)] = statistics.median(times)
+            ops[(n, quant)] = sum(v for k, v in count_hf_step(family, n, quant, "full")["per_phase"].items()
+                                  if k in ("forward", "recompute", "backward"))
+    per_layer = {q: {"seconds": (seconds[(layers[1], q)] - seconds[(layers[0], q)]) / (layers[1] - layers[0]),
+                     "ops": (ops[(layers[1], q)] - ops[(layers[0], q)]) / (layers[1] - layers[0])} for q in ("nf4", "bf16")}
+    seconds_per_op = per_layer["bf16"]["seconds"] / per_layer["bf16"]["ops"]
+    linear_passes = 3 * 7  # q, k, v, o, gate, up, down
+    extra = (per_layer["nf4"]["seconds"] - per_layer["bf16"]["seconds"]) / seconds_per_op - (
+        per_layer["nf4"]["ops"] - per_layer["bf16"]["ops"])
+    return {"family": family, "per_layer": per_layer, "seconds_per_op": seconds_per_op,
+            "uncounted_ops_per_linear_pass": extra / linear_passes}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default="llama,qwen3,gemma3,gemma4")
     parser.add_argument("--layers", type=int, default=2)
     parser.add_argument("--out", default="", help="write OUT.json")
+    parser.add_argument("--time", action="store_true", help="time the bitsandbytes linear's uncounted host work")
     args = parser.parse_args()
+    if args.time:
+        print(json.dumps(uncounted_dequant_host_ops()))
+        return
     results = []
     for family in args.models.split(","):
         for quant, checkpointing in SETTINGS:
