@@ -8,10 +8,12 @@ on the CPU and stepped the way the H100 measurements stepped it
 (/work/shared/reference-stacks/hf_baseline.py: ``model(input_ids, labels)``, ``loss.backward()``,
 ``opt.step()``, ``opt.zero_grad()``; no gradient clipping).
 
-On the CPU bitsandbytes runs the same Python as on a GPU: PEFT's LoRA layer around ``Linear4bit``,
-``matmul_4bit``'s autograd function, the double-quantized dequantization (a ``bitsandbytes::`` op
-per call, counted as one op, as it is one launch on the GPU), and the 8-bit optimizers' per-parameter
-``bitsandbytes::optimizer_update_8bit_blockwise``. What differs from the GPU:
+On the CPU bitsandbytes runs the same Python as on a GPU down to its ``bitsandbytes::`` ops: PEFT's
+LoRA layer around ``Linear4bit``, ``MatMul4Bit`` (``gemm_4bit`` in the forward, the double-quantized
+dequantization in the backward) and the 8-bit optimizers' per-parameter
+``optimizer_update_8bit_blockwise``, each such op counted as one. Below them the backends differ: on
+a GPU ``gemm_4bit`` is Python that launches the absmax's and the weight's dequantization and the
+matmul itself (bitsandbytes/backends/cuda/ops.py). Also different from the GPU:
 
 * SDPA: the CPU takes its own flash kernel where the GPU (fp32 under the NF4 recipe, GQA) takes the
   math or memory-efficient one; either is one op a call here and a handful there, per layer;
@@ -26,7 +28,7 @@ beyond the bf16 one's, in the counted ops' worth of this CPU
 (:data:`vramplan.throughput.HF_UNCOUNTED_DEQUANT_HOST_OPS`).
 
     python -m benchmarks.launch_count_hf                  # all four families, nf4/bf16, with/without checkpointing
-    python -m benchmarks.launch_count_hf --time           # and the bitsandbytes linear's uncounted host time
+    python -m benchmarks.launch_count_hf --time           # instead: time the bitsandbytes linear's uncounted host work
 """
 
 from __future__ import annotations
@@ -92,13 +94,6 @@ def count_hf_step(family: str, layers: int, quant: str = "nf4", checkpointing: s
     return {"model": MODELS[family], "layers": layers, "quant": quant, "checkpointing": checkpointing,
             "optimizer": optimizer, "per_phase": dict(per_phase),
             "by_component": {p: dict(c) for p, c in by_component.items()}}
-
-
-def per_layer(family: str, quant: str, checkpointing: str, layers: tuple[int, int] = (2, 4)) -> dict:
-    """Host ops one decoder layer adds, per phase: the difference of two layer counts, per layer (the
-    ops outside the layers cancel). Gemma 4's pair keeps both attention types and a shared-KV half."""
-    low, high = (count_hf_step(family, n, quant, checkpointing)["per_phase"] for n in layers)
-    return {phase: (high.get(phase, 0) - low.get(phase, 0)) / (layers[1] - layers[0]) for phase in high.keys() | low.keys()}
 
 
 def uncounted_dequant_host_ops(family: str = "llama", layers: tuple[int, int] = (2, 6), repeats: int = 15) -> dict:
