@@ -72,11 +72,11 @@ ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}  # hf: fp32 where prepare_model_for_
 
 #: Host ops per pass, as ``(forward, recompute, backward)``: what the host dispatches (aten ops that
 #: launch device work, Triton launches, bitsandbytes calls), the unit the CPU launch counters count:
-#: benchmarks/launch_count.py on vramplan's trainer (at 1cee967, Llama-3.2-1B: 844 forward, 560
-#: recompute, 1,079 backward, 224 optimizer; Gemma-4-E2B: 2,289 / 1,464 / 3,172 / 410) and
-#: benchmarks/launch_count_hf.py on the hf recipe (transformers + PEFT + bitsandbytes, run on the CPU
-#: with bf16 compute as on a GPU; per decoder layer of Llama, Qwen3, Gemma 3 and Gemma 4 structures,
-#: NF4 and bf16, with and without checkpointing; tests/test_launch_count.py holds the model to them).
+#: benchmarks/launch_count.py on vramplan's trainer (per decoder layer of Llama, Qwen3, Gemma 3 and
+#: Gemma 4 structures; Llama's 51 forward, 35 recompute, 67 backward) and benchmarks/launch_count_hf.py
+#: on the hf recipe (transformers + PEFT + bitsandbytes, run on the CPU with bf16 compute as on a GPU;
+#: the same four structures, NF4 and bf16, with and without checkpointing). tests/test_launch_count.py
+#: holds the model to both within 15% per layer and phase.
 #: None of them depends on the sequence length. The recompute is shorter than the forward:
 #: torch.utils.checkpoint's non-reentrant recompute stops once the last saved tensor is rebuilt, so a
 #: layer's trailing residual adds and gating are not replayed.
@@ -85,9 +85,10 @@ ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}  # hf: fp32 where prepare_model_for_
 #: reuses the forward's bf16 copies of the adapters; the backward adds dA and dB. hf (counted, bf16
 #: base): PEFT casts the input to the fp32 adapters' dtype and the result back, scales and adds.
 HOST_OPS_PER_LINEAR = {"vramplan": (5, 3, 7.5), "hf": (10, 9.5, 10.5)}
-#: per quantized linear: dequantize each pass (vramplan: one Triton launch). hf, counted: the forward's ``bitsandbytes::gemm_4bit``
-#: is one op where the bf16 base's matmul was one; the backward adds the double-quantized dequantization
-#: (absmax, its offset, the weight). Every linear of the hf recipe is quantized, adapted or not.
+#: per quantized linear: dequantize each pass (vramplan: one Triton launch). hf, counted: the
+#: forward's ``bitsandbytes::gemm_4bit`` is one op where the bf16 base's matmul was one; the backward
+#: adds the double-quantized dequantization (absmax, its offset, the weight). Every linear of the hf
+#: recipe is quantized, adapted or not.
 HOST_OPS_PER_DEQUANT = {"vramplan": (1, 1, 1), "hf": (0, 0, 3)}
 #: What the counter cannot see inside a bitsandbytes 4-bit matmul on hf, in host ops' worth per
 #: quantized linear and pass: its CUDA kernel is Python (torch.library) that allocates, launches the
@@ -340,7 +341,7 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     stack = plan.stack
     passes = _passes(plan)
     hidden_acc, inter_acc = ACTIVATION_ACCESSES[stack]
-    act = ACTIVATION_BYTES[stack] if _upcasts(plan) or stack != "hf" else 2
+    act = 2 if stack == "hf" and not _upcasts(plan) else ACTIVATION_BYTES[stack]  # hf's bf16 recipe: bf16
     weights = passes * arch.linear_params * WEIGHT_BYTES_PER_PASS[plan.quant]
     head_passes, _ = int8_head_walks(arch, plan)
     if head_passes:
@@ -429,7 +430,7 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
                                                      and lin.name not in _LAYER_INPUT_LINEARS)),
             _per_pass(norm, _norms_per_layer(arch, layer)),
             list(HOST_OPS_PER_LAYER[stack]),
-            _per_pass(HOST_OPS_ROPE_UNFUSED if layer.has_kv else HOST_OPS_ROPE_UNFUSED_Q_ONLY, 1 if rope_unfused else 0),
+            _per_pass(HOST_OPS_ROPE_UNFUSED if layer.has_kv else HOST_OPS_ROPE_UNFUSED_Q_ONLY, int(rope_unfused)),
             _per_pass(HOST_OPS_PER_LAYER_INPUT[stack], 1 if layer.per_layer_input else 0),
         ]
         for counts in per_layer:
