@@ -13,7 +13,8 @@ the two, softened near the crossover):
 * **device**: the step's matmul FLOPs (:func:`step_flops`) over the GPU's dense bf16 (fp16 when
   the plan computes in fp16) rate times a fitted matmul efficiency; the attention s² term at
   its own fitted efficiency (heads wider than flash attention takes run a slower kernel at a
-  profiled fixed one); the bytes a step moves (:func:`step_bytes`: NF4 dequantization,
+  profiled fixed one; the hf recipe's NF4 path runs attention and its upcast LM head in fp32, at
+  that stack's fitted efficiency, and its bf16 path flash attention at a profiled one); the bytes a step moves (:func:`step_bytes`: NF4 dequantization,
   activations, logits, materialized attention scores, the optimizer's pass over its states)
   over the GPU's bandwidth;
 * **host link**: CPU-offloaded checkpoints cross PCIe (:func:`step_pcie_bytes`), added.
@@ -190,7 +191,7 @@ class Factors:
     seconds_per_host_op: float
     checkpoint_host_ops: float  # host ops' worth of checkpointing's Python hooks per checkpointed forward op
     matmul_efficiency: float
-    attention_efficiency: float
+    attention_efficiency: float  # hf: its NF4 recipe's fp32 work (attention, the upcast LM head)
     bandwidth_efficiency: float
 
 
@@ -547,6 +548,8 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
     flash = 0.0
     if not _bf16_attention(plan):  # fp32 attention runs the math or memory-efficient kernel on every layer
         attention, wide = attention + wide, 0.0
+        # the upcast LM head multiplies in fp32 too (no tensor-core rate): at the stack's fitted fp32 efficiency
+        attention += flops.pop("lm_head")
     elif plan.stack == "hf":  # hf's fitted efficiency is its fp32 kernels': bf16 runs flash, profiled
         attention, flash = 0.0, attention
     seconds = {
