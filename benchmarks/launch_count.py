@@ -271,8 +271,9 @@ def build_model(family: str, folder: Path, layers: int | None = None) -> Path:
 
 
 def count_step(family: str, layers: int | None = None, seq: int = 32, optimizer: str = "paged_adamw8bit",
-               base: str = "dequant") -> dict:
-    """Launches of one optimizer step (after one warm-up step) of the trainer on the tiny model."""
+               base: str = "dequant", checkpointing: str = "full") -> dict:
+    """Launches of one optimizer step (after one warm-up step) of the trainer on the tiny model
+    (``checkpointing="none"``: without torch.utils.checkpoint around the layers)."""
     import warnings
 
     from vramplan.plan import Plan
@@ -285,14 +286,15 @@ def count_step(family: str, layers: int | None = None, seq: int = 32, optimizer:
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     folder = build_model(family, Path(tempfile.mkdtemp(prefix="launch-count-")), layers)
     device = torch.device("cpu")
-    plan = Plan(model=family, quant="nf4", lora_rank=16, seq_len=seq, optimizer=optimizer, checkpointing="full")
+    plan = Plan(model=family, quant="nf4", lora_rank=16, seq_len=seq, optimizer=optimizer, checkpointing=checkpointing)
     # bf16 as on a GPU (load_for_training computes in fp32 on the CPU); per-layer tables on the host as on a GPU
     model = load_base_model(folder, torch.bfloat16, plan.attention)
     prepare_for_qlora(model, plan, device, host_per_layer_embeddings=True)
     params = lora_parameters(model)
     for param in params:
         param.requires_grad_(True)
-    enable_checkpointing(model)
+    if checkpointing == "full":
+        enable_checkpointing(model)
     model.train()
     from vramplan.train.optim import flat_update_pays
 

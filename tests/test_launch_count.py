@@ -56,8 +56,9 @@ LAYERS = {"llama": (1, 3), "qwen3": (1, 3), "gemma3": (1, 3), "gemma4": (2, 4)}
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("family", ["llama", "qwen3", "gemma4"])
-def test_the_throughput_models_host_ops_per_layer_match_the_counted_ones(family):
+@pytest.mark.parametrize("family, checkpointing", [("llama", "full"), ("llama", "none"), ("qwen3", "full"),
+                                                   ("gemma4", "full")])
+def test_the_throughput_models_host_ops_per_layer_match_the_counted_ones(family, checkpointing):
     """vramplan.throughput counts host ops from the architecture alone; the counter sees them. Per
     decoder layer of vramplan's trainer (default switches: per-tensor 8-bit AdamW, Triton RoPE where
     patched), by phase, the two agree within 15% (measured: Llama 2-3%, Qwen3 1-5%, Gemma 4's shared-KV
@@ -68,11 +69,12 @@ def test_the_throughput_models_host_ops_per_layer_match_the_counted_ones(family)
     from vramplan.throughput import step_host_ops
 
     layers = LAYERS[family]
-    counted = {n: count_step(family, layers=n, seq=8)["per_phase"] for n in layers}
-    ops = {n: step_host_ops(from_config(tiny_config(family, n)), Plan(model=family)) for n in layers}
+    counted = {n: count_step(family, layers=n, seq=8, checkpointing=checkpointing)["per_phase"] for n in layers}
+    plan = Plan(model=family, checkpointing=checkpointing)
+    ops = {n: step_host_ops(from_config(tiny_config(family, n)), plan) for n in layers}
     for phase in ("forward", "recompute", "backward"):
         seen, modelled = _per_layer(counted, ops, layers, phase)
-        assert modelled == pytest.approx(seen, rel=0.15), phase
+        assert modelled == pytest.approx(seen, rel=0.15, abs=0.5), phase
     # the optimizer: one bitsandbytes update per LoRA tensor (the model weighs each 3 ops: its Python, profiled)
     seen, _ = _per_layer(counted, ops, layers, "optimizer")
     linears = sum(1 for lin in from_config(tiny_config(family, layers[1])).layers[-1].linears
