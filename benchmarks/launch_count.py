@@ -50,7 +50,7 @@ from torch.utils._pytree import tree_leaves  # noqa: E402
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-MODELS = {"llama": "llama-3.2-1b", "gemma4": "gemma-4-e2b-text"}
+MODELS = {"llama": "llama-3.2-1b", "gemma4": "gemma-4-e2b-text", "qwen3": "qwen3-0.6b", "gemma3": "gemma-3-1b"}
 #: widths of the tiny stand-in (structure keys are kept from the profile)
 TINY = {
     "llama": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
@@ -58,6 +58,10 @@ TINY = {
     "gemma4": {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1,
                "head_dim": 16, "global_head_dim": 32, "vocab_size": 512, "vocab_size_per_layer_input": 512,
                "hidden_size_per_layer_input": 8, "sliding_window": 16},
+    "qwen3": {"hidden_size": 64, "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
+              "head_dim": 16, "vocab_size": 512},
+    "gemma3": {"hidden_size": 64, "intermediate_size": 96, "num_attention_heads": 2, "num_key_value_heads": 1,
+               "head_dim": 16, "query_pre_attn_scalar": 16, "vocab_size": 512, "sliding_window": 16},
 }
 PHASES = ("forward", "recompute", "backward", "grad_clip", "optimizer", "zero_grad", "step")
 #: what a counted op is: device work, a Triton launch, a bitsandbytes op, a wait for the device, or host-only
@@ -82,7 +86,7 @@ def kind_of(func) -> str:
 def component_of(module: torch.nn.Module) -> str | None:
     """The component a module's own ops count towards (None: its parent's)."""
     name = type(module).__name__
-    if name == "QLoRALinear":
+    if name == "QLoRALinear" or hasattr(module, "lora_A"):  # vramplan's, or PEFT's LoRA layer (hf recipe)
         return "qlora_linear"
     if name.endswith("RMSNorm"):
         return "norm"
@@ -267,8 +271,9 @@ def build_model(family: str, folder: Path, layers: int | None = None) -> Path:
 
 
 def count_step(family: str, layers: int | None = None, seq: int = 32, optimizer: str = "paged_adamw8bit",
-               base: str = "dequant") -> dict:
-    """Launches of one optimizer step (after one warm-up step) of the trainer on the tiny model."""
+               base: str = "dequant", checkpointing: str = "full") -> dict:
+    """Launches of one optimizer step (after one warm-up step) of the trainer on the tiny model
+    (``checkpointing="none"``: without torch.utils.checkpoint around the layers)."""
     import warnings
 
     from vramplan.plan import Plan
@@ -281,14 +286,15 @@ def count_step(family: str, layers: int | None = None, seq: int = 32, optimizer:
     warnings.filterwarnings("ignore", message="Paged optimizers are not supported on CPU")
     folder = build_model(family, Path(tempfile.mkdtemp(prefix="launch-count-")), layers)
     device = torch.device("cpu")
-    plan = Plan(model=family, quant="nf4", lora_rank=16, seq_len=seq, optimizer=optimizer, checkpointing="full")
+    plan = Plan(model=family, quant="nf4", lora_rank=16, seq_len=seq, optimizer=optimizer, checkpointing=checkpointing)
     # bf16 as on a GPU (load_for_training computes in fp32 on the CPU); per-layer tables on the host as on a GPU
     model = load_base_model(folder, torch.bfloat16, plan.attention)
     prepare_for_qlora(model, plan, device, host_per_layer_embeddings=True)
     params = lora_parameters(model)
     for param in params:
         param.requires_grad_(True)
-    enable_checkpointing(model)
+    if checkpointing == "full":
+        enable_checkpointing(model)
     model.train()
     from vramplan.train.optim import flat_update_pays
 

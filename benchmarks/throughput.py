@@ -128,7 +128,9 @@ def _terms(run: Run) -> dict[str, float]:
 HOST_OP_SECONDS = np.linspace(1e-6, 150e-6, 150)
 CHECKPOINT_HOST_OPS = np.linspace(0.0, 4.0, 41)
 MATMUL_EFFICIENCY = np.linspace(0.02, 0.80, 40)
-ATTENTION_EFFICIENCY = np.linspace(0.02, 1.0, 50)
+#: in 1% steps from 1%: hf's fp32 attention sits at 2-4%, where 2% steps are 50-100% jumps that the
+#: matmul efficiency then trades against
+ATTENTION_EFFICIENCY = np.linspace(0.01, 1.0, 100)
 
 
 def _fit_stack(mine: list[Run], hooks: float) -> tuple[float, Factors]:
@@ -140,8 +142,9 @@ def _fit_stack(mine: list[Run], hooks: float) -> tuple[float, Factors]:
     mm_eff = MATMUL_EFFICIENCY[None, None, :, None]
     att_eff = ATTENTION_EFFICIENCY[None, None, None, :]
     host = (term("host") + column([_checkpointed(r) for r in mine]) * hooks) * host_op
-    # the wide-head attention term carries its own fixed efficiency, the memory term the fixed bandwidth
-    device = term("matmul") / mm_eff + term("attention") / att_eff + term("attention_wide") + term("memory")
+    # the wide-head and flash attention terms carry their own fixed efficiencies, the memory term the fixed bandwidth
+    device = (term("matmul") / mm_eff + term("attention") / att_eff + term("attention_wide") + term("attention_flash")
+              + term("memory"))
     predicted = overlap(host, device) + term("pcie")
     measured = column([r.step_s for r in mine])
     error = np.mean(np.abs(predicted - measured) / measured, axis=0)
@@ -183,6 +186,28 @@ def _summary(errors: list[float]) -> dict:
             "within_15_percent": sum(e <= 0.15 for e in errors)}
 
 
+#: Configurations whose predicted step times lie within this fraction of each other count as the same work.
+SAME_WORK = 0.03
+
+
+def same_work_spread(rows: list[dict]) -> dict:
+    """The measured spread among configurations the model gives the same step time (one stack and model,
+    predictions within :data:`SAME_WORK`): host-bound steps whose settings change no host op (rank,
+    sequence, batch at small sizes). No model of the settings can tell them apart, so their spread
+    is a floor under its error: (slowest - fastest) / median step time of the largest such group."""
+    best: dict = {"configurations": 0, "spread": 0.0}
+    for row in rows:
+        step = row["batch"] * row["seq"] / row["predicted_tok_s"]
+        group = [r for r in rows if (r["stack"], r["model"]) == (row["stack"], row["model"])
+                 and abs(r["batch"] * r["seq"] / r["predicted_tok_s"] / step - 1) <= SAME_WORK]
+        measured = [r["batch"] * r["seq"] / r["measured_tok_s"] for r in group]
+        if len(group) > best["configurations"]:
+            best = {"stack": row["stack"], "model": row["model"], "configurations": len(group),
+                    "spread": round((max(measured) - min(measured)) / statistics.median(measured), 4),
+                    "fastest_s": round(min(measured), 3), "slowest_s": round(max(measured), 3)}
+    return best
+
+
 def rotation(runs: list[Run], offset: int) -> dict:
     """Held-out errors when another third of each stack is fitted (``split(runs, offset)``)."""
     fit, held = split(runs, offset)
@@ -219,6 +244,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True) -> dict:
                               for stack in factors},
         "fit": {"count": len(fit)},
         "repeats": {"configurations": len(repeated), "max_spread": round(max(repeated, default=0.0), 4)},
+        "same_work": same_work_spread(rows),
         "rotations": rotations,
     }
 
@@ -245,7 +271,15 @@ def markdown(result: dict) -> str:
                      f"max {100 * rot['max_abs_error']:.1f}%, {rot['within_15_percent']} within 15%.")
     rep = result["repeats"]
     lines += [f"Repeats: {rep['configurations']} configurations measured more than once; largest spread "
-              f"{100 * rep['max_spread']:.0f}%.", "", "Factors:", ""]
+              f"{100 * rep['max_spread']:.0f}%."]
+    same = result.get("same_work")
+    if same and same["configurations"] > 1:
+        lines.append(f"Same predicted work: {same['configurations']} {same['stack']} {same['model']} configurations the model "
+                     f"gives one step time (within {100 * SAME_WORK:.0f}%) measured {same['fastest_s']}-{same['slowest_s']} s, "
+                     f"a spread of {100 * same['spread']:.0f}%: host-bound steps whose settings change no host op"
+                     + (" (slowest/fastest above 1.15/0.85: no one prediction is within 15% of all of them)."
+                        if same["slowest_s"] / same["fastest_s"] > 1.15 / 0.85 else "."))
+    lines += ["", "Factors:", ""]
     for stack, f in result["factors"].items():
         lines.append(f"- {stack}: {f['seconds_per_host_op'] * 1e6:.1f} µs per host op, checkpoint hooks "
                      f"{f['checkpoint_host_ops']:.1f} host ops per checkpointed op, matmul "

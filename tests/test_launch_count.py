@@ -43,21 +43,72 @@ def test_one_step_counted_by_phase_and_component(family, layers, monkeypatch):
     assert table["backward"]["qlora_linear"]["triton"] == linears
 
 
+def _per_layer(counts: dict, ops: dict, layers: tuple[int, int], phase: str) -> tuple[float, float]:
+    """(counted, modelled) host ops one decoder layer adds in ``phase``: the difference of two layer counts."""
+    low, high = layers
+    return ((counts[high].get(phase, 0) - counts[low].get(phase, 0)) / (high - low),
+            (ops[high][phase] - ops[low][phase]) / (high - low))
+
+
+#: layer counts whose difference is measured: Gemma 4 from 2 to 4 adds shared-KV layers, from 4 to 8
+#: half of each, so both kinds are checked
+LAYERS = {"llama": (1, 3), "qwen3": (1, 3), "gemma3": (1, 3), "gemma4": (2, 4)}
+
+
 @pytest.mark.slow
-def test_the_throughput_models_host_ops_per_layer_match_the_counted_ones():
+@pytest.mark.parametrize("family, checkpointing", [("llama", "full"), ("llama", "none"), ("qwen3", "full"),
+                                                   ("gemma4", "full")])
+def test_the_throughput_models_host_ops_per_layer_match_the_counted_ones(family, checkpointing):
     """vramplan.throughput counts host ops from the architecture alone; the counter sees them. Per
-    decoder layer of Llama (default switches: per-tensor 8-bit AdamW, Triton RoPE), by phase, the
-    two agree within 20%."""
+    decoder layer of vramplan's trainer (default switches: per-tensor 8-bit AdamW, Triton RoPE where
+    patched), by phase, the two agree within 15% (measured: Llama 2-3%, Qwen3 1-5%, Gemma 4's shared-KV
+    layers 2-9%)."""
     from benchmarks.launch_count import tiny_config
     from vramplan.arch import from_config
     from vramplan.plan import Plan
     from vramplan.throughput import step_host_ops
 
-    counted = {n: count_step("llama", layers=n, seq=8)["per_phase"] for n in (1, 3)}
-    ops = {n: step_host_ops(from_config(tiny_config("llama", n)), Plan(model="llama")) for n in (1, 3)}
+    layers = LAYERS[family]
+    counted = {n: count_step(family, layers=n, seq=8, checkpointing=checkpointing)["per_phase"] for n in layers}
+    plan = Plan(model=family, checkpointing=checkpointing)
+    ops = {n: step_host_ops(from_config(tiny_config(family, n)), plan) for n in layers}
     for phase in ("forward", "recompute", "backward"):
-        seen = (counted[3][phase] - counted[1][phase]) / 2
-        modelled = (ops[3][phase] - ops[1][phase]) / 2
-        assert modelled == pytest.approx(seen, rel=0.2), phase
-    # the optimizer: one bitsandbytes update per LoRA tensor, 7 linears x (A, B) a layer
-    assert counted[3]["optimizer"] - counted[1]["optimizer"] == 2 * 14
+        seen, modelled = _per_layer(counted, ops, layers, phase)
+        assert modelled == pytest.approx(seen, rel=0.15, abs=0.5), phase
+    # the optimizer: one bitsandbytes update per LoRA tensor (the model weighs each 3 ops: its Python, profiled)
+    seen, _ = _per_layer(counted, ops, layers, "optimizer")
+    linears = sum(1 for lin in from_config(tiny_config(family, layers[1])).layers[-1].linears
+                  if lin.name in Plan(model=family).lora_targets)
+    assert seen == 2 * linears
+
+
+@pytest.mark.slow
+def test_the_throughput_models_hf_host_ops_match_the_counted_ones():
+    """The hf recipe (transformers + PEFT + bitsandbytes, benchmarks/launch_count_hf.py) on the CPU: per
+    decoder layer of Llama, Qwen3 (qk-norm), Gemma 3 (four norms a layer) and Gemma 4 (per-layer
+    inputs, shared KV), NF4 and bf16, with and without checkpointing, the model's dispatched ops
+    (without the bitsandbytes Python it adds on top, HF_UNCOUNTED_DEQUANT_HOST_OPS) agree with the
+    counted ones within 15% in every phase (measured: 0-11%)."""
+    from benchmarks.launch_count import tiny_config
+    from benchmarks.launch_count_hf import SETTINGS, count_hf_step
+    from vramplan.arch import from_config
+    from vramplan.plan import Plan
+    from vramplan.throughput import HF_UNCOUNTED_DEQUANT_HOST_OPS, step_host_ops
+
+    misses = []
+    for family, layers in LAYERS.items():
+        archs = {n: from_config(tiny_config(family, n)) for n in layers}
+        for quant, checkpointing in SETTINGS:
+            counted = {n: count_hf_step(family, n, quant, checkpointing)["per_phase"] for n in layers}
+            plan = Plan(model=family, stack="hf", quant=quant, checkpointing=checkpointing)
+            ops = {}
+            for n, arch in archs.items():
+                ops[n] = step_host_ops(arch, plan)
+                quantized = sum(len(layer.linears) for layer in arch.layers) if quant == "nf4" else 0
+                for phase in ("forward", "backward") + (("recompute",) if checkpointing == "full" else ()):
+                    ops[n][phase] -= HF_UNCOUNTED_DEQUANT_HOST_OPS * quantized
+            for phase in ("forward", "recompute", "backward"):
+                seen, modelled = _per_layer(counted, ops, layers, phase)
+                if seen and abs(modelled / seen - 1) > 0.15 or not seen and modelled:
+                    misses.append((family, quant, checkpointing, phase, seen, modelled))
+    assert not misses

@@ -106,6 +106,34 @@ def test_gemma4_norms_and_wide_heads():
     assert step_flops(architecture(resolve_model("llama-3.2-1b")), plan)["attention_wide"] == 0
 
 
+def test_the_hf_recipes_nf4_runs_fp32_around_bitsandbytes_and_its_bf16_runs_flash():
+    """prepare_model_for_kbit_training upcasts what bitsandbytes leaves: hf's NF4 recipe moves fp32
+    activations, runs fp32 attention over the whole s×s square (no flash kernel) and an fp32 LM head,
+    both at its fitted fp32 efficiency; its bf16 recipe
+    runs bf16 and SDPA's flash kernels at their profiled rate. Its NF4 linears cost the bitsandbytes
+    Python the CPU timing measured on top of the counted ops."""
+    from vramplan.throughput import HF_UNCOUNTED_DEQUANT_HOST_OPS, Factors
+
+    arch = architecture(resolve_model("qwen3-0.6b"))
+    nf4 = Plan(model="qwen3-0.6b", stack="hf", seq_len=2048)
+    bf16 = nf4.replace(quant="bf16")
+    h100 = resolve_gpu("h100")
+    fp32, flash = step_seconds(arch, nf4, h100), step_seconds(arch, bf16, h100)
+    assert fp32["attention"] > 0 == fp32["attention_flash"] and flash["attention_flash"] > 0 == flash["attention"]
+    # fp32: every key of every query; flash: the causal half
+    causal = step_flops(arch, nf4.replace(stack="vramplan"))["attention"]
+    assert step_flops(arch, nf4)["attention"] == pytest.approx(2 * causal, rel=0.01)
+    assert step_bytes(arch, nf4)["activations"] == pytest.approx(2 * step_bytes(arch, bf16)["activations"])
+    unit = Factors(1.0, 1.0, 1.0, 1.0, 1.0)  # every term at its peak: where the FLOPs go
+    fp32_flops = step_seconds(arch, nf4, h100, unit)["attention"] * h100.bf16_tflops * 1e12
+    assert fp32_flops == pytest.approx(step_flops(arch, nf4)["attention"] + step_flops(arch, nf4)["lm_head"], rel=1e-6)
+    ops_nf4, ops_bf16 = step_host_ops(arch, nf4), step_host_ops(arch, bf16)
+    linears = sum(len(layer.linears) for layer in arch.layers)
+    extra = ops_nf4["backward"] - ops_bf16["backward"]
+    assert extra > HF_UNCOUNTED_DEQUANT_HOST_OPS * linears  # and the counted dequantization on top
+    assert combine(fp32) > 1.2 * combine(flash)  # measured on the H100: 0.735 s and 0.446 s
+
+
 def test_host_cost_is_the_cpus_not_the_gpus():
     """The same plan spends the same host seconds whatever GPU it runs on; a host-bound plan gains
     little from a faster GPU."""
@@ -144,9 +172,11 @@ def test_a_gpu_without_speed_figures_is_a_clear_error():
 def test_held_out_error_on_the_committed_measurements():
     """The fit never sees the held-out runs. The issue's target is 15% per configuration; not reached on
     every one. On the committed data (H100: 25 trainer and 23 hf-stack configurations, repeats kept
-    at their median, a third of each stack fitted): 11.6% mean, 10.9% median, 35.3% max, 22 of 31
-    within 15%; with the other two thirds fitted 11.5% and 18.2% mean. Repeats of one configuration
-    differ by up to 22% (host-bound steps), which bounds what any model of them can reach."""
+    at their median, a third of each stack fitted): 9.8% mean, 8.4% median, 33.2% max, 25 of 31
+    within 15% (before the hf recipe's host ops were counted: 11.6%, 10.9%, 35.3%, 22); with the other
+    two thirds fitted 10.0% and 17.6% mean. Repeats of one configuration differ by up to 22%, and nine
+    Llama-3.2-1B configurations the model gives one step time were measured at 0.163-0.258 s
+    (host-bound steps): no prediction is within 15% of all of those, which bounds what any model reaches."""
     from benchmarks.throughput import evaluate, load_runs, split
 
     runs = load_runs()
@@ -159,9 +189,10 @@ def test_held_out_error_on_the_committed_measurements():
         assert {r.stack for r in other_fit if r.plan.checkpointing == "none"} == {"hf", "vramplan"}
     result = evaluate(runs, rotate=False)
     assert result["held_out"]["count"] == len(held)
-    assert result["held_out"]["mean_abs_error"] < 0.13
-    assert result["held_out"]["median_abs_error"] < 0.12
-    assert result["held_out"]["within_15_percent"] >= 20
+    assert result["held_out"]["mean_abs_error"] < 0.105
+    assert result["held_out"]["median_abs_error"] < 0.09
+    assert result["held_out"]["within_15_percent"] >= 25
+    assert result["same_work"]["configurations"] >= 3 and result["same_work"]["spread"] > 0.3
     # the fitted factors are physical: tens of µs of host work per op, matmuls below cuBLAS's own rate
     for factors in result["factors"].values():
         assert 5e-6 < factors["seconds_per_host_op"] < 100e-6 and 0.02 <= factors["matmul_efficiency"] <= 0.8

@@ -13,7 +13,8 @@ the two, softened near the crossover):
 * **device**: the step's matmul FLOPs (:func:`step_flops`) over the GPU's dense bf16 (fp16 when
   the plan computes in fp16) rate times a fitted matmul efficiency; the attention s² term at
   its own fitted efficiency (heads wider than flash attention takes run a slower kernel at a
-  profiled fixed one); the bytes a step moves (:func:`step_bytes`: NF4 dequantization,
+  profiled fixed one; the hf recipe's NF4 path runs attention and its upcast LM head in fp32, at
+  that stack's fitted efficiency, and its bf16 path flash attention at a profiled one); the bytes a step moves (:func:`step_bytes`: NF4 dequantization,
   activations, logits, materialized attention scores, the optimizer's pass over its states)
   over the GPU's bandwidth;
 * **host link**: CPU-offloaded checkpoints cross PCIe (:func:`step_pcie_bytes`), added.
@@ -68,37 +69,66 @@ WEIGHT_BYTES_PER_PASS = {"nf4": 0.52 + 2 + 2, "int8": 1 + 2 + 2, "bf16": 2}
 #: (norms, residual adds, RoPE, attention in/out, casts) and per MLP-intermediate value
 #: (gate, up, the activation, their product). hf's recipe runs unfused in fp32.
 ACTIVATION_ACCESSES = {"vramplan": (14, 5), "hf": (30, 8)}
-ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}
+ACTIVATION_BYTES = {"vramplan": 2, "hf": 4}  # hf: fp32 where prepare_model_for_kbit_training upcast (4-bit, 8-bit)
 
 #: Host ops per pass, as ``(forward, recompute, backward)``: what the host dispatches (aten ops that
-#: launch device work, Triton launches, bitsandbytes calls), the unit benchmarks/launch_count.py
-#: counts. vramplan's figures are that counter's on the trainer at 1cee967 (Llama-3.2-1B: 844
-#: forward, 560 recompute, 1,079 backward, 224 optimizer; Gemma-4-E2B: 2,289 / 1,464 / 3,172 /
-#: 410); hf's are read off its code (no counter runs it): PEFT's LoRA layer around bitsandbytes'
-#: Linear4bit (cast, dropout, A, B, scale, add around a dequantize and a matmul), unfused
-#: RMSNorm (~7 ops) and RoPE (~14 ops each way). None of them depends on the sequence length.
+#: launch device work, Triton launches, bitsandbytes calls), the unit the CPU launch counters count:
+#: benchmarks/launch_count.py on vramplan's trainer (per decoder layer of Llama, Qwen3, Gemma 3 and
+#: Gemma 4 structures; Llama's 51 forward, 35 recompute, 67 backward) and benchmarks/launch_count_hf.py
+#: on the hf recipe (transformers + PEFT + bitsandbytes, run on the CPU with bf16 compute as on a GPU;
+#: the same four structures, NF4 and bf16, with and without checkpointing). tests/test_launch_count.py
+#: holds the model to both within 15% per layer and phase.
+#: None of them depends on the sequence length. The recompute is shorter than the forward:
+#: torch.utils.checkpoint's non-reentrant recompute stops once the last saved tensor is rebuilt, so a
+#: layer's trailing residual adds and gating are not replayed.
 #:
 #: per LoRA-adapted linear: base matmul, the two LoRA matmuls, casts, the add; the recompute
-#: reuses the forward's bf16 copies of the adapters; the backward adds dA and dB
-HOST_OPS_PER_LINEAR = {"vramplan": (6, 4, 8), "hf": (10, 10, 14)}
-#: per quantized linear: dequantize each pass (bitsandbytes' wrapper around it on hf)
-HOST_OPS_PER_DEQUANT = {"vramplan": (1, 1, 1), "hf": (3, 3, 3)}
-HOST_OPS_PER_NORM = {"vramplan": (1, 1, 2), "hf": (7, 7, 12)}  # vramplan's RMSNorm: one Triton kernel
+#: reuses the forward's bf16 copies of the adapters; the backward adds dA and dB. hf (counted, bf16
+#: base): PEFT casts the input to the fp32 adapters' dtype and the result back, scales and adds.
+HOST_OPS_PER_LINEAR = {"vramplan": (5, 3, 7.5), "hf": (10, 9.5, 10.5)}
+#: per quantized linear: dequantize each pass (vramplan: one Triton launch). hf, counted: the
+#: forward's ``bitsandbytes::gemm_4bit`` is one op where the bf16 base's matmul was one; the backward
+#: adds the double-quantized dequantization (absmax, its offset, the weight). Every linear of the hf
+#: recipe is quantized, adapted or not.
+HOST_OPS_PER_DEQUANT = {"vramplan": (1, 1, 1), "hf": (0, 0, 3)}
+#: What the counter cannot see inside a bitsandbytes 4-bit matmul on hf, in host ops' worth per
+#: quantized linear and pass: its CUDA kernel is Python (torch.library) that allocates, launches the
+#: absmax's and the weight's dequantization through ctypes, adds the offset and runs the linear
+#: (bitsandbytes/backends/cuda/ops.py, ``_dequant_linear_fallback``), all behind one counted op.
+#: Measured on the CPU (``python -m benchmarks.launch_count_hf --time``, single-threaded): a quantized
+#: Llama layer's checkpointed step takes 1.40-1.44× the bf16 one's at 1.03× its counted ops, 5.6-5.8
+#: ops' worth per quantized linear and pass beyond them (three runs). A proxy: on the H100 the NF4/bf16
+#: pairs imply 9-14 (Llama-3.2-1B, Qwen3-0.6B at 2,048 tokens, one measurement each), so hf's bf16
+#: rows are still predicted slow (benchmarks/results/throughput.md).
+HF_UNCOUNTED_DEQUANT_HOST_OPS = 5.7
+#: per RMSNorm: vramplan's is a Triton kernel, with a copy or cast around it on some (counted: Llama
+#: and Qwen3 2 a pass, Gemma 3 and 4 1-1.3). hf's is unfused (cast to fp32, square, mean, rsqrt,
+#: scale, cast back): under NF4 prepare_model_for_kbit_training has upcast the weights and the residual
+#: stream to fp32, so the casts are no-ops and dispatch nothing; a bf16 model's norm casts
+#: :data:`HF_NORM_CASTS` times more (counted: Llama 6/6/13 and 8/8/15 a norm).
+HOST_OPS_PER_NORM = {"vramplan": (1.5, 1.5, 1.5), "hf": (6.5, 6.5, 12.5)}
+HF_NORM_CASTS = (2.5, 2.5, 2)
 #: per decoder layer otherwise: the attention call, the gated activation, residual adds, RoPE
-#: (vramplan: one Triton launch a pass where patched; transformers' ~14 ops where not)
-HOST_OPS_PER_LAYER = {"vramplan": (5, 3, 3), "hf": (12, 12, 14)}
-#: transformers' RoPE on vramplan's stack where it stays unpatched (Gemma 4: q and k rotated in
-#: separate calls, shared-KV layers rotate only q; as counted on E2B)
-HOST_OPS_ROPE_UNFUSED = (8, 7, 10)
-HOST_OPS_PER_LAYER_INPUT = (10, 10, 16)  # Gemma 4's per-layer embedding gating, around its two linears
-HOST_OPS_PER_PLAIN_LINEAR = (1, 1, 1)  # a linear LoRA leaves alone: its matmul, dX in the backward
+#: (vramplan: one Triton launch a pass where patched; transformers' ~10 ops where not)
+HOST_OPS_PER_LAYER = {"vramplan": (5, 3, 3), "hf": (15, 13, 22)}
+#: transformers' RoPE on vramplan's stack where it stays unpatched, beyond the one launch
+#: HOST_OPS_PER_LAYER counts (Gemma 4: q and k rotated in separate calls; its shared-KV layers
+#: rotate only q; as counted on Gemma-4-E2B's structure)
+HOST_OPS_ROPE_UNFUSED = (9, 9, 13)
+HOST_OPS_ROPE_UNFUSED_Q_ONLY = (4, 4, 6)
+#: Gemma 4's per-layer embedding gating with its two linears (not recomputed: it follows the
+#: layer's last saved tensor; on hf its linears are quantized, which HOST_OPS_PER_DEQUANT adds)
+HOST_OPS_PER_LAYER_INPUT = {"vramplan": (8, 0, 16), "hf": (8, 0, 16)}
+HOST_OPS_PER_PLAIN_LINEAR = (1, 1, 1)  # another linear LoRA leaves alone: its matmul, dX in the backward
+_LAYER_INPUT_LINEARS = ("per_layer_input_gate", "per_layer_projection")
 #: per micro-batch outside the layers (embedding, masks, cos/sin, loss) and per optimizer
-#: step outside the optimizer (gradient clipping, the scheduler, zeroing)
-HOST_OPS_PER_MODEL = (60, 0, 15)
-HOST_OPS_PER_STEP = 25
+#: step outside the optimizer (vramplan: gradient clipping, the scheduler, zeroing; the hf recipe as
+#: measured clips nothing and zeroes by dropping the gradients: counted 1)
+HOST_OPS_PER_MODEL = {"vramplan": (60, 0, 15), "hf": (35, 0, 15)}
+HOST_OPS_PER_STEP = {"vramplan": 25, "hf": 1}
 #: The optimizer's host work per trainable tensor, in host ops: bitsandbytes' 8-bit AdamW steps
 #: each tensor from Python (~165 µs of host time each, profiled: 32 ms for Llama-3.2-1B's 224
-#: adapters, ~3 ops' worth); torch's AdamW runs foreach kernels over all tensors at once.
+#: adapters, ~3 ops' worth; one counted op each); torch's AdamW runs foreach kernels over all tensors at once.
 OPTIMIZER_HOST_OPS_PER_TENSOR = {"paged_adamw8bit": 3.0, "adamw8bit": 3.0, "adamw": 0.1}
 OPTIMIZER_HOST_OPS_PER_STEP = {"paged_adamw8bit": 0.0, "adamw8bit": 0.0, "adamw": 20.0}
 #: RoPE patched with the Triton kernel on vramplan's stack (vramplan.train.patching.ROPE_PATCHED_BY_DEFAULT)
@@ -117,6 +147,12 @@ OVERLAP_SHARPNESS = 4.0
 #: a fixed fraction here (bf16 stacks only; the hf recipe's fp32 attention has its own fitted one).
 FLASH_MAX_HEAD_DIM = 256
 WIDE_HEAD_ATTENTION_EFFICIENCY = 0.021
+#: SDPA's bf16 flash kernels (cuDNN's on the H100) as profiled in vramplan's step (Llama-3.2-1B, 2,048
+#: tokens, benchmarks/results/profiles/): 1.24 TFLOP of forward, recompute and backward attention in
+#: 4.1 ms a step, 30% of the bf16 peak. The hf stack's fitted attention efficiency describes its NF4
+#: recipe's fp32 kernels (math, memory-efficient); its bf16 recipe runs these flash kernels, at this
+#: fixed fraction (no hf bf16 run is fitted on).
+FLASH_ATTENTION_EFFICIENCY = 0.30
 
 #: Nominal per-direction bandwidth of one GPU's link to its peers, by the catalog's
 #: ``interconnect``: PCIe x16 at 16/32/64 GB/s (PCI-SIG 3.0/4.0/5.0); NVLink totals from
@@ -155,7 +191,7 @@ class Factors:
     seconds_per_host_op: float
     checkpoint_host_ops: float  # host ops' worth of checkpointing's Python hooks per checkpointed forward op
     matmul_efficiency: float
-    attention_efficiency: float
+    attention_efficiency: float  # hf: its NF4 recipe's fp32 work (attention, the upcast LM head)
     bandwidth_efficiency: float
 
 
@@ -214,7 +250,10 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
     - ``lora``: forward 2·T·r·(in+out) per adapted linear, ×3 with its backward (dX, dA, dB);
     - ``lm_head``: forward and dX of the (frozen) head, 2·T·V·h each;
     - ``attention``: QKᵀ and PV, 4·T·keys·q_dim forward and 2.5× that backward (flash
-      attention recomputes the scores); ``attention_wide``: the same on layers whose heads are
+      attention recomputes the scores). Flash kernels skip the blocks a causal or sliding mask
+      removes (keys: s/2, about the window); the fp32 kernels hf's NF4 recipe falls back to (math
+      for unmasked GQA, memory-efficient under the sliding layers' dense mask) multiply the whole
+      s×s square and mask it afterwards (keys: s); ``attention_wide``: the same on layers whose heads are
       too wide for flash attention (:data:`FLASH_MAX_HEAD_DIM`), which run a slower kernel;
     - ``recompute``: under checkpointing, the layers' forward once more (linears, LoRA, attention).
     """
@@ -229,7 +268,8 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
             active_experts += layer.top_k * 3 * arch.hidden_size * layer.expert_intermediate
         lora += _lora_width(arch, layer, plan)
         part = "attention_wide" if layer.head_dim > FLASH_MAX_HEAD_DIM else "attention"
-        attention[part] += 4 * plan.seq_len * _keys_per_query(layer, plan.seq_len) * layer.q_dim * plan.micro_batch
+        keys = plan.seq_len if not _bf16_attention(plan) else _keys_per_query(layer, plan.seq_len)
+        attention[part] += 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
     forward = 2.0 * tokens * (linear + active_experts)
     lora_forward = 2.0 * tokens * plan.lora_rank * lora
     parts = {
@@ -258,8 +298,9 @@ def _passes(plan: Plan) -> int:
 
 
 def _math_attention_layers(arch: Architecture, plan: Plan) -> list[Layer]:
-    """Layers whose scores hf materializes: fp32 GQA without a mask falls back to SDPA's math kernel."""
-    if plan.stack != "hf" and plan.attention != "eager":
+    """Layers whose scores hf materializes: fp32 GQA without a mask falls back to SDPA's math kernel
+    (the NF4 recipe's fp32 attention; its bf16 recipe runs SDPA's flash kernels, as vramplan's stack)."""
+    if _bf16_attention(plan) and plan.attention != "eager":
         return []
     if plan.attention == "eager":
         return list(arch.layers)
@@ -301,7 +342,7 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     stack = plan.stack
     passes = _passes(plan)
     hidden_acc, inter_acc = ACTIVATION_ACCESSES[stack]
-    act = ACTIVATION_BYTES[stack]
+    act = 2 if stack == "hf" and not _upcasts(plan) else ACTIVATION_BYTES[stack]  # hf's bf16 recipe: bf16
     weights = passes * arch.linear_params * WEIGHT_BYTES_PER_PASS[plan.quant]
     head_passes, _ = int8_head_walks(arch, plan)
     if head_passes:
@@ -370,18 +411,28 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
     0.16-0.26 s from 512 to 8,192 tokens).
     """
     stack = plan.stack
-    phases = [float(c) for c in HOST_OPS_PER_MODEL]
+    phases = [float(c) for c in HOST_OPS_PER_MODEL[stack]]
     rope_unfused = stack == "vramplan" and arch.model_type.startswith(ROPE_UNPATCHED_MODEL_TYPES)
+    quantized = plan.quant != "bf16"
+    norm = HOST_OPS_PER_NORM[stack]
+    if stack == "hf" and not quantized:  # no fp32 upcast: the norms' casts dispatch
+        norm = tuple(n + c for n, c in zip(norm, HF_NORM_CASTS))
+    dequant = HOST_OPS_PER_DEQUANT[stack]
+    if stack == "hf":
+        dequant = tuple(d + HF_UNCOUNTED_DEQUANT_HOST_OPS for d in dequant)
     for layer in arch.layers:
         adapted = sum(1 for lin in layer.linears if lin.name in plan.lora_targets)
+        # vramplan quantizes the adapted linears only; the hf recipe every linear of the layers
+        dequantized = 0 if not quantized else len(layer.linears) if stack == "hf" else adapted
         per_layer = [
             _per_pass(HOST_OPS_PER_LINEAR[stack], adapted),
-            _per_pass(HOST_OPS_PER_DEQUANT[stack], adapted if plan.quant != "bf16" else 0),
-            _per_pass(HOST_OPS_PER_PLAIN_LINEAR, len(layer.linears) - adapted),
-            _per_pass(HOST_OPS_PER_NORM[stack], _norms_per_layer(arch, layer)),
+            _per_pass(dequant, dequantized),
+            _per_pass(HOST_OPS_PER_PLAIN_LINEAR, sum(1 for lin in layer.linears if lin.name not in plan.lora_targets
+                                                     and lin.name not in _LAYER_INPUT_LINEARS)),
+            _per_pass(norm, _norms_per_layer(arch, layer)),
             list(HOST_OPS_PER_LAYER[stack]),
-            _per_pass(HOST_OPS_ROPE_UNFUSED, 1 if rope_unfused else 0),
-            _per_pass(HOST_OPS_PER_LAYER_INPUT, 1 if layer.per_layer_input else 0),
+            _per_pass(HOST_OPS_ROPE_UNFUSED if layer.has_kv else HOST_OPS_ROPE_UNFUSED_Q_ONLY, int(rope_unfused)),
+            _per_pass(HOST_OPS_PER_LAYER_INPUT[stack], 1 if layer.per_layer_input else 0),
         ]
         for counts in per_layer:
             phases = [p + c for p, c in zip(phases, counts)]
@@ -397,9 +448,9 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
         "forward": forward,
         "recompute": recompute if recomputes else 0.0,
         "backward": backward,
-        "checkpointed": forward - HOST_OPS_PER_MODEL[0] if recomputes else 0.0,  # the layers' part
+        "checkpointed": forward - HOST_OPS_PER_MODEL[stack][0] if recomputes else 0.0,  # the layers' part
         "optimizer": optimizer / plan.grad_accum,
-        "step": HOST_OPS_PER_STEP / plan.grad_accum,
+        "step": HOST_OPS_PER_STEP[stack] / plan.grad_accum,
     }
 
 
@@ -494,13 +545,19 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
     flops = step_flops(arch, plan)
     attention = flops.pop("attention")
     wide = flops.pop("attention_wide")
+    flash = 0.0
     if not _bf16_attention(plan):  # fp32 attention runs the math or memory-efficient kernel on every layer
         attention, wide = attention + wide, 0.0
+        # the upcast LM head multiplies in fp32 too (no tensor-core rate): at the stack's fitted fp32 efficiency
+        attention += flops.pop("lm_head")
+    elif plan.stack == "hf":  # hf's fitted efficiency is its fp32 kernels': bf16 runs flash, profiled
+        attention, flash = 0.0, attention
     seconds = {
         "host": host_seconds(arch, plan, factors),
         "matmul": sum(flops.values()) / (rate * factors.matmul_efficiency),
         "attention": attention / (rate * factors.attention_efficiency),
         "attention_wide": wide / (rate * WIDE_HEAD_ATTENTION_EFFICIENCY),
+        "attention_flash": flash / (rate * FLASH_ATTENTION_EFFICIENCY),
         "memory": sum(step_bytes(arch, plan).values()) / (gpu.bandwidth_gbs * 1e9 * factors.bandwidth_efficiency),
         "pcie": step_pcie_bytes(arch, plan) / PCIE_BYTES_PER_S,
     }
@@ -513,9 +570,16 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
     return seconds
 
 
+def _upcasts(plan: Plan) -> bool:
+    """Whether the hf recipe ran prepare_model_for_kbit_training, which casts every parameter bitsandbytes
+    left unquantized (norms, embeddings, the LM head) to fp32: the residual stream, the norms, attention
+    and the MLP's activations then run in fp32. Its bf16 recipe stays in bf16."""
+    return plan.stack == "hf" and plan.quant != "bf16"
+
+
 def _bf16_attention(plan: Plan) -> bool:
-    """Whether attention runs SDPA's 16-bit kernels (vramplan's stack; hf's NF4 recipe runs fp32)."""
-    return plan.stack != "hf" or plan.quant == "bf16"
+    """Whether attention runs SDPA's 16-bit kernels (vramplan's stack, hf's bf16 recipe; hf's NF4 recipe runs fp32)."""
+    return not _upcasts(plan)
 
 
 def overlap(host: float, device: float) -> float:
@@ -531,7 +595,8 @@ def combine(seconds: dict[str, float]) -> float:
     H100: Llama-3.2-1B's step took 0.16-0.26 s from 512 to 8,192 tokens (host-bound), while
     Qwen3-4B's grew from 0.34 s to 0.67 s between 1,024 and 8,192 tokens
     (benchmarks/results/trainer_h100.jsonl)."""
-    device = seconds["matmul"] + seconds["attention"] + seconds["attention_wide"] + seconds["memory"]
+    device = (seconds["matmul"] + seconds["attention"] + seconds["attention_wide"] + seconds.get("attention_flash", 0.0)
+              + seconds["memory"])
     compute = overlap(seconds["host"], device) + seconds["pcie"]
     # on several GPUs the collectives run on their own stream beside the compute (FSDP2's
     # prefetch, DDP's bucketed all-reduce during the backward); what cannot overlap is added
