@@ -1,13 +1,13 @@
 """Speed bought with a wrong loss does not count: on the same weights, the same NF4 quantization
 (ours is bitsandbytes'), the same adapters and the same batch, vramplan's trainer computes the same
 loss and adapter gradients as the standard transformers + PEFT + bitsandbytes recipe. Tiny random
-Llama and Gemma 4 (shared K/V, per-layer inputs, softcap), on the CPU in fp32, where both are exact
+Llama, Qwen3, Mistral, Gemma 3 and Gemma 4 (shared K/V, per-layer inputs, softcap), on the CPU in fp32, where both are exact
 enough to compare to 1e-4."""
 
 import pytest
 import torch
 
-from train_fixtures import build_model, gemma4_config, llama_config
+from train_fixtures import build_model, gemma3_config, gemma4_config, llama_config, mistral_config, qwen3_config
 from vramplan.plan import Plan
 from vramplan.runners.hf import load_hf_recipe
 from vramplan.train.loss import summed_loss
@@ -28,14 +28,17 @@ def _peft_lora(model) -> dict[tuple[str, str], torch.nn.Parameter]:
     return found
 
 
+#: Linears with in_features a multiple of 64: bitsandbytes 0.50.2 on the CPU quantizes a weight of
+#: 96 or 32 input features with up to 3.5x the NF4 error of ours (measured here; flat blocks of 64 either way).
+CONFIGS = {"llama": llama_config, "qwen3": qwen3_config, "mistral": mistral_config, "gemma3": gemma3_config,
+           "gemma4": lambda: dict(gemma4_config(), head_dim=32, intermediate_size=128)}
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("quant", ["nf4", "bf16"])
-@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+@pytest.mark.parametrize("arch", list(CONFIGS))
 def test_loss_and_adapter_gradients_match_the_standard_recipe(tmp_path, arch, quant):
-    # Linears with in_features a multiple of 64: bitsandbytes 0.50.2 on the CPU quantizes a weight of
-    # 96 or 32 input features with up to 3.5x the NF4 error of ours (measured here; flat blocks of 64 either way).
-    config = llama_config() if arch == "llama" else dict(gemma4_config(), head_dim=32, intermediate_size=128)
-    folder = build_model(config, tmp_path / arch)
+    folder = build_model(CONFIGS[arch](), tmp_path / arch)
     plan = Plan(model="tiny", quant=quant, lora_rank=4, seq_len=24, checkpointing="full", optimizer="adamw")
     hf = load_hf_recipe(str(folder), plan, device="cpu", dtype=torch.float32,
                         keep_unquantized=GEMMA4_UNTARGETED if arch == "gemma4" else None).model

@@ -5,7 +5,8 @@ import json
 import pytest
 import torch
 
-from train_fixtures import gemma4_config, llama_config, models_with_data, write_jsonl
+from train_fixtures import (gemma3_config, gemma4_config, llama_config, mistral_config, models_with_data, qwen3_config,
+                            write_jsonl)
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import adapter, ops
@@ -13,7 +14,8 @@ from vramplan.train.recipe import TrainConfig, train
 
 pytestmark = pytest.mark.slow
 
-CONFIGS = {"llama": llama_config, "gemma4": gemma4_config}
+CONFIGS = {"llama": llama_config, "gemma4": gemma4_config, "qwen3": qwen3_config, "gemma3": gemma3_config,
+           "mistral": mistral_config}
 
 
 @pytest.fixture(scope="module")

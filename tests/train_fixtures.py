@@ -45,6 +45,26 @@ def llama_config() -> dict:
             "rms_norm_eps": 1e-6, "tie_word_embeddings": False, "initializer_range": INIT, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1}
 
 
+def qwen3_config() -> dict:
+    """Qwen3's structure (q/k norms, explicit head_dim), shrunk."""
+    return dict(llama_config(), model_type="qwen3", head_dim=16, tie_word_embeddings=True)
+
+
+def mistral_config() -> dict:
+    return dict(llama_config(), model_type="mistral", sliding_window=None)
+
+
+def gemma3_config() -> dict:
+    """Gemma 3's text structure (four norms a layer, (1+w) norms, sliding + global layers, scaled
+    embeddings, tied head), shrunk."""
+    return {"model_type": "gemma3_text", "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+            "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "vocab_size": VOCAB,
+            "max_position_embeddings": 256, "rms_norm_eps": 1e-6, "sliding_window": 8,
+            "layer_types": ["sliding_attention", "full_attention"], "query_pre_attn_scalar": 16,
+            "initializer_range": INIT, "pad_token_id": 0, "bos_token_id": 2, "eos_token_id": 1,
+            "tie_word_embeddings": True}
+
+
 def gemma4_config(num_kv_shared_layers: int = 2) -> dict:
     """Gemma-4-E2B's text architecture shrunk: sliding + full layers, shared KV, per-layer embeddings, double-wide MLP."""
     return {
