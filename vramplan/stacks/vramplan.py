@@ -26,8 +26,11 @@ from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_par
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import cublas_workspace_bytes, cuda_library_bytes, pooled_fragmentation_bytes
-from vramplan.memory.weights import dense_bytes, dequant_buffer_bytes, head_weight_bytes, linear_weight_bytes, nf4_weight_bytes
+from vramplan.memory.weights import dense_bytes, dequant_buffer_bytes, head_weight_bytes, linear_weight_bytes
 from vramplan.memory import towers as mm
+
+EXPERTS_NOTE = ("MoE experts: vramplan's trainer keeps the fused expert tensors frozen in bf16 (it quantizes "
+                "and adapts linears only); LoRA goes on attention and any shared MLP",)
 from vramplan.stacks import StepMemory
 
 ACT = 2  # bf16 activations
@@ -51,8 +54,9 @@ def step_memory(arch, plan) -> StepMemory:
         "norms": dense_bytes(arch.norm_params, 2),
     }
     if arch.expert_params:
-        weights["experts"] = (nf4_weight_bytes(arch.expert_params, plan.double_quant) if plan.quant == "nf4"
-                              else dense_bytes(arch.expert_params, 1 if plan.quant == "int8" else 2))
+        # transformers holds an MoE layer's experts as fused 3-D tensors, not linears: the trainer
+        # quantizes and adapts linears only, so the experts train frozen in the compute dtype
+        weights["experts"] = dense_bytes(arch.expert_params, 2)
     towers = mm.tower_weight_params(arch, plan)
     if towers:
         weights["towers"] = dense_bytes(towers, 2)
@@ -105,4 +109,4 @@ def step_memory(arch, plan) -> StepMemory:
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"),
-                      notes=managed_state_note(managed))
+                      notes=managed_state_note(managed) + (EXPERTS_NOTE if arch.expert_params else ()))
