@@ -54,6 +54,30 @@ def dequant_buffer_bytes(arch, quant: str, tokens: int) -> int:
     return 2 * arch.largest_linear_params if quant == "nf4" and tokens > FUSED_MAX_TOKENS else 0
 
 
+def expert_matrix_params(layer, hidden_size: int) -> int:
+    """One MoE layer's routed expert matrices (gate, up and down of every expert); the rest of
+    ``layer.expert_params`` is the router."""
+    return layer.experts * 3 * hidden_size * layer.expert_intermediate
+
+
+def nf4_expert_bytes(arch, double_quant: bool) -> int:
+    """The routed experts as vramplan's trainer holds them under NF4 (vramplan/train/experts.py):
+    each expert's gate_up [2I, H] and down [H, I] quantized on its own, the router left bf16."""
+    total = 0
+    for layer in arch.layers:
+        if layer.expert_params:
+            h, inter = arch.hidden_size, layer.expert_intermediate
+            matrices = layer.experts * (nf4_weight_bytes(2 * inter * h, double_quant) + nf4_weight_bytes(h * inter, double_quant))
+            total += matrices + dense_bytes(layer.expert_params - expert_matrix_params(layer, h), 2)
+    return total
+
+
+def expert_dequant_buffer_bytes(arch) -> int:
+    """The bf16 pair of buffers every routed expert is decoded into in turn, shared by all layers."""
+    return 2 * max((expert_matrix_params(layer, arch.hidden_size) // max(layer.experts, 1) for layer in arch.layers),
+                   default=0)
+
+
 def head_weight_bytes(params: int, vocab: int, head_quant: str) -> int:
     """The token embedding / LM head on the GPU: bf16, or int8 rows with one fp32 absmax scale per
     vocabulary row (kernels/int8_rows.py), which is ``int8_weight_bytes`` with one row per token."""

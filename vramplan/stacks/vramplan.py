@@ -26,12 +26,17 @@ from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_par
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import cublas_workspace_bytes, cuda_library_bytes, pooled_fragmentation_bytes
-from vramplan.memory.weights import dense_bytes, dequant_buffer_bytes, head_weight_bytes, linear_weight_bytes
+from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
+                                     linear_weight_bytes, nf4_expert_bytes)
 from vramplan.memory import towers as mm
-
-EXPERTS_NOTE = ("MoE experts: vramplan's trainer keeps the fused expert tensors frozen in bf16 (it quantizes "
-                "and adapts linears only); LoRA goes on attention and any shared MLP",)
 from vramplan.stacks import StepMemory
+
+EXPERTS_NOTE = {
+    "nf4": ("MoE experts: quantized to NF4 one expert matrix at a time and frozen, not adapted (each routed "
+            "expert is decoded into one shared buffer); LoRA goes on attention and any shared MLP",),
+    "bf16": ("MoE experts: frozen in bf16 as transformers holds them (fused 3-D tensors), not adapted; "
+             "LoRA goes on attention and any shared MLP",),
+}
 
 ACT = 2  # bf16 activations
 OFFLOAD_LAYERS_ON_GPU = 2
@@ -53,10 +58,12 @@ def step_memory(arch, plan) -> StepMemory:
         "embeddings": head_weight_bytes(on_gpu_embedding_params(arch), arch.vocab_size, plan.head_quant),
         "norms": dense_bytes(arch.norm_params, 2),
     }
+    experts_quant = "nf4" if plan.quant == "nf4" else "bf16"  # int8 is refused by the trainer
     if arch.expert_params:
-        # transformers holds an MoE layer's experts as fused 3-D tensors, not linears: the trainer
-        # quantizes and adapts linears only, so the experts train frozen in the compute dtype
-        weights["experts"] = dense_bytes(arch.expert_params, 2)
+        # transformers holds an MoE layer's experts as fused 3-D tensors, not linears: under NF4 the
+        # trainer swaps them for per-expert NF4 tensors (vramplan/train/experts.py), else keeps them bf16
+        weights["experts"] = nf4_expert_bytes(arch, plan.double_quant) if experts_quant == "nf4" \
+            else dense_bytes(arch.expert_params, 2)
     towers = mm.tower_weight_params(arch, plan)
     if towers:
         weights["towers"] = dense_bytes(towers, 2)
@@ -96,6 +103,8 @@ def step_memory(arch, plan) -> StepMemory:
     step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
     if dequant := dequant_buffer_bytes(arch, plan.quant, tokens):
         step_buffers["dequant_buffer"] = dequant
+    if arch.expert_params and experts_quant == "nf4":
+        step_buffers["expert_dequant_buffers"] = expert_dequant_buffer_bytes(arch)
     static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss))
     phases = {
@@ -109,4 +118,4 @@ def step_memory(arch, plan) -> StepMemory:
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"),
-                      notes=managed_state_note(managed) + (EXPERTS_NOTE if arch.expert_params else ()))
+                      notes=managed_state_note(managed) + (EXPERTS_NOTE[experts_quant] if arch.expert_params else ()))

@@ -178,6 +178,8 @@ def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_l
     for index, layer in enumerate(decoder_layers(model)):
         if random_init is not None:
             materialise_random(layer, device, random_init[0] + 1 + index, random_init[1])
+        if quant == "nf4":  # expert by expert, before the layer's fused bf16 experts could reach the device
+            patching.quantize_experts(layer, device, plan.double_quant)
         layer.to(device)
         names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant,
                                   DTYPES[plan.lora_dtype])

@@ -20,6 +20,7 @@ import torch
 from torch import nn
 
 from vramplan.train import ops, switches
+from vramplan.train.experts import NF4Experts, is_fused_experts
 
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm",
               "Gemma2RMSNorm", "Gemma3RMSNorm", "Gemma4RMSNorm")
@@ -113,6 +114,13 @@ def add_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha: float
         return None
 
     return replace_modules(layer, choose)
+
+
+def quantize_experts(layer: nn.Module, device: torch.device, double_quant: bool = True) -> list[str]:
+    """Swap each fused experts module of one decoder layer for ``NF4Experts`` quantized on ``device``
+    (frozen, not adapted); return the replaced paths. Called before the layer moves to ``device``."""
+    return replace_modules(layer, lambda path, module: NF4Experts.from_hf(module, device, double_quant)
+                           if is_fused_experts(module) else None)
 
 
 def apply_kernel_patches(model: nn.Module) -> list[str]:
