@@ -124,9 +124,18 @@ def test_the_planner_prices_the_experts_as_the_trainer_holds_them(model):
     bf16 = estimate_plan(Plan(model=model, quant="bf16"), profile)
     assert bf16.components["experts"] == dense_bytes(arch.expert_params, 2)
     # NF4: ~4.13 bits a weight for the expert matrices, the router in bf16
-    assert 0.25 < nf4.components["experts"] / bf16.components["experts"] < 0.27
+    assert 0.25 < nf4.components["experts_nf4"] / bf16.components["experts"] < 0.27
     assert any("experts" in note and "NF4" in note for note in nf4.notes)
     # the routed expert's pair of decode buffers, kept from the first step
     largest = max(3 * arch.hidden_size * layer.expert_intermediate for layer in arch.layers)
     assert nf4.components["expert_dequant_buffers"] == 2 * largest
-    assert "expert_dequant_buffers" not in bf16.components
+    assert "expert_dequant_buffers" not in bf16.components and "experts" not in nf4.components
+
+
+def test_fsdp_shards_bf16_experts_but_every_rank_holds_the_nf4_ones_whole():
+    profile = resolve_model("qwen3-30b-a3b")
+    one = estimate_plan(Plan(model="qwen3-30b-a3b", quant="nf4"), profile)
+    fsdp = estimate_plan(Plan(model="qwen3-30b-a3b", quant="nf4", parallel="fsdp", gpus=2), profile)
+    assert fsdp.components["experts_nf4"] == one.components["experts_nf4"]
+    bf16 = estimate_plan(Plan(model="qwen3-30b-a3b", quant="bf16", parallel="fsdp", gpus=2), profile)
+    assert "experts" not in bf16.components  # inside sharded_weights

@@ -33,7 +33,8 @@ from vramplan.stacks import StepMemory
 
 EXPERTS_NOTE = {
     "nf4": ("MoE experts: quantized to NF4 one expert matrix at a time and frozen, not adapted (each routed "
-            "expert is decoded into one shared buffer); LoRA goes on attention and any shared MLP",),
+            "expert is decoded into one shared buffer; FSDP2 does not shard them); LoRA goes on attention and any "
+            "shared MLP",),
     "bf16": ("MoE experts: frozen in bf16 as transformers holds them (fused 3-D tensors), not adapted; "
              "LoRA goes on attention and any shared MLP",),
 }
@@ -61,9 +62,13 @@ def step_memory(arch, plan) -> StepMemory:
     experts_quant = "nf4" if plan.quant == "nf4" else "bf16"  # int8 is refused by the trainer
     if arch.expert_params:
         # transformers holds an MoE layer's experts as fused 3-D tensors, not linears: under NF4 the
-        # trainer swaps them for per-expert NF4 tensors (vramplan/train/experts.py), else keeps them bf16
-        weights["experts"] = nf4_expert_bytes(arch, plan.double_quant) if experts_quant == "nf4" \
-            else dense_bytes(arch.expert_params, 2)
+        # trainer swaps them for per-expert NF4 tensors (vramplan/train/experts.py), else keeps them
+        # bf16. The NF4 ones are plain tensors that FSDP2 cannot see: not a sharded weight
+        # component ("experts"), every rank holds them whole ("experts_nf4")
+        if experts_quant == "nf4":
+            weights["experts_nf4"] = nf4_expert_bytes(arch, plan.double_quant)
+        else:
+            weights["experts"] = dense_bytes(arch.expert_params, 2)
     towers = mm.tower_weight_params(arch, plan)
     if towers:
         weights["towers"] = dense_bytes(towers, 2)
