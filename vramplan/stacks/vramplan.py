@@ -7,6 +7,9 @@
   lookup and the head); an untied token embedding and Gemma 4's per-layer embedding
   tables stay in CPU memory and only the looked-up rows travel to the GPU. (A tied table is
   the LM head's weight, so it stays.)
+- An MoE layer's routed experts (fused 3-D tensors in transformers) NF4 one expert matrix at a
+  time under NF4, frozen and not adapted; each routed expert is decoded in turn into one pair of
+  bf16 buffers shared by all layers (bf16 as transformers holds them otherwise).
 - LoRA adapters in fp32 (or bf16 with an fp32 master copy in the optimizer), bf16 compute.
 - bf16 activations, flash attention through SDPA (O(s)), a fused GLU that recomputes the
   activation instead of saving it and writes its backward over the saved gate and up.
