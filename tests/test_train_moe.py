@@ -46,10 +46,12 @@ def hf_experts(family: str, experts: int = 6):
     return module
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("family", ["qwen3_moe", "gemma4"])
-def test_nf4_experts_compute_what_transformers_computes_with_the_dequantized_weights(family):
-    original = hf_experts(family)
-    quantized = NF4Experts.from_hf(original, torch.device("cpu"))
+def test_nf4_experts_compute_what_transformers_computes_with_the_dequantized_weights(family, device):
+    """On the GPU too (the Triton decode, and the installed transformers' experts module: 5.17 there)."""
+    original = hf_experts(family).to(device)
+    quantized = NF4Experts.from_hf(original, torch.device(device))
     assert quantized.nbytes() < original.gate_up_proj.numel() + original.down_proj.numel()  # ~4.1 bits a weight
     with torch.no_grad():  # the reference: the original module holding exactly the NF4-decoded weights
         for e in range(quantized.num_experts):
@@ -60,12 +62,13 @@ def test_nf4_experts_compute_what_transformers_computes_with_the_dequantized_wei
     # experts 0..4 routed, 5 never (it is skipped), and one slot sent to expert parallelism's "elsewhere" (6)
     index = torch.stack([torch.randperm(5, generator=generator)[:k] for _ in range(tokens)])
     index[3, 1] = quantized.num_experts
-    weights = torch.rand(tokens, k, generator=generator, requires_grad=True)
-    hidden = torch.randn(tokens, original.hidden_dim, generator=generator, requires_grad=True)
+    weights = torch.rand(tokens, k, generator=generator).to(device).requires_grad_()
+    hidden = torch.randn(tokens, original.hidden_dim, generator=generator).to(device).requires_grad_()
+    index = index.to(device)
     expected, got = original(hidden, index, weights), quantized(hidden, index, weights)
     assert got.abs().max() > 0.1
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn(expected.shape, generator=generator)
+    grad = torch.randn(expected.shape, generator=generator).to(device)
     expected_grads = torch.autograd.grad(expected, (hidden, weights), grad)
     got_grads = torch.autograd.grad(got, (hidden, weights), grad)
     for g, e in zip(got_grads, expected_grads):
