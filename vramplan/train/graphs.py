@@ -22,8 +22,7 @@ What the graph holds, and what it may not:
 * One capture per (shape, packed-or-not); a shape is captured the second time it is seen, so
   the first, eager, pass has compiled and autotuned every Triton kernel for it. transformers
   decides packing with a host sync (``find_packed_sequence_indices``), which a capture may not
-  contain: the decision is made from the host copy of the positions instead.
-
+  contain: the decision is made before the capture, from the positions, and handed to it.
 * Every backward of a graphed run, eager or captured, runs on one side stream: autograd keeps the
   stream an adapter's gradient was last accumulated on, and a capture that has to wait on the
   legacy default stream fails ("would make the legacy stream depend on a capturing stream").
@@ -40,7 +39,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vramplan.train import ops
+from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 
 #: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs).
 MAX_GRAPHS = 8
@@ -120,12 +119,8 @@ class StepGraphs:
     """The captured micro-batch steps of one text model on one GPU (see the module docstring)."""
 
     def __init__(self, model: nn.Module, params: list[nn.Parameter]):
-        from vramplan.train.loss import lm_head_of
-
         self.model, self.params = model, list(params)
         self.decoder = model.get_decoder()
-        self.head = lm_head_of(model)
-        self.softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
         self.per_layer = bool(getattr(self.decoder, "hidden_size_per_layer_input", 0))
         self.graphs: dict[tuple, tuple[torch.cuda.CUDAGraph, StaticInputs] | None] = {}
         self.seen: set[tuple] = set()
@@ -155,8 +150,7 @@ class StepGraphs:
         if static.per_layer is not None:
             kwargs["per_layer_inputs"] = static.per_layer
         hidden = self.decoder(**kwargs).last_hidden_state
-        loss, _ = ops.linear_cross_entropy(hidden, self.head.weight, static.labels, bias=self.head.bias,
-                                           softcap=self.softcap, reduction="sum")
+        loss, _ = summed_loss_of_hidden(self.model, hidden, static.labels)  # the eager step's loss, head and all
         (loss / static.denominator).backward()
         static.loss.copy_(loss.detach())
 
@@ -176,11 +170,10 @@ class StepGraphs:
                     held.copy_(p.grad)
                 p.grad = held
 
-    def _capture(self, embeds, per_layer, batch, denominator, packed: bool):
+    def _capture(self, embeds, per_layer, batch, packed: bool):
         from vramplan_kernels.qlora_linear import LoRACopies
 
-        static = StaticInputs.like(embeds, per_layer, batch)
-        static.fill(embeds, per_layer, batch, denominator)
+        static = StaticInputs.like(embeds, per_layer, batch)  # filled before each replay, the first included
         self._grads_in_place()  # captured kernels record, they do not run: the replay after this computes
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
@@ -212,20 +205,17 @@ class StepGraphs:
         torch.cuda.current_stream().wait_stream(self.stream)
 
     def _eager(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor) -> torch.Tensor:
-        from vramplan.train.loss import summed_loss
-
         with self._on_own_stream():
             loss, _ = summed_loss(self.model, batch)
             (loss / denominator).backward()
         return loss.detach()
 
-    def summed_loss(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor,
-                    host_positions: torch.Tensor | None = None) -> torch.Tensor:
+    def summed_loss(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor) -> torch.Tensor:
         """One micro-batch's forward and backward, through its graph when it has one (capturing it
         when due) and eagerly otherwise; returns its summed token loss."""
         if any(k not in ("input_ids", "position_ids", "labels") for k in batch):
             return self._eager(batch, denominator)
-        packed = is_packed(host_positions if host_positions is not None else batch["position_ids"])
+        packed = is_packed(batch["position_ids"])
         key = (tuple(batch["input_ids"].shape), packed)
         if key not in self.seen:
             self.seen.add(key)
@@ -239,7 +229,7 @@ class StepGraphs:
                 self.graphs[key] = None
                 return self._eager(batch, denominator)
             try:
-                entry = self._capture(embeds, per_layer, batch, denominator, packed)
+                entry = self._capture(embeds, per_layer, batch, packed)
             except Exception as err:  # a capture that met a sync or an unsupported call: this shape stays eager
                 self.graphs[key] = None
                 first = err.__context__ or err  # capture_end's error hides the call that broke the capture

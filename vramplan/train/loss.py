@@ -39,14 +39,19 @@ def hidden_states(model: nn.Module, batch: dict[str, torch.Tensor]) -> torch.Ten
 
 def summed_loss(model: nn.Module, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
     """Sum of the token losses of one micro-batch and its number of target tokens."""
-    hidden = hidden_states(model, batch)
+    return summed_loss_of_hidden(model, hidden_states(model, batch), batch["labels"])
+
+
+def summed_loss_of_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The fused LM head + cross-entropy over the decoder's hidden states (summed, with the target count):
+    the model's head (bf16 or int8 rows), its final-logit softcap and the plan's chunk budget."""
     head = lm_head_of(model)
     weight = head_weight(head)
     softcap = getattr(model.config.get_text_config(), "final_logit_softcapping", None)
     # the plan's budget (load_for_training sets it); the kernel's default where a model was loaded otherwise
     chunk = ops.default_chunk_size(hidden.numel() // hidden.shape[-1], weight.shape[0], weight.dtype,
                                    getattr(model, "loss_chunk_bytes", None))
-    return ops.linear_cross_entropy(hidden, weight, batch["labels"], bias=head.bias, softcap=softcap,
+    return ops.linear_cross_entropy(hidden, weight, labels, bias=head.bias, softcap=softcap,
                                     reduction="sum", chunk_size=chunk)
 
 
