@@ -31,7 +31,6 @@ from vramplan.gpu import used_memory_bytes
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.optim import flat_update_pays
 from vramplan.train.model import load_for_training, lora_parameters
-from vramplan.train import switches
 from vramplan.train.graphs import StepGraphs
 from vramplan.train.recipe import make_optimizer
 
@@ -61,7 +60,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["trainable"] = sum(p.numel() for p in params)
     record["after_load_alloc"] = torch.cuda.memory_allocated()
     optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model))
-    graphs = StepGraphs(model, params) if switches.enabled("cuda_graphs") and StepGraphs.available(model, plan, device) else None
+    graphs = StepGraphs.for_run(model, params, plan, device)
     record["load_peak_alloc"] = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator().manual_seed(0)

@@ -90,3 +90,18 @@ def test_graphs_are_only_offered_where_a_capture_can_hold_the_step():
     assert StepGraphs.available(Text(), plan, torch.device("cuda"))
     assert not StepGraphs.available(Text(), plan, torch.device("cuda"), world_size=2)
     assert not StepGraphs.available(Text(), Plan(model="tiny", checkpointing="offload"), torch.device("cuda"))
+
+
+def test_a_run_gets_graphs_only_when_switched_on_and_possible(monkeypatch):
+    from torch import nn
+
+    class Text(nn.Module):
+        def get_decoder(self):
+            return self
+
+    plan = Plan(model="tiny")
+    monkeypatch.delenv("VRAMPLAN_ENABLE", raising=False)
+    assert StepGraphs.for_run(Text(), [], plan, torch.device("cuda")) is None
+    monkeypatch.setenv("VRAMPLAN_ENABLE", "cuda_graphs")
+    assert isinstance(StepGraphs.for_run(Text(), [], plan, torch.device("cuda")), StepGraphs)
+    assert StepGraphs.for_run(Text(), [], plan, torch.device("cpu")) is None

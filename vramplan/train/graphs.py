@@ -129,6 +129,16 @@ class StepGraphs:
         self.stream: torch.cuda.Stream | None = None
         self.notes: list[str] = []
 
+    @classmethod
+    def for_run(cls, model: nn.Module, params: list[nn.Parameter], plan, device: torch.device,
+                world_size: int = 1) -> "StepGraphs | None":
+        """The run's graphs when switched on (``VRAMPLAN_ENABLE=cuda_graphs``) and possible; else None."""
+        from vramplan.train import switches
+
+        if switches.enabled("cuda_graphs") and cls.available(model, plan, device, world_size):
+            return cls(model, params)
+        return None
+
     @staticmethod
     def available(model: nn.Module, plan, device: torch.device, world_size: int = 1) -> bool:
         """Whether this run's steps can be captured at all."""

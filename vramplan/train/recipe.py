@@ -18,7 +18,7 @@ import torch
 
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
-from vramplan.train import adapter, checkpoint, data, distributed, metrics, switches
+from vramplan.train import adapter, checkpoint, data, distributed, metrics
 from vramplan.train.graphs import StepGraphs
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
@@ -249,8 +249,7 @@ def train(cfg: TrainConfig) -> dict:
         cfg.notes.append(note)
         _say(cfg, f"note: {note}")
     scheduler = make_scheduler(optimizer, cfg.schedule, warmup, steps)
-    graphs = StepGraphs(model, params) if switches.enabled("cuda_graphs") and \
-        StepGraphs.available(model, plan, device, world.size) else None
+    graphs = StepGraphs.for_run(model, params, plan, device, world.size)
 
     # 4. Resume: LoRA weights, optimizer, scheduler, RNG and the data position.
     state = checkpoint.TrainState()
