@@ -84,9 +84,10 @@ def test_cuda_graph_steps_train_like_eager_steps(tmp_path, arch, flat):
         labels[:, -1] = -100
         return {"input_ids": ids.cuda(), "labels": labels.cuda(), "position_ids": positions.cuda()}
 
-    batches = [[micro_batch(24, False), micro_batch(16, True)] for _ in range(6)]
+    batches = [[micro_batch(24, False), micro_batch(16, True)]] * 6  # the same data each step: the loss must fall
     results = []
     for use_graphs in (False, True):
+        torch.manual_seed(0)  # the same random adapters (A) in both runs
         model, _ = load_for_training(folder, plan, torch.device("cuda"))
         params = lora_parameters(model)
         graphs = StepGraphs(model, params) if use_graphs else None

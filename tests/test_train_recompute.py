@@ -66,3 +66,42 @@ def test_a_recompute_that_saves_differently_is_refused():
     out = checkpoint_without_leaf(changing, x)
     with pytest.raises(RuntimeError, match="recompute saved"):
         out.sum().backward()
+
+
+def test_a_layers_recomputed_activations_are_freed_before_the_layer_below_runs_backward():
+    """A stack of checkpointed layers holds one layer's recomputed activations at a time, as torch's
+    checkpoint does: when the bottom layer's backward runs, every upper layer's are gone."""
+    w = torch.randn(8, 8, requires_grad=True)
+    recomputed: list[list[weakref.ref]] = [[] for _ in range(4)]
+
+    def layer(i):
+        def run(inp):
+            hidden = torch.tanh(inp @ w)
+            recomputed[i].append(weakref.ref(hidden))
+            return hidden.exp()
+        return run
+
+    x = torch.randn(4, 8, requires_grad=True)
+    alive_above_bottom = []
+
+    def at_bottom(grad):
+        gc.collect()
+        alive_above_bottom.append(sum(ref() is not None for refs in recomputed[1:] for ref in refs[1:]))
+        return grad
+
+    h = x
+    for i in range(4):
+        h = checkpoint_without_leaf(layer(i), h)
+        if i == 0:
+            h.register_hook(at_bottom)  # runs as the bottom layer's backward starts
+    h.sum().backward()
+    assert all(len(refs) == 2 for refs in recomputed)  # forward, then one recompute each
+    assert alive_above_bottom == [0]
+
+
+def test_unpacking_a_recomputed_tensor_twice_is_refused():
+    x = torch.randn(3, requires_grad=True)
+    out = checkpoint_without_leaf(lambda t: t.exp(), x)
+    out.sum().backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="unpacked twice"):
+        out.sum().backward()

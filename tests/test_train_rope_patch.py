@@ -87,8 +87,8 @@ def test_patched_rope_on_the_gpu_in_bf16(config):
         return (pair[0] - truth[0]).abs().max().item()
 
     assert error(got) <= 2 * error(want) + 1e-3, (error(got), error(want))
-    for name, grad in truth[1].items():
-        scale = grad.abs().max().item() + 1e-12
-        got_err = (got[1][name] - grad).abs().max().item() / scale
-        want_err = (want[1][name] - grad).abs().max().item() / scale
+    for name, grad in truth[1].items():  # relative norm error: a single element's bf16 error is too noisy to judge by
+        scale = grad.norm().item() + 1e-12
+        got_err = (got[1][name] - grad).norm().item() / scale
+        want_err = (want[1][name] - grad).norm().item() / scale
         assert got_err <= 2 * want_err + 1e-2, (name, got_err, want_err)

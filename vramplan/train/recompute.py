@@ -11,6 +11,9 @@ an opt-in override (``torch.autograd.graph.set_override_stale_capture_stream``),
 This one adds no node and no leaf: saved-tensor hooks store an index for each tensor the forward
 saves and, on the first unpack in backward, run the layer again with grad enabled to collect the
 same tensors in the same order. The layer's inputs are held by the closure, as torch holds them.
+Each recomputed tensor is dropped as its backward node takes it, so a layer's recomputed
+activations live only while that layer's backward runs (holding them to the end of the backward
+made a captured Llama-3.2-1B step as large as one without checkpointing: 4.9 GB against 2.1).
 It never saves or restores RNG state (nothing in the trainer's layers draws random numbers).
 """
 
@@ -26,7 +29,7 @@ def checkpoint_without_leaf(fn: Callable[..., Any], *args: Any, **kwargs: Any) -
     recomputed when the backward first needs one."""
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
-    recomputed: list[torch.Tensor] | None = None
+    recomputed: list[torch.Tensor | None] | None = None
     packed = 0
 
     def pack(_tensor: torch.Tensor) -> int:
@@ -48,7 +51,11 @@ def checkpoint_without_leaf(fn: Callable[..., Any], *args: Any, **kwargs: Any) -
             if len(again) != packed:
                 raise RuntimeError(f"checkpoint: the recompute saved {len(again)} tensors, the forward {packed}")
             recomputed = again
-        return recomputed[index]
+        tensor = recomputed[index]
+        if tensor is None:
+            raise RuntimeError("checkpoint: a recomputed tensor was unpacked twice (backward through the graph a second time?)")
+        recomputed[index] = None  # each saved tensor is unpacked once: let it go with its node, not with the graph
+        return tensor
 
     with torch.autograd.graph.saved_tensors_hooks(pack, unpack):
         return fn(*args, **kwargs)
