@@ -23,7 +23,7 @@ for job in "$@"; do
     kernels:*) python3 benchmarks/kernels.py --only "${job#kernels:}" --out "$OUT" 2>&1 | tee "$OUT/kernels.log" | tail -40 ;;
     trainer:*)  # trainer:CONFIG.json:GRID.json  (the config's file name labels the lines)
       IFS=: read -r _ cfg grid <<<"$job"
-      python3 -m benchmarks.trainer --fresh --config "$cfg" --grid "$grid" --steps "${STEPS:-5}" 2>>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
+      python3 -m benchmarks.trainer --fresh --config "$cfg" --grid "$grid" --steps "${STEPS:-5}" ${TRAINER_ARGS:-} 2>>"$OUT/trainer-err.log" | tee -a "$OUT/trainer.jsonl" ;;
     profile:*)  # profile:CONFIG:SEQ  wall vs GPU-busy time per step and the top host ops (benchmarks/profile_trainer.py)
       IFS=: read -r _ cfg seq <<<"$job"
       python3 -m benchmarks.profile_trainer --config "$cfg" --seq "$seq" 2>&1 > "$OUT/profile-$(basename "$cfg" .json)-$seq.txt"; head -3 "$OUT/profile-$(basename "$cfg" .json)-$seq.txt" ;;

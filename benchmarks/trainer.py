@@ -50,12 +50,25 @@ def build_random_model(config_path: str, folder: str) -> int:
     return params
 
 
-def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device) -> tuple[dict, list[float]]:
+def write_config_only(config_path: str, folder: str) -> int:
+    """Only ``config.json`` (``--random-init``: the trainer builds seeded random weights layer by layer
+    on the GPU, for models too large to write to disk); returns the parameter count, counted on ``meta``."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.for_model(**resolve_model(config_path).config)
+    config.save_pretrained(folder)
+    text = config.get_text_config() if config.model_type == "gemma4" else config
+    with torch.device("meta"):
+        return sum(p.numel() for p in AutoModelForCausalLM.from_config(text).parameters())
+
+
+def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
+            random_init: bool = False) -> tuple[dict, list[float]]:
     plan = plan_of(dict(grid, model=os.path.basename(folder)))
     record: dict = {}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    model, _ = load_for_training(folder, plan, device)
+    model, _ = load_for_training(folder, plan, device, random_init_from_config=random_init)
     params = lora_parameters(model)
     record["trainable"] = sum(p.numel() for p in params)
     record["after_load_alloc"] = torch.cuda.memory_allocated()
@@ -101,6 +114,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fresh", action="store_true",
                         help="measure each configuration in its own process (no allocator or library state carried over)")
+    parser.add_argument("--random-init", action="store_true",
+                        help="write only config.json and build seeded random weights on the GPU layer by layer (31B and up)")
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
     args = parser.parse_args()
     grid = json.loads(open(args.grid).read() if os.path.exists(args.grid) else args.grid)
@@ -112,7 +127,7 @@ def main() -> None:
     if args.folder:
         n_params = None
     else:
-        n_params = build_random_model(args.config, folder)
+        n_params = (write_config_only if args.random_init else build_random_model)(args.config, folder)
         print(json.dumps({"event": "saved", "params": n_params, "s": round(time.time() - started, 1)}), flush=True)
     if args.fresh:
         run_each_in_own_process(args, grid, folder, n_params)
@@ -124,7 +139,7 @@ def main() -> None:
     for g in grid:
         rec = dict(g, model=os.path.basename(args.config), params=n_params, stack="vramplan")
         try:
-            measured, times = run_one(g, folder, vocab, args.steps, device)
+            measured, times = run_one(g, folder, vocab, args.steps, device, args.random_init)
             rec.update(measured)
             used = used_memory_bytes()
             rec["nvml_used_delta"] = (used - base_used) if base_used is not None and used is not None else None
@@ -154,7 +169,8 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int) 
 
     for g in grid:
         child = subprocess.run([sys.executable, "-m", "benchmarks.trainer", "--config", args.config, "--grid",
-                                json.dumps([g]), "--steps", str(args.steps), "--folder", folder],
+                                json.dumps([g]), "--steps", str(args.steps), "--folder", folder,
+                                *(["--random-init"] if args.random_init else [])],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode or not lines:

@@ -128,6 +128,26 @@ def test_random_init_from_config_builds_a_working_model_layer_by_layer(work):
     assert torch.isfinite(loss) and int(count) == 16
 
 
+def test_random_init_from_config_sets_what_gemma4_computes_at_init(work):
+    """Gemma 4's embedding scale and per-layer scalars are buffers set at init: a model built on the
+    meta device gets them from the architecture's own initialiser, not ``to_empty``'s garbage."""
+    from transformers import AutoModelForCausalLM
+
+    from vramplan.train.loss import summed_loss
+    from vramplan.train.model import load_for_training
+
+    plan = Plan(model="tiny", lora_rank=4, seq_len=32)
+    model, _ = load_for_training(work / "gemma4", plan, torch.device("cpu"), random_init_from_config=True, seed=1)
+    reference = AutoModelForCausalLM.from_pretrained(work / "gemma4")
+    want = dict(reference.named_buffers())
+    for name, buffer in model.named_buffers():
+        if name in want and "inv_freq" not in name:
+            torch.testing.assert_close(buffer.float(), want[name].float(), msg=name)
+    ids = torch.randint(0, 300, (1, 16))
+    loss, count = summed_loss(model, {"input_ids": ids, "position_ids": torch.arange(16)[None], "labels": ids})
+    assert torch.isfinite(loss) and 0 < float(loss.detach()) / int(count) < 20
+
+
 @pytest.mark.slow
 def test_ddp_two_ranks_equal_one_rank_and_resume_on_one(work):
     """`vramplan train` with a 2-GPU plan starts torchrun itself; its checkpoint resumes in one process."""

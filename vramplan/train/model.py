@@ -86,13 +86,19 @@ def random_model_from_config(model_dir: str | Path, dtype: torch.dtype, attentio
         return AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation=attention)
 
 
-def materialise_random(module: nn.Module, device: torch.device, seed: int, std: float, recurse: bool = True) -> None:
+def materialise_random(module: nn.Module, device: torch.device, seed: int, std: float, recurse: bool = True,
+                       init_module=None) -> None:
     """Give a ``meta`` module real, seeded random storage on ``device``: matrices N(0, std), vectors
-    (norm scales) 1, and the rotary tables recomputed (they are buffers computed at init). Other
-    buffers computed at init (Gemma's embedding scales) are not: benchmarks use Llama-style models."""
+    (norm scales) 1, and the rotary tables recomputed (they are buffers computed at init).
+
+    ``init_module`` (the model's ``_init_weights``) first sets what the architecture computes at
+    init (Gemma's embedding scale and layer scalars, which ``to_empty`` leaves as garbage)."""
     module.to_empty(device=device, recurse=recurse)
     generator = torch.Generator(device=device).manual_seed(seed)
     with torch.no_grad():
+        if init_module is not None:
+            for sub in module.modules() if recurse else [module]:
+                init_module(sub)
         for param in module.parameters(recurse=recurse):
             if param.dim() >= 2:
                 param.normal_(0.0, std, generator=generator)
@@ -103,6 +109,11 @@ def materialise_random(module: nn.Module, device: torch.device, seed: int, std: 
                 fresh = type(sub)(sub.config).to(device)
                 for name, buffer in fresh._buffers.items():
                     sub._buffers[name] = buffer
+
+
+def _init_of(model: nn.Module):
+    """The model's own per-module initialiser (transformers' ``_init_weights``), if it has one."""
+    return getattr(model, "_init_weights", None)
 
 
 def _on_meta(module: nn.Module) -> bool:
@@ -122,9 +133,9 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
         for module in model.modules():
             if id(module) not in in_layers \
                     and any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
-                materialise_random(module, device, seed, std, recurse=False)
+                materialise_random(module, device, seed, std, recurse=False, init_module=_init_of(model))
     freeze(model, plan, device, host_per_layer_embeddings)
-    adapted = add_decoder_lora(model, plan, device, after_layer, (seed, std) if random_init else None)
+    adapted = add_decoder_lora(model, plan, device, after_layer, (seed, std, _init_of(model)) if random_init else None)
     if not adapted:
         raise VramplanError(f"none of the LoRA targets {', '.join(plan.lora_targets)} is a linear layer of this model; "
                             "set lora_targets to its projection names")
@@ -167,17 +178,17 @@ def freeze(model: nn.Module, plan: Plan, device: torch.device, host_per_layer_em
 
 
 def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_layer=None,
-                     random_init: tuple[int, float] | None = None) -> list[str]:
+                     random_init: tuple | None = None) -> list[str]:
     """Move each decoder layer to ``device``, quantize its linears there and add LoRA; return the adapted paths.
 
     ``after_layer(layer)`` runs on each adapted layer (FSDP2 shards it there); ``random_init``
-    (seed, std): the layers are on the meta device and get seeded random weights one at a time."""
+    (seed, std, init_module): the layers are on the meta device and get seeded random weights one at a time."""
     quant = "nf4" if plan.quant == "nf4" else "bf16"
     adapted = []
     prefix = _layers_path(model)
     for index, layer in enumerate(decoder_layers(model)):
         if random_init is not None:
-            materialise_random(layer, device, random_init[0] + 1 + index, random_init[1])
+            materialise_random(layer, device, random_init[0] + 1 + index, random_init[1], init_module=random_init[2])
         if quant == "nf4":  # expert by expert, before the layer's fused bf16 experts could reach the device
             patching.quantize_experts(layer, device, plan.double_quant)
         layer.to(device)
