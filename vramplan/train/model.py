@@ -134,6 +134,7 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
             if id(module) not in in_layers \
                     and any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
                 materialise_random(module, device, seed, std, recurse=False, init_module=_init_of(model))
+        model.tie_weights()  # to_empty gave a tied head its own storage: share the embedding's again
     freeze(model, plan, device, host_per_layer_embeddings)
     adapted = add_decoder_lora(model, plan, device, after_layer, (seed, std, _init_of(model)) if random_init else None)
     if not adapted:
