@@ -97,6 +97,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     sampler.__exit__(None, None, None)
     record["losses"] = losses
     record["enabled"] = os.environ.get("VRAMPLAN_ENABLE", "")  # opt-in switches this row ran with (switches.py)
+    record["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
         record["graph_notes"] = graphs.notes
