@@ -134,7 +134,7 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
             if id(module) not in in_layers \
                     and any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
                 materialise_random(module, device, seed, std, recurse=False, init_module=_init_of(model))
-        model.tie_weights()  # to_empty gave a tied head its own storage: share the embedding's again
+                model.tie_weights()  # to_empty gave the embedding new storage: a tied head shares it, never gets its own
     freeze(model, plan, device, host_per_layer_embeddings)
     adapted = add_decoder_lora(model, plan, device, after_layer, (seed, std, _init_of(model)) if random_init else None)
     if not adapted:
@@ -143,6 +143,8 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
     move_outside_layers(model, device)  # the rest: embeddings, norms, LM head (host-resident tables stay put)
     patching.apply_kernel_patches(model)  # the rest: the final norm
     model.config.use_cache = False
+    if device.type == "cuda":  # the load's transient bf16 tables: their cached blocks go back before training
+        torch.cuda.empty_cache()
     return adapted
 
 
