@@ -1,7 +1,9 @@
 """The measurement line shared by benchmarks/trainer.py, the hf reference harness and the tables
 built from their output (``seq``, ``batch``, ``rank``, ``gc``, optional ``quant``, ``optim``,
 ``checkpointing``, ``lora_dtype``, ``head_quant``, ``loss_chunk_mb``), read back as the Plan it measured.
-Lines without ``loss_chunk_mb`` ran the 256 MB logits chunks of the kernel before it was halved."""
+Lines without ``loss_chunk_mb`` ran the 256 MB logits chunks of the kernel before it was halved;
+``cuda_graphs`` is the number of graphs a line's run captured (absent or 0: its steps ran eagerly,
+as every line did before graphs were on by default)."""
 
 from __future__ import annotations
 
@@ -21,5 +23,5 @@ def plan_of(record: dict, stack: str = "vramplan") -> Plan:
                 checkpointing=record.get("checkpointing") or ("full" if record["gc"] else "none"),
                 optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
                 loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype") or "fp32",
-                head_quant=record.get("head_quant") or "bf16",
+                head_quant=record.get("head_quant") or "bf16", cuda_graphs=bool(record.get("cuda_graphs")),
                 **({"loss_chunk_mb": record.get("loss_chunk_mb") or HISTORICAL_LOSS_CHUNK_MB} if stack == "vramplan" else {}))

@@ -64,7 +64,7 @@ def write_config_only(config_path: str, folder: str) -> int:
 
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
             random_init: bool = False) -> tuple[dict, list[float]]:
-    plan = plan_of(dict(grid, model=os.path.basename(folder)))
+    plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
     record: dict = {}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()

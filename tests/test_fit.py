@@ -76,3 +76,25 @@ def test_fit_only_chooses_quantizations_the_stack_can_run():
             except VramplanError:
                 continue
             assert result.plan.quant in allowed
+
+
+def test_fit_replays_cuda_graphs_when_they_fit_and_gives_them_up_before_rank():
+    """Graphs cost a measured constant; a budget that holds a plan only without them gets the same
+    plan, eager, and the explanation says what the graphs would have needed."""
+    profile = resolve_model("llama-3.2-1b")
+    roomy = fit_plan(profile, resolve_gpu("rtx-4060"))
+    assert roomy.plan.captures_steps
+    assert any("CUDA graphs (without them" in line for line in roomy.explanation)
+    # the leanest plan at the chosen precision and rank that graphs can hold, with and without them
+    lean = roomy.plan.replace(checkpointing="full", optimizer="paged_adamw8bit", micro_batch=1)
+    graphs_on = estimate_plan(lean, profile).peak_bytes
+    eager = estimate_plan(lean.replace(cuda_graphs=False), profile).peak_bytes
+    assert graphs_on - eager == 250_000_000
+    budget = int((eager + graphs_on) / 2 / (1 - 0.05))  # between the two, after the safety margin
+    tight = fit_plan(profile, budget=budget, base=Plan(model=profile.name))
+    assert not tight.plan.cuda_graphs
+    assert (tight.plan.quant, tight.plan.lora_rank) == (roomy.plan.quant, roomy.plan.lora_rank)
+    assert any("no CUDA graphs (with them" in line for line in tight.explanation)
+    # an offloaded-checkpoint plan cannot be captured, and the plan file says nothing new for graphs
+    assert not roomy.plan.replace(checkpointing="offload").captures_steps
+    assert "cuda_graphs" not in roomy.plan.to_dict()

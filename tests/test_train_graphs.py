@@ -92,7 +92,7 @@ def test_graphs_are_only_offered_where_a_capture_can_hold_the_step():
     assert not StepGraphs.available(Text(), Plan(model="tiny", checkpointing="offload"), torch.device("cuda"))
 
 
-def test_a_run_gets_graphs_only_when_switched_on_and_possible(monkeypatch):
+def test_a_run_gets_graphs_when_its_plan_asks_and_they_are_possible(monkeypatch):
     from torch import nn
 
     class Text(nn.Module):
@@ -100,8 +100,14 @@ def test_a_run_gets_graphs_only_when_switched_on_and_possible(monkeypatch):
             return self
 
     plan = Plan(model="tiny")
-    monkeypatch.delenv("VRAMPLAN_ENABLE", raising=False)
-    assert StepGraphs.for_run(Text(), [], plan, torch.device("cuda")) is None
-    monkeypatch.setenv("VRAMPLAN_ENABLE", "cuda_graphs")
+    monkeypatch.delenv("VRAMPLAN_DISABLE", raising=False)
+    assert plan.captures_steps
     assert isinstance(StepGraphs.for_run(Text(), [], plan, torch.device("cuda")), StepGraphs)
     assert StepGraphs.for_run(Text(), [], plan, torch.device("cpu")) is None
+    assert StepGraphs.for_run(Text(), [], plan, torch.device("cuda"), world_size=2) is None
+    for off in (plan.replace(cuda_graphs=False), plan.replace(checkpointing="offload"), plan.replace(stack="hf"),
+                plan.replace(gpus=2, parallel="ddp"), plan.replace(modalities=("text", "image"))):
+        assert not off.captures_steps
+        assert StepGraphs.for_run(Text(), [], off, torch.device("cuda")) is None
+    monkeypatch.setenv("VRAMPLAN_DISABLE", "cuda_graphs")
+    assert StepGraphs.for_run(Text(), [], plan, torch.device("cuda")) is None

@@ -12,7 +12,9 @@ The objective, in order (the first difference decides):
 3. keep the LM head in bf16: on vramplan's stack an int8 head (one scale per vocabulary row,
    half the bytes of the head) is searched only when nothing fits with a bf16 head;
 4. prefer a higher LoRA rank: 64 > 32 > 16 > 8;
-5. then the fastest: no checkpointing > checkpointing > checkpointing with CPU offload,
+5. then the fastest: CUDA graphs where the trainer can capture the steps (they take the host out
+   of a step: 2.4x on a 1B model, for about 0.25 GB) > none; no checkpointing > checkpointing >
+   checkpointing with CPU offload,
    larger micro-batches (fewer accumulation steps), AdamW > 8-bit AdamW > paged 8-bit AdamW.
 
 The loss is the stack's own: chunked on vramplan (fused with the LM head, it costs no
@@ -114,12 +116,18 @@ def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
     quants = ("nf4",) if base.cpu_offload else STACK_QUANTS[base.stack]
     for quant in quants:
         for rank in RANK_ORDER:
-            for checkpointing in _checkpointing_order(base.stack):
-                for micro in _micro_batches(effective):
-                    for optimizer in optimizers_for(base):
-                        yield base.replace(quant=quant, lora_rank=rank, checkpointing=checkpointing, seq_len=seq,
-                                           micro_batch=micro, grad_accum=effective // micro, optimizer=optimizer,
-                                           loss=loss)
+            for graphs in (True, False) if base.cuda_graphs else (False,):
+                for checkpointing in _checkpointing_order(base.stack):
+                    for micro in _micro_batches(effective):
+                        for optimizer in optimizers_for(base):
+                            plan = base.replace(quant=quant, lora_rank=rank, checkpointing=checkpointing, seq_len=seq,
+                                                micro_batch=micro, grad_accum=effective // micro, optimizer=optimizer,
+                                                loss=loss)
+                            capturable = plan.replace(cuda_graphs=True).captures_steps
+                            if graphs and capturable:
+                                yield plan.replace(cuda_graphs=True)
+                            elif not graphs:  # eager; a plan graphs cannot hold keeps the request as it was
+                                yield plan.replace(cuda_graphs=False) if capturable else plan
 
 
 def leanest_plan(base: Plan, seq: int) -> Plan:
@@ -280,6 +288,12 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
         speed.append(f"micro-batch {plan.micro_batch} (micro-batch {per_rank_batch} would need "
                      f"{_gb(peak(micro_batch=per_rank_batch, grad_accum=1))})")
     speed.append(f"optimizer {plan.optimizer}")
+    if plan.captures_steps:
+        speed.append(f"CUDA graphs (without them: {_gb(peak(cuda_graphs=False))})")
+    elif base.cuda_graphs and plan.replace(cuda_graphs=True).captures_steps:
+        speed.append(f"no CUDA graphs (with them: {_gb(peak(cuda_graphs=True))})")
+    elif base.cuda_graphs and plan.checkpointing == "offload" and plan.replace(checkpointing="full").captures_steps:
+        speed.append("no CUDA graphs (offloaded checkpoints copy to the host mid-step, which a graph cannot hold)")
     lines.append("Fastest settings that fit: " + ", ".join(speed) + ".")
     lines.append(f"Peak {_gb(est.peak_bytes)}{' per GPU' if plan.gpus > 1 else ''} in the {est.peak_phase} phase, "
                  f"against a budget of {_gb(budget)} "

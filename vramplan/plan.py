@@ -81,6 +81,7 @@ class Plan:
     train_projectors: bool = False  # train the multimodal embedders (projectors into the text width) in full
     head_quant: str = "bf16"  # "int8": the frozen token embedding / LM head as int8 rows, one scale each (vramplan stack)
     loss_chunk_mb: int = 128  # the chunked loss's logits buffer (one chunk of tokens x vocab); measurements before it existed ran 256
+    cuda_graphs: bool = True  # replay each micro-batch's forward and backward as one CUDA graph where it can (captures_steps)
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -99,6 +100,8 @@ class Plan:
         if (self.gpus > 1 and self.parallel == "none") or (self.gpus == 1 and self.parallel == "ddp"):
             fix = "set parallel to ddp or fsdp" if self.gpus > 1 else "set gpus above 1, or parallel to none or fsdp"
             raise VramplanError(f"plan has gpus={self.gpus} and parallel={self.parallel!r}: {fix} (--gpus N with --parallel)")
+        if not isinstance(self.cuda_graphs, bool):
+            raise VramplanError(f"plan field 'cuda_graphs' must be true or false, got {self.cuda_graphs!r}")
         if not isinstance(self.cpu_offload, bool):
             raise VramplanError(f"plan field 'cpu_offload' must be true or false, got {self.cpu_offload!r}")
         if self.cpu_offload and self.parallel != "fsdp":
@@ -156,6 +159,15 @@ class Plan:
     def effective_batch(self) -> int:
         return self.micro_batch * self.grad_accum * self.gpus
 
+    @property
+    def captures_steps(self) -> bool:
+        """Whether vramplan's trainer replays this plan's micro-batch steps as CUDA graphs: asked for,
+        one GPU, text only, and checkpoints kept on the GPU (an offload copies to the host mid-step,
+        which a graph cannot hold). The graphs take the host out of the step (a 1B model ran 2.4x
+        faster on an H100) for about 0.25 GB of memory (vramplan.memory.overhead)."""
+        return (self.cuda_graphs and self.stack == "vramplan" and self.gpus == 1 and self.parallel == "none"
+                and not self.multimodal and self.checkpointing != "offload")
+
     def replace(self, **changes: Any) -> "Plan":
         return dataclasses.replace(self, **changes)
 
@@ -168,7 +180,7 @@ class Plan:
             for name in _MULTIMODAL_FIELDS:
                 if data[name] == _DEFAULTS[name]:
                     del data[name]
-        for name, default in (("head_quant", "bf16"), ("loss_chunk_mb", 128)):  # files as before these fields
+        for name, default in (("head_quant", "bf16"), ("loss_chunk_mb", 128), ("cuda_graphs", True)):  # files as before these fields
             if data[name] == default:
                 del data[name]
         return data

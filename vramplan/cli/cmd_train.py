@@ -37,11 +37,13 @@ from vramplan.plan import CHECKPOINTING, HEAD_QUANTS, OPTIMIZERS, PARALLEL, read
 @click.option("--train", "train_parts", help="Where LoRA goes: language,vision,audio (override the plan's train_parts).")
 @click.option("--targets", help="What LoRA adapts: attention,mlp or module names (override the plan's lora_targets).")
 @click.option("--train-projectors/--freeze-projectors", default=None, help="Train the image/audio projectors in full.")
+@click.option("--cuda-graphs/--no-cuda-graphs", default=None,
+              help="Override the plan: replay each micro-batch step as a CUDA graph (one GPU, text, checkpoints on the GPU).")
 @click.option("--gpus", type=click.IntRange(min=1), help="Override the plan's GPU count (1: one process, no torchrun).")
 @click.option("--parallel", type=click.Choice(PARALLEL), help="Override the plan's multi-GPU mode (ddp or fsdp).")
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
           overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, head_quant, train_parts,
-          targets, train_projectors, gpus, parallel):
+          targets, train_projectors, cuda_graphs, gpus, parallel):
     """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter.
 
     A plan for several GPUs starts ``torchrun --nproc-per-node N -m vramplan train ...`` itself;
@@ -50,12 +52,16 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
     from vramplan.memory.towers import lora_targets_from
     from vramplan.train import distributed
     from vramplan.train.recipe import TrainConfig
+    from vramplan.train.allocator import prefer_expandable_segments
     from vramplan.train.recipe import train as run
+
+    prefer_expandable_segments()  # before the first CUDA allocation; torchrun's ranks inherit it
 
     if steps and epochs:
         raise VramplanError("give --steps or --epochs, not both")
     overrides = {"lora_rank": rank, "seq_len": seq, "micro_batch": batch, "grad_accum": accum,
                  "checkpointing": checkpointing, "optimizer": optim, "head_quant": head_quant, "train_projectors": train_projectors,
+                 "cuda_graphs": cuda_graphs,
                  "train_parts": tuple(p.strip() for p in train_parts.split(",") if p.strip()) if train_parts else None,
                  "lora_targets": lora_targets_from(targets) if targets else None}
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})

@@ -28,7 +28,7 @@ from vramplan.memory.activations import ActivationRecipe, activation_bytes, mode
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
-from vramplan.memory.overhead import cublas_workspace_bytes, cuda_library_bytes, pooled_fragmentation_bytes
+from vramplan.memory.overhead import cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, pooled_fragmentation_bytes
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
                                      linear_weight_bytes, nf4_expert_bytes)
 from vramplan.memory import towers as mm
@@ -109,6 +109,8 @@ def step_memory(arch, plan) -> StepMemory:
 
     # buffers made on a step's first matmuls and kept: cuBLAS workspaces, the NF4 dequantization buffer
     step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
+    if plan.captures_steps:
+        step_buffers["cuda_graphs"] = cuda_graph_bytes()
     if dequant := dequant_buffer_bytes(arch, plan.quant, tokens):
         step_buffers["dequant_buffer"] = dequant
     if arch.expert_params and experts_quant == "nf4":

@@ -132,7 +132,8 @@ class StepGraphs:
     @classmethod
     def for_run(cls, model: nn.Module, params: list[nn.Parameter], plan, device: torch.device,
                 world_size: int = 1) -> "StepGraphs | None":
-        """The run's graphs when switched on (``VRAMPLAN_ENABLE=cuda_graphs``) and possible; else None."""
+        """The run's graphs when the plan asks for them (``plan.captures_steps``), the environment does
+        not switch them off (``VRAMPLAN_DISABLE=cuda_graphs``) and the run can hold them; else None."""
         from vramplan.train import switches
 
         if switches.enabled("cuda_graphs") and cls.available(model, plan, device, world_size):
@@ -142,8 +143,7 @@ class StepGraphs:
     @staticmethod
     def available(model: nn.Module, plan, device: torch.device, world_size: int = 1) -> bool:
         """Whether this run's steps can be captured at all."""
-        return (device.type == "cuda" and world_size == 1 and not plan.multimodal
-                and plan.checkpointing != "offload" and hasattr(model, "get_decoder"))
+        return device.type == "cuda" and world_size == 1 and plan.captures_steps and hasattr(model, "get_decoder")
 
     # -- the pieces a replay runs ---------------------------------------------------------------
     def prologue(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
