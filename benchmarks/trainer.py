@@ -119,6 +119,9 @@ def main() -> None:
                         help="write only config.json and build seeded random weights on the GPU layer by layer (31B and up)")
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
     args = parser.parse_args()
+    from vramplan.train.allocator import prefer_expandable_segments
+
+    prefer_expandable_segments()  # as `vramplan train` does (children inherit it)
     grid = json.loads(open(args.grid).read() if os.path.exists(args.grid) else args.grid)
     if not torch.cuda.is_available():
         raise SystemExit("benchmarks/trainer.py measures GPU memory; run it on a machine with CUDA")
