@@ -26,6 +26,7 @@ import time
 import torch
 
 from vramplan.catalog import resolve_model
+from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation
 from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
 from vramplan.train.loss import accumulate_gradients
@@ -133,8 +134,10 @@ def main() -> None:
     else:
         n_params = (write_config_only if args.random_init else build_random_model)(args.config, folder)
         print(json.dumps({"event": "saved", "params": n_params, "s": round(time.time() - started, 1)}), flush=True)
-    if args.fresh:
-        run_each_in_own_process(args, grid, folder, n_params)
+    if args.fresh:  # the parent measures the MFU's denominator (a child's matmul buffers would sit in its memory)
+        rate = bf16_matmul_tflops(device)
+        torch.cuda.empty_cache()
+        run_each_in_own_process(args, grid, folder, n_params, rate)
         return
     config = resolve_model(args.config).config
     vocab = config.get("text_config", config)["vocab_size"]
@@ -161,7 +164,22 @@ def main() -> None:
         shutil.rmtree(folder, ignore_errors=True)
 
 
-def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int) -> None:
+def with_mfu(rec: dict, rate: float) -> dict:
+    """The line's model FLOPs utilisation against ``rate``, the bf16 matmul TFLOP/s measured in this run."""
+    from vramplan.errors import VramplanError
+
+    if rec.get("step_s") is None:
+        return {}
+    try:
+        plan = plan_of(dict(rec, model=os.path.basename(rec["model"])))
+        model_flops(plan)
+    except VramplanError:  # a config.json that is not a profile: no FLOP count for it
+        return {}
+    return {"bf16_matmul_tflops": round(rate, 1), "model_tflop_per_step": round(model_flops(plan) / 1e12, 3),
+            "mfu": round(utilisation(plan, rec["step_s"], rate), 4)}
+
+
+def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, rate: float) -> None:
     """One child process per configuration, so each line's NVML delta is that configuration's alone.
 
     Run one after another in a process, a configuration inherits the allocator's cached segments,
@@ -182,6 +200,7 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int) 
                        error=f"child exited {child.returncode}: {child.stderr.strip().splitlines()[-1:]}")
         else:
             rec = json.loads(lines[-1])
+            rec.update(with_mfu(rec, rate))
         rec.update(params=n_params, fresh_process=True)
         print(json.dumps(rec), flush=True)
     shutil.rmtree(folder, ignore_errors=True)
