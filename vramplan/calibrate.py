@@ -236,6 +236,9 @@ def run_calibration(plan: Plan, model_dir: str, steps: int = 3, batch: dict | No
         raise VramplanError(f"--steps is {steps}; run at least 1 step (3 is the default)")
     if shapes not in (1, 2):
         raise VramplanError(f"a calibration measures 1 or 2 shapes, not {shapes}; leave it at 2 unless time is short")
+    # the dry run times forward, backward and optimizer apart, eagerly: it calibrates the eager plan,
+    # and the planner prices the graphs' measured constant on top of the corrected estimate
+    plan = plan.replace(cuda_graphs=False)
     detected = _detect(device_index)
     profile = resolve_model(model_dir)
     est = estimate_plan(plan, profile, detected.spec, budget=detected.free_bytes)
