@@ -81,3 +81,57 @@ def test_packed_logits_equal_unpacked(tmp_path, tok, config):
         packed = model(input_ids=batch["input_ids"], position_ids=batch["position_ids"], use_cache=False).logits[0]
         alone = [model(input_ids=torch.tensor([e.input_ids]), use_cache=False).logits[0] for e in examples]
     torch.testing.assert_close(packed, torch.cat(alone), atol=1e-5, rtol=1e-5)
+
+
+def test_bucketed_widths_are_few_and_never_shorter_or_past_the_plan():
+    widths = {data.bucketed_width(w, 2048, 8) for w in range(1, 2049)}
+    assert widths == {256 * k for k in range(1, 9)}
+    assert all(data.bucketed_width(w, 2048, 8) >= w for w in range(1, 2049))
+    assert data.bucketed_width(2100, 2048, 8) == 2100  # a row longer than the plan is never cut here
+    assert data.bucketed_width(100, 1000, 8) == 125  # an uneven length: buckets of ceil(1000 / 8)
+
+
+def test_a_padded_batch_trains_on_the_same_targets(tmp_path, tok):
+    """The padding tail is one more position-reset stretch with no target: the summed loss of a
+    tiny model is the same with and without it (so is every gradient, through the same loss)."""
+    from transformers import AutoModelForCausalLM
+
+    from vramplan.train.loss import summed_loss
+
+    path = write_jsonl(tmp_path / "d.jsonl", [{"text": s} for s in ["the cat sat", "a dog ran in the park"]])
+    dataset = data.build_dataset(path, tok, seq_len=32)
+    tight = data.collate(dataset.rows, dataset.pad_token_id)
+    padded = data.collate(dataset.rows, dataset.pad_token_id, width=32)
+    assert padded["input_ids"].shape[1] == 32 > tight["input_ids"].shape[1]
+    n = tight["input_ids"].shape[1]
+    assert torch.equal(padded["position_ids"][0, n:], torch.arange(32 - n))
+    assert (padded["labels"][0, n:] == data.IGNORE).all()
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(__import__("transformers").AutoConfig.for_model(**llama_config()))
+    with torch.no_grad():
+        (loss_tight, count_tight), (loss_padded, count_padded) = summed_loss(model, tight), summed_loss(model, padded)
+    assert int(count_tight) == int(count_padded)
+    torch.testing.assert_close(loss_padded, loss_tight, rtol=1e-5, atol=1e-5)
+
+
+def test_with_graphs_an_epoch_of_ragged_rows_falls_on_few_shapes(tmp_path, tok):
+    from vramplan.plan import Plan
+    from vramplan.train import checkpoint
+    from vramplan.train.recipe import next_micro_batches
+
+    words = "one two three four five six seven eight nine ten".split()
+    records = [{"text": " ".join(words[: 1 + i % 10] * (1 + i % 3))} for i in range(60)]
+    dataset = data.build_dataset(write_jsonl(tmp_path / "d.jsonl", records), tok, seq_len=64)
+    plan = Plan(model="tiny", seq_len=64, micro_batch=1, grad_accum=1)
+    shapes = {False: set(), True: set()}
+    for bucketed in (False, True):
+        state = checkpoint.TrainState()
+        real_tokens = 0
+        for _ in range(len(dataset.rows)):
+            micro, tokens = next_micro_batches(dataset, state, plan, 0, width_buckets=4 if bucketed else None)
+            shapes[bucketed].add(tuple(micro[0]["input_ids"].shape))
+            real_tokens += tokens
+        if bucketed:
+            assert real_tokens == unbucketed_tokens  # the logged tokens stay the real ones
+        unbucketed_tokens = real_tokens
+    assert len(shapes[True]) <= 4 < len(shapes[False])

@@ -183,8 +183,21 @@ def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
     return rows
 
 
-def collate(rows: list[list[Example]], pad_token_id: int, no_targets: bool = False) -> dict[str, torch.Tensor]:
-    """Rows -> ``input_ids``, ``labels``, ``position_ids`` [batch, longest row].
+def bucketed_width(width: int, seq_len: int, buckets: int) -> int:
+    """``width`` rounded up to the next of ``buckets`` evenly spaced widths up to ``seq_len``.
+
+    A captured CUDA graph replays one shape: packed rows of every slightly different length would
+    each be a new shape, captured or run eagerly; rounded up they fall on at most ``buckets``
+    shapes per micro-batch size, for at most ``seq_len / buckets`` padding tokens a row (no target
+    among them, so the loss and its gradients are unchanged)."""
+    step = -(-seq_len // buckets)
+    return max(width, min(seq_len, -(-width // step) * step))
+
+
+def collate(rows: list[list[Example]], pad_token_id: int, no_targets: bool = False,
+            width: int | None = None) -> dict[str, torch.Tensor]:
+    """Rows -> ``input_ids``, ``labels``, ``position_ids`` [batch, longest row] (or ``width``
+    when given and longer: the padding tail is one more ignored, position-reset stretch).
 
     ``no_targets``: every label ignored (a rank with no row left at an epoch's end runs a
     stand-in row that adds nothing to the loss, so it still joins the step's collectives).
@@ -193,7 +206,7 @@ def collate(rows: list[list[Example]], pad_token_id: int, no_targets: bool = Fal
     attention mask, transformers reads those restarts as packed-sequence boundaries and
     builds a block-diagonal causal mask, so no example attends to another.
     """
-    width = max(sum(len(e.input_ids) for e in row) for row in rows)
+    width = max(width or 0, max(sum(len(e.input_ids) for e in row) for row in rows))
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

@@ -22,7 +22,9 @@ What the graph holds, and what it may not:
   torch 2.11's own non-reentrant checkpoint roots a node on a CPU leaf, whose end-of-backward
   stream sync breaks the capture.
 * One capture per (shape, packed-or-not); a shape is captured the second time it is seen, so
-  the first, eager, pass has compiled and autotuned every Triton kernel for it. transformers
+  the first, eager, pass has compiled and autotuned every Triton kernel for it. The recipe pads
+  each micro-batch's width up to one of a few buckets (``data.bucketed_width``): packed rows of
+  a real dataset are all slightly different lengths, and would otherwise never repeat a shape. transformers
   decides packing with a host sync (``find_packed_sequence_indices``), which a capture may not
   contain: the decision is made before the capture, from the positions, and handed to it.
 * Every backward of a graphed run, eager or captured, runs on one side stream: autograd keeps the
@@ -43,8 +45,10 @@ from torch import nn
 
 from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 
-#: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs).
-MAX_GRAPHS = 8
+#: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs; all
+#: share one memory pool). The recipe pads batch widths to half as many buckets: a width comes
+#: packed and not packed.
+MAX_GRAPHS = 16
 
 
 @dataclass
@@ -130,6 +134,7 @@ class StepGraphs:
         self.grad_tensors: list[torch.Tensor] | None = None
         self.stream: torch.cuda.Stream | None = None
         self.notes: list[str] = []
+        self.max_shapes = MAX_GRAPHS // 2  # the recipe pads batch widths to this many buckets (data.bucketed_width)
 
     @classmethod
     def for_run(cls, model: nn.Module, params: list[nn.Parameter], plan, device: torch.device,

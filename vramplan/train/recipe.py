@@ -136,7 +136,7 @@ def make_scheduler(optimizer, schedule: str, warmup: int, total: int):
 
 
 def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan: Plan, seed: int,
-                       rank: int = 0, world: int = 1, collate=None) -> tuple[list[dict], int]:
+                       rank: int = 0, world: int = 1, collate=None, width_buckets: int | None = None) -> tuple[list[dict], int]:
     """This rank's micro-batches of the next optimizer step and the tokens of the whole global batch,
     advancing the data position in ``state``.
 
@@ -145,6 +145,8 @@ def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan
     with micro-batch m train on exactly the rows (and gradient) of one rank with micro-batch N·m.
     At an epoch's end a short global micro-batch is split as far as it goes (a rank may get fewer rows).
     ``collate`` (rows -> batch) defaults to the text collate; multimodal runs (one rank) pass theirs.
+    ``width_buckets``: pad each micro-batch to one of that many widths (``data.bucketed_width``),
+    so captured CUDA graphs see few shapes; the token count stays the real one.
     """
     micro, tokens = [], 0
     for _ in range(plan.grad_accum):
@@ -157,7 +159,10 @@ def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan
         slices = [rows[r * share:(r + 1) * share] or rows[-1:] for r in range(world)]
         tokens += sum(len(s) * max(sum(len(e.input_ids) for e in row) for row in s) for s in slices)
         stand_in = not rows[rank * share:(rank + 1) * share]
-        micro.append(collate(slices[rank]) if collate else data.collate(slices[rank], dataset.pad_token_id, no_targets=stand_in))
+        longest = max(sum(len(e.input_ids) for e in row) for row in slices[rank])
+        width = data.bucketed_width(longest, dataset.seq_len, width_buckets) if width_buckets else None
+        micro.append(collate(slices[rank]) if collate else
+                     data.collate(slices[rank], dataset.pad_token_id, no_targets=stand_in, width=width))
     return micro, tokens
 
 
@@ -271,7 +276,8 @@ def train(cfg: TrainConfig) -> dict:
     try:
         while state.step < steps:
             started = time.perf_counter()
-            local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate)
+            local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate,
+                                               width_buckets=graphs.max_shapes if graphs is not None else None)
             micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
             loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs)
             if not math.isfinite(loss):
