@@ -330,6 +330,37 @@ def count_step(family: str, layers: int | None = None, seq: int = 32, optimizer:
             "table": table}
 
 
+def count_graph_prologue(family: str, layers: int | None = None, seq: int = 32) -> dict[str, int]:
+    """Host ops a CUDA-graph replay leaves eager, per micro-batch (vramplan.train.graphs.StepGraphs):
+    ``lookup``, the prologue's frozen embedding lookups (Gemma 4's per-layer inputs too), and ``replay``,
+    the rest around the graph: the packing check, filling the static inputs, the replay, the loss's clone.
+    Counted as :func:`count_step` counts (launches, syncs and host-only ops alike), on the same tiny model."""
+    from vramplan.plan import Plan
+    from vramplan.train.graphs import StaticInputs, StepGraphs, is_packed
+    from vramplan.train.model import load_base_model, prepare_for_qlora
+
+    folder = build_model(family, Path(tempfile.mkdtemp(prefix="launch-count-")), layers)
+    plan = Plan(model=family, quant="nf4", lora_rank=16, seq_len=seq)
+    model = load_base_model(folder, torch.bfloat16, plan.attention)
+    prepare_for_qlora(model, plan, torch.device("cpu"), host_per_layer_embeddings=True)
+    graphs = StepGraphs(model, [])
+    vocab = model.config.get_text_config().vocab_size
+    ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.clone(), "position_ids": torch.arange(seq)[None]}
+    counts = {}
+    embeds, per_layer = graphs.prologue(batch)
+    static = StaticInputs.like(embeds, per_layer, batch)
+    with LaunchCounter() as counter:
+        graphs.prologue(batch)
+    counts["lookup"] = sum(counter.counts.values())
+    with LaunchCounter() as counter:
+        is_packed(batch["position_ids"])
+        static.fill(embeds, per_layer, batch, torch.ones(()))
+        static.loss.clone()
+    counts["replay"] = sum(counter.counts.values()) + 1  # + graph.replay(): one launch, not an aten op
+    return counts
+
+
 def markdown(results: list[dict], title: str) -> str:
     lines = [f"# {title}", "",
              "Per optimizer step, counted on the CPU (`python -m benchmarks.launch_count`). launches = aten ops that "

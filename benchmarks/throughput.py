@@ -27,11 +27,14 @@ from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
 from benchmarks.records import plan_of
 from vramplan.plan import Plan
-from vramplan.throughput import _recomputes, combine, Factors, overlap, step_host_ops, step_seconds
+from vramplan.throughput import _recomputes, captured_phases, combine, Factors, overlap, step_host_ops, step_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SOURCES = {"vramplan": RESULTS / "trainer_h100.jsonl", "hf": RESULTS / "hf_stack_h100.jsonl"}
+#: vramplan's trainer measured after CUDA graphs were on by default: all held out, never fitted on, and
+#: reported by group (:func:`group_of`) apart from the runs above, whose split and errors they leave alone
+LATER_SOURCES = {"vramplan": RESULTS / "trainer_graphs_h100.jsonl"}
 CALIBRATION = ROOT / "profiles" / "calibration" / "throughput" / "h100.json"
 GPU = "h100"
 #: The H100's measured copy bandwidth, ~3.0 of its 3.35 TB/s: fixed, not fitted (the runs
@@ -48,6 +51,7 @@ class Run:
     model: str
     plan: Plan
     step_times: tuple[float, ...]
+    group: str = "eager"  # "graphs": its steps replayed as CUDA graphs; "eager_later": eager, from LATER_SOURCES
 
     @property
     def step_s(self) -> float:
@@ -64,25 +68,40 @@ class Run:
 
 
 def run_key(stack: str, plan: Plan) -> str:
+    """One configuration's name; the settings no eager run of SOURCES varies (an int8 head, bf16 adapters,
+    captured steps) are named only where they differ from the default."""
     return (f"{stack}:{plan.model}:s{plan.seq_len}:b{plan.micro_batch}:r{plan.lora_rank}:{plan.checkpointing}"
-            f":{plan.quant}:{plan.optimizer}")
+            f":{plan.quant}:{plan.optimizer}" + (f":head-{plan.head_quant}" if plan.head_quant != "bf16" else "")
+            + (f":lora-{plan.lora_dtype}" if plan.lora_dtype != "fp32" else "") + (":graphs" if plan.captures_steps else ""))
 
 
-def load_runs(sources: dict[str, Path] = SOURCES) -> list[Run]:
+def group_of(plan: Plan, later: bool) -> str:
+    return "graphs" if plan.captures_steps else "eager_later" if later else "eager"
+
+
+def load_runs(sources: dict[str, Path] = SOURCES, later: bool = False) -> list[Run]:
     """Every measured configuration with a tok_s (event lines and failed runs skipped), in the order
-    of its first measurement; a configuration measured again keeps all its step times (its repeats)."""
+    of its first measurement; a configuration measured again keeps all its step times (its repeats).
+    Lines whose run stepped the adapters as one flat tensor (``enabled`` holds ``flat_optimizer``, an
+    environment switch no plan names, so the model cannot tell them apart) are left out. ``later``:
+    the runs are LATER_SOURCES', grouped by :func:`group_of`."""
     times: dict[str, list[float]] = {}
     plans: dict[str, tuple[str, Plan]] = {}
     for stack, path in sources.items():
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if "tok_s" not in record:
+            if "tok_s" not in record or "flat_optimizer" in (record.get("enabled") or "").split(","):
                 continue
             plan = plan_of(record, stack)
             key = run_key(stack, plan)
             plans.setdefault(key, (stack, plan))
             times.setdefault(key, []).append(float(record["step_s"]))
-    return [Run(key, stack, plan.model, plan, tuple(times[key])) for key, (stack, plan) in plans.items()]
+    return [Run(key, stack, plan.model, plan, tuple(times[key]), group_of(plan, later)) for key, (stack, plan) in plans.items()]
+
+
+def load_later_runs() -> list[Run]:
+    """LATER_SOURCES' runs: held out by the fit, reported per :func:`group_of` group."""
+    return load_runs(LATER_SOURCES, later=True)
 
 
 #: One configuration in FIT_EVERY of each stack is fitted on.
@@ -113,6 +132,8 @@ def split(runs: list[Run], offset: int = 0) -> tuple[list[Run], list[Run]]:
 
 
 def _checkpointed(run: Run) -> float:
+    if "checkpointed" in captured_phases(run.plan):  # the hooks ran once, while capturing
+        return 0.0
     return step_host_ops(architecture(resolve_model(run.model)), run.plan)["checkpointed"]
 
 
@@ -145,7 +166,7 @@ def _fit_stack(mine: list[Run], hooks: float) -> tuple[float, Factors]:
     # the wide-head and flash attention terms carry their own fixed efficiencies, the memory term the fixed bandwidth
     device = (term("matmul") / mm_eff + term("attention") / att_eff + term("attention_wide") + term("attention_flash")
               + term("memory"))
-    predicted = overlap(host, device) + term("pcie")
+    predicted = overlap(host, device) + term("host_after_sync") * host_op + term("pcie")
     measured = column([r.step_s for r in mine])
     error = np.mean(np.abs(predicted - measured) / measured, axis=0)
     k, m, a = np.unravel_index(np.argmin(error), error.shape)
@@ -215,14 +236,16 @@ def rotation(runs: list[Run], offset: int) -> dict:
     return dict(offset=offset, **_summary([abs(predicted_tok_s(r, factors[r.stack]) - r.tok_s) / r.tok_s for r in held]))
 
 
-def evaluate(runs: list[Run] | None = None, rotate: bool = True) -> dict:
-    """Fit on the fitting set, predict every run; errors are (predicted - measured) / measured tok/s."""
+def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run] | None = None) -> dict:
+    """Fit on the fitting set, predict every run and the ``later`` ones (default :func:`load_later_runs`:
+    held out, reported by group); errors are (predicted - measured) / measured tok/s."""
     runs = runs if runs is not None else load_runs()
+    later = later if later is not None else load_later_runs()
     fit, held = split(runs)
     factors = fit_factors(fit)
     fitted = {r.key for r in fit}
     rows = []
-    for run in runs:
+    for run in runs + later:
         predicted = predicted_tok_s(run, factors[run.stack])
         plan = run.plan
         rows.append({"key": run.key, "stack": run.stack, "model": run.model, "seq": plan.seq_len,
@@ -230,10 +253,16 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True) -> dict:
                      "quant": plan.quant, "optimizer": plan.optimizer, "repeats": len(run.step_times),
                      "spread": round(run.spread, 4), "measured_tok_s": round(run.tok_s, 1),
                      "predicted_tok_s": round(predicted, 1), "error": round((predicted - run.tok_s) / run.tok_s, 4),
+                     "head_quant": plan.head_quant, "lora_dtype": plan.lora_dtype, "group": run.group,
                      "set": "fit" if run.key in fitted else "held_out"})
-    held_rows = [r for r in rows if r["set"] == "held_out"]
+    held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
+    groups = {}
+    for group in ("eager", "graphs", "eager_later"):
+        errors = [abs(r["error"]) for r in rows if r["set"] == "held_out" and r["group"] == group]
+        if errors:
+            groups[group] = _summary(errors)
     rotations = [rotation(runs, offset) for offset in range(1, FIT_EVERY)] if rotate else []
-    repeated = [r["spread"] for r in rows if r["repeats"] > 1]
+    repeated = [r["spread"] for r in rows if r["repeats"] > 1 and r["group"] == "eager"]
     return {
         "gpu": GPU,
         "split": f"per stack, in order of first measurement, configurations 1, 1+{FIT_EVERY}, 1+2*{FIT_EVERY}, ... fitted",
@@ -242,9 +271,10 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True) -> dict:
         "held_out": _summary([abs(r["error"]) for r in held_rows]),
         "held_out_by_stack": {stack: _summary([abs(r["error"]) for r in held_rows if r["stack"] == stack])
                               for stack in factors},
+        "held_out_by_group": groups,
         "fit": {"count": len(fit)},
         "repeats": {"configurations": len(repeated), "max_spread": round(max(repeated, default=0.0), 4)},
-        "same_work": same_work_spread(rows),
+        "same_work": same_work_spread([r for r in rows if r["group"] == "eager"]),
         "rotations": rotations,
     }
 
@@ -255,11 +285,15 @@ def markdown(result: dict) -> str:
              "(slowest - fastest) / median). Error: (predicted - measured) / measured tokens/s.", "",
              "| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
              "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    groups = {"graphs": " (graphs)", "eager_later": " (eager, later)"}
     for r in result["rows"]:
         repeats = f"{r['repeats']} ({100 * r['spread']:.0f}%)" if r["repeats"] > 1 else "1"
-        lines.append(f"| {r['stack']} | {r['model']} | {r['seq']} | {r['batch']} | {r['rank']} | {r['checkpointing']} | "
+        model = r["model"] + "".join(f", {v} {name}" for name, v, default in
+                                     (("head", r.get("head_quant"), "bf16"), ("LoRA", r.get("lora_dtype"), "fp32"))
+                                     if v and v != default)
+        lines.append(f"| {r['stack']} | {model} | {r['seq']} | {r['batch']} | {r['rank']} | {r['checkpointing']} | "
                      f"{r['quant']} | {r['optimizer']} | {repeats} | {r['measured_tok_s']:,.0f} | "
-                     f"{r['predicted_tok_s']:,.0f} | {100 * r['error']:+.1f}% | {r['set']} |")
+                     f"{r['predicted_tok_s']:,.0f} | {100 * r['error']:+.1f}% | {r['set']}{groups.get(r.get('group'), '')} |")
     lines += ["", f"Split: {result['split']}; {result['fit']['count']} fitted."]
     for name, held in [("all stacks", result["held_out"]), *result["held_out_by_stack"].items()]:
         lines.append(f"Held out ({name}): {held['count']} configurations, mean |error| {100 * held['mean_abs_error']:.1f}%, "
@@ -269,6 +303,14 @@ def markdown(result: dict) -> str:
         lines.append(f"Held out with the split rotated by {rot['offset']} (another third fitted): {rot['count']} "
                      f"configurations, mean {100 * rot['mean_abs_error']:.1f}%, median {100 * rot['median_abs_error']:.1f}%, "
                      f"max {100 * rot['max_abs_error']:.1f}%, {rot['within_15_percent']} within 15%.")
+    names = {"eager": "eager steps, the fit's own held-out third", "graphs": "steps replayed as CUDA graphs, "
+             "trainer_graphs_h100.jsonl, none fitted", "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted"}
+    for group, held in result.get("held_out_by_group", {}).items():
+        lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
+                     f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "
+                     f"max {100 * held['max_abs_error']:.1f}%, {held['within_15_percent']} within 15%.")
+    lines.append("Runs that stepped the adapters as one flat tensor (VRAMPLAN_ENABLE=flat_optimizer, an environment "
+                 "switch no plan names) are left out: the model does not describe them.")
     rep = result["repeats"]
     lines += [f"Repeats: {rep['configurations']} configurations measured more than once; largest spread "
               f"{100 * rep['max_spread']:.0f}%."]

@@ -158,3 +158,23 @@ def test_dataset_tokens_counted_with_the_models_tokenizer(tmp_path):
     assert json.loads(result.output)["tokens_source"] == "tokenizer"
     missing = run("buy", "llama-3.2-1b", "--data", str(data), "--model", str(tmp_path / "nothing"))
     assert missing.exit_code != 0 and "no tokenizer" in missing.output
+
+
+def test_single_gpus_are_priced_with_captured_steps_and_boxes_without(options):
+    """One GPU replays its steps as CUDA graphs (the trainer's default), so a GPU faster than the host
+    can feed eagerly is priced at its own speed; a box's ranks run eagerly (no graphs on several GPUs)."""
+    from vramplan.estimate import architecture
+    from vramplan.throughput import captured_phases, predict_tokens_per_s
+
+    arch = architecture(resolve_model("llama-3.1-8b"))
+    singles = [o for o in options if o.fits and o.gpu.count == 1]
+    boxes = [o for o in options if o.fits and o.gpu.count > 1]
+    assert singles and boxes
+    # a single GPU captures unless its plan offloads (checkpoints or, under FSDP2, the frozen weights)
+    offloaded = [o for o in singles if o.plan.checkpointing == "offload" or o.plan.cpu_offload]
+    assert len(offloaded) < len(singles) / 2
+    assert all(captured_phases(o.plan) for o in singles if o not in offloaded)
+    assert not any(captured_phases(o.plan) for o in boxes + offloaded)
+    h100 = next(o for o in singles if o.gpu.name == "h100")
+    eager = predict_tokens_per_s(arch, h100.plan.replace(cuda_graphs=False), h100.gpu)
+    assert h100.tokens_per_s > eager

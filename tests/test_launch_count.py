@@ -112,3 +112,17 @@ def test_the_throughput_models_hf_host_ops_match_the_counted_ones():
                 if seen and abs(modelled / seen - 1) > 0.15 or not seen and modelled:
                     misses.append((family, quant, checkpointing, phase, seen, modelled))
     assert not misses
+
+
+def test_the_graph_prologue_is_counted_as_the_throughput_model_charges_it():
+    """What a CUDA-graph replay leaves eager: the embedding lookups (vramplan.throughput's prologue) and
+    the ops around the replay (GRAPH_REPLAY_HOST_OPS, within one: Gemma 4 fills its per-layer inputs too)."""
+    from benchmarks.launch_count import count_graph_prologue
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import architecture
+    from vramplan.throughput import GRAPH_REPLAY_HOST_OPS, prologue_host_ops
+
+    for family, model in (("llama", "llama-3.2-1b"), ("gemma4", "gemma-4-e2b-text")):
+        counted = count_graph_prologue(family, layers=2)
+        assert counted["lookup"] == prologue_host_ops(architecture(resolve_model(model)))
+        assert abs(counted["replay"] - GRAPH_REPLAY_HOST_OPS) <= 1
