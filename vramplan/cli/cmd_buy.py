@@ -39,7 +39,8 @@ def _plan_text(plan: Plan | None) -> str:
         return ""
     ckpt = {"none": "no ckpt", "full": "ckpt", "offload": "ckpt+offload"}[plan.checkpointing]
     layout = {"none": "", "ddp": "ddp ", "fsdp": "fsdp+cpu " if plan.cpu_offload else "fsdp "}[plan.parallel]
-    return f"{layout}{plan.quant} r{plan.lora_rank} b{plan.micro_batch}×{plan.grad_accum} {ckpt} {plan.optimizer}"
+    graphs = " graphs" if plan.captures_steps else ""
+    return f"{layout}{plan.quant} r{plan.lora_rank} b{plan.micro_batch}×{plan.grad_accum} {ckpt} {plan.optimizer}{graphs}"
 
 
 @main.command()
