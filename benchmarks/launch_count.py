@@ -298,7 +298,7 @@ def count_step(family: str, layers: int | None = None, seq: int = 32, optimizer:
     model.train()
     from vramplan.train.optim import flat_update_pays
 
-    opt, _note = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model))  # as the trainer chooses
+    opt, _note = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model, plan))  # as the trainer chooses
     vocab = model.config.get_text_config().vocab_size
     ids = torch.randint(0, vocab, (1, seq), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": torch.cat([ids[:, 1:], torch.full((1, 1), -100)], 1),

@@ -84,7 +84,7 @@ def measure(args, world: distributed.World, device: torch.device) -> dict:
                                  random_init_from_config=True, seed=0)
     trainee = distributed.wrap(model, world, device, offload=plan.cpu_offload)
     params = lora_parameters(model)
-    optimizer, note = make_optimizer(params, plan, 2e-4, 0.0, device, sharded=sharded, flat=flat_update_pays(model))
+    optimizer, note = make_optimizer(params, plan, 2e-4, 0.0, device, sharded=sharded, flat=flat_update_pays(model, plan))
     record = {"load_s": round(time.perf_counter() - started, 1), "optimizer_note": note,
               "load_peak_alloc": torch.cuda.max_memory_allocated(device) if cuda else None}
     vocab = config.get("text_config", config)["vocab_size"]

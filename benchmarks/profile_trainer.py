@@ -37,7 +37,7 @@ def main() -> None:
     device = torch.device("cuda")
     plan = plan_of({"model": args.config, "seq": args.seq, "batch": 1, "rank": 16, "gc": True})
     model, _ = load_for_training(folder, plan, device)
-    optimizer, _ = make_optimizer(lora_parameters(model), plan, 2e-4, 0.0, device, flat=flat_update_pays(model))
+    optimizer, _ = make_optimizer(lora_parameters(model), plan, 2e-4, 0.0, device, flat=flat_update_pays(model, plan))
     ids = torch.randint(0, vocab, (1, args.seq), device=device)
     batch = {"input_ids": ids, "labels": ids, "position_ids": torch.arange(args.seq, device=device)[None]}
 

@@ -3,7 +3,8 @@ built from their output (``seq``, ``batch``, ``rank``, ``gc``, optional ``quant`
 ``checkpointing``, ``lora_dtype``, ``head_quant``, ``loss_chunk_mb``), read back as the Plan it measured.
 Lines without ``loss_chunk_mb`` ran the 256 MB logits chunks of the kernel before it was halved;
 ``cuda_graphs`` is the number of graphs a line's run captured (absent or 0: its steps ran eagerly,
-as every line did before graphs were on by default)."""
+as every line did before graphs were on by default); ``enabled`` naming ``flat_optimizer`` (or a
+grid's ``flat_optimizer``) means the adapters were stepped as one flat tensor."""
 
 from __future__ import annotations
 
@@ -24,4 +25,5 @@ def plan_of(record: dict, stack: str = "vramplan") -> Plan:
                 optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
                 loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype") or "fp32",
                 head_quant=record.get("head_quant") or "bf16", cuda_graphs=bool(record.get("cuda_graphs")),
+                flat_optimizer="flat_optimizer" in (record.get("enabled") or "") or bool(record.get("flat_optimizer")),
                 **({"loss_chunk_mb": record.get("loss_chunk_mb") or HISTORICAL_LOSS_CHUNK_MB} if stack == "vramplan" else {}))

@@ -69,10 +69,11 @@ class Run:
 
 def run_key(stack: str, plan: Plan) -> str:
     """One configuration's name; the settings no eager run of SOURCES varies (an int8 head, bf16 adapters,
-    captured steps) are named only where they differ from the default."""
+    captured steps, the flat optimizer step) are named only where they differ from the default."""
     return (f"{stack}:{plan.model}:s{plan.seq_len}:b{plan.micro_batch}:r{plan.lora_rank}:{plan.checkpointing}"
             f":{plan.quant}:{plan.optimizer}" + (f":head-{plan.head_quant}" if plan.head_quant != "bf16" else "")
-            + (f":lora-{plan.lora_dtype}" if plan.lora_dtype != "fp32" else "") + (":graphs" if plan.captures_steps else ""))
+            + (f":lora-{plan.lora_dtype}" if plan.lora_dtype != "fp32" else "") + (":graphs" if plan.captures_steps else "")
+            + (":flat" if plan.steps_flat else ""))
 
 
 def group_of(plan: Plan, later: bool) -> str:
@@ -82,15 +83,15 @@ def group_of(plan: Plan, later: bool) -> str:
 def load_runs(sources: dict[str, Path] = SOURCES, later: bool = False) -> list[Run]:
     """Every measured configuration with a tok_s (event lines and failed runs skipped), in the order
     of its first measurement; a configuration measured again keeps all its step times (its repeats).
-    Lines whose run stepped the adapters as one flat tensor (``enabled`` holds ``flat_optimizer``, an
-    environment switch no plan names, so the model cannot tell them apart) are left out. ``later``:
+    A line whose run stepped the adapters as one flat tensor reads back as a plan with
+    ``flat_optimizer`` (``records.plan_of``). ``later``:
     the runs are LATER_SOURCES', grouped by :func:`group_of`."""
     times: dict[str, list[float]] = {}
     plans: dict[str, tuple[str, Plan]] = {}
     for stack, path in sources.items():
         for line in path.read_text().splitlines():
             record = json.loads(line)
-            if "tok_s" not in record or "flat_optimizer" in (record.get("enabled") or "").split(","):
+            if "tok_s" not in record:
                 continue
             plan = plan_of(record, stack)
             key = run_key(stack, plan)
@@ -309,8 +310,6 @@ def markdown(result: dict) -> str:
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
                      f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "
                      f"max {100 * held['max_abs_error']:.1f}%, {held['within_15_percent']} within 15%.")
-    lines.append("Runs that stepped the adapters as one flat tensor (VRAMPLAN_ENABLE=flat_optimizer, an environment "
-                 "switch no plan names) are left out: the model does not describe them.")
     rep = result["repeats"]
     lines += [f"Repeats: {rep['configurations']} configurations measured more than once; largest spread "
               f"{100 * rep['max_spread']:.0f}%."]

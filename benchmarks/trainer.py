@@ -73,7 +73,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     params = lora_parameters(model)
     record["trainable"] = sum(p.numel() for p in params)
     record["after_load_alloc"] = torch.cuda.memory_allocated()
-    optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model))
+    optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model, plan))
     graphs = StepGraphs.for_run(model, params, plan, device)
     record["load_peak_alloc"] = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()

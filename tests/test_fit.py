@@ -98,3 +98,28 @@ def test_fit_replays_cuda_graphs_when_they_fit_and_gives_them_up_before_rank():
     # an offloaded-checkpoint plan cannot be captured, and the plan file says nothing new for graphs
     assert not roomy.plan.replace(checkpointing="offload").captures_steps
     assert "cuda_graphs" not in roomy.plan.to_dict()
+
+
+def test_eight_bit_candidates_try_the_flat_step_first_where_the_model_takes_it():
+    from vramplan.fit import _candidates
+
+    base = Plan(model="llama-3.2-1b")
+    plans = list(_candidates(base, 2048, 1, flat_ok=True))
+    eight_bit = [p for p in plans if p.optimizer != "adamw"]
+    assert eight_bit and all(p.flat_optimizer for p in eight_bit[::2]) and not any(p.flat_optimizer for p in eight_bit[1::2])
+    assert not any(p.flat_optimizer for p in plans if p.optimizer == "adamw")  # torch AdamW: nothing to flatten
+    assert not any(p.flat_optimizer for p in _candidates(base, 2048, 1, flat_ok=False))
+
+
+def test_the_flat_step_is_priced_only_where_the_trainer_takes_it():
+    from vramplan.memory.adapters import lora_param_count
+
+    llama, gemma = resolve_model("llama-3.2-1b"), resolve_model("gemma-4-e2b")
+    plan = Plan(model="llama-3.2-1b", flat_optimizer=True)
+    est = estimate_plan(plan, llama)
+    trainable = lora_param_count(__import__("vramplan.estimate", fromlist=["architecture"]).architecture(llama),
+                                 plan.lora_rank, plan.lora_targets)
+    assert est.components["flat_optimizer"] == 250_000_000 + 4 * trainable
+    assert "flat_optimizer" not in estimate_plan(plan.replace(optimizer="adamw"), llama).components
+    assert "flat_optimizer" not in estimate_plan(Plan(model="gemma-4-e2b", flat_optimizer=True), gemma).components
+    assert "flat_optimizer" not in Plan(model="x").to_dict() and Plan(model="x", flat_optimizer=True).to_dict()["flat_optimizer"]

@@ -239,10 +239,11 @@ def test_held_out_error_on_the_committed_measurements():
     result = evaluate(runs, rotate=False)
     assert result["held_out"]["count"] == len(held)
     assert result["held_out_by_group"]["eager"] == result["held_out"]
-    # the runs with CUDA graphs, none fitted: 7 configurations, 18.5% mean, 20.3% median, 29.9% max, every one
-    # predicted faster than measured (the device term's fitted matmul rate is optimistic once the host is out)
+    # the runs with CUDA graphs, none fitted: 10 configurations (3 with the flat optimizer step), 23.6% mean,
+    # 24.7% median, 46.2% max, every one predicted faster than measured (the device term's fitted matmul rate
+    # is optimistic once the host is out, most of all when the flat step leaves the host almost nothing)
     graphs = result["held_out_by_group"]["graphs"]
-    assert graphs["count"] == 7 and graphs["mean_abs_error"] < 0.2 and graphs["max_abs_error"] < 0.32
+    assert graphs["count"] == 10 and graphs["mean_abs_error"] < 0.25 and graphs["max_abs_error"] < 0.48
     assert not any(r["group"] == "graphs" and r["set"] == "fit" for r in result["rows"])
     assert result["held_out"]["mean_abs_error"] < 0.105
     assert result["held_out"]["median_abs_error"] < 0.09

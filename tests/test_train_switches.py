@@ -24,6 +24,11 @@ def test_measured_choices_per_architecture(tmp_path, monkeypatch):
     gemma = load_base_model(build_model(gemma4_config(), tmp_path / "g"), torch.float32)
     monkeypatch.delenv(switches.ENABLE_ENV, raising=False)
     assert not flat_update_pays(llama)
+    from vramplan.plan import Plan
+
+    flat_plan = Plan(model="tiny", flat_optimizer=True)  # the plan asks: the trainer steps flat, but not Gemma 4
+    assert flat_update_pays(llama, flat_plan) and not flat_update_pays(gemma, flat_plan)
+    assert not flat_update_pays(llama, flat_plan.replace(optimizer="adamw"))
     monkeypatch.setenv(switches.ENABLE_ENV, "flat_optimizer")
     assert flat_update_pays(llama) and not flat_update_pays(gemma)
     assert type(llama).__module__ in ROPE_PATCHED_BY_DEFAULT and type(gemma).__module__ not in ROPE_PATCHED_BY_DEFAULT

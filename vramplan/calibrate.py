@@ -142,7 +142,7 @@ def _load(plan: Plan, model_dir: str, device):
     from vramplan.train.recipe import make_optimizer
 
     model, _ = load_for_training(model_dir, plan, device)
-    optimizer, _ = make_optimizer(lora_parameters(model), plan, 2e-4, 0.0, device, flat=flat_update_pays(model))
+    optimizer, _ = make_optimizer(lora_parameters(model), plan, 2e-4, 0.0, device, flat=flat_update_pays(model, plan))
 
     def forward(batch):
         return summed_loss(model, batch)

@@ -15,7 +15,9 @@ The objective, in order (the first difference decides):
 5. then the fastest: CUDA graphs where the trainer can capture the steps (they take the host out
    of a step: 2.4x on a 1B model, for about 0.25 GB) > none; no checkpointing > checkpointing >
    checkpointing with CPU offload,
-   larger micro-batches (fewer accumulation steps), AdamW > 8-bit AdamW > paged 8-bit AdamW.
+   larger micro-batches (fewer accumulation steps), AdamW > 8-bit AdamW > paged 8-bit AdamW,
+   and an 8-bit AdamW stepping the adapters as one flat tensor > tensor by tensor (far fewer host
+   operations: 1.2-1.5x under CUDA graphs on the H100, for 0.25 GB and 4 bytes an adapter parameter).
 
 The loss is the stack's own: chunked on vramplan (fused with the LM head, it costs no
 speed, so full logits are never the better choice), full on hf (the recipe has no other).
@@ -35,8 +37,9 @@ from typing import Any, Callable, Iterator
 
 from vramplan.catalog import GpuSpec, ModelProfile, box_count, gpu_box, list_gpus
 from vramplan.errors import VramplanError
-from vramplan.estimate import Estimate, budget_bytes as gpu_budget_bytes, estimate_plan
+from vramplan.estimate import Estimate, architecture, budget_bytes as gpu_budget_bytes, estimate_plan
 from vramplan.plan import Plan
+from vramplan.stacks.vramplan import FLAT_DECLINED
 
 QUANT_ORDER = ("bf16", "int8", "nf4")
 #: What each stack can run: vramplan's trainer quantizes to NF4 or keeps bf16 (no int8 kernels);
@@ -111,7 +114,12 @@ def head_quants_for(base: Plan) -> tuple[str, ...]:
     return HEAD_QUANT_ORDER
 
 
-def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
+def _flat_choices(plan: Plan, flat_ok: bool) -> tuple[bool, ...]:
+    """The optimizer layouts to try for ``plan``: flat first where the trainer can step flat."""
+    return (True, False) if flat_ok and plan.replace(flat_optimizer=True).steps_flat else (plan.flat_optimizer,)
+
+
+def _candidates(base: Plan, seq: int, effective: int, flat_ok: bool = False) -> Iterator[Plan]:
     loss = "full" if base.stack == "hf" else "chunked"
     quants = ("nf4",) if base.cpu_offload else STACK_QUANTS[base.stack]
     for quant in quants:
@@ -125,9 +133,13 @@ def _candidates(base: Plan, seq: int, effective: int) -> Iterator[Plan]:
                                                 loss=loss)
                             capturable = plan.replace(cuda_graphs=True).captures_steps
                             if graphs and capturable:
-                                yield plan.replace(cuda_graphs=True)
+                                plan = plan.replace(cuda_graphs=True)
                             elif not graphs:  # eager; a plan graphs cannot hold keeps the request as it was
-                                yield plan.replace(cuda_graphs=False) if capturable else plan
+                                plan = plan.replace(cuda_graphs=False) if capturable else plan
+                            else:
+                                continue
+                            for flat in _flat_choices(plan, flat_ok):
+                                yield plan.replace(flat_optimizer=flat)
 
 
 def leanest_plan(base: Plan, seq: int) -> Plan:
@@ -177,6 +189,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     while seqs[-1] // 2 >= MIN_SEQ:
         seqs.append(seqs[-1] // 2)
     heads = head_quants or head_quants_for(base)
+    flat_ok = architecture(profile).model_type not in FLAT_DECLINED
     # at each length, an int8 head only once nothing fits with a bf16 one
     searches = [[(seq, parallel, offload, head) for seq in seqs for head in heads for parallel, offload in layouts(base)]]
     if base.gpus == 1 and base.stack == "vramplan":
@@ -191,7 +204,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
             priced += 1
             if adjust(estimate_plan(leanest_plan(layout, seq), profile, gpu, budget=budget)).peak_bytes > limit:
                 continue
-            for plan in _candidates(layout, seq, effective):
+            for plan in _candidates(layout, seq, effective, flat_ok):
                 priced += 1
                 est = adjust(estimate_plan(plan, profile, gpu, budget=budget))
                 if est.peak_bytes <= limit:
@@ -294,6 +307,10 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
         speed.append(f"no CUDA graphs (with them: {_gb(peak(cuda_graphs=True))})")
     elif base.cuda_graphs and plan.checkpointing == "offload" and plan.replace(checkpointing="full").captures_steps:
         speed.append("no CUDA graphs (offloaded checkpoints copy to the host mid-step, which a graph cannot hold)")
+    if "flat_optimizer" in est.components:
+        speed.append(f"the adapters stepped as one flat tensor (per tensor: {_gb(peak(flat_optimizer=False))})")
+    elif plan.replace(flat_optimizer=True).steps_flat and architecture(profile).model_type not in FLAT_DECLINED:
+        speed.append(f"the adapters stepped tensor by tensor (one flat tensor: {_gb(peak(flat_optimizer=True))})")
     lines.append("Fastest settings that fit: " + ", ".join(speed) + ".")
     lines.append(f"Peak {_gb(est.peak_bytes)}{' per GPU' if plan.gpus > 1 else ''} in the {est.peak_phase} phase, "
                  f"against a budget of {_gb(budget)} "

@@ -403,7 +403,12 @@ def _per_pass(counts: tuple[float, ...], n: float) -> list[float]:
 
 
 def optimizer_tensors(arch: Architecture, plan: Plan) -> int:
-    """Trainable tensors the optimizer steps: LoRA's A and B of every adapted linear."""
+    """Trainable tensors the optimizer steps: LoRA's A and B of every adapted linear, or one when
+    they are stepped as one flat tensor (``vramplan.stacks.vramplan.flat_step_applies``)."""
+    from vramplan.stacks.vramplan import flat_step_applies
+
+    if flat_step_applies(arch, plan):
+        return 1
     return 2 * sum(1 for layer in arch.layers for lin in layer.linears if lin.name in plan.lora_targets)
 
 
@@ -494,11 +499,8 @@ def captured_phases(plan: Plan) -> tuple[str, ...]:
     one GPU, text, checkpoints on the GPU), none otherwise (eager plans, offloaded checkpoints, the hf
     recipe, several GPUs). :func:`host_seconds_split` charges the captured phases :data:`GRAPH_REPLAY_HOST_OPS`
     together instead of their ops; the host term falls to what stays outside the graph (the optimizer's
-    per-tensor Python above all).
-
-    The flat optimizer (``VRAMPLAN_ENABLE=flat_optimizer``: bitsandbytes steps all adapters as one tensor,
-    far fewer host ops) is an environment switch, off by default, that no plan field names: it is not
-    modelled, and its measured rows are left out of the evaluation."""
+    per-tensor Python above all), which a flat optimizer step (``Plan.steps_flat``) cuts to one tensor's
+    (:func:`optimizer_tensors`)."""
     return CAPTURED_PHASES if plan.captures_steps else ()
 
 

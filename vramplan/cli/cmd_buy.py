@@ -39,8 +39,9 @@ def _plan_text(plan: Plan | None) -> str:
         return ""
     ckpt = {"none": "no ckpt", "full": "ckpt", "offload": "ckpt+offload"}[plan.checkpointing]
     layout = {"none": "", "ddp": "ddp ", "fsdp": "fsdp+cpu " if plan.cpu_offload else "fsdp "}[plan.parallel]
+    flat = " flat" if plan.steps_flat else ""
     graphs = " graphs" if plan.captures_steps else ""
-    return f"{layout}{plan.quant} r{plan.lora_rank} b{plan.micro_batch}×{plan.grad_accum} {ckpt} {plan.optimizer}{graphs}"
+    return f"{layout}{plan.quant} r{plan.lora_rank} b{plan.micro_batch}×{plan.grad_accum} {ckpt} {plan.optimizer}{flat}{graphs}"
 
 
 @main.command()

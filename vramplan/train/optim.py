@@ -147,18 +147,25 @@ class _OneSyncPerStep:
         return loss
 
 
-def flat_update_pays(model) -> bool:
-    """Whether to step the adapters as one flat tensor for this model: only when switched on
-    (``VRAMPLAN_ENABLE=flat_optimizer``), and never for Gemma 4. One A/B on the H100 at 2,048 tokens
-    had Llama-3.2-1B 24% faster with it (9,841 -> 12,228 tok/s) and Gemma-4-E2B 18% slower (4,820 ->
-    3,962), but repeated runs vary by ±15% and it always holds 0.25-0.5 GB more (switches.py)."""
+def flat_update_pays(model, plan=None) -> bool:
+    """Whether to step the adapters as one flat tensor for this model: when the plan asks for it
+    (``plan.steps_flat``) or the environment switches it on (``VRAMPLAN_ENABLE=flat_optimizer``),
+    never for :data:`FLAT_DECLINED`. Under CUDA graphs on the H100 it took Llama-3.2-1B from
+    27,329 to 41,411 tok/s at 2,048 tokens and Llama-3.1-8B from 7,386 to 8,855, for 0.29-0.38 GB
+    more (benchmarks/results/trainer_graphs_h100.jsonl)."""
+    from vramplan.stacks.vramplan import FLAT_DECLINED
     from vramplan.train import switches
 
-    if not switches.enabled("flat_optimizer"):
+    if not ((plan is not None and plan.steps_flat) or switches.enabled("flat_optimizer")):
         return False
+    return model_type(model) not in FLAT_DECLINED
+
+
+def model_type(model) -> str:
+    """The text model's ``model_type`` (a multimodal config's text part)."""
     config = getattr(model, "config", None)
     text = config.get_text_config() if config is not None and hasattr(config, "get_text_config") else config
-    return getattr(text, "model_type", "") not in ("gemma4", "gemma4_text")
+    return getattr(text, "model_type", "")
 
 
 @functools.lru_cache(maxsize=None)

@@ -249,7 +249,7 @@ def train(cfg: TrainConfig) -> dict:
 
     # 3. Optimizer and schedule.
     optimizer, note = make_optimizer(params, plan, cfg.lr, cfg.weight_decay, device, sharded=sharded,
-                                     flat=flat_update_pays(model))
+                                     flat=flat_update_pays(model, plan))
     if note:
         cfg.notes.append(note)
         _say(cfg, f"note: {note}")

@@ -13,8 +13,8 @@ import os
 DISABLE_ENV = "VRAMPLAN_DISABLE"
 ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: Each switch and whether it is on unless the environment says otherwise. The flat optimizer
-#: step is off: on the H100 it held 0.25-0.5 GB more (its gradient buffers and the fragmentation
-#: around them) for a speed-up lost in the ±15% run-to-run noise of these host-bound steps.
+#: step is a plan choice (``Plan.flat_optimizer``, which fit makes where memory allows); the
+#: switch forces it on for every plan, as the benchmarks did before the plan could say it.
 #: CUDA graphs are on (where the plan asks for them, ``Plan.captures_steps``): on the H100 they made
 #: Llama-3.2-1B 2.4x and Gemma-4-E2B 2.0x faster at 2,048 tokens, for about 0.25 GB.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True}
