@@ -29,14 +29,13 @@ import torch
 from torch import nn
 
 from vramplan.errors import VramplanError
+from vramplan.plan import EXPERT_TARGETS
 from vramplan.train.ops import NF4Tensor, dequantize_nf4, quantize_nf4
 
 #: transformers classes whose eager forward is the gated expert loop this module reproduces
 #: (read in transformers 5.17 and 5.24: same parameters, same [gate; up] layout, same signature).
 FUSED_EXPERTS = ("Qwen3MoeExperts", "Gemma4TextExperts")
 CALL_SIGNATURE = ("hidden_states", "top_k_index", "top_k_weights")
-#: Plan LoRA targets naming the routed experts' fused matrices: PEFT's ``target_parameters`` names.
-EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
 
 _buffers: dict[tuple, torch.Tensor] = {}
 
@@ -89,9 +88,10 @@ class ExpertLoRA(nn.Module):
         return self.A.reshape(e * r, d_in), self.B.permute(1, 2, 0).reshape(self.B.shape[1], r * e)
 
     def from_peft(self, lora_a: torch.Tensor, lora_b: torch.Tensor) -> None:
+        b, a = peft_delta_factors(lora_a, lora_b, self.A.shape[0])
         with torch.no_grad():
-            self.A.copy_(peft_delta_factors(lora_a, lora_b, self.A.shape[0])[1])
-            self.B.copy_(peft_delta_factors(lora_a, lora_b, self.A.shape[0])[0])
+            self.A.copy_(a)
+            self.B.copy_(b)
 
 
 def peft_delta_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, experts: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -99,6 +99,12 @@ def peft_delta_factors(lora_a: torch.Tensor, lora_b: torch.Tensor, experts: int)
     a = lora_a.reshape(experts, -1, lora_a.shape[-1])
     b = lora_b.reshape(lora_b.shape[0], -1, experts).permute(2, 0, 1)
     return b, a
+
+
+def peft_delta(lora_a: torch.Tensor, lora_b: torch.Tensor, experts: int, scale: float) -> torch.Tensor:
+    """The [E, out, in] update PEFT adds to a fused expert parameter laid out [E, out, in]."""
+    b, a = peft_delta_factors(lora_a.float(), lora_b.float(), experts)
+    return scale * torch.bmm(b, a)
 
 
 class NF4Experts(nn.Module):
@@ -136,10 +142,11 @@ class NF4Experts(nn.Module):
         device = self.gate_up[0].device
         adapted = []
         h, i, e = self.hidden_dim, self.intermediate_dim, self.num_experts
-        if "experts.gate_up_proj" in targets:
+        gate_up_target, down_target = EXPERT_TARGETS
+        if gate_up_target in targets:
             self.gate_up_lora = ExpertLoRA(e, h, 2 * i, rank, dtype, device)
             adapted.append("gate_up_proj")
-        if "experts.down_proj" in targets:
+        if down_target in targets:
             self.down_lora = ExpertLoRA(e, i, h, rank, dtype, device)
             adapted.append("down_proj")
         self.scaling = alpha / rank
