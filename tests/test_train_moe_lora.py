@@ -193,3 +193,16 @@ def test_the_planner_adds_the_expert_adapters_their_grads_and_optimizer_states()
     assert more.components["lora_grads"] - base.components["lora_grads"] == 4 * extra
     assert more.components["optimizer_states"] - base.components["optimizer_states"] == 8 * extra
     assert any("LoRA pair per expert" in note for note in more.notes)
+
+
+def test_fit_searches_only_nf4_and_no_fsdp_when_the_experts_are_adapted():
+    from vramplan.catalog import resolve_gpu, resolve_model
+    from vramplan.fit import fit_plan
+
+    profile = resolve_model("qwen3-30b-a3b")
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj") + EXPERT_TARGETS
+    assert fit_plan(profile, resolve_gpu("h200"), base=Plan(model="qwen3-30b-a3b")).plan.quant == "bf16"
+    one = fit_plan(profile, resolve_gpu("h200"), base=Plan(model="qwen3-30b-a3b", lora_targets=targets))
+    assert one.plan.quant == "nf4" and one.plan.adapts_experts
+    two = fit_plan(profile, resolve_gpu("2xh100"), base=Plan(model="qwen3-30b-a3b", lora_targets=targets))
+    assert two.plan.gpus == 2 and two.plan.parallel == "ddp" and two.plan.quant == "nf4"

@@ -162,6 +162,11 @@ class Plan:
         return any(m != "text" for m in self.modalities)
 
     @property
+    def adapts_experts(self) -> bool:
+        """LoRA on the routed experts' fused matrices: vramplan's NF4 experts only, not under FSDP2."""
+        return any(t in EXPERT_TARGETS for t in self.lora_targets)
+
+    @property
     def alpha(self) -> int:
         return self.lora_alpha if self.lora_alpha is not None else 2 * self.lora_rank
 

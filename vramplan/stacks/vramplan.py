@@ -33,7 +33,6 @@ from vramplan.memory.overhead import cublas_workspace_bytes, cuda_graph_bytes, c
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
                                      linear_weight_bytes, nf4_expert_bytes)
 from vramplan.memory import towers as mm
-from vramplan.plan import EXPERT_TARGETS
 from vramplan.stacks import StepMemory
 
 EXPERTS_NOTE = {
@@ -68,8 +67,7 @@ def step_memory(arch, plan) -> StepMemory:
         "norms": dense_bytes(arch.norm_params, 2),
     }
     experts_quant = "nf4" if plan.quant == "nf4" else "bf16"  # int8 is refused by the trainer
-    adapted_experts = experts_quant == "nf4" and bool(set(plan.lora_targets) & set(EXPERT_TARGETS))
-    experts_note = "nf4+lora" if adapted_experts else experts_quant
+    experts_note = "nf4+lora" if experts_quant == "nf4" and plan.adapts_experts else experts_quant
     if arch.expert_params:
         # transformers holds an MoE layer's experts as fused 3-D tensors, not linears: under NF4 the
         # trainer swaps them for per-expert NF4 tensors (vramplan/train/experts.py), else keeps them
