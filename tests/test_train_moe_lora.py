@@ -193,6 +193,12 @@ def test_the_planner_adds_the_expert_adapters_their_grads_and_optimizer_states()
     assert more.components["lora_grads"] - base.components["lora_grads"] == 4 * extra
     assert more.components["optimizer_states"] - base.components["optimizer_states"] == 8 * extra
     assert any("LoRA pair per expert" in note for note in more.notes)
+    # throughput: a token runs its top-k experts' adapters (forward 2·T·r·width, ×3 with the backward)
+    from vramplan.throughput import step_flops
+
+    tokens = both.micro_batch * both.seq_len
+    lora_flops = step_flops(arch, both)["lora"] - step_flops(arch, Plan(model="qwen3-30b-a3b"))["lora"]
+    assert lora_flops == 3 * 2.0 * tokens * 16 * 48 * 8 * (2 * 2048 + 3 * 768)  # top-8 of 128
 
 
 def test_fit_searches_only_nf4_and_no_fsdp_when_the_experts_are_adapted():
