@@ -101,12 +101,13 @@ def batch():
     return {"input_ids": ids, "labels": ids.roll(-1, 1), "position_ids": torch.arange(24).expand(2, -1)}
 
 
-def dequantized_base(folder, model):
-    """The plain fp32 transformers model holding the weights our model trained over (NF4 decoded)."""
+def dequantized_base(folder, model, quantized=ATTENTION):
+    """The plain fp32 transformers model holding the weights our model trained over (NF4 decoded;
+    ``quantized``: the linears our model holds in NF4, its LoRA targets)."""
     base = load_base_model(folder, torch.float32).eval()
     with torch.no_grad():
         for path, module in base.named_modules():
-            if isinstance(module, torch.nn.Linear) and path.rpartition(".")[2] in ATTENTION:
+            if isinstance(module, torch.nn.Linear) and path.rpartition(".")[2] in quantized:
                 module.weight.copy_(ops.dequantize_nf4(ops.quantize_nf4(module.weight), torch.float32))
         for path, module in model.named_modules():
             if isinstance(module, NF4Experts):
@@ -165,6 +166,32 @@ def test_a_tiny_moe_trains_its_expert_adapters_and_peft_loads_them(family, tmp_p
     with torch.no_grad():
         torch.testing.assert_close(fresh.eval()(input_ids=ids).logits, ours, rtol=1e-5, atol=1e-5)
         assert (merged(input_ids=ids).logits - ours).abs().max() < 1e-4 * ours.abs().max()
+
+
+@pytest.mark.parametrize("target", EXPERT_TARGETS)
+def test_one_adapted_expert_matrix_is_saved_where_peft_looks_for_it(target, tmp_path):
+    """One targeted parameter: PEFT's single ParamWrapper, keys without ``base_layer`` (Gemma 4's layout)."""
+    from peft import PeftModel
+
+    folder = build_model(gemma4_moe_config(), tmp_path / "moe")
+    only = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, lora_targets=(target,))
+    model, adapted = load_for_training(folder, only, torch.device("cpu"))
+    assert adapted and all(path.endswith(target) for path in adapted)
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lora_parameters(model):
+            p.normal_(0, 0.05)
+    adapter.write_adapter(tmp_path / "adapter", model, only, str(folder))
+    assert "base_model.model.model.layers.0.experts.lora_B.weight" in adapter.read_adapter_weights(tmp_path / "adapter")
+    config = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert config["target_parameters"] == [target] and config["target_modules"] is None
+    ids = batch()["input_ids"][:1]
+    peft = PeftModel.from_pretrained(dequantized_base(folder, model, ()), tmp_path / "adapter").eval()
+    with torch.no_grad():
+        ours, theirs = model.eval()(input_ids=ids).logits, peft(input_ids=ids).logits
+        plain = dequantized_base(folder, model, ())(input_ids=ids).logits
+    assert (ours - plain).abs().max() > 0.1  # the adapter changes the logits, and PEFT's the same way
+    assert (ours - theirs).abs().max() < 1e-4 * ours.abs().max()
 
 
 def test_expert_targets_are_asked_for_by_name_and_refused_where_they_cannot_run():
