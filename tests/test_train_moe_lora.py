@@ -23,15 +23,15 @@ CONFIGS = {"qwen3_moe": qwen3_moe_config, "gemma4": gemma4_moe_config}
 ATTENTION = ("q_proj", "v_proj")
 
 
-def adapted_experts(family: str, rank: int = 3):
+def adapted_experts(family: str, rank: int = 3, device: str = "cpu"):
     """NF4 experts with random nonzero adapters on both fused matrices (B starts at zero otherwise)."""
-    experts = NF4Experts.from_hf(hf_experts(family), torch.device("cpu"))
+    experts = NF4Experts.from_hf(hf_experts(family).to(device), torch.device(device))
     experts.add_lora(EXPERT_TARGETS, rank, 2 * rank, torch.float32)
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for lora in experts.loras().values():
-            lora.A.normal_(0, 0.1, generator=generator)
-            lora.B.normal_(0, 0.1, generator=generator)
+            for p in (lora.A, lora.B):
+                p.copy_(0.1 * torch.randn(p.shape, generator=generator))
     return experts
 
 
@@ -51,20 +51,23 @@ def reference(experts: NF4Experts, hidden, index, weights, factors):
     return torch.stack(rows)
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("family", CONFIGS)
-def test_expert_lora_gradients_equal_autograd_through_the_plain_reference(family):
-    experts = adapted_experts(family)
+def test_expert_lora_gradients_equal_autograd_through_the_plain_reference(family, device):
+    """On the GPU too (the Triton NF4 decode into the shared buffers), in fp32."""
+    experts = adapted_experts(family, device=device)
     generator = torch.Generator().manual_seed(1)
     tokens, k = 16, 2
-    index = torch.stack([torch.randperm(5, generator=generator)[:k] for _ in range(tokens)])  # expert 5: never routed
-    weights = torch.rand(tokens, k, generator=generator).requires_grad_()
-    hidden = torch.randn(tokens, experts.hidden_dim, generator=generator).requires_grad_()
+    # expert 5: never routed
+    index = torch.stack([torch.randperm(5, generator=generator)[:k] for _ in range(tokens)]).to(device)
+    weights = torch.rand(tokens, k, generator=generator).to(device).requires_grad_()
+    hidden = torch.randn(tokens, experts.hidden_dim, generator=generator).to(device).requires_grad_()
     ours = [hidden, weights] + [p for lora in experts.loras().values() for p in (lora.A, lora.B)]
     theirs = [p.detach().clone().requires_grad_() for p in ours]
     got = experts(hidden, index, weights)
     expected = reference(experts, theirs[0], index, theirs[1], [theirs[2:4], theirs[4:6]])
     torch.testing.assert_close(got, expected, rtol=1e-5, atol=1e-5)
-    grad = torch.randn(expected.shape, generator=generator)
+    grad = torch.randn(expected.shape, generator=generator).to(device)
     for name, g, e in zip(("hidden", "weights", "gate_up A", "gate_up B", "down A", "down B"),
                           torch.autograd.grad(got, ours, grad), torch.autograd.grad(expected, theirs, grad)):
         assert e.abs().max() > 0.1, name
