@@ -96,7 +96,9 @@ def _micro_batches(effective: int) -> list[int]:
 
 def layouts(base: Plan) -> tuple[tuple[str, bool], ...]:
     """The (parallel, cpu_offload) layouts the search tries for ``base.gpus``, fastest first."""
-    return (("none", False),) if base.gpus == 1 else LAYOUT_ORDER
+    if base.gpus == 1:
+        return (("none", False),)
+    return tuple(layout for layout in LAYOUT_ORDER if not (base.adapts_experts and layout[0] == "fsdp"))
 
 
 def optimizers_for(plan: Plan) -> tuple[str, ...]:
@@ -121,7 +123,7 @@ def _flat_choices(plan: Plan, flat_ok: bool) -> tuple[bool, ...]:
 
 def _candidates(base: Plan, seq: int, effective: int, flat_ok: bool = False) -> Iterator[Plan]:
     loss = "full" if base.stack == "hf" else "chunked"
-    quants = ("nf4",) if base.cpu_offload else STACK_QUANTS[base.stack]
+    quants = ("nf4",) if base.cpu_offload or base.adapts_experts else STACK_QUANTS[base.stack]
     for quant in quants:
         for rank in RANK_ORDER:
             for graphs in (True, False) if base.cuda_graphs else (False,):
@@ -192,7 +194,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     flat_ok = architecture(profile).model_type not in FLAT_DECLINED
     # at each length, an int8 head only once nothing fits with a bf16 one
     searches = [[(seq, parallel, offload, head) for seq in seqs for head in heads for parallel, offload in layouts(base)]]
-    if base.gpus == 1 and base.stack == "vramplan":
+    if base.gpus == 1 and base.stack == "vramplan" and not base.adapts_experts:
         # the last resort on one GPU, after every shorter sequence: the frozen weights in host memory (PCIe-bound)
         searches.append([(seq, "fsdp", True, heads[0]) for seq in seqs])
     for search in searches:
@@ -272,6 +274,8 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
     if plan.cpu_offload:
         lines.append("Base weights in nf4: CPU offload is searched with 4-bit weights only (bf16 shards would need "
                      "4× the host memory and PCIe traffic).")
+    elif plan.adapts_experts:
+        lines.append("Base weights in nf4: LoRA on the routed experts runs on vramplan's NF4 experts only.")
     elif better_quants:
         lean = {q: adjust(estimate_plan(leanest_plan(plan, plan.seq_len).replace(quant=q), profile)).peak_bytes
                 for q in better_quants}

@@ -35,6 +35,10 @@ _MODALITY_ALIASES = {"vision": "image"}  # what the tower is called, for the mod
 #: The linear layers LoRA adapts by default: every projection of attention and MLP.
 ALL_LINEAR = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
+#: LoRA on the routed experts of an MoE layer (transformers' fused 3-D parameters; PEFT's
+#: ``target_parameters`` names). Not in the default targets: asked for by name, or ``--targets experts``.
+EXPERT_TARGETS = ("experts.gate_up_proj", "experts.down_proj")
+
 _CHOICES = {
     "quant": QUANTS,
     "checkpointing": CHECKPOINTING,
@@ -114,6 +118,16 @@ class Plan:
                                 "set head_quant to bf16 or parallel to ddp")
         if not self.lora_targets:
             raise VramplanError("plan field 'lora_targets' is empty; name at least one module, e.g. q_proj")
+        experts = [t for t in self.lora_targets if t in EXPERT_TARGETS]
+        if experts and self.quant != "nf4":
+            raise VramplanError(f"plan targets the routed experts ({', '.join(experts)}) with quant {self.quant}: vramplan "
+                                "adapts them on its NF4 experts only; set quant to nf4 or drop the experts targets")
+        if experts and self.stack != "vramplan":
+            raise VramplanError(f"plan targets the routed experts ({', '.join(experts)}) on the {self.stack} stack; "
+                                "only vramplan's trainer adapts them: set stack to vramplan or drop the experts targets")
+        if experts and self.parallel == "fsdp":
+            raise VramplanError(f"plan targets the routed experts ({', '.join(experts)}) with parallel fsdp, which "
+                                "is not supported for them yet; set parallel to ddp or drop the experts targets")
         # tuples, not lists, so a Plan is hashable and can be a dict key in the search
         object.__setattr__(self, "lora_targets", tuple(self.lora_targets))
         object.__setattr__(self, "modalities", tuple(dict.fromkeys(_MODALITY_ALIASES.get(m, m) for m in self.modalities)))
@@ -149,6 +163,11 @@ class Plan:
     def multimodal(self) -> bool:
         """Images or audio reach the model: the towers are loaded and run (text-only plans never build them)."""
         return any(m != "text" for m in self.modalities)
+
+    @property
+    def adapts_experts(self) -> bool:
+        """LoRA on the routed experts' fused matrices: vramplan's NF4 experts only, not under FSDP2."""
+        return any(t in EXPERT_TARGETS for t in self.lora_targets)
 
     @property
     def alpha(self) -> int:

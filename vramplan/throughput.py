@@ -61,7 +61,7 @@ from vramplan.arch import Architecture, Layer
 from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.memory.logits import dequant_slice_rows, loss_chunk_tokens
-from vramplan.plan import Plan
+from vramplan.plan import EXPERT_TARGETS, Plan
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
 PCIE_BYTES_PER_S = 25e9
@@ -256,6 +256,14 @@ def _lora_width(arch: Architecture, layer: Layer, plan: Plan) -> int:
     return sum(lin.d_in + lin.d_out for lin in layer.linears if lin.name in plan.lora_targets)
 
 
+def _expert_lora_width(arch: Architecture, layer: Layer, plan: Plan) -> int:
+    """Σ (in + out) over one routed expert's adapted fused matrices: a token pays it top-k times."""
+    gate_up, down = EXPERT_TARGETS
+    h, inter = arch.hidden_size, layer.expert_intermediate
+    return ((h + 2 * inter) * (gate_up in plan.lora_targets) + (inter + h) * (down in plan.lora_targets)) \
+        if layer.experts else 0
+
+
 def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
     """Matmul FLOPs of one micro-batch's forward and backward, by part (multiply-add = 2 FLOPs).
 
@@ -280,7 +288,7 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
         linear += layer.linear_params
         if layer.experts:
             active_experts += layer.top_k * 3 * arch.hidden_size * layer.expert_intermediate
-        lora += _lora_width(arch, layer, plan)
+        lora += _lora_width(arch, layer, plan) + layer.top_k * _expert_lora_width(arch, layer, plan)
         part = "attention_wide" if layer.head_dim > FLASH_MAX_HEAD_DIM else "attention"
         keys = plan.seq_len if not _bf16_attention(plan) else _keys_per_query(layer, plan.seq_len)
         attention[part] += 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
@@ -371,7 +379,8 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     logits = tokens * arch.vocab_size * (24 if plan.loss == "full" else 8)
     scores = sum(12 * plan.micro_batch * layer.heads * plan.seq_len * min(plan.seq_len, layer.sliding_window or plan.seq_len) * 4
                  for layer in _math_attention_layers(arch, plan))
-    trainable = sum(_lora_width(arch, layer, plan) for layer in arch.layers) * plan.lora_rank
+    trainable = sum(_lora_width(arch, layer, plan) + layer.experts * _expert_lora_width(arch, layer, plan)
+                    for layer in arch.layers) * plan.lora_rank
     per_param = 28.0 if plan.optimizer == "adamw" else 16.0
     return {
         "weights": float(weights),

@@ -35,7 +35,8 @@ from vramplan.plan import CHECKPOINTING, HEAD_QUANTS, OPTIMIZERS, PARALLEL, read
 @click.option("--optim", type=click.Choice(OPTIMIZERS), help="Override the plan's optimizer.")
 @click.option("--head-quant", type=click.Choice(HEAD_QUANTS), help="Override the plan's LM head storage (bf16 or int8).")
 @click.option("--train", "train_parts", help="Where LoRA goes: language,vision,audio (override the plan's train_parts).")
-@click.option("--targets", help="What LoRA adapts: attention,mlp or module names (override the plan's lora_targets).")
+@click.option("--targets", help="What LoRA adapts: attention,mlp,experts (an MoE's routed experts, NF4 only) or module names "
+              "(override the plan's lora_targets).")
 @click.option("--train-projectors/--freeze-projectors", default=None, help="Train the image/audio projectors in full.")
 @click.option("--cuda-graphs/--no-cuda-graphs", default=None,
               help="Override the plan: replay each micro-batch step as a CUDA graph (one GPU, text, checkpoints on the GPU).")

@@ -23,6 +23,8 @@ from __future__ import annotations
 
 import math
 
+from vramplan.plan import EXPERT_TARGETS
+
 #: Which tower reads which modality.
 TOWER_OF = {"image": "vision", "audio": "audio"}
 AUDIO_MS_PER_TOKEN = 40
@@ -37,13 +39,15 @@ TOWER_TARGETS = {
     "audio": {"attention": ("q_proj", "k_proj", "v_proj", "post"), "mlp": ("ffw_layer_1", "ffw_layer_2")},
 }
 _TEXT_KINDS = {"attention": ("q_proj", "k_proj", "v_proj", "o_proj"), "mlp": ("gate_proj", "up_proj", "down_proj")}
+#: ``--targets experts``: the routed experts' fused matrices (no tower has them)
+_EXPERT_WORD = {"experts": EXPERT_TARGETS}
 
 
 def lora_targets_from(spec: str) -> tuple[str, ...]:
     """``--targets attention,mlp`` (Unsloth's words) or module names, as the plan's ``lora_targets``."""
     names: list[str] = []
     for word in (w.strip() for w in spec.split(",") if w.strip()):
-        names += list(_TEXT_KINDS.get(word, (word,)))
+        names += list({**_TEXT_KINDS, **_EXPERT_WORD}.get(word, (word,)))
     return tuple(dict.fromkeys(names))
 
 

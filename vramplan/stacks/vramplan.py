@@ -8,8 +8,9 @@
   tables stay in CPU memory and only the looked-up rows travel to the GPU. (A tied table is
   the LM head's weight, so it stays.)
 - An MoE layer's routed experts (fused 3-D tensors in transformers) NF4 one expert matrix at a
-  time under NF4, frozen and not adapted; each routed expert is decoded in turn into one pair of
-  bf16 buffers shared by all layers (bf16 as transformers holds them otherwise).
+  time under NF4, frozen, adapted (one LoRA pair per expert) only when the targets name them;
+  each routed expert is decoded in turn into one pair of bf16 buffers shared by all layers
+  (bf16 as transformers holds them otherwise).
 - LoRA adapters in fp32 (or bf16 with an fp32 master copy in the optimizer), bf16 compute.
 - bf16 activations, flash attention through SDPA (O(s)), a fused GLU that recomputes the
   activation instead of saving it and writes its backward over the saved gate and up.
@@ -39,6 +40,9 @@ EXPERTS_NOTE = {
     "nf4": ("MoE experts: quantized to NF4 one expert matrix at a time and frozen, not adapted (each routed "
             "expert is decoded into one shared buffer; FSDP2 does not shard them); LoRA goes on attention and any "
             "shared MLP",),
+    "nf4+lora": ("MoE experts: quantized to NF4 one expert matrix at a time and frozen, with one LoRA pair per "
+                 "expert on the targeted fused matrices (counted with the adapters; each routed expert is decoded "
+                 "into one shared buffer)",),
     "bf16": ("MoE experts: frozen in bf16 as transformers holds them (fused 3-D tensors), not adapted; "
              "LoRA goes on attention and any shared MLP",),
 }
@@ -64,6 +68,7 @@ def step_memory(arch, plan) -> StepMemory:
         "norms": dense_bytes(arch.norm_params, 2),
     }
     experts_quant = "nf4" if plan.quant == "nf4" else "bf16"  # int8 is refused by the trainer
+    experts_note = "nf4+lora" if experts_quant == "nf4" and plan.adapts_experts else experts_quant
     if arch.expert_params:
         # transformers holds an MoE layer's experts as fused 3-D tensors, not linears: under NF4 the
         # trainer swaps them for per-expert NF4 tensors (vramplan/train/experts.py), else keeps them
@@ -131,7 +136,7 @@ def step_memory(arch, plan) -> StepMemory:
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"),
-                      notes=managed_state_note(managed) + (EXPERTS_NOTE[experts_quant] if arch.expert_params else ()))
+                      notes=managed_state_note(managed) + (EXPERTS_NOTE[experts_note] if arch.expert_params else ()))
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B

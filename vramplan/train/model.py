@@ -16,6 +16,7 @@ from torch import nn
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import patching
+from vramplan.train.experts import NF4Experts
 from vramplan.train.ops import QLoRALinear
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -197,6 +198,7 @@ def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_l
         layer.to(device)
         names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant,
                                   DTYPES[plan.lora_dtype])
+        names += patching.add_expert_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, DTYPES[plan.lora_dtype])
         adapted += [f"{prefix}.{index}.{name}" for name in names]
         patching.apply_kernel_patches(layer)  # before after_layer: FSDP2 must see the modules that run
         if after_layer is not None:
@@ -218,10 +220,17 @@ def lora_modules(model: nn.Module) -> dict[str, QLoRALinear]:
     return {path: m for path, m in model.named_modules() if isinstance(m, QLoRALinear)}
 
 
+def expert_lora_modules(model: nn.Module) -> dict[str, NF4Experts]:
+    """The NF4 routed experts carrying LoRA, by module path."""
+    return {path: m for path, m in model.named_modules() if isinstance(m, NF4Experts) and m.loras()}
+
+
 def lora_parameters(model: nn.Module) -> list[nn.Parameter]:
     params = []
     for module in lora_modules(model).values():
         params += [module.lora_A.weight, module.lora_B.weight]
+    for experts in expert_lora_modules(model).values():
+        params += [p for lora in experts.loras().values() for p in (lora.A, lora.B)]
     return params
 
 

@@ -123,6 +123,17 @@ def quantize_experts(layer: nn.Module, device: torch.device, double_quant: bool 
                            if is_fused_experts(module) else None)
 
 
+def add_expert_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha: float,
+                    lora_dtype: torch.dtype) -> list[str]:
+    """LoRA on the NF4 routed experts' fused matrices the targets name (``EXPERT_TARGETS``); return
+    ``<experts path>.<parameter>`` for each adapted one. Fused bf16 experts are refused by ``Plan``."""
+    adapted = []
+    for path, module in layer.named_modules():
+        if isinstance(module, NF4Experts):
+            adapted += [f"{path}.{name}" for name in module.add_lora(targets, rank, alpha, lora_dtype)]
+    return adapted
+
+
 def apply_kernel_patches(model: nn.Module) -> list[str]:
     """The module patches of ``KERNEL_PATCHES`` and the RoPE function patch; return the replaced module paths."""
     patches = dict(KERNEL_PATCHES)
