@@ -111,3 +111,21 @@ def test_a_run_gets_graphs_when_its_plan_asks_and_they_are_possible(monkeypatch)
         assert StepGraphs.for_run(Text(), [], off, torch.device("cuda")) is None
     monkeypatch.setenv("VRAMPLAN_DISABLE", "cuda_graphs")
     assert StepGraphs.for_run(Text(), [], plan, torch.device("cuda")) is None
+
+
+def test_a_model_with_routed_experts_trains_eagerly(tmp_path):
+    """Routing reads on the host which experts got tokens: no capture is attempted for MoE models,
+    NF4 (experts swapped for NF4Experts) or bf16 (transformers' fused experts kept)."""
+    from test_train_moe import qwen3_moe_config
+    from train_fixtures import build_model, llama_config
+    from vramplan.train.graphs import routes_experts
+    from vramplan.train.model import load_for_training
+
+    moe = build_model(qwen3_moe_config(), tmp_path / "moe")
+    for quant in ("nf4", "bf16"):
+        model, _ = load_for_training(moe, Plan(model="tiny", quant=quant, lora_rank=4, seq_len=24), torch.device("cpu"))
+        assert routes_experts(model)
+        assert StepGraphs.for_run(model, [], Plan(model="tiny"), torch.device("cuda")) is None
+    dense, _ = load_for_training(build_model(llama_config(), tmp_path / "llama"), Plan(model="tiny", lora_rank=4, seq_len=24),
+                                 torch.device("cpu"))
+    assert not routes_experts(dense)

@@ -121,6 +121,14 @@ def graph_safe_checkpoints(model: nn.Module):
             m._gradient_checkpointing_func = func
 
 
+def routes_experts(model: nn.Module) -> bool:
+    """Whether the model has routed MoE experts: their forward reads the router's choice on the host
+    (which experts got tokens), a sync no capture may hold, so such a model trains eagerly."""
+    from vramplan.train.experts import FUSED_EXPERTS, NF4Experts
+
+    return any(isinstance(m, NF4Experts) or type(m).__name__ in FUSED_EXPERTS for m in model.modules())
+
+
 class StepGraphs:
     """The captured micro-batch steps of one text model on one GPU (see the module docstring)."""
 
@@ -150,7 +158,8 @@ class StepGraphs:
     @staticmethod
     def available(model: nn.Module, plan, device: torch.device, world_size: int = 1) -> bool:
         """Whether this run's steps can be captured at all."""
-        return device.type == "cuda" and world_size == 1 and plan.captures_steps and hasattr(model, "get_decoder")
+        return (device.type == "cuda" and world_size == 1 and plan.captures_steps and hasattr(model, "get_decoder")
+                and not routes_experts(model))
 
     # -- the pieces a replay runs ---------------------------------------------------------------
     def prologue(self, batch: dict[str, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor | None]:
