@@ -101,14 +101,16 @@ def test_fit_replays_cuda_graphs_when_they_fit_and_gives_them_up_before_rank():
 
 
 def test_eight_bit_candidates_try_the_flat_step_first_where_the_model_takes_it():
+    from vramplan.estimate import architecture
     from vramplan.fit import _candidates
 
     base = Plan(model="llama-3.2-1b")
-    plans = list(_candidates(base, 2048, 1, flat_ok=True))
+    plans = list(_candidates(base, 2048, 1, architecture(resolve_model("llama-3.2-1b"))))
     eight_bit = [p for p in plans if p.optimizer != "adamw"]
     assert eight_bit and all(p.flat_optimizer for p in eight_bit[::2]) and not any(p.flat_optimizer for p in eight_bit[1::2])
     assert not any(p.flat_optimizer for p in plans if p.optimizer == "adamw")  # torch AdamW: nothing to flatten
-    assert not any(p.flat_optimizer for p in _candidates(base, 2048, 1, flat_ok=False))
+    gemma = architecture(resolve_model("gemma-4-e2b"))  # a family the trainer does not step flat
+    assert not any(p.flat_optimizer for p in _candidates(base.replace(model="gemma-4-e2b"), 2048, 1, gemma))
 
 
 def test_the_flat_step_is_priced_only_where_the_trainer_takes_it():

@@ -39,7 +39,7 @@ from vramplan.catalog import GpuSpec, ModelProfile, box_count, gpu_box, list_gpu
 from vramplan.errors import VramplanError
 from vramplan.estimate import Estimate, architecture, budget_bytes as gpu_budget_bytes, estimate_plan
 from vramplan.plan import Plan
-from vramplan.stacks.vramplan import FLAT_DECLINED
+from vramplan.stacks.vramplan import flat_step_applies
 
 QUANT_ORDER = ("bf16", "int8", "nf4")
 #: What each stack can run: vramplan's trainer quantizes to NF4 or keeps bf16 (no int8 kernels);
@@ -116,12 +116,12 @@ def head_quants_for(base: Plan) -> tuple[str, ...]:
     return HEAD_QUANT_ORDER
 
 
-def _flat_choices(plan: Plan, flat_ok: bool) -> tuple[bool, ...]:
+def _flat_choices(arch, plan: Plan) -> tuple[bool, ...]:
     """The optimizer layouts to try for ``plan``: flat first where the trainer can step flat."""
-    return (True, False) if flat_ok and plan.replace(flat_optimizer=True).steps_flat else (plan.flat_optimizer,)
+    return (True, False) if flat_step_applies(arch, plan.replace(flat_optimizer=True)) else (plan.flat_optimizer,)
 
 
-def _candidates(base: Plan, seq: int, effective: int, flat_ok: bool = False) -> Iterator[Plan]:
+def _candidates(base: Plan, seq: int, effective: int, arch) -> Iterator[Plan]:
     loss = "full" if base.stack == "hf" else "chunked"
     quants = ("nf4",) if base.cpu_offload or base.adapts_experts else STACK_QUANTS[base.stack]
     for quant in quants:
@@ -134,13 +134,11 @@ def _candidates(base: Plan, seq: int, effective: int, flat_ok: bool = False) -> 
                                                 micro_batch=micro, grad_accum=effective // micro, optimizer=optimizer,
                                                 loss=loss)
                             capturable = plan.replace(cuda_graphs=True).captures_steps
-                            if graphs and capturable:
-                                plan = plan.replace(cuda_graphs=True)
-                            elif not graphs:  # eager; a plan graphs cannot hold keeps the request as it was
-                                plan = plan.replace(cuda_graphs=False) if capturable else plan
-                            else:
+                            if graphs and not capturable:
                                 continue
-                            for flat in _flat_choices(plan, flat_ok):
+                            if capturable:  # else the plan keeps the request as it was: graphs cannot hold it
+                                plan = plan.replace(cuda_graphs=graphs)
+                            for flat in _flat_choices(arch, plan):
                                 yield plan.replace(flat_optimizer=flat)
 
 
@@ -191,7 +189,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
     while seqs[-1] // 2 >= MIN_SEQ:
         seqs.append(seqs[-1] // 2)
     heads = head_quants or head_quants_for(base)
-    flat_ok = architecture(profile).model_type not in FLAT_DECLINED
+    arch = architecture(profile)
     # at each length, an int8 head only once nothing fits with a bf16 one
     searches = [[(seq, parallel, offload, head) for seq in seqs for head in heads for parallel, offload in layouts(base)]]
     if base.gpus == 1 and base.stack == "vramplan" and not base.adapts_experts:
@@ -206,7 +204,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
             priced += 1
             if adjust(estimate_plan(leanest_plan(layout, seq), profile, gpu, budget=budget)).peak_bytes > limit:
                 continue
-            for plan in _candidates(layout, seq, effective, flat_ok):
+            for plan in _candidates(layout, seq, effective, arch):
                 priced += 1
                 est = adjust(estimate_plan(plan, profile, gpu, budget=budget))
                 if est.peak_bytes <= limit:
@@ -313,7 +311,7 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
         speed.append("no CUDA graphs (offloaded checkpoints copy to the host mid-step, which a graph cannot hold)")
     if "flat_optimizer" in est.components:
         speed.append(f"the adapters stepped as one flat tensor (per tensor: {_gb(peak(flat_optimizer=False))})")
-    elif plan.replace(flat_optimizer=True).steps_flat and architecture(profile).model_type not in FLAT_DECLINED:
+    elif flat_step_applies(architecture(profile), plan.replace(flat_optimizer=True)):
         speed.append(f"the adapters stepped tensor by tensor (one flat tensor: {_gb(peak(flat_optimizer=True))})")
     lines.append("Fastest settings that fit: " + ", ".join(speed) + ".")
     lines.append(f"Peak {_gb(est.peak_bytes)}{' per GPU' if plan.gpus > 1 else ''} in the {est.peak_phase} phase, "
