@@ -101,7 +101,7 @@ def worst_micro_batch(records: list[dict], tokenizer, plan: Plan, overlong: str 
             raise VramplanError(f"no example is left at --seq {plan.seq_len}; raise the plan's seq_len or use --overlong truncate")
         rows, n_examples = [[e] for e in examples], len(examples)
         pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else (tokenizer.eos_token_id or 0)
-    widths = [sum(len(e.input_ids) for e in row) for row in rows]
+    widths = [data.row_length(row) for row in rows]
     longest = sorted(range(len(rows)), key=lambda i: -widths[i])[:plan.micro_batch]
     return WorstBatch(rows=len(longest), width=widths[longest[0]], packed=plan.stack == "vramplan",
                       n_examples=n_examples, n_micro_batches=-(-len(rows) // plan.micro_batch),
@@ -111,13 +111,13 @@ def worst_micro_batch(records: list[dict], tokenizer, plan: Plan, overlong: str 
 
 def worst_batch_tensors(worst: WorstBatch, stack: str) -> dict:
     """The worst micro-batch as the stack's step takes it (host tensors)."""
-    from vramplan.train.data import IGNORE, collate
+    from vramplan.train.data import IGNORE, collate, row_length
 
     batch = collate(worst.batch_rows, worst.pad_token_id)
     if stack == "vramplan":
         return batch
     # the hf model shifts labels itself and needs an attention mask over the padding
-    lengths = [sum(len(e.input_ids) for e in row) for row in worst.batch_rows]
+    lengths = [row_length(row) for row in worst.batch_rows]
     mask = batch["input_ids"].new_zeros(batch["input_ids"].shape)
     for b, n in enumerate(lengths):
         mask[b, :n] = 1

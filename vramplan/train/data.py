@@ -183,6 +183,11 @@ def pack(examples: list[Example], seq_len: int) -> list[list[Example]]:
     return rows
 
 
+def row_length(row: list[Example]) -> int:
+    """Tokens in a packed row (its examples back to back, no padding)."""
+    return sum(len(e.input_ids) for e in row)
+
+
 def bucketed_width(width: int, seq_len: int, buckets: int) -> int:
     """``width`` rounded up to the next of ``buckets`` evenly spaced widths up to ``seq_len``.
 
@@ -206,7 +211,7 @@ def collate(rows: list[list[Example]], pad_token_id: int, no_targets: bool = Fal
     attention mask, transformers reads those restarts as packed-sequence boundaries and
     builds a block-diagonal causal mask, so no example attends to another.
     """
-    width = max(width or 0, max(sum(len(e.input_ids) for e in row) for row in rows))
+    width = max(width or 0, max(map(row_length, rows)))
     input_ids = torch.full((len(rows), width), pad_token_id, dtype=torch.long)
     labels = torch.full((len(rows), width), IGNORE, dtype=torch.long)
     position_ids = torch.zeros((len(rows), width), dtype=torch.long)

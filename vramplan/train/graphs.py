@@ -49,6 +49,8 @@ from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 #: share one memory pool). The recipe pads batch widths to half as many buckets: a width comes
 #: packed and not packed.
 MAX_GRAPHS = 16
+#: The widths the recipe pads micro-batches to (``data.bucketed_width``).
+WIDTH_BUCKETS = MAX_GRAPHS // 2
 
 
 @dataclass
@@ -142,7 +144,6 @@ class StepGraphs:
         self.grad_tensors: list[torch.Tensor] | None = None
         self.stream: torch.cuda.Stream | None = None
         self.notes: list[str] = []
-        self.max_shapes = MAX_GRAPHS // 2  # the recipe pads batch widths to this many buckets (data.bucketed_width)
 
     @classmethod
     def for_run(cls, model: nn.Module, params: list[nn.Parameter], plan, device: torch.device,

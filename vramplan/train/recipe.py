@@ -19,7 +19,7 @@ import torch
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import adapter, checkpoint, data, distributed, metrics
-from vramplan.train.graphs import StepGraphs
+from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
 from vramplan.train.optim import eight_bit_adamw, flat_update_pays
@@ -157,10 +157,10 @@ def next_micro_batches(dataset: data.Dataset, state: checkpoint.TrainState, plan
             state.epoch, state.cursor = state.epoch + 1, 0
         share = -(-len(rows) // world)  # ceil: on a short tail the last ranks get fewer rows (never none, see below)
         slices = [rows[r * share:(r + 1) * share] or rows[-1:] for r in range(world)]
-        tokens += sum(len(s) * max(sum(len(e.input_ids) for e in row) for row in s) for s in slices)
+        widths = [max(map(data.row_length, s)) for s in slices]
+        tokens += sum(len(s) * width for s, width in zip(slices, widths))
         stand_in = not rows[rank * share:(rank + 1) * share]
-        longest = max(sum(len(e.input_ids) for e in row) for row in slices[rank])
-        width = data.bucketed_width(longest, dataset.seq_len, width_buckets) if width_buckets else None
+        width = data.bucketed_width(widths[rank], dataset.seq_len, width_buckets) if width_buckets else None
         micro.append(collate(slices[rank]) if collate else
                      data.collate(slices[rank], dataset.pad_token_id, no_targets=stand_in, width=width))
     return micro, tokens
@@ -277,7 +277,7 @@ def train(cfg: TrainConfig) -> dict:
         while state.step < steps:
             started = time.perf_counter()
             local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate,
-                                               width_buckets=graphs.max_shapes if graphs is not None else None)
+                                               width_buckets=WIDTH_BUCKETS if graphs is not None else None)
             micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
             loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs)
             if not math.isfinite(loss):
