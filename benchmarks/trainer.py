@@ -31,7 +31,7 @@ from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.optim import flat_update_pays
-from vramplan.train.model import load_for_training, lora_parameters
+from vramplan.train.model import load_for_training, lora_parameters, random_model_from_config
 from vramplan.train.graphs import StepGraphs
 from vramplan.train.recipe import make_optimizer
 
@@ -54,13 +54,10 @@ def build_random_model(config_path: str, folder: str) -> int:
 def write_config_only(config_path: str, folder: str) -> int:
     """Only ``config.json`` (``--random-init``: the trainer builds seeded random weights layer by layer
     on the GPU, for models too large to write to disk); returns the parameter count, counted on ``meta``."""
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoConfig
 
-    config = AutoConfig.for_model(**resolve_model(config_path).config)
-    config.save_pretrained(folder)
-    text = config.get_text_config() if config.model_type == "gemma4" else config
-    with torch.device("meta"):
-        return sum(p.numel() for p in AutoModelForCausalLM.from_config(text).parameters())
+    AutoConfig.for_model(**resolve_model(config_path).config).save_pretrained(folder)
+    return sum(p.numel() for p in random_model_from_config(folder, torch.bfloat16).parameters())  # the model it will train
 
 
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,

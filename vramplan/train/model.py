@@ -96,16 +96,17 @@ def materialise_random(module: nn.Module, device: torch.device, seed: int, std: 
     init (Gemma's embedding scale and layer scalars, which ``to_empty`` leaves as garbage)."""
     module.to_empty(device=device, recurse=recurse)
     generator = torch.Generator(device=device).manual_seed(seed)
+    subs = list(module.modules()) if recurse else [module]
     with torch.no_grad():
         if init_module is not None:
-            for sub in module.modules() if recurse else [module]:
+            for sub in subs:
                 init_module(sub)
         for param in module.parameters(recurse=recurse):
             if param.dim() >= 2:
                 param.normal_(0.0, std, generator=generator)
             else:
                 param.fill_(1.0)
-        for sub in module.modules() if recurse else [module]:
+        for sub in subs:
             if any("inv_freq" in name for name in sub._buffers) and hasattr(sub, "config"):  # rotary: built again
                 fresh = type(sub)(sub.config).to(device)
                 for name, buffer in fresh._buffers.items():
