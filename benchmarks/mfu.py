@@ -43,4 +43,9 @@ def bf16_matmul_tflops(device: torch.device, size: int = 8192, repeats: int = 20
 
 def utilisation(plan: Plan, step_seconds: float, matmul_tflops: float) -> float:
     """The fraction of the measured matmul rate a step of ``step_seconds`` turns into needed work."""
-    return model_flops(plan) / step_seconds / (matmul_tflops * 1e12)
+    return utilisation_of(model_flops(plan), step_seconds, matmul_tflops)
+
+
+def utilisation_of(flops: float, step_seconds: float, matmul_tflops: float) -> float:
+    """:func:`utilisation` for a step whose needed FLOPs are counted already."""
+    return flops / step_seconds / (matmul_tflops * 1e12)

@@ -26,7 +26,7 @@ import time
 import torch
 
 from vramplan.catalog import resolve_model
-from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation
+from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
 from vramplan.train.loss import accumulate_gradients
@@ -168,12 +168,11 @@ def with_mfu(rec: dict, rate: float) -> dict:
     if rec.get("step_s") is None:
         return {}
     try:
-        plan = plan_of(dict(rec, model=os.path.basename(rec["model"])))
-        model_flops(plan)
+        flops = model_flops(plan_of(dict(rec, model=os.path.basename(rec["model"]))))
     except VramplanError:  # a config.json that is not a profile: no FLOP count for it
         return {}
-    return {"bf16_matmul_tflops": round(rate, 1), "model_tflop_per_step": round(model_flops(plan) / 1e12, 3),
-            "mfu": round(utilisation(plan, rec["step_s"], rate), 4)}
+    return {"bf16_matmul_tflops": round(rate, 1), "model_tflop_per_step": round(flops / 1e12, 3),
+            "mfu": round(utilisation_of(flops, rec["step_s"], rate), 4)}
 
 
 def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, rate: float) -> None:
