@@ -69,7 +69,9 @@ class Run:
 
 def run_key(stack: str, plan: Plan) -> str:
     """One configuration's name; the settings no eager run of SOURCES varies (an int8 head, bf16 adapters,
-    captured steps, the flat optimizer step) are named only where they differ from the default."""
+    captured steps, the flat optimizer step) are named only where they differ from the default. A measured
+    plan's ``cuda_graphs`` says whether its run captured any graph (``records.plan_of``), so
+    ``plan.captures_steps`` is what happened, an MoE model's eager run included: no architecture needed."""
     return (f"{stack}:{plan.model}:s{plan.seq_len}:b{plan.micro_batch}:r{plan.lora_rank}:{plan.checkpointing}"
             f":{plan.quant}:{plan.optimizer}" + (f":head-{plan.head_quant}" if plan.head_quant != "bf16" else "")
             + (f":lora-{plan.lora_dtype}" if plan.lora_dtype != "fp32" else "") + (":graphs" if plan.captures_steps else "")
@@ -77,6 +79,7 @@ def run_key(stack: str, plan: Plan) -> str:
 
 
 def group_of(plan: Plan, later: bool) -> str:
+    """``graphs`` where the run captured its steps (as in :func:`run_key`, the record says so), else eager."""
     return "graphs" if plan.captures_steps else "eager_later" if later else "eager"
 
 
@@ -133,9 +136,10 @@ def split(runs: list[Run], offset: int = 0) -> tuple[list[Run], list[Run]]:
 
 
 def _checkpointed(run: Run) -> float:
-    if "checkpointed" in captured_phases(run.plan):  # the hooks ran once, while capturing
+    arch = architecture(resolve_model(run.model))
+    if "checkpointed" in captured_phases(arch, run.plan):  # the hooks ran once, while capturing
         return 0.0
-    return step_host_ops(architecture(resolve_model(run.model)), run.plan)["checkpointed"]
+    return step_host_ops(arch, run.plan)["checkpointed"]
 
 
 def _terms(run: Run) -> dict[str, float]:

@@ -125,6 +125,12 @@ class Architecture:
         return sum(layer.expert_params for layer in self.layers)
 
     @cached_property
+    def routes_experts(self) -> bool:
+        """Whether any decoder layer routes tokens to MoE experts (Qwen3-MoE, Gemma 4 26B-A4B): the planner's
+        side of the trainer's ``vramplan.train.graphs.routes_experts``, which reads it off the loaded model."""
+        return any(layer.experts for layer in self.layers)
+
+    @cached_property
     def norm_params(self) -> int:
         return sum(layer.norm_params for layer in self.layers) + self.extra_norm_params
 

@@ -13,8 +13,8 @@ The objective, in order (the first difference decides):
    half the bytes of the head) is searched only when nothing fits with a bf16 head;
 4. prefer a higher LoRA rank: 64 > 32 > 16 > 8;
 5. then the fastest: CUDA graphs where the trainer can capture the steps (they take the host out
-   of a step: 2.4x on a 1B model, for about 0.25 GB) > none; no checkpointing > checkpointing >
-   checkpointing with CPU offload,
+   of a step: 2.4x on a 1B model, for about 0.25 GB; never an MoE model's, whose routing waits on
+   the host) > none; no checkpointing > checkpointing > checkpointing with CPU offload,
    larger micro-batches (fewer accumulation steps), AdamW > 8-bit AdamW > paged 8-bit AdamW,
    and an 8-bit AdamW stepping the adapters as one flat tensor > tensor by tensor (far fewer host
    operations: 1.2-1.5x under CUDA graphs on the H100, for 0.25 GB and 4 bytes an adapter parameter).
@@ -39,7 +39,7 @@ from vramplan.catalog import GpuSpec, ModelProfile, box_count, gpu_box, list_gpu
 from vramplan.errors import VramplanError
 from vramplan.estimate import Estimate, architecture, budget_bytes as gpu_budget_bytes, estimate_plan
 from vramplan.plan import Plan
-from vramplan.stacks.vramplan import flat_step_applies
+from vramplan.stacks.vramplan import flat_step_applies, graphs_apply
 
 QUANT_ORDER = ("bf16", "int8", "nf4")
 #: What each stack can run: vramplan's trainer quantizes to NF4 or keeps bf16 (no int8 kernels);
@@ -133,10 +133,10 @@ def _candidates(base: Plan, seq: int, effective: int, arch) -> Iterator[Plan]:
                             plan = base.replace(quant=quant, lora_rank=rank, checkpointing=checkpointing, seq_len=seq,
                                                 micro_batch=micro, grad_accum=effective // micro, optimizer=optimizer,
                                                 loss=loss)
-                            capturable = plan.replace(cuda_graphs=True).captures_steps
+                            capturable = graphs_apply(arch, plan.replace(cuda_graphs=True))
                             if graphs and not capturable:
                                 continue
-                            if capturable:  # else the plan keeps the request as it was: graphs cannot hold it
+                            if capturable:  # else the plan keeps the request: no graph holds it (or the model routes experts)
                                 plan = plan.replace(cuda_graphs=graphs)
                             for flat in _flat_choices(arch, plan):
                                 yield plan.replace(flat_optimizer=flat)
@@ -251,6 +251,7 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
              adjust: Callable[[Estimate], Estimate]) -> tuple[str, ...]:
     """Sentences saying what was kept, what was given up and what the next-better choice would have needed."""
     plan = est.plan
+    arch = architecture(profile)
     lines = []
     limit = budget - margin
 
@@ -303,15 +304,18 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
         speed.append(f"micro-batch {plan.micro_batch} (micro-batch {per_rank_batch} would need "
                      f"{_gb(peak(micro_batch=per_rank_batch, grad_accum=1))})")
     speed.append(f"optimizer {plan.optimizer}")
-    if plan.captures_steps:
+    if graphs_apply(arch, plan):
         speed.append(f"CUDA graphs (without them: {_gb(peak(cuda_graphs=False))})")
-    elif base.cuda_graphs and plan.replace(cuda_graphs=True).captures_steps:
+    elif base.cuda_graphs and graphs_apply(arch, plan.replace(cuda_graphs=True)):
         speed.append(f"no CUDA graphs (with them: {_gb(peak(cuda_graphs=True))})")
+    elif base.cuda_graphs and arch.routes_experts and plan.replace(cuda_graphs=True, checkpointing="full").captures_steps:
+        speed.append("no CUDA graphs (routing to the MoE experts reads the router's choice on the host, "
+                     "a sync a graph cannot hold)")
     elif base.cuda_graphs and plan.checkpointing == "offload" and plan.replace(checkpointing="full").captures_steps:
         speed.append("no CUDA graphs (offloaded checkpoints copy to the host mid-step, which a graph cannot hold)")
     if "flat_optimizer" in est.components:
         speed.append(f"the adapters stepped as one flat tensor (per tensor: {_gb(peak(flat_optimizer=False))})")
-    elif flat_step_applies(architecture(profile), plan.replace(flat_optimizer=True)):
+    elif flat_step_applies(arch, plan.replace(flat_optimizer=True)):
         speed.append(f"the adapters stepped tensor by tensor (one flat tensor: {_gb(peak(flat_optimizer=True))})")
     lines.append("Fastest settings that fit: " + ", ".join(speed) + ".")
     lines.append(f"Peak {_gb(est.peak_bytes)}{' per GPU' if plan.gpus > 1 else ''} in the {est.peak_phase} phase, "

@@ -39,7 +39,8 @@ slower host (a desktop with a consumer GPU is usually faster per thread, a busy 
 slower) shifts it, and a host-bound plan's speed with it, by the same factor. A GPU that is
 faster than the H100 speeds a host-bound plan up not at all.
 
-CUDA graphs (vramplan's trainer on one GPU, ``Plan.captures_steps``) change the host term only:
+CUDA graphs (vramplan's trainer on one GPU, a model without routed experts:
+``vramplan.stacks.vramplan.graphs_apply``) change the host term only:
 :func:`captured_phases` names the phases a graph replays (forward, recompute, backward and the
 checkpoint hooks, which ran once while capturing), and :func:`host_seconds_split` charges them
 one replay's ops together (:data:`GRAPH_REPLAY_HOST_OPS`) instead of theirs. What stays eager is
@@ -62,6 +63,7 @@ from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.memory.logits import dequant_slice_rows, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
+from vramplan.stacks.vramplan import flat_step_applies, graphs_apply
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
 PCIE_BYTES_PER_S = 25e9
@@ -414,8 +416,6 @@ def _per_pass(counts: tuple[float, ...], n: float) -> list[float]:
 def optimizer_tensors(arch: Architecture, plan: Plan) -> int:
     """Trainable tensors the optimizer steps: LoRA's A and B of every adapted linear, or one when
     they are stepped as one flat tensor (``vramplan.stacks.vramplan.flat_step_applies``)."""
-    from vramplan.stacks.vramplan import flat_step_applies
-
     if flat_step_applies(arch, plan):
         return 1
     return 2 * sum(1 for layer in arch.layers for lin in layer.linears if lin.name in plan.lora_targets)
@@ -502,15 +502,15 @@ def prologue_host_ops(arch: Architecture) -> float:
 CAPTURED_PHASES = ("forward", "recompute", "backward", "checkpointed")
 
 
-def captured_phases(plan: Plan) -> tuple[str, ...]:
+def captured_phases(arch: Architecture, plan: Plan) -> tuple[str, ...]:
     """The phases of :func:`step_host_ops` that a CUDA graph replays instead of dispatching op by op:
-    :data:`CAPTURED_PHASES` where vramplan's trainer captures the plan's steps (``plan.captures_steps``:
-    one GPU, text, checkpoints on the GPU), none otherwise (eager plans, offloaded checkpoints, the hf
-    recipe, several GPUs). :func:`host_seconds_split` charges the captured phases :data:`GRAPH_REPLAY_HOST_OPS`
+    :data:`CAPTURED_PHASES` where vramplan's trainer captures the plan's steps
+    (``vramplan.stacks.vramplan.graphs_apply``: one GPU, text, checkpoints on the GPU, no routed experts),
+    none otherwise (eager plans, offloaded checkpoints, MoE models, the hf recipe, several GPUs). :func:`host_seconds_split` charges the captured phases :data:`GRAPH_REPLAY_HOST_OPS`
     together instead of their ops; the host term falls to what stays outside the graph (the optimizer's
     per-tensor Python above all), which a flat optimizer step (``Plan.steps_flat``) cuts to one tensor's
     (:func:`optimizer_tensors`)."""
-    return CAPTURED_PHASES if plan.captures_steps else ()
+    return CAPTURED_PHASES if graphs_apply(arch, plan) else ()
 
 
 #: Host ops around one graph replay, per micro-batch: the packing check (a sync), filling the graph's
@@ -536,7 +536,7 @@ AFTER_SYNC_PHASES = ("optimizer", "step")
 def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tuple[float, float]:
     """Host time of one micro-batch as (overlapping the GPU's work, after the step's sync): its host
     ops times the stack's fitted seconds per op; phases a CUDA graph replays count as one replay."""
-    captured = captured_phases(plan)
+    captured = captured_phases(arch, plan)
     ops = step_host_ops(arch, plan)
     ops["checkpointed"] *= factors.checkpoint_host_ops
     after = AFTER_SYNC_PHASES if captured else ()

@@ -35,12 +35,15 @@ def _duration(hours: float | None) -> str:
 
 
 def _plan_text(plan: Plan | None) -> str:
+    from vramplan.estimate import architecture
+    from vramplan.stacks.vramplan import graphs_apply
+
     if plan is None:
         return ""
     ckpt = {"none": "no ckpt", "full": "ckpt", "offload": "ckpt+offload"}[plan.checkpointing]
     layout = {"none": "", "ddp": "ddp ", "fsdp": "fsdp+cpu " if plan.cpu_offload else "fsdp "}[plan.parallel]
     flat = " flat" if plan.steps_flat else ""
-    graphs = " graphs" if plan.captures_steps else ""
+    graphs = " graphs" if graphs_apply(architecture(resolve_model(plan.model)), plan) else ""
     return f"{layout}{plan.quant} r{plan.lora_rank} b{plan.micro_batch}×{plan.grad_accum} {ckpt} {plan.optimizer}{flat}{graphs}"
 
 

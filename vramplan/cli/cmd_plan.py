@@ -56,20 +56,31 @@ def _components_table(est: Estimate) -> str:
     return table(rows, ["component", "memory", "share"], colalign=("left", "right", "right"))
 
 
-def _soft_tokens(est: Estimate) -> str:
+def _architecture(est: Estimate):
     from vramplan.estimate import architecture
+
+    return architecture(resolve_model(est.plan.model))
+
+
+def _soft_tokens(est: Estimate) -> str:
     from vramplan.memory.towers import soft_tokens
 
     if not est.plan.multimodal:
         return ""
-    return f" + {soft_tokens(architecture(resolve_model(est.plan.model)), est.plan)} soft tokens ({'/'.join(est.plan.modalities)})"
+    return f" + {soft_tokens(_architecture(est), est.plan)} soft tokens ({'/'.join(est.plan.modalities)})"
+
+
+def _graphs(est: Estimate) -> str:
+    from vramplan.stacks.vramplan import graphs_apply
+
+    return ", CUDA graphs" if graphs_apply(_architecture(est), est.plan) else ""
 
 
 def _summary(est: Estimate) -> str:
     lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}{_soft_tokens(est)}, "
              f"batch {est.plan.micro_batch} × {est.plan.grad_accum}, checkpointing {est.plan.checkpointing}, "
              f"{est.plan.optimizer}, stack {est.plan.stack}" + (", int8 LM head" if est.plan.head_quant == "int8" else "")
-             + (", CUDA graphs" if est.plan.captures_steps else "")
+             + _graphs(est)
              + (", flat optimizer step" if "flat_optimizer" in est.components else "") + _layout(est.plan),
              f"peak {gb(est.peak_bytes)} in the {est.peak_phase} phase "
              f"(" + ", ".join(f"{k} {gb(v)}" for k, v in est.phases.items()) + ")"]

@@ -32,7 +32,7 @@ CUBLAS_WORKSPACE_BYTES = 32 * 2**20 + 2**20
 CUBLAS_THREADS = 2
 
 
-#: What a run with CUDA graphs (``Plan.captures_steps``) holds beyond the same run without them.
+#: What a run with CUDA graphs (``vramplan.stacks.vramplan.graphs_apply``) holds beyond the same run without them.
 #: Measured on an H100 (benchmarks/results/trainer_graphs_h100.jsonl against trainer_h100.jsonl,
 #: pynvml above the context, same configuration): +0.29 GB on Gemma-4-E2B and E4B at 2,048 tokens,
 #: +0.24 on Llama-3.1-8B, +0.29 on Llama-3.2-1B at 4,096 and -0.04 to +0.23 (four runs) at 2,048.

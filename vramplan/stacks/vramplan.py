@@ -115,7 +115,7 @@ def step_memory(arch, plan) -> StepMemory:
 
     # buffers made on a step's first matmuls and kept: cuBLAS workspaces, the NF4 dequantization buffer
     step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
-    if plan.captures_steps:
+    if graphs_apply(arch, plan):
         step_buffers["cuda_graphs"] = cuda_graph_bytes()
     if flat_step_applies(arch, plan):
         step_buffers["flat_optimizer"] = flat_optimizer_bytes(trainable)
@@ -148,3 +148,12 @@ def flat_step_applies(arch, plan) -> bool:
     """Whether the trainer steps this plan's adapters as one flat tensor: ``Plan.steps_flat`` on a
     model family that does not decline it (:data:`FLAT_DECLINED`)."""
     return plan.steps_flat and arch.model_type not in FLAT_DECLINED
+
+
+def graphs_apply(arch, plan) -> bool:
+    """Whether the trainer replays this plan's micro-batch steps as CUDA graphs: ``Plan.captures_steps``
+    on a model without routed experts. An MoE layer's forward reads the router's choice on the host
+    (which experts got tokens), a sync no capture may hold, so the trainer runs such a model eagerly
+    whatever the plan asks (``vramplan.train.graphs.StepGraphs.available``): no graphs' memory, no
+    replay's speed."""
+    return plan.captures_steps and not arch.routes_experts
