@@ -173,8 +173,8 @@ def test_single_gpus_are_priced_with_captured_steps_and_boxes_without(options):
     # a single GPU captures unless its plan offloads (checkpoints or, under FSDP2, the frozen weights)
     offloaded = [o for o in singles if o.plan.checkpointing == "offload" or o.plan.cpu_offload]
     assert len(offloaded) < len(singles) / 2
-    assert all(captured_phases(o.plan) for o in singles if o not in offloaded)
-    assert not any(captured_phases(o.plan) for o in boxes + offloaded)
+    assert all(captured_phases(arch, o.plan) for o in singles if o not in offloaded)
+    assert not any(captured_phases(arch, o.plan) for o in boxes + offloaded)
     h100 = next(o for o in singles if o.gpu.name == "h100")
     eager = predict_tokens_per_s(arch, h100.plan.replace(cuda_graphs=False), h100.gpu)
     assert h100.tokens_per_s > eager

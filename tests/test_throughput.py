@@ -182,9 +182,10 @@ def test_the_prologue_is_carved_out_of_the_forward():
 def test_nothing_is_captured_where_the_trainer_cannot_capture(change):
     from vramplan.throughput import CAPTURED_PHASES, captured_phases
 
+    arch = architecture(resolve_model("llama-3.2-1b"))
     plan = Plan(model="llama-3.2-1b")
-    assert captured_phases(plan) == CAPTURED_PHASES
-    assert captured_phases(plan.replace(**change)) == ()
+    assert captured_phases(arch, plan) == CAPTURED_PHASES
+    assert captured_phases(arch, plan.replace(**change)) == ()
 
 
 def test_graphs_speed_a_small_model_up_much_and_a_large_one_little():

@@ -116,12 +116,17 @@ def test_a_run_gets_graphs_when_its_plan_asks_and_they_are_possible(monkeypatch)
 def test_a_model_with_routed_experts_trains_eagerly(tmp_path):
     """Routing reads on the host which experts got tokens: no capture is attempted for MoE models,
     NF4 (experts swapped for NF4Experts) or bf16 (transformers' fused experts kept)."""
+    import json
+
     from test_train_moe import qwen3_moe_config
     from train_fixtures import build_model, llama_config
+    from vramplan.arch import from_config
     from vramplan.train.graphs import routes_experts
     from vramplan.train.model import load_for_training
 
     moe = build_model(qwen3_moe_config(), tmp_path / "moe")
+    # the planner reads the same saved config and agrees (vramplan.stacks.vramplan.graphs_apply)
+    assert from_config(json.loads((moe / "config.json").read_text())).routes_experts
     for quant in ("nf4", "bf16"):
         model, _ = load_for_training(moe, Plan(model="tiny", quant=quant, lora_rank=4, seq_len=24), torch.device("cpu"))
         assert routes_experts(model)
@@ -129,3 +134,4 @@ def test_a_model_with_routed_experts_trains_eagerly(tmp_path):
     dense, _ = load_for_training(build_model(llama_config(), tmp_path / "llama"), Plan(model="tiny", lora_rank=4, seq_len=24),
                                  torch.device("cpu"))
     assert not routes_experts(dense)
+    assert not from_config(json.loads((tmp_path / "llama" / "config.json").read_text())).routes_experts
