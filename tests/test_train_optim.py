@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from vramplan.train.optim import PAGED_MIN_NUMEL, eight_bit_adamw, pooled_layout
+from vramplan.train.optim import eight_bit_adamw
 
 
 @pytest.mark.parametrize("paged", [True, False])
@@ -34,39 +34,6 @@ def test_same_updates_as_bitsandbytes(paged):
 
 
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
-
-
-def test_pooled_layout_gives_each_state_its_own_aligned_slot():
-    offsets, total = pooled_layout([100_000, 131_072, 5], itemsize=1)
-    assert offsets == [0, 2 * 100_096, 2 * 100_096 + 2 * 131_072]
-    assert total == offsets[-1] + 2 * 256 and all(o % 256 == 0 for o in offsets)
-    assert pooled_layout([10], itemsize=4, states=1) == ([0], 256)
-
-
-@pytest.mark.gpu
-def test_pooled_paged_states_share_one_buffer_and_step_as_bitsandbytes():
-    """Paged states carved from one managed buffer: the same updates as bitsandbytes' per-state buffers."""
-    bnb = pytest.importorskip("bitsandbytes")
-    torch.manual_seed(0)
-    start = [torch.randn(16, 8192, device="cuda"), torch.randn(PAGED_MIN_NUMEL + 3, device="cuda"),
-             torch.randn(300, 16, device="cuda")]  # two paged (one not 256-aligned), one plain 8-bit state
-    ours = [torch.nn.Parameter(t.clone()) for t in start]
-    theirs = [torch.nn.Parameter(t.clone()) for t in start]
-    opt_theirs = bnb.optim.PagedAdamW8bit(theirs, lr=1e-2, weight_decay=0.01)
-    opt_ours = eight_bit_adamw(True, flat=False)(ours, lr=1e-2, weight_decay=0.01)
-    for _ in range(3):
-        for a, b in zip(ours, theirs):
-            g = torch.randn_like(a)
-            a.grad, b.grad = g.clone(), g.clone()
-        opt_theirs.step()
-        opt_ours.step()
-    for a, b in zip(ours, theirs):
-        assert torch.equal(a, b)
-    pool = opt_ours._paged_pool["buffer"]
-    paged = [opt_ours.state[p][k] for p in ours[:2] for k in ("state1", "state2")]
-    assert all(getattr(s, "is_paged", False) for s in paged)
-    assert {s.untyped_storage().data_ptr() for s in paged} == {pool.untyped_storage().data_ptr()}
-    assert not getattr(opt_ours.state[ours[2]]["state1"], "is_paged", False)
 
 
 @pytest.mark.parametrize("device", DEVICES)

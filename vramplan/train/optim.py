@@ -147,54 +147,6 @@ class _OneSyncPerStep:
         return loss
 
 
-#: bitsandbytes pages the states of a parameter of at least this many values (smaller ones stay in
-#: plain device tensors): ``Optimizer8bit.get_state_buffer``.
-PAGED_MIN_NUMEL = 100_000
-
-
-def pooled_layout(numels: list[int], itemsize: int, states: int = 2, align: int = 256) -> tuple[list[int], int]:
-    """Byte offsets of each parameter's first state in one pool, and the pool's size: ``states``
-    consecutive slots of ``numel * itemsize`` bytes a parameter, every slot starting on ``align`` bytes."""
-    offsets, total = [], 0
-    for numel in numels:
-        offsets.append(total)
-        total += states * (-(-numel * itemsize // align) * align)
-    return offsets, total
-
-
-class _PooledPagedStates:
-    """Mixed in before a paged bitsandbytes optimizer: every paged state is a view of one managed buffer.
-
-    bitsandbytes gives each paged state its own cudaMallocManaged allocation (two per parameter of
-    100k values or more: 96 for Llama-3.2-1B at rank 16). Managed allocations are not torch's,
-    and on the H100 NVML counted far more device memory for them than their bytes; one pool,
-    filled and prefetched as one range, holds the same states. A request the pool was not sized
-    for (another dtype, a parameter added later) gets bitsandbytes' own buffer.
-    """
-
-    def get_state_buffer(self, p, dtype=torch.float32):
-        if not self.is_paged or p.device.type != "cuda" or p.numel() < PAGED_MIN_NUMEL:
-            return super().get_state_buffer(p, dtype)
-        pool = getattr(self, "_paged_pool", None)
-        if pool is None:
-            import bitsandbytes.functional as F
-
-            numels = [q.numel() for group in self.param_groups for q in group["params"] if q.numel() >= PAGED_MIN_NUMEL]
-            _, total = pooled_layout(numels, torch.empty(0, dtype=dtype).element_size())
-            pool = self._paged_pool = {"buffer": F.get_paged(total, dtype=torch.uint8, device=p.device),
-                                       "dtype": dtype, "next": 0}
-            F.fill(pool["buffer"], 0)
-            self.page_mng.paged_tensors.append(pool["buffer"])
-        nbytes = p.numel() * torch.empty(0, dtype=dtype).element_size()
-        start = pool["next"]
-        if dtype != pool["dtype"] or start + nbytes > pool["buffer"].numel():
-            return super().get_state_buffer(p, dtype)
-        pool["next"] = start + -(-nbytes // 256) * 256
-        view = pool["buffer"][start:start + nbytes].view(dtype).view(p.shape)
-        view.is_paged, view.page_deviceid = True, p.device.index
-        return view
-
-
 def flat_update_pays(model, plan=None) -> bool:
     """Whether to step the adapters as one flat tensor for this model: when the plan asks for it
     (``plan.steps_flat``) or the environment switches it on (``VRAMPLAN_ENABLE=flat_optimizer``),
@@ -217,13 +169,13 @@ def model_type(model) -> str:
 
 
 @functools.lru_cache(maxsize=None)
-def eight_bit_adamw(paged: bool, flat: bool = True, pooled: bool = True) -> type:
-    """The bitsandbytes class for the plan's optimizer, with one sync per step, (``flat``) one
-    flat tensor for all the parameters it is given and (``pooled``, paged only) its paged states in
-    one managed buffer (one class per kind, made on first use: importing bitsandbytes is slow and
-    loud). ``flat=False`` where something else owns the parameters' storage (FSDP)."""
+def eight_bit_adamw(paged: bool, flat: bool = True) -> type:
+    """The bitsandbytes class for the plan's optimizer, with one sync per step and (``flat``) one
+    flat tensor for all the parameters it is given (one class per kind, made on first use:
+    importing bitsandbytes is slow and loud). ``flat=False`` where something else owns the
+    parameters' storage (FSDP)."""
     import bitsandbytes as bnb
 
     base = bnb.optim.PagedAdamW8bit if paged else bnb.optim.AdamW8bit
-    mixins = ((_OneFlatTensor,) if flat else ()) + (_OneSyncPerStep,) + ((_PooledPagedStates,) if paged and pooled else ())
+    mixins = (_OneFlatTensor, _OneSyncPerStep) if flat else (_OneSyncPerStep,)
     return type(base.__name__, (*mixins, base), {"__doc__": base.__doc__, "__module__": __name__})
