@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from vramplan.calibrate import refuse_if_over, run_calibration
 from vramplan.calibration import (CalibrationKey, CalibrationPoint, add_point, apply_calibration, cache_dir,
                                   calibration_for, find_calibration, fit_correction, new_calibration, point_from,
-                                  read_calibration_file, split_estimate)
+                                  read_calibration_file, shipped_dir, split_estimate)
 from vramplan.catalog import resolve_model
 from vramplan.cli import main
 from vramplan.errors import VramplanError
@@ -83,6 +83,74 @@ def test_apply_keeps_the_context_sums_the_components_and_says_so():
     assert apply_calibration(est, None) == (est, None)
 
 
+def _model_points(model, departures):
+    """Real estimates of ``model`` at the given plans, 'measured' as ``factor · predicted + extra`` bytes."""
+    points = []
+    for changes, factor, extra in departures:
+        est = estimate_plan(Plan(model=model, **changes), resolve_model(model))
+        points.append(point_from(est, int(factor * sum(split_estimate(est)) + extra)))
+    return points
+
+
+def test_one_models_points_get_no_offsets():
+    """One model's points are the family fit already: an offset would be a free intercept."""
+    assert fit_correction(_points(1.1, 0.9)[:3])["model_offsets"] == {}
+    assert fit_correction(_points(1.1, 0.9)[:1])["model_offsets"] == {}
+
+
+def test_pooled_models_each_reproduce_their_own_runs():
+    """Two models in one family, each off the estimate its own way (a fixed 0.3 GB on the small one,
+    measured 6% under its estimate on the large one): the shared fit cannot pass through both, the model offsets make each
+    model's corrected estimate its own measurement again (a single run exactly, two runs on average: the
+    shape-dependent part of a departure stays with the shared factors), and a third model gets the shared fit alone."""
+    small = _model_points("llama-3.2-1b", [(dict(seq_len=512), 1.0, 3e8)])
+    large = _model_points("llama-3.1-8b", [(dict(seq_len=8192), 0.94, 0), (dict(seq_len=4096), 0.94, 0)])
+    fit = fit_correction(small + large)
+    calibration = new_calibration(KEY, small + large)
+    assert set(fit["model_offsets"]) == {"llama-3.2-1b", "llama-3.1-8b"} and fit["model_offsets"]["llama-3.2-1b"] > 0
+    [one] = small
+    assert calibration.correct(one.static_bytes, one.per_token_bytes, one.model) == pytest.approx(one.measured_bytes, abs=2)
+    residuals = [p.measured_bytes - calibration.correct(p.static_bytes, p.per_token_bytes, p.model) for p in large]
+    assert sum(residuals) == pytest.approx(0, abs=4) and max(map(abs, residuals)) < 0.02 * large[0].measured_bytes
+    shared = fit["a"] * one.static_bytes + fit["b"] * one.per_token_bytes + fit["c"]
+    assert calibration.correct(one.static_bytes, one.per_token_bytes, "llama-3.2-3b") == pytest.approx(shared)
+    # without the offsets the pooled fit would miss the small model's own run by more than 3%
+    assert abs(shared - one.measured_bytes) > 0.03 * one.measured_bytes
+
+
+def test_apply_adds_the_estimated_models_offset():
+    small = _model_points("llama-3.2-1b", [(dict(seq_len=512), 1.0, 3e8)])
+    calibration = new_calibration(KEY, small + _model_points("llama-3.1-8b", [(dict(seq_len=8192), 0.94, 0)]))
+    est = estimate_plan(Plan(model="llama-3.2-1b", seq_len=512), resolve_model("llama-3.2-1b"))
+    corrected, _ = apply_calibration(est, calibration)
+    assert corrected.components["calibration_offset"] == round(calibration.offset_for("llama-3.2-1b"))
+    above = corrected.peak_bytes - est.components["cuda_context"]
+    assert above == pytest.approx(small[0].measured_bytes, abs=len(corrected.components))
+    assert "offsets for 2 models" in calibration.describe()
+
+
+def test_files_written_before_model_offsets_still_load_and_mean_what_they_meant(tmp_path):
+    calibration = new_calibration(KEY, _points(1.1, 0.9)[:3])
+    old = calibration.to_dict()
+    old["fit"] = {k: old["fit"][k] for k in ("kind", "a", "b")}  # the oldest form: no intercept, no offsets
+    (tmp_path / "old.json").write_text(json.dumps([old]))
+    [read] = read_calibration_file(tmp_path / "old.json")
+    assert read.fit["model_offsets"] == {} and read.fit["c"] == 0.0 and read.points == calibration.points
+    static, per_token = split_estimate(_estimate(seq_len=2048))
+    assert read.correct(static, per_token, "llama-3.2-1b") == pytest.approx(old["fit"]["a"] * static + old["fit"]["b"] * per_token)
+    shipped = sorted(shipped_dir().glob("*.json"))
+    assert shipped and all(isinstance(c.fit["model_offsets"], dict) for path in shipped for c in read_calibration_file(path))
+
+
+def test_malformed_model_offsets_name_the_file(tmp_path):
+    entry = new_calibration(KEY, _points(1.1, 0.9)[:1]).to_dict()
+    for bad in ({"llama-3.2-1b": "lots"}, [1, 2]):
+        entry["fit"]["model_offsets"] = bad
+        (tmp_path / "bad.json").write_text(json.dumps(entry))
+        with pytest.raises(VramplanError, match="bad.json"):
+            read_calibration_file(tmp_path / "bad.json")
+
+
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):
     monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path / "mine"))
     assert cache_dir() == tmp_path / "mine" / "calibration"
@@ -96,7 +164,7 @@ def test_store_round_trip_adds_points_and_refits(tmp_path):
     add_point(KEY, first, tmp_path)
     stored = add_point(KEY, second, tmp_path)
     [read] = read_calibration_file(tmp_path / f"{KEY.slug()}.json")
-    assert read.key == KEY and len(read.points) == 2 and read.fit == pytest.approx(stored.fit)
+    assert read.key == KEY and len(read.points) == 2 and read.fit == stored.fit  # JSON keeps floats exact
     assert read.fit["kind"] == "linear" and read.created.startswith("20")
     assert find_calibration("h100", "llama", "vramplan", directories=[tmp_path]).points == read.points
     assert find_calibration("h100", "qwen3", "vramplan", directories=[tmp_path]) is None

@@ -4,7 +4,7 @@ A calibration belongs to one (GPU, driver major, torch minor, model family, stac
 allocator, cuBLAS and the kernels really take differs along each of those, and nowhere else
 can the estimate be trusted to generalise. It holds measured points and one small fit:
 
-    measured ≈ a · static + b · per_token + c
+    measured ≈ a · static + b · per_token + c + offset[model]
 
 where ``static`` is the estimate's bytes that do not grow with the tokens of a micro-batch
 (weights, adapters, optimizer states, libraries) and ``per_token`` those that do (activations,
@@ -14,10 +14,27 @@ per-token bytes too close for a 128 MiB reading step to leave ``b`` within ±10%
 single ratio over all the points; the intercept is fitted only from five points on, so two or
 three points never buy a free parameter.
 
+Two levels, because a family's calibration pools the models measured in it (Llama-3.2-1B and
+Llama-3.1-8B land in one ``llama`` calibration). The factors are the family's: how its layers'
+activations, logits and allocator segments scale with shape is a property of the architecture and
+the stack, and every model's points inform them. What a model's own runs show beyond that shared
+fit is kept as that model's offset in bytes (``model_offsets``): bytes no tensor of the plan
+accounts for and no factor should scale, the memory outside torch's pool (kernel images, the
+driver's local-memory reservation, which step with the kernels cuBLAS picks for that model's
+widths: 0.14-0.16 GB in every hf-stack run of Qwen3-0.6B on the H100, 0.27-0.29 GB in the other
+models') and the allocator segments its layer sizes leave. Without it one model's error leaks into
+another's prediction through the pooled ratio, and a calibration no longer reproduces the very run
+it measured: on the H100's hf stack Llama-3.1-8B's 0.9 GB over-prediction pulled the ``llama``
+ratio to 0.95 and Llama-3.2-1B's calibration run, which the estimate missed by 1.6%, came out 6.4%
+under its own measurement. The offsets are fitted only where the points span two models or more;
+one model's points are the family fit already, and an offset there would be the intercept three
+points must not buy. A model with no points of its own gets the family fit alone.
+
 Where they live: the user's cache (``$VRAMPLAN_CACHE``, else ``$XDG_CACHE_HOME/vramplan``, else
 ``~/.cache/vramplan``), under ``calibration/``, one file per key; and the ones this project
 measured itself in ``profiles/calibration/*.json`` (a file may hold a list). A file's entry is
-``{"key": {...}, "points": [...], "fit": {...}, "created": ISO date}``.
+``{"key": {...}, "points": [...], "fit": {...}, "created": ISO date}``; a fit written before the
+per-model offsets existed (no ``model_offsets``) reads as having none.
 """
 
 from __future__ import annotations
@@ -96,15 +113,21 @@ class Calibration:
     created: str
     source: str = ""
 
-    def correct(self, static: float, per_token: float) -> float:
-        """Measured-equivalent bytes above the CUDA context for an estimate with these parts."""
-        return self.fit["a"] * static + self.fit["b"] * per_token + self.fit.get("c", 0.0)
+    def offset_for(self, model: str | None) -> float:
+        """The bytes added to every corrected estimate of ``model``: the intercept and the model's own offset."""
+        return self.fit.get("c", 0.0) + self.fit.get("model_offsets", {}).get(model, 0.0)
+
+    def correct(self, static: float, per_token: float, model: str | None = None) -> float:
+        """Measured-equivalent bytes above the CUDA context for an estimate of ``model`` with these parts."""
+        return self.fit["a"] * static + self.fit["b"] * per_token + self.offset_for(model)
 
     def describe(self) -> str:
         n = sum(p.fitted for p in self.points)
         where = f" from {self.source}" if self.source else ""
+        models = len(self.fit.get("model_offsets", {}))
+        per_model = f" with offsets for {models} models" if models else ""
         return (f"calibrated with {self.key.gpu}/{self.key.family}/{self.key.stack}{where} "
-                f"({n} point{'s' if n != 1 else ''}, {self.created[:10]}, {self.fit['kind']} fit)")
+                f"({n} point{'s' if n != 1 else ''}, {self.created[:10]}, {self.fit['kind']} fit{per_model})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key.to_dict(), "points": [dataclasses.asdict(p) for p in self.points],
@@ -132,6 +155,18 @@ def _ratio(points: list[CalibrationPoint]) -> dict[str, Any]:
     return {"kind": "ratio", "a": ratio, "b": ratio, "c": 0.0}
 
 
+def _model_offsets(fit: dict[str, Any], points: list[CalibrationPoint]) -> dict[str, float]:
+    """Each model's mean departure (bytes) from the family's fit, where the points span two models or
+    more; none for one model's points (its own fit already, and an offset would be a free intercept)."""
+    by_model: dict[str, list[float]] = {}
+    for p in points:
+        shared = fit["a"] * p.static_bytes + fit["b"] * p.per_token_bytes + fit["c"]
+        by_model.setdefault(p.model, []).append(p.measured_bytes - shared)
+    if len(by_model) < 2:
+        return {}
+    return {model: float(sum(residuals) / len(residuals)) for model, residuals in sorted(by_model.items())}
+
+
 def _solve(rows: list[list[float]], targets: list[float], noise: float = 0.0) -> list[float] | None:
     """Least squares by the normal equations (2 or 3 unknowns); None when singular, or when a
     measurement error of ``noise`` (in the rows' units) would move a or b by more than
@@ -148,11 +183,17 @@ def _solve(rows: list[list[float]], targets: list[float], noise: float = 0.0) ->
 
 
 def fit_correction(points: list[CalibrationPoint]) -> dict[str, Any]:
-    """The correction for these points: linear in the two parts where the points pin both factors
-    down against the measurement noise (``MAX_FACTOR_ERROR``), else one ratio over all of them."""
+    """The correction for these points: the family's factors (linear in the two parts where the points
+    pin both down against the measurement noise, ``MAX_FACTOR_ERROR``, else one ratio over all of them)
+    and, where the points span several models, each model's offset from that shared fit."""
     usable = [p for p in points if p.fitted and p.predicted_bytes > 0]
     if not usable:
         raise VramplanError("a calibration needs at least one run that fitted; calibrate a smaller plan first")
+    fit = _family_fit(usable)
+    return fit | {"model_offsets": _model_offsets(fit, usable)}
+
+
+def _family_fit(usable: list[CalibrationPoint]) -> dict[str, Any]:
     if len(usable) < 2:
         return _ratio(usable)
     scale = 1e9  # gigabytes keep the normal equations well conditioned
@@ -168,13 +209,13 @@ def fit_correction(points: list[CalibrationPoint]) -> dict[str, Any]:
 def apply_calibration(est: Estimate, calibration: Calibration | None) -> tuple[Estimate, str | None]:
     """The estimate corrected by ``calibration`` (or unchanged with None), and a note saying which one.
 
-    Static components are scaled by ``a``, per-token ones by ``b``, the intercept becomes a
-    ``calibration_offset`` component, the CUDA context is kept; the phases are scaled by the
-    peak's ratio above the context (the fit was made on peaks, not on phases).
+    Static components are scaled by ``a``, per-token ones by ``b``, the intercept and the estimated
+    model's own offset become a ``calibration_offset`` component, the CUDA context is kept; the
+    phases are scaled by the peak's ratio above the context (the fit was made on peaks, not on phases).
     """
     if calibration is None:
         return est, None
-    a, b, c = calibration.fit["a"], calibration.fit["b"], calibration.fit.get("c", 0.0)
+    a, b, c = calibration.fit["a"], calibration.fit["b"], calibration.offset_for(est.model)
     components = {}
     for name, value in est.components.items():
         if name in UNCORRECTED:
@@ -217,7 +258,9 @@ def _entry(data: Any, where: str) -> Calibration:
         key = CalibrationKey(**data["key"])
         points = tuple(CalibrationPoint(**p) for p in data["points"])
         fit = {k: data["fit"][k] for k in ("kind", "a", "b")} | {"c": data["fit"].get("c", 0.0)}
-    except (TypeError, KeyError) as err:
+        # files written before per-model offsets existed have none: the family fit alone, as then
+        fit["model_offsets"] = {str(m): float(v) for m, v in data["fit"].get("model_offsets", {}).items()}
+    except (TypeError, KeyError, ValueError, AttributeError) as err:
         raise VramplanError(f"{where}: malformed calibration ({err}); delete or fix the file") from None
     return Calibration(key=key, points=points, fit=fit, created=str(data.get("created", "")), source=where)
 
@@ -277,7 +320,7 @@ def add_points(key: CalibrationKey, new_points: list[CalibrationPoint], director
     points = list(read_calibration_file(path)[0].points) if path.exists() else []
     points.extend(new_points)
     if not any(p.fitted for p in points):  # only OOMs so far: keep them, nothing to fit yet
-        calibration = Calibration(key=key, points=tuple(points), fit={"kind": "none", "a": 1.0, "b": 1.0, "c": 0.0},
+        calibration = Calibration(key=key, points=tuple(points), fit={"kind": "none", "a": 1.0, "b": 1.0, "c": 0.0, "model_offsets": {}},
                                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     else:
         calibration = new_calibration(key, points)
