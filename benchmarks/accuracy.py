@@ -10,7 +10,8 @@ plan's shape and the same plan at half the sequence; here, per (stack, model), t
 first configuration listed and the row with the same plan at a shorter sequence, the one
 closest to half (``shorter_partner``; none in the data: the first row alone, a one-ratio fit).
 The points land in the calibration of the model's family, as they would in the user's store,
-and each row is corrected by its family's. Every measured row is kept, repeats too (a
+and each row is corrected by its family's calibration, with its own model's offset where the
+family pools several models (vramplan.calibration). Every measured row is kept, repeats too (a
 configuration measured again in a later session); a repeat of a calibration configuration is
 counted neither as calibration nor as held out. It writes
 benchmarks/results/accuracy.json (one row per configuration), accuracy.md (the tables),
@@ -60,7 +61,8 @@ def _row(record: dict, stack: str) -> dict | None:
     plan = Plan.from_dict(record["plan"]) if isinstance(record.get("plan"), dict) else plan_of(record, stack)
     profile = resolve_model(plan.model)
     return {"stack": plan.stack, "plan": plan, "profile": profile, "measured": record["nvml_used_delta"],
-            "peak_alloc": record.get("peak_alloc"), "peak_reserved": record.get("peak_reserved"), "gpu": record.get("gpu", GPU), "estimate": estimate_plan(plan, profile)}
+            "peak_alloc": record.get("peak_alloc"), "peak_reserved": record.get("peak_reserved"),
+            "gpu": record.get("gpu", GPU), "estimate": estimate_plan(plan, profile)}
 
 
 def measured_rows(extra: Path | None = MEASURED) -> list[dict]:

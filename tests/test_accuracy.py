@@ -78,7 +78,8 @@ def test_errors_against_the_issue_targets(built):
     2.1% / 6.3% (hf Llama-3.1-8B at 4,096 tokens, calibrated from its 2,048-token run alone). The
     worst rows are ~2 GB trainer runs whose memory outside torch's pool read 0.15 GB where the
     calibration runs read 0.29 (NVML's 128 MiB steps, ±7% of such a run), which no correction can
-    know in advance: torch's own reserved peak of those runs is within 2% of the estimate's."""
+    know in advance: torch's own reserved peak of those runs is within 2% of the calibrated
+    prediction less the libraries."""
     stats = built[1]["summary"]
     assert stats["uncalibrated_all"]["n"] >= 50
     assert stats["uncalibrated_all"]["mean"] <= 0.08 and stats["uncalibrated_all"]["max"] <= 0.15
@@ -89,7 +90,7 @@ def test_errors_against_the_issue_targets(built):
 
 def test_the_worst_small_runs_are_the_outside_pool_step(built):
     """Every held-out trainer run the calibration misses by more than 5% read its memory outside torch's
-    pool a 128 MiB step away from the calibration runs' 0.29 GB, and its reserved pool is within 3% of
+    pool a 128 MiB step away from the calibration runs' 0.29 GB, and its reserved pool is within 2% of
     the calibrated prediction less the libraries the planner counts."""
     worst = [r for r in built[1]["rows"] if r["role"] == "held out" and r["stack"] == "vramplan"
              and abs(r["error_calibrated"]) > 0.05]
@@ -98,7 +99,7 @@ def test_the_worst_small_runs_are_the_outside_pool_step(built):
     for r in worst:
         assert abs(r["measured_bytes"] - r["measured_peak_reserved"] - libraries) > 0.1e9
         pool = r["calibrated_bytes"] - libraries
-        assert abs(pool - r["measured_peak_reserved"]) < 0.03 * r["measured_peak_reserved"]
+        assert abs(pool - r["measured_peak_reserved"]) < 0.02 * r["measured_peak_reserved"]
 
 
 def test_calibration_runs_reproduce_their_own_measurement(built):

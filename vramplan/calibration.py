@@ -24,7 +24,7 @@ driver's local-memory reservation, which step with the kernels cuBLAS picks for 
 widths: 0.14-0.16 GB in every hf-stack run of Qwen3-0.6B on the H100, 0.27-0.29 GB in the other
 models') and the allocator segments its layer sizes leave. Without it one model's error leaks into
 another's prediction through the pooled ratio, and a calibration no longer reproduces the very run
-it measured: on the H100's hf stack Llama-3.1-8B's 0.9 GB over-prediction pulled the ``llama``
+it measured: on the H100's hf stack Llama-3.1-8B's 1.0 GB over-prediction pulled the ``llama``
 ratio to 0.95 and Llama-3.2-1B's calibration run, which the estimate missed by 1.6%, came out 6.4%
 under its own measurement. The offsets are fitted only where the points span two models or more;
 one model's points are the family fit already, and an offset there would be the intercept three
