@@ -4,37 +4,42 @@ A calibration belongs to one (GPU, driver major, torch minor, model family, stac
 allocator, cuBLAS and the kernels really take differs along each of those, and nowhere else
 can the estimate be trusted to generalise. It holds measured points and one small fit:
 
-    measured ≈ a · static + b · per_token + c + offset[model]
+    measured ≈ a · static + b · per_token + c
 
 where ``static`` is the estimate's bytes that do not grow with the tokens of a micro-batch
 (weights, adapters, optimizer states, libraries) and ``per_token`` those that do (activations,
-logits, fragmentation), both above the CUDA context, which NVML's deltas exclude too. With one
-point, or points that cannot separate the two parts against the measurement noise (their
-per-token bytes too close for a 128 MiB reading step to leave ``b`` within ±10%), the fit is a
-single ratio over all the points; the intercept is fitted only from five points on, so two or
-three points never buy a free parameter.
+logits, fragmentation), both above the CUDA context, which NVML's deltas exclude too.
 
-Two levels, because a family's calibration pools the models measured in it (Llama-3.2-1B and
-Llama-3.1-8B land in one ``llama`` calibration). The factors are the family's: how its layers'
-activations, logits and allocator segments scale with shape is a property of the architecture and
-the stack, and every model's points inform them. What a model's own runs show beyond that shared
-fit is kept as that model's offset in bytes (``model_offsets``): bytes no tensor of the plan
-accounts for and no factor should scale, the memory outside torch's pool (kernel images, the
-driver's local-memory reservation, which step with the kernels cuBLAS picks for that model's
-widths: 0.14-0.16 GB in every hf-stack run of Qwen3-0.6B on the H100, 0.27-0.29 GB in the other
-models') and the allocator segments its layer sizes leave. Without it one model's error leaks into
-another's prediction through the pooled ratio, and a calibration no longer reproduces the very run
-it measured: on the H100's hf stack Llama-3.1-8B's 1.0 GB over-prediction pulled the ``llama``
-ratio to 0.95 and Llama-3.2-1B's calibration run, which the estimate missed by 1.6%, came out 6.4%
-under its own measurement. The offsets are fitted only where the points span two models or more;
-one model's points are the family fit already, and an offset there would be the intercept three
-points must not buy. A model with no points of its own gets the family fit alone.
+Only shapes of one configuration (a plan up to its sequence length: a calibration's plan and its
+half-length twin) separate the two parts, since they share the static bytes; so ``b`` comes from
+those pairs alone, and ``a`` from what ``b`` leaves of every point. Runs of different configurations
+differ in both parts and each carries its own error, which a fit across them would hand to ``a`` or
+``b`` by the accident of which one has more static bytes. Where no configuration's shapes pin ``b``
+down against the measurement noise (their per-token bytes too close for a 128 MiB reading step to
+leave ``b`` within ±10%), the fit is a single ratio over all the points; the intercept is fitted only
+from five points on, so two or three points never buy a free parameter.
+
+The fit is exact on its points; how much of it carries over to a plan it did not measure is a
+second question. A calibration's departure from the estimate is part the key's, which every
+configuration repeats and which the correction is for, and part its configuration's own, which the
+next one draws anew: the allocator's cached segments for those block sizes, the 128 MiB step NVML
+read outside torch's pool in that process. On the committed H100 runs the two are about equally
+large (the planner's error spreads by ``CONFIGURATION_SPREAD`` between configurations of one stack
+and family, the families' mean errors by ``KEY_SPREAD`` beyond what that spread alone makes of a
+mean of a few runs), so carrying the whole departure over adds a second configuration error for each
+one it removes. The best linear estimate of the key's part is the departure times
+``transfer_weight`` = K² / (K² + C² / m), m the configurations measured (0.43 for one, 0.60 for
+two): the factors are moved that share of the way from 1, the intercept from 0. A plan the
+calibration measured itself gets its measurement (its own configuration error is known there).
+Over 150 random choices of each model's calibrating configuration on the committed runs
+(benchmarks/results/accuracy.md), the held-out error was 3.5% mean with a fit across
+configurations applied in full, 3.3% with ``b`` from shape pairs, 2.9% with the share, against 3.1%
+uncalibrated.
 
 Where they live: the user's cache (``$VRAMPLAN_CACHE``, else ``$XDG_CACHE_HOME/vramplan``, else
 ``~/.cache/vramplan``), under ``calibration/``, one file per key; and the ones this project
 measured itself in ``profiles/calibration/*.json`` (a file may hold a list). A file's entry is
-``{"key": {...}, "points": [...], "fit": {...}, "created": ISO date}``; a fit written before the
-per-model offsets existed (no ``model_offsets``) reads as having none.
+``{"key": {...}, "points": [...], "fit": {...}, "created": ISO date}``.
 """
 
 from __future__ import annotations
@@ -51,6 +56,7 @@ from typing import Any
 from vramplan.catalog import ModelProfile, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.estimate import Estimate
+from vramplan.plan import Plan
 
 #: Estimate components that grow with the tokens of a micro-batch; the rest (less the context) is static.
 PER_TOKEN_COMPONENTS = ("activations", "logits_loss", "per_layer_inputs", "shared_kv", "fragmentation")
@@ -68,6 +74,13 @@ MEASUREMENT_NOISE_BYTES = 64 * 2**20
 #: error); two shapes a few hundred MB apart in per-token bytes cannot pin ``b`` down, and a
 #: ``b`` of 2 fitted from noise doubles every other length's activations.
 MAX_FACTOR_ERROR = 0.1
+#: How far the planner's relative error moves between configurations of one stack and family (its
+#: standard deviation within a family, 3.0% over the 52 H100 runs of benchmarks/results/accuracy.json,
+#: uncalibrated): the allocator's segments for each shape, NVML's steps outside torch's pool.
+CONFIGURATION_SPREAD = 0.030
+#: How far a stack and family's own mean error sits from zero (standard deviation, same runs): the 7
+#: families' means spread by 2.9%, of which about 1.3% is CONFIGURATION_SPREAD averaged over their 4-9 runs.
+KEY_SPREAD = 0.026
 
 
 @dataclass(frozen=True)
@@ -113,21 +126,36 @@ class Calibration:
     created: str
     source: str = ""
 
-    def offset_for(self, model: str | None) -> float:
-        """The bytes added to every corrected estimate of ``model``: the intercept and the model's own offset."""
-        return self.fit.get("c", 0.0) + self.fit.get("model_offsets", {}).get(model, 0.0)
+    def measured_for(self, est: Estimate) -> float | None:
+        """What this calibration measured for the estimate's very plan (the mean of its runs), or None."""
+        runs = [p.measured_bytes for p in self.points if p.fitted and p.model == est.model and _same_plan(p.plan, est.plan)]
+        return sum(runs) / len(runs) if runs else None
 
-    def correct(self, static: float, per_token: float, model: str | None = None) -> float:
-        """Measured-equivalent bytes above the CUDA context for an estimate of ``model`` with these parts."""
-        return self.fit["a"] * static + self.fit["b"] * per_token + self.offset_for(model)
+    def factors_for(self, est: Estimate) -> tuple[float, float, float]:
+        """(a, b, c) applied to this estimate: the fit's where the calibration measured this plan,
+        else moved ``transfer_weight`` of the way from (1, 1, 0) toward them."""
+        a, b, c = self.fit["a"], self.fit["b"], self.fit.get("c", 0.0)
+        if self.measured_for(est) is not None:
+            return a, b, c
+        w = transfer_weight(self.points)
+        return 1 + w * (a - 1), 1 + w * (b - 1), w * c
+
+    def correct(self, est: Estimate) -> float:
+        """Measured-equivalent bytes above the CUDA context for this estimate: the measurement of its
+        plan where the calibration has one, else the transferred correction of its two parts."""
+        measured = self.measured_for(est)
+        if measured is not None:
+            return measured
+        a, b, c = self.factors_for(est)
+        static, per_token = split_estimate(est)
+        return a * static + b * per_token + c
 
     def describe(self) -> str:
         n = sum(p.fitted for p in self.points)
         where = f" from {self.source}" if self.source else ""
-        models = len(self.fit.get("model_offsets", {}))
-        per_model = f" with offsets for {models} models" if models else ""
+        share = f", {100 * transfer_weight(self.points):.0f}% carried to other plans" if n else ""
         return (f"calibrated with {self.key.gpu}/{self.key.family}/{self.key.stack}{where} "
-                f"({n} point{'s' if n != 1 else ''}, {self.created[:10]}, {self.fit['kind']} fit{per_model})")
+                f"({n} point{'s' if n != 1 else ''}, {self.created[:10]}, {self.fit['kind']} fit{share})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key.to_dict(), "points": [dataclasses.asdict(p) for p in self.points],
@@ -150,82 +178,129 @@ def point_from(est: Estimate, measured_above_context: int, fitted: bool = True) 
                             measured_bytes=int(measured_above_context), plan=est.plan.to_dict(), fitted=fitted)
 
 
+def _same_plan(stored: dict[str, Any], plan) -> bool:
+    """Whether a point's stored plan is this plan (a plan of an older or newer field set is not)."""
+    try:
+        return Plan.from_dict(stored) == plan
+    except VramplanError:
+        return False
+
+
+def _configuration(point: CalibrationPoint) -> tuple[str, str]:
+    """A point's configuration: its model and plan up to the sequence length (the half-length shape of a
+    calibration is the same configuration: it shares its plan's shapes and its process's readings)."""
+    return point.model, json.dumps({k: v for k, v in point.plan.items() if k != "seq_len"}, sort_keys=True)
+
+
+def configurations(points) -> int:
+    """How many configurations these points measured: plans up to their sequence length, since the
+    half-length shape of a calibration shares its plan's shapes and its process's readings."""
+    return len({_configuration(p) for p in points if p.fitted})
+
+
+def transfer_weight(points) -> float:
+    """The share of a fitted departure that carries to a plan the points did not measure: the key's part
+    of it as best estimated from ``configurations(points)`` configurations, each with its own error
+    (``CONFIGURATION_SPREAD``) on top of the key's (``KEY_SPREAD``)."""
+    m = configurations(points)
+    if m == 0:
+        return 0.0
+    return KEY_SPREAD**2 / (KEY_SPREAD**2 + CONFIGURATION_SPREAD**2 / m)
+
+
 def _ratio(points: list[CalibrationPoint]) -> dict[str, Any]:
     ratio = sum(p.measured_bytes for p in points) / sum(p.predicted_bytes for p in points)
     return {"kind": "ratio", "a": ratio, "b": ratio, "c": 0.0}
 
 
-def _model_offsets(fit: dict[str, Any], points: list[CalibrationPoint]) -> dict[str, float]:
-    """Each model's mean departure (bytes) from the family's fit, where the points span two models or
-    more; none for one model's points (its own fit already, and an offset would be a free intercept)."""
-    by_model: dict[str, list[float]] = {}
-    for p in points:
-        shared = fit["a"] * p.static_bytes + fit["b"] * p.per_token_bytes + fit["c"]
-        by_model.setdefault(p.model, []).append(p.measured_bytes - shared)
-    if len(by_model) < 2:
-        return {}
-    return {model: float(sum(residuals) / len(residuals)) for model, residuals in sorted(by_model.items())}
-
-
 def _solve(rows: list[list[float]], targets: list[float], noise: float = 0.0) -> list[float] | None:
-    """Least squares by the normal equations (2 or 3 unknowns); None when singular, or when a
-    measurement error of ``noise`` (in the rows' units) would move a or b by more than
-    ``MAX_FACTOR_ERROR`` (their standard errors, from the inverse of the normal matrix)."""
+    """Least squares by the normal equations (``a``, and an intercept where the rows have one); None when
+    singular, or when a measurement error of ``noise`` (in the rows' units) would move ``a`` by more than
+    ``MAX_FACTOR_ERROR`` (its standard error, from the inverse of the normal matrix)."""
     import numpy as np
 
     x, y = np.array(rows, dtype=float), np.array(targets, dtype=float)
     gram = x.T @ x
     if np.linalg.cond(gram) > 1e12:
         return None
-    if noise and max(np.sqrt(np.diag(np.linalg.inv(gram))[:2])) * noise > MAX_FACTOR_ERROR:
+    if noise and np.sqrt(np.linalg.inv(gram)[0, 0]) * noise > MAX_FACTOR_ERROR:
         return None
     return list(np.linalg.solve(gram, x.T @ y))
 
 
+def _per_token_factor(usable: list[CalibrationPoint], scale: float) -> float | None:
+    """``b`` from the shapes of each configuration against each other, or None where they cannot pin it
+    down against the measurement noise (``MAX_FACTOR_ERROR``).
+
+    Only shapes of one configuration separate the two parts: they share the static bytes (whatever small
+    difference their peak phases make is counted at face value) and differ in per-token ones. Points of
+    different configurations differ in both and each carries its own error (``CONFIGURATION_SPREAD``),
+    which a fit across them would hand to ``a`` or ``b`` by the accident of which configuration has more
+    static bytes: pooling Llama-3.2-1B's and Llama-3.1-8B's hf runs that way gave a = 0.70, b = 1.22.
+    """
+    groups: dict[tuple[str, str], list[CalibrationPoint]] = {}
+    for p in usable:
+        groups.setdefault(_configuration(p), []).append(p)
+    spread = covariance = 0.0
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        tokens = [p.per_token_bytes / scale for p in group]
+        rest = [(p.measured_bytes - p.static_bytes) / scale for p in group]
+        t_mean, r_mean = sum(tokens) / len(tokens), sum(rest) / len(rest)
+        spread += sum((t - t_mean) ** 2 for t in tokens)
+        covariance += sum((t - t_mean) * (r - r_mean) for t, r in zip(tokens, rest))
+    if spread == 0 or MEASUREMENT_NOISE_BYTES / scale / spread**0.5 > MAX_FACTOR_ERROR:
+        return None
+    return covariance / spread
+
+
 def fit_correction(points: list[CalibrationPoint]) -> dict[str, Any]:
-    """The correction for these points: the family's factors (linear in the two parts where the points
-    pin both down against the measurement noise, ``MAX_FACTOR_ERROR``, else one ratio over all of them)
-    and, where the points span several models, each model's offset from that shared fit."""
+    """The correction for these points: ``b`` from the shapes of each configuration where they pin it down
+    against the measurement noise, then ``a`` (and from five points on ``c``) by least squares on what is
+    left of every point; else one ratio over all of them."""
     usable = [p for p in points if p.fitted and p.predicted_bytes > 0]
     if not usable:
         raise VramplanError("a calibration needs at least one run that fitted; calibrate a smaller plan first")
-    fit = _family_fit(usable)
-    return fit | {"model_offsets": _model_offsets(fit, usable)}
-
-
-def _family_fit(usable: list[CalibrationPoint]) -> dict[str, Any]:
-    if len(usable) < 2:
-        return _ratio(usable)
     scale = 1e9  # gigabytes keep the normal equations well conditioned
-    with_intercept = len(usable) >= _MIN_POINTS_FOR_INTERCEPT
-    rows = [[p.static_bytes / scale, p.per_token_bytes / scale] + ([1.0] if with_intercept else []) for p in usable]
-    solved = _solve(rows, [p.measured_bytes / scale for p in usable], noise=MEASUREMENT_NOISE_BYTES / scale)
-    if solved is None or not all(_SANE[0] <= v <= _SANE[1] for v in solved[:2]):
+    b = _per_token_factor(usable, scale) if len(usable) >= 2 else None
+    if b is None:
         return _ratio(usable)
-    c = solved[2] * scale if with_intercept else 0.0
-    return {"kind": "linear", "a": float(solved[0]), "b": float(solved[1]), "c": float(c)}
+    with_intercept = len(usable) >= _MIN_POINTS_FOR_INTERCEPT
+    rows = [[p.static_bytes / scale] + ([1.0] if with_intercept else []) for p in usable]
+    targets = [(p.measured_bytes - b * p.per_token_bytes) / scale for p in usable]
+    solved = _solve(rows, targets, noise=MEASUREMENT_NOISE_BYTES / scale) if with_intercept else None
+    if solved is None:  # no intercept asked for, or the static bytes cannot separate one from ``a``
+        with_intercept, solved = False, _solve([r[:1] for r in rows], targets)
+    if solved is None or not all(_SANE[0] <= v <= _SANE[1] for v in (solved[0], b)):
+        return _ratio(usable)
+    c = solved[1] * scale if with_intercept else 0.0
+    return {"kind": "linear", "a": float(solved[0]), "b": float(b), "c": float(c)}
 
 
 def apply_calibration(est: Estimate, calibration: Calibration | None) -> tuple[Estimate, str | None]:
     """The estimate corrected by ``calibration`` (or unchanged with None), and a note saying which one.
 
-    Static components are scaled by ``a``, per-token ones by ``b``, the intercept and the estimated
-    model's own offset become a ``calibration_offset`` component, the CUDA context is kept; the
-    phases are scaled by the peak's ratio above the context (the fit was made on peaks, not on phases).
+    Static components are scaled by ``a``, per-token ones by ``b`` (``Calibration.factors_for``:
+    the fit's share that carries to this plan, or all of it for a plan the calibration measured), the
+    rest of ``Calibration.correct`` (the intercept; for a measured plan, what its measurement adds)
+    becomes a ``calibration_offset`` component, the CUDA context is kept; the phases are scaled by
+    the peak's ratio above the context (the fit was made on peaks, not on phases).
     """
     if calibration is None:
         return est, None
-    a, b, c = calibration.fit["a"], calibration.fit["b"], calibration.offset_for(est.model)
+    a, b, _ = calibration.factors_for(est)
     components = {}
     for name, value in est.components.items():
         if name in UNCORRECTED:
             components[name] = value
         else:
             components[name] = int(round(value * (b if name in PER_TOKEN_COMPONENTS else a)))
-    if round(c):
-        components["calibration_offset"] = int(round(c))
-    peak = sum(components.values())
     context = sum(est.components.get(k, 0) for k in UNCORRECTED)
+    offset = int(round(calibration.correct(est))) - (sum(components.values()) - context)
+    if abs(offset) > len(components):  # more than the scaled parts' rounding
+        components["calibration_offset"] = offset
+    peak = sum(components.values())
     scale = (peak - context) / max(est.peak_bytes - context, 1)
     phases = {k: int(round(context + (v - context) * scale)) for k, v in est.phases.items()}
     note = calibration.describe()
@@ -258,9 +333,7 @@ def _entry(data: Any, where: str) -> Calibration:
         key = CalibrationKey(**data["key"])
         points = tuple(CalibrationPoint(**p) for p in data["points"])
         fit = {k: data["fit"][k] for k in ("kind", "a", "b")} | {"c": data["fit"].get("c", 0.0)}
-        # files written before per-model offsets existed have none: the family fit alone, as then
-        fit["model_offsets"] = {str(m): float(v) for m, v in data["fit"].get("model_offsets", {}).items()}
-    except (TypeError, KeyError, ValueError, AttributeError) as err:
+    except (TypeError, KeyError) as err:
         raise VramplanError(f"{where}: malformed calibration ({err}); delete or fix the file") from None
     return Calibration(key=key, points=points, fit=fit, created=str(data.get("created", "")), source=where)
 
@@ -320,7 +393,7 @@ def add_points(key: CalibrationKey, new_points: list[CalibrationPoint], director
     points = list(read_calibration_file(path)[0].points) if path.exists() else []
     points.extend(new_points)
     if not any(p.fitted for p in points):  # only OOMs so far: keep them, nothing to fit yet
-        calibration = Calibration(key=key, points=tuple(points), fit={"kind": "none", "a": 1.0, "b": 1.0, "c": 0.0, "model_offsets": {}},
+        calibration = Calibration(key=key, points=tuple(points), fit={"kind": "none", "a": 1.0, "b": 1.0, "c": 0.0},
                                   created=datetime.now(timezone.utc).isoformat(timespec="seconds"))
     else:
         calibration = new_calibration(key, points)
