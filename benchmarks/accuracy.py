@@ -218,8 +218,9 @@ def markdown(rows: list[dict], stats: dict) -> str:
              "Calibrated as `vramplan calibrate` does, per stack and model: the first configuration listed and the same "
              "plan at a shorter sequence (closest to half) where the data has it; the points go to the model family's "
              "calibration, which corrects a plan it did not measure by the share of its fit that carries over to "
-             "another configuration (`vramplan.calibration.transfer_weight`). The calibrated error is over the held-out rows only; a repeat of a "
-             "calibration configuration counts neither way.", "",
+             "another configuration (`vramplan.calibration.transfer_weight`) and a plan it measured by its "
+             "measurement. The calibrated error is over the held-out rows only; a repeat of a calibration "
+             "configuration counts neither way.", "",
              "`outside pool GB`: the process memory less torch's reserved peak (kernel images, cuBLAS, the driver's "
              "local-memory reservation), which the planner counts as one constant: it steps by 128 MiB between runs "
              "of one plan (0.15 / 0.29 / 0.42 GB), a step no correction can know in advance.", "",
@@ -234,8 +235,9 @@ def markdown(rows: list[dict], stats: dict) -> str:
               "`transfer_weight`).", ""]
     robust = stats.get("random_splits")
     if robust:
-        lines += [f"Over {robust['splits']} random choices of each model's calibrating configuration (and its shorter "
-                  "twin), held-out rows only: the mean over draws of the mean and the max error, and the worst max.", ""]
+        lines += [f"Over {robust['splits']} random choices of each model's calibrating configuration (and its "
+                  "shorter twin), held-out rows only: the mean over draws of the mean and the max error, and the "
+                  "worst max.", ""]
         lines.append(tabulate(
             [[name, f"{100 * s['mean']:.2f}%", f"{100 * s['max']:.1f}%", f"{100 * s['worst_max']:.1f}%"]
              for name, s in robust.items() if isinstance(s, dict)],

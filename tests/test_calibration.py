@@ -104,7 +104,8 @@ def test_a_measured_plan_gets_its_measurement():
         assert calibration.correct(est) == point.measured_bytes
     other = _estimate(seq_len=1024)  # the same model at another length: not measured, the transferred fit
     w = transfer_weight(points)
-    assert calibration.correct(other) == pytest.approx((1 + w * (calibration.fit["a"] - 1)) * sum(split_estimate(other)))
+    transferred = (1 + w * (calibration.fit["a"] - 1)) * sum(split_estimate(other))
+    assert calibration.correct(other) == pytest.approx(transferred)
 
 
 def test_the_per_token_factor_comes_only_from_shapes_of_one_configuration():

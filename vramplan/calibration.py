@@ -51,7 +51,7 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from vramplan.catalog import ModelProfile, profiles_dir
 from vramplan.errors import VramplanError
@@ -128,7 +128,8 @@ class Calibration:
 
     def measured_for(self, est: Estimate) -> float | None:
         """What this calibration measured for the estimate's very plan (the mean of its runs), or None."""
-        runs = [p.measured_bytes for p in self.points if p.fitted and p.model == est.model and _same_plan(p.plan, est.plan)]
+        runs = [p.measured_bytes for p in self.points
+                if p.fitted and p.model == est.model and _same_plan(p.plan, est.plan)]
         return sum(runs) / len(runs) if runs else None
 
     def factors_for(self, est: Estimate) -> tuple[float, float, float]:
@@ -178,7 +179,7 @@ def point_from(est: Estimate, measured_above_context: int, fitted: bool = True) 
                             measured_bytes=int(measured_above_context), plan=est.plan.to_dict(), fitted=fitted)
 
 
-def _same_plan(stored: dict[str, Any], plan) -> bool:
+def _same_plan(stored: dict[str, Any], plan: Plan) -> bool:
     """Whether a point's stored plan is this plan (a plan of an older or newer field set is not)."""
     try:
         return Plan.from_dict(stored) == plan
@@ -187,18 +188,17 @@ def _same_plan(stored: dict[str, Any], plan) -> bool:
 
 
 def _configuration(point: CalibrationPoint) -> tuple[str, str]:
-    """A point's configuration: its model and plan up to the sequence length (the half-length shape of a
-    calibration is the same configuration: it shares its plan's shapes and its process's readings)."""
+    """A point's configuration: its model and plan up to the sequence length."""
     return point.model, json.dumps({k: v for k, v in point.plan.items() if k != "seq_len"}, sort_keys=True)
 
 
-def configurations(points) -> int:
+def configurations(points: Iterable[CalibrationPoint]) -> int:
     """How many configurations these points measured: plans up to their sequence length, since the
     half-length shape of a calibration shares its plan's shapes and its process's readings."""
     return len({_configuration(p) for p in points if p.fitted})
 
 
-def transfer_weight(points) -> float:
+def transfer_weight(points: Iterable[CalibrationPoint]) -> float:
     """The share of a fitted departure that carries to a plan the points did not measure: the key's part
     of it as best estimated from ``configurations(points)`` configurations, each with its own error
     (``CONFIGURATION_SPREAD``) on top of the key's (``KEY_SPREAD``)."""
