@@ -8,6 +8,7 @@ import pytest
 
 from benchmarks.accuracy import from_results
 from vramplan.calibration import read_calibration_file
+from vramplan.memory.overhead import cuda_library_bytes
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -72,16 +73,54 @@ def test_calibrated_as_vramplan_calibrate_would_and_held_out_on_the_rest(built):
 def test_errors_against_the_issue_targets(built):
     """Measured on the committed data (52 rows, 48 configurations, 4 architectures): uncalibrated
     3.2% mean / 7.4% max, inside the issue's 8% / 15%. Calibrated (two shapes per model and stack
-    where the data has them, held-out rows only): 2.9% mean, inside 3%, but 8.9% max, NOT inside
-    6%; on the 25 held-out runs of 3 GB and more 2.3% / 5.5%, inside both. The worst rows are ~2 GB
-    trainer runs where NVML's memory outside torch's pool steps by 128 MiB between runs
-    (0.15 / 0.29 / 0.42 GB), ±7% of such a run, which no correction can know in advance."""
+    where the data has them, held-out rows only, the share of each fit that carries to another
+    configuration): 2.7% mean, inside 3%, but 8.3% max, NOT inside 6% (the fit applied in full gave
+    2.9% / 8.9%); on the 25 held-out runs of 3 GB and more 2.1% / 4.9%, inside both. The worst rows
+    are ~2 GB trainer runs whose memory outside torch's pool read 0.15 GB where the calibration runs
+    read 0.29 (NVML's 128 MiB steps, ±7% of such a run), which no correction can know in advance:
+    torch's own reserved peak of those runs is within 2% of the calibrated prediction less the
+    libraries."""
     stats = built[1]["summary"]
     assert stats["uncalibrated_all"]["n"] >= 50
     assert stats["uncalibrated_all"]["mean"] <= 0.08 and stats["uncalibrated_all"]["max"] <= 0.15
-    assert stats["calibrated_held_out"]["mean"] <= 0.035 and stats["calibrated_held_out"]["max"] <= 0.10
+    assert stats["calibrated_held_out"]["mean"] <= 0.03 and stats["calibrated_held_out"]["max"] <= 0.09
     large = stats["calibrated_held_out_from_3gb"]
-    assert large["n"] >= 20 and large["mean"] <= 0.03 and large["max"] <= 0.06
+    assert large["n"] >= 20 and large["mean"] <= 0.025 and large["max"] <= 0.06
+
+
+def test_calibration_helps_whichever_configuration_it_measured(built):
+    """One split says little (a model's first-listed run may carry its family's error or its own): over
+    150 random choices of the calibrating configuration the calibrated mean error stays below the
+    uncalibrated one (2.9% against 3.1%) and well below the fit applied in full (3.3%; 3.5% with the
+    fit across configurations it replaced), and its worst max below the whole fit's (11.6% against 14.5%).
+    Its max stays above the uncalibrated one's 7.4%: a fit from one configuration still extrapolates."""
+    robust = built[1]["summary"]["random_splits"]
+    assert robust["splits"] >= 100
+    assert robust["calibrated"]["mean"] < robust["uncalibrated"]["mean"] - 0.001
+    assert robust["calibrated"]["mean"] < robust["calibrated_whole_fit"]["mean"] - 0.002
+    assert robust["calibrated"]["worst_max"] < robust["calibrated_whole_fit"]["worst_max"]
+
+
+def test_the_worst_small_runs_are_the_outside_pool_step(built):
+    """Every held-out trainer run the calibration misses by more than 5% read its memory outside torch's
+    pool a 128 MiB step away from the calibration runs' 0.29 GB, and its reserved pool is within 2% of
+    the calibrated prediction less the libraries the planner counts."""
+    worst = [r for r in built[1]["rows"] if r["role"] == "held out" and r["stack"] == "vramplan"
+             and abs(r["error_calibrated"]) > 0.05]
+    libraries = cuda_library_bytes("vramplan")
+    assert worst
+    for r in worst:
+        assert abs(r["measured_bytes"] - r["measured_peak_reserved"] - libraries) > 0.1e9
+        pool = r["calibrated_bytes"] - libraries
+        assert abs(pool - r["measured_peak_reserved"]) < 0.02 * r["measured_peak_reserved"]
+
+
+def test_calibration_runs_get_their_own_measurement(built):
+    """A plan a calibration measured is estimated as measured: the fit alone, pooling hf Llama-3.2-1B's run
+    with Llama-3.1-8B's into one ratio, had put the 1B's calibration run 6.4% under its measurement."""
+    for r in built[1]["rows"]:
+        if r["used_for_calibration"]:
+            assert r["calibrated_bytes"] == r["measured_bytes"], (r["stack"], r["model"], r["seq"])
 
 
 def test_the_shipped_calibrations_are_what_the_committed_data_gives(built):

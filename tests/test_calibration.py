@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from vramplan.calibrate import refuse_if_over, run_calibration
 from vramplan.calibration import (CalibrationKey, CalibrationPoint, add_point, apply_calibration, cache_dir,
                                   calibration_for, find_calibration, fit_correction, new_calibration, point_from,
-                                  read_calibration_file, split_estimate)
+                                  read_calibration_file, shipped_dir, split_estimate, transfer_weight)
 from vramplan.catalog import resolve_model
 from vramplan.cli import main
 from vramplan.errors import VramplanError
@@ -25,10 +25,12 @@ def _estimate(**changes):
 
 def _points(a, b, c=0.0):
     """Points whose 'measurements' follow a·static + b·per_token + c exactly, from real estimates."""
-    # spread wide in both parts (gigabytes of per-token bytes apart), so the 64 MiB measurement
-    # noise leaves both factors pinned down and the fit stays linear
-    plans = [dict(seq_len=512), dict(seq_len=8192, checkpointing="none"), dict(seq_len=4096, quant="bf16"),
-             dict(seq_len=1024, micro_batch=4), dict(seq_len=2048, checkpointing="none"), dict(seq_len=8192, lora_rank=64)]
+    # three configurations, each at two lengths as a calibration measures them (only shapes of one
+    # configuration separate the parts), gigabytes of per-token bytes apart so that the 64 MiB
+    # measurement noise leaves both factors pinned down and the fit stays linear
+    plans = [dict(seq_len=4096, checkpointing="none"), dict(seq_len=2048, checkpointing="none"),
+             dict(seq_len=4096, quant="bf16"), dict(seq_len=2048, quant="bf16"),
+             dict(seq_len=8192, lora_rank=64), dict(seq_len=4096, lora_rank=64)]
     points = []
     for changes in plans:
         est = _estimate(**changes)
@@ -71,16 +73,84 @@ def test_out_of_memory_points_are_kept_but_never_fitted():
 
 
 def test_apply_keeps_the_context_sums_the_components_and_says_so():
+    """A plan the calibration did not measure gets the share of the fit that carries to another configuration."""
     est = _estimate(seq_len=2048)
     calibration = new_calibration(KEY, _points(1.1, 0.8)[:3])
     corrected, note = apply_calibration(est, calibration)
     assert corrected.components["cuda_context"] == est.components["cuda_context"]
     assert sum(corrected.components.values()) == corrected.peak_bytes
     static, per_token = split_estimate(est)
-    assert corrected.peak_bytes - est.components["cuda_context"] == pytest.approx(1.1 * static + 0.8 * per_token, abs=16)
+    w = transfer_weight(calibration.points)
+    assert calibration.fit["a"] == pytest.approx(1.1) and calibration.fit["b"] == pytest.approx(0.8)
+    expected = (1 + w * 0.1) * static + (1 - w * 0.2) * per_token
+    assert corrected.peak_bytes - est.components["cuda_context"] == pytest.approx(expected, abs=16)
     assert corrected.phases[corrected.peak_phase] == pytest.approx(corrected.peak_bytes, rel=1e-6)
-    assert "calibrated with h100/llama/vramplan" in note and note in corrected.notes
+    assert "calibrated with h100/llama/vramplan" in note and note in corrected.notes and "60% carried" in note
     assert apply_calibration(est, None) == (est, None)
+
+
+def test_a_measured_plan_gets_its_measurement():
+    """The configuration a calibration ran is no longer unknown: its estimate is what was measured,
+    even where the fit pools it with other runs (a ratio over two models here) and misses it."""
+    small = _estimate(seq_len=512)
+    large = estimate_plan(Plan(model="llama-3.1-8b", seq_len=2048), resolve_model("llama-3.1-8b"))
+    points = [point_from(small, int(1.02 * sum(split_estimate(small)))),
+              point_from(large, int(0.94 * sum(split_estimate(large))))]
+    calibration = new_calibration(KEY, points)
+    assert calibration.fit["kind"] == "ratio" and abs(calibration.fit["a"] - 1.02) > 0.05
+    for est, point in ((small, points[0]), (large, points[1])):
+        corrected, _ = apply_calibration(est, calibration)
+        assert corrected.peak_bytes - est.components["cuda_context"] == point.measured_bytes
+        assert calibration.correct(est) == point.measured_bytes
+    other = _estimate(seq_len=1024)  # the same model at another length: not measured, the transferred fit
+    w = transfer_weight(points)
+    transferred = (1 + w * (calibration.fit["a"] - 1)) * sum(split_estimate(other))
+    assert calibration.correct(other) == pytest.approx(transferred)
+
+
+def test_the_per_token_factor_comes_only_from_shapes_of_one_configuration():
+    """Runs of two models, each off its estimate by its own fixed bytes (configuration errors, not a
+    static or a per-token one): no pair of shapes of one configuration, so one ratio, where a fit across
+    them would invent two factors; the half-length twin of one of them separates the parts again."""
+    small = _estimate(seq_len=2048, checkpointing="none")
+    large = estimate_plan(Plan(model="llama-3.1-8b", seq_len=2048), resolve_model("llama-3.1-8b"))
+    points = [point_from(small, sum(split_estimate(small)) + 300_000_000),
+              point_from(large, sum(split_estimate(large)) - 900_000_000)]
+    assert fit_correction(points)["kind"] == "ratio"
+    twin = _estimate(seq_len=4096, checkpointing="none")
+    (s, t), (s2, t2) = split_estimate(small), split_estimate(twin)
+    assert s == s2 and t2 > t + 2e9
+    points[0] = point_from(small, int(1.05 * s + 0.9 * t))
+    fit = fit_correction(points + [point_from(twin, int(1.05 * s2 + 0.9 * t2))])
+    assert fit["kind"] == "linear" and fit["b"] == pytest.approx(0.9, rel=1e-4)
+
+
+def test_the_transfer_weight_counts_configurations_not_shapes():
+    """The best estimate of the key's part from m configurations: KEY² / (KEY² + CONFIGURATION² / m)."""
+    from vramplan.calibration import CONFIGURATION_SPREAD, KEY_SPREAD, configurations
+
+    pair, other = _points(1.0, 1.0)[:2], _points(1.0, 1.0)[2:4]
+    assert configurations(pair) == 1 and configurations(pair + other) == 2
+    one = KEY_SPREAD**2 / (KEY_SPREAD**2 + CONFIGURATION_SPREAD**2)
+    assert transfer_weight(pair) == pytest.approx(one) and transfer_weight(pair[:1]) == pytest.approx(one)
+    assert 0.4 < one < 0.5 and one < transfer_weight(pair + other) < 1
+    oom = CalibrationPoint("llama-3.2-1b", 10**9, 10**9, 5 * 10**9, fitted=False)
+    assert transfer_weight([oom]) == 0.0
+
+
+def test_files_written_before_the_transfer_still_load(tmp_path):
+    """The file format is unchanged: a fit's kind, a, b and (optional) c; the points say how many
+    configurations were measured. An entry without c (the oldest) reads as c = 0; the shipped ones load."""
+    calibration = new_calibration(KEY, _points(1.1, 0.9)[:1])
+    old = calibration.to_dict()
+    old["fit"] = {k: old["fit"][k] for k in ("kind", "a", "b")}
+    (tmp_path / "old.json").write_text(json.dumps([old]))
+    [read] = read_calibration_file(tmp_path / "old.json")
+    assert read.fit == calibration.fit and read.points == calibration.points
+    est = _estimate(seq_len=2048)
+    assert read.correct(est) == calibration.correct(est)
+    shipped = [c for path in sorted(shipped_dir().glob("*.json")) for c in read_calibration_file(path)]
+    assert len(shipped) >= 7 and all(c.fit["kind"] in ("ratio", "linear") for c in shipped)
 
 
 def test_cache_dir_follows_the_environment(monkeypatch, tmp_path):

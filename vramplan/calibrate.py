@@ -14,7 +14,9 @@ points. The correction is ``a · static + b · per_token``: one point cannot tel
 fitted at one length over- or under-corrects every other length. Two shapes that share the
 static bytes and differ in half the per-token ones separate the two factors, where that half
 is large beside the measurement's own noise (``calibration.MAX_FACTOR_ERROR``; otherwise the two
-points are pooled into one ratio, still better founded than one). Both runs are
+points are pooled into one ratio, still better founded than one). Other plans get the share of
+that correction which carries from one configuration to another (``calibration.transfer_weight``);
+the plan itself gets what was measured. Both runs are
 measured above the same NVML baseline, taken before the first: what the first loaded and kept
 (cuBLAS handles, kernel images) is then counted in both, as in a process that ran either alone.
 """

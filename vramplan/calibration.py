@@ -8,11 +8,33 @@ can the estimate be trusted to generalise. It holds measured points and one smal
 
 where ``static`` is the estimate's bytes that do not grow with the tokens of a micro-batch
 (weights, adapters, optimizer states, libraries) and ``per_token`` those that do (activations,
-logits, fragmentation), both above the CUDA context, which NVML's deltas exclude too. With one
-point, or points that cannot separate the two parts against the measurement noise (their
-per-token bytes too close for a 128 MiB reading step to leave ``b`` within ±10%), the fit is a
-single ratio over all the points; the intercept is fitted only from five points on, so two or
-three points never buy a free parameter.
+logits, fragmentation), both above the CUDA context, which NVML's deltas exclude too.
+
+Only shapes of one configuration (a plan up to its sequence length: a calibration's plan and its
+half-length twin) separate the two parts, since they share the static bytes; so ``b`` comes from
+those pairs alone, and ``a`` from what ``b`` leaves of every point. Runs of different configurations
+differ in both parts and each carries its own error, which a fit across them would hand to ``a`` or
+``b`` by the accident of which one has more static bytes. Where no configuration's shapes pin ``b``
+down against the measurement noise (their per-token bytes too close for a 128 MiB reading step to
+leave ``b`` within ±10%), the fit is a single ratio over all the points; the intercept is fitted only
+from five points on, so two or three points never buy a free parameter.
+
+The fit is exact on its points; how much of it carries over to a plan it did not measure is a
+second question. A calibration's departure from the estimate is part the key's, which every
+configuration repeats and which the correction is for, and part its configuration's own, which the
+next one draws anew: the allocator's cached segments for those block sizes, the 128 MiB step NVML
+read outside torch's pool in that process. On the committed H100 runs the two are about equally
+large (the planner's error spreads by ``CONFIGURATION_SPREAD`` between configurations of one stack
+and family, the families' mean errors by ``KEY_SPREAD`` beyond what that spread alone makes of a
+mean of a few runs), so carrying the whole departure over adds a second configuration error for each
+one it removes. The best linear estimate of the key's part is the departure times
+``transfer_weight`` = K² / (K² + C² / m), m the configurations measured (0.43 for one, 0.60 for
+two): the factors are moved that share of the way from 1, the intercept from 0. A plan the
+calibration measured itself gets its measurement (its own configuration error is known there).
+Over 150 random choices of each model's calibrating configuration on the committed runs
+(benchmarks/results/accuracy.md), the held-out error was 3.5% mean with a fit across
+configurations applied in full, 3.3% with ``b`` from shape pairs, 2.9% with the share, against 3.1%
+uncalibrated.
 
 Where they live: the user's cache (``$VRAMPLAN_CACHE``, else ``$XDG_CACHE_HOME/vramplan``, else
 ``~/.cache/vramplan``), under ``calibration/``, one file per key; and the ones this project
@@ -29,11 +51,12 @@ import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 from vramplan.catalog import ModelProfile, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.estimate import Estimate
+from vramplan.plan import Plan
 
 #: Estimate components that grow with the tokens of a micro-batch; the rest (less the context) is static.
 PER_TOKEN_COMPONENTS = ("activations", "logits_loss", "per_layer_inputs", "shared_kv", "fragmentation")
@@ -51,6 +74,13 @@ MEASUREMENT_NOISE_BYTES = 64 * 2**20
 #: error); two shapes a few hundred MB apart in per-token bytes cannot pin ``b`` down, and a
 #: ``b`` of 2 fitted from noise doubles every other length's activations.
 MAX_FACTOR_ERROR = 0.1
+#: How far the planner's relative error moves between configurations of one stack and family (its
+#: standard deviation within a family, 3.0% over the 52 H100 runs of benchmarks/results/accuracy.json,
+#: uncalibrated): the allocator's segments for each shape, NVML's steps outside torch's pool.
+CONFIGURATION_SPREAD = 0.030
+#: How far a stack and family's own mean error sits from zero (standard deviation, same runs): the 7
+#: families' means spread by 2.9%, of which about 1.3% is CONFIGURATION_SPREAD averaged over their 4-9 runs.
+KEY_SPREAD = 0.026
 
 
 @dataclass(frozen=True)
@@ -96,15 +126,37 @@ class Calibration:
     created: str
     source: str = ""
 
-    def correct(self, static: float, per_token: float) -> float:
-        """Measured-equivalent bytes above the CUDA context for an estimate with these parts."""
-        return self.fit["a"] * static + self.fit["b"] * per_token + self.fit.get("c", 0.0)
+    def measured_for(self, est: Estimate) -> float | None:
+        """What this calibration measured for the estimate's very plan (the mean of its runs), or None."""
+        runs = [p.measured_bytes for p in self.points
+                if p.fitted and p.model == est.model and _same_plan(p.plan, est.plan)]
+        return sum(runs) / len(runs) if runs else None
+
+    def factors_for(self, est: Estimate) -> tuple[float, float, float]:
+        """(a, b, c) applied to this estimate: the fit's where the calibration measured this plan,
+        else moved ``transfer_weight`` of the way from (1, 1, 0) toward them."""
+        a, b, c = self.fit["a"], self.fit["b"], self.fit.get("c", 0.0)
+        if self.measured_for(est) is not None:
+            return a, b, c
+        w = transfer_weight(self.points)
+        return 1 + w * (a - 1), 1 + w * (b - 1), w * c
+
+    def correct(self, est: Estimate) -> float:
+        """Measured-equivalent bytes above the CUDA context for this estimate: the measurement of its
+        plan where the calibration has one, else the transferred correction of its two parts."""
+        measured = self.measured_for(est)
+        if measured is not None:
+            return measured
+        a, b, c = self.factors_for(est)
+        static, per_token = split_estimate(est)
+        return a * static + b * per_token + c
 
     def describe(self) -> str:
         n = sum(p.fitted for p in self.points)
         where = f" from {self.source}" if self.source else ""
+        share = f", {100 * transfer_weight(self.points):.0f}% carried to other plans" if n else ""
         return (f"calibrated with {self.key.gpu}/{self.key.family}/{self.key.stack}{where} "
-                f"({n} point{'s' if n != 1 else ''}, {self.created[:10]}, {self.fit['kind']} fit)")
+                f"({n} point{'s' if n != 1 else ''}, {self.created[:10]}, {self.fit['kind']} fit{share})")
 
     def to_dict(self) -> dict[str, Any]:
         return {"key": self.key.to_dict(), "points": [dataclasses.asdict(p) for p in self.points],
@@ -127,64 +179,128 @@ def point_from(est: Estimate, measured_above_context: int, fitted: bool = True) 
                             measured_bytes=int(measured_above_context), plan=est.plan.to_dict(), fitted=fitted)
 
 
+def _same_plan(stored: dict[str, Any], plan: Plan) -> bool:
+    """Whether a point's stored plan is this plan (a plan of an older or newer field set is not)."""
+    try:
+        return Plan.from_dict(stored) == plan
+    except VramplanError:
+        return False
+
+
+def _configuration(point: CalibrationPoint) -> tuple[str, str]:
+    """A point's configuration: its model and plan up to the sequence length."""
+    return point.model, json.dumps({k: v for k, v in point.plan.items() if k != "seq_len"}, sort_keys=True)
+
+
+def configurations(points: Iterable[CalibrationPoint]) -> int:
+    """How many configurations these points measured: plans up to their sequence length, since the
+    half-length shape of a calibration shares its plan's shapes and its process's readings."""
+    return len({_configuration(p) for p in points if p.fitted})
+
+
+def transfer_weight(points: Iterable[CalibrationPoint]) -> float:
+    """The share of a fitted departure that carries to a plan the points did not measure: the key's part
+    of it as best estimated from ``configurations(points)`` configurations, each with its own error
+    (``CONFIGURATION_SPREAD``) on top of the key's (``KEY_SPREAD``)."""
+    m = configurations(points)
+    if m == 0:
+        return 0.0
+    return KEY_SPREAD**2 / (KEY_SPREAD**2 + CONFIGURATION_SPREAD**2 / m)
+
+
 def _ratio(points: list[CalibrationPoint]) -> dict[str, Any]:
     ratio = sum(p.measured_bytes for p in points) / sum(p.predicted_bytes for p in points)
     return {"kind": "ratio", "a": ratio, "b": ratio, "c": 0.0}
 
 
 def _solve(rows: list[list[float]], targets: list[float], noise: float = 0.0) -> list[float] | None:
-    """Least squares by the normal equations (2 or 3 unknowns); None when singular, or when a
-    measurement error of ``noise`` (in the rows' units) would move a or b by more than
-    ``MAX_FACTOR_ERROR`` (their standard errors, from the inverse of the normal matrix)."""
+    """Least squares by the normal equations (``a``, and an intercept where the rows have one); None when
+    singular, or when a measurement error of ``noise`` (in the rows' units) would move ``a`` by more than
+    ``MAX_FACTOR_ERROR`` (its standard error, from the inverse of the normal matrix)."""
     import numpy as np
 
     x, y = np.array(rows, dtype=float), np.array(targets, dtype=float)
     gram = x.T @ x
     if np.linalg.cond(gram) > 1e12:
         return None
-    if noise and max(np.sqrt(np.diag(np.linalg.inv(gram))[:2])) * noise > MAX_FACTOR_ERROR:
+    if noise and np.sqrt(np.linalg.inv(gram)[0, 0]) * noise > MAX_FACTOR_ERROR:
         return None
     return list(np.linalg.solve(gram, x.T @ y))
 
 
+def _per_token_factor(usable: list[CalibrationPoint], scale: float) -> float | None:
+    """``b`` from the shapes of each configuration against each other, or None where they cannot pin it
+    down against the measurement noise (``MAX_FACTOR_ERROR``).
+
+    Only shapes of one configuration separate the two parts: they share the static bytes (whatever small
+    difference their peak phases make is counted at face value) and differ in per-token ones. Points of
+    different configurations differ in both and each carries its own error (``CONFIGURATION_SPREAD``),
+    which a fit across them would hand to ``a`` or ``b`` by the accident of which configuration has more
+    static bytes: pooling Llama-3.2-1B's and Llama-3.1-8B's hf runs that way gave a = 0.70, b = 1.22.
+    """
+    groups: dict[tuple[str, str], list[CalibrationPoint]] = {}
+    for p in usable:
+        groups.setdefault(_configuration(p), []).append(p)
+    spread = covariance = 0.0
+    for group in groups.values():
+        if len(group) < 2:
+            continue
+        tokens = [p.per_token_bytes / scale for p in group]
+        rest = [(p.measured_bytes - p.static_bytes) / scale for p in group]
+        t_mean, r_mean = sum(tokens) / len(tokens), sum(rest) / len(rest)
+        spread += sum((t - t_mean) ** 2 for t in tokens)
+        covariance += sum((t - t_mean) * (r - r_mean) for t, r in zip(tokens, rest))
+    if spread == 0 or MEASUREMENT_NOISE_BYTES / scale / spread**0.5 > MAX_FACTOR_ERROR:
+        return None
+    return covariance / spread
+
+
 def fit_correction(points: list[CalibrationPoint]) -> dict[str, Any]:
-    """The correction for these points: linear in the two parts where the points pin both factors
-    down against the measurement noise (``MAX_FACTOR_ERROR``), else one ratio over all of them."""
+    """The correction for these points: ``b`` from the shapes of each configuration where they pin it down
+    against the measurement noise, then ``a`` (and from five points on ``c``) by least squares on what is
+    left of every point; else one ratio over all of them."""
     usable = [p for p in points if p.fitted and p.predicted_bytes > 0]
     if not usable:
         raise VramplanError("a calibration needs at least one run that fitted; calibrate a smaller plan first")
-    if len(usable) < 2:
-        return _ratio(usable)
     scale = 1e9  # gigabytes keep the normal equations well conditioned
-    with_intercept = len(usable) >= _MIN_POINTS_FOR_INTERCEPT
-    rows = [[p.static_bytes / scale, p.per_token_bytes / scale] + ([1.0] if with_intercept else []) for p in usable]
-    solved = _solve(rows, [p.measured_bytes / scale for p in usable], noise=MEASUREMENT_NOISE_BYTES / scale)
-    if solved is None or not all(_SANE[0] <= v <= _SANE[1] for v in solved[:2]):
+    b = _per_token_factor(usable, scale) if len(usable) >= 2 else None
+    if b is None:
         return _ratio(usable)
-    c = solved[2] * scale if with_intercept else 0.0
-    return {"kind": "linear", "a": float(solved[0]), "b": float(solved[1]), "c": float(c)}
+    with_intercept = len(usable) >= _MIN_POINTS_FOR_INTERCEPT
+    rows = [[p.static_bytes / scale] + ([1.0] if with_intercept else []) for p in usable]
+    targets = [(p.measured_bytes - b * p.per_token_bytes) / scale for p in usable]
+    solved = _solve(rows, targets, noise=MEASUREMENT_NOISE_BYTES / scale) if with_intercept else None
+    if solved is None:  # no intercept asked for, or the static bytes cannot separate one from ``a``
+        with_intercept, solved = False, _solve([r[:1] for r in rows], targets)
+    if solved is None or not all(_SANE[0] <= v <= _SANE[1] for v in (solved[0], b)):
+        return _ratio(usable)
+    c = solved[1] * scale if with_intercept else 0.0
+    return {"kind": "linear", "a": float(solved[0]), "b": float(b), "c": float(c)}
 
 
 def apply_calibration(est: Estimate, calibration: Calibration | None) -> tuple[Estimate, str | None]:
     """The estimate corrected by ``calibration`` (or unchanged with None), and a note saying which one.
 
-    Static components are scaled by ``a``, per-token ones by ``b``, the intercept becomes a
-    ``calibration_offset`` component, the CUDA context is kept; the phases are scaled by the
-    peak's ratio above the context (the fit was made on peaks, not on phases).
+    Static components are scaled by ``a``, per-token ones by ``b`` (``Calibration.factors_for``:
+    the fit's share that carries to this plan, or all of it for a plan the calibration measured), the
+    rest of ``Calibration.correct`` (the intercept; for a measured plan, what its measurement adds)
+    becomes a ``calibration_offset`` component, the CUDA context is kept; the phases are scaled by
+    the peak's ratio above the context (the fit was made on peaks, not on phases).
     """
     if calibration is None:
         return est, None
-    a, b, c = calibration.fit["a"], calibration.fit["b"], calibration.fit.get("c", 0.0)
+    a, b, _ = calibration.factors_for(est)
     components = {}
     for name, value in est.components.items():
         if name in UNCORRECTED:
             components[name] = value
         else:
             components[name] = int(round(value * (b if name in PER_TOKEN_COMPONENTS else a)))
-    if round(c):
-        components["calibration_offset"] = int(round(c))
-    peak = sum(components.values())
     context = sum(est.components.get(k, 0) for k in UNCORRECTED)
+    offset = int(round(calibration.correct(est))) - (sum(components.values()) - context)
+    if abs(offset) > len(components):  # more than the scaled parts' rounding
+        components["calibration_offset"] = offset
+    peak = sum(components.values())
     scale = (peak - context) / max(est.peak_bytes - context, 1)
     phases = {k: int(round(context + (v - context) * scale)) for k, v in est.phases.items()}
     note = calibration.describe()
