@@ -13,6 +13,10 @@ Two ways to run the base matmul on the GPU; which one wins depends on the token 
 
 ``auto`` picks ``fused`` up to ``FUSED_MAX_TOKENS`` tokens and ``dequant`` above; override with
 ``base_path("fused"|"dequant")``, ``qlora_linear(..., base_path=...)`` or ``VRAMPLAN_QLORA_BASE``.
+The bound is 0: timed fwd+bwd from CUDA graphs on the H100 (benchmarks/results/kernels.md,
+session 5), ``fused`` lost at every shape it was timed at, 64 tokens included (Gemma-4-E2B's up
+projection: 1.42 ms against dequantize + cuBLAS's 0.08 ms; its input gradient reads W across the
+packed rows), so ``auto`` always dequantizes until a fused kernel wins somewhere.
 
 The LoRA branch computes ``x·Aᵀ`` once and saves that [M, r] product for the backward (it is
 r/in_features the size of x). With 16-bit activations the LoRA matmuls run in x's dtype with
@@ -40,7 +44,7 @@ from vramplan_kernels.nf4 import (
     quantize_nf4,
 )
 
-FUSED_MAX_TOKENS = 64
+FUSED_MAX_TOKENS = 0
 _BASE_PATHS = ("auto", "fused", "dequant")
 _BASE = Switch("VRAMPLAN_QLORA_BASE", _BASE_PATHS, "auto")
 

@@ -19,7 +19,7 @@ import torch
 
 from benchmarks.harness import Case
 from vramplan_kernels.nf4 import dequantize_nf4, quantize_nf4
-from vramplan_kernels.qlora_linear import FUSED_MAX_TOKENS, QLoRALinear, qlora_linear
+from vramplan_kernels.qlora_linear import QLoRALinear, qlora_linear
 
 LINEAR_SHAPES = {  # name: (in_features, out_features)
     "gemma4-e2b up 1536->6144": (1536, 6144),
@@ -28,8 +28,9 @@ LINEAR_SHAPES = {  # name: (in_features, out_features)
     "llama3.1-8b down 14336->4096": (14336, 4096),
 }
 TOKENS = (2048, 8192)
-#: token counts where the fused path is timed too: around its bound (a short prompt, a decode batch)
-FUSED_TOKENS = (FUSED_MAX_TOKENS, 4 * FUSED_MAX_TOKENS)
+#: token counts where the fused path is timed too (a short prompt, a decode batch): where reading
+#: W would bound it, if it is ever to win (``FUSED_MAX_TOKENS`` is where auto uses it: none, now)
+FUSED_TOKENS = (64, 256)
 #: below this many tokens a fwd+bwd is short enough that launch gaps matter: timed from a CUDA graph too
 GRAPH_BELOW_TOKENS = 4096
 SMALL_SHAPES = ("gemma4-e2b up 1536->6144", "llama3.1-8b up 4096->14336")

@@ -44,7 +44,7 @@ def linear_weight_bytes(arch, quant: str, double_quant: bool) -> int:
 
 #: Up to this many tokens a NF4 matmul decodes tiles in registers and needs no buffer; it must
 #: equal ``vramplan_kernels.qlora_linear.FUSED_MAX_TOKENS`` (a test checks; the planner does not import torch).
-FUSED_MAX_TOKENS = 64
+FUSED_MAX_TOKENS = 0
 
 
 def dequant_buffer_bytes(arch, quant: str, tokens: int) -> int:
