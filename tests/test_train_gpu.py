@@ -96,6 +96,9 @@ def test_cuda_graph_steps_train_like_eager_steps(tmp_path, arch, flat):
     (eager_losses, eager_params, _), (graph_losses, graph_params, graphs) = results
     assert graphs.notes == []
     assert sum(g is not None for g in graphs.graphs.values()) == 2
+    # each shape's first pass is eager, every later one a replay
+    assert (graphs.eager_runs, graphs.replays) == (2, 10)
+    assert graphs.summary().startswith("CUDA graphs: 2 shapes captured; 10 of 12")
     torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=2e-3, atol=2e-3)
     for got, want in zip(graph_params, eager_params):
         torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)

@@ -141,6 +141,22 @@ def test_cli_trains_with_plan_overrides(work):
     assert bad.exit_code == 2 and "missing.jsonl does not exist" in bad.output
 
 
+def test_cli_train_json_prints_the_run_summary_alone_on_stdout(work):
+    from click.testing import CliRunner
+
+    from vramplan.cli import main
+
+    (work / "plan-json.json").write_text(json.dumps({"plan": {"model": "tiny", "seq_len": 32, "lora_rank": 4,
+                                                               "optimizer": "adamw"}}))
+    out = work / "json-run"
+    result = CliRunner().invoke(main, ["train", str(work / "plan-json.json"), "--model", str(work / "llama"), "--data",
+                                       str(work / "train.jsonl"), "--output", str(out), "--steps", "2", "--json"])
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert summary["steps"] == 2 and summary["interrupted"] is False and summary["output"] == str(out)
+    assert isinstance(summary["notes"], list)
+
+
 def test_planned_peak_comes_from_the_planner_for_the_folder_architecture(tmp_path):
     from vramplan.catalog import resolve_model
     from vramplan.estimate import estimate_plan

@@ -7,6 +7,7 @@ import sys
 import click
 
 from vramplan.cli import main
+from vramplan.cli.output import emit_json, json_option
 from vramplan.plan import CHECKPOINTING, HEAD_QUANTS, OPTIMIZERS, PARALLEL, read_plan
 
 
@@ -44,9 +45,10 @@ from vramplan.plan import CHECKPOINTING, HEAD_QUANTS, OPTIMIZERS, PARALLEL, read
               help="Override the plan: 8-bit AdamW steps all adapters as one flat tensor (not for Gemma 4).")
 @click.option("--gpus", type=click.IntRange(min=1), help="Override the plan's GPU count (1: one process, no torchrun).")
 @click.option("--parallel", type=click.Choice(PARALLEL), help="Override the plan's multi-GPU mode (ddp or fsdp).")
+@json_option
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
           overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, head_quant, train_parts,
-          targets, train_projectors, cuda_graphs, flat_optimizer, gpus, parallel):
+          targets, train_projectors, cuda_graphs, flat_optimizer, gpus, parallel, as_json):
     """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter.
 
     A plan for several GPUs starts ``torchrun --nproc-per-node N -m vramplan train ...`` itself;
@@ -77,7 +79,9 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
                       overlong=overlong, seed=seed, merge=merge, skip_check=skip_check)
     summary = distributed.run_rank(lambda: run(cfg)) if distributed.under_torchrun() else run(cfg)
     if summary.get("rank", 0) == 0:
-        if summary["interrupted"]:
+        if as_json:  # the progress bar and the run's notes went to stderr: stdout holds the JSON alone
+            emit_json(summary)
+        elif summary["interrupted"]:
             click.echo(f"interrupted after {summary['steps']} steps; checkpoint in {output}/checkpoint (continue with --resume {output})")
         else:
             click.echo(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; adapter in {output}/adapter")

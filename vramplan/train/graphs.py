@@ -144,6 +144,15 @@ class StepGraphs:
         self.grad_tensors: list[torch.Tensor] | None = None
         self.stream: torch.cuda.Stream | None = None
         self.notes: list[str] = []
+        self.replays = 0  # micro-batches replayed from a graph
+        self.eager_runs = 0  # and run eagerly (a shape's first pass, or a shape without a graph)
+
+    def summary(self) -> str:
+        """How the run's micro-batches ran: a real dataset's shapes must repeat for replays to dominate."""
+        captured = sum(entry is not None for entry in self.graphs.values())
+        total = self.replays + self.eager_runs
+        return (f"CUDA graphs: {captured} shape{'s' * (captured != 1)} captured; {self.replays} of {total} "
+                "micro-batches replayed, the rest eager")
 
     @classmethod
     def for_run(cls, model: nn.Module, params: list[nn.Parameter], plan, device: torch.device,
@@ -232,6 +241,7 @@ class StepGraphs:
         torch.cuda.current_stream().wait_stream(self.stream)
 
     def _eager(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor) -> torch.Tensor:
+        self.eager_runs += 1
         with self._on_own_stream():
             loss, _ = summed_loss(self.model, batch)
             (loss / denominator).backward()
@@ -269,4 +279,5 @@ class StepGraphs:
         self._grads_in_place()
         static.fill(embeds, per_layer, batch, denominator)
         graph.replay()
+        self.replays += 1
         return static.loss.clone()

@@ -321,7 +321,9 @@ def train(cfg: TrainConfig) -> dict:
     finally:
         _close(bar)
         if graphs is not None:
-            cfg.notes.extend(graphs.notes)
+            for note in graphs.notes + [graphs.summary()]:
+                cfg.notes.append(note)
+                _say(cfg, f"note: {note}")
 
     # 6. The adapter, a final checkpoint, the loss curve and (optionally) a merged model: rank 0 writes.
     save()
