@@ -23,8 +23,14 @@ What the graph holds, and what it may not:
   stream sync breaks the capture.
 * One capture per (shape, packed-or-not); a shape is captured the second time it is seen, so
   the first, eager, pass has compiled and autotuned every Triton kernel for it. The recipe pads
-  each micro-batch's width up to one of a few buckets (``data.bucketed_width``): packed rows of
-  a real dataset are all slightly different lengths, and would otherwise never repeat a shape. transformers
+  each micro-batch to the plan's full width (``WIDTH_BUCKETS``, ``data.bucketed_width``): packed
+  rows of a real dataset are all slightly different lengths, and would otherwise never repeat a
+  shape. One width, not several: a new shape's eager first pass runs while the captured graphs'
+  pool holds its working set, so each extra width can hold two steps' activations at once
+  (measured on the H100, Llama-3.2-1B without checkpointing on rows of spread lengths, 8 widths:
+  6 shapes captured and a 10.2 GB process for a plan priced at 7.2 GB,
+  benchmarks/results/session5/real_shapes.jsonl). Packed rows are nearly full, so the padding is
+  a few per cent of the tokens. transformers
   decides packing with a host sync (``find_packed_sequence_indices``), which a capture may not
   contain: the decision is made before the capture, from the positions, and handed to it.
 * Every backward of a graphed run, eager or captured, runs on one side stream: autograd keeps the
@@ -46,11 +52,11 @@ from torch import nn
 from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 
 #: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs; all
-#: share one memory pool). The recipe pads batch widths to half as many buckets: a width comes
-#: packed and not packed.
+#: share one memory pool). With widths padded to one, shapes still differ by packed or not and by
+#: a short last micro-batch.
 MAX_GRAPHS = 16
-#: The widths the recipe pads micro-batches to (``data.bucketed_width``).
-WIDTH_BUCKETS = MAX_GRAPHS // 2
+#: The widths the recipe pads micro-batches to (``data.bucketed_width``): one, the plan's seq_len.
+WIDTH_BUCKETS = 1
 
 
 @dataclass
@@ -213,6 +219,7 @@ class StepGraphs:
         self._grads_in_place()  # captured kernels record, they do not run: the replay after this computes
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
+        torch.cuda.empty_cache()  # the eager first pass's cached blocks: the graph's pool takes their place
         LoRACopies._generation += 1  # the graph makes its own compute-dtype copies of the adapters
         try:
             with self._on_own_stream() as stream, packing_decided(packed), \
