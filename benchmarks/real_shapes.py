@@ -50,6 +50,7 @@ def main() -> None:
     parser.add_argument("--model", default="llama-3.2-1b")
     parser.add_argument("--seq", type=int, default=2048)
     parser.add_argument("--steps", type=int, default=60)
+    parser.add_argument("--gpu", default="auto", help="the GPU `fit` plans for (a smaller catalog GPU: its plan must fit in its memory)")
     args = parser.parse_args()
     from benchmarks.trainer import build_random_model
 
@@ -58,7 +59,7 @@ def main() -> None:
     write_tokenizer(work / "model")
     write_dataset(work / "train.jsonl", rows=4 * args.steps)
     cli = [sys.executable, "-m", "vramplan"]
-    subprocess.run(cli + ["fit", args.model, "--gpu", "auto", "--seq", str(args.seq), "--out", str(work / "plan.json")],
+    subprocess.run(cli + ["fit", args.model, "--gpu", args.gpu, "--seq", str(args.seq), "--out", str(work / "plan.json")],
                    check=True, stdout=subprocess.DEVNULL)
     run = subprocess.run(cli + ["train", str(work / "plan.json"), "--model", str(work / "model"), "--data",
                                 str(work / "train.jsonl"), "--output", str(work / "run"), "--steps", str(args.steps),
@@ -68,7 +69,7 @@ def main() -> None:
     records = [json.loads(line) for line in open(work / "run" / "metrics.jsonl")] if run.returncode == 0 else []
     late = records[len(records) // 2:]
     print(json.dumps({
-        "model": args.model, "seq": args.seq, "steps": args.steps, "plan": json.loads((work / "plan.json").read_text()),
+        "model": args.model, "gpu": args.gpu, "seq": args.seq, "steps": args.steps, "plan": json.loads((work / "plan.json").read_text()),
         "notes": result.get("notes"), "error": result.get("error"),
         "median_tokens_per_s_second_half": statistics.median(r["tokens_per_s"] for r in late) if late else None,
         "peak_process_bytes": max((r.get("process_memory") or 0 for r in records), default=None),
