@@ -33,8 +33,19 @@ ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
 SOURCES = {"vramplan": RESULTS / "trainer_h100.jsonl", "hf": RESULTS / "hf_stack_h100.jsonl"}
 #: vramplan's trainer measured after CUDA graphs were on by default: all held out, never fitted on, and
-#: reported by group (:func:`group_of`) apart from the runs above, whose split and errors they leave alone
-LATER_SOURCES = {"vramplan": RESULTS / "trainer_graphs_h100.jsonl"}
+#: reported by group (:func:`group_of`) apart from the runs above, whose split and errors they leave alone.
+#: Session 5's three trainer passes (fresh processes, each line with its same-run MFU) repeat some of
+#: trainer_graphs_h100.jsonl's configurations and add two (the flat step with an int8 head, bitsandbytes'
+#: unpaged 8-bit AdamW under graphs); a repeated configuration keeps every step time (its median counts).
+LATER_SOURCES = {"vramplan": (RESULTS / "trainer_graphs_h100.jsonl", *(RESULTS / "session5" / f"trainer-{i}.jsonl"
+                                                                       for i in (1, 2, 3)))}
+#: Configurations whose kernels were profiled (benchmarks/results/session5/profile-graphs-*.txt: Llama-3.2-1B
+#: and Gemma-4-E2B at 2,048 tokens, replayed as CUDA graphs, bitsandbytes stepping each adapter): the
+#: model's graph-step constants (vramplan.throughput: CAPTURED_*, KERNEL_FLOOR_S, ...) were read off those
+#: profiles, so these rows are no test of them. Marked "profiled", not "held_out", and left out of every
+#: held-out summary.
+PROFILED = ("vramplan:llama-3.2-1b:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs",
+            "vramplan:gemma-4-e2b-text:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs")
 CALIBRATION = ROOT / "profiles" / "calibration" / "throughput" / "h100.json"
 GPU = "h100"
 #: The H100's measured copy bandwidth, ~3.0 of its 3.35 TB/s: fixed, not fitted (the runs
@@ -83,7 +94,7 @@ def group_of(plan: Plan, later: bool) -> str:
     return "graphs" if plan.captures_steps else "eager_later" if later else "eager"
 
 
-def load_runs(sources: dict[str, Path] = SOURCES, later: bool = False) -> list[Run]:
+def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool = False) -> list[Run]:
     """Every measured configuration with a tok_s (event lines and failed runs skipped), in the order
     of its first measurement; a configuration measured again keeps all its step times (its repeats).
     A line whose run stepped the adapters as one flat tensor reads back as a plan with
@@ -91,8 +102,9 @@ def load_runs(sources: dict[str, Path] = SOURCES, later: bool = False) -> list[R
     the runs are LATER_SOURCES', grouped by :func:`group_of`."""
     times: dict[str, list[float]] = {}
     plans: dict[str, tuple[str, Plan]] = {}
-    for stack, path in sources.items():
-        for line in path.read_text().splitlines():
+    for stack, paths in sources.items():
+        lines = [line for path in (paths if isinstance(paths, tuple) else (paths,)) for line in path.read_text().splitlines()]
+        for line in lines:
             record = json.loads(line)
             if "tok_s" not in record:
                 continue
@@ -259,7 +271,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "spread": round(run.spread, 4), "measured_tok_s": round(run.tok_s, 1),
                      "predicted_tok_s": round(predicted, 1), "error": round((predicted - run.tok_s) / run.tok_s, 4),
                      "head_quant": plan.head_quant, "lora_dtype": plan.lora_dtype, "group": run.group,
-                     "set": "fit" if run.key in fitted else "held_out"})
+                     "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
     groups = {}
     for group in ("eager", "graphs", "eager_later"):
@@ -277,6 +289,8 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
         "held_out_by_stack": {stack: _summary([abs(r["error"]) for r in held_rows if r["stack"] == stack])
                               for stack in factors},
         "held_out_by_group": groups,
+        "profiled": _summary([abs(r["error"]) for r in rows if r["set"] == "profiled"]) if any(
+            r["set"] == "profiled" for r in rows) else None,
         "fit": {"count": len(fit)},
         "repeats": {"configurations": len(repeated), "max_spread": round(max(repeated, default=0.0), 4)},
         "same_work": same_work_spread([r for r in rows if r["group"] == "eager"]),
@@ -309,11 +323,16 @@ def markdown(result: dict) -> str:
                      f"configurations, mean {100 * rot['mean_abs_error']:.1f}%, median {100 * rot['median_abs_error']:.1f}%, "
                      f"max {100 * rot['max_abs_error']:.1f}%, {rot['within_15_percent']} within 15%.")
     names = {"eager": "eager steps, the fit's own held-out third", "graphs": "steps replayed as CUDA graphs, "
-             "trainer_graphs_h100.jsonl, none fitted", "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted"}
+             "trainer_graphs_h100.jsonl and session5/trainer-*.jsonl, none fitted, the profiled two left out",
+             "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted"}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
                      f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "
                      f"max {100 * held['max_abs_error']:.1f}%, {held['within_15_percent']} within 15%.")
+    if result.get("profiled"):
+        prof = result["profiled"]
+        lines.append(f"Profiled (graph-step constants read off their kernels, so not held out): {prof['count']} "
+                     f"configurations, mean |error| {100 * prof['mean_abs_error']:.1f}%, max {100 * prof['max_abs_error']:.1f}%.")
     rep = result["repeats"]
     lines += [f"Repeats: {rep['configurations']} configurations measured more than once; largest spread "
               f"{100 * rep['max_spread']:.0f}%."]

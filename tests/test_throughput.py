@@ -227,7 +227,7 @@ def test_held_out_error_on_the_committed_measurements():
     two thirds fitted 10.0% and 17.6% mean. Repeats of one configuration differ by up to 22%, and nine
     Llama-3.2-1B configurations the model gives one step time were measured at 0.163-0.258 s
     (host-bound steps): no prediction is within 15% of all of those, which bounds what any model reaches."""
-    from benchmarks.throughput import evaluate, load_runs, split
+    from benchmarks.throughput import PROFILED, evaluate, load_runs, split
 
     runs = load_runs()
     fit, held = split(runs)
@@ -240,12 +240,16 @@ def test_held_out_error_on_the_committed_measurements():
     result = evaluate(runs, rotate=False)
     assert result["held_out"]["count"] == len(held)
     assert result["held_out_by_group"]["eager"] == result["held_out"]
-    # the runs with CUDA graphs, none fitted: 10 configurations (3 with the flat optimizer step), 23.6% mean,
-    # 24.7% median, 46.2% max, every one predicted faster than measured (the device term's fitted matmul rate
-    # is optimistic once the host is out, most of all when the flat step leaves the host almost nothing)
+    # the runs with CUDA graphs, none fitted: 13 configurations (5 with the flat optimizer step), two of them
+    # profiled (their kernels set the graph-step constants) and so not held out; the other 11: 28.0% mean,
+    # 29.9% median, 59.3% max, 3 within 15%, every one predicted faster than measured (the device term's
+    # fitted matmul rate is optimistic once the host is out, most of all when the flat step leaves the host
+    # almost nothing)
     graphs = result["held_out_by_group"]["graphs"]
-    assert graphs["count"] == 10 and graphs["mean_abs_error"] < 0.25 and graphs["max_abs_error"] < 0.48
+    assert graphs["count"] == 11 and graphs["mean_abs_error"] < 0.29 and graphs["max_abs_error"] < 0.6
     assert not any(r["group"] == "graphs" and r["set"] == "fit" for r in result["rows"])
+    profiled = [r for r in result["rows"] if r["set"] == "profiled"]
+    assert {r["key"] for r in profiled} == set(PROFILED) and all(r["group"] == "graphs" for r in profiled)
     assert result["held_out"]["mean_abs_error"] < 0.105
     assert result["held_out"]["median_abs_error"] < 0.09
     assert result["held_out"]["within_15_percent"] >= 25
