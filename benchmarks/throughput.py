@@ -27,6 +27,8 @@ from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
 from benchmarks.records import plan_of
 from vramplan.plan import Plan
+from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
+from vramplan.throughput import MATMUL_EFFICIENCY as MATMUL_RATE
 from vramplan.throughput import _recomputes, captured_phases, combine, Factors, overlap, step_host_ops, step_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -41,8 +43,8 @@ LATER_SOURCES = {"vramplan": (RESULTS / "trainer_graphs_h100.jsonl", *(RESULTS /
                                                                        for i in (1, 2, 3)))}
 #: Configurations whose kernels were profiled (benchmarks/results/session5/profile-graphs-*.txt: Llama-3.2-1B
 #: and Gemma-4-E2B at 2,048 tokens, replayed as CUDA graphs, bitsandbytes stepping each adapter): the
-#: model's graph-step constants (vramplan.throughput: CAPTURED_*, KERNEL_FLOOR_S, ...) were read off those
-#: profiles, so these rows are no test of them. Marked "profiled", not "held_out", and left out of every
+#: model's graph-step constants (vramplan.throughput: MATMUL_EFFICIENCY, MATMUL_KERNEL_S,
+#: FLASH_ATTENTION_EFFICIENCY, CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY, KERNEL_FLOOR_S) were read off those profiles, so these rows are no test of them. Marked "profiled", not "held_out", and left out of every
 #: held-out summary.
 PROFILED = ("vramplan:llama-3.2-1b:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs",
             "vramplan:gemma-4-e2b-text:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs")
@@ -176,27 +178,32 @@ def _fit_stack(mine: list[Run], hooks: float) -> tuple[float, Factors]:
     terms = [_terms(r) for r in mine]
     column = lambda values: np.array(values)[:, None, None, None]  # noqa: E731
     term = lambda name: column([t[name] for t in terms])  # noqa: E731
+    # vramplan's matmuls and attention run at profiled rates (vramplan.throughput.MATMUL_EFFICIENCY,
+    # FLASH_ATTENTION_EFFICIENCY), already in its terms: nothing to search, the rates are recorded as they are
+    profiled = all(r.stack == "vramplan" for r in mine)
+    matmul_grid, attention_grid = (np.array([1.0]), np.array([1.0])) if profiled else (MATMUL_EFFICIENCY, ATTENTION_EFFICIENCY)
     host_op = HOST_OP_SECONDS[None, :, None, None]
-    mm_eff = MATMUL_EFFICIENCY[None, None, :, None]
-    att_eff = ATTENTION_EFFICIENCY[None, None, None, :]
+    mm_eff = matmul_grid[None, None, :, None]
+    att_eff = attention_grid[None, None, None, :]
     host = (term("host") + column([_checkpointed(r) for r in mine]) * hooks) * host_op
     # the wide-head and flash attention terms carry their own fixed efficiencies, the memory term the fixed bandwidth
     device = (term("matmul") / mm_eff + term("attention") / att_eff + term("attention_wide") + term("attention_flash")
-              + term("memory"))
+              + term("memory") + term("kernels"))
     predicted = overlap(host, device) + term("host_after_sync") * host_op + term("pcie")
     measured = column([r.step_s for r in mine])
     error = np.mean(np.abs(predicted - measured) / measured, axis=0)
     k, m, a = np.unravel_index(np.argmin(error), error.shape)
     return float(error[k, m, a]), Factors(
         seconds_per_host_op=float(HOST_OP_SECONDS[k]), checkpoint_host_ops=hooks,
-        matmul_efficiency=float(MATMUL_EFFICIENCY[m]), attention_efficiency=float(ATTENTION_EFFICIENCY[a]),
-        bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
+        matmul_efficiency=MATMUL_RATE if profiled else float(matmul_grid[m]),
+        attention_efficiency=FLASH_RATE if profiled else float(attention_grid[a]), bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
 
 
 def fit_factors(runs: list[Run]) -> dict[str, Factors]:
     """Each stack's factors, minimising the mean relative step-time error of its runs.
 
-    Per stack: seconds per host op, matmul efficiency and attention efficiency. Shared by the
+    Per stack: seconds per host op, matmul efficiency and attention efficiency (vramplan's stack: its host
+    op only; its matmul and attention rates are profiled, see :func:`_fit_stack`). Shared by the
     stacks: the checkpoint hooks' host ops per checkpointed op (both run torch.utils.checkpoint,
     non-reentrant, around each decoder layer: the same Python per saved tensor), chosen to
     minimise the two stacks' summed error. The step time (``vramplan.throughput.combine``) is

@@ -11,12 +11,14 @@ the two, softened near the crossover):
   Llama-3.2-1B's QLoRA step stays at 0.16-0.26 s from 512 to 8,192 tokens while its GPU kernels
   take ~42 ms of a 220 ms step at 2,048 (benchmarks/results/profiles/);
 * **device**: the step's matmul FLOPs (:func:`step_flops`) over the GPU's dense bf16 (fp16 when
-  the plan computes in fp16) rate times a fitted matmul efficiency; the attention s² term at
-  its own fitted efficiency (heads wider than flash attention takes run a slower kernel at a
-  profiled fixed one; the hf recipe's NF4 path runs attention and its upcast LM head in fp32, at
-  that stack's fitted efficiency, and its bf16 path flash attention at a profiled one); the bytes a step moves (:func:`step_bytes`: NF4 dequantization,
-  activations, logits, materialized attention scores, the optimizer's pass over its states)
-  over the GPU's bandwidth;
+  the plan computes in fp16) rate times a matmul efficiency (vramplan's stack: cuBLAS's profiled rate
+  plus a profiled cost per matmul kernel, :data:`MATMUL_EFFICIENCY`; the hf recipe: fitted); the
+  attention s² term at SDPA's profiled flash rate over the blocks its kernel computes (the whole square
+  under a mask: sliding windows, captured steps; :func:`attention_seconds`), heads wider than flash
+  attention takes at a slower kernel's profiled rate (the hf recipe's NF4 path runs attention and its
+  upcast LM head in fp32, at that stack's fitted efficiency); the bytes a step moves (:func:`step_bytes`:
+  NF4 dequantization, activations, logits, materialized attention scores, the optimizer's pass over its
+  states) over the GPU's bandwidth; and a gap per kernel (:data:`KERNEL_FLOOR_S`);
 * **host link**: CPU-offloaded checkpoints cross PCIe (:func:`step_pcie_bytes`), added.
 
 On several GPUs each rank runs that step on its own micro-batch, plus **communication**
@@ -46,9 +48,12 @@ checkpoint hooks, which ran once while capturing), and :func:`host_seconds_split
 one replay's ops together (:data:`GRAPH_REPLAY_HOST_OPS`) instead of theirs. What stays eager is
 the prologue (embedding lookups) and, after the trainer's one wait on the GPU (the gradient
 norm), the optimizer and the step's bookkeeping, which :func:`combine` then adds to the step
-instead of overlapping (:data:`AFTER_SYNC_PHASES`). On the H100's committed graph runs the
-model predicts 7-30% more tokens/s than measured (benchmarks/results/throughput.md): its device
-term, fitted on mostly host-bound eager runs, is optimistic once the host is out of the way.
+instead of overlapping (:data:`AFTER_SYNC_PHASES`). Once the host is out of the way the device term
+sets the step, and its constants come from two profiled graph steps (Llama-3.2-1B and Gemma-4-E2B at
+2,048 tokens, benchmarks/results/session5/profile-graphs-*.txt), not from the host-bound eager runs: on
+the other 11 committed H100 graph configurations the model is 6.4% off on average (median 4.3%, at most
+15.2%, 10 within 15%; benchmarks/results/throughput.md), where with the eager-fitted rates it predicted
+7-59% more tokens/s than measured (28.0% mean).
 """
 
 from __future__ import annotations
@@ -161,14 +166,62 @@ OVERLAP_SHARPNESS = 4.0
 #: benchmarks/results/profiles/): 0.40 ms per forward (34 GFLOP, ~9% of the bf16 peak) and
 #: 6.6 ms per backward (86 GFLOP, ~1.3%): over forward, recompute and backward 2.1% of the peak,
 #: a fixed fraction here (bf16 stacks only; the hf recipe's fp32 attention has its own fitted one).
+#: Replayed as a CUDA graph the same kernels run slower (benchmarks/results/session5/
+#: profile-graphs-gemma-4-e2b-text.txt): fmha_cutlassF 0.57 ms a call (42 over 3 steps), fmha_cutlassB
+#: 8.7 ms (21 calls): 68.8 ms a step for the 1.08 TFLOP :func:`step_flops` counts, 1.6% of the peak
+#: (:data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`), as the masked square below predicts for a kernel
+#: that no longer skips the causal half.
 FLASH_MAX_HEAD_DIM = 256
 WIDE_HEAD_ATTENTION_EFFICIENCY = 0.021
-#: SDPA's bf16 flash kernels (cuDNN's on the H100) as profiled in vramplan's step (Llama-3.2-1B, 2,048
-#: tokens, benchmarks/results/profiles/): 1.24 TFLOP of forward, recompute and backward attention in
-#: 4.1 ms a step, 30% of the bf16 peak. The hf stack's fitted attention efficiency describes its NF4
-#: recipe's fp32 kernels (math, memory-efficient); its bf16 recipe runs these flash kernels, at this
-#: fixed fraction (no hf bf16 run is fitted on).
-FLASH_ATTENTION_EFFICIENCY = 0.30
+CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.016
+#: SDPA's bf16 flash kernels (cuDNN's on the H100), as a fraction of the bf16 peak over the s×s blocks
+#: they compute (:func:`attention_seconds`). A layer SDPA calls with ``is_causal`` skips the blocks above
+#: the diagonal; one handed an explicit mask computes every block. Three profiles on the H100 at 2,048
+#: tokens, q width 2,048 (32×64 or 8×256), forward, recompute and backward:
+#:
+#: * Llama-3.2-1B eager (benchmarks/results/profiles/): causal, 56 µs a forward and 146 µs a backward,
+#:   1.24 TFLOP in 4.1 ms a step, 30%;
+#: * Llama-3.2-1B replayed as a CUDA graph (benchmarks/results/session5/profile-graphs-llama-3.2-1b.txt):
+#:   the same cuDNN kernels take 132 µs and 321 µs a call, 9.4 ms a step: 2.3× the eager time, the whole
+#:   square's 2.48 TFLOP at 27% (the captured step's attention runs under an explicit mask, as the session's
+#:   transformers 5.17 built it while capturing);
+#: * Gemma-4-E2B's 512-token sliding layers (both profiles, eager and graphs alike): 130 µs and 430 µs a
+#:   call, the whole square of a 2,048-token row at 23%, not the window's ~1/4 of it: a sliding window is
+#:   a mask, and the kernel computes every block of the square.
+#:
+#: 25% over the computed blocks holds all three within 20%. The hf recipe's bf16 path runs these kernels
+#: too; its fitted attention efficiency describes its NF4 recipe's fp32 kernels (math, memory-efficient).
+FLASH_ATTENTION_EFFICIENCY = 0.25
+
+#: GPU time per kernel beyond its work: where the host no longer paces the GPU (a replayed graph) the
+#: kernels run back to back, and the gap between one kernel's end and the next one's start is still
+#: there. Measured from the graph profiles (benchmarks/results/session5/profile-graphs-*.txt): the
+#: forward+backward's wall time (synced, the profiler off) less its kernels' summed GPU time (the
+#: optimizer's kernels taken out) over its kernels (:func:`device_kernels`): Llama-3.2-1B
+#: (50.0 - 47.2) ms / 2,466 = 1.1 µs, Gemma-4-E2B (181.8 - 175.7) ms / 6,908 = 0.9 µs. It does not hold a
+#: small kernel's own ramp and tail (an RMSNorm of 6 MB takes 4.7 µs, ~2 µs of it its bytes): those sit
+#: in the kernels' time, which the matmul efficiency and the bandwidth term price.
+KERNEL_FLOOR_S = 1.0e-6
+
+#: vramplan's matmuls (cuBLAS, nvjet kernels) as a rate and a cost per kernel: FLOPs at
+#: :data:`MATMUL_EFFICIENCY` of the peak plus :data:`MATMUL_KERNEL_S` for each matmul kernel
+#: (:func:`matmul_kernels`): a GEMM's waves, prologue and epilogue that its FLOPs do not pay for, which is
+#: most of a rank-16 LoRA matmul's time and a few per cent of a 4,096-wide projection's. The rate is the
+#: H100's own square bf16 GEMM, 780-800 of its 989 TFLOP/s (the same-run MFU lines of
+#: benchmarks/results/session5/trainer-*.jsonl). The cost per kernel is read off the graph profiles
+#: (benchmarks/results/session5/profile-graphs-*.txt, the 25 costliest kernels each lists, so a lower
+#: bound): Llama-3.2-1B's nvjet kernels take 25.1 ms a step for 14.3 TFLOP, 7.0 ms more than 80% of the
+#: peak gives, over its 1,232 counted matmuls 5.7 µs each; Gemma-4-E2B's 44.9 ms for 26.8 TFLOP, 11.1 ms
+#: over 2,465, 4.5 µs. Together: 59% of the peak at 2,048 tokens on these 1,536-2,048-wide models, and the
+#: rate rises toward 80% with wider layers and longer rows (Qwen3-4B at 8,192 tokens, Llama-3.1-8B,
+#: Gemma-4-31B), where a single fitted efficiency had to choose one of them (the eager runs' 72%). The
+#: eager profiles show the same kernels at the same times (the 256×128 TNT tile 64 µs eager, 62 µs
+#: replayed). The hf recipe keeps its fitted efficiency: its bitsandbytes paths are no plain cuBLAS call.
+MATMUL_EFFICIENCY = 0.80
+MATMUL_KERNEL_S = 5e-6
+#: Matmul kernels per LoRA-adapted linear and pass (forward, recompute, backward): the base matmul and
+#: LoRA's two; the backward's dX through the base and through B and A, and dA and dB.
+MATMULS_PER_LORA_LINEAR = (3, 3, 5)
 
 #: Nominal per-direction bandwidth of one GPU's link to its peers, by the catalog's
 #: ``interconnect``: PCIe x16 at 16/32/64 GB/s (PCI-SIG 3.0/4.0/5.0); NVLink totals from
@@ -202,7 +255,9 @@ FACTOR_FIELDS = (
 @dataclass(frozen=True)
 class Factors:
     """One stack's fitted efficiencies (fractions of the catalog peaks) and host seconds per host op
-    (a property of the CPU and the Python stack, not of the GPU: see the module docstring)."""
+    (a property of the CPU and the Python stack, not of the GPU: see the module docstring). vramplan's
+    stack runs its matmuls and attention at profiled rates (:data:`MATMUL_EFFICIENCY`,
+    :data:`FLASH_ATTENTION_EFFICIENCY`), which its calibration records in these two fields, unfitted."""
 
     seconds_per_host_op: float
     checkpoint_host_ops: float  # host ops' worth of checkpointing's Python hooks per checkpointed forward op
@@ -241,12 +296,68 @@ def factors_for(stack: str, profiles: str | Path | None = None) -> Factors:
 # ------------------------------------------------------------------ work per step
 
 
+def _window(layer: Layer, seq: int) -> int | None:
+    """The layer's sliding window where it is shorter than the sequence, else None."""
+    window = layer.sliding_window if layer.attention == "sliding" and layer.sliding_window else None
+    return window if window is not None and window < seq else None
+
+
 def _keys_per_query(layer: Layer, seq: int) -> float:
     """Mean keys a causal query attends to: s/2 on full layers, about the window on sliding ones."""
-    window = layer.sliding_window if layer.attention == "sliding" and layer.sliding_window else None
-    if window is None or window >= seq:
+    window = _window(layer, seq)
+    if window is None:
         return (seq + 1) / 2
     return window - window * window / (2 * seq)
+
+
+def _masked(layer: Layer, plan: Plan, arch: Architecture) -> bool:
+    """Whether SDPA gets an explicit mask for this layer, so its kernel computes every block of the s×s
+    square (:data:`FLASH_ATTENTION_EFFICIENCY`): a sliding window shorter than the row, and every layer of a
+    step replayed as a CUDA graph (as profiled: benchmarks/results/session5/profile-graphs-*.txt)."""
+    return _window(layer, plan.seq_len) is not None or graphs_apply(arch, plan)
+
+
+def attention_seconds(arch: Architecture, plan: Plan, rate: float) -> tuple[float, float]:
+    """(flash, wide-head) seconds of a micro-batch's bf16 attention at ``rate`` FLOP/s of peak.
+
+    Flash: the blocks the kernel computes, causal half or, under a mask (:func:`_masked`), the whole square,
+    at :data:`FLASH_ATTENTION_EFFICIENCY`. Wide heads: :func:`step_flops`' causal count at the memory-efficient
+    kernel's profiled rate, eager or replayed (:data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`)."""
+    passes = 4.5 if _recomputes(plan) else 3.5
+    flash = wide = 0.0
+    for layer in arch.layers:
+        square = 4 * plan.seq_len * layer.q_dim * plan.micro_batch * passes
+        if layer.head_dim > FLASH_MAX_HEAD_DIM:
+            wide += square * _keys_per_query(layer, plan.seq_len)
+        else:
+            flash += square * (plan.seq_len if _masked(layer, plan, arch) else _keys_per_query(layer, plan.seq_len))
+    wide_efficiency = CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY if graphs_apply(arch, plan) else WIDE_HEAD_ATTENTION_EFFICIENCY
+    return flash / (rate * FLASH_ATTENTION_EFFICIENCY), wide / (rate * wide_efficiency)
+
+
+def matmul_kernels(arch: Architecture, plan: Plan) -> float:
+    """Matmul kernels of one micro-batch: :data:`MATMULS_PER_LORA_LINEAR` per adapted linear, one a pass
+    per other linear (Gemma 4's per-layer input linears: forward and backward, not recomputed), the LM
+    head's forward and dX per chunk of the chunked loss (once on the full loss)."""
+    recomputes = _recomputes(plan)
+    kernels = 0.0
+    for layer in arch.layers:
+        adapted = sum(1 for lin in layer.linears if lin.name in plan.lora_targets)
+        layer_input = sum(1 for lin in layer.linears if lin.name not in plan.lora_targets and lin.name in _LAYER_INPUT_LINEARS)
+        plain = len(layer.linears) - adapted - layer_input
+        forward, recompute, backward = MATMULS_PER_LORA_LINEAR
+        kernels += adapted * (forward + backward + recompute * recomputes) + plain * (2 + recomputes) + layer_input * 2
+    kernels += 2 * len(arch.extra_linears)
+    tokens = plan.micro_batch * plan.seq_len
+    chunks = 1 if plan.loss == "full" else -(-tokens // loss_chunk_tokens(tokens, arch.vocab_size, 2, plan.loss_chunk_mb * 2**20))
+    return kernels + 2 * chunks
+
+
+def device_kernels(arch: Architecture, plan: Plan) -> float:
+    """Kernels one micro-batch runs on the GPU: its host ops that launch device work (:func:`step_host_ops`'
+    prologue, forward, recompute and backward; the optimizer's are outside), replayed or dispatched."""
+    ops = step_host_ops(arch, plan)
+    return ops["prologue"] + ops["forward"] + ops["recompute"] + ops["backward"]
 
 
 def _recomputes(plan: Plan) -> bool:
@@ -622,22 +733,27 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
     flops = step_flops(arch, plan)
     attention = flops.pop("attention")
     wide = flops.pop("attention_wide")
-    flash = 0.0
+    flash_s = wide_s = 0.0
     if not _bf16_attention(plan):  # fp32 attention runs the math or memory-efficient kernel on every layer
-        attention, wide = attention + wide, 0.0
+        attention += wide
         # the upcast LM head multiplies in fp32 too (no tensor-core rate): at the stack's fitted fp32 efficiency
         attention += flops.pop("lm_head")
-    elif plan.stack == "hf":  # hf's fitted efficiency is its fp32 kernels': bf16 runs flash, profiled
-        attention, flash = 0.0, attention
+    else:  # SDPA's bf16 kernels, at their profiled rates (the fitted attention efficiency is hf's fp32 kernels')
+        attention = 0.0
+        flash_s, wide_s = attention_seconds(arch, plan, rate)
     host, host_after_sync = host_seconds_split(arch, plan, factors)
+    vramplan = plan.stack == "vramplan"  # cuBLAS at its profiled rate and cost per kernel; hf: its fitted rate
+    matmul_efficiency = MATMUL_EFFICIENCY if vramplan else factors.matmul_efficiency
     seconds = {
         "host": host,
         "host_after_sync": host_after_sync,
-        "matmul": sum(flops.values()) / (rate * factors.matmul_efficiency),
+        "matmul": sum(flops.values()) / (rate * matmul_efficiency) + (matmul_kernels(arch, plan) * MATMUL_KERNEL_S
+                                                                       if vramplan else 0.0),
         "attention": attention / (rate * factors.attention_efficiency),
-        "attention_wide": wide / (rate * WIDE_HEAD_ATTENTION_EFFICIENCY),
-        "attention_flash": flash / (rate * FLASH_ATTENTION_EFFICIENCY),
+        "attention_wide": wide_s,
+        "attention_flash": flash_s,
         "memory": sum(step_bytes(arch, plan).values()) / (gpu.bandwidth_gbs * 1e9 * factors.bandwidth_efficiency),
+        "kernels": device_kernels(arch, plan) * KERNEL_FLOOR_S,
         "pcie": step_pcie_bytes(arch, plan) / PCIE_BYTES_PER_S,
     }
     if plan.gpus > 1 or plan.cpu_offload:
@@ -675,7 +791,7 @@ def combine(seconds: dict[str, float]) -> float:
     Qwen3-4B's grew from 0.34 s to 0.67 s between 1,024 and 8,192 tokens
     (benchmarks/results/trainer_h100.jsonl)."""
     device = (seconds["matmul"] + seconds["attention"] + seconds["attention_wide"] + seconds.get("attention_flash", 0.0)
-              + seconds["memory"])
+              + seconds["memory"] + seconds.get("kernels", 0.0))
     compute = overlap(seconds["host"], device) + seconds.get("host_after_sync", 0.0) + seconds["pcie"]
     # on several GPUs the collectives run on their own stream beside the compute (FSDP2's
     # prefetch, DDP's bucketed all-reduce during the backward); what cannot overlap is added
