@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vramplan_kernels.dispatch import kernel_mode
-from vramplan.train.optim import FusedAdamW8bit, eight_bit_adamw
+from vramplan.train.optim import FusedAdamW8bit, eight_bit_adamw, fused_update_applies
 
 SHAPES = [(16, 4096), (300, 16), (16, 300)]  # 8-bit state in bitsandbytes too; 4,800 values: not 256-aligned
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -145,6 +145,7 @@ def test_switch_picks_it_for_8bit_plans_only(monkeypatch):
                       torch.optim.AdamW)
     assert not isinstance(make_optimizer(_params(), Plan(model="tiny"), 1e-3, 0.0, cpu, sharded=True)[0],
                           FusedAdamW8bit)
+    assert not fused_update_applies(Plan(model="tiny", lora_dtype="bf16"))
     monkeypatch.delenv(switches.ENABLE_ENV)
     assert not isinstance(make_optimizer(_params(), Plan(model="tiny"), 1e-3, 0.0, cpu)[0], FusedAdamW8bit)
 
@@ -159,6 +160,10 @@ def test_captured_step_replays_with_a_new_lr_and_never_syncs():
     grads = [_grads(eager_p, s) for s in range(3)]
     lrs = [1e-2, 3e-3, 1e-3]
 
+    warm_p = _params(device)  # the first step builds the code maps on the device (a copy that syncs) and compiles
+    warm = FusedAdamW8bit(warm_p, lr=1e-2)
+    warm.step()
+    torch.cuda.synchronize()
     torch.cuda.set_sync_debug_mode("error")
     try:
         for step, lr in enumerate(lrs):
@@ -174,18 +179,8 @@ def test_captured_step_replays_with_a_new_lr_and_never_syncs():
     for p, g in zip(graph_p, grads[0]):
         p.grad.copy_(g)
     graphed.flat.gather_grads()
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):  # warm-up (Triton compiles) on a copy, then capture
-        warm = FusedAdamW8bit(_params(device), lr=1e-2)
-        warm.flat.grad.copy_(graphed.flat.grad)
-        warm.clip_grad_norm_(1.0)
-        warm.update()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        graphed.clip_grad_norm_(1.0)
-        graphed.update()
+    graph = graphed.capture(max_norm=1.0)
+    assert graphed._step.item() == 0 and not graphed.state[graphed.flat.param]["absmax1"].any()  # the warm-up wrote nothing
     for step, lr in enumerate(lrs):
         graphed.param_groups[0]["lr"] = lr
         graphed._lr.fill_(lr)  # what step() does before its update

@@ -21,7 +21,7 @@ def _run(mode, p0, grads, lrs, scales=None, weight_decay=0.01):
     with kernel_mode(mode):
         for i, (g, lr) in enumerate(zip(grads, lrs)):
             scale = scales[i] if scales else 1.0
-            adamw8bit_step(p, g, state, *_scalars(lr, i + 1, scale), weight_decay=weight_decay)
+            adamw8bit_step(p, g, state, *_scalars(lr, i + 1, scale, p.device), weight_decay=weight_decay)
     return p, state
 
 
@@ -33,15 +33,17 @@ def test_code_maps_are_bitsandbytes():
         assert torch.all(ours[1:] >= ours[:-1])
 
 
+@pytest.mark.parametrize("device", ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)])
 @pytest.mark.parametrize("n", [1, 200, BLOCKSIZE, 3 * BLOCKSIZE + 17, 5000])
-def test_kernel_matches_reference_over_steps(n):
+def test_kernel_matches_reference_over_steps(n, device):
     gen = torch.Generator().manual_seed(n)
-    p0 = torch.randn(n, generator=gen)
-    grads = [torch.randn(n, generator=gen) * (10 ** torch.randint(-3, 2, (1,), generator=gen).item()) for _ in range(4)]
+    p0 = torch.randn(n, generator=gen).to(device)
+    grads = [(torch.randn(n, generator=gen) * (10 ** torch.randint(-3, 2, (1,), generator=gen).item())).to(device)
+             for _ in range(4)]
     lrs, scales = [1e-2, 3e-3, 3e-3, 1e-3], [1.0, 0.5, 1.0, 0.25]
     p_k, s_k = _run("triton", p0, grads, lrs, scales)
     p_r, s_r = _run("reference", p0, grads, lrs, scales)
-    # the states see only g: bit-identical; p also sees exp2 (numpy's vs torch's), one fp32 ulp or so
+    # the states see only g: bit-identical; p also sees exp2 (numpy's or the GPU's vs torch's), an fp32 ulp or so
     for a, b in ((s_k.m, s_r.m), (s_k.v, s_r.v), (s_k.m_absmax, s_r.m_absmax), (s_k.v_absmax, s_r.v_absmax)):
         assert torch.equal(a, b)
     torch.testing.assert_close(p_k, p_r, rtol=2e-6, atol=1e-7)

@@ -23,6 +23,7 @@ bitsandbytes also does, for paged states) computes the same values.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -119,15 +120,20 @@ class _OneFlatTensor:
         self.flat.zero_grad(set_to_none)
 
 
+def _loss_of(closure):
+    """An optimizer's closure run with gradients on (steps run under no_grad), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class _OneSyncPerStep:
     """Mixed in before a bitsandbytes ``Optimizer8bit`` subclass: its ``step`` loop minus the per-parameter sync."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _loss_of(closure)
         if not self.initialized:
             self.check_overrides()
             self.to_gpu()
@@ -193,10 +199,7 @@ class FusedAdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _loss_of(closure)
         lr = self.param_groups[0]["lr"]
         if lr != self._lr_value:
             self._lr.fill_(float(lr))
@@ -216,6 +219,26 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         adamw8bit_step(self.flat.param.data, self.flat.grad, self._quant, self._lr, self._step, self._scale,
                        group["betas"], group["eps"], group["weight_decay"])
         self._scale.fill_(1.0)
+
+    def capture(self, max_norm: float | None = None) -> "torch.cuda.CUDAGraph":
+        """A CUDA graph of (clipping and) :meth:`update` on this optimizer's buffers; replay it after
+        refreshing lr as ``step()`` does. The warm-up (kernel compilation, outside the capture) runs
+        the update with a NaN scale, which writes nothing, and takes its step count back."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            if max_norm is not None:
+                self.clip_grad_norm_(max_norm)
+            self._scale.fill_(math.nan)
+            self.update()
+            self._step.sub_(1)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            if max_norm is not None:
+                self.clip_grad_norm_(max_norm)
+            self.update()
+        return graph
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.flat.zero_grad(set_to_none)
@@ -241,11 +264,11 @@ class FusedAdamW8bit(torch.optim.Optimizer):
 def fused_update_applies(plan, sharded: bool = False) -> bool:
     """Whether the trainer steps with :class:`FusedAdamW8bit`: switched on
     (``VRAMPLAN_ENABLE=fused_optimizer``), for an 8-bit AdamW plan (paged or not: the fused
-    states are not paged) on one process (FSDP shards the parameters, DDP's reducer owns the
-    gradients: those keep bitsandbytes)."""
+    states are not paged) with fp32 adapters (the kernel's parameter type) on one process (FSDP
+    shards the parameters, DDP's reducer owns the gradients: those keep bitsandbytes)."""
     from vramplan.train import switches
 
-    if not switches.enabled("fused_optimizer") or plan.optimizer == "adamw" or sharded:
+    if not switches.enabled("fused_optimizer") or plan.optimizer == "adamw" or plan.lora_dtype != "fp32" or sharded:
         return False
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
