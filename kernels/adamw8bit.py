@@ -85,9 +85,8 @@ def _nearest_code(x, MID):
     """Index of the nearest code: the number of midpoints below ``x`` (8 halvings of the 255)."""
     idx = tl.zeros(x.shape, dtype=tl.int32)
     for s in tl.static_range(8):
-        half: tl.constexpr = 128 >> s
-        mid = tl.load(MID + idx + (half - 1))
-        idx = tl.where(mid < x, idx + half, idx)
+        mid = tl.load(MID + idx + ((128 >> s) - 1))
+        idx = tl.where(mid < x, idx + (128 >> s), idx)
     return idx
 
 
