@@ -9,7 +9,7 @@ from train_fixtures import (gemma3_config, gemma4_config, llama_config, mistral_
                             write_jsonl)
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
-from vramplan.train import adapter, ops
+from vramplan.train import adapter, ops, switches
 from vramplan.train.recipe import TrainConfig, train
 
 pytestmark = pytest.mark.slow
@@ -74,22 +74,43 @@ def test_loss_falls_and_adapter_loads_in_peft(work, name):
     torch.testing.assert_close(ours, theirs, atol=1e-4, rtol=1e-4)
 
 
-def test_resume_continues_exactly(work):
-    straight = train(config(work, "llama", "straight", steps=8, save_every=100))
-    stopped = train(config(work, "llama", "split", steps=8, stop_after=4))
+@pytest.mark.parametrize("optimizer", ["plan", "fused"])
+def test_resume_continues_exactly(work, optimizer, monkeypatch):
+    """Also with the fused 8-bit AdamW (``VRAMPLAN_ENABLE=fused_optimizer``), whose state is saved and loaded."""
+    if optimizer == "fused":
+        monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+    straight_dir, split_dir = f"straight-{optimizer}", f"split-{optimizer}"
+    straight = train(config(work, "llama", straight_dir, steps=8, save_every=100))
+    stopped = train(config(work, "llama", split_dir, steps=8, stop_after=4))
     assert stopped["interrupted"] and stopped["steps"] == 4
-    with open(work / "split" / "metrics.jsonl", "a") as log:  # a step logged after the checkpoint, then a crash
+    with open(work / split_dir / "metrics.jsonl", "a") as log:  # a step logged after the checkpoint, then a crash
         log.write(json.dumps({"step": 5, "loss": 9.9}) + "\n")
-    resumed = train(config(work, "llama", "split", steps=8, resume=str(work / "split")))
+    resumed = train(config(work, "llama", split_dir, steps=8, resume=str(work / split_dir)))
     assert resumed["steps"] == 8 and not resumed["interrupted"]
-    logged = [json.loads(line)["step"] for line in (work / "split" / "metrics.jsonl").read_text().splitlines()]
+    logged = [json.loads(line)["step"] for line in (work / split_dir / "metrics.jsonl").read_text().splitlines()]
     assert logged == list(range(1, 9))
-    a = adapter.read_adapter_weights(work / "straight" / "adapter")
-    b = adapter.read_adapter_weights(work / "split" / "adapter")
+    if optimizer == "fused":
+        saved = torch.load(work / split_dir / "checkpoint" / "optimizer.pt", weights_only=False)["state"][0]
+        assert saved["state1"].dtype == torch.uint8 and saved["step"].item() == 8
+    a = adapter.read_adapter_weights(work / straight_dir / "adapter")
+    b = adapter.read_adapter_weights(work / split_dir / "adapter")
     assert a.keys() == b.keys()
     for key in a:
         torch.testing.assert_close(a[key], b[key], atol=1e-6, rtol=1e-5)
     assert straight["loss"] == pytest.approx(resumed["loss"], rel=1e-5)
+
+
+def test_fused_optimizer_trains(work, monkeypatch):
+    """The fused 8-bit AdamW through the whole recipe: the loss falls, the norm is logged after the step."""
+    monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+    summary = train(config(work, "llama", "fused-run", steps=24))
+    records = [json.loads(line) for line in (work / "fused-run" / "metrics.jsonl").read_text().splitlines()]
+    assert summary["steps"] == 24 and not summary["notes"]
+    first, last = sum(r["loss"] for r in records[:3]) / 3, sum(r["loss"] for r in records[-3:]) / 3
+    assert last < 0.7 * first, (first, last)
+    assert all(isinstance(r["grad_norm"], float) and r["grad_norm"] > 0 for r in records)
+    saved = torch.load(work / "fused-run" / "checkpoint" / "optimizer.pt", weights_only=False)["state"][0]
+    assert saved["state1"].dtype == torch.uint8 and saved["absmax1"].numel() == saved["state1"].numel() // 256
 
 
 def test_bad_data_fails_before_the_model_loads(work, tmp_path):

@@ -23,6 +23,7 @@ bitsandbytes also does, for paged states) computes the same values.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 
@@ -119,15 +120,20 @@ class _OneFlatTensor:
         self.flat.zero_grad(set_to_none)
 
 
+def _loss_of(closure):
+    """An optimizer's closure run with gradients on (steps run under no_grad), or None."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
 class _OneSyncPerStep:
     """Mixed in before a bitsandbytes ``Optimizer8bit`` subclass: its ``step`` loop minus the per-parameter sync."""
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _loss_of(closure)
         if not self.initialized:
             self.check_overrides()
             self.to_gpu()
@@ -145,6 +151,126 @@ class _OneSyncPerStep:
         if last is not None and last.device.type == "cuda":
             torch.cuda.synchronize(last.device)  # paged states are written asynchronously
         return loss
+
+
+class FusedAdamW8bit(torch.optim.Optimizer):
+    """bitsandbytes-free 8-bit AdamW over one ``FlatLoRA``: one launch per step
+    (``vramplan_kernels.adamw8bit``), no host sync, capturable in a CUDA graph.
+
+    lr, the step count and the clipping scale live on the device: ``step()`` refreshes lr from
+    ``param_groups[0]["lr"]`` (so torch LR schedulers work) with a ``fill_``, whose value travels in
+    the launch (a pinned staging buffer would race the previous step's copy), and then runs
+    :meth:`update`, the part a graph may capture. The states are bitsandbytes' blockwise layout
+    under its names (``state1``/``absmax1``, ``state2``/``absmax2``, ``step``), allocated here
+    once and loaded in place, so pointers a graph captured stay valid across ``load_state_dict``.
+    Not paged: for LoRA the states are tens of MB.
+    """
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        from vramplan_kernels.adamw8bit import AdamW8bitState
+
+        self.flat = FlatLoRA(list(params))
+        if self.flat.param.dtype != torch.float32:
+            raise ValueError("FusedAdamW8bit steps fp32 parameters")
+        super().__init__([self.flat.param], dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        device = self.flat.param.device
+        self._quant = AdamW8bitState.zeros(self.flat.param.numel(), device)
+        self.state[self.flat.param] = self._own_state()
+        self._step = torch.zeros((), dtype=torch.float32, device=device)
+        self.state[self.flat.param]["step"] = self._step
+        self._lr = torch.full((), float(lr), dtype=torch.float32, device=device)
+        self._lr_value = float(lr)
+        self._scale = torch.ones((), dtype=torch.float32, device=device)
+
+    def _own_state(self) -> dict:
+        q = self._quant
+        return {"state1": q.m, "absmax1": q.m_absmax, "state2": q.v, "absmax2": q.v_absmax}
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The gradients' global L2 norm as a 0-d device tensor (read it after the step); the next
+        update scales them by min(1, max_norm/(norm+1e-6)), or skips itself if the norm is not finite."""
+        from vramplan_kernels.adamw8bit import clip_scale
+
+        self.flat.gather_grads()
+        norm, scale = clip_scale(self.flat.grad, float(max_norm))
+        self._scale.copy_(scale)
+        return norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = _loss_of(closure)
+        lr = self.param_groups[0]["lr"]
+        if lr != self._lr_value:
+            self._lr.fill_(float(lr))
+            self._lr_value = lr
+        self.flat.gather_grads()
+        if self.flat.param.grad is not None:
+            self.update()
+        return loss
+
+    @torch.no_grad()
+    def update(self) -> None:
+        """The device work of a step, lr as last refreshed: what a CUDA graph captures."""
+        from vramplan_kernels.adamw8bit import adamw8bit_step
+
+        group = self.param_groups[0]
+        self._step.add_(1)
+        adamw8bit_step(self.flat.param.data, self.flat.grad, self._quant, self._lr, self._step, self._scale,
+                       group["betas"], group["eps"], group["weight_decay"])
+        self._scale.fill_(1.0)
+
+    def capture(self, max_norm: float | None = None) -> "torch.cuda.CUDAGraph":
+        """A CUDA graph of (clipping and) :meth:`update` on this optimizer's buffers; replay it after
+        refreshing lr as ``step()`` does. The warm-up (kernel compilation, outside the capture) runs
+        the update with a NaN scale, which writes nothing, and takes its step count back."""
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            if max_norm is not None:
+                self.clip_grad_norm_(max_norm)
+            self._scale.fill_(math.nan)
+            self.update()
+            self._step.sub_(1)
+        torch.cuda.current_stream().wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            if max_norm is not None:
+                self.clip_grad_norm_(max_norm)
+            self.update()
+        return graph
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.flat.zero_grad(set_to_none)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads into the buffers this optimizer holds (in place); also takes the state of
+        bitsandbytes' flat 8-bit AdamW (the same layout, ``step`` an int)."""
+        super().load_state_dict(state_dict)
+        loaded = dict(self.state[self.flat.param])
+        loaded.update(loaded.pop("__bnb_optimizer_quant_state__", {}))  # where bitsandbytes' state_dict hides them
+        own = {**self._own_state(), "step": self._step}
+        if loaded:
+            for key, buffer in own.items():
+                value = torch.as_tensor(loaded[key])
+                if value.numel() != buffer.numel():
+                    raise ValueError(f"optimizer state {key!r} holds {value.numel()} values for {buffer.numel()}: "
+                                     "a state saved for other adapters")
+                buffer.copy_(value.reshape(buffer.shape))
+        self.state[self.flat.param] = own
+        self._lr_value = None  # refreshed at the next step
+
+
+def fused_update_applies(plan, sharded: bool = False) -> bool:
+    """Whether the trainer steps with :class:`FusedAdamW8bit`: switched on
+    (``VRAMPLAN_ENABLE=fused_optimizer``), for an 8-bit AdamW plan (paged or not: the fused
+    states are not paged) with fp32 adapters (the kernel's parameter type) on one process (FSDP
+    shards the parameters, DDP's reducer owns the gradients: those keep bitsandbytes)."""
+    from vramplan.train import switches
+
+    if not switches.enabled("fused_optimizer") or plan.optimizer == "adamw" or plan.lora_dtype != "fp32" or sharded:
+        return False
+    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 
 
 def flat_update_pays(model, plan=None) -> bool:

@@ -22,7 +22,7 @@ from vramplan.train import adapter, checkpoint, data, distributed, metrics
 from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
-from vramplan.train.optim import eight_bit_adamw, flat_update_pays
+from vramplan.train.optim import FusedAdamW8bit, eight_bit_adamw, flat_update_pays, fused_update_applies
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -87,7 +87,8 @@ def check_plan_fits(plan: Plan, model_dir: str, device: torch.device) -> None:
 
 def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weight_decay: float, device: torch.device,
                    sharded: bool = False, flat: bool = False):
-    """bitsandbytes 8-bit AdamW (paged: states move to the host under pressure) or torch AdamW.
+    """bitsandbytes 8-bit AdamW (paged: states move to the host under pressure) or torch AdamW;
+    the fused 8-bit AdamW (``FusedAdamW8bit``, never paged) where ``fused_update_applies``.
 
     Returns (optimizer, note); the note says when the plan's optimizer could not run here and
     torch AdamW stands in (bitsandbytes' 8-bit optimizers need its native library for the device,
@@ -99,6 +100,8 @@ def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weig
     if sharded:
         note = f"optimizer {plan.optimizer} does not take FSDP-sharded parameters; using torch AdamW (states sharded too)"
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
+    if fused_update_applies(plan, sharded):
+        return FusedAdamW8bit(params, lr=lr, weight_decay=weight_decay), None
     cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit", flat=flat)
     if device.type != "cuda" and not _optimizer_steps_on(cls, device):
         note = f"optimizer {plan.optimizer} does not run on the {device.type} here; using torch AdamW"
@@ -254,6 +257,7 @@ def train(cfg: TrainConfig) -> dict:
         cfg.notes.append(note)
         _say(cfg, f"note: {note}")
     scheduler = make_scheduler(optimizer, cfg.schedule, warmup, steps)
+    fused = isinstance(optimizer, FusedAdamW8bit)
     graphs = StepGraphs.for_run(model, params, plan, device, world.size)
 
     # 4. Resume: LoRA weights, optimizer, scheduler, RNG and the data position.
@@ -282,14 +286,16 @@ def train(cfg: TrainConfig) -> dict:
             loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs)
             if not math.isfinite(loss):
                 raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
-            grad_norm = float(distributed.clip_gradients(params, cfg.max_grad_norm))
-            if not math.isfinite(grad_norm):
-                raise VramplanError(f"the gradient became {grad_norm} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
+            if fused:  # the norm stays on the device until after the step, which skips itself if it is not finite
+                grad_norm = optimizer.clip_grad_norm_(cfg.max_grad_norm)
+            else:
+                grad_norm = _finite_norm(float(distributed.clip_gradients(params, cfg.max_grad_norm)), state.step)
             optimizer.step()
             scheduler.step()
             optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
             if device.type == "cuda":
                 torch.cuda.synchronize()
+            grad_norm = _finite_norm(float(grad_norm), state.step)
             state.step += 1
             state.tokens_seen += tokens
             seconds = time.perf_counter() - started
@@ -353,6 +359,12 @@ def export_merged(model_dir: str, adapter_dir: Path, folder: Path, plan: Plan) -
     adapter.merge_into_base(base, adapter.read_adapter_weights(adapter_dir), plan.alpha / plan.lora_rank)
     base.save_pretrained(folder)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+
+
+def _finite_norm(norm: float, done: int) -> float:
+    if not math.isfinite(norm):
+        raise VramplanError(f"the gradient became {norm} at step {done + 1}; lower --lr (the last checkpoint is kept)")
+    return norm
 
 
 def _say(cfg: TrainConfig, line: str) -> None:

@@ -1,0 +1,193 @@
+"""FusedAdamW8bit: the one-launch 8-bit AdamW over FlatLoRA against bitsandbytes' flat one, its
+device-side lr, clipping and state dict, and (GPU) a captured, replayed step without host syncs."""
+
+import pytest
+import torch
+
+from vramplan_kernels.dispatch import kernel_mode
+from vramplan.train.optim import FusedAdamW8bit, eight_bit_adamw, fused_update_applies
+
+SHAPES = [(16, 4096), (300, 16), (16, 300)]  # 8-bit state in bitsandbytes too; 4,800 values: not 256-aligned
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
+
+
+def _params(device="cpu", seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.nn.Parameter(torch.randn(s, generator=gen).to(device)) for s in SHAPES]
+
+
+def _grads(params, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return [torch.randn(p.shape, generator=gen).to(p.device) for p in params]
+
+
+def _step(opt, params, grads):
+    for p, g in zip(params, grads):
+        p.grad.copy_(g)  # grads stay views of the flat gradient
+    opt.step()
+    opt.zero_grad()
+
+
+def test_steps_as_bitsandbytes_flat_optimizer():
+    """Three steps with a changing lr against bitsandbytes' flat 8-bit AdamW (its CPU backend): the
+    first to fp32 rounding; then the states' codes differ where bitsandbytes' CPU quantizer does not
+    pick the nearest code (tiny v), so the updates agree closely, not exactly."""
+    start = [p.detach().clone() for p in _params()]
+    ours_p, theirs_p = _params(), _params()
+    ours = FusedAdamW8bit(ours_p, lr=1e-2, weight_decay=0.01)
+    try:
+        theirs = eight_bit_adamw(False)(theirs_p, lr=1e-2, weight_decay=0.01)
+        with kernel_mode("triton"):
+            for step in range(3):
+                for opt in (ours, theirs):
+                    opt.param_groups[0]["lr"] = 1e-2 / (step + 1)
+                grads = _grads(ours_p, step)
+                _step(ours, ours_p, grads)
+                for p, g in zip(theirs_p, grads):
+                    p.grad = g.clone()
+                theirs.step()
+                if step == 0:
+                    for a, b in zip(ours_p, theirs_p):
+                        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-6)
+    except RuntimeError as e:
+        pytest.skip(f"bitsandbytes 8-bit optimizers do not step on the CPU here: {e}")
+    assert ours._lr.item() == pytest.approx(1e-2 / 3)
+    for a, b, p0 in zip(ours_p, theirs_p, start):
+        ours_moved, theirs_moved = (a - p0).detach(), (b - p0).detach()
+        assert (ours_moved - theirs_moved).norm() < 0.02 * theirs_moved.norm()
+    assert ours.state[ours.flat.param]["step"].item() == 3
+    # the saved state is bitsandbytes' layout: theirs loads into ours
+    fresh = FusedAdamW8bit(_params(), lr=1e-2)
+    fresh.load_state_dict(theirs.state_dict())
+    assert torch.equal(fresh.state[fresh.flat.param]["absmax2"], theirs.state[theirs.flat.param]["absmax2"])
+    assert fresh._step.item() == 3
+
+
+def test_clipping_scales_the_gradient_on_the_device():
+    clipped_p, manual_p = _params(), _params()
+    clipped, manual = FusedAdamW8bit(clipped_p, lr=1e-2), FusedAdamW8bit(manual_p, lr=1e-2)
+    grads = _grads(clipped_p, 7)
+    for p, g in zip(clipped_p, grads):
+        p.grad.copy_(g)
+    norm = clipped.clip_grad_norm_(1.0)
+    assert isinstance(norm, torch.Tensor) and norm.dim() == 0
+    want = torch.linalg.vector_norm(torch.cat([g.flatten() for g in grads]))
+    torch.testing.assert_close(norm, want)
+    clipped.step()
+    _step(manual, manual_p, [g * (1.0 / (want + 1e-6)) for g in grads])
+    for a, b in zip(clipped_p, manual_p):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert clipped._scale.item() == 1.0  # one step's scale only
+
+
+def test_non_finite_gradient_skips_the_step():
+    params = _params()
+    opt = FusedAdamW8bit(params, lr=1e-2)
+    _step(opt, params, _grads(params, 0))
+    before = [p.detach().clone() for p in params]
+    grads = _grads(params, 1)
+    grads[1][0, 0] = float("inf")
+    for p, g in zip(params, grads):
+        p.grad.copy_(g)
+    assert not torch.isfinite(opt.clip_grad_norm_(1.0))
+    opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
+
+
+def test_state_dict_round_trips_into_a_fresh_optimizer():
+    """Stop after two steps, load the saved state (through torch.save) into a fresh optimizer: the
+    next steps equal an uninterrupted run's, with the lr a scheduler sets."""
+    import io
+
+    def run(opt, params, steps):
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s))
+        for step in steps:
+            _step(opt, params, _grads(params, step))
+            sched.step()
+        return sched
+
+    straight_p = _params()
+    straight = FusedAdamW8bit(straight_p, lr=1e-2, weight_decay=0.01)
+    run(straight, straight_p, range(4))
+    first_p = _params()
+    first = FusedAdamW8bit(first_p, lr=1e-2, weight_decay=0.01)
+    sched = run(first, first_p, range(2))
+    buf = io.BytesIO()
+    torch.save({"opt": first.state_dict(), "sched": sched.state_dict()}, buf)
+    saved = torch.load(io.BytesIO(buf.getvalue()), weights_only=False)
+    resumed_p = [torch.nn.Parameter(p.detach().clone()) for p in first_p]
+    resumed = FusedAdamW8bit(resumed_p, lr=1e-2)
+    sched = torch.optim.lr_scheduler.LambdaLR(resumed, lambda s: 1.0 / (1 + s))  # built before loading, as the recipe does
+    buffers = [t.data_ptr() for t in resumed.state[resumed.flat.param].values()]
+    resumed.load_state_dict(saved["opt"])
+    assert [t.data_ptr() for t in resumed.state[resumed.flat.param].values()] == buffers  # loaded in place
+    sched.load_state_dict(saved["sched"])
+    for step in range(2, 4):
+        _step(resumed, resumed_p, _grads(resumed_p, step))
+        sched.step()
+    for a, b in zip(straight_p, resumed_p):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="other adapters"):
+        FusedAdamW8bit([torch.nn.Parameter(torch.zeros(10))]).load_state_dict(saved["opt"])
+
+
+def test_switch_picks_it_for_8bit_plans_only(monkeypatch):
+    from vramplan.plan import Plan
+    from vramplan.train import switches
+    from vramplan.train.recipe import make_optimizer
+
+    cpu = torch.device("cpu")
+    monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+    for name in ("adamw8bit", "paged_adamw8bit"):
+        opt, note = make_optimizer(_params(), Plan(model="tiny", optimizer=name), 1e-3, 0.0, cpu)
+        assert isinstance(opt, FusedAdamW8bit) and note is None
+    assert isinstance(make_optimizer(_params(), Plan(model="tiny", optimizer="adamw"), 1e-3, 0.0, cpu)[0],
+                      torch.optim.AdamW)
+    assert not isinstance(make_optimizer(_params(), Plan(model="tiny"), 1e-3, 0.0, cpu, sharded=True)[0],
+                          FusedAdamW8bit)
+    assert not fused_update_applies(Plan(model="tiny", lora_dtype="bf16"))
+    monkeypatch.delenv(switches.ENABLE_ENV)
+    assert not isinstance(make_optimizer(_params(), Plan(model="tiny"), 1e-3, 0.0, cpu)[0], FusedAdamW8bit)
+
+
+@pytest.mark.gpu
+def test_captured_step_replays_with_a_new_lr_and_never_syncs():
+    """The update captured once in a CUDA graph, replayed at two learning rates (set outside the
+    graph, as step() does), equals eager steps; clipping plus step run with sync debug set to error."""
+    device = torch.device("cuda")
+    eager_p, graph_p = _params(device), _params(device)
+    eager, graphed = FusedAdamW8bit(eager_p, lr=1e-2), FusedAdamW8bit(graph_p, lr=1e-2)
+    grads = [_grads(eager_p, s) for s in range(3)]
+    lrs = [1e-2, 3e-3, 1e-3]
+
+    warm_p = _params(device)  # the first step builds the code maps on the device (a copy that syncs) and compiles
+    warm = FusedAdamW8bit(warm_p, lr=1e-2)
+    warm.step()
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        for step, lr in enumerate(lrs):
+            eager.param_groups[0]["lr"] = lr
+            for p, g in zip(eager_p, grads[step]):
+                p.grad.copy_(g)
+            eager.clip_grad_norm_(1.0)
+            eager.step()
+            eager.zero_grad()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+
+    for p, g in zip(graph_p, grads[0]):
+        p.grad.copy_(g)
+    graphed.flat.gather_grads()
+    graph = graphed.capture(max_norm=1.0)
+    assert graphed._step.item() == 0 and not graphed.state[graphed.flat.param]["absmax1"].any()  # the warm-up wrote nothing
+    for step, lr in enumerate(lrs):
+        graphed.param_groups[0]["lr"] = lr
+        graphed._lr.fill_(lr)  # what step() does before its update
+        graphed.flat.grad.copy_(torch.cat([torch.nn.functional.pad(g.flatten(), (0, -g.numel() % 256))
+                                           for g in grads[step]]))
+        graph.replay()
+    torch.cuda.synchronize()
+    for a, b in zip(eager_p, graph_p):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert graphed._step.item() == 3
