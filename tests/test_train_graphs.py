@@ -135,3 +135,49 @@ def test_a_model_with_routed_experts_trains_eagerly(tmp_path):
                                  torch.device("cpu"))
     assert not routes_experts(dense)
     assert not from_config(json.loads((tmp_path / "llama" / "config.json").read_text())).routes_experts
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_unpacked_capture_keeps_the_causal_kernel_and_the_same_loss(tmp_path, monkeypatch, arch):
+    """While a graph is captured transformers 5.17 counts as tracing and materialises an s×s mask
+    (a masked kernel over the whole square); an unpacked capture keeps SDPA's ``is_causal`` path
+    instead, with the same loss and gradients. Stream capture is imitated by making ``is_tracing``
+    true, as 5.17's is during a capture; a packed batch still gets its mask."""
+    from transformers import masking_utils
+
+    config = llama_config() if arch == "llama" else gemma4_config()
+    folder = build_model(config, tmp_path / arch)
+    plan = Plan(model="tiny", quant="bf16", lora_rank=4, seq_len=24, checkpointing="full")
+    model, params = load_with_random_adapters(folder, plan, "cpu")
+    model.config.get_text_config()._attn_implementation = "sdpa"
+    batch = _batch(model.config.get_text_config().vocab_size, packed=False)
+    denominator = (batch["labels"] != -100).sum().float()
+    graphs = StepGraphs(model, params)
+    embeds, per_layer = graphs.prologue(batch)
+    static = StaticInputs.like(embeds, per_layer, batch)
+    static.fill(embeds, per_layer, batch, denominator)
+    graphs._grads_in_place()
+    with packing_decided(False):
+        graphs.body(static)
+    want_loss, want = static.loss.clone(), _grads(params)
+    for p in params:
+        p.grad.zero_()
+
+    monkeypatch.setattr(masking_utils, "is_tracing", lambda tensor=None: True)
+    seen = []
+    sdpa = torch.nn.functional.scaled_dot_product_attention
+
+    def spy(*args, **kwargs):
+        seen.append(kwargs.get("attn_mask") is None and kwargs.get("is_causal", False))
+        return sdpa(*args, **kwargs)
+
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention", spy)
+    with packing_decided(False):
+        graphs.body(static)
+    assert seen and any(seen)  # full-attention layers ran causal, without a mask
+    torch.testing.assert_close(static.loss, want_loss)
+    for got, expected in zip(_grads(params), want):
+        torch.testing.assert_close(got, expected)
+    with packing_decided(False):
+        assert masking_utils._ignore_causal_mask_sdpa(None, 24, 24, 0, 0) is True
+        assert masking_utils._ignore_causal_mask_sdpa(None, 24, 24, 0, 0, 8) is False  # a sliding window's mask stays

@@ -44,6 +44,7 @@ checkpoints, and a shape whose capture failed (noted once).
 from __future__ import annotations
 
 import contextlib
+import inspect
 from dataclasses import dataclass
 
 import torch
@@ -93,10 +94,20 @@ def is_packed(position_ids: torch.Tensor) -> bool:
 
 @contextlib.contextmanager
 def packing_decided(packed: bool):
-    """transformers' packed-sequence detection without its host sync: the answer is known already."""
+    """transformers' packed-sequence detection without its host sync: the answer is known already.
+
+    Rows that are not packed also keep SDPA's causal kernel while a graph is captured. transformers
+    5.17 builds an explicit s×s mask whenever ``is_tracing`` (stream capture included) is true, so a
+    captured step ran its full-attention layers as a masked kernel over the whole square: 2.3× the
+    eager attention time on the H100 (benchmarks/results/session5/profile-graphs-*.txt). A graph
+    replays one shape whose packing is part of its key, so ``is_causal`` is exactly right there;
+    transformers 5.2x already skips the mask for an absent padding mask. Sliding-window and packed
+    layers still get their masks."""
     from transformers import masking_utils
 
     original = masking_utils.find_packed_sequence_indices
+    original_skip = masking_utils._ignore_causal_mask_sdpa
+    signature = inspect.signature(original_skip)
 
     def known(position_ids):
         if not packed:
@@ -104,11 +115,21 @@ def packing_decided(packed: bool):
         first = position_ids[:, :1] - 1
         return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
+    def skip_causal_mask(*args, **kwargs):
+        given = signature.bind(*args, **kwargs).arguments
+        local = given.get("local_attention_size")
+        if (not packed and given.get("padding_mask") is None and given.get("q_length") == given.get("kv_length")
+                and (local is None or given.get("kv_length", 0) < local)):
+            return True
+        return original_skip(*args, **kwargs)
+
     masking_utils.find_packed_sequence_indices = known
+    masking_utils._ignore_causal_mask_sdpa = skip_causal_mask
     try:
         yield
     finally:
         masking_utils.find_packed_sequence_indices = original
+        masking_utils._ignore_causal_mask_sdpa = original_skip
 
 
 @contextlib.contextmanager
