@@ -65,6 +65,9 @@ class Run:
     plan: Plan
     step_times: tuple[float, ...]
     group: str = "eager"  # "graphs": its steps replayed as CUDA graphs; "eager_later": eager, from LATER_SOURCES
+    #: its captured steps ran attention under transformers 5.17's explicit mask, as every graph run recorded
+    #: before the trainer kept the causal kernel in captures (a record says ``causal_captures`` since)
+    masked_captures: bool = True
 
     @property
     def step_s(self) -> float:
@@ -104,6 +107,7 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
     the runs are LATER_SOURCES', grouped by :func:`group_of`."""
     times: dict[str, list[float]] = {}
     plans: dict[str, tuple[str, Plan]] = {}
+    masked: dict[str, bool] = {}
     for stack, paths in sources.items():
         lines = [line for path in (paths if isinstance(paths, tuple) else (paths,)) for line in path.read_text().splitlines()]
         for line in lines:
@@ -111,10 +115,13 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
             if "tok_s" not in record:
                 continue
             plan = plan_of(record, stack)
-            key = run_key(stack, plan)
+            causal = bool(record.get("causal_captures")) and plan.captures_steps
+            key = run_key(stack, plan) + (":causal" if causal else "")
             plans.setdefault(key, (stack, plan))
+            masked[key] = not causal
             times.setdefault(key, []).append(float(record["step_s"]))
-    return [Run(key, stack, plan.model, plan, tuple(times[key]), group_of(plan, later)) for key, (stack, plan) in plans.items()]
+    return [Run(key, stack, plan.model, plan, tuple(times[key]), group_of(plan, later), masked[key])
+            for key, (stack, plan) in plans.items()]
 
 
 def load_later_runs() -> list[Run]:
@@ -160,7 +167,7 @@ def _terms(run: Run) -> dict[str, float]:
     """The model's terms for ``run`` with unit factors (1 s per host op, efficiencies 1), bandwidth fixed."""
     unit = Factors(seconds_per_host_op=1.0, checkpoint_host_ops=0.0, matmul_efficiency=1.0, attention_efficiency=1.0,
                    bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
-    return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), unit)
+    return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), unit, run.masked_captures)
 
 
 #: The grids searched. Matmul efficiency stops at the H100's measured bf16 GEMM rate (702-798 of
@@ -221,7 +228,7 @@ def fit_factors(runs: list[Run]) -> dict[str, Factors]:
 
 
 def predicted_tok_s(run: Run, factors: Factors) -> float:
-    seconds = step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), factors)
+    seconds = step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), factors, run.masked_captures)
     return run.plan.micro_batch * run.plan.seq_len / combine(seconds)
 
 
@@ -407,7 +414,8 @@ def main() -> None:
         fresh = measure(args.measure, json.loads(args.grid), args.steps)
         for record in fresh:
             plan = plan_of(record, "vramplan")
-            runs.append(Run("fresh:" + run_key("vramplan", plan), "vramplan", plan.model, plan, (record["step_s"],)))
+            runs.append(Run("fresh:" + run_key("vramplan", plan), "vramplan", plan.model, plan, (record["step_s"],),
+                            masked_captures=False))
     result = evaluate(runs)
     RESULTS.mkdir(exist_ok=True)
     write_json_atomic(RESULTS / "throughput.json", result)

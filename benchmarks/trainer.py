@@ -99,6 +99,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
         record["graph_notes"] = graphs.notes
+        record["causal_captures"] = True  # unpacked captures keep SDPA's causal kernel (graphs.packing_decided)
     record["nvml_peak_step_delta"] = sampler.peak_delta  # sampled peak during the steps, above the reading at their start
     record["peak_alloc"] = torch.cuda.max_memory_allocated()
     record["peak_reserved"] = torch.cuda.max_memory_reserved()

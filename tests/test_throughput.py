@@ -305,7 +305,7 @@ def test_a_replayed_step_pays_a_floor_per_kernel_and_its_profiled_gpu_time():
     for model, profiled in (("llama-3.2-1b", 0.0500), ("gemma-4-e2b-text", 0.1818)):
         arch = architecture(resolve_model(model))
         plan = Plan(model=model, seq_len=2048, loss_chunk_mb=256)  # the profile's plan: captured, checkpointed
-        seconds = step_seconds(arch, plan, h100)
+        seconds = step_seconds(arch, plan, h100, masked_captures=True)  # as the profiled trainer captured it
         device = sum(seconds[k] for k in ("matmul", "attention", "attention_wide", "attention_flash", "memory", "kernels"))
         assert device == pytest.approx(profiled, rel=0.15), model
         assert seconds["kernels"] == pytest.approx(device_kernels(arch, plan) * KERNEL_FLOOR_S)
@@ -326,16 +326,22 @@ def test_a_replayed_step_pays_a_floor_per_kernel_and_its_profiled_gpu_time():
 
 def test_a_mask_makes_flash_attention_compute_the_whole_square():
     """SDPA handed a mask computes every block: Gemma 4's sliding layers (window 512 < 2,048 tokens) and,
-    replayed as a CUDA graph, every layer (profiled: Llama-3.2-1B's cuDNN kernels 2.3x their eager time)."""
+    replayed as a CUDA graph under transformers 5.17's capture-time mask, every layer (profiled: Llama-3.2-1B's
+    cuDNN kernels 2.3x their eager time). The trainer now keeps the causal kernel in an unpacked capture:
+    by default a captured step's attention is priced as its eager one."""
     from vramplan.throughput import attention_seconds
 
     h100 = resolve_gpu("h100")
     rate = h100.bf16_tflops * 1e12
     llama = architecture(resolve_model("llama-3.2-1b"))
     plan = Plan(model="llama-3.2-1b", seq_len=2048)
-    captured, _ = attention_seconds(llama, plan, rate)
+    captured, _ = attention_seconds(llama, plan, rate, masked_captures=True)
     eager, _ = attention_seconds(llama, plan.replace(cuda_graphs=False), rate)
     assert captured == pytest.approx(eager * 2 * 2048 / 2049)
+    assert attention_seconds(llama, plan, rate)[0] == pytest.approx(eager)
+    gemma = architecture(resolve_model("gemma-4-e2b-text"))
+    replayed = Plan(model="gemma-4-e2b-text", seq_len=2048)
+    assert attention_seconds(gemma, replayed, rate)[1] < attention_seconds(gemma, replayed, rate, masked_captures=True)[1]
     assert captured == pytest.approx(0.0094, rel=0.1)  # profiled: 9.4 ms a step
     gemma = architecture(resolve_model("gemma-4-e2b-text"))
     flash, wide = attention_seconds(gemma, Plan(model="gemma-4-e2b-text", seq_len=2048, cuda_graphs=False), rate)

@@ -14,7 +14,8 @@ the two, softened near the crossover):
   the plan computes in fp16) rate times a matmul efficiency (vramplan's stack: cuBLAS's profiled rate
   plus a profiled cost per matmul kernel, :data:`MATMUL_EFFICIENCY`; the hf recipe: fitted); the
   attention s² term at SDPA's profiled flash rate over the blocks its kernel computes (the whole square
-  under a mask: sliding windows, captured steps; :func:`attention_seconds`), heads wider than flash
+  under a mask: sliding windows, and the session-5 trainer's captured steps; :func:`attention_seconds`),
+  heads wider than flash
   attention takes at a slower kernel's profiled rate (the hf recipe's NF4 path runs attention and its
   upcast LM head in fp32, at that stack's fitted efficiency); the bytes a step moves (:func:`step_bytes`:
   NF4 dequantization, activations, logits, materialized attention scores, the optimizer's pass over its
@@ -53,7 +54,9 @@ sets the step, and its constants come from two profiled graph steps (Llama-3.2-1
 2,048 tokens, benchmarks/results/session5/profile-graphs-*.txt), not from the host-bound eager runs: on
 the other 11 committed H100 graph configurations the model is 6.4% off on average (median 4.3%, at most
 15.2%, 10 within 15%; benchmarks/results/throughput.md), where with the eager-fitted rates it predicted
-7-59% more tokens/s than measured (28.0% mean).
+7-59% more tokens/s than measured (28.0% mean). Those runs captured their steps under transformers
+5.17's explicit mask; the trainer now keeps the causal kernel there, so a plan's captured attention is
+priced as its eager one (``masked_captures`` prices the measured runs as they ran).
 """
 
 from __future__ import annotations
@@ -310,19 +313,23 @@ def _keys_per_query(layer: Layer, seq: int) -> float:
     return window - window * window / (2 * seq)
 
 
-def _masked(layer: Layer, plan: Plan, arch: Architecture) -> bool:
+def _masked(layer: Layer, plan: Plan, arch: Architecture, masked_captures: bool = False) -> bool:
     """Whether SDPA gets an explicit mask for this layer, so its kernel computes every block of the s×s
-    square (:data:`FLASH_ATTENTION_EFFICIENCY`): a sliding window shorter than the row, and every layer of a
-    step replayed as a CUDA graph (as profiled: benchmarks/results/session5/profile-graphs-*.txt)."""
-    return _window(layer, plan.seq_len) is not None or graphs_apply(arch, plan)
+    square (:data:`FLASH_ATTENTION_EFFICIENCY`): a sliding window shorter than the row, and, with
+    ``masked_captures``, every layer of a step replayed as a CUDA graph. The trainer measured in session 5
+    captured its steps under transformers 5.17's explicit mask (benchmarks/results/session5/profile-graphs-*.txt);
+    since ``vramplan.train.graphs.packing_decided`` keeps SDPA's causal kernel in an unpacked capture, the
+    trainer's captured steps compute the causal half as its eager ones do (the default here)."""
+    return _window(layer, plan.seq_len) is not None or (masked_captures and graphs_apply(arch, plan))
 
 
-def attention_seconds(arch: Architecture, plan: Plan, rate: float) -> tuple[float, float]:
+def attention_seconds(arch: Architecture, plan: Plan, rate: float, masked_captures: bool = False) -> tuple[float, float]:
     """(flash, wide-head) seconds of a micro-batch's bf16 attention at ``rate`` FLOP/s of peak.
 
     Flash: the blocks the kernel computes, causal half or, under a mask (:func:`_masked`), the whole square,
     at :data:`FLASH_ATTENTION_EFFICIENCY`. Wide heads: :func:`step_flops`' causal count at the memory-efficient
-    kernel's profiled rate, eager or replayed (:data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`)."""
+    kernel's profiled rate, eager or replayed under a mask (:data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`).
+    ``masked_captures``: price captured steps as the session-5 trainer ran them (see :func:`_masked`)."""
     passes = 4.5 if _recomputes(plan) else 3.5
     flash = wide = 0.0
     for layer in arch.layers:
@@ -330,8 +337,10 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float) -> tuple[floa
         if layer.head_dim > FLASH_MAX_HEAD_DIM:
             wide += square * _keys_per_query(layer, plan.seq_len)
         else:
-            flash += square * (plan.seq_len if _masked(layer, plan, arch) else _keys_per_query(layer, plan.seq_len))
-    wide_efficiency = CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY if graphs_apply(arch, plan) else WIDE_HEAD_ATTENTION_EFFICIENCY
+            flash += square * (plan.seq_len if _masked(layer, plan, arch, masked_captures)
+                               else _keys_per_query(layer, plan.seq_len))
+    masked_wide = masked_captures and graphs_apply(arch, plan)
+    wide_efficiency = CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY if masked_wide else WIDE_HEAD_ATTENTION_EFFICIENCY
     return flash / (rate * FLASH_ATTENTION_EFFICIENCY), wide / (rate * wide_efficiency)
 
 
@@ -722,10 +731,12 @@ def step_comm_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     return parts
 
 
-def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors | None = None) -> dict[str, float]:
+def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors | None = None,
+                 masked_captures: bool = False) -> dict[str, float]:
     """Seconds of one micro-batch on one rank, by term (see the module docstring; ``host_after_sync``:
     the host work a captured step does after waiting on the GPU); :func:`combine` makes the step time.
-    Multi-GPU plans add ``comm`` (overlappable) and ``comm_exposed``."""
+    Multi-GPU plans add ``comm`` (overlappable) and ``comm_exposed``. ``masked_captures``: captured
+    steps' attention as the session-5 trainer ran it, under an explicit mask (:func:`_masked`)."""
     factors = factors or factors_for(plan.stack)
     rate = compute_tflops(gpu, plan) * 1e12
     if rate <= 0 or gpu.bandwidth_gbs <= 0:
@@ -740,7 +751,7 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
         attention += flops.pop("lm_head")
     else:  # SDPA's bf16 kernels, at their profiled rates (the fitted attention efficiency is hf's fp32 kernels')
         attention = 0.0
-        flash_s, wide_s = attention_seconds(arch, plan, rate)
+        flash_s, wide_s = attention_seconds(arch, plan, rate, masked_captures)
     host, host_after_sync = host_seconds_split(arch, plan, factors)
     vramplan = plan.stack == "vramplan"  # cuBLAS at its profiled rate and cost per kernel; hf: its fitted rate
     matmul_efficiency = MATMUL_EFFICIENCY if vramplan else factors.matmul_efficiency
