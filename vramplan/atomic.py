@@ -12,9 +12,10 @@ import os
 import shutil
 import signal
 import tempfile
-import threading
 from pathlib import Path
 from typing import Any, Callable
+
+from vramplan.signals import handling
 
 
 def write_atomic(path: str | os.PathLike, write: Callable[[str], None]) -> None:
@@ -64,18 +65,10 @@ def signals_deferred():
     """SIGINT and SIGTERM that arrive inside are handled on leaving, as if they had come just after.
 
     A Python-level handler, not a signal mask: any thread may take a process's signal, and the
-    interpreter runs the handler in the main thread whichever did. Outside the main thread: no change.
+    interpreter runs the handler in the main thread whichever did.
     """
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
     caught: list[int] = []
-    previous = {signum: signal.signal(signum, lambda signum, frame: caught.append(signum))
-                for signum in (signal.SIGINT, signal.SIGTERM)}
-    try:
+    with handling((signal.SIGINT, signal.SIGTERM), lambda signum, frame: caught.append(signum)):
         yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, signal.SIG_DFL if handler is None else handler)
-        for signum in caught:
-            signal.raise_signal(signum)
+    for signum in caught:
+        signal.raise_signal(signum)
