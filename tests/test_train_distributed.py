@@ -3,8 +3,10 @@ rank with micro-batch N·m, under DDP and FSDP2; checkpoints resume on another r
 
 import json
 import os
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -37,11 +39,25 @@ def plan_file(work: Path, name: str, **fields) -> Path:
 
 def vramplan(*args: str, torchrun: int | None = None, timeout: int = 240) -> subprocess.CompletedProcess:
     """``python -m vramplan ...`` (or under ``torchrun --nproc-per-node N``) with this checkout importable."""
-    env = dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / ".dev"), os.environ.get("PYTHONPATH", "")]),
-               TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
+    return subprocess.run(command(args, torchrun), env=environment(), capture_output=True, text=True, timeout=timeout)
+
+
+def start(*args: str) -> subprocess.Popen:
+    """``python -m vramplan ...`` started, not waited for, in a process group of its own (as a terminal's job),
+    SIGINT not ignored even when pytest runs as a background job (which the run would inherit, and keep)."""
+    return subprocess.Popen(command(args), env=environment(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+
+
+def command(args, torchrun: int | None = None) -> list[str]:
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(torchrun)] \
         if torchrun else [sys.executable]
-    return subprocess.run([*launcher, "-m", "vramplan", *args], env=env, capture_output=True, text=True, timeout=timeout)
+    return [*launcher, "-m", "vramplan", *args]
+
+
+def environment() -> dict:
+    return dict(os.environ, PYTHONPATH=os.pathsep.join([str(ROOT), str(ROOT / ".dev"), os.environ.get("PYTHONPATH", "")]),
+                TRITON_INTERPRET="1", OMP_NUM_THREADS="1")
 
 
 def one_rank(work: Path, name: str, out: str, **changes) -> dict:
@@ -219,3 +235,91 @@ def test_one_gpu_fsdp_plan_starts_torchrun_and_equals_the_plain_run(work):
     one_rank(work, "llama", "plain-for-fsdp-one", steps=3, schedule="constant")
     assert losses(work / "fsdp-one") == pytest.approx(losses(work / "plain-for-fsdp-one"), rel=1e-5)
     assert_same_adapter(work / "fsdp-one" / "adapter", work / "plain-for-fsdp-one" / "adapter")
+
+
+# --------------------------------------------------------------------------------------------
+# Ctrl-C / SIGTERM on several ranks: every rank stops at the same step boundary, saves, exits 130 / 143
+# --------------------------------------------------------------------------------------------
+
+STOP_STEPS = 24  # ~0.1 s a step: the signal lands long before the end
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(work) -> Path:
+    one_rank(work, "llama", "uninterrupted", steps=STOP_STEPS, schedule="constant")
+    return work / "uninterrupted"
+
+
+def start_run(work: Path, out: Path, **plan) -> subprocess.Popen:
+    """A run started by `vramplan train` (a 2-rank DDP plan by default: its launcher starts torchrun), once it has logged a step."""
+    plan = plan or {"gpus": 2, "parallel": "ddp"}
+    run = start("train", str(plan_file(work, f"stop-{out.name}", **plan)), "--model", str(work / "llama"), "--data",
+                str(work / "train.jsonl"), "--output", str(out), "--steps", str(STOP_STEPS), "--lr", "1e-2",
+                "--warmup", "0", "--schedule", "constant")
+    deadline = time.monotonic() + 120
+    while not ((out / "metrics.jsonl").is_file() and (out / "metrics.jsonl").read_text()):
+        assert run.poll() is None and time.monotonic() < deadline, run.communicate()[1][-3000:]
+        time.sleep(0.02)
+    return run
+
+
+def assert_stopped_with_a_checkpoint(run: subprocess.Popen, out: Path, code: int, name: str) -> int:
+    stdout, stderr = run.communicate(timeout=60)
+    assert run.returncode == code, stderr[-3000:]
+    step = json.loads((out / "checkpoint" / checkpoint.STATE_FILE).read_text())["step"]
+    assert 0 < step < STOP_STEPS and len(losses(out)) == step
+    assert stdout.strip() == f"stopped after {step} steps ({name}); checkpoint in {out}/checkpoint (continue with --resume {out})"
+    assert "Traceback" not in stderr and "error" not in stderr and not (out / "adapter").exists()
+    return step
+
+
+def rank_pid(out: Path, rank: int) -> int:
+    """The pid of one rank of the run writing to ``out`` (its command line names the folder; torchrun set RANK)."""
+    for entry in Path("/proc").iterdir():
+        try:
+            command_line, variables = ((entry / name).read_bytes().split(b"\0") for name in ("cmdline", "environ"))
+        except (OSError, ValueError):
+            continue
+        if str(out).encode() in command_line and f"RANK={rank}".encode() in variables:
+            return int(entry.name)
+    raise AssertionError(f"no rank {rank} writing to {out}")
+
+
+@pytest.mark.slow
+def test_ctrl_c_to_the_process_group_stops_both_ranks_and_resumes_on_one(work, uninterrupted):
+    """As a terminal's Ctrl-C: SIGINT to the launcher's process group; torchrun passes it on to the ranks."""
+    out = work / "stop-group"
+    run = start_run(work, out)
+    os.killpg(run.pid, signal.SIGINT)
+    assert_stopped_with_a_checkpoint(run, out, 130, "SIGINT")
+    resumed = one_rank(work, "llama", out.name, steps=STOP_STEPS, schedule="constant", resume=str(out))
+    assert resumed["steps"] == STOP_STEPS
+    assert losses(out) == pytest.approx(losses(uninterrupted), rel=1e-4)
+    assert_same_adapter(out / "adapter", uninterrupted / "adapter")
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not Path("/proc/self/environ").exists(), reason="finds the rank's pid in /proc")
+def test_sigint_to_one_rank_stops_both_and_resumes_on_two(work, uninterrupted):
+    """As ``kill -INT <pid>`` of rank 1 alone: the step-boundary all-reduce tells rank 0, and both save and stop."""
+    out = work / "stop-one-rank"
+    run = start_run(work, out)
+    os.kill(rank_pid(out, 1), signal.SIGINT)
+    assert_stopped_with_a_checkpoint(run, out, 130, "SIGINT")
+    resumed = vramplan("train", str(plan_file(work, "ddp-stop", gpus=2, parallel="ddp")), "--model", str(work / "llama"),
+                       "--data", str(work / "train.jsonl"), "--output", str(out), "--steps", str(STOP_STEPS), "--lr", "1e-2",
+                       "--warmup", "0", "--schedule", "constant", "--resume", str(out))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert losses(out) == pytest.approx(losses(uninterrupted), rel=1e-4)
+    assert_same_adapter(out / "adapter", uninterrupted / "adapter")
+
+
+@pytest.mark.slow
+def test_sigterm_to_one_process_stops_it_the_same_way(work, uninterrupted):
+    """One process, no torchrun: the same flag and step boundary, no collective; SIGTERM (a scheduler's) exits 143."""
+    out = work / "stop-one-process"
+    run = start_run(work, out, micro_batch=2)  # the one-rank reference's plan
+    run.send_signal(signal.SIGTERM)
+    assert_stopped_with_a_checkpoint(run, out, 143, "SIGTERM")
+    one_rank(work, "llama", out.name, steps=STOP_STEPS, schedule="constant", resume=str(out))
+    assert_same_adapter(out / "adapter", uninterrupted / "adapter")

@@ -7,7 +7,7 @@ import sys
 import click
 
 from vramplan.cli import main
-from vramplan.cli.output import emit_json, json_option
+from vramplan.cli.output import json_option, json_text
 from vramplan.plan import CHECKPOINTING, HEAD_QUANTS, OPTIMIZERS, PARALLEL, read_plan
 
 
@@ -78,15 +78,21 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
                       epochs=epochs, lr=lr, schedule=schedule, warmup_steps=warmup_steps, save_every=save_every,
                       overlong=overlong, seed=seed, merge=merge, skip_check=skip_check)
     summary = distributed.run_rank(lambda: run(cfg)) if distributed.under_torchrun() else run(cfg)
+    code = summary.get("exit_code", 0)  # 130 / 143 after a stop on SIGINT / SIGTERM, 128 + its number
     if summary.get("rank", 0) == 0:
         if as_json:  # the progress bar and the run's notes went to stderr: stdout holds the JSON alone
-            emit_json(summary)
+            text = json_text(summary)
         elif summary["interrupted"]:
-            click.echo(f"interrupted after {summary['steps']} steps; checkpoint in {output}/checkpoint (continue with --resume {output})")
+            text = (f"stopped after {summary['steps']} steps ({summary['signal'] or 'stop_after'}); checkpoint in "
+                    f"{output}/checkpoint (continue with --resume {output})")
         else:
-            click.echo(f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; adapter in {output}/adapter")
+            text = f"done: {summary['steps']} steps, last loss {summary['loss']:.4f}; adapter in {output}/adapter"
+        if not (summary["interrupted"] and distributed.report_stop(code, text)):  # the launcher prints a stop's line
+            click.echo(text)
     if distributed.under_torchrun():
-        distributed.finish()
+        distributed.finish(code)
+    if code:
+        sys.exit(code)
 
 
 def _command_line(ctx: click.Context) -> list[str]:

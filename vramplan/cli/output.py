@@ -12,7 +12,11 @@ json_option = click.option("--json", "as_json", is_flag=True, help="Print a mach
 
 
 def emit_json(data: Any) -> None:
-    click.echo(json.dumps(data, indent=2, default=str))
+    click.echo(json_text(data))
+
+
+def json_text(data: Any) -> str:
+    return json.dumps(data, indent=2, default=str)
 
 
 def table(rows: Iterable[Sequence[Any]], headers: Sequence[str], **kwargs: Any) -> str:

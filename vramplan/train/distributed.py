@@ -10,6 +10,8 @@ Two ways, as the plan's ``parallel`` says:
   parameters instead and rebuilds the ``NF4Tensor`` view from the (all-gathered) parameters on
   every call.
 
+Ctrl-C or SIGTERM: every rank stops at the same step boundary, with a checkpoint (``stopping.py``).
+
 Every rank reads the same data order and takes its own contiguous slice of each global
 micro-batch (``recipe.next_micro_batches``); the loss is divided by the target tokens of the
 whole global batch (one all-reduce on the device), so N ranks with micro-batch m compute the
@@ -25,6 +27,7 @@ from __future__ import annotations
 import contextlib
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import tempfile
@@ -39,6 +42,7 @@ import torch.distributed as dist
 from torch import nn
 
 from vramplan.errors import VramplanError
+from vramplan.signals import handling
 from vramplan.train.ops import NF4Tensor, QLoRALinear
 
 ERROR_DIR_ENV = "VRAMPLAN_ERROR_DIR"
@@ -124,30 +128,40 @@ def launch(gpus: int, argv: list[str]) -> int:
                "-m", "vramplan", *argv]
     env = dict(os.environ, **{ERROR_DIR_ENV: str(errors)})
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // gpus)))  # torchrun would set 1, with a banner
-    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    # after a stop signal torchrun waits this long (its default: 30 s) before it kills the ranks: time to finish the
+    # step under way and write the checkpoint
+    env.setdefault("TORCH_ELASTIC_SHUTDOWN_TIMEOUT", str(SHUTDOWN_TIMEOUT_S))
+    # its own session: the terminal's Ctrl-C reaches this process alone, which passes each signal on once
+    # (torchrun passes it on to the ranks, in sessions of their own), so a rank never sees one Ctrl-C twice
+    process = subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     pumps = [threading.Thread(target=_pass_through, args=(pipe, stream, errors), daemon=True)
              for pipe, stream in ((process.stdout, sys.stdout), (process.stderr, sys.stderr))]
     for pump in pumps:
         pump.start()
-    try:
+    with handling(FORWARDED, lambda signum, frame: process.send_signal(signum)):
         code = process.wait()
-    except KeyboardInterrupt:  # the ranks got the same Ctrl-C from the terminal
-        code = process.wait()
-    for pump in pumps:
-        pump.join()
-    failures = _failures(errors)
+        for pump in pumps:
+            pump.join()
+    failures, stopped = _failures(errors), _stopped(errors)
     shutil.rmtree(errors, ignore_errors=True)
     if failures:
         rank, message, exit_code, details = failures[0]
-        print(f"{details}error: {message}" + ("" if exit_code == 2 else f" (rank {rank})"), file=sys.stderr)
+        print(_error_line(rank, message, exit_code, details), file=sys.stderr)
         return exit_code
+    if stopped:  # rank 0's line after a stop on a signal (torchrun's own report of it is dropped)
+        print(stopped[1])
+        return stopped[0]
     return code
 
 
+SHUTDOWN_TIMEOUT_S = 120
+FORWARDED = (signal.SIGINT, signal.SIGTERM, signal.SIGHUP)
+
+
 def _pass_through(pipe, stream, errors: Path) -> None:
-    """Copy a rank pipe to our stream as it comes (progress bars redraw with \\r), until a rank failed."""
+    """Copy a rank pipe to our stream as it comes (progress bars redraw with \\r), until a rank failed or stopped."""
     while chunk := pipe.read1(4096):
-        if not _failures(errors):
+        if not _failures(errors) and not _stopped(errors):
             stream.buffer.write(chunk)
             stream.flush()
 
@@ -160,6 +174,33 @@ def _failures(folder: Path) -> list[tuple[int, str, int, str]]:
         code, _, message = head.partition(" ")
         found.append((int(path.stem.removeprefix("rank-")), message.strip(), int(code), details))
     return sorted(found, key=lambda f: f[0])
+
+
+def _stopped(folder: Path) -> tuple[int, str] | None:
+    """(exit code, rank 0's line) once the ranks stopped on a signal, with their checkpoint written."""
+    path = folder / STOPPED_FILE
+    if not path.is_file():
+        return None
+    code, _, text = path.read_text().partition("\n")
+    return int(code), text
+
+
+def _error_line(rank: int, message: str, code: int, details: str) -> str:
+    """A user's error (a VramplanError: exit code 2, or 130 after a second Ctrl-C) needs no rank; a bug names its rank."""
+    return f"{details}error: {message}" + ("" if code != 1 else f" (rank {rank})")
+
+
+STOPPED_FILE = "stopped.txt"
+
+
+def report_stop(code: int, text: str) -> bool:
+    """Under the launcher of ``vramplan train``: hand it rank 0's line after a stop, for it to print once
+    torchrun is done (whose own report of the stop is dropped). False elsewhere: print the line yourself."""
+    launched = os.environ.get(ERROR_DIR_ENV)
+    if not launched:
+        return False
+    _write_whole(Path(launched) / STOPPED_FILE, f"{code}\n{text}")
+    return True
 
 
 def run_rank(fn):
@@ -177,14 +218,16 @@ def run_rank(fn):
     try:
         return fn()
     except VramplanError as err:
-        code, message, details = 2, str(err), ""
+        code, message, details = err.exit_code, str(err), ""
+    except KeyboardInterrupt:  # a Ctrl-C outside the loop (which takes it as a request to stop: stopping.py)
+        code, message, details = 130, "interrupted (Ctrl-C)", ""
     except Exception as err:  # noqa: BLE001: every failure of one rank must end the others
         code, message, details = 1, f"{type(err).__name__}: {err}".splitlines()[0], traceback.format_exc()
     if not _first_to_fail(errors):
         _leave(1)  # a peer failed first: its message is the one that matters
     _report(errors, rank, code, message, details)
     if not launched:
-        print(f"{details}error: {message}" + ("" if code == 2 else f" (rank {rank})"), file=sys.stderr, flush=True)
+        print(_error_line(rank, message, code, details), file=sys.stderr, flush=True)
     _leave(code)
 
 
@@ -198,16 +241,21 @@ def _first_to_fail(errors: Path) -> bool:
 
 
 def _report(errors: Path, rank: int, code: int, message: str, details: str = "") -> None:
-    path = errors / f"rank-{rank}.txt"
-    path.with_suffix(".tmp").write_text(f"{code} {message}\n{details}")
+    _write_whole(errors / f"rank-{rank}.txt", f"{code} {message}\n{details}")
+
+
+def _write_whole(path: Path, text: str) -> None:
+    """Written beside and renamed into place: the launcher polling the folder never reads half of it."""
+    path.with_suffix(".tmp").write_text(text)
     path.with_suffix(".tmp").rename(path)
 
 
-def finish() -> None:
-    """A rank's clean end: everything is written and the group is gone, so exit without the
-    interpreter's teardown, where a communication library's threads can still abort the process
-    ("terminate called without an active exception", seen under load with gloo)."""
-    _leave(0)
+def finish(code: int = 0) -> None:
+    """A rank's clean end (``code``: 0, or 130 / 143 after a stop on a signal): everything is written and
+    the group is gone, so exit without the interpreter's teardown, where a communication library's
+    threads can still abort the process ("terminate called without an active exception", seen under
+    load with gloo)."""
+    _leave(code)
 
 
 def _leave(code: int) -> None:

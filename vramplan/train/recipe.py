@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import random
+import signal
 import sys
 import time
 from dataclasses import dataclass, field
@@ -18,7 +19,7 @@ import torch
 
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
-from vramplan.train import adapter, checkpoint, data, distributed, metrics
+from vramplan.train import adapter, checkpoint, data, distributed, metrics, stopping
 from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
@@ -276,65 +277,74 @@ def train(cfg: TrainConfig) -> dict:
     loss = float("nan")
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
-    committed = dataclasses.replace(state)  # the position after the last finished step
-    try:
-        while state.step < steps:
-            started = time.perf_counter()
-            local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate,
-                                               width_buckets=WIDTH_BUCKETS if graphs is not None else None)
-            micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
-            loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs)
-            if not math.isfinite(loss):
-                raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
-            if fused:  # the norm stays on the device until after the step, which skips itself if it is not finite
-                grad_norm = optimizer.clip_grad_norm_(cfg.max_grad_norm)
-            else:
-                grad_norm = _finite_norm(float(distributed.clip_gradients(params, cfg.max_grad_norm)), state.step)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
-            if device.type == "cuda":
-                torch.cuda.synchronize()
-            grad_norm = _finite_norm(float(grad_norm), state.step)
-            state.step += 1
-            state.tokens_seen += tokens
-            seconds = time.perf_counter() - started
-            record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
-                      "target_tokens": n_targets, "tokens_per_s": tokens / seconds, **metrics.memory_stats()}
-            if log is not None and (state.step % cfg.log_every == 0 or state.step == steps):
-                log.write(record)
-            _update_progress(bar, record)
-            committed = dataclasses.replace(state)
-            if cfg.save_every and state.step % cfg.save_every == 0:
+    stopped, saved_at = 0, None
+    # SIGINT/SIGTERM only ask to stop: the ranks agree at a step boundary and save together (stopping.py);
+    # a rank under torchrun keeps the handlers until it exits, so torchrun's SIGTERM cannot cut its report short
+    with stopping.StopRequests(announce=world.is_main, keep=distributed.under_torchrun()) as requests:
+        try:
+            while state.step < steps:
+                started = time.perf_counter()
+                local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate,
+                                                   width_buckets=WIDTH_BUCKETS if graphs is not None else None)
+                micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
+                loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs)
+                if not math.isfinite(loss):
+                    raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
+                if fused:  # the norm stays on the device until after the step, which skips itself if it is not finite
+                    grad_norm = optimizer.clip_grad_norm_(cfg.max_grad_norm)
+                else:
+                    grad_norm = _finite_norm(float(distributed.clip_gradients(params, cfg.max_grad_norm)), state.step)
+                optimizer.step()
+                scheduler.step()
+                optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                grad_norm = _finite_norm(float(grad_norm), state.step)
+                state.step += 1
+                state.tokens_seen += tokens
+                seconds = time.perf_counter() - started
+                record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
+                          "target_tokens": n_targets, "tokens_per_s": tokens / seconds, **metrics.memory_stats()}
+                if log is not None and (state.step % cfg.log_every == 0 or state.step == steps):
+                    log.write(record)
+                _update_progress(bar, record)
+                if cfg.save_every and state.step % cfg.save_every == 0:
+                    save()
+                    saved_at = state.step
+                if state.step < steps:
+                    stopped = requests.agreed(world.size, device)
+                    if stopped or (cfg.stop_after is not None and state.step >= cfg.stop_after):
+                        break
+            interrupted = state.step < steps
+            if not interrupted or saved_at != state.step:
                 save()
-            if cfg.stop_after is not None and state.step >= cfg.stop_after and state.step < steps:
-                raise KeyboardInterrupt
-    except KeyboardInterrupt:
-        # a step cut short applied nothing: save the position before its micro-batches, so resume redoes it
-        state = committed
-        optimizer.zero_grad(set_to_none=True)
-        save()
-        distributed.stop()
-        return {"steps": state.step, "loss": loss, "interrupted": True, "output": str(out), "notes": cfg.notes,
-                "rank": world.rank}
-    except torch.cuda.OutOfMemoryError:
-        measured = torch.cuda.max_memory_allocated()
-        planned = planned_peak_bytes(plan, cfg.model_dir)
-        predicted = f"the plan predicted {planned / 1e9:.2f} GB" if planned else "no prediction for this plan"
-        where = f" on rank {world.rank}" if world.size > 1 else ""
-        raise VramplanError(f"CUDA out of memory at step {state.step + 1}{where}: measured peak {measured / 1e9:.2f} GB, {predicted}; "
-                            "lower --seq or --batch, or use --checkpointing offload (the last checkpoint is kept)") from None
-    finally:
-        _close(bar)
-        if graphs is not None:
-            for note in graphs.notes + [graphs.summary()]:
-                cfg.notes.append(note)
-                _say(cfg, f"note: {note}")
-
-    # 6. The adapter, a final checkpoint, the loss curve and (optionally) a merged model: rank 0 writes.
-    save()
-    weights = adapter.lora_state_dict(model)  # gathered on every rank under FSDP
+            # (6.) the adapter's weights, gathered on every rank under FSDP
+            weights = None if interrupted else adapter.lora_state_dict(model)
+        except KeyboardInterrupt:  # a second Ctrl-C: whatever was under way (a step, a save) is dropped
+            kept = (out / "checkpoint" / checkpoint.STATE_FILE).is_file()
+            raise stopping.Aborted(f"stopped at once at step {state.step} (Ctrl-C twice); " + (
+                f"the last checkpoint is kept in {out / 'checkpoint'} (continue with --resume {out})" if kept
+                else "no checkpoint was written")) from None
+        except torch.cuda.OutOfMemoryError:
+            measured = torch.cuda.max_memory_allocated()
+            planned = planned_peak_bytes(plan, cfg.model_dir)
+            predicted = f"the plan predicted {planned / 1e9:.2f} GB" if planned else "no prediction for this plan"
+            where = f" on rank {world.rank}" if world.size > 1 else ""
+            raise VramplanError(f"CUDA out of memory at step {state.step + 1}{where}: measured peak {measured / 1e9:.2f} GB, {predicted}; "
+                                "lower --seq or --batch, or use --checkpointing offload (the last checkpoint is kept)") from None
+        finally:
+            _close(bar)
+            if graphs is not None:
+                for note in graphs.notes + [graphs.summary()]:
+                    cfg.notes.append(note)
+                    _say(cfg, f"note: {note}")
     distributed.stop()
+    if interrupted:  # a signal (agreed by every rank) or stop_after: the checkpoint is written
+        return {"steps": state.step, "loss": loss, "interrupted": True, "output": str(out), "notes": cfg.notes,
+                "rank": world.rank, "signal": signal.Signals(stopped).name if stopped else None,
+                "exit_code": stopping.exit_code(stopped) if stopped else 0}
+
+    # 6. The adapter, the loss curve and (optionally) a merged model: rank 0 writes.
     if not world.is_main:
         return {"steps": state.step, "loss": loss, "interrupted": False, "output": str(out), "notes": cfg.notes,
                 "rank": world.rank}
