@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vramplan_kernels.dispatch import kernel_mode
-from vramplan.train.optim import FusedAdamW8bit, eight_bit_adamw, fused_update_applies
+from vramplan.train.optim import FusedAdamW8bit, FusedShardedAdamW8bit, eight_bit_adamw, fused_update_applies
 
 SHAPES = [(16, 4096), (300, 16), (16, 300)]  # 8-bit state in bitsandbytes too; 4,800 values: not 256-aligned
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -143,11 +143,16 @@ def test_switch_picks_it_for_8bit_plans_only(monkeypatch):
         assert isinstance(opt, FusedAdamW8bit) and note is None
     assert isinstance(make_optimizer(_params(), Plan(model="tiny", optimizer="adamw"), 1e-3, 0.0, cpu)[0],
                       torch.optim.AdamW)
-    assert not isinstance(make_optimizer(_params(), Plan(model="tiny"), 1e-3, 0.0, cpu, sharded=True)[0],
-                          FusedAdamW8bit)
+    fsdp = Plan(model="tiny", parallel="fsdp")  # FSDP2: the shards' own states, never paged (a note says so)
+    opt, note = make_optimizer(_params(), fsdp, 1e-3, 0.0, cpu, sharded=True)
+    assert isinstance(opt, FusedShardedAdamW8bit) and "not paged" in note
+    opt, note = make_optimizer(_params(), fsdp.replace(cpu_offload=True), 1e-3, 0.0, cpu, sharded=True)
+    assert isinstance(opt, torch.optim.AdamW) and "CPU offload" in note  # steps on the host
     assert not fused_update_applies(Plan(model="tiny", lora_dtype="bf16"))
     monkeypatch.delenv(switches.ENABLE_ENV)
     assert not isinstance(make_optimizer(_params(), Plan(model="tiny"), 1e-3, 0.0, cpu)[0], FusedAdamW8bit)
+    opt, note = make_optimizer(_params(), fsdp, 1e-3, 0.0, cpu, sharded=True)
+    assert isinstance(opt, torch.optim.AdamW) and "VRAMPLAN_ENABLE=fused_optimizer" in note
 
 
 @pytest.mark.gpu
