@@ -153,7 +153,25 @@ class _OneSyncPerStep:
         return loss
 
 
-class FusedAdamW8bit(torch.optim.Optimizer):
+class _DeviceScalars:
+    """lr, the step count and the clipping scale of a fused 8-bit AdamW as one-value device tensors,
+    which the kernel reads: no Python float in a launch, so no host sync and a graph can replay it."""
+
+    def _device_scalars(self, lr: float, device) -> None:
+        self._step = torch.zeros((), dtype=torch.float32, device=device)
+        self._lr = torch.full((), float(lr), dtype=torch.float32, device=device)
+        self._lr_value = float(lr)
+        self._scale = torch.ones((), dtype=torch.float32, device=device)
+
+    def _refresh_lr(self) -> None:
+        """lr from ``param_groups[0]`` (torch LR schedulers set it there) with a ``fill_``, when it changed."""
+        lr = self.param_groups[0]["lr"]
+        if lr != self._lr_value:
+            self._lr.fill_(float(lr))
+            self._lr_value = lr
+
+
+class FusedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
     """bitsandbytes-free 8-bit AdamW over one ``FlatLoRA``: one launch per step
     (``vramplan_kernels.adamw8bit``), no host sync, capturable in a CUDA graph.
 
@@ -177,11 +195,8 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         device = self.flat.param.device
         self._quant = AdamW8bitState.zeros(self.flat.param.numel(), device)
         self.state[self.flat.param] = self._own_state()
-        self._step = torch.zeros((), dtype=torch.float32, device=device)
+        self._device_scalars(lr, device)
         self.state[self.flat.param]["step"] = self._step
-        self._lr = torch.full((), float(lr), dtype=torch.float32, device=device)
-        self._lr_value = float(lr)
-        self._scale = torch.ones((), dtype=torch.float32, device=device)
 
     def _own_state(self) -> dict:
         q = self._quant
@@ -200,10 +215,7 @@ class FusedAdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _loss_of(closure)
-        lr = self.param_groups[0]["lr"]
-        if lr != self._lr_value:
-            self._lr.fill_(float(lr))
-            self._lr_value = lr
+        self._refresh_lr()
         self.flat.gather_grads()
         if self.flat.param.grad is not None:
             self.update()
@@ -261,7 +273,7 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         self._lr_value = None  # refreshed at the next step
 
 
-class FusedShardedAdamW8bit(torch.optim.Optimizer):
+class FusedShardedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
     """The fused 8-bit AdamW on FSDP2's sharded LoRA parameters (DTensors, which bitsandbytes does
     not take): one blockwise state per parameter's local shard (``DTensor.to_local()``, blocked from
     the shard's first value), updated in place shard by shard with the kernel of
@@ -291,10 +303,7 @@ class FusedShardedAdamW8bit(torch.optim.Optimizer):
             raise ValueError("FusedShardedAdamW8bit steps fp32 parameters")
         device = locals_[0].device
         self._quant = [AdamW8bitState.zeros(t.numel(), t.device) for t in locals_]
-        self._step = torch.zeros((), dtype=torch.float32, device=device)
-        self._lr = torch.full((), float(lr), dtype=torch.float32, device=device)
-        self._lr_value = float(lr)
-        self._scale = torch.ones((), dtype=torch.float32, device=device)
+        self._device_scalars(lr, device)
         self._own_state()
 
     @property
@@ -318,13 +327,10 @@ class FusedShardedAdamW8bit(torch.optim.Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = _loss_of(closure)
-        lr = self.param_groups[0]["lr"]
-        if lr != self._lr_value:
-            self._lr.fill_(float(lr))
-            self._lr_value = lr
         from vramplan_kernels.adamw8bit import adamw8bit_step
 
+        loss = _loss_of(closure)
+        self._refresh_lr()
         group = self.param_groups[0]
         self._step.add_(1)
         for p, q in zip(self._params, self._quant):
