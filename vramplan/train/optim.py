@@ -336,7 +336,7 @@ class FusedShardedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
         for p, q in zip(self._params, self._quant):
             if p.grad is None or q.m.numel() == 0:  # no gradient (as torch AdamW), or a rank's empty shard
                 continue
-            adamw8bit_step(_local(p), _local(p.grad).contiguous(), q, self._lr, self._step, self._scale,
+            adamw8bit_step(_local(p), _local_grad(p), q, self._lr, self._step, self._scale,
                            group["betas"], group["eps"], group["weight_decay"])
         self._scale.fill_(1.0)
         return loss
@@ -402,11 +402,17 @@ class FusedShardedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
-    """A parameter's (or gradient's) values on this rank, flat: a view of the DTensor's local shard."""
+    """A parameter's (or gradient's) values on this rank, flat: a view of the DTensor's local shard
+    (``view`` fails rather than copy: an update must land in the shard itself)."""
     from torch.distributed.tensor import DTensor
 
-    local = t.to_local() if isinstance(t, DTensor) else t.data
-    return local.view(-1) if local.is_contiguous() else local.reshape(-1)
+    return (t.to_local() if isinstance(t, DTensor) else t.data).view(-1)
+
+
+def _local_grad(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).reshape(-1).contiguous()
 
 
 def _numel(p: torch.Tensor) -> int:
