@@ -79,6 +79,37 @@ class AdamW8bitState:
         return cls(torch.zeros(n, dtype=torch.uint8, device=device), torch.zeros(blocks, device=device),
                    torch.zeros(n, dtype=torch.uint8, device=device), torch.zeros(blocks, device=device))
 
+    @classmethod
+    def quantized(cls, m: torch.Tensor, v: torch.Tensor) -> "AdamW8bitState":
+        """The state holding flat fp32 moments ``m`` and ``v``, blocked from their first value, each
+        value stored as its nearest code (as the update stores them): within one code step."""
+        blocks = triton.cdiv(m.numel(), BLOCKSIZE)
+        m_absmax, m_idx = _quantize(_blocked(m, blocks), signed=True)
+        v_absmax, v_idx = _quantize(_blocked(v, blocks), signed=False)
+        return cls(m_idx.reshape(-1)[:m.numel()], m_absmax, v_idx.reshape(-1)[:v.numel()], v_absmax)
+
+    def moments(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """(m, v) as flat fp32 values: each code times its block's absmax."""
+        n, blocks = self.m.numel(), self.m_absmax.numel()
+        m_code, _, v_code, _ = _maps(self.m.device)
+        m = _blocked(m_code[self.m.long()], blocks) * self.m_absmax[:, None]
+        v = _blocked(v_code[self.v.long()], blocks) * self.v_absmax[:, None]
+        return m.reshape(-1)[:n], v.reshape(-1)[:n]
+
+
+def _blocked(x: torch.Tensor, blocks: int) -> torch.Tensor:
+    """Flat ``x`` zero-padded to ``blocks`` rows of BLOCKSIZE values."""
+    return torch.nn.functional.pad(x.reshape(-1), (0, blocks * BLOCKSIZE - x.numel())).view(blocks, BLOCKSIZE)
+
+
+def _quantize(x: torch.Tensor, signed: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(absmax per row, uint8 index of each value's nearest code) of blocked ``x``: the rounding rule
+    of the module docstring (ties to the lower code), m's signed map or v's unsigned one."""
+    _, m_mid, _, v_mid = _maps(x.device)
+    absmax = x.abs().amax(dim=1) if signed else x.amax(dim=1)
+    idx = torch.bucketize(x / absmax.clamp(min=_TINY)[:, None], m_mid if signed else v_mid).to(torch.uint8)
+    return absmax, idx
+
 
 @triton.jit
 def _nearest_code(x, MID):
@@ -155,17 +186,12 @@ def adamw8bit_reference(p, g, state: AdamW8bitState, lr, step, scale, betas=(0.9
     """The kernel's function in plain PyTorch, in place: same code maps, same rounding rule, the
     same operations in the same order, each its own tensor op (so nothing is fused into an FMA)."""
     b1, one_b1, log2_b1, b2, one_b2, log2_b2 = _constants(betas)
-    m_code, m_mid, v_code, v_mid = _maps(p.device)
     n = p.numel()
     blocks = state.m_absmax.numel()
-    pad = blocks * BLOCKSIZE - n
-
-    def blocked(x):
-        return torch.nn.functional.pad(x, (0, pad)).view(blocks, BLOCKSIZE)
+    blocked = functools.partial(_blocked, blocks=blocks)
 
     g = blocked(g * scale)
-    m = blocked(m_code[state.m.long()]) * state.m_absmax[:, None]
-    v = blocked(v_code[state.v.long()]) * state.v_absmax[:, None]
+    m, v = (blocked(x) for x in state.moments())
     m = m * b1 + g * one_b1
     v = v * b2 + (g * g) * one_b2
     t = step.reshape(())
@@ -176,10 +202,8 @@ def adamw8bit_reference(p, g, state: AdamW8bitState, lr, step, scale, betas=(0.9
     new_p = blocked(p) * (1.0 - lr * weight_decay)
     new_p = new_p - (lr / c1) * (m / denom)
 
-    m_absmax = m.abs().amax(dim=1)
-    v_absmax = v.amax(dim=1)
-    m_idx = torch.bucketize(m / m_absmax.clamp(min=_TINY)[:, None], m_mid).to(torch.uint8)
-    v_idx = torch.bucketize(v / v_absmax.clamp(min=_TINY)[:, None], v_mid).to(torch.uint8)
+    m_absmax, m_idx = _quantize(m, signed=True)
+    v_absmax, v_idx = _quantize(v, signed=False)
     ok = torch.isfinite(scale.reshape(()))  # a NaN scale: nothing changes (kept on the device: no sync)
     for dst, src in ((p, new_p.reshape(-1)[:n]), (state.m, m_idx.reshape(-1)[:n]), (state.v, v_idx.reshape(-1)[:n]),
                      (state.m_absmax, m_absmax), (state.v_absmax, v_absmax)):
@@ -212,5 +236,11 @@ def clip_scale(grad: torch.Tensor, max_norm: float) -> tuple[torch.Tensor, torch
     with no ``.item()``: the scale goes to the update, the norm to the log after the step. The
     scale is NaN when the norm is not finite, which makes :func:`adamw8bit_step` change nothing."""
     norm = torch.linalg.vector_norm(grad, 2.0, dtype=torch.float32)
+    return norm, clip_scale_of(norm, max_norm)
+
+
+def clip_scale_of(norm: torch.Tensor, max_norm: float) -> torch.Tensor:
+    """min(1, max_norm / (norm + 1e-6)) of a 0-d norm on its device, NaN when the norm is not finite
+    (the norm may be a sum over ranks: FSDP2's sharded gradients)."""
     scale = torch.clamp(max_norm / (norm + 1e-6), max=1.0)
-    return norm, torch.where(torch.isfinite(norm), scale, torch.full_like(scale, math.nan))
+    return torch.where(torch.isfinite(norm), scale, torch.full_like(scale, math.nan))

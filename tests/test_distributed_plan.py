@@ -78,6 +78,51 @@ def test_cpu_offload_leaves_only_the_layers_in_flight_on_the_gpu():
     assert any("host memory" in n for n in offload.notes)
 
 
+def test_fsdp_8bit_states_are_priced_as_the_trainer_keeps_them(monkeypatch):
+    """Switched on (VRAMPLAN_ENABLE=fused_optimizer) an FSDP2 8-bit plan keeps the fused kernel's states,
+    1/N per rank: per moment one byte a value and one fp32 absmax per 256; paged runs unpaged and is
+    priced so. Switched off the trainer steps torch AdamW for it, and it is priced as that."""
+    from vramplan.fit import optimizers_for
+    from vramplan.memory.adapters import lora_param_count
+    from vramplan.train import switches
+
+    monkeypatch.delenv(switches.ENABLE_ENV, raising=False)
+    base = Plan(model=L70.name, gpus=2, parallel="fsdp", optimizer="adamw")
+    trainable = lora_param_count(architecture(L70), base.lora_rank, base.lora_targets)
+    adamw = estimate_plan(base, L70)
+    off = estimate_plan(base.replace(optimizer="adamw8bit"), L70)
+    assert off.peak_bytes == adamw.peak_bytes and any("torch AdamW" in n for n in off.notes)
+    assert optimizers_for(base) == ("adamw",)
+    monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+    eight = estimate_plan(base.replace(optimizer="adamw8bit"), L70)
+    saved = (8 * trainable - 2 * (trainable + 4 * -(-trainable // 256))) / base.gpus
+    assert adamw.components["optimizer_states"] - eight.components["optimizer_states"] == pytest.approx(saved, abs=1)
+    assert adamw.peak_bytes - eight.peak_bytes == pytest.approx(saved, abs=1)
+    paged = estimate_plan(base.replace(optimizer="paged_adamw8bit"), L70)
+    assert paged.peak_bytes == eight.peak_bytes and any("not paged" in n for n in paged.notes)
+    assert optimizers_for(base) == ("adamw", "adamw8bit")
+    assert optimizers_for(base.replace(cpu_offload=True)) == ("adamw",)  # offload steps on the host: torch AdamW
+
+
+def test_fit_writes_an_fsdp_8bit_plan_only_where_the_trainer_runs_it(monkeypatch):
+    """70B on 2×RTX 4090: with the fused optimizer switched on, 8-bit states leave room for rank 16, and
+    the plan fit writes is the one the trainer builds its optimizer for (no torch AdamW stand-in)."""
+    import torch
+
+    from vramplan.train import switches
+    from vramplan.train.optim import FusedShardedAdamW8bit
+    from vramplan.train.recipe import make_optimizer
+
+    monkeypatch.delenv(switches.ENABLE_ENV, raising=False)
+    base = Plan(model=L70.name, seq_len=2048)
+    assert fit_plan(L70, resolve_gpu("2xrtx-4090"), base=base).plan.optimizer == "adamw"
+    monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+    plan = fit_plan(L70, resolve_gpu("2xrtx-4090"), base=base).plan
+    assert plan.parallel == "fsdp" and plan.optimizer == "adamw8bit"
+    opt, note = make_optimizer([torch.nn.Parameter(torch.zeros(4, 8))], plan, 1e-3, 0.0, torch.device("cpu"), sharded=True)
+    assert isinstance(opt, FusedShardedAdamW8bit) and note is None
+
+
 # ---------------------------------------------------------------- plans and their validation
 
 

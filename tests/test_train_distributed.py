@@ -208,6 +208,62 @@ def test_fsdp_two_ranks_equal_one_rank_on_gemma4_and_resume_sharded(work):
 
 
 @pytest.mark.slow
+def test_fsdp_8bit_states_equal_one_process_fused_and_resume_on_one_rank(work, monkeypatch):
+    """FSDP2 with 8-bit AdamW (VRAMPLAN_ENABLE=fused_optimizer) steps the fused kernel on each rank's
+    shards and trains as one process with FusedAdamW8bit on the global batch; its whole-state
+    checkpoint resumes on one rank (torchrun, one process). With 4 KV heads every LoRA tensor of
+    the tiny Llama splits into 256-value halves, so 2 ranks block the states as one process does
+    (one absmax per 256 values): the reference differs only by reduction order, as for AdamW. (Shards
+    that re-block are converted through fp32: test_train_fused_optim.)"""
+    monkeypatch.setenv("VRAMPLAN_ENABLE", "fused_optimizer")  # the ranks inherit it
+    model = work / "llama-mha"
+    if not model.exists():
+        build_model(dict(llama_config(), num_key_value_heads=4), model)
+    common = ["--model", str(model), "--data", str(work / "train.jsonl"), "--output", str(work / "fsdp8"), "--lr", "1e-2",
+              "--warmup", "0", "--schedule", "constant"]
+    run = vramplan("train", str(plan_file(work, "fsdp8", gpus=2, parallel="fsdp", optimizer="adamw8bit")), *common,
+                   "--steps", "3", torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "note: optimizer" not in run.stderr  # no torch AdamW stand-in
+    saved = torch.load(work / "fsdp8" / "checkpoint" / "optimizer.pt", weights_only=False)
+    first = saved["state"][0]
+    assert first["state1"].dtype == torch.uint8 and first["state1"].numel() == 8 * 64  # whole
+    assert first["shards"].tolist() == [256, 256] and first["absmax1"].numel() == 2 and float(first["step"]) == 3
+    one = plan_file(work, "fsdp8-one", gpus=1, parallel="fsdp", optimizer="adamw8bit", micro_batch=2)
+    run = vramplan("train", str(one), *common, "--steps", "5", "--resume", str(work / "fsdp8"), torchrun=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plan = Plan(model="tiny", lora_rank=8, seq_len=64, micro_batch=2, grad_accum=2, optimizer="adamw8bit")
+    one_rank(work, "llama-mha", "fused-one", steps=5, schedule="constant", plan=plan)
+    assert losses(work / "fsdp8") == pytest.approx(losses(work / "fused-one"), rel=1e-5)
+    assert_same_adapter(work / "fsdp8" / "adapter", work / "fused-one" / "adapter")
+
+
+@pytest.mark.slow
+def test_fsdp_8bit_states_reblock_when_a_run_resumes_on_fewer_ranks(work, monkeypatch):
+    """With 2 KV heads k_proj's and v_proj's B (32×8) split into two 128-value shards, each blocked
+    on its own; resumed on one rank they re-block into one 256-value block through fp32. The run
+    continues, and stays near one process with FusedAdamW8bit (one block from the start): 8-bit
+    moments of those 4 of 28 tensors differ by at most a code step of their block's absmax, far
+    below what an lr of 1e-2 moves the loss from step to step."""
+    monkeypatch.setenv("VRAMPLAN_ENABLE", "fused_optimizer")
+    common = ["--model", str(work / "llama"), "--data", str(work / "train.jsonl"), "--output", str(work / "reblock"),
+              "--lr", "1e-2", "--warmup", "0", "--schedule", "constant"]
+    run = vramplan("train", str(plan_file(work, "reblock", gpus=2, parallel="fsdp", optimizer="adamw8bit")), *common,
+                   "--steps", "2", torchrun=2)
+    assert run.returncode == 0, run.stderr[-3000:]
+    saved = torch.load(work / "reblock" / "checkpoint" / "optimizer.pt", weights_only=False)
+    assert sorted({tuple(e["shards"].tolist()) for e in saved["state"].values()}) == [(128, 128), (256, 256), (512, 512)]
+    one = plan_file(work, "reblock-one", gpus=1, parallel="fsdp", optimizer="adamw8bit", micro_batch=2)
+    run = vramplan("train", str(one), *common, "--steps", "4", "--resume", str(work / "reblock"), torchrun=1)
+    assert run.returncode == 0, run.stderr[-3000:]
+    plan = Plan(model="tiny", lora_rank=8, seq_len=64, micro_batch=2, grad_accum=2, optimizer="adamw8bit")
+    one_rank(work, "llama", "reblock-ref", steps=4, schedule="constant", plan=plan)
+    ours, ref = losses(work / "reblock"), losses(work / "reblock-ref")
+    assert len(ours) == 4 and ours[0] == pytest.approx(ref[0], rel=1e-6)
+    assert ours == pytest.approx(ref, rel=1e-3) and abs(ours[-1] - ref[-1]) < 0.05 * (ref[0] - ref[-1])
+
+
+@pytest.mark.slow
 def test_a_failing_rank_ends_the_run_with_its_one_line(work, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "the cat"}', '{"prompt": "a"}'])
     run = vramplan("train", str(plan_file(work, "fail", gpus=2, parallel="ddp")), "--model", str(work / "llama"), "--data", str(bad),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from vramplan_kernels.dispatch import kernel_mode
-from vramplan.train.optim import FusedAdamW8bit, eight_bit_adamw, fused_update_applies
+from vramplan.train.optim import FusedAdamW8bit, FusedShardedAdamW8bit, eight_bit_adamw, fused_update_applies
 
 SHAPES = [(16, 4096), (300, 16), (16, 300)]  # 8-bit state in bitsandbytes too; 4,800 values: not 256-aligned
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.gpu)]
@@ -143,11 +143,16 @@ def test_switch_picks_it_for_8bit_plans_only(monkeypatch):
         assert isinstance(opt, FusedAdamW8bit) and note is None
     assert isinstance(make_optimizer(_params(), Plan(model="tiny", optimizer="adamw"), 1e-3, 0.0, cpu)[0],
                       torch.optim.AdamW)
-    assert not isinstance(make_optimizer(_params(), Plan(model="tiny"), 1e-3, 0.0, cpu, sharded=True)[0],
-                          FusedAdamW8bit)
+    fsdp = Plan(model="tiny", parallel="fsdp")  # FSDP2: the shards' own states, never paged (a note says so)
+    opt, note = make_optimizer(_params(), fsdp, 1e-3, 0.0, cpu, sharded=True)
+    assert isinstance(opt, FusedShardedAdamW8bit) and "not paged" in note
+    opt, note = make_optimizer(_params(), fsdp.replace(cpu_offload=True), 1e-3, 0.0, cpu, sharded=True)
+    assert isinstance(opt, torch.optim.AdamW) and "CPU offload" in note  # steps on the host
     assert not fused_update_applies(Plan(model="tiny", lora_dtype="bf16"))
     monkeypatch.delenv(switches.ENABLE_ENV)
     assert not isinstance(make_optimizer(_params(), Plan(model="tiny"), 1e-3, 0.0, cpu)[0], FusedAdamW8bit)
+    opt, note = make_optimizer(_params(), fsdp, 1e-3, 0.0, cpu, sharded=True)
+    assert isinstance(opt, torch.optim.AdamW) and "VRAMPLAN_ENABLE=fused_optimizer" in note
 
 
 @pytest.mark.gpu
@@ -191,3 +196,88 @@ def test_captured_step_replays_with_a_new_lr_and_never_syncs():
     for a, b in zip(eager_p, graph_p):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     assert graphed._step.item() == 3
+
+
+# ---------------------------------------------------------------- FSDP2: states per local shard
+
+
+def _saved(m: torch.Tensor, v: torch.Tensor, shards: list[int]) -> dict:
+    """A whole saved state as FusedShardedAdamW8bit writes it: each shard of m and v blocked on its own."""
+    from vramplan_kernels.adamw8bit import AdamW8bitState
+
+    pieces, at = [], 0
+    for size in shards:
+        pieces.append(AdamW8bitState.quantized(m[at:at + size], v[at:at + size]))
+        at += size
+    return {"state1": torch.cat([q.m for q in pieces]), "absmax1": torch.cat([q.m_absmax for q in pieces]),
+            "state2": torch.cat([q.v for q in pieces]), "absmax2": torch.cat([q.v_absmax for q in pieces]),
+            "shards": torch.tensor(shards), "step": torch.tensor(3.0)}
+
+
+def _nearest(values: torch.Tensor, absmax: torch.Tensor, signed: bool) -> torch.Tensor:
+    """Per value, its distance to the nearest code of its block (absmax per 256 values)."""
+    from vramplan_kernels.adamw8bit import BLOCKSIZE, dynamic_map
+
+    scale = absmax.repeat_interleave(BLOCKSIZE)[:values.numel()]
+    return (dynamic_map(signed)[None, :] * scale[:, None] - values[:, None]).abs().amin(dim=1)
+
+
+def test_shard_states_load_as_saved_where_blocks_match_and_within_a_code_step_where_not():
+    """Saved by 2 ranks of 200 values (blocks 0-199 | 200-399): each rank's range loads its codes as
+    saved; one rank's 0-399 (blocks 0-255 | 256-399) re-blocks through fp32, every value its nearest
+    code again (one code step at most). Shards of 256 re-join on one rank bit for bit."""
+    from vramplan.train.optim import local_state
+
+    gen = torch.Generator().manual_seed(0)
+    m, v = torch.randn(400, generator=gen) * 1e-3, torch.rand(400, generator=gen) * 1e-6
+    saved = _saved(m, v, [200, 200])
+    for start, stop in ((0, 200), (200, 400)):
+        mine = local_state(saved, start, stop, 400, "cpu")
+        assert torch.equal(mine.m, saved["state1"][start:stop]) and mine.m_absmax.numel() == 1
+    pieces = [local_state(saved, a, a + 200, 400, "cpu").moments() for a in (0, 200)]
+    old_m, old_v = torch.cat([p[0] for p in pieces]), torch.cat([p[1] for p in pieces])
+    whole = local_state(saved, 0, 400, 400, "cpu")
+    assert whole.m_absmax.numel() == 2
+    new_m, new_v = whole.moments()
+    assert not torch.equal(new_m, old_m)  # re-blocked, not copied
+    assert torch.all((new_m - old_m).abs() <= _nearest(old_m, whole.m_absmax, True) * (1 + 1e-6))
+    assert torch.all((new_v - old_v).abs() <= _nearest(old_v, whole.v_absmax, False) * (1 + 1e-6))
+    aligned = _saved(m[:384], v[:384], [256, 128])
+    again = local_state(aligned, 0, 384, 384, "cpu")
+    assert torch.equal(again.m, aligned["state1"]) and torch.equal(again.v_absmax, aligned["absmax2"])
+    with pytest.raises(ValueError, match="other adapters"):
+        local_state(saved, 0, 200, 512, "cpu")
+
+
+def test_sharded_optimizer_on_whole_tensors_steps_as_the_flat_one():
+    """One shard per parameter blocks as FlatLoRA's 256-aligned segments do: the same updates bit for
+    bit (with one clipping scale: the norms agree to rounding), and its whole state dict loads into a fresh one that continues the same."""
+    from vramplan.train.optim import FusedShardedAdamW8bit
+
+    flat_p, shard_p = _params(), _params()
+    flat, sharded = FusedAdamW8bit(flat_p, lr=1e-2, weight_decay=0.01), FusedShardedAdamW8bit(shard_p, lr=1e-2, weight_decay=0.01)
+    for step in range(2):
+        grads = _grads(flat_p, step)
+        for p, g in zip(flat_p, grads):
+            p.grad.copy_(g)
+        for p, g in zip(shard_p, grads):
+            p.grad = g.clone()
+        torch.testing.assert_close(sharded.clip_grad_norm_(1.0), flat.clip_grad_norm_(1.0), rtol=1e-6, atol=0)
+        sharded._scale.copy_(flat._scale)  # the norms sum in another order (per tensor): one scale for both
+        flat.step()
+        sharded.step()
+        flat.zero_grad()
+        sharded.zero_grad()
+    for a, b in zip(flat_p, shard_p):
+        assert torch.equal(a, b)
+    saved = sharded.state_dict()
+    assert [int(e["shards"][0]) for e in saved["state"].values()] == [p.numel() for p in shard_p]
+    resumed_p = [torch.nn.Parameter(p.detach().clone()) for p in shard_p]
+    resumed = FusedShardedAdamW8bit(resumed_p, lr=1e-2)
+    resumed.load_state_dict(saved)
+    for opt, params in ((sharded, shard_p), (resumed, resumed_p)):
+        for p, g in zip(params, _grads(params, 5)):
+            p.grad = g
+        opt.step()
+    for a, b in zip(shard_p, resumed_p):
+        assert torch.equal(a, b)

@@ -39,7 +39,7 @@ from vramplan.catalog import GpuSpec, ModelProfile, box_count, gpu_box, list_gpu
 from vramplan.errors import VramplanError
 from vramplan.estimate import Estimate, architecture, budget_bytes as gpu_budget_bytes, estimate_plan
 from vramplan.plan import Plan
-from vramplan.stacks.vramplan import flat_step_applies, graphs_apply
+from vramplan.stacks.vramplan import flat_step_applies, fsdp_steps_fused, graphs_apply
 
 QUANT_ORDER = ("bf16", "int8", "nf4")
 #: What each stack can run: vramplan's trainer quantizes to NF4 or keeps bf16 (no int8 kernels);
@@ -102,9 +102,12 @@ def layouts(base: Plan) -> tuple[tuple[str, bool], ...]:
 
 
 def optimizers_for(plan: Plan) -> tuple[str, ...]:
-    """The optimizers the trainer can run for ``plan``: under FSDP2 the LoRA parameters are DTensor
-    shards, which bitsandbytes' 8-bit optimizers do not take, so torch AdamW (its states sharded too)."""
-    return ("adamw",) if plan.parallel == "fsdp" else OPTIMIZER_ORDER
+    """The optimizers the trainer runs as planned for ``plan``: under FSDP2 the LoRA parameters are
+    DTensor shards, which bitsandbytes' 8-bit optimizers do not take: torch AdamW (its states sharded
+    too), and 8-bit AdamW where the fused kernel steps the shards (``fsdp_steps_fused``; never paged)."""
+    if plan.parallel != "fsdp":
+        return OPTIMIZER_ORDER
+    return ("adamw", "adamw8bit") if fsdp_steps_fused(plan.replace(optimizer="adamw8bit")) else ("adamw",)
 
 
 def head_quants_for(base: Plan) -> tuple[str, ...]:

@@ -13,6 +13,11 @@ _STATE_BYTES = {
 #: Optimizers whose moments bitsandbytes allocates with cudaMallocManaged (``get_paged``).
 PAGED = ("paged_adamw8bit",)
 
+#: The fused 8-bit AdamW on FSDP2 shards (``vramplan.train.optim.FusedShardedAdamW8bit``), priced
+#: with its absmax: per moment one uint8 code a value and one fp32 absmax per 256 values.
+FUSED_8BIT = "fused_adamw8bit"
+ABSMAX_BLOCK = 256
+
 
 def optimizer_state_bytes(trainable: int, optimizer: str, master_weights: bool = False) -> int:
     """AdamW moments per trainable parameter, plus a 4-byte fp32 master copy when params are 16-bit.
@@ -20,6 +25,8 @@ def optimizer_state_bytes(trainable: int, optimizer: str, master_weights: bool =
     Master weights apply when the trainer keeps LoRA params in bf16 but updates an fp32
     copy (vramplan's ``lora_dtype=bf16``); PEFT keeps fp32 adapters, so none there.
     """
+    if optimizer == FUSED_8BIT:  # fp32 adapters only: no master copy
+        return 2 * (trainable + 4 * -(-trainable // ABSMAX_BLOCK))
     if optimizer not in _STATE_BYTES:
         raise VramplanError(f"unknown optimizer '{optimizer}'; choose one of {', '.join(_STATE_BYTES)}")
     return trainable * (_STATE_BYTES[optimizer] + (4 if master_weights else 0))

@@ -28,7 +28,7 @@ from __future__ import annotations
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
+from vramplan.memory.optimizer import FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import (cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, flat_optimizer_bytes,
                                        pooled_fragmentation_bytes)
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
@@ -85,8 +85,9 @@ def step_memory(arch, plan) -> StepMemory:
         + mm.tower_lora_params(arch, plan) + mm.projector_params(arch, plan)
     adapters = {"lora_params": lora_param_bytes(trainable, lora_bytes)}
     grads = {"lora_grads": lora_grad_bytes(trainable, lora_bytes)}
-    managed = managed_state_bytes(trainable, plan.optimizer)
-    optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer, master_weights=lora_bytes == 2) - managed}
+    optimizer, optimizer_notes = stepped_optimizer(plan)
+    managed = managed_state_bytes(trainable, optimizer)
+    optim = {"optimizer_states": optimizer_state_bytes(trainable, optimizer, master_weights=lora_bytes == 2) - managed}
 
     kernel = "eager" if plan.attention == "eager" else "flash"
     recipe = ActivationRecipe(
@@ -136,12 +137,38 @@ def step_memory(arch, plan) -> StepMemory:
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"),
-                      notes=managed_state_note(managed) + (EXPERTS_NOTE[experts_note] if arch.expert_params else ()))
+                      notes=managed_state_note(managed) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ()))
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
 #: (4,820 -> 3,962 tok/s at 2,048 tokens on the H100), not yet measured under CUDA graphs.
 FLAT_DECLINED = ("gemma4", "gemma4_text")
+
+
+def fsdp_steps_fused(plan) -> bool:
+    """Whether the trainer steps this FSDP2 plan's 8-bit AdamW with the fused kernel on each rank's
+    shards (``vramplan.train.optim.FusedShardedAdamW8bit``): switched on like the one-GPU fused
+    optimizer (``VRAMPLAN_ENABLE=fused_optimizer``, off until measured on a GPU), fp32 adapters (the
+    kernel's type), shards on the GPUs (CPU offload steps on the host, where the kernel's PyTorch
+    reference would be slow). Other FSDP2 plans step torch AdamW: bitsandbytes takes no DTensor."""
+    from vramplan.train import switches
+
+    return (plan.parallel == "fsdp" and plan.stack == "vramplan" and not plan.cpu_offload
+            and plan.optimizer != "adamw" and plan.lora_dtype == "fp32" and switches.enabled("fused_optimizer"))
+
+
+def stepped_optimizer(plan) -> tuple[str, tuple[str, ...]]:
+    """(the optimizer whose states the trainer keeps for ``plan``, notes): the plan's, but under
+    FSDP2 an 8-bit plan keeps the fused kernel's states (never paged) or torch AdamW's."""
+    if plan.parallel != "fsdp" or plan.optimizer == "adamw":
+        return plan.optimizer, ()
+    if fsdp_steps_fused(plan):
+        paged = (f"{plan.optimizer} under FSDP2 steps the fused 8-bit AdamW, whose states are not paged: "
+                 "priced on the GPUs",) if plan.optimizer in PAGED else ()
+        return FUSED_8BIT, paged
+    why = ("the trainer steps torch AdamW on the host with CPU offload" if plan.cpu_offload else
+           "the trainer steps torch AdamW (fp32 states; VRAMPLAN_ENABLE=fused_optimizer steps 8-bit states on the shards)")
+    return "adamw", (f"{plan.optimizer} under FSDP2: {why}; priced as that",)
 
 
 def flat_step_applies(arch, plan) -> bool:

@@ -513,6 +513,8 @@ def full_optimizer_state(optimizer) -> dict:
 
 def shard_optimizer_state(state: dict, optimizer) -> dict:
     """The inverse of ``full_optimizer_state`` for this optimizer's (possibly sharded) parameters."""
+    if getattr(optimizer, "cuts_its_own_shards", False):  # FusedShardedAdamW8bit: blocks depend on the shards
+        return state
     params = [p for group in optimizer.param_groups for p in group["params"]]
     out = dict(state)
     out["state"] = {}
@@ -523,9 +525,13 @@ def shard_optimizer_state(state: dict, optimizer) -> dict:
     return out
 
 
+def grad_norm(params: list[torch.Tensor]) -> torch.Tensor:
+    """The gradients' global L2 norm as a device tensor; FSDP2's sharded ones reduced over ranks (a collective)."""
+    return full(torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None]))
+
+
 def clip_gradients(params: list[torch.Tensor], max_norm: float) -> torch.Tensor:
     """``clip_grad_norm_`` that also takes FSDP2's sharded gradients (their norm is reduced over ranks)."""
-    grads = [p.grad for p in params if p.grad is not None]
-    norm = full(torch.nn.utils.get_total_norm(grads))
+    norm = grad_norm(params)
     torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
     return norm

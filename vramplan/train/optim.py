@@ -153,7 +153,25 @@ class _OneSyncPerStep:
         return loss
 
 
-class FusedAdamW8bit(torch.optim.Optimizer):
+class _DeviceScalars:
+    """lr, the step count and the clipping scale of a fused 8-bit AdamW as one-value device tensors,
+    which the kernel reads: no Python float in a launch, so no host sync and a graph can replay it."""
+
+    def _device_scalars(self, lr: float, device) -> None:
+        self._step = torch.zeros((), dtype=torch.float32, device=device)
+        self._lr = torch.full((), float(lr), dtype=torch.float32, device=device)
+        self._lr_value = float(lr)
+        self._scale = torch.ones((), dtype=torch.float32, device=device)
+
+    def _refresh_lr(self) -> None:
+        """lr from ``param_groups[0]`` (torch LR schedulers set it there) with a ``fill_``, when it changed."""
+        lr = self.param_groups[0]["lr"]
+        if lr != self._lr_value:
+            self._lr.fill_(float(lr))
+            self._lr_value = lr
+
+
+class FusedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
     """bitsandbytes-free 8-bit AdamW over one ``FlatLoRA``: one launch per step
     (``vramplan_kernels.adamw8bit``), no host sync, capturable in a CUDA graph.
 
@@ -177,11 +195,8 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         device = self.flat.param.device
         self._quant = AdamW8bitState.zeros(self.flat.param.numel(), device)
         self.state[self.flat.param] = self._own_state()
-        self._step = torch.zeros((), dtype=torch.float32, device=device)
+        self._device_scalars(lr, device)
         self.state[self.flat.param]["step"] = self._step
-        self._lr = torch.full((), float(lr), dtype=torch.float32, device=device)
-        self._lr_value = float(lr)
-        self._scale = torch.ones((), dtype=torch.float32, device=device)
 
     def _own_state(self) -> dict:
         q = self._quant
@@ -200,10 +215,7 @@ class FusedAdamW8bit(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self, closure=None):
         loss = _loss_of(closure)
-        lr = self.param_groups[0]["lr"]
-        if lr != self._lr_value:
-            self._lr.fill_(float(lr))
-            self._lr_value = lr
+        self._refresh_lr()
         self.flat.gather_grads()
         if self.flat.param.grad is not None:
             self.update()
@@ -261,14 +273,218 @@ class FusedAdamW8bit(torch.optim.Optimizer):
         self._lr_value = None  # refreshed at the next step
 
 
+class FusedShardedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
+    """The fused 8-bit AdamW on FSDP2's sharded LoRA parameters (DTensors, which bitsandbytes does
+    not take): one blockwise state per parameter's local shard (``DTensor.to_local()``, blocked from
+    the shard's first value), updated in place shard by shard with the kernel of
+    :class:`FusedAdamW8bit` (one launch per shard; FSDP2 owns the shards' storage, so there is no
+    one flat buffer to step). lr, step and the clipping scale are device tensors as there; the
+    scale comes from the gradients' global norm, summed over ranks on the device (no host sync).
+
+    Checkpoints hold whole states, as for torch AdamW under FSDP2, so a run resumes on any number of
+    ranks: :meth:`state_dict` (a collective: every rank calls it) gathers each parameter's codes
+    whole, its absmax per shard, and ``shards`` (values per rank: the blocking they were saved
+    with); :meth:`load_state_dict` cuts this rank's range out (see :func:`local_state`). Where the
+    new shards' blocks are not the saved ones (another world size, a shard not a multiple of 256
+    values), the moments are converted through fp32 and quantized again: within one code step.
+    Not paged (states of tens to hundreds of MB a rank).
+    """
+
+    cuts_its_own_shards = True  # distributed.shard_optimizer_state leaves its whole state to load_state_dict
+
+    def __init__(self, params, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999), eps: float = 1e-8,
+                 weight_decay: float = 1e-2):
+        from vramplan_kernels.adamw8bit import AdamW8bitState
+
+        params = list(params)
+        super().__init__(params, dict(lr=lr, betas=tuple(betas), eps=eps, weight_decay=weight_decay))
+        locals_ = [_local(p) for p in params]
+        if any(t.dtype != torch.float32 for t in locals_):
+            raise ValueError("FusedShardedAdamW8bit steps fp32 parameters")
+        device = locals_[0].device
+        self._quant = [AdamW8bitState.zeros(t.numel(), t.device) for t in locals_]
+        self._device_scalars(lr, device)
+        self._own_state()
+
+    @property
+    def _params(self) -> list[torch.Tensor]:
+        return self.param_groups[0]["params"]
+
+    def _own_state(self) -> None:
+        for p, q in zip(self._params, self._quant):
+            self.state[p] = {"state1": q.m, "absmax1": q.m_absmax, "state2": q.v, "absmax2": q.v_absmax,
+                             "step": self._step}
+
+    def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
+        """The gradients' global L2 norm (a 0-d device tensor, reduced over ranks); the next update
+        scales them by min(1, max_norm/(norm+1e-6)), or skips itself if the norm is not finite."""
+        from vramplan.train.distributed import grad_norm
+        from vramplan_kernels.adamw8bit import clip_scale_of
+
+        norm = grad_norm(self._params)
+        self._scale.copy_(clip_scale_of(norm, float(max_norm)))
+        return norm
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        from vramplan_kernels.adamw8bit import adamw8bit_step
+
+        loss = _loss_of(closure)
+        self._refresh_lr()
+        group = self.param_groups[0]
+        self._step.add_(1)
+        for p, q in zip(self._params, self._quant):
+            if p.grad is None or q.m.numel() == 0:  # no gradient (as torch AdamW), or a rank's empty shard
+                continue
+            adamw8bit_step(_local(p), _local_grad(p), q, self._lr, self._step, self._scale,
+                           group["betas"], group["eps"], group["weight_decay"])
+        self._scale.fill_(1.0)
+        return loss
+
+    def state_dict(self) -> dict:
+        """Whole states (a collective under FSDP2): per parameter its codes (flat, the parameter's
+        values in order), absmax of every shard in rank order, ``shards`` and ``step``."""
+        out = super().state_dict()
+        out["state"] = {}
+        for index, (p, pieces) in enumerate(zip(self._params, self._gathered())):
+            out["state"][index] = {
+                "state1": torch.cat([q.m for q in pieces]), "absmax1": torch.cat([q.m_absmax for q in pieces]),
+                "state2": torch.cat([q.v for q in pieces]), "absmax2": torch.cat([q.v_absmax for q in pieces]),
+                "shards": torch.tensor(_shard_sizes(p)[0]), "step": self._step.clone()}
+        return out
+
+    def _gathered(self) -> list[list]:
+        """Every rank's state of every parameter: one all-gather of each rank's states as bytes."""
+        from torch.distributed.tensor import DTensor
+        from vramplan_kernels.adamw8bit import AdamW8bitState
+
+        mesh = next((p.device_mesh for p in self._params if isinstance(p, DTensor)), None)
+        if mesh is None or mesh.size() == 1:
+            return [[q] for q in self._quant]
+        sizes = [_shard_sizes(p)[0] for p in self._params]
+        layout = [[(s[r], -(-s[r] // ALIGN)) for s in sizes] for r in range(mesh.size())]
+        lengths = [sum(2 * n + 8 * blocks for n, blocks in rank) for rank in layout]
+        mine = torch.cat([t.reshape(-1).view(torch.uint8) for q in self._quant
+                          for t in (q.m, q.v, q.m_absmax, q.v_absmax)])
+        mine = torch.nn.functional.pad(mine, (0, max(lengths) - mine.numel()))
+        buffers = [torch.empty_like(mine) for _ in lengths]
+        torch.distributed.all_gather(buffers, mine, group=mesh.get_group())
+        out = [[] for _ in self._params]
+        for rank, buffer in zip(layout, buffers):
+            at = 0
+            for pieces, (n, blocks) in zip(out, rank):
+                parts = []
+                for count, dtype in ((n, torch.uint8), (n, torch.uint8), (4 * blocks, torch.float32),
+                                     (4 * blocks, torch.float32)):
+                    parts.append(buffer[at:at + count].clone().view(dtype))  # a fresh storage: aligned for the view
+                    at += count
+                pieces.append(AdamW8bitState(parts[0], parts[2], parts[1], parts[3]))
+        return out
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads whole states (this class's, or torch AdamW's ``exp_avg``/``exp_avg_sq``, quantized)
+        into this rank's buffers, in place."""
+        super().load_state_dict({"state": {}, "param_groups": state_dict["param_groups"]})
+        saved = state_dict["state"]
+        for index, (p, q) in enumerate(zip(self._params, self._quant)):
+            entry = saved.get(index, saved.get(str(index)))
+            if entry is None:
+                continue
+            sizes, rank = _shard_sizes(p)
+            start = sum(sizes[:rank])
+            loaded = local_state(entry, start, start + q.m.numel(), _numel(p), q.m.device)
+            for mine, value in ((q.m, loaded.m), (q.m_absmax, loaded.m_absmax), (q.v, loaded.v),
+                                (q.v_absmax, loaded.v_absmax)):
+                mine.copy_(value)
+            self._step.copy_(torch.as_tensor(entry["step"], dtype=torch.float32).reshape(()))
+        self._own_state()
+        self._lr_value = None  # refreshed at the next step
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """A parameter's (or gradient's) values on this rank, flat: a view of the DTensor's local shard
+    (``view`` fails rather than copy: an update must land in the shard itself)."""
+    from torch.distributed.tensor import DTensor
+
+    return (t.to_local() if isinstance(t, DTensor) else t.data).view(-1)
+
+
+def _local_grad(p: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return (p.grad.to_local() if isinstance(p.grad, DTensor) else p.grad).reshape(-1).contiguous()
+
+
+def _numel(p: torch.Tensor) -> int:
+    return math.prod(p.shape)
+
+
+def _shard_sizes(p: torch.Tensor) -> tuple[list[int], int]:
+    """(values each rank holds of ``p``, this rank): FSDP2's Shard(0) cuts dim 0 as ``torch.chunk``
+    does, trailing ranks possibly empty (``distributed.like`` cuts the same way)."""
+    from torch.distributed.tensor import DTensor
+
+    if not isinstance(p, DTensor):
+        return [p.numel()], 0
+    size, rank = p.device_mesh.size(), p.device_mesh.get_local_rank()
+    rows = [len(c) for c in torch.chunk(torch.empty(p.shape[0], device="meta"), size)]
+    per_row = _numel(p) // max(p.shape[0], 1)
+    return [r * per_row for r in rows] + [0] * (size - len(rows)), rank
+
+
+def local_state(entry: dict, start: int, stop: int, numel: int, device):
+    """Values [start, stop) of a parameter's whole saved state as a state blocked from ``start``.
+
+    ``entry["shards"]`` says how the saved state was blocked (each shard from its first value).
+    Where every new block is a saved block (the same shards, or boundaries 256 values apart), the
+    codes and absmax are taken as saved: a resume on the same ranks continues bit for bit.
+    Otherwise the saved blocks are dequantized to fp32 and this range quantized again (each value
+    moves by at most one code step). torch AdamW's whole ``exp_avg``/``exp_avg_sq`` are quantized.
+    """
+    from vramplan_kernels.adamw8bit import BLOCKSIZE, AdamW8bitState
+
+    if "exp_avg" in entry:
+        m, v = (entry[k].reshape(-1)[start:stop].to(device=device, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq"))
+        return AdamW8bitState.quantized(m, v)
+    codes = (entry["state1"], entry["absmax1"], entry["state2"], entry["absmax2"])
+    sizes = [int(s) for s in entry["shards"]]
+    if codes[0].numel() != numel or sum(sizes) != numel:
+        raise ValueError(f"optimizer state of {codes[0].numel()} values for a parameter of {numel}: "
+                         "a state saved for other adapters")
+    pieces, aligned, offset, block = [], True, 0, 0
+    for size in sizes:
+        lo, hi = max(start, offset), min(stop, offset + size)
+        if lo < hi:
+            aligned &= (lo - start) % BLOCKSIZE == 0 and (lo - offset) % BLOCKSIZE == 0 and \
+                (hi == offset + size or (hi - offset) % BLOCKSIZE == 0)
+            first, last = (lo - offset) // BLOCKSIZE, -(-(hi - offset) // BLOCKSIZE)  # the saved blocks it touches
+            whole = slice(offset + first * BLOCKSIZE, min(offset + size, offset + last * BLOCKSIZE))
+            blocks = slice(block + first, block + last)
+            piece = AdamW8bitState(*(t[whole if i % 2 == 0 else blocks].to(device) for i, t in enumerate(codes)))
+            pieces.append((piece, lo - whole.start, hi - whole.start))
+        offset, block = offset + size, block + -(-size // BLOCKSIZE)
+    if not pieces:  # an empty shard
+        return AdamW8bitState.zeros(0, device)
+    if aligned:  # each piece is whole saved blocks
+        return AdamW8bitState(*(torch.cat(column) for column in zip(*[(p.m, p.m_absmax, p.v, p.v_absmax)
+                                                                        for p, _, _ in pieces])))
+    moments = [(m[a:b], v[a:b]) for p, a, b in pieces for m, v in [p.moments()]]
+    return AdamW8bitState.quantized(torch.cat([m for m, _ in moments]), torch.cat([v for _, v in moments]))
+
+
 def fused_update_applies(plan, sharded: bool = False) -> bool:
-    """Whether the trainer steps with :class:`FusedAdamW8bit`: switched on
+    """Whether the trainer steps with the fused 8-bit AdamW: switched on
     (``VRAMPLAN_ENABLE=fused_optimizer``), for an 8-bit AdamW plan (paged or not: the fused
-    states are not paged) with fp32 adapters (the kernel's parameter type) on one process (FSDP
-    shards the parameters, DDP's reducer owns the gradients: those keep bitsandbytes)."""
+    states are not paged) with fp32 adapters (the kernel's parameter type); on one process
+    :class:`FusedAdamW8bit` (DDP's reducer owns the gradients: DDP keeps bitsandbytes), under FSDP
+    (``sharded``) :class:`FusedShardedAdamW8bit` where ``stacks.vramplan.fsdp_steps_fused``, as
+    the planner prices it."""
+    from vramplan.stacks.vramplan import fsdp_steps_fused
     from vramplan.train import switches
 
-    if not switches.enabled("fused_optimizer") or plan.optimizer == "adamw" or plan.lora_dtype != "fp32" or sharded:
+    if sharded:
+        return fsdp_steps_fused(plan)
+    if not switches.enabled("fused_optimizer") or plan.optimizer == "adamw" or plan.lora_dtype != "fp32":
         return False
     return not (torch.distributed.is_available() and torch.distributed.is_initialized())
 

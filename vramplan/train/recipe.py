@@ -23,7 +23,8 @@ from vramplan.train import adapter, checkpoint, data, distributed, metrics, stop
 from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
-from vramplan.train.optim import FusedAdamW8bit, eight_bit_adamw, flat_update_pays, fused_update_applies
+from vramplan.train.optim import (FusedAdamW8bit, FusedShardedAdamW8bit, eight_bit_adamw, flat_update_pays,
+                                  fused_update_applies)
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -91,15 +92,26 @@ def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weig
     """bitsandbytes 8-bit AdamW (paged: states move to the host under pressure) or torch AdamW;
     the fused 8-bit AdamW (``FusedAdamW8bit``, never paged) where ``fused_update_applies``.
 
+    Under FSDP (``sharded``) the LoRA parameters are DTensor shards, which bitsandbytes does not
+    take: 8-bit plans step ``FusedShardedAdamW8bit`` on the shards where ``fused_update_applies``
+    (as the planner prices them: ``stacks.vramplan.stepped_optimizer``), else torch AdamW (its fp32
+    states sharded N ways).
+
     Returns (optimizer, note); the note says when the plan's optimizer could not run here and
     torch AdamW stands in (bitsandbytes' 8-bit optimizers need its native library for the device,
-    and plain tensors: under FSDP (``sharded``) the LoRA parameters are DTensor shards, whose
-    fp32 AdamW states are themselves sharded N ways).
+    and plain tensors), or that a paged plan runs unpaged.
     """
     if plan.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), None
+    if sharded and fused_update_applies(plan, sharded):
+        note = (f"optimizer {plan.optimizer} under FSDP: the fused 8-bit AdamW steps the shards, its states not paged"
+                if plan.optimizer == "paged_adamw8bit" else None)
+        return FusedShardedAdamW8bit(params, lr=lr, weight_decay=weight_decay), note
     if sharded:
-        note = f"optimizer {plan.optimizer} does not take FSDP-sharded parameters; using torch AdamW (states sharded too)"
+        why = ("with CPU offload (it steps on the host)" if plan.cpu_offload else "with bf16 adapters"
+               if plan.lora_dtype != "fp32" else "unless VRAMPLAN_ENABLE=fused_optimizer")
+        note = (f"optimizer {plan.optimizer} does not take FSDP-sharded parameters {why}; "
+                "using torch AdamW (states sharded too)")
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
     if fused_update_applies(plan, sharded):
         return FusedAdamW8bit(params, lr=lr, weight_decay=weight_decay), None
@@ -258,7 +270,7 @@ def train(cfg: TrainConfig) -> dict:
         cfg.notes.append(note)
         _say(cfg, f"note: {note}")
     scheduler = make_scheduler(optimizer, cfg.schedule, warmup, steps)
-    fused = isinstance(optimizer, FusedAdamW8bit)
+    fused = isinstance(optimizer, (FusedAdamW8bit, FusedShardedAdamW8bit))  # clipping on the device
     graphs = StepGraphs.for_run(model, params, plan, device, world.size)
 
     # 4. Resume: LoRA weights, optimizer, scheduler, RNG and the data position.

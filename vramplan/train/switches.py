@@ -18,7 +18,9 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: CUDA graphs are on (where the plan asks for them, ``Plan.captures_steps``): on the H100 they made
 #: Llama-3.2-1B 2.4x and Gemma-4-E2B 2.0x faster at 2,048 tokens, for about 0.25 GB.
 #: The fused optimizer (``VRAMPLAN_ENABLE=fused_optimizer``: one Triton launch, no host sync, instead
-#: of bitsandbytes for 8-bit AdamW plans on one process) is off until measured on a GPU.
+#: of bitsandbytes for 8-bit AdamW plans on one process; under FSDP2, where bitsandbytes takes no
+#: shards, the same kernel on each rank's shards instead of torch AdamW, which the planner then prices
+#: and fit may choose) is off until measured on a GPU.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False}
 
 
