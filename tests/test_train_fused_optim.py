@@ -281,3 +281,30 @@ def test_sharded_optimizer_on_whole_tensors_steps_as_the_flat_one():
         opt.step()
     for a, b in zip(shard_p, resumed_p):
         assert torch.equal(a, b)
+
+
+def test_one_gpu_fused_states_are_priced_in_the_pool_as_the_trainer_keeps_them(monkeypatch):
+    """Switched on, a one-GPU paged 8-bit plan runs the fused optimizer, whose states are never paged:
+    the planner prices them inside the GPU peak (with their absmax), as it prices the unpaged plan, and
+    says so; switched off the paged states stay in managed memory, outside the peak. The trainer's
+    choice and the planner's come from one predicate."""
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import architecture, estimate_plan
+    from vramplan.memory.adapters import lora_param_count
+    from vramplan.plan import Plan
+    from vramplan.train import switches
+
+    profile = resolve_model("llama-3.2-1b")
+    paged = Plan(model="llama-3.2-1b", optimizer="paged_adamw8bit")
+    trainable = lora_param_count(architecture(profile), paged.lora_rank, paged.lora_targets)
+    monkeypatch.delenv(switches.ENABLE_ENV, raising=False)
+    off = estimate_plan(paged, profile)
+    assert not fused_update_applies(paged)
+    monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+    on = estimate_plan(paged, profile)
+    assert fused_update_applies(paged) and not fused_update_applies(paged.replace(optimizer="adamw"))
+    fused_bytes = 2 * (trainable + 4 * -(-trainable // 256))
+    assert on.components["optimizer_states"] == fused_bytes
+    assert on.components["optimizer_states"] - off.components.get("optimizer_states", 0) == pytest.approx(fused_bytes, abs=1)
+    assert any("not paged" in note for note in on.notes)
+    assert estimate_plan(paged.replace(optimizer="adamw8bit"), profile).components["optimizer_states"] == fused_bytes

@@ -145,27 +145,37 @@ def step_memory(arch, plan) -> StepMemory:
 FLAT_DECLINED = ("gemma4", "gemma4_text")
 
 
-def fsdp_steps_fused(plan) -> bool:
-    """Whether the trainer steps this FSDP2 plan's 8-bit AdamW with the fused kernel on each rank's
-    shards (``vramplan.train.optim.FusedShardedAdamW8bit``): switched on like the one-GPU fused
-    optimizer (``VRAMPLAN_ENABLE=fused_optimizer``, off until measured on a GPU), fp32 adapters (the
-    kernel's type), shards on the GPUs (CPU offload steps on the host, where the kernel's PyTorch
-    reference would be slow). Other FSDP2 plans step torch AdamW: bitsandbytes takes no DTensor."""
+def steps_fused(plan) -> bool:
+    """Whether the trainer steps this plan's 8-bit AdamW with the fused kernel: switched on
+    (``VRAMPLAN_ENABLE=fused_optimizer``, off until measured on a GPU), fp32 adapters (the kernel's
+    type), on one process (``vramplan.train.optim.FusedAdamW8bit``) or on each rank's FSDP2 shards
+    (``FusedShardedAdamW8bit``) kept on the GPUs: CPU offload steps on the host, where the kernel's
+    PyTorch reference would be slow, and DDP's reducer owns the gradients (DDP keeps bitsandbytes)."""
     from vramplan.train import switches
 
-    return (plan.parallel == "fsdp" and plan.stack == "vramplan" and not plan.cpu_offload
-            and plan.optimizer != "adamw" and plan.lora_dtype == "fp32" and switches.enabled("fused_optimizer"))
+    if plan.stack != "vramplan" or plan.optimizer == "adamw" or plan.lora_dtype != "fp32" \
+            or not switches.enabled("fused_optimizer"):
+        return False
+    return not plan.cpu_offload if plan.parallel == "fsdp" else plan.gpus == 1
+
+
+def fsdp_steps_fused(plan) -> bool:
+    """:func:`steps_fused` for an FSDP2 plan (other FSDP2 plans step torch AdamW: bitsandbytes takes no DTensor)."""
+    return plan.parallel == "fsdp" and steps_fused(plan)
 
 
 def stepped_optimizer(plan) -> tuple[str, tuple[str, ...]]:
-    """(the optimizer whose states the trainer keeps for ``plan``, notes): the plan's, but under
-    FSDP2 an 8-bit plan keeps the fused kernel's states (never paged) or torch AdamW's."""
-    if plan.parallel != "fsdp" or plan.optimizer == "adamw":
+    """(the optimizer whose states the trainer keeps for ``plan``, notes): the plan's, but the fused
+    kernel's states (never paged) where :func:`steps_fused`, and torch AdamW's for other FSDP2 8-bit plans."""
+    if plan.optimizer == "adamw":
         return plan.optimizer, ()
-    if fsdp_steps_fused(plan):
-        paged = (f"{plan.optimizer} under FSDP2 steps the fused 8-bit AdamW, whose states are not paged: "
-                 "priced on the GPUs",) if plan.optimizer in PAGED else ()
+    if steps_fused(plan):
+        where = " under FSDP2" if plan.parallel == "fsdp" else ""
+        paged = (f"{plan.optimizer}{where} steps the fused 8-bit AdamW, whose states are not paged: "
+                 f"priced on the GPU{'s' if plan.parallel == 'fsdp' else ''}",) if plan.optimizer in PAGED else ()
         return FUSED_8BIT, paged
+    if plan.parallel != "fsdp":
+        return plan.optimizer, ()
     why = ("the trainer steps torch AdamW on the host with CPU offload" if plan.cpu_offload else
            "the trainer steps torch AdamW (fp32 states; VRAMPLAN_ENABLE=fused_optimizer steps 8-bit states on the shards)")
     return "adamw", (f"{plan.optimizer} under FSDP2: {why}; priced as that",)

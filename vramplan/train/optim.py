@@ -473,20 +473,15 @@ def local_state(entry: dict, start: int, stop: int, numel: int, device):
 
 
 def fused_update_applies(plan, sharded: bool = False) -> bool:
-    """Whether the trainer steps with the fused 8-bit AdamW: switched on
-    (``VRAMPLAN_ENABLE=fused_optimizer``), for an 8-bit AdamW plan (paged or not: the fused
-    states are not paged) with fp32 adapters (the kernel's parameter type); on one process
-    :class:`FusedAdamW8bit` (DDP's reducer owns the gradients: DDP keeps bitsandbytes), under FSDP
-    (``sharded``) :class:`FusedShardedAdamW8bit` where ``stacks.vramplan.fsdp_steps_fused``, as
-    the planner prices it."""
-    from vramplan.stacks.vramplan import fsdp_steps_fused
-    from vramplan.train import switches
+    """Whether the trainer steps with the fused 8-bit AdamW, as the planner prices it
+    (``stacks.vramplan.steps_fused``): :class:`FusedAdamW8bit` on one process, and under FSDP
+    (``sharded``) :class:`FusedShardedAdamW8bit`; never under DDP, whose reducer owns the gradients."""
+    from vramplan.stacks.vramplan import fsdp_steps_fused, steps_fused
 
     if sharded:
         return fsdp_steps_fused(plan)
-    if not switches.enabled("fused_optimizer") or plan.optimizer == "adamw" or plan.lora_dtype != "fp32":
-        return False
-    return not (torch.distributed.is_available() and torch.distributed.is_initialized())
+    distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
+    return steps_fused(plan) and plan.parallel != "fsdp" and not distributed
 
 
 def flat_update_pays(model, plan=None) -> bool:
