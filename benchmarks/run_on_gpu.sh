@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Runs the GPU side of the project in one go on a CUDA machine, from the repository root:
 #   benchmarks/run_on_gpu.sh [tests[:K_EXPR]] [kernels[:MODULES]] [trainer ...] [profile:CONFIG:SEQ] [unsloth:CONFIG:GRID]
-#                            [multimodal:N,...] [accuracy[:MODEL,...]] [capcheck] [multigpu]
+#                            [multimodal:N,...] [accuracy[:MODEL,...]] [capcheck] [multigpu] [enable:SWITCH,...]
+# enable:SWITCHES sets VRAMPLAN_ENABLE for the jobs after it (enable: clears it): an A/B in one call, e.g.
+#   trainer:llama-3.2-1b:G.json enable:fused_optimizer trainer:llama-3.2-1b:G.json (each line records "enabled")
 # Wheels in .whl/ (bitsandbytes, liger-kernel) are installed to /tmp/site first when present.
 # Results go to $OUT (default benchmarks/results/gpu-run).
 set -uo pipefail
@@ -54,6 +56,7 @@ for job in "$@"; do
         run_mg "$g" -m benchmarks.multigpu --model llama-3.3-70b --parallel fsdp --seq 2048 --steps 4 --cap-gb 24 --cpu-offload
         run_mg "$g" -m benchmarks.multigpu --model llama-3.3-70b --parallel fsdp --seq 2048 --steps 4 --cap-gb 40
       done ;;
+    enable:*)  export VRAMPLAN_ENABLE="${job#enable:}"; echo "VRAMPLAN_ENABLE=$VRAMPLAN_ENABLE for the jobs after this" ;;  # A/B in one call
     py:*)    python3 -m "${job#py:}" 2>&1 | tee -a "$OUT/$(echo "${job#py:}" | tr . _).log" | tail -80 ;;  # any benchmarks module, no arguments
     *)       echo "unknown job $job" ;;
   esac
