@@ -8,7 +8,7 @@ from train_fixtures import build_model, gemma4_config
 from vramplan.plan import Plan
 from vramplan.train import data, patching
 from vramplan.train.loss import accumulate_gradients, hidden_states, lm_head_of
-from vramplan.train.model import load_base_model, load_for_training, lora_parameters, prepare_for_qlora
+from vramplan.train.model import enable_checkpointing, load_base_model, load_for_training, lora_parameters, prepare_for_qlora
 
 IDS = torch.tensor([[2, 12, 30, 25, 9, 40, 33, 12, 30, 18, 21, 14, 9, 3, 7, 22, 17, 40, 11, 10]])
 
@@ -26,7 +26,7 @@ def trainer_model(folder, **plan_fields):
     plan = Plan(model="tiny", quant="bf16", lora_rank=4, seq_len=64, checkpointing="full", **plan_fields)
     model = load_base_model(folder, torch.float32)
     prepare_for_qlora(model, plan, torch.device("cpu"), host_per_layer_embeddings=True)
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     return model
 
 
@@ -58,10 +58,11 @@ def test_patched_training_forward_equals_cached_inference(folder):
         cached = model(input_ids=IDS, use_cache=True).logits
         # decode the last 4 tokens one by one: the shared-KV layers must read K/V from the cache
         prefix = model(input_ids=IDS[:, :-4], use_cache=True)
-        cache, steps = prefix.past_key_values, []
+        name = _cache_kw()  # transformers 5.2x names the cache `cache` (`past_key_values` goes in 5.40)
+        cache, steps = getattr(prefix, name, None) or prefix.past_key_values, []
         for t in range(IDS.shape[1] - 4, IDS.shape[1]):
-            out = model(input_ids=IDS[:, t:t + 1], past_key_values=cache, use_cache=True)
-            cache = out.past_key_values
+            out = model(input_ids=IDS[:, t:t + 1], use_cache=True, **{name: cache})
+            cache = getattr(out, name, None) or out.past_key_values
             steps.append(out.logits[:, -1])
     torch.testing.assert_close(trained_path, cached, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(torch.stack(steps, 1), cached[:, -4:], atol=1e-4, rtol=1e-4)

@@ -7,6 +7,7 @@ from transformers import AutoConfig, AutoModelForCausalLM
 
 from train_fixtures import gemma4_config, llama_config
 from vramplan.train import ops, patching
+from vramplan.train.model import enable_checkpointing
 from vramplan_kernels.dispatch import kernel_mode
 
 # two packed sequences in the first row: positions restart mid-row
@@ -39,7 +40,7 @@ def test_patched_rope_keeps_logits_and_grads_with_checkpointing(config, monkeypa
     for name in ("apply_rope", "apply_rope_one"):
         real = getattr(ops, name)
         monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    enable_checkpointing(model)
     got_logits, got_grads = _logits_and_grads(model, ids, "triton")
 
     layers = config["num_hidden_layers"]

@@ -242,11 +242,11 @@ def enable_checkpointing(model: nn.Module, offload: bool = False) -> None:
     layers, and only the non-reentrant form keeps the gradient flowing back into those layers.
     With ``offload`` each layer's input also waits for the backward pass in host memory.
     """
-    import warnings
-
-    with warnings.catch_warnings():  # renamed activation_checkpointing_enable after 5.17; the old name works in both
-        warnings.simplefilter("ignore", FutureWarning)
-        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+    kwargs = {"use_reentrant": False}
+    if hasattr(model, "activation_checkpointing_enable"):  # transformers 5.2x's name; the old one goes in v6
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+    else:  # transformers 5.17 knows only this one
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
     if offload:
         for layer in decoder_layers(model):
             layer._gradient_checkpointing_func = checkpoint_with_input_on_host
