@@ -71,7 +71,7 @@ from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.memory.logits import dequant_slice_rows, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
-from vramplan.stacks.vramplan import flat_step_applies, graphs_apply
+from vramplan.stacks.vramplan import flat_step_applies, graphs_apply, steps_fused
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
 PCIE_BYTES_PER_S = 25e9
@@ -155,6 +155,14 @@ HOST_OPS_PER_STEP = {"vramplan": 25, "hf": 1}
 #: adapters, ~3 ops' worth; one counted op each); torch's AdamW runs foreach kernels over all tensors at once.
 OPTIMIZER_HOST_OPS_PER_TENSOR = {"paged_adamw8bit": 3.0, "adamw8bit": 3.0, "adamw": 0.1}
 OPTIMIZER_HOST_OPS_PER_STEP = {"paged_adamw8bit": 0.0, "adamw8bit": 0.0, "adamw": 20.0}
+#: The fused 8-bit AdamW (``vramplan.stacks.vramplan.steps_fused``: ``VRAMPLAN_ENABLE=fused_optimizer``,
+#: kernels/adamw8bit.py), counted from its code (``FusedAdamW8bit.step``/``update``), not yet profiled: per
+#: step the learning rate's fill, the step count's add and the clip scale's reset, and one kernel launch per
+#: tensor it steps (the flat buffer on one process; each local shard under FSDP2). Its clipping on the device
+#: (norm, add, divide, clamp, isfinite, full_like, where, copy) stands where HOST_OPS_PER_STEP counts the
+#: foreach clipping, and the trainer reads the norm only after the step: no wait on the GPU before it.
+FUSED_OPTIMIZER_HOST_OPS_PER_STEP = 3.0
+FUSED_OPTIMIZER_HOST_OPS_PER_TENSOR = 1.0
 #: RoPE patched with the Triton kernel on vramplan's stack (vramplan.train.patching.ROPE_PATCHED_BY_DEFAULT)
 ROPE_UNPATCHED_MODEL_TYPES = ("gemma4",)
 
@@ -536,8 +544,8 @@ def _per_pass(counts: tuple[float, ...], n: float) -> list[float]:
 def optimizer_tensors(arch: Architecture, plan: Plan) -> int:
     """Trainable tensors the optimizer steps: LoRA's A and B of every adapted linear, or one when
     they are stepped as one flat tensor (``vramplan.stacks.vramplan.flat_step_applies``)."""
-    if flat_step_applies(arch, plan):
-        return 1
+    if flat_step_applies(arch, plan) or (steps_fused(plan) and plan.parallel != "fsdp"):
+        return 1  # the fused optimizer steps FlatLoRA's one buffer on one process
     return 2 * sum(1 for layer in arch.layers for lin in layer.linears if lin.name in plan.lora_targets)
 
 
@@ -593,7 +601,10 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
     forward += head_passes * head_slices * HOST_OPS_PER_HEAD_SLICE  # the fused loss runs in the forward
     recomputes = _recomputes(plan)
     tensors = optimizer_tensors(arch, plan)
-    optimizer = OPTIMIZER_HOST_OPS_PER_TENSOR[plan.optimizer] * tensors + OPTIMIZER_HOST_OPS_PER_STEP[plan.optimizer]
+    if steps_fused(plan):
+        optimizer = FUSED_OPTIMIZER_HOST_OPS_PER_TENSOR * tensors + FUSED_OPTIMIZER_HOST_OPS_PER_STEP
+    else:
+        optimizer = OPTIMIZER_HOST_OPS_PER_TENSOR[plan.optimizer] * tensors + OPTIMIZER_HOST_OPS_PER_STEP[plan.optimizer]
     return {
         "prologue": prologue,
         "forward": forward - prologue,
@@ -659,7 +670,7 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
     captured = captured_phases(arch, plan)
     ops = step_host_ops(arch, plan)
     ops["checkpointed"] *= factors.checkpoint_host_ops
-    after = AFTER_SYNC_PHASES if captured else ()
+    after = AFTER_SYNC_PHASES if captured and not steps_fused(plan) else ()  # fused: the norm is read after the step
     before = sum(n for phase, n in ops.items() if phase not in captured and phase not in after)
     before += GRAPH_REPLAY_HOST_OPS if captured else 0.0
     return before * factors.seconds_per_host_op, sum(ops[phase] for phase in after) * factors.seconds_per_host_op
