@@ -99,6 +99,9 @@ def group_of(plan: Plan, later: bool) -> str:
     return "graphs" if plan.captures_steps else "eager_later" if later else "eager"
 
 
+CAUSAL = ":causal"  # a key's mark for a graph run recorded with causal captures (``causal_captures``)
+
+
 def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool = False) -> list[Run]:
     """Every measured configuration with a tok_s (event lines and failed runs skipped), in the order
     of its first measurement; a configuration measured again keeps all its step times (its repeats).
@@ -107,7 +110,6 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
     the runs are LATER_SOURCES', grouped by :func:`group_of`."""
     times: dict[str, list[float]] = {}
     plans: dict[str, tuple[str, Plan]] = {}
-    masked: dict[str, bool] = {}
     for stack, paths in sources.items():
         lines = [line for path in (paths if isinstance(paths, tuple) else (paths,)) for line in path.read_text().splitlines()]
         for line in lines:
@@ -116,12 +118,11 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
                 continue
             plan = plan_of(record, stack)
             causal = bool(record.get("causal_captures")) and plan.captures_steps
-            key = run_key(stack, plan) + (":causal" if causal else "")
+            key = run_key(stack, plan) + (CAUSAL if causal else "")
             plans.setdefault(key, (stack, plan))
-            masked[key] = not causal
             times.setdefault(key, []).append(float(record["step_s"]))
-    return [Run(key, stack, plan.model, plan, tuple(times[key]), group_of(plan, later), masked[key])
-            for key, (stack, plan) in plans.items()]
+    return [Run(key, stack, plan.model, plan, tuple(times[key]), group_of(plan, later),
+                masked_captures=not key.endswith(CAUSAL)) for key, (stack, plan) in plans.items()]
 
 
 def load_later_runs() -> list[Run]:

@@ -338,15 +338,13 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, masked_captur
     at :data:`FLASH_ATTENTION_EFFICIENCY`. Wide heads: :func:`step_flops`' causal count at the memory-efficient
     kernel's profiled rate, eager or replayed under a mask (:data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`).
     ``masked_captures``: price captured steps as the session-5 trainer ran them (see :func:`_masked`)."""
-    passes = 4.5 if _recomputes(plan) else 3.5
     flash = wide = 0.0
     for layer in arch.layers:
-        square = 4 * plan.seq_len * layer.q_dim * plan.micro_batch * passes
         if layer.head_dim > FLASH_MAX_HEAD_DIM:
-            wide += square * _keys_per_query(layer, plan.seq_len)
+            wide += _attention_flops(layer, plan, _keys_per_query(layer, plan.seq_len))
         else:
-            flash += square * (plan.seq_len if _masked(layer, plan, arch, masked_captures)
-                               else _keys_per_query(layer, plan.seq_len))
+            flash += _attention_flops(layer, plan, plan.seq_len if _masked(layer, plan, arch, masked_captures)
+                                      else _keys_per_query(layer, plan.seq_len))
     masked_wide = masked_captures and graphs_apply(arch, plan)
     wide_efficiency = CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY if masked_wide else WIDE_HEAD_ATTENTION_EFFICIENCY
     return flash / (rate * FLASH_ATTENTION_EFFICIENCY), wide / (rate * wide_efficiency)
@@ -421,7 +419,7 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
         lora += _lora_width(arch, layer, plan) + layer.top_k * _expert_lora_width(arch, layer, plan)
         part = "attention_wide" if layer.head_dim > FLASH_MAX_HEAD_DIM else "attention"
         keys = plan.seq_len if not _bf16_attention(plan) else _keys_per_query(layer, plan.seq_len)
-        attention[part] += 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
+        attention[part] += _attention_flops(layer, plan, keys)
     forward = 2.0 * tokens * (linear + active_experts)
     lora_forward = 2.0 * tokens * plan.lora_rank * lora
     parts = {
@@ -431,11 +429,17 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
         "lm_head": 2 * 2.0 * tokens * arch.vocab_size * arch.hidden_size,
         "recompute": 0.0,
     }
-    passes = 4.5 if _recomputes(plan) else 3.5
-    parts.update({name: passes * flops for name, flops in attention.items()})
+    parts.update(attention)
     if _recomputes(plan):
         parts["recompute"] = forward + lora_forward
     return parts
+
+
+def _attention_flops(layer: Layer, plan: Plan, keys: float) -> float:
+    """QKᵀ and PV of one layer over a micro-batch, ``keys`` per query: 4·T·keys·q_dim a forward, 2.5× that
+    backward (flash attention recomputes the scores), and the forward again under checkpointing."""
+    passes = 4.5 if _recomputes(plan) else 3.5
+    return passes * 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
 
 
 def attention_flops(arch: Architecture, plan: Plan) -> float:

@@ -176,9 +176,18 @@ def stepped_optimizer(plan) -> tuple[str, tuple[str, ...]]:
         return FUSED_8BIT, paged
     if plan.parallel != "fsdp":
         return plan.optimizer, ()
-    why = ("the trainer steps torch AdamW on the host with CPU offload" if plan.cpu_offload else
-           "the trainer steps torch AdamW (fp32 states; VRAMPLAN_ENABLE=fused_optimizer steps 8-bit states on the shards)")
-    return "adamw", (f"{plan.optimizer} under FSDP2: {why}; priced as that",)
+    return "adamw", (f"{plan.optimizer} under FSDP2: the trainer steps torch AdamW (fp32 states) "
+                     f"{fsdp_torch_adamw_reason(plan)}; priced as that",)
+
+
+def fsdp_torch_adamw_reason(plan) -> str:
+    """Why an 8-bit FSDP2 plan steps torch AdamW instead of the fused kernel on its shards
+    (:func:`fsdp_steps_fused` says no): the planner's note and the trainer's say the same."""
+    if plan.cpu_offload:
+        return "with CPU offload (it steps on the host)"
+    if plan.lora_dtype != "fp32":
+        return "with bf16 adapters"
+    return "unless VRAMPLAN_ENABLE=fused_optimizer"
 
 
 def flat_step_applies(arch, plan) -> bool:

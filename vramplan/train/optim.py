@@ -153,6 +153,15 @@ class _OneSyncPerStep:
         return loss
 
 
+#: bitsandbytes' names of an ``AdamW8bitState``'s tensors, in its field order (m, m_absmax, v, v_absmax)
+BNB_STATE_NAMES = ("state1", "absmax1", "state2", "absmax2")
+
+
+def _bnb_named(q) -> dict:
+    """An ``AdamW8bitState``'s tensors under bitsandbytes' state names, as both fused optimizers keep them."""
+    return dict(zip(BNB_STATE_NAMES, (q.m, q.m_absmax, q.v, q.v_absmax)))
+
+
 class _DeviceScalars:
     """lr, the step count and the clipping scale of a fused 8-bit AdamW as one-value device tensors,
     which the kernel reads: no Python float in a launch, so no host sync and a graph can replay it."""
@@ -199,8 +208,7 @@ class FusedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
         self.state[self.flat.param]["step"] = self._step
 
     def _own_state(self) -> dict:
-        q = self._quant
-        return {"state1": q.m, "absmax1": q.m_absmax, "state2": q.v, "absmax2": q.v_absmax}
+        return _bnb_named(self._quant)
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """The gradients' global L2 norm as a 0-d device tensor (read it after the step); the next
@@ -312,8 +320,7 @@ class FusedShardedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
 
     def _own_state(self) -> None:
         for p, q in zip(self._params, self._quant):
-            self.state[p] = {"state1": q.m, "absmax1": q.m_absmax, "state2": q.v, "absmax2": q.v_absmax,
-                             "step": self._step}
+            self.state[p] = {**_bnb_named(q), "step": self._step}
 
     def clip_grad_norm_(self, max_norm: float) -> torch.Tensor:
         """The gradients' global L2 norm (a 0-d device tensor, reduced over ranks); the next update
@@ -347,10 +354,9 @@ class FusedShardedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
         out = super().state_dict()
         out["state"] = {}
         for index, (p, pieces) in enumerate(zip(self._params, self._gathered())):
-            out["state"][index] = {
-                "state1": torch.cat([q.m for q in pieces]), "absmax1": torch.cat([q.m_absmax for q in pieces]),
-                "state2": torch.cat([q.v for q in pieces]), "absmax2": torch.cat([q.v_absmax for q in pieces]),
-                "shards": torch.tensor(_shard_sizes(p)[0]), "step": self._step.clone()}
+            named = [_bnb_named(q) for q in pieces]
+            out["state"][index] = {**{name: torch.cat([n[name] for n in named]) for name in BNB_STATE_NAMES},
+                                   "shards": torch.tensor(_shard_sizes(p)[0]), "step": self._step.clone()}
         return out
 
     def _gathered(self) -> list[list]:
@@ -446,7 +452,7 @@ def local_state(entry: dict, start: int, stop: int, numel: int, device):
     if "exp_avg" in entry:
         m, v = (entry[k].reshape(-1)[start:stop].to(device=device, dtype=torch.float32) for k in ("exp_avg", "exp_avg_sq"))
         return AdamW8bitState.quantized(m, v)
-    codes = (entry["state1"], entry["absmax1"], entry["state2"], entry["absmax2"])
+    codes = tuple(entry[name] for name in BNB_STATE_NAMES)
     sizes = [int(s) for s in entry["shards"]]
     if codes[0].numel() != numel or sum(sizes) != numel:
         raise ValueError(f"optimizer state of {codes[0].numel()} values for a parameter of {numel}: "

@@ -19,6 +19,7 @@ import torch
 
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
+from vramplan.stacks.vramplan import fsdp_torch_adamw_reason
 from vramplan.train import adapter, checkpoint, data, distributed, metrics, stopping
 from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
 from vramplan.train.loss import accumulate_gradients
@@ -103,17 +104,15 @@ def make_optimizer(params: list[torch.nn.Parameter], plan: Plan, lr: float, weig
     """
     if plan.optimizer == "adamw":
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), None
-    if sharded and fused_update_applies(plan, sharded):
-        note = (f"optimizer {plan.optimizer} under FSDP: the fused 8-bit AdamW steps the shards, its states not paged"
-                if plan.optimizer == "paged_adamw8bit" else None)
-        return FusedShardedAdamW8bit(params, lr=lr, weight_decay=weight_decay), note
     if sharded:
-        why = ("with CPU offload (it steps on the host)" if plan.cpu_offload else "with bf16 adapters"
-               if plan.lora_dtype != "fp32" else "unless VRAMPLAN_ENABLE=fused_optimizer")
-        note = (f"optimizer {plan.optimizer} does not take FSDP-sharded parameters {why}; "
+        if fused_update_applies(plan, sharded=True):
+            note = (f"optimizer {plan.optimizer} under FSDP: the fused 8-bit AdamW steps the shards, its states not paged"
+                    if plan.optimizer == "paged_adamw8bit" else None)
+            return FusedShardedAdamW8bit(params, lr=lr, weight_decay=weight_decay), note
+        note = (f"optimizer {plan.optimizer} does not take FSDP-sharded parameters {fsdp_torch_adamw_reason(plan)}; "
                 "using torch AdamW (states sharded too)")
         return torch.optim.AdamW(params, lr=lr, weight_decay=weight_decay), note
-    if fused_update_applies(plan, sharded):
+    if fused_update_applies(plan):
         return FusedAdamW8bit(params, lr=lr, weight_decay=weight_decay), None
     cls = eight_bit_adamw(paged=plan.optimizer == "paged_adamw8bit", flat=flat)
     if device.type != "cuda" and not _optimizer_steps_on(cls, device):
