@@ -92,11 +92,29 @@ def spilling_triton_kernels() -> list[dict]:
     return [{"compiled": len(found)}] + [k for k in found if k["spills"]]
 
 
+def live_blocks_with_frames(limit: int = 40) -> list[dict]:
+    """The allocator's live blocks that carry an allocation stack (made while history was recorded),
+    largest first, each with the Python frames of this project, transformers and torch.nn that made it."""
+    snapshot = torch.cuda.memory._snapshot()
+    found = []
+    for segment in snapshot["segments"]:
+        for block in segment["blocks"]:
+            if block["state"] != "active_allocated" or not block.get("frames"):
+                continue
+            frames = [f"{f['filename'].split('site-packages/')[-1]}:{f['line']} {f['name']}" for f in block["frames"]
+                      if any(k in f["filename"] for k in ("vramplan", "kernels/", "transformers", "torch/nn"))]
+            found.append({"bytes": block["size"], "pool": segment.get("segment_pool_id"), "frames": frames[:8]})
+    return sorted(found, key=lambda b: -b["bytes"])[:limit]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--config", required=True)
     parser.add_argument("--grid", required=True, help="one benchmarks/trainer.py grid entry (JSON object)")
     parser.add_argument("--steps", type=int, default=5)
+    parser.add_argument("--grown-after", type=int, default=None, metavar="STEP",
+                        help="record allocations from this step on and list those still live at the end, with "
+                             "where they were made (a steady rise of allocated memory between steps is a leak)")
     args = parser.parse_args()
     from vramplan.train.allocator import prefer_expandable_segments
 
@@ -129,6 +147,8 @@ def main() -> None:
     handles = watch_modules(model, ledger)
     ledger.watch("start")
     for step in range(args.steps):
+        if step == args.grown_after:
+            torch.cuda.memory._record_memory_history(max_entries=200_000)
         accumulate_gradients(model, [batch], graphs=graphs)
         ledger.watch(f"step {step} end of backward")
         optimizer.step()
@@ -139,6 +159,9 @@ def main() -> None:
                 h.remove()
         ledger.stage(f"after step {step}")
     print(json.dumps({"outside_jumps": ledger.jumps}), flush=True)
+    if args.grown_after is not None:
+        print(json.dumps({"live_blocks_made_since_step": args.grown_after, "blocks": live_blocks_with_frames()}),
+              flush=True)
     print(json.dumps({"peak_alloc": torch.cuda.max_memory_allocated(), "peak_reserved": torch.cuda.max_memory_reserved(),
                       "segments": torch.cuda.memory_stats().get("segment.all.current")}), flush=True)
     torch.cuda.empty_cache()

@@ -155,8 +155,10 @@ def _adamw8bit_kernel(
 
     m_absmax = tl.max(tl.abs(m), axis=1)
     v_absmax = tl.max(v, axis=1)
-    m_idx = _nearest_code(tl.div_rn(m, tl.maximum(m_absmax, 1e-38)[:, None]), M_MID)
-    v_idx = _nearest_code(tl.div_rn(v, tl.maximum(v_absmax, 1e-38)[:, None]), V_MID)
+    # typed: Triton 3.6 reads a bare 1e-38 (below fp32's normal range) as fp64 and refuses the mix
+    tiny = tl.full(m_absmax.shape, 1e-38, tl.float32)
+    m_idx = _nearest_code(tl.div_rn(m, tl.maximum(m_absmax, tiny)[:, None]), M_MID)
+    v_idx = _nearest_code(tl.div_rn(v, tl.maximum(v_absmax, tiny)[:, None]), V_MID)
     tl.store(MQ + offs, m_idx.to(tl.uint8), mask=write)
     tl.store(VQ + offs, v_idx.to(tl.uint8), mask=write)
     block_write = tl.where(finite, block_mask, False)

@@ -78,7 +78,12 @@ class StaticInputs:
                    position_ids=torch.empty_like(batch["position_ids"]), labels=torch.empty_like(batch["labels"]),
                    denominator=torch.ones((), device=embeds.device), loss=torch.zeros((), device=embeds.device))
 
+    @torch.no_grad()
     def fill(self, embeds, per_layer, batch, denominator) -> None:
+        """Copy the step's inputs in, recording no autograd history: a lookup whose output requires
+        grad (transformers' ``enable_input_require_grads`` hook marks it so) would otherwise chain a
+        ``CopyBackwards`` onto the buffer every replay, each keeping that step's embeddings alive
+        (8 MiB a step on Llama-3.2-1B at 2,048 tokens, measured on the H100)."""
         self.embeds.copy_(embeds)
         if per_layer is not None:
             self.per_layer.copy_(per_layer)

@@ -131,11 +131,15 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
     random_init = _on_meta(model)
     std = getattr(model.config.get_text_config(), "initializer_range", 0.02) or 0.02
     if random_init:  # everything but the layers first (embeddings, norm, head, rotary tables), seeded
+        # on the host, where a checkpoint's load leaves them until ``move_outside_layers``: made on the
+        # GPU, a large vocabulary's transient bf16 table (2.8 GB for Gemma-4-31B, quantized to an int8
+        # head or moved to the host) left a hole that the layers' NF4 blocks then scattered into,
+        # pinning ~2.7 GB of cached, unreleasable pages for the whole run
         in_layers = {id(m) for m in decoder_layers(model).modules()}
         for module in model.modules():
             if id(module) not in in_layers \
                     and any(t.is_meta for t in [*module.parameters(recurse=False), *module.buffers(recurse=False)]):
-                materialise_random(module, device, seed, std, recurse=False, init_module=_init_of(model))
+                materialise_random(module, torch.device("cpu"), seed, std, recurse=False, init_module=_init_of(model))
                 model.tie_weights()  # to_empty gave the embedding new storage: a tied head shares it, never gets its own
     freeze(model, plan, device, host_per_layer_embeddings)
     adapted = add_decoder_lora(model, plan, device, after_layer, (seed, std, _init_of(model)) if random_init else None)
