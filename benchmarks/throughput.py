@@ -39,8 +39,11 @@ SOURCES = {"vramplan": RESULTS / "trainer_h100.jsonl", "hf": RESULTS / "hf_stack
 #: Session 5's three trainer passes (fresh processes, each line with its same-run MFU) repeat some of
 #: trainer_graphs_h100.jsonl's configurations and add two (the flat step with an int8 head, bitsandbytes'
 #: unpaged 8-bit AdamW under graphs); a repeated configuration keeps every step time (its median counts).
+#: Session 7's lines (``causal_captures``: unpacked captures kept SDPA's causal kernel) test the model's
+#: pricing of captured attention as eager, which no earlier run could.
 LATER_SOURCES = {"vramplan": (RESULTS / "trainer_graphs_h100.jsonl", *(RESULTS / "session5" / f"trainer-{i}.jsonl"
-                                                                       for i in (1, 2, 3)))}
+                                                                       for i in (1, 2, 3)),
+                              *sorted((RESULTS / "session7").glob("trainer-*.jsonl")))}
 #: Configurations whose kernels were profiled (benchmarks/results/session5/profile-graphs-*.txt: Llama-3.2-1B
 #: and Gemma-4-E2B at 2,048 tokens, replayed as CUDA graphs, bitsandbytes stepping each adapter): the
 #: model's graph-step constants (vramplan.throughput: MATMUL_EFFICIENCY, MATMUL_KERNEL_S,

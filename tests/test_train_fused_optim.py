@@ -308,3 +308,24 @@ def test_one_gpu_fused_states_are_priced_in_the_pool_as_the_trainer_keeps_them(m
     assert on.components["optimizer_states"] - off.components.get("optimizer_states", 0) == pytest.approx(fused_bytes, abs=1)
     assert any("not paged" in note for note in on.notes)
     assert estimate_plan(paged.replace(optimizer="adamw8bit"), profile).components["optimizer_states"] == fused_bytes
+
+
+def test_only_plans_that_launch_bitsandbytes_kernels_pay_their_outside_block(monkeypatch):
+    """bitsandbytes' first 8-bit optimizer kernel costs 128 MiB outside torch's pool (measured): a plan
+    stepped by the fused kernel or by torch AdamW is priced without it, a bitsandbytes-stepped one with it."""
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import estimate_plan
+    from vramplan.memory.overhead import BNB_OPTIMIZER_KERNEL_BYTES
+    from vramplan.plan import Plan
+    from vramplan.train import switches
+
+    profile = resolve_model("llama-3.2-1b")
+    paged = Plan(model="llama-3.2-1b", optimizer="paged_adamw8bit")
+    monkeypatch.delenv(switches.ENABLE_ENV, raising=False)
+    with_bnb = estimate_plan(paged, profile).components["cuda_libraries"]
+    assert estimate_plan(paged.replace(optimizer="adamw"), profile).components["cuda_libraries"] \
+        == with_bnb - BNB_OPTIMIZER_KERNEL_BYTES
+    monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+    assert estimate_plan(paged, profile).components["cuda_libraries"] == with_bnb - BNB_OPTIMIZER_KERNEL_BYTES
+    hf = estimate_plan(paged.replace(stack="hf", loss="full"), profile).components["cuda_libraries"]
+    assert estimate_plan(paged.replace(stack="hf", loss="full", optimizer="adamw"), profile).components["cuda_libraries"] == hf

@@ -12,6 +12,8 @@ _STATE_BYTES = {
 
 #: Optimizers whose moments bitsandbytes allocates with cudaMallocManaged (``get_paged``).
 PAGED = ("paged_adamw8bit",)
+#: Optimizers bitsandbytes' 8-bit kernels step.
+BITSANDBYTES_8BIT = ("adamw8bit", "paged_adamw8bit")
 
 #: The fused 8-bit AdamW on FSDP2 shards (``vramplan.train.optim.FusedShardedAdamW8bit``), priced
 #: with its absmax: per moment one uint8 code a value and one fp32 absmax per 256 values.

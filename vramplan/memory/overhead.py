@@ -21,6 +21,12 @@ HF_LIBRARY_BYTES = 300_000_000
 #: shape): 0.29 is the middle one, so a run sits within ±0.13 GB of it.
 VRAMPLAN_LIBRARY_BYTES = 290_000_000
 
+#: Part of the figure above: the first bitsandbytes 8-bit optimizer kernel a process launches costs
+#: 128 MiB outside torch's pool, paged or not, however many tensors it steps (H100 probes,
+#: benchmarks/results/session5/outside.jsonl). A vramplan plan that never launches one (torch
+#: AdamW, or the fused 8-bit AdamW: ``stacks.vramplan.stepped_optimizer``) does not pay it.
+BNB_OPTIMIZER_KERNEL_BYTES = 128 * 2**20
+
 
 #: torch hands cuBLAS a workspace from its caching allocator (inside torch's allocated and
 #: reserved bytes, so not in the library figures above) for each (cuBLAS handle, stream), and
@@ -71,9 +77,12 @@ def cuda_context_bytes() -> int:
     return CUDA_CONTEXT_BYTES
 
 
-def cuda_library_bytes(stack: str) -> int:
-    """Library workspaces and kernel images loaded on the first step (outside torch's allocator)."""
-    return HF_LIBRARY_BYTES if stack == "hf" else VRAMPLAN_LIBRARY_BYTES
+def cuda_library_bytes(stack: str, bitsandbytes_optimizer: bool = True) -> int:
+    """Library workspaces and kernel images loaded on the first step (outside torch's allocator);
+    ``bitsandbytes_optimizer``: whether vramplan's trainer steps bitsandbytes' 8-bit kernels."""
+    if stack == "hf":
+        return HF_LIBRARY_BYTES
+    return VRAMPLAN_LIBRARY_BYTES - (0 if bitsandbytes_optimizer else BNB_OPTIMIZER_KERNEL_BYTES)
 
 
 def unreused_segment_bytes(persistent: int, logits_set: int, layer_set: int, allocated_peak: int) -> int:

@@ -28,7 +28,7 @@ from __future__ import annotations
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes
+from vramplan.memory.optimizer import BITSANDBYTES_8BIT, FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import (cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, flat_optimizer_bytes,
                                        pooled_fragmentation_bytes)
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
@@ -136,7 +136,7 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
-    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan"),
+    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan", bitsandbytes_optimizer=optimizer in BITSANDBYTES_8BIT),
                       notes=managed_state_note(managed) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ()))
 
 
