@@ -27,3 +27,9 @@ def plan_of(record: dict, stack: str = "vramplan") -> Plan:
                 head_quant=record.get("head_quant") or "bf16", cuda_graphs=bool(record.get("cuda_graphs")),
                 flat_optimizer="flat_optimizer" in (record.get("enabled") or "") or bool(record.get("flat_optimizer")),
                 **({"loss_chunk_mb": record.get("loss_chunk_mb") or HISTORICAL_LOSS_CHUNK_MB} if stack == "vramplan" else {}))
+
+
+def ran_fused_optimizer(record: dict) -> bool:
+    """Whether the fused 8-bit AdamW stepped a measured line: it says so since session 7, and before
+    that only ``VRAMPLAN_ENABLE=fused_optimizer`` turned it on (bitsandbytes stepped every other line)."""
+    return bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or "")

@@ -25,8 +25,9 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
-from benchmarks.records import plan_of
+from benchmarks.records import plan_of, ran_fused_optimizer
 from vramplan.plan import Plan
+from vramplan.train import switches
 from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
 from vramplan.throughput import MATMUL_EFFICIENCY as MATMUL_RATE
 from vramplan.throughput import _recomputes, captured_phases, combine, Factors, overlap, step_host_ops, step_seconds
@@ -67,10 +68,12 @@ class Run:
     model: str
     plan: Plan
     step_times: tuple[float, ...]
-    group: str = "eager"  # "graphs": its steps replayed as CUDA graphs; "eager_later": eager, from LATER_SOURCES
+    group: str = "eager"  # "graphs": replayed as CUDA graphs ("graphs_causal": with causal captures); "eager_later": eager, from LATER_SOURCES
     #: its captured steps ran attention under transformers 5.17's explicit mask, as every graph run recorded
     #: before the trainer kept the causal kernel in captures (a record says ``causal_captures`` since)
     masked_captures: bool = True
+    #: the fused 8-bit AdamW stepped it (``records.ran_fused_optimizer``), not bitsandbytes
+    fused_optimizer: bool = False
 
     @property
     def step_s(self) -> float:
@@ -103,6 +106,7 @@ def group_of(plan: Plan, later: bool) -> str:
 
 
 CAUSAL = ":causal"  # a key's mark for a graph run recorded with causal captures (``causal_captures``)
+FUSED = ":fused"  # a key's mark for a run the fused 8-bit AdamW stepped
 
 
 def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool = False) -> list[Run]:
@@ -121,11 +125,14 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
                 continue
             plan = plan_of(record, stack)
             causal = bool(record.get("causal_captures")) and plan.captures_steps
-            key = run_key(stack, plan) + (CAUSAL if causal else "")
+            fused = ran_fused_optimizer(record)
+            key = run_key(stack, plan) + (FUSED if fused else "") + (CAUSAL if causal else "")
             plans.setdefault(key, (stack, plan))
             times.setdefault(key, []).append(float(record["step_s"]))
-    return [Run(key, stack, plan.model, plan, tuple(times[key]), group_of(plan, later),
-                masked_captures=not key.endswith(CAUSAL)) for key, (stack, plan) in plans.items()]
+    return [Run(key, stack, plan.model, plan, tuple(times[key]),
+                "graphs_causal" if key.endswith(CAUSAL) else group_of(plan, later),
+                masked_captures=not key.endswith(CAUSAL), fused_optimizer=FUSED in key)
+            for key, (stack, plan) in plans.items()]
 
 
 def load_later_runs() -> list[Run]:
@@ -164,14 +171,22 @@ def _checkpointed(run: Run) -> float:
     arch = architecture(resolve_model(run.model))
     if "checkpointed" in captured_phases(arch, run.plan):  # the hooks ran once, while capturing
         return 0.0
-    return step_host_ops(arch, run.plan)["checkpointed"]
+    with switches.forced(fused_optimizer=run.fused_optimizer):
+        return step_host_ops(arch, run.plan)["checkpointed"]
 
 
 def _terms(run: Run) -> dict[str, float]:
     """The model's terms for ``run`` with unit factors (1 s per host op, efficiencies 1), bandwidth fixed."""
     unit = Factors(seconds_per_host_op=1.0, checkpoint_host_ops=0.0, matmul_efficiency=1.0, attention_efficiency=1.0,
                    bandwidth_efficiency=BANDWIDTH_EFFICIENCY)
-    return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), unit, run.masked_captures)
+    return run_seconds(run, unit)
+
+
+def run_seconds(run: Run, factors: Factors) -> dict[str, float]:
+    """The model's step-time terms for ``run`` with ``factors``, its plan priced as it ran (which optimizer stepped it)."""
+    with switches.forced(fused_optimizer=run.fused_optimizer):
+        return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), factors,
+                            run.masked_captures)
 
 
 #: The grids searched. Matmul efficiency stops at the H100's measured bf16 GEMM rate (702-798 of
@@ -232,8 +247,7 @@ def fit_factors(runs: list[Run]) -> dict[str, Factors]:
 
 
 def predicted_tok_s(run: Run, factors: Factors) -> float:
-    seconds = step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), factors, run.masked_captures)
-    return run.plan.micro_batch * run.plan.seq_len / combine(seconds)
+    return run.plan.micro_batch * run.plan.seq_len / combine(run_seconds(run, factors))
 
 
 def _summary(errors: list[float]) -> dict:
@@ -289,10 +303,11 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "spread": round(run.spread, 4), "measured_tok_s": round(run.tok_s, 1),
                      "predicted_tok_s": round(predicted, 1), "error": round((predicted - run.tok_s) / run.tok_s, 4),
                      "head_quant": plan.head_quant, "lora_dtype": plan.lora_dtype, "group": run.group,
+                     "fused_optimizer": run.fused_optimizer,
                      "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
     groups = {}
-    for group in ("eager", "graphs", "eager_later"):
+    for group in ("eager", "graphs", "graphs_causal", "eager_later"):
         errors = [abs(r["error"]) for r in rows if r["set"] == "held_out" and r["group"] == group]
         if errors:
             groups[group] = _summary(errors)
@@ -322,12 +337,12 @@ def markdown(result: dict) -> str:
              "(slowest - fastest) / median). Error: (predicted - measured) / measured tokens/s.", "",
              "| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
              "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    groups = {"graphs": " (graphs)", "eager_later": " (eager, later)"}
+    groups = {"graphs": " (graphs)", "graphs_causal": " (graphs, causal)", "eager_later": " (eager, later)"}
     for r in result["rows"]:
         repeats = f"{r['repeats']} ({100 * r['spread']:.0f}%)" if r["repeats"] > 1 else "1"
         model = r["model"] + "".join(f", {v} {name}" for name, v, default in
                                      (("head", r.get("head_quant"), "bf16"), ("LoRA", r.get("lora_dtype"), "fp32"))
-                                     if v and v != default)
+                                     if v and v != default) + (", fused AdamW" if r.get("fused_optimizer") else "")
         lines.append(f"| {r['stack']} | {model} | {r['seq']} | {r['batch']} | {r['rank']} | {r['checkpointing']} | "
                      f"{r['quant']} | {r['optimizer']} | {repeats} | {r['measured_tok_s']:,.0f} | "
                      f"{r['predicted_tok_s']:,.0f} | {100 * r['error']:+.1f}% | {r['set']}{groups.get(r.get('group'), '')} |")
@@ -342,6 +357,8 @@ def markdown(result: dict) -> str:
                      f"max {100 * rot['max_abs_error']:.1f}%, {rot['within_15_percent']} within 15%.")
     names = {"eager": "eager steps, the fit's own held-out third", "graphs": "steps replayed as CUDA graphs, "
              "trainer_graphs_h100.jsonl and session5/trainer-*.jsonl, none fitted, the profiled two left out",
+             "graphs_causal": "steps replayed as CUDA graphs whose attention kept SDPA's causal kernel, "
+             "session7/trainer-*.jsonl, none fitted",
              "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted"}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "

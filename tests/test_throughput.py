@@ -250,7 +250,13 @@ def test_held_out_error_on_the_committed_measurements():
     graphs = result["held_out_by_group"]["graphs"]
     assert graphs["count"] == 11 and graphs["mean_abs_error"] < 0.07 and graphs["max_abs_error"] < 0.16
     assert graphs["within_15_percent"] >= 10
-    assert not any(r["group"] == "graphs" and r["set"] == "fit" for r in result["rows"])
+    assert not any(r["group"].startswith("graphs") and r["set"] == "fit" for r in result["rows"])
+    # session 7's graph runs kept SDPA's causal kernel in their captures (priced as eager attention): 5
+    # configurations, 15.3% mean, 28.6% max, 3 within 15%. The model reads its graph-step constants off the
+    # session-5 profiles, taken under the masked captures: Llama-3.2-1B's bf16-head step, 37% faster
+    # with the causal kernel, is predicted 29% slow; the fused optimizer's row 24% fast.
+    causal = result["held_out_by_group"]["graphs_causal"]
+    assert causal["count"] == 5 and causal["mean_abs_error"] < 0.16 and causal["max_abs_error"] < 0.29
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED) and all(r["group"] == "graphs" for r in profiled)
     assert result["held_out"]["mean_abs_error"] < 0.105

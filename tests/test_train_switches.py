@@ -32,3 +32,26 @@ def test_measured_choices_per_architecture(tmp_path, monkeypatch):
     monkeypatch.setenv(switches.ENABLE_ENV, "flat_optimizer")
     assert flat_update_pays(llama) and not flat_update_pays(gemma)
     assert type(llama).__module__ in ROPE_PATCHED_BY_DEFAULT and type(gemma).__module__ not in ROPE_PATCHED_BY_DEFAULT
+
+
+def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeypatch):
+    """Benchmarks price a measured run under the switches it ran with, whatever today's defaults are."""
+    import os
+
+    import pytest
+
+    from benchmarks.records import ran_fused_optimizer
+
+    monkeypatch.setenv(switches.ENABLE_ENV, "flat_optimizer")
+    monkeypatch.delenv(switches.DISABLE_ENV, raising=False)
+    with switches.forced(fused_optimizer=True, rope=False):
+        assert switches.enabled("fused_optimizer") and not switches.enabled("rope")
+        assert switches.enabled("flat_optimizer")  # the others as the environment says
+    assert not switches.enabled("fused_optimizer") and switches.enabled("rope")
+    assert os.environ[switches.ENABLE_ENV] == "flat_optimizer" and switches.DISABLE_ENV not in os.environ
+    with pytest.raises(KeyError, match="unknown switch"):
+        with switches.forced(warp_drive=True):
+            pass
+    # a measured line says what stepped it; before it did, only the opt-in switch turned the kernel on
+    assert ran_fused_optimizer({"fused_optimizer": True}) and ran_fused_optimizer({"enabled": "fused_optimizer"})
+    assert not ran_fused_optimizer({"enabled": "flat_optimizer"}) and not ran_fused_optimizer({})

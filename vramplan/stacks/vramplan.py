@@ -147,7 +147,7 @@ FLAT_DECLINED = ("gemma4", "gemma4_text")
 
 def steps_fused(plan) -> bool:
     """Whether the trainer steps this plan's 8-bit AdamW with the fused kernel: switched on
-    (``VRAMPLAN_ENABLE=fused_optimizer``, off until measured on a GPU), fp32 adapters (the kernel's
+    (``VRAMPLAN_ENABLE=fused_optimizer``, off by default: ``train.switches``), fp32 adapters (the kernel's
     type), on one process (``vramplan.train.optim.FusedAdamW8bit``) or on each rank's FSDP2 shards
     (``FusedShardedAdamW8bit``) kept on the GPUs: CPU offload steps on the host, where the kernel's
     PyTorch reference would be slow, and DDP's reducer owns the gradients (DDP keeps bitsandbytes)."""
