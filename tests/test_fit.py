@@ -8,6 +8,7 @@ from vramplan.catalog import list_gpus, resolve_gpu, resolve_model
 from vramplan.errors import VramplanError
 from vramplan.estimate import DRIVER_RESERVE_BYTES, budget_bytes, estimate_plan
 from vramplan.fit import fit_plan, leanest_plan, safety_margin, smallest_gpu_for
+from vramplan.memory.overhead import CUDA_GRAPH_BYTES
 from vramplan.plan import Plan
 
 GEMMA = resolve_model("gemma-4-e2b-text")
@@ -89,7 +90,7 @@ def test_fit_replays_cuda_graphs_when_they_fit_and_gives_them_up_before_rank():
     lean = roomy.plan.replace(checkpointing="full", optimizer="paged_adamw8bit", micro_batch=1)
     graphs_on = estimate_plan(lean, profile).peak_bytes
     eager = estimate_plan(lean.replace(cuda_graphs=False), profile).peak_bytes
-    assert graphs_on - eager == 250_000_000
+    assert graphs_on - eager == CUDA_GRAPH_BYTES == 100_000_000  # measured, less the leak those runs had (overhead.py)
     budget = int((eager + graphs_on) / 2 / (1 - 0.05))  # between the two, after the safety margin
     tight = fit_plan(profile, budget=budget, base=Plan(model=profile.name))
     assert not tight.plan.cuda_graphs

@@ -11,6 +11,7 @@ from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.cli import main
 from vramplan.estimate import architecture, estimate_plan
 from vramplan.fit import _candidates, fit_plan
+from vramplan.memory.overhead import CUDA_GRAPH_BYTES
 from vramplan.plan import Plan
 from vramplan.stacks.vramplan import graphs_apply
 from vramplan.throughput import captured_phases, predict_tokens_per_s
@@ -45,8 +46,8 @@ def test_graphs_memory_only_where_the_trainer_captures(model):
         assert "cuda_graphs" not in graphs.components and graphs.peak_bytes == eager.peak_bytes
     else:
         assert graphs_apply(_arch(model), plan)
-        assert graphs.components["cuda_graphs"] == 250_000_000
-        assert graphs.peak_bytes == eager.peak_bytes + 250_000_000
+        assert graphs.components["cuda_graphs"] == CUDA_GRAPH_BYTES
+        assert graphs.peak_bytes == eager.peak_bytes + CUDA_GRAPH_BYTES
 
 
 @pytest.mark.parametrize("model", MOE + DENSE)

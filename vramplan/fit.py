@@ -13,7 +13,7 @@ The objective, in order (the first difference decides):
    half the bytes of the head) is searched only when nothing fits with a bf16 head;
 4. prefer a higher LoRA rank: 64 > 32 > 16 > 8;
 5. then the fastest: CUDA graphs where the trainer can capture the steps (they take the host out
-   of a step: 2.4x on a 1B model, for about 0.25 GB; never an MoE model's, whose routing waits on
+   of a step: 2.4x on a 1B model, for about 0.1 GB; never an MoE model's, whose routing waits on
    the host) > none; no checkpointing > checkpointing > checkpointing with CPU offload,
    larger micro-batches (fewer accumulation steps), AdamW > 8-bit AdamW > paged 8-bit AdamW,
    and an 8-bit AdamW stepping the adapters as one flat tensor > tensor by tensor (far fewer host

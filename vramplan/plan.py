@@ -186,7 +186,7 @@ class Plan:
         """Whether vramplan's trainer replays this plan's micro-batch steps as CUDA graphs: asked for,
         one GPU, text only, and checkpoints kept on the GPU (an offload copies to the host mid-step,
         which a graph cannot hold). The graphs take the host out of the step (a 1B model ran 2.4x
-        faster on an H100) for about 0.25 GB of memory (vramplan.memory.overhead). The model may
+        faster on an H100) for about 0.1 GB of memory (vramplan.memory.overhead). The model may
         still decline them (MoE: ``vramplan.stacks.vramplan.graphs_apply``, which the planner asks)."""
         return (self.cuda_graphs and self.stack == "vramplan" and self.gpus == 1 and self.parallel == "none"
                 and not self.multimodal and self.checkpointing != "offload")

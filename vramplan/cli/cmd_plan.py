@@ -113,7 +113,7 @@ def _layout(plan: Plan) -> str:
 @click.option("--attention", type=click.Choice(("sdpa", "eager")), default="sdpa", show_default=True)
 @click.option("--lora-dtype", type=click.Choice(("fp32", "bf16")), default="fp32", show_default=True)
 @click.option("--cuda-graphs/--no-cuda-graphs", default=True, show_default=True,
-              help="vramplan's trainer replays each step as a CUDA graph where it can (about 0.25 GB).")
+              help="vramplan's trainer replays each step as a CUDA graph where it can (about 0.1 GB).")
 @click.option("--flat-optimizer/--no-flat-optimizer", default=False, show_default=True,
               help="8-bit AdamW steps all adapters as one flat tensor (fewer host ops; 0.25 GB + 4 B a parameter).")
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)

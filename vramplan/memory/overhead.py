@@ -39,13 +39,15 @@ CUBLAS_THREADS = 2
 
 
 #: What a run with CUDA graphs (``vramplan.stacks.vramplan.graphs_apply``) holds beyond the same run without them.
-#: Measured on an H100 (benchmarks/results/trainer_graphs_h100.jsonl against trainer_h100.jsonl,
-#: pynvml above the context, same configuration): +0.29 GB on Gemma-4-E2B and E4B at 2,048 tokens,
-#: +0.24 on Llama-3.1-8B, +0.29 on Llama-3.2-1B at 4,096 and -0.04 to +0.23 (four runs) at 2,048.
-#: The graph's private pool keeps the step's working set while the eager pool keeps the
-#: prologue's and the optimizer's blocks, and the captured kernels' parameters live on the
-#: device; not yet split by cause, so one constant, the middle of the measurements.
-CUDA_GRAPH_BYTES = 250_000_000
+#: Measured on an H100 (benchmarks/results/trainer_graphs_h100.jsonl against trainer_h100.jsonl, pynvml
+#: above the context, same configuration), the graph runs read +0.24 to +0.30 GB on Gemma-4-E2B, E4B,
+#: Llama-3.1-8B and Llama-3.2-1B at 4,096 tokens, and -0.05 to +0.22 GB on Llama-3.2-1B at 2,048. Those
+#: runs leaked every replayed step's input embeddings (and Gemma 4's per-layer inputs), a bug fixed in
+#: session 7 (``graphs.StaticInputs.fill``). Less the leak (replays x those bytes: 0.30 GB of Gemma-4-E2B's
+#: 0.30), the ten pairs lie between -0.11 and +0.16 GB, median +0.02. The one leak-free graph run (session 7:
+#: Llama-3.2-1B with an int8 head and the fused optimizer) read 0.10 GB over the planner's other components.
+#: One constant at that 0.10 GB errs on the side of caution for the pairs.
+CUDA_GRAPH_BYTES = 100_000_000
 
 
 def cuda_graph_bytes() -> int:

@@ -5,7 +5,7 @@ The trainer is host-bound on small models: an H100 step of Llama-3.2-1B at 2,048
 spends 100-300 µs of Python and launch work on each of ~15,000 operations (forward, the
 checkpoint's recompute, backward). Captured once, the same kernels replay from one launch:
 measured on the H100, that step took 72-82 ms (28,000-33,000 tok/s, from 8,400-12,300) and
-Gemma-4-E2B's 208-224 ms (from ≈450), for about 0.25 GB more (trainer_graphs_h100.jsonl).
+Gemma-4-E2B's 208-224 ms (from ≈450), for about 0.1 GB more (trainer_graphs_h100.jsonl, less the embedding leak those runs had).
 
 What the graph holds, and what it may not:
 

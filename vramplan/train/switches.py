@@ -17,7 +17,7 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: step is a plan choice (``Plan.flat_optimizer``, which fit makes where memory allows); the
 #: switch forces it on for every plan, as the benchmarks did before the plan could say it.
 #: CUDA graphs are on (where the plan asks for them, ``Plan.captures_steps``): on the H100 they made
-#: Llama-3.2-1B 2.4x and Gemma-4-E2B 2.0x faster at 2,048 tokens, for about 0.25 GB.
+#: Llama-3.2-1B 2.4x and Gemma-4-E2B 2.0x faster at 2,048 tokens, for about 0.1 GB.
 #: The fused optimizer (``VRAMPLAN_ENABLE=fused_optimizer``: one Triton launch, no host sync, instead
 #: of bitsandbytes for 8-bit AdamW plans on one process; under FSDP2, where bitsandbytes takes no
 #: shards, the same kernel on each rank's shards instead of torch AdamW, which the planner then prices
