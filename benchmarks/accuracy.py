@@ -39,7 +39,7 @@ from statistics import mean
 from vramplan.calibration import (Calibration, CalibrationKey, model_family, new_calibration, point_from)
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
-from benchmarks.records import plan_of, ran_fused_optimizer
+from benchmarks.records import plan_of, switches_ran
 from vramplan.train import switches
 from vramplan.plan import Plan
 
@@ -61,7 +61,7 @@ def _row(record: dict, stack: str) -> dict | None:
         return None
     plan = Plan.from_dict(record["plan"]) if isinstance(record.get("plan"), dict) else plan_of(record, stack)
     profile = resolve_model(plan.model)
-    with switches.forced(fused_optimizer=ran_fused_optimizer(record)):  # priced as it ran
+    with switches.forced(**switches_ran(record)):  # priced as it ran
         estimate = estimate_plan(plan, profile)
     return {"stack": plan.stack, "plan": plan, "profile": profile, "measured": record["nvml_used_delta"],
             "peak_alloc": record.get("peak_alloc"), "peak_reserved": record.get("peak_reserved"),

@@ -29,7 +29,10 @@ def plan_of(record: dict, stack: str = "vramplan") -> Plan:
                 **({"loss_chunk_mb": record.get("loss_chunk_mb") or HISTORICAL_LOSS_CHUNK_MB} if stack == "vramplan" else {}))
 
 
-def ran_fused_optimizer(record: dict) -> bool:
-    """Whether the fused 8-bit AdamW stepped a measured line: it says so since session 7, and before
-    that only ``VRAMPLAN_ENABLE=fused_optimizer`` turned it on (bitsandbytes stepped every other line)."""
-    return bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or "")
+def switches_ran(record: dict) -> dict[str, bool]:
+    """The switches a measured line ran under that change what the planner and the speed model price
+    (``switches.forced(**switches_ran(line))`` prices it as it ran). The fused 8-bit AdamW: the line
+    says so since session 7, and before that only ``VRAMPLAN_ENABLE=fused_optimizer`` turned it on.
+    The vocabulary-major int8 head: every line before session 8 walked it token-major."""
+    return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
+            "int8_vocab_major": bool(record.get("int8_vocab_major"))}

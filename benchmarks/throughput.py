@@ -25,7 +25,7 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
-from benchmarks.records import plan_of, ran_fused_optimizer
+from benchmarks.records import plan_of, switches_ran
 from vramplan.plan import Plan
 from vramplan.train import switches
 from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
@@ -72,8 +72,14 @@ class Run:
     #: its captured steps ran attention under transformers 5.17's explicit mask, as every graph run recorded
     #: before the trainer kept the causal kernel in captures (a record says ``causal_captures`` since)
     masked_captures: bool = True
-    #: the fused 8-bit AdamW stepped it (``records.ran_fused_optimizer``), not bitsandbytes
+    #: the fused 8-bit AdamW stepped it, not bitsandbytes (``records.switches_ran``)
     fused_optimizer: bool = False
+    #: its int8 head's loss ran vocabulary-major (``records.switches_ran``)
+    int8_vocab_major: bool = False
+
+    def switches(self) -> dict[str, bool]:
+        """What ``switches.forced`` takes to price it as it ran."""
+        return {"fused_optimizer": self.fused_optimizer, "int8_vocab_major": self.int8_vocab_major}
 
     @property
     def step_s(self) -> float:
@@ -107,6 +113,7 @@ def group_of(plan: Plan, later: bool) -> str:
 
 CAUSAL = ":causal"  # a key's mark for a graph run recorded with causal captures (``causal_captures``)
 FUSED = ":fused"  # a key's mark for a run the fused 8-bit AdamW stepped
+VOCAB_MAJOR = ":vocab-major"  # a key's mark for a run whose int8 head's loss ran vocabulary-major
 
 
 def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool = False) -> list[Run]:
@@ -125,13 +132,15 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
                 continue
             plan = plan_of(record, stack)
             causal = bool(record.get("causal_captures")) and plan.captures_steps
-            fused = ran_fused_optimizer(record)
-            key = run_key(stack, plan) + (FUSED if fused else "") + (CAUSAL if causal else "")
+            ran = switches_ran(record)
+            key = (run_key(stack, plan) + (FUSED if ran["fused_optimizer"] else "")
+                   + (VOCAB_MAJOR if ran["int8_vocab_major"] else "") + (CAUSAL if causal else ""))
             plans.setdefault(key, (stack, plan))
             times.setdefault(key, []).append(float(record["step_s"]))
     return [Run(key, stack, plan.model, plan, tuple(times[key]),
                 "graphs_causal" if key.endswith(CAUSAL) else group_of(plan, later),
-                masked_captures=not key.endswith(CAUSAL), fused_optimizer=FUSED in key)
+                masked_captures=not key.endswith(CAUSAL), fused_optimizer=FUSED in key,
+                int8_vocab_major=VOCAB_MAJOR in key)
             for key, (stack, plan) in plans.items()]
 
 
@@ -171,7 +180,7 @@ def _checkpointed(run: Run) -> float:
     arch = architecture(resolve_model(run.model))
     if "checkpointed" in captured_phases(arch, run.plan):  # the hooks ran once, while capturing
         return 0.0
-    with switches.forced(fused_optimizer=run.fused_optimizer):
+    with switches.forced(**run.switches()):
         return step_host_ops(arch, run.plan)["checkpointed"]
 
 
@@ -184,7 +193,7 @@ def _terms(run: Run) -> dict[str, float]:
 
 def run_seconds(run: Run, factors: Factors) -> dict[str, float]:
     """The model's step-time terms for ``run`` with ``factors``, its plan priced as it ran (which optimizer stepped it)."""
-    with switches.forced(fused_optimizer=run.fused_optimizer):
+    with switches.forced(**run.switches()):
         return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), factors,
                             run.masked_captures)
 

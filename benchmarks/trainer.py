@@ -32,7 +32,7 @@ from vramplan.gpu import used_memory_bytes
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.optim import flat_update_pays
 from vramplan.train.model import load_for_training, lora_parameters, random_model_from_config
-from vramplan.stacks.vramplan import steps_fused
+from vramplan.stacks.vramplan import int8_vocab_major, steps_fused
 from vramplan.train.graphs import StepGraphs
 from vramplan.train.recipe import make_optimizer
 
@@ -97,6 +97,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["losses"] = losses
     record["enabled"] = os.environ.get("VRAMPLAN_ENABLE", "")  # opt-in switches this row ran with (switches.py)
     record["fused_optimizer"] = steps_fused(plan)  # what stepped it, whatever the switches' defaults were then
+    record["int8_vocab_major"] = plan.head_quant == "int8" and int8_vocab_major()  # how its int8 head's loss ran
     record["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])

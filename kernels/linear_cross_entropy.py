@@ -144,6 +144,82 @@ def _launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
     )
 
 
+@triton.jit
+def _online_softmax_slice_kernel(
+    logits_ptr,
+    logits_row_stride,
+    labels_ptr,
+    run_max_ptr,
+    run_sum_ptr,
+    target_ptr,
+    alpha_ptr,
+    v0,
+    n_cols,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    WRITE_P: tl.constexpr,
+    ACC_DTYPE: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
+    """One program per token row of a vocabulary slice's logits (columns v0 .. v0 + n_cols).
+
+    Folds the slice into the row's running max and sum of exp(z), z = softcap(logits) (an online
+    logsumexp over the slices), stores alpha = exp(old max - new max), by which the caller rescales
+    what it has summed so far, and the target's z when the label falls in the slice. With WRITE_P the
+    slice is overwritten by exp(z - new max) * dz/dlogits (1 - tanh^2 under a softcap), which the
+    caller multiplies by the slice's head rows into the hidden states' gradient.
+    """
+    row = tl.program_id(0).to(tl.int64)
+    row_ptr = logits_ptr + row * logits_row_stride
+    label = tl.load(labels_ptr + row)
+    old_max = tl.load(run_max_ptr + row)
+    slice_max = tl.full([], float("-inf"), dtype=ACC_DTYPE)
+    slice_sum = tl.zeros([], dtype=ACC_DTYPE)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < n_cols
+        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(mask, z, float("-inf"))
+        block_max = tl.maximum(slice_max, tl.max(z, axis=0))
+        slice_sum = slice_sum * tl.exp(slice_max - block_max) + tl.sum(tl.exp(z - block_max), axis=0)
+        slice_max = block_max
+    new_max = tl.maximum(old_max, slice_max)
+    alpha = tl.exp(old_max - new_max)  # 0 on the first slice (old max -inf)
+    tl.store(run_sum_ptr + row, tl.load(run_sum_ptr + row) * alpha + slice_sum * tl.exp(slice_max - new_max))
+    tl.store(run_max_ptr + row, new_max)
+    tl.store(alpha_ptr + row, alpha)
+    local = label - v0
+    if (local >= 0) & (local < n_cols):
+        z_target = tl.load(row_ptr + local).to(ACC_DTYPE)
+        if HAS_SOFTCAP:
+            z_target = softcap * _tanh(z_target / softcap)
+        tl.store(target_ptr + row, z_target)
+    if WRITE_P:
+        for start in range(0, n_cols, BLOCK_V):
+            offs = start + tl.arange(0, BLOCK_V)
+            mask = offs < n_cols
+            x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+            if HAS_SOFTCAP:
+                t = _tanh(x / softcap)
+                p = tl.exp(softcap * t - new_max) * (1.0 - t * t)
+            else:
+                p = tl.exp(x - new_max)
+            tl.store(row_ptr + offs, p.to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+def _launch_slice(logits, labels, v0, run_max, run_sum, target, alpha, softcap, write_p: bool) -> None:
+    rows, cols = logits.shape
+    acc = tl.float64 if run_max.dtype == torch.float64 else tl.float32
+    block_v = min(triton.next_power_of_2(cols), 8192 if run_max.dtype == torch.float64 else 16384)
+    _online_softmax_slice_kernel[(rows,)](
+        logits, logits.stride(0), labels, run_max, run_sum, target, alpha, v0, cols,
+        float(softcap) if softcap else 1.0, HAS_SOFTCAP=bool(softcap), WRITE_P=write_p, ACC_DTYPE=acc,
+        BLOCK_V=block_v, num_warps=16 if block_v >= 4096 else 4,
+    )
+
+
 def default_chunk_size(n_tokens: int, vocab: int, dtype: torch.dtype, budget: int | None = None,
                        trainable_head: bool = False) -> int:
     """Tokens per chunk so that one chunk's logits fit in ``budget`` bytes (default LOGITS_CHUNK_BYTES;
@@ -272,13 +348,90 @@ class _ChunkedHead:
         )
 
 
-def _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size, grad_scale, need):
+def vocab_major_shape(n_tokens: int, vocab: int, cols: int, dtype: torch.dtype, chunk: int) -> tuple[int, int]:
+    """(tokens, head rows) of one block of a quantized head's vocabulary-major pass.
+
+    The block's logits hold no more values than a token-major chunk's (``chunk`` x ``vocab``), so the
+    plan's loss budget means the same; its rows are one dequantized slice at most (``slice_rows``).
+    As many tokens as leave a full slice: usually all of a micro-batch's, so the head is dequantized once."""
+    cells = max(1, chunk) * vocab
+    widest = min(slice_rows(cols, dtype), vocab)
+    tokens = max(1, min(n_tokens, cells // widest))
+    rows = max(1, min(widest, cells // tokens))
+    if rows >= 256:
+        rows -= rows % 128
+    return tokens, rows
+
+
+class _VocabMajorHead:
+    """A frozen int8 head's pass, walked by vocabulary slices outside and token blocks inside out.
+
+    The token-major pass dequantizes every slice of the head twice per chunk of tokens (for the
+    logits, then for grad_hidden): 16 chunks of 2,048 tokens meant 32 dequantizations of the whole
+    head and ~640 small matmuls. Here each slice is dequantized once per block of tokens, usually
+    once in all: its logits are folded into each row's running logsumexp (``_online_softmax_slice_kernel``)
+    and, turned into exp(z - running max), multiplied straight back by the same rows into an fp32
+    sum that is rescaled whenever a row's max moves, as flash attention rescales its output. At the
+    end grad_hidden = scale * (sum / exp-sum - dz/dlogit[target] * W[target])."""
+
+    def __init__(self, hidden, weight: Int8Rows, labels, bias, ignore_index, softcap, chunk, grad_scale, need_hidden):
+        self.dtype = weight.dtype
+        acc = torch.float64 if self.dtype == torch.float64 else torch.float32
+        n_tokens, vocab = hidden.shape[0], weight.shape[0]
+        self.losses = torch.zeros(n_tokens, dtype=acc, device=hidden.device)
+        grads = grad_scale is not None and need_hidden
+        self.grad_hidden = torch.empty_like(hidden) if grads else None
+        block, rows = vocab_major_shape(n_tokens, vocab, weight.shape[1], self.dtype, chunk)
+        logits = torch.empty(block * rows, dtype=self.dtype, device=hidden.device)
+        dequantized = torch.empty(rows, weight.shape[1], dtype=self.dtype, device=hidden.device)
+        for t0 in range(0, n_tokens, block):
+            t1 = min(t0 + block, n_tokens)
+            n, h, y = t1 - t0, hidden[t0:t1].to(self.dtype), labels[t0:t1]
+            run_max = torch.full((n,), float("-inf"), dtype=acc, device=hidden.device)
+            run_sum, target = torch.zeros(n, dtype=acc, device=hidden.device), torch.zeros(n, dtype=acc, device=hidden.device)
+            alpha = torch.empty(n, dtype=acc, device=hidden.device)
+            summed = torch.zeros(n, weight.shape[1], dtype=acc, device=hidden.device) if grads else None
+            for v0 in range(0, vocab, rows):
+                v1 = min(v0 + rows, vocab)
+                w = weight.dequantize(v0, v1, out=dequantized[: v1 - v0])
+                z = torch.mm(h, w.t(), out=logits[: n * (v1 - v0)].view(n, v1 - v0))
+                if bias is not None:
+                    z.add_(bias[v0:v1].to(self.dtype))
+                _launch_slice(z, y, v0, run_max, run_sum, target, alpha, softcap, write_p=grads)
+                if grads:
+                    summed.mul_(alpha.unsqueeze(1))
+                    summed.add_(z @ w)  # exp(z - max) * dz/dlogits, times the slice's rows
+            ignored = y == ignore_index
+            self.losses[t0:t1] = torch.where(ignored, 0.0, run_max + run_sum.log() - target)
+            if grads:  # in place over the fp32 sum: the only [tokens, hidden] temporary is the targets' rows
+                slope = 1.0 - (target / softcap) ** 2 if softcap else torch.ones_like(target)
+                wanted = weight.lookup(torch.where(ignored, 0, y))
+                grad = summed.div_(run_sum.unsqueeze(1)).addcmul_(wanted, slope.unsqueeze(1), value=-1.0)
+                scale = grad_scale[t0:t1] if grad_scale.dim() else grad_scale.expand(n)
+                grad.mul_((scale.to(acc) * ~ignored).unsqueeze(1))  # ignored rows: no gradient
+                self.grad_hidden[t0:t1].copy_(grad)
+
+    def gradients(self, bias, lora_a, lora_b):
+        return self.grad_hidden, None, None, None, None
+
+
+def _vocab_major_applies(weight, lora, need) -> bool:
+    """A frozen int8 head with nothing but the hidden states to differentiate (the trainer's head)."""
+    return isinstance(weight, Int8Rows) and lora is None and not need[1] and not need[2] and not need[3]
+
+
+def _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size, grad_scale, need,
+                  vocab_major: bool = True):
     """Per-token losses, and (when ``grad_scale`` is given) the gradients the fused pass produces.
 
     ``grad_scale`` is a device tensor, scalar or one per token, so no host sync is needed to
     know the reduction's scale.
     """
     n_tokens, vocab = hidden.shape[0], weight.shape[0]
+    if vocab_major and _vocab_major_applies(weight, lora, need):
+        chunk = chunk_size or default_chunk_size(n_tokens, vocab, weight.dtype)
+        head = _VocabMajorHead(hidden, weight, labels, bias, ignore_index, softcap, chunk, grad_scale, need[0])
+        return head.losses, head
     acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
     losses = torch.zeros(n_tokens, dtype=acc, device=hidden.device)
     head = _ChunkedHead(hidden, weight, bias, lora, need if grad_scale is not None else (False,) * 4)
@@ -302,7 +455,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, bias, lora_a, lora_b, lora_scale, ignore_index, softcap, reduction,
-                chunk_size):
+                chunk_size, vocab_major=True):
         lora = (lora_a, lora_b, lora_scale) if lora_a is not None else None
         need = (
             ctx.needs_input_grad[0],
@@ -316,14 +469,15 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if reduction == "none" or not any(need):
             # The per-token grad_output is known only in backward: compute the losses now and the
             # gradients then, in a second chunked pass. (With nothing to differentiate, only losses.)
-            losses, _ = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size, None, need)
+            losses, _ = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size, None, need,
+                                      vocab_major)
             if reduction != "none":
                 total = losses.sum()
                 return (total / n_targets.clamp(min=1) if reduction == "mean" else total), n_targets
             quantized = isinstance(weight, Int8Rows)
             ctx.save_for_backward(hidden, labels, bias, lora_a, lora_b, *(() if quantized else (weight,)))
             ctx.quantized_head = weight if quantized else None
-            ctx.args = (lora_scale, ignore_index, softcap, chunk_size, need)
+            ctx.args = (lora_scale, ignore_index, softcap, chunk_size, need, vocab_major)
             return losses, n_targets
         acc = torch.float64 if weight.dtype == torch.float64 else torch.float32
         if reduction == "mean":
@@ -331,7 +485,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         else:
             grad_scale = torch.ones((), dtype=acc, device=hidden.device)
         losses, head = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size,
-                                     grad_scale, need)
+                                     grad_scale, need, vocab_major)
         loss = losses.sum() * grad_scale if reduction == "mean" else losses.sum()
         ctx.grads = head.gradients(bias, lora_a, lora_b)
         return loss, n_targets
@@ -341,17 +495,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
         if ctx.reduction == "none":
             hidden, labels, bias, lora_a, lora_b, *weight = ctx.saved_tensors
             weight = ctx.quantized_head if ctx.quantized_head is not None else weight[0]
-            lora_scale, ignore_index, softcap, chunk_size, need = ctx.args
+            lora_scale, ignore_index, softcap, chunk_size, need, vocab_major = ctx.args
             lora = (lora_a, lora_b, lora_scale) if lora_a is not None else None
             _, head = _chunked_pass(hidden, weight, labels, bias, lora, ignore_index, softcap, chunk_size,
-                                    grad_loss.contiguous(), need)
+                                    grad_loss.contiguous(), need, vocab_major)
             grads = head.gradients(bias, lora_a, lora_b)
         else:
             # Always scaled by grad_output, never first asked whether it is 1: asking is a host
             # sync (the trainer's is 1/target tokens anyway), which a CUDA graph may not hold.
             grads = tuple(None if g is None else g * grad_loss.to(g.dtype) for g in ctx.grads)
         grad_hidden, grad_weight, grad_bias, grad_a, grad_b = grads
-        return grad_hidden, grad_weight, None, grad_bias, grad_a, grad_b, None, None, None, None, None
+        return grad_hidden, grad_weight, None, grad_bias, grad_a, grad_b, None, None, None, None, None, None
 
 
 def linear_cross_entropy(
@@ -365,12 +519,14 @@ def linear_cross_entropy(
     reduction: str = "mean",
     chunk_size: int | None = None,
     lora: tuple[torch.Tensor, torch.Tensor, float] | None = None,
+    vocab_major: bool = True,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cross-entropy of ``hidden @ weight.T`` (+ bias, + LoRA, softcapped) against ``labels``.
 
     Returns (loss, n_target_tokens). ``reduction="sum"`` lets a trainer divide by the target
     count of a whole accumulated batch. ``weight`` may be a frozen ``Int8Rows`` head, computed in
-    its ``dtype``. Triton on CUDA tensors, the reference elsewhere.
+    its ``dtype``; where only the hidden states want a gradient it is walked vocabulary-major
+    (``_VocabMajorHead``) unless ``vocab_major`` is False. Triton on CUDA tensors, the reference elsewhere.
     """
     _check(hidden, weight, labels, reduction, lora)
     if not use_triton(hidden):
@@ -380,7 +536,7 @@ def linear_cross_entropy(
     loss, n_targets = LinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden.shape[-1]).contiguous(), weight if isinstance(weight, Int8Rows) else weight.contiguous(),
         labels.reshape(-1).contiguous(),
-        bias, lora_a, lora_b, float(lora_scale), ignore_index, softcap, reduction, chunk_size,
+        bias, lora_a, lora_b, float(lora_scale), ignore_index, softcap, reduction, chunk_size, vocab_major,
     )
     if reduction == "none":
         loss = loss.reshape(labels.shape)

@@ -14,6 +14,7 @@ from vramplan.estimate import architecture, estimate_plan
 from vramplan.fit import fit_plan, leanest_plan, safety_margin
 from vramplan.memory import logits
 from vramplan.plan import Plan
+from vramplan.train import switches
 from vramplan_kernels import int8_rows
 
 LLAMA = resolve_model("llama-3.2-1b")  # tied 128,256 x 2,048
@@ -48,11 +49,23 @@ def test_int8_head_halves_the_embedding_component(profile):
 
 
 def test_int8_head_loss_temporaries_are_counted():
+    """The vocabulary-major pass: one block of 2,048 tokens x 8,192 rows of logits (no more than a
+    token-major chunk's), one dequantized slice, and the block's fp32 sum beside its bf16 product."""
     tokens, v, h = 2048, 128256, 2048
-    chunk = logits.loss_chunk_tokens(tokens, v)
-    extra = logits.chunked_logits_bytes(tokens, v, h, int8_head=True) - logits.chunked_logits_bytes(tokens, v, h)
-    assert extra == 8192 * h * 2 + chunk * h * (4 + 2)
-    assert extra < 50 * 2**20  # bounded: never the 0.5 GB bf16 head
+    assert logits.int8_head_block(tokens, v, h) == (2048, 8192)
+    int8 = logits.chunked_logits_bytes(tokens, v, h, int8_head=True)
+    assert int8 == 2048 * 8192 * 2 + 8192 * h * 2 + 2048 * h * (4 + 2) + tokens * h * 2 + tokens * 4
+    assert int8 - logits.chunked_logits_bytes(tokens, v, h) < 50 * 2**20  # bounded: never the 0.5 GB bf16 head
+
+
+@pytest.mark.parametrize("tokens, vocab, hidden, budget", [(2048, 128256, 2048, 64 << 20), (2048, 262144, 5376, None),
+                                                           (16384, 262144, 1536, None), (11, 300, 64, None)])
+def test_planner_int8_block_is_the_kernels(tokens, vocab, hidden, budget):
+    from vramplan_kernels.linear_cross_entropy import default_chunk_size, vocab_major_shape
+
+    chunk = default_chunk_size(tokens, vocab, torch.bfloat16, budget)
+    assert logits.int8_head_block(tokens, vocab, hidden, 2, budget) == vocab_major_shape(tokens, vocab, hidden,
+                                                                                         torch.bfloat16, chunk)
 
 
 def test_hf_stack_ignores_it_and_says_so():
@@ -113,7 +126,13 @@ def test_loss_chunk_budget_is_a_plan_setting_with_the_kernels_default():
 
     assert Plan(model="m").loss_chunk_mb * 2**20 == logits.CHUNK_BUDGET_BYTES == kernel.LOGITS_CHUNK_BYTES
     assert "loss_chunk_mb" not in Plan(model="m").to_dict()
-    small, large = (estimate_plan(Plan(model=LLAMA.name, head_quant="int8", loss_chunk_mb=mb), LLAMA) for mb in (128, 256))
-    # Llama-3.2-1B, 2,048 tokens, int8 head: at 256 MB the forward (on the loss buffer) is the peak; at 128 MB the backward
-    assert large.peak_phase == "forward" and small.peak_phase == "backward"
-    assert large.phases["forward"] - small.phases["forward"] == (1024 - 512) * 128256 * 2 + 512 * 2048 * 6
+    small, large = (estimate_plan(Plan(model=LLAMA.name, loss_chunk_mb=mb), LLAMA) for mb in (128, 256))
+    # Llama-3.2-1B, 2,048 tokens: the budget sets a bf16 head's chunk of logits (512 tokens, then 1,024)
+    assert large.phases["forward"] - small.phases["forward"] == (1024 - 512) * 128256 * 2
+    # an int8 head's vocabulary-major block is one dequantized slice wide at most: above that the budget
+    # changes nothing; below it the block narrows (token-major, it set the chunk there too)
+    int8 = {mb: estimate_plan(Plan(model=LLAMA.name, head_quant="int8", loss_chunk_mb=mb), LLAMA) for mb in (8, 128, 256)}
+    assert int8[256].phases["forward"] == int8[128].phases["forward"] > int8[8].phases["forward"]
+    with switches.forced(int8_vocab_major=False):
+        token_major = {mb: estimate_plan(Plan(model=LLAMA.name, head_quant="int8", loss_chunk_mb=mb), LLAMA) for mb in (128, 256)}
+    assert token_major[256].phases["forward"] - token_major[128].phases["forward"] == (1024 - 512) * (128256 * 2 + 2048 * 6)

@@ -283,19 +283,28 @@ def test_host_and_device_overlap_to_about_the_longer():
 
 
 def test_an_int8_head_costs_its_dequantization():
-    """Llama-3.2-1B at 2,048 tokens: 4 chunks of 512 tokens, each dequantizing the 128,256-row head
-    twice in 16 slices of 8,192 rows: 512 more host ops and 8 passes over the head's bytes."""
-    from vramplan.throughput import HOST_OPS_PER_HEAD_SLICE, int8_head_walks, step_host_ops
+    """Llama-3.2-1B at 2,048 tokens: vocabulary-major, one block of all 2,048 tokens dequantizes the
+    128,256-row head once, in 16 slices of 8,192 rows; token-major (the A/B switch off) each of 4 chunks
+    dequantized it twice. Both against the bf16 head, whose chunks read it as it is (twice, 2 bytes)."""
+    from vramplan.throughput import HEAD_SLICE_COSTS, int8_head_walks, step_host_ops
+    from vramplan.train import switches
 
     arch = architecture(resolve_model("llama-3.2-1b"))
     bf16 = Plan(model="llama-3.2-1b", seq_len=2048)
     int8 = Plan(model="llama-3.2-1b", seq_len=2048, head_quant="int8")
-    assert int8_head_walks(arch, bf16) == (0, 0)
-    assert int8_head_walks(arch, int8) == (8, 16)
-    extra_ops = step_host_ops(arch, int8)["forward"] - step_host_ops(arch, bf16)["forward"]
-    assert extra_ops == 8 * 16 * HOST_OPS_PER_HEAD_SLICE
     head = arch.vocab_size * arch.hidden_size
-    assert step_bytes(arch, int8)["weights"] - step_bytes(arch, bf16)["weights"] == pytest.approx((8 * 5 - 4) * head)
+    assert int8_head_walks(arch, bf16) == (0, 0)
+    for vocab_major, walks in ((True, (1, 16)), (False, (8, 16))):
+        with switches.forced(int8_vocab_major=vocab_major):
+            ops, _, moved = HEAD_SLICE_COSTS[vocab_major]
+            assert int8_head_walks(arch, int8) == walks
+            extra_ops = step_host_ops(arch, int8)["forward"] - step_host_ops(arch, bf16)["forward"]
+            assert extra_ops == walks[0] * walks[1] * ops
+            extra_bytes = step_bytes(arch, int8)["weights"] - step_bytes(arch, bf16)["weights"]
+            assert extra_bytes == pytest.approx((walks[0] * moved - 4) * head)
+    with switches.forced(int8_vocab_major=False):
+        slow = predict_tokens_per_s(arch, int8.replace(cuda_graphs=False), resolve_gpu("h100"))
+    assert predict_tokens_per_s(arch, int8.replace(cuda_graphs=False), resolve_gpu("h100")) > slow
     assert int8_head_walks(arch, Plan(model="llama-3.2-1b", seq_len=2048, head_quant="int8", stack="hf")) == (0, 0)
 
 

@@ -40,7 +40,7 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
 
     import pytest
 
-    from benchmarks.records import ran_fused_optimizer
+    from benchmarks.records import switches_ran
 
     monkeypatch.setenv(switches.ENABLE_ENV, "flat_optimizer")
     monkeypatch.delenv(switches.DISABLE_ENV, raising=False)
@@ -53,5 +53,8 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
         with switches.forced(warp_drive=True):
             pass
     # a measured line says what stepped it; before it did, only the opt-in switch turned the kernel on
-    assert ran_fused_optimizer({"fused_optimizer": True}) and ran_fused_optimizer({"enabled": "fused_optimizer"})
-    assert not ran_fused_optimizer({"enabled": "flat_optimizer"}) and not ran_fused_optimizer({})
+    assert switches_ran({"fused_optimizer": True})["fused_optimizer"]
+    assert switches_ran({"enabled": "fused_optimizer"})["fused_optimizer"]
+    assert switches_ran({"enabled": "flat_optimizer"}) == switches_ran({}) == {"fused_optimizer": False,
+                                                                               "int8_vocab_major": False}
+    assert switches_ran({"int8_vocab_major": True})["int8_vocab_major"]

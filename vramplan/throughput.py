@@ -69,9 +69,9 @@ from typing import Any
 from vramplan.arch import Architecture, Layer
 from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
-from vramplan.memory.logits import dequant_slice_rows, loss_chunk_tokens
+from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
-from vramplan.stacks.vramplan import flat_step_applies, graphs_apply, steps_fused
+from vramplan.stacks.vramplan import flat_step_applies, graphs_apply, int8_vocab_major, steps_fused
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
 PCIE_BYTES_PER_S = 25e9
@@ -364,6 +364,9 @@ def matmul_kernels(arch: Architecture, plan: Plan) -> float:
         kernels += adapted * (forward + backward + recompute * recomputes) + plain * (2 + recomputes) + layer_input * 2
     kernels += 2 * len(arch.extra_linears)
     tokens = plan.micro_batch * plan.seq_len
+    head_passes, head_slices = int8_head_walks(arch, plan)
+    if head_passes:
+        return kernels + head_passes * head_slices * HEAD_SLICE_COSTS[int8_vocab_major()][1]
     chunks = 1 if plan.loss == "full" else -(-tokens // loss_chunk_tokens(tokens, arch.vocab_size, 2, plan.loss_chunk_mb * 2**20))
     return kernels + 2 * chunks
 
@@ -463,29 +466,35 @@ def _math_attention_layers(arch: Architecture, plan: Plan) -> list[Layer]:
     return [layer for layer in arch.layers if layer.attention != "sliding" and layer.kv_heads < layer.heads]
 
 
-#: Per dequantized slice of an int8 head, per pass over it: the slice's cast, its row scales, the matmul.
-HOST_OPS_PER_HEAD_SLICE = 4
-#: Bytes per head element a pass moves: the int8 read, the bf16 slice written and read back by the matmul.
-HEAD_DEQUANT_BYTES_PER_ELEMENT = 1 + 2 + 2
+#: Per dequantized slice of an int8 head, per pass over it: (host ops, matmuls, bytes per head element).
+#: Vocabulary-major (``_VocabMajorHead``): the dequantizing multiply, the logits' matmul, the
+#: online-softmax kernel, the fp32 sum's rescale, the matmul back into it and its add; the int8 read,
+#: the bf16 slice written and read by both matmuls. Token-major (each pass is the logits' or
+#: d hidden's): the cast, the row scales, one matmul (and an add); the int8 read, the slice written, read once.
+HEAD_SLICE_COSTS = {True: (6, 2, 1 + 2 + 2 + 2), False: (4, 1, 1 + 2 + 2)}
 
 
 def int8_head_walks(arch: Architecture, plan: Plan) -> tuple[int, int]:
-    """(passes over the head, slices per pass) of an int8 head's loss in one micro-batch: every chunk
-    of tokens dequantizes the whole head twice, slice by slice (its logits, then d hidden). (0, 0)
-    with a bf16 head, which the chunks read as it is."""
+    """(passes over the head, slices per pass) of an int8 head's loss in one micro-batch (priced per slice by
+    ``HEAD_SLICE_COSTS``). Vocabulary-major, each block of tokens (``memory.logits.int8_head_block``: usually
+    the whole micro-batch) dequantizes the head once; token-major, every chunk of tokens twice (its
+    logits, then d hidden). (0, 0) with a bf16 head, which the chunks read as it is."""
     if plan.head_quant != "int8" or plan.stack != "vramplan":
         return 0, 0
     tokens = plan.micro_batch * plan.seq_len
-    chunk = loss_chunk_tokens(tokens, arch.vocab_size, 2, plan.loss_chunk_mb * 2**20)
-    rows = dequant_slice_rows(arch.vocab_size, arch.hidden_size)
-    return 2 * -(-tokens // chunk), -(-arch.vocab_size // rows)
+    budget = plan.loss_chunk_mb * 2**20
+    if int8_vocab_major():
+        block, rows = int8_head_block(tokens, arch.vocab_size, arch.hidden_size, 2, budget)
+        return -(-tokens // block), -(-arch.vocab_size // rows)
+    chunk = loss_chunk_tokens(tokens, arch.vocab_size, 2, budget)
+    return 2 * -(-tokens // chunk), -(-arch.vocab_size // dequant_slice_rows(arch.vocab_size, arch.hidden_size))
 
 
 def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     """Bytes one micro-batch moves through GPU memory, by part.
 
     - ``weights``: each pass reads (and for NF4/int8 dequantizes) every base linear; the LM head twice,
-      or an int8 head dequantized twice per chunk of tokens (``int8_head_walks``);
+      or an int8 head dequantized once per block of tokens (``int8_head_walks``);
     - ``activations``: the element-wise traffic of each layer per pass (``ACTIVATION_ACCESSES``);
     - ``logits``: full loss writes bf16 logits, an fp32 copy, its log-softmax and their
       gradients (~24 B per logit); the chunked loss keeps each chunk's fp32 logits (~8 B);
@@ -502,7 +511,7 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     weights = passes * arch.linear_params * WEIGHT_BYTES_PER_PASS[plan.quant]
     head_passes, _ = int8_head_walks(arch, plan)
     if head_passes:
-        weights += head_passes * HEAD_DEQUANT_BYTES_PER_ELEMENT * arch.vocab_size * arch.hidden_size
+        weights += head_passes * HEAD_SLICE_COSTS[int8_vocab_major()][2] * arch.vocab_size * arch.hidden_size
     else:
         weights += 2 * 2 * arch.vocab_size * arch.hidden_size
     activations = 0.0
@@ -602,7 +611,7 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
     forward, recompute, backward = phases
     prologue = prologue_host_ops(arch)
     head_passes, head_slices = int8_head_walks(arch, plan)
-    forward += head_passes * head_slices * HOST_OPS_PER_HEAD_SLICE  # the fused loss runs in the forward
+    forward += head_passes * head_slices * HEAD_SLICE_COSTS[int8_vocab_major()][0]  # the fused loss runs in the forward
     recomputes = _recomputes(plan)
     tensors = optimizer_tensors(arch, plan)
     if steps_fused(plan):

@@ -7,7 +7,10 @@ fp32 as the trainer keeps adapters; only the unfused path has that op). Variants
 kernel, the unfused path transformers runs (bf16 logits -> float -> F.cross_entropy), Liger's fused
 linear cross-entropy when installed, and torch.compile of the same chunked algorithm in plain
 PyTorch, at vramplan's chunk size. With a trainable head vramplan's chunks are 4x larger (each
-chunk reads and writes all of grad_W); "vramplan chunk N" times smaller chunks beside it.
+chunk reads and writes all of grad_W); "vramplan chunk N" times smaller chunks beside it. The
+"int8 head" case is the trainer's ``head_quant="int8"`` (frozen ``Int8Rows``): the vocabulary-major
+pass (the default) against the token-major one it replaced, the bf16 head's chunked pass and the
+unfused path on the dequantized head.
 """
 
 from __future__ import annotations
@@ -17,6 +20,7 @@ from typing import Callable
 import torch
 
 from benchmarks.harness import Case
+from vramplan_kernels.int8_rows import Int8Rows
 from vramplan_kernels.linear_cross_entropy import (
     TRAINABLE_HEAD_CHUNK_FACTOR,
     default_chunk_size,
@@ -147,10 +151,41 @@ def _case(name: str, tokens: int, hidden_size: int, vocab: int, device: str, tra
     )
 
 
-def cases(device: str, shapes: dict[str, tuple[int, int, int]] | None = None, with_compiled: bool = True) -> list[Case]:
+def _int8_case(name: str, tokens: int, hidden_size: int, vocab: int, device: str) -> Case:
+    generator = torch.Generator(device=device).manual_seed(0)
+    hidden = torch.randn(tokens, hidden_size, device=device, dtype=torch.bfloat16, generator=generator).requires_grad_()
+    weight = torch.randn(vocab, hidden_size, device=device, dtype=torch.bfloat16, generator=generator) * 0.02
+    rows = Int8Rows.quantize(weight)
+    labels = torch.randint(0, vocab, (tokens,), device=device, generator=generator)
+    labels[::7] = -100
+
+    def ours(head, **options):
+        return lambda: torch.autograd.grad(linear_cross_entropy(hidden, head, labels, **options)[0], [hidden])
+
+    return Case(
+        op="linear_cross_entropy",
+        shape=f"{name} N={tokens} H={hidden_size} V={vocab} int8 head",
+        variants={"vramplan": ours(rows), "vramplan token-major": ours(rows, vocab_major=False),
+                  "unfused": lambda: torch.autograd.grad(linear_cross_entropy_reference(hidden, rows, labels)[0], [hidden]),
+                  "vramplan bf16 head": ours(weight)},
+        flops=2 * 2 * tokens * hidden_size * vocab,
+        measure_peak_memory=True,
+        notes="forward+backward, bf16, frozen int8 rows (one scale each); the bf16 head's pass for scale",
+        extra={"trainable_head": False, "lora_head": False, "int8_head": True,
+               "chunk_tokens": default_chunk_size(tokens, vocab, torch.bfloat16)},
+    )
+
+
+#: The int8 head where the trainer meets it: Llama-3.2-1B's micro-batch of 2,048 tokens (its lean plan).
+INT8_SHAPES = {"llama-3.2-1b": (2048, 2048, 128256)}
+
+
+def cases(device: str, shapes: dict[str, tuple[int, int, int]] | None = None, with_compiled: bool = True,
+          int8_shapes: dict[str, tuple[int, int, int]] | None = None) -> list[Case]:
     shapes = SHAPES if shapes is None else shapes
     out = [_case(name, *shape, device, trainable=False, with_compiled=with_compiled) for name, shape in shapes.items()]
     first = next(iter(shapes))
     out.append(_case(first, *shapes[first], device, trainable=True, with_compiled=with_compiled))
     out.append(_case(first, *shapes[first], device, trainable=False, with_compiled=False, lora_head=True))
+    out += [_int8_case(name, *shape, device) for name, shape in (INT8_SHAPES if int8_shapes is None else int8_shapes).items()]
     return out

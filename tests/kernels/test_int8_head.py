@@ -97,3 +97,77 @@ def test_int8_rows_rejects_other_storage():
     weight = torch.randn(4, 8)
     with pytest.raises(ValueError, match="int8 data"):
         Int8Rows(weight, torch.ones(4), torch.float32)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("softcap", [None, 3.0])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("vocab, frozen_bias", [(257, True), (30, False)])
+def test_vocabulary_major_pass_matches_reference(small_slices, monkeypatch, dtype, softcap, reduction, vocab,
+                                                 frozen_bias):
+    """The trainer's head (frozen int8 rows, maybe a frozen bias, only the hidden states differentiated)
+    takes the vocabulary-major pass: ragged slices of 7 rows (3 in fp64), one block of all 11 tokens, or
+    several where a chunk of 1 token's logits over 30 rows leaves room for fewer, ignored labels. Losses
+    and grad_hidden match the reference under a non-unit upstream gradient."""
+    from vramplan_kernels import linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "_ChunkedHead", None)  # the token-major pass would fail: prove it is not taken
+    hidden, weight, labels, _ = quantized_inputs(11, 16, vocab, dtype)
+    bias = torch.randn(vocab, generator=torch.Generator().manual_seed(5), dtype=dtype) if frozen_bias else None
+    tokens, rows = lce.vocab_major_shape(11, vocab, 16, dtype, chunk=1)
+    assert rows == (7 if dtype == torch.float32 else 3) and (tokens == 11) == (vocab == 257)
+    options = dict(softcap=softcap, reduction=reduction, bias=bias)
+    with kernel_mode("triton"):
+        loss, count = linear_cross_entropy(hidden, weight, labels, chunk_size=1, **options)
+    ref, ref_count = linear_cross_entropy_reference(hidden, weight, labels, **options)
+    upstream = torch.linspace(0.5, 1.5, loss.numel(), dtype=loss.dtype).reshape(loss.shape)
+    (grad,) = torch.autograd.grad((loss * upstream).sum(), hidden)
+    (want,) = torch.autograd.grad((ref * upstream).sum(), hidden)
+    assert count.item() == ref_count.item()
+    torch.testing.assert_close(loss, ref.detach(), **TOL[dtype])
+    torch.testing.assert_close(grad, want, **TOL[dtype])
+    assert (grad[labels == -100] == 0).all() and grad.abs().sum() > 0
+
+
+def test_vocabulary_major_blocks_keep_the_chunk_budget():
+    """A block's logits hold no more values than the token-major chunk's, and its rows one dequantized
+    slice at most; a micro-batch's tokens usually fit one block (the head dequantized once)."""
+    from vramplan_kernels.linear_cross_entropy import default_chunk_size, vocab_major_shape
+
+    for n, vocab, cols, budget in [(2048, 128256, 2048, 64 << 20), (2048, 262144, 5376, 128 << 20),
+                                   (16384, 262144, 1536, 128 << 20), (11, 257, 16, None)]:
+        chunk = default_chunk_size(n, vocab, torch.bfloat16, budget)
+        tokens, rows = vocab_major_shape(n, vocab, cols, torch.bfloat16, chunk)
+        assert tokens * rows <= chunk * vocab and rows <= min(slice_rows(cols, torch.bfloat16), vocab)
+        assert 1 <= tokens <= n
+    assert vocab_major_shape(2048, 128256, 2048, torch.bfloat16, 256) == (2048, 8192)
+
+
+def test_bf16_vocabulary_major_pass_close_to_reference():
+    hidden, weight, labels, _ = quantized_inputs(64, 32, 1000, torch.bfloat16)
+    with kernel_mode("triton"):
+        loss, _ = linear_cross_entropy(hidden, weight, labels, softcap=30.0, chunk_size=8, reduction="sum")
+    ref, _ = linear_cross_entropy_reference(hidden, weight, labels, softcap=30.0, reduction="sum")
+    (grad,) = torch.autograd.grad(loss, hidden)
+    (want,) = torch.autograd.grad(ref, hidden)
+    torch.testing.assert_close(loss.float(), ref.float(), atol=0.5, rtol=1e-2)
+    torch.testing.assert_close(grad.float(), want.float(), atol=2e-2, rtol=5e-2)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens, cols, vocab, softcap", [(2048, 2048, 128256, None), (1024, 1536, 262144, 30.0)])
+def test_vocabulary_major_pass_equals_token_major_at_real_shapes(tokens, cols, vocab, softcap):
+    """Llama-3.2-1B's and Gemma 4's heads on the GPU: the two walks give the same loss and grad_hidden
+    (within bf16 rounding of their different summation orders)."""
+    generator = torch.Generator(device="cuda").manual_seed(0)
+    hidden = torch.randn(tokens, cols, device="cuda", dtype=torch.bfloat16, generator=generator).requires_grad_()
+    rows = Int8Rows.quantize(torch.randn(vocab, cols, device="cuda", dtype=torch.bfloat16, generator=generator) * 0.02)
+    labels = torch.randint(0, vocab, (tokens,), device="cuda", generator=generator)
+    labels[::7] = -100
+    results = []
+    for vocab_major in (True, False):
+        loss, _ = linear_cross_entropy(hidden, rows, labels, softcap=softcap, vocab_major=vocab_major, reduction="sum")
+        results.append((loss.detach(), torch.autograd.grad(loss, hidden)[0]))
+    (loss, grad), (want_loss, want_grad) = results
+    torch.testing.assert_close(loss, want_loss, rtol=1e-3, atol=0.5)
+    torch.testing.assert_close(grad.float(), want_grad.float(), rtol=5e-2, atol=2e-3)

@@ -203,9 +203,15 @@ def test_rejects_misaligned_labels():
 def test_benchmark_cases_run_at_tiny_sizes():
     from benchmarks.kernel_cases.linear_cross_entropy import cases
 
-    built = cases("cpu", shapes={"tiny": (24, 16, 300)}, with_compiled=False)
-    assert len(built) == 3 and all(case.measure_peak_memory for case in built)
-    assert [(c.extra["trainable_head"], c.extra["lora_head"]) for c in built] == [(False, False), (True, False), (False, True)]
+    built = cases("cpu", shapes={"tiny": (24, 16, 300)}, with_compiled=False, int8_shapes={"tiny": (24, 16, 300)})
+    assert len(built) == 4 and all(case.measure_peak_memory for case in built)
+    assert [(c.extra["trainable_head"], c.extra["lora_head"]) for c in built[:3]] == [(False, False), (True, False), (False, True)]
+    int8 = built.pop()
+    assert int8.extra["int8_head"] and list(int8.variants)[:3] == ["vramplan", "vramplan token-major", "unfused"]
+    with kernel_mode("triton"):
+        walked = [int8.variants[name]() for name in ("vramplan", "vramplan token-major")]
+    for (grad,), (want,) in zip(walked, [int8.variants["unfused"]()] * 2):
+        torch.testing.assert_close(grad.float(), want.float(), atol=2e-2, rtol=5e-2)
     for case in built:
         assert list(case.variants)[:2] == ["vramplan", "unfused"]
         with kernel_mode("triton"):

@@ -61,8 +61,21 @@ def dequant_slice_rows(vocab: int, hidden: int, act_bytes: int = 2) -> int:
     return min(rows, vocab)
 
 
+def int8_head_block(tokens: int, vocab: int, hidden: int, act_bytes: int = 2, budget: int | None = None) -> tuple[int, int]:
+    """(tokens, head rows) of one block of an int8 head's vocabulary-major loss pass, as the kernel
+    picks them (``linear_cross_entropy.vocab_major_shape``): no more logits than a token-major chunk
+    holds, at most one dequantized slice of rows, and as many tokens as leave a full slice."""
+    cells = loss_chunk_tokens(tokens, vocab, act_bytes, budget) * vocab
+    widest = dequant_slice_rows(vocab, hidden, act_bytes)
+    block = max(1, min(tokens, cells // widest))
+    rows = max(1, min(widest, cells // block))
+    if rows >= 256:
+        rows -= rows % 128
+    return block, rows
+
+
 def chunked_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 2, int8_head: bool = False,
-                         budget: int | None = None) -> int:
+                         budget: int | None = None, vocab_major: bool = True) -> int:
     """Chunked linear cross-entropy (kernels/linear_cross_entropy.py; Liger's fused linear CE).
 
     Never builds the b·s·V logits: one chunk of rows is multiplied by the LM head into a
@@ -70,9 +83,15 @@ def chunked_logits_bytes(tokens: int, vocab: int, hidden: int, act_bytes: int = 
     in place, and that is multiplied into the hidden states' gradient (b·s·h, the hidden
     dtype) before the next chunk. Plus the per-token fp32 losses.
 
-    An int8 head (``head_quant="int8"``) adds one dequantized slice of its rows and, per chunk,
-    grad_hidden summed over the slices in fp32 beside each slice's product in the compute dtype.
+    An int8 head (``head_quant="int8"``) is walked vocabulary-major instead (``int8_head_block``): one
+    block of logits [block tokens, rows], one dequantized slice of rows, and per block grad_hidden
+    summed in fp32 beside each slice's product in the compute dtype. Token-major (``vocab_major``
+    off) it adds the slice and, per chunk, the same fp32 sum and product to the chunk's logits.
     """
+    if int8_head and vocab_major:
+        block, rows = int8_head_block(tokens, vocab, hidden, act_bytes, budget)
+        return (block * rows * act_bytes + rows * hidden * act_bytes + block * hidden * (FP32 + act_bytes)
+                + tokens * hidden * act_bytes + tokens * FP32)
     chunk = loss_chunk_tokens(tokens, vocab, act_bytes, budget)
     total = chunk * vocab * act_bytes + tokens * hidden * act_bytes + tokens * FP32
     if int8_head:

@@ -103,9 +103,8 @@ def step_memory(arch, plan) -> StepMemory:
     softcap = arch.final_logit_softcapping is not None
     if plan.loss == "chunked":
         # the chunked loss computes its gradient during the forward: its buffers peak there, not in backward
-        forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h,
-                                                            int8_head=plan.head_quant == "int8",
-                                                            budget=plan.loss_chunk_mb * 2**20)
+        forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h, int8_head=plan.head_quant == "int8",
+                                                   budget=plan.loss_chunk_mb * 2**20, vocab_major=int8_vocab_major())
         backward_parts = {"activations": persistent + layer_set}
     else:
         forward_loss = full_logits_forward_bytes(tokens, arch.vocab_size, ACT, softcap)
@@ -143,6 +142,13 @@ def step_memory(arch, plan) -> StepMemory:
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
 #: (4,820 -> 3,962 tok/s at 2,048 tokens on the H100), not yet measured under CUDA graphs.
 FLAT_DECLINED = ("gemma4", "gemma4_text")
+
+
+def int8_vocab_major() -> bool:
+    """Whether the trainer walks an int8 head's loss vocabulary-major (``switches``: ``int8_vocab_major``)."""
+    from vramplan.train import switches
+
+    return switches.enabled("int8_vocab_major")
 
 
 def steps_fused(plan) -> bool:
