@@ -53,6 +53,38 @@ def _tanh(x):
 
 
 @triton.jit
+def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
+    """(z, dz/dx) of a logit: z = softcap * tanh(x / softcap), slope 1 - tanh^2; without a softcap (x, 1)."""
+    if HAS_SOFTCAP:
+        t = _tanh(x / softcap)
+        z = softcap * t
+        slope = 1.0 - t * t
+    else:
+        z = x
+        slope = tl.full(x.shape, 1.0, x.dtype)
+    return z, slope
+
+
+@triton.jit
+def _row_max_and_sum_exp(row_ptr, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+                         BLOCK_V: tl.constexpr):
+    """(max, sum of exp(z - max)) over a row's n_cols values, z = softcap(logits): an online logsumexp."""
+    running_max = tl.full([], float("-inf"), dtype=ACC_DTYPE)
+    running_sum = tl.zeros([], dtype=ACC_DTYPE)
+    for start in range(0, n_cols, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < n_cols
+        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
+        if HAS_SOFTCAP:
+            z = softcap * _tanh(z / softcap)
+        z = tl.where(mask, z, float("-inf"))
+        block_max = tl.maximum(running_max, tl.max(z, axis=0))
+        running_sum = running_sum * tl.exp(running_max - block_max) + tl.sum(tl.exp(z - block_max), axis=0)
+        running_max = block_max
+    return running_max, running_sum
+
+
+@triton.jit
 def _cross_entropy_rows_kernel(
     logits_ptr,
     logits_row_stride,
@@ -88,18 +120,7 @@ def _cross_entropy_rows_kernel(
         return
 
     # Pass 1: running max and running sum of exponentials (online logsumexp).
-    running_max = tl.full([], float("-inf"), dtype=ACC_DTYPE)
-    running_sum = tl.zeros([], dtype=ACC_DTYPE)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < n_cols
-        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        z = tl.where(mask, z, float("-inf"))
-        block_max = tl.maximum(running_max, tl.max(z, axis=0))
-        running_sum = running_sum * tl.exp(running_max - block_max) + tl.sum(tl.exp(z - block_max), axis=0)
-        running_max = block_max
+    running_max, running_sum = _row_max_and_sum_exp(row_ptr, n_cols, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
     lse = running_max + tl.log(running_sum)
 
     z_target = tl.load(row_ptr + label).to(ACC_DTYPE)
@@ -113,15 +134,8 @@ def _cross_entropy_rows_kernel(
         for start in range(0, n_cols, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < n_cols
-            x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            if HAS_SOFTCAP:
-                t = _tanh(x / softcap)
-                z = softcap * t
-            else:
-                z = x
-            grad = tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0).to(ACC_DTYPE)
-            if HAS_SOFTCAP:
-                grad = grad * (1.0 - t * t)
+            z, slope = _softcapped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
+            grad = (tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0).to(ACC_DTYPE)) * slope
             tl.store(row_ptr + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
@@ -173,18 +187,7 @@ def _online_softmax_slice_kernel(
     row_ptr = logits_ptr + row * logits_row_stride
     label = tl.load(labels_ptr + row)
     old_max = tl.load(run_max_ptr + row)
-    slice_max = tl.full([], float("-inf"), dtype=ACC_DTYPE)
-    slice_sum = tl.zeros([], dtype=ACC_DTYPE)
-    for start in range(0, n_cols, BLOCK_V):
-        offs = start + tl.arange(0, BLOCK_V)
-        mask = offs < n_cols
-        z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-        if HAS_SOFTCAP:
-            z = softcap * _tanh(z / softcap)
-        z = tl.where(mask, z, float("-inf"))
-        block_max = tl.maximum(slice_max, tl.max(z, axis=0))
-        slice_sum = slice_sum * tl.exp(slice_max - block_max) + tl.sum(tl.exp(z - block_max), axis=0)
-        slice_max = block_max
+    slice_max, slice_sum = _row_max_and_sum_exp(row_ptr, n_cols, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
     new_max = tl.maximum(old_max, slice_max)
     alpha = tl.exp(old_max - new_max)  # 0 on the first slice (old max -inf)
     tl.store(run_sum_ptr + row, tl.load(run_sum_ptr + row) * alpha + slice_sum * tl.exp(slice_max - new_max))
@@ -200,13 +203,8 @@ def _online_softmax_slice_kernel(
         for start in range(0, n_cols, BLOCK_V):
             offs = start + tl.arange(0, BLOCK_V)
             mask = offs < n_cols
-            x = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
-            if HAS_SOFTCAP:
-                t = _tanh(x / softcap)
-                p = tl.exp(softcap * t - new_max) * (1.0 - t * t)
-            else:
-                p = tl.exp(x - new_max)
-            tl.store(row_ptr + offs, p.to(logits_ptr.dtype.element_ty), mask=mask)
+            z, slope = _softcapped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
+            tl.store(row_ptr + offs, (tl.exp(z - new_max) * slope).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
 def _launch_slice(logits, labels, v0, run_max, run_sum, target, alpha, softcap, write_p: bool) -> None:
