@@ -2,8 +2,10 @@
 # Runs the GPU side of the project in one go on a CUDA machine, from the repository root:
 #   benchmarks/run_on_gpu.sh [tests[:K_EXPR]] [kernels[:MODULES]] [trainer ...] [profile:CONFIG:SEQ] [unsloth:CONFIG:GRID]
 #                            [multimodal:N,...] [accuracy[:MODEL,...]] [capcheck] [multigpu] [enable:SWITCH,...]
+#                            [disable:SWITCH,...] [profile_graphs:CONFIG:SEQ]
 # enable:SWITCHES sets VRAMPLAN_ENABLE for the jobs after it (enable: clears it): an A/B in one call, e.g.
-#   trainer:llama-3.2-1b:G.json enable:fused_optimizer trainer:llama-3.2-1b:G.json (each line records "enabled")
+#   trainer:llama-3.2-1b:G.json enable:fused_optimizer trainer:llama-3.2-1b:G.json (each line records "enabled");
+# disable:SWITCHES the same with VRAMPLAN_DISABLE (e.g. disable:int8_vocab_major for the token-major int8 head).
 # Wheels in .whl/ (bitsandbytes, liger-kernel) are installed to /tmp/site first when present.
 # Results go to $OUT (default benchmarks/results/gpu-run).
 set -uo pipefail
@@ -57,6 +59,11 @@ for job in "$@"; do
         run_mg "$g" -m benchmarks.multigpu --model llama-3.3-70b --parallel fsdp --seq 2048 --steps 4 --cap-gb 40
       done ;;
     enable:*)  export VRAMPLAN_ENABLE="${job#enable:}"; echo "VRAMPLAN_ENABLE=$VRAMPLAN_ENABLE for the jobs after this" ;;  # A/B in one call
+    disable:*) export VRAMPLAN_DISABLE="${job#disable:}"; echo "VRAMPLAN_DISABLE=$VRAMPLAN_DISABLE for the jobs after this" ;;
+    profile_graphs:*)  # profile_graphs:CONFIG:SEQ  the same, each step replayed as a CUDA graph
+      IFS=: read -r _ cfg seq <<<"$job"
+      python3 -m benchmarks.profile_trainer --config "$cfg" --seq "$seq" --graphs 2>&1 > "$OUT/profile-graphs-$(basename "$cfg" .json)-$seq.txt"
+      head -3 "$OUT/profile-graphs-$(basename "$cfg" .json)-$seq.txt" ;;
     py:*)    python3 -m "${job#py:}" 2>&1 | tee -a "$OUT/$(echo "${job#py:}" | tr . _).log" | tail -80 ;;  # any benchmarks module, no arguments
     *)       echo "unknown job $job" ;;
   esac
