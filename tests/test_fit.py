@@ -126,3 +126,15 @@ def test_the_flat_step_is_priced_only_where_the_trainer_takes_it():
     assert "flat_optimizer" not in estimate_plan(plan.replace(optimizer="adamw"), llama).components
     assert "flat_optimizer" not in estimate_plan(Plan(model="gemma-4-e2b", flat_optimizer=True), gemma).components
     assert "flat_optimizer" not in Plan(model="x").to_dict() and Plan(model="x", flat_optimizer=True).to_dict()["flat_optimizer"]
+
+
+def test_an_offloaded_plan_says_what_checkpoints_on_the_gpu_would_need():
+    """Offloading is chosen over checkpoints kept on the GPU only when those do not fit: the explanation
+    gives both faster modes' peaks, each over the usable memory."""
+    profile = resolve_model("gemma-4-31b")
+    result = fit_plan(profile, budget=20 * 10**9, base=Plan(model=profile.name, seq_len=2048))
+    assert result.plan.checkpointing == "offload"
+    line = next(line for line in result.explanation if line.startswith("Fastest settings"))
+    on_gpu = estimate_plan(result.plan.replace(checkpointing="full"), profile).peak_bytes
+    assert f"on the GPU: {on_gpu / 1e9:.2f} GB" in line and "none: " in line
+    assert on_gpu > result.estimate.peak_bytes

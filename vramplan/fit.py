@@ -298,7 +298,10 @@ def _explain(profile: ModelProfile, base: Plan, est: Estimate, budget: int, marg
     else:
         lines.append(f"LoRA rank {plan.lora_rank}, the highest searched.")
     speed = []
-    if plan.checkpointing != "none":
+    if plan.checkpointing == "offload":  # the faster modes it passed over, each with what it needs
+        speed.append(f"checkpointing 'offload' (on the GPU: {_gb(peak(checkpointing='full'))}; "
+                     f"none: {_gb(peak(checkpointing='none'))})")
+    elif plan.checkpointing != "none":
         speed.append(f"checkpointing '{plan.checkpointing}' (without it: {_gb(peak(checkpointing='none'))})")
     else:
         speed.append("no checkpointing (no recompute)")
