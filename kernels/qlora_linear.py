@@ -436,7 +436,7 @@ class QLoRALinear(torch.nn.Module):
     """
 
     def __init__(self, weight: NF4Tensor | torch.Tensor, bias: torch.Tensor | None, rank: int, alpha: float,
-                 lora_dtype: torch.dtype = torch.float32):
+                 lora_dtype: torch.dtype = torch.float32, storage=None):
         super().__init__()
         self.out_features, self.in_features = weight.shape
         self.rank, self.scale = rank, alpha / rank
@@ -447,15 +447,21 @@ class QLoRALinear(torch.nn.Module):
         else:
             self.weight = torch.nn.Parameter(weight.detach(), requires_grad=False)
         self.bias = None if bias is None else torch.nn.Parameter(bias.detach().clone(), requires_grad=False)
-        self.lora_A = torch.nn.Linear(self.in_features, rank, bias=False, device=device, dtype=lora_dtype)
-        self.lora_B = torch.nn.Linear(rank, self.out_features, bias=False, device=device, dtype=lora_dtype)
+        # ``storage(shape)``: the adapters as views of one buffer made before the layers (``AdapterArena``)
+        where = "meta" if storage is not None else device
+        self.lora_A = torch.nn.Linear(self.in_features, rank, bias=False, device=where, dtype=lora_dtype)
+        self.lora_B = torch.nn.Linear(rank, self.out_features, bias=False, device=where, dtype=lora_dtype)
+        if storage is not None:  # initialised as the constructor would have: the same random draws either way
+            for lora in (self.lora_A, self.lora_B):
+                lora.weight = torch.nn.Parameter(storage(lora.weight.shape))
+                lora.reset_parameters()
         torch.nn.init.kaiming_uniform_(self.lora_A.weight, a=math.sqrt(5))  # PEFT's default init
         torch.nn.init.zeros_(self.lora_B.weight)
         self._lora_copies = LoRACopies()
 
     @classmethod
     def from_linear(cls, linear: torch.nn.Linear, rank: int, alpha: float, quant: str = "nf4",
-                    double_quant: bool = True, lora_dtype=torch.float32) -> "QLoRALinear":
+                    double_quant: bool = True, lora_dtype=torch.float32, storage=None) -> "QLoRALinear":
         if quant == "nf4":
             weight = quantize_nf4(linear.weight.detach(), double_quant=double_quant)
         elif quant == "bf16":
@@ -463,7 +469,7 @@ class QLoRALinear(torch.nn.Module):
             weight = linear.weight.detach()
         else:
             raise ValueError(f"quant {quant!r}: choose nf4 or bf16")
-        return cls(weight, linear.bias, rank, alpha, lora_dtype)
+        return cls(weight, linear.bias, rank, alpha, lora_dtype, storage)
 
     def _apply(self, fn, recurse=True):
         if isinstance(self.weight, NF4Tensor):

@@ -329,3 +329,49 @@ def test_only_plans_that_launch_bitsandbytes_kernels_pay_their_outside_block(mon
     assert estimate_plan(paged, profile).components["cuda_libraries"] == with_bnb - BNB_OPTIMIZER_KERNEL_BYTES
     hf = estimate_plan(paged.replace(stack="hf", loss="full"), profile).components["cuda_libraries"]
     assert estimate_plan(paged.replace(stack="hf", loss="full", optimizer="adamw"), profile).components["cuda_libraries"] == hf
+
+
+@pytest.mark.parametrize("switch", ["fused_optimizer", "flat_optimizer"])
+def test_flat_stepped_adapters_are_made_in_the_buffer_the_optimizer_keeps(tmp_path, monkeypatch, switch):
+    """Where the trainer steps the adapters as one flat tensor, the loader makes them as views of one
+    buffer before the layers (``AdapterArena``) and the optimizer adopts it without a copy: the adapters
+    start with the values the per-tensor plan gives them, and train to the same loss."""
+    from train_fixtures import build_model, llama_config
+    from vramplan.plan import Plan
+    from vramplan.train import model as loader
+    from vramplan.train import switches
+    from vramplan.train.loss import summed_loss
+    from vramplan.train.model import load_for_training, lora_parameters
+    from vramplan.train.recipe import make_optimizer
+
+    monkeypatch.setenv(switches.ENABLE_ENV, switch)
+    made_in_arena = loader.adapter_arena
+
+    folder = build_model(llama_config(), tmp_path / "llama")
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, optimizer="adamw8bit")
+    ids = torch.randint(4, 200, (1, 24), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": ids.roll(-1, 1), "position_ids": torch.arange(24)[None]}
+    runs = {}
+    for arena in (False, True):  # the same plan and optimizer, the adapters made one by one or in the arena
+        monkeypatch.setattr(loader, "adapter_arena", made_in_arena if arena else lambda *args: None)
+        torch.manual_seed(0)
+        model, _ = load_for_training(folder, plan, torch.device("cpu"))
+        params = lora_parameters(model)
+        storages = {p.untyped_storage().data_ptr() for p in params}
+        assert (len(storages) == 1) == arena
+        before = [p.detach().clone() for p in params]
+        optimizer, _ = make_optimizer(params, plan, 1e-2, 0.0, torch.device("cpu"), flat=switch == "flat_optimizer")
+        # one flat tensor either way; adopted, it is the buffer the adapters were made in
+        held = optimizer.flat.param
+        assert (held.untyped_storage().data_ptr() == storages.pop()) == arena
+        losses = []
+        for _ in range(3):
+            loss, _ = summed_loss(model, batch)
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            losses.append(loss.item())
+        runs[arena] = (before, losses)
+    for a, b in zip(runs[False][0], runs[True][0]):
+        torch.testing.assert_close(a, b)
+    assert runs[True][1] == runs[False][1]

@@ -16,7 +16,7 @@ from torch import nn
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import patching
-from vramplan.train.experts import NF4Experts
+from vramplan.train.experts import NF4Experts, is_fused_experts
 from vramplan.train.ops import QLoRALinear
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -196,6 +196,7 @@ def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_l
     quant = "nf4" if plan.quant == "nf4" else "bf16"
     adapted = []
     prefix = _layers_path(model)
+    arena = adapter_arena(model, plan, device) if after_layer is None else None
     for index, layer in enumerate(decoder_layers(model)):
         if random_init is not None:
             materialise_random(layer, device, random_init[0] + 1 + index, random_init[1], init_module=random_init[2])
@@ -203,7 +204,7 @@ def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_l
             patching.quantize_experts(layer, device, plan.double_quant)
         layer.to(device)
         names = patching.add_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, quant, plan.double_quant,
-                                  DTYPES[plan.lora_dtype])
+                                  DTYPES[plan.lora_dtype], storage=None if arena is None else arena.take)
         names += patching.add_expert_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, DTYPES[plan.lora_dtype])
         adapted += [f"{prefix}.{index}.{name}" for name in names]
         patching.apply_kernel_patches(layer)  # before after_layer: FSDP2 must see the modules that run
@@ -212,6 +213,25 @@ def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_l
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return adapted
+
+
+def adapter_arena(model: nn.Module, plan: Plan, device: torch.device):
+    """The buffer the adapters are made in (``optim.AdapterArena``) where the trainer will step them as one
+    flat tensor (the fused 8-bit AdamW, or the flat step) on one process; None elsewhere (sharded or
+    expert-routed models, bf16 adapters, per-tensor steps)."""
+    from vramplan.train.optim import AdapterArena, flat_update_pays, fused_update_applies
+
+    if plan.lora_dtype != "fp32" or plan.parallel != "none" or plan.gpus != 1 \
+            or not (fused_update_applies(plan) or flat_update_pays(model, plan)):
+        return None
+    shapes = []
+    for layer in decoder_layers(model):
+        if any(is_fused_experts(m) for m in layer.modules()):
+            return None
+        for path, module in layer.named_modules():
+            if isinstance(module, nn.Linear) and path.rpartition(".")[2] in plan.lora_targets:
+                shapes += [(plan.lora_rank, module.in_features), (module.out_features, plan.lora_rank)]
+    return AdapterArena(shapes, device) if shapes else None
 
 
 def _layers_path(model: nn.Module) -> str:

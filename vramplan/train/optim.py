@@ -33,6 +33,44 @@ from vramplan.train.ops import flat_adapters
 ALIGN = 256  # bitsandbytes' 8-bit blockwise optimizer state: one absmax per 256 values
 
 
+def aligned(numel: int) -> int:
+    """A flat layout's room for ``numel`` values: whole blocks of ALIGN, so every tensor starts a block."""
+    return -(-numel // ALIGN) * ALIGN
+
+
+class AdapterArena:
+    """The flat fp32 buffer a flat or fused optimizer step keeps the adapters in, made before the layers.
+
+    Made after them, it copies adapters that were allocated one by one among the layers' NF4 blocks,
+    and their freed places stay reserved: the fused optimizer read 0.1 GB over bitsandbytes' per-tensor
+    step on Llama-3.2-1B (H100, session 7). ``take`` hands out the adapters as views in the order
+    ``FlatLoRA`` lays them out, which then adopts the buffer without a copy."""
+
+    def __init__(self, shapes: list[tuple[int, ...]], device: torch.device):
+        self.buffer = torch.empty(sum(aligned(math.prod(s)) for s in shapes), dtype=torch.float32, device=device)
+        self.used = 0
+
+    def take(self, shape) -> torch.Tensor:
+        numel = math.prod(shape)
+        if self.used + numel > self.buffer.numel():
+            raise ValueError(f"the adapter arena holds {self.buffer.numel()} values; {tuple(shape)} does not fit")
+        view = self.buffer[self.used:self.used + numel].view(*shape)
+        self.used += aligned(numel)
+        return view
+
+
+def _adopted(params: list[torch.nn.Parameter], offsets: list[int], total: int) -> torch.Tensor | None:
+    """The buffer the adapters already are views of, at ``offsets`` (an ``AdapterArena`` in this
+    layout), as one flat tensor; None when they are not laid out so."""
+    storage = params[0].untyped_storage()
+    if storage.nbytes() != total * params[0].element_size():
+        return None
+    for p, start in zip(params, offsets):
+        if p.untyped_storage().data_ptr() != storage.data_ptr() or p.storage_offset() != start or not p.is_contiguous():
+            return None
+    return params[0].new_empty(0).set_(storage, 0, (total,), (1,))
+
+
 class FlatLoRA:
     """Parameters re-pointed at views of one flat buffer (``param``) and their gradients at views of
     one flat gradient (``grad``).
@@ -53,14 +91,16 @@ class FlatLoRA:
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
-            total += -(-p.numel() // ALIGN) * ALIGN
-        flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
+            total += aligned(p.numel())
+        flat = _adopted(params, offsets, total)
+        if flat is None:  # adapters made one by one: copied into a fresh buffer
+            flat = torch.zeros(total, dtype=params[0].dtype, device=params[0].device)
+            with torch.no_grad():
+                for p, start in zip(params, offsets):
+                    view = flat[start:start + p.numel()].view_as(p)
+                    view.copy_(p)
+                    p.data = view
         self.grad = torch.zeros_like(flat)
-        with torch.no_grad():
-            for p, start in zip(params, offsets):
-                view = flat[start:start + p.numel()].view_as(p)
-                view.copy_(p)
-                p.data = view
         self.grad_views = [self.grad[start:start + p.numel()].view_as(p) for p, start in zip(params, offsets)]
         self.param = torch.nn.Parameter(flat)
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()

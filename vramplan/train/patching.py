@@ -104,13 +104,14 @@ def replace_modules(root: nn.Module, choose: Callable[[str, nn.Module], nn.Modul
 
 
 def add_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, quant: str, double_quant: bool,
-             lora_dtype: torch.dtype) -> list[str]:
-    """Swap the target linears of one decoder layer for QLoRALinear (quantized where the layer lives)."""
+             lora_dtype: torch.dtype, storage=None) -> list[str]:
+    """Swap the target linears of one decoder layer for QLoRALinear (quantized where the layer lives);
+    ``storage(shape)`` gives the adapters' tensors (``optim.AdapterArena.take``) when set."""
 
     def choose(path: str, module: nn.Module):
         if isinstance(module, nn.Linear) and path.rpartition(".")[2] in targets:
             return ops.QLoRALinear.from_linear(module, rank=rank, alpha=alpha, quant=quant, double_quant=double_quant,
-                                               lora_dtype=lora_dtype)
+                                               lora_dtype=lora_dtype, storage=storage)
         return None
 
     return replace_modules(layer, choose)
