@@ -139,22 +139,26 @@ def _cross_entropy_rows_kernel(
             tl.store(row_ptr + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+def _row_launch(logits: torch.Tensor) -> dict:
+    """The row kernels' launch settings for a [rows, cols] logits block: accumulator, block width, warps."""
+    wide = logits.dtype == torch.float64
+    block_v = min(triton.next_power_of_2(logits.shape[1]), 8192 if wide else 16384)
+    return dict(ACC_DTYPE=tl.float64 if wide else tl.float32, BLOCK_V=block_v, num_warps=16 if block_v >= 4096 else 4)
+
+
 def _launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor, grad_scale: torch.Tensor | None,
                  ignore_index: int, softcap: float | None) -> None:
     """Run the row kernel on a [rows, V] logits chunk; with ``grad_scale`` it also writes the gradient."""
     rows, vocab = logits.shape
     if rows == 0:
         return
-    acc = tl.float64 if logits.dtype == torch.float64 else tl.float32
-    block_v = min(triton.next_power_of_2(vocab), 8192 if logits.dtype == torch.float64 else 16384)
     write_grad = grad_scale is not None
     if grad_scale is None:
         grad_scale = loss  # unread placeholder
     _cross_entropy_rows_kernel[(rows,)](
         logits, logits.stride(0), labels, loss, grad_scale, grad_scale.stride(0) if grad_scale.dim() else 0,
         vocab, ignore_index, float(softcap) if softcap else 1.0,
-        HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, ACC_DTYPE=acc, BLOCK_V=block_v,
-        num_warps=16 if block_v >= 4096 else 4,
+        HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, **_row_launch(logits),
     )
 
 
@@ -209,12 +213,9 @@ def _online_softmax_slice_kernel(
 
 def _launch_slice(logits, labels, v0, run_max, run_sum, target, alpha, softcap, write_p: bool) -> None:
     rows, cols = logits.shape
-    acc = tl.float64 if run_max.dtype == torch.float64 else tl.float32
-    block_v = min(triton.next_power_of_2(cols), 8192 if run_max.dtype == torch.float64 else 16384)
     _online_softmax_slice_kernel[(rows,)](
         logits, logits.stride(0), labels, run_max, run_sum, target, alpha, v0, cols,
-        float(softcap) if softcap else 1.0, HAS_SOFTCAP=bool(softcap), WRITE_P=write_p, ACC_DTYPE=acc,
-        BLOCK_V=block_v, num_warps=16 if block_v >= 4096 else 4,
+        float(softcap) if softcap else 1.0, HAS_SOFTCAP=bool(softcap), WRITE_P=write_p, **_row_launch(logits),
     )
 
 

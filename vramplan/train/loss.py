@@ -10,7 +10,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from vramplan.train import ops, patching, switches
+from vramplan.stacks.vramplan import int8_vocab_major
+from vramplan.train import ops, patching
 
 
 def lm_head_of(model: nn.Module) -> nn.Linear:
@@ -52,7 +53,7 @@ def summed_loss_of_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.
     chunk = ops.default_chunk_size(hidden.numel() // hidden.shape[-1], weight.shape[0], weight.dtype,
                                    getattr(model, "loss_chunk_bytes", None))
     return ops.linear_cross_entropy(hidden, weight, labels, bias=head.bias, softcap=softcap,
-                                    reduction="sum", chunk_size=chunk, vocab_major=switches.enabled("int8_vocab_major"))
+                                    reduction="sum", chunk_size=chunk, vocab_major=int8_vocab_major())
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],

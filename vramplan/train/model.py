@@ -229,7 +229,7 @@ def adapter_arena(model: nn.Module, plan: Plan, device: torch.device):
         if any(is_fused_experts(m) for m in layer.modules()):
             return None
         for path, module in layer.named_modules():
-            if isinstance(module, nn.Linear) and path.rpartition(".")[2] in plan.lora_targets:
+            if patching.is_lora_target(path, module, plan.lora_targets):
                 shapes += [(plan.lora_rank, module.in_features), (module.out_features, plan.lora_rank)]
     return AdapterArena(shapes, device) if shapes else None
 

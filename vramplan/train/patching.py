@@ -103,13 +103,18 @@ def replace_modules(root: nn.Module, choose: Callable[[str, nn.Module], nn.Modul
     return replaced
 
 
+def is_lora_target(path: str, module: nn.Module, targets: tuple[str, ...]) -> bool:
+    """A linear whose own name (the last part of its path) the plan's LoRA targets list."""
+    return isinstance(module, nn.Linear) and path.rpartition(".")[2] in targets
+
+
 def add_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha: float, quant: str, double_quant: bool,
              lora_dtype: torch.dtype, storage=None) -> list[str]:
     """Swap the target linears of one decoder layer for QLoRALinear (quantized where the layer lives);
     ``storage(shape)`` gives the adapters' tensors (``optim.AdapterArena.take``) when set."""
 
     def choose(path: str, module: nn.Module):
-        if isinstance(module, nn.Linear) and path.rpartition(".")[2] in targets:
+        if is_lora_target(path, module, targets):
             return ops.QLoRALinear.from_linear(module, rank=rank, alpha=alpha, quant=quant, double_quant=double_quant,
                                                lora_dtype=lora_dtype, storage=storage)
         return None
