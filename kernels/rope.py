@@ -39,48 +39,59 @@ from vramplan_kernels.dispatch import use_triton
 
 
 @triton.jit
-def _rotate_heads(X, Y, x_sb, x_ss, x_sh, b, s, cols, pmask, c1, c2, s1, s2,
+def _rotate_heads(X, Y, tok_offsets, x_sh, cols, pmask, c1, c2, s1, s2,
                   N_HEADS: tl.constexpr, HALF: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Rotate every head of one token: the [heads, pairs] tiles of both halves at once. ``Y`` has
-    ``X``'s strides (it may be ``X``)."""
+    """Rotate every head of the program's tokens: [tokens, heads, pairs] tiles of both halves at once.
+    ``Y`` has ``X``'s strides (it may be ``X``). The tokens' int64 offsets move the base pointers
+    once; the offsets within a token stay 32-bit."""
     heads = tl.arange(0, BLOCK_H)
-    mask = (heads[:, None] < N_HEADS) & pmask[None, :]
-    offsets = b * x_sb + s * x_ss + heads[:, None] * x_sh + cols[None, :]
-    x1_in = tl.load(X + offsets, mask=mask, other=0.0)
-    x2_in = tl.load(X + offsets + HALF, mask=mask, other=0.0)
+    mask = (heads[None, :, None] < N_HEADS) & pmask[:, None, :]
+    inner = heads[None, :, None] * x_sh + cols[None, None, :]
+    x_first = (X + tok_offsets)[:, None, None] + inner
+    y_first = (Y + tok_offsets)[:, None, None] + inner
+    x1_in = tl.load(x_first, mask=mask, other=0.0)
+    x2_in = tl.load(x_first + HALF, mask=mask, other=0.0)
     x1, x2 = x1_in.to(c1.dtype), x2_in.to(c1.dtype)
-    tl.store(Y + offsets, (x1 * c1[None, :] - x2 * s1[None, :]).to(x1_in.dtype), mask=mask)
-    tl.store(Y + offsets + HALF, (x2 * c2[None, :] + x1 * s2[None, :]).to(x1_in.dtype), mask=mask)
+    tl.store(y_first, (x1 * c1[:, None, :] - x2 * s1[:, None, :]).to(x1_in.dtype), mask=mask)
+    tl.store(y_first + HALF, (x2 * c2[:, None, :] + x1 * s2[:, None, :]).to(x1_in.dtype), mask=mask)
 
 
 @triton.jit
 def _rope_kernel(
-    Q, QY, q_sb, q_ss, q_sh, K, KY, k_sb, k_ss, k_sh, COS, SIN, c_sb, c_ss, seq_len,
+    Q, QY, q_sb, q_ss, q_sh, K, KY, k_sb, k_ss, k_sh, COS, SIN, c_sb, c_ss, seq_len, n_tokens,
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr, HALF: tl.constexpr, N_PAIRS: tl.constexpr,
     BACKWARD: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_P: tl.constexpr,
-    ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, ACC: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64)
+    token = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = token // seq_len
-    s = token % seq_len
+    s = token - b * seq_len
     cols = tl.arange(0, BLOCK_P)
-    pmask = cols < N_PAIRS
-    trig = b * c_sb + s * c_ss + cols
-    c1 = tl.load(COS + trig, mask=pmask, other=1.0).to(ACC)
-    c2 = tl.load(COS + trig + HALF, mask=pmask, other=1.0).to(ACC)
-    s1 = tl.load(SIN + trig, mask=pmask, other=0.0).to(ACC)
-    s2 = tl.load(SIN + trig + HALF, mask=pmask, other=0.0).to(ACC)
+    pmask = (token < n_tokens)[:, None] & (cols < N_PAIRS)[None, :]
+    trig = b * c_sb + s * c_ss
+    cos_first = (COS + trig)[:, None] + cols[None, :]
+    sin_first = (SIN + trig)[:, None] + cols[None, :]
+    c1 = tl.load(cos_first, mask=pmask, other=1.0).to(ACC)
+    c2 = tl.load(cos_first + HALF, mask=pmask, other=1.0).to(ACC)
+    s1 = tl.load(sin_first, mask=pmask, other=0.0).to(ACC)
+    s2 = tl.load(sin_first + HALF, mask=pmask, other=0.0).to(ACC)
     if BACKWARD:
         # The transpose of [[c1, -s1], [s2, c2]] is [[c1, s2], [-s1, c2]]: the forward with
         # (s1, s2) replaced by (-s2, -s1).
         s_first = -s2
         s2 = -s1
         s1 = s_first
-    _rotate_heads(Q, QY, q_sb, q_ss, q_sh, b, s, cols, pmask, c1, c2, s1, s2,
+    _rotate_heads(Q, QY, b * q_sb + s * q_ss, q_sh, cols, pmask, c1, c2, s1, s2,
                   N_HEADS=N_Q_HEADS, HALF=HALF, BLOCK_H=BLOCK_QH)
     if N_K_HEADS > 0:
-        _rotate_heads(K, KY, k_sb, k_ss, k_sh, b, s, cols, pmask, c1, c2, s1, s2,
+        _rotate_heads(K, KY, b * k_sb + s * k_ss, k_sh, cols, pmask, c1, c2, s1, s2,
                       N_HEADS=N_K_HEADS, HALF=HALF, BLOCK_H=BLOCK_KH)
+
+
+#: Launch settings that benchmarks/kernel_sweep.py varies on a GPU: tokens per program, and warps
+#: (``None``: by tile size). Module-level so a sweep can set them without a second kernel.
+TOKENS_PER_PROGRAM = 1
+NUM_WARPS = None
 
 
 def _batched(trig: torch.Tensor) -> torch.Tensor:
@@ -110,8 +121,8 @@ def _token_major(x: torch.Tensor, unsqueeze_dim: int) -> tuple[int, int, int, in
 
 def _launch(q: torch.Tensor, q_out: torch.Tensor, k: torch.Tensor | None, k_out: torch.Tensor | None,
             cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int, half: int, pairs: int, backward: bool) -> None:
-    """Write ``q`` (and ``k``) rotated into ``q_out`` (``k_out``) in one launch: one program per token
-    rotates all heads of q and of k with cos/sin loaded once. An output has its input's strides (it
+    """Write ``q`` (and ``k``) rotated into ``q_out`` (``k_out``) in one launch: one program per
+    ``TOKENS_PER_PROGRAM`` tokens rotates all their heads of q and of k with cos/sin loaded once. An output has its input's strides (it
     may be the input) and a unit stride over head_dim. Only the rotated dims are written."""
     b, s, q_heads, q_strides = _token_major(q, unsqueeze_dim)
     if cos.shape != sin.shape or cos.shape[-2] != s or cos.shape[0] not in (1, b):
@@ -126,13 +137,15 @@ def _launch(q: torch.Tensor, q_out: torch.Tensor, k: torch.Tensor | None, k_out:
         k, k_out, k_heads, k_strides = q, q_out, 0, (0, 0, 0)
     block_p = triton.next_power_of_2(max(pairs, 1))
     block_qh, block_kh = triton.next_power_of_2(q_heads), triton.next_power_of_2(max(k_heads, 1))
-    _rope_kernel[(b * s,)](
+    block_t = TOKENS_PER_PROGRAM
+    tile = block_t * (block_qh + block_kh) * block_p
+    _rope_kernel[(triton.cdiv(b * s, block_t),)](
         q, q_out, *q_strides, k, k_out, *k_strides,
-        cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), s,
+        cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), s, b * s,
         N_Q_HEADS=q_heads, N_K_HEADS=k_heads, HALF=half, N_PAIRS=pairs, BACKWARD=backward,
-        BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_P=block_p,
+        BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_P=block_p, BLOCK_T=block_t,
         ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-        num_warps=8 if (block_qh + block_kh) * block_p >= 4096 else 4,
+        num_warps=NUM_WARPS or (8 if tile >= 4096 else 4),
     )
 
 

@@ -68,6 +68,20 @@ def test_llama_layout_matches_reference_with_packed_positions(dtype):
     torch.testing.assert_close(q_out[:1, :, 3:7], q_fresh, **tol)
 
 
+@pytest.mark.parametrize("tokens_per_program", [2, 4])
+@pytest.mark.parametrize("unsqueeze_dim", [1, 2])
+def test_several_tokens_per_program_with_a_partial_last_program(monkeypatch, tokens_per_program, unsqueeze_dim):
+    """2 × 7 tokens: the last program's tile runs past the end, and the mask must hold it there."""
+    import vramplan_kernels.rope as rope_module
+
+    monkeypatch.setattr(rope_module, "TOKENS_PER_PROGRAM", tokens_per_program)
+    cos, sin = _llama_trig(16, PACKED, torch.float64)
+    shape = (lambda h: (2, h, 7, 16)) if unsqueeze_dim == 1 else (lambda h: (2, 7, h, 16))
+    q, k = _qk(shape(3), shape(1), torch.float64, seed=5)
+    _assert_all_close(_run(q, k, cos, sin, "triton", unsqueeze_dim=unsqueeze_dim),
+                      _run(q, k, cos, sin, "reference", unsqueeze_dim=unsqueeze_dim), rtol=1e-12, atol=1e-12)
+
+
 def test_gemma4_layout_both_layer_types_and_proportional_partial_rotary():
     config, rotary = _gemma4_rotary()
     for layer_type, head_dim in (("sliding_attention", 16), ("full_attention", 32)):

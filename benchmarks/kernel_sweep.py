@@ -1,0 +1,73 @@
+"""Launch-setting sweeps of the small memory-bound kernels, timed in CUDA graphs on a GPU.
+
+RMSNorm and RoPE do 0.01-0.2 ms of work per call, so which tile a program takes and how many
+warps run it decide whether they beat Liger or torch.compile. This script times each setting
+against those in one process (``triton.testing.do_bench_cudagraph``, the GPU's work only) and
+prints one JSON line per setting; the winners become the kernels' defaults.
+
+    python -m benchmarks.kernel_sweep [--only rope|rmsnorm] > sweep.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import json
+
+import torch
+
+from benchmarks.harness import graph_median_ms
+from benchmarks.kernel_cases import rmsnorm as rmsnorm_cases
+from benchmarks.kernel_cases import rope as rope_cases
+import vramplan_kernels.rmsnorm as rmsnorm_module
+import vramplan_kernels.rope as rope_module
+
+
+def _others(case) -> dict[str, float]:
+    return {name: graph_median_ms(fn) for name, fn in case.variants.items() if name not in ("vramplan", "torch")}
+
+
+def _line(case, setting: dict, ms: float, others: dict[str, float]) -> str:
+    best = min(others.values()) if others else None
+    return json.dumps({"op": case.op, "shape": case.shape, **setting, "ms": round(ms, 5),
+                       "others_ms": {k: round(v, 5) for k, v in others.items()},
+                       "vs_best_other": round(best / ms, 3) if best else None})
+
+
+def sweep_rope() -> None:
+    for case in rope_cases.cases("cuda"):
+        others = _others(case)
+        for tokens, warps in itertools.product((1, 2, 4), (None, 2, 4, 8)):
+            rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS = tokens, warps
+            print(_line(case, {"tokens_per_program": tokens, "num_warps": warps},
+                        graph_median_ms(case.variants["vramplan"]), others), flush=True)
+    rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS = 1, None
+
+
+def sweep_rmsnorm() -> None:
+    for case in rmsnorm_cases.cases("cuda"):
+        others = _others(case)
+        settings = [(rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS)]
+        if case.extra.get("dw"):
+            settings = list(itertools.product((2, 4, 8, 16), (2048, 4096, 8192)))
+        for programs, tile in settings:
+            rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS = programs, tile
+            print(_line(case, {"dw_programs_per_sm": programs, "dw_tile_elements": tile},
+                        graph_median_ms(case.variants["vramplan"]), others), flush=True)
+    rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS = 4, 4096
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--only", choices=("rope", "rmsnorm"))
+    args = parser.parse_args()
+    if not torch.cuda.is_available():
+        raise SystemExit("kernel_sweep: needs a CUDA GPU (it times launch settings)")
+    if args.only in (None, "rope"):
+        sweep_rope()
+    if args.only in (None, "rmsnorm"):
+        sweep_rmsnorm()
+
+
+if __name__ == "__main__":
+    main()
