@@ -37,24 +37,25 @@ def _line(case, setting: dict, ms: float, others: dict[str, float]) -> str:
 def sweep_rope() -> None:
     for case in rope_cases.cases("cuda"):
         others = _others(case)
-        for tokens, warps in itertools.product((1, 2, 4), (None, 2, 4, 8)):
+        for tokens, warps in itertools.product((None, 1, 2, 4), (None, 2, 4, 8)):
             rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS = tokens, warps
             print(_line(case, {"tokens_per_program": tokens, "num_warps": warps},
                         graph_median_ms(case.variants["vramplan"]), others), flush=True)
-    rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS = 1, None
+    rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS = None, None
 
 
 def sweep_rmsnorm() -> None:
+    defaults = rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS
     for case in rmsnorm_cases.cases("cuda"):
         others = _others(case)
-        settings = [(rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS)]
+        settings = [defaults]
         if case.extra.get("dw"):
             settings = list(itertools.product((2, 4, 8, 16), (2048, 4096, 8192)))
         for programs, tile in settings:
             rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS = programs, tile
             print(_line(case, {"dw_programs_per_sm": programs, "dw_tile_elements": tile},
                         graph_median_ms(case.variants["vramplan"]), others), flush=True)
-    rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS = 4, 4096
+    rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS = defaults
 
 
 def main() -> None:

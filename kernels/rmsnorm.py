@@ -36,9 +36,11 @@ _MAX_FUSED_BYTES = 65536
 # Chosen on an H100 among 4-16 programs per SM, tiles of 2048-8192 elements and a loop that
 # prefetches the next tile (benchmarks/results/kernels-tuned.md, one run, noisy at these sub-ms
 # sizes): Gemma's q_norm (65536 rows of 256) went from 0.60 to 0.34 ms forward+backward with
-# 16-row tiles whose dW is summed over rows once, after the loop.
+# 16-row tiles whose dW is summed over rows once, after the loop. Swept again in CUDA graphs on an
+# H200 (benchmarks/results/session8/sweep.jsonl: 2-16 programs per SM × 2,048-8,192-element tiles):
+# 4 × 2,048 was fastest on all four shapes, Gemma-4-E2B's 1,536-wide rows 0.061 -> 0.052 ms.
 _DW_PROGRAMS_PER_SM = 4
-_DW_TILE_ELEMENTS = 4096
+_DW_TILE_ELEMENTS = 2048
 
 
 @triton.jit

@@ -61,7 +61,7 @@ def _rope_kernel(
     Q, QY, q_sb, q_ss, q_sh, K, KY, k_sb, k_ss, k_sh, COS, SIN, c_sb, c_ss, seq_len, n_tokens,
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr, HALF: tl.constexpr, N_PAIRS: tl.constexpr,
     BACKWARD: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_T: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, SAME_HALVES: tl.constexpr, ACC: tl.constexpr,
 ):
     token = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = token // seq_len
@@ -72,9 +72,13 @@ def _rope_kernel(
     cos_first = (COS + trig)[:, None] + cols[None, :]
     sin_first = (SIN + trig)[:, None] + cols[None, :]
     c1 = tl.load(cos_first, mask=pmask, other=1.0).to(ACC)
-    c2 = tl.load(cos_first + HALF, mask=pmask, other=1.0).to(ACC)
     s1 = tl.load(sin_first, mask=pmask, other=0.0).to(ACC)
-    s2 = tl.load(sin_first + HALF, mask=pmask, other=0.0).to(ACC)
+    if SAME_HALVES:  # cos/sin = cat(f, f): the second half is the first, not read again
+        c2 = c1
+        s2 = s1
+    else:
+        c2 = tl.load(cos_first + HALF, mask=pmask, other=1.0).to(ACC)
+        s2 = tl.load(sin_first + HALF, mask=pmask, other=0.0).to(ACC)
     if BACKWARD:
         # The transpose of [[c1, -s1], [s2, c2]] is [[c1, s2], [-s1, c2]]: the forward with
         # (s1, s2) replaced by (-s2, -s1).
@@ -88,10 +92,20 @@ def _rope_kernel(
                       N_HEADS=N_K_HEADS, HALF=HALF, BLOCK_H=BLOCK_KH)
 
 
-#: Launch settings that benchmarks/kernel_sweep.py varies on a GPU: tokens per program, and warps
-#: (``None``: by tile size). Module-level so a sweep can set them without a second kernel.
-TOKENS_PER_PROGRAM = 1
+#: Launch settings, overridable for benchmarks/kernel_sweep.py (``None``: :func:`_launch_settings`).
+TOKENS_PER_PROGRAM = None
 NUM_WARPS = None
+
+
+def _launch_settings(token_elements: int) -> tuple[int, int]:
+    """(tokens per program, warps) for a token whose heads' rotated halves hold ``token_elements``.
+
+    Swept on an H200 in CUDA graphs (benchmarks/results/session8/sweep.jsonl): Gemma 4's few KV
+    heads (576-1,280 elements a token) ran 17-21% faster as 4 tokens on 2 warps than 1 token on 4;
+    Llama-3.1-8B's 40 heads (2,560) ran best as they were, one token a program."""
+    if token_elements <= 2048:
+        return 4, 2
+    return 1, 8 if token_elements >= 4096 else 4
 
 
 def _batched(trig: torch.Tensor) -> torch.Tensor:
@@ -120,7 +134,8 @@ def _token_major(x: torch.Tensor, unsqueeze_dim: int) -> tuple[int, int, int, in
 
 
 def _launch(q: torch.Tensor, q_out: torch.Tensor, k: torch.Tensor | None, k_out: torch.Tensor | None,
-            cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int, half: int, pairs: int, backward: bool) -> None:
+            cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int, half: int, pairs: int, backward: bool,
+            same_halves: bool = False) -> None:
     """Write ``q`` (and ``k``) rotated into ``q_out`` (``k_out``) in one launch: one program per
     ``TOKENS_PER_PROGRAM`` tokens rotates all their heads of q and of k with cos/sin loaded once. An output has its input's strides (it
     may be the input) and a unit stride over head_dim. Only the rotated dims are written."""
@@ -137,15 +152,14 @@ def _launch(q: torch.Tensor, q_out: torch.Tensor, k: torch.Tensor | None, k_out:
         k, k_out, k_heads, k_strides = q, q_out, 0, (0, 0, 0)
     block_p = triton.next_power_of_2(max(pairs, 1))
     block_qh, block_kh = triton.next_power_of_2(q_heads), triton.next_power_of_2(max(k_heads, 1))
-    block_t = TOKENS_PER_PROGRAM
-    tile = block_t * (block_qh + block_kh) * block_p
+    block_t, num_warps = _launch_settings((block_qh + (block_kh if k_heads else 0)) * block_p)
+    block_t, num_warps = TOKENS_PER_PROGRAM or block_t, NUM_WARPS or num_warps
     _rope_kernel[(triton.cdiv(b * s, block_t),)](
         q, q_out, *q_strides, k, k_out, *k_strides,
         cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), s, b * s,
         N_Q_HEADS=q_heads, N_K_HEADS=k_heads, HALF=half, N_PAIRS=pairs, BACKWARD=backward,
-        BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_P=block_p, BLOCK_T=block_t,
-        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32,
-        num_warps=NUM_WARPS or (8 if tile >= 4096 else 4),
+        BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_P=block_p, BLOCK_T=block_t, SAME_HALVES=same_halves,
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, num_warps=num_warps,
     )
 
 
@@ -185,7 +199,7 @@ class RopeFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, q, k, cos, sin, unsqueeze_dim, half, pairs, q_inplace, k_inplace):
+    def forward(ctx, q, k, cos, sin, unsqueeze_dim, half, pairs, q_inplace, k_inplace, same_halves=False):
         cos, sin = _batched(cos), _batched(sin)
         q_src, q_out = _source_and_output(q, q_inplace, pairs)
         k_src, k_out = _source_and_output(k, k_inplace, pairs) if k is not None else (None, None)
@@ -194,9 +208,9 @@ class RopeFunction(torch.autograd.Function):
         elif q_inplace or k_inplace:
             ctx.mark_dirty(q if q_inplace else k)
         if pairs:
-            _launch(q_src, q_out, k_src, k_out, cos, sin, unsqueeze_dim, half, pairs, False)
+            _launch(q_src, q_out, k_src, k_out, cos, sin, unsqueeze_dim, half, pairs, False, same_halves)
         ctx.save_for_backward(cos, sin)
-        ctx.unsqueeze_dim, ctx.half, ctx.pairs = unsqueeze_dim, half, pairs
+        ctx.unsqueeze_dim, ctx.half, ctx.pairs, ctx.same_halves = unsqueeze_dim, half, pairs, same_halves
         return (q_out, k_out) if k is not None else q_out
 
     @staticmethod
@@ -205,8 +219,8 @@ class RopeFunction(torch.autograd.Function):
         dq, dk = _writable(dq), _writable(dk)
         if ctx.pairs and (dq is not None or dk is not None):
             first, second = (dq, dk) if dq is not None else (dk, None)
-            _launch(first, first, second, second, cos, sin, ctx.unsqueeze_dim, ctx.half, ctx.pairs, True)
-        return dq, dk, None, None, None, None, None, None, None
+            _launch(first, first, second, second, cos, sin, ctx.unsqueeze_dim, ctx.half, ctx.pairs, True, ctx.same_halves)
+        return dq, dk, None, None, None, None, None, None, None, None
 
 
 def rotate_half(x: torch.Tensor) -> torch.Tensor:
@@ -255,25 +269,28 @@ def rope_applies(x: torch.Tensor, cos: torch.Tensor, unsqueeze_dim: int) -> bool
 
 def apply_rope_one(
     x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int = 1, rotated_pairs: int | None = None,
+    same_halves: bool = False,
 ) -> torch.Tensor:
     """Rotate one tensor: the signature of Gemma 4's ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim)``,
     which rotates q and k in separate calls (its shared-KV layers rotate only q). Use the returned
     tensor: the Triton path rotates in place where that is free (see RopeFunction).
 
     ``unsqueeze_dim`` means what it means in transformers: 1 for [batch, heads, seq, head_dim],
-    2 for [batch, seq, heads, head_dim].
+    2 for [batch, seq, heads, head_dim]. ``same_halves`` promises cos/sin = ``cat(f, f)`` over their
+    last dimension, as every transformers rotary embedding builds them (``torch.cat((freqs, freqs))``):
+    the kernel then reads half of them, 5% of the traffic on Gemma 4's sliding layers.
     """
     if unsqueeze_dim not in (1, 2) or x.dim() != 4:
         raise ValueError("rope: q and k must be 4-D and unsqueeze_dim 1 (b,h,s,d) or 2 (b,s,h,d)")
     half, pairs = _layout(x, cos, rotated_pairs)
     if use_triton(x) and x.stride(-1) == 1:
-        return RopeFunction.apply(x, None, cos, sin, unsqueeze_dim, half, pairs, _in_place(x), False)
+        return RopeFunction.apply(x, None, cos, sin, unsqueeze_dim, half, pairs, _in_place(x), False, same_halves)
     return rope_reference_one(x, cos, sin, unsqueeze_dim)
 
 
 def apply_rope(
     q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-    unsqueeze_dim: int = 1, rotated_pairs: int | None = None,
+    unsqueeze_dim: int = 1, rotated_pairs: int | None = None, same_halves: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rotate q and k in one launch: the arguments of Llama's ``apply_rotary_pos_emb`` (see ``apply_rope_one``)."""
     if unsqueeze_dim not in (1, 2) or q.dim() != 4 or k.dim() != 4:
@@ -282,5 +299,5 @@ def apply_rope(
     if k.shape[-1] != q.shape[-1]:
         raise ValueError(f"rope: q head_dim {q.shape[-1]} and k head_dim {k.shape[-1]} differ")
     if use_triton(q) and q.stride(-1) == 1 and k.stride(-1) == 1:
-        return RopeFunction.apply(q, k, cos, sin, unsqueeze_dim, half, pairs, _in_place(q), _in_place(k))
+        return RopeFunction.apply(q, k, cos, sin, unsqueeze_dim, half, pairs, _in_place(q), _in_place(k), same_halves)
     return rope_reference_one(q, cos, sin, unsqueeze_dim), rope_reference_one(k, cos, sin, unsqueeze_dim)

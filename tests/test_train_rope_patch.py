@@ -39,7 +39,7 @@ def test_patched_rope_keeps_logits_and_grads_with_checkpointing(config, monkeypa
     calls = []
     for name in ("apply_rope", "apply_rope_one"):
         real = getattr(ops, name)
-        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(_name) or _real(*a, **k))
+        monkeypatch.setattr(ops, name, lambda *a, _real=real, _name=name, **k: calls.append(k["same_halves"]) or _real(*a, **k))
     enable_checkpointing(model)
     got_logits, got_grads = _logits_and_grads(model, ids, "triton")
 
@@ -47,6 +47,7 @@ def test_patched_rope_keeps_logits_and_grads_with_checkpointing(config, monkeypa
     # forward + recompute per layer; Gemma 4 rotates q and k in separate calls, its shared-KV layers only q
     shared = config.get("num_kv_shared_layers", 0)
     assert len(calls) == 2 * (layers if "gemma" not in config["model_type"] else 2 * layers - shared)
+    assert all(calls)  # the model's rotary embedding builds cat(f, f): the kernel reads one half of cos/sin
     torch.testing.assert_close(got_logits, want_logits, rtol=1e-12, atol=1e-12)
     assert got_grads.keys() == want_grads.keys() and len(got_grads) > 0
     for name, grad in want_grads.items():

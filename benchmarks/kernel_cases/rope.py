@@ -5,6 +5,9 @@ transposed views of the projections, Gemma 4's are [batch, seq, heads, head_dim]
 Gemma 4's full-attention layers (head_dim 512) turn only a quarter of the pairs (proportional
 RoPE, partial_rotary_factor 0.25); vramplan skips the rest, the other variants rotate them by 0.
 
+cos/sin are ``cat(f, f)`` as transformers builds them, so vramplan reads half of them
+(``same_halves``, as the trainer's patch does; Liger always does).
+
 The in-place kernel needs fresh non-leaf q and k each step, so every variant starts from a copy of
 the projections' output (the copy is timed for all variants and counted in ``bytes_moved``).
 """
@@ -62,7 +65,7 @@ def cases(device: str, tokens: int = TOKENS, layers=LAYERS, compile_backend: str
 
         def ours(u=unsqueeze_dim, p=pairs, cos=cos, sin=sin, fresh=fresh):
             with kernel_mode("triton"):
-                return apply_rope(*fresh(), cos, sin, unsqueeze_dim=u, rotated_pairs=p)
+                return apply_rope(*fresh(), cos, sin, unsqueeze_dim=u, rotated_pairs=p, same_halves=True)
 
         def reference(u=unsqueeze_dim, cos=cos, sin=sin, fresh=fresh, fn=rope_reference):
             return fn(*fresh(), cos, sin, u)

@@ -36,12 +36,13 @@ def _qk(shape_q, shape_k, dtype, seed=0):
     return torch.randn(shape_q, generator=gen, dtype=dtype), torch.randn(shape_k, generator=gen, dtype=dtype)
 
 
-def _run(q0, k0, cos, sin, mode, unsqueeze_dim=1, rotated_pairs=None):
+def _run(q0, k0, cos, sin, mode, unsqueeze_dim=1, rotated_pairs=None, same_halves=False):
     """Forward and backward; q and k are non-leaf (the kernel writes into them)."""
     q_leaf, k_leaf = q0.clone().requires_grad_(), k0.clone().requires_grad_()
     q, k = q_leaf * 1, k_leaf * 1
     with kernel_mode(mode):
-        q_out, k_out = apply_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, rotated_pairs=rotated_pairs)
+        q_out, k_out = apply_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, rotated_pairs=rotated_pairs,
+                                  same_halves=same_halves)
     gen = torch.Generator().manual_seed(7)
     dq, dk = torch.randn(q_out.shape, generator=gen).to(q0.dtype), torch.randn(k_out.shape, generator=gen).to(k0.dtype)
     torch.autograd.backward([q_out, k_out], [dq, dk])
@@ -78,8 +79,22 @@ def test_several_tokens_per_program_with_a_partial_last_program(monkeypatch, tok
     cos, sin = _llama_trig(16, PACKED, torch.float64)
     shape = (lambda h: (2, h, 7, 16)) if unsqueeze_dim == 1 else (lambda h: (2, 7, h, 16))
     q, k = _qk(shape(3), shape(1), torch.float64, seed=5)
-    _assert_all_close(_run(q, k, cos, sin, "triton", unsqueeze_dim=unsqueeze_dim),
-                      _run(q, k, cos, sin, "reference", unsqueeze_dim=unsqueeze_dim), rtol=1e-12, atol=1e-12)
+    want = _run(q, k, cos, sin, "reference", unsqueeze_dim=unsqueeze_dim)
+    _assert_all_close(_run(q, k, cos, sin, "triton", unsqueeze_dim=unsqueeze_dim), want, rtol=1e-12, atol=1e-12)
+    # Llama's cos/sin are cat(f, f): reading one half gives the same rotation.
+    _assert_all_close(_run(q, k, cos, sin, "triton", unsqueeze_dim=unsqueeze_dim, same_halves=True), want,
+                      rtol=1e-12, atol=1e-12)
+
+
+def test_same_halves_reads_only_the_first_half_of_cos_and_sin():
+    """Halves that differ expose it: the kernel rotates both halves by the first half's angles."""
+    cos, sin = _llama_trig(16, PACKED, torch.float64)
+    half = cos.shape[-1] // 2
+    skewed_cos, skewed_sin = cos.clone(), sin.clone()
+    skewed_cos[..., half:], skewed_sin[..., half:] = 0.5, -0.25  # never read with same_halves
+    q, k = _qk((2, 3, 7, 16), (2, 1, 7, 16), torch.float64, seed=9)
+    _assert_all_close(_run(q, k, skewed_cos, skewed_sin, "triton", same_halves=True),
+                      _run(q, k, cos, sin, "reference"), rtol=1e-12, atol=1e-12)
 
 
 def test_gemma4_layout_both_layer_types_and_proportional_partial_rotary():

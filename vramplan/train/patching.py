@@ -14,6 +14,7 @@ tests/test_train_gemma4.py compare cached and uncached logits).
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 import torch
@@ -35,28 +36,41 @@ KERNEL_PATCHES: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
 ]
 
 
-def rope_pair(original: Callable) -> Callable:
+#: How a transformers rotary embedding builds cos/sin from the angles: both halves the same, so the
+#: kernel may read one (``same_halves``). Looked for in the modeling module's source, once, at patch time.
+_DUPLICATED_HALVES_SOURCE = "torch.cat((freqs, freqs), dim=-1)"
+
+
+def builds_duplicated_halves(module) -> bool:
+    """Whether a modeling module's rotary embedding returns cos/sin as ``cat(f, f)``."""
+    try:
+        return _DUPLICATED_HALVES_SOURCE in inspect.getsource(module)
+    except (OSError, TypeError):
+        return False
+
+
+def rope_pair(original: Callable, same_halves: bool = False) -> Callable:
     """``apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1)`` (Llama, Mistral, Qwen, Gemma 3) as one
     Triton launch each way instead of ~14 ops (rotate_half's slices, neg, cat, two multiplies and an
     add per tensor); the original where the kernel does not run (CPU tensors, other layouts)."""
 
     def apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=1):
         if ops.rope_applies(q, cos, unsqueeze_dim) and k.dim() == 4 and k.stride(-1) == 1 and k.shape[-1] == q.shape[-1]:
-            return ops.apply_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
+            return ops.apply_rope(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim, same_halves=same_halves)
         return original(q, k, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
     apply_rotary_pos_emb.vramplan_original = original
     return apply_rotary_pos_emb
 
 
-def rope_single(original: Callable) -> Callable:
+def rope_single(original: Callable, same_halves: bool = False) -> Callable:
     """Gemma 4's ``apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1)``, one tensor per call (its
     shared-KV layers rotate only q). Its full-attention layers' proportional RoPE has cos 1 and
     sin 0 beyond the rotated pairs, which the kernel computes exactly (x·1 − y·0 = x)."""
 
     def apply_rotary_pos_emb(x, cos, sin, unsqueeze_dim=1):
         if ops.rope_applies(x, cos, unsqueeze_dim):
-            return ops.apply_rope_one(x, cos, sin, unsqueeze_dim=unsqueeze_dim)
+            return ops.apply_rope_one(x, cos, sin, unsqueeze_dim=unsqueeze_dim, same_halves=same_halves)
         return original(x, cos, sin, unsqueeze_dim=unsqueeze_dim)
 
     apply_rotary_pos_emb.vramplan_original = original
@@ -85,7 +99,7 @@ def patch_rope(model: nn.Module, modules=tuple(ROPE_PATCHES)) -> list[str]:
         module = importlib.import_module(name)
         current = module.apply_rotary_pos_emb
         if not hasattr(current, "vramplan_original"):
-            module.apply_rotary_pos_emb = ROPE_PATCHES[name](current)
+            module.apply_rotary_pos_emb = ROPE_PATCHES[name](current, builds_duplicated_halves(module))
             patched.append(name)
     return patched
 
