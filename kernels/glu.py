@@ -159,21 +159,80 @@ def gated_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor, inplace_backward: b
     return mlp.down_proj(act)
 
 
+def run_in_tiles(run, x: torch.Tensor, tiles: int) -> torch.Tensor:
+    """``run`` (a token-wise function) over ``x``'s tokens in ``tiles`` parts, the results joined."""
+    outs = [run(part) for part in x.reshape(-1, x.shape[-1]).tensor_split(tiles)]
+    return torch.cat(outs).view(*x.shape[:-1], outs[0].shape[-1])
+
+
+class TiledMLPFunction(torch.autograd.Function):
+    """An MLP run over the tokens in tiles, keeping only its input for the backward.
+
+    A gated MLP's intermediates (gate, up, their product: three [tokens, intermediate] tensors, 4-8x
+    the hidden width) are a layer's largest activations, and under checkpointing they set the
+    layer's working set. Here the forward runs each tile without autograd and saves ``x`` alone;
+    the backward runs each tile again with autograd and backpropagates it at once, so one tile's
+    intermediates live at a time (the idea of Unsloth's and Arctic's TiledMLP). The cost is one more
+    forward of the MLP. The trainable parameters' gradients are accumulated into their ``.grad`` by
+    those inner backwards (as reentrant checkpointing does), not returned: the outer backward must
+    be ``backward()``, not ``autograd.grad`` over the parameters, and no reducer may count them
+    (DDP, FSDP): the trainer tiles on one process only.
+    """
+
+    @staticmethod
+    def forward(ctx, x, run, tiles, *params):
+        ctx.run, ctx.tiles = run, tiles
+        ctx.save_for_backward(x)
+        with torch.no_grad():
+            return run_in_tiles(run, x, tiles)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        (x,) = ctx.saved_tensors
+        flat = x.detach().reshape(-1, x.shape[-1])
+        grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
+        grad_x = torch.empty_like(flat)
+        start = 0
+        for part, grad_part in zip(flat.tensor_split(ctx.tiles), grad_flat.tensor_split(ctx.tiles)):
+            end = start + part.shape[0]
+            part = part.requires_grad_()
+            with torch.enable_grad():
+                out = ctx.run(part)
+            torch.autograd.backward(out, grad_part)
+            grad_x[start:end] = part.grad
+            start = end
+        return (grad_x.view_as(x), None, None) + (None,) * (len(ctx.needs_input_grad) - 3)
+
+
 class GatedMLP(torch.nn.Module):
     """Drop-in for an HF gated MLP: the same projection modules (LoRA-wrapped or quantized ones
-    included, under the same names), with the fused activation between them."""
+    included, under the same names), with the fused activation between them. ``tiles`` > 1 runs it
+    over the tokens in that many tiles (:class:`TiledMLPFunction` where autograd records it)."""
 
-    def __init__(self, gate_proj: torch.nn.Module, up_proj: torch.nn.Module, down_proj: torch.nn.Module, kind: str):
+    def __init__(self, gate_proj: torch.nn.Module, up_proj: torch.nn.Module, down_proj: torch.nn.Module, kind: str,
+                 tiles: int = 1):
         super().__init__()
         if kind not in _KINDS:
             raise ValueError(f"glu: no fused kernel for activation {kind!r}; choose one of {', '.join(_KINDS)}")
         self.gate_proj, self.up_proj, self.down_proj, self.kind = gate_proj, up_proj, down_proj, kind
+        self.tiles = tiles
 
     @classmethod
     def from_hf(cls, mlp: torch.nn.Module) -> "GatedMLP":
         return cls(mlp.gate_proj, mlp.up_proj, mlp.down_proj, hf_activation(mlp))
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def _run(self, x: torch.Tensor) -> torch.Tensor:
         act = gated_mlp_act(self.kind, self.gate_proj(x), self.up_proj(x), inplace_backward=True)
         return self.down_proj(act)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.tiles <= 1:
+            return self._run(x)
+        params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
+        if params or (torch.is_grad_enabled() and x.requires_grad):
+            return TiledMLPFunction.apply(x, self._run, self.tiles, *params)
+        return run_in_tiles(self._run, x, self.tiles)  # no autograd (checkpointing's first forward): tiles too
+
+    def extra_repr(self) -> str:
+        return f"kind={self.kind}" + (f", tiles={self.tiles}" if self.tiles > 1 else "")
 

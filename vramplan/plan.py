@@ -52,7 +52,7 @@ _CHOICES = {
     "head_quant": HEAD_QUANTS,
 }
 
-_POSITIVE_INTS = ("lora_rank", "seq_len", "micro_batch", "grad_accum", "gpus", "loss_chunk_mb")
+_POSITIVE_INTS = ("lora_rank", "seq_len", "micro_batch", "grad_accum", "gpus", "loss_chunk_mb", "mlp_tiles")
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,7 @@ class Plan:
     loss_chunk_mb: int = 128  # the chunked loss's logits buffer (one chunk of tokens x vocab); measurements before it existed ran 256
     cuda_graphs: bool = True  # replay each micro-batch's forward and backward as one CUDA graph where it can (captures_steps)
     flat_optimizer: bool = False  # 8-bit AdamW steps all adapters as one flat tensor (steps_flat): fewer host ops, ~0.3 GB more
+    mlp_tiles: int = 1  # >1: each gated MLP runs over the tokens in this many tiles, one tile's intermediates alive at a time
 
     def __post_init__(self) -> None:
         for name, allowed in _CHOICES.items():
@@ -118,6 +119,10 @@ class Plan:
                                 "set head_quant to bf16 or parallel to ddp")
         if not self.lora_targets:
             raise VramplanError("plan field 'lora_targets' is empty; name at least one module, e.g. q_proj")
+        if self.mlp_tiles > 1 and (self.stack != "vramplan" or self.parallel != "none"):
+            raise VramplanError(f"plan field 'mlp_tiles' is {self.mlp_tiles}: tiled MLPs run on vramplan's trainer on one "
+                                "process only (their inner backwards would reach DDP's and FSDP's reducers once per tile); "
+                                "set mlp_tiles to 1")
         experts = [t for t in self.lora_targets if t in EXPERT_TARGETS]
         if experts and self.quant != "nf4":
             raise VramplanError(f"plan targets the routed experts ({', '.join(experts)}) with quant {self.quant}: vramplan "
@@ -212,7 +217,7 @@ class Plan:
                 if data[name] == _DEFAULTS[name]:
                     del data[name]
         for name, default in (("head_quant", "bf16"), ("loss_chunk_mb", 128), ("cuda_graphs", True),
-                              ("flat_optimizer", False)):  # files as before these fields
+                              ("flat_optimizer", False), ("mlp_tiles", 1)):  # files as before these fields
             if data[name] == default:
                 del data[name]
         return data

@@ -362,6 +362,11 @@ def matmul_kernels(arch: Architecture, plan: Plan) -> float:
         plain = len(layer.linears) - adapted - layer_input
         forward, recompute, backward = MATMULS_PER_LORA_LINEAR
         kernels += adapted * (forward + backward + recompute * recomputes) + plain * (2 + recomputes) + layer_input * 2
+    if plan.mlp_tiles > 1:  # each tile launches the MLP's matmuls, and the backward runs the tiles' forward again
+        forward, recompute, backward = MATMULS_PER_LORA_LINEAR
+        tiles = plan.mlp_tiles
+        kernels += 3 * len(_tiled_mlp_layers(arch)) * ((tiles - 1) * (forward + backward + recompute * recomputes)
+                                                       + tiles * forward)
     kernels += 2 * len(arch.extra_linears)
     tokens = plan.micro_batch * plan.seq_len
     head_passes, head_slices = int8_head_walks(arch, plan)
@@ -408,7 +413,8 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
       for unmasked GQA, memory-efficient under the sliding layers' dense mask) multiply the whole
       s×s square and mask it afterwards (keys: s); ``attention_wide``: the same on layers whose heads are
       too wide for flash attention (:data:`FLASH_MAX_HEAD_DIM`), which run a slower kernel;
-    - ``recompute``: under checkpointing, the layers' forward once more (linears, LoRA, attention).
+    - ``recompute``: under checkpointing, the layers' forward once more (linears, LoRA, attention);
+    - ``mlp_tiles``: a tiled MLP (``Plan.mlp_tiles``) runs its dense gated MLPs' forward once more in the backward.
     """
     tokens = plan.micro_batch * plan.seq_len
     linear = sum(lin.params for lin in arch.extra_linears)
@@ -435,7 +441,15 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
     parts.update(attention)
     if _recomputes(plan):
         parts["recompute"] = forward + lora_forward
+    if plan.mlp_tiles > 1:
+        parts["mlp_tiles"] = 2.0 * tokens * sum(3 * arch.hidden_size * layer.mlp_intermediate
+                                                for layer in _tiled_mlp_layers(arch))
     return parts
+
+
+def _tiled_mlp_layers(arch: Architecture) -> list[Layer]:
+    """The layers whose dense gated MLP a tiled plan runs in tiles (routed experts are not tiled)."""
+    return [layer for layer in arch.layers if layer.mlp_intermediate and not layer.experts]
 
 
 def _attention_flops(layer: Layer, plan: Plan, keys: float) -> float:

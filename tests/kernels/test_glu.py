@@ -146,3 +146,66 @@ def test_unknown_activation_is_refused():
     mlp.act_fn = torch.nn.ReLU()
     with pytest.raises(ValueError, match="ReLU"):
         hf_activation(mlp)
+
+
+def _grads_of(mlp_module, x, weights, tiles):
+    """Output, dx and the weights' .grad of one forward+backward of the fused module at ``tiles``."""
+    mlp_module.tiles = tiles
+    for w in weights:
+        w.grad = None
+    x_ = x.clone().requires_grad_()
+    with kernel_mode("triton"):
+        out = mlp_module(x_)
+    (out * torch.linspace(-1, 1, out.numel(), dtype=out.dtype).view_as(out)).sum().backward()
+    return [out.detach(), x_.grad] + [w.grad.clone() for w in weights]
+
+
+@pytest.mark.parametrize("tiles", [2, 3, 7])
+def test_tiled_mlp_gives_the_untiled_outputs_and_gradients(tiles):
+    """5 tokens in 2, 3 or 7 tiles (7 > tokens: empty tiles), trainable gate and down weights, float64;
+    the inner backwards accumulate the weights' gradients exactly as one backward does."""
+    for mlp in _mlps():
+        mlp = mlp.double()
+        mlp.up_proj.weight.requires_grad_(False)  # a frozen projection between trainable ones
+        fused = GatedMLP.from_hf(mlp)
+        weights = [mlp.gate_proj.weight, mlp.down_proj.weight]
+        x = torch.randn(1, 5, 24, dtype=torch.float64)
+        want = _grads_of(fused, x, weights, 1)
+        got = _grads_of(fused, x, weights, tiles)
+        for g, w in zip(got, want):
+            torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)
+        assert "tiles=" in repr(fused)
+
+
+def test_tiled_mlp_with_frozen_weights_and_without_autograd():
+    mlp = _mlps()[0].double().requires_grad_(False)
+    fused = GatedMLP.from_hf(mlp)
+    x = torch.randn(2, 3, 24, dtype=torch.float64)
+    want = _grads_of(fused, x, [], 1)
+    torch.testing.assert_close(_grads_of(fused, x, [], 4), want, rtol=1e-12, atol=1e-12)  # only dx flows
+    fused.tiles = 4
+    with torch.no_grad(), kernel_mode("triton"):
+        torch.testing.assert_close(fused(x), want[0], rtol=1e-12, atol=1e-12)
+
+
+def test_tiled_mlp_inside_a_checkpointed_block():
+    """The trainer checkpoints each decoder layer: its recompute reruns the tiled forward, and the
+    tiled backward's inner backwards run inside checkpoint's backward."""
+    from torch.utils.checkpoint import checkpoint
+
+    mlp = _mlps()[1].double()
+    fused = GatedMLP.from_hf(mlp)
+    weights = [p for p in mlp.parameters()]
+    x = torch.randn(1, 6, 24, dtype=torch.float64)
+    results = []
+    for tiles in (1, 3):
+        fused.tiles = tiles
+        for w in weights:
+            w.grad = None
+        x_ = x.clone().requires_grad_()
+        with kernel_mode("triton"):  # the recompute runs in the backward: the same kernels there
+            out = checkpoint(lambda t: fused(t) + t, x_, use_reentrant=False)
+            out.square().sum().backward()
+        results.append([out.detach(), x_.grad] + [w.grad.clone() for w in weights])
+    for g, w in zip(results[1], results[0]):
+        torch.testing.assert_close(g, w, rtol=1e-12, atol=1e-12)

@@ -51,16 +51,21 @@ def mlp_saved_bytes_per_token(layer, hidden: int, act_bytes: int, *, fused_glu: 
     logits; Gemma 4's per-layer input path (gate, activation, product, projection, norm).
     """
     a, h = act_bytes, hidden
-    total = h * a
+    total = h * a + gated_mlp_intermediate_bytes_per_token(layer, a, fused_glu=fused_glu)
     if four_norms:
         total += h * a  # the post-feedforward norm's input
-    if layer.mlp_intermediate:
-        total += (3 if fused_glu else 4) * layer.mlp_intermediate * a
     if layer.experts:
         total += layer.top_k * (h + 4 * layer.expert_intermediate) * a + layer.experts * 4
     if layer.per_layer_input:
         total += (3 * layer.per_layer_input + 2 * h) * a
     return total
+
+
+def gated_mlp_intermediate_bytes_per_token(layer, act_bytes: int, *, fused_glu: bool = False) -> int:
+    """What a dense gated MLP saves per token between its projections: gate, up, the activation and
+    their product (a fused GLU kernel recomputes the activation: three). A tiled MLP holds these for
+    one tile at a time (``ActivationRecipe.mlp_tiles``)."""
+    return (3 if fused_glu else 4) * layer.mlp_intermediate * act_bytes
 
 
 def mlp_backward_transient_bytes_per_token(layer, act_bytes: int, *, inplace_glu_backward: bool = False) -> int:
@@ -129,6 +134,7 @@ class ActivationRecipe:
     lora_targets: tuple[str, ...] = ()
     lora_inner_bytes: int = 4  # dtype of the r-wide product x·A that B saves
     four_norms: bool = False
+    mlp_tiles: int = 1  # >1: the dense gated MLP runs over the tokens in tiles (kernels/glu.py TiledMLPFunction)
 
 
 def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: ActivationRecipe,
@@ -161,6 +167,12 @@ def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: Act
                                                   four_norms=recipe.four_norms) + lora_mlp)
         scores = attention_scores_bytes(layer, batch, seq, a) if kernel in ("math", "eager") else 0
         mlp_grads = tokens * mlp_backward_transient_bytes_per_token(layer, a, inplace_glu_backward=recipe.inplace_glu_backward)
+        if recipe.mlp_tiles > 1 and layer.mlp_intermediate and not layer.experts:
+            # only the MLP's input (saved whole, the same tensor the norm output is) outlives a tile
+            tiled = tokens * (gated_mlp_intermediate_bytes_per_token(layer, a, fused_glu=recipe.fused_glu) + lora_mlp)
+            tile_tokens = -(-tokens // recipe.mlp_tiles)
+            mlp += tile_tokens * tiled // tokens - tiled
+            mlp_grads = tile_tokens * mlp_grads // tokens
         persistent_layers += attn + mlp + scores
         if checkpointing == "none":
             peaks.append(max(int(scores * (MATH_ATTENTION_PEAK_COPIES - 1)), mlp_grads))

@@ -92,7 +92,8 @@ def step_memory(arch, plan) -> StepMemory:
     kernel = "eager" if plan.attention == "eager" else "flash"
     recipe = ActivationRecipe(
         act_bytes=ACT, kernel=lambda layer: kernel, fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
-        lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"))
+        lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"),
+        mlp_tiles=plan.mlp_tiles)
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
     persistent, layer_set = activation_bytes(arch, b, s, plan.checkpointing, recipe, layers_kept=kept)
     model_level = model_level_activations(arch, tokens, ACT, per_layer_copies=2)

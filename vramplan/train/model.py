@@ -318,6 +318,7 @@ def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device,
         model = load_base_model(model_dir, dtype, plan.attention)
     adapted = prepare_for_qlora(model, plan, device, host_per_layer_embeddings, after_layer=after_layer, seed=seed)
     model.loss_chunk_bytes = plan.loss_chunk_mb * 2**20  # what loss.summed_loss hands the fused loss
+    patching.tile_mlps(model, plan.mlp_tiles)
     for param in lora_parameters(model):
         param.requires_grad_(True)
     if plan.checkpointing != "none":

@@ -138,6 +138,7 @@ def load_for_training(model_dir: str | Path, plan: Plan, device: torch.device,
     model = load_multimodal(model_dir, dtype, plan.attention)
     adapted = prepare_multimodal(model, plan, device, host_per_layer_embeddings)
     model.loss_chunk_bytes = plan.loss_chunk_mb * 2**20  # as model.load_for_training
+    patching.tile_mlps(model, plan.mlp_tiles)
     for param in trainable_parameters(model, plan):
         param.requires_grad_(True)
     if plan.checkpointing != "none":

@@ -163,6 +163,14 @@ def apply_kernel_patches(model: nn.Module) -> list[str]:
                            if type(module).__name__ in patches else None)
 
 
+def tile_mlps(model: nn.Module, tiles: int) -> int:
+    """Run every fused gated MLP of ``model`` over its tokens in ``tiles`` tiles (``Plan.mlp_tiles``); return how many."""
+    mlps = [m for m in model.modules() if isinstance(m, ops.GatedMLP)]
+    for mlp in mlps:
+        mlp.tiles = tiles
+    return len(mlps)
+
+
 class HostResidentEmbedding(nn.Module):
     """An embedding table kept in CPU memory; only the looked-up rows travel to the GPU.
 
