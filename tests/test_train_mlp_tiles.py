@@ -73,3 +73,20 @@ def test_the_planner_prices_one_tile_and_the_speed_model_one_more_mlp_forward():
     assert extra == pytest.approx(2 * 4096 * 16 * 3 * 2048 * 8192)
     assert predict_tokens_per_s(arch, plan.replace(mlp_tiles=4), resolve_gpu("h100")) \
         < predict_tokens_per_s(arch, plan, resolve_gpu("h100"))
+
+
+def test_fit_tiles_the_mlps_before_it_offloads_the_checkpoints():
+    """A budget between the untiled and the 4-tile plan (Llama-3.2-1B, 8,192 tokens, int8 head, rank 64):
+    fit keeps the checkpoints on the GPU and its CUDA graphs, tiles the MLPs, and says what fewer tiles need."""
+    from vramplan.fit import fit_plan
+
+    profile = resolve_model("llama-3.2-1b")
+    base = Plan(model=profile.name, seq_len=8192, head_quant="int8")
+    lean = base.replace(quant="nf4", lora_rank=64, optimizer="paged_adamw8bit")
+    untiled, tiled = (estimate_plan(lean.replace(mlp_tiles=t), profile).peak_bytes for t in (1, 4))
+    budget = int((untiled + tiled) / 2 / (1 - 0.05))
+    result = fit_plan(profile, budget=budget, base=base)
+    assert result.plan.checkpointing == "full" and result.plan.mlp_tiles in (2, 4) and result.plan.cuda_graphs
+    assert any(f"MLPs in {result.plan.mlp_tiles} tiles" in line for line in result.explanation)
+    roomy = fit_plan(profile, budget=2 * budget, base=base)
+    assert roomy.plan.mlp_tiles == 1

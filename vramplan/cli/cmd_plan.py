@@ -81,7 +81,8 @@ def _summary(est: Estimate) -> str:
              f"batch {est.plan.micro_batch} × {est.plan.grad_accum}, checkpointing {est.plan.checkpointing}, "
              f"{est.plan.optimizer}, stack {est.plan.stack}" + (", int8 LM head" if est.plan.head_quant == "int8" else "")
              + _graphs(est)
-             + (", flat optimizer step" if "flat_optimizer" in est.components else "") + _layout(est.plan),
+             + (", flat optimizer step" if "flat_optimizer" in est.components else "")
+             + (f", MLPs in {est.plan.mlp_tiles} tiles" if est.plan.mlp_tiles > 1 else "") + _layout(est.plan),
              f"peak {gb(est.peak_bytes)} in the {est.peak_phase} phase "
              f"(" + ", ".join(f"{k} {gb(v)}" for k, v in est.phases.items()) + ")"]
     if est.budget_bytes is not None:
@@ -116,6 +117,8 @@ def _layout(plan: Plan) -> str:
               help="vramplan's trainer replays each step as a CUDA graph where it can (about 0.1 GB).")
 @click.option("--flat-optimizer/--no-flat-optimizer", default=False, show_default=True,
               help="8-bit AdamW steps all adapters as one flat tensor (fewer host ops; 0.25 GB + 4 B a parameter).")
+@click.option("--mlp-tiles", type=click.IntRange(min=1), default=1, show_default=True,
+              help="Run each gated MLP over the tokens in this many tiles (one tile's intermediates alive; one more MLP forward).")
 @click.option("--stack", type=click.Choice(STACKS), default="vramplan", show_default=True)
 @click.option("--modalities", default="text", show_default=True, help="What examples hold: text,image,audio (comma-separated).")
 @click.option("--images-per-example", type=click.IntRange(min=0), default=None, help="Images per example (default 1 with image).")
@@ -130,8 +133,8 @@ def _layout(plan: Plan) -> str:
 @click.option("--plot", "plot_path", default=None, type=click.Path(dir_okay=False), help="Write a stacked-bar PNG.")
 @json_option
 def estimate(model, quant, head_quant, rank, seq, batch, accum, checkpointing, optim, loss, attention, lora_dtype,
-             cuda_graphs, flat_optimizer, stack, gpu, gpus, parallel, cpu_offload, no_calibration, plot_path, as_json, modalities, images_per_example,
-             audio_seconds, train_parts):
+             cuda_graphs, flat_optimizer, mlp_tiles, stack, gpu, gpus, parallel, cpu_offload, no_calibration, plot_path, as_json,
+             modalities, images_per_example, audio_seconds, train_parts):
     """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component (per GPU on several)."""
     profile = resolve_model(model)
     spec, budget, driver = gpu_and_budget(gpu)
@@ -141,7 +144,7 @@ def estimate(model, quant, head_quant, rank, seq, batch, accum, checkpointing, o
                 checkpointing=checkpointing, optimizer=optim, attention=attention, lora_dtype=lora_dtype, stack=stack,
                 loss=loss or ("full" if stack == "hf" else "chunked"), gpus=count, parallel=layout,
                 cpu_offload=cpu_offload, head_quant=head_quant, cuda_graphs=cuda_graphs,
-                flat_optimizer=flat_optimizer,
+                flat_optimizer=flat_optimizer, mlp_tiles=mlp_tiles,
                 **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
     spec = _box(spec, count)
     est = _adjust(_calibrated(profile, stack, spec, driver, no_calibration))(estimate_plan(plan, profile, spec, budget=budget))

@@ -43,12 +43,13 @@ from vramplan.plan import CHECKPOINTING, HEAD_QUANTS, OPTIMIZERS, PARALLEL, read
               help="Override the plan: replay each micro-batch step as a CUDA graph (one GPU, text, checkpoints on the GPU).")
 @click.option("--flat-optimizer/--no-flat-optimizer", default=None,
               help="Override the plan: 8-bit AdamW steps all adapters as one flat tensor (not for Gemma 4).")
+@click.option("--mlp-tiles", type=click.IntRange(min=1), help="Override the plan: run each gated MLP over the tokens in N tiles.")
 @click.option("--gpus", type=click.IntRange(min=1), help="Override the plan's GPU count (1: one process, no torchrun).")
 @click.option("--parallel", type=click.Choice(PARALLEL), help="Override the plan's multi-GPU mode (ddp or fsdp).")
 @json_option
 def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, schedule, warmup_steps, save_every,
           overlong, seed, merge, skip_check, rank, seq, batch, accum, checkpointing, optim, head_quant, train_parts,
-          targets, train_projectors, cuda_graphs, flat_optimizer, gpus, parallel, as_json):
+          targets, train_projectors, cuda_graphs, flat_optimizer, mlp_tiles, gpus, parallel, as_json):
     """Fine-tune MODEL on DATA with the settings of PLAN_FILE; write a PEFT adapter to OUTPUT/adapter.
 
     A plan for several GPUs starts ``torchrun --nproc-per-node N -m vramplan train ...`` itself;
@@ -66,7 +67,7 @@ def train(plan_file, model_dir, data_file, output, resume, steps, epochs, lr, sc
         raise VramplanError("give --steps or --epochs, not both")
     overrides = {"lora_rank": rank, "seq_len": seq, "micro_batch": batch, "grad_accum": accum,
                  "checkpointing": checkpointing, "optimizer": optim, "head_quant": head_quant, "train_projectors": train_projectors,
-                 "cuda_graphs": cuda_graphs, "flat_optimizer": flat_optimizer,
+                 "cuda_graphs": cuda_graphs, "flat_optimizer": flat_optimizer, "mlp_tiles": mlp_tiles,
                  "train_parts": tuple(p.strip() for p in train_parts.split(",") if p.strip()) if train_parts else None,
                  "lora_targets": lora_targets_from(targets) if targets else None}
     plan = read_plan(plan_file).replace(**{k: v for k, v in overrides.items() if v is not None})
