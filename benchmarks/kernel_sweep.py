@@ -34,10 +34,10 @@ def _line(case, setting: dict, ms: float, others: dict[str, float]) -> str:
                        "vs_best_other": round(best / ms, 3) if best else None})
 
 
-def sweep_rope() -> None:
+def sweep_rope(tokens_choices=(None, 1, 2, 4), warps_choices=(None, 2, 4, 8)) -> None:
     for case in rope_cases.cases("cuda"):
         others = _others(case)
-        for tokens, warps in itertools.product((None, 1, 2, 4), (None, 2, 4, 8)):
+        for tokens, warps in itertools.product(tokens_choices, warps_choices):
             rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS = tokens, warps
             print(_line(case, {"tokens_per_program": tokens, "num_warps": warps},
                         graph_median_ms(case.variants["vramplan"]), others), flush=True)
@@ -61,11 +61,14 @@ def sweep_rmsnorm() -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--only", choices=("rope", "rmsnorm"))
+    parser.add_argument("--rope-tokens", default="default,1,2,4", help="RoPE tokens per program to try (default: the heuristic)")
+    parser.add_argument("--rope-warps", default="default,2,4,8", help="RoPE warps to try (default: the heuristic)")
     args = parser.parse_args()
+    choices = lambda text: tuple(None if part == "default" else int(part) for part in text.split(","))  # noqa: E731
     if not torch.cuda.is_available():
         raise SystemExit("kernel_sweep: needs a CUDA GPU (it times launch settings)")
     if args.only in (None, "rope"):
-        sweep_rope()
+        sweep_rope(choices(args.rope_tokens), choices(args.rope_warps))
     if args.only in (None, "rmsnorm"):
         sweep_rmsnorm()
 
