@@ -41,17 +41,24 @@ SOURCES = {"vramplan": RESULTS / "trainer_h100.jsonl", "hf": RESULTS / "hf_stack
 #: trainer_graphs_h100.jsonl's configurations and add two (the flat step with an int8 head, bitsandbytes'
 #: unpaged 8-bit AdamW under graphs); a repeated configuration keeps every step time (its median counts).
 #: Session 7's lines (``causal_captures``: unpacked captures kept SDPA's causal kernel) test the model's
-#: pricing of captured attention as eager, which no earlier run could.
+#: pricing of captured attention as eager, which no earlier run could. Session 8's H100 lines add tiled
+#: MLPs and the int8 head's vocabulary-major loss (its H200 call and its run without cuDNN's attention
+#: are left out: another GPU, another attention kernel).
 LATER_SOURCES = {"vramplan": (RESULTS / "trainer_graphs_h100.jsonl", *(RESULTS / "session5" / f"trainer-{i}.jsonl"
                                                                        for i in (1, 2, 3)),
-                              *sorted((RESULTS / "session7").glob("trainer-*.jsonl")))}
+                              *sorted((RESULTS / "session7").glob("trainer-*.jsonl")),
+                              RESULTS / "session8" / "trainer-tiles.jsonl", RESULTS / "session8" / "trainer-spread.jsonl")}
 #: Configurations whose kernels were profiled (benchmarks/results/session5/profile-graphs-*.txt: Llama-3.2-1B
 #: and Gemma-4-E2B at 2,048 tokens, replayed as CUDA graphs, bitsandbytes stepping each adapter): the
 #: model's graph-step constants (vramplan.throughput: MATMUL_EFFICIENCY, MATMUL_KERNEL_S,
 #: FLASH_ATTENTION_EFFICIENCY, CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY, KERNEL_FLOOR_S) were read off those profiles, so these rows are no test of them. Marked "profiled", not "held_out", and left out of every
-#: held-out summary.
+#: held-out summary. The same two configurations with causal captures were profiled in session 8
+#: (benchmarks/results/session8/profile-graphs-*-2048.txt), where the captured optimizer's cost per adapter
+#: tensor (vramplan.throughput.CAPTURED_OPTIMIZER_S_PER_TENSOR) was read: profiled too.
 PROFILED = ("vramplan:llama-3.2-1b:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs",
-            "vramplan:gemma-4-e2b-text:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs")
+            "vramplan:gemma-4-e2b-text:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs",
+            "vramplan:llama-3.2-1b:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs:causal",
+            "vramplan:gemma-4-e2b-text:s2048:b1:r16:full:nf4:paged_adamw8bit:graphs:causal")
 CALIBRATION = ROOT / "profiles" / "calibration" / "throughput" / "h100.json"
 GPU = "h100"
 #: The H100's measured copy bandwidth, ~3.0 of its 3.35 TB/s: fixed, not fitted (the runs
@@ -103,7 +110,7 @@ def run_key(stack: str, plan: Plan) -> str:
     return (f"{stack}:{plan.model}:s{plan.seq_len}:b{plan.micro_batch}:r{plan.lora_rank}:{plan.checkpointing}"
             f":{plan.quant}:{plan.optimizer}" + (f":head-{plan.head_quant}" if plan.head_quant != "bf16" else "")
             + (f":lora-{plan.lora_dtype}" if plan.lora_dtype != "fp32" else "") + (":graphs" if plan.captures_steps else "")
-            + (":flat" if plan.steps_flat else ""))
+            + (":flat" if plan.steps_flat else "") + (f":tiles-{plan.mlp_tiles}" if plan.mlp_tiles > 1 else ""))
 
 
 def group_of(plan: Plan, later: bool) -> str:
@@ -367,7 +374,7 @@ def markdown(result: dict) -> str:
     names = {"eager": "eager steps, the fit's own held-out third", "graphs": "steps replayed as CUDA graphs, "
              "trainer_graphs_h100.jsonl and session5/trainer-*.jsonl, none fitted, the profiled two left out",
              "graphs_causal": "steps replayed as CUDA graphs whose attention kept SDPA's causal kernel, "
-             "session7/trainer-*.jsonl, none fitted",
+             "session7/trainer-*.jsonl and session8/trainer-{tiles,spread}.jsonl, none fitted",
              "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted"}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "

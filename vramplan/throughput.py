@@ -515,7 +515,8 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     - ``attention_scores``: b·heads·s² fp32 scores written and read ~12 times per layer
       (forward, recompute, backward) where the math kernel runs;
     - ``optimizer``: the 8-bit or fp32 AdamW pass over params, grads and states, once per
-      ``grad_accum`` micro-batches.
+      ``grad_accum`` micro-batches;
+    - ``mlp_tiles``: a tiled MLP's dequantizations per tile and its extra forward's activations.
     """
     tokens = plan.micro_batch * plan.seq_len
     stack = plan.stack
@@ -539,13 +540,22 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     trainable = sum(_lora_width(arch, layer, plan) + layer.experts * _expert_lora_width(arch, layer, plan)
                     for layer in arch.layers) * plan.lora_rank
     per_param = 28.0 if plan.optimizer == "adamw" else 16.0
-    return {
+    parts = {
         "weights": float(weights),
         "activations": float(activations),
         "logits": float(logits),
         "attention_scores": float(scores),
         "optimizer": trainable * per_param / plan.grad_accum,
     }
+    if plan.mlp_tiles > 1:
+        # every tile dequantizes the MLP's weights again: T passes in each forward, 2T in the backward (the
+        # tile's forward, then its dX), against one a pass untiled; and one more forward's activations
+        tiled = _tiled_mlp_layers(arch)
+        extra_passes = (passes + 1) * plan.mlp_tiles - passes
+        parts["mlp_tiles"] = float(extra_passes * sum(3 * arch.hidden_size * layer.mlp_intermediate for layer in tiled)
+                                   * WEIGHT_BYTES_PER_PASS[plan.quant]
+                                   + tokens * sum(layer.mlp_intermediate for layer in tiled) * inter_acc * act)
+    return parts
 
 
 def step_pcie_bytes(arch: Architecture, plan: Plan) -> float:
@@ -689,6 +699,14 @@ GRAPH_REPLAY_HOST_OPS = 13.0
 #: 10.1% mean on the committed runs, with the matmul efficiency pushed to its grid's cap), so eager
 #: plans keep all their host work overlapped.
 AFTER_SYNC_PHASES = ("optimizer", "step")
+#: bitsandbytes' 8-bit AdamW after a captured step's sync, in seconds per adapter tensor, profiled, not
+#: fitted: with the GPU idle and nothing to overlap, its per-tensor Python costs far less than the eager
+#: fit's 3 ops a tensor price it at (that fit holds the contention of an eager step's host). The four graph
+#: profiles on the H100, two sessions' hosts: session 5 (benchmarks/results/session5/profile-graphs-*.txt)
+#: Llama-3.2-1B's optimizer 15.3 ms for 224 adapter tensors (68 µs each), Gemma-4-E2B's 26.8 ms for 490
+#: (55 µs); session 8 (results/session8/profile-graphs-*-2048.txt) 9.5 ms (42 µs) and 17.0 ms (35 µs).
+#: Their mean; a host's speed moves it by ±35%, as it moves every host cost.
+CAPTURED_OPTIMIZER_S_PER_TENSOR = 50e-6
 
 
 def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tuple[float, float]:
@@ -700,7 +718,12 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
     after = AFTER_SYNC_PHASES if captured and not steps_fused(plan) else ()  # fused: the norm is read after the step
     before = sum(n for phase, n in ops.items() if phase not in captured and phase not in after)
     before += GRAPH_REPLAY_HOST_OPS if captured else 0.0
-    return before * factors.seconds_per_host_op, sum(ops[phase] for phase in after) * factors.seconds_per_host_op
+    after_s = sum(ops[phase] for phase in after) * factors.seconds_per_host_op
+    if after and plan.optimizer != "adamw" and plan.stack == "vramplan" and not plan.steps_flat:
+        # bitsandbytes' per-tensor step at its profiled captured cost, not the eager fit's ops
+        after_s += (optimizer_tensors(arch, plan) * CAPTURED_OPTIMIZER_S_PER_TENSOR / plan.grad_accum
+                    - ops["optimizer"] * factors.seconds_per_host_op)
+    return before * factors.seconds_per_host_op, after_s
 
 
 def host_seconds(arch: Architecture, plan: Plan, factors: Factors) -> float:
