@@ -20,6 +20,8 @@ Learned from Liger Kernel's fused_linear_cross_entropy and Apple's cut-cross-ent
 
 from __future__ import annotations
 
+import functools
+
 import torch
 import torch.nn.functional as F
 import triton
@@ -66,12 +68,12 @@ def _softcapped(x, softcap, HAS_SOFTCAP: tl.constexpr):
 
 
 @triton.jit
-def _row_max_and_sum_exp(row_ptr, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
+def _row_max_and_sum_exp(row_ptr, first, n_cols, softcap, HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr,
                          BLOCK_V: tl.constexpr):
-    """(max, sum of exp(z - max)) over a row's n_cols values, z = softcap(logits): an online logsumexp."""
+    """(max, sum of exp(z - max)) over a row's values first..n_cols-1, z = softcap(logits): an online logsumexp."""
     running_max = tl.full([], float("-inf"), dtype=ACC_DTYPE)
     running_sum = tl.zeros([], dtype=ACC_DTYPE)
-    for start in range(0, n_cols, BLOCK_V):
+    for start in range(first, n_cols, BLOCK_V):
         offs = start + tl.arange(0, BLOCK_V)
         mask = offs < n_cols
         z = tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE)
@@ -120,7 +122,7 @@ def _cross_entropy_rows_kernel(
         return
 
     # Pass 1: running max and running sum of exponentials (online logsumexp).
-    running_max, running_sum = _row_max_and_sum_exp(row_ptr, n_cols, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
+    running_max, running_sum = _row_max_and_sum_exp(row_ptr, 0, n_cols, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
     lse = running_max + tl.log(running_sum)
 
     z_target = tl.load(row_ptr + label).to(ACC_DTYPE)
@@ -139,6 +141,94 @@ def _cross_entropy_rows_kernel(
             tl.store(row_ptr + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
 
 
+@triton.jit
+def _row_partials_kernel(logits_ptr, logits_row_stride, part_max_ptr, part_sum_ptr, n_cols, segment, softcap,
+                         SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A split row's first pass: program (row, s) writes the online logsumexp's (max, sum) of its segment."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    first = split * segment
+    last = tl.minimum(first + segment, n_cols)
+    running_max, running_sum = _row_max_and_sum_exp(logits_ptr + row * logits_row_stride, first, last, softcap,
+                                                    HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
+    tl.store(part_max_ptr + row * SPLITS + split, running_max)
+    tl.store(part_sum_ptr + row * SPLITS + split, running_sum)
+
+
+@triton.jit
+def _row_finish_kernel(logits_ptr, logits_row_stride, labels_ptr, loss_ptr, grad_scale_ptr, grad_scale_stride,
+                       part_max_ptr, part_sum_ptr, n_splits, n_cols, segment, ignore_index, softcap,
+                       SPLITS: tl.constexpr, HAS_SOFTCAP: tl.constexpr, WRITE_GRAD: tl.constexpr,
+                       ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """A split row's second pass: program (row, s) folds the row's partials into its logsumexp, the
+    first segment's program writes the loss, and each writes its segment's gradient over the logits
+    (what ``_cross_entropy_rows_kernel`` does for a whole row)."""
+    row = tl.program_id(0).to(tl.int64)
+    split = tl.program_id(1)
+    row_ptr = logits_ptr + row * logits_row_stride
+    label = tl.load(labels_ptr + row)
+    first = split * segment
+    last = tl.minimum(first + segment, n_cols)
+    ignored = label == ignore_index
+    if ignored:
+        if split == 0:
+            tl.store(loss_ptr + row, tl.zeros([], dtype=ACC_DTYPE))
+        if WRITE_GRAD:
+            for start in range(first, last, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                tl.store(row_ptr + offs, tl.zeros((BLOCK_V,), dtype=ACC_DTYPE).to(logits_ptr.dtype.element_ty),
+                         mask=offs < last)
+    else:
+        parts = tl.arange(0, SPLITS)
+        part_max = tl.load(part_max_ptr + row * SPLITS + parts, mask=parts < n_splits, other=float("-inf"))
+        part_sum = tl.load(part_sum_ptr + row * SPLITS + parts, mask=parts < n_splits, other=0.0)
+        row_max = tl.max(part_max, axis=0)
+        lse = row_max + tl.log(tl.sum(part_sum * tl.exp(part_max - row_max), axis=0))
+        if split == 0:
+            z_target = tl.load(row_ptr + label).to(ACC_DTYPE)
+            if HAS_SOFTCAP:
+                z_target = softcap * _tanh(z_target / softcap)
+            tl.store(loss_ptr + row, lse - z_target)
+        if WRITE_GRAD:
+            scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(ACC_DTYPE)
+            for start in range(first, last, BLOCK_V):
+                offs = start + tl.arange(0, BLOCK_V)
+                mask = offs < last
+                z, slope = _softcapped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
+                grad = (tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0).to(ACC_DTYPE)) * slope
+                tl.store(row_ptr + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+
+
+#: Splits of each row (None: :func:`row_splits`); benchmarks and tests may set it.
+ROW_SPLITS = None
+#: Programs per SM the split rows aim for: one program per row left a chunk of 512 rows of Llama's
+#: 128,256 logits at ~4 programs an SM, reading at a third of the H100's bandwidth (282 µs a chunk,
+#: benchmarks/results/session8/profile-graphs-llama-3.2-1b-2048.txt).
+_ROW_PROGRAMS_PER_SM = 8
+_MAX_ROW_SPLITS = 16
+_MIN_SEGMENT = 8192  # logits a split program takes at least: its two passes stay long loads, not launch overhead
+_SPLIT_BLOCK_V = 8192
+
+
+def row_splits(rows: int, cols: int, device: torch.device) -> int:
+    """How many programs share each row: enough for ``_ROW_PROGRAMS_PER_SM`` programs an SM, each with at
+    least ``_MIN_SEGMENT`` of the row; one on the CPU (the interpreter) unless ``ROW_SPLITS`` says."""
+    if ROW_SPLITS is not None:
+        return max(1, ROW_SPLITS)
+    if device.type != "cuda":
+        return 1
+    target = _ROW_PROGRAMS_PER_SM * _multi_processors(device.index)
+    splits = 1
+    while rows * splits < target and splits < _MAX_ROW_SPLITS and cols >= 2 * splits * _MIN_SEGMENT:
+        splits *= 2
+    return splits
+
+
+@functools.lru_cache(maxsize=None)
+def _multi_processors(device_index: int | None) -> int:
+    return torch.cuda.get_device_properties(device_index if device_index is not None else torch.cuda.current_device()).multi_processor_count
+
+
 def _row_launch(logits: torch.Tensor) -> dict:
     """The row kernels' launch settings for a [rows, cols] logits block: accumulator, block width, warps."""
     wide = logits.dtype == torch.float64
@@ -155,10 +245,30 @@ def _launch_rows(logits: torch.Tensor, labels: torch.Tensor, loss: torch.Tensor,
     write_grad = grad_scale is not None
     if grad_scale is None:
         grad_scale = loss  # unread placeholder
-    _cross_entropy_rows_kernel[(rows,)](
-        logits, logits.stride(0), labels, loss, grad_scale, grad_scale.stride(0) if grad_scale.dim() else 0,
-        vocab, ignore_index, float(softcap) if softcap else 1.0,
-        HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, **_row_launch(logits),
+    launch = _row_launch(logits)
+    cap, scale_stride = float(softcap) if softcap else 1.0, grad_scale.stride(0) if grad_scale.dim() else 0
+    splits = row_splits(rows, vocab, logits.device)
+    if splits == 1:
+        _cross_entropy_rows_kernel[(rows,)](
+            logits, logits.stride(0), labels, loss, grad_scale, scale_stride, vocab, ignore_index, cap,
+            HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, **launch,
+        )
+        return
+    # several programs a row: partial logsumexps per segment, then each segment's loss and gradient
+    launch["BLOCK_V"] = min(launch["BLOCK_V"], _SPLIT_BLOCK_V)
+    segment = triton.cdiv(triton.cdiv(vocab, splits), launch["BLOCK_V"]) * launch["BLOCK_V"]
+    splits = triton.cdiv(vocab, segment)  # every segment holds some of the row
+    padded = triton.next_power_of_2(splits)
+    acc = torch.float64 if logits.dtype == torch.float64 else torch.float32
+    part_max = torch.empty(rows, padded, dtype=acc, device=logits.device)
+    part_sum = torch.empty(rows, padded, dtype=acc, device=logits.device)
+    _row_partials_kernel[(rows, splits)](
+        logits, logits.stride(0), part_max, part_sum, vocab, segment, cap,
+        SPLITS=padded, HAS_SOFTCAP=bool(softcap), **launch,
+    )
+    _row_finish_kernel[(rows, splits)](
+        logits, logits.stride(0), labels, loss, grad_scale, scale_stride, part_max, part_sum, splits, vocab,
+        segment, ignore_index, cap, SPLITS=padded, HAS_SOFTCAP=bool(softcap), WRITE_GRAD=write_grad, **launch,
     )
 
 
@@ -191,7 +301,7 @@ def _online_softmax_slice_kernel(
     row_ptr = logits_ptr + row * logits_row_stride
     label = tl.load(labels_ptr + row)
     old_max = tl.load(run_max_ptr + row)
-    slice_max, slice_sum = _row_max_and_sum_exp(row_ptr, n_cols, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
+    slice_max, slice_sum = _row_max_and_sum_exp(row_ptr, 0, n_cols, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
     new_max = tl.maximum(old_max, slice_max)
     alpha = tl.exp(old_max - new_max)  # 0 on the first slice (old max -inf)
     tl.store(run_sum_ptr + row, tl.load(run_sum_ptr + row) * alpha + slice_sum * tl.exp(slice_max - new_max))

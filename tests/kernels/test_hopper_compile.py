@@ -37,6 +37,16 @@ SCRIPT = textwrap.dedent('''
                 ignore_index="i32", softcap="fp32", HAS_SOFTCAP="constexpr", WRITE_GRAD="constexpr",
                 ACC_DTYPE="constexpr", BLOCK_V="constexpr"),
                 dict(HAS_SOFTCAP=softcap, WRITE_GRAD=True, ACC_DTYPE=acc, BLOCK_V=16384))
+            partials = dict(part_max_ptr=f"*{name}", part_sum_ptr=f"*{name}")
+            compile_for_hopper(lce._row_partials_kernel, dict(
+                logits_ptr="*bf16", logits_row_stride="i64", **partials, n_cols="i32", segment="i32", softcap="fp32",
+                SPLITS="constexpr", HAS_SOFTCAP="constexpr", ACC_DTYPE="constexpr", BLOCK_V="constexpr"),
+                dict(SPLITS=4, HAS_SOFTCAP=softcap, ACC_DTYPE=acc, BLOCK_V=8192))
+            compile_for_hopper(lce._row_finish_kernel, dict(
+                rows, loss_ptr=f"*{name}", grad_scale_ptr=f"*{name}", grad_scale_stride="i32", **partials,
+                n_splits="i32", n_cols="i32", segment="i32", ignore_index="i32", softcap="fp32", SPLITS="constexpr",
+                HAS_SOFTCAP="constexpr", WRITE_GRAD="constexpr", ACC_DTYPE="constexpr", BLOCK_V="constexpr"),
+                dict(SPLITS=4, HAS_SOFTCAP=softcap, WRITE_GRAD=True, ACC_DTYPE=acc, BLOCK_V=8192))
     pointers = dict(P="*fp32", G="*fp32", MQ="*u8", M_ABSMAX="*fp32", VQ="*u8", V_ABSMAX="*fp32", M_CODE="*fp32",
                     M_MID="*fp32", V_CODE="*fp32", V_MID="*fp32", LR="*fp32", STEP="*fp32", SCALE="*fp32", n="i64")
     scalars = {k: "fp32" for k in ("beta1", "one_minus_beta1", "log2_beta1", "beta2", "one_minus_beta2", "log2_beta2",

@@ -260,3 +260,18 @@ def test_peak_memory_under_five_percent_of_unfused_at_gemma_vocab():
     assert fused < 0.05 * unfused, f"fused peak {fused / 1e9:.2f} GB vs unfused {unfused / 1e9:.2f} GB"
     torch.testing.assert_close(loss, ref_loss, atol=1e-2, rtol=1e-3)
     assert (grad.float() - ref_grad.float()).norm() < 1e-2 * ref_grad.float().norm()
+
+
+@pytest.mark.parametrize("splits,vocab", [(3, 1000), (5, 257), (2, 64)])
+@pytest.mark.parametrize("softcap", [None, 30.0])
+def test_rows_split_across_programs_match_the_reference(monkeypatch, splits, vocab, softcap):
+    """A GPU splits each row of a chunk across several programs when the chunk has too few rows to fill it
+    (partial logsumexps per segment, then each segment's gradient): forced here, in 64-wide blocks, with
+    segments that do not divide the vocabulary, ignored rows, a trainable head and a bias."""
+    import vramplan_kernels.linear_cross_entropy as lce
+
+    monkeypatch.setattr(lce, "ROW_SPLITS", splits)
+    monkeypatch.setattr(lce, "_SPLIT_BLOCK_V", 64)
+    for dtype in (torch.float32, torch.float64):
+        hidden, weight, labels, kwargs = make_inputs(9, 8, vocab, dtype, head="trainable", bias=True, ignore_every=3)
+        compare(hidden, weight, labels, kwargs, TOL[dtype], chunk_size=4, softcap=softcap, reduction="sum")
