@@ -87,6 +87,35 @@ def _row_max_and_sum_exp(row_ptr, first, n_cols, softcap, HAS_SOFTCAP: tl.conste
 
 
 @triton.jit
+def _zero_row_segment(row_ptr, first, last, ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """An ignored row's gradient: zeros over its values first..last-1."""
+    for start in range(first, last, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        tl.store(row_ptr + offs, tl.zeros((BLOCK_V,), dtype=ACC_DTYPE).to(row_ptr.dtype.element_ty), mask=offs < last)
+
+
+@triton.jit
+def _store_row_loss(row_ptr, loss_ptr, row, label, lse, softcap, HAS_SOFTCAP: tl.constexpr, ACC_DTYPE: tl.constexpr):
+    """loss = logsumexp(z) - z[label], z = softcap(logits)."""
+    z_target = tl.load(row_ptr + label).to(ACC_DTYPE)
+    if HAS_SOFTCAP:
+        z_target = softcap * _tanh(z_target / softcap)
+    tl.store(loss_ptr + row, lse - z_target)
+
+
+@triton.jit
+def _write_row_grad(row_ptr, first, last, label, lse, scale, softcap, HAS_SOFTCAP: tl.constexpr,
+                    ACC_DTYPE: tl.constexpr, BLOCK_V: tl.constexpr):
+    """d loss / d logits over values first..last-1, times ``scale``, written over the logits it came from."""
+    for start in range(first, last, BLOCK_V):
+        offs = start + tl.arange(0, BLOCK_V)
+        mask = offs < last
+        z, slope = _softcapped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
+        grad = (tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0).to(ACC_DTYPE)) * slope
+        tl.store(row_ptr + offs, (grad * scale).to(row_ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
 def _cross_entropy_rows_kernel(
     logits_ptr,
     logits_row_stride,
@@ -115,30 +144,16 @@ def _cross_entropy_rows_kernel(
     if label == ignore_index:
         tl.store(loss_ptr + row, tl.zeros([], dtype=ACC_DTYPE))
         if WRITE_GRAD:
-            for start in range(0, n_cols, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                tl.store(row_ptr + offs, tl.zeros((BLOCK_V,), dtype=ACC_DTYPE).to(logits_ptr.dtype.element_ty),
-                         mask=offs < n_cols)
+            _zero_row_segment(row_ptr, 0, n_cols, ACC_DTYPE, BLOCK_V)
         return
 
     # Pass 1: running max and running sum of exponentials (online logsumexp).
     running_max, running_sum = _row_max_and_sum_exp(row_ptr, 0, n_cols, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
     lse = running_max + tl.log(running_sum)
-
-    z_target = tl.load(row_ptr + label).to(ACC_DTYPE)
-    if HAS_SOFTCAP:
-        z_target = softcap * _tanh(z_target / softcap)
-    tl.store(loss_ptr + row, lse - z_target)
-
-    if WRITE_GRAD:
-        # Pass 2: the gradient, written over the logits it came from.
+    _store_row_loss(row_ptr, loss_ptr, row, label, lse, softcap, HAS_SOFTCAP, ACC_DTYPE)
+    if WRITE_GRAD:  # pass 2: the gradient, written over the logits it came from
         scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(ACC_DTYPE)
-        for start in range(0, n_cols, BLOCK_V):
-            offs = start + tl.arange(0, BLOCK_V)
-            mask = offs < n_cols
-            z, slope = _softcapped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
-            grad = (tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0).to(ACC_DTYPE)) * slope
-            tl.store(row_ptr + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+        _write_row_grad(row_ptr, 0, n_cols, label, lse, scale, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
 
 
 @triton.jit
@@ -169,15 +184,11 @@ def _row_finish_kernel(logits_ptr, logits_row_stride, labels_ptr, loss_ptr, grad
     label = tl.load(labels_ptr + row)
     first = split * segment
     last = tl.minimum(first + segment, n_cols)
-    ignored = label == ignore_index
-    if ignored:
+    if label == ignore_index:
         if split == 0:
             tl.store(loss_ptr + row, tl.zeros([], dtype=ACC_DTYPE))
         if WRITE_GRAD:
-            for start in range(first, last, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                tl.store(row_ptr + offs, tl.zeros((BLOCK_V,), dtype=ACC_DTYPE).to(logits_ptr.dtype.element_ty),
-                         mask=offs < last)
+            _zero_row_segment(row_ptr, first, last, ACC_DTYPE, BLOCK_V)
     else:
         parts = tl.arange(0, SPLITS)
         part_max = tl.load(part_max_ptr + row * SPLITS + parts, mask=parts < n_splits, other=float("-inf"))
@@ -185,18 +196,10 @@ def _row_finish_kernel(logits_ptr, logits_row_stride, labels_ptr, loss_ptr, grad
         row_max = tl.max(part_max, axis=0)
         lse = row_max + tl.log(tl.sum(part_sum * tl.exp(part_max - row_max), axis=0))
         if split == 0:
-            z_target = tl.load(row_ptr + label).to(ACC_DTYPE)
-            if HAS_SOFTCAP:
-                z_target = softcap * _tanh(z_target / softcap)
-            tl.store(loss_ptr + row, lse - z_target)
+            _store_row_loss(row_ptr, loss_ptr, row, label, lse, softcap, HAS_SOFTCAP, ACC_DTYPE)
         if WRITE_GRAD:
             scale = tl.load(grad_scale_ptr + row * grad_scale_stride).to(ACC_DTYPE)
-            for start in range(first, last, BLOCK_V):
-                offs = start + tl.arange(0, BLOCK_V)
-                mask = offs < last
-                z, slope = _softcapped(tl.load(row_ptr + offs, mask=mask, other=0.0).to(ACC_DTYPE), softcap, HAS_SOFTCAP)
-                grad = (tl.exp(z - lse) - tl.where(offs == label, 1.0, 0.0).to(ACC_DTYPE)) * slope
-                tl.store(row_ptr + offs, (grad * scale).to(logits_ptr.dtype.element_ty), mask=mask)
+            _write_row_grad(row_ptr, first, last, label, lse, scale, softcap, HAS_SOFTCAP, ACC_DTYPE, BLOCK_V)
 
 
 #: Splits of each row (None: :func:`row_splits`); benchmarks and tests may set it.
