@@ -21,9 +21,11 @@ Two partial-rotary layouts exist, and both are supported:
 q and k may be ``[batch, heads, seq, head_dim]`` (``unsqueeze_dim=1``, Llama) or
 ``[batch, seq, heads, head_dim]`` (``unsqueeze_dim=2``, Gemma 4), in any strides with head_dim
 contiguous (others take the reference path) — no copy is made. One launch rotates q and k: one
-program per token, all heads of both, cos/sin loaded once (Liger's layout of the work): on an
-H100 that took 0.4-0.8x the time of one launch per tensor (benchmarks/results/kernels-tuned.md),
-the step being mostly launch and Python overhead at these sizes.
+program per token (per 4 tokens where a token has few heads), all heads of both, cos/sin loaded once
+(Liger's layout of the work): on an H100 that took 0.4-0.8x the time of one launch per tensor
+(benchmarks/results/kernels-tuned.md), the step being mostly launch and Python overhead at these sizes.
+Where cos/sin are ``cat(f, f)``, as every transformers rotary embedding builds them, ``same_halves``
+reads one half of them (the trainer's patch checks the modeling source for it).
 Backward is the transpose of the rotation (by −θ), written in place into the incoming gradient
 (as Liger does): in training that is attention's fresh dq/dk; a caller passing its own
 ``grad_outputs`` gets them back rotated.
@@ -100,9 +102,10 @@ NUM_WARPS = None
 def _launch_settings(token_elements: int) -> tuple[int, int]:
     """(tokens per program, warps) for a token whose heads' rotated halves hold ``token_elements``.
 
-    Swept on an H200 in CUDA graphs (benchmarks/results/session8/sweep.jsonl): Gemma 4's few KV
-    heads (576-1,280 elements a token) ran 17-21% faster as 4 tokens on 2 warps than 1 token on 4;
-    Llama-3.1-8B's 40 heads (2,560) ran best as they were, one token a program."""
+    Swept in CUDA graphs (benchmarks/results/session8/sweep.jsonl, H200): Gemma 4's sliding layers
+    (8 q heads and 1-2 KV heads, 1,152-1,280 elements a token) ran 21-25% faster as 4 tokens on 2 warps
+    than 1 token on 4, its full layers alike; Llama-3.1-8B's 40 heads (2,560) ran best one token a program.
+    On the H100 (sweep-rope.jsonl) 8 and 16 tokens, 1-4 warps, did no better than 4 on 2."""
     if token_elements <= 2048:
         return 4, 2
     return 1, 8 if token_elements >= 4096 else 4
@@ -136,9 +139,9 @@ def _token_major(x: torch.Tensor, unsqueeze_dim: int) -> tuple[int, int, int, in
 def _launch(q: torch.Tensor, q_out: torch.Tensor, k: torch.Tensor | None, k_out: torch.Tensor | None,
             cos: torch.Tensor, sin: torch.Tensor, unsqueeze_dim: int, half: int, pairs: int, backward: bool,
             same_halves: bool = False) -> None:
-    """Write ``q`` (and ``k``) rotated into ``q_out`` (``k_out``) in one launch: one program per
-    ``TOKENS_PER_PROGRAM`` tokens rotates all their heads of q and of k with cos/sin loaded once. An output has its input's strides (it
-    may be the input) and a unit stride over head_dim. Only the rotated dims are written."""
+    """Write ``q`` (and ``k``) rotated into ``q_out`` (``k_out``) in one launch: one program per few tokens
+    (:func:`_launch_settings`) rotates all their heads of q and of k with cos/sin loaded once. An output has
+    its input's strides (it may be the input) and a unit stride over head_dim. Only the rotated dims are written."""
     b, s, q_heads, q_strides = _token_major(q, unsqueeze_dim)
     if cos.shape != sin.shape or cos.shape[-2] != s or cos.shape[0] not in (1, b):
         raise ValueError(f"rope: cos/sin of shape {tuple(cos.shape)} do not match {tuple(q.shape)}")
