@@ -122,7 +122,7 @@ class Plan:
         if self.mlp_tiles > 1 and (self.stack != "vramplan" or self.parallel != "none"):
             raise VramplanError(f"plan field 'mlp_tiles' is {self.mlp_tiles}: tiled MLPs run on vramplan's trainer on one "
                                 "process only (their inner backwards would reach DDP's and FSDP's reducers once per tile); "
-                                "set mlp_tiles to 1")
+                                "set mlp_tiles to 1 (--mlp-tiles 1)")
         experts = [t for t in self.lora_targets if t in EXPERT_TARGETS]
         if experts and self.quant != "nf4":
             raise VramplanError(f"plan targets the routed experts ({', '.join(experts)}) with quant {self.quant}: vramplan "
