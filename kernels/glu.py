@@ -159,9 +159,15 @@ def gated_mlp_forward(mlp: torch.nn.Module, x: torch.Tensor, inplace_backward: b
     return mlp.down_proj(act)
 
 
+def _tiles_of(flat: torch.Tensor, tiles: int) -> tuple[torch.Tensor, ...]:
+    """``flat``'s rows in ``tiles`` parts, never an empty one (a kernel launched over no rows is a
+    launch with no grid)."""
+    return flat.tensor_split(max(1, min(tiles, flat.shape[0])))
+
+
 def run_in_tiles(run, x: torch.Tensor, tiles: int) -> torch.Tensor:
     """``run`` (a token-wise function) over ``x``'s tokens in ``tiles`` parts, the results joined."""
-    outs = [run(part) for part in x.reshape(-1, x.shape[-1]).tensor_split(tiles)]
+    outs = [run(part) for part in _tiles_of(x.reshape(-1, x.shape[-1]), tiles)]
     return torch.cat(outs).view(*x.shape[:-1], outs[0].shape[-1])
 
 
@@ -193,7 +199,7 @@ class TiledMLPFunction(torch.autograd.Function):
         grad_flat = grad_out.reshape(-1, grad_out.shape[-1])
         grad_x = torch.empty_like(flat)
         start = 0
-        for part, grad_part in zip(flat.tensor_split(ctx.tiles), grad_flat.tensor_split(ctx.tiles)):
+        for part, grad_part in zip(_tiles_of(flat, ctx.tiles), _tiles_of(grad_flat, ctx.tiles)):
             end = start + part.shape[0]
             part = part.requires_grad_()
             with torch.enable_grad():

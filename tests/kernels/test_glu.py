@@ -162,7 +162,7 @@ def _grads_of(mlp_module, x, weights, tiles):
 
 @pytest.mark.parametrize("tiles", [2, 3, 7])
 def test_tiled_mlp_gives_the_untiled_outputs_and_gradients(tiles):
-    """5 tokens in 2, 3 or 7 tiles (7 > tokens: empty tiles), trainable gate and down weights, float64;
+    """5 tokens in 2, 3 or 7 tiles (7 > tokens: 5 tiles of one), trainable gate and down weights, float64;
     the inner backwards accumulate the weights' gradients exactly as one backward does."""
     for mlp in _mlps():
         mlp = mlp.double()
