@@ -9,6 +9,7 @@ themselves. ``VRAMPLAN_KERNELS=reference`` turns every kernel off (to bisect a b
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 from typing import Iterator
 
@@ -57,3 +58,9 @@ def use_triton(tensor: torch.Tensor) -> bool:
 def kernel_mode(mode: str):
     """Temporarily force ``triton`` or ``reference`` (tests and benchmarks)."""
     return _MODE.override(mode)
+
+
+@functools.lru_cache(maxsize=None)
+def sm_count(device: torch.device) -> int:
+    """Streaming multiprocessors of a CUDA device (1 elsewhere): launch grids are sized by it."""
+    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1

@@ -20,14 +20,12 @@ Learned from Liger Kernel's fused_linear_cross_entropy and Apple's cut-cross-ent
 
 from __future__ import annotations
 
-import functools
-
 import torch
 import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from vramplan_kernels.dispatch import use_triton
+from vramplan_kernels.dispatch import sm_count, use_triton
 from vramplan_kernels.int8_rows import Int8Rows, slice_rows
 
 LOGITS_CHUNK_BYTES = 128 * 1024**2
@@ -220,16 +218,12 @@ def row_splits(rows: int, cols: int, device: torch.device) -> int:
         return max(1, ROW_SPLITS)
     if device.type != "cuda":
         return 1
-    target = _ROW_PROGRAMS_PER_SM * _multi_processors(device.index)
+    target = _ROW_PROGRAMS_PER_SM * sm_count(device)
     splits = 1
     while rows * splits < target and splits < _MAX_ROW_SPLITS and cols >= 2 * splits * _MIN_SEGMENT:
         splits *= 2
     return splits
 
-
-@functools.lru_cache(maxsize=None)
-def _multi_processors(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index if device_index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def _row_launch(logits: torch.Tensor) -> dict:

@@ -35,7 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
-from vramplan_kernels.dispatch import interpreting, use_triton
+from vramplan_kernels.dispatch import interpreting, sm_count, use_triton
 
 # bitsandbytes.functional.get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1].
 NF4_CODE = (
@@ -315,11 +315,6 @@ def _dequant_config(n_bytes: int) -> DequantConfig:
     return DequantConfig()
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(device: torch.device) -> int:
-    return torch.cuda.get_device_properties(device).multi_processor_count if device.type == "cuda" else 1
-
-
 def programs_that_fit(registers: int, num_warps: int, device: torch.device | None = None) -> int:
     """How many programs of ``num_warps`` warps at ``registers`` registers a thread an SM holds at
     once (0 when unknown): registers are handed out per warp in units of 256, and an SM of
@@ -363,7 +358,7 @@ class _DequantLaunch:
         config = config or _dequant_config(self.n_bytes)
         if config.words and (self.n_bytes % 4 or q.packed.data_ptr() % 16 or q.packed.stride(-1) != 1):
             config = BYTE_KERNEL  # the words view needs whole, aligned int32 words
-        self.sms = _sm_count(q.device)
+        self.sms = sm_count(q.device)
         self._use(config, q.blocksize, q.double_quant)
         self.compiled: dict[tuple[torch.dtype, bool], object] = {}
 

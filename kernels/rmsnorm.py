@@ -21,14 +21,13 @@ entirely when the weight is frozen (LoRA), which is the common case here.
 
 from __future__ import annotations
 
-import functools
 import inspect
 
 import torch
 import triton
 import triton.language as tl
 
-from vramplan_kernels.dispatch import use_triton
+from vramplan_kernels.dispatch import sm_count, use_triton
 
 CAST_MODES = ("llama", "gemma")
 _MAX_FUSED_BYTES = 65536
@@ -156,13 +155,8 @@ def _backward_programs(n_rows: int, tile_rows: int, device: torch.device, comput
     if not compute_dw:
         return tiles
     if device.type == "cuda":
-        return min(tiles, _DW_PROGRAMS_PER_SM * _multi_processors(device.index))
+        return min(tiles, _DW_PROGRAMS_PER_SM * sm_count(device))
     return min(tiles, 4)
-
-
-@functools.lru_cache(maxsize=None)
-def _multi_processors(device_index: int | None) -> int:
-    return torch.cuda.get_device_properties(device_index if device_index is not None else torch.cuda.current_device()).multi_processor_count
 
 
 def _accumulator(dtype: torch.dtype) -> torch.dtype:
