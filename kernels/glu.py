@@ -234,9 +234,10 @@ class GatedMLP(torch.nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.tiles <= 1:
             return self._run(x)
-        params = [p for p in self.parameters() if p.requires_grad] if torch.is_grad_enabled() else []
-        if params or (torch.is_grad_enabled() and x.requires_grad):
-            return TiledMLPFunction.apply(x, self._run, self.tiles, *params)
+        if torch.is_grad_enabled():
+            params = [p for p in self.parameters() if p.requires_grad]
+            if params or x.requires_grad:
+                return TiledMLPFunction.apply(x, self._run, self.tiles, *params)
         return run_in_tiles(self._run, x, self.tiles)  # no autograd (checkpointing's first forward): tiles too
 
     def extra_repr(self) -> str:

@@ -355,15 +355,14 @@ def matmul_kernels(arch: Architecture, plan: Plan) -> float:
     per other linear (Gemma 4's per-layer input linears: forward and backward, not recomputed), the LM
     head's forward and dX per chunk of the chunked loss (once on the full loss)."""
     recomputes = _recomputes(plan)
+    forward, recompute, backward = MATMULS_PER_LORA_LINEAR
     kernels = 0.0
     for layer in arch.layers:
         adapted = sum(1 for lin in layer.linears if lin.name in plan.lora_targets)
         layer_input = sum(1 for lin in layer.linears if lin.name not in plan.lora_targets and lin.name in _LAYER_INPUT_LINEARS)
         plain = len(layer.linears) - adapted - layer_input
-        forward, recompute, backward = MATMULS_PER_LORA_LINEAR
         kernels += adapted * (forward + backward + recompute * recomputes) + plain * (2 + recomputes) + layer_input * 2
     if plan.mlp_tiles > 1:  # each tile launches the MLP's matmuls, and the backward runs the tiles' forward again
-        forward, recompute, backward = MATMULS_PER_LORA_LINEAR
         tiles = plan.mlp_tiles
         kernels += 3 * len(_tiled_mlp_layers(arch)) * ((tiles - 1) * (forward + backward + recompute * recomputes)
                                                        + tiles * forward)
@@ -442,14 +441,18 @@ def step_flops(arch: Architecture, plan: Plan) -> dict[str, float]:
     if _recomputes(plan):
         parts["recompute"] = forward + lora_forward
     if plan.mlp_tiles > 1:
-        parts["mlp_tiles"] = 2.0 * tokens * sum(3 * arch.hidden_size * layer.mlp_intermediate
-                                                for layer in _tiled_mlp_layers(arch))
+        parts["mlp_tiles"] = 2.0 * tokens * _tiled_mlp_params(arch)
     return parts
 
 
 def _tiled_mlp_layers(arch: Architecture) -> list[Layer]:
     """The layers whose dense gated MLP a tiled plan runs in tiles (routed experts are not tiled)."""
     return [layer for layer in arch.layers if layer.mlp_intermediate and not layer.experts]
+
+
+def _tiled_mlp_params(arch: Architecture) -> int:
+    """The weights of those MLPs' gate, up and down projections."""
+    return sum(3 * arch.hidden_size * layer.mlp_intermediate for layer in _tiled_mlp_layers(arch))
 
 
 def _attention_flops(layer: Layer, plan: Plan, keys: float) -> float:
@@ -550,11 +553,10 @@ def step_bytes(arch: Architecture, plan: Plan) -> dict[str, float]:
     if plan.mlp_tiles > 1:
         # every tile dequantizes the MLP's weights again: T passes in each forward, 2T in the backward (the
         # tile's forward, then its dX), against one a pass untiled; and one more forward's activations
-        tiled = _tiled_mlp_layers(arch)
         extra_passes = (passes + 1) * plan.mlp_tiles - passes
-        parts["mlp_tiles"] = float(extra_passes * sum(3 * arch.hidden_size * layer.mlp_intermediate for layer in tiled)
-                                   * WEIGHT_BYTES_PER_PASS[plan.quant]
-                                   + tokens * sum(layer.mlp_intermediate for layer in tiled) * inter_acc * act)
+        parts["mlp_tiles"] = float(extra_passes * _tiled_mlp_params(arch) * WEIGHT_BYTES_PER_PASS[plan.quant]
+                                   + tokens * sum(layer.mlp_intermediate for layer in _tiled_mlp_layers(arch))
+                                   * inter_acc * act)
     return parts
 
 
