@@ -106,35 +106,6 @@ def _rms_norm_backward_kernel(
         tl.store(DW_PARTIAL + pid.to(tl.int64) * n_cols + cols, tl.sum(dw, axis=0), mask=col_mask)
 
 
-@triton.jit
-def _sum_partials_kernel(DW, DW_PARTIAL, n_partials, n_cols, ACC: tl.constexpr, BLOCK_P: tl.constexpr,
-                         BLOCK_C: tl.constexpr):
-    """dW = the programs' partial rows summed, written in the weight's dtype: one launch where
-    ``partials.sum(0).to(dtype)`` took two."""
-    cols = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
-    col_mask = cols < n_cols
-    total = tl.zeros([BLOCK_C], dtype=ACC)
-    for first in range(0, n_partials, BLOCK_P):
-        rows = first + tl.arange(0, BLOCK_P)
-        mask = (rows < n_partials)[:, None] & col_mask[None, :]
-        total += tl.sum(tl.load(DW_PARTIAL + rows[:, None].to(tl.int64) * n_cols + cols[None, :], mask=mask, other=0.0),
-                        axis=0)
-    tl.store(DW + cols, total.to(DW.dtype.element_ty), mask=col_mask)
-
-
-def _summed_partials(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    """``partials.sum(0).to(dtype)`` in one Triton launch (fp64 sums, the tests' dtype, are cast by torch:
-    Triton's interpreter turns fp64 into bf16 wrongly)."""
-    n_partials, n_cols = partials.shape
-    wide = partials.dtype == torch.float64 and dtype != torch.float64
-    out = torch.empty(n_cols, dtype=torch.float64 if wide else dtype, device=partials.device)
-    block_c = min(triton.next_power_of_2(n_cols), 256)
-    _sum_partials_kernel[(triton.cdiv(n_cols, block_c),)](
-        out, partials, n_partials, n_cols, ACC=_tl_accumulator(partials.dtype), BLOCK_P=32, BLOCK_C=block_c, num_warps=4,
-    )
-    return out.to(dtype) if wide else out
-
-
 def _launch_shape(n_cols: int, element_size: int, tile_elements: int = 2048) -> tuple[int, int, int]:
     """(rows per tile, columns per tile, warps). Narrow rows (Gemma's q_norm/k_norm over a
     256-wide head, 8 heads per token) are stacked into tiles of about ``tile_elements``, so a
@@ -218,7 +189,7 @@ class RMSNormFunction(torch.autograd.Function):
             HAS_WEIGHT=weight is not None, LLAMA_CAST=ctx.llama_cast, COMPUTE_DW=compute_dw,
             ACC=_tl_accumulator(x_rows.dtype), ROWS=tile_rows, BLOCK=block, num_warps=num_warps,
         )
-        dw = _summed_partials(dw_partial, weight.dtype) if compute_dw else None
+        dw = dw_partial.sum(0).to(weight.dtype) if compute_dw else None
         return dx, dw, None, None, None
 
 

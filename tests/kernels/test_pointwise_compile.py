@@ -33,8 +33,6 @@ for compute_dw, rows, block in ((True, 1, 2048), (True, 16, 256), (False, 8, 256
                      {**bf16("DX", "DY", "X", "W"), "RSTD": "*fp32", "DW_PARTIAL": "*fp32", "offset": "fp32"},
                      {"HAS_WEIGHT": True, "LLAMA_CAST": True, "COMPUTE_DW": compute_dw, "ACC": tl.float32,
                       "ROWS": rows, "BLOCK": block})
-compile_for_h100(rmsnorm._sum_partials_kernel, {"DW": "*bf16", "DW_PARTIAL": "*fp32"},
-                 {"ACC": tl.float32, "BLOCK_P": 32, "BLOCK_C": 256})
 rope_types = {**bf16("Q", "QY", "K", "KY", "COS", "SIN"), "q_sb": "i64", "k_sb": "i64"}
 for backward, k_heads, block_kh, q_heads, pairs, tokens, same in ((False, 8, 8, 32, 64, 1, False), (True, 1, 1, 8, 128, 4, True),
                                                                  (False, 0, 1, 8, 64, 4, True)):

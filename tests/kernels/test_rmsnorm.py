@@ -124,18 +124,3 @@ def test_from_hf_reads_each_convention():
 def test_rejects_unknown_cast_mode():
     with pytest.raises(ValueError, match="cast_mode"):
         rms_norm(torch.ones(2, 4), None, 1e-6, cast_mode="t5")
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
-def test_dw_partials_are_summed_in_one_launch(dtype):
-    """The backward's per-program dW rows, summed and cast by one kernel: 70 partials (more than one
-    32-row block) of 600 columns (three column programs, the last one partial)."""
-    from vramplan_kernels.rmsnorm import _summed_partials
-
-    partials = torch.randn(70, 600, dtype=dtype, generator=torch.Generator().manual_seed(0))
-    with kernel_mode("triton"):
-        for out_dtype in (dtype, torch.bfloat16):
-            got = _summed_partials(partials, out_dtype)
-            assert got.dtype == out_dtype
-            tol = 1e-2 if out_dtype == torch.bfloat16 else 1e-5  # fp32 sums in another order
-            torch.testing.assert_close(got, partials.sum(0).to(out_dtype), rtol=tol, atol=tol)
