@@ -34,14 +34,15 @@ def _line(case, setting: dict, ms: float, others: dict[str, float]) -> str:
                        "vs_best_other": round(best / ms, 3) if best else None})
 
 
-def sweep_rope(tokens_choices=(None, 1, 2, 4), warps_choices=(None, 2, 4, 8)) -> None:
+def sweep_rope(tokens_choices=(None, 1, 2, 4), warps_choices=(None, 2, 4, 8), reverse_choices=(True,)) -> None:
+    default = rope_module.REVERSE_ORDER
     for case in rope_cases.cases("cuda"):
         others = _others(case)
-        for tokens, warps in itertools.product(tokens_choices, warps_choices):
-            rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS = tokens, warps
-            print(_line(case, {"tokens_per_program": tokens, "num_warps": warps},
+        for tokens, warps, reverse in itertools.product(tokens_choices, warps_choices, reverse_choices):
+            rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS, rope_module.REVERSE_ORDER = tokens, warps, reverse
+            print(_line(case, {"tokens_per_program": tokens, "num_warps": warps, "reverse": reverse},
                         graph_median_ms(case.variants["vramplan"]), others), flush=True)
-    rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS = None, None
+    rope_module.TOKENS_PER_PROGRAM, rope_module.NUM_WARPS, rope_module.REVERSE_ORDER = None, None, default
 
 
 def sweep_rmsnorm() -> None:
@@ -63,12 +64,14 @@ def main() -> None:
     parser.add_argument("--only", choices=("rope", "rmsnorm"))
     parser.add_argument("--rope-tokens", default="default,1,2,4", help="RoPE tokens per program to try (default: the heuristic)")
     parser.add_argument("--rope-warps", default="default,2,4,8", help="RoPE warps to try (default: the heuristic)")
+    parser.add_argument("--rope-reverse", default="1", help="RoPE token orders to try: 0 first to last, 1 last to first")
     args = parser.parse_args()
     choices = lambda text: tuple(None if part == "default" else int(part) for part in text.split(","))  # noqa: E731
     if not torch.cuda.is_available():
         raise SystemExit("kernel_sweep: needs a CUDA GPU (it times launch settings)")
     if args.only in (None, "rope"):
-        sweep_rope(choices(args.rope_tokens), choices(args.rope_warps))
+        orders = tuple(bool(int(part)) for part in args.rope_reverse.split(","))
+        sweep_rope(choices(args.rope_tokens), choices(args.rope_warps), orders)
     if args.only in (None, "rmsnorm"):
         sweep_rmsnorm()
 

@@ -291,11 +291,14 @@ class DequantConfig:
 
 
 BYTE_KERNEL = DequantConfig(words=0, programs_per_sm=0)
-#: The word kernel decodes bit-exactly on the CPU interpreter and compiles for sm_90 with Triton 3.9,
-#: but has not run on a GPU yet: the trainer keeps the measured byte kernel until
-#: ``benchmarks/run_on_gpu.sh tests kernels:nf4`` has timed both (the benchmark times the word kernel
-#: through ``dequantize_nf4_with`` either way).
+#: The word kernel's launch for every weight (tests; the trainer picks per size, below).
 WORD_KERNEL_BY_DEFAULT = False
+#: Small weights decode with the word kernel: 256-word tiles on 4 warps, at most 16 programs an SM
+#: (32 registers a thread without the absmax prefetch), one wave. On the H100 in CUDA graphs
+#: (benchmarks/results/kernels.md) Gemma-4-E2B's MLP weights (4.7 MB packed) took 10.2 against the
+#: byte kernel's 11.2 µs, while from Llama-3.1-8B's q (8.4 MB) up the byte kernel was as fast or faster.
+SMALL_WEIGHT_LAUNCH = DequantConfig(programs_per_sm=16, prefetch_absmax=False)
+SMALL_WEIGHT_MAX_BYTES = 6 * 2**20
 
 
 def _dequant_config(n_bytes: int) -> DequantConfig:
@@ -304,15 +307,15 @@ def _dequant_config(n_bytes: int) -> DequantConfig:
     Fixed, not autotuned per call: the autotuner's per-launch bookkeeping (argument dicts, a key
     with every tensor's dtype as a string) cost ~35 µs of host time per decode on the reference
     GPU, ~340 decodes a step. The byte kernel autotuned on the H100 over 1024/2048/4096 bytes ×
-    4/8 warps was within 5% across them, and at 56-59% of copy bandwidth on Gemma-4-E2B's
-    weights (2.2 waves of programs, 2-byte stores, 8 bytes of loads in flight a thread). The word
-    kernel stores 16 bytes a thread, keeps two tiles' loads in flight, and runs as one wave: 1 KB
-    tiles, 4 warps, 40 registers a thread (ptxas, sm_90), so 12 programs fill an SM.
-    ``benchmarks/kernel_cases/nf4.py`` times the alternatives beside it.
+    4/8 warps was within 5% across them. The word kernel stores 16 bytes a thread and runs as one
+    wave, which pays where a weight is too small for the byte kernel's waves to fill the GPU
+    (``SMALL_WEIGHT_LAUNCH``). ``benchmarks/kernel_cases/nf4.py`` times the alternatives beside it.
     """
-    if n_bytes < 4096 or not WORD_KERNEL_BY_DEFAULT:  # a few tiles: the byte kernel's single launch is as good
+    if n_bytes < 4096:  # a few tiles: the byte kernel's single launch is as good
         return BYTE_KERNEL
-    return DequantConfig()
+    if WORD_KERNEL_BY_DEFAULT:
+        return DequantConfig()
+    return SMALL_WEIGHT_LAUNCH if n_bytes <= SMALL_WEIGHT_MAX_BYTES else BYTE_KERNEL
 
 
 def programs_that_fit(registers: int, num_warps: int, device: torch.device | None = None) -> int:

@@ -63,9 +63,12 @@ def _rope_kernel(
     Q, QY, q_sb, q_ss, q_sh, K, KY, k_sb, k_ss, k_sh, COS, SIN, c_sb, c_ss, seq_len, n_tokens,
     N_Q_HEADS: tl.constexpr, N_K_HEADS: tl.constexpr, HALF: tl.constexpr, N_PAIRS: tl.constexpr,
     BACKWARD: tl.constexpr, BLOCK_QH: tl.constexpr, BLOCK_KH: tl.constexpr, BLOCK_P: tl.constexpr,
-    BLOCK_T: tl.constexpr, SAME_HALVES: tl.constexpr, ACC: tl.constexpr,
+    BLOCK_T: tl.constexpr, SAME_HALVES: tl.constexpr, ACC: tl.constexpr, REVERSE: tl.constexpr,
 ):
-    token = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
+    block = tl.program_id(0)
+    if REVERSE:  # the last tokens first: what the op before wrote last is likeliest still in the L2
+        block = tl.num_programs(0) - 1 - block
+    token = block.to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     b = token // seq_len
     s = token - b * seq_len
     cols = tl.arange(0, BLOCK_P)
@@ -97,6 +100,12 @@ def _rope_kernel(
 #: Launch settings, overridable for benchmarks/kernel_sweep.py (``None``: :func:`_launch_settings`).
 TOKENS_PER_PROGRAM = None
 NUM_WARPS = None
+#: Programs walk the tokens last to first. q and k (and in backward dq and dk) were written by the op just
+#: before (the projection or q/k-norm; attention's backward), last tokens last, so those are the ones
+#: still in the L2. In CUDA graphs on the H100 (benchmarks/results/session9/sweep-rope-order.jsonl) this
+#: took 2-4% off every shape, and Gemma 4's sliding layers from 0.97-0.99x Liger to 1.02-1.03x.
+#: Evict-first hints on the loads, timed beside it, changed nothing.
+REVERSE_ORDER = True
 
 
 def _launch_settings(token_elements: int) -> tuple[int, int]:
@@ -162,7 +171,8 @@ def _launch(q: torch.Tensor, q_out: torch.Tensor, k: torch.Tensor | None, k_out:
         cos, sin, 0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), s, b * s,
         N_Q_HEADS=q_heads, N_K_HEADS=k_heads, HALF=half, N_PAIRS=pairs, BACKWARD=backward,
         BLOCK_QH=block_qh, BLOCK_KH=block_kh, BLOCK_P=block_p, BLOCK_T=block_t, SAME_HALVES=same_halves,
-        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, num_warps=num_warps,
+        ACC=tl.float64 if q.dtype == torch.float64 else tl.float32, REVERSE=REVERSE_ORDER,
+        num_warps=num_warps,
     )
 
 

@@ -29,6 +29,8 @@ from vramplan_kernels.nf4 import (
 
 # [out, in] of the MLP projections (up/gate, down) and one attention projection
 WEIGHT_SHAPES = {
+    "gemma4-e2b kv (256x1536)": (256, 1536),
+    "gemma4-e2b q (2048x1536)": (2048, 1536),
     "gemma4-e2b up (6144x1536)": (6144, 1536),
     "gemma4-e2b down (1536x6144)": (1536, 6144),
     "gemma4-e2b wide up (12288x1536)": (12288, 1536),
@@ -39,12 +41,12 @@ WEIGHT_SHAPES = {
     "llama3.1-8b down (4096x14336)": (4096, 14336),
 }
 #: where vramplan's alternative launches are timed too (the sizes that read below 70%, and one above)
-SWEEP_SHAPES = ("gemma4-e2b up (6144x1536)", "gemma4-e2b down (1536x6144)", "llama3.1-8b q (4096x4096)",
+SWEEP_SHAPES = ("gemma4-e2b kv (256x1536)", "gemma4-e2b q (2048x1536)", "gemma4-e2b up (6144x1536)", "gemma4-e2b down (1536x6144)", "llama3.1-8b q (4096x4096)",
                 "gemma4-e4b up (10240x2560)")
 #: (programs per SM: as many as its registers allow; ptxas for sm_90 gave 40 registers a thread
 #: with the absmax prefetched at 128-512 words and 4-8 warps, 32 without, 80 at 1024 words / 8 warps)
 LAUNCHES = {
-    "vramplan byte kernel (main's)": BYTE_KERNEL,
+    "vramplan byte kernel": BYTE_KERNEL,
     "vramplan words 256/4w, absmax not prefetched, 16/SM": DequantConfig(programs_per_sm=16, prefetch_absmax=False),
     "vramplan words 256/4w, 1 tile per program": DequantConfig(programs_per_sm=0),
     "vramplan words 256/4w, two waves": DequantConfig(programs_per_sm=24),

@@ -198,7 +198,7 @@ def test_word_kernel_decodes_bitsandbytes_weights_identically(shape, double_quan
     import vramplan_kernels.nf4 as nf4
     from vramplan_kernels.nf4 import _dequant_launch
 
-    monkeypatch.setattr(nf4, "WORD_KERNEL_BY_DEFAULT", True)  # not the trainer's default until timed on a GPU
+    monkeypatch.setattr(nf4, "WORD_KERNEL_BY_DEFAULT", True)  # the default launch for every size
 
     packed, state = _bnb_quantize(_weight(shape, torch.bfloat16, seed=2), double_quant)
     q = NF4Tensor.from_bnb(packed, state)
@@ -263,3 +263,19 @@ def test_a_word_kernel_that_does_not_build_falls_back_to_the_byte_kernel(monkeyp
         out = dequantize_nf4(q, torch.float32)
     assert torch.equal(out, dequantize_nf4_reference(q, torch.float32))
     assert nf4._dequant_launch(q).config.words == 0
+
+
+def test_small_weights_take_the_word_kernel_and_large_ones_the_byte_kernel():
+    """The trainer's launch per size: the byte kernel for a few tiles and above SMALL_WEIGHT_MAX_BYTES,
+    the one-wave word kernel between; a small weight decodes exactly through it."""
+    import vramplan_kernels.nf4 as nf4
+    from vramplan_kernels.nf4 import _dequant_config, _dequant_launch
+
+    assert _dequant_config(2048) == nf4.BYTE_KERNEL
+    assert _dequant_config(4096) == _dequant_config(nf4.SMALL_WEIGHT_MAX_BYTES) == nf4.SMALL_WEIGHT_LAUNCH
+    assert _dequant_config(nf4.SMALL_WEIGHT_MAX_BYTES + 4) == nf4.BYTE_KERNEL
+    q = quantize_nf4_reference(_weight((128, 96), torch.float32, seed=7))
+    with kernel_mode("triton"):
+        out = dequantize_nf4(q, torch.bfloat16)
+    assert _dequant_launch(q).config == nf4.SMALL_WEIGHT_LAUNCH
+    assert torch.equal(out, dequantize_nf4_reference(q, torch.bfloat16))

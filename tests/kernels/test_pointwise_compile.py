@@ -34,12 +34,14 @@ for compute_dw, rows, block in ((True, 1, 2048), (True, 16, 256), (False, 8, 256
                      {"HAS_WEIGHT": True, "LLAMA_CAST": True, "COMPUTE_DW": compute_dw, "ACC": tl.float32,
                       "ROWS": rows, "BLOCK": block})
 rope_types = {**bf16("Q", "QY", "K", "KY", "COS", "SIN"), "q_sb": "i64", "k_sb": "i64"}
-for backward, k_heads, block_kh, q_heads, pairs, tokens, same in ((False, 8, 8, 32, 64, 1, False), (True, 1, 1, 8, 128, 4, True),
-                                                                 (False, 0, 1, 8, 64, 4, True)):
+for backward, k_heads, block_kh, q_heads, pairs, tokens, same, reverse in (
+        (False, 8, 8, 32, 64, 1, False, False), (True, 1, 1, 8, 128, 4, True, False), (False, 0, 1, 8, 64, 4, True, False),
+        (False, 1, 1, 8, 128, 4, True, True)):  # first to last (False) and last to first (True)
     compile_for_h100(rope._rope_kernel, rope_types,
                      {"N_Q_HEADS": q_heads, "N_K_HEADS": k_heads, "HALF": 2 * pairs if pairs == 64 else pairs,
                       "N_PAIRS": pairs, "BACKWARD": backward, "BLOCK_QH": q_heads, "BLOCK_KH": block_kh,
-                      "BLOCK_P": pairs, "BLOCK_T": tokens, "SAME_HALVES": same, "ACC": tl.float32})
+                      "BLOCK_P": pairs, "BLOCK_T": tokens, "SAME_HALVES": same, "ACC": tl.float32,
+                      "REVERSE": reverse})
 for kind in (glu.SILU, glu.GELU_TANH):
     compile_for_h100(glu._glu_forward_kernel, bf16("GATE", "UP", "OUT"), {"KIND": kind, "ACC": tl.float32, "BLOCK": 1024})
     compile_for_h100(glu._glu_backward_kernel, bf16("DOUT", "GATE", "UP", "DGATE", "DUP"),

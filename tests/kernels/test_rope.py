@@ -86,6 +86,20 @@ def test_several_tokens_per_program_with_a_partial_last_program(monkeypatch, tok
                       rtol=1e-12, atol=1e-12)
 
 
+@pytest.mark.parametrize("reverse", [True, False])
+def test_either_token_order_rotates_the_same(monkeypatch, reverse):
+    """Programs walking the tokens last to first (the default) or first to last change the schedule, not
+    the result (2 × 7 tokens at 4 a program: the partial program runs first or last)."""
+    import vramplan_kernels.rope as rope_module
+
+    monkeypatch.setattr(rope_module, "TOKENS_PER_PROGRAM", 4)
+    monkeypatch.setattr(rope_module, "REVERSE_ORDER", reverse)
+    cos, sin = _llama_trig(16, PACKED, torch.float64)
+    q, k = _qk((2, 7, 3, 16), (2, 7, 1, 16), torch.float64, seed=6)
+    want = _run(q, k, cos, sin, "reference", unsqueeze_dim=2)
+    _assert_all_close(_run(q, k, cos, sin, "triton", unsqueeze_dim=2), want, rtol=1e-12, atol=1e-12)
+
+
 def test_same_halves_reads_only_the_first_half_of_cos_and_sin():
     """Halves that differ expose it: the kernel rotates both halves by the first half's angles."""
     cos, sin = _llama_trig(16, PACKED, torch.float64)
