@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 
@@ -48,6 +48,11 @@ LATER_SOURCES = {"vramplan": (RESULTS / "trainer_graphs_h100.jsonl", *(RESULTS /
                                                                        for i in (1, 2, 3)),
                               *sorted((RESULTS / "session7").glob("trainer-*.jsonl")),
                               RESULTS / "session8" / "trainer-tiles.jsonl", RESULTS / "session8" / "trainer-spread.jsonl")}
+#: Session 9's held-out campaign: the trainer as it ships (CUDA graphs with causal captures, the default
+#: settings: bf16 head, 128 MB loss chunks, paged 8-bit AdamW) on 16 configurations over 8 models, five of
+#: them never measured before (Qwen3-1.7B, Llama-3.2-3B and the Qwen3-4B/Gemma-4 shapes), 1,024-8,192
+#: tokens, each in a fresh process; the model's constants were all set before it ran. Reported as its own group.
+CAMPAIGN = tuple(RESULTS / "session9" / f"trainer-campaign{i}.jsonl" for i in (1, 2))
 #: Configurations whose kernels were profiled (benchmarks/results/session5/profile-graphs-*.txt: Llama-3.2-1B
 #: and Gemma-4-E2B at 2,048 tokens, replayed as CUDA graphs, bitsandbytes stepping each adapter): the
 #: model's graph-step constants (vramplan.throughput: MATMUL_EFFICIENCY, MATMUL_KERNEL_S,
@@ -152,8 +157,9 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
 
 
 def load_later_runs() -> list[Run]:
-    """LATER_SOURCES' runs: held out by the fit, reported per :func:`group_of` group."""
-    return load_runs(LATER_SOURCES, later=True)
+    """LATER_SOURCES' runs, reported per :func:`group_of` group, and CAMPAIGN's as group "campaign": all held out by the fit."""
+    campaign = [replace(run, group="campaign") for run in load_runs({"vramplan": CAMPAIGN}, later=True)]
+    return load_runs(LATER_SOURCES, later=True) + campaign
 
 
 #: One configuration in FIT_EVERY of each stack is fitted on.
@@ -323,7 +329,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
     groups = {}
-    for group in ("eager", "graphs", "graphs_causal", "eager_later"):
+    for group in ("eager", "graphs", "graphs_causal", "eager_later", "campaign"):
         errors = [abs(r["error"]) for r in rows if r["set"] == "held_out" and r["group"] == group]
         if errors:
             groups[group] = _summary(errors)
@@ -353,7 +359,8 @@ def markdown(result: dict) -> str:
              "(slowest - fastest) / median). Error: (predicted - measured) / measured tokens/s.", "",
              "| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
              "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    groups = {"graphs": " (graphs)", "graphs_causal": " (graphs, causal)", "eager_later": " (eager, later)"}
+    groups = {"graphs": " (graphs)", "graphs_causal": " (graphs, causal)", "eager_later": " (eager, later)",
+              "campaign": " (session 9 campaign)"}
     for r in result["rows"]:
         repeats = f"{r['repeats']} ({100 * r['spread']:.0f}%)" if r["repeats"] > 1 else "1"
         model = r["model"] + "".join(f", {v} {name}" for name, v, default in
@@ -375,7 +382,9 @@ def markdown(result: dict) -> str:
              "trainer_graphs_h100.jsonl and session5/trainer-*.jsonl, none fitted, the profiled two left out",
              "graphs_causal": "steps replayed as CUDA graphs whose attention kept SDPA's causal kernel, "
              "session7/trainer-*.jsonl and session8/trainer-{tiles,spread}.jsonl, none fitted",
-             "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted"}
+             "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted",
+             "campaign": "session 9's campaign of the trainer as it ships, session9/trainer-campaign*.jsonl, 8 models, "
+                         "none fitted, measured after every constant was set"}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
                      f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "

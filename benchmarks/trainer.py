@@ -27,6 +27,7 @@ import time
 import torch
 
 from vramplan.catalog import resolve_model
+from benchmarks.driver_memory import stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
@@ -62,6 +63,12 @@ def write_config_only(config_path: str, folder: str) -> int:
     return sum(p.numel() for p in random_model_from_config(folder, torch.bfloat16).parameters())  # the model it will train
 
 
+def _outside_pool() -> int | None:
+    """pynvml's process memory less torch's reserved bytes now (the CUDA context included)."""
+    used = used_memory_bytes()
+    return None if used is None else used - torch.cuda.memory_reserved()
+
+
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
             random_init: bool = False) -> tuple[dict, list[float]]:
     plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
@@ -85,7 +92,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     from vramplan.measure import NvmlPeakSampler
 
     sampler = NvmlPeakSampler().__enter__()
-    for _ in range(steps):
+    driver = {"stack_limit": [stack_limit_bytes()], "outside": [_outside_pool()]}  # before the first step
+    for step in range(steps):
         torch.cuda.synchronize()
         started = time.time()
         loss, _ = accumulate_gradients(model, [batch], graphs=graphs)
@@ -94,7 +102,12 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         torch.cuda.synchronize()
         times.append(time.time() - started)
         losses.append(round(loss, 4))
+        if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
+            driver["stack_limit"].append(stack_limit_bytes())
+            driver["outside"].append(_outside_pool())
     sampler.__exit__(None, None, None)
+    driver["triton_local"] = triton_kernels_with_local_memory()
+    record["driver"] = driver
     record["losses"] = losses
     record["enabled"] = os.environ.get("VRAMPLAN_ENABLE", "")  # opt-in switches this row ran with (switches.py)
     record["fused_optimizer"] = steps_fused(plan)  # what stepped it, whatever the switches' defaults were then

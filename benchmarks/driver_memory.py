@@ -1,0 +1,69 @@
+"""What the CUDA driver holds for a process beyond torch's pool, read where it can be read.
+
+The accuracy tables see pynvml's process memory less torch's reserved bytes step by 128 MiB
+between runs of one plan. One candidate is the driver's local-memory reservation, which grows
+(and stays grown) when a kernel needing more per-thread local memory (stack, register spills)
+than reserved so far is launched. These readouts let a trainer run record that state beside its
+memory: the context's per-thread stack limit, and the local memory of every Triton kernel the
+process compiled (its spills).
+"""
+
+from __future__ import annotations
+
+import ctypes
+
+CU_LIMIT_STACK_SIZE = 0x00
+CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES = 3
+
+
+def _libcuda():
+    try:
+        return ctypes.CDLL("libcuda.so.1")
+    except OSError:
+        return None
+
+
+def stack_limit_bytes() -> int | None:
+    """The current context's per-thread stack limit (``cuCtxGetLimit(CU_LIMIT_STACK_SIZE)``), or None."""
+    lib = _libcuda()
+    if lib is None:
+        return None
+    value = ctypes.c_size_t()
+    return value.value if lib.cuCtxGetLimit(ctypes.byref(value), CU_LIMIT_STACK_SIZE) == 0 else None
+
+
+def _local_bytes(lib, function) -> int | None:
+    value = ctypes.c_int()
+    handle = ctypes.c_void_p(int(function))
+    ok = lib.cuFuncGetAttribute(ctypes.byref(value), CU_FUNC_ATTRIBUTE_LOCAL_SIZE_BYTES, handle) == 0
+    return value.value if ok else None
+
+
+def triton_kernels_with_local_memory(modules=None) -> list[dict]:
+    """Every compiled Triton kernel of ``modules`` (default: vramplan_kernels') that spills or uses
+    local memory: its name, local bytes a thread, spills and registers."""
+    import importlib
+    import pkgutil
+
+    from triton.runtime.jit import JITFunction
+
+    lib = _libcuda()
+    if modules is None:
+        import vramplan_kernels
+
+        modules = [importlib.import_module(f"vramplan_kernels.{m.name}") for m in pkgutil.iter_modules(vramplan_kernels.__path__)]
+    rows = []
+    for module in modules:
+        for name, fn in vars(module).items():
+            fn = getattr(fn, "fn", fn)  # an autotuner or heuristics wrapper holds the JITFunction
+            if not isinstance(fn, JITFunction):
+                continue
+            for cache in getattr(fn, "device_caches", {}).values():
+                for kernel in (cache[0] if isinstance(cache, tuple) else cache).values():
+                    function = getattr(kernel, "function", None)
+                    local = _local_bytes(lib, function) if lib is not None and function else None
+                    spills = getattr(kernel, "n_spills", None)
+                    if local or spills:
+                        rows.append({"kernel": f"{module.__name__.rsplit('.', 1)[-1]}.{name}", "local_bytes": local,
+                                     "spills": spills, "registers": getattr(kernel, "n_regs", None)})
+    return rows
