@@ -40,8 +40,8 @@ def _local_bytes(lib, function) -> int | None:
 
 
 def triton_kernels_with_local_memory(modules=None) -> list[dict]:
-    """Every compiled Triton kernel of ``modules`` (default: vramplan_kernels') that spills or uses
-    local memory: its name, local bytes a thread, spills and registers."""
+    """How many Triton kernels of ``modules`` (default: vramplan_kernels') are compiled, then each one that
+    spills or uses local memory: its name, local bytes a thread, spills and registers."""
     import importlib
     import pkgutil
 
@@ -52,18 +52,22 @@ def triton_kernels_with_local_memory(modules=None) -> list[dict]:
         import vramplan_kernels
 
         modules = [importlib.import_module(f"vramplan_kernels.{m.name}") for m in pkgutil.iter_modules(vramplan_kernels.__path__)]
-    rows = []
+    rows, compiled = [], 0
     for module in modules:
         for name, fn in vars(module).items():
-            fn = getattr(fn, "fn", fn)  # an autotuner or heuristics wrapper holds the JITFunction
+            if not isinstance(fn, JITFunction):  # an autotuner or heuristics wrapper holds the JITFunction
+                fn = getattr(fn, "fn", None)
             if not isinstance(fn, JITFunction):
                 continue
-            for cache in getattr(fn, "device_caches", {}).values():
-                for kernel in (cache[0] if isinstance(cache, tuple) else cache).values():
+            for caches in getattr(fn, "device_caches", {}).values():
+                kernels = [k for c in (caches if isinstance(caches, tuple) else (caches,)) if isinstance(c, dict)
+                           for k in c.values() if hasattr(k, "n_spills")]
+                compiled += len(kernels)
+                for kernel in kernels:
                     function = getattr(kernel, "function", None)
                     local = _local_bytes(lib, function) if lib is not None and function else None
                     spills = getattr(kernel, "n_spills", None)
                     if local or spills:
                         rows.append({"kernel": f"{module.__name__.rsplit('.', 1)[-1]}.{name}", "local_bytes": local,
                                      "spills": spills, "registers": getattr(kernel, "n_regs", None)})
-    return rows
+    return [{"compiled": compiled}] + rows

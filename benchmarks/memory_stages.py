@@ -7,8 +7,8 @@ cuBLAS/cuBLASLt handles, CUDA graph executables) is invisible to ``torch.cuda.me
 prints, for one configuration of ``benchmarks/trainer.py``'s grid, one JSON line per stage with
 NVML's delta above the context, reserved, allocated and ``outside = nvml - reserved``; during the
 first (eager) step every module's forward and backward is a checkpoint too, and each jump of
-``outside`` over 2 MiB is reported with the module that caused it. Triton kernels that spill
-registers (and so need local memory) are listed at the end.
+``outside`` over 2 MiB is reported with the module that caused it. The context's stack limit and
+the Triton kernels that use local memory (spills) are listed at the end (``benchmarks.driver_memory``).
 
     python -m benchmarks.memory_stages --config llama-3.2-1b \
         --grid '{"seq": 2048, "batch": 1, "rank": 16, "gc": true, "head_quant": "int8", "loss_chunk_mb": 128}'
@@ -23,6 +23,7 @@ import tempfile
 
 import torch
 
+from benchmarks.driver_memory import stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.records import plan_of
 from benchmarks.trainer import build_random_model
 from vramplan.catalog import resolve_model
@@ -73,23 +74,6 @@ def watch_modules(model: torch.nn.Module, ledger: Ledger) -> list:
         # backward, so a backward kernel's first launch shows at the next recompute (or step end)
         handles.append(module.register_forward_hook(lambda m, i, o, n=name: ledger.watch(f"forward {n}")))
     return handles
-
-
-def spilling_triton_kernels() -> list[dict]:
-    """Every compiled Triton kernel alive in the process, with its register spills (spilled values
-    live in local memory, which the driver sizes for the largest per-thread need of any launch)."""
-    import gc
-
-    import triton
-
-    found = []
-    for jit in (o for o in gc.get_objects() if isinstance(o, triton.runtime.JITFunction)):
-        for caches in getattr(jit, "device_caches", {}).values():
-            for cache in (c for c in caches if isinstance(c, dict)):
-                for kernel in (k for k in cache.values() if hasattr(k, "n_spills")):
-                    found.append({"kernel": jit.__name__, "spills": kernel.n_spills, "regs": kernel.n_regs,
-                                  "shared": getattr(kernel.metadata, "shared", None)})
-    return [{"compiled": len(found)}] + [k for k in found if k["spills"]]
 
 
 def live_blocks_with_frames(limit: int = 40) -> list[dict]:
@@ -166,7 +150,7 @@ def main() -> None:
                       "segments": torch.cuda.memory_stats().get("segment.all.current")}), flush=True)
     torch.cuda.empty_cache()
     ledger.stage("after empty_cache (the allocator's free segments returned)")
-    print(json.dumps({"spilling_triton_kernels": spilling_triton_kernels()}), flush=True)
+    print(json.dumps({"stack_limit": stack_limit_bytes(), "triton_local": triton_kernels_with_local_memory()}), flush=True)
 
 
 if __name__ == "__main__":
