@@ -1,11 +1,12 @@
 """What the CUDA driver holds for a process beyond torch's pool, read where it can be read.
 
 The accuracy tables see pynvml's process memory less torch's reserved bytes step by 128 MiB
-between runs of one plan. One candidate is the driver's local-memory reservation, which grows
-(and stays grown) when a kernel needing more per-thread local memory (stack, register spills)
-than reserved so far is launched. These readouts let a trainer run record that state beside its
-memory: the context's per-thread stack limit, and the local memory of every Triton kernel the
-process compiled (its spills).
+between models. One suspect was the driver's local-memory reservation, which grows (and stays
+grown) when a kernel needing more per-thread local memory (stack, register spills) than reserved
+so far is launched. These readouts let a trainer run record that state beside its memory: the
+context's per-thread stack limit, and the local memory of every Triton kernel the process compiled.
+On the H100 (session 9) the limit stayed at 1,024 B a thread and the kernels need 16 B at most, while
+the step followed bitsandbytes' first optimizer launch (benchmarks/results/session9/README.md).
 """
 
 from __future__ import annotations

@@ -295,8 +295,9 @@ BYTE_KERNEL = DequantConfig(words=0, programs_per_sm=0)
 WORD_KERNEL_BY_DEFAULT = False
 #: Small weights decode with the word kernel: 256-word tiles on 4 warps, at most 16 programs an SM
 #: (32 registers a thread without the absmax prefetch), one wave. On the H100 in CUDA graphs
-#: (benchmarks/results/kernels.md) Gemma-4-E2B's MLP weights (4.7 MB packed) took 10.2 against the
-#: byte kernel's 11.2 µs, while from Llama-3.1-8B's q (8.4 MB) up the byte kernel was as fast or faster.
+#: (benchmarks/results/session9/call1-kernels.md) Gemma-4-E2B's MLP weights (4.7 MB packed) took 10.2
+#: against the byte kernel's 11.2 µs, its q (1.5 MB) 4.5 against 4.7 and its k/v (0.2 MB) 2.5 against 2.7,
+#: while from Llama-3.1-8B's q (8.4 MB) up the byte kernel was as fast or faster (benchmarks/results/kernels.md).
 SMALL_WEIGHT_LAUNCH = DequantConfig(programs_per_sm=16, prefetch_absmax=False)
 SMALL_WEIGHT_MAX_BYTES = 6 * 2**20
 
