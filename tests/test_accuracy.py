@@ -74,29 +74,26 @@ def test_calibrated_as_vramplan_calibrate_would_and_held_out_on_the_rest(built):
 
 def test_the_shipped_trainers_campaign_is_held_out_and_reported_apart(built):
     """Session 9's 16 runs of the trainer as it ships (CUDA graphs, default settings): none calibrates, each is
-    priced by the eager-measured calibrations; uncalibrated 3.8% mean / 10.7% max (Qwen3-0.6B over-predicted,
-    its process carrying 128 MiB less outside torch's pool than the other models')."""
+    priced by the eager-measured calibrations: uncalibrated 2.5% mean / 7.1% max, calibrated 2.7% / 6.7% (3.8% /
+    10.7% and 3.6% / 13.2% before the planner knew that bitsandbytes pages only large adapters' states)."""
     from benchmarks.accuracy import CAMPAIGN_ROLE
 
     campaign = [r for r in built[1]["rows"] if r["role"] == CAMPAIGN_ROLE]
     assert len(campaign) == 16 and not any(r["used_for_calibration"] for r in campaign)
     assert len({r["model"] for r in campaign}) == 8
     stats = built[1]["summary"]
-    assert stats["campaign_uncalibrated"]["n"] == 16 and stats["campaign_uncalibrated"]["max"] < 0.15
-    assert stats["campaign_uncalibrated"]["mean"] < 0.08
+    assert stats["campaign_uncalibrated"]["n"] == 16 and stats["campaign_uncalibrated"]["max"] < 0.08
+    assert stats["campaign_uncalibrated"]["mean"] < 0.03 and stats["campaign_calibrated"]["max"] < 0.07
     assert stats["calibrated_held_out"]["n"] == len([r for r in built[1]["rows"] if r["role"] == "held out"])
 
 
 def test_errors_against_the_issue_targets(built):
     """Measured on the committed data (52 rows, 48 configurations, 4 architectures): uncalibrated
-    3.2% mean / 7.4% max, inside the issue's 8% / 15%. Calibrated (two shapes per model and stack
+    3.1% mean / 11.2% max, inside the issue's 8% / 15%. Calibrated (two shapes per model and stack
     where the data has them, held-out rows only, the share of each fit that carries to another
-    configuration): 2.7% mean, inside 3%, but 8.3% max, NOT inside 6% (the fit applied in full gave
-    2.9% / 8.9%); on the 25 held-out runs of 3 GB and more 2.1% / 4.9%, inside both. The worst rows
-    are ~2 GB trainer runs whose memory outside torch's pool read 0.15 GB where the calibration runs
-    read 0.29 (NVML's 128 MiB steps, ±7% of such a run), which no correction can know in advance:
-    torch's own reserved peak of those runs is within 2% of the calibrated prediction less the
-    libraries."""
+    configuration): 2.3% mean, inside 3%, but 8.4% max, NOT inside 6% (the fit applied in full gave
+    2.5% / 8.8%); on the 25 held-out runs of 3 GB and more 1.9% / 4.7%, inside both. The worst rows
+    are ~2 GB eager trainer runs (test_the_worst_small_runs_read_the_low_outside_pool_step)."""
     stats = built[1]["summary"]
     assert stats["uncalibrated_all"]["n"] >= 50
     assert stats["uncalibrated_all"]["mean"] <= 0.08 and stats["uncalibrated_all"]["max"] <= 0.15
@@ -108,9 +105,9 @@ def test_errors_against_the_issue_targets(built):
 def test_calibration_helps_whichever_configuration_it_measured(built):
     """One split says little (a model's first-listed run may carry its family's error or its own): over
     150 random choices of the calibrating configuration the calibrated mean error stays below the
-    uncalibrated one (2.9% against 3.1%) and well below the fit applied in full (3.3%; 3.5% with the
-    fit across configurations it replaced), and its worst max below the whole fit's (11.6% against 14.5%).
-    Its max stays above the uncalibrated one's 7.4%: a fit from one configuration still extrapolates."""
+    uncalibrated one (2.5% against 2.8%) and below the fit applied in full (2.9%), and its worst max below
+    the whole fit's (11.7% against 14.5%). Its max stays above the uncalibrated one's: a fit from one
+    configuration still extrapolates."""
     robust = built[1]["summary"]["random_splits"]
     assert robust["splits"] >= 100
     assert robust["calibrated"]["mean"] < robust["uncalibrated"]["mean"] - 0.001
@@ -118,18 +115,41 @@ def test_calibration_helps_whichever_configuration_it_measured(built):
     assert robust["calibrated"]["worst_max"] < robust["calibrated_whole_fit"]["worst_max"]
 
 
-def test_the_worst_small_runs_are_the_outside_pool_step(built):
-    """Every held-out trainer run the calibration misses by more than 5% read its memory outside torch's
-    pool a 128 MiB step away from the calibration runs' 0.29 GB, and its reserved pool is within 2% of
-    the calibrated prediction less the libraries the planner counts."""
+def test_the_worst_small_runs_read_the_low_outside_pool_step(built):
+    """Every held-out trainer run the calibration misses by more than 5% is an eager run of sessions 2-3 under
+    2.5 GB whose memory outside torch's pool read the low step (0.15 GB): Qwen3-0.6B, whose adapters bitsandbytes
+    does not page (priced so; its pool is what is under-predicted), and two Llama-3.2-1B runs that page and
+    still read it (batch 4 at 1,024 tokens, CPU offload), which the paging rule does not explain."""
     worst = [r for r in built[1]["rows"] if r["role"] == "held out" and r["stack"] == "vramplan"
              and abs(r["error_calibrated"]) > 0.05]
-    libraries = cuda_library_bytes("vramplan")
-    assert worst
+    assert worst and {r["model"] for r in worst} <= {"qwen3-0.6b", "llama-3.2-1b"}
     for r in worst:
-        assert abs(r["measured_bytes"] - r["measured_peak_reserved"] - libraries) > 0.1e9
-        pool = r["calibrated_bytes"] - libraries
-        assert abs(pool - r["measured_peak_reserved"]) < 0.02 * r["measured_peak_reserved"]
+        assert r["measured_bytes"] < 2.5e9
+        assert abs(r["measured_bytes"] - r["measured_peak_reserved"] - 0.153e9) < 0.01e9
+
+
+def test_paged_optimizer_states_decide_the_outside_pool_step():
+    """Session 9's campaign (the trainer as it ships, fresh processes): after the last step, the process memory
+    outside torch's pool (CUDA context included) of the runs whose adapters bitsandbytes pages sits 128 MiB
+    above the runs whose adapters it does not (Qwen3-0.6B, 1.7B), each group within 80 MB."""
+    import json
+
+    from benchmarks.accuracy import CAMPAIGN
+    from benchmarks.records import plan_of
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import architecture
+    from vramplan.memory.adapters import paged_params
+
+    groups = {True: [], False: []}
+    for line in (line for path in CAMPAIGN for line in path.read_text().splitlines()):
+        record = json.loads(line)
+        plan = plan_of(record, "vramplan")
+        groups[paged_params(architecture(resolve_model(plan.model)), plan) > 0].append(record["driver"]["outside"][-1])
+    assert len(groups[False]) == 3 and len(groups[True]) == 13
+    for readings in groups.values():
+        assert max(readings) - min(readings) < 80e6
+    step = sum(groups[True]) / 13 - sum(groups[False]) / 3
+    assert abs(step - 128 * 2**20) < 16 * 2**20
 
 
 def test_calibration_runs_get_their_own_measurement(built):

@@ -4,6 +4,11 @@ from __future__ import annotations
 
 from vramplan.plan import EXPERT_TARGETS
 
+#: bitsandbytes pages an 8-bit optimizer's states only for a parameter of at least this many elements
+#: (``Optimizer8bit.get_state_buffer``: below ``1e5`` the states are ``zeros_like`` on the device, in torch's
+#: pool). Rank-16 adapters of 1,024-6,144-wide layers (Qwen3-0.6B, 1.7B) all stay under it.
+PAGED_MIN_NUMEL = 100_000
+
 
 def lora_param_count(arch, rank: int, targets: tuple[str, ...]) -> int:
     """r·(d_in + d_out) for every targeted linear of every layer (A is r×d_in, B is d_out×r).
@@ -28,6 +33,41 @@ def expert_lora_param_count(arch, rank: int, targets: tuple[str, ...]) -> int:
             inter = layer.expert_intermediate
             total += layer.experts * rank * ((h + 2 * inter) * (gate_up in targets) + (inter + h) * (down in targets))
     return total
+
+
+def lora_tensor_numels(arch, rank: int, targets: tuple[str, ...]) -> list[int]:
+    """Each adapter tensor's element count, in :func:`lora_param_count`'s order: A (r·d_in) and B (d_out·r) per
+    targeted linear, then per expert layer the fused pairs PEFT makes (A [E·r, in], B [out, r·E])."""
+    wanted = set(targets)
+    numels = [n for layer in arch.layers for lin in layer.linears if lin.name in wanted
+              for n in (rank * lin.d_in, lin.d_out * rank)]
+    gate_up, down = EXPERT_TARGETS
+    h = arch.hidden_size
+    for layer in arch.layers:
+        if layer.experts and layer.expert_params:
+            inter, e = layer.expert_intermediate, layer.experts
+            numels += [e * rank * h, 2 * inter * rank * e] * (gate_up in targets) + [e * rank * inter, h * rank * e] * (down in targets)
+    return numels
+
+
+def trainable_params(arch, plan) -> int:
+    """Every trainable parameter of ``plan``: the language model's adapters where it trains them, the towers'
+    adapters and the projector."""
+    from vramplan.memory import towers
+
+    language = lora_param_count(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else 0
+    return language + towers.tower_lora_params(arch, plan) + towers.projector_params(arch, plan)
+
+
+def paged_params(arch, plan, flat: bool = False) -> int:
+    """The trainable parameters whose 8-bit states bitsandbytes pages (``PAGED_MIN_NUMEL`` and up); ``flat``:
+    the adapters stepped as one flat tensor, paged whole. Towers' adapters and the projector count as paged."""
+    trainable = trainable_params(arch, plan)
+    if flat:
+        return trainable
+    language = lora_tensor_numels(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else []
+    small = sum(n for n in language if n < PAGED_MIN_NUMEL)
+    return trainable - small
 
 
 def lora_param_bytes(trainable: int, dtype_bytes: int) -> int:

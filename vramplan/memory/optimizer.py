@@ -34,8 +34,10 @@ def optimizer_state_bytes(trainable: int, optimizer: str, master_weights: bool =
     return trainable * (_STATE_BYTES[optimizer] + (4 if master_weights else 0))
 
 
-def managed_state_bytes(trainable: int, optimizer: str) -> int:
-    """The part of ``optimizer_state_bytes`` a paged optimizer keeps in CUDA managed memory, outside the GPU peak.
+def managed_state_bytes(paged: int, optimizer: str) -> int:
+    """The part of ``optimizer_state_bytes`` a paged optimizer keeps in CUDA managed memory, outside the GPU
+    peak: the states of the ``paged`` parameters (``memory.adapters.paged_params``: bitsandbytes pages only
+    tensors of 100,000 elements and more; the smaller ones' states are ordinary device tensors).
 
     bitsandbytes' paged optimizers allocate their moments with cudaMallocManaged: never from
     torch's caching allocator, and the driver moves the pages to host memory under pressure
@@ -45,12 +47,14 @@ def managed_state_bytes(trainable: int, optimizer: str) -> int:
     the floor of any run (benchmarks/results/trainer_h100.jsonl). An fp32 master copy
     (``master_weights``) is the trainer's own tensor and stays resident.
     """
-    return trainable * _STATE_BYTES[optimizer] if optimizer in PAGED else 0
+    return paged * _STATE_BYTES[optimizer] if optimizer in PAGED else 0
 
 
-def managed_state_note(managed: int) -> tuple[str, ...]:
-    """What an estimate says about states it leaves out of the peak (nothing when there are none)."""
+def managed_state_note(managed: int, optimizer: str = "") -> tuple[str, ...]:
+    """What an estimate says about states it leaves out of the peak; for a paged optimizer that pages
+    nothing (every adapter under bitsandbytes' paging size), that its states stay on the GPU."""
     if not managed:
-        return ()
+        return (f"{optimizer} pages none of these adapters' states (bitsandbytes pages parameters of 100,000 "
+                "elements and more): they are priced on the GPU",) if optimizer in PAGED else ()
     return (f"paged optimizer states: {managed / 1e9:.2f} GB in CUDA managed memory, outside the GPU peak "
             "(the driver pages them to host memory under pressure)",)

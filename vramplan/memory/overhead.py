@@ -17,19 +17,20 @@ HF_LIBRARY_BYTES = 300_000_000
 #: peak was 0.29, 0.29 and 0.30 GB on Llama-3.2-1B (2048, 4096) and Gemma-4-E2B (2048). Over the
 #: 20 fresh-process runs of sessions 2-3 it takes three values, 0.15, 0.29 and 0.42 GB (steps of
 #: 128 MiB, unrelated to model size): 0.29 is the middle one, so a run sits within ±0.13 GB of it.
-#: Session 9 (benchmarks/results/session9: the campaign's driver readings, memory_stages per module)
-#: found the step deterministic per model: bitsandbytes' first optimizer launch adds 128 MiB in every
-#: Llama, Gemma 4 and Qwen3-4B process and in none of Qwen3-0.6B's or 1.7B's (six runs, with the
-#: allocator's expandable segments on or off); the driver's stack limit stayed at 1,024 B a thread and
-#: no Triton kernel needs more than 16 B of local memory, so it is not a local-memory reservation.
-#: Why those two models escape it is not known, so the constant keeps it (they read 0.1 GB high).
+#: One of the steps is the first managed allocation (below). Session 9 (benchmarks/results/session9: the
+#: campaign's driver readings, memory_stages per module) saw it follow bitsandbytes' first optimizer step in
+#: every Llama, Gemma 4 and Qwen3-4B process and in none of Qwen3-0.6B's or 1.7B's, whose adapters are all
+#: too small for bitsandbytes to page (expandable segments on or off); the driver's stack limit stayed at
+#: 1,024 B a thread and no Triton kernel needs more than 16 B of local memory.
 VRAMPLAN_LIBRARY_BYTES = 290_000_000
 
-#: Part of the figure above: the first bitsandbytes 8-bit optimizer kernel a process launches costs
-#: 128 MiB outside torch's pool, paged or not, however many tensors it steps (H100 probes,
-#: benchmarks/results/session5/outside.jsonl). A vramplan plan that never launches one (torch
-#: AdamW, or the fused 8-bit AdamW: ``stacks.vramplan.stepped_optimizer``) does not pay it.
-BNB_OPTIMIZER_KERNEL_BYTES = 128 * 2**20
+#: Part of the figure above: a process's first CUDA managed allocation (a paged optimizer's first paged
+#: state) reserves 128 MiB outside torch's pool whatever its size (H100 probes,
+#: benchmarks/results/session5/outside.jsonl; Llama-3.2-1B read 1.730 GB with AdamW8bit, 1.852 paged). A plan
+#: that pages nothing does not pay it: torch AdamW, the fused 8-bit AdamW, bitsandbytes' unpaged AdamW8bit,
+#: and a paged one whose adapters are all under bitsandbytes' paging size (``memory.adapters.PAGED_MIN_NUMEL``:
+#: Qwen3-0.6B's and 1.7B's at rank 16, Llama-3.2-1B's at rank 8), as session 9 saw (results/session9/README.md).
+MANAGED_FIRST_ALLOCATION_BYTES = 128 * 2**20
 
 
 #: torch hands cuBLAS a workspace from its caching allocator (inside torch's allocated and
@@ -83,12 +84,12 @@ def cuda_context_bytes() -> int:
     return CUDA_CONTEXT_BYTES
 
 
-def cuda_library_bytes(stack: str, bitsandbytes_optimizer: bool = True) -> int:
+def cuda_library_bytes(stack: str, managed_allocation: bool = True) -> int:
     """Library workspaces and kernel images loaded on the first step (outside torch's allocator);
-    ``bitsandbytes_optimizer``: whether vramplan's trainer steps bitsandbytes' 8-bit kernels."""
+    ``managed_allocation``: whether vramplan's trainer allocates CUDA managed memory (paged optimizer states)."""
     if stack == "hf":
         return HF_LIBRARY_BYTES
-    return VRAMPLAN_LIBRARY_BYTES - (0 if bitsandbytes_optimizer else BNB_OPTIMIZER_KERNEL_BYTES)
+    return VRAMPLAN_LIBRARY_BYTES - (0 if managed_allocation else MANAGED_FIRST_ALLOCATION_BYTES)
 
 
 def unreused_segment_bytes(persistent: int, logits_set: int, layer_set: int, allocated_peak: int) -> int:

@@ -23,7 +23,7 @@ Modelled from what its code does (see /work/shared/reference-stacks/hf_baseline.
 from __future__ import annotations
 
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
-from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
+from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, paged_params, trainable_params
 from vramplan.memory.logits import full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import cuda_library_bytes, unreused_segment_bytes
@@ -67,13 +67,12 @@ def step_memory(arch, plan) -> StepMemory:
         notes.append("the hf recipe keeps the token embedding and LM head in 16 bits; head_quant=int8 ignored on the hf stack")
     if plan.lora_dtype != "fp32":
         notes.append("PEFT keeps LoRA adapters in fp32 (autocast_adapter_dtype); lora_dtype=bf16 ignored on the hf stack")
-    trainable = (lora_param_count(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else 0) \
-        + mm.tower_lora_params(arch, plan) + mm.projector_params(arch, plan)
+    trainable = trainable_params(arch, plan)
     adapters = {"lora_params": lora_param_bytes(trainable, 4)}
     grads = {"lora_grads": lora_grad_bytes(trainable, 4)}
-    managed = managed_state_bytes(trainable, plan.optimizer)
+    managed = managed_state_bytes(paged_params(arch, plan), plan.optimizer)
     optim = {"optimizer_states": optimizer_state_bytes(trainable, plan.optimizer) - managed}
-    notes.extend(managed_state_note(managed))
+    notes.extend(managed_state_note(managed, plan.optimizer))
 
     # activations
     checkpointing = plan.checkpointing

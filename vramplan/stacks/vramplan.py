@@ -26,9 +26,9 @@
 from __future__ import annotations
 
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
-from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, lora_param_count
+from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, paged_params, trainable_params
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import BITSANDBYTES_8BIT, FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes
+from vramplan.memory.optimizer import FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import (cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, flat_optimizer_bytes,
                                        pooled_fragmentation_bytes)
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
@@ -81,12 +81,12 @@ def step_memory(arch, plan) -> StepMemory:
     towers = mm.tower_weight_params(arch, plan)
     if towers:
         weights["towers"] = dense_bytes(towers, 2)
-    trainable = (lora_param_count(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else 0) \
-        + mm.tower_lora_params(arch, plan) + mm.projector_params(arch, plan)
+    trainable = trainable_params(arch, plan)
     adapters = {"lora_params": lora_param_bytes(trainable, lora_bytes)}
     grads = {"lora_grads": lora_grad_bytes(trainable, lora_bytes)}
     optimizer, optimizer_notes = stepped_optimizer(plan)
-    managed = managed_state_bytes(trainable, optimizer)
+    paged = paged_params(arch, plan, flat=flat_step_applies(arch, plan))
+    managed = managed_state_bytes(paged, optimizer)
     optim = {"optimizer_states": optimizer_state_bytes(trainable, optimizer, master_weights=lora_bytes == 2) - managed}
 
     kernel = "eager" if plan.attention == "eager" else "flash"
@@ -136,8 +136,8 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
-    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan", bitsandbytes_optimizer=optimizer in BITSANDBYTES_8BIT),
-                      notes=managed_state_note(managed) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ()))
+    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan", managed_allocation=managed > 0),
+                      notes=managed_state_note(managed, optimizer) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ()))
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
