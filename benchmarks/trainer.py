@@ -70,7 +70,7 @@ def _outside_pool() -> int | None:
 
 
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
-            random_init: bool = False) -> tuple[dict, list[float]]:
+            random_init: bool = False, sample_nvml: bool = True) -> tuple[dict, list[float]]:
     plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
     record: dict = {}
     torch.cuda.empty_cache()
@@ -91,7 +91,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     times, losses = [], []
     from vramplan.measure import NvmlPeakSampler
 
-    sampler = NvmlPeakSampler().__enter__()
+    # the sampler's thread polls NVML every 2 ms beside the timed steps; --no-nvml-sampler times them without it
+    sampler = NvmlPeakSampler().__enter__() if sample_nvml else None
     driver = {"stack_limit": [stack_limit_bytes()], "outside": [_outside_pool()]}  # before the first step
     for step in range(steps):
         torch.cuda.synchronize()
@@ -105,7 +106,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
             driver["stack_limit"].append(stack_limit_bytes())
             driver["outside"].append(_outside_pool())
-    sampler.__exit__(None, None, None)
+    if sampler is not None:
+        sampler.__exit__(None, None, None)
     driver["triton_local"] = triton_kernels_with_local_memory()
     record["driver"] = driver
     record["losses"] = losses
@@ -117,7 +119,9 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
         record["graph_notes"] = graphs.notes
         record["causal_captures"] = True  # unpacked captures keep SDPA's causal kernel (graphs.packing_decided)
-    record["nvml_peak_step_delta"] = sampler.peak_delta  # sampled peak during the steps, above the reading at their start
+    record["nvml_sampler"] = sampler is not None
+    if sampler is not None:
+        record["nvml_peak_step_delta"] = sampler.peak_delta  # sampled peak during the steps, above the reading at their start
     record["peak_alloc"] = torch.cuda.max_memory_allocated()
     record["peak_reserved"] = torch.cuda.max_memory_reserved()
     del model, optimizer, params, batch, graphs
@@ -131,6 +135,8 @@ def main() -> None:
     parser.add_argument("--steps", type=int, default=4)
     parser.add_argument("--fresh", action="store_true",
                         help="measure each configuration in its own process (no allocator or library state carried over)")
+    parser.add_argument("--no-nvml-sampler", action="store_true",
+                        help="time the steps without the thread that samples NVML's peak (its readings are left out)")
     parser.add_argument("--random-init", action="store_true",
                         help="write only config.json and build seeded random weights on the GPU layer by layer (31B and up)")
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
@@ -161,7 +167,8 @@ def main() -> None:
     for g in grid:
         rec = dict(g, model=os.path.basename(args.config), params=n_params, stack="vramplan")
         try:
-            measured, times = run_one(g, folder, vocab, args.steps, device, args.random_init)
+            measured, times = run_one(g, folder, vocab, args.steps, device, args.random_init,
+                                      sample_nvml=not args.no_nvml_sampler)
             rec.update(measured)
             used = used_memory_bytes()
             rec["nvml_used_delta"] = (used - base_used) if base_used is not None and used is not None else None
@@ -206,7 +213,8 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
     for g in grid:
         child = subprocess.run([sys.executable, "-m", "benchmarks.trainer", "--config", args.config, "--grid",
                                 json.dumps([g]), "--steps", str(args.steps), "--folder", folder,
-                                *(["--random-init"] if args.random_init else [])],
+                                *(["--random-init"] if args.random_init else []),
+                                *(["--no-nvml-sampler"] if args.no_nvml_sampler else [])],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode or not lines:
