@@ -353,6 +353,13 @@ def test_bitsandbytes_pages_only_states_of_large_adapters():
     assert paged_params(llama, plan.replace(lora_rank=8)) == 0
     qwen = architecture(resolve_model("qwen3-0.6b"))
     assert paged_params(qwen, Plan(model="qwen3-0.6b")) == 0
+    # an MoE's fused expert pairs are tensors of their own: every one counted once, as lora_param_count counts them
+    from vramplan.memory.adapters import lora_param_count
+    from vramplan.plan import EXPERT_TARGETS
+
+    moe = architecture(resolve_model("qwen3-30b-a3b"))
+    targets = Plan(model="qwen3-30b-a3b").lora_targets + tuple(EXPERT_TARGETS)
+    assert sum(lora_tensor_numels(moe, 16, targets)) == lora_param_count(moe, 16, targets)
     from vramplan.estimate import estimate_plan
 
     notes = estimate_plan(Plan(model="qwen3-0.6b", optimizer="paged_adamw8bit"), resolve_model("qwen3-0.6b")).notes
