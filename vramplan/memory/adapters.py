@@ -17,32 +17,29 @@ def lora_param_count(arch, rank: int, targets: tuple[str, ...]) -> int:
     so PEFT's module-name targets do not reach them; shared experts' linears they do. The
     experts' own matrices are adapted only when named (``EXPERT_TARGETS``): ``expert_lora_param_count``.
     """
-    wanted = set(targets)
-    linears = sum(rank * (lin.d_in + lin.d_out) for layer in arch.layers for lin in layer.linears if lin.name in wanted)
-    return linears + expert_lora_param_count(arch, rank, targets)
+    return sum(lora_tensor_numels(arch, rank, targets))
 
 
 def expert_lora_param_count(arch, rank: int, targets: tuple[str, ...]) -> int:
     """One LoRA pair per routed expert and targeted fused matrix: gate_up [2I, H] takes r·(H + 2I),
     down [H, I] takes r·(I + H) (PEFT's ``lora_A`` [E·r, in] and ``lora_B`` [out, r·E])."""
-    gate_up, down = EXPERT_TARGETS
-    h = arch.hidden_size
-    total = 0
-    for layer in arch.layers:
-        if layer.experts and layer.expert_params:
-            inter = layer.expert_intermediate
-            total += layer.experts * rank * ((h + 2 * inter) * (gate_up in targets) + (inter + h) * (down in targets))
-    return total
+    return sum(_expert_numels(arch, rank, targets))
 
 
 def lora_tensor_numels(arch, rank: int, targets: tuple[str, ...]) -> list[int]:
-    """Each adapter tensor's element count, in :func:`lora_param_count`'s order: A (r·d_in) and B (d_out·r) per
-    targeted linear, then per expert layer the fused pairs PEFT makes (A [E·r, in], B [out, r·E])."""
+    """Each adapter tensor's element count: A (r·d_in) and B (d_out·r) per targeted linear, then per
+    expert layer the fused pairs PEFT makes (:func:`_expert_numels`)."""
     wanted = set(targets)
-    numels = [n for layer in arch.layers for lin in layer.linears if lin.name in wanted
-              for n in (rank * lin.d_in, lin.d_out * rank)]
+    linears = [n for layer in arch.layers for lin in layer.linears if lin.name in wanted
+               for n in (rank * lin.d_in, lin.d_out * rank)]
+    return linears + _expert_numels(arch, rank, targets)
+
+
+def _expert_numels(arch, rank: int, targets: tuple[str, ...]) -> list[int]:
+    """The routed experts' adapter tensors: A [E·r, in] and B [out, r·E] per targeted fused matrix and layer."""
     gate_up, down = EXPERT_TARGETS
     h = arch.hidden_size
+    numels = []
     for layer in arch.layers:
         if layer.experts and layer.expert_params:
             inter, e = layer.expert_intermediate, layer.experts
@@ -50,24 +47,30 @@ def lora_tensor_numels(arch, rank: int, targets: tuple[str, ...]) -> list[int]:
     return numels
 
 
+def _language_numels(arch, plan) -> list[int]:
+    """The language model's adapter tensors where ``plan`` trains it."""
+    return lora_tensor_numels(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else []
+
+
+def _tower_params(arch, plan) -> int:
+    """The towers' adapters and the projector ``plan`` trains."""
+    from vramplan.memory import towers
+
+    return towers.tower_lora_params(arch, plan) + towers.projector_params(arch, plan)
+
+
 def trainable_params(arch, plan) -> int:
     """Every trainable parameter of ``plan``: the language model's adapters where it trains them, the towers'
     adapters and the projector."""
-    from vramplan.memory import towers
-
-    language = lora_param_count(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else 0
-    return language + towers.tower_lora_params(arch, plan) + towers.projector_params(arch, plan)
+    return sum(_language_numels(arch, plan)) + _tower_params(arch, plan)
 
 
 def paged_params(arch, plan, flat: bool = False) -> int:
     """The trainable parameters whose 8-bit states bitsandbytes pages (``PAGED_MIN_NUMEL`` and up); ``flat``:
     the adapters stepped as one flat tensor, paged whole. Towers' adapters and the projector count as paged."""
-    trainable = trainable_params(arch, plan)
-    if flat:
-        return trainable
-    language = lora_tensor_numels(arch, plan.lora_rank, plan.lora_targets) if "language" in plan.train_parts else []
-    small = sum(n for n in language if n < PAGED_MIN_NUMEL)
-    return trainable - small
+    numels = _language_numels(arch, plan)
+    paged = numels if flat else [n for n in numels if n >= PAGED_MIN_NUMEL]
+    return sum(paged) + _tower_params(arch, plan)
 
 
 def lora_param_bytes(trainable: int, dtype_bytes: int) -> int:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from vramplan.errors import VramplanError
+from vramplan.memory.adapters import PAGED_MIN_NUMEL
 
 _STATE_BYTES = {
     "adamw": 8,  # exp_avg and exp_avg_sq in fp32
@@ -54,7 +55,7 @@ def managed_state_note(managed: int, optimizer: str = "") -> tuple[str, ...]:
     """What an estimate says about states it leaves out of the peak; for a paged optimizer that pages
     nothing (every adapter under bitsandbytes' paging size), that its states stay on the GPU."""
     if not managed:
-        return (f"{optimizer} pages none of these adapters' states (bitsandbytes pages parameters of 100,000 "
-                "elements and more): they are priced on the GPU",) if optimizer in PAGED else ()
+        return (f"{optimizer} pages none of these adapters' states (bitsandbytes pages parameters of "
+                f"{PAGED_MIN_NUMEL:,} elements and more): they are priced on the GPU",) if optimizer in PAGED else ()
     return (f"paged optimizer states: {managed / 1e9:.2f} GB in CUDA managed memory, outside the GPU peak "
             "(the driver pages them to host memory under pressure)",)
