@@ -39,7 +39,7 @@ from statistics import mean
 from vramplan.calibration import (Calibration, CalibrationKey, model_family, new_calibration, point_from)
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
-from benchmarks.records import plan_of, switches_ran
+from benchmarks.records import CAMPAIGN, plan_of, switches_ran
 from vramplan.train import switches
 from vramplan.plan import Plan
 
@@ -48,9 +48,7 @@ RESULTS = ROOT / "benchmarks/results"
 SOURCES = {"hf": RESULTS / "hf_stack_h100.jsonl", "vramplan": RESULTS / "trainer_h100.jsonl"}
 #: Where --measure appends; read too when present (its rows carry their plan and GPU).
 MEASURED = RESULTS / "accuracy_rows.jsonl"
-#: Session 9's campaign of the trainer as it ships (CUDA graphs, default settings; benchmarks/throughput.py's
-#: CAMPAIGN): held out from every calibration and reported apart, beside the matrix above.
-CAMPAIGN = tuple(RESULTS / "session9" / f"trainer-campaign{i}.jsonl" for i in (1, 2))
+#: The role of ``records.CAMPAIGN``'s rows: held out from every calibration and reported apart, beside the matrix above.
 CAMPAIGN_ROLE = "held out (session 9 campaign)"
 GPU = "h100"
 #: The measurements were taken on the project's H100 machine with torch 2.11; its driver was not recorded.
@@ -93,13 +91,15 @@ def campaign_rows() -> list[dict]:
     return rows
 
 
+def _abs_error_stats(errors: list[float]) -> dict:
+    """Mean and max |relative error| and how many."""
+    values = [abs(v) for v in errors]
+    return {"mean": mean(values), "max": max(values), "n": len(values)}
+
+
 def campaign_summary(rows: list[dict]) -> dict:
     """The campaign's uncalibrated and calibrated errors, as ``summary`` reports the matrix's."""
-    def stats(key):
-        values = [abs(r[key]) for r in rows]
-        return {"mean": mean(values), "max": max(values), "n": len(values)}
-
-    return {"campaign_uncalibrated": stats("error_uncalibrated"), "campaign_calibrated": stats("error_calibrated")}
+    return {f"campaign_{name}": _abs_error_stats([r[f"error_{name}"] for r in rows]) for name in ("uncalibrated", "calibrated")}
 
 
 def shorter_partner(first: dict, group: list[dict]) -> dict | None:
@@ -187,11 +187,7 @@ def _small(row: dict) -> bool:
 def summary(rows: list[dict]) -> dict:
     """Mean and max |relative error|, uncalibrated over all rows and calibrated over the held-out ones."""
     held = [r for r in rows if r["role"] == "held out"]
-
-    def stats(values):
-        values = [abs(v) for v in values]
-        return {"mean": mean(values), "max": max(values), "n": len(values)}
-
+    stats = _abs_error_stats
     return {"configurations": len({(r["stack"], r["model"], r["quant"], r["seq"], r["batch"], r["rank"], r["checkpointing"],
                                     r["optimizer"]) for r in rows}),
             "architectures": sorted({r["family"] for r in rows}),

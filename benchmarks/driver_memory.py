@@ -33,6 +33,16 @@ def stack_limit_bytes() -> int | None:
     return value.value if lib.cuCtxGetLimit(ctypes.byref(value), CU_LIMIT_STACK_SIZE) == 0 else None
 
 
+def outside_pool_bytes() -> int | None:
+    """pynvml's process memory less torch's reserved bytes now (the CUDA context included), or None without NVML."""
+    import torch
+
+    from vramplan.gpu import used_memory_bytes
+
+    used = used_memory_bytes()
+    return None if used is None else used - torch.cuda.memory_reserved()
+
+
 def _local_bytes(lib, function) -> int | None:
     value = ctypes.c_int()
     handle = ctypes.c_void_p(int(function))

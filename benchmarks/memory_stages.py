@@ -23,7 +23,7 @@ import tempfile
 
 import torch
 
-from benchmarks.driver_memory import stack_limit_bytes, triton_kernels_with_local_memory
+from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.records import plan_of
 from benchmarks.trainer import build_random_model
 from vramplan.catalog import resolve_model
@@ -59,7 +59,7 @@ class Ledger:
     def watch(self, where: str) -> None:
         """Record ``where`` when the memory outside the allocator grew since the last look."""
         torch.cuda.synchronize()
-        outside = used_memory_bytes() - torch.cuda.memory_reserved()
+        outside = outside_pool_bytes()
         if outside - self.outside > JUMP_BYTES:
             self.jumps.append({"where": where, "outside_jump": outside - self.outside})
         self.outside = outside

@@ -8,7 +8,14 @@ grid's ``flat_optimizer``) means the adapters were stepped as one flat tensor.""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from vramplan.plan import Plan
+
+#: Session 9's held-out campaign of vramplan's trainer as it ships (CUDA graphs with causal captures, default
+#: settings): 16 configurations over 8 models in fresh processes, measured after the speed model's and the
+#: planner's constants were set. benchmarks/throughput.py and benchmarks/accuracy.py report it apart.
+CAMPAIGN = tuple(Path(__file__).resolve().parent / "results" / "session9" / f"trainer-campaign{i}.jsonl" for i in (1, 2))
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
 HISTORICAL_LOSS_CHUNK_MB = 256

@@ -25,7 +25,7 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
-from benchmarks.records import plan_of, switches_ran
+from benchmarks.records import CAMPAIGN, plan_of, switches_ran
 from vramplan.plan import Plan
 from vramplan.train import switches
 from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
@@ -48,11 +48,6 @@ LATER_SOURCES = {"vramplan": (RESULTS / "trainer_graphs_h100.jsonl", *(RESULTS /
                                                                        for i in (1, 2, 3)),
                               *sorted((RESULTS / "session7").glob("trainer-*.jsonl")),
                               RESULTS / "session8" / "trainer-tiles.jsonl", RESULTS / "session8" / "trainer-spread.jsonl")}
-#: Session 9's held-out campaign: the trainer as it ships (CUDA graphs with causal captures, the default
-#: settings: bf16 head, 128 MB loss chunks, paged 8-bit AdamW) on 16 configurations over 8 models, five of
-#: them never measured before (Qwen3-1.7B, Llama-3.2-3B and the Qwen3-4B/Gemma-4 shapes), 1,024-8,192
-#: tokens, each in a fresh process; the model's constants were all set before it ran. Reported as its own group.
-CAMPAIGN = tuple(RESULTS / "session9" / f"trainer-campaign{i}.jsonl" for i in (1, 2))
 #: Configurations whose kernels were profiled (benchmarks/results/session5/profile-graphs-*.txt: Llama-3.2-1B
 #: and Gemma-4-E2B at 2,048 tokens, replayed as CUDA graphs, bitsandbytes stepping each adapter): the
 #: model's graph-step constants (vramplan.throughput: MATMUL_EFFICIENCY, MATMUL_KERNEL_S,

@@ -27,7 +27,7 @@ import time
 import torch
 
 from vramplan.catalog import resolve_model
-from benchmarks.driver_memory import stack_limit_bytes, triton_kernels_with_local_memory
+from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
@@ -63,12 +63,6 @@ def write_config_only(config_path: str, folder: str) -> int:
     return sum(p.numel() for p in random_model_from_config(folder, torch.bfloat16).parameters())  # the model it will train
 
 
-def _outside_pool() -> int | None:
-    """pynvml's process memory less torch's reserved bytes now (the CUDA context included)."""
-    used = used_memory_bytes()
-    return None if used is None else used - torch.cuda.memory_reserved()
-
-
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
             random_init: bool = False, sample_nvml: bool = True) -> tuple[dict, list[float]]:
     plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
@@ -93,7 +87,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
 
     # the sampler's thread polls NVML every 2 ms beside the timed steps; --no-nvml-sampler times them without it
     sampler = NvmlPeakSampler().__enter__() if sample_nvml else None
-    driver = {"stack_limit": [stack_limit_bytes()], "outside": [_outside_pool()]}  # before the first step
+    driver = {"stack_limit": [stack_limit_bytes()], "outside": [outside_pool_bytes()]}  # before the first step
     for step in range(steps):
         torch.cuda.synchronize()
         started = time.time()
@@ -105,7 +99,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         losses.append(round(loss, 4))
         if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
             driver["stack_limit"].append(stack_limit_bytes())
-            driver["outside"].append(_outside_pool())
+            driver["outside"].append(outside_pool_bytes())
     if sampler is not None:
         sampler.__exit__(None, None, None)
     driver["triton_local"] = triton_kernels_with_local_memory()

@@ -134,7 +134,7 @@ def test_paged_optimizer_states_decide_the_outside_pool_step():
     above the runs whose adapters it does not (Qwen3-0.6B, 1.7B), each group within 80 MB."""
     import json
 
-    from benchmarks.accuracy import CAMPAIGN
+    from benchmarks.records import CAMPAIGN
     from benchmarks.records import plan_of
     from vramplan.catalog import resolve_model
     from vramplan.estimate import architecture

@@ -39,7 +39,7 @@ def test_trainer_measurements_within_10_percent(row):
 def test_session9_campaign_within_8_percent():
     """The trainer as it ships (CUDA graphs, default settings), 16 runs over 8 models in fresh processes,
     measured after the planner's constants were set (benchmarks/results/session9): all within 8%."""
-    from benchmarks.accuracy import CAMPAIGN
+    from benchmarks.records import CAMPAIGN
 
     rows = [json.loads(line) for path in CAMPAIGN for line in path.read_text().splitlines()]
     assert len(rows) == 16 and len({r["model"] for r in rows}) == 8
