@@ -63,8 +63,40 @@ def write_config_only(config_path: str, folder: str) -> int:
     return sum(p.numel() for p in random_model_from_config(folder, torch.bfloat16).parameters())  # the model it will train
 
 
+def sampler_ab(step, rounds: int, steps_each: int = 6) -> dict:
+    """Median step time with the NVML sampling thread running and without, alternating in one process.
+
+    Host-bound short steps are where a driver call polled every 2 ms could cost most; rounds
+    alternate which goes first so a drift in the machine falls on both."""
+    from vramplan.measure import NvmlPeakSampler
+
+    import pynvml
+
+    pynvml.nvmlInit()
+    handle = pynvml.nvmlDeviceGetHandleByIndex(0)
+    started = time.perf_counter()
+    for _ in range(200):
+        pynvml.nvmlDeviceGetMemoryInfo(handle)
+    call_us = (time.perf_counter() - started) / 200 * 1e6  # one reading's cost, on the main thread
+    medians: dict[str, list[float]] = {"on": [], "off": []}
+    for r in range(rounds):
+        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
+            sampler = NvmlPeakSampler().__enter__() if mode == "on" else None
+            times = []
+            for _ in range(steps_each):
+                torch.cuda.synchronize()
+                started = time.perf_counter()
+                step()
+                torch.cuda.synchronize()
+                times.append(time.perf_counter() - started)
+            if sampler is not None:
+                sampler.__exit__(None, None, None)
+            medians[mode].append(sorted(times)[len(times) // 2])
+    return {"nvml_call_us": round(call_us, 1)} | {mode: [round(t, 5) for t in values] for mode, values in medians.items()}
+
+
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
-            random_init: bool = False, sample_nvml: bool = True) -> tuple[dict, list[float]]:
+            random_init: bool = False, sample_nvml: bool = True, ab_rounds: int = 0) -> tuple[dict, list[float]]:
     plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
     record: dict = {}
     torch.cuda.empty_cache()
@@ -102,6 +134,13 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
             driver["outside"].append(outside_pool_bytes())
     if sampler is not None:
         sampler.__exit__(None, None, None)
+    if ab_rounds:
+        def step():
+            accumulate_gradients(model, [batch], graphs=graphs)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=graphs is None)
+
+        record["sampler_ab"] = sampler_ab(step, ab_rounds)
     driver["triton_local"] = triton_kernels_with_local_memory()
     record["driver"] = driver
     record["losses"] = losses
@@ -131,6 +170,8 @@ def main() -> None:
                         help="measure each configuration in its own process (no allocator or library state carried over)")
     parser.add_argument("--no-nvml-sampler", action="store_true",
                         help="time the steps without the thread that samples NVML's peak (its readings are left out)")
+    parser.add_argument("--sampler-ab", type=int, default=0, metavar="ROUNDS",
+                        help="after the timed steps, ROUNDS rounds of steps with the NVML sampler and without (sampler_ab)")
     parser.add_argument("--random-init", action="store_true",
                         help="write only config.json and build seeded random weights on the GPU layer by layer (31B and up)")
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
@@ -162,7 +203,7 @@ def main() -> None:
         rec = dict(g, model=os.path.basename(args.config), params=n_params, stack="vramplan")
         try:
             measured, times = run_one(g, folder, vocab, args.steps, device, args.random_init,
-                                      sample_nvml=not args.no_nvml_sampler)
+                                      sample_nvml=not args.no_nvml_sampler, ab_rounds=args.sampler_ab)
             rec.update(measured)
             used = used_memory_bytes()
             rec["nvml_used_delta"] = (used - base_used) if base_used is not None and used is not None else None
@@ -208,7 +249,8 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
         child = subprocess.run([sys.executable, "-m", "benchmarks.trainer", "--config", args.config, "--grid",
                                 json.dumps([g]), "--steps", str(args.steps), "--folder", folder,
                                 *(["--random-init"] if args.random_init else []),
-                                *(["--no-nvml-sampler"] if args.no_nvml_sampler else [])],
+                                *(["--no-nvml-sampler"] if args.no_nvml_sampler else []),
+                                "--sampler-ab", str(args.sampler_ab)],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode or not lines:
