@@ -398,3 +398,20 @@ def test_report_shows_the_half_length_shape(tmp_path):
 def test_calibrate_cli_offers_one_shape():
     result = run("calibrate", "--help")
     assert "--one-shape" in result.output and "half" in result.output
+
+
+def test_a_model_folder_calibrates_the_family_its_named_profile_reads(tmp_path):
+    """A Gemma 4 folder's config resolves to model_type gemma4_text; its calibration must land where
+    `fit gemma-4-e2b` looks (family gemma4), or a user's `calibrate --model ./gemma-4-E2B-it` is never used."""
+    from vramplan.catalog import resolve_model
+    from vramplan.calibration import model_family
+
+    for name in ("gemma-4-e2b", "gemma-4-e2b-text", "llama-3.2-1b", "gemma-3-1b"):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(json.dumps(resolve_model(name).config))
+        assert model_family(resolve_model(str(folder))) == model_family(resolve_model(name))
+    unknown = tmp_path / "unknown"
+    unknown.mkdir()
+    (unknown / "config.json").write_text(json.dumps(dict(resolve_model("llama-3.2-1b").config, model_type="brandnew")))
+    assert model_family(resolve_model(str(unknown))) == "brandnew"

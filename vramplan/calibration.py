@@ -50,6 +50,7 @@ import os
 import re
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -406,12 +407,31 @@ def add_points(key: CalibrationKey, new_points: list[CalibrationPoint], director
 
 
 def model_family(profile: ModelProfile) -> str:
-    """The profile's family (``llama``, ``gemma4``), else its config's model_type."""
+    """The profile's family (``llama``, ``gemma4``); for a model folder, the family of the shipped profiles
+    of its model_type (a Gemma 4 folder's text config says ``gemma4_text``: without this, what ``calibrate
+    --model ./gemma-4-E2B-it`` stored would never reach ``fit gemma-4-e2b``), else that model_type."""
     if profile.family:
         return profile.family
     from vramplan.estimate import architecture
 
-    return architecture(profile).model_type
+    model_type = architecture(profile).model_type
+    return _families_of_model_types(profiles_dir()).get(model_type, model_type)
+
+
+@lru_cache(maxsize=None)
+def _families_of_model_types(directory: Path) -> dict[str, str]:
+    """model_type (the config's and its text config's) -> family, over the shipped profiles that name one."""
+    from vramplan.catalog import list_models, resolve_model
+
+    families: dict[str, str] = {}
+    for name in list_models(directory):
+        profile = resolve_model(name, directory)
+        if profile.family:
+            text = profile.config.get("text_config")
+            for config in (profile.config, text if isinstance(text, dict) else {}):
+                if isinstance(config.get("model_type"), str):
+                    families.setdefault(config["model_type"], profile.family)
+    return families
 
 
 def torch_minor() -> str | None:
