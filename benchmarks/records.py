@@ -16,6 +16,9 @@ from vramplan.plan import Plan
 #: settings): 16 configurations over 8 models in fresh processes, measured after the speed model's and the
 #: planner's constants were set. benchmarks/throughput.py and benchmarks/accuracy.py report it apart.
 CAMPAIGN = tuple(Path(__file__).resolve().parent / "results" / "session9" / f"trainer-campaign{i}.jsonl" for i in (1, 2))
+#: Session 10's runs of the trainer as it then shipped (train_step: the optimizer's step queued before the loss
+#: is read), measured after the speed model priced that overlap; held out like CAMPAIGN, reported apart.
+OVERLAPPED = (Path(__file__).resolve().parent / "results" / "session10" / "trainer-overlapped.jsonl",)
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
 HISTORICAL_LOSS_CHUNK_MB = 256
@@ -43,4 +46,5 @@ def switches_ran(record: dict) -> dict[str, bool]:
     says so since session 7, and before that only ``VRAMPLAN_ENABLE=fused_optimizer`` turned it on.
     The vocabulary-major int8 head: every line before session 8 walked it token-major."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
-            "int8_vocab_major": bool(record.get("int8_vocab_major"))}
+            "int8_vocab_major": bool(record.get("int8_vocab_major")),
+            "overlap_optimizer": bool(record.get("overlap_optimizer"))}

@@ -31,12 +31,16 @@ from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, trit
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
 from vramplan.gpu import used_memory_bytes
-from vramplan.train.loss import accumulate_gradients
+from vramplan.train import switches
+from vramplan.train.recipe import TrainConfig, make_optimizer, train_step
 from vramplan.train.optim import flat_update_pays
 from vramplan.train.model import load_for_training, lora_parameters, random_model_from_config
 from vramplan.stacks.vramplan import int8_vocab_major, steps_fused
 from vramplan.train.graphs import StepGraphs
-from vramplan.train.recipe import make_optimizer
+
+#: The trainer's default clipping (TrainConfig.max_grad_norm): each step is the recipe's own (``train_step``).
+MAX_GRAD_NORM = TrainConfig.max_grad_norm
+
 
 def build_random_model(config_path: str, folder: str) -> int:
     """Random bf16 weights from a config.json, saved as a local model folder; returns the parameter count."""
@@ -63,40 +67,42 @@ def write_config_only(config_path: str, folder: str) -> int:
     return sum(p.numel() for p in random_model_from_config(folder, torch.bfloat16).parameters())  # the model it will train
 
 
-def sampler_ab(step, rounds: int, steps_each: int = 6) -> dict:
-    """Median step time with the NVML sampling thread running and without, alternating in one process.
+def alternate(step, modes: dict, rounds: int, steps_each: int = 6) -> dict[str, list[float]]:
+    """Median step time under each of ``modes`` (name -> a context manager factory), alternating in one
+    process; rounds rotate which goes first, so a drift of the machine falls on all of them."""
+    import contextlib
 
-    Host-bound short steps are where a driver call polled every 2 ms could cost most; rounds
-    alternate which goes first so a drift in the machine falls on both."""
-    from vramplan.measure import NvmlPeakSampler
+    medians: dict[str, list[float]] = {name: [] for name in modes}
+    names = list(modes)
+    for r in range(rounds):
+        for name in names[r % len(names):] + names[:r % len(names)]:
+            with modes[name]() or contextlib.nullcontext():
+                times = []
+                for _ in range(steps_each):
+                    torch.cuda.synchronize()
+                    started = time.perf_counter()
+                    step()
+                    torch.cuda.synchronize()
+                    times.append(time.perf_counter() - started)
+            medians[name].append(round(sorted(times)[len(times) // 2], 5))
+    return medians
 
+
+def nvml_call_us(calls: int = 200) -> float:
+    """One NVML memory reading's cost on the calling thread, in µs."""
     import pynvml
 
     pynvml.nvmlInit()
     handle = pynvml.nvmlDeviceGetHandleByIndex(0)
     started = time.perf_counter()
-    for _ in range(200):
+    for _ in range(calls):
         pynvml.nvmlDeviceGetMemoryInfo(handle)
-    call_us = (time.perf_counter() - started) / 200 * 1e6  # one reading's cost, on the main thread
-    medians: dict[str, list[float]] = {"on": [], "off": []}
-    for r in range(rounds):
-        for mode in (("on", "off") if r % 2 == 0 else ("off", "on")):
-            sampler = NvmlPeakSampler().__enter__() if mode == "on" else None
-            times = []
-            for _ in range(steps_each):
-                torch.cuda.synchronize()
-                started = time.perf_counter()
-                step()
-                torch.cuda.synchronize()
-                times.append(time.perf_counter() - started)
-            if sampler is not None:
-                sampler.__exit__(None, None, None)
-            medians[mode].append(sorted(times)[len(times) // 2])
-    return {"nvml_call_us": round(call_us, 1)} | {mode: [round(t, 5) for t in values] for mode, values in medians.items()}
+    return round((time.perf_counter() - started) / calls * 1e6, 1)
 
 
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
-            random_init: bool = False, sample_nvml: bool = True, ab_rounds: int = 0) -> tuple[dict, list[float]]:
+            random_init: bool = False, sample_nvml: bool = True, ab_rounds: int = 0,
+            overlap_rounds: int = 0) -> tuple[dict, list[float]]:
     plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
     record: dict = {}
     torch.cuda.empty_cache()
@@ -123,10 +129,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     for step in range(steps):
         torch.cuda.synchronize()
         started = time.time()
-        loss, _ = accumulate_gradients(model, [batch], graphs=graphs)
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=graphs is None)
-        torch.cuda.synchronize()
+        loss, _, _ = train_step(model, [batch], optimizer, params, MAX_GRAD_NORM, step, device, graphs=graphs)
         times.append(time.time() - started)
         losses.append(round(loss, 4))
         if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
@@ -134,13 +137,16 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
             driver["outside"].append(outside_pool_bytes())
     if sampler is not None:
         sampler.__exit__(None, None, None)
-    if ab_rounds:
-        def step():
-            accumulate_gradients(model, [batch], graphs=graphs)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=graphs is None)
+    def step():
+        train_step(model, [batch], optimizer, params, MAX_GRAD_NORM, 0, device, graphs=graphs)
 
-        record["sampler_ab"] = sampler_ab(step, ab_rounds)
+    if ab_rounds:  # the NVML sampler's thread beside the steps, and not
+        record["sampler_ab"] = {"nvml_call_us": nvml_call_us()} | alternate(
+            step, {"on": NvmlPeakSampler, "off": lambda: None}, ab_rounds)
+    if overlap_rounds:  # the optimizer's step queued before the loss is read, and after (the trainer before session 10)
+        record["overlap_ab"] = alternate(step, {"overlapped": lambda: switches.forced(overlap_optimizer=True),
+                                                "waiting": lambda: switches.forced(overlap_optimizer=False)},
+                                         overlap_rounds)
     driver["triton_local"] = triton_kernels_with_local_memory()
     record["driver"] = driver
     record["losses"] = losses
@@ -148,6 +154,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["fused_optimizer"] = steps_fused(plan)  # what stepped it, whatever the switches' defaults were then
     record["int8_vocab_major"] = plan.head_quant == "int8" and int8_vocab_major()  # how its int8 head's loss ran
     record["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
+    record["overlap_optimizer"] = switches.enabled("overlap_optimizer")  # the step read its loss after queueing the optimizer
+    record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
         record["graph_notes"] = graphs.notes
@@ -172,6 +180,8 @@ def main() -> None:
                         help="time the steps without the thread that samples NVML's peak (its readings are left out)")
     parser.add_argument("--sampler-ab", type=int, default=0, metavar="ROUNDS",
                         help="after the timed steps, ROUNDS rounds of steps with the NVML sampler and without (sampler_ab)")
+    parser.add_argument("--overlap-ab", type=int, default=0, metavar="ROUNDS",
+                        help="after the timed steps, ROUNDS rounds of overlapped and waiting optimizer steps (overlap_ab)")
     parser.add_argument("--random-init", action="store_true",
                         help="write only config.json and build seeded random weights on the GPU layer by layer (31B and up)")
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
@@ -203,7 +213,8 @@ def main() -> None:
         rec = dict(g, model=os.path.basename(args.config), params=n_params, stack="vramplan")
         try:
             measured, times = run_one(g, folder, vocab, args.steps, device, args.random_init,
-                                      sample_nvml=not args.no_nvml_sampler, ab_rounds=args.sampler_ab)
+                                      sample_nvml=not args.no_nvml_sampler, ab_rounds=args.sampler_ab,
+                                      overlap_rounds=args.overlap_ab)
             rec.update(measured)
             used = used_memory_bytes()
             rec["nvml_used_delta"] = (used - base_used) if base_used is not None and used is not None else None
@@ -250,7 +261,7 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
                                 json.dumps([g]), "--steps", str(args.steps), "--folder", folder,
                                 *(["--random-init"] if args.random_init else []),
                                 *(["--no-nvml-sampler"] if args.no_nvml_sampler else []),
-                                "--sampler-ab", str(args.sampler_ab)],
+                                "--sampler-ab", str(args.sampler_ab), "--overlap-ab", str(args.overlap_ab)],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode or not lines:

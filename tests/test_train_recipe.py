@@ -124,6 +124,32 @@ def test_nan_loss_stops_with_the_step_named(work):
         train(config(work, "llama", "nan", steps=10, lr=1e30, warmup_steps=0, schedule="constant"))
 
 
+def test_the_overlapped_step_logs_what_the_waiting_one_does(work, monkeypatch):
+    """Reading the loss and the norm after the optimizer's step is queued (the default) changes no number."""
+    def logged(out):
+        return [(r["loss"], r["grad_norm"], r["target_tokens"])
+                for r in map(json.loads, (work / out / "metrics.jsonl").read_text().splitlines())]
+
+    train(config(work, "llama", "overlapped", steps=5))
+    monkeypatch.setenv(switches.DISABLE_ENV, "overlap_optimizer")
+    train(config(work, "llama", "waiting", steps=5))
+    assert logged("overlapped") == pytest.approx(logged("waiting"), rel=1e-6)
+    assert all(isinstance(loss, float) and isinstance(tokens, int) for loss, _, tokens in logged("overlapped"))
+
+
+def test_a_nan_read_after_the_step_keeps_the_last_checkpoint(work):
+    """Overlapped, the step that made the loss non-finite has already run in memory when it is read:
+    the error must still come before any save, so the checkpoint on disk is the last finite one."""
+    run = work / "nan-saved"
+    with pytest.raises(VramplanError, match=r"(loss|gradient) became nan at step (\d+)") as caught:
+        train(config(work, "llama", "nan-saved", steps=10, lr=1e30, warmup_steps=0, schedule="constant", save_every=1))
+    failed_at = int(caught.value.args[0].split("at step ")[1].split(";")[0])
+    state = json.loads((run / "checkpoint" / "trainer_state.json").read_text())
+    assert state["step"] == failed_at - 1
+    saved = adapter.read_adapter_weights(run / "checkpoint")
+    assert all(torch.isfinite(t).all() for t in saved.values())
+
+
 def test_missing_model_folder_is_a_user_error(work, tmp_path):
     with pytest.raises(VramplanError, match="no config.json"):
         train(config(work, "llama", "nomodel", steps=1, model_dir=str(tmp_path / "absent")))

@@ -717,15 +717,32 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
     captured = captured_phases(arch, plan)
     ops = step_host_ops(arch, plan)
     ops["checkpointed"] *= factors.checkpoint_host_ops
-    after = AFTER_SYNC_PHASES if captured and not steps_fused(plan) else ()  # fused: the norm is read after the step
+    # the fused optimizer reads the norm after its step; the overlapped trainer reads everything after it
+    waits = captured and not steps_fused(plan) and not optimizer_overlapped(plan)
+    after = AFTER_SYNC_PHASES if waits else ()
     before = sum(n for phase, n in ops.items() if phase not in captured and phase not in after)
     before += GRAPH_REPLAY_HOST_OPS if captured else 0.0
+    before_s = before * factors.seconds_per_host_op
     after_s = sum(ops[phase] for phase in after) * factors.seconds_per_host_op
-    if after and plan.optimizer != "adamw" and plan.stack == "vramplan" and not plan.steps_flat:
+    if captured and not steps_fused(plan) and plan.optimizer != "adamw" and plan.stack == "vramplan" \
+            and not plan.steps_flat:
         # bitsandbytes' per-tensor step at its profiled captured cost, not the eager fit's ops
-        after_s += (optimizer_tensors(arch, plan) * CAPTURED_OPTIMIZER_S_PER_TENSOR / plan.grad_accum
+        profiled = (optimizer_tensors(arch, plan) * CAPTURED_OPTIMIZER_S_PER_TENSOR / plan.grad_accum
                     - ops["optimizer"] * factors.seconds_per_host_op)
-    return before * factors.seconds_per_host_op, after_s
+        if waits:
+            after_s += profiled
+        else:
+            before_s += profiled
+    return before_s, after_s
+
+
+def optimizer_overlapped(plan: Plan) -> bool:
+    """Whether vramplan's trainer queues the optimizer's step before its one wait on the GPU
+    (``train.recipe.train_step`` under the ``overlap_optimizer`` switch, on by default): the host's
+    per-tensor step then runs beside the backward's kernels instead of after them."""
+    from vramplan.train import switches
+
+    return plan.stack == "vramplan" and switches.enabled("overlap_optimizer")
 
 
 def host_seconds(arch: Architecture, plan: Plan, factors: Factors) -> float:

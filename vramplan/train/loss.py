@@ -57,8 +57,10 @@ def summed_loss_of_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
-                         parallel=None, graphs=None) -> tuple[float, int]:
+                         parallel=None, graphs=None, wait: bool = True) -> tuple[float, int]:
     """Forward + backward over the micro-batches of one optimizer step; return (mean token loss, target tokens).
+    ``wait=False`` returns them as tensors still on the device, so the caller can queue the optimizer's
+    step behind the backward before its one wait on the GPU (reading them is that wait).
 
     Every micro-batch's summed loss is divided by the target-token count of the WHOLE
     accumulated batch, so the gradient equals that of one big batch; averaging per micro-batch
@@ -92,4 +94,7 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         loss_sum += loss.detach()
     if parallel is not None:
         loss_sum = parallel.all_reduce_sum(loss_sum)
-    return float(loss_sum / total_targets.clamp(min=1)), int(total_targets)
+    mean_loss = loss_sum / total_targets.clamp(min=1)
+    if not wait:
+        return mean_loss, total_targets
+    return float(mean_loss), int(total_targets)

@@ -20,7 +20,7 @@ import torch
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.stacks.vramplan import fsdp_torch_adamw_reason
-from vramplan.train import adapter, checkpoint, data, distributed, metrics, stopping
+from vramplan.train import adapter, checkpoint, data, distributed, metrics, stopping, switches
 from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
@@ -269,7 +269,6 @@ def train(cfg: TrainConfig) -> dict:
         cfg.notes.append(note)
         _say(cfg, f"note: {note}")
     scheduler = make_scheduler(optimizer, cfg.schedule, warmup, steps)
-    fused = isinstance(optimizer, (FusedAdamW8bit, FusedShardedAdamW8bit))  # clipping on the device
     graphs = StepGraphs.for_run(model, params, plan, device, world.size)
 
     # 4. Resume: LoRA weights, optimizer, scheduler, RNG and the data position.
@@ -298,19 +297,9 @@ def train(cfg: TrainConfig) -> dict:
                 local, tokens = next_micro_batches(dataset, state, plan, cfg.seed, world.rank, world.size, collate,
                                                    width_buckets=WIDTH_BUCKETS if graphs is not None else None)
                 micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
-                loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs)
-                if not math.isfinite(loss):
-                    raise VramplanError(f"the loss became {loss} at step {state.step + 1}; lower --lr (the last checkpoint is kept)")
-                if fused:  # the norm stays on the device until after the step, which skips itself if it is not finite
-                    grad_norm = optimizer.clip_grad_norm_(cfg.max_grad_norm)
-                else:
-                    grad_norm = _finite_norm(float(distributed.clip_gradients(params, cfg.max_grad_norm)), state.step)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                grad_norm = _finite_norm(float(grad_norm), state.step)
+                loss, n_targets, grad_norm = train_step(model, micro_batches, optimizer, params, cfg.max_grad_norm,
+                                                        state.step, device, trainee=trainee, graphs=graphs,
+                                                        scheduler=scheduler)
                 state.step += 1
                 state.tokens_seen += tokens
                 seconds = time.perf_counter() - started
@@ -380,6 +369,43 @@ def export_merged(model_dir: str, adapter_dir: Path, folder: Path, plan: Plan) -
     adapter.merge_into_base(base, adapter.read_adapter_weights(adapter_dir), plan.alpha / plan.lora_rank)
     base.save_pretrained(folder)
     AutoTokenizer.from_pretrained(model_dir).save_pretrained(folder)
+
+
+def train_step(model, micro_batches: list[dict], optimizer, params: list, max_grad_norm: float, done: int,
+               device: torch.device, trainee=None, graphs=None, scheduler=None) -> tuple[float, int, float]:
+    """One optimizer step: forward + backward over the micro-batches, clipping, the step; returns (mean
+    token loss, target tokens, gradient norm) once the GPU has finished it.
+
+    Overlapped (switch ``overlap_optimizer``, on by default) the loss and the norm are read only after
+    the step is queued, so the host runs the optimizer's per-tensor Python while the GPU finishes the
+    backward instead of after it; a non-finite one still raises before anything is saved.
+    """
+    overlap = switches.enabled("overlap_optimizer")
+    loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs, wait=not overlap)
+    if not overlap:
+        _finite_loss(loss, done)
+    if isinstance(optimizer, (FusedAdamW8bit, FusedShardedAdamW8bit)):
+        # the norm stays on the device until after the step, which skips itself if it is not finite
+        grad_norm = optimizer.clip_grad_norm_(max_grad_norm)
+    else:
+        grad_norm = distributed.clip_gradients(params, max_grad_norm)
+        if not overlap:
+            grad_norm = _finite_norm(float(grad_norm), done)
+    optimizer.step()
+    if scheduler is not None:
+        scheduler.step()
+    optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+    if overlap:
+        loss, n_targets = _finite_loss(float(loss), done), int(n_targets)
+    return loss, n_targets, _finite_norm(float(grad_norm), done)
+
+
+def _finite_loss(loss: float, done: int) -> float:
+    if not math.isfinite(loss):
+        raise VramplanError(f"the loss became {loss} at step {done + 1}; lower --lr (the last checkpoint is kept)")
+    return loss
 
 
 def _finite_norm(norm: float, done: int) -> float:

@@ -29,8 +29,11 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: the head dequantized once per micro-batch instead of twice per chunk of tokens. Timed in session 8:
 #: 5.1 ms against the token-major pass's 13.9 (H100, Llama-3.2-1B's 2,048 tokens), and the int8-head
 #: trainer at 38,197 tok/s beside the bf16 head's 38,784; ``VRAMPLAN_DISABLE=int8_vocab_major`` for the A/B.
+#: The optimizer step overlapped (``overlap_optimizer``): the trainer reads the loss and the gradient norm
+#: after queueing the step, not before, so the host's per-tensor step runs while the GPU still computes
+#: the backward; a non-finite loss or norm still stops the run before anything is saved.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
-            "int8_vocab_major": True}
+            "int8_vocab_major": True, "overlap_optimizer": True}
 
 
 def _listed(env: str) -> set[str]:
