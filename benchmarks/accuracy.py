@@ -36,10 +36,11 @@ from collections import defaultdict
 from pathlib import Path
 from statistics import mean
 
-from vramplan.calibration import (Calibration, CalibrationKey, model_family, new_calibration, point_from)
+from vramplan.calibration import (Calibration, CalibrationKey, CalibrationPoint, model_family, new_calibration,
+                                  point_from)
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
-from benchmarks.records import CAMPAIGN, plan_of, switches_ran
+from benchmarks.records import CAMPAIGN, OVERLAPPED, plan_of, switches_ran
 from vramplan.train import switches
 from vramplan.plan import Plan
 
@@ -50,6 +51,8 @@ SOURCES = {"hf": RESULTS / "hf_stack_h100.jsonl", "vramplan": RESULTS / "trainer
 MEASURED = RESULTS / "accuracy_rows.jsonl"
 #: The role of ``records.CAMPAIGN``'s rows: held out from every calibration and reported apart, beside the matrix above.
 CAMPAIGN_ROLE = "held out (session 9 campaign)"
+#: The role of ``records.OVERLAPPED``'s rows (session 10's trainer), held out the same way.
+OVERLAPPED_ROLE = "held out (session 10, overlapped step)"
 GPU = "h100"
 #: The measurements were taken on the project's H100 machine with torch 2.11; its driver was not recorded.
 TORCH_MINOR = "2.11"
@@ -82,13 +85,37 @@ def measured_rows(extra: Path | None = MEASURED) -> list[dict]:
     return [r for r in rows if r["gpu"] == GPU]  # one GPU's calibration per table
 
 
-def campaign_rows() -> list[dict]:
-    """CAMPAIGN's measurements, each held out from every calibration."""
-    rows = [row for path in CAMPAIGN for line in path.read_text().splitlines()
+def campaign_rows(paths=CAMPAIGN, role: str = CAMPAIGN_ROLE) -> list[dict]:
+    """A campaign's measurements (CAMPAIGN's, or OVERLAPPED's), each held out from every calibration."""
+    rows = [row for path in paths for line in path.read_text().splitlines()
             if (row := _row(json.loads(line), "vramplan")) is not None]
     for row in rows:
-        row["used_for_calibration"], row["role"] = False, CAMPAIGN_ROLE
+        row["used_for_calibration"], row["role"] = False, role
     return rows
+
+
+#: `vramplan calibrate` as a user runs it (the CLI on a model folder: an eager dry run of a 3,072-token plan and
+#: its half, a shape no campaign row has), one JSON result a line (results/session10/calibrate_models.sh).
+CALIBRATE_RUNS = tuple(sorted((RESULTS / "session10").glob("calibrate-*.jsonl")))
+
+
+def calibrations_from_runs(paths=CALIBRATE_RUNS) -> dict[tuple[str, str], Calibration]:
+    """One calibration per (stack, family) from the points those runs stored, refitted over all of a
+    family's points as the store does when a second model of it is calibrated (``add_points``)."""
+    grouped, created = defaultdict(list), {}
+    for path in paths:
+        for line in path.read_text().splitlines():
+            result = json.loads(line)
+            if not result.get("calibration"):
+                continue
+            key = result["key"]
+            # the family as this code names it (the runs' may predate model_family's folder mapping)
+            family = model_family(resolve_model(result["profile"]))
+            grouped[(key["stack"], family)] += [CalibrationPoint(**p) for p in result["calibration"]["points"]]
+            created[(key["stack"], family)] = result["calibration"]["created"]
+    return {(stack, family): new_calibration(CalibrationKey(gpu=GPU, family=family, stack=stack, torch_minor=TORCH_MINOR),
+                                             points, created=created[(stack, family)])
+            for (stack, family), points in grouped.items()}
 
 
 def _abs_error_stats(errors: list[float]) -> dict:
@@ -97,9 +124,19 @@ def _abs_error_stats(errors: list[float]) -> dict:
     return {"mean": mean(values), "max": max(values), "n": len(values)}
 
 
-def campaign_summary(rows: list[dict]) -> dict:
-    """The campaign's uncalibrated and calibrated errors, as ``summary`` reports the matrix's."""
-    return {f"campaign_{name}": _abs_error_stats([r[f"error_{name}"] for r in rows]) for name in ("uncalibrated", "calibrated")}
+def campaign_summary(rows: list[dict], prefix: str = "campaign") -> dict:
+    """A campaign's uncalibrated and calibrated errors, as ``summary`` reports the matrix's, and corrected
+    by the ``vramplan calibrate`` runs (CALIBRATE_RUNS) where :func:`with_calibrate_runs` added them."""
+    names = ("uncalibrated", "calibrated") + (("calibrated_by_calibrate_runs",) if rows and
+                                              "error_calibrated_by_calibrate_runs" in rows[0] else ())
+    return {f"{prefix}_{name}": _abs_error_stats([r[f"error_{name}"] for r in rows]) for name in names}
+
+
+def with_calibrate_runs(table: list[dict], rows: list[dict], calibrations: dict) -> None:
+    """Add each row's prediction corrected by ``calibrations`` (:func:`calibrations_from_runs`) to its table row."""
+    for row, other in zip(table, accuracy_rows(rows, calibrations)):
+        row["calibrated_by_calibrate_runs_bytes"] = other["calibrated_bytes"]
+        row["error_calibrated_by_calibrate_runs"] = other["error_calibrated"]
 
 
 def shorter_partner(first: dict, group: list[dict]) -> dict | None:
@@ -255,7 +292,11 @@ def markdown(rows: list[dict], stats: dict) -> str:
               "`calibrated_whole_fit`: the same calibrations with their fit applied in full to every plan (before "
               "`transfer_weight`). `campaign_*`: session 9's runs of the trainer as it ships (CUDA graphs, default "
               "settings, 8 models, `session9/trainer-campaign*.jsonl`), held out from every calibration, which "
-              "were measured eager; not in the rows above them.", ""]
+              "were measured eager; not in the rows above them. `overlapped_*`: session 10's runs of the trainer whose "
+              "optimizer step is queued before the loss is read (`session10/trainer-overlapped.jsonl`), held out the "
+              "same way. `*_calibrated_by_calibrate_runs`: corrected instead by `vramplan calibrate` itself, run as a "
+              "user runs it on five models of three families (Llama-3.2-1B, Qwen3-0.6B, Qwen3-4B, Gemma-4-E2B, "
+              "Gemma-4-E4B) at 3,072 tokens and its half, a shape no campaign row has (`session10/calibrate-*.jsonl`).", ""]
     robust = stats.get("random_splits")
     if robust:
         lines += [f"Over {robust['splits']} random choices of each model's calibrating configuration (and its "
@@ -342,9 +383,13 @@ def from_results(out_dir: Path = RESULTS, calibration_dir: Path | None = ROOT / 
     calibrations = calibrations_from(rows)
     table = accuracy_rows(rows, calibrations)
     stats = summary(table) | {"random_splits": split_robustness(rows)}
-    campaign = accuracy_rows(campaign_rows(), calibrations)
-    stats |= campaign_summary(campaign)
-    table += campaign
+    fresh = calibrations_from_runs() if CALIBRATE_RUNS else None
+    for prefix, paths, role in (("campaign", CAMPAIGN, CAMPAIGN_ROLE), ("overlapped", OVERLAPPED, OVERLAPPED_ROLE)):
+        group = accuracy_rows(campaign_rows(paths, role), calibrations)
+        if fresh:
+            with_calibrate_runs(group, campaign_rows(paths, role), fresh)
+        stats |= campaign_summary(group, prefix)
+        table += group
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "accuracy.json", table)
     (out_dir / "accuracy.md").write_text(markdown(table, stats))
@@ -352,8 +397,11 @@ def from_results(out_dir: Path = RESULTS, calibration_dir: Path | None = ROOT / 
         scatter(table, out_dir / "accuracy.png")
     if calibration_dir is not None:
         calibration_dir.mkdir(parents=True, exist_ok=True)
+        # vramplan's trainer ships what `vramplan calibrate` measured of it as it now runs, where those runs exist;
+        # the matrix's calibrations came from sessions 1-3's eager trainer
+        shipped = {k: c for k, c in calibrations.items() if not (fresh and k[0] == "vramplan")} | (fresh or {})
         for stack in SOURCES:
-            entries = [c.to_dict() for (s, _), c in sorted(calibrations.items()) if s == stack]
+            entries = [c.to_dict() for (s, _), c in sorted(shipped.items()) if s == stack]
             write_json_atomic(calibration_dir / f"{GPU}-{stack}.json", entries)
     return {"rows": table, "summary": stats}
 

@@ -25,7 +25,7 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
-from benchmarks.records import CAMPAIGN, plan_of, switches_ran
+from benchmarks.records import CAMPAIGN, OVERLAPPED, plan_of, switches_ran
 from vramplan.plan import Plan
 from vramplan.train import switches
 from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
@@ -83,10 +83,13 @@ class Run:
     fused_optimizer: bool = False
     #: its int8 head's loss ran vocabulary-major (``records.switches_ran``)
     int8_vocab_major: bool = False
+    #: the trainer queued the optimizer's step before reading the loss (``records.switches_ran``; session 10 on)
+    overlap_optimizer: bool = False
 
     def switches(self) -> dict[str, bool]:
         """What ``switches.forced`` takes to price it as it ran."""
-        return {"fused_optimizer": self.fused_optimizer, "int8_vocab_major": self.int8_vocab_major}
+        return {"fused_optimizer": self.fused_optimizer, "int8_vocab_major": self.int8_vocab_major,
+                "overlap_optimizer": self.overlap_optimizer}
 
     @property
     def step_s(self) -> float:
@@ -121,6 +124,7 @@ def group_of(plan: Plan, later: bool) -> str:
 CAUSAL = ":causal"  # a key's mark for a graph run recorded with causal captures (``causal_captures``)
 FUSED = ":fused"  # a key's mark for a run the fused 8-bit AdamW stepped
 VOCAB_MAJOR = ":vocab-major"  # a key's mark for a run whose int8 head's loss ran vocabulary-major
+OVERLAP_MARK = ":overlapped"  # a key's mark for a run whose optimizer step was queued before the loss was read
 
 
 def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool = False) -> list[Run]:
@@ -141,20 +145,22 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
             causal = bool(record.get("causal_captures")) and plan.captures_steps
             ran = switches_ran(record)
             key = (run_key(stack, plan) + (FUSED if ran["fused_optimizer"] else "")
-                   + (VOCAB_MAJOR if ran["int8_vocab_major"] else "") + (CAUSAL if causal else ""))
+                   + (VOCAB_MAJOR if ran["int8_vocab_major"] else "") + (OVERLAP_MARK if ran["overlap_optimizer"] else "")
+                   + (CAUSAL if causal else ""))
             plans.setdefault(key, (stack, plan))
             times.setdefault(key, []).append(float(record["step_s"]))
     return [Run(key, stack, plan.model, plan, tuple(times[key]),
                 "graphs_causal" if key.endswith(CAUSAL) else group_of(plan, later),
                 masked_captures=not key.endswith(CAUSAL), fused_optimizer=FUSED in key,
-                int8_vocab_major=VOCAB_MAJOR in key)
+                int8_vocab_major=VOCAB_MAJOR in key, overlap_optimizer=OVERLAP_MARK in key)
             for key, (stack, plan) in plans.items()]
 
 
 def load_later_runs() -> list[Run]:
     """LATER_SOURCES' runs, reported per :func:`group_of` group, and CAMPAIGN's as group "campaign": all held out by the fit."""
     campaign = [replace(run, group="campaign") for run in load_runs({"vramplan": CAMPAIGN}, later=True)]
-    return load_runs(LATER_SOURCES, later=True) + campaign
+    overlapped = [replace(run, group="overlapped") for run in load_runs({"vramplan": OVERLAPPED}, later=True)]
+    return load_runs(LATER_SOURCES, later=True) + campaign + overlapped
 
 
 #: One configuration in FIT_EVERY of each stack is fitted on.
@@ -324,7 +330,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
     groups = {}
-    for group in ("eager", "graphs", "graphs_causal", "eager_later", "campaign"):
+    for group in ("eager", "graphs", "graphs_causal", "eager_later", "campaign", "overlapped"):
         errors = [abs(r["error"]) for r in rows if r["set"] == "held_out" and r["group"] == group]
         if errors:
             groups[group] = _summary(errors)
@@ -355,7 +361,7 @@ def markdown(result: dict) -> str:
              "| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
              "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {"graphs": " (graphs)", "graphs_causal": " (graphs, causal)", "eager_later": " (eager, later)",
-              "campaign": " (session 9 campaign)"}
+              "campaign": " (session 9 campaign)", "overlapped": " (session 10, overlapped step)"}
     for r in result["rows"]:
         repeats = f"{r['repeats']} ({100 * r['spread']:.0f}%)" if r["repeats"] > 1 else "1"
         model = r["model"] + "".join(f", {v} {name}" for name, v, default in
@@ -379,7 +385,9 @@ def markdown(result: dict) -> str:
              "session7/trainer-*.jsonl and session8/trainer-{tiles,spread}.jsonl, none fitted",
              "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted",
              "campaign": "session 9's campaign of the trainer as it ships, session9/trainer-campaign*.jsonl, 8 models, "
-                         "none fitted, measured after every constant was set"}
+                         "none fitted, measured after every constant was set",
+             "overlapped": "session 10's trainer, its optimizer's step queued before the loss is read, "
+                           "session10/trainer-overlapped.jsonl, measured after the model priced the overlap"}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
                      f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "

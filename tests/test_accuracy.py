@@ -47,9 +47,9 @@ def test_calibrated_as_vramplan_calibrate_would_and_held_out_on_the_rest(built):
     """Per (stack, model): the first configuration listed and, where the data has it, the same plan at a
     shorter sequence (the half-length shape `vramplan calibrate` also runs). Nothing else is fitted; a
     repeat of a calibration configuration is neither fitted nor held out."""
-    from benchmarks.accuracy import CAMPAIGN_ROLE
+    from benchmarks.accuracy import CAMPAIGN_ROLE, OVERLAPPED_ROLE
 
-    rows = [r for r in built[1]["rows"] if r["role"] != CAMPAIGN_ROLE]
+    rows = [r for r in built[1]["rows"] if r["role"] not in (CAMPAIGN_ROLE, OVERLAPPED_ROLE)]
     keys = {(r["stack"], r["model"]) for r in rows}
     calibrating = [r for r in rows if r["used_for_calibration"]]
     assert len(keys) <= len(calibrating) <= 2 * len(keys)
@@ -85,6 +85,26 @@ def test_the_shipped_trainers_campaign_is_held_out_and_reported_apart(built):
     assert stats["campaign_uncalibrated"]["n"] == 16 and stats["campaign_uncalibrated"]["max"] < 0.08
     assert stats["campaign_uncalibrated"]["mean"] < 0.03 and stats["campaign_calibrated"]["max"] < 0.07
     assert stats["calibrated_held_out"]["n"] == len([r for r in built[1]["rows"] if r["role"] == "held out"])
+
+
+def test_vramplan_calibrate_runs_correct_the_held_out_campaigns_inside_the_targets(built):
+    """`vramplan calibrate` as a user runs it (session 10: five models of three families at 3,072 tokens and
+    its half, a shape no campaign row has) corrects session 9's 16 held-out runs to 2.1% mean / 4.6% max and
+    session 10's 6 overlapped-step runs to 2.5% / 4.6%: inside the issue's calibrated 3% / 6% on the trainer
+    as it now runs; and those calibrations are what ships for vramplan's stack."""
+    from benchmarks.accuracy import OVERLAPPED_ROLE, calibrations_from_runs
+
+    stats = built[1]["summary"]
+    for prefix, n in (("campaign", 16), ("overlapped", 6)):
+        fresh = stats[f"{prefix}_calibrated_by_calibrate_runs"]
+        assert fresh["n"] == n and fresh["mean"] <= 0.03 and fresh["max"] <= 0.06, prefix
+    overlapped = [r for r in built[1]["rows"] if r["role"] == OVERLAPPED_ROLE]
+    assert len(overlapped) == 6 and not any(r["used_for_calibration"] for r in overlapped)
+    fresh = calibrations_from_runs()
+    assert {family for stack, family in fresh} == {"llama", "qwen3", "gemma4"}
+    assert sum(len(c.points) for c in fresh.values()) == 10  # two shapes of each of the five models
+    shipped = read_calibration_file(ROOT / "profiles/calibration/h100-vramplan.json")
+    assert sorted(c.key.family for c in shipped) == sorted(family for _, family in fresh)
 
 
 def test_errors_against_the_issue_targets(built):
