@@ -43,6 +43,21 @@ class Case:
 YARDSTICK = "ceiling: "
 
 
+def synced_seconds(step: Callable[[], Any], n: int) -> list[float]:
+    """Wall seconds of ``n`` calls of ``step``, each between two device syncs: what a whole step costs,
+    host and GPU together (the kernel timings below time the GPU's share)."""
+    import time
+
+    times = []
+    for _ in range(n):
+        torch.cuda.synchronize()
+        started = time.perf_counter()
+        step()
+        torch.cuda.synchronize()
+        times.append(time.perf_counter() - started)
+    return times
+
+
 def median_ms(fn: Callable[[], Any]) -> float:
     import triton.testing
 

@@ -11,9 +11,10 @@ from __future__ import annotations
 
 import json
 import statistics
-import time
 
 import torch
+
+from benchmarks.harness import synced_seconds
 
 # (out, in) of Llama-3.2-1B's q, k, v, o, gate, up, down projections
 LINEARS = [(2048, 2048), (512, 2048), (512, 2048), (2048, 2048), (8192, 2048), (8192, 2048), (2048, 8192)]
@@ -29,14 +30,7 @@ def adapters(device) -> list[torch.nn.Parameter]:
 def per_step_ms(step, n: int = 50) -> float:
     for _ in range(3):
         step()
-    times = []
-    for _ in range(n):
-        torch.cuda.synchronize()
-        started = time.perf_counter()
-        step()
-        torch.cuda.synchronize()
-        times.append((time.perf_counter() - started) * 1e3)
-    return statistics.median(times)
+    return statistics.median(synced_seconds(step, n)) * 1e3
 
 
 def outside_allocator_bytes() -> int:

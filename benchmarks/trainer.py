@@ -27,6 +27,7 @@ import time
 import torch
 
 from vramplan.catalog import resolve_model
+from benchmarks.harness import synced_seconds
 from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
@@ -77,13 +78,7 @@ def alternate(step, modes: dict, rounds: int, steps_each: int = 6) -> dict[str, 
     for r in range(rounds):
         for name in names[r % len(names):] + names[:r % len(names)]:
             with modes[name]() or contextlib.nullcontext():
-                times = []
-                for _ in range(steps_each):
-                    torch.cuda.synchronize()
-                    started = time.perf_counter()
-                    step()
-                    torch.cuda.synchronize()
-                    times.append(time.perf_counter() - started)
+                times = synced_seconds(step, steps_each)
             medians[name].append(round(sorted(times)[len(times) // 2], 5))
     return medians
 
