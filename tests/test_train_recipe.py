@@ -133,7 +133,11 @@ def test_the_overlapped_step_logs_what_the_waiting_one_does(work, monkeypatch):
     train(config(work, "llama", "overlapped", steps=5))
     monkeypatch.setenv(switches.DISABLE_ENV, "overlap_optimizer")
     train(config(work, "llama", "waiting", steps=5))
-    assert logged("overlapped") == pytest.approx(logged("waiting"), rel=1e-6)
+    overlapped, waiting = logged("overlapped"), logged("waiting")
+    assert len(overlapped) == len(waiting) == 5
+    for (loss, norm, tokens), (loss_w, norm_w, tokens_w) in zip(overlapped, waiting):
+        assert loss == pytest.approx(loss_w, rel=1e-6) and norm == pytest.approx(norm_w, rel=1e-6)
+        assert tokens == tokens_w
     assert all(isinstance(loss, float) and isinstance(tokens, int) for loss, _, tokens in logged("overlapped"))
 
 
