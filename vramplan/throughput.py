@@ -690,8 +690,9 @@ def captured_phases(arch: Architecture, plan: Plan) -> tuple[str, ...]:
 GRAPH_REPLAY_HOST_OPS = 13.0
 
 
-#: The phases the host runs after the step's first wait on the GPU: the trainer reads the gradient norm
-#: (``float(clip_gradients(...))``) once the micro-batches are queued, so the optimizer's Python and the
+#: The phases the host runs after the step's first wait on the GPU where the trainer waits before its step
+#: (before session 10, and ``VRAMPLAN_DISABLE=overlap_optimizer`` since: :func:`optimizer_overlapped`): it read
+#: the gradient norm (``float(clip_gradients(...))``) once the micro-batches were queued, so the optimizer's Python and the
 #: per-step bookkeeping start only when the GPU has finished the backward, and add to the step instead of
 #: overlapping it (:func:`combine`). Under CUDA graphs this is most of the host's work: on the H100
 #: Llama-3.2-1B at 2,048 tokens took 0.062-0.082 s a step with graphs, about its ~40 ms of kernels plus

@@ -57,7 +57,8 @@ def summed_loss_of_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
-                         parallel=None, graphs=None, wait: bool = True) -> tuple[float, int]:
+                         parallel=None, graphs=None, wait: bool = True
+                         ) -> tuple[float | torch.Tensor, int | torch.Tensor]:
     """Forward + backward over the micro-batches of one optimizer step; return (mean token loss, target tokens).
     ``wait=False`` returns them as tensors still on the device, so the caller can queue the optimizer's
     step behind the backward before its one wait on the GPU (reading them is that wait).
