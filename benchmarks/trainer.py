@@ -140,7 +140,9 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
             step, {"on": NvmlPeakSampler, "off": lambda: None}, ab_rounds)
     if overlap_rounds:  # the optimizer's step queued before the loss is read, and after (the trainer before session 10)
         record["overlap_ab"] = alternate(step, {"overlapped": lambda: switches.forced(overlap_optimizer=True),
-                                                "waiting": lambda: switches.forced(overlap_optimizer=False)},
+                                                "waiting": lambda: switches.forced(overlap_optimizer=False),
+                                                "queued": lambda: switches.forced(overlap_optimizer=True,
+                                                                                  queued_optimizer=True)},
                                          overlap_rounds)
     driver["triton_local"] = triton_kernels_with_local_memory()
     record["driver"] = driver
@@ -150,6 +152,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["int8_vocab_major"] = plan.head_quant == "int8" and int8_vocab_major()  # how its int8 head's loss ran
     record["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     record["overlap_optimizer"] = switches.enabled("overlap_optimizer")  # the step read its loss after queueing the optimizer
+    record["queued_optimizer"] = switches.enabled("queued_optimizer")  # bitsandbytes without its last sync (off: default)
     record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])

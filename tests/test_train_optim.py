@@ -142,3 +142,37 @@ def test_flat_gradient_sink_equals_autograd_with_accumulation_and_checkpointing(
         assert got.grad.data_ptr() >= flat.grad.data_ptr() and torch.equal(got.grad, want.grad)
     flat.zero_grad()
     assert not flat.grad.any() and all(p.grad is not None for p in params)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("flat", [True, False])
+def test_a_queued_step_updates_and_zeroes_as_the_synced_one(flat, device):
+    """``step(sync=False)`` and ``zero_grad_queued`` (the switch queued_optimizer) leave the same parameters
+    and zero the same gradients in place as ``step()`` and ``zero_grad(set_to_none=False)``: the one wait is
+    the caller's, and a CUDA graph's gradient buffers stay the tensors it captured."""
+    pytest.importorskip("bitsandbytes")
+    torch.manual_seed(0)
+    start = [torch.randn(16, 4096, device=device), torch.randn(300, 16, device=device)]
+    runs = []
+    for queued in (False, True):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = eight_bit_adamw(True, flat=flat)(params, lr=1e-2, weight_decay=0.01)
+        generator = torch.Generator(device).manual_seed(1)
+        for _ in range(3):
+            for p in params:
+                g = torch.randn(p.shape, generator=generator, device=device)
+                if p.grad is None:
+                    p.grad = g
+                else:
+                    p.grad.add_(g)  # as a replayed graph accumulates into the buffers it holds
+            held = [p.grad for p in params]
+            optimizer.step(sync=False) if queued else optimizer.step()
+            optimizer.zero_grad_queued() if queued else optimizer.zero_grad(set_to_none=False)
+            if not flat:
+                assert all(p.grad is g for p, g in zip(params, held))
+            assert all(not p.grad.any() for p in params if p.grad is not None)
+        if device == "cuda":
+            torch.cuda.synchronize()
+        runs.append([p.detach().clone() for p in params])
+    assert all(torch.equal(a, b) for a, b in zip(*runs))
+    assert not torch.equal(runs[1][0], start[0])

@@ -391,10 +391,17 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
         grad_norm = distributed.clip_gradients(params, max_grad_norm)
         if not overlap:
             grad_norm = _finite_norm(float(grad_norm), done)
-    optimizer.step()
+    queued = overlap and switches.enabled("queued_optimizer") and hasattr(optimizer, "zero_grad_queued")
+    if queued:  # bitsandbytes' loop without its last sync, and one foreach zeroing: the wait is the one below
+        optimizer.step(sync=False)
+    else:
+        optimizer.step()
     if scheduler is not None:
         scheduler.step()
-    optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
+    if queued and graphs is not None:
+        optimizer.zero_grad_queued()
+    else:
+        optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
     if device.type == "cuda":
         torch.cuda.synchronize()
     if overlap:

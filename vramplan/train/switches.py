@@ -32,8 +32,10 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: The optimizer step overlapped (``overlap_optimizer``): the trainer reads the loss and the gradient norm
 #: after queueing the step, not before, so the host's per-tensor step runs while the GPU still computes
 #: the backward; a non-finite loss or norm still stops the run before anything is saved.
+#: ``queued_optimizer`` goes further, off until timed on a GPU: bitsandbytes' step without its last sync and the
+#: gradients zeroed in one foreach launch, so the host queues the whole step before its one wait.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
-            "int8_vocab_major": True, "overlap_optimizer": True}
+            "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": False}
 
 
 def _listed(env: str) -> set[str]:
