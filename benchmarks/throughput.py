@@ -387,7 +387,10 @@ def markdown(result: dict) -> str:
              "campaign": "session 9's campaign of the trainer as it ships, session9/trainer-campaign*.jsonl, 8 models, "
                          "none fitted, measured after every constant was set",
              "overlapped": "session 10's trainer, its optimizer's step queued before the loss is read, "
-                           "session10/trainer-overlapped.jsonl, measured after the model priced the overlap"}
+                           "session10/trainer-overlapped.jsonl, measured after the model priced the overlap; "
+                           "not a clean hold-out since: these runs showed less overlap than priced, and the "
+                           "zeroing after bitsandbytes' last sync was priced after them (its constant read "
+                           "off the profiles, not fitted; 16.0% mean, 3 within 15% before)"}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
                      f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "

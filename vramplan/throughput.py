@@ -710,6 +710,13 @@ AFTER_SYNC_PHASES = ("optimizer", "step")
 #: (55 µs); session 8 (results/session8/profile-graphs-*-2048.txt) 9.5 ms (42 µs) and 17.0 ms (35 µs).
 #: Their mean; a host's speed moves it by ±35%, as it moves every host cost.
 CAPTURED_OPTIMIZER_S_PER_TENSOR = 50e-6
+#: Of that, ``zero_grad``'s share: a captured run zeroes each adapter gradient in place, one ``zero_()`` a tensor,
+#: 10.8-11.4 µs of host time a tensor in the same four profiles (the ``Optimizer.zero_grad`` range's CPU total).
+#: The overlapped trainer (:func:`optimizer_overlapped`) queues bitsandbytes' loop beside the backward, but
+#: bitsandbytes' step ends on a sync (``train.optim._OneSyncPerStep``), so the zeroing and the step's
+#: bookkeeping still run after the GPU has finished; queued whole (switch ``queued_optimizer``: no last sync,
+#: one foreach zeroing) nothing does.
+ZERO_GRAD_S_PER_TENSOR = 11e-6
 
 
 def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tuple[float, float]:
@@ -718,23 +725,36 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
     captured = captured_phases(arch, plan)
     ops = step_host_ops(arch, plan)
     ops["checkpointed"] *= factors.checkpoint_host_ops
-    # the fused optimizer reads the norm after its step; the overlapped trainer reads everything after it
+    # the fused optimizer reads the norm after its step; the overlapped trainer reads everything after it,
+    # but bitsandbytes' step still ends on a sync unless queued whole
+    bnb = captured and not steps_fused(plan) and plan.optimizer != "adamw" and plan.stack == "vramplan"
     waits = captured and not steps_fused(plan) and not optimizer_overlapped(plan)
-    after = AFTER_SYNC_PHASES if waits else ()
+    last_sync = bnb and not waits and not optimizer_queued(plan)
+    after = AFTER_SYNC_PHASES if waits else ("step",) if last_sync else ()
     before = sum(n for phase, n in ops.items() if phase not in captured and phase not in after)
     before += GRAPH_REPLAY_HOST_OPS if captured else 0.0
     before_s = before * factors.seconds_per_host_op
     after_s = sum(ops[phase] for phase in after) * factors.seconds_per_host_op
-    if captured and not steps_fused(plan) and plan.optimizer != "adamw" and plan.stack == "vramplan" \
-            and not plan.steps_flat:
+    if bnb and not plan.steps_flat:
         # bitsandbytes' per-tensor step at its profiled captured cost, not the eager fit's ops
-        profiled = (optimizer_tensors(arch, plan) * CAPTURED_OPTIMIZER_S_PER_TENSOR / plan.grad_accum
-                    - ops["optimizer"] * factors.seconds_per_host_op)
+        tensors = optimizer_tensors(arch, plan) / plan.grad_accum
+        profiled = tensors * CAPTURED_OPTIMIZER_S_PER_TENSOR - ops["optimizer"] * factors.seconds_per_host_op
         if waits:
             after_s += profiled
+        elif last_sync:  # the loop beside the backward, the zeroing after bitsandbytes' last sync
+            before_s += profiled - tensors * ZERO_GRAD_S_PER_TENSOR
+            after_s += tensors * ZERO_GRAD_S_PER_TENSOR
         else:
             before_s += profiled
     return before_s, after_s
+
+
+def optimizer_queued(plan: Plan) -> bool:
+    """Whether the overlapped trainer also queues bitsandbytes' step whole (switch ``queued_optimizer``, off by
+    default): no sync at its end and the gradients zeroed in one launch, so no host work follows the GPU's."""
+    from vramplan.train import switches
+
+    return optimizer_overlapped(plan) and switches.enabled("queued_optimizer")
 
 
 def optimizer_overlapped(plan: Plan) -> bool:
