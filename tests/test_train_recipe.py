@@ -113,6 +113,17 @@ def test_fused_optimizer_trains(work, monkeypatch):
     assert saved["state1"].dtype == torch.uint8 and saved["absmax1"].numel() == saved["state1"].numel() // 256
 
 
+def test_queueing_leaves_an_optimizer_without_a_sync_of_its_own_as_it_is(work, monkeypatch):
+    """queued_optimizer only takes over bitsandbytes' last sync (optim.queues_whole): the fused AdamW, which
+    never waits, steps as it does without the switch."""
+    monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+    plain = train(config(work, "llama", "fused-plain", steps=3))
+    monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer,queued_optimizer")
+    queued = train(config(work, "llama", "fused-queued", steps=3))
+    assert queued["steps"] == plain["steps"] == 3
+    assert queued["loss"] == pytest.approx(plain["loss"], rel=1e-6)
+
+
 def test_bad_data_fails_before_the_model_loads(work, tmp_path):
     bad = write_jsonl(tmp_path / "bad.jsonl", ['{"text": "the cat"}', '{"prompt": "a"}'])
     with pytest.raises(VramplanError, match="bad.jsonl:2"):

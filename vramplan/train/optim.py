@@ -206,6 +206,12 @@ class _OneSyncPerStep:
             torch._foreach_zero_(grads)
 
 
+def queues_whole(optimizer) -> bool:
+    """Whether ``optimizer``'s step ends on a sync of its own that a caller waiting itself may leave out
+    (``step(sync=False)``, ``zero_grad_queued``): bitsandbytes' loop here. The fused optimizers never wait."""
+    return isinstance(optimizer, _OneSyncPerStep)
+
+
 #: bitsandbytes' names of an ``AdamW8bitState``'s tensors, in its field order (m, m_absmax, v, v_absmax)
 BNB_STATE_NAMES = ("state1", "absmax1", "state2", "absmax2")
 
@@ -315,9 +321,6 @@ class FusedAdamW8bit(_DeviceScalars, torch.optim.Optimizer):
 
     def zero_grad(self, set_to_none: bool = True) -> None:
         self.flat.zero_grad(set_to_none)
-
-    def zero_grad_queued(self) -> None:
-        self.zero_grad(set_to_none=False)  # one buffer already: one launch
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads into the buffers this optimizer holds (in place); also takes the state of

@@ -25,7 +25,7 @@ from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.model import load_for_training, lora_parameters, read_config
 from vramplan.train.optim import (FusedAdamW8bit, FusedShardedAdamW8bit, eight_bit_adamw, flat_update_pays,
-                                  fused_update_applies)
+                                  fused_update_applies, queues_whole)
 
 SCHEDULES = ("cosine", "linear", "constant")
 
@@ -383,15 +383,15 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
     overlap = switches.enabled("overlap_optimizer")
     loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs, wait=not overlap)
     if not overlap:
-        _finite_loss(loss, done)
+        _finite("loss", loss, done)
     if isinstance(optimizer, (FusedAdamW8bit, FusedShardedAdamW8bit)):
         # the norm stays on the device until after the step, which skips itself if it is not finite
         grad_norm = optimizer.clip_grad_norm_(max_grad_norm)
     else:
         grad_norm = distributed.clip_gradients(params, max_grad_norm)
         if not overlap:
-            grad_norm = _finite_norm(float(grad_norm), done)
-    queued = overlap and switches.enabled("queued_optimizer") and hasattr(optimizer, "zero_grad_queued")
+            grad_norm = _finite("gradient", float(grad_norm), done)
+    queued = overlap and switches.enabled("queued_optimizer") and queues_whole(optimizer)
     if queued:  # bitsandbytes' loop without its last sync, and one foreach zeroing: the wait is the one below
         optimizer.step(sync=False)
     else:
@@ -405,20 +405,15 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
     if device.type == "cuda":
         torch.cuda.synchronize()
     if overlap:
-        loss, n_targets = _finite_loss(float(loss), done), int(n_targets)
-    return loss, n_targets, _finite_norm(float(grad_norm), done)
+        loss, n_targets = _finite("loss", float(loss), done), int(n_targets)
+    return loss, n_targets, _finite("gradient", float(grad_norm), done)
 
 
-def _finite_loss(loss: float, done: int) -> float:
-    if not math.isfinite(loss):
-        raise VramplanError(f"the loss became {loss} at step {done + 1}; lower --lr (the last checkpoint is kept)")
-    return loss
-
-
-def _finite_norm(norm: float, done: int) -> float:
-    if not math.isfinite(norm):
-        raise VramplanError(f"the gradient became {norm} at step {done + 1}; lower --lr (the last checkpoint is kept)")
-    return norm
+def _finite(what: str, value: float, done: int) -> float:
+    """``value`` (the step's loss or gradient norm), or the run's end with the step named."""
+    if not math.isfinite(value):
+        raise VramplanError(f"the {what} became {value} at step {done + 1}; lower --lr (the last checkpoint is kept)")
+    return value
 
 
 def _say(cfg: TrainConfig, line: str) -> None:
