@@ -385,9 +385,10 @@ def from_results(out_dir: Path = RESULTS, calibration_dir: Path | None = ROOT / 
     stats = summary(table) | {"random_splits": split_robustness(rows)}
     fresh = calibrations_from_runs() if CALIBRATE_RUNS else None
     for prefix, paths, role in (("campaign", CAMPAIGN, CAMPAIGN_ROLE), ("overlapped", OVERLAPPED, OVERLAPPED_ROLE)):
-        group = accuracy_rows(campaign_rows(paths, role), calibrations)
+        held = campaign_rows(paths, role)
+        group = accuracy_rows(held, calibrations)
         if fresh:
-            with_calibrate_runs(group, campaign_rows(paths, role), fresh)
+            with_calibrate_runs(group, held, fresh)
         stats |= campaign_summary(group, prefix)
         table += group
     out_dir.mkdir(parents=True, exist_ok=True)

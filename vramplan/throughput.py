@@ -727,8 +727,9 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
     ops["checkpointed"] *= factors.checkpoint_host_ops
     # the fused optimizer reads the norm after its step; the overlapped trainer reads everything after it,
     # but bitsandbytes' step still ends on a sync unless queued whole
-    bnb = captured and not steps_fused(plan) and plan.optimizer != "adamw" and plan.stack == "vramplan"
-    waits = captured and not steps_fused(plan) and not optimizer_overlapped(plan)
+    stepped_after_replay = captured and not steps_fused(plan)
+    bnb = stepped_after_replay and plan.optimizer != "adamw" and plan.stack == "vramplan"
+    waits = stepped_after_replay and not optimizer_overlapped(plan)
     last_sync = bnb and not waits and not optimizer_queued(plan)
     after = AFTER_SYNC_PHASES if waits else ("step",) if last_sync else ()
     before = sum(n for phase, n in ops.items() if phase not in captured and phase not in after)
