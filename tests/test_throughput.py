@@ -245,8 +245,9 @@ def test_a_gpu_without_speed_figures_is_a_clear_error():
 def test_held_out_error_on_the_committed_measurements():
     """The fit never sees the held-out runs. The issue's target is 15% per configuration; not reached on
     every one. On the committed data (H100: 25 trainer and 23 hf-stack configurations, repeats kept
-    at their median, a third of each stack fitted): 9.9% mean, 8.7% median, 33.6% max, 26 of 31
-    within 15% (9.8%, 8.4%, 33.2%, 25 while vramplan's matmul and attention rates were fitted, not profiled;
+    at their median, a third of each stack fitted): 10.2% mean, 8.8% median, 33.6% max, 25 of 31
+    within 15% since attention is priced by the SMs its kernels keep busy (9.9%, 8.7%, 33.6%, 26 before;
+    9.8%, 8.4%, 33.2%, 25 while vramplan's matmul and attention rates were fitted, not profiled;
     before the hf recipe's host ops were counted: 11.6%, 10.9%, 35.3%, 22); with the other
     two thirds fitted 9.4% and 14.3% mean. Repeats of one configuration differ by up to 22%, and nine
     Llama-3.2-1B configurations the model gives one step time were measured at 0.163-0.258 s
@@ -268,22 +269,28 @@ def test_held_out_error_on_the_committed_measurements():
     # profiled (their kernels set the graph-step constants) and so not held out; the other 11: 11.1% mean,
     # 11.2% median, 26.3% max, 8 within 15% since the captured optimizer is priced at the four profiles' mean
     # cost a tensor (6.4%, 4.3%, 15.2%, 10 at the eager fit's 3 ops a tensor, which the session-8 profiles
-    # showed 2.6x too dear; before the device term was profiled: 28.0%, 29.9%, 59.3%, 3)
+    # showed 2.6x too dear; before the device term was profiled: 28.0%, 29.9%, 59.3%, 3). Since attention is
+    # priced by its kernels' SM occupancy (vramplan.occupancy), these session-5 runs (Llama under an explicit
+    # mask in its captures) read 12.6% mean, 25.2% max, 6 within 15%: the masked kernel's rate now comes
+    # from one profile, not a constant shared with the causal kernel
     graphs = result["held_out_by_group"]["graphs"]
-    assert graphs["count"] == 11 and graphs["mean_abs_error"] < 0.12 and graphs["max_abs_error"] < 0.27
-    assert graphs["within_15_percent"] >= 8
+    assert graphs["count"] == 11 and graphs["mean_abs_error"] < 0.13 and graphs["max_abs_error"] < 0.26
+    assert graphs["within_15_percent"] >= 6
     assert not any(r["group"].startswith("graphs") and r["set"] == "fit" for r in result["rows"])
     # sessions 7 and 8's graph runs kept SDPA's causal kernel in their captures (priced as eager attention):
     # 11 configurations, two of them profiled in session 8; the other 9 (int8 heads, tiled MLPs, the fused
-    # optimizer, Gemma-4-31B): 8.9% mean, 21.1% max, 8 within 15% (session 7's 5 alone had read 15.3% mean,
+    # optimizer, Gemma-4-31B): 9.2% mean, 22.5% max, 8 within 15% (8.9%, 21.1%, 8 before attention was priced
+    # by its occupancy; session 7's 5 alone had read 15.3% mean,
     # 28.6% max, 3 within 15% with the eager fit's optimizer cost: its bf16-head Llama-3.2-1B 29% slow)
     causal = result["held_out_by_group"]["graphs_causal"]
-    assert causal["count"] == 9 and causal["mean_abs_error"] < 0.10 and causal["max_abs_error"] < 0.22
+    assert causal["count"] == 9 and causal["mean_abs_error"] < 0.10 and causal["max_abs_error"] < 0.23
     assert causal["within_15_percent"] >= 8
     # session 9's campaign of the trainer as it ships, measured after every constant was set: 16 configurations
-    # over 8 models, 8.0% mean, 25.7% max (Gemma-4-E2B at 1,024 tokens), 13 within 15%
+    # over 8 models, 8.2% mean, 17.6% max (Gemma-4-E2B at 1,024 tokens, whose short rows leave SMs idle in its
+    # attention: 25.7% before vramplan.occupancy priced that), 13 within 15%
     campaign = result["held_out_by_group"]["campaign"]
-    assert campaign["count"] == 16 and campaign["mean_abs_error"] < 0.09 and campaign["within_15_percent"] >= 13
+    assert campaign["count"] == 16 and campaign["mean_abs_error"] < 0.085 and campaign["within_15_percent"] >= 13
+    assert campaign["max_abs_error"] < 0.18
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
@@ -378,18 +385,24 @@ def test_a_mask_makes_flash_attention_compute_the_whole_square():
     rate = h100.bf16_tflops * 1e12
     llama = architecture(resolve_model("llama-3.2-1b"))
     plan = Plan(model="llama-3.2-1b", seq_len=2048)
-    captured, _ = attention_seconds(llama, plan, rate, masked_captures=True)
-    eager, _ = attention_seconds(llama, plan.replace(cuda_graphs=False), rate)
-    assert captured == pytest.approx(eager * 2 * 2048 / 2049)
-    assert attention_seconds(llama, plan, rate)[0] == pytest.approx(eager)
+    sms = h100.sms
+    captured, _ = attention_seconds(llama, plan, rate, sms, masked_captures=True)
+    eager, _ = attention_seconds(llama, plan.replace(cuda_graphs=False), rate, sms)
+    assert captured > eager * 2  # the whole square, at the masked kernel's rate
+    assert attention_seconds(llama, plan, rate, sms)[0] == pytest.approx(eager)
     gemma = architecture(resolve_model("gemma-4-e2b-text"))
     replayed = Plan(model="gemma-4-e2b-text", seq_len=2048)
-    assert attention_seconds(gemma, replayed, rate)[1] < attention_seconds(gemma, replayed, rate, masked_captures=True)[1]
+    assert attention_seconds(gemma, replayed, rate, sms)[1] < attention_seconds(gemma, replayed, rate, sms, masked_captures=True)[1]
     assert captured == pytest.approx(0.0094, rel=0.1)  # profiled: 9.4 ms a step
     gemma = architecture(resolve_model("gemma-4-e2b-text"))
-    flash, wide = attention_seconds(gemma, Plan(model="gemma-4-e2b-text", seq_len=2048, cuda_graphs=False), rate)
+    flash, wide = attention_seconds(gemma, Plan(model="gemma-4-e2b-text", seq_len=2048, cuda_graphs=False), rate, sms)
     assert flash == pytest.approx(0.0193, rel=0.15)  # profiled eager: 21.9 + 35.8 ms over 3 steps, sliding layers
-    assert wide == pytest.approx(0.0519, rel=0.05)  # profiled eager: 138.9 + 16.8 ms over 3 steps
+    assert wide == pytest.approx(0.0519, rel=0.1)  # profiled eager: 138.9 + 16.8 ms over 3 steps
+    # at 1,024 tokens its 8 heads leave SMs idle: profiled 24.7 ms a step (session9/profile-graphs-*-1024.txt),
+    # where a quadratic count from 2,048 tokens gives 17.4
+    short = Plan(model="gemma-4-e2b-text", seq_len=1024)
+    assert sum(attention_seconds(gemma, short, rate, sms)) == pytest.approx(0.0247, rel=0.1)
+    assert sum(attention_seconds(gemma, short, rate, 0)) < 0.8 * 0.0247  # a GPU of unknown SMs: taken as full
 
 
 def test_the_fused_optimizer_steps_one_buffer_without_waiting_first(monkeypatch):

@@ -80,6 +80,7 @@ class GpuSpec:
     rent_usd_per_hour: float | None = None
     interconnect: str | None = None
     count: int = 1
+    sms: int = 0  # streaming multiprocessors (AMD: compute units, Apple: GPU cores); 0: unknown
 
 
 def read_json(path: Path) -> Any:
@@ -127,6 +128,7 @@ _GPU_FIELDS: dict[str, tuple[Any, str]] = {
     "rent_usd_per_hour": (lambda v: v is None or (_is_number(v) and v > 0), "a positive number or null"),
     "interconnect": (lambda v: v is None or (isinstance(v, str) and v != ""), "a string or null"),
     "count": (lambda v: _is_int(v) and v >= 1, "an integer >= 1"),
+    "sms": (lambda v: _is_int(v) and v >= 0, "an integer >= 0"),
     "aliases": (_is_str_list, "a list of non-empty strings"),
     "nvml_names": (_is_str_list, "a list of non-empty strings"),
 }

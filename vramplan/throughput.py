@@ -69,6 +69,8 @@ from typing import Any
 from vramplan.arch import Architecture, Layer
 from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
+from vramplan.occupancy import (FLASH_BACKWARD, FLASH_BACKWARD_256, FLASH_FORWARD, WIDE_BACKWARD, WIDE_FORWARD, Tiling,
+                                 fill)
 from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
 from vramplan.stacks.vramplan import flat_step_applies, graphs_apply, int8_vocab_major, steps_fused
@@ -173,36 +175,49 @@ ROPE_UNPATCHED_MODEL_TYPES = ("gemma4",)
 OVERLAP_SHARPNESS = 4.0
 
 #: SDPA has no flash or cuDNN kernel for heads wider than 256 (Gemma 4's full-attention layers:
-#: 512) and runs the memory-efficient one. Profiled on the H100 (Gemma-4-E2B, 2,048 tokens,
-#: benchmarks/results/profiles/): 0.40 ms per forward (34 GFLOP, ~9% of the bf16 peak) and
-#: 6.6 ms per backward (86 GFLOP, ~1.3%): over forward, recompute and backward 2.1% of the peak,
-#: a fixed fraction here (bf16 stacks only; the hf recipe's fp32 attention has its own fitted one).
-#: Replayed as a CUDA graph the same kernels run slower (benchmarks/results/session5/
-#: profile-graphs-gemma-4-e2b-text.txt): fmha_cutlassF 0.57 ms a call (42 over 3 steps), fmha_cutlassB
-#: 8.7 ms (21 calls): 68.8 ms a step for the 1.08 TFLOP :func:`step_flops` counts, 1.6% of the peak
-#: (:data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`), as the masked square below predicts for a kernel
-#: that no longer skips the causal half.
+#: 512) and runs the memory-efficient one.
 FLASH_MAX_HEAD_DIM = 256
-WIDE_HEAD_ATTENTION_EFFICIENCY = 0.021
+
+
+@dataclass(frozen=True)
+class AttentionKernel:
+    """One family of SDPA's kernels: how it tiles a head (:mod:`vramplan.occupancy`) and the fraction of the
+    bf16 peak its forward and backward reach over the blocks they compute while every SM is busy."""
+
+    forward: Tiling
+    backward: Tiling
+    forward_efficiency: float
+    backward_efficiency: float
+
+
+#: Read off H100 profiles of the trainer at 1,024 and 2,048 tokens (benchmarks/results/session9/
+#: profile-graphs-*-1024.txt, session8/profile-graphs-*-2048.txt; the eager 2,048-token profiles in
+#: benchmarks/results/profiles/ agree within 2%): each call's counted FLOPs over its time and its
+#: :func:`vramplan.occupancy.fill`, the geometric mean of the two lengths; every call lands within 8%.
+#:
+#: * cuDNN's flash kernels, heads up to 128 wide (Llama-3.2-1B, causal): 36.7% and 42.9% forward, 37.4%
+#:   and 41.7% backward;
+#: * the same at 256-wide heads (Gemma-4-E2B's sliding layers, whose window is a mask: the whole square):
+#:   29.2% and 27.6% forward, 19.8% and 21.0% backward;
+#: * the memory-efficient kernels of 512-wide heads (Gemma-4-E2B's full layers, causal): 13.5% and 12.0%
+#:   forward, 1.9% and 2.2% backward.
+#:
+#: Handed a mask, the flash kernels are slower a block: session 5's trainer captured Llama-3.2-1B's steps
+#: under an explicit mask (benchmarks/results/session5/profile-graphs-llama-3.2-1b.txt), 132 µs and 321 µs a
+#: call at 2,048 tokens over the whole square, 27.1% and 27.9% at their fill, where the causal kernel reaches
+#: 42%. Gemma's 256-wide rates above were all measured under its sliding mask.
+FLASH_ATTENTION = AttentionKernel(FLASH_FORWARD, FLASH_BACKWARD, 0.397, 0.395)
+FLASH_ATTENTION_256 = AttentionKernel(FLASH_FORWARD, FLASH_BACKWARD_256, 0.284, 0.204)
+WIDE_HEAD_ATTENTION = AttentionKernel(WIDE_FORWARD, WIDE_BACKWARD, 0.127, 0.0204)
+MASKED_FLASH_ATTENTION = AttentionKernel(FLASH_FORWARD, FLASH_BACKWARD, 0.271, 0.279)
+#: Session 5's trainer replayed its steps under transformers 5.17's capture-time mask
+#: (benchmarks/results/session5/profile-graphs-gemma-4-e2b-text.txt): fmha_cutlassF 0.57 ms a call,
+#: fmha_cutlassB 8.7 ms, 68.8 ms a step for the 1.08 TFLOP :func:`step_flops` counts at 2,048 tokens, 1.6% of
+#: the peak over forward, recompute and backward together. Its flash layers ran the whole square at the
+#: rates above (Llama-3.2-1B's 132 µs and 321 µs a call: 27% of the peak, 28% at their fill).
 CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.016
-#: SDPA's bf16 flash kernels (cuDNN's on the H100), as a fraction of the bf16 peak over the s×s blocks
-#: they compute (:func:`attention_seconds`). A layer SDPA calls with ``is_causal`` skips the blocks above
-#: the diagonal; one handed an explicit mask computes every block. Three profiles on the H100 at 2,048
-#: tokens, q width 2,048 (32×64 or 8×256), forward, recompute and backward:
-#:
-#: * Llama-3.2-1B eager (benchmarks/results/profiles/): causal, 56 µs a forward and 146 µs a backward,
-#:   1.24 TFLOP in 4.1 ms a step, 30%;
-#: * Llama-3.2-1B replayed as a CUDA graph (benchmarks/results/session5/profile-graphs-llama-3.2-1b.txt):
-#:   the same cuDNN kernels take 132 µs and 321 µs a call, 9.4 ms a step: 2.3× the eager time, the whole
-#:   square's 2.48 TFLOP at 27% (the captured step's attention runs under an explicit mask, as the session's
-#:   transformers 5.17 built it while capturing);
-#: * Gemma-4-E2B's 512-token sliding layers (both profiles, eager and graphs alike): 130 µs and 430 µs a
-#:   call, the whole square of a 2,048-token row at 23%, not the window's ~1/4 of it: a sliding window is
-#:   a mask, and the kernel computes every block of the square.
-#:
-#: 25% over the computed blocks holds all three within 20%. The hf recipe's bf16 path runs these kernels
-#: too; its fitted attention efficiency describes its NF4 recipe's fp32 kernels (math, memory-efficient).
-FLASH_ATTENTION_EFFICIENCY = 0.25
+#: What vramplan's calibration records as its stack's attention efficiency (``Factors``): the flash rate.
+FLASH_ATTENTION_EFFICIENCY = FLASH_ATTENTION.forward_efficiency
 
 #: GPU time per kernel beyond its work: where the host no longer paces the GPU (a replayed graph) the
 #: kernels run back to back, and the gap between one kernel's end and the next one's start is still
@@ -331,23 +346,45 @@ def _masked(layer: Layer, plan: Plan, arch: Architecture, masked_captures: bool 
     return _window(layer, plan.seq_len) is not None or (masked_captures and graphs_apply(arch, plan))
 
 
-def attention_seconds(arch: Architecture, plan: Plan, rate: float, masked_captures: bool = False) -> tuple[float, float]:
-    """(flash, wide-head) seconds of a micro-batch's bf16 attention at ``rate`` FLOP/s of peak.
+def attention_kernel(layer: Layer, masked: bool) -> AttentionKernel:
+    """The SDPA kernel family a layer's bf16 attention runs, by its head width and whether it gets a mask."""
+    if layer.head_dim > FLASH_MAX_HEAD_DIM:
+        return WIDE_HEAD_ATTENTION
+    if layer.head_dim > 128:
+        return FLASH_ATTENTION_256
+    return MASKED_FLASH_ATTENTION if masked else FLASH_ATTENTION
 
-    Flash: the blocks the kernel computes, causal half or, under a mask (:func:`_masked`), the whole square,
-    at :data:`FLASH_ATTENTION_EFFICIENCY`. Wide heads: :func:`step_flops`' causal count at the memory-efficient
-    kernel's profiled rate, eager or replayed under a mask (:data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`).
-    ``masked_captures``: price captured steps as the session-5 trainer ran them (see :func:`_masked`)."""
+
+def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
+                      masked_captures: bool = False) -> tuple[float, float]:
+    """(flash, wide-head) seconds of a micro-batch's bf16 attention at ``rate`` FLOP/s of peak on ``sms`` SMs.
+
+    Each layer's forward (twice under checkpointing) and backward run at their kernel's rate
+    (:func:`attention_kernel`) over the blocks they compute, causal half or, under a mask (:func:`_masked`),
+    the whole square, scaled by the share of the SMs the kernel keeps busy (:func:`vramplan.occupancy.fill`):
+    short rows with few heads leave SMs idle. ``masked_captures``: price captured steps as the session-5
+    trainer ran them (see :func:`_masked`; its wide heads at :data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`)."""
     flash = wide = 0.0
+    forwards = 2 if _recomputes(plan) else 1
+    heads_of = lambda layer: layer.heads * plan.micro_batch  # noqa: E731
     for layer in arch.layers:
-        if layer.head_dim > FLASH_MAX_HEAD_DIM:
-            wide += _attention_flops(layer, plan, _keys_per_query(layer, plan.seq_len))
+        wide_heads = layer.head_dim > FLASH_MAX_HEAD_DIM
+        if wide_heads and masked_captures and graphs_apply(arch, plan):
+            wide += _attention_flops(layer, plan, _keys_per_query(layer, plan.seq_len)) / CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY
+            continue
+        masked = not wide_heads and _masked(layer, plan, arch, masked_captures)
+        kernel = attention_kernel(layer, masked)
+        keys = plan.seq_len if masked else _keys_per_query(layer, plan.seq_len)
+        forward = 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
+        forward_fill = fill(plan.seq_len, heads_of(layer), kernel.forward, not masked, sms)
+        backward_fill = fill(plan.seq_len, heads_of(layer), kernel.backward, not masked, sms)
+        seconds_at_peak = (forwards * forward / (kernel.forward_efficiency * forward_fill)
+                           + 2.5 * forward / (kernel.backward_efficiency * backward_fill))
+        if wide_heads:
+            wide += seconds_at_peak
         else:
-            flash += _attention_flops(layer, plan, plan.seq_len if _masked(layer, plan, arch, masked_captures)
-                                      else _keys_per_query(layer, plan.seq_len))
-    masked_wide = masked_captures and graphs_apply(arch, plan)
-    wide_efficiency = CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY if masked_wide else WIDE_HEAD_ATTENTION_EFFICIENCY
-    return flash / (rate * FLASH_ATTENTION_EFFICIENCY), wide / (rate * wide_efficiency)
+            flash += seconds_at_peak
+    return flash / rate, wide / rate
 
 
 def matmul_kernels(arch: Architecture, plan: Plan) -> float:
@@ -853,7 +890,7 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
         attention += flops.pop("lm_head")
     else:  # SDPA's bf16 kernels, at their profiled rates (the fitted attention efficiency is hf's fp32 kernels')
         attention = 0.0
-        flash_s, wide_s = attention_seconds(arch, plan, rate, masked_captures)
+        flash_s, wide_s = attention_seconds(arch, plan, rate, gpu.sms, masked_captures)
     host, host_after_sync = host_seconds_split(arch, plan, factors)
     vramplan = plan.stack == "vramplan"  # cuBLAS at its profiled rate and cost per kernel; hf: its fitted rate
     matmul_efficiency = MATMUL_EFFICIENCY if vramplan else factors.matmul_efficiency
