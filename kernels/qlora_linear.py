@@ -6,17 +6,24 @@ of every linear alive between forward and backward, the memory QLoRA exists to a
 
 Two ways to run the base matmul on the GPU; which one wins depends on the token count M:
 
-* ``fused``: a Triton matmul that decodes NF4 tiles in registers; it reads 0.52 bytes per weight
-  and writes no bf16 copy, which wins when M is small and the matmul is bound by reading W;
+* ``fused`` (``nf4_matmul``): Triton matmuls that decode NF4 tiles in registers. At small M the
+  matmul is bound by reading W: this reads 0.5 byte a weight (+ its absmax), where dequantize +
+  cuBLAS reads 0.5, writes 2 and reads 2 again. A program loads a [BLOCK_N, BLOCK_K / 2] tile of
+  packed bytes (contiguous along W's rows), looks both nibbles up in the code book held in
+  registers, interleaves them with join + reshape, scales by one absmax per 64 values of a row
+  (loaded once a tile, broadcast) and multiplies in the activations' dtype with fp32
+  accumulation: the same bf16 weight the dequant path multiplies. The forward tiles W's rows
+  (N); the input gradient reduces over them, so its few column tiles (32 at K = 4096) split
+  W's rows over programs whose fp32 partial sums one more launch adds, in a fixed order.
 * ``dequant``: dequantize into a reused buffer (one per device and dtype), then cuBLAS; the
   decode costs one pass over W, amortised when M is large and the matmul is bound by arithmetic.
 
 ``auto`` picks ``fused`` up to ``FUSED_MAX_TOKENS`` tokens and ``dequant`` above; override with
 ``base_path("fused"|"dequant")``, ``qlora_linear(..., base_path=...)`` or ``VRAMPLAN_QLORA_BASE``.
-The bound is 0: timed fwd+bwd from CUDA graphs on the H100 (benchmarks/results/kernels.md,
-session 5), ``fused`` lost at every shape it was timed at, 64 tokens included (Gemma-4-E2B's up
-projection: 1.42 ms against dequantize + cuBLAS's 0.08 ms; its input gradient reads W across the
-packed rows), so ``auto`` always dequantizes until a fused kernel wins somewhere.
+The bound is 0 until the fused kernels are timed on the GPU (the earlier fused kernel, which
+gathered bytes and absmax value by value, lost at every shape: 1.42 ms against 0.08 ms at 64
+tokens of Gemma-4-E2B's up projection, benchmarks/results/kernels.md, session 5). Raising it
+means changing ``FUSED_MAX_TOKENS`` here and in vramplan/memory/weights.py (a test checks they agree).
 
 The LoRA branch computes ``x·Aᵀ`` once and saves that [M, r] product for the backward (it is
 r/in_features the size of x). With 16-bit activations the LoRA matmuls run in x's dtype with
@@ -45,6 +52,7 @@ from vramplan_kernels.nf4 import (
     quantize_nf4,
 )
 
+#: the most tokens ``auto`` sends to the fused kernels (0: none; see the module's docstring)
 FUSED_MAX_TOKENS = 0
 _BASE_PATHS = ("auto", "fused", "dequant")
 _BASE = Switch("VRAMPLAN_QLORA_BASE", _BASE_PATHS, "auto")
@@ -68,7 +76,7 @@ def choose_base_path(tokens: int, path: str | None = None) -> str:
 
 
 @triton.jit
-def _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4, rows, k0, N, K,
+def _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, high_code, low_code, rows, k0, N, K,
               BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
               EVEN_K: tl.constexpr):
     """W[rows, k0 : k0 + BLOCK_K] in fp32, for K a multiple of BLOCKSIZE (every row starts a block).
@@ -95,18 +103,26 @@ def _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4, r
         packed = tl.load(packed_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=byte[None, :] < K // 2,
                          other=0).to(tl.int32)
     absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], [BLOCK_N, GROUPS, GROUP // 2]), [BLOCK_N, HALF])
-    high = _lookup(code4, packed >> 4) * absmax
-    low = _lookup(code4, packed & 0xF) * absmax
+    high = _lookup(high_code, packed) * absmax
+    low = _lookup(low_code, packed) * absmax
     return tl.reshape(tl.join(high, low), [BLOCK_N, BLOCK_K])
 
 
 @triton.jit
-def _lookup(code4, nibble):
-    """code4[nibble] from the code book in registers (tl.gather), not a load from memory: the
-    software pipeliner would stage a load's [BLOCK_N, BLOCK_K / 2] gathered fp32 values in shared
-    memory, num_stages times over (70-360 KB a program, measured compiling for sm_90)."""
-    flat = tl.reshape(nibble, [nibble.numel])
-    return tl.reshape(tl.gather(code4, flat, 0), nibble.shape)
+def _byte_code_books(code4_ptr):
+    """The values of a byte's high and low nibble, indexed by the whole byte (two 256-entry tables,
+    loaded once a program): a lookup needs no shift or mask of the byte first."""
+    byte = tl.arange(0, 256)
+    return tl.load(code4_ptr + (byte >> 4)), tl.load(code4_ptr + (byte & 0xF))
+
+
+@triton.jit
+def _lookup(table, index):
+    """table[index] from a table in registers (tl.gather), not a load from memory: the software
+    pipeliner would stage a load's [BLOCK_N, BLOCK_K / 2] gathered fp32 values in shared memory,
+    num_stages times over (70-360 KB a program, measured compiling for sm_90)."""
+    flat = tl.reshape(index, [index.numel])
+    return tl.reshape(tl.gather(table, flat, 0), index.shape)
 
 
 @triton.jit
@@ -152,7 +168,7 @@ def _nf4_matmul_wt_kernel(
     rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
     chunk = tl.cdiv(tl.cdiv(K, splits), BLOCK_K) * BLOCK_K
     k_start = pid_s * chunk
-    code4 = tl.load(code4_ptr + tl.arange(0, 16))
+    high_code, low_code = _byte_code_books(code4_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k0 in range(k_start, tl.minimum(k_start + chunk, K), BLOCK_K):
         rk = k0 + tl.arange(0, BLOCK_K)
@@ -160,7 +176,7 @@ def _nf4_matmul_wt_kernel(
             a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :])
         else:
             a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=rk[None, :] < K, other=0.0)
-        w = _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4, rn, k0, N, K,
+        w = _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, high_code, low_code, rn, k0, N, K,
                       BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K, EVEN_K)
         acc = _dot_decoded(acc, a, tl.trans(w), DOT_IN_FP32)
     out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -187,13 +203,13 @@ def _nf4_matmul_w_kernel(
     k0 = pid_k * BLOCK_K
     chunk = tl.cdiv(tl.cdiv(N, splits), BLOCK_N) * BLOCK_N
     n_start = pid_s * chunk
-    code4 = tl.load(code4_ptr + tl.arange(0, 16))
+    high_code, low_code = _byte_code_books(code4_ptr)
     acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
     for n0 in range(n_start, tl.minimum(n_start + chunk, N), BLOCK_N):
         rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
         # rows past N: zero gradient, so the tile's clamped duplicate rows add nothing
         g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=rn[None, :] < N, other=0.0)
-        w = _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4, rn, k0, N, K,
+        w = _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, high_code, low_code, rn, k0, N, K,
                       BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K, EVEN_K)
         acc = _dot_decoded(acc, g, w, DOT_IN_FP32)
     out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)

@@ -120,6 +120,13 @@ def test_reduction_splits_fill_idle_sms(monkeypatch):
     assert splits(256, 4096, 14336, "cpu") == 1
 
 
+def test_tile_configs_fit_the_token_count():
+    configs = qlora_module._tile_configs(wide=False)
+    assert {c.kwargs["BLOCK_M"] for c in qlora_module._tiles_for_m(configs, {"m_bucket": 16})} == {16}
+    assert {c.kwargs["BLOCK_M"] for c in qlora_module._tiles_for_m(configs, {"m_bucket": 256})} == {16, 32, 64}
+    assert len(qlora_module._tile_configs(wide=True)) == 3 * 3 * 3 * 2 * 2
+
+
 @pytest.mark.parametrize("double_quant", [True, False])
 @pytest.mark.parametrize("x_shape,out_features", [((17, 192), 70), ((2, 3, 128), 40)])
 def test_fused_path_forward_and_gradients_match_reference(x_shape, out_features, double_quant):
