@@ -1,12 +1,14 @@
 """The fused NF4 matmul against dequantize + cuBLAS at small token counts, graph-timed fwd+bwd (GPU).
 
     python -m benchmarks.fused_small_m   # one JSON line per shape and token count
+    python -m benchmarks.fused_small_m --tokens 32,64,128 --shapes all
 
 A focused slice of benchmarks/kernels.py's QLoRA linear cases: where ``FUSED_MAX_TOKENS`` should sit.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 
 import torch
@@ -20,8 +22,14 @@ TIMED = ("vramplan dequant", "vramplan fused", "dequant + cublas (autograd)")
 
 
 def main() -> None:
-    shapes = {name: LINEAR_SHAPES[name] for name in SHAPES}
-    for case in cases(torch.device("cuda"), shapes, tokens=(), fused_tokens=TOKENS, small_shapes=SHAPES):
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--tokens", default=",".join(map(str, TOKENS)), help="comma-separated token counts")
+    parser.add_argument("--shapes", default=",".join(SHAPES), help=f"comma-separated names or 'all': {', '.join(LINEAR_SHAPES)}")
+    args = parser.parse_args()
+    names = tuple(LINEAR_SHAPES) if args.shapes == "all" else tuple(args.shapes.split(","))
+    tokens = tuple(int(t) for t in args.tokens.split(","))
+    shapes = {name: LINEAR_SHAPES[name] for name in names}
+    for case in cases(torch.device("cuda"), shapes, tokens=(), fused_tokens=tokens, small_shapes=names):
         row = {"shape": case.shape}
         for name in TIMED:
             run = case.variants[name]

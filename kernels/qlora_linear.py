@@ -6,17 +6,26 @@ of every linear alive between forward and backward, the memory QLoRA exists to a
 
 Two ways to run the base matmul on the GPU; which one wins depends on the token count M:
 
-* ``fused``: a Triton matmul that decodes NF4 tiles in registers; it reads 0.52 bytes per weight
-  and writes no bf16 copy, which wins when M is small and the matmul is bound by reading W;
+* ``fused`` (``nf4_matmul``): Triton matmuls that decode NF4 tiles in registers. At small M the
+  matmul is bound by reading W: this reads 0.5 byte a weight (+ its absmax), where dequantize +
+  cuBLAS reads 0.5, writes 2 and reads 2 again. A program loads a [BLOCK_N, BLOCK_K / 2] tile of
+  packed bytes (contiguous along W's rows), looks both nibbles up in the code book held in
+  registers, interleaves them with join + reshape, scales by one absmax per 64 values of a row
+  (loaded once a tile, broadcast) and multiplies in the activations' dtype with fp32
+  accumulation: the same bf16 weight the dequant path multiplies. The forward tiles W's rows
+  (N); the input gradient reduces over them, so its few column tiles (32 at K = 4096) split
+  W's rows over programs whose fp32 partial sums one more launch adds, in a fixed order.
 * ``dequant``: dequantize into a reused buffer (one per device and dtype), then cuBLAS; the
   decode costs one pass over W, amortised when M is large and the matmul is bound by arithmetic.
 
-``auto`` picks ``fused`` up to ``FUSED_MAX_TOKENS`` tokens and ``dequant`` above; override with
-``base_path("fused"|"dequant")``, ``qlora_linear(..., base_path=...)`` or ``VRAMPLAN_QLORA_BASE``.
-The bound is 0: timed fwd+bwd from CUDA graphs on the H100 (benchmarks/results/kernels.md,
-session 5), ``fused`` lost at every shape it was timed at, 64 tokens included (Gemma-4-E2B's up
-projection: 1.42 ms against dequantize + cuBLAS's 0.08 ms; its input gradient reads W across the
-packed rows), so ``auto`` always dequantizes until a fused kernel wins somewhere.
+``auto`` picks ``fused`` up to ``FUSED_MAX_TOKENS`` tokens on weights of at least ``FUSED_MIN_WEIGHT``
+elements and ``dequant`` otherwise; override with ``base_path("fused"|"dequant")``,
+``qlora_linear(..., base_path=...)`` or ``VRAMPLAN_QLORA_BASE``. Graph-timed forward + backward on the H100
+(benchmarks/results/session11/fused-sweep.jsonl), fused against the dequant path: Llama-3.1-8B's up and
+down projections (58.7M elements) 1.24x and 1.27x at 32 tokens, 1.43x and 1.37x at 64, 0.87x at 128;
+Gemma-4-E4B's up projection (26.2M) 1.08x and 1.18x at 32 and 64; Gemma-4-E2B's (9.4M) 0.92x and 0.95x,
+too small a weight for reading it once to pay. The bounds sit between those: 64 tokens, 2^24 elements.
+They are mirrored in vramplan/memory/weights.py (a test checks they agree).
 
 The LoRA branch computes ``x·Aᵀ`` once and saves that [M, r] product for the backward (it is
 r/in_features the size of x). With 16-bit activations the LoRA matmuls run in x's dtype with
@@ -26,6 +35,7 @@ fp32 accumulation, as under autocast; with fp32/fp64 activations, in the adapter
 from __future__ import annotations
 
 import math
+import os
 import weakref
 
 import torch
@@ -33,7 +43,7 @@ import triton
 import triton.language as tl
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from vramplan_kernels.dispatch import Switch, interpreting, use_triton
+from vramplan_kernels.dispatch import Switch, interpreting, sm_count, use_triton
 from vramplan_kernels.nf4 import (
     NF4Tensor,
     _absmax_of_blocks,
@@ -44,7 +54,9 @@ from vramplan_kernels.nf4 import (
     quantize_nf4,
 )
 
-FUSED_MAX_TOKENS = 0
+#: the most tokens ``auto`` sends to the fused kernels, and the fewest weight elements (see the module's docstring)
+FUSED_MAX_TOKENS = 64
+FUSED_MIN_WEIGHT = 1 << 24
 _BASE_PATHS = ("auto", "fused", "dequant")
 _BASE = Switch("VRAMPLAN_QLORA_BASE", _BASE_PATHS, "auto")
 
@@ -54,10 +66,10 @@ def base_path(path: str):
     return _BASE.override(path)
 
 
-def choose_base_path(tokens: int, path: str | None = None) -> str:
+def choose_base_path(tokens: int, weight_numel: int, path: str | None = None) -> str:
     path = path or _BASE.value
     if path == "auto":
-        return "fused" if tokens <= FUSED_MAX_TOKENS else "dequant"
+        return "fused" if tokens <= FUSED_MAX_TOKENS and weight_numel >= FUSED_MIN_WEIGHT else "dequant"
     return path
 
 
@@ -67,79 +79,248 @@ def choose_base_path(tokens: int, path: str | None = None) -> str:
 
 
 @triton.jit
-def _nf4_matmul_kernel(
-    a_ptr, packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
-    M, P, Q, stride_am, stride_wp, stride_wq, m_bucket,
-    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_Q: tl.constexpr, DOT_IN_FP32: tl.constexpr = False,
-):
-    """out[M, P] = a[M, Q] · op(W), where W's element (q, p) sits at flat index p·stride_wp + q·stride_wq.
+def _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, high_code, low_code, rows, k0, N, K,
+              BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              EVEN_K: tl.constexpr):
+    """W[rows, k0 : k0 + BLOCK_K] in fp32, for K a multiple of BLOCKSIZE (every row starts a block).
 
-    Forward (W [N, K], out = x·Wᵀ): P = N, Q = K, strides (K, 1). Backward (dX = dY·W): P = K,
-    Q = N, strides (1, K). Blocks of 64 run along W's flattened rows, so any K works.
-    ``m_bucket`` (M rounded up to a power of two) is only the autotuning key: tuning once per
-    bucket, not once per sequence length.
+    The packed bytes load as one [BLOCK_N, BLOCK_K / 2] tile, contiguous along each row; both
+    nibbles decode through the code book and interleave with join + reshape (a byte's first value
+    is its high nibble). One absmax is loaded per GROUP values of a row and broadcast, not
+    gathered per value. Rows past N are clamped to the last row (loads need no row mask): the
+    callers zero them through the activations or mask them on the store.
     """
-    pid_m = tl.program_id(0)
-    pid_p = tl.program_id(1)
-    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    rp = (pid_p * BLOCK_P + tl.arange(0, BLOCK_P)).to(tl.int64)
-    acc = tl.zeros((BLOCK_M, BLOCK_P), dtype=tl.float32)
-    for q0 in range(0, Q, BLOCK_Q):
-        rq = q0 + tl.arange(0, BLOCK_Q)
-        a = tl.load(a_ptr + rm[:, None].to(tl.int64) * stride_am + rq[None, :],
-                    mask=(rm[:, None] < M) & (rq[None, :] < Q), other=0.0)
-        w_mask = (rq[:, None] < Q) & (rp[None, :] < P)
-        index = rq[:, None].to(tl.int64) * stride_wq + rp[None, :] * stride_wp
-        byte = tl.load(packed_ptr + index // 2, mask=w_mask, other=0).to(tl.int32)
-        nibble = tl.where(index % 2 == 0, byte >> 4, byte & 0xF)
-        absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, index // BLOCKSIZE, w_mask,
-                                   DOUBLE_QUANT)
-        w = tl.where(w_mask, tl.load(code4_ptr + nibble) * absmax, 0.0)
-        if DOT_IN_FP32:
-            if a_ptr.dtype.element_ty == tl.bfloat16:
-                # round w to bf16 (nearest even) by hand: the interpreter's cast truncates
-                bits = w.to(tl.uint32, bitcast=True)
-                bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
-                w = bits.to(tl.float32, bitcast=True)
-            else:
-                w = w.to(a_ptr.dtype.element_ty).to(tl.float32)
-            acc += tl.dot(a.to(tl.float32), w)
+    HALF: tl.constexpr = BLOCK_K // 2
+    GROUP: tl.constexpr = BLOCKSIZE if BLOCKSIZE < BLOCK_K else BLOCK_K  # values of a row under one absmax
+    GROUPS: tl.constexpr = BLOCK_K // GROUP
+    rows = tl.minimum(rows, N - 1)
+    byte = k0 // 2 + tl.arange(0, HALF)
+    start = k0 + tl.arange(0, GROUPS) * GROUP  # each group's first column
+    block = (rows[:, None] * K + start[None, :]) // BLOCKSIZE
+    # columns past K decode as code 0 times absmax 0 (or the offset): finite, and met by zero activations
+    in_k = tl.broadcast_to(start[None, :] < K, block.shape)
+    absmax = _absmax_of_blocks(absmax_ptr, scale_ptr, code8_ptr, offset_ptr, block, in_k, DOUBLE_QUANT)
+    if EVEN_K:
+        packed = tl.load(packed_ptr + rows[:, None] * (K // 2) + byte[None, :]).to(tl.int32)
+    else:
+        packed = tl.load(packed_ptr + rows[:, None] * (K // 2) + byte[None, :], mask=byte[None, :] < K // 2,
+                         other=0).to(tl.int32)
+    absmax = tl.reshape(tl.broadcast_to(absmax[:, :, None], [BLOCK_N, GROUPS, GROUP // 2]), [BLOCK_N, HALF])
+    high = _lookup(high_code, packed) * absmax
+    low = _lookup(low_code, packed) * absmax
+    return tl.reshape(tl.join(high, low), [BLOCK_N, BLOCK_K])
+
+
+@triton.jit
+def _byte_code_books(code4_ptr):
+    """The values of a byte's high and low nibble, indexed by the whole byte (two 256-entry tables,
+    loaded once a program): a lookup needs no shift or mask of the byte first."""
+    byte = tl.arange(0, 256)
+    return tl.load(code4_ptr + (byte >> 4)), tl.load(code4_ptr + (byte & 0xF))
+
+
+@triton.jit
+def _lookup(table, index):
+    """table[index] from a table in registers (tl.gather), not a load from memory: the software
+    pipeliner would stage a load's [BLOCK_N, BLOCK_K / 2] gathered fp32 values in shared memory,
+    num_stages times over (70-360 KB a program, measured compiling for sm_90)."""
+    flat = tl.reshape(index, [index.numel])
+    return tl.reshape(tl.gather(table, flat, 0), index.shape)
+
+
+@triton.jit
+def _rounded_to(w, dtype: tl.constexpr):
+    """w (fp32) rounded to ``dtype`` and back, nearest even; by hand for bf16, whose cast the interpreter truncates."""
+    if dtype == tl.bfloat16:
+        bits = w.to(tl.uint32, bitcast=True)
+        bits = (bits + 0x7FFF + ((bits >> 16) & 1)) & 0xFFFF0000
+        return bits.to(tl.float32, bitcast=True)
+    return w.to(dtype).to(tl.float32)
+
+
+@triton.jit
+def _dot_decoded(acc, x, w, DOT_IN_FP32: tl.constexpr):
+    """acc + x · w, the decoded w (fp32) first rounded to x's dtype, the values dequant + cuBLAS multiply.
+
+    ``DOT_IN_FP32`` (the interpreter, whose tl.dot reads bf16 tiles as their raw 16-bit integers):
+    the product in fp32 of the same rounded values. fp32 activations multiply in full fp32, not TF32.
+    """
+    if DOT_IN_FP32:
+        return tl.dot(x.to(tl.float32), _rounded_to(w, x.dtype), acc)
+    if x.dtype == tl.float32:
+        return tl.dot(x, w, acc, input_precision="ieee")
+    return tl.dot(x, w.to(x.dtype), acc)
+
+
+@triton.jit
+def _nf4_matmul_wt_kernel(
+    a_ptr, packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
+    M, N, K, stride_am, m_bucket, splits,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_IN_FP32: tl.constexpr = False,
+):
+    """The forward, out[s, M, N] = a[M, K-chunk s] · W[N, K-chunk s]ᵀ.
+
+    Programs: (M block, N block, split); the M blocks of one W tile are neighbours in launch order,
+    so all but the first read it from L2. ``splits`` > 1 cuts K into chunks whose fp32 partial
+    sums ``_sum_splits_kernel`` adds up (only where the N blocks alone would leave SMs idle).
+    ``m_bucket`` is only the autotuning key.
+    """
+    pid_m, pid_n, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M - 1).to(tl.int64)  # clamped: stored masked
+    rn = (pid_n * BLOCK_N + tl.arange(0, BLOCK_N)).to(tl.int64)
+    chunk = tl.cdiv(tl.cdiv(K, splits), BLOCK_K) * BLOCK_K
+    k_start = pid_s * chunk
+    high_code, low_code = _byte_code_books(code4_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k0 in range(k_start, tl.minimum(k_start + chunk, K), BLOCK_K):
+        rk = k0 + tl.arange(0, BLOCK_K)
+        if EVEN_K:
+            a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :])
         else:
-            acc += tl.dot(a, w.to(a_ptr.dtype.element_ty))
-    out_mask = (rm[:, None] < M) & (rp[None, :] < P)
-    tl.store(out_ptr + rm[:, None].to(tl.int64) * P + rp[None, :], acc.to(out_ptr.dtype.element_ty), mask=out_mask)
+            a = tl.load(a_ptr + rm[:, None] * stride_am + rk[None, :], mask=rk[None, :] < K, other=0.0)
+        w = _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, high_code, low_code, rn, k0, N, K,
+                      BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K, EVEN_K)
+        acc = _dot_decoded(acc, a, tl.trans(w), DOT_IN_FP32)
+    out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    out = out_ptr + pid_s.to(tl.int64) * M * N + out_m[:, None].to(tl.int64) * N + rn[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(out_m[:, None] < M) & (rn[None, :] < N))
 
 
-_MATMUL_CONFIGS = [
-    triton.Config({"BLOCK_M": bm, "BLOCK_P": bp, "BLOCK_Q": bq}, num_warps=w, num_stages=s)
-    for bm, bp, bq, w, s in [(16, 64, 128, 4, 3), (16, 128, 64, 4, 3), (32, 64, 64, 4, 3), (32, 128, 64, 4, 4),
-                             (64, 64, 64, 4, 3), (64, 128, 64, 8, 3)]
-]
-_nf4_matmul_tuned = triton.autotune(_MATMUL_CONFIGS, key=["m_bucket", "P", "Q", "DOUBLE_QUANT"])(_nf4_matmul_kernel)
+@triton.jit
+def _nf4_matmul_w_kernel(
+    g_ptr, packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, code4_ptr, out_ptr,
+    M, N, K, stride_gm, m_bucket, splits,
+    BLOCKSIZE: tl.constexpr, DOUBLE_QUANT: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr, EVEN_K: tl.constexpr, DOT_IN_FP32: tl.constexpr = False,
+):
+    """The input gradient, out[s, M, K] = g[M, N-chunk s] · W[N-chunk s, K].
+
+    Programs: (M block, K block, split). The reduction runs over W's rows, and K / BLOCK_K
+    column blocks are few (32 at K = 4096), so the rows are split across programs by default and
+    their fp32 partial sums added by ``_sum_splits_kernel``. Each W tile is the forward's
+    [BLOCK_N, BLOCK_K] tile: BLOCK_K / 2 contiguous bytes of each of BLOCK_N rows.
+    """
+    pid_m, pid_k, pid_s = tl.program_id(0), tl.program_id(1), tl.program_id(2)
+    rm = tl.minimum(pid_m * BLOCK_M + tl.arange(0, BLOCK_M), M - 1).to(tl.int64)
+    k0 = pid_k * BLOCK_K
+    chunk = tl.cdiv(tl.cdiv(N, splits), BLOCK_N) * BLOCK_N
+    n_start = pid_s * chunk
+    high_code, low_code = _byte_code_books(code4_ptr)
+    acc = tl.zeros((BLOCK_M, BLOCK_K), dtype=tl.float32)
+    for n0 in range(n_start, tl.minimum(n_start + chunk, N), BLOCK_N):
+        rn = (n0 + tl.arange(0, BLOCK_N)).to(tl.int64)
+        # rows past N: zero gradient, so the tile's clamped duplicate rows add nothing
+        g = tl.load(g_ptr + rm[:, None] * stride_gm + rn[None, :], mask=rn[None, :] < N, other=0.0)
+        w = _nf4_tile(packed_ptr, absmax_ptr, scale_ptr, code8_ptr, offset_ptr, high_code, low_code, rn, k0, N, K,
+                      BLOCKSIZE, DOUBLE_QUANT, BLOCK_N, BLOCK_K, EVEN_K)
+        acc = _dot_decoded(acc, g, w, DOT_IN_FP32)
+    out_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rk = k0 + tl.arange(0, BLOCK_K)
+    out = out_ptr + pid_s.to(tl.int64) * M * K + out_m[:, None].to(tl.int64) * K + rk[None, :]
+    tl.store(out, acc.to(out_ptr.dtype.element_ty), mask=(out_m[:, None] < M) & (rk[None, :] < K))
 
 
-def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool) -> torch.Tensor:
-    """a·Wᵀ (``transpose_w``: the forward) or a·W (the input gradient), W never materialised."""
+@triton.jit
+def _sum_splits_kernel(partial_ptr, out_ptr, numel, splits, BLOCK: tl.constexpr):
+    """out = partial[0] + partial[1] + ... in a fixed order: the same bits on every run (no atomics)."""
+    offsets = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+    mask = offsets < numel
+    acc = tl.zeros((BLOCK,), dtype=tl.float32)
+    for s in range(splits):
+        acc += tl.load(partial_ptr + s * numel + offsets, mask=mask, other=0.0)
+    tl.store(out_ptr + offsets, acc.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _tile_configs(wide: bool) -> list[triton.Config]:
+    """Hopper tiles for M = 16..256: ``wide`` (VRAMPLAN_FUSED_TUNING=wide) tries every combination
+    of BLOCK_M 16/32/64, BLOCK_N and BLOCK_K 64/128/256, 4/8 warps, 3/4 stages (hundreds of
+    compiles a shape); the default, a handful of them that span those sizes."""
+    if wide:
+        tiles = [(bm, bn, bk, w, s) for bm in (16, 32, 64) for bn in (64, 128, 256) for bk in (64, 128, 256)
+                 for w in (4, 8) for s in (3, 4)]
+    else:
+        tiles = [(16, 64, 128, 4, 3), (16, 64, 256, 4, 3), (16, 128, 128, 4, 3), (16, 128, 256, 8, 3),
+                 (16, 256, 64, 4, 4), (32, 64, 128, 4, 3), (32, 64, 256, 4, 4), (32, 128, 128, 4, 4),
+                 (32, 128, 256, 8, 3), (64, 64, 128, 4, 3), (64, 64, 256, 8, 3), (64, 128, 128, 8, 3),
+                 (64, 128, 256, 8, 3), (64, 256, 128, 8, 3)]
+    return [triton.Config({"BLOCK_M": bm, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for bm, bn, bk, w, s in tiles]
+
+
+def _tiles_for_m(configs, named_args, **kwargs):
+    """No BLOCK_M above the token count's bucket: the rows past M would be computed for nothing."""
+    fitting = [c for c in configs if c.kwargs["BLOCK_M"] <= max(16, named_args["m_bucket"])]
+    return fitting or configs
+
+
+def _tuned(kernel):
+    tuned = triton.heuristics({"EVEN_K": lambda args: args["K"] % args["BLOCK_K"] == 0})(kernel)
+    return triton.autotune(_tile_configs(os.environ.get("VRAMPLAN_FUSED_TUNING") == "wide"),
+                           key=["m_bucket", "N", "K", "splits", "BLOCKSIZE", "DOUBLE_QUANT"],
+                           prune_configs_by={"early_config_prune": _tiles_for_m})(tuned)
+
+
+_nf4_matmul_wt_tuned = _tuned(_nf4_matmul_wt_kernel)
+_nf4_matmul_w_tuned = _tuned(_nf4_matmul_w_kernel)
+#: the interpreter's tiles: small, so a CPU test takes seconds; BLOCK_N < N and BLOCK_K < K at the tests' shapes
+_INTERPRETER_TILES = dict(BLOCK_M=16, BLOCK_N=32, BLOCK_K=64)
+#: the shortest stretch of the reduction a split gets: each split writes an fp32 [M, out] partial
+MIN_SPLIT_LENGTH = 512
+_DOT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+
+
+def _reduction_splits(m: int, out_features: int, reduction: int, device: torch.device) -> int:
+    """How many programs share one output tile's reduction: as many as the SMs that the output
+    tiles (counted at 64 x 128) leave idle allow, e.g. 4 for the input gradient at K = 4096 and 64
+    tokens on an H100 (32 column tiles, 132 SMs); none where the tiles fill the GPU (their fp32
+    partial sums cost a write and a read of [splits, M, out]); never a split shorter than
+    ``MIN_SPLIT_LENGTH``."""
+    tiles = triton.cdiv(m, 64) * triton.cdiv(out_features, 128)
+    return max(1, min(sm_count(device) // tiles, reduction // MIN_SPLIT_LENGTH))
+
+
+def nf4_matmul(a: torch.Tensor, q: NF4Tensor, transpose_w: bool, splits: int | None = None) -> torch.Tensor:
+    """a·Wᵀ (``transpose_w``: the forward) or a·W (the input gradient), W never materialised.
+
+    ``splits``: programs sharing each output tile's reduction (None: ``_reduction_splits``).
+    A weight whose rows do not start whole absmax blocks (K not a multiple of the block size; no
+    real model's), or fp64 activations, take the dequantized weight instead.
+    """
     n, k = q.shape
+    if k % q.blocksize or a.dtype not in _DOT_DTYPES:
+        w = dequantize_nf4(q, a.dtype)
+        return torch.mm(a, w.t() if transpose_w else w)
     a = a.contiguous()
     m = a.shape[0]
-    p, qdim, stride_wp, stride_wq = (n, k, k, 1) if transpose_w else (k, n, 1, k)
-    # the interpreter truncates fp32 -> bf16 on store: it writes fp32 and torch rounds
-    out_dtype = torch.float32 if interpreting() and a.dtype == torch.bfloat16 else a.dtype
-    out = torch.empty(m, p, dtype=out_dtype, device=a.device)
-    packed, absmax, scale, code8, offset, code4 = _dequant_launch(q).tensors
-    args = (a, packed, absmax, scale, code8, offset, code4, out, m, p, qdim, a.stride(0),
-            stride_wp, stride_wq, triton.next_power_of_2(m))
+    out_features, reduction = (n, k) if transpose_w else (k, n)
+    splits = splits or _reduction_splits(m, out_features, reduction, a.device)
+    # fp32 where partial sums are added later, and in the interpreter, whose stores truncate to bf16
+    direct = splits == 1 and not (interpreting() and a.dtype == torch.bfloat16)
+    partials = torch.empty((splits, m, out_features), dtype=a.dtype if direct else torch.float32, device=a.device)
+    args = (a, *_dequant_launch(q).tensors, partials, m, n, k, a.stride(0), max(16, triton.next_power_of_2(m)), splits)
+    quant = dict(BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant)
     if interpreting():
-        _nf4_matmul_kernel[(triton.cdiv(m, 16), triton.cdiv(p, 32))](
-            *args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, BLOCK_M=16, BLOCK_P=32, BLOCK_Q=32,
-            DOT_IN_FP32=True)  # the interpreter's tl.dot reads bf16 tiles as their raw 16-bit integers
-        return out.to(a.dtype)
+        kernel = _nf4_matmul_wt_kernel if transpose_w else _nf4_matmul_w_kernel
+        tiles = _INTERPRETER_TILES
+        out_block = tiles["BLOCK_N"] if transpose_w else tiles["BLOCK_K"]
+        kernel[(triton.cdiv(m, tiles["BLOCK_M"]), triton.cdiv(out_features, out_block), splits)](
+            *args, **quant, **tiles, EVEN_K=k % tiles["BLOCK_K"] == 0, DOT_IN_FP32=True)
     else:
-        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(p, meta["BLOCK_P"]))  # noqa: E731
-        _nf4_matmul_tuned[grid](*args, BLOCKSIZE=q.blocksize, DOUBLE_QUANT=q.double_quant, enable_fp_fusion=False)
-    return out
+        kernel, out_block = (_nf4_matmul_wt_tuned, "BLOCK_N") if transpose_w else (_nf4_matmul_w_tuned, "BLOCK_K")
+        grid = lambda meta: (triton.cdiv(m, meta["BLOCK_M"]), triton.cdiv(out_features, meta[out_block]), splits)  # noqa: E731
+        kernel[grid](*args, **quant, enable_fp_fusion=False)
+    return partials[0] if direct else _sum_splits(partials, a.dtype)
+
+
+def _sum_splits(partials: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """[splits, M, P] fp32 partial sums -> [M, P] in ``dtype``, in one launch."""
+    splits, m, p = partials.shape
+    staging = interpreting() and dtype == torch.bfloat16  # the interpreter's store would truncate
+    out = torch.empty((m, p), dtype=torch.float32 if staging else dtype, device=partials.device)
+    block = 1024
+    _sum_splits_kernel[(triton.cdiv(m * p, block),)](partials, out, m * p, splits, BLOCK=block)
+    return out.to(dtype)
 
 
 # --------------------------------------------------------------------------------------------
@@ -176,7 +357,7 @@ def _dequant_buffer(q: NF4Tensor, dtype: torch.dtype) -> tuple[torch.Tensor, tor
 def _base_matmul(a: torch.Tensor, weight, transpose_w: bool, path: str | None) -> torch.Tensor:
     if isinstance(weight, NF4Tensor):
         if use_triton(a):
-            if choose_base_path(a.shape[0], path) == "fused":
+            if choose_base_path(a.shape[0], weight.numel(), path) == "fused":
                 return nf4_matmul(a, weight, transpose_w)
             w, w_t = _dequant_buffer(weight, a.dtype)
             dequantize_nf4(weight, out=w)

@@ -106,8 +106,8 @@ def test_in_place_glu_backward_adds_one_intermediate_not_two():
 
 
 def test_step_buffers_the_trainer_keeps_from_its_first_matmul():
-    """cuBLAS workspaces of two threads (32 MiB + 1 MiB each on Hopper) and, for NF4 above the fused
-    kernel's token limit (none now), one bf16 copy of the largest linear (Llama-3.2-1B: gate/up/down, 8192 × 2048)."""
+    """cuBLAS workspaces of two threads (32 MiB + 1 MiB each on Hopper) and, for NF4, one bf16 copy of the
+    largest linear that is not fused (Llama-3.2-1B above 64 tokens: gate/up/down, 8192 × 2048)."""
     from vramplan.estimate import estimate_plan
     from vramplan.memory.overhead import cublas_workspace_bytes
     from vramplan.memory.weights import dequant_buffer_bytes
@@ -115,8 +115,10 @@ def test_step_buffers_the_trainer_keeps_from_its_first_matmul():
 
     assert cublas_workspace_bytes() == 2 * 33 * 2**20
     assert dequant_buffer_bytes(LLAMA, "nf4", 2048) == 2 * 8192 * 2048
-    # no token count is small enough for the fused kernel now (FUSED_MAX_TOKENS = 0): 64 tokens buffer too
-    assert dequant_buffer_bytes(LLAMA, "nf4", 64) == 2 * 8192 * 2048 and dequant_buffer_bytes(LLAMA, "bf16", 2048) == 0
+    # up to 64 tokens weights of 2^24 elements or more run fused, with no buffer; Llama-3.2-1B's (16.8M
+    # elements: 8192 x 2048 = 2^24) all do, its attention projections (4.2M and smaller) do not
+    assert dequant_buffer_bytes(LLAMA, "nf4", 64) == 2 * 2048 * 2048 and dequant_buffer_bytes(LLAMA, "bf16", 2048) == 0
+    assert dequant_buffer_bytes(LLAMA, "nf4", 65) == 2 * 8192 * 2048
     est = estimate_plan(Plan(model="llama-3.2-1b"), resolve_model("llama-3.2-1b"))
     assert est.components["dequant_buffer"] == 2 * 8192 * 2048 and est.components["cublas_workspaces"] == 2 * 33 * 2**20
     hf = estimate_plan(Plan(model="llama-3.2-1b", stack="hf", loss="full"), resolve_model("llama-3.2-1b"))
@@ -128,3 +130,4 @@ def test_fused_token_limit_matches_the_kernel():
     from vramplan_kernels import qlora_linear
 
     assert weights.FUSED_MAX_TOKENS == qlora_linear.FUSED_MAX_TOKENS
+    assert weights.FUSED_MIN_WEIGHT == qlora_linear.FUSED_MIN_WEIGHT

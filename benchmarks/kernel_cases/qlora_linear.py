@@ -29,7 +29,7 @@ LINEAR_SHAPES = {  # name: (in_features, out_features)
 }
 TOKENS = (2048, 8192)
 #: token counts where the fused path is timed too (a short prompt, a decode batch): where reading
-#: W would bound it, if it is ever to win (``FUSED_MAX_TOKENS`` is where auto uses it: none, now)
+#: W would bound it (``FUSED_MAX_TOKENS`` and ``FUSED_MIN_WEIGHT`` are where auto uses it)
 FUSED_TOKENS = (64, 256)
 #: below this many tokens a fwd+bwd is short enough that launch gaps matter: timed from a CUDA graph too
 GRAPH_BELOW_TOKENS = 4096

@@ -53,6 +53,18 @@ SCRIPT = textwrap.dedent('''
                                    "eps", "weight_decay")}
     compile_for_hopper(adamw8bit._adamw8bit_kernel, dict(pointers, **scalars, BLOCKS="constexpr", BLOCKSIZE="constexpr"),
                        dict(BLOCKS=adamw8bit._BLOCKS_PER_PROGRAM, BLOCKSIZE=adamw8bit.BLOCKSIZE))
+    from vramplan_kernels import qlora_linear as ql
+    for fn, rows, stride in ((ql._nf4_matmul_wt_kernel, "a_ptr", "stride_am"), (ql._nf4_matmul_w_kernel, "g_ptr", "stride_gm")):
+        for double_quant, (bm, bn, bk), even_k in ((True, (16, 64, 128), True), (False, (64, 128, 256), False)):
+            signature = {rows: "*bf16", "packed_ptr": "*u8", "absmax_ptr": "*u8" if double_quant else "*fp32",
+                         "scale_ptr": "*fp32", "code8_ptr": "*fp32", "offset_ptr": "*fp32", "code4_ptr": "*fp32",
+                         "out_ptr": "*fp32", "M": "i32", "N": "i32", "K": "i32", stride: "i32", "m_bucket": "i32",
+                         "splits": "i32", "BLOCKSIZE": "constexpr", "DOUBLE_QUANT": "constexpr", "BLOCK_M": "constexpr",
+                         "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "EVEN_K": "constexpr", "DOT_IN_FP32": "constexpr"}
+            compile_for_hopper(fn, signature, dict(BLOCKSIZE=64, DOUBLE_QUANT=double_quant, BLOCK_M=bm, BLOCK_N=bn,
+                                                   BLOCK_K=bk, EVEN_K=even_k, DOT_IN_FP32=False))
+    compile_for_hopper(ql._sum_splits_kernel, dict(partial_ptr="*fp32", out_ptr="*bf16", numel="i32", splits="i32",
+                                                   BLOCK="constexpr"), dict(BLOCK=1024))
     print("compiled")
 ''')
 

@@ -5,13 +5,16 @@ import math
 import pytest
 import torch
 
+from vramplan_kernels import qlora_linear as qlora_module
 from vramplan_kernels.dispatch import kernel_mode
-from vramplan_kernels.nf4 import NF4Tensor, dequantize_nf4, quantize_nf4
+from vramplan_kernels.nf4 import NF4Tensor, dequantize_nf4, dequantize_nf4_reference, quantize_nf4
 from vramplan_kernels.qlora_linear import (
     FUSED_MAX_TOKENS,
+    FUSED_MIN_WEIGHT,
     QLoRALinear,
     base_path,
     choose_base_path,
+    nf4_matmul,
     qlora_linear,
     qlora_linear_reference,
 )
@@ -62,6 +65,85 @@ def test_matches_reference(mode, path, x_shape, out_features, bias, lora):
         torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
 
 
+# The fused kernels at the interpreter's tiles (16 x 32 x 64): M = 1 and 17 (a partial M block), N not a
+# multiple of 32, K = 64·3 (a partial K tile of 64 at the end of a 128 chunk when split), splits forced
+# above 1 (the CPU has one "SM"), block sizes 32 and 128 (an absmax for part of a tile row, or for more).
+FUSED_SHAPES = [  # m, n, k, blocksize, double_quant, splits
+    (1, 48, 192, 64, True, None),
+    (17, 70, 192, 64, False, None),
+    (17, 70, 192, 64, True, 3),
+    (5, 33, 128, 64, False, 2),
+    (3, 40, 96, 32, True, 2),
+    (4, 24, 256, 128, True, None),
+    (6, 20, 100, 64, True, None),  # K % 64 != 0: a block straddles rows, the dequantized weight instead
+]
+
+
+def _nf4_weight(n, k, blocksize, double_quant, seed=0):
+    return quantize_nf4(torch.randn(n, k, generator=_gen(seed)), blocksize=blocksize, double_quant=double_quant)
+
+
+@pytest.mark.parametrize("transpose_w", [True, False], ids=["forward", "input_grad"])
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant,splits", FUSED_SHAPES)
+def test_nf4_matmul_fp32_matches_dequantized_weight(m, n, k, blocksize, double_quant, splits, transpose_w):
+    q = _nf4_weight(n, k, blocksize, double_quant)
+    w = dequantize_nf4_reference(q, torch.float64)
+    a = torch.randn(m, k if transpose_w else n, generator=_gen(1))
+    with kernel_mode("triton"):
+        out = nf4_matmul(a, q, transpose_w, splits)
+    expected = a.double() @ (w.t() if transpose_w else w)
+    assert out.dtype == torch.float32 and out.shape == expected.shape
+    torch.testing.assert_close(out.double(), expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("transpose_w", [True, False], ids=["forward", "input_grad"])
+@pytest.mark.parametrize("m,n,k,blocksize,double_quant,splits", FUSED_SHAPES[:4])
+def test_nf4_matmul_bf16_multiplies_the_dequant_paths_weight(m, n, k, blocksize, double_quant, splits, transpose_w):
+    """bf16 activations: the product of the bf16-rounded weight dequant + cuBLAS would multiply,
+    summed in fp32 and rounded once (so at most a bf16 rounding apart, from the order of the sum)."""
+    q = _nf4_weight(n, k, blocksize, double_quant)
+    w = dequantize_nf4_reference(q, torch.bfloat16).float()
+    a = torch.randn(m, k if transpose_w else n, generator=_gen(1)).to(torch.bfloat16)
+    with kernel_mode("triton"):
+        out = nf4_matmul(a, q, transpose_w, splits)
+    expected = (a.float() @ (w.t() if transpose_w else w)).to(torch.bfloat16)
+    assert out.dtype == torch.bfloat16
+    torch.testing.assert_close(out, expected)
+
+
+def test_reduction_splits_fill_idle_sms(monkeypatch):
+    monkeypatch.setattr(qlora_module, "sm_count", lambda device: 132)  # an H100
+    splits = qlora_module._reduction_splits
+    assert splits(64, 4096, 14336, "cuda") == 4  # Llama-8B up's input gradient: 32 column tiles
+    assert splits(64, 14336, 4096, "cuda") == 1  # its forward: 112 tiles
+    assert splits(64, 1536, 6144, "cuda") == 11  # Gemma-4-E2B up's input gradient: 12 tiles
+    assert splits(1, 64, 1024, "cuda") == 2  # no split shorter than MIN_SPLIT_LENGTH
+    assert splits(256, 4096, 14336, "cpu") == 1
+
+
+def test_tile_configs_fit_the_token_count():
+    configs = qlora_module._tile_configs(wide=False)
+    assert {c.kwargs["BLOCK_M"] for c in qlora_module._tiles_for_m(configs, {"m_bucket": 16})} == {16}
+    assert {c.kwargs["BLOCK_M"] for c in qlora_module._tiles_for_m(configs, {"m_bucket": 256})} == {16, 32, 64}
+    assert len(qlora_module._tile_configs(wide=True)) == 3 * 3 * 3 * 2 * 2
+
+
+@pytest.mark.parametrize("double_quant", [True, False])
+@pytest.mark.parametrize("x_shape,out_features", [((17, 192), 70), ((2, 3, 128), 40)])
+def test_fused_path_forward_and_gradients_match_reference(x_shape, out_features, double_quant):
+    """Through the autograd Function: the fused kernels in the forward (x·Wᵀ) and backward (dY·W)."""
+    g = _gen(3)
+    weight = quantize_nf4(torch.randn(out_features, x_shape[-1], generator=g), double_quant=double_quant)
+    x, _, a, b, c = _problem(x_shape, out_features)
+    y_ref, grads_ref, grad_y = _forward_and_grads(qlora_linear_reference, x, weight, a, b, c)
+    with kernel_mode("triton"):
+        y, grads, _ = _forward_and_grads(
+            lambda *args: qlora_linear(*args, base_path="fused"), x, weight, a, b, c, grad_y)
+    torch.testing.assert_close(y, y_ref, rtol=1e-5, atol=1e-5)
+    for ours, ref in zip(grads, grads_ref):
+        torch.testing.assert_close(ours, ref, rtol=1e-5, atol=1e-5)
+
+
 def test_reference_gradcheck_float64():
     x, weight, a, b, c = _problem((3, 70), 20, dtype=torch.float64)
     assert torch.autograd.gradcheck(lambda *t: qlora_linear_reference(t[0], weight, *t[1:3], 0.7, t[3]), (x, a, b, c))
@@ -87,14 +169,16 @@ def test_bf16_base_and_mixed_dtypes():
         torch.testing.assert_close(ours, ref, rtol=2e-2, atol=2e-2)
 
 
-def test_base_path_choice_follows_token_count_and_can_be_forced():
-    assert choose_base_path(FUSED_MAX_TOKENS + 1) == "dequant"
-    assert choose_base_path(1) == ("fused" if FUSED_MAX_TOKENS >= 1 else "dequant")
+def test_base_path_choice_follows_token_count_and_weight_size_and_can_be_forced():
+    big, small = FUSED_MIN_WEIGHT, FUSED_MIN_WEIGHT - 1
+    assert choose_base_path(FUSED_MAX_TOKENS, big) == "fused" and choose_base_path(1, big) == "fused"
+    assert choose_base_path(FUSED_MAX_TOKENS + 1, big) == "dequant"
+    assert choose_base_path(1, small) == "dequant"  # too small a weight for one read of it to pay
     with base_path("fused"):
-        assert choose_base_path(4096) == "fused"
+        assert choose_base_path(4096, small) == "fused"
     with base_path("dequant"):
-        assert choose_base_path(1) == "dequant"
-    assert choose_base_path(8, "dequant") == "dequant"
+        assert choose_base_path(1, big) == "dequant"
+    assert choose_base_path(8, big, "dequant") == "dequant"
     with pytest.raises(ValueError, match="choose one of"):
         qlora_linear(torch.ones(1, 64), quantize_nf4(torch.ones(8, 64)), None, None, 1.0, base_path="cublas")
 
@@ -146,6 +230,29 @@ def test_gpu_matches_reference_at_real_shapes(tokens, path):
     # bf16 LoRA matmuls (as under autocast) against an fp32 reference: compare whole tensors
     for ours, ref in zip((y, *grads), (y_ref, *grads_ref)):
         assert (ours.float() - ref.float()).norm() <= 1e-2 * ref.float().norm()
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("tokens", [1, 64, 256])
+def test_gpu_fused_matches_dequant_at_llama_8b_up(tokens):
+    """Llama-3.1-8B's up projection (K = 4096, N = 14336): both base paths multiply the same bf16
+    weight, so forward and input gradient agree to the order of an fp32 sum; so does the whole layer."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    weight = quantize_nf4(torch.randn(14336, 4096, device="cuda", dtype=torch.bfloat16, generator=g))
+    x = torch.randn(tokens, 4096, device="cuda", dtype=torch.bfloat16, generator=g)
+    grad_y = torch.randn(tokens, 14336, device="cuda", dtype=torch.bfloat16, generator=g)
+    w = dequantize_nf4(weight, torch.bfloat16)
+    for fused, dense in ((nf4_matmul(x, weight, True), x @ w.t()), (nf4_matmul(grad_y, weight, False), grad_y @ w)):
+        assert (fused.float() - dense.float()).norm() <= 1e-3 * dense.float().norm()
+    a = (torch.randn(16, 4096, device="cuda", generator=g) * 0.02).requires_grad_()
+    b = (torch.randn(14336, 16, device="cuda", generator=g) * 0.02).requires_grad_()
+    x.requires_grad_()
+    results = {}
+    for path in ("fused", "dequant"):
+        results[path] = _forward_and_grads(lambda *t: qlora_linear(*t, base_path=path), x, weight, a, b, None, grad_y)
+    (y_f, grads_f, _), (y_d, grads_d, _) = results["fused"], results["dequant"]
+    for ours, ref in zip((y_f, *grads_f), (y_d, *grads_d)):
+        assert (ours.float() - ref.float()).norm() <= 1e-3 * ref.float().norm()
 
 
 def test_benchmark_cases_run_at_tiny_shapes():

@@ -42,16 +42,24 @@ def linear_weight_bytes(arch, quant: str, double_quant: bool) -> int:
     return dense_bytes(arch.linear_params, 2)
 
 
-#: Up to this many tokens a NF4 matmul decodes tiles in registers and needs no buffer; it must
-#: equal ``vramplan_kernels.qlora_linear.FUSED_MAX_TOKENS`` (a test checks; the planner does not import torch).
-FUSED_MAX_TOKENS = 0
+#: Up to this many tokens a NF4 matmul on a weight of at least this many elements decodes tiles in
+#: registers and needs no buffer; they must equal ``vramplan_kernels.qlora_linear``'s (a test checks; the
+#: planner does not import torch).
+FUSED_MAX_TOKENS = 64
+FUSED_MIN_WEIGHT = 1 << 24
 
 
 def dequant_buffer_bytes(arch, quant: str, tokens: int) -> int:
-    """vramplan's NF4 linears dequantize into one reused bf16 buffer, grown to the largest
-    quantized weight (kernels/qlora_linear.py ``_dequant_buffer``; used above ``FUSED_MAX_TOKENS``
-    tokens) and kept from the first step on: one weight's bf16 bytes in every phase of a step."""
-    return 2 * arch.largest_linear_params if quant == "nf4" and tokens > FUSED_MAX_TOKENS else 0
+    """vramplan's NF4 linears dequantize into one reused bf16 buffer, grown to the largest quantized
+    weight that takes that path (kernels/qlora_linear.py ``_dequant_buffer``; up to ``FUSED_MAX_TOKENS``
+    tokens, weights of ``FUSED_MIN_WEIGHT`` elements or more are fused instead) and kept from the first
+    step on: one weight's bf16 bytes in every phase of a step."""
+    if quant != "nf4":
+        return 0
+    sizes = [lin.params for layer in arch.layers for lin in layer.linears]
+    if tokens <= FUSED_MAX_TOKENS:
+        sizes = [params for params in sizes if params < FUSED_MIN_WEIGHT]
+    return 2 * max(sizes, default=0)
 
 
 def expert_matrix_params(layer, hidden_size: int) -> int:
