@@ -44,7 +44,9 @@ def switches_ran(record: dict) -> dict[str, bool]:
     """The switches a measured line ran under that change what the planner and the speed model price
     (``switches.forced(**switches_ran(line))`` prices it as it ran). The fused 8-bit AdamW: the line
     says so since session 7, and before that only ``VRAMPLAN_ENABLE=fused_optimizer`` turned it on.
-    The vocabulary-major int8 head: every line before session 8 walked it token-major."""
+    The vocabulary-major int8 head: every line before session 8 walked it token-major. The whole step
+    queued (``queued_optimizer``): only lines that say so, none before session 11."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
-            "overlap_optimizer": bool(record.get("overlap_optimizer"))}
+            "overlap_optimizer": bool(record.get("overlap_optimizer")),
+            "queued_optimizer": bool(record.get("queued_optimizer"))}

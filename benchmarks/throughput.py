@@ -85,11 +85,13 @@ class Run:
     int8_vocab_major: bool = False
     #: the trainer queued the optimizer's step before reading the loss (``records.switches_ran``; session 10 on)
     overlap_optimizer: bool = False
+    #: ... and bitsandbytes' step without its last sync (``records.switches_ran``; session 11 on)
+    queued_optimizer: bool = False
 
     def switches(self) -> dict[str, bool]:
         """What ``switches.forced`` takes to price it as it ran."""
         return {"fused_optimizer": self.fused_optimizer, "int8_vocab_major": self.int8_vocab_major,
-                "overlap_optimizer": self.overlap_optimizer}
+                "overlap_optimizer": self.overlap_optimizer, "queued_optimizer": self.queued_optimizer}
 
     @property
     def step_s(self) -> float:
@@ -125,6 +127,7 @@ CAUSAL = ":causal"  # a key's mark for a graph run recorded with causal captures
 FUSED = ":fused"  # a key's mark for a run the fused 8-bit AdamW stepped
 VOCAB_MAJOR = ":vocab-major"  # a key's mark for a run whose int8 head's loss ran vocabulary-major
 OVERLAP_MARK = ":overlapped"  # a key's mark for a run whose optimizer step was queued before the loss was read
+QUEUED_MARK = ":queued"  # a key's mark for a run whose bitsandbytes step was queued whole (no last sync)
 
 
 def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool = False) -> list[Run]:
@@ -146,13 +149,14 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
             ran = switches_ran(record)
             key = (run_key(stack, plan) + (FUSED if ran["fused_optimizer"] else "")
                    + (VOCAB_MAJOR if ran["int8_vocab_major"] else "") + (OVERLAP_MARK if ran["overlap_optimizer"] else "")
-                   + (CAUSAL if causal else ""))
+                   + (QUEUED_MARK if ran["queued_optimizer"] else "") + (CAUSAL if causal else ""))
             plans.setdefault(key, (stack, plan))
             times.setdefault(key, []).append(float(record["step_s"]))
     return [Run(key, stack, plan.model, plan, tuple(times[key]),
                 "graphs_causal" if key.endswith(CAUSAL) else group_of(plan, later),
                 masked_captures=not key.endswith(CAUSAL), fused_optimizer=FUSED in key,
-                int8_vocab_major=VOCAB_MAJOR in key, overlap_optimizer=OVERLAP_MARK in key)
+                int8_vocab_major=VOCAB_MAJOR in key, overlap_optimizer=OVERLAP_MARK in key,
+                queued_optimizer=QUEUED_MARK in key)
             for key, (stack, plan) in plans.items()]
 
 

@@ -138,9 +138,12 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     if ab_rounds:  # the NVML sampler's thread beside the steps, and not
         record["sampler_ab"] = {"nvml_call_us": nvml_call_us()} | alternate(
             step, {"on": NvmlPeakSampler, "off": lambda: None}, ab_rounds)
-    if overlap_rounds:  # the optimizer's step queued before the loss is read, and after (the trainer before session 10)
-        record["overlap_ab"] = alternate(step, {"overlapped": lambda: switches.forced(overlap_optimizer=True),
-                                                "waiting": lambda: switches.forced(overlap_optimizer=False),
+    if overlap_rounds:  # the step queued whole (default), before the loss is read but ending on bitsandbytes'
+        # sync (session 10's trainer), and after the loss is read (the trainer before session 10)
+        record["overlap_ab"] = alternate(step, {"overlapped": lambda: switches.forced(overlap_optimizer=True,
+                                                                                      queued_optimizer=False),
+                                                "waiting": lambda: switches.forced(overlap_optimizer=False,
+                                                                                   queued_optimizer=False),
                                                 "queued": lambda: switches.forced(overlap_optimizer=True,
                                                                                   queued_optimizer=True)},
                                          overlap_rounds)
@@ -152,7 +155,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["int8_vocab_major"] = plan.head_quant == "int8" and int8_vocab_major()  # how its int8 head's loss ran
     record["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     record["overlap_optimizer"] = switches.enabled("overlap_optimizer")  # the step read its loss after queueing the optimizer
-    record["queued_optimizer"] = switches.enabled("queued_optimizer")  # bitsandbytes without its last sync (off: default)
+    record["queued_optimizer"] = switches.enabled("queued_optimizer")  # bitsandbytes without its last sync (default)
     record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
@@ -179,7 +182,7 @@ def main() -> None:
     parser.add_argument("--sampler-ab", type=int, default=0, metavar="ROUNDS",
                         help="after the timed steps, ROUNDS rounds of steps with the NVML sampler and without (sampler_ab)")
     parser.add_argument("--overlap-ab", type=int, default=0, metavar="ROUNDS",
-                        help="after the timed steps, ROUNDS rounds of overlapped and waiting optimizer steps (overlap_ab)")
+                        help="after the timed steps, ROUNDS rounds of queued, overlapped and waiting optimizer steps (overlap_ab)")
     parser.add_argument("--random-init", action="store_true",
                         help="write only config.json and build seeded random weights on the GPU layer by layer (31B and up)")
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")

@@ -57,6 +57,8 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
     assert switches_ran({"enabled": "fused_optimizer"})["fused_optimizer"]
     assert switches_ran({"enabled": "flat_optimizer"}) == switches_ran({}) == {"fused_optimizer": False,
                                                                                "int8_vocab_major": False,
-                                                                               "overlap_optimizer": False}
+                                                                               "overlap_optimizer": False,
+                                                                               "queued_optimizer": False}
     assert switches_ran({"overlap_optimizer": True})["overlap_optimizer"]
+    assert switches_ran({"queued_optimizer": True})["queued_optimizer"]
     assert switches_ran({"int8_vocab_major": True})["int8_vocab_major"]

@@ -788,7 +788,7 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
 
 
 def optimizer_queued(plan: Plan) -> bool:
-    """Whether the overlapped trainer also queues bitsandbytes' step whole (switch ``queued_optimizer``, off by
+    """Whether the overlapped trainer also queues bitsandbytes' step whole (switch ``queued_optimizer``, on by
     default): no sync at its end and the gradients zeroed in one launch, so no host work follows the GPU's."""
     from vramplan.train import switches
 

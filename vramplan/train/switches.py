@@ -32,10 +32,13 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: The optimizer step overlapped (``overlap_optimizer``): the trainer reads the loss and the gradient norm
 #: after queueing the step, not before, so the host's per-tensor step runs while the GPU still computes
 #: the backward; a non-finite loss or norm still stops the run before anything is saved.
-#: ``queued_optimizer`` goes further, off until timed on a GPU: bitsandbytes' step without its last sync and the
-#: gradients zeroed in one foreach launch, so the host queues the whole step before its one wait.
+#: ``queued_optimizer`` goes further: bitsandbytes' step without its last sync and the gradients zeroed in one
+#: foreach launch, so the host queues the whole step before its one wait. Timed in session 11 (H100, rounds
+#: alternating in one process, benchmarks/results/session11/queued-ab.jsonl): Llama-3.2-1B at 1,024 tokens
+#: 28.9 ms against the overlapped step's 29.7 (1.03x), Qwen3-0.6B at 2,048 41.1 against 43.3 (1.05x);
+#: ``VRAMPLAN_DISABLE=queued_optimizer`` for the A/B.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
-            "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": False}
+            "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True}
 
 
 def _listed(env: str) -> set[str]:
