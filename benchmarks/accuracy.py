@@ -40,7 +40,7 @@ from vramplan.calibration import (Calibration, CalibrationKey, CalibrationPoint,
                                   point_from)
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
-from benchmarks.records import CAMPAIGN, OVERLAPPED, plan_of, switches_ran
+from benchmarks.records import CAMPAIGN, OVERLAPPED, REMEASURED, plan_of, switches_ran
 from vramplan.train import switches
 from vramplan.plan import Plan
 
@@ -53,6 +53,8 @@ MEASURED = RESULTS / "accuracy_rows.jsonl"
 CAMPAIGN_ROLE = "held out (session 9 campaign)"
 #: The role of ``records.OVERLAPPED``'s rows (session 10's trainer), held out the same way.
 OVERLAPPED_ROLE = "held out (session 10, overlapped step)"
+#: The role of ``records.REMEASURED``'s rows (the matrix's vramplan configurations on session 11's trainer).
+REMEASURED_ROLE = "held out (session 11, matrix re-measured)"
 GPU = "h100"
 #: The measurements were taken on the project's H100 machine with torch 2.11; its driver was not recorded.
 TORCH_MINOR = "2.11"
@@ -294,7 +296,10 @@ def markdown(rows: list[dict], stats: dict) -> str:
               "settings, 8 models, `session9/trainer-campaign*.jsonl`), held out from every calibration, which "
               "were measured eager; not in the rows above them. `overlapped_*`: session 10's runs of the trainer whose "
               "optimizer step is queued before the loss is read (`session10/trainer-overlapped.jsonl`), held out the "
-              "same way. `*_calibrated_by_calibrate_runs`: corrected instead by `vramplan calibrate` itself, run as a "
+              "same way. `remeasured_*`: session 11's re-measurement, on the trainer as it then shipped, of the 13 "
+              "vramplan configurations above (sessions 1-3's eager trainer) that no campaign had repeated "
+              "(`session11/matrix-*.jsonl`), held out the same way. `shipped_trainer_held_out_*`: the three together, "
+              "every held-out run of the trainer as it shipped since session 9. `*_calibrated_by_calibrate_runs`: corrected instead by `vramplan calibrate` itself, run as a "
               "user runs it on five models of three families (Llama-3.2-1B, Qwen3-0.6B, Qwen3-4B, Gemma-4-E2B, "
               "Gemma-4-E4B) at 3,072 tokens and its half, a shape no campaign row has (`session10/calibrate-*.jsonl`).", ""]
     robust = stats.get("random_splits")
@@ -384,13 +389,18 @@ def from_results(out_dir: Path = RESULTS, calibration_dir: Path | None = ROOT / 
     table = accuracy_rows(rows, calibrations)
     stats = summary(table) | {"random_splits": split_robustness(rows)}
     fresh = calibrations_from_runs() if CALIBRATE_RUNS else None
-    for prefix, paths, role in (("campaign", CAMPAIGN, CAMPAIGN_ROLE), ("overlapped", OVERLAPPED, OVERLAPPED_ROLE)):
+    shipped_trainer = []
+    for prefix, paths, role in (("campaign", CAMPAIGN, CAMPAIGN_ROLE), ("overlapped", OVERLAPPED, OVERLAPPED_ROLE),
+                                ("remeasured", REMEASURED, REMEASURED_ROLE)):
         held = campaign_rows(paths, role)
         group = accuracy_rows(held, calibrations)
         if fresh:
             with_calibrate_runs(group, held, fresh)
         stats |= campaign_summary(group, prefix)
         table += group
+        shipped_trainer += group
+    # every held-out run of the trainer as it shipped in sessions 9-11
+    stats |= campaign_summary(shipped_trainer, "shipped_trainer_held_out")
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(out_dir / "accuracy.json", table)
     (out_dir / "accuracy.md").write_text(markdown(table, stats))

@@ -19,6 +19,12 @@ CAMPAIGN = tuple(Path(__file__).resolve().parent / "results" / "session9" / f"tr
 #: Session 10's runs of the trainer as it then shipped (train_step: the optimizer's step queued before the loss
 #: is read), measured after the speed model priced that overlap; held out like CAMPAIGN, reported apart.
 OVERLAPPED = (Path(__file__).resolve().parent / "results" / "session10" / "trainer-overlapped.jsonl",)
+#: Session 11: the configurations of the accuracy matrix's vramplan half that sessions 1-3 measured on their
+#: eager trainer and no later campaign repeated (13: ranks 8-128, bf16, 8-bit AdamW unpaged, batch 2, no and
+#: offloaded checkpointing), re-measured on the trainer as it then shipped (graphs, overlapped step), in fresh
+#: processes, after the speed model's attention occupancy was committed; held out like CAMPAIGN.
+REMEASURED = tuple(Path(__file__).resolve().parent / "results" / "session11" / f"matrix-{name}.jsonl"
+                   for name in ("llama", "qwen4b-e2b"))
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
 HISTORICAL_LOSS_CHUNK_MB = 256

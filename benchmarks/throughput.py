@@ -25,7 +25,7 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
-from benchmarks.records import CAMPAIGN, OVERLAPPED, plan_of, switches_ran
+from benchmarks.records import CAMPAIGN, OVERLAPPED, REMEASURED, plan_of, switches_ran
 from vramplan.plan import Plan
 from vramplan.train import switches
 from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
@@ -164,7 +164,8 @@ def load_later_runs() -> list[Run]:
     """LATER_SOURCES' runs, reported per :func:`group_of` group, and CAMPAIGN's as group "campaign": all held out by the fit."""
     campaign = [replace(run, group="campaign") for run in load_runs({"vramplan": CAMPAIGN}, later=True)]
     overlapped = [replace(run, group="overlapped") for run in load_runs({"vramplan": OVERLAPPED}, later=True)]
-    return load_runs(LATER_SOURCES, later=True) + campaign + overlapped
+    remeasured = [replace(run, group="remeasured") for run in load_runs({"vramplan": REMEASURED}, later=True)]
+    return load_runs(LATER_SOURCES, later=True) + campaign + overlapped + remeasured
 
 
 #: One configuration in FIT_EVERY of each stack is fitted on.
@@ -334,7 +335,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
     groups = {}
-    for group in ("eager", "graphs", "graphs_causal", "eager_later", "campaign", "overlapped"):
+    for group in ("eager", "graphs", "graphs_causal", "eager_later", "campaign", "overlapped", "remeasured"):
         errors = [abs(r["error"]) for r in rows if r["set"] == "held_out" and r["group"] == group]
         if errors:
             groups[group] = _summary(errors)
@@ -365,7 +366,8 @@ def markdown(result: dict) -> str:
              "| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
              "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {"graphs": " (graphs)", "graphs_causal": " (graphs, causal)", "eager_later": " (eager, later)",
-              "campaign": " (session 9 campaign)", "overlapped": " (session 10, overlapped step)"}
+              "campaign": " (session 9 campaign)", "overlapped": " (session 10, overlapped step)",
+              "remeasured": " (session 11, matrix re-measured)"}
     for r in result["rows"]:
         repeats = f"{r['repeats']} ({100 * r['spread']:.0f}%)" if r["repeats"] > 1 else "1"
         model = r["model"] + "".join(f", {v} {name}" for name, v, default in
@@ -394,7 +396,10 @@ def markdown(result: dict) -> str:
                            "session10/trainer-overlapped.jsonl, measured after the model priced the overlap; "
                            "not a clean hold-out since: these runs showed less overlap than priced, and the "
                            "zeroing after bitsandbytes' last sync was priced after them (its constant read "
-                           "off the profiles, not fitted; 16.0% mean, 3 within 15% before)"}
+                           "off the profiles, not fitted; 16.0% mean, 3 within 15% before)",
+             "remeasured": "session 11's re-measurement of the eager matrix's vramplan configurations no campaign "
+                           "had repeated, on the trainer as it then shipped (session11/matrix-*.jsonl), measured "
+                           "after attention's occupancy was priced, none fitted"}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
                      f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "

@@ -59,9 +59,9 @@ def test_ddp_holds_the_whole_model_per_rank_plus_buckets_and_nccl():
     assert ddp.peak_bytes >= weights_on_one_gpu(single.plan, L8)
     assert ddp.components["weights_quantized"] == single.components["weights_quantized"]
     assert ddp.components["ddp_grad_buckets"] == ddp.components["lora_grads"]  # the reducer's copy
-    # the one-GPU run replays CUDA graphs, which DDP does not (nor their memory)
-    assert ddp.peak_bytes == single.peak_bytes - single.components["cuda_graphs"] + nccl_buffer_bytes() \
-        + ddp.components["lora_grads"]
+    # the one-GPU run replays CUDA graphs, which DDP does not (nor their memory, nor the adapters' copies they hold)
+    assert ddp.peak_bytes == single.peak_bytes - single.components["cuda_graphs"] \
+        - single.components["lora_compute_copies"] + nccl_buffer_bytes() + ddp.components["lora_grads"]
     assert ddp.components["cuda_context"] == single.components["cuda_context"]  # one process per GPU
     assert any("own CUDA context" in n for n in ddp.notes)
 

@@ -47,7 +47,8 @@ def test_graphs_memory_only_where_the_trainer_captures(model):
     else:
         assert graphs_apply(_arch(model), plan)
         assert graphs.components["cuda_graphs"] == CUDA_GRAPH_BYTES
-        assert graphs.peak_bytes == eager.peak_bytes + CUDA_GRAPH_BYTES
+        copies = graphs.components["lora_compute_copies"]  # the adapters' bf16 copies each graph keeps
+        assert graphs.peak_bytes == eager.peak_bytes + CUDA_GRAPH_BYTES + copies
 
 
 @pytest.mark.parametrize("model", MOE + DENSE)

@@ -125,6 +125,23 @@ def test_step_buffers_the_trainer_keeps_from_its_first_matmul():
     assert "dequant_buffer" not in hf.components
 
 
+def test_a_captured_step_holds_its_adapters_bf16_copies():
+    """Each CUDA graph casts fp32 adapters to bf16 itself and keeps the copies for its replays: 2 bytes a
+    trainable parameter. Eager steps and bf16 adapters (no copy to make) carry none."""
+    from vramplan.estimate import estimate_plan
+    from vramplan.plan import Plan
+    from vramplan.stacks.vramplan import trainable_params
+    from vramplan.estimate import architecture
+
+    profile = resolve_model("llama-3.2-1b")
+    captured = Plan(model="llama-3.2-1b", lora_rank=128)
+    assert captured.captures_steps
+    trainable = trainable_params(architecture(profile), captured)
+    assert estimate_plan(captured, profile).components["lora_compute_copies"] == 2 * trainable
+    for plan in (captured.replace(cuda_graphs=False), captured.replace(lora_dtype="bf16")):
+        assert "lora_compute_copies" not in estimate_plan(plan, profile).components
+
+
 def test_fused_token_limit_matches_the_kernel():
     from vramplan.memory import weights
     from vramplan_kernels import qlora_linear

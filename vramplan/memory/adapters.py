@@ -81,3 +81,16 @@ def lora_param_bytes(trainable: int, dtype_bytes: int) -> int:
 def lora_grad_bytes(trainable: int, dtype_bytes: int) -> int:
     """One gradient per adapter weight, in the weight's dtype; freed by zero_grad(set_to_none)."""
     return trainable * dtype_bytes
+
+
+#: Bytes a trainable parameter's 16-bit compute copy takes (``vramplan_kernels.qlora_linear.LoRACopies``).
+ADAPTER_COPY_BYTES = 2
+
+
+def captured_adapter_copy_bytes(trainable: int) -> int:
+    """fp32 adapters' bf16 copies held in a captured step's graph pool: each graph casts the adapters itself
+    (vramplan/train/graphs.py) and keeps the copies for its replays, beside every other tensor of the step.
+    Measured on the H100 (benchmarks/results/session11/matrix-*.jsonl, session 9's campaign): torch's allocated
+    peak grows 10 bytes a trainable parameter under graphs (Llama-3.2-1B, rank 16 to 128 at 2,048 tokens:
+    +0.79 GB for 78.9 M parameters), where weights, gradients and 8-bit states account for 8."""
+    return ADAPTER_COPY_BYTES * trainable

@@ -26,7 +26,8 @@
 from __future__ import annotations
 
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
-from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, paged_params, trainable_params
+from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
+                                      trainable_params)
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes
 from vramplan.memory.overhead import (cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, flat_optimizer_bytes,
@@ -118,6 +119,8 @@ def step_memory(arch, plan) -> StepMemory:
     step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
     if graphs_apply(arch, plan):
         step_buffers["cuda_graphs"] = cuda_graph_bytes()
+        if lora_bytes == 4:
+            step_buffers["lora_compute_copies"] = captured_adapter_copy_bytes(trainable)
     if flat_step_applies(arch, plan):
         step_buffers["flat_optimizer"] = flat_optimizer_bytes(trainable)
     if dequant := dequant_buffer_bytes(arch, plan.quant, tokens):
