@@ -40,7 +40,7 @@ from vramplan.calibration import (Calibration, CalibrationKey, CalibrationPoint,
                                   point_from)
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
-from benchmarks.records import CAMPAIGN, OVERLAPPED, REMEASURED, plan_of, switches_ran
+from benchmarks.records import CAMPAIGN, HELD_OUT, plan_of, switches_ran
 from vramplan.train import switches
 from vramplan.plan import Plan
 
@@ -49,12 +49,9 @@ RESULTS = ROOT / "benchmarks/results"
 SOURCES = {"hf": RESULTS / "hf_stack_h100.jsonl", "vramplan": RESULTS / "trainer_h100.jsonl"}
 #: Where --measure appends; read too when present (its rows carry their plan and GPU).
 MEASURED = RESULTS / "accuracy_rows.jsonl"
-#: The role of ``records.CAMPAIGN``'s rows: held out from every calibration and reported apart, beside the matrix above.
-CAMPAIGN_ROLE = "held out (session 9 campaign)"
-#: The role of ``records.OVERLAPPED``'s rows (session 10's trainer), held out the same way.
-OVERLAPPED_ROLE = "held out (session 10, overlapped step)"
-#: The role of ``records.REMEASURED``'s rows (the matrix's vramplan configurations on session 11's trainer).
-REMEASURED_ROLE = "held out (session 11, matrix re-measured)"
+#: The role of each ``records.HELD_OUT`` campaign's rows: held out from every calibration, reported apart.
+HELD_OUT_ROLES = {held.name: f"held out ({held.label})" for held in HELD_OUT}
+CAMPAIGN_ROLE, OVERLAPPED_ROLE, REMEASURED_ROLE = (HELD_OUT_ROLES[n] for n in ("campaign", "overlapped", "remeasured"))
 GPU = "h100"
 #: The measurements were taken on the project's H100 machine with torch 2.11; its driver was not recorded.
 TORCH_MINOR = "2.11"
@@ -298,7 +295,9 @@ def markdown(rows: list[dict], stats: dict) -> str:
               "optimizer step is queued before the loss is read (`session10/trainer-overlapped.jsonl`), held out the "
               "same way. `remeasured_*`: session 11's re-measurement, on the trainer as it then shipped, of the 13 "
               "vramplan configurations above (sessions 1-3's eager trainer) that no campaign had repeated "
-              "(`session11/matrix-*.jsonl`), held out the same way. `shipped_trainer_held_out_*`: the three together, "
+              "(`session11/matrix-*.jsonl`), held out the same way. `short_rows_*`: session 11's short rows (Gemma-4-E2B at "
+              "512 and 1,024 tokens, E4B and Qwen3-0.6B at 1,024) on the trainer with its step queued whole "
+              "(`session11/trainer-short-rows.jsonl`). `shipped_trainer_held_out_*`: the four together, "
               "every held-out run of the trainer as it shipped since session 9. `*_calibrated_by_calibrate_runs`: corrected instead by `vramplan calibrate` itself, run as a "
               "user runs it on five models of three families (Llama-3.2-1B, Qwen3-0.6B, Qwen3-4B, Gemma-4-E2B, "
               "Gemma-4-E4B) at 3,072 tokens and its half, a shape no campaign row has (`session10/calibrate-*.jsonl`).", ""]
@@ -390,9 +389,9 @@ def from_results(out_dir: Path = RESULTS, calibration_dir: Path | None = ROOT / 
     stats = summary(table) | {"random_splits": split_robustness(rows)}
     fresh = calibrations_from_runs() if CALIBRATE_RUNS else None
     shipped_trainer = []
-    for prefix, paths, role in (("campaign", CAMPAIGN, CAMPAIGN_ROLE), ("overlapped", OVERLAPPED, OVERLAPPED_ROLE),
-                                ("remeasured", REMEASURED, REMEASURED_ROLE)):
-        held = campaign_rows(paths, role)
+    for campaign in HELD_OUT:
+        prefix = campaign.name
+        held = campaign_rows(campaign.paths, HELD_OUT_ROLES[prefix])
         group = accuracy_rows(held, calibrations)
         if fresh:
             with_calibrate_runs(group, held, fresh)
@@ -494,14 +493,16 @@ def main() -> None:
     parser.add_argument("--from-results", action="store_true", help="build the tables from the committed measurements")
     parser.add_argument("--measure", action="store_true", help="run the matrix on this machine's GPU")
     parser.add_argument("--cap-check", action="store_true", help="the emulated 8/12/16 GB cap check (GPU)")
-    parser.add_argument("--models", default=None, help="comma-separated subset of the matrix's models (split long runs)")
+    parser.add_argument("--models", default=None, help="comma-separated subset of the matrix's models (split long runs); "
+                        "with --cap-check, the models to fit and run under each cap")
     parser.add_argument("--stacks", default="vramplan,hf")
     parser.add_argument("--out", default=str(MEASURED))
     args = parser.parse_args()
     if args.measure:
         measure(Path(args.out), stacks=tuple(args.stacks.split(",")), models=args.models.split(",") if args.models else None)
-    if args.cap_check:
-        print(json.dumps(emulated_cap_check(), indent=2))
+    if args.cap_check:  # --models picks the models (default: Llama-3.2-1B alone)
+        models = args.models.split(",") if args.models else ["llama-3.2-1b"]
+        print(json.dumps([row | {"model": model} for model in models for row in emulated_cap_check(model)], indent=2))
     if args.from_results or not (args.measure or args.cap_check):
         result = from_results()
         print(json.dumps(result["summary"], indent=2))

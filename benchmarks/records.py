@@ -8,23 +8,57 @@ grid's ``flat_optimizer``) means the adapters were stepped as one flat tensor.""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 
 from vramplan.plan import Plan
 
+_RESULTS = Path(__file__).resolve().parent / "results"
 #: Session 9's held-out campaign of vramplan's trainer as it ships (CUDA graphs with causal captures, default
 #: settings): 16 configurations over 8 models in fresh processes, measured after the speed model's and the
 #: planner's constants were set. benchmarks/throughput.py and benchmarks/accuracy.py report it apart.
-CAMPAIGN = tuple(Path(__file__).resolve().parent / "results" / "session9" / f"trainer-campaign{i}.jsonl" for i in (1, 2))
+CAMPAIGN = tuple(_RESULTS / "session9" / f"trainer-campaign{i}.jsonl" for i in (1, 2))
 #: Session 10's runs of the trainer as it then shipped (train_step: the optimizer's step queued before the loss
 #: is read), measured after the speed model priced that overlap; held out like CAMPAIGN, reported apart.
-OVERLAPPED = (Path(__file__).resolve().parent / "results" / "session10" / "trainer-overlapped.jsonl",)
+OVERLAPPED = (_RESULTS / "session10" / "trainer-overlapped.jsonl",)
 #: Session 11: the configurations of the accuracy matrix's vramplan half that sessions 1-3 measured on their
 #: eager trainer and no later campaign repeated (13: ranks 8-128, bf16, 8-bit AdamW unpaged, batch 2, no and
 #: offloaded checkpointing), re-measured on the trainer as it then shipped (graphs, overlapped step), in fresh
 #: processes, after the speed model's attention occupancy was committed; held out like CAMPAIGN.
-REMEASURED = tuple(Path(__file__).resolve().parent / "results" / "session11" / f"matrix-{name}.jsonl"
-                   for name in ("llama", "qwen4b-e2b"))
+REMEASURED = tuple(_RESULTS / "session11" / f"matrix-{name}.jsonl" for name in ("llama", "qwen4b-e2b"))
+#: Session 11's short rows (Gemma-4-E2B at 512 and 1,024 tokens, E4B and Qwen3-0.6B at 1,024) on the trainer
+#: with its step queued whole, after the planner counted the graphs' adapter copies; held out the same way.
+SHORT_ROWS = (_RESULTS / "session11" / "trainer-short-rows.jsonl",)
+
+
+@dataclass(frozen=True)
+class HeldOut:
+    """A set of measured runs no fit or calibration saw, reported apart: ``label`` marks its rows in tables."""
+
+    name: str
+    paths: tuple[Path, ...]
+    label: str
+    description: str
+
+
+#: Every held-out campaign of vramplan's trainer since it captures its steps, in the order they were measured.
+HELD_OUT = (
+    HeldOut("campaign", CAMPAIGN, "session 9 campaign",
+            "session 9's campaign of the trainer as it ships, session9/trainer-campaign*.jsonl, 8 models, none "
+            "fitted, measured after every constant was set"),
+    HeldOut("overlapped", OVERLAPPED, "session 10, overlapped step",
+            "session 10's trainer, its optimizer's step queued before the loss is read, "
+            "session10/trainer-overlapped.jsonl, measured after the model priced the overlap; not a clean hold-out "
+            "since: these runs showed less overlap than priced, and the zeroing after bitsandbytes' last sync was "
+            "priced after them (its constant read off the profiles, not fitted; 16.0% mean, 3 within 15% before)"),
+    HeldOut("remeasured", REMEASURED, "session 11, matrix re-measured",
+            "session 11's re-measurement of the eager matrix's vramplan configurations no campaign had repeated, "
+            "on the trainer as it then shipped (session11/matrix-*.jsonl), measured after attention's occupancy "
+            "was priced, none fitted"),
+    HeldOut("short_rows", SHORT_ROWS, "session 11, short rows",
+            "session 11's short rows on the trainer with its step queued whole (session11/trainer-short-rows.jsonl: "
+            "Gemma-4-E2B at 512 and 1,024 tokens, E4B and Qwen3-0.6B at 1,024), none fitted"),
+)
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
 HISTORICAL_LOSS_CHUNK_MB = 256

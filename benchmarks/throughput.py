@@ -25,7 +25,7 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
-from benchmarks.records import CAMPAIGN, OVERLAPPED, REMEASURED, plan_of, switches_ran
+from benchmarks.records import HELD_OUT, plan_of, switches_ran
 from vramplan.plan import Plan
 from vramplan.train import switches
 from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
@@ -161,11 +161,10 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
 
 
 def load_later_runs() -> list[Run]:
-    """LATER_SOURCES' runs, reported per :func:`group_of` group, and CAMPAIGN's as group "campaign": all held out by the fit."""
-    campaign = [replace(run, group="campaign") for run in load_runs({"vramplan": CAMPAIGN}, later=True)]
-    overlapped = [replace(run, group="overlapped") for run in load_runs({"vramplan": OVERLAPPED}, later=True)]
-    remeasured = [replace(run, group="remeasured") for run in load_runs({"vramplan": REMEASURED}, later=True)]
-    return load_runs(LATER_SOURCES, later=True) + campaign + overlapped + remeasured
+    """LATER_SOURCES' runs, reported per :func:`group_of` group, and each ``records.HELD_OUT`` campaign's as its own
+    group: all held out by the fit."""
+    return load_runs(LATER_SOURCES, later=True) + [
+        replace(run, group=held.name) for held in HELD_OUT for run in load_runs({"vramplan": held.paths}, later=True)]
 
 
 #: One configuration in FIT_EVERY of each stack is fitted on.
@@ -335,7 +334,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
     groups = {}
-    for group in ("eager", "graphs", "graphs_causal", "eager_later", "campaign", "overlapped", "remeasured"):
+    for group in ("eager", "graphs", "graphs_causal", "eager_later", *(held.name for held in HELD_OUT)):
         errors = [abs(r["error"]) for r in rows if r["set"] == "held_out" and r["group"] == group]
         if errors:
             groups[group] = _summary(errors)
@@ -366,8 +365,7 @@ def markdown(result: dict) -> str:
              "| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
              "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {"graphs": " (graphs)", "graphs_causal": " (graphs, causal)", "eager_later": " (eager, later)",
-              "campaign": " (session 9 campaign)", "overlapped": " (session 10, overlapped step)",
-              "remeasured": " (session 11, matrix re-measured)"}
+              **{held.name: f" ({held.label})" for held in HELD_OUT}}
     for r in result["rows"]:
         repeats = f"{r['repeats']} ({100 * r['spread']:.0f}%)" if r["repeats"] > 1 else "1"
         model = r["model"] + "".join(f", {v} {name}" for name, v, default in
@@ -390,16 +388,7 @@ def markdown(result: dict) -> str:
              "graphs_causal": "steps replayed as CUDA graphs whose attention kept SDPA's causal kernel, "
              "session7/trainer-*.jsonl and session8/trainer-{tiles,spread}.jsonl, none fitted",
              "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted",
-             "campaign": "session 9's campaign of the trainer as it ships, session9/trainer-campaign*.jsonl, 8 models, "
-                         "none fitted, measured after every constant was set",
-             "overlapped": "session 10's trainer, its optimizer's step queued before the loss is read, "
-                           "session10/trainer-overlapped.jsonl, measured after the model priced the overlap; "
-                           "not a clean hold-out since: these runs showed less overlap than priced, and the "
-                           "zeroing after bitsandbytes' last sync was priced after them (its constant read "
-                           "off the profiles, not fitted; 16.0% mean, 3 within 15% before)",
-             "remeasured": "session 11's re-measurement of the eager matrix's vramplan configurations no campaign "
-                           "had repeated, on the trainer as it then shipped (session11/matrix-*.jsonl), measured "
-                           "after attention's occupancy was priced, none fitted"}
+             **{held.name: held.description for held in HELD_OUT}}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
                      f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "
