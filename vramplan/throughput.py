@@ -366,7 +366,6 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
     trainer ran them (see :func:`_masked`; its wide heads at :data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`)."""
     flash = wide = 0.0
     forwards = 2 if _recomputes(plan) else 1
-    heads_of = lambda layer: layer.heads * plan.micro_batch  # noqa: E731
     for layer in arch.layers:
         wide_heads = layer.head_dim > FLASH_MAX_HEAD_DIM
         if wide_heads and masked_captures and graphs_apply(arch, plan):
@@ -376,8 +375,9 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
         kernel = attention_kernel(layer, masked)
         keys = plan.seq_len if masked else _keys_per_query(layer, plan.seq_len)
         forward = 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
-        forward_fill = fill(plan.seq_len, heads_of(layer), kernel.forward, not masked, sms)
-        backward_fill = fill(plan.seq_len, heads_of(layer), kernel.backward, not masked, sms)
+        heads = layer.heads * plan.micro_batch  # every head of every row gets its own programs
+        forward_fill = fill(plan.seq_len, heads, kernel.forward, not masked, sms)
+        backward_fill = fill(plan.seq_len, heads, kernel.backward, not masked, sms)
         seconds_at_peak = (forwards * forward / (kernel.forward_efficiency * forward_fill)
                            + 2.5 * forward / (kernel.backward_efficiency * backward_fill))
         if wide_heads:
