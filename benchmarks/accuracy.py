@@ -297,7 +297,9 @@ def markdown(rows: list[dict], stats: dict) -> str:
               "vramplan configurations above (sessions 1-3's eager trainer) that no campaign had repeated "
               "(`session11/matrix-*.jsonl`), held out the same way. `short_rows_*`: session 11's short rows (Gemma-4-E2B at "
               "512 and 1,024 tokens, E4B and Qwen3-0.6B at 1,024) on the trainer with its step queued whole "
-              "(`session11/trainer-short-rows.jsonl`). `shipped_trainer_held_out_*`: the four together, "
+              "(`session11/trainer-short-rows.jsonl`). `eager_11_*`: session 11's eager runs of that trainer "
+              "(`session11/trainer-eager.jsonl`: graphs disabled, or checkpoints offloaded). "
+              "`shipped_trainer_held_out_*`: the five together, "
               "every held-out run of the trainer as it shipped since session 9. `*_calibrated_by_calibrate_runs`: corrected instead by `vramplan calibrate` itself, run as a "
               "user runs it on five models of three families (Llama-3.2-1B, Qwen3-0.6B, Qwen3-4B, Gemma-4-E2B, "
               "Gemma-4-E4B) at 3,072 tokens and its half, a shape no campaign row has (`session10/calibrate-*.jsonl`).", ""]

@@ -29,6 +29,9 @@ REMEASURED = tuple(_RESULTS / "session11" / f"matrix-{name}.jsonl" for name in (
 #: Session 11's short rows (Gemma-4-E2B at 512 and 1,024 tokens, E4B and Qwen3-0.6B at 1,024) on the trainer
 #: with its step queued whole, after the planner counted the graphs' adapter copies; held out the same way.
 SHORT_ROWS = (_RESULTS / "session11" / "trainer-short-rows.jsonl",)
+#: Session 11's eager runs of that trainer (``VRAMPLAN_DISABLE=cuda_graphs``; offloaded checkpoints are never
+#: captured): Llama-3.2-1B at 2,048 tokens with full and offloaded checkpointing, Qwen3-0.6B at 2,048.
+EAGER = (_RESULTS / "session11" / "trainer-eager.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -58,6 +61,9 @@ HELD_OUT = (
     HeldOut("short_rows", SHORT_ROWS, "session 11, short rows",
             "session 11's short rows on the trainer with its step queued whole (session11/trainer-short-rows.jsonl: "
             "Gemma-4-E2B at 512 and 1,024 tokens, E4B and Qwen3-0.6B at 1,024), none fitted"),
+    HeldOut("eager_11", EAGER, "session 11, eager",
+            "session 11's eager runs of the trainer queued whole (session11/trainer-eager.jsonl: CUDA graphs "
+            "disabled, or checkpoints offloaded), none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -128,12 +128,16 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     assert [(r["model"], r["checkpointing"]) for r in misses] == [("llama-3.2-1b", "offload")]
     high_rank = [r for r in rows if r["rank"] >= 64]
     assert len(high_rank) == 2 and all(abs(r["error_uncalibrated"]) < 0.07 for r in high_rank)
-    # with session 11's four short rows (the step queued whole): every held-out run of the trainer as it shipped
-    # since session 9, 39 rows, 2.5% mean corrected by `vramplan calibrate`'s runs, the offload row the one miss
+    # with session 11's four short rows (the step queued whole) and three eager runs: every held-out run of the
+    # trainer as it shipped since session 9, 42 rows, 2.7% mean corrected by `vramplan calibrate`'s runs; the rows
+    # outside 6% are all eager and over-priced (the fixed allowances were measured on captured runs)
     short = stats["short_rows_calibrated_by_calibrate_runs"]
     assert short["n"] == 4 and short["max"] < 0.06
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
-    assert shipped["n"] == 39 and shipped["mean"] < 0.03
+    assert shipped["n"] == 42 and shipped["mean"] < 0.03
+    held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
+    outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
+    assert len(outside) == 3 and all(r["error_calibrated_by_calibrate_runs"] > 0 for r in outside)
 
 
 def test_errors_against_the_issue_targets(built):

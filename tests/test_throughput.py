@@ -295,8 +295,9 @@ def test_held_out_error_on_the_committed_measurements():
     assert campaign["count"] == 16 and campaign["mean_abs_error"] < 0.085 and campaign["within_15_percent"] >= 13
     assert campaign["max_abs_error"] < 0.18
     # session 11's re-measured matrix configurations, priced before they ran: 13.2% mean, 8 of 13 within 15%;
-    # the eager offloaded-checkpoint run came out 1.8x faster than priced (-45%): its host ops were fitted on
-    # sessions 1-3's eager trainer, and that row then read -14.7%
+    # the eager offloaded-checkpoint run at 4,096 tokens came out 1.8x faster than priced (-45%; sessions 1-3's
+    # eager trainer read -14.7% there), where the same plan at 2,048 tokens read -7.5% in session 11's eager runs
+    # (+7.5% and -15.4% the other two): host-bound eager steps vary between processes
     remeasured = result["held_out_by_group"]["remeasured"]
     assert remeasured["count"] == 13 and remeasured["mean_abs_error"] < 0.14 and remeasured["within_15_percent"] >= 8
     offload = [r for r in result["rows"] if r["group"] == "remeasured" and r["checkpointing"] == "offload"]
@@ -305,6 +306,8 @@ def test_held_out_error_on_the_committed_measurements():
     # tokens +19.4%; Gemma-4-E2B +10.5% at 512 and +14.8% at 1,024, Qwen3-0.6B -3.0%)
     short = result["held_out_by_group"]["short_rows"]
     assert short["count"] == 4 and short["mean_abs_error"] < 0.13 and short["within_15_percent"] >= 3
+    eager = result["held_out_by_group"]["eager_11"]
+    assert eager["count"] == 3 and eager["mean_abs_error"] < 0.11 and eager["max_abs_error"] < 0.16
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
