@@ -42,6 +42,7 @@ class HeldOut:
     paths: tuple[Path, ...]
     label: str
     description: str
+    speed_note: str = ""  # what the speed model's hold-out should add (benchmarks/throughput.py)
 
 
 #: Every held-out campaign of vramplan's trainer since it captures its steps, in the order they were measured.
@@ -51,13 +52,14 @@ HELD_OUT = (
             "fitted, measured after every constant was set"),
     HeldOut("overlapped", OVERLAPPED, "session 10, overlapped step",
             "session 10's trainer, its optimizer's step queued before the loss is read, "
-            "session10/trainer-overlapped.jsonl, measured after the model priced the overlap; not a clean hold-out "
-            "since: these runs showed less overlap than priced, and the zeroing after bitsandbytes' last sync was "
-            "priced after them (its constant read off the profiles, not fitted; 16.0% mean, 3 within 15% before)"),
+            "session10/trainer-overlapped.jsonl",
+            "measured after the model priced the overlap; not a clean hold-out since: these runs showed less "
+            "overlap than priced, and the zeroing after bitsandbytes' last sync was priced after them (its constant "
+            "read off the profiles, not fitted; 16.0% mean, 3 within 15% before)"),
     HeldOut("remeasured", REMEASURED, "session 11, matrix re-measured",
             "session 11's re-measurement of the eager matrix's vramplan configurations no campaign had repeated, "
-            "on the trainer as it then shipped (session11/matrix-*.jsonl), measured after attention's occupancy "
-            "was priced, none fitted"),
+            "on the trainer as it then shipped (session11/matrix-*.jsonl), none fitted",
+            "measured after attention's occupancy was priced"),
     HeldOut("short_rows", SHORT_ROWS, "session 11, short rows",
             "session 11's short rows on the trainer with its step queued whole (session11/trainer-short-rows.jsonl: "
             "Gemma-4-E2B at 512 and 1,024 tokens, E4B and Qwen3-0.6B at 1,024), none fitted"),

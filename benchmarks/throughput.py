@@ -388,7 +388,7 @@ def markdown(result: dict) -> str:
              "graphs_causal": "steps replayed as CUDA graphs whose attention kept SDPA's causal kernel, "
              "session7/trainer-*.jsonl and session8/trainer-{tiles,spread}.jsonl, none fitted",
              "eager_later": "eager steps of trainer_graphs_h100.jsonl, none fitted",
-             **{held.name: held.description for held in HELD_OUT}}
+             **{held.name: ", ".join(filter(None, (held.description, held.speed_note))) for held in HELD_OUT}}
     for group, held in result.get("held_out_by_group", {}).items():
         lines.append(f"Held out by group ({names[group]}): {held['count']} configurations, mean |error| "
                      f"{100 * held['mean_abs_error']:.1f}%, median {100 * held['median_abs_error']:.1f}%, "
