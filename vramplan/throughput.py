@@ -365,7 +365,7 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
     short rows with few heads leave SMs idle. ``masked_captures``: price captured steps as the session-5
     trainer ran them (see :func:`_masked`; its wide heads at :data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`)."""
     flash = wide = 0.0
-    forwards = 2 if _recomputes(plan) else 1
+    forwards = _attention_forwards(plan)
     for layer in arch.layers:
         wide_heads = layer.head_dim > FLASH_MAX_HEAD_DIM
         if wide_heads and masked_captures and graphs_apply(arch, plan):
@@ -374,12 +374,12 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
         masked = not wide_heads and _masked(layer, plan, arch, masked_captures)
         kernel = attention_kernel(layer, masked)
         keys = plan.seq_len if masked else _keys_per_query(layer, plan.seq_len)
-        forward = 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
+        forward = _attention_forward_flops(layer, plan, keys)
         heads = layer.heads * plan.micro_batch  # every head of every row gets its own programs
         forward_fill = fill(plan.seq_len, heads, kernel.forward, not masked, sms)
         backward_fill = fill(plan.seq_len, heads, kernel.backward, not masked, sms)
         seconds_at_peak = (forwards * forward / (kernel.forward_efficiency * forward_fill)
-                           + 2.5 * forward / (kernel.backward_efficiency * backward_fill))
+                           + ATTENTION_BACKWARD_PASSES * forward / (kernel.backward_efficiency * backward_fill))
         if wide_heads:
             wide += seconds_at_peak
         else:
@@ -492,11 +492,23 @@ def _tiled_mlp_params(arch: Architecture) -> int:
     return sum(3 * arch.hidden_size * layer.mlp_intermediate for layer in _tiled_mlp_layers(arch))
 
 
+#: An attention backward's FLOPs over its forward's (flash attention recomputes the scores).
+ATTENTION_BACKWARD_PASSES = 2.5
+
+
+def _attention_forwards(plan: Plan) -> int:
+    """Attention forwards a micro-batch runs: the forward, and again under checkpointing."""
+    return 2 if _recomputes(plan) else 1
+
+
+def _attention_forward_flops(layer: Layer, plan: Plan, keys: float) -> float:
+    """QKᵀ and PV of one layer's forward over a micro-batch, ``keys`` per query: 4·T·keys·q_dim."""
+    return 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
+
+
 def _attention_flops(layer: Layer, plan: Plan, keys: float) -> float:
-    """QKᵀ and PV of one layer over a micro-batch, ``keys`` per query: 4·T·keys·q_dim a forward, 2.5× that
-    backward (flash attention recomputes the scores), and the forward again under checkpointing."""
-    passes = 4.5 if _recomputes(plan) else 3.5
-    return passes * 4 * plan.seq_len * keys * layer.q_dim * plan.micro_batch
+    """One layer's attention FLOPs of a micro-batch: its forwards and its backward."""
+    return (_attention_forwards(plan) + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
 
 
 def attention_flops(arch: Architecture, plan: Plan) -> float:
