@@ -32,6 +32,13 @@ SHORT_ROWS = (_RESULTS / "session11" / "trainer-short-rows.jsonl",)
 #: Session 11's eager runs of that trainer (``VRAMPLAN_DISABLE=cuda_graphs``; offloaded checkpoints are never
 #: captured): Llama-3.2-1B at 2,048 tokens with full and offloaded checkpointing, Qwen3-0.6B at 2,048.
 EAGER = (_RESULTS / "session11" / "trainer-eager.jsonl",)
+#: Session 12's runs of the trainer as it ships: a rank sweep at 2,048 tokens under CUDA graphs (Llama-3.2-1B and
+#: Qwen3-4B at ranks 8-256, Gemma-4-E2B at 32 and 128) and eager runs (Llama-3.2-1B's ranks and shapes, Qwen3-4B,
+#: Gemma-4-E2B, offloaded checkpoints at 8,192 tokens). The ``*-fit`` files fitted the planner's allowances beyond
+#: the allocated peak (benchmarks/allocator_slack.py); the ``*-held-out`` ones fitted nothing. The speed model
+#: fitted none of them.
+SESSION12_FIT = tuple(_RESULTS / "session12" / f"{name}-fit.jsonl" for name in ("rank-sweep", "eager"))
+SESSION12_HELD_OUT = tuple(_RESULTS / "session12" / f"{name}-held-out.jsonl" for name in ("rank-sweep", "eager"))
 
 
 @dataclass(frozen=True)
@@ -43,6 +50,7 @@ class HeldOut:
     label: str
     description: str
     speed_note: str = ""  # what the speed model's hold-out should add (benchmarks/throughput.py)
+    memory: bool = True  # held out from the planner's fits too (False: the speed model's hold-out only)
 
 
 #: Every held-out campaign of vramplan's trainer since it captures its steps, in the order they were measured.
@@ -66,6 +74,12 @@ HELD_OUT = (
     HeldOut("eager_11", EAGER, "session 11, eager",
             "session 11's eager runs of the trainer queued whole (session11/trainer-eager.jsonl: CUDA graphs "
             "disabled, or checkpoints offloaded), none fitted"),
+    HeldOut("session12", SESSION12_HELD_OUT, "session 12",
+            "session 12's runs no fit saw (session12/*-held-out.jsonl: Gemma-4-E2B at ranks 32 and 128 under graphs; "
+            "Qwen3-4B, Gemma-4-E2B and offloaded checkpoints at 8,192 tokens eager)"),
+    HeldOut("session12_fit", SESSION12_FIT, "session 12, fitted the allowances",
+            "session 12's rank sweep and eager Llama-3.2-1B runs (session12/*-fit.jsonl), which fitted the planner's "
+            "allowances beyond the allocated peak and none of the speed model's constants", memory=False),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

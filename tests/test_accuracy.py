@@ -116,28 +116,41 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     allocated peak the planner gets within 1% (1.70 GB) but whose eager run held 0.19 GB beyond it where the
     planner's fixed allowances (CUDA libraries, the allocator's floor) give 0.46. Before the planner counted a
     captured step's bf16 adapter copies, the two high-rank rows read -10.5% (Llama-3.2-1B, rank 128) and -11.1%
-    (Qwen3-4B, rank 64); now -4.7% and -6.4%."""
+    (Qwen3-4B, rank 64); -4.7% and -6.4% after; +1.7% and -0.4% since it prices the slack a captured run's first
+    eager pass leaves behind (session 12's rank sweep)."""
     from benchmarks.accuracy import REMEASURED_ROLE
 
     rows = [r for r in built[1]["rows"] if r["role"] == REMEASURED_ROLE]
     assert len(rows) == 13 and not any(r["used_for_calibration"] for r in rows)
     stats = built[1]["summary"]
-    assert stats["remeasured_uncalibrated"]["mean"] < 0.035
-    assert stats["remeasured_calibrated_by_calibrate_runs"]["mean"] < 0.03
+    assert stats["remeasured_uncalibrated"]["mean"] < 0.03
+    assert stats["remeasured_calibrated_by_calibrate_runs"]["mean"] < 0.025
     misses = [r for r in rows if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     assert [(r["model"], r["checkpointing"]) for r in misses] == [("llama-3.2-1b", "offload")]
     high_rank = [r for r in rows if r["rank"] >= 64]
-    assert len(high_rank) == 2 and all(abs(r["error_uncalibrated"]) < 0.07 for r in high_rank)
-    # with session 11's four short rows (the step queued whole) and three eager runs: every held-out run of the
-    # trainer as it shipped since session 9, 42 rows, 2.7% mean corrected by `vramplan calibrate`'s runs; the rows
-    # outside 6% are all eager and over-priced (the fixed allowances were measured on captured runs)
+    assert len(high_rank) == 2 and all(abs(r["error_uncalibrated"]) < 0.025 for r in high_rank)
+    # with session 11's four short rows (the step queued whole) and three eager runs, and session 12's five held-out
+    # runs: every held-out run of the trainer as it shipped since session 9, 47 rows, 2.4% mean corrected by
+    # `vramplan calibrate`'s runs; the rows outside 6% are all eager and over-priced (offloaded checkpoints, and
+    # Qwen3-0.6B): the eager allocator's slack varies 0.01-0.39 GB between runs (memory.overhead)
     short = stats["short_rows_calibrated_by_calibrate_runs"]
     assert short["n"] == 4 and short["max"] < 0.06
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
-    assert shipped["n"] == 42 and shipped["mean"] < 0.03
+    assert shipped["n"] == 47 and shipped["mean"] < 0.025
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     assert len(outside) == 3 and all(r["error_calibrated_by_calibrate_runs"] > 0 for r in outside)
+    assert all(r["checkpointing"] == "offload" or r["model"] == "qwen3-0.6b" for r in outside)
+
+
+def test_the_stacks_as_they_ship_against_the_issue_targets(built):
+    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (70 runs; the matrix's
+    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.9% mean / 13.3% max, inside 8% / 15%;
+    calibrated 2.4% mean, inside 3%, 12.6% max, NOT inside 6%: the eager offloaded-checkpoint runs above."""
+    stats = built[1]["summary"]
+    unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
+    assert unc["n"] == 70 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 62 and cal["mean"] <= 0.03 and cal["max"] <= 0.13
 
 
 def test_errors_against_the_issue_targets(built):

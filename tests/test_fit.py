@@ -92,7 +92,10 @@ def test_fit_replays_cuda_graphs_when_they_fit_and_gives_them_up_before_rank():
     graphs_on = captured.peak_bytes
     eager = estimate_plan(lean.replace(cuda_graphs=False), profile).peak_bytes
     assert CUDA_GRAPH_BYTES == 100_000_000  # measured, less the leak those runs had (overhead.py)
-    assert graphs_on - eager == CUDA_GRAPH_BYTES + captured.components["lora_compute_copies"]  # and the graphs' adapter copies
+    eager_estimate = estimate_plan(lean.replace(cuda_graphs=False), profile)
+    # and the graphs' adapter copies, and the slack their first eager pass leaves in the regular pool
+    assert graphs_on - eager == (CUDA_GRAPH_BYTES + captured.components["lora_compute_copies"]
+                                 + captured.components["fragmentation"] - eager_estimate.components["fragmentation"])
     budget = int((eager + graphs_on) / 2 / (1 - 0.05))  # between the two, after the safety margin
     tight = fit_plan(profile, budget=budget, base=Plan(model=profile.name))
     assert not tight.plan.cuda_graphs

@@ -48,7 +48,9 @@ def test_graphs_memory_only_where_the_trainer_captures(model):
         assert graphs_apply(_arch(model), plan)
         assert graphs.components["cuda_graphs"] == CUDA_GRAPH_BYTES
         copies = graphs.components["lora_compute_copies"]  # the adapters' bf16 copies each graph keeps
-        assert graphs.peak_bytes == eager.peak_bytes + CUDA_GRAPH_BYTES + copies
+        # and the allocator's slack under capture (the first eager pass's adapter-sized buffers) for the eager one's
+        slack = graphs.components["fragmentation"] - eager.components["fragmentation"]
+        assert graphs.peak_bytes == eager.peak_bytes + CUDA_GRAPH_BYTES + copies + slack
 
 
 @pytest.mark.parametrize("model", MOE + DENSE)

@@ -92,7 +92,10 @@ def estimate_plan(plan: Plan, profile: ModelProfile, gpu: GpuSpec | None = None,
     arch = architecture(profile)
     step = step_memory(arch, plan)
     every = {"cuda_context": cuda_context_bytes(), "cuda_libraries": step.library_bytes}
-    peak_phase, components, phases = assemble(step.phases, every, {"fragmentation": step.fragmentation})
+    after_load = {"fragmentation": step.fragmentation}
+    if step.resident_paged:
+        after_load["paged_states_resident"] = step.resident_paged
+    peak_phase, components, phases = assemble(step.phases, every, after_load)
     if budget is None and gpu is not None:
         budget = budget_bytes(gpu)
     return Estimate(

@@ -43,12 +43,27 @@ def managed_state_bytes(paged: int, optimizer: str) -> int:
     bitsandbytes' paged optimizers allocate their moments with cudaMallocManaged: never from
     torch's caching allocator, and the driver moves the pages to host memory under pressure
     instead of failing, so they cannot make a step run out of memory. On the H100 NVML's used
-    memory did not grow with them either: Llama-3.2-1B at r=128 (0.18 GB of states) read the
+    memory did not grow with small ones: Llama-3.2-1B at r=128 (0.18 GB of states) read the
     same 0.287 GB above torch's reserved pool as at r=16, Qwen3-4B at r=32 (0.13 GB) read 0.153 GB,
-    the floor of any run (benchmarks/results/trainer_h100.jsonl). An fp32 master copy
+    the floor of any run (benchmarks/results/trainer_h100.jsonl); larger ones it counts in part
+    (``resident_paged_state_bytes``, priced as its own component). An fp32 master copy
     (``master_weights``) is the trainer's own tensor and stays resident.
     """
     return paged * _STATE_BYTES[optimizer] if optimizer in PAGED else 0
+
+
+#: NVML reads a paged optimizer's states on the GPU only beyond this many bytes of them: Llama-3.2-1B's and
+#: Qwen3-4B's up to 0.26 GB read no more than the 128 MiB of the first managed allocation
+#: (``overhead.MANAGED_FIRST_ALLOCATION_BYTES``), Llama-3.2-1B's 0.36 GB at rank 256 read 0.17-0.27 GB more and
+#: Qwen3-4B's 1.06 GB 0.70 GB more. Fitted on session 12's rank sweep (``benchmarks.allocator_slack``); the
+#: driver's reason for the threshold is not established.
+RESIDENT_PAGED_THRESHOLD_BYTES = 220_000_000
+
+
+def resident_paged_state_bytes(managed: int) -> int:
+    """The part of the managed (paged) states NVML counts in the process once the driver has moved them to the GPU:
+    without memory pressure the driver keeps them there, so they hold GPU memory a long run has to leave free."""
+    return max(0, managed - RESIDENT_PAGED_THRESHOLD_BYTES)
 
 
 def managed_state_note(managed: int, optimizer: str = "") -> tuple[str, ...]:
@@ -57,5 +72,8 @@ def managed_state_note(managed: int, optimizer: str = "") -> tuple[str, ...]:
     if not managed:
         return (f"{optimizer} pages none of these adapters' states (bitsandbytes pages parameters of "
                 f"{PAGED_MIN_NUMEL:,} elements and more): they are priced on the GPU",) if optimizer in PAGED else ()
-    return (f"paged optimizer states: {managed / 1e9:.2f} GB in CUDA managed memory, outside the GPU peak "
-            "(the driver pages them to host memory under pressure)",)
+    resident = resident_paged_state_bytes(managed)
+    return (f"paged optimizer states: {managed / 1e9:.2f} GB in CUDA managed memory, outside torch's pool "
+            "(the driver pages them to host memory under pressure)"
+            + (f"; {resident / 1e9:.2f} GB of them counted on the GPU, where the driver keeps them without pressure"
+               if resident else ""),)

@@ -15,6 +15,7 @@ class StepMemory:
     phases: dict[str, dict[str, int]]
     fragmentation: int
     library_bytes: int
+    resident_paged: int = 0  # paged optimizer states NVML counts on the GPU (memory.optimizer.resident_paged_state_bytes)
     notes: tuple[str, ...] = field(default_factory=tuple)
 
 

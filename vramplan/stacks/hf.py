@@ -25,7 +25,7 @@ from __future__ import annotations
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, paged_params, trainable_params
 from vramplan.memory.logits import full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes
+from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes, resident_paged_state_bytes
 from vramplan.memory.overhead import cuda_library_bytes, unreused_segment_bytes
 from vramplan.memory.weights import dense_bytes, linear_weight_bytes
 from vramplan.memory import towers as mm
@@ -115,4 +115,5 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
-    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("hf"), notes=tuple(notes))
+    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("hf"),
+                      resident_paged=resident_paged_state_bytes(managed), notes=tuple(notes))

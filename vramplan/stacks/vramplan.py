@@ -29,7 +29,8 @@ from vramplan.memory.activations import ActivationRecipe, activation_bytes, mode
 from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
                                       trainable_params)
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes
+from vramplan.memory.optimizer import (FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes,
+                                        resident_paged_state_bytes)
 from vramplan.memory.overhead import (cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, flat_optimizer_bytes,
                                        pooled_fragmentation_bytes)
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
@@ -128,7 +129,8 @@ def step_memory(arch, plan) -> StepMemory:
     if arch.expert_params and experts_quant == "nf4":
         step_buffers["expert_dequant_buffers"] = expert_dequant_buffer_bytes(arch)
     static = {**weights, **adapters, **optim, **step_buffers}
-    fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss))
+    fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
+                                               trainable, captured=graphs_apply(arch, plan))
     phases = {
         # quantizing at load holds one layer's bf16 weight beside its packed copy
         "load": {**weights, **adapters, "load_transient": 2 * arch.largest_linear_params},
@@ -140,6 +142,7 @@ def step_memory(arch, plan) -> StepMemory:
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan", managed_allocation=managed > 0),
+                      resident_paged=resident_paged_state_bytes(managed),
                       notes=managed_state_note(managed, optimizer) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ()))
 
 
