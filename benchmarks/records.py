@@ -107,8 +107,10 @@ def switches_ran(record: dict) -> dict[str, bool]:
     (``switches.forced(**switches_ran(line))`` prices it as it ran). The fused 8-bit AdamW: the line
     says so since session 7, and before that only ``VRAMPLAN_ENABLE=fused_optimizer`` turned it on.
     The vocabulary-major int8 head: every line before session 8 walked it token-major. The whole step
-    queued (``queued_optimizer``): only lines that say so, none before session 11."""
+    queued (``queued_optimizer``): only lines that say so, none before session 11. Gemma 4's RoPE through the
+    Triton kernel (``rope_gemma4``): only lines whose ``enabled`` names it."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),
-            "queued_optimizer": bool(record.get("queued_optimizer"))}
+            "queued_optimizer": bool(record.get("queued_optimizer")),
+            "rope_gemma4": "rope_gemma4" in (record.get("enabled") or "")}

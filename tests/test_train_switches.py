@@ -34,6 +34,36 @@ def test_measured_choices_per_architecture(tmp_path, monkeypatch):
     assert type(llama).__module__ in ROPE_PATCHED_BY_DEFAULT and type(gemma).__module__ not in ROPE_PATCHED_BY_DEFAULT
 
 
+def test_gemma4_rope_switch_patches_its_module_and_the_speed_model_follows(tmp_path, monkeypatch):
+    """``rope_gemma4`` points Gemma 4's modeling module at the Triton RoPE, for the A/B under CUDA graphs; the speed
+    model then prices the fused RoPE's host ops (one a call) instead of transformers' unfused ones."""
+    import importlib
+
+    import torch
+
+    from train_fixtures import build_model, gemma4_config
+    from vramplan.catalog import resolve_model
+    from vramplan.estimate import architecture
+    from vramplan.plan import Plan
+    from vramplan.throughput import step_host_ops
+    from vramplan.train.model import load_base_model
+    from vramplan.train.patching import GEMMA4_ROPE_MODULE, apply_kernel_patches
+
+    modeling = importlib.import_module(GEMMA4_ROPE_MODULE)
+    original = getattr(modeling.apply_rotary_pos_emb, "vramplan_original", modeling.apply_rotary_pos_emb)
+    gemma = load_base_model(build_model(gemma4_config(), tmp_path / "g"), torch.float32)
+    arch, plan = architecture(resolve_model("gemma-4-e2b-text")), Plan(model="gemma-4-e2b-text", seq_len=2048)
+    try:
+        monkeypatch.setenv(switches.ENABLE_ENV, "rope_gemma4")
+        fused_ops = sum(step_host_ops(arch, plan).values())
+        apply_kernel_patches(gemma)
+        assert modeling.apply_rotary_pos_emb.vramplan_original is original
+        monkeypatch.delenv(switches.ENABLE_ENV)
+        assert sum(step_host_ops(arch, plan).values()) > fused_ops
+    finally:
+        modeling.apply_rotary_pos_emb = original
+
+
 def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeypatch):
     """Benchmarks price a measured run under the switches it ran with, whatever today's defaults are."""
     import os
@@ -58,7 +88,9 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
     assert switches_ran({"enabled": "flat_optimizer"}) == switches_ran({}) == {"fused_optimizer": False,
                                                                                "int8_vocab_major": False,
                                                                                "overlap_optimizer": False,
-                                                                               "queued_optimizer": False}
+                                                                               "queued_optimizer": False,
+                                                                               "rope_gemma4": False}
+    assert switches_ran({"enabled": "rope_gemma4"})["rope_gemma4"]
     assert switches_ran({"overlap_optimizer": True})["overlap_optimizer"]
     assert switches_ran({"queued_optimizer": True})["queued_optimizer"]
     assert switches_ran({"int8_vocab_major": True})["int8_vocab_major"]

@@ -412,6 +412,13 @@ def matmul_kernels(arch: Architecture, plan: Plan) -> float:
     return kernels + 2 * chunks
 
 
+def rope_fused_on_gemma4() -> bool:
+    """Whether the trainer runs Gemma 4's RoPE through the Triton kernel (switch ``rope_gemma4``)."""
+    from vramplan.train import switches
+
+    return switches.enabled("rope") and switches.enabled("rope_gemma4")
+
+
 def device_kernels(arch: Architecture, plan: Plan) -> float:
     """Kernels one micro-batch runs on the GPU: its host ops that launch device work (:func:`step_host_ops`'
     prologue, forward, recompute and backward; the optimizer's are outside), replayed or dispatched."""
@@ -657,7 +664,7 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
     """
     stack = plan.stack
     phases = [float(c) for c in HOST_OPS_PER_MODEL[stack]]
-    rope_unfused = stack == "vramplan" and arch.model_type.startswith(ROPE_UNPATCHED_MODEL_TYPES)
+    rope_unfused = stack == "vramplan" and arch.model_type.startswith(ROPE_UNPATCHED_MODEL_TYPES) and not rope_fused_on_gemma4()
     quantized = plan.quant != "bf16"
     norm = HOST_OPS_PER_NORM[stack]
     if stack == "hf" and not quantized:  # no fp32 upcast: the norms' casts dispatch
