@@ -239,6 +239,15 @@ KERNEL_FLOOR_S = 1.0e-6
 #: Llama's other Triton kernels of activation size run at their bytes (RMSNorm 5.5 µs for 16.8 MB, the gated
 #: activation 33.3 µs for 101 MB), so only the dequantization is charged a ramp.
 NF4_DEQUANT_KERNEL_S = 2.3e-6
+#: What that profile pair still shows unpriced (per step, its 3 steps divided out): Gemma-4-E2B's kernels sum to
+#: 161.6 ms, ~159 of them the replayed forward+backward (163.0 ms wall), against 152.5 priced. Its header's
+#: "GPU busy 187.1" also sums the profiler's GPU-side Optimizer.step/zero_grad ranges (22.0 ms) and eager ops'
+#: kernels a second time. By family: attention 71.4 (74.6 priced), matmuls 49.4+ (45.8), NF4 6.2 (6.0); the
+#: other small kernels ~29.5 against 14.8 of activation, logit and optimizer bytes. Most of that excess is
+#: transformers' RoPE, which Gemma 4 keeps unfused (:data:`ROPE_UNPATCHED_MODEL_TYPES`): non-vectorized
+#: elementwise_kernel<128,4> (422 a step at 10.7 µs) and rotate_half's cat (100 at 16.8 µs). Llama runs the
+#: Triton RoPE, so its profile gives nothing to price these from, and its own small kernels sit below their
+#: priced bytes (~9.9 ms against 11.5: the weights' 2 B a weight that cuBLAS reads are also in the matmul term).
 
 #: vramplan's matmuls (cuBLAS, nvjet kernels) as a rate and a cost per kernel: FLOPs at
 #: :data:`MATMUL_EFFICIENCY` of the peak plus :data:`MATMUL_KERNEL_S` for each matmul kernel
