@@ -51,7 +51,7 @@ LATER_SOURCES = {"vramplan": (RESULTS / "trainer_graphs_h100.jsonl", *(RESULTS /
 #: Configurations whose kernels were profiled (benchmarks/results/session5/profile-graphs-*.txt: Llama-3.2-1B
 #: and Gemma-4-E2B at 2,048 tokens, replayed as CUDA graphs, bitsandbytes stepping each adapter): the
 #: model's graph-step constants (vramplan.throughput: MATMUL_EFFICIENCY, MATMUL_KERNEL_S,
-#: FLASH_ATTENTION_EFFICIENCY, CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY, KERNEL_FLOOR_S) were read off those profiles, so these rows are no test of them. Marked "profiled", not "held_out", and left out of every
+#: FLASH_ATTENTION_EFFICIENCY, CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY, KERNEL_FLOOR_S) were read off those profiles, so these rows are no test of them; NF4_DEQUANT_KERNEL_S was read off session 8's Llama-3.2-1B profile below. Marked "profiled", not "held_out", and left out of every
 #: held-out summary. The same two configurations with causal captures were profiled in session 8
 #: (benchmarks/results/session8/profile-graphs-*-2048.txt), where the captured optimizer's cost per adapter
 #: tensor (vramplan.throughput.CAPTURED_OPTIMIZER_S_PER_TENSOR) was read: profiled too.

@@ -366,7 +366,8 @@ def test_a_replayed_step_pays_a_floor_per_kernel_and_its_profiled_gpu_time():
     The device term of the two profiled graph steps (benchmarks/results/session5/profile-graphs-*.txt)
     is within 15% of their synced forward+backward wall time, 50.0 ms and 181.8 ms; with the eager-fitted
     rates it was 35 ms and 116 ms."""
-    from vramplan.throughput import (KERNEL_FLOOR_S, MATMUL_KERNEL_S, device_kernels, matmul_kernels)
+    from vramplan.throughput import (KERNEL_FLOOR_S, MATMUL_KERNEL_S, NF4_DEQUANT_KERNEL_S, device_kernels,
+                                     matmul_kernels, nf4_dequant_kernels)
 
     h100 = resolve_gpu("h100")
     for model, profiled in (("llama-3.2-1b", 0.0500), ("gemma-4-e2b-text", 0.1818)):
@@ -375,7 +376,8 @@ def test_a_replayed_step_pays_a_floor_per_kernel_and_its_profiled_gpu_time():
         seconds = step_seconds(arch, plan, h100, masked_captures=True)  # as the profiled trainer captured it
         device = sum(seconds[k] for k in ("matmul", "attention", "attention_wide", "attention_flash", "memory", "kernels"))
         assert device == pytest.approx(profiled, rel=0.15), model
-        assert seconds["kernels"] == pytest.approx(device_kernels(arch, plan) * KERNEL_FLOOR_S)
+        assert seconds["kernels"] == pytest.approx(device_kernels(arch, plan) * KERNEL_FLOOR_S
+                                                   + nf4_dequant_kernels(arch, plan) * NF4_DEQUANT_KERNEL_S)
         assert combine(seconds) > device  # the optimizer's host work after the sync adds
     llama = architecture(resolve_model("llama-3.2-1b"))
     plan = Plan(model="llama-3.2-1b", seq_len=2048)
@@ -384,6 +386,9 @@ def test_a_replayed_step_pays_a_floor_per_kernel_and_its_profiled_gpu_time():
     assert device_kernels(llama, fewer) < device_kernels(llama, plan)
     assert step_seconds(llama, fewer, h100)["kernels"] < step_seconds(llama, plan, h100)["kernels"]
     assert step_seconds(llama, plan.replace(seq_len=8192), h100)["kernels"] == step_seconds(llama, plan, h100)["kernels"]
+    # one NF4 dequantization per adapted linear and pass, as profiled (333 a step); none on bf16 weights
+    assert nf4_dequant_kernels(llama, plan) == 16 * 7 * 3
+    assert nf4_dequant_kernels(llama, plan.replace(quant="bf16")) == 0
     # 16 layers x 7 adapted linears x 11 matmuls (forward 3, recompute 3, backward 5), the head's 2 per chunk
     assert matmul_kernels(llama, plan) == 16 * 7 * 11 + 2 * 4
     assert matmul_kernels(llama, plan.replace(checkpointing="none")) == 16 * 7 * 8 + 2 * 4

@@ -19,7 +19,8 @@ the two, softened near the crossover):
   attention takes at a slower kernel's profiled rate (the hf recipe's NF4 path runs attention and its
   upcast LM head in fp32, at that stack's fitted efficiency); the bytes a step moves (:func:`step_bytes`:
   NF4 dequantization, activations, logits, materialized attention scores, the optimizer's pass over its
-  states) over the GPU's bandwidth; and a gap per kernel (:data:`KERNEL_FLOOR_S`);
+  states) over the GPU's bandwidth; and a gap per kernel (:data:`KERNEL_FLOOR_S`), NF4 dequantization's
+  ramp on top (:data:`NF4_DEQUANT_KERNEL_S`);
 * **host link**: CPU-offloaded checkpoints cross PCIe (:func:`step_pcie_bytes`), added.
 
 On several GPUs each rank runs that step on its own micro-batch, plus **communication**
@@ -228,6 +229,25 @@ FLASH_ATTENTION_EFFICIENCY = FLASH_ATTENTION.forward_efficiency
 #: small kernel's own ramp and tail (an RMSNorm of 6 MB takes 4.7 µs, ~2 µs of it its bytes): those sit
 #: in the kernels' time, which the matmul efficiency and the bandwidth term price.
 KERNEL_FLOOR_S = 1.0e-6
+#: vramplan's NF4 dequantize kernel (kernels/nf4.py, one launch per quantized adapted linear and pass) beyond
+#: the bytes :data:`WEIGHT_BYTES_PER_PASS` prices it: its ramp and tail, which the gap above does not hold. Read
+#: off Llama-3.2-1B's causal-capture profile (benchmarks/results/session8/profile-graphs-llama-3.2-1b-2048.txt):
+#: 333 calls a step at 9.64 µs, 3.21 ms, where their 7.36 GB (0.52 B read, 2 B written a weight) take 2.44 ms at
+#: the bandwidth term's rate: 2.3 µs a call more. Not read from, and checked on, Gemma-4-E2B's profile beside it:
+#: 612 calls at 10.13 µs, 2.6 µs a call beyond their bytes (this constant prices its 6.20 ms at 6.02). The profile
+#: cannot tell a ramp from a lower bandwidth (both models' calls average 22-23 MB: 1.32 and 1.35 × their bytes).
+#: Llama's other Triton kernels of activation size run at their bytes (RMSNorm 5.5 µs for 16.8 MB, the gated
+#: activation 33.3 µs for 101 MB), so only the dequantization is charged a ramp.
+NF4_DEQUANT_KERNEL_S = 2.3e-6
+#: What that profile pair still shows unpriced (per step, its 3 steps divided out): Gemma-4-E2B's kernels sum to
+#: 161.6 ms, ~159 of them the replayed forward+backward (163.0 ms wall), against 152.5 priced. Its header's
+#: "GPU busy 187.1" also sums the profiler's GPU-side Optimizer.step/zero_grad ranges (22.0 ms) and eager ops'
+#: kernels a second time. By family: attention 71.4 (74.6 priced), matmuls 49.4+ (45.8), NF4 6.2 (6.0); the
+#: other small kernels ~29.5 against 14.8 of activation, logit and optimizer bytes. Most of that excess is
+#: transformers' RoPE, which Gemma 4 keeps unfused (:data:`ROPE_UNPATCHED_MODEL_TYPES`): non-vectorized
+#: elementwise_kernel<128,4> (422 a step at 10.7 µs) and rotate_half's cat (100 at 16.8 µs). Llama runs the
+#: Triton RoPE, so its profile gives nothing to price these from, and its own small kernels sit below their
+#: priced bytes (~9.9 ms against 11.5: the weights' 2 B a weight that cuBLAS reads are also in the matmul term).
 
 #: vramplan's matmuls (cuBLAS, nvjet kernels) as a rate and a cost per kernel: FLOPs at
 #: :data:`MATMUL_EFFICIENCY` of the peak plus :data:`MATMUL_KERNEL_S` for each matmul kernel
@@ -424,6 +444,27 @@ def device_kernels(arch: Architecture, plan: Plan) -> float:
     prologue, forward, recompute and backward; the optimizer's are outside), replayed or dispatched."""
     ops = step_host_ops(arch, plan)
     return ops["prologue"] + ops["forward"] + ops["recompute"] + ops["backward"]
+
+
+def nf4_dequant_kernels(arch: Architecture, plan: Plan) -> float:
+    """NF4 dequantize kernels of one micro-batch on vramplan's stack (:data:`NF4_DEQUANT_KERNEL_S` each): one
+    per quantized adapted linear and pass (:func:`_passes`), and a tiled MLP's again per tile, as
+    :func:`step_bytes` reads their weights; none on bf16 or int8 weights, or on the hf recipe's bitsandbytes path."""
+    if plan.stack != "vramplan" or plan.quant != "nf4":
+        return 0.0
+    passes = _passes(plan)
+    adapted = sum(1 for layer in arch.layers for lin in layer.linears if lin.name in plan.lora_targets)
+    kernels = float(adapted * passes)
+    if plan.mlp_tiles > 1:
+        extra_passes = (passes + 1) * plan.mlp_tiles - passes
+        kernels += 3 * len(_tiled_mlp_layers(arch)) * extra_passes
+    return kernels
+
+
+def kernel_seconds(arch: Architecture, plan: Plan) -> float:
+    """GPU time a micro-batch's kernels take beyond their FLOPs and bytes: every kernel's gap
+    (:data:`KERNEL_FLOOR_S`) and each NF4 dequantization's ramp (:data:`NF4_DEQUANT_KERNEL_S`)."""
+    return device_kernels(arch, plan) * KERNEL_FLOOR_S + nf4_dequant_kernels(arch, plan) * NF4_DEQUANT_KERNEL_S
 
 
 def _recomputes(plan: Plan) -> bool:
@@ -922,7 +963,7 @@ def step_seconds(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors 
         "attention_wide": wide_s,
         "attention_flash": flash_s,
         "memory": sum(step_bytes(arch, plan).values()) / (gpu.bandwidth_gbs * 1e9 * factors.bandwidth_efficiency),
-        "kernels": device_kernels(arch, plan) * KERNEL_FLOOR_S,
+        "kernels": kernel_seconds(arch, plan),
         "pcie": step_pcie_bytes(arch, plan) / PCIE_BYTES_PER_S,
     }
     if plan.gpus > 1 or plan.cpu_offload:
