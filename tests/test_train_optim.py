@@ -176,3 +176,31 @@ def test_a_queued_step_updates_and_zeroes_as_the_synced_one(flat, device):
         runs.append([p.detach().clone() for p in params])
     assert all(torch.equal(a, b) for a, b in zip(*runs))
     assert not torch.equal(runs[1][0], start[0])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_paged_states_prefetched_on_their_first_step_only_when_the_switch_is_off(device, monkeypatch):
+    """``prefetch_paged`` off: each parameter's states are prefetched on its first step and never again (a
+    ``cudaMemPrefetchAsync`` from Python per state and step costs host time), and the parameters come out
+    the same as with bitsandbytes' prefetch before every step."""
+    pytest.importorskip("bitsandbytes")
+    from vramplan.train import switches
+
+    start = [torch.randn(16, 4096, device=device), torch.randn(300, 16, device=device)]
+    runs, calls = [], []
+    for prefetch in (True, False):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = eight_bit_adamw(True, flat=False)(params, lr=1e-2, weight_decay=0.01)
+        count = []
+        original = optimizer.prefetch_state
+        monkeypatch.setattr(optimizer, "prefetch_state", lambda p, original=original, count=count: (count.append(p), original(p)))
+        generator = torch.Generator(device).manual_seed(1)
+        with switches.forced(prefetch_paged=prefetch):
+            for _ in range(3):
+                for p in params:
+                    p.grad = torch.randn(p.shape, generator=generator, device=device)
+                optimizer.step()
+        runs.append([p.detach().clone() for p in params])
+        calls.append(len(count))
+    assert calls == [3 * len(start), len(start)]
+    assert all(torch.equal(a, b) for a, b in zip(*runs))

@@ -37,11 +37,15 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: alternating in one process, benchmarks/results/session11/queued-ab.jsonl): Llama-3.2-1B at 1,024 tokens
 #: 28.9 ms against the overlapped step's 29.7 (1.03x), Qwen3-0.6B at 2,048 41.1 against 43.3 (1.05x);
 #: ``VRAMPLAN_DISABLE=queued_optimizer`` for the A/B.
+#: ``prefetch_paged``: bitsandbytes' paged states prefetched to the GPU before every step (its own behaviour), or on
+#: their first step only (off; ``train.optim._OneSyncPerStep``): session 12's rank sweep stepped ~21 µs of host time
+#: slower per prefetch (Llama-3.2-1B at 2,048 tokens, 45.2 ms at rank 8, none paged, to 53.6 at rank 64, 192 paged).
 #: Gemma 4's RoPE through the Triton kernel (``rope_gemma4``) stays off: measured slower in session 5's eager
 #: trainer (``patching.ROPE_PATCHED_BY_DEFAULT``), where host work decided; under CUDA graphs only the kernels'
 #: time counts, and transformers' RoPE runs ~5 kernels a call where the Triton one runs one.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
-            "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": False}
+            "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": False,
+            "prefetch_paged": True}
 
 
 def _listed(env: str) -> set[str]:
