@@ -39,6 +39,9 @@ EAGER = (_RESULTS / "session11" / "trainer-eager.jsonl",)
 #: fitted none of them.
 SESSION12_FIT = tuple(_RESULTS / "session12" / f"{name}-fit.jsonl" for name in ("rank-sweep", "eager"))
 SESSION12_HELD_OUT = tuple(_RESULTS / "session12" / f"{name}-held-out.jsonl" for name in ("rank-sweep", "eager"))
+#: Session 12's A/Bs (CUDA graphs, fresh processes alternating): Gemma 4's RoPE unfused or through the Triton kernel
+#: (Gemma-4-E2B at 2,048 tokens, E4B at 1,024), paged states prefetched every step or once (Llama-3.2-1B, rank 64).
+SESSION12_AB = (_RESULTS / "session12" / "ab-rope-prefetch.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -77,6 +80,11 @@ HELD_OUT = (
     HeldOut("session12", SESSION12_HELD_OUT, "session 12",
             "session 12's runs no fit saw (session12/*-held-out.jsonl: Gemma-4-E2B at ranks 32 and 128 under graphs; "
             "Qwen3-4B, Gemma-4-E2B and offloaded checkpoints at 8,192 tokens eager)"),
+    HeldOut("session12_ab", SESSION12_AB, "session 12, A/B",
+            "session 12's A/Bs of Gemma 4's RoPE (transformers' or the Triton kernel) and of paged states prefetched "
+            "every step or once (session12/ab-rope-prefetch.jsonl), none fitted",
+            "its Llama-3.2-1B pair fitted the prefetches' cost (throughput.PREFETCH_S), so it is no clean "
+            "hold-out for them"),
     HeldOut("session12_fit", SESSION12_FIT, "session 12, fitted the allowances",
             "session 12's rank sweep and eager Llama-3.2-1B runs (session12/*-fit.jsonl), which fitted the planner's "
             "allowances beyond the allocated peak and none of the speed model's constants", memory=False),
@@ -108,9 +116,11 @@ def switches_ran(record: dict) -> dict[str, bool]:
     says so since session 7, and before that only ``VRAMPLAN_ENABLE=fused_optimizer`` turned it on.
     The vocabulary-major int8 head: every line before session 8 walked it token-major. The whole step
     queued (``queued_optimizer``): only lines that say so, none before session 11. Gemma 4's RoPE through the
-    Triton kernel (``rope_gemma4``): only lines whose ``enabled`` names it."""
+    Triton kernel (``rope_gemma4``): lines that say so, or whose ``enabled`` names it. Paged states prefetched
+    before every step (``prefetch_paged``): every line that does not say otherwise (bitsandbytes' own behaviour)."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),
             "queued_optimizer": bool(record.get("queued_optimizer")),
-            "rope_gemma4": "rope_gemma4" in (record.get("enabled") or "")}
+            "rope_gemma4": record.get("rope_gemma4", "rope_gemma4" in (record.get("enabled") or "")),
+            "prefetch_paged": record.get("prefetch_paged", True)}

@@ -87,11 +87,17 @@ class Run:
     overlap_optimizer: bool = False
     #: ... and bitsandbytes' step without its last sync (``records.switches_ran``; session 11 on)
     queued_optimizer: bool = False
+    #: Gemma 4's RoPE ran through the Triton kernel (``records.switches_ran``; session 12 on)
+    rope_gemma4: bool = False
+    #: bitsandbytes' paged states were prefetched before every step (``records.switches_ran``; every line before
+    #: session 12's A/B)
+    prefetch_paged: bool = True
 
     def switches(self) -> dict[str, bool]:
         """What ``switches.forced`` takes to price it as it ran."""
         return {"fused_optimizer": self.fused_optimizer, "int8_vocab_major": self.int8_vocab_major,
-                "overlap_optimizer": self.overlap_optimizer, "queued_optimizer": self.queued_optimizer}
+                "overlap_optimizer": self.overlap_optimizer, "queued_optimizer": self.queued_optimizer,
+                "rope_gemma4": self.rope_gemma4, "prefetch_paged": self.prefetch_paged}
 
     @property
     def step_s(self) -> float:
@@ -128,6 +134,8 @@ FUSED = ":fused"  # a key's mark for a run the fused 8-bit AdamW stepped
 VOCAB_MAJOR = ":vocab-major"  # a key's mark for a run whose int8 head's loss ran vocabulary-major
 OVERLAP_MARK = ":overlapped"  # a key's mark for a run whose optimizer step was queued before the loss was read
 QUEUED_MARK = ":queued"  # a key's mark for a run whose bitsandbytes step was queued whole (no last sync)
+ROPE_GEMMA4_MARK = ":rope-gemma4"  # a key's mark for a run whose Gemma 4 RoPE ran through the Triton kernel
+NO_PREFETCH_MARK = ":no-prefetch"  # a key's mark for a run that prefetched its paged states on their first step only
 
 
 def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool = False) -> list[Run]:
@@ -149,14 +157,16 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
             ran = switches_ran(record)
             key = (run_key(stack, plan) + (FUSED if ran["fused_optimizer"] else "")
                    + (VOCAB_MAJOR if ran["int8_vocab_major"] else "") + (OVERLAP_MARK if ran["overlap_optimizer"] else "")
-                   + (QUEUED_MARK if ran["queued_optimizer"] else "") + (CAUSAL if causal else ""))
+                   + (QUEUED_MARK if ran["queued_optimizer"] else "") + (ROPE_GEMMA4_MARK if ran["rope_gemma4"] else "")
+                   + ("" if ran["prefetch_paged"] else NO_PREFETCH_MARK) + (CAUSAL if causal else ""))
             plans.setdefault(key, (stack, plan))
             times.setdefault(key, []).append(float(record["step_s"]))
     return [Run(key, stack, plan.model, plan, tuple(times[key]),
                 "graphs_causal" if key.endswith(CAUSAL) else group_of(plan, later),
                 masked_captures=not key.endswith(CAUSAL), fused_optimizer=FUSED in key,
                 int8_vocab_major=VOCAB_MAJOR in key, overlap_optimizer=OVERLAP_MARK in key,
-                queued_optimizer=QUEUED_MARK in key)
+                queued_optimizer=QUEUED_MARK in key, rope_gemma4=ROPE_GEMMA4_MARK in key,
+                prefetch_paged=NO_PREFETCH_MARK not in key)
             for key, (stack, plan) in plans.items()]
 
 

@@ -156,7 +156,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["alloc_conf"] = os.environ.get("PYTORCH_CUDA_ALLOC_CONF", "")
     record["overlap_optimizer"] = switches.enabled("overlap_optimizer")  # the step read its loss after queueing the optimizer
     record["queued_optimizer"] = switches.enabled("queued_optimizer")  # bitsandbytes without its last sync (default)
-    record["prefetch_paged"] = switches.enabled("prefetch_paged")  # paged states prefetched every step (default)
+    record["prefetch_paged"] = switches.enabled("prefetch_paged")  # paged states prefetched every step (bitsandbytes')
+    record["rope_gemma4"] = switches.enabled("rope_gemma4")  # Gemma 4's RoPE through the Triton kernel
     record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])

@@ -25,9 +25,10 @@ def test_one_step_counted_by_phase_and_component(family, layers, monkeypatch):
     table, linears = result["table"], result["lora_linears"]
     assert set(result["per_phase"]) >= {"forward", "recompute", "backward", "grad_clip", "optimizer"}
     assert result["launches"] == sum(result["per_phase"].values())
-    if family == "gemma4":  # measured slower fused on the GPU: per-tensor steps and transformers' RoPE
+    if family == "gemma4":  # the flat step measured slower: per-tensor steps; the plan captures its steps, so
+        # the Triton RoPE (switch rope_gemma4), one launch per rotated tensor (its shared-KV layers rotate q only)
         assert table["optimizer"]["step"].get("bnb") > 1
-        assert all(table[phase]["rope"].get("triton", 0) == 0 for phase in ("forward", "recompute", "backward"))
+        assert all(table[phase]["rope"].get("triton", 0) >= layers for phase in ("forward", "recompute", "backward"))
         return
     # the 8-bit AdamW steps one flat tensor: one bitsandbytes op (+ the one foreach copy of the gradients)
     assert table["optimizer"]["step"].get("bnb") == 1 and table["optimizer"]["step"].get("launch", 0) <= 1

@@ -34,9 +34,10 @@ def test_measured_choices_per_architecture(tmp_path, monkeypatch):
     assert type(llama).__module__ in ROPE_PATCHED_BY_DEFAULT and type(gemma).__module__ not in ROPE_PATCHED_BY_DEFAULT
 
 
-def test_gemma4_rope_switch_patches_its_module_and_the_speed_model_follows(tmp_path, monkeypatch):
-    """``rope_gemma4`` points Gemma 4's modeling module at the Triton RoPE, for the A/B under CUDA graphs; the speed
-    model then prices the fused RoPE's host ops (one a call) instead of transformers' unfused ones."""
+def test_gemma4_rope_fused_on_captured_steps_only_and_the_speed_model_follows(tmp_path, monkeypatch):
+    """Gemma 4's modeling module points at the Triton RoPE when the steps replay as CUDA graphs (switch
+    ``rope_gemma4``, on), never eagerly; the speed model prices the fused RoPE's host ops (one a call) for a captured
+    plan and transformers' unfused ones for an eager plan or with the switch off."""
     import importlib
 
     import torch
@@ -53,12 +54,17 @@ def test_gemma4_rope_switch_patches_its_module_and_the_speed_model_follows(tmp_p
     original = getattr(modeling.apply_rotary_pos_emb, "vramplan_original", modeling.apply_rotary_pos_emb)
     gemma = load_base_model(build_model(gemma4_config(), tmp_path / "g"), torch.float32)
     arch, plan = architecture(resolve_model("gemma-4-e2b-text")), Plan(model="gemma-4-e2b-text", seq_len=2048)
+    monkeypatch.delenv(switches.DISABLE_ENV, raising=False)
+    assert plan.captures_steps
+    modeling.apply_rotary_pos_emb = original  # whatever an earlier test patched
     try:
-        monkeypatch.setenv(switches.ENABLE_ENV, "rope_gemma4")
+        apply_kernel_patches(gemma, captured=False)
+        assert modeling.apply_rotary_pos_emb is original
         fused_ops = sum(step_host_ops(arch, plan).values())
-        apply_kernel_patches(gemma)
+        assert sum(step_host_ops(arch, plan.replace(cuda_graphs=False)).values()) > fused_ops
+        apply_kernel_patches(gemma, captured=True)
         assert modeling.apply_rotary_pos_emb.vramplan_original is original
-        monkeypatch.delenv(switches.ENABLE_ENV)
+        monkeypatch.setenv(switches.DISABLE_ENV, "rope_gemma4")
         assert sum(step_host_ops(arch, plan).values()) > fused_ops
     finally:
         modeling.apply_rotary_pos_emb = original
@@ -89,7 +95,9 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
                                                                                "int8_vocab_major": False,
                                                                                "overlap_optimizer": False,
                                                                                "queued_optimizer": False,
-                                                                               "rope_gemma4": False}
+                                                                               "rope_gemma4": False,
+                                                                               "prefetch_paged": True}
+    assert not switches_ran({"prefetch_paged": False})["prefetch_paged"]  # bitsandbytes' own behaviour until then
     assert switches_ran({"enabled": "rope_gemma4"})["rope_gemma4"]
     assert switches_ran({"overlap_optimizer": True})["overlap_optimizer"]
     assert switches_ran({"queued_optimizer": True})["queued_optimizer"]

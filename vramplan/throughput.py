@@ -166,7 +166,8 @@ OPTIMIZER_HOST_OPS_PER_STEP = {"paged_adamw8bit": 0.0, "adamw8bit": 0.0, "adamw"
 #: foreach clipping, and the trainer reads the norm only after the step: no wait on the GPU before it.
 FUSED_OPTIMIZER_HOST_OPS_PER_STEP = 3.0
 FUSED_OPTIMIZER_HOST_OPS_PER_TENSOR = 1.0
-#: RoPE patched with the Triton kernel on vramplan's stack (vramplan.train.patching.ROPE_PATCHED_BY_DEFAULT)
+#: RoPE patched with the Triton kernel on vramplan's stack (vramplan.train.patching.ROPE_PATCHED_BY_DEFAULT), but for
+#: these model types only on captured steps (``switches.gemma4_rope_fused``)
 ROPE_UNPATCHED_MODEL_TYPES = ("gemma4",)
 
 #: How host work and device work overlap: the step takes (host^p + device^p)^(1/p). The host
@@ -239,6 +240,12 @@ KERNEL_FLOOR_S = 1.0e-6
 #: Llama's other Triton kernels of activation size run at their bytes (RMSNorm 5.5 µs for 16.8 MB, the gated
 #: activation 33.3 µs for 101 MB), so only the dequantization is charged a ramp.
 NF4_DEQUANT_KERNEL_S = 2.3e-6
+#: bitsandbytes' prefetch of a paged tensor's two states before every step (``Optimizer8bit.prefetch_state``: a
+#: ``cudaMemPrefetchAsync`` each), which holds the stream even when the pages are resident; the trainer makes them
+#: only on a state's first step since session 12 (switch ``prefetch_paged``, off), every line before prefetched.
+#: Fitted on session 12's A/B (session12/ab-rope-prefetch.jsonl; Llama-3.2-1B, rank 64, 192 paged tensors, 2,048
+#: tokens, graphs): 60.6 ms a step with them, 45.7 without, 38.8 µs a prefetch.
+PREFETCH_S = 38.8e-6
 #: What that profile pair still shows unpriced (per step, its 3 steps divided out): Gemma-4-E2B's kernels sum to
 #: 161.6 ms, ~159 of them the replayed forward+backward (163.0 ms wall), against 152.5 priced. Its header's
 #: "GPU busy 187.1" also sums the profiler's GPU-side Optimizer.step/zero_grad ranges (22.0 ms) and eager ops'
@@ -432,13 +439,6 @@ def matmul_kernels(arch: Architecture, plan: Plan) -> float:
     return kernels + 2 * chunks
 
 
-def rope_fused_on_gemma4() -> bool:
-    """Whether the trainer runs Gemma 4's RoPE through the Triton kernel (switch ``rope_gemma4``)."""
-    from vramplan.train import switches
-
-    return switches.enabled("rope") and switches.enabled("rope_gemma4")
-
-
 def device_kernels(arch: Architecture, plan: Plan) -> float:
     """Kernels one micro-batch runs on the GPU: its host ops that launch device work (:func:`step_host_ops`'
     prologue, forward, recompute and backward; the optimizer's are outside), replayed or dispatched."""
@@ -463,8 +463,22 @@ def nf4_dequant_kernels(arch: Architecture, plan: Plan) -> float:
 
 def kernel_seconds(arch: Architecture, plan: Plan) -> float:
     """GPU time a micro-batch's kernels take beyond their FLOPs and bytes: every kernel's gap
-    (:data:`KERNEL_FLOOR_S`) and each NF4 dequantization's ramp (:data:`NF4_DEQUANT_KERNEL_S`)."""
-    return device_kernels(arch, plan) * KERNEL_FLOOR_S + nf4_dequant_kernels(arch, plan) * NF4_DEQUANT_KERNEL_S
+    (:data:`KERNEL_FLOOR_S`), each NF4 dequantization's ramp (:data:`NF4_DEQUANT_KERNEL_S`), and its share of the
+    optimizer's prefetches of paged states (:data:`PREFETCH_S`) where the trainer makes them."""
+    return (device_kernels(arch, plan) * KERNEL_FLOOR_S + nf4_dequant_kernels(arch, plan) * NF4_DEQUANT_KERNEL_S
+            + 2 * prefetched_tensors(arch, plan) * PREFETCH_S / plan.grad_accum)
+
+
+def prefetched_tensors(arch: Architecture, plan: Plan) -> int:
+    """Paged adapter tensors whose two states vramplan's trainer prefetches before every step (switch
+    ``prefetch_paged``); the hf recipe's sit in its fitted factors."""
+    from vramplan.memory.adapters import paged_tensors
+    from vramplan.train import switches
+
+    if plan.stack != "vramplan" or plan.optimizer != "paged_adamw8bit" or steps_fused(plan) \
+            or not switches.enabled("prefetch_paged"):
+        return 0
+    return paged_tensors(arch, plan, flat=flat_step_applies(arch, plan))
 
 
 def _recomputes(plan: Plan) -> bool:
@@ -703,9 +717,12 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
     8,192, which is why small models train at one step time across lengths (H100: Llama-3.2-1B
     0.16-0.26 s from 512 to 8,192 tokens).
     """
+    from vramplan.train import switches
+
     stack = plan.stack
     phases = [float(c) for c in HOST_OPS_PER_MODEL[stack]]
-    rope_unfused = stack == "vramplan" and arch.model_type.startswith(ROPE_UNPATCHED_MODEL_TYPES) and not rope_fused_on_gemma4()
+    rope_unfused = stack == "vramplan" and arch.model_type.startswith(ROPE_UNPATCHED_MODEL_TYPES) \
+        and not switches.gemma4_rope_fused(graphs_apply(arch, plan))
     quantized = plan.quant != "bf16"
     norm = HOST_OPS_PER_NORM[stack]
     if stack == "hf" and not quantized:  # no fp32 upcast: the norms' casts dispatch

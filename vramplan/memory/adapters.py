@@ -73,6 +73,14 @@ def paged_params(arch, plan, flat: bool = False) -> int:
     return sum(paged) + _tower_params(arch, plan)
 
 
+def paged_tensors(arch, plan, flat: bool = False) -> int:
+    """How many of the language model's adapter tensors bitsandbytes pages, each prefetched on its own; ``flat``:
+    the one flat tensor. Towers' adapters are left out."""
+    if flat:
+        return 1
+    return sum(1 for n in _language_numels(arch, plan) if n >= PAGED_MIN_NUMEL)
+
+
 def lora_param_bytes(trainable: int, dtype_bytes: int) -> int:
     """The adapter weights themselves (fp32 by PEFT's default, or bf16)."""
     return trainable * dtype_bytes

@@ -163,6 +163,14 @@ def routes_experts(model: nn.Module) -> bool:
     return any(isinstance(m, NF4Experts) or type(m).__name__ in FUSED_EXPERTS for m in model.modules())
 
 
+def steps_will_replay(model: nn.Module, plan) -> bool:
+    """Whether the run's steps will replay as CUDA graphs, as far as load time can tell (a GPU and one process
+    aside, which ``StepGraphs.for_run`` checks): the plan asks, the environment allows, no routed experts."""
+    from vramplan.train import switches
+
+    return plan.captures_steps and switches.enabled("cuda_graphs") and not routes_experts(model)
+
+
 class StepGraphs:
     """The captured micro-batch steps of one text model on one GPU (see the module docstring)."""
 

@@ -17,6 +17,7 @@ from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import patching
 from vramplan.train.experts import NF4Experts, is_fused_experts
+from vramplan.train.graphs import steps_will_replay
 from vramplan.train.ops import QLoRALinear
 
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
@@ -148,7 +149,7 @@ def prepare_for_qlora(model: nn.Module, plan: Plan, device: torch.device, host_p
         raise VramplanError(f"none of the LoRA targets {', '.join(plan.lora_targets)} is a linear layer of this model; "
                             "set lora_targets to its projection names")
     move_outside_layers(model, device)  # the rest: embeddings, norms, LM head (host-resident tables stay put)
-    patching.apply_kernel_patches(model)  # the rest: the final norm
+    patching.apply_kernel_patches(model, steps_will_replay(model, plan))  # the rest: the final norm
     model.config.use_cache = False
     if device.type == "cuda":  # the load's transient bf16 tables: their cached blocks go back before training
         torch.cuda.empty_cache()
@@ -194,6 +195,7 @@ def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_l
     ``after_layer(layer)`` runs on each adapted layer (FSDP2 shards it there); ``random_init``
     (seed, std, init_module): the layers are on the meta device and get seeded random weights one at a time."""
     quant = "nf4" if plan.quant == "nf4" else "bf16"
+    replays = steps_will_replay(model, plan)  # decided for the whole model: the RoPE patch is module-wide
     adapted = []
     prefix = _layers_path(model)
     arena = adapter_arena(model, plan, device) if after_layer is None else None
@@ -207,7 +209,7 @@ def add_decoder_lora(model: nn.Module, plan: Plan, device: torch.device, after_l
                                   DTYPES[plan.lora_dtype], storage=None if arena is None else arena.take)
         names += patching.add_expert_lora(layer, plan.lora_targets, plan.lora_rank, plan.alpha, DTYPES[plan.lora_dtype])
         adapted += [f"{prefix}.{index}.{name}" for name in names]
-        patching.apply_kernel_patches(layer)  # before after_layer: FSDP2 must see the modules that run
+        patching.apply_kernel_patches(layer, replays)  # before after_layer: FSDP2 must see the modules that run
         if after_layer is not None:
             after_layer(layer)
         if device.type == "cuda":

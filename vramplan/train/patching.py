@@ -85,9 +85,10 @@ ROPE_PATCHES: dict[str, Callable[[Callable], Callable]] = {
        for family in ("llama", "mistral", "qwen2", "qwen3", "gemma3")},
     "transformers.models.gemma4.modeling_gemma4": rope_single,
 }
-#: Where the patch is applied by default. Gemma 4 is left out by measurement (H100, E2B at 2,048
-#: tokens: 4,820 tok/s patched, 5,254 not: it rotates q and k in separate calls, and its full
-#: layers' partial rotary runs padded over the whole head); Llama-3.2-1B gains 17% (8,426 -> 9,841).
+#: Where the patch is applied whatever the plan. Gemma 4 is patched only for captured steps (``switches.gemma4_rope_fused``):
+#: eager it measured slower (H100, E2B at 2,048 tokens: 4,820 tok/s patched, 5,254 not: it rotates q and k in
+#: separate calls, and its full layers' partial rotary runs padded over the whole head), under CUDA graphs 1.05x
+#: faster (switches.py); Llama-3.2-1B gains 17% eager (8,426 -> 9,841).
 GEMMA4_ROPE_MODULE = "transformers.models.gemma4.modeling_gemma4"
 ROPE_PATCHED_BY_DEFAULT = tuple(name for name in ROPE_PATCHES if name != GEMMA4_ROPE_MODULE)
 
@@ -155,11 +156,13 @@ def add_expert_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha
     return adapted
 
 
-def apply_kernel_patches(model: nn.Module) -> list[str]:
-    """The module patches of ``KERNEL_PATCHES`` and the RoPE function patch; return the replaced module paths."""
+def apply_kernel_patches(model: nn.Module, captured: bool = False) -> list[str]:
+    """The module patches of ``KERNEL_PATCHES`` and the RoPE function patch; return the replaced module paths.
+    ``captured``: the steps will replay as CUDA graphs, where Gemma 4's Triton RoPE pays (switch ``rope_gemma4``);
+    eager, its per-call host work loses to transformers' RoPE."""
     patches = dict(KERNEL_PATCHES)
     if switches.enabled("rope"):
-        patch_rope(model, ROPE_PATCHED_BY_DEFAULT + ((GEMMA4_ROPE_MODULE,) if switches.enabled("rope_gemma4") else ()))
+        patch_rope(model, ROPE_PATCHED_BY_DEFAULT + ((GEMMA4_ROPE_MODULE,) if switches.gemma4_rope_fused(captured) else ()))
     return replace_modules(model, lambda path, module: patches[type(module).__name__](module)
                            if type(module).__name__ in patches else None)
 

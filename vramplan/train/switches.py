@@ -38,14 +38,17 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: 28.9 ms against the overlapped step's 29.7 (1.03x), Qwen3-0.6B at 2,048 41.1 against 43.3 (1.05x);
 #: ``VRAMPLAN_DISABLE=queued_optimizer`` for the A/B.
 #: ``prefetch_paged``: bitsandbytes' paged states prefetched to the GPU before every step (its own behaviour), or on
-#: their first step only (off; ``train.optim._OneSyncPerStep``): session 12's rank sweep stepped ~21 µs of host time
-#: slower per prefetch (Llama-3.2-1B at 2,048 tokens, 45.2 ms at rank 8, none paged, to 53.6 at rank 64, 192 paged).
-#: Gemma 4's RoPE through the Triton kernel (``rope_gemma4``) stays off: measured slower in session 5's eager
-#: trainer (``patching.ROPE_PATCHED_BY_DEFAULT``), where host work decided; under CUDA graphs only the kernels'
-#: time counts, and transformers' RoPE runs ~5 kernels a call where the Triton one runs one.
+#: their first step only (off, the default; ``train.optim._OneSyncPerStep``). Session 12's A/B on the H100
+#: (Llama-3.2-1B, rank 64: 192 paged tensors, 2,048 tokens, CUDA graphs, fresh processes alternating,
+#: benchmarks/results/session12/ab-rope-prefetch.jsonl): 60.6 ms a step with them, 45.7 without (1.33x), the same
+#: memory and losses; each ``cudaMemPrefetchAsync`` held the stream ~39 µs though the pages were resident.
+#: Gemma 4's RoPE through the Triton kernel (``rope_gemma4``, on): session 5 kept transformers' RoPE on an eager
+#: A/B, where host work decided (4,820 tok/s patched, 5,254 not); under CUDA graphs only the kernels' time counts,
+#: and transformers' RoPE runs ~5 kernels a call where the Triton one runs one. Session 12's A/B (same file):
+#: Gemma-4-E2B at 2,048 tokens 173.6 -> 165.9 ms (1.05x), E4B at 1,024 137.2 -> 130.1 (1.05x), 4 MB less.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
-            "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": False,
-            "prefetch_paged": True}
+            "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": True,
+            "prefetch_paged": False}
 
 
 def _listed(env: str) -> set[str]:
@@ -81,3 +84,9 @@ def forced(**states: bool):
                 os.environ.pop(env, None)
             else:
                 os.environ[env] = value
+
+
+def gemma4_rope_fused(captured: bool) -> bool:
+    """Whether the trainer runs Gemma 4's RoPE through the Triton kernel: on steps it replays as CUDA graphs, unless
+    ``rope_gemma4`` (or ``rope``) is switched off; eager, its per-call host work loses to transformers' RoPE."""
+    return captured and enabled("rope") and enabled("rope_gemma4")
