@@ -48,3 +48,21 @@ def test_held_out_runs_within_6_percent(name):
         est = estimate_plan(plan, resolve_model(plan.model))
         predicted = est.peak_bytes - est.components["cuda_context"]
         assert predicted == pytest.approx(record["nvml_used_delta"], rel=0.06), (record["model"], record["rank"])
+
+
+def test_paged_states_beyond_the_threshold_count_outside_torchs_pool():
+    """Qwen3-4B at rank 256 pages 1.06 GB of 8-bit states: the estimate counts what lies beyond the threshold on the
+    GPU (after load), names it in its note, and the calibration's per-phase allocated view leaves it out."""
+    from vramplan.calibrate import predicted_allocated_by_phase
+
+    plan = plan_of({"model": "qwen3-4b", "seq": 2048, "batch": 1, "gc": True, "rank": 256, "cuda_graphs": 1})
+    est = estimate_plan(plan, resolve_model(plan.model))
+    resident = est.components["paged_states_resident"]
+    assert 0.8e9 < resident < 0.9e9
+    assert est.phases["forward"] - est.phases["load"] > resident
+    assert any("counted on the GPU" in note for note in est.notes)
+    allocated = predicted_allocated_by_phase(est)
+    assert allocated["forward"] == (est.phases["forward"] - est.components["cuda_context"] - est.components["cuda_libraries"]
+                                    - est.components["fragmentation"] - resident)
+    small = estimate_plan(plan.replace(lora_rank=16), resolve_model(plan.model))
+    assert "paged_states_resident" not in small.components

@@ -80,10 +80,11 @@ class CalibrationResult:
 
 
 def predicted_allocated_by_phase(est: Estimate) -> dict[str, int]:
-    """The estimate's phases as torch's allocator sees them: less the context, libraries and fragmentation."""
+    """The estimate's phases as torch's allocator sees them: less the context, libraries, fragmentation and the
+    paged states NVML counts on the GPU (outside torch's pool, like the libraries)."""
     outside = est.components.get("cuda_context", 0) + est.components.get("cuda_libraries", 0)
-    frag = est.components.get("fragmentation", 0)
-    return {name: total - outside - (frag if name != "load" else 0) for name, total in est.phases.items()}
+    after_load = est.components.get("fragmentation", 0) + est.components.get("paged_states_resident", 0)
+    return {name: total - outside - (after_load if name != "load" else 0) for name, total in est.phases.items()}
 
 
 def refuse_if_over(est: Estimate, free_bytes: int) -> None:

@@ -251,7 +251,8 @@ PREFETCH_S = 38.8e-6
 #: "GPU busy 187.1" also sums the profiler's GPU-side Optimizer.step/zero_grad ranges (22.0 ms) and eager ops'
 #: kernels a second time. By family: attention 71.4 (74.6 priced), matmuls 49.4+ (45.8), NF4 6.2 (6.0); the
 #: other small kernels ~29.5 against 14.8 of activation, logit and optimizer bytes. Most of that excess is
-#: transformers' RoPE, which Gemma 4 keeps unfused (:data:`ROPE_UNPATCHED_MODEL_TYPES`): non-vectorized
+#: transformers' RoPE, which Gemma 4 then kept unfused (:data:`ROPE_UNPATCHED_MODEL_TYPES`; on captured steps it
+#: runs the Triton RoPE since session 12, 1.05x): non-vectorized
 #: elementwise_kernel<128,4> (422 a step at 10.7 µs) and rotate_half's cat (100 at 16.8 µs). Llama runs the
 #: Triton RoPE, so its profile gives nothing to price these from, and its own small kernels sit below their
 #: priced bytes (~9.9 ms against 11.5: the weights' 2 B a weight that cuBLAS reads are also in the matmul term).

@@ -25,7 +25,8 @@ from __future__ import annotations
 from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
 from vramplan.memory.adapters import lora_grad_bytes, lora_param_bytes, paged_params, trainable_params
 from vramplan.memory.logits import full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
-from vramplan.memory.optimizer import managed_state_bytes, managed_state_note, optimizer_state_bytes, resident_paged_state_bytes
+from vramplan.memory.optimizer import (managed_state_bytes, managed_state_note, optimizer_state_bytes,
+                                        resident_paged_state_bytes)
 from vramplan.memory.overhead import cuda_library_bytes, unreused_segment_bytes
 from vramplan.memory.weights import dense_bytes, linear_weight_bytes
 from vramplan.memory import towers as mm
