@@ -16,7 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 
@@ -79,25 +79,12 @@ class Run:
     #: its captured steps ran attention under transformers 5.17's explicit mask, as every graph run recorded
     #: before the trainer kept the causal kernel in captures (a record says ``causal_captures`` since)
     masked_captures: bool = True
-    #: the fused 8-bit AdamW stepped it, not bitsandbytes (``records.switches_ran``)
-    fused_optimizer: bool = False
-    #: its int8 head's loss ran vocabulary-major (``records.switches_ran``)
-    int8_vocab_major: bool = False
-    #: the trainer queued the optimizer's step before reading the loss (``records.switches_ran``; session 10 on)
-    overlap_optimizer: bool = False
-    #: ... and bitsandbytes' step without its last sync (``records.switches_ran``; session 11 on)
-    queued_optimizer: bool = False
-    #: Gemma 4's RoPE ran through the Triton kernel (``records.switches_ran``; session 12 on)
-    rope_gemma4: bool = False
-    #: bitsandbytes' paged states were prefetched before every step (``records.switches_ran``; every line before
-    #: session 12's A/B)
-    prefetch_paged: bool = True
+    #: the switches it ran under that the speed model prices (``records.switches_ran``; the key marks them)
+    ran: dict[str, bool] = field(default_factory=lambda: switches_ran({}))
 
     def switches(self) -> dict[str, bool]:
         """What ``switches.forced`` takes to price it as it ran."""
-        return {"fused_optimizer": self.fused_optimizer, "int8_vocab_major": self.int8_vocab_major,
-                "overlap_optimizer": self.overlap_optimizer, "queued_optimizer": self.queued_optimizer,
-                "rope_gemma4": self.rope_gemma4, "prefetch_paged": self.prefetch_paged}
+        return dict(self.ran)
 
     @property
     def step_s(self) -> float:
@@ -136,6 +123,16 @@ OVERLAP_MARK = ":overlapped"  # a key's mark for a run whose optimizer step was 
 QUEUED_MARK = ":queued"  # a key's mark for a run whose bitsandbytes step was queued whole (no last sync)
 ROPE_GEMMA4_MARK = ":rope-gemma4"  # a key's mark for a run whose Gemma 4 RoPE ran through the Triton kernel
 NO_PREFETCH_MARK = ":no-prefetch"  # a key's mark for a run that prefetched its paged states on their first step only
+#: Each switch a key marks, with its mark and the state the mark stands for (``prefetch_paged`` marks its off
+#: state: every line before session 12 prefetched), in the order the marks follow each other
+SWITCH_MARKS = {"fused_optimizer": (FUSED, True), "int8_vocab_major": (VOCAB_MAJOR, True),
+                "overlap_optimizer": (OVERLAP_MARK, True), "queued_optimizer": (QUEUED_MARK, True),
+                "rope_gemma4": (ROPE_GEMMA4_MARK, True), "prefetch_paged": (NO_PREFETCH_MARK, False)}
+
+
+def switch_marks(ran: dict[str, bool]) -> str:
+    """The key's marks for the switches a run ran under (``records.switches_ran``)."""
+    return "".join(mark for name, (mark, state) in SWITCH_MARKS.items() if ran[name] == state)
 
 
 def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool = False) -> list[Run]:
@@ -145,7 +142,7 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
     ``flat_optimizer`` (``records.plan_of``). ``later``:
     the runs are LATER_SOURCES', grouped by :func:`group_of`."""
     times: dict[str, list[float]] = {}
-    plans: dict[str, tuple[str, Plan]] = {}
+    plans: dict[str, tuple[str, Plan, dict[str, bool]]] = {}
     for stack, paths in sources.items():
         lines = [line for path in (paths if isinstance(paths, tuple) else (paths,)) for line in path.read_text().splitlines()]
         for line in lines:
@@ -155,19 +152,13 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
             plan = plan_of(record, stack)
             causal = bool(record.get("causal_captures")) and plan.captures_steps
             ran = switches_ran(record)
-            key = (run_key(stack, plan) + (FUSED if ran["fused_optimizer"] else "")
-                   + (VOCAB_MAJOR if ran["int8_vocab_major"] else "") + (OVERLAP_MARK if ran["overlap_optimizer"] else "")
-                   + (QUEUED_MARK if ran["queued_optimizer"] else "") + (ROPE_GEMMA4_MARK if ran["rope_gemma4"] else "")
-                   + ("" if ran["prefetch_paged"] else NO_PREFETCH_MARK) + (CAUSAL if causal else ""))
-            plans.setdefault(key, (stack, plan))
+            key = run_key(stack, plan) + switch_marks(ran) + (CAUSAL if causal else "")
+            plans.setdefault(key, (stack, plan, ran))
             times.setdefault(key, []).append(float(record["step_s"]))
     return [Run(key, stack, plan.model, plan, tuple(times[key]),
                 "graphs_causal" if key.endswith(CAUSAL) else group_of(plan, later),
-                masked_captures=not key.endswith(CAUSAL), fused_optimizer=FUSED in key,
-                int8_vocab_major=VOCAB_MAJOR in key, overlap_optimizer=OVERLAP_MARK in key,
-                queued_optimizer=QUEUED_MARK in key, rope_gemma4=ROPE_GEMMA4_MARK in key,
-                prefetch_paged=NO_PREFETCH_MARK not in key)
-            for key, (stack, plan) in plans.items()]
+                masked_captures=not key.endswith(CAUSAL), ran=ran)
+            for key, (stack, plan, ran) in plans.items()]
 
 
 def load_later_runs() -> list[Run]:
@@ -340,7 +331,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "spread": round(run.spread, 4), "measured_tok_s": round(run.tok_s, 1),
                      "predicted_tok_s": round(predicted, 1), "error": round((predicted - run.tok_s) / run.tok_s, 4),
                      "head_quant": plan.head_quant, "lora_dtype": plan.lora_dtype, "group": run.group,
-                     "fused_optimizer": run.fused_optimizer,
+                     "fused_optimizer": run.ran["fused_optimizer"],
                      "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
     groups = {}
