@@ -29,10 +29,8 @@ from pathlib import Path
 from benchmarks.records import _RESULTS, plan_of
 from vramplan.catalog import resolve_model
 from vramplan.estimate import architecture
-from vramplan.memory.adapters import paged_params
-from vramplan.memory.optimizer import managed_state_bytes
 from vramplan.memory.overhead import cuda_library_bytes
-from vramplan.stacks.vramplan import flat_step_applies
+from vramplan.stacks.vramplan import managed_optimizer_bytes
 
 #: Session 12's rank sweep under CUDA graphs: Llama-3.2-1B and Qwen3-4B (Gemma-4-E2B's rows, rank-sweep-held-out.jsonl,
 #: are held out).
@@ -83,8 +81,7 @@ def eager_slack(path: Path = EAGER_RUNS) -> list[int]:
 def managed_bytes(record: dict) -> int:
     """The paged optimizer states the planner puts in CUDA managed memory for the run's plan."""
     plan = plan_of(record)
-    arch = architecture(resolve_model(plan.model))
-    return managed_state_bytes(paged_params(arch, plan, flat=flat_step_applies(arch, plan)), plan.optimizer)
+    return managed_optimizer_bytes(architecture(resolve_model(plan.model)), plan)
 
 
 def beyond_libraries(record: dict) -> int:

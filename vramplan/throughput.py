@@ -72,6 +72,7 @@ from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.occupancy import (FLASH_BACKWARD, FLASH_BACKWARD_256, FLASH_FORWARD, WIDE_BACKWARD, WIDE_FORWARD, Tiling,
                                  fill)
+from vramplan.memory.adapters import paged_tensors
 from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
 from vramplan.stacks.vramplan import flat_step_applies, graphs_apply, int8_vocab_major, steps_fused
@@ -473,7 +474,6 @@ def kernel_seconds(arch: Architecture, plan: Plan) -> float:
 def prefetched_tensors(arch: Architecture, plan: Plan) -> int:
     """Paged adapter tensors whose two states vramplan's trainer prefetches before every step (switch
     ``prefetch_paged``); the hf recipe's sit in its fitted factors."""
-    from vramplan.memory.adapters import paged_tensors
     from vramplan.train import switches
 
     if plan.stack != "vramplan" or plan.optimizer != "paged_adamw8bit" or steps_fused(plan) \

@@ -87,8 +87,7 @@ def step_memory(arch, plan) -> StepMemory:
     adapters = {"lora_params": lora_param_bytes(trainable, lora_bytes)}
     grads = {"lora_grads": lora_grad_bytes(trainable, lora_bytes)}
     optimizer, optimizer_notes = stepped_optimizer(plan)
-    paged = paged_params(arch, plan, flat=flat_step_applies(arch, plan))
-    managed = managed_state_bytes(paged, optimizer)
+    managed = managed_optimizer_bytes(arch, plan)
     optim = {"optimizer_states": optimizer_state_bytes(trainable, optimizer, master_weights=lora_bytes == 2) - managed}
 
     kernel = "eager" if plan.attention == "eager" else "flash"
@@ -175,6 +174,13 @@ def steps_fused(plan) -> bool:
 def fsdp_steps_fused(plan) -> bool:
     """:func:`steps_fused` for an FSDP2 plan (other FSDP2 plans step torch AdamW: bitsandbytes takes no DTensor)."""
     return plan.parallel == "fsdp" and steps_fused(plan)
+
+
+def managed_optimizer_bytes(arch, plan) -> int:
+    """The optimizer states the trainer keeps in CUDA managed memory for ``plan``: the paged adapters' states of the
+    optimizer it steps (:func:`stepped_optimizer`), outside torch's pool."""
+    paged = paged_params(arch, plan, flat=flat_step_applies(arch, plan))
+    return managed_state_bytes(paged, stepped_optimizer(plan)[0])
 
 
 def stepped_optimizer(plan) -> tuple[str, tuple[str, ...]]:

@@ -27,6 +27,7 @@ import math
 
 import torch
 
+from vramplan.train import switches
 from vramplan.train.ops import flat_adapters
 
 
@@ -189,8 +190,6 @@ class _OneSyncPerStep:
             self.check_overrides()
             self.to_gpu()
             self.initialized = True
-        from vramplan.train import switches
-
         prefetch = switches.enabled("prefetch_paged")
         last = None
         for gindex, group in enumerate(self.param_groups):
@@ -566,7 +565,6 @@ def flat_update_pays(model, plan=None) -> bool:
     27,329 to 41,411 tok/s at 2,048 tokens and Llama-3.1-8B from 7,386 to 8,855, for 0.29-0.38 GB
     more (benchmarks/results/trainer_graphs_h100.jsonl)."""
     from vramplan.stacks.vramplan import FLAT_DECLINED
-    from vramplan.train import switches
 
     if not ((plan is not None and plan.steps_flat) or switches.enabled("flat_optimizer")):
         return False
