@@ -7,7 +7,8 @@ fp32 as the trainer keeps adapters; only the unfused path has that op). Variants
 kernel, the unfused path transformers runs (bf16 logits -> float -> F.cross_entropy), Liger's fused
 linear cross-entropy when installed, and torch.compile of the same chunked algorithm in plain
 PyTorch, at vramplan's chunk size. With a trainable head vramplan's chunks are 4x larger (each
-chunk reads and writes all of grad_W); "vramplan chunk N" times smaller chunks beside it. The
+chunk reads and writes all of grad_W); "vramplan chunk N" times smaller chunks beside it, and a frozen head's
+2x and 4x larger ones (what the trainer's 128 MB logits budget costs in time). The
 "int8 head" case is the trainer's ``head_quant="int8"`` (frozen ``Int8Rows``): the vocabulary-major
 pass (the default) against the token-major one it replaced, the bf16 head's chunked pass and the
 unfused path on the dequantized head.
@@ -131,6 +132,9 @@ def _case(name: str, tokens: int, hidden_size: int, vocab: int, device: str, tra
         frozen_chunk = default_chunk_size(tokens, vocab, dtype)
         for smaller in sorted({frozen_chunk, frozen_chunk * TRAINABLE_HEAD_CHUNK_FACTOR // 2} - {chunk}):
             variants[f"vramplan chunk {smaller}"] = ours(smaller)
+    elif not lora_head:  # larger chunks than the frozen head's memory budget, to see what the budget costs in time
+        for larger in (2 * chunk, 4 * chunk):
+            variants[f"vramplan chunk {larger}"] = ours(larger)
     if not lora_head:
         liger = _liger_loss()
         if liger is not None:
