@@ -42,6 +42,14 @@ SESSION12_HELD_OUT = tuple(_RESULTS / "session12" / f"{name}-held-out.jsonl" for
 #: Session 12's A/Bs (CUDA graphs, fresh processes alternating): Gemma 4's RoPE unfused or through the Triton kernel
 #: (Gemma-4-E2B at 2,048 tokens, E4B at 1,024), paged states prefetched every step or once (Llama-3.2-1B, rank 64).
 SESSION12_AB = (_RESULTS / "session12" / "ab-rope-prefetch.jsonl",)
+#: Session 13's campaign of the trainer as it ships after session 12 (paged states prefetched once, Gemma 4's Triton
+#: RoPE on captured steps): Llama-3.2-1B at rank 64 and 1,024 tokens and rank 16 at 4,096, Qwen3-4B at rank 32 and
+#: 4,096, Gemma-4-E2B at rank 32 and 1,024 and rank 16 at 4,096, E4B and Qwen3-0.6B at 2,048; CUDA graphs, fresh
+#: processes, priced by the commit that ran them (session13/call1.sh) and fitted by nothing.
+SESSION13 = (_RESULTS / "session13" / "trainer-campaign13.jsonl",)
+#: Session 13's A/B of Gemma 4's wide heads through chunked attention (switch ``wide_head_attention``): Gemma-4-E2B
+#: at 2,048 tokens off, on, off, on in fresh processes, then on at E2B 4,096 and E4B 2,048 (the campaign ran both off).
+SESSION13_AB = (_RESULTS / "session13" / "ab-wide-heads.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -88,6 +96,15 @@ HELD_OUT = (
     HeldOut("session12_fit", SESSION12_FIT, "session 12, fitted the allowances",
             "session 12's rank sweep and eager Llama-3.2-1B runs (session12/*-fit.jsonl), which fitted the planner's "
             "allowances beyond the allocated peak and none of the speed model's constants", memory=False),
+    HeldOut("session13", SESSION13, "session 13 campaign",
+            "session 13's campaign of the trainer with session 12's defaults (session13/trainer-campaign13.jsonl: "
+            "five models, ranks 16-64, 1,024-4,096 tokens, CUDA graphs), none fitted"),
+    HeldOut("session13_ab", SESSION13_AB, "session 13, chunked wide heads",
+            "session 13's A/B of Gemma 4's 512-wide heads through chunked attention or SDPA's memory-efficient kernels "
+            "(session13/ab-wide-heads.jsonl: E2B at 2,048 tokens both ways, E2B 4,096 and E4B 2,048 chunked), none "
+            "fitted",
+            "the chunked attention's efficiency (throughput.CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY) was read off the "
+            "graph profile of E2B at 2,048 tokens, so only E2B at 4,096 and E4B are a clean hold-out for it"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
@@ -117,10 +134,12 @@ def switches_ran(record: dict) -> dict[str, bool]:
     The vocabulary-major int8 head: every line before session 8 walked it token-major. The whole step
     queued (``queued_optimizer``): only lines that say so, none before session 11. Gemma 4's RoPE through the
     Triton kernel (``rope_gemma4``): lines that say so, or whose ``enabled`` names it. Paged states prefetched
-    before every step (``prefetch_paged``): every line that does not say otherwise (bitsandbytes' own behaviour)."""
+    before every step (``prefetch_paged``): every line that does not say otherwise (bitsandbytes' own behaviour).
+    Wide heads through chunked matmuls (``wide_head_attention``): only lines that say so, none before session 13."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),
             "queued_optimizer": bool(record.get("queued_optimizer")),
             "rope_gemma4": record.get("rope_gemma4", "rope_gemma4" in (record.get("enabled") or "")),
-            "prefetch_paged": record.get("prefetch_paged", True)}
+            "prefetch_paged": record.get("prefetch_paged", True),
+            "wide_head_attention": bool(record.get("wide_head_attention"))}

@@ -96,8 +96,10 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
                                                                                "overlap_optimizer": False,
                                                                                "queued_optimizer": False,
                                                                                "rope_gemma4": False,
-                                                                               "prefetch_paged": True}
+                                                                               "prefetch_paged": True,
+                                                                               "wide_head_attention": False}
     assert not switches_ran({"prefetch_paged": False})["prefetch_paged"]  # bitsandbytes' own behaviour until then
+    assert switches_ran({"wide_head_attention": True})["wide_head_attention"]  # SDPA's kernels before session 13
     assert switches_ran({"enabled": "rope_gemma4"})["rope_gemma4"]
     assert switches_ran({"overlap_optimizer": True})["overlap_optimizer"]
     assert switches_ran({"queued_optimizer": True})["queued_optimizer"]

@@ -72,10 +72,11 @@ from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.occupancy import (FLASH_BACKWARD, FLASH_BACKWARD_256, FLASH_FORWARD, WIDE_BACKWARD, WIDE_FORWARD, Tiling,
                                  fill)
+from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_keys_per_query, chunked_attention_rows
 from vramplan.memory.adapters import paged_tensors
 from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
-from vramplan.stacks.vramplan import flat_step_applies, graphs_apply, int8_vocab_major, steps_fused
+from vramplan.stacks.vramplan import flat_step_applies, graphs_apply, int8_vocab_major, steps_fused, wide_heads_chunked
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
 PCIE_BYTES_PER_S = 25e9
@@ -136,6 +137,10 @@ HOST_OPS_PER_LAYER = {"vramplan": (5, 3, 3), "hf": (15, 13, 22)}
 #: rotate only q; as counted on Gemma-4-E2B's structure)
 HOST_OPS_ROPE_UNFUSED = (9, 9, 13)
 HOST_OPS_ROPE_UNFUSED_Q_ONLY = (4, 4, 6)
+#: vramplan's chunked attention of a wide-head layer (vramplan.train.attention), counted from its code: per call,
+#: then per chunk of queries in a forward (slices, the fp32-out matmul, the mask, log-sum-exp, exp, PV, the writes)
+#: and in the backward (the same recomputed, dV, dP, dS, dQ, dK).
+HOST_OPS_CHUNKED_ATTENTION = {"call": 5, "forward_chunk": 30, "backward_chunk": 45}
 #: Gemma 4's per-layer embedding gating with its two linears (not recomputed: it follows the
 #: layer's last saved tensor; on hf its linears are quantized, which HOST_OPS_PER_DEQUANT adds)
 HOST_OPS_PER_LAYER_INPUT = {"vramplan": (8, 0, 16), "hf": (8, 0, 16)}
@@ -177,9 +182,6 @@ ROPE_UNPATCHED_MODEL_TYPES = ("gemma4",)
 #: caching allocator, the loss's .item()), which a finite p adds. Fixed, not fitted.
 OVERLAP_SHARPNESS = 4.0
 
-#: SDPA has no flash or cuDNN kernel for heads wider than 256 (Gemma 4's full-attention layers:
-#: 512) and runs the memory-efficient one.
-FLASH_MAX_HEAD_DIM = 256
 
 
 @dataclass(frozen=True)
@@ -219,6 +221,14 @@ MASKED_FLASH_ATTENTION = AttentionKernel(FLASH_FORWARD, FLASH_BACKWARD, 0.271, 0
 #: the peak over forward, recompute and backward together. Its flash layers ran the whole square at the
 #: rates above (Llama-3.2-1B's 132 µs and 321 µs a call: 27% of the peak, 28% at their fill).
 CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.016
+#: vramplan's chunked attention for heads over 256 wide (switch ``wide_head_attention``, vramplan.train.attention):
+#: cuBLAS matmuls and elementwise passes over score chunks, each chunk reading the keys up to its last query
+#: (:func:`vramplan.memory.activations.chunked_attention_keys_per_query`). Read off session 13's H100 graph profiles of
+#: Gemma-4-E2B at 2,048 tokens without and with it (benchmarks/results/session13/profile-graphs-*-2048.txt and
+#: call4/): the step's kernels took 153.4 and 120.2 ms, the memory-efficient kernels 51.9 ms of the first (fmha_cutlassB
+#: 46.4, fmha_cutlassF 5.5), so the chunked path 18.7 ms for the 1.62 TFLOP its chunks compute over forward,
+#: recompute and backward: this fraction of the bf16 peak.
+CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.0878
 #: What vramplan's calibration records as its stack's attention efficiency (``Factors``): the flash rate.
 FLASH_ATTENTION_EFFICIENCY = FLASH_ATTENTION.forward_efficiency
 
@@ -397,6 +407,12 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
     forwards = _attention_forwards(plan)
     for layer in arch.layers:
         wide_heads = layer.head_dim > FLASH_MAX_HEAD_DIM
+        if wide_heads and wide_heads_chunked(plan):
+            rows = min(plan.seq_len, chunked_attention_rows(plan.micro_batch * layer.heads, plan.seq_len))
+            keys = chunked_attention_keys_per_query(plan.seq_len, rows)
+            wide += ((forwards + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
+                     / CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY)
+            continue
         if wide_heads and masked_captures and graphs_apply(arch, plan):
             wide += _attention_flops(layer, plan, _keys_per_query(layer, plan.seq_len)) / CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY
             continue
@@ -744,6 +760,7 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
             list(HOST_OPS_PER_LAYER[stack]),
             _per_pass(HOST_OPS_ROPE_UNFUSED if layer.has_kv else HOST_OPS_ROPE_UNFUSED_Q_ONLY, int(rope_unfused)),
             _per_pass(HOST_OPS_PER_LAYER_INPUT[stack], 1 if layer.per_layer_input else 0),
+            chunked_attention_host_ops(layer, plan),
         ]
         for counts in per_layer:
             phases = [p + c for p, c in zip(phases, counts)]
@@ -768,6 +785,18 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
         "optimizer": optimizer / plan.grad_accum,
         "step": HOST_OPS_PER_STEP[stack] / plan.grad_accum,
     }
+
+
+def chunked_attention_host_ops(layer: Layer, plan: Plan) -> list[float]:
+    """(forward, recompute, backward) host ops of a layer's chunked attention (:data:`HOST_OPS_CHUNKED_ATTENTION`):
+    its wide heads' extra ops over SDPA's one call; none where the layer runs SDPA."""
+    if layer.head_dim <= FLASH_MAX_HEAD_DIM or not wide_heads_chunked(plan):
+        return [0.0, 0.0, 0.0]
+    rows = min(plan.seq_len, chunked_attention_rows(plan.micro_batch * layer.heads, plan.seq_len))
+    chunks = -(-plan.seq_len // rows)
+    ops = HOST_OPS_CHUNKED_ATTENTION
+    forward = ops["call"] + ops["forward_chunk"] * chunks
+    return [forward, forward, ops["call"] + ops["backward_chunk"] * chunks]
 
 
 def prologue_host_ops(arch: Architecture) -> float:

@@ -13,8 +13,36 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable
 
-#: Kernels an attention call can run on; "math" is SDPA's composite fallback.
-KERNELS = ("flash", "efficient", "math", "eager")
+#: Kernels an attention call can run on; "math" is SDPA's composite fallback, "chunked" vramplan's attention for heads
+#: wider than the flash kernels take (vramplan.train.attention): O(s) saved like flash, plus a few score chunks.
+KERNELS = ("flash", "efficient", "math", "eager", "chunked")
+
+#: The widest head SDPA's flash and cuDNN kernels take: wider ones (Gemma 4's full-attention layers: 512) run its
+#: memory-efficient kernels, or vramplan's chunked attention.
+FLASH_MAX_HEAD_DIM = 256
+#: The chunked attention's budget for one chunk's fp32 scores [batch, heads, queries, keys] (vramplan.train.attention).
+CHUNKED_ATTENTION_SCORE_BYTES = 64 * 2**20
+#: Score-sized buffers its backward holds at once, in chunks: the fp32 probabilities, their fp32 gradient and its bf16
+#: copy (the probabilities' bf16 copy is freed before); the forward holds 1.5.
+CHUNKED_ATTENTION_PEAK_CHUNKS = 2.5
+
+
+def chunked_attention_rows(batch_heads: int, keys: int, budget: int = CHUNKED_ATTENTION_SCORE_BYTES) -> int:
+    """Queries per chunk of the chunked attention, so one chunk's fp32 scores fit ``budget`` (at least 16)."""
+    return max(16, budget // max(1, 4 * batch_heads * keys))
+
+
+def chunked_attention_keys_per_query(seq: int, rows: int) -> float:
+    """Mean keys a query's chunk computes under the causal mask: each chunk reads the keys up to its last query."""
+    chunks = -(-seq // rows)
+    return sum(min(seq, (c + 1) * rows) * (min(seq, (c + 1) * rows) - c * rows) for c in range(chunks)) / seq
+
+
+def chunked_attention_workspace_bytes(layer, batch: int, seq: int) -> int:
+    """The chunked attention's transient buffers at a layer's backward: :data:`CHUNKED_ATTENTION_PEAK_CHUNKS` score
+    chunks of b·heads·rows·s fp32 values (the last chunk reads every key)."""
+    rows = min(seq, chunked_attention_rows(batch * layer.heads, seq))
+    return int(CHUNKED_ATTENTION_PEAK_CHUNKS * batch * layer.heads * rows * seq * 4)
 
 
 def attention_saved_bytes_per_token(layer, hidden: int, act_bytes: int, kernel: str, *,
@@ -31,7 +59,7 @@ def attention_saved_bytes_per_token(layer, hidden: int, act_bytes: int, kernel: 
     total = h * a
     if layer.qk_norm:
         total += (qd + (kvd if layer.has_kv else 0)) * a
-    if kernel in ("flash", "efficient"):
+    if kernel in ("flash", "efficient", "chunked"):
         total += (qd + 2 * kvd + qd) * a + layer.heads * 4
     else:
         total += 4 * qd * a
@@ -166,6 +194,7 @@ def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: Act
         mlp = tokens * (mlp_saved_bytes_per_token(layer, h, a, fused_glu=recipe.fused_glu,
                                                   four_norms=recipe.four_norms) + lora_mlp)
         scores = attention_scores_bytes(layer, batch, seq, a) if kernel in ("math", "eager") else 0
+        workspace = chunked_attention_workspace_bytes(layer, batch, seq) if kernel == "chunked" else 0
         mlp_grads = tokens * mlp_backward_transient_bytes_per_token(layer, a, inplace_glu_backward=recipe.inplace_glu_backward)
         if recipe.mlp_tiles > 1 and layer.mlp_intermediate and not layer.experts:
             # only the MLP's input (saved whole, the same tensor the norm output is) outlives a tile
@@ -175,9 +204,9 @@ def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: Act
             mlp_grads = tile_tokens * mlp_grads // tokens
         persistent_layers += attn + mlp + scores
         if checkpointing == "none":
-            peaks.append(max(int(scores * (MATH_ATTENTION_PEAK_COPIES - 1)), mlp_grads))
+            peaks.append(max(int(scores * (MATH_ATTENTION_PEAK_COPIES - 1)), mlp_grads, workspace))
         else:
-            peaks.append(max(attn + int(scores * MATH_ATTENTION_PEAK_COPIES), attn + scores + mlp + mlp_grads))
+            peaks.append(max(attn + int(scores * MATH_ATTENTION_PEAK_COPIES) + workspace, attn + scores + mlp + mlp_grads))
     grad_flow = 2 * tokens * h * a  # the gradient arriving at a layer's output and the one leaving its input
     if checkpointing == "none":
         persistent = persistent_layers + checkpoint_bytes(arch.num_layers, tokens, h, a)

@@ -25,7 +25,8 @@
 
 from __future__ import annotations
 
-from vramplan.memory.activations import ActivationRecipe, activation_bytes, model_level_activations
+from vramplan.memory.activations import (CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, ActivationRecipe,
+                                         activation_bytes, model_level_activations)
 from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
                                       trainable_params)
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
@@ -90,9 +91,8 @@ def step_memory(arch, plan) -> StepMemory:
     managed = managed_optimizer_bytes(arch, plan)
     optim = {"optimizer_states": optimizer_state_bytes(trainable, optimizer, master_weights=lora_bytes == 2) - managed}
 
-    kernel = "eager" if plan.attention == "eager" else "flash"
     recipe = ActivationRecipe(
-        act_bytes=ACT, kernel=lambda layer: kernel, fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
+        act_bytes=ACT, kernel=lambda layer: attention_kernel_of(layer, plan), fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
         lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"),
         mlp_tiles=plan.mlp_tiles)
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
@@ -130,6 +130,11 @@ def step_memory(arch, plan) -> StepMemory:
     static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=graphs_apply(arch, plan))
+    if any(attention_kernel_of(layer, plan) == "chunked" for layer in arch.layers):
+        # its chunks' score buffers come in as many sizes as chunks (each reads the keys up to its last query): the
+        # allocator keeps them apart, about one chunk's budget beyond the peak (session 13's A/B on the H100:
+        # reserved - allocated grew 49-73 MB on Gemma-4-E2B and E4B, benchmarks/results/session13/ab-wide-heads.jsonl)
+        fragmentation += CHUNKED_ATTENTION_SCORE_BYTES
     phases = {
         # quantizing at load holds one layer's bf16 weight beside its packed copy
         "load": {**weights, **adapters, "load_transient": 2 * arch.largest_linear_params},
@@ -222,3 +227,18 @@ def graphs_apply(arch, plan) -> bool:
     whatever the plan asks (``vramplan.train.graphs.StepGraphs.available``): no graphs' memory, no
     replay's speed."""
     return plan.captures_steps and not arch.routes_experts
+
+
+def wide_heads_chunked(plan: Plan) -> bool:
+    """Whether vramplan's trainer runs heads wider than the flash kernels through its chunked attention
+    (``vramplan.train.attention``, switch ``wide_head_attention``); SDPA's memory-efficient kernels otherwise."""
+    from vramplan.train import switches
+
+    return plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("wide_head_attention")
+
+
+def attention_kernel_of(layer, plan: Plan) -> str:
+    """The attention kernel a layer runs on in vramplan's trainer (``memory.activations.KERNELS``)."""
+    if plan.attention == "eager":
+        return "eager"
+    return "chunked" if layer.head_dim > FLASH_MAX_HEAD_DIM and wide_heads_chunked(plan) else "flash"

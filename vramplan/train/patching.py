@@ -8,7 +8,9 @@ returns it), so a new kernel is one entry, not a new walk over the model.
 What a patch must never do: change the forward loop of the decoder. Gemma 4's shared-KV
 layers read K/V that earlier layers hand over through ``shared_kv_states``; replacing the
 attention modules or the layer loop is how the upstream KV-sharing bug came back (tests in
-tests/test_train_gemma4.py compare cached and uncached logits).
+tests/test_train_gemma4.py compare cached and uncached logits). Heads wider than 256 change only
+the function transformers looks up for ``sdpa`` (``vramplan.train.attention.install``), after the
+module has chosen its K/V.
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from vramplan.train import ops, switches
+from vramplan.train import attention, ops, switches
 from vramplan.train.experts import NF4Experts, is_fused_experts
 
 _RMS_NORMS = ("LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm", "Qwen3MoeRMSNorm", "Phi3RMSNorm",
@@ -29,7 +31,7 @@ _GATED_MLPS = ("LlamaMLP", "MistralMLP", "Qwen2MLP", "Qwen3MLP", "Gemma2MLP", "G
 
 #: (class name of a transformers module, function returning its replacement): the fused Triton
 #: RMSNorm (weights shared, not copied) and the gated MLP whose activation never stores its
-#: intermediate product twice. Attention and the decoder loop are deliberately not patched.
+#: intermediate product twice. The attention modules and the decoder loop are deliberately not replaced.
 KERNEL_PATCHES: list[tuple[str, Callable[[nn.Module], nn.Module]]] = [
     *((name, ops.RMSNorm.from_hf) for name in _RMS_NORMS),
     *((name, ops.GatedMLP.from_hf) for name in _GATED_MLPS),
@@ -156,11 +158,21 @@ def add_expert_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha
     return adapted
 
 
+def has_wide_heads(model: nn.Module) -> bool:
+    """Whether any attention module of ``model`` has heads wider than SDPA's flash kernels take (read off the modules:
+    a heterogeneous config, as Gemma 4's is in newer transformers, refuses a global ``head_dim``)."""
+    return any(isinstance(getattr(m, "head_dim", None), int) and m.head_dim > attention.FLASH_MAX_HEAD_DIM
+               for m in model.modules() if "Attention" in type(m).__name__)
+
+
 def apply_kernel_patches(model: nn.Module, captured: bool = False) -> list[str]:
-    """The module patches of ``KERNEL_PATCHES`` and the RoPE function patch; return the replaced module paths.
+    """The module patches of ``KERNEL_PATCHES``, the RoPE function patch and, for heads wider than 256, chunked
+    attention in transformers' sdpa function (``vramplan.train.attention``); return the replaced module paths.
     ``captured``: the steps will replay as CUDA graphs, where Gemma 4's Triton RoPE pays (switch ``rope_gemma4``);
     eager, its per-call host work loses to transformers' RoPE."""
     patches = dict(KERNEL_PATCHES)
+    if switches.enabled("wide_head_attention") and has_wide_heads(model):
+        attention.install()
     if switches.enabled("rope"):
         patch_rope(model, ROPE_PATCHED_BY_DEFAULT + ((GEMMA4_ROPE_MODULE,) if switches.gemma4_rope_fused(captured) else ()))
     return replace_modules(model, lambda path, module: patches[type(module).__name__](module)

@@ -46,9 +46,12 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: A/B, where host work decided (4,820 tok/s patched, 5,254 not); under CUDA graphs only the kernels' time counts,
 #: and transformers' RoPE runs ~5 kernels a call where the Triton one runs one. Session 12's A/B (same file):
 #: Gemma-4-E2B at 2,048 tokens 173.6 -> 165.9 ms (1.05x), E4B at 1,024 137.2 -> 130.1 (1.05x), 4 MB less.
+#: Heads wider than 256 (Gemma 4's full-attention layers) through chunked cuBLAS attention (``wide_head_attention``,
+#: vramplan.train.attention) instead of SDPA's memory-efficient kernels, whose backward took 6.6 ms a call at 2,048
+#: tokens on the H100 (46 ms of Gemma-4-E2B's 160 ms step, session 13's graph profile).
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
             "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": True,
-            "prefetch_paged": False}
+            "prefetch_paged": False, "wide_head_attention": True}
 
 
 def _listed(env: str) -> set[str]:

@@ -1,0 +1,217 @@
+"""Attention for heads wider than SDPA's flash and cuDNN kernels take, as chunked matmuls.
+
+Gemma 4's full-attention layers have 512-wide heads. SDPA runs them on its memory-efficient
+kernels, whose backward for wide heads is slow: on the H100, Gemma-4-E2B at 2,048 tokens spent
+6.6 ms a call in ``fmha_cutlassB`` against 0.4 ms in the forward, 46 ms of a 160 ms step for its
+seven full layers (benchmarks/results/session13/profile-graphs-gemma-4-e2b-text-2048.txt).
+
+Here the same softmax attention runs as cuBLAS matmuls over chunks of queries: each chunk's
+scores (fp32 out of bf16 inputs) exist only while the chunk is computed, the causal chunk reads
+only the keys up to its last query, and the backward recomputes the chunk's probabilities from
+the saved log-sum-exp as flash attention does. Peak extra memory is a few score chunks
+(:data:`SCORE_CHUNK_BYTES` each), not the [heads, tokens, tokens] square.
+
+It is hooked in where transformers looks up its ``sdpa`` function (``install``): the attention
+modules, their KV sharing and the decoder loop stay untouched (see vramplan.train.patching), and
+anything the chunked path does not cover (inference, dropout, position biases, narrow heads,
+cached decoding) goes to transformers' own function.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable
+
+import torch
+
+from vramplan.memory.activations import CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, chunked_attention_rows
+from vramplan.train import switches
+
+#: One chunk's fp32 scores [batch, heads, queries, keys]: the backward holds 2.5 such buffers at once (the planner's
+#: ``memory.activations.CHUNKED_ATTENTION_PEAK_CHUNKS``), so 64 MiB keeps it near 160 MB at any length.
+SCORE_CHUNK_BYTES = CHUNKED_ATTENTION_SCORE_BYTES
+chunk_queries = chunked_attention_rows  # queries per chunk: the planner's rule, so what it prices is what runs
+_FP32_OUT_MATMUL = True  # until a torch without ``bmm(..., out_dtype=)`` says otherwise
+
+
+def scores_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with fp32 output from 16-bit inputs (cuBLAS accumulates in fp32 either way; rounding the
+    scores to bf16 would move Gemma's unscaled logits by ~0.1). Upcasts where the fp32-out matmul is missing."""
+    global _FP32_OUT_MATMUL
+    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _FP32_OUT_MATMUL:
+        try:
+            return _bmm_fp32(a, b)
+        except (TypeError, RuntimeError, NotImplementedError):  # a torch without bmm(out_dtype=): upcast from now on
+            _FP32_OUT_MATMUL = False
+    return torch.matmul(a.float(), b.float()) if a.dtype != torch.float64 else torch.matmul(a, b)
+
+
+def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    lead = a.shape[:-2]
+    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
+    return out.view(*lead, a.shape[-2], b.shape[-1])
+
+
+def _accumulator(t: torch.Tensor) -> torch.dtype:
+    """fp32 for 16-bit and fp32 inputs, float64 for float64 (the tests' reference precision)."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool, first_query: int, queries: int) -> torch.Tensor:
+    """Apply a chunk's mask in place: causal (key index past the query's), boolean (False = masked) or additive.
+    The scores' rows are the chunk's ``queries`` repeated for each query head sharing a K/V head."""
+    if causal:
+        rows, keys = scores.shape[-2:]
+        query = first_query + torch.arange(rows, device=scores.device) % queries
+        future = torch.arange(keys, device=scores.device)[None, :] > query[:, None]
+        scores.masked_fill_(future, float("-inf"))
+    elif mask is not None:
+        if mask.dtype == torch.bool:
+            scores.masked_fill_(~mask, float("-inf"))
+        else:
+            scores.add_(mask.to(scores.dtype))
+    return scores
+
+
+def _chunk_mask(mask: torch.Tensor | None, groups: int, start: int, stop: int, keys: int) -> torch.Tensor | None:
+    """The mask rows of queries start..stop, broadcast like the grouped scores [b, kv heads, groups * rows, keys]."""
+    if mask is None:
+        return None
+    rows = mask[..., start:stop, :keys]  # [b or 1, heads or 1, rows, keys]
+    b, h = rows.shape[:2]
+    if h == 1:
+        return rows.unsqueeze(2).expand(b, 1, groups, stop - start, keys).reshape(b, 1, groups * (stop - start), keys)
+    return rows.reshape(b, h // groups, groups * (stop - start), keys)
+
+
+class ChunkedAttention(torch.autograd.Function):
+    """softmax(q·kᵀ·scale + mask)·v over query chunks; q [b, h, s, d], k and v [b, h_kv, s_k, d] (grouped queries
+    share a K/V head without copies). Saves q, k, v, the output and the fp32 log-sum-exp."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, mask, scale, causal, chunk):
+        b, h, s, d = q.shape
+        h_kv, keys = k.shape[1], k.shape[2]
+        g = h // h_kv
+        q5 = q.view(b, h_kv, g, s, d)
+        out = torch.empty(b, h_kv, g, s, v.shape[-1], dtype=q.dtype, device=q.device)
+        lse = torch.empty(b, h_kv, g, s, dtype=_accumulator(q), device=q.device)
+        for start in range(0, s, chunk):
+            stop = min(s, start + chunk)
+            upto = min(keys, stop) if causal else keys
+            qc = q5[:, :, :, start:stop].reshape(b, h_kv, g * (stop - start), d)
+            scores = scores_fp32(qc, k[:, :, :upto].transpose(-1, -2)).mul_(scale)
+            _masked(scores, _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
+            chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+            probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_()  # a fully masked row gives 0
+            out[:, :, :, start:stop] = torch.matmul(probs.to(v.dtype), v[:, :, :upto]).view(b, h_kv, g, stop - start, -1)
+            lse[:, :, :, start:stop] = chunk_lse.view(b, h_kv, g, stop - start)
+        out = out.view(b, h, s, -1)
+        ctx.save_for_backward(q, k, v, out, lse, mask)
+        ctx.scale, ctx.causal, ctx.chunk = scale, causal, chunk
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        q, k, v, out, lse, mask = ctx.saved_tensors
+        scale, causal, chunk = ctx.scale, ctx.causal, ctx.chunk
+        b, h, s, d = q.shape
+        h_kv, keys = k.shape[1], k.shape[2]
+        g = h // h_kv
+        q5, o5, do5 = q.view(b, h_kv, g, s, d), out.view(b, h_kv, g, s, -1), grad_out.contiguous().view(b, h_kv, g, s, -1)
+        grad_q = torch.empty_like(q).view(b, h_kv, g, s, d)
+        grad_k = torch.zeros(k.shape, dtype=_accumulator(k), device=k.device)
+        grad_v = torch.zeros(v.shape, dtype=_accumulator(v), device=v.device)
+        for start in range(0, s, chunk):
+            stop = min(s, start + chunk)
+            upto = min(keys, stop) if causal else keys
+            rows = g * (stop - start)
+            qc = q5[:, :, :, start:stop].reshape(b, h_kv, rows, d)
+            doc = do5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)
+            kc, vc = k[:, :, :upto], v[:, :, :upto]
+            scores = scores_fp32(qc, kc.transpose(-1, -2)).mul_(scale)
+            _masked(scores, _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
+            chunk_lse = lse[:, :, :, start:stop].reshape(b, h_kv, rows, 1)
+            probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_()
+            grad_v[:, :, :upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
+            delta = (doc.to(grad_v.dtype) * o5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)).sum(-1, keepdim=True)
+            grad_scores = scores_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs).mul_(scale).to(q.dtype)
+            grad_q[:, :, :, start:stop] = torch.matmul(grad_scores, kc).view(b, h_kv, g, stop - start, d)
+            grad_k[:, :, :upto] += torch.matmul(grad_scores.transpose(-1, -2), qc)
+        return grad_q.view(b, h, s, d), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+
+
+def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
+                      scale: float | None = None, causal: bool = False, chunk: int | None = None) -> torch.Tensor:
+    """Softmax attention over query chunks, as ``F.scaled_dot_product_attention`` computes it (grouped K/V heads
+    allowed; ``causal`` aligns queries and keys at their start, the mask is ignored then)."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    chunk = chunk or chunk_queries(q.shape[0] * q.shape[1], k.shape[2])
+    return ChunkedAttention.apply(q, k, v, None if causal else mask, float(scale), bool(causal), int(chunk))
+
+
+def attention_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
+    """The same in plain PyTorch over the whole square (K/V heads repeated), for the tests."""
+    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    groups = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
+    scores = torch.matmul(q, k.transpose(-1, -2)) * scale
+    if causal:
+        scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
+                                    .triu(1 + k.shape[2] - q.shape[2]), float("-inf"))
+    elif mask is not None:
+        scores = scores.masked_fill(~mask, float("-inf")) if mask.dtype == torch.bool else scores + mask
+    return torch.matmul(torch.softmax(scores, dim=-1), v)
+
+
+def takes_chunked_path(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
+                       kwargs: dict, min_head_dim: int = FLASH_MAX_HEAD_DIM + 1) -> bool:
+    """Whether a call of transformers' sdpa function runs here: a training step's wide heads, queries and keys of one
+    length, nothing SDPA's other arguments would change (dropout, a position bias, soft-capping)."""
+    return (query.shape[-1] >= min_head_dim and key.shape[-1] == value.shape[-1] == query.shape[-1]
+            and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
+            and dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
+            and not kwargs.get("output_attentions", False) and query.shape[2] == key.shape[2] > 1
+            and switches.enabled("wide_head_attention"))
+
+
+def with_wide_heads(original: Callable, min_head_dim: int = FLASH_MAX_HEAD_DIM + 1) -> Callable:
+    """transformers' ``sdpa_attention_forward`` with wide heads through :func:`chunked_attention`; everything
+    else, and every call on CPU tensors unless ``min_head_dim`` is lowered (tests), through ``original``."""
+
+    def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
+                               is_causal=None, **kwargs):
+        if not (query.is_cuda or min_head_dim <= FLASH_MAX_HEAD_DIM) or \
+                not takes_chunked_path(query, key, value, dropout, kwargs, min_head_dim):
+            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                            is_causal=is_causal, **kwargs)
+        causal_flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+        causal = bool(causal_flag) and attention_mask is None
+        out = chunked_attention(query, key, value, attention_mask, scaling, causal)
+        return out.transpose(1, 2).contiguous(), None
+
+    sdpa_attention_forward.vramplan_original = original
+    return sdpa_attention_forward
+
+
+def install(min_head_dim: int = FLASH_MAX_HEAD_DIM + 1) -> bool:
+    """Point transformers' ``sdpa`` attention at :func:`with_wide_heads` (process-wide, once); True if it now is."""
+    from transformers.modeling_utils import AttentionInterface
+
+    mapping = AttentionInterface._global_mapping
+    current = mapping.get("sdpa")
+    if current is None:
+        return False
+    if hasattr(current, "vramplan_original"):
+        return True
+    mapping["sdpa"] = with_wide_heads(current, min_head_dim)
+    return True
+
+
+def uninstall() -> None:
+    """Give transformers back its own ``sdpa`` function."""
+    from transformers.modeling_utils import AttentionInterface
+
+    current = AttentionInterface._global_mapping.get("sdpa")
+    if current is not None and hasattr(current, "vramplan_original"):
+        AttentionInterface._global_mapping["sdpa"] = current.vramplan_original
