@@ -135,11 +135,13 @@ def switches_ran(record: dict) -> dict[str, bool]:
     queued (``queued_optimizer``): only lines that say so, none before session 11. Gemma 4's RoPE through the
     Triton kernel (``rope_gemma4``): lines that say so, or whose ``enabled`` names it. Paged states prefetched
     before every step (``prefetch_paged``): every line that does not say otherwise (bitsandbytes' own behaviour).
-    Wide heads through chunked matmuls (``wide_head_attention``): only lines that say so, none before session 13."""
+    Wide heads through chunked matmuls (``wide_head_attention``) and their fused row passes (``wide_head_fused_rows``):
+    only lines that say so, none before session 13."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),
             "queued_optimizer": bool(record.get("queued_optimizer")),
             "rope_gemma4": record.get("rope_gemma4", "rope_gemma4" in (record.get("enabled") or "")),
             "prefetch_paged": record.get("prefetch_paged", True),
-            "wide_head_attention": bool(record.get("wide_head_attention"))}
+            "wide_head_attention": bool(record.get("wide_head_attention")),
+            "wide_head_fused_rows": bool(record.get("wide_head_fused_rows"))}

@@ -15,7 +15,7 @@ from typing import Any, Callable
 
 #: Kernels an attention call can run on; "math" is SDPA's composite fallback, "chunked" vramplan's attention for heads
 #: wider than the flash kernels take (vramplan.train.attention): O(s) saved like flash, plus a few score chunks.
-KERNELS = ("flash", "efficient", "math", "eager", "chunked")
+KERNELS = ("flash", "efficient", "math", "eager", "chunked", "chunked_fused")
 
 #: The widest head SDPA's flash and cuDNN kernels take: wider ones (Gemma 4's full-attention layers: 512) run its
 #: memory-efficient kernels, or vramplan's chunked attention.
@@ -23,8 +23,10 @@ FLASH_MAX_HEAD_DIM = 256
 #: The chunked attention's budget for one chunk's fp32 scores [batch, heads, queries, keys] (vramplan.train.attention).
 CHUNKED_ATTENTION_SCORE_BYTES = 64 * 2**20
 #: Score-sized buffers its backward holds at once, in chunks: the fp32 probabilities, their fp32 gradient and its bf16
-#: copy (the probabilities' bf16 copy is freed before); the forward holds 1.5.
+#: copy (the probabilities' bf16 copy is freed before); the forward holds 1.5. With the fused row passes
+#: (``chunked_fused``): the fp32 scores and their fp32 gradient, and the bf16 probabilities and dS the pass writes.
 CHUNKED_ATTENTION_PEAK_CHUNKS = 2.5
+CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS = 3.0
 
 
 def chunked_attention_rows(batch_heads: int, keys: int, budget: int = CHUNKED_ATTENTION_SCORE_BYTES) -> int:
@@ -38,11 +40,13 @@ def chunked_attention_keys_per_query(seq: int, rows: int) -> float:
     return sum(min(seq, (c + 1) * rows) * (min(seq, (c + 1) * rows) - c * rows) for c in range(chunks)) / seq
 
 
-def chunked_attention_workspace_bytes(layer, batch: int, seq: int) -> int:
-    """The chunked attention's transient buffers at a layer's backward: :data:`CHUNKED_ATTENTION_PEAK_CHUNKS` score
-    chunks of b·heads·rows·s fp32 values (the last chunk reads every key)."""
+def chunked_attention_workspace_bytes(layer, batch: int, seq: int, fused: bool = False) -> int:
+    """The chunked attention's transient buffers at a layer's backward: :data:`CHUNKED_ATTENTION_PEAK_CHUNKS` (or, with
+    ``fused`` row passes, :data:`CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS`) score chunks of b·heads·rows·s fp32 values (the
+    last chunk reads every key)."""
     rows = min(seq, chunked_attention_rows(batch * layer.heads, seq))
-    return int(CHUNKED_ATTENTION_PEAK_CHUNKS * batch * layer.heads * rows * seq * 4)
+    chunks = CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS if fused else CHUNKED_ATTENTION_PEAK_CHUNKS
+    return int(chunks * batch * layer.heads * rows * seq * 4)
 
 
 def attention_saved_bytes_per_token(layer, hidden: int, act_bytes: int, kernel: str, *,
@@ -59,7 +63,7 @@ def attention_saved_bytes_per_token(layer, hidden: int, act_bytes: int, kernel: 
     total = h * a
     if layer.qk_norm:
         total += (qd + (kvd if layer.has_kv else 0)) * a
-    if kernel in ("flash", "efficient", "chunked"):
+    if kernel in ("flash", "efficient", "chunked", "chunked_fused"):
         total += (qd + 2 * kvd + qd) * a + layer.heads * 4
     else:
         total += 4 * qd * a
@@ -194,7 +198,8 @@ def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: Act
         mlp = tokens * (mlp_saved_bytes_per_token(layer, h, a, fused_glu=recipe.fused_glu,
                                                   four_norms=recipe.four_norms) + lora_mlp)
         scores = attention_scores_bytes(layer, batch, seq, a) if kernel in ("math", "eager") else 0
-        workspace = chunked_attention_workspace_bytes(layer, batch, seq) if kernel == "chunked" else 0
+        workspace = chunked_attention_workspace_bytes(layer, batch, seq, fused=kernel == "chunked_fused") \
+            if kernel.startswith("chunked") else 0
         mlp_grads = tokens * mlp_backward_transient_bytes_per_token(layer, a, inplace_glu_backward=recipe.inplace_glu_backward)
         if recipe.mlp_tiles > 1 and layer.mlp_intermediate and not layer.experts:
             # only the MLP's input (saved whole, the same tensor the norm output is) outlives a tile

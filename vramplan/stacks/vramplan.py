@@ -130,7 +130,7 @@ def step_memory(arch, plan) -> StepMemory:
     static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=graphs_apply(arch, plan))
-    if any(attention_kernel_of(layer, plan) == "chunked" for layer in arch.layers):
+    if any(attention_kernel_of(layer, plan).startswith("chunked") for layer in arch.layers):
         # its chunks' score buffers come in as many sizes as chunks (each reads the keys up to its last query): the
         # allocator keeps them apart, about one chunk's budget beyond the peak (session 13's A/B on the H100:
         # reserved - allocated grew 49-73 MB on Gemma-4-E2B and E4B, benchmarks/results/session13/ab-wide-heads.jsonl)
@@ -241,4 +241,8 @@ def attention_kernel_of(layer, plan: Plan) -> str:
     """The attention kernel a layer runs on in vramplan's trainer (``memory.activations.KERNELS``)."""
     if plan.attention == "eager":
         return "eager"
-    return "chunked" if layer.head_dim > FLASH_MAX_HEAD_DIM and wide_heads_chunked(plan) else "flash"
+    if layer.head_dim <= FLASH_MAX_HEAD_DIM or not wide_heads_chunked(plan):
+        return "flash"
+    from vramplan.train import switches
+
+    return "chunked_fused" if switches.enabled("wide_head_fused_rows") else "chunked"

@@ -9,7 +9,9 @@ Here the same softmax attention runs as cuBLAS matmuls over chunks of queries: e
 scores (fp32 out of bf16 inputs) exist only while the chunk is computed, the causal chunk reads
 only the keys up to its last query, and the backward recomputes the chunk's probabilities from
 the saved log-sum-exp as flash attention does. Peak extra memory is a few score chunks
-(:data:`SCORE_CHUNK_BYTES` each), not the [heads, tokens, tokens] square.
+(:data:`SCORE_CHUNK_BYTES` each), not the [heads, tokens, tokens] square. The row passes between the matmuls
+(scale, mask, softmax; the probabilities' gradient) run as PyTorch ops, or with switch ``wide_head_fused_rows`` as
+one Triton launch each way (``vramplan_kernels.attention_rows``), off until it is timed on a GPU.
 
 It is hooked in where transformers looks up its ``sdpa`` function (``install``): the attention
 modules, their KV sharing and the decoder loop stay untouched (see vramplan.train.patching), and
@@ -26,6 +28,8 @@ import torch
 
 from vramplan.memory.activations import CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, chunked_attention_rows
 from vramplan.train import switches
+from vramplan_kernels.attention_rows import softmax_grad_rows, softmax_rows
+from vramplan_kernels.dispatch import use_triton
 
 #: One chunk's fp32 scores [batch, heads, queries, keys]: the backward holds 2.5 such buffers at once (the planner's
 #: ``memory.activations.CHUNKED_ATTENTION_PEAK_CHUNKS``), so 64 MiB keeps it near 160 MB at any length.
@@ -96,19 +100,24 @@ class ChunkedAttention(torch.autograd.Function):
         q5 = q.view(b, h_kv, g, s, d)
         out = torch.empty(b, h_kv, g, s, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h_kv, g, s, dtype=_accumulator(q), device=q.device)
+        fused = causal and fused_rows_apply(q)
         for start in range(0, s, chunk):
             stop = min(s, start + chunk)
             upto = min(keys, stop) if causal else keys
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, g * (stop - start), d)
-            scores = scores_fp32(qc, k[:, :, :upto].transpose(-1, -2)).mul_(scale)
-            _masked(scores, _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
-            chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-            probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_()  # a fully masked row gives 0
-            out[:, :, :, start:stop] = torch.matmul(probs.to(v.dtype), v[:, :, :upto]).view(b, h_kv, g, stop - start, -1)
+            scores = scores_fp32(qc, k[:, :, :upto].transpose(-1, -2))
+            if fused:  # scale, mask, log-sum-exp and the bf16 probabilities in one Triton pass
+                probs, chunk_lse = softmax_rows(scores, scale, True, start, stop - start, v.dtype)
+            else:
+                _masked(scores.mul_(scale), _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
+                chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+                probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_().to(v.dtype)  # masked rows: 0
+            del scores
+            out[:, :, :, start:stop] = torch.matmul(probs, v[:, :, :upto]).view(b, h_kv, g, stop - start, -1)
             lse[:, :, :, start:stop] = chunk_lse.view(b, h_kv, g, stop - start)
         out = out.view(b, h, s, -1)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale, ctx.causal, ctx.chunk = scale, causal, chunk
+        ctx.scale, ctx.causal, ctx.chunk, ctx.fused = scale, causal, chunk, fused
         return out
 
     @staticmethod
@@ -129,16 +138,28 @@ class ChunkedAttention(torch.autograd.Function):
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, rows, d)
             doc = do5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)
             kc, vc = k[:, :, :upto], v[:, :, :upto]
-            scores = scores_fp32(qc, kc.transpose(-1, -2)).mul_(scale)
-            _masked(scores, _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
+            scores = scores_fp32(qc, kc.transpose(-1, -2))
             chunk_lse = lse[:, :, :, start:stop].reshape(b, h_kv, rows, 1)
-            probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_()
-            grad_v[:, :, :upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
             delta = (doc.to(grad_v.dtype) * o5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)).sum(-1, keepdim=True)
-            grad_scores = scores_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs).mul_(scale).to(q.dtype)
+            if ctx.fused:  # P again and dS = P ⊙ (dP − δ)·scale, both bf16, in one Triton pass
+                probs, grad_scores = softmax_grad_rows(scores, scores_fp32(doc, vc.transpose(-1, -2)), chunk_lse,
+                                                       delta, scale, True, start, stop - start, q.dtype)
+                del scores
+                grad_v[:, :, :upto] += torch.matmul(probs.transpose(-1, -2), doc)
+            else:
+                _masked(scores.mul_(scale), _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
+                probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_()
+                grad_v[:, :, :upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
+                grad_scores = scores_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs).mul_(scale).to(q.dtype)
             grad_q[:, :, :, start:stop] = torch.matmul(grad_scores, kc).view(b, h_kv, g, stop - start, d)
             grad_k[:, :, :upto] += torch.matmul(grad_scores.transpose(-1, -2), qc)
         return grad_q.view(b, h, s, d), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+
+
+def fused_rows_apply(q: torch.Tensor) -> bool:
+    """Whether a causal call's row passes run as the Triton kernels of ``vramplan_kernels.attention_rows`` (switch
+    ``wide_head_fused_rows``; CUDA tensors, or the interpreter when the kernel tests force Triton)."""
+    return switches.enabled("wide_head_fused_rows") and use_triton(q)
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,

@@ -48,10 +48,13 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: Gemma-4-E2B at 2,048 tokens 173.6 -> 165.9 ms (1.05x), E4B at 1,024 137.2 -> 130.1 (1.05x), 4 MB less.
 #: Heads wider than 256 (Gemma 4's full-attention layers) through chunked cuBLAS attention (``wide_head_attention``,
 #: vramplan.train.attention) instead of SDPA's memory-efficient kernels, whose backward took 6.6 ms a call at 2,048
-#: tokens on the H100 (46 ms of Gemma-4-E2B's 160 ms step, session 13's graph profile).
+#: tokens on the H100 (46 ms of Gemma-4-E2B's 160 ms step, session 13's graph profile); 1.26x on E2B's step there.
+#: ``wide_head_fused_rows``: its causal chunks' scale, mask, softmax and dS in one Triton pass each way
+#: (vramplan_kernels.attention_rows) instead of six to eight PyTorch passes; off until a GPU A/B (session 13 wrote
+#: it without device time left; benchmarks/results/session13/next.sh).
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
             "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": True,
-            "prefetch_paged": False, "wide_head_attention": True}
+            "prefetch_paged": False, "wide_head_attention": True, "wide_head_fused_rows": False}
 
 
 def _listed(env: str) -> set[str]:

@@ -135,10 +135,17 @@ def test_install_is_once_and_undone_and_the_switch_turns_it_off():
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
 @pytest.mark.parametrize("seq", [2048, 3000])
-def test_gemma4_e2b_full_layer_shape_on_the_gpu(seq):
+def test_gemma4_e2b_full_layer_shape_on_the_gpu(seq, fused):
     """Gemma-4-E2B's full layer (8 query heads, 1 K/V head, 512 wide, scale 1, causal) in bf16 against SDPA's own
-    memory-efficient kernels: output and gradients within bf16 attention's usual error."""
+    memory-efficient kernels: output and gradients within bf16 attention's usual error, with the row passes in
+    PyTorch and fused (``wide_head_fused_rows``)."""
+    with switches.forced(wide_head_fused_rows=fused):
+        _check_e2b_full_layer(seq)
+
+
+def _check_e2b_full_layer(seq):
     torch.manual_seed(0)
     q = torch.randn(1, 8, seq, 512, device="cuda", dtype=torch.bfloat16) * 0.5
     k = torch.randn(1, 1, seq, 512, device="cuda", dtype=torch.bfloat16) * 0.5
@@ -179,6 +186,9 @@ def test_the_planner_prices_what_the_chunked_path_holds():
     # 2,048 tokens, 8 heads: chunks of 1,024 queries, 2.5 buffers of 8 x 1,024 x 2,048 fp32 scores
     assert chunked_attention_workspace_bytes(wide[0], 1, 2048) == int(2.5 * 8 * 1024 * 2048 * 4)
     assert chunk_queries(8, 2048) == 1024
+    with switches.forced(wide_head_attention=True, wide_head_fused_rows=True):  # fused rows: 3 chunks, not 2.5
+        assert {attention_kernel_of(layer, plan) for layer in wide} == {"chunked_fused"}
+        assert chunked_attention_workspace_bytes(wide[0], 1, 2048, fused=True) == 3 * 8 * 1024 * 2048 * 4
     llama = Plan(model="llama-3.2-1b", seq_len=2048)
     with switches.forced(wide_head_attention=True):
         llama_on = estimate_plan(llama, resolve_model("llama-3.2-1b")).peak_bytes
