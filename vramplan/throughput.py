@@ -72,7 +72,7 @@ from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.occupancy import (FLASH_BACKWARD, FLASH_BACKWARD_256, FLASH_FORWARD, WIDE_BACKWARD, WIDE_FORWARD, Tiling,
                                  fill)
-from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_keys_per_query, chunked_attention_rows
+from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows, chunked_attention_keys_per_query
 from vramplan.memory.adapters import paged_tensors
 from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
@@ -408,7 +408,7 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
     for layer in arch.layers:
         wide_heads = layer.head_dim > FLASH_MAX_HEAD_DIM
         if wide_heads and wide_heads_chunked(plan):
-            rows = min(plan.seq_len, chunked_attention_rows(plan.micro_batch * layer.heads, plan.seq_len))
+            rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len)
             keys = chunked_attention_keys_per_query(plan.seq_len, rows)
             wide += ((forwards + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
                      / CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY)
@@ -792,7 +792,7 @@ def chunked_attention_host_ops(layer: Layer, plan: Plan) -> list[float]:
     its wide heads' extra ops over SDPA's one call; none where the layer runs SDPA."""
     if layer.head_dim <= FLASH_MAX_HEAD_DIM or not wide_heads_chunked(plan):
         return [0.0, 0.0, 0.0]
-    rows = min(plan.seq_len, chunked_attention_rows(plan.micro_batch * layer.heads, plan.seq_len))
+    rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len)
     chunks = -(-plan.seq_len // rows)
     ops = HOST_OPS_CHUNKED_ATTENTION
     forward = ops["call"] + ops["forward_chunk"] * chunks

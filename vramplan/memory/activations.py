@@ -34,6 +34,11 @@ def chunked_attention_rows(batch_heads: int, keys: int, budget: int = CHUNKED_AT
     return max(16, budget // max(1, 4 * batch_heads * keys))
 
 
+def chunked_attention_chunk_rows(batch: int, heads: int, seq: int) -> int:
+    """Queries in each chunk of a layer's chunked attention over ``seq`` tokens (the whole row when it fits)."""
+    return min(seq, chunked_attention_rows(batch * heads, seq))
+
+
 def chunked_attention_keys_per_query(seq: int, rows: int) -> float:
     """Mean keys a query's chunk computes under the causal mask: each chunk reads the keys up to its last query."""
     chunks = -(-seq // rows)
@@ -44,7 +49,7 @@ def chunked_attention_workspace_bytes(layer, batch: int, seq: int, fused: bool =
     """The chunked attention's transient buffers at a layer's backward: :data:`CHUNKED_ATTENTION_PEAK_CHUNKS` (or, with
     ``fused`` row passes, :data:`CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS`) score chunks of b·heads·rows·s fp32 values (the
     last chunk reads every key)."""
-    rows = min(seq, chunked_attention_rows(batch * layer.heads, seq))
+    rows = chunked_attention_chunk_rows(batch, layer.heads, seq)
     chunks = CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS if fused else CHUNKED_ATTENTION_PEAK_CHUNKS
     return int(chunks * batch * layer.heads * rows * seq * 4)
 

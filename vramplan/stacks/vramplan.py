@@ -38,6 +38,7 @@ from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_d
                                      linear_weight_bytes, nf4_expert_bytes)
 from vramplan.memory import towers as mm
 from vramplan.stacks import StepMemory
+from vramplan.train import switches
 
 EXPERTS_NOTE = {
     "nf4": ("MoE experts: quantized to NF4 one expert matrix at a time and frozen, not adapted (each routed "
@@ -157,8 +158,6 @@ FLAT_DECLINED = ("gemma4", "gemma4_text")
 
 def int8_vocab_major() -> bool:
     """Whether the trainer walks an int8 head's loss vocabulary-major (``switches``: ``int8_vocab_major``)."""
-    from vramplan.train import switches
-
     return switches.enabled("int8_vocab_major")
 
 
@@ -168,8 +167,6 @@ def steps_fused(plan) -> bool:
     type), on one process (``vramplan.train.optim.FusedAdamW8bit``) or on each rank's FSDP2 shards
     (``FusedShardedAdamW8bit``) kept on the GPUs: CPU offload steps on the host, where the kernel's
     PyTorch reference would be slow, and DDP's reducer owns the gradients (DDP keeps bitsandbytes)."""
-    from vramplan.train import switches
-
     if plan.stack != "vramplan" or plan.optimizer == "adamw" or plan.lora_dtype != "fp32" \
             or not switches.enabled("fused_optimizer"):
         return False
@@ -232,8 +229,6 @@ def graphs_apply(arch, plan) -> bool:
 def wide_heads_chunked(plan: Plan) -> bool:
     """Whether vramplan's trainer runs heads wider than the flash kernels through its chunked attention
     (``vramplan.train.attention``, switch ``wide_head_attention``); SDPA's memory-efficient kernels otherwise."""
-    from vramplan.train import switches
-
     return plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("wide_head_attention")
 
 
@@ -243,6 +238,4 @@ def attention_kernel_of(layer, plan: Plan) -> str:
         return "eager"
     if layer.head_dim <= FLASH_MAX_HEAD_DIM or not wide_heads_chunked(plan):
         return "flash"
-    from vramplan.train import switches
-
     return "chunked_fused" if switches.enabled("wide_head_fused_rows") else "chunked"
