@@ -97,6 +97,9 @@ def campaign_rows(paths=CAMPAIGN, role: str = CAMPAIGN_ROLE) -> list[dict]:
 #: `vramplan calibrate` as a user runs it (the CLI on a model folder: an eager dry run of a 3,072-token plan and
 #: its half, a shape no campaign row has), one JSON result a line (results/session10/calibrate_models.sh).
 CALIBRATE_RUNS = tuple(sorted((RESULTS / "session10").glob("calibrate-*.jsonl")))
+#: The switches those runs' trainer ran under where they change what the planner prices: SDPA's kernels on Gemma 4's
+#: wide heads (the chunked attention came in session 13).
+CALIBRATE_RUNS_SWITCHES = {"wide_head_attention": False}
 
 
 def repriced(point: CalibrationPoint) -> CalibrationPoint:
@@ -119,7 +122,8 @@ def calibrations_from_runs(paths=CALIBRATE_RUNS) -> dict[tuple[str, str], Calibr
             key = result["key"]
             # the family as this code names it (the runs' may predate model_family's folder mapping)
             family = model_family(resolve_model(result["profile"]))
-            grouped[(key["stack"], family)] += [repriced(CalibrationPoint(**p)) for p in result["calibration"]["points"]]
+            with switches.forced(**CALIBRATE_RUNS_SWITCHES):
+                grouped[(key["stack"], family)] += [repriced(CalibrationPoint(**p)) for p in result["calibration"]["points"]]
             created[(key["stack"], family)] = result["calibration"]["created"]
     return {(stack, family): new_calibration(CalibrationKey(gpu=GPU, family=family, stack=stack, torch_minor=TORCH_MINOR),
                                              points, created=created[(stack, family)])

@@ -136,10 +136,10 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     # Qwen3-0.6B): the eager allocator's slack varies 0.01-0.39 GB between runs (memory.overhead)
     short = stats["short_rows_calibrated_by_calibrate_runs"]
     assert short["n"] == 4 and short["max"] < 0.06
-    campaign13 = stats["session13_calibrated_by_calibrate_runs"]  # session 13's campaign: 2.1% mean, 4.1% max
+    campaign13 = stats["session13_calibrated_by_calibrate_runs"]  # session 13's campaign: 2.1% mean, 4.0% max
     assert campaign13["n"] == 7 and campaign13["mean"] < 0.03 and campaign13["max"] < 0.06
     assert stats["session13_uncalibrated"]["max"] < 0.06
-    wide = stats["session13_ab_uncalibrated"]  # the A/B of chunked wide heads: within 3.3%, calibrated 1.8%
+    wide = stats["session13_ab_uncalibrated"]  # the A/B of chunked wide heads: within 3.3%, corrected 0.8%
     assert wide["n"] == 6 and wide["max"] < 0.04 and stats["session13_ab_calibrated_by_calibrate_runs"]["max"] < 0.03
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
     assert shipped["n"] == 70 and shipped["mean"] < 0.025
