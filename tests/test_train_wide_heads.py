@@ -182,6 +182,9 @@ def test_the_planner_prices_what_the_chunked_path_holds():
         off = estimate_plan(plan, resolve_model("gemma-4-e2b-text")).components
         assert {attention_kernel_of(layer, plan) for layer in wide} == {"flash"}
     assert on["fragmentation"] - off["fragmentation"] == CHUNKED_ATTENTION_SCORE_BYTES
+    with switches.forced(wide_head_attention=True):  # the estimate says so, and how to turn it off
+        notes = estimate_plan(plan, resolve_model("gemma-4-e2b-text")).notes
+    assert any("7 attention layers with 512-wide heads" in n and "VRAMPLAN_DISABLE=wide_head_attention" in n for n in notes)
     assert on["activations"] >= off["activations"]
     # 2,048 tokens, 8 heads: chunks of 1,024 queries, 2.5 buffers of 8 x 1,024 x 2,048 fp32 scores
     assert chunked_attention_workspace_bytes(wide[0], 1, 2048) == int(2.5 * 8 * 1024 * 2048 * 4)

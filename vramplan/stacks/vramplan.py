@@ -40,6 +40,9 @@ from vramplan.memory import towers as mm
 from vramplan.stacks import StepMemory
 from vramplan.train import switches
 
+WIDE_HEADS_NOTE = ("{n} attention layers with {width}-wide heads run vramplan's chunked attention (SDPA has no flash "
+                   "kernel that wide): a few 64 MiB score chunks in the layer's working set and one more of allocator "
+                   "slack; VRAMPLAN_DISABLE=wide_head_attention runs SDPA's slower memory-efficient kernels instead")
 EXPERTS_NOTE = {
     "nf4": ("MoE experts: quantized to NF4 one expert matrix at a time and frozen, not adapted (each routed "
             "expert is decoded into one shared buffer; FSDP2 does not shard them); LoRA goes on attention and any "
@@ -131,7 +134,8 @@ def step_memory(arch, plan) -> StepMemory:
     static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=graphs_apply(arch, plan))
-    if any(attention_kernel_of(layer, plan).startswith("chunked") for layer in arch.layers):
+    wide = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
+    if wide:
         # its chunks' score buffers come in as many sizes as chunks (each reads the keys up to its last query): the
         # allocator keeps them apart, about one chunk's budget beyond the peak (session 13's A/B on the H100:
         # reserved - allocated grew 49-73 MB on Gemma-4-E2B and E4B, benchmarks/results/session13/ab-wide-heads.jsonl)
@@ -148,7 +152,8 @@ def step_memory(arch, plan) -> StepMemory:
             phases[phase]["tower_working_set"] = tower_working
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan", managed_allocation=managed > 0),
                       resident_paged=resident_paged_state_bytes(managed),
-                      notes=managed_state_note(managed, optimizer) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ()))
+                      notes=managed_state_note(managed, optimizer) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ())
+                      + ((WIDE_HEADS_NOTE.format(n=len(wide), width=wide[0].head_dim),) if wide else ()))
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
