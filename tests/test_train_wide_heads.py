@@ -83,33 +83,44 @@ def gemma4_folder(tmp_path_factory):
     return build_model(gemma4_config(), tmp_path_factory.mktemp("gemma4-wide") / "m")
 
 
-def _loss_and_grads(folder):
+def _loss_and_grads(folder, padded: bool = False):
     from transformers import AutoModelForCausalLM
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").train()
     ids = torch.tensor([[2, 12, 30, 25, 9, 40, 33, 12, 30, 18, 21, 14, 9, 3, 7, 22, 17, 40, 11, 10]])
+    if padded:  # a batch of two, the second row right-padded: transformers hands SDPA a mask, not is_causal
+        ids = torch.cat([ids, ids.roll(3, dims=1)])
+        mask = torch.ones_like(ids)
+        mask[1, -6:] = 0
+        labels = ids.masked_fill(mask == 0, -100)
+        loss = model(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False).loss
+        return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
     loss = model(input_ids=ids, labels=ids, use_cache=False).loss
     grads = torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
     return loss, grads
 
 
-def test_gemma4_training_step_through_the_chunked_path(gemma4_folder, monkeypatch):
+@pytest.mark.parametrize("padded", [False, True])
+def test_gemma4_training_step_through_the_chunked_path(gemma4_folder, monkeypatch, padded):
     """A tiny Gemma 4 (sliding 16-wide and full 32-wide heads, shared-KV layers) with its 32-wide heads sent through
-    the chunked path: the loss and every gradient as transformers' SDPA gives them; the path really ran."""
+    the chunked path, causal or (a padded batch) under transformers' mask: the loss and every gradient as
+    transformers' SDPA gives them; the path really ran."""
     from transformers.modeling_utils import AttentionInterface
 
-    reference = _loss_and_grads(gemma4_folder)
+    reference = _loss_and_grads(gemma4_folder, padded)
     calls = []
     original_apply = attention.ChunkedAttention.apply
-    monkeypatch.setattr(attention.ChunkedAttention, "apply", lambda *a: calls.append(a[0].shape) or original_apply(*a))
+    monkeypatch.setattr(attention.ChunkedAttention, "apply",
+                        lambda *a: calls.append((a[0].shape, a[3] is not None)) or original_apply(*a))
     try:
         AttentionInterface._global_mapping["sdpa"] = attention.with_wide_heads(
             AttentionInterface._global_mapping["sdpa"], min_head_dim=32)
-        ours = _loss_and_grads(gemma4_folder)
+        ours = _loss_and_grads(gemma4_folder, padded)
     finally:
         attention.uninstall()
-    assert calls and all(shape[-1] == 32 for shape in calls)
+    assert calls and all(shape[-1] == 32 for shape, _ in calls)
+    assert all(masked == padded for _, masked in calls)  # causal rows take no mask; padded ones transformers' mask
     torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-5)
     for a, b in zip(ours[1], reference[1]):
         if b is not None:
