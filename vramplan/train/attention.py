@@ -61,14 +61,19 @@ def _accumulator(t: torch.Tensor) -> torch.dtype:
     return torch.float64 if t.dtype == torch.float64 else torch.float32
 
 
+def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
+    """t times ``scale`` in place; no pass over it when the scale is 1 (Gemma 4's, whose q and k are normed)."""
+    return t if scale == 1.0 else t.mul_(scale)
+
+
 def _masked(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool, first_query: int, queries: int) -> torch.Tensor:
     """Apply a chunk's mask in place: causal (key index past the query's), boolean (False = masked) or additive.
     The scores' rows are the chunk's ``queries`` repeated for each query head sharing a K/V head."""
-    if causal:
+    if causal:  # only the keys from the chunk's first query on can lie in a query's future: mask that block alone
         rows, keys = scores.shape[-2:]
         query = first_query + torch.arange(rows, device=scores.device) % queries
-        future = torch.arange(keys, device=scores.device)[None, :] > query[:, None]
-        scores.masked_fill_(future, float("-inf"))
+        future = torch.arange(first_query, keys, device=scores.device)[None, :] > query[:, None]
+        scores[..., first_query:].masked_fill_(future, float("-inf"))
     elif mask is not None:
         if mask.dtype == torch.bool:
             scores.masked_fill_(~mask, float("-inf"))
@@ -109,7 +114,7 @@ class ChunkedAttention(torch.autograd.Function):
             if fused:  # scale, mask, log-sum-exp and the bf16 probabilities in one Triton pass
                 probs, chunk_lse = softmax_rows(scores, scale, True, start, stop - start, v.dtype)
             else:
-                _masked(scores.mul_(scale), _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
+                _masked(_scaled(scores, scale), _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
                 chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
                 probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_().to(v.dtype)  # masked rows: 0
             del scores
@@ -147,10 +152,10 @@ class ChunkedAttention(torch.autograd.Function):
                 del scores
                 grad_v[:, :, :upto] += torch.matmul(probs.transpose(-1, -2), doc)
             else:
-                _masked(scores.mul_(scale), _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
+                _masked(_scaled(scores, scale), _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
                 probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_()
                 grad_v[:, :, :upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
-                grad_scores = scores_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs).mul_(scale).to(q.dtype)
+                grad_scores = _scaled(scores_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs), scale).to(q.dtype)
             grad_q[:, :, :, start:stop] = torch.matmul(grad_scores, kc).view(b, h_kv, g, stop - start, d)
             grad_k[:, :, :upto] += torch.matmul(grad_scores.transpose(-1, -2), qc)
         return grad_q.view(b, h, s, d), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
