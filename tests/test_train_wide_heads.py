@@ -6,7 +6,8 @@ import torch
 
 from train_fixtures import build_model, gemma4_config
 from vramplan.train import attention, switches
-from vramplan.train.attention import attention_reference, chunk_queries, chunked_attention
+from vramplan.memory.activations import CHUNKED_ATTENTION_SCORE_BYTES, chunked_attention_chunk_rows
+from vramplan.train.attention import attention_reference, chunked_attention
 
 
 def _inputs(b=2, h=4, h_kv=2, s=13, d=8, dtype=torch.float64, device="cpu", seed=0):
@@ -74,8 +75,8 @@ def test_bf16_inputs_keep_fp32_scores():
 
 
 def test_chunks_fit_their_budget():
-    assert chunk_queries(8, 8192) * 8 * 8192 * 4 <= attention.SCORE_CHUNK_BYTES
-    assert chunk_queries(8, 2048) == 1024 and chunk_queries(1, 10**9) == 16
+    assert chunked_attention_chunk_rows(1, 8, 8192) * 8 * 8192 * 4 <= CHUNKED_ATTENTION_SCORE_BYTES
+    assert chunked_attention_chunk_rows(1, 8, 2048) == 1024 and chunked_attention_chunk_rows(1, 1, 10**9) == 16
 
 
 @pytest.fixture(scope="module")
@@ -178,7 +179,7 @@ def test_the_planner_prices_what_the_chunked_path_holds():
     prices the same either way."""
     from vramplan.catalog import resolve_model
     from vramplan.estimate import architecture, estimate_plan
-    from vramplan.memory.activations import CHUNKED_ATTENTION_SCORE_BYTES, chunked_attention_workspace_bytes
+    from vramplan.memory.activations import chunked_attention_workspace_bytes
     from vramplan.plan import Plan
     from vramplan.stacks.vramplan import attention_kernel_of
 
@@ -199,7 +200,7 @@ def test_the_planner_prices_what_the_chunked_path_holds():
     assert on["activations"] >= off["activations"]
     # 2,048 tokens, 8 heads: chunks of 1,024 queries, 2.5 buffers of 8 x 1,024 x 2,048 fp32 scores
     assert chunked_attention_workspace_bytes(wide[0], 1, 2048) == int(2.5 * 8 * 1024 * 2048 * 4)
-    assert chunk_queries(8, 2048) == 1024
+    assert chunked_attention_chunk_rows(1, 8, 2048) == 1024
     with switches.forced(wide_head_attention=True, wide_head_fused_rows=True):  # fused rows: 3 chunks, not 2.5
         assert {attention_kernel_of(layer, plan) for layer in wide} == {"chunked_fused"}
         assert chunked_attention_workspace_bytes(wide[0], 1, 2048, fused=True) == 3 * 8 * 1024 * 2048 * 4

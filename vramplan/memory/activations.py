@@ -29,14 +29,10 @@ CHUNKED_ATTENTION_PEAK_CHUNKS = 2.5
 CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS = 3.0
 
 
-def chunked_attention_rows(batch_heads: int, keys: int, budget: int = CHUNKED_ATTENTION_SCORE_BYTES) -> int:
-    """Queries per chunk of the chunked attention, so one chunk's fp32 scores fit ``budget`` (at least 16)."""
-    return max(16, budget // max(1, 4 * batch_heads * keys))
-
-
 def chunked_attention_chunk_rows(batch: int, heads: int, seq: int) -> int:
-    """Queries in each chunk of a layer's chunked attention over ``seq`` tokens (the whole row when it fits)."""
-    return min(seq, chunked_attention_rows(batch * heads, seq))
+    """Queries in each chunk of a layer's chunked attention over ``seq`` tokens: as many as keep one chunk's fp32
+    scores within :data:`CHUNKED_ATTENTION_SCORE_BYTES` (at least 16), the whole row when it fits."""
+    return min(seq, max(16, CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * seq)))
 
 
 def chunked_attention_keys_per_query(seq: int, rows: int) -> float:

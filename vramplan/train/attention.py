@@ -9,7 +9,7 @@ Here the same softmax attention runs as cuBLAS matmuls over chunks of queries: e
 scores (fp32 out of bf16 inputs) exist only while the chunk is computed, the causal chunk reads
 only the keys up to its last query, and the backward recomputes the chunk's probabilities from
 the saved log-sum-exp as flash attention does. Peak extra memory is a few score chunks
-(:data:`SCORE_CHUNK_BYTES` each), not the [heads, tokens, tokens] square. The row passes between the matmuls
+(``memory.activations.CHUNKED_ATTENTION_SCORE_BYTES`` each), not the [heads, tokens, tokens] square. The row passes between the matmuls
 (scale, mask, softmax; the probabilities' gradient) run as PyTorch ops, or with switch ``wide_head_fused_rows`` as
 one Triton launch each way (``vramplan_kernels.attention_rows``), off until it is timed on a GPU.
 
@@ -26,15 +26,11 @@ from typing import Callable
 
 import torch
 
-from vramplan.memory.activations import CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, chunked_attention_rows
+from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows
 from vramplan.train import switches
 from vramplan_kernels.attention_rows import softmax_grad_rows, softmax_rows
 from vramplan_kernels.dispatch import use_triton
 
-#: One chunk's fp32 scores [batch, heads, queries, keys]: the backward holds 2.5 such buffers at once (the planner's
-#: ``memory.activations.CHUNKED_ATTENTION_PEAK_CHUNKS``), so 64 MiB keeps it near 160 MB at any length.
-SCORE_CHUNK_BYTES = CHUNKED_ATTENTION_SCORE_BYTES
-chunk_queries = chunked_attention_rows  # queries per chunk: the planner's rule, so what it prices is what runs
 _FP32_OUT_MATMUL = True  # until a torch without ``bmm(..., out_dtype=)`` says otherwise
 
 
@@ -172,7 +168,7 @@ def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: t
     """Softmax attention over query chunks, as ``F.scaled_dot_product_attention`` computes it (grouped K/V heads
     allowed; ``causal`` aligns queries and keys at their start, the mask is ignored then)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    chunk = chunk or chunk_queries(q.shape[0] * q.shape[1], k.shape[2])
+    chunk = chunk or chunked_attention_chunk_rows(q.shape[0], q.shape[1], k.shape[2])  # the planner's rule
     return ChunkedAttention.apply(q, k, v, None if causal else mask, float(scale), bool(causal), int(chunk))
 
 
