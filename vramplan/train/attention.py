@@ -89,6 +89,22 @@ def _chunk_mask(mask: torch.Tensor | None, groups: int, start: int, stop: int, k
     return rows.reshape(b, h // groups, groups * (stop - start), keys)
 
 
+def _chunks(queries: int, keys: int, chunk: int, causal: bool):
+    """(start, stop, keys read) of each chunk of queries: a causal chunk reads the keys up to its last query."""
+    for start in range(0, queries, chunk):
+        stop = min(queries, start + chunk)
+        yield start, stop, (min(keys, stop) if causal else keys)
+
+
+def _probabilities(scores, lse, scale, mask, groups, start, stop, upto, causal) -> torch.Tensor:
+    """A chunk's fp32 probabilities from its raw scores (in place): scaled, masked, less the rows' log-sum-exp, exp'd;
+    a fully masked row gives 0."""
+    _masked(_scaled(scores, scale), _chunk_mask(mask, groups, start, stop, upto), causal, start, stop - start)
+    if lse is None:
+        lse = torch.logsumexp(scores, dim=-1, keepdim=True)
+    return scores.sub_(lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_(), lse
+
+
 class ChunkedAttention(torch.autograd.Function):
     """softmax(q·kᵀ·scale + mask)·v over query chunks; q [b, h, s, d], k and v [b, h_kv, s_k, d] (grouped queries
     share a K/V head without copies). Saves q, k, v, the output and the fp32 log-sum-exp."""
@@ -102,17 +118,14 @@ class ChunkedAttention(torch.autograd.Function):
         out = torch.empty(b, h_kv, g, s, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h_kv, g, s, dtype=_accumulator(q), device=q.device)
         fused = causal and fused_rows_apply(q)
-        for start in range(0, s, chunk):
-            stop = min(s, start + chunk)
-            upto = min(keys, stop) if causal else keys
+        for start, stop, upto in _chunks(s, keys, chunk, causal):
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, g * (stop - start), d)
             scores = scores_fp32(qc, k[:, :, :upto].transpose(-1, -2))
             if fused:  # scale, mask, log-sum-exp and the bf16 probabilities in one Triton pass
                 probs, chunk_lse = softmax_rows(scores, scale, True, start, stop - start, v.dtype)
             else:
-                _masked(_scaled(scores, scale), _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
-                chunk_lse = torch.logsumexp(scores, dim=-1, keepdim=True)
-                probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_().to(v.dtype)  # masked rows: 0
+                probs, chunk_lse = _probabilities(scores, None, scale, mask, g, start, stop, upto, causal)
+                probs = probs.to(v.dtype)
             del scores
             out[:, :, :, start:stop] = torch.matmul(probs, v[:, :, :upto]).view(b, h_kv, g, stop - start, -1)
             lse[:, :, :, start:stop] = chunk_lse.view(b, h_kv, g, stop - start)
@@ -132,9 +145,7 @@ class ChunkedAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q).view(b, h_kv, g, s, d)
         grad_k = torch.zeros(k.shape, dtype=_accumulator(k), device=k.device)
         grad_v = torch.zeros(v.shape, dtype=_accumulator(v), device=v.device)
-        for start in range(0, s, chunk):
-            stop = min(s, start + chunk)
-            upto = min(keys, stop) if causal else keys
+        for start, stop, upto in _chunks(s, keys, chunk, causal):
             rows = g * (stop - start)
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, rows, d)
             doc = do5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)
@@ -148,8 +159,7 @@ class ChunkedAttention(torch.autograd.Function):
                 del scores
                 grad_v[:, :, :upto] += torch.matmul(probs.transpose(-1, -2), doc)
             else:
-                _masked(_scaled(scores, scale), _chunk_mask(mask, g, start, stop, upto), causal, start, stop - start)
-                probs = scores.sub_(chunk_lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_()
+                probs, _ = _probabilities(scores, chunk_lse, scale, mask, g, start, stop, upto, causal)
                 grad_v[:, :, :upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
                 grad_scores = _scaled(scores_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs), scale).to(q.dtype)
             grad_q[:, :, :, start:stop] = torch.matmul(grad_scores, kc).view(b, h_kv, g, stop - start, d)
