@@ -80,14 +80,20 @@ def _rows(t: torch.Tensor) -> torch.Tensor:
     return t.reshape(-1, t.shape[-1])
 
 
-def softmax_rows_reference(scores: torch.Tensor, scale: float, causal: bool, first_query: int, queries: int,
-                           out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
-    """(P in ``out_dtype``, lse fp32) of scale·scores under the causal mask, as the kernel computes them."""
-    z = scores.to(torch.float32 if scores.dtype != torch.float64 else torch.float64) * scale
+def _scaled_scores_reference(scores, scale, causal, first_query, queries) -> torch.Tensor:
+    """scale·scores in fp32 (float64 for float64), -inf past each row's query under ``causal``: the kernels' ``z``."""
+    z = scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32) * scale
     if causal:
         rows, cols = z.shape[-2:]
         query = first_query + torch.arange(rows, device=z.device) % queries
         z = z.masked_fill(torch.arange(cols, device=z.device)[None, :] > query[:, None], float("-inf"))
+    return z
+
+
+def softmax_rows_reference(scores: torch.Tensor, scale: float, causal: bool, first_query: int, queries: int,
+                           out_dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """(P in ``out_dtype``, lse fp32) of scale·scores under the causal mask, as the kernel computes them."""
+    z = _scaled_scores_reference(scores, scale, causal, first_query, queries)
     lse = torch.logsumexp(z, dim=-1)
     probs = torch.exp(z - lse.nan_to_num(neginf=float("inf"))[..., None])
     return probs.to(out_dtype), lse
@@ -108,12 +114,8 @@ def softmax_rows(scores: torch.Tensor, scale: float, causal: bool, first_query: 
 
 def softmax_grad_rows_reference(scores, grad_probs, lse, delta, scale, causal, first_query, queries, out_dtype):
     """(P, dS) in ``out_dtype``: the probabilities again from the saved log-sum-exp, and P ⊙ (dP − δ)·scale."""
-    wide = torch.float64 if scores.dtype == torch.float64 else torch.float32
-    z = scores.to(wide) * scale
-    if causal:
-        rows, cols = z.shape[-2:]
-        query = first_query + torch.arange(rows, device=z.device) % queries
-        z = z.masked_fill(torch.arange(cols, device=z.device)[None, :] > query[:, None], float("-inf"))
+    z = _scaled_scores_reference(scores, scale, causal, first_query, queries)
+    wide = z.dtype
     probs = torch.exp(z - lse.to(wide).nan_to_num(neginf=float("inf"))[..., None])
     grad = probs * (grad_probs.to(wide) - delta.to(wide)[..., None]) * scale
     return probs.to(out_dtype), grad.to(out_dtype)
