@@ -41,8 +41,9 @@ from vramplan.stacks import StepMemory
 from vramplan.train import switches
 
 WIDE_HEADS_NOTE = ("{n} attention layers with {width}-wide heads run vramplan's chunked attention (SDPA has no flash "
-                   "kernel that wide): a few 64 MiB score chunks in the layer's working set and one more of allocator "
-                   "slack; VRAMPLAN_DISABLE=wide_head_attention runs SDPA's slower memory-efficient kernels instead")
+                   "kernel that wide): a few {chunk_mib} MiB score chunks in the layer's working set and one more of "
+                   "allocator slack; VRAMPLAN_DISABLE=wide_head_attention runs SDPA's slower memory-efficient kernels "
+                   "instead")
 EXPERTS_NOTE = {
     "nf4": ("MoE experts: quantized to NF4 one expert matrix at a time and frozen, not adapted (each routed "
             "expert is decoded into one shared buffer; FSDP2 does not shard them); LoRA goes on attention and any "
@@ -153,7 +154,8 @@ def step_memory(arch, plan) -> StepMemory:
     return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan", managed_allocation=managed > 0),
                       resident_paged=resident_paged_state_bytes(managed),
                       notes=managed_state_note(managed, optimizer) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ())
-                      + ((WIDE_HEADS_NOTE.format(n=len(wide), width=wide[0].head_dim),) if wide else ()))
+                      + ((WIDE_HEADS_NOTE.format(n=len(wide), width=wide[0].head_dim,
+                                                      chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if wide else ()))
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
