@@ -50,6 +50,9 @@ SESSION13 = (_RESULTS / "session13" / "trainer-campaign13.jsonl",)
 #: Session 13's A/B of Gemma 4's wide heads through chunked attention (switch ``wide_head_attention``): Gemma-4-E2B
 #: at 2,048 tokens off, on, off, on in fresh processes, then on at E2B 4,096 and E4B 2,048 (the campaign ran both off).
 SESSION13_AB = (_RESULTS / "session13" / "ab-wide-heads.jsonl",)
+#: Session 14's A/B of the chunked attention's row passes fused in Triton (switch ``wide_head_fused_rows``): Gemma-4-E2B
+#: at 2,048 tokens PyTorch rows, fused, PyTorch rows, fused, in fresh processes.
+SESSION14_AB = (_RESULTS / "session14" / "call1" / "trainer.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -105,6 +108,11 @@ HELD_OUT = (
             "fitted",
             "the chunked attention's efficiency (throughput.CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY) was read off the "
             "graph profile of E2B at 2,048 tokens, so only E2B at 4,096 and E4B are a clean hold-out for it"),
+    HeldOut("session14_ab", SESSION14_AB, "session 14, fused attention rows",
+            "session 14's A/B of the chunked attention's row passes as PyTorch ops or one Triton pass each way "
+            "(session14/call1/trainer.jsonl: E2B at 2,048 tokens, both ways twice, fresh processes), none fitted",
+            "the fused path's efficiency (throughput.CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY) was read off this "
+            "A/B, so its speed is no clean hold-out"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -483,7 +483,7 @@ def test_chunked_wide_heads_price_what_session_13_profiled():
     """Gemma-4-E2B's seven 512-wide layers at 2,048 tokens: 55 ms a step on SDPA's memory-efficient kernels (profiled
     51.9), 18.7 on vramplan's chunked attention (read off the same profiles); the step 1.3x faster priced, 1.26x
     measured (benchmarks/results/session13/ab-wide-heads.jsonl). Narrow-headed models do not change."""
-    from vramplan.throughput import attention_seconds
+    from vramplan.throughput import attention_seconds, chunked_attention_host_ops
 
     h100 = resolve_gpu("h100")
     rate = h100.bf16_tflops * 1e12
@@ -492,9 +492,15 @@ def test_chunked_wide_heads_price_what_session_13_profiled():
     with switches.forced(wide_head_attention=False):
         sdpa = attention_seconds(gemma, plan, rate, h100.sms)[1]
         before = predict_tokens_per_s(gemma, plan, h100)
-    with switches.forced(wide_head_attention=True):
+    with switches.forced(wide_head_attention=True, wide_head_fused_rows=False):
         chunked = attention_seconds(gemma, plan, rate, h100.sms)[1]
         after = predict_tokens_per_s(gemma, plan, h100)
+        layer = next(layer for layer in gemma.layers if layer.head_dim > 256)
+        eager_ops = chunked_attention_host_ops(layer, plan)
+    with switches.forced(wide_head_attention=True, wide_head_fused_rows=True):
+        fused = attention_seconds(gemma, plan, rate, h100.sms)[1]
+        fused_tok_s = predict_tokens_per_s(gemma, plan, h100)
+        fused_ops = chunked_attention_host_ops(layer, plan)
         llama = architecture(resolve_model("llama-3.2-1b"))
         llama_plan = Plan(model="llama-3.2-1b", seq_len=2048)
         on = predict_tokens_per_s(llama, llama_plan, h100)
@@ -503,7 +509,10 @@ def test_chunked_wide_heads_price_what_session_13_profiled():
     assert sdpa == pytest.approx(0.0519, rel=0.1) and chunked == pytest.approx(0.0187, rel=0.05)
     assert 1.15 < after / before < 1.4
     # eager, each chunk's ops cost host time: 2 chunks of 1,024 queries at 2,048 tokens, 8 at 4,096
-    layer = next(layer for layer in gemma.layers if layer.head_dim > 256)
-    from vramplan.throughput import chunked_attention_host_ops
-    assert chunked_attention_host_ops(layer, plan) == [65, 65, 95]
-    assert chunked_attention_host_ops(layer, plan.replace(seq_len=4096))[2] == 5 + 45 * 8
+    assert eager_ops == [65, 65, 95]
+    with switches.forced(wide_head_attention=True, wide_head_fused_rows=False):
+        assert chunked_attention_host_ops(layer, plan.replace(seq_len=4096))[2] == 5 + 45 * 8
+    # the row passes fused (session 14's A/B: 10.45 ms off the step, 1.09x): 8.25 ms, fewer host ops a chunk
+    assert fused == pytest.approx(0.00825, rel=0.05)
+    assert 1.05 < fused_tok_s / after < 1.15
+    assert all(f < e for f, e in zip(fused_ops, eager_ops))

@@ -186,7 +186,7 @@ def test_the_planner_prices_what_the_chunked_path_holds():
     gemma = architecture(resolve_model("gemma-4-e2b-text"))
     plan = Plan(model="gemma-4-e2b-text", seq_len=2048)
     wide = [layer for layer in gemma.layers if layer.head_dim > 256]
-    with switches.forced(wide_head_attention=True):
+    with switches.forced(wide_head_attention=True, wide_head_fused_rows=False):
         on = estimate_plan(plan, resolve_model("gemma-4-e2b-text")).components
         assert {attention_kernel_of(layer, plan) for layer in wide} == {"chunked"}
         assert attention_kernel_of(wide[0], plan.replace(stack="hf")) == "flash"

@@ -76,7 +76,8 @@ from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_ch
 from vramplan.memory.adapters import paged_tensors
 from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
-from vramplan.stacks.vramplan import flat_step_applies, graphs_apply, int8_vocab_major, steps_fused, wide_heads_chunked
+from vramplan.stacks.vramplan import (attention_kernel_of, flat_step_applies, graphs_apply, int8_vocab_major, steps_fused,
+                                     wide_heads_chunked)
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
 PCIE_BYTES_PER_S = 25e9
@@ -141,6 +142,9 @@ HOST_OPS_ROPE_UNFUSED_Q_ONLY = (4, 4, 6)
 #: then per chunk of queries in a forward (slices, the fp32-out matmul, the mask, log-sum-exp, exp, PV, the writes)
 #: and in the backward (the same recomputed, dV, dP, dS, dQ, dK).
 HOST_OPS_CHUNKED_ATTENTION = {"call": 5, "forward_chunk": 30, "backward_chunk": 45}
+#: The same with its row passes fused (switch ``wide_head_fused_rows``): the mask, log-sum-exp, exp and casts become
+#: one launch forward, and the recomputed probabilities and dS one launch backward.
+HOST_OPS_CHUNKED_ATTENTION_FUSED = {"call": 5, "forward_chunk": 19, "backward_chunk": 31}
 #: Gemma 4's per-layer embedding gating with its two linears (not recomputed: it follows the
 #: layer's last saved tensor; on hf its linears are quantized, which HOST_OPS_PER_DEQUANT adds)
 HOST_OPS_PER_LAYER_INPUT = {"vramplan": (8, 0, 16), "hf": (8, 0, 16)}
@@ -229,6 +233,10 @@ CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.016
 #: 46.4, fmha_cutlassF 5.5), so the chunked path 18.7 ms for the 1.62 TFLOP its chunks compute over forward,
 #: recompute and backward: this fraction of the bf16 peak.
 CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.0878
+#: The same path with its row passes fused in Triton (switch ``wide_head_fused_rows``): session 14's A/B of E2B at
+#: 2,048 tokens (benchmarks/results/session14/call1/trainer.jsonl) took 10.45 ms off the step (124.9 -> 114.5 ms), so
+#: the 18.7 ms above became 8.25 ms for the same 1.62 TFLOP.
+CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.199
 #: What vramplan's calibration records as its stack's attention efficiency (``Factors``): the flash rate.
 FLASH_ATTENTION_EFFICIENCY = FLASH_ATTENTION.forward_efficiency
 
@@ -394,6 +402,13 @@ def attention_kernel(layer: Layer, masked: bool) -> AttentionKernel:
     return MASKED_FLASH_ATTENTION if masked else FLASH_ATTENTION
 
 
+def chunked_attention_efficiency(layer: Layer, plan: Plan) -> float:
+    """The fraction of the bf16 peak a wide-head layer's chunked attention runs at: its row passes fused or not."""
+    if attention_kernel_of(layer, plan) == "chunked_fused":
+        return CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY
+    return CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY
+
+
 def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
                       masked_captures: bool = False) -> tuple[float, float]:
     """(flash, wide-head) seconds of a micro-batch's bf16 attention at ``rate`` FLOP/s of peak on ``sms`` SMs.
@@ -411,7 +426,7 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
             rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len)
             keys = chunked_attention_keys_per_query(plan.seq_len, rows)
             wide += ((forwards + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
-                     / CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY)
+                     / chunked_attention_efficiency(layer, plan))
             continue
         if wide_heads and masked_captures and graphs_apply(arch, plan):
             wide += _attention_flops(layer, plan, _keys_per_query(layer, plan.seq_len)) / CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY
@@ -794,7 +809,7 @@ def chunked_attention_host_ops(layer: Layer, plan: Plan) -> list[float]:
         return [0.0, 0.0, 0.0]
     rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len)
     chunks = -(-plan.seq_len // rows)
-    ops = HOST_OPS_CHUNKED_ATTENTION
+    ops = HOST_OPS_CHUNKED_ATTENTION_FUSED if attention_kernel_of(layer, plan) == "chunked_fused" else HOST_OPS_CHUNKED_ATTENTION
     forward = ops["call"] + ops["forward_chunk"] * chunks
     return [forward, forward, ops["call"] + ops["backward_chunk"] * chunks]
 

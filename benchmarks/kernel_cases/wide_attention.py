@@ -1,7 +1,7 @@
 """Attention of heads wider than 256 (Gemma 4's full-attention layers), forward+backward, causal, bf16: vramplan's
 chunked attention with its row passes fused (Triton) and in PyTorch, against SDPA (which runs its memory-efficient
 kernels at these widths) and SDPA's math path; and the fused rows over chunks 4x smaller, which skip more of the
-causal square's upper half in more, smaller matmuls. Shapes are (batch, query heads, K/V heads, tokens, head width) of
+causal square's upper half in more, smaller matmuls, or 2x and 4x larger (fewer, larger matmuls; more memory). Shapes are (batch, query heads, K/V heads, tokens, head width) of
 Gemma-4-E2B's and E4B's full layers; Gemma-4-31B's 32 × 4 heads at 2,048 tokens. Timed from a CUDA graph too, as the
 trainer replays it.
 """
@@ -29,11 +29,11 @@ def _step(fn, q, k, v, grad):
     return run
 
 
-def _chunked(fused: bool, smaller: int = 1):
-    """The chunked attention; ``smaller``: chunks that many times smaller than the planner's budget gives (more chunks
-    skip more of the causal square's upper half, and launch more, smaller matmuls)."""
+def _chunked(fused: bool, size: float = 1.0):
+    """The chunked attention; ``size``: chunks that many times the planner's budget (smaller chunks skip more of the
+    causal square's upper half, and launch more, smaller matmuls)."""
     def fn(q, k, v):
-        rows = chunked_attention_chunk_rows(q.shape[0], q.shape[1], q.shape[2]) // smaller
+        rows = min(q.shape[2], int(chunked_attention_chunk_rows(q.shape[0], q.shape[1], q.shape[2]) * size))
         with switches.forced(wide_head_fused_rows=fused):
             return chunked_attention(q, k, v, scale=1.0, causal=True, chunk=rows)
     return fn
@@ -57,7 +57,9 @@ def cases(device, shapes=None) -> list[Case]:
         v = torch.randn(b, h_kv, s, d, device=device, dtype=torch.bfloat16, generator=g).requires_grad_()
         grad = torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, generator=g)
         variants = {"vramplan chunked, fused rows": _step(_chunked(True), q, k, v, grad),
-                    "vramplan chunked, fused rows, chunks / 4": _step(_chunked(True, 4), q, k, v, grad),
+                    "vramplan chunked, fused rows, chunks / 4": _step(_chunked(True, 0.25), q, k, v, grad),
+                    "vramplan chunked, fused rows, chunks x 2": _step(_chunked(True, 2), q, k, v, grad),
+                    "vramplan chunked, fused rows, chunks x 4": _step(_chunked(True, 4), q, k, v, grad),
                     "vramplan chunked": _step(_chunked(False), q, k, v, grad),
                     "sdpa (memory-efficient)": _step(_sdpa, q, k, v, grad)}
         if s <= 4096:

@@ -50,11 +50,12 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: vramplan.train.attention) instead of SDPA's memory-efficient kernels, whose backward took 6.6 ms a call at 2,048
 #: tokens on the H100 (46 ms of Gemma-4-E2B's 160 ms step, session 13's graph profile); 1.26x on E2B's step there.
 #: ``wide_head_fused_rows``: its causal chunks' scale, mask, softmax and dS in one Triton pass each way
-#: (vramplan_kernels.attention_rows) instead of six to eight PyTorch passes; off until a GPU A/B (session 13 wrote
-#: it without device time left; benchmarks/results/session13/next.sh).
+#: (vramplan_kernels.attention_rows) instead of six to eight PyTorch passes. Session 14's H100 A/B in fresh processes
+#: (benchmarks/results/session14/call1/trainer.jsonl): Gemma-4-E2B at 2,048 tokens 124.9 -> 114.5 ms a step (1.09x),
+#: the same process memory; the attention alone (kernel_cases/wide_attention.py) 1.70 -> 0.78 ms a layer.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
             "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": True,
-            "prefetch_paged": False, "wide_head_attention": True, "wide_head_fused_rows": False}
+            "prefetch_paged": False, "wide_head_attention": True, "wide_head_fused_rows": True}
 
 
 def _listed(env: str) -> set[str]:
