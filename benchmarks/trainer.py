@@ -95,20 +95,6 @@ def nvml_call_us(calls: int = 200) -> float:
     return round((time.perf_counter() - started) / calls * 1e6, 1)
 
 
-def cuda_stack_limit() -> int | None:
-    """The per-thread local memory the driver holds for every resident thread (``CU_LIMIT_STACK_SIZE``), read through
-    the driver API on this thread's context. The driver grows it, outside PyTorch's pool, when a kernel needing more
-    runs: recorded beside NVML's outside-pool bytes, which differ by 128 MiB steps between runs of one configuration."""
-    import ctypes
-
-    try:
-        driver = ctypes.CDLL("libcuda.so.1")
-        value = ctypes.c_size_t()
-        return int(value.value) if driver.cuCtxGetLimit(ctypes.byref(value), 0) == 0 else None
-    except OSError:
-        return None
-
-
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
             random_init: bool = False, sample_nvml: bool = True, ab_rounds: int = 0,
             overlap_rounds: int = 0) -> tuple[dict, list[float]]:
@@ -116,7 +102,6 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record: dict = {}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
-    record["cuda_stack_limit_start"] = cuda_stack_limit()
     model, _ = load_for_training(folder, plan, device, random_init_from_config=random_init)
     params = lora_parameters(model)
     record["trainable"] = sum(p.numel() for p in params)
@@ -185,7 +170,6 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         record["nvml_peak_step_delta"] = sampler.peak_delta  # sampled peak during the steps, above the reading at their start
     record["peak_alloc"] = torch.cuda.max_memory_allocated()
     record["peak_reserved"] = torch.cuda.max_memory_reserved()
-    record["cuda_stack_limit"] = cuda_stack_limit()
     del model, optimizer, params, batch, graphs
     return record, times
 
