@@ -53,6 +53,9 @@ SESSION13_AB = (_RESULTS / "session13" / "ab-wide-heads.jsonl",)
 #: Session 14's A/B of the chunked attention's row passes fused in Triton (switch ``wide_head_fused_rows``): Gemma-4-E2B
 #: at 2,048 tokens PyTorch rows, fused, PyTorch rows, fused, in fresh processes.
 SESSION14_AB = (_RESULTS / "session14" / "call1" / "trainer.jsonl",)
+#: Session 14's campaign with the fused rows on: Gemma-4-E2B at 1,024 (rank 32), 4,096 and 8,192 tokens, E4B at 2,048
+#: and 4,096, fresh processes, CUDA graphs.
+SESSION14 = (_RESULTS / "session14" / "call2" / "trainer.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -113,6 +116,9 @@ HELD_OUT = (
             "(session14/call1/trainer.jsonl: E2B at 2,048 tokens, both ways twice, fresh processes), none fitted",
             "the fused path's efficiency (throughput.CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY) was read off this "
             "A/B, so its speed is no clean hold-out"),
+    HeldOut("session14", SESSION14, "session 14 campaign",
+            "session 14's runs of Gemma 4 with the fused attention rows on (session14/call2/trainer.jsonl: E2B at "
+            "1,024, 4,096 and 8,192 tokens, E4B at 2,048 and 4,096), none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
@@ -144,7 +150,8 @@ def switches_ran(record: dict) -> dict[str, bool]:
     Triton kernel (``rope_gemma4``): lines that say so, or whose ``enabled`` names it. Paged states prefetched
     before every step (``prefetch_paged``): every line that does not say otherwise (bitsandbytes' own behaviour).
     Wide heads through chunked matmuls (``wide_head_attention``) and their fused row passes (``wide_head_fused_rows``):
-    only lines that say so, none before session 13."""
+    only lines that say so, none before session 13; sliding windows' bands the same way (``sliding_band_attention``),
+    none before session 14."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),
@@ -152,4 +159,5 @@ def switches_ran(record: dict) -> dict[str, bool]:
             "rope_gemma4": record.get("rope_gemma4", "rope_gemma4" in (record.get("enabled") or "")),
             "prefetch_paged": record.get("prefetch_paged", True),
             "wide_head_attention": bool(record.get("wide_head_attention")),
-            "wide_head_fused_rows": bool(record.get("wide_head_fused_rows"))}
+            "wide_head_fused_rows": bool(record.get("wide_head_fused_rows")),
+            "sliding_band_attention": bool(record.get("sliding_band_attention"))}

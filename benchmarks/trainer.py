@@ -160,6 +160,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["rope_gemma4"] = switches.enabled("rope_gemma4")  # Gemma 4's RoPE through the Triton kernel
     record["wide_head_attention"] = switches.enabled("wide_head_attention")  # heads over 256 through chunked matmuls
     record["wide_head_fused_rows"] = switches.enabled("wide_head_fused_rows")  # their row passes in one Triton launch
+    record["sliding_band_attention"] = switches.enabled("sliding_band_attention")  # sliding windows over their band
     record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])

@@ -98,7 +98,8 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
                                                                                "rope_gemma4": False,
                                                                                "prefetch_paged": True,
                                                                                "wide_head_attention": False,
-                                                                               "wide_head_fused_rows": False}
+                                                                               "wide_head_fused_rows": False,
+                                                                               "sliding_band_attention": False}
     assert not switches_ran({"prefetch_paged": False})["prefetch_paged"]  # bitsandbytes' own behaviour until then
     assert switches_ran({"wide_head_attention": True})["wide_head_attention"]  # SDPA's kernels before session 13
     assert switches_ran({"enabled": "rope_gemma4"})["rope_gemma4"]

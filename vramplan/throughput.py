@@ -72,12 +72,13 @@ from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.occupancy import (FLASH_BACKWARD, FLASH_BACKWARD_256, FLASH_FORWARD, WIDE_BACKWARD, WIDE_FORWARD, Tiling,
                                  fill)
-from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows, chunked_attention_keys_per_query
+from vramplan.memory.activations import (FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows, chunked_attention_keys_per_query,
+                                         sliding_window_of)
 from vramplan.memory.adapters import paged_tensors
 from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
-from vramplan.stacks.vramplan import (attention_kernel_of, flat_step_applies, graphs_apply, int8_vocab_major, steps_fused,
-                                     wide_heads_chunked)
+from vramplan.stacks.vramplan import (attention_kernel_of, flat_step_applies, graphs_apply, int8_vocab_major,
+                                     sliding_band_applies, steps_fused, wide_heads_chunked)
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
 PCIE_BYTES_PER_S = 25e9
@@ -371,8 +372,7 @@ def factors_for(stack: str, profiles: str | Path | None = None) -> Factors:
 
 def _window(layer: Layer, seq: int) -> int | None:
     """The layer's sliding window where it is shorter than the sequence, else None."""
-    window = layer.sliding_window if layer.attention == "sliding" and layer.sliding_window else None
-    return window if window is not None and window < seq else None
+    return sliding_window_of(layer, seq) or None
 
 
 def _keys_per_query(layer: Layer, seq: int) -> float:
@@ -402,9 +402,9 @@ def attention_kernel(layer: Layer, masked: bool) -> AttentionKernel:
     return MASKED_FLASH_ATTENTION if masked else FLASH_ATTENTION
 
 
-def chunked_attention_efficiency(layer: Layer, plan: Plan) -> float:
-    """The fraction of the bf16 peak a wide-head layer's chunked attention runs at: its row passes fused or not."""
-    if attention_kernel_of(layer, plan) == "chunked_fused":
+def chunked_attention_efficiency(layer: Layer, plan: Plan, captured: bool | None = None) -> float:
+    """The fraction of the bf16 peak a layer's chunked attention runs at: its row passes fused or not."""
+    if attention_kernel_of(layer, plan, captured) == "chunked_fused":
         return CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY
     return CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY
 
@@ -420,13 +420,20 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
     trainer ran them (see :func:`_masked`; its wide heads at :data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`)."""
     flash = wide = 0.0
     forwards = _attention_forwards(plan)
+    captured = graphs_apply(arch, plan)
     for layer in arch.layers:
         wide_heads = layer.head_dim > FLASH_MAX_HEAD_DIM
-        if wide_heads and wide_heads_chunked(plan):
-            rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len)
-            keys = chunked_attention_keys_per_query(plan.seq_len, rows)
-            wide += ((forwards + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
-                     / chunked_attention_efficiency(layer, plan))
+        banded = not wide_heads and sliding_band_applies(layer, plan, captured)
+        if (wide_heads and wide_heads_chunked(plan)) or banded:  # vramplan's chunked attention (over the band)
+            window = sliding_window_of(layer, plan.seq_len) if banded else 0
+            rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len, window)
+            keys = chunked_attention_keys_per_query(plan.seq_len, rows, window)
+            seconds_at_peak = ((forwards + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
+                               / chunked_attention_efficiency(layer, plan, captured))
+            if wide_heads:
+                wide += seconds_at_peak
+            else:
+                flash += seconds_at_peak
             continue
         if wide_heads and masked_captures and graphs_apply(arch, plan):
             wide += _attention_flops(layer, plan, _keys_per_query(layer, plan.seq_len)) / CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY
@@ -804,12 +811,13 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
 
 def chunked_attention_host_ops(layer: Layer, plan: Plan) -> list[float]:
     """(forward, recompute, backward) host ops of a layer's chunked attention (:data:`HOST_OPS_CHUNKED_ATTENTION`):
-    its wide heads' extra ops over SDPA's one call; none where the layer runs SDPA."""
-    if layer.head_dim <= FLASH_MAX_HEAD_DIM or not wide_heads_chunked(plan):
+    its extra ops over SDPA's one call (wide heads, or a sliding window's band); none where the layer runs SDPA."""
+    kernel = attention_kernel_of(layer, plan)
+    if not kernel.startswith("chunked"):
         return [0.0, 0.0, 0.0]
-    rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len)
-    chunks = -(-plan.seq_len // rows)
-    ops = HOST_OPS_CHUNKED_ATTENTION_FUSED if attention_kernel_of(layer, plan) == "chunked_fused" else HOST_OPS_CHUNKED_ATTENTION
+    window = sliding_window_of(layer, plan.seq_len) if layer.head_dim <= FLASH_MAX_HEAD_DIM else 0
+    chunks = -(-plan.seq_len // chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len, window))
+    ops = HOST_OPS_CHUNKED_ATTENTION_FUSED if kernel == "chunked_fused" else HOST_OPS_CHUNKED_ATTENTION
     forward = ops["call"] + ops["forward_chunk"] * chunks
     return [forward, forward, ops["call"] + ops["backward_chunk"] * chunks]
 

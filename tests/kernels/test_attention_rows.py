@@ -40,6 +40,26 @@ def test_backward_rows_match_the_reference(rows, cols, queries, first):
     torch.testing.assert_close(ds, want[1], rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.parametrize("rows,cols,queries,first,window", [(6, 37, 3, 20, 9), (4, 1500, 4, 1000, 700), (5, 9, 5, 4, 1)])
+def test_windowed_rows_match_the_reference(rows, cols, queries, first, window):
+    """A sliding window's band: keys ``window`` or more before the row's query are masked too, both ways."""
+    scores, grad = _scores(rows, cols), _scores(rows, cols, seed=1)
+    delta = torch.randn(2, rows, generator=torch.Generator().manual_seed(2))
+    with kernel_mode("triton"):
+        probs, lse = softmax_rows(scores, 0.7, True, first, queries, torch.float32, window)
+        again, ds = softmax_grad_rows(scores, grad, lse, delta, 0.7, True, first, queries, torch.float32, window)
+    want_probs, want_lse = softmax_rows_reference(scores, 0.7, True, first, queries, torch.float32, window)
+    want_ds = softmax_grad_rows_reference(scores, grad, want_lse, delta, 0.7, True, first, queries, torch.float32,
+                                          window)[1]
+    torch.testing.assert_close(lse, want_lse, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(probs, want_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(again, want_probs, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(ds, want_ds, rtol=1e-5, atol=1e-5)
+    query = first + torch.arange(rows) % queries
+    outside = torch.arange(cols)[None, :] <= (query - window)[:, None]
+    assert (probs[:, outside] == 0).all() and (probs.sum(-1) - 1).abs().max() < 1e-5
+
+
 def test_bf16_outputs():
     scores = _scores(4, 100)
     with kernel_mode("triton"):

@@ -29,25 +29,43 @@ CHUNKED_ATTENTION_PEAK_CHUNKS = 2.5
 CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS = 3.0
 
 
-def chunked_attention_chunk_rows(batch: int, heads: int, seq: int) -> int:
+def sliding_window_of(layer, seq: int) -> int:
+    """The layer's sliding window where it is shorter than the sequence (its queries then see fewer keys), else 0."""
+    window = layer.sliding_window if layer.attention == "sliding" and layer.sliding_window else 0
+    return window if window < seq else 0
+
+
+def chunked_attention_chunk_rows(batch: int, heads: int, seq: int, window: int = 0) -> int:
     """Queries in each chunk of a layer's chunked attention over ``seq`` tokens: as many as keep one chunk's fp32
-    scores within :data:`CHUNKED_ATTENTION_SCORE_BYTES` (at least 16), the whole row when it fits."""
+    scores within :data:`CHUNKED_ATTENTION_SCORE_BYTES` (at least 16), the whole row when it fits. Under a sliding
+    ``window`` at most ``window`` queries, which read at most 2·window − 1 keys."""
+    if window and window < seq:
+        return min(window, max(16, CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * min(seq, 2 * window))))
     return min(seq, max(16, CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * seq)))
 
 
-def chunked_attention_keys_per_query(seq: int, rows: int) -> float:
-    """Mean keys a query's chunk computes under the causal mask: each chunk reads the keys up to its last query."""
-    chunks = -(-seq // rows)
-    return sum(min(seq, (c + 1) * rows) * (min(seq, (c + 1) * rows) - c * rows) for c in range(chunks)) / seq
+def _chunk_key_ranges(seq: int, rows: int, window: int = 0):
+    """(queries, keys read) of each chunk: a causal chunk reads up to its last query, under a ``window`` from
+    ``window - 1`` keys before its first (vramplan.train.attention's ``_chunks``)."""
+    for start in range(0, seq, rows):
+        stop = min(seq, start + rows)
+        yield stop - start, stop - (max(0, start - window + 1) if window else 0)
+
+
+def chunked_attention_keys_per_query(seq: int, rows: int, window: int = 0) -> float:
+    """Mean keys a query's chunk computes under the causal (and ``window``) mask."""
+    return sum(queries * keys for queries, keys in _chunk_key_ranges(seq, rows, window)) / seq
 
 
 def chunked_attention_workspace_bytes(layer, batch: int, seq: int, fused: bool = False) -> int:
     """The chunked attention's transient buffers at a layer's backward: :data:`CHUNKED_ATTENTION_PEAK_CHUNKS` (or, with
-    ``fused`` row passes, :data:`CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS`) score chunks of b·heads·rows·s fp32 values (the
-    last chunk reads every key)."""
-    rows = chunked_attention_chunk_rows(batch, layer.heads, seq)
+    ``fused`` row passes, :data:`CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS`) score chunks of b·heads·rows·keys fp32 values
+    (the chunk that reads the most keys: every key, or under a sliding window at most rows + window − 1)."""
+    window = sliding_window_of(layer, seq)
+    rows = chunked_attention_chunk_rows(batch, layer.heads, seq, window)
+    keys = max(keys for _, keys in _chunk_key_ranges(seq, rows, window))
     chunks = CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS if fused else CHUNKED_ATTENTION_PEAK_CHUNKS
-    return int(chunks * batch * layer.heads * rows * seq * 4)
+    return int(chunks * batch * layer.heads * rows * keys * 4)
 
 
 def attention_saved_bytes_per_token(layer, hidden: int, act_bytes: int, kernel: str, *,

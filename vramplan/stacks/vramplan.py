@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 from vramplan.memory.activations import (CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, ActivationRecipe,
+                                         sliding_window_of,
                                          activation_bytes, model_level_activations)
 from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
                                       trainable_params)
@@ -44,6 +45,9 @@ WIDE_HEADS_NOTE = ("{n} attention layers with {width}-wide heads run vramplan's 
                    "kernel that wide): a few {chunk_mib} MiB score chunks in the layer's working set and one more of "
                    "allocator slack; VRAMPLAN_DISABLE=wide_head_attention runs SDPA's slower memory-efficient kernels "
                    "instead")
+SLIDING_BAND_NOTE = ("{n} sliding-window layers run vramplan's chunked attention over their {window}-key band (SDPA "
+                     "computes the whole masked square): score chunks of at most {chunk_mib} MiB in the layer's working "
+                     "set; VRAMPLAN_DISABLE=sliding_band_attention runs SDPA instead")
 EXPERTS_NOTE = {
     "nf4": ("MoE experts: quantized to NF4 one expert matrix at a time and frozen, not adapted (each routed "
             "expert is decoded into one shared buffer; FSDP2 does not shard them); LoRA goes on attention and any "
@@ -97,7 +101,7 @@ def step_memory(arch, plan) -> StepMemory:
     optim = {"optimizer_states": optimizer_state_bytes(trainable, optimizer, master_weights=lora_bytes == 2) - managed}
 
     recipe = ActivationRecipe(
-        act_bytes=ACT, kernel=lambda layer: attention_kernel_of(layer, plan), fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
+        act_bytes=ACT, kernel=lambda layer: attention_kernel_of(layer, plan, graphs_apply(arch, plan)), fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
         lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"),
         mlp_tiles=plan.mlp_tiles)
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
@@ -135,8 +139,11 @@ def step_memory(arch, plan) -> StepMemory:
     static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=graphs_apply(arch, plan))
-    wide = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
-    if wide:
+    captured = graphs_apply(arch, plan)
+    chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan, captured).startswith("chunked")]
+    wide = [layer for layer in chunked if layer.head_dim > FLASH_MAX_HEAD_DIM]
+    banded = [layer for layer in chunked if layer.head_dim <= FLASH_MAX_HEAD_DIM]
+    if chunked:
         # its chunks' score buffers come in as many sizes as chunks (each reads the keys up to its last query): the
         # allocator keeps them apart, about one chunk's budget beyond the peak (session 13's A/B on the H100:
         # reserved - allocated grew 49-73 MB on Gemma-4-E2B and E4B, benchmarks/results/session13/ab-wide-heads.jsonl)
@@ -155,7 +162,9 @@ def step_memory(arch, plan) -> StepMemory:
                       resident_paged=resident_paged_state_bytes(managed),
                       notes=managed_state_note(managed, optimizer) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ())
                       + ((WIDE_HEADS_NOTE.format(n=len(wide), width=wide[0].head_dim,
-                                                      chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if wide else ()))
+                                                      chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if wide else ())
+                      + ((SLIDING_BAND_NOTE.format(n=len(banded), window=banded[0].sliding_window,
+                                                   chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if banded else ()))
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
@@ -239,10 +248,21 @@ def wide_heads_chunked(plan: Plan) -> bool:
     return plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("wide_head_attention")
 
 
-def attention_kernel_of(layer, plan: Plan) -> str:
-    """The attention kernel a layer runs on in vramplan's trainer (``memory.activations.KERNELS``)."""
+def sliding_band_applies(layer, plan: Plan, captured: bool | None = None) -> bool:
+    """Whether vramplan's trainer runs a sliding-window layer through its chunked attention over the window's band
+    (switch ``sliding_band_attention``): only in captured steps (``captured``, default the plan's own
+    ``captures_steps``), whose unpadded, unpacked rows let the trainer drop transformers' explicit mask
+    (vramplan.train.graphs.packing_decided), and only where the window is shorter than the row."""
+    return (plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("sliding_band_attention")
+            and (plan.captures_steps if captured is None else captured) and sliding_window_of(layer, plan.seq_len) > 0)
+
+
+def attention_kernel_of(layer, plan: Plan, captured: bool | None = None) -> str:
+    """The attention kernel a layer runs on in vramplan's trainer (``memory.activations.KERNELS``); ``captured``:
+    whether its steps replay as CUDA graphs (``graphs_apply``; default the plan's ``captures_steps``)."""
     if plan.attention == "eager":
         return "eager"
-    if layer.head_dim <= FLASH_MAX_HEAD_DIM or not wide_heads_chunked(plan):
+    wide = layer.head_dim > FLASH_MAX_HEAD_DIM and wide_heads_chunked(plan)
+    if not (wide or sliding_band_applies(layer, plan, captured)):
         return "flash"
     return "chunked_fused" if switches.enabled("wide_head_fused_rows") else "chunked"

@@ -63,14 +63,19 @@ def _scaled(t: torch.Tensor, scale: float) -> torch.Tensor:
     return t if scale == 1.0 else t.mul_(scale)
 
 
-def _masked(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool, first_query: int, queries: int) -> torch.Tensor:
-    """Apply a chunk's mask in place: causal (key index past the query's), boolean (False = masked) or additive.
-    The scores' rows are the chunk's ``queries`` repeated for each query head sharing a K/V head."""
+def _masked(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool, first_query: int, queries: int,
+            window: int = 0) -> torch.Tensor:
+    """Apply a chunk's mask in place: causal (key index past the query's; with a ``window``, also ``window`` keys or
+    more before it), boolean (False = masked) or additive. The scores' rows are the chunk's ``queries`` repeated for
+    each query head sharing a K/V head; ``first_query`` counts from the chunk's first key."""
     if causal:  # only the keys from the chunk's first query on can lie in a query's future: mask that block alone
         rows, keys = scores.shape[-2:]
         query = first_query + torch.arange(rows, device=scores.device) % queries
         future = torch.arange(first_query, keys, device=scores.device)[None, :] > query[:, None]
         scores[..., first_query:].masked_fill_(future, float("-inf"))
+        if window:
+            past = torch.arange(keys, device=scores.device)[None, :] <= query[:, None] - window
+            scores.masked_fill_(past, float("-inf"))
     elif mask is not None:
         if mask.dtype == torch.bool:
             scores.masked_fill_(~mask, float("-inf"))
@@ -80,7 +85,8 @@ def _masked(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool, first
 
 
 def _chunk_mask(mask: torch.Tensor | None, groups: int, start: int, stop: int, keys: int) -> torch.Tensor | None:
-    """The mask rows of queries start..stop, broadcast like the grouped scores [b, kv heads, groups * rows, keys]."""
+    """The mask rows of queries start..stop, broadcast like the grouped scores [b, kv heads, groups * rows, keys]
+    (a mask reads every key from the first: only causal chunks start later, :func:`_chunks`)."""
     if mask is None:
         return None
     rows = mask[..., start:stop, :keys]  # [b or 1, heads or 1, rows, keys]
@@ -90,17 +96,20 @@ def _chunk_mask(mask: torch.Tensor | None, groups: int, start: int, stop: int, k
     return rows.reshape(b, h // groups, groups * (stop - start), keys)
 
 
-def _chunks(queries: int, keys: int, chunk: int, causal: bool):
-    """(start, stop, keys read) of each chunk of queries: a causal chunk reads the keys up to its last query."""
+def _chunks(queries: int, keys: int, chunk: int, causal: bool, window: int = 0):
+    """(start, stop, first key, keys end) of each chunk of queries: a causal chunk reads the keys up to its last
+    query, and with a sliding ``window`` only from ``window - 1`` keys before its first query."""
     for start in range(0, queries, chunk):
         stop = min(queries, start + chunk)
-        yield start, stop, (min(keys, stop) if causal else keys)
+        first = max(0, start - window + 1) if causal and window else 0
+        yield start, stop, first, (min(keys, stop) if causal else keys)
 
 
-def _probabilities(scores, lse, scale, mask, groups, start, stop, upto, causal) -> torch.Tensor:
+def _probabilities(scores, lse, scale, mask, groups, start, stop, first, upto, causal, window) -> torch.Tensor:
     """A chunk's fp32 probabilities from its raw scores (in place): scaled, masked, less the rows' log-sum-exp, exp'd;
     a fully masked row gives 0."""
-    _masked(_scaled(scores, scale), _chunk_mask(mask, groups, start, stop, upto), causal, start, stop - start)
+    _masked(_scaled(scores, scale), _chunk_mask(mask, groups, start, stop, upto), causal, start - first, stop - start,
+            window)
     if lse is None:
         lse = torch.logsumexp(scores, dim=-1, keepdim=True)
     return scores.sub_(lse.nan_to_num(posinf=0.0, neginf=0.0)).exp_(), lse
@@ -111,7 +120,7 @@ class ChunkedAttention(torch.autograd.Function):
     share a K/V head without copies). Saves q, k, v, the output and the fp32 log-sum-exp."""
 
     @staticmethod
-    def forward(ctx, q, k, v, mask, scale, causal, chunk):
+    def forward(ctx, q, k, v, mask, scale, causal, chunk, window):
         b, h, s, d = q.shape
         h_kv, keys = k.shape[1], k.shape[2]
         g = h // h_kv
@@ -119,26 +128,26 @@ class ChunkedAttention(torch.autograd.Function):
         out = torch.empty(b, h_kv, g, s, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h_kv, g, s, dtype=_accumulator(q), device=q.device)
         fused = causal and fused_rows_apply(q)
-        for start, stop, upto in _chunks(s, keys, chunk, causal):
+        for start, stop, first, upto in _chunks(s, keys, chunk, causal, window):
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, g * (stop - start), d)
-            scores = scores_fp32(qc, k[:, :, :upto].transpose(-1, -2))
+            scores = scores_fp32(qc, k[:, :, first:upto].transpose(-1, -2))
             if fused:  # scale, mask, log-sum-exp and the bf16 probabilities in one Triton pass
-                probs, chunk_lse = softmax_rows(scores, scale, True, start, stop - start, v.dtype)
+                probs, chunk_lse = softmax_rows(scores, scale, True, start - first, stop - start, v.dtype, window)
             else:
-                probs, chunk_lse = _probabilities(scores, None, scale, mask, g, start, stop, upto, causal)
+                probs, chunk_lse = _probabilities(scores, None, scale, mask, g, start, stop, first, upto, causal, window)
                 probs = probs.to(v.dtype)
             del scores
-            out[:, :, :, start:stop] = torch.matmul(probs, v[:, :, :upto]).view(b, h_kv, g, stop - start, -1)
+            out[:, :, :, start:stop] = torch.matmul(probs, v[:, :, first:upto]).view(b, h_kv, g, stop - start, -1)
             lse[:, :, :, start:stop] = chunk_lse.view(b, h_kv, g, stop - start)
         out = out.view(b, h, s, -1)
         ctx.save_for_backward(q, k, v, out, lse, mask)
-        ctx.scale, ctx.causal, ctx.chunk, ctx.fused = scale, causal, chunk, fused
+        ctx.scale, ctx.causal, ctx.chunk, ctx.fused, ctx.window = scale, causal, chunk, fused, window
         return out
 
     @staticmethod
     def backward(ctx, grad_out):
         q, k, v, out, lse, mask = ctx.saved_tensors
-        scale, causal, chunk = ctx.scale, ctx.causal, ctx.chunk
+        scale, causal, chunk, window = ctx.scale, ctx.causal, ctx.chunk, ctx.window
         b, h, s, d = q.shape
         h_kv, keys = k.shape[1], k.shape[2]
         g = h // h_kv
@@ -146,26 +155,26 @@ class ChunkedAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q).view(b, h_kv, g, s, d)
         grad_k = torch.zeros(k.shape, dtype=_accumulator(k), device=k.device)
         grad_v = torch.zeros(v.shape, dtype=_accumulator(v), device=v.device)
-        for start, stop, upto in _chunks(s, keys, chunk, causal):
+        for start, stop, first, upto in _chunks(s, keys, chunk, causal, window):
             rows = g * (stop - start)
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, rows, d)
             doc = do5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)
-            kc, vc = k[:, :, :upto], v[:, :, :upto]
+            kc, vc = k[:, :, first:upto], v[:, :, first:upto]
             scores = scores_fp32(qc, kc.transpose(-1, -2))
             chunk_lse = lse[:, :, :, start:stop].reshape(b, h_kv, rows, 1)
             delta = (doc.to(grad_v.dtype) * o5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)).sum(-1, keepdim=True)
             if ctx.fused:  # P again and dS = P ⊙ (dP − δ)·scale, both bf16, in one Triton pass
                 probs, grad_scores = softmax_grad_rows(scores, scores_fp32(doc, vc.transpose(-1, -2)), chunk_lse,
-                                                       delta, scale, True, start, stop - start, q.dtype)
+                                                       delta, scale, True, start - first, stop - start, q.dtype, window)
                 del scores
-                grad_v[:, :, :upto] += torch.matmul(probs.transpose(-1, -2), doc)
+                grad_v[:, :, first:upto] += torch.matmul(probs.transpose(-1, -2), doc)
             else:
-                probs, _ = _probabilities(scores, chunk_lse, scale, mask, g, start, stop, upto, causal)
-                grad_v[:, :, :upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
+                probs, _ = _probabilities(scores, chunk_lse, scale, mask, g, start, stop, first, upto, causal, window)
+                grad_v[:, :, first:upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
                 grad_scores = _scaled(scores_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs), scale).to(q.dtype)
             grad_q[:, :, :, start:stop] = torch.matmul(grad_scores, kc).view(b, h_kv, g, stop - start, d)
-            grad_k[:, :, :upto] += torch.matmul(grad_scores.transpose(-1, -2), qc)
-        return grad_q.view(b, h, s, d), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None
+            grad_k[:, :, first:upto] += torch.matmul(grad_scores.transpose(-1, -2), qc)
+        return grad_q.view(b, h, s, d), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None, None
 
 
 def fused_rows_apply(q: torch.Tensor) -> bool:
@@ -175,21 +184,31 @@ def fused_rows_apply(q: torch.Tensor) -> bool:
 
 
 def chunked_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None = None,
-                      scale: float | None = None, causal: bool = False, chunk: int | None = None) -> torch.Tensor:
+                      scale: float | None = None, causal: bool = False, chunk: int | None = None,
+                      window: int = 0) -> torch.Tensor:
     """Softmax attention over query chunks, as ``F.scaled_dot_product_attention`` computes it (grouped K/V heads
-    allowed; ``causal`` aligns queries and keys at their start, the mask is ignored then)."""
+    allowed; ``causal`` aligns queries and keys at their start, the mask is ignored then; a ``window`` with
+    ``causal`` keeps each query's last ``window`` keys, itself included, as transformers' sliding window does)."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
-    chunk = chunk or chunked_attention_chunk_rows(q.shape[0], q.shape[1], k.shape[2])  # the planner's rule
-    return ChunkedAttention.apply(q, k, v, None if causal else mask, float(scale), bool(causal), int(chunk))
+    window = int(window) if causal and window and window < k.shape[2] else 0
+    chunk = chunk or chunked_attention_chunk_rows(q.shape[0], q.shape[1], k.shape[2], window)  # the planner's rule
+    return ChunkedAttention.apply(q, k, v, None if causal else mask, float(scale), bool(causal), int(chunk), window)
 
 
-def attention_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.Tensor:
+def band_mask(seq: int, window: int, device) -> torch.Tensor:
+    """The boolean [seq, seq] mask of causal attention over a sliding ``window`` (True = attend): q − window < k ≤ q."""
+    return torch.ones(seq, seq, dtype=torch.bool, device=device).tril().triu(1 - window)
+
+
+def attention_reference(q, k, v, mask=None, scale=None, causal=False, window=0) -> torch.Tensor:
     """The same in plain PyTorch over the whole square (K/V heads repeated), for the tests."""
     scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
     groups = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(groups, dim=1), v.repeat_interleave(groups, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    if causal:
+    if causal and window:
+        scores = scores.masked_fill(~band_mask(q.shape[2], window, q.device), float("-inf"))
+    elif causal:
         scores = scores.masked_fill(torch.ones(scores.shape[-2:], dtype=torch.bool, device=q.device)
                                     .triu(1 + k.shape[2] - q.shape[2]), float("-inf"))
     elif mask is not None:
@@ -198,43 +217,75 @@ def attention_reference(q, k, v, mask=None, scale=None, causal=False) -> torch.T
 
 
 def takes_chunked_path(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, dropout: float,
-                       kwargs: dict, min_head_dim: int = FLASH_MAX_HEAD_DIM + 1) -> bool:
-    """Whether a call of transformers' sdpa function runs here: a training step's wide heads, queries and keys of one
-    length, nothing SDPA's other arguments would change (dropout, a position bias, soft-capping)."""
-    return (query.shape[-1] >= min_head_dim and key.shape[-1] == value.shape[-1] == query.shape[-1]
+                       kwargs: dict, min_head_dim: int = FLASH_MAX_HEAD_DIM + 1, window: int = 0) -> bool:
+    """Whether a call of transformers' sdpa function runs here: a training step's wide heads, or a sliding ``window``
+    whose mask was left to this call (:func:`band_window`), queries and keys of one length, nothing SDPA's other
+    arguments would change (dropout, a position bias, soft-capping)."""
+    wide = query.shape[-1] >= min_head_dim and switches.enabled("wide_head_attention")
+    banded = bool(window) and switches.enabled("sliding_band_attention")
+    return ((wide or banded) and key.shape[-1] == value.shape[-1] == query.shape[-1]
             and torch.is_grad_enabled() and (query.requires_grad or key.requires_grad or value.requires_grad)
             and dropout == 0.0 and kwargs.get("position_bias") is None and kwargs.get("softcap") is None
-            and not kwargs.get("output_attentions", False) and query.shape[2] == key.shape[2] > 1
-            and switches.enabled("wide_head_attention"))
+            and not kwargs.get("output_attentions", False) and query.shape[2] == key.shape[2] > 1)
+
+
+def band_window(module, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> int:
+    """The sliding window a call must apply itself: its layer's window (transformers' ``sliding_window`` argument, or
+    the module's) where the row is longer and no mask came, which only the trainer's captured steps arrange
+    (vramplan.train.graphs.packing_decided, when :func:`bands_sliding_windows`); 0 otherwise."""
+    if attention_mask is not None:
+        return 0
+    window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
+    return window if isinstance(window, int) and 0 < window < key.shape[2] == query.shape[2] else 0
+
+
+_BANDS = False  # whether the installed function also takes sliding windows' bands (install(bands=True))
+
+
+def bands_sliding_windows() -> bool:
+    """Whether transformers' sliding-window masks may be left out of an unpadded, unpacked step: the installed sdpa
+    function applies their windows itself (switch ``sliding_band_attention``)."""
+    from transformers.modeling_utils import AttentionInterface
+
+    return _BANDS and switches.enabled("sliding_band_attention") and hasattr(
+        AttentionInterface._global_mapping.get("sdpa"), "vramplan_original")
 
 
 def with_wide_heads(original: Callable, min_head_dim: int = FLASH_MAX_HEAD_DIM + 1) -> Callable:
-    """transformers' ``sdpa_attention_forward`` with wide heads through :func:`chunked_attention`; everything
-    else, and every call on CPU tensors unless ``min_head_dim`` is lowered (tests), through ``original``."""
+    """transformers' ``sdpa_attention_forward`` with wide heads, and sliding windows whose mask was left out, through
+    :func:`chunked_attention`; everything else, and every call on CPU tensors unless ``min_head_dim`` is lowered
+    (tests), through ``original`` (a left-out window then as its explicit band mask)."""
 
     def sdpa_attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None,
                                is_causal=None, **kwargs):
-        if not (query.is_cuda or min_head_dim <= FLASH_MAX_HEAD_DIM) or \
-                not takes_chunked_path(query, key, value, dropout, kwargs, min_head_dim):
-            return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
-                            is_causal=is_causal, **kwargs)
-        causal_flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
-        causal = bool(causal_flag) and attention_mask is None
-        out = chunked_attention(query, key, value, attention_mask, scaling, causal)
-        return out.transpose(1, 2).contiguous(), None
+        window = band_window(module, query, key, attention_mask, kwargs)
+        if (query.is_cuda or min_head_dim <= FLASH_MAX_HEAD_DIM) and \
+                takes_chunked_path(query, key, value, dropout, kwargs, min_head_dim, window):
+            causal_flag = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+            causal = bool(causal_flag) and attention_mask is None
+            out = chunked_attention(query, key, value, attention_mask, scaling, causal, window=window)
+            return out.transpose(1, 2).contiguous(), None
+        if window:
+            attention_mask, is_causal = band_mask(query.shape[2], window, query.device)[None, None], False
+        return original(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                        is_causal=is_causal, **kwargs)
 
     sdpa_attention_forward.vramplan_original = original
     return sdpa_attention_forward
 
 
-def install(min_head_dim: int = FLASH_MAX_HEAD_DIM + 1) -> bool:
-    """Point transformers' ``sdpa`` attention at :func:`with_wide_heads` (process-wide, once); True if it now is."""
+def install(min_head_dim: int = FLASH_MAX_HEAD_DIM + 1, bands: bool = False) -> bool:
+    """Point transformers' ``sdpa`` attention at :func:`with_wide_heads` (process-wide, once); True if it now is.
+    ``bands``: the model's sliding-window modules name their windows, so their masks may be left out
+    (:func:`bands_sliding_windows`)."""
+    global _BANDS
     from transformers.modeling_utils import AttentionInterface
 
     mapping = AttentionInterface._global_mapping
     current = mapping.get("sdpa")
     if current is None:
         return False
+    _BANDS = _BANDS or bands
     if hasattr(current, "vramplan_original"):
         return True
     mapping["sdpa"] = with_wide_heads(current, min_head_dim)
@@ -243,8 +294,10 @@ def install(min_head_dim: int = FLASH_MAX_HEAD_DIM + 1) -> bool:
 
 def uninstall() -> None:
     """Give transformers back its own ``sdpa`` function."""
+    global _BANDS
     from transformers.modeling_utils import AttentionInterface
 
+    _BANDS = False
     current = AttentionInterface._global_mapping.get("sdpa")
     if current is not None and hasattr(current, "vramplan_original"):
         AttentionInterface._global_mapping["sdpa"] = current.vramplan_original

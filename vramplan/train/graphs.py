@@ -50,6 +50,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from vramplan.train import attention
 from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 
 #: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs; all
@@ -106,8 +107,9 @@ def packing_decided(packed: bool):
     captured step ran its full-attention layers as a masked kernel over the whole square: 2.3× the
     eager attention time on the H100 (benchmarks/results/session5/profile-graphs-*.txt). A graph
     replays one shape whose packing is part of its key, so ``is_causal`` is exactly right there;
-    transformers 5.2x already skips the mask for an absent padding mask. Sliding-window and packed
-    layers still get their masks."""
+    transformers 5.2x already skips the mask for an absent padding mask. Packed layers still get their masks, and
+    sliding-window layers too unless the installed sdpa function applies their windows itself
+    (``vramplan.train.attention.bands_sliding_windows``, switch ``sliding_band_attention``)."""
     from transformers import masking_utils
 
     original = masking_utils.find_packed_sequence_indices
@@ -124,7 +126,7 @@ def packing_decided(packed: bool):
         given = signature.bind(*args, **kwargs).arguments
         local = given.get("local_attention_size")
         if (not packed and given.get("padding_mask") is None and given.get("q_length") == given.get("kv_length")
-                and (local is None or given.get("kv_length", 0) < local)):
+                and (local is None or given.get("kv_length", 0) < local or attention.bands_sliding_windows())):
             return True
         return original_skip(*args, **kwargs)
 

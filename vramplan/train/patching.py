@@ -165,14 +165,23 @@ def has_wide_heads(model: nn.Module) -> bool:
                for m in model.modules() if "Attention" in type(m).__name__)
 
 
+def has_sliding_windows(model: nn.Module) -> bool:
+    """Whether some attention module of ``model`` names a sliding window (Gemma 2/3/4's local layers, as
+    ``sliding_window``): what lets the chunked attention apply a window whose mask was left out."""
+    return any(isinstance(getattr(m, "sliding_window", None), int) and m.sliding_window > 0
+               for m in model.modules() if "Attention" in type(m).__name__)
+
+
 def apply_kernel_patches(model: nn.Module, captured: bool = False) -> list[str]:
-    """The module patches of ``KERNEL_PATCHES``, the RoPE function patch and, for heads wider than 256, chunked
-    attention in transformers' sdpa function (``vramplan.train.attention``); return the replaced module paths.
+    """The module patches of ``KERNEL_PATCHES``, the RoPE function patch and, for heads wider than 256 (and, in
+    captured steps, sliding windows' bands), chunked attention in transformers' sdpa function
+    (``vramplan.train.attention``); return the replaced module paths.
     ``captured``: the steps will replay as CUDA graphs, where Gemma 4's Triton RoPE pays (switch ``rope_gemma4``);
     eager, its per-call host work loses to transformers' RoPE."""
     patches = dict(KERNEL_PATCHES)
-    if switches.enabled("wide_head_attention") and has_wide_heads(model):
-        attention.install()
+    bands = captured and switches.enabled("sliding_band_attention") and has_sliding_windows(model)
+    if bands or (switches.enabled("wide_head_attention") and has_wide_heads(model)):
+        attention.install(bands=bands)
     if switches.enabled("rope"):
         patch_rope(model, ROPE_PATCHED_BY_DEFAULT + ((GEMMA4_ROPE_MODULE,) if switches.gemma4_rope_fused(captured) else ()))
     return replace_modules(model, lambda path, module: patches[type(module).__name__](module)

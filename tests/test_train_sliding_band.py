@@ -1,0 +1,190 @@
+"""Sliding-window layers through the chunked attention over their band (switch ``sliding_band_attention``): the same
+function as SDPA under transformers' sliding mask, chunk by chunk and through a tiny Gemma 4's training step whose
+sliding masks the captured step leaves out (vramplan.train.graphs.packing_decided)."""
+
+import pytest
+import torch
+
+from train_fixtures import build_model, gemma4_config
+from vramplan.memory.activations import chunked_attention_chunk_rows, chunked_attention_keys_per_query
+from vramplan.train import attention, switches
+from vramplan.train.attention import attention_reference, band_mask, chunked_attention
+from vramplan_kernels.dispatch import kernel_mode
+
+
+def _inputs(b=2, h=4, h_kv=2, s=23, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return tuple(torch.randn(b, n, s, d, dtype=torch.float64, generator=g).requires_grad_() for n in (h, h_kv, h_kv))
+
+
+def _grads(fn, q, k, v):
+    out = fn(q, k, v)
+    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(out.dtype)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
+def test_the_band_mask_is_transformers_sliding_window():
+    """q − window < k ≤ q, as transformers' sliding_window_overlay and causal mask functions say."""
+    mask = band_mask(6, 3, "cpu")
+    want = torch.tensor([[k <= q and k > q - 3 for k in range(6)] for q in range(6)])
+    assert torch.equal(mask, want)
+
+
+@pytest.mark.parametrize("window,chunk", [(4, 4), (4, 3), (4, 9), (7, 5), (1, 6), (22, 5)])
+@pytest.mark.parametrize("h_kv", [2, 1])
+def test_band_equals_the_masked_square(window, chunk, h_kv):
+    q, k, v = _inputs(h_kv=h_kv)
+    ours = _grads(lambda *t: chunked_attention(*t, scale=0.7, causal=True, chunk=chunk, window=window), q, k, v)
+    ref = _grads(lambda *t: attention_reference(*t, scale=0.7, causal=True, window=window), q, k, v)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("window,chunk", [(5, 5), (5, 3), (8, 11)])
+def test_band_with_the_fused_rows(window, chunk):
+    """The Triton row passes (interpreter) mask the band as the PyTorch passes do."""
+    q, k, v = (t.detach().float().requires_grad_() for t in _inputs(s=19))
+    with kernel_mode("triton"), switches.forced(wide_head_fused_rows=True):
+        ours = _grads(lambda *t: chunked_attention(*t, scale=0.7, causal=True, chunk=chunk, window=window), q, k, v)
+    ref = _grads(lambda *t: attention_reference(*t, scale=0.7, causal=True, window=window), q, k, v)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_chunks_read_only_the_band():
+    """Under a window the chunks are at most ``window`` queries and each reads at most 2·window − 1 keys: the mean keys
+    a query computes stay near the window at any length, where the causal square's grow with it."""
+    rows = chunked_attention_chunk_rows(1, 8, 8192, 512)
+    assert rows == 512
+    assert chunked_attention_keys_per_query(8192, rows, 512) < 1024 < chunked_attention_keys_per_query(8192, 256)
+    assert chunked_attention_keys_per_query(40, 5, 8) == pytest.approx(sum(
+        (min(40, s + 5) - max(0, s - 7)) * 5 for s in range(0, 40, 5)) / 40)
+
+
+@pytest.fixture(scope="module")
+def gemma4_folder(tmp_path_factory):
+    return build_model(gemma4_config(), tmp_path_factory.mktemp("gemma4-band") / "m")
+
+
+def _step(folder, grad=True):
+    from transformers import AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(folder, dtype=torch.float32, attn_implementation="sdpa").train()
+    ids = torch.tensor([[2, 12, 30, 25, 9, 40, 33, 12, 30, 18, 21, 14, 9, 3, 7, 22, 17, 40, 11, 10]])  # 20 > window 8
+    if not grad:
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+    loss = model(input_ids=ids, labels=ids, use_cache=False).loss
+    return loss, torch.autograd.grad(loss, [p for p in model.parameters() if p.requires_grad], allow_unused=True)
+
+
+@pytest.mark.parametrize("grad", [True, False])
+def test_gemma4_sliding_layers_through_the_band(gemma4_folder, monkeypatch, grad):
+    """A tiny Gemma 4 (window 8, 20 tokens) whose step leaves its sliding masks out, as a captured step does: training,
+    its sliding layers run the band (and its full layers the wide-head path) with the loss and every gradient SDPA gives
+    under transformers' masks; without gradients SDPA runs them under the band mask the call builds, same logits."""
+    from vramplan.train.graphs import packing_decided
+
+    reference = _step(gemma4_folder, grad)
+    calls = []
+    original_apply = attention.ChunkedAttention.apply
+    monkeypatch.setattr(attention.ChunkedAttention, "apply", lambda *a: calls.append(a[7]) or original_apply(*a))
+    try:
+        with switches.forced(sliding_band_attention=True):
+            assert attention.install(min_head_dim=32, bands=True) and attention.bands_sliding_windows()
+            with packing_decided(False):
+                ours = _step(gemma4_folder, grad)
+    finally:
+        attention.uninstall()
+    assert not attention.bands_sliding_windows()
+    if not grad:
+        assert not calls
+        torch.testing.assert_close(ours, reference, rtol=1e-5, atol=1e-5)
+        return
+    assert 8 in calls and 0 in calls  # sliding layers with their window, full layers without
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1], reference[1]):
+        if b is not None:
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_masks_stay_without_the_switch(gemma4_folder):
+    """Switch off, the captured step's sliding layers keep transformers' mask: no call is left to apply a window."""
+    from vramplan.train.graphs import packing_decided
+
+    try:
+        attention.install(min_head_dim=32, bands=True)
+        with switches.forced(sliding_band_attention=False):
+            assert not attention.bands_sliding_windows()
+            with packing_decided(False):
+                loss, _ = _step(gemma4_folder)
+    finally:
+        attention.uninstall()
+    torch.testing.assert_close(loss, _step(gemma4_folder)[0], rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fused", [False, True])
+@pytest.mark.parametrize("seq", [2048, 3000])
+def test_gemma4_e2b_sliding_layer_shape_on_the_gpu(seq, fused):
+    """Gemma-4-E2B's sliding layer (8 query heads, 1 K/V head, 256 wide, window 512, scale 1) in bf16 against SDPA
+    under the band mask, as transformers runs it: output and gradients within bf16 attention's usual error."""
+    torch.manual_seed(0)
+    shapes = ((1, 8, seq, 256), (1, 1, seq, 256), (1, 1, seq, 256))
+    q, k, v = (torch.randn(s, device="cuda", dtype=torch.bfloat16).mul(0.5).requires_grad_() for s in shapes)
+    mask = band_mask(seq, 512, "cuda")[None, None]
+    with switches.forced(wide_head_fused_rows=fused):
+        ours = _grads(lambda *t: chunked_attention(*t, scale=1.0, causal=True, window=512), q, k, v)
+    sdpa = _grads(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+        a, b, c, attn_mask=mask, scale=1.0, enable_gqa=True), q, k, v)
+    exact = _grads(lambda *t: attention_reference(*(x.double() for x in t), scale=1.0, causal=True,
+                                                  window=512).to(torch.bfloat16), q, k, v)
+    for a, s, e in zip(ours, sdpa, exact):
+        ours_err = (a.double() - e.double()).norm() / e.double().norm()
+        sdpa_err = (s.double() - e.double()).norm() / e.double().norm()
+        assert ours_err <= max(2 * sdpa_err, 1e-2), (ours_err, sdpa_err)
+
+
+def test_the_benchmark_cases_time_the_same_function():
+    """benchmarks/kernel_cases/sliding_attention.py at a tiny shape: the band both ways equals SDPA under the band mask."""
+    from benchmarks.kernel_cases import sliding_attention
+
+    (case,) = sliding_attention.cases("cpu", {"tiny": (1, 4, 2, 40, 16, 9)})
+    with kernel_mode("triton"):
+        results = {name: run() for name, run in case.variants.items() if "not the same" not in name}
+    reference = results["sdpa, band mask (transformers)"]
+    for name, grads in results.items():
+        for a, b in zip(grads, reference):
+            torch.testing.assert_close(a.float(), b.float(), rtol=0.05, atol=0.05, msg=name)
+
+
+def test_the_planner_prices_the_band_where_the_trainer_runs_it():
+    """Switch on, Gemma-4-E2B's 28 sliding layers run the band in captured steps at rows longer than the window, not
+    eager (transformers' mask stays) nor on the hf stack; the estimate says so; the speed model prices 8,192 tokens
+    faster (the masked square's attention is most of the step there) and 2,048 about the same."""
+    from vramplan.catalog import resolve_gpu, resolve_model
+    from vramplan.estimate import architecture, estimate_plan
+    from vramplan.plan import Plan
+    from vramplan.stacks.vramplan import attention_kernel_of
+    from vramplan.throughput import predict_tokens_per_s
+
+    gemma = architecture(resolve_model("gemma-4-e2b-text"))
+    sliding = [layer for layer in gemma.layers if layer.attention == "sliding"]
+    plan = Plan(model="gemma-4-e2b-text", seq_len=8192)
+    h100 = resolve_gpu("h100")
+    with switches.forced(sliding_band_attention=True):
+        assert {attention_kernel_of(layer, plan) for layer in sliding} == {"chunked_fused"}
+        assert {attention_kernel_of(layer, plan.replace(cuda_graphs=False)) for layer in sliding} == {"flash"}
+        assert {attention_kernel_of(layer, plan.replace(stack="hf")) for layer in sliding} == {"flash"}
+        assert {attention_kernel_of(layer, plan.replace(seq_len=512)) for layer in sliding} == {"flash"}
+        notes = estimate_plan(plan, resolve_model("gemma-4-e2b-text")).notes
+        band = predict_tokens_per_s(gemma, plan, h100)
+        band_2048 = predict_tokens_per_s(gemma, plan.replace(seq_len=2048), h100)
+    assert any("28 sliding-window layers" in n and "VRAMPLAN_DISABLE=sliding_band_attention" in n for n in notes)
+    with switches.forced(sliding_band_attention=False):
+        assert {attention_kernel_of(layer, plan) for layer in sliding} == {"flash"}
+        masked = predict_tokens_per_s(gemma, plan, h100)
+        masked_2048 = predict_tokens_per_s(gemma, plan.replace(seq_len=2048), h100)
+    assert band > 1.3 * masked
+    assert 0.9 < band_2048 / masked_2048 < 1.1
