@@ -327,6 +327,11 @@ def test_held_out_error_on_the_committed_measurements():
     assert sweep["count"] == 13 and sweep["mean_abs_error"] < 0.12
     # session 13's campaign of the trainer with session 12's defaults (prefetched once, Gemma 4's Triton RoPE when
     # captured), priced by the commit that ran it: 4.3% mean, all 7 within 15% (max +7.5%)
+    # session 14: the fused attention rows' A/B (their efficiency read off it: no clean hold-out for speed) and the
+    # campaign with them on, Gemma-4-E2B at 1,024-8,192 tokens and E4B at 2,048 and 4,096: 6.6% mean, 5 of 5 in 15%
+    assert result["held_out_by_group"]["session14_ab"]["within_15_percent"] == 2
+    campaign14 = result["held_out_by_group"]["session14"]
+    assert campaign14["count"] == 5 and campaign14["within_15_percent"] == 5 and campaign14["mean_abs_error"] < 0.08
     campaign13 = result["held_out_by_group"]["session13"]
     assert campaign13["count"] == 7 and campaign13["within_15_percent"] == 7 and campaign13["mean_abs_error"] < 0.05
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
