@@ -44,17 +44,20 @@ def chunked_attention_chunk_rows(batch: int, heads: int, seq: int, window: int =
     return min(seq, max(16, CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * seq)))
 
 
-def _chunk_key_ranges(seq: int, rows: int, window: int = 0):
-    """(queries, keys read) of each chunk: a causal chunk reads up to its last query, under a ``window`` from
-    ``window - 1`` keys before its first (vramplan.train.attention's ``_chunks``)."""
-    for start in range(0, seq, rows):
-        stop = min(seq, start + rows)
-        yield stop - start, stop - (max(0, start - window + 1) if window else 0)
+def chunked_attention_chunks(queries: int, keys: int, chunk: int, causal: bool = True, window: int = 0):
+    """(start, stop, first key, keys end) of each chunk of queries in the chunked attention (vramplan.train.attention
+    walks these): a causal chunk reads the keys up to its last query, under a sliding ``window`` only from
+    ``window - 1`` keys before its first query; any other chunk reads every key."""
+    for start in range(0, queries, chunk):
+        stop = min(queries, start + chunk)
+        first = max(0, start - window + 1) if causal and window else 0
+        yield start, stop, first, (min(keys, stop) if causal else keys)
 
 
 def chunked_attention_keys_per_query(seq: int, rows: int, window: int = 0) -> float:
     """Mean keys a query's chunk computes under the causal (and ``window``) mask."""
-    return sum(queries * keys for queries, keys in _chunk_key_ranges(seq, rows, window)) / seq
+    return sum((stop - start) * (upto - first)
+               for start, stop, first, upto in chunked_attention_chunks(seq, seq, rows, True, window)) / seq
 
 
 def chunked_attention_workspace_bytes(layer, batch: int, seq: int, fused: bool = False) -> int:
@@ -63,7 +66,7 @@ def chunked_attention_workspace_bytes(layer, batch: int, seq: int, fused: bool =
     (the chunk that reads the most keys: every key, or under a sliding window at most rows + window − 1)."""
     window = sliding_window_of(layer, seq)
     rows = chunked_attention_chunk_rows(batch, layer.heads, seq, window)
-    keys = max(keys for _, keys in _chunk_key_ranges(seq, rows, window))
+    keys = max(upto - first for _, _, first, upto in chunked_attention_chunks(seq, seq, rows, True, window))
     chunks = CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS if fused else CHUNKED_ATTENTION_PEAK_CHUNKS
     return int(chunks * batch * layer.heads * rows * keys * 4)
 

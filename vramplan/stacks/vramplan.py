@@ -26,8 +26,7 @@
 from __future__ import annotations
 
 from vramplan.memory.activations import (CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, ActivationRecipe,
-                                         sliding_window_of,
-                                         activation_bytes, model_level_activations)
+                                         activation_bytes, model_level_activations, sliding_window_of)
 from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
                                       trainable_params)
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
@@ -100,8 +99,9 @@ def step_memory(arch, plan) -> StepMemory:
     managed = managed_optimizer_bytes(arch, plan)
     optim = {"optimizer_states": optimizer_state_bytes(trainable, optimizer, master_weights=lora_bytes == 2) - managed}
 
+    captured = graphs_apply(arch, plan)
     recipe = ActivationRecipe(
-        act_bytes=ACT, kernel=lambda layer: attention_kernel_of(layer, plan, graphs_apply(arch, plan)), fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
+        act_bytes=ACT, kernel=lambda layer: attention_kernel_of(layer, plan, captured), fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
         lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"),
         mlp_tiles=plan.mlp_tiles)
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
@@ -126,7 +126,7 @@ def step_memory(arch, plan) -> StepMemory:
 
     # buffers made on a step's first matmuls and kept: cuBLAS workspaces, the NF4 dequantization buffer
     step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
-    if graphs_apply(arch, plan):
+    if captured:
         step_buffers["cuda_graphs"] = cuda_graph_bytes()
         if lora_bytes == 4:
             step_buffers["lora_compute_copies"] = captured_adapter_copy_bytes(trainable)
@@ -138,8 +138,7 @@ def step_memory(arch, plan) -> StepMemory:
         step_buffers["expert_dequant_buffers"] = expert_dequant_buffer_bytes(arch)
     static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
-                                               trainable, captured=graphs_apply(arch, plan))
-    captured = graphs_apply(arch, plan)
+                                               trainable, captured=captured)
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan, captured).startswith("chunked")]
     wide = [layer for layer in chunked if layer.head_dim > FLASH_MAX_HEAD_DIM]
     banded = [layer for layer in chunked if layer.head_dim <= FLASH_MAX_HEAD_DIM]

@@ -27,7 +27,7 @@ from typing import Callable
 
 import torch
 
-from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows
+from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows, chunked_attention_chunks
 from vramplan.train import switches
 from vramplan_kernels.attention_rows import softmax_grad_rows, softmax_rows
 from vramplan_kernels.dispatch import use_triton
@@ -86,7 +86,7 @@ def _masked(scores: torch.Tensor, mask: torch.Tensor | None, causal: bool, first
 
 def _chunk_mask(mask: torch.Tensor | None, groups: int, start: int, stop: int, keys: int) -> torch.Tensor | None:
     """The mask rows of queries start..stop, broadcast like the grouped scores [b, kv heads, groups * rows, keys]
-    (a mask reads every key from the first: only causal chunks start later, :func:`_chunks`)."""
+    (a mask reads every key from the first: only causal chunks start later, ``chunked_attention_chunks``)."""
     if mask is None:
         return None
     rows = mask[..., start:stop, :keys]  # [b or 1, heads or 1, rows, keys]
@@ -94,15 +94,6 @@ def _chunk_mask(mask: torch.Tensor | None, groups: int, start: int, stop: int, k
     if h == 1:
         return rows.unsqueeze(2).expand(b, 1, groups, stop - start, keys).reshape(b, 1, groups * (stop - start), keys)
     return rows.reshape(b, h // groups, groups * (stop - start), keys)
-
-
-def _chunks(queries: int, keys: int, chunk: int, causal: bool, window: int = 0):
-    """(start, stop, first key, keys end) of each chunk of queries: a causal chunk reads the keys up to its last
-    query, and with a sliding ``window`` only from ``window - 1`` keys before its first query."""
-    for start in range(0, queries, chunk):
-        stop = min(queries, start + chunk)
-        first = max(0, start - window + 1) if causal and window else 0
-        yield start, stop, first, (min(keys, stop) if causal else keys)
 
 
 def _probabilities(scores, lse, scale, mask, groups, start, stop, first, upto, causal, window) -> torch.Tensor:
@@ -128,7 +119,7 @@ class ChunkedAttention(torch.autograd.Function):
         out = torch.empty(b, h_kv, g, s, v.shape[-1], dtype=q.dtype, device=q.device)
         lse = torch.empty(b, h_kv, g, s, dtype=_accumulator(q), device=q.device)
         fused = causal and fused_rows_apply(q)
-        for start, stop, first, upto in _chunks(s, keys, chunk, causal, window):
+        for start, stop, first, upto in chunked_attention_chunks(s, keys, chunk, causal, window):
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, g * (stop - start), d)
             scores = scores_fp32(qc, k[:, :, first:upto].transpose(-1, -2))
             if fused:  # scale, mask, log-sum-exp and the bf16 probabilities in one Triton pass
@@ -155,7 +146,7 @@ class ChunkedAttention(torch.autograd.Function):
         grad_q = torch.empty_like(q).view(b, h_kv, g, s, d)
         grad_k = torch.zeros(k.shape, dtype=_accumulator(k), device=k.device)
         grad_v = torch.zeros(v.shape, dtype=_accumulator(v), device=v.device)
-        for start, stop, first, upto in _chunks(s, keys, chunk, causal, window):
+        for start, stop, first, upto in chunked_attention_chunks(s, keys, chunk, causal, window):
             rows = g * (stop - start)
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, rows, d)
             doc = do5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)
