@@ -109,6 +109,45 @@ def test_gemma4_sliding_layers_through_the_band(gemma4_folder, monkeypatch, grad
             torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.parametrize("packed", [False, True])
+def test_eager_steps_leave_the_sliding_mask_to_the_band(gemma4_folder, monkeypatch, packed):
+    """The trainer's eager step (``accumulate_gradients``) with the switch on: unpadded, unpacked rows leave
+    transformers' sliding mask out and run the band, with the loss and gradients of the same step under the mask;
+    packed rows keep transformers' mask (it never offers the skip there) and run SDPA."""
+    from transformers import AutoModelForCausalLM
+
+    from vramplan.train.loss import accumulate_gradients
+
+    ids = torch.tensor([[2, 12, 30, 25, 9, 40, 33, 12, 30, 18, 21, 14, 9, 3, 7, 22, 17, 40, 11, 10]])
+    positions = torch.arange(20)[None].clone()
+    if packed:
+        positions[0, 12:] = torch.arange(8)
+    labels = ids.roll(-1, dims=1)
+    labels[0, -1] = -100
+    batch = {"input_ids": ids, "labels": labels, "position_ids": positions}
+
+    def step():
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_pretrained(gemma4_folder, dtype=torch.float32, attn_implementation="sdpa").train()
+        loss, _ = accumulate_gradients(model, [batch])
+        return loss, [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    reference = step()
+    windows = []
+    original_apply = attention.ChunkedAttention.apply
+    monkeypatch.setattr(attention.ChunkedAttention, "apply", lambda *a: windows.append(a[7]) or original_apply(*a))
+    try:
+        with switches.forced(sliding_band_attention=True):
+            attention.install(min_head_dim=32, bands=True)
+            ours = step()
+    finally:
+        attention.uninstall()
+    assert (8 in windows) != packed
+    torch.testing.assert_close(ours[0], reference[0], rtol=1e-5, atol=1e-5)
+    for a, b in zip(ours[1], reference[1]):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
 def test_masks_stay_without_the_switch(gemma4_folder):
     """Switch off, the captured step's sliding layers keep transformers' mask: no call is left to apply a window."""
     from vramplan.train.graphs import packing_decided
@@ -160,9 +199,9 @@ def test_the_benchmark_cases_time_the_same_function():
 
 
 def test_the_planner_prices_the_band_where_the_trainer_runs_it():
-    """Switch on, Gemma-4-E2B's 28 sliding layers run the band in captured steps at rows longer than the window, not
-    eager (transformers' mask stays) nor on the hf stack; the estimate says so; the speed model prices 8,192 tokens
-    faster (the masked square's attention is most of the step there) and 2,048 about the same."""
+    """Switch on, Gemma-4-E2B's 28 sliding layers run the band at rows longer than the window, captured or eager, not on
+    the hf stack; the estimate says so; the speed model prices 8,192 tokens faster (the masked square's attention is
+    most of the step there) and 2,048 about the same."""
     from vramplan.catalog import resolve_gpu, resolve_model
     from vramplan.estimate import architecture, estimate_plan
     from vramplan.plan import Plan
@@ -175,7 +214,7 @@ def test_the_planner_prices_the_band_where_the_trainer_runs_it():
     h100 = resolve_gpu("h100")
     with switches.forced(sliding_band_attention=True):
         assert {attention_kernel_of(layer, plan) for layer in sliding} == {"chunked_fused"}
-        assert {attention_kernel_of(layer, plan.replace(cuda_graphs=False)) for layer in sliding} == {"flash"}
+        assert {attention_kernel_of(layer, plan.replace(cuda_graphs=False)) for layer in sliding} == {"chunked_fused"}
         assert {attention_kernel_of(layer, plan.replace(stack="hf")) for layer in sliding} == {"flash"}
         assert {attention_kernel_of(layer, plan.replace(seq_len=512)) for layer in sliding} == {"flash"}
         notes = estimate_plan(plan, resolve_model("gemma-4-e2b-text")).notes
@@ -191,10 +230,10 @@ def test_the_planner_prices_the_band_where_the_trainer_runs_it():
 
 
 @pytest.mark.gpu
-def test_captured_gemma4_steps_through_the_band_train_like_eager_steps(tmp_path, monkeypatch):
-    """Switch on, a tiny Gemma 4 (window 8) trained through captured graphs: its unpacked 24-token rows run the sliding
-    layers over the band, its packed 16-token rows keep transformers' mask. Against the same steps eager (every sliding
-    layer under the mask) the losses and the adapters agree after six optimizer steps, and the band ran."""
+def test_gemma4_steps_through_the_band_train_like_steps_under_the_mask(tmp_path, monkeypatch):
+    """A tiny Gemma 4 (window 8) trained six optimizer steps on unpacked 24-token and packed 16-token rows: eager with
+    the switch off (every sliding layer under transformers' mask), then with it on eagerly and through captured
+    graphs (the unpacked rows' sliding layers over the band). The losses and the adapters agree, and the band ran."""
     from vramplan.plan import Plan
     from vramplan.train.graphs import StepGraphs
     from vramplan.train.loss import accumulate_gradients
@@ -220,8 +259,8 @@ def test_captured_gemma4_steps_through_the_band_train_like_eager_steps(tmp_path,
     monkeypatch.setattr(attention.ChunkedAttention, "apply", lambda *a: windows.append(a[7]) or original_apply(*a))
     results = []
     try:
-        with switches.forced(sliding_band_attention=True):
-            for use_graphs in (False, True):
+        for band, use_graphs in ((False, False), (True, False), (True, True)):
+            with switches.forced(sliding_band_attention=band):
                 torch.manual_seed(0)
                 model, _ = load_for_training(folder, plan, torch.device("cuda"))
                 params = lora_parameters(model)
@@ -233,12 +272,12 @@ def test_captured_gemma4_steps_through_the_band_train_like_eager_steps(tmp_path,
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=graphs is None)
                 results.append((losses, [p.detach().float().cpu() for p in params]))
-                if not use_graphs:
-                    assert 8 not in windows  # eager steps keep transformers' sliding mask
+                assert (8 in windows) == band
+            attention.uninstall()
     finally:
         attention.uninstall()
-    assert 8 in windows  # the captured unpacked rows ran the band
-    (eager_losses, eager_params), (graph_losses, graph_params) = results
-    torch.testing.assert_close(torch.tensor(graph_losses), torch.tensor(eager_losses), rtol=2e-3, atol=2e-3)
-    for got, want in zip(graph_params, eager_params):
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)
+    (masked_losses, masked_params), *banded = results
+    for losses, params in banded:
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(masked_losses), rtol=2e-3, atol=2e-3)
+        for got, want in zip(params, masked_params):
+            torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-3)

@@ -402,9 +402,9 @@ def attention_kernel(layer: Layer, masked: bool) -> AttentionKernel:
     return MASKED_FLASH_ATTENTION if masked else FLASH_ATTENTION
 
 
-def chunked_attention_efficiency(layer: Layer, plan: Plan, captured: bool | None = None) -> float:
+def chunked_attention_efficiency(layer: Layer, plan: Plan) -> float:
     """The fraction of the bf16 peak a layer's chunked attention runs at: its row passes fused or not."""
-    if attention_kernel_of(layer, plan, captured) == "chunked_fused":
+    if attention_kernel_of(layer, plan) == "chunked_fused":
         return CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY
     return CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY
 
@@ -420,16 +420,15 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
     trainer ran them (see :func:`_masked`; its wide heads at :data:`CAPTURED_WIDE_HEAD_ATTENTION_EFFICIENCY`)."""
     flash = wide = 0.0
     forwards = _attention_forwards(plan)
-    captured = graphs_apply(arch, plan)
     for layer in arch.layers:
         wide_heads = layer.head_dim > FLASH_MAX_HEAD_DIM
-        banded = not wide_heads and sliding_band_applies(layer, plan, captured)
+        banded = not wide_heads and sliding_band_applies(layer, plan)
         if (wide_heads and wide_heads_chunked(plan)) or banded:  # vramplan's chunked attention (over the band)
             window = sliding_window_of(layer, plan.seq_len) if banded else 0
             rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len, window)
             keys = chunked_attention_keys_per_query(plan.seq_len, rows, window)
             seconds_at_peak = ((forwards + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
-                               / chunked_attention_efficiency(layer, plan, captured))
+                               / chunked_attention_efficiency(layer, plan))
             if wide_heads:
                 wide += seconds_at_peak
             else:

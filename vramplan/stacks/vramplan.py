@@ -101,7 +101,7 @@ def step_memory(arch, plan) -> StepMemory:
 
     captured = graphs_apply(arch, plan)
     recipe = ActivationRecipe(
-        act_bytes=ACT, kernel=lambda layer: attention_kernel_of(layer, plan, captured), fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
+        act_bytes=ACT, kernel=lambda layer: attention_kernel_of(layer, plan), fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
         lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"),
         mlp_tiles=plan.mlp_tiles)
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
@@ -139,7 +139,7 @@ def step_memory(arch, plan) -> StepMemory:
     static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=captured)
-    chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan, captured).startswith("chunked")]
+    chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
     wide = [layer for layer in chunked if layer.head_dim > FLASH_MAX_HEAD_DIM]
     banded = [layer for layer in chunked if layer.head_dim <= FLASH_MAX_HEAD_DIM]
     if chunked:
@@ -247,21 +247,20 @@ def wide_heads_chunked(plan: Plan) -> bool:
     return plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("wide_head_attention")
 
 
-def sliding_band_applies(layer, plan: Plan, captured: bool | None = None) -> bool:
+def sliding_band_applies(layer, plan: Plan) -> bool:
     """Whether vramplan's trainer runs a sliding-window layer through its chunked attention over the window's band
-    (switch ``sliding_band_attention``): only in captured steps (``captured``, default the plan's own
-    ``captures_steps``), whose unpadded, unpacked rows let the trainer drop transformers' explicit mask
-    (vramplan.train.graphs.packing_decided), and only where the window is shorter than the row."""
+    (switch ``sliding_band_attention``): where the window is shorter than the row. Its steps leave transformers'
+    sliding mask out of unpadded, unpacked rows (vramplan.train.attention.sliding_masks_left_out, and
+    vramplan.train.graphs.packing_decided for captured steps); padded or packed rows keep it and run SDPA."""
     return (plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("sliding_band_attention")
-            and (plan.captures_steps if captured is None else captured) and sliding_window_of(layer, plan.seq_len) > 0)
+            and sliding_window_of(layer, plan.seq_len) > 0)
 
 
-def attention_kernel_of(layer, plan: Plan, captured: bool | None = None) -> str:
-    """The attention kernel a layer runs on in vramplan's trainer (``memory.activations.KERNELS``); ``captured``:
-    whether its steps replay as CUDA graphs (``graphs_apply``; default the plan's ``captures_steps``)."""
+def attention_kernel_of(layer, plan: Plan) -> str:
+    """The attention kernel a layer runs on in vramplan's trainer (``memory.activations.KERNELS``)."""
     if plan.attention == "eager":
         return "eager"
     wide = layer.head_dim > FLASH_MAX_HEAD_DIM and wide_heads_chunked(plan)
-    if not (wide or sliding_band_applies(layer, plan, captured)):
+    if not (wide or sliding_band_applies(layer, plan)):
         return "flash"
     return "chunked_fused" if switches.enabled("wide_head_fused_rows") else "chunked"

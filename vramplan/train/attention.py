@@ -22,6 +22,8 @@ cached decoding) goes to transformers' own function.
 
 from __future__ import annotations
 
+import contextlib
+import inspect
 import math
 from typing import Callable
 
@@ -222,8 +224,8 @@ def takes_chunked_path(query: torch.Tensor, key: torch.Tensor, value: torch.Tens
 
 def band_window(module, query: torch.Tensor, key: torch.Tensor, attention_mask, kwargs: dict) -> int:
     """The sliding window a call must apply itself: its layer's window (transformers' ``sliding_window`` argument, or
-    the module's) where the row is longer and no mask came, which only the trainer's captured steps arrange
-    (vramplan.train.graphs.packing_decided, when :func:`bands_sliding_windows`); 0 otherwise."""
+    the module's) where the row is longer and no mask came, which only the trainer's steps arrange
+    (:func:`sliding_masks_left_out`, vramplan.train.graphs.packing_decided); 0 otherwise."""
     if attention_mask is not None:
         return 0
     window = kwargs.get("sliding_window") or getattr(module, "sliding_window", None)
@@ -240,6 +242,35 @@ def bands_sliding_windows() -> bool:
 
     return _BANDS and switches.enabled("sliding_band_attention") and hasattr(
         AttentionInterface._global_mapping.get("sdpa"), "vramplan_original")
+
+
+@contextlib.contextmanager
+def sliding_masks_left_out():
+    """While a step's forward builds its masks: leave transformers' sliding-window mask out of unpadded rows whose
+    queries and keys align, where the installed sdpa function applies the windows itself (:func:`bands_sliding_windows`).
+    transformers never asks (``allow_is_causal_skip`` off) for packed rows, padded ones, or masks with any other
+    pattern (a vision block's bidirectional attention): those keep theirs. Captured steps decide the same in
+    vramplan.train.graphs.packing_decided, which also knows the packing without a host sync."""
+    if not bands_sliding_windows():
+        yield
+        return
+    from transformers import masking_utils
+
+    original = masking_utils._ignore_causal_mask_sdpa
+    signature = inspect.signature(original)
+
+    def skip_sliding_mask(*args, **kwargs):
+        given = signature.bind(*args, **kwargs).arguments
+        if (given.get("local_attention_size") is not None and given.get("padding_mask") is None
+                and given.get("q_length") == given.get("kv_length")):
+            return True
+        return original(*args, **kwargs)
+
+    masking_utils._ignore_causal_mask_sdpa = skip_sliding_mask
+    try:
+        yield
+    finally:
+        masking_utils._ignore_causal_mask_sdpa = original
 
 
 def with_wide_heads(original: Callable, min_head_dim: int = FLASH_MAX_HEAD_DIM + 1) -> Callable:

@@ -11,7 +11,7 @@ import torch
 from torch import nn
 
 from vramplan.stacks.vramplan import int8_vocab_major
-from vramplan.train import ops, patching
+from vramplan.train import attention, ops, patching
 
 
 def lm_head_of(model: nn.Module) -> nn.Linear:
@@ -84,13 +84,16 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     loss_sum = torch.zeros((), device=total_targets.device)
     for index, mb in enumerate(micro_batches):
         if graphs is not None and parallel is None:
-            loss = graphs.summed_loss(mb, denominator)
+            with attention.sliding_masks_left_out():  # its shapes' eager passes; captures decide in packing_decided
+                loss = graphs.summed_loss(mb, denominator)
         elif parallel is None:
-            loss, _ = summed_loss(model, mb)
+            with attention.sliding_masks_left_out():
+                loss, _ = summed_loss(model, mb)
             (loss / denominator).backward()
         else:
             with parallel.gradient_sync(last=index == len(micro_batches) - 1):
-                loss, _ = parallel.module(mb["input_ids"], mb["position_ids"], mb["labels"])
+                with attention.sliding_masks_left_out():
+                    loss, _ = parallel.module(mb["input_ids"], mb["position_ids"], mb["labels"])
                 (loss / denominator).backward()
         loss_sum += loss.detach()
     if parallel is not None:

@@ -173,13 +173,13 @@ def has_sliding_windows(model: nn.Module) -> bool:
 
 
 def apply_kernel_patches(model: nn.Module, captured: bool = False) -> list[str]:
-    """The module patches of ``KERNEL_PATCHES``, the RoPE function patch and, for heads wider than 256 (and, in
-    captured steps, sliding windows' bands), chunked attention in transformers' sdpa function
-    (``vramplan.train.attention``); return the replaced module paths.
+    """The module patches of ``KERNEL_PATCHES``, the RoPE function patch and, for heads wider than 256 (and sliding
+    windows' bands), chunked attention in transformers' sdpa function (``vramplan.train.attention``); return the
+    replaced module paths.
     ``captured``: the steps will replay as CUDA graphs, where Gemma 4's Triton RoPE pays (switch ``rope_gemma4``);
     eager, its per-call host work loses to transformers' RoPE."""
     patches = dict(KERNEL_PATCHES)
-    bands = captured and switches.enabled("sliding_band_attention") and has_sliding_windows(model)
+    bands = switches.enabled("sliding_band_attention") and has_sliding_windows(model)
     if bands or (switches.enabled("wide_head_attention") and has_wide_heads(model)):
         attention.install(bands=bands)
     if switches.enabled("rope"):

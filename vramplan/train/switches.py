@@ -54,7 +54,7 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: (benchmarks/results/session14/call1/trainer.jsonl): Gemma-4-E2B at 2,048 tokens 124.9 -> 114.5 ms a step (1.09x),
 #: the same process memory; the attention alone (kernel_cases/wide_attention.py) 1.70 -> 0.78 ms a layer.
 #: ``sliding_band_attention``: sliding-window layers (Gemma 2/3/4's local layers) whose window is shorter than the row,
-#: in captured steps, through the same chunked attention over the window's band (each chunk of queries reads the
+#: in unpadded, unpacked rows, through the same chunked attention over the window's band (each chunk of queries reads the
 #: keys from ``window - 1`` before its first query to its last), where SDPA gets an explicit mask and computes the
 #: whole square: the speed model prices Gemma-4-E2B's 28 sliding layers at 8,192 tokens at 310 ms of a 640 ms step.
 #: Off until a GPU A/B.

@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Ready for session 15 (one call, ~7 minutes): sliding-window layers through the chunked attention over their band
 # (switch sliding_band_attention, off: written in session 14, whose device time ran out on failed starts). Its GPU
-# tests (Gemma-4-E2B's sliding-layer shape; a tiny Gemma 4's captured steps through the band against eager steps), the sliding-attention kernel table (band with fused / PyTorch rows
-# against SDPA under transformers' band mask), and the trainer's A/B on Gemma-4-E2B at 8,192 tokens (off, on, off,
+# tests (Gemma-4-E2B's sliding-layer shape; a tiny Gemma 4's eager and captured steps through the band against
+# steps under the mask), the sliding-attention kernel table (band with fused / PyTorch rows against SDPA under
+# transformers' band mask), and the trainer's A/B on Gemma-4-E2B at 8,192 tokens (off, on, off,
 # on; fresh processes), then on at E2B 2,048 and 4,096 and E4B 4,096, to price the band (its efficiency is the
 # wide-head path's until then) and to choose the shortest row it pays at. Everything packed into one archive.
 export TRITON_CACHE_AUTOTUNING=1 STEPS=8
