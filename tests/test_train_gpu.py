@@ -6,7 +6,8 @@ import json
 import pytest
 import torch
 
-from train_fixtures import build_model, chat_records, gemma4_config, llama_config, write_jsonl
+from train_fixtures import (build_model, chat_records, gemma4_config, llama_config, unpacked_and_packed_steps,
+                            write_jsonl)
 from vramplan.plan import Plan
 from vramplan.train import patching
 from vramplan.train.model import load_for_training
@@ -73,18 +74,7 @@ def test_cuda_graph_steps_train_like_eager_steps(tmp_path, arch, flat):
 
     folder = build_model(llama_config() if arch == "llama" else gemma4_config(), tmp_path / arch)
     plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
-    generator = torch.Generator().manual_seed(0)
-
-    def micro_batch(width, packed):
-        ids = torch.randint(4, 300, (2, width), generator=generator)
-        positions = torch.arange(width).expand(2, -1).clone()
-        if packed:
-            positions[1, width // 2:] = torch.arange(width - width // 2)
-        labels = ids.roll(-1, dims=1)
-        labels[:, -1] = -100
-        return {"input_ids": ids.cuda(), "labels": labels.cuda(), "position_ids": positions.cuda()}
-
-    batches = [[micro_batch(24, False), micro_batch(16, True)]] * 6  # the same data each step: the loss must fall
+    batches = unpacked_and_packed_steps()  # the same data each step: the loss must fall
     results = []
     for use_graphs in (False, True):
         torch.manual_seed(0)  # the same random adapters (A) in both runs

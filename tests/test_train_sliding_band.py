@@ -5,7 +5,7 @@ sliding masks the captured step leaves out (vramplan.train.graphs.packing_decide
 import pytest
 import torch
 
-from train_fixtures import build_model, gemma4_config
+from train_fixtures import build_model, gemma4_config, unpacked_and_packed_steps
 from vramplan.memory.activations import chunked_attention_chunk_rows, chunked_attention_keys_per_query
 from vramplan.train import attention, switches
 from vramplan.train.attention import attention_reference, band_mask, chunked_attention
@@ -242,18 +242,7 @@ def test_gemma4_steps_through_the_band_train_like_steps_under_the_mask(tmp_path,
 
     folder = build_model(gemma4_config(), tmp_path / "gemma4")
     plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
-    generator = torch.Generator().manual_seed(0)
-
-    def micro_batch(width, packed):
-        ids = torch.randint(4, 300, (2, width), generator=generator)
-        positions = torch.arange(width).expand(2, -1).clone()
-        if packed:
-            positions[1, width // 2:] = torch.arange(width - width // 2)
-        labels = ids.roll(-1, dims=1)
-        labels[:, -1] = -100
-        return {"input_ids": ids.cuda(), "labels": labels.cuda(), "position_ids": positions.cuda()}
-
-    batches = [[micro_batch(24, False), micro_batch(16, True)]] * 6
+    batches = unpacked_and_packed_steps()  # the same data each step: the loss must fall
     windows = []
     original_apply = attention.ChunkedAttention.apply
     monkeypatch.setattr(attention.ChunkedAttention, "apply", lambda *a: windows.append(a[7]) or original_apply(*a))

@@ -94,6 +94,23 @@ def build_model(config: dict, folder: Path, seed: int = 0) -> Path:
     return folder
 
 
+def unpacked_and_packed_steps(steps: int = 6, seed: int = 0, device: str = "cuda") -> list[list[dict]]:
+    """``steps`` optimizer steps of the same two micro-batches (so the loss must fall): two unpacked rows of 24 tokens,
+    and two of 16 whose second packs two sequences (positions restart halfway)."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def micro_batch(width, packed):
+        ids = torch.randint(4, 300, (2, width), generator=generator)
+        positions = torch.arange(width).expand(2, -1).clone()
+        if packed:
+            positions[1, width // 2:] = torch.arange(width - width // 2)
+        labels = ids.roll(-1, dims=1)
+        labels[:, -1] = -100
+        return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}
+
+    return [[micro_batch(24, False), micro_batch(16, True)]] * steps
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
