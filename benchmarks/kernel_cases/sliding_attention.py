@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import torch
 
+from benchmarks.fwd_bwd import forward_backward
 from benchmarks.harness import Case
 from vramplan.train import switches
 from vramplan.train.attention import band_mask, chunked_attention
@@ -20,9 +21,8 @@ SHAPES = {
 
 
 def _step(fn, q, k, v, grad):
-    def run():
-        return torch.autograd.grad(fn(q, k, v), (q, k, v), grad)
-    return run
+    """The forward and backward of ``fn(q, k, v)`` as one zero-argument callable to time."""
+    return forward_backward(lambda: fn(q, k, v), (q, k, v), (grad,))
 
 
 def _band(fused: bool, window: int):
