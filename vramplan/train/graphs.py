@@ -108,13 +108,11 @@ def packing_decided(packed: bool):
     eager attention time on the H100 (benchmarks/results/session5/profile-graphs-*.txt). A graph
     replays one shape whose packing is part of its key, so ``is_causal`` is exactly right there;
     transformers 5.2x already skips the mask for an absent padding mask. Packed layers still get their masks, and
-    sliding-window layers too unless the installed sdpa function applies their windows itself
-    (``vramplan.train.attention.bands_sliding_windows``, switch ``sliding_band_attention``)."""
+    sliding-window layers too unless the installed sdpa function applies their windows itself: that rule is
+    ``vramplan.train.attention.sliding_masks_left_out``'s, which this context opens underneath its own."""
     from transformers import masking_utils
 
     original = masking_utils.find_packed_sequence_indices
-    original_skip = masking_utils._ignore_causal_mask_sdpa
-    signature = inspect.signature(original_skip)
 
     def known(position_ids):
         if not packed:
@@ -122,21 +120,25 @@ def packing_decided(packed: bool):
         first = position_ids[:, :1] - 1
         return (torch.diff(position_ids, prepend=first, dim=-1) != 1).cumsum(-1)
 
-    def skip_causal_mask(*args, **kwargs):
-        given = signature.bind(*args, **kwargs).arguments
-        local = given.get("local_attention_size")
-        if (not packed and given.get("padding_mask") is None and given.get("q_length") == given.get("kv_length")
-                and (local is None or given.get("kv_length", 0) < local or attention.bands_sliding_windows())):
-            return True
-        return original_skip(*args, **kwargs)
+    with attention.sliding_masks_left_out():
+        original_skip = masking_utils._ignore_causal_mask_sdpa
+        signature = inspect.signature(original_skip)
 
-    masking_utils.find_packed_sequence_indices = known
-    masking_utils._ignore_causal_mask_sdpa = skip_causal_mask
-    try:
-        yield
-    finally:
-        masking_utils.find_packed_sequence_indices = original
-        masking_utils._ignore_causal_mask_sdpa = original_skip
+        def skip_causal_mask(*args, **kwargs):
+            given = signature.bind(*args, **kwargs).arguments
+            local = given.get("local_attention_size")
+            if (not packed and given.get("padding_mask") is None and given.get("q_length") == given.get("kv_length")
+                    and (local is None or given.get("kv_length", 0) < local)):
+                return True
+            return original_skip(*args, **kwargs)
+
+        masking_utils.find_packed_sequence_indices = known
+        masking_utils._ignore_causal_mask_sdpa = skip_causal_mask
+        try:
+            yield
+        finally:
+            masking_utils.find_packed_sequence_indices = original
+            masking_utils._ignore_causal_mask_sdpa = original_skip
 
 
 @contextlib.contextmanager
