@@ -77,8 +77,8 @@ from vramplan.memory.activations import (FLASH_MAX_HEAD_DIM, chunked_attention_c
 from vramplan.memory.adapters import paged_tensors
 from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
-from vramplan.stacks.vramplan import (attention_kernel_of, flat_step_applies, graphs_apply, int8_vocab_major,
-                                     sliding_band_applies, steps_fused, wide_heads_chunked)
+from vramplan.stacks.vramplan import (attention_kernel_of, band_window_of, flat_step_applies, graphs_apply,
+                                     int8_vocab_major, steps_fused, wide_heads_chunked)
 
 #: Effective host-to-device rate of a PCIe 4.0 x16 link (GB/s, of the 32 nominal).
 PCIE_BYTES_PER_S = 25e9
@@ -422,9 +422,8 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
     forwards = _attention_forwards(plan)
     for layer in arch.layers:
         wide_heads = layer.head_dim > FLASH_MAX_HEAD_DIM
-        banded = not wide_heads and sliding_band_applies(layer, plan)
-        if (wide_heads and wide_heads_chunked(plan)) or banded:  # vramplan's chunked attention (over the band)
-            window = sliding_window_of(layer, plan.seq_len) if banded else 0
+        window = band_window_of(layer, plan)
+        if (wide_heads and wide_heads_chunked(plan)) or window:  # vramplan's chunked attention (over the band)
             rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len, window)
             keys = chunked_attention_keys_per_query(plan.seq_len, rows, window)
             seconds_at_peak = ((forwards + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
@@ -814,8 +813,8 @@ def chunked_attention_host_ops(layer: Layer, plan: Plan) -> list[float]:
     kernel = attention_kernel_of(layer, plan)
     if not kernel.startswith("chunked"):
         return [0.0, 0.0, 0.0]
-    window = sliding_window_of(layer, plan.seq_len) if layer.head_dim <= FLASH_MAX_HEAD_DIM else 0
-    chunks = -(-plan.seq_len // chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len, window))
+    chunks = -(-plan.seq_len // chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len,
+                                                             band_window_of(layer, plan)))
     ops = HOST_OPS_CHUNKED_ATTENTION_FUSED if kernel == "chunked_fused" else HOST_OPS_CHUNKED_ATTENTION
     forward = ops["call"] + ops["forward_chunk"] * chunks
     return [forward, forward, ops["call"] + ops["backward_chunk"] * chunks]

@@ -60,11 +60,10 @@ def chunked_attention_keys_per_query(seq: int, rows: int, window: int = 0) -> fl
                for start, stop, first, upto in chunked_attention_chunks(seq, seq, rows, True, window)) / seq
 
 
-def chunked_attention_workspace_bytes(layer, batch: int, seq: int, fused: bool = False) -> int:
+def chunked_attention_workspace_bytes(layer, batch: int, seq: int, fused: bool = False, window: int = 0) -> int:
     """The chunked attention's transient buffers at a layer's backward: :data:`CHUNKED_ATTENTION_PEAK_CHUNKS` (or, with
     ``fused`` row passes, :data:`CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS`) score chunks of b·heads·rows·keys fp32 values
-    (the chunk that reads the most keys: every key, or under a sliding window at most rows + window − 1)."""
-    window = sliding_window_of(layer, seq)
+    (the chunk that reads the most keys: every key, or over a sliding ``window``'s band at most rows + window − 1)."""
     rows = chunked_attention_chunk_rows(batch, layer.heads, seq, window)
     keys = max(upto - first for _, _, first, upto in chunked_attention_chunks(seq, seq, rows, True, window))
     chunks = CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS if fused else CHUNKED_ATTENTION_PEAK_CHUNKS
@@ -189,6 +188,7 @@ class ActivationRecipe:
     lora_inner_bytes: int = 4  # dtype of the r-wide product x·A that B saves
     four_norms: bool = False
     mlp_tiles: int = 1  # >1: the dense gated MLP runs over the tokens in tiles (kernels/glu.py TiledMLPFunction)
+    band_window: Callable[[Any], int] = lambda layer: 0  # the sliding window a layer's chunked attention bands, or 0
 
 
 def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: ActivationRecipe,
@@ -220,7 +220,8 @@ def activation_bytes(arch, batch: int, seq: int, checkpointing: str, recipe: Act
         mlp = tokens * (mlp_saved_bytes_per_token(layer, h, a, fused_glu=recipe.fused_glu,
                                                   four_norms=recipe.four_norms) + lora_mlp)
         scores = attention_scores_bytes(layer, batch, seq, a) if kernel in ("math", "eager") else 0
-        workspace = chunked_attention_workspace_bytes(layer, batch, seq, fused=kernel == "chunked_fused") \
+        workspace = chunked_attention_workspace_bytes(layer, batch, seq, fused=kernel == "chunked_fused",
+                                                      window=recipe.band_window(layer)) \
             if kernel.startswith("chunked") else 0
         mlp_grads = tokens * mlp_backward_transient_bytes_per_token(layer, a, inplace_glu_backward=recipe.inplace_glu_backward)
         if recipe.mlp_tiles > 1 and layer.mlp_intermediate and not layer.experts:

@@ -103,7 +103,7 @@ def step_memory(arch, plan) -> StepMemory:
     recipe = ActivationRecipe(
         act_bytes=ACT, kernel=lambda layer: attention_kernel_of(layer, plan), fused_glu=True, inplace_glu_backward=True, lora_rank=plan.lora_rank,
         lora_targets=plan.lora_targets, lora_inner_bytes=ACT, four_norms=arch.model_type.startswith("gemma"),
-        mlp_tiles=plan.mlp_tiles)
+        mlp_tiles=plan.mlp_tiles, band_window=lambda layer: band_window_of(layer, plan))
     kept = OFFLOAD_LAYERS_ON_GPU if plan.checkpointing == "offload" else None
     persistent, layer_set = activation_bytes(arch, b, s, plan.checkpointing, recipe, layers_kept=kept)
     model_level = model_level_activations(arch, tokens, ACT, per_layer_copies=2)
@@ -141,7 +141,7 @@ def step_memory(arch, plan) -> StepMemory:
                                                trainable, captured=captured)
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
     wide = [layer for layer in chunked if layer.head_dim > FLASH_MAX_HEAD_DIM]
-    banded = [layer for layer in chunked if layer.head_dim <= FLASH_MAX_HEAD_DIM]
+    banded = [layer for layer in chunked if band_window_of(layer, plan)]
     if chunked:
         # its chunks' score buffers come in as many sizes as chunks (each reads the keys up to its last query): the
         # allocator keeps them apart, about one chunk's budget beyond the peak (session 13's A/B on the H100:
@@ -254,6 +254,12 @@ def sliding_band_applies(layer, plan: Plan) -> bool:
     vramplan.train.graphs.packing_decided for captured steps); padded or packed rows keep it and run SDPA."""
     return (plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("sliding_band_attention")
             and sliding_window_of(layer, plan.seq_len) > 0)
+
+
+def band_window_of(layer, plan: Plan) -> int:
+    """The sliding window a layer's chunked attention bands (:func:`sliding_band_applies`), else 0: what the planner's
+    memory, speed and notes all read."""
+    return sliding_window_of(layer, plan.seq_len) if sliding_band_applies(layer, plan) else 0
 
 
 def attention_kernel_of(layer, plan: Plan) -> str:
