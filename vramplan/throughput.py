@@ -370,15 +370,10 @@ def factors_for(stack: str, profiles: str | Path | None = None) -> Factors:
 # ------------------------------------------------------------------ work per step
 
 
-def _window(layer: Layer, seq: int) -> int | None:
-    """The layer's sliding window where it is shorter than the sequence, else None."""
-    return sliding_window_of(layer, seq) or None
-
-
 def _keys_per_query(layer: Layer, seq: int) -> float:
     """Mean keys a causal query attends to: s/2 on full layers, about the window on sliding ones."""
-    window = _window(layer, seq)
-    if window is None:
+    window = sliding_window_of(layer, seq)
+    if not window:
         return (seq + 1) / 2
     return window - window * window / (2 * seq)
 
@@ -390,7 +385,7 @@ def _masked(layer: Layer, plan: Plan, arch: Architecture, masked_captures: bool 
     captured its steps under transformers 5.17's explicit mask (benchmarks/results/session5/profile-graphs-*.txt);
     since ``vramplan.train.graphs.packing_decided`` keeps SDPA's causal kernel in an unpacked capture, the
     trainer's captured steps compute the causal half as its eager ones do (the default here)."""
-    return _window(layer, plan.seq_len) is not None or (masked_captures and graphs_apply(arch, plan))
+    return sliding_window_of(layer, plan.seq_len) > 0 or (masked_captures and graphs_apply(arch, plan))
 
 
 def attention_kernel(layer: Layer, masked: bool) -> AttentionKernel:
