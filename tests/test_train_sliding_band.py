@@ -5,22 +5,12 @@ sliding masks the captured step leaves out (vramplan.train.graphs.packing_decide
 import pytest
 import torch
 
-from train_fixtures import build_model, gemma4_config, unpacked_and_packed_steps
+from train_fixtures import (attention_grads, attention_inputs, build_model, gemma4_config,
+                            unpacked_and_packed_steps)
 from vramplan.memory.activations import chunked_attention_chunk_rows, chunked_attention_keys_per_query
 from vramplan.train import attention, switches
 from vramplan.train.attention import attention_reference, band_mask, chunked_attention
 from vramplan_kernels.dispatch import kernel_mode
-
-
-def _inputs(b=2, h=4, h_kv=2, s=23, d=8, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    return tuple(torch.randn(b, n, s, d, dtype=torch.float64, generator=g).requires_grad_() for n in (h, h_kv, h_kv))
-
-
-def _grads(fn, q, k, v):
-    out = fn(q, k, v)
-    grad = torch.randn(out.shape, dtype=torch.float64, generator=torch.Generator().manual_seed(1)).to(out.dtype)
-    return (out, *torch.autograd.grad(out, (q, k, v), grad))
 
 
 def test_the_band_mask_is_transformers_sliding_window():
@@ -33,9 +23,9 @@ def test_the_band_mask_is_transformers_sliding_window():
 @pytest.mark.parametrize("window,chunk", [(4, 4), (4, 3), (4, 9), (7, 5), (1, 6), (22, 5)])
 @pytest.mark.parametrize("h_kv", [2, 1])
 def test_band_equals_the_masked_square(window, chunk, h_kv):
-    q, k, v = _inputs(h_kv=h_kv)
-    ours = _grads(lambda *t: chunked_attention(*t, scale=0.7, causal=True, chunk=chunk, window=window), q, k, v)
-    ref = _grads(lambda *t: attention_reference(*t, scale=0.7, causal=True, window=window), q, k, v)
+    q, k, v = attention_inputs(h_kv=h_kv, s=23)
+    ours = attention_grads(lambda *t: chunked_attention(*t, scale=0.7, causal=True, chunk=chunk, window=window), q, k, v)
+    ref = attention_grads(lambda *t: attention_reference(*t, scale=0.7, causal=True, window=window), q, k, v)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -43,10 +33,10 @@ def test_band_equals_the_masked_square(window, chunk, h_kv):
 @pytest.mark.parametrize("window,chunk", [(5, 5), (5, 3), (8, 11)])
 def test_band_with_the_fused_rows(window, chunk):
     """The Triton row passes (interpreter) mask the band as the PyTorch passes do."""
-    q, k, v = (t.detach().float().requires_grad_() for t in _inputs(s=19))
+    q, k, v = (t.detach().float().requires_grad_() for t in attention_inputs(s=19))
     with kernel_mode("triton"), switches.forced(wide_head_fused_rows=True):
-        ours = _grads(lambda *t: chunked_attention(*t, scale=0.7, causal=True, chunk=chunk, window=window), q, k, v)
-    ref = _grads(lambda *t: attention_reference(*t, scale=0.7, causal=True, window=window), q, k, v)
+        ours = attention_grads(lambda *t: chunked_attention(*t, scale=0.7, causal=True, chunk=chunk, window=window), q, k, v)
+    ref = attention_grads(lambda *t: attention_reference(*t, scale=0.7, causal=True, window=window), q, k, v)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
 
@@ -174,10 +164,10 @@ def test_gemma4_e2b_sliding_layer_shape_on_the_gpu(seq, fused):
     q, k, v = (torch.randn(s, device="cuda", dtype=torch.bfloat16).mul(0.5).requires_grad_() for s in shapes)
     mask = band_mask(seq, 512, "cuda")[None, None]
     with switches.forced(wide_head_fused_rows=fused):
-        ours = _grads(lambda *t: chunked_attention(*t, scale=1.0, causal=True, window=512), q, k, v)
-    sdpa = _grads(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+        ours = attention_grads(lambda *t: chunked_attention(*t, scale=1.0, causal=True, window=512), q, k, v)
+    sdpa = attention_grads(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
         a, b, c, attn_mask=mask, scale=1.0, enable_gqa=True), q, k, v)
-    exact = _grads(lambda *t: attention_reference(*(x.double() for x in t), scale=1.0, causal=True,
+    exact = attention_grads(lambda *t: attention_reference(*(x.double() for x in t), scale=1.0, causal=True,
                                                   window=512).to(torch.bfloat16), q, k, v)
     for a, s, e in zip(ours, sdpa, exact):
         ours_err = (a.double() - e.double()).norm() / e.double().norm()

@@ -4,32 +4,18 @@ softmax attention over the whole square, its gradients, and Gemma 4's training s
 import pytest
 import torch
 
-from train_fixtures import build_model, gemma4_config
+from train_fixtures import attention_grads, attention_inputs, build_model, gemma4_config
 from vramplan.train import attention, switches
 from vramplan.memory.activations import CHUNKED_ATTENTION_SCORE_BYTES, chunked_attention_chunk_rows
 from vramplan.train.attention import attention_reference, chunked_attention
 
 
-def _inputs(b=2, h=4, h_kv=2, s=13, d=8, dtype=torch.float64, device="cpu", seed=0):
-    g = torch.Generator(device=device).manual_seed(seed)
-    q, k, v = (torch.randn(b, n, s, d, dtype=dtype, device=device, generator=g).requires_grad_()
-               for n in (h, h_kv, h_kv))
-    return q, k, v
-
-
-def _grads(fn, q, k, v, seed=1):
-    out = fn(q, k, v)
-    grad = torch.randn(out.shape, dtype=torch.float64, device=out.device,
-                       generator=torch.Generator(out.device.type).manual_seed(seed)).to(out.dtype)  # same values any dtype
-    return (out, *torch.autograd.grad(out, (q, k, v), grad))
-
-
 @pytest.mark.parametrize("h_kv", [4, 2, 1])
 @pytest.mark.parametrize("chunk", [1, 5, 13, 64])
 def test_causal_equals_the_whole_square(h_kv, chunk):
-    q, k, v = _inputs(h_kv=h_kv)
-    ours = _grads(lambda *t: chunked_attention(*t, scale=0.7, causal=True, chunk=chunk), q, k, v)
-    ref = _grads(lambda *t: attention_reference(*t, scale=0.7, causal=True), q, k, v)
+    q, k, v = attention_inputs(h_kv=h_kv)
+    ours = attention_grads(lambda *t: chunked_attention(*t, scale=0.7, causal=True, chunk=chunk), q, k, v)
+    ref = attention_grads(lambda *t: attention_reference(*t, scale=0.7, causal=True), q, k, v)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-10)
 
@@ -37,39 +23,39 @@ def test_causal_equals_the_whole_square(h_kv, chunk):
 @pytest.mark.parametrize("kind", ["bool", "additive", "per-head bool"])
 def test_masks_as_sdpa_takes_them(kind):
     """transformers hands SDPA a boolean mask (True attends) or an additive one, [b, 1, q, k] or per head."""
-    q, k, v = _inputs(s=11)
+    q, k, v = attention_inputs(s=11)
     g = torch.Generator().manual_seed(3)
     heads = 4 if kind == "per-head bool" else 1
     keep = torch.rand(2, heads, 11, 11, generator=g) > 0.4
     keep |= torch.eye(11, dtype=torch.bool)  # every query attends somewhere
     mask = keep if kind != "additive" else torch.where(keep, 0.0, -1e4).double() + torch.rand(2, 1, 11, 11, generator=g).double()
-    ours = _grads(lambda *t: chunked_attention(*t, mask=mask, chunk=4), q, k, v)
-    ref = _grads(lambda *t: attention_reference(*t, mask=mask), q, k, v)
+    ours = attention_grads(lambda *t: chunked_attention(*t, mask=mask, chunk=4), q, k, v)
+    ref = attention_grads(lambda *t: attention_reference(*t, mask=mask), q, k, v)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-9)
 
 
 def test_gradcheck():
-    q, k, v = _inputs(b=1, h=2, h_kv=1, s=6, d=4)
+    q, k, v = attention_inputs(b=1, h=2, h_kv=1, s=6, d=4)
     assert torch.autograd.gradcheck(lambda *t: chunked_attention(*t, causal=True, chunk=4), (q, k, v))
 
 
 def test_a_fully_masked_query_gives_zeros_not_nans():
-    q, k, v = _inputs(b=1, h=2, h_kv=2, s=5)
+    q, k, v = attention_inputs(b=1, h=2, h_kv=2, s=5)
     mask = torch.ones(1, 1, 5, 5, dtype=torch.bool)
     mask[..., 2, :] = False
-    out, dq, dk, dv = _grads(lambda *t: chunked_attention(*t, mask=mask, chunk=2), q, k, v)
+    out, dq, dk, dv = attention_grads(lambda *t: chunked_attention(*t, mask=mask, chunk=2), q, k, v)
     assert torch.all(out[:, :, 2] == 0) and all(torch.isfinite(t).all() for t in (out, dq, dk, dv))
 
 
 def test_bf16_inputs_keep_fp32_scores():
     """bf16 q/k/v (the trainer's dtype): within bf16 rounding of the float64 function, logits of Gemma's size."""
-    q, k, v = (t.detach() for t in _inputs(s=32, d=64, seed=4))
+    q, k, v = (t.detach() for t in attention_inputs(s=32, d=64, seed=4))
     q = q * 0.6  # unscaled dot products of ~±5-20, as Gemma 4's normed q and k give with scale 1
     low = [t.bfloat16().requires_grad_() for t in (q, k, v)]
     exact = [t.detach().double().requires_grad_() for t in low]  # the same bf16 inputs, computed in float64
-    ref = _grads(lambda *t: attention_reference(*t, scale=1.0, causal=True), *exact)
-    ours = _grads(lambda *t: chunked_attention(*t, scale=1.0, causal=True, chunk=8), *low)
+    ref = attention_grads(lambda *t: attention_reference(*t, scale=1.0, causal=True), *exact)
+    ours = attention_grads(lambda *t: chunked_attention(*t, scale=1.0, causal=True, chunk=8), *low)
     for a, b in zip(ours, ref):
         assert (a.double() - b).norm() <= 0.02 * b.norm()
 
@@ -138,7 +124,7 @@ def test_install_is_once_and_undone_and_the_switch_turns_it_off():
     finally:
         attention.uninstall()
     assert AttentionInterface._global_mapping["sdpa"] is original
-    q, k, v = _inputs(d=512, s=4)
+    q, k, v = attention_inputs(d=512, s=4)
     assert attention.takes_chunked_path(q, k, v, 0.0, {})
     with switches.forced(wide_head_attention=False):
         assert not attention.takes_chunked_path(q, k, v, 0.0, {})
@@ -163,10 +149,10 @@ def _check_e2b_full_layer(seq):
     k = torch.randn(1, 1, seq, 512, device="cuda", dtype=torch.bfloat16) * 0.5
     v = torch.randn(1, 1, seq, 512, device="cuda", dtype=torch.bfloat16)
     tensors = [t.requires_grad_() for t in (q, k, v)]
-    ours = _grads(lambda *t: chunked_attention(*t, scale=1.0, causal=True), *tensors)
-    sdpa = _grads(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
+    ours = attention_grads(lambda *t: chunked_attention(*t, scale=1.0, causal=True), *tensors)
+    sdpa = attention_grads(lambda a, b, c: torch.nn.functional.scaled_dot_product_attention(
         a, b, c, scale=1.0, is_causal=True, enable_gqa=True), *tensors)
-    exact = _grads(lambda *t: attention_reference(*(x.double() for x in t), scale=1.0, causal=True).to(torch.bfloat16), *tensors)
+    exact = attention_grads(lambda *t: attention_reference(*(x.double() for x in t), scale=1.0, causal=True).to(torch.bfloat16), *tensors)
     for a, s, e in zip(ours, sdpa, exact):
         ours_err = (a.double() - e.double()).norm() / e.double().norm()
         sdpa_err = (s.double() - e.double()).norm() / e.double().norm()

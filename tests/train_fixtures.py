@@ -111,6 +111,22 @@ def unpacked_and_packed_steps(steps: int = 6, seed: int = 0, device: str = "cuda
     return [[micro_batch(24, False), micro_batch(16, True)]] * steps
 
 
+def attention_inputs(b=2, h=4, h_kv=2, s=13, d=8, dtype=torch.float64, device="cpu", seed=0):
+    """Random q [b, h, s, d] and k, v [b, h_kv, s, d] that want gradients: the attention tests' inputs."""
+    g = torch.Generator(device=device).manual_seed(seed)
+    q, k, v = (torch.randn(b, n, s, d, dtype=dtype, device=device, generator=g).requires_grad_()
+               for n in (h, h_kv, h_kv))
+    return q, k, v
+
+
+def attention_grads(fn, q, k, v, seed=1):
+    """fn(q, k, v) and the gradients of q, k and v under one random output gradient (the same values any dtype)."""
+    out = fn(q, k, v)
+    grad = torch.randn(out.shape, dtype=torch.float64, device=out.device,
+                       generator=torch.Generator(out.device.type).manual_seed(seed)).to(out.dtype)
+    return (out, *torch.autograd.grad(out, (q, k, v), grad))
+
+
 def write_jsonl(path: Path, records: list) -> Path:
     path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in records))
     return path
