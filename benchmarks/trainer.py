@@ -27,6 +27,7 @@ import time
 import torch
 
 from vramplan.catalog import resolve_model
+from vramplan.memory import activations
 from benchmarks.harness import synced_seconds
 from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
@@ -161,6 +162,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["wide_head_attention"] = switches.enabled("wide_head_attention")  # heads over 256 through chunked matmuls
     record["wide_head_fused_rows"] = switches.enabled("wide_head_fused_rows")  # their row passes in one Triton launch
     record["sliding_band_attention"] = switches.enabled("sliding_band_attention")  # sliding windows over their band
+    record["sliding_band_min_windows"] = activations.SLIDING_BAND_MIN_WINDOWS  # ... from rows this many windows long
     record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
@@ -191,7 +193,12 @@ def main() -> None:
     parser.add_argument("--random-init", action="store_true",
                         help="write only config.json and build seeded random weights on the GPU layer by layer (31B and up)")
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
+    parser.add_argument("--band-min-windows", type=int, metavar="N",
+                        help="sliding-window layers over their band from rows of N windows (an A/B of the threshold "
+                             "vramplan.memory.activations.SLIDING_BAND_MIN_WINDOWS); the lines record it")
     args = parser.parse_args()
+    if args.band_min_windows:
+        activations.SLIDING_BAND_MIN_WINDOWS = args.band_min_windows
     from vramplan.train.allocator import prefer_expandable_segments
 
     prefer_expandable_segments()  # as `vramplan train` does (children inherit it)
@@ -267,7 +274,8 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
                                 json.dumps([g]), "--steps", str(args.steps), "--folder", folder,
                                 *(["--random-init"] if args.random_init else []),
                                 *(["--no-nvml-sampler"] if args.no_nvml_sampler else []),
-                                "--sampler-ab", str(args.sampler_ab), "--overlap-ab", str(args.overlap_ab)],
+                                "--sampler-ab", str(args.sampler_ab), "--overlap-ab", str(args.overlap_ab),
+                                *(["--band-min-windows", str(args.band_min_windows)] if args.band_min_windows else [])],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode or not lines:

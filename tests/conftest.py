@@ -2,6 +2,7 @@
 tests marked ``gpu`` are skipped there."""
 
 import os
+import sys
 
 import torch
 
@@ -28,3 +29,13 @@ def pytest_collection_modifyitems(config, items):
 def _own_calibration_cache(tmp_path_factory, monkeypatch):
     """A developer's own calibrations (~/.cache/vramplan) must never change what a test sees."""
     monkeypatch.setenv("VRAMPLAN_CACHE", str(tmp_path_factory.mktemp("vramplan-cache")))
+
+
+@pytest.fixture(autouse=True)
+def _transformers_own_attention():
+    """A trainer test installs vramplan's sdpa function process-wide, as ``vramplan train`` does once; the next test
+    must start with transformers' own (and no sliding-window bands)."""
+    yield
+    attention = sys.modules.get("vramplan.train.attention")
+    if attention is not None:
+        attention.uninstall()

@@ -71,7 +71,7 @@ def test_the_throughput_models_host_ops_per_layer_match_the_counted_ones(family,
 
     layers = LAYERS[family]
     counted = {n: count_step(family, layers=n, seq=8, checkpointing=checkpointing)["per_phase"] for n in layers}
-    plan = Plan(model=family, checkpointing=checkpointing)
+    plan = Plan(model=family, checkpointing=checkpointing, seq_len=8)  # the counted step's rows
     ops = {n: step_host_ops(from_config(tiny_config(family, n)), plan) for n in layers}
     for phase in ("forward", "recompute", "backward"):
         seen, modelled = _per_layer(counted, ops, layers, phase)

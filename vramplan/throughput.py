@@ -238,6 +238,14 @@ CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.0878
 #: 2,048 tokens (benchmarks/results/session14/call1/trainer.jsonl) took 10.45 ms off the step (124.9 -> 114.5 ms), so
 #: the 18.7 ms above became 8.25 ms for the same 1.62 TFLOP.
 CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.199
+#: The same fused path over a sliding window's band (switch ``sliding_band_attention``): 256-wide heads, so the row
+#: passes weigh twice as much against the matmuls as on 512-wide ones, and each chunk computes up to two windows of
+#: keys of which a query reads one. Session 15's H100 A/B of Gemma-4-E2B at 8,192 tokens in fresh processes
+#: (benchmarks/results/session15/call1/trainer.jsonl): 674.3 -> 516.5 ms a step, so the 28 sliding layers' 309.7 ms
+#: under SDPA's mask (as priced, and as graph-profiled at 2,048 tokens in session 14) became 151.7 ms for the 8.4 TFLOP
+#: its chunks compute over forward, recompute and backward: this fraction of the bf16 peak. With the PyTorch row passes the kernel table's 1.65x slower.
+CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY = 0.0558
+CHUNKED_BAND_ATTENTION_EFFICIENCY = CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY / 1.65
 #: What vramplan's calibration records as its stack's attention efficiency (``Factors``): the flash rate.
 FLASH_ATTENTION_EFFICIENCY = FLASH_ATTENTION.forward_efficiency
 
@@ -398,10 +406,12 @@ def attention_kernel(layer: Layer, masked: bool) -> AttentionKernel:
 
 
 def chunked_attention_efficiency(layer: Layer, plan: Plan) -> float:
-    """The fraction of the bf16 peak a layer's chunked attention runs at: its row passes fused or not."""
-    if attention_kernel_of(layer, plan) == "chunked_fused":
-        return CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY
-    return CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY
+    """The fraction of the bf16 peak a layer's chunked attention runs at: its row passes fused or not, over a wide
+    head's causal rows or a sliding window's band."""
+    fused = attention_kernel_of(layer, plan) == "chunked_fused"
+    if band_window_of(layer, plan):
+        return CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY if fused else CHUNKED_BAND_ATTENTION_EFFICIENCY
+    return CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY if fused else CHUNKED_WIDE_HEAD_ATTENTION_EFFICIENCY
 
 
 def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,

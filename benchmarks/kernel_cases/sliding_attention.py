@@ -16,7 +16,10 @@ from vramplan.train.attention import band_mask, chunked_attention
 
 SHAPES = {
     "gemma-4-e2b sliding 2048": (1, 8, 1, 2048, 256, 512),
+    "gemma-4-e2b sliding 4096": (1, 8, 1, 4096, 256, 512),
+    "gemma-4-e2b sliding 6144": (1, 8, 1, 6144, 256, 512),
     "gemma-4-e2b sliding 8192": (1, 8, 1, 8192, 256, 512),
+    "gemma-4-e4b sliding 8192": (1, 8, 2, 8192, 256, 512),
 }
 
 

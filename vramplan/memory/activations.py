@@ -29,6 +29,21 @@ CHUNKED_ATTENTION_PEAK_CHUNKS = 2.5
 CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS = 3.0
 
 
+#: The shortest row, in windows, whose sliding-window layers run the chunked attention over their band instead of SDPA
+#: under the band mask. SDPA computes the whole masked square (time ∝ tokens²), the band about two windows of keys per
+#: query (∝ tokens · window). On the H100, Gemma-4-E2B's sliding layer (8 heads of 256, window 512, fused rows) took
+#: 0.92 ms forward and backward over the band against SDPA's 0.61 at 2,048 tokens, 4.13 against 8.77 at 8,192
+#: (benchmarks/results/session15/kernels-sliding), and the step under the band 127 ms against 115 at 2,048 tokens, 517
+#: against 674 at 8,192: they cross near eight windows (4,096 tokens). Twelve keeps the band where it wins clearly.
+SLIDING_BAND_MIN_WINDOWS = 12
+
+
+def band_pays(window: int, seq: int) -> bool:
+    """Whether a row of ``seq`` tokens is long enough for its ``window``'s band to beat SDPA's masked square
+    (:data:`SLIDING_BAND_MIN_WINDOWS`): the one rule the trainer's steps and the planner read."""
+    return 0 < window and seq >= SLIDING_BAND_MIN_WINDOWS * window
+
+
 def sliding_window_of(layer, seq: int) -> int:
     """The layer's sliding window where it is shorter than the sequence (its queries then see fewer keys), else 0."""
     window = layer.sliding_window if layer.attention == "sliding" and layer.sliding_window else 0

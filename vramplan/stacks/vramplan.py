@@ -26,7 +26,8 @@
 from __future__ import annotations
 
 from vramplan.memory.activations import (CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, ActivationRecipe,
-                                         activation_bytes, model_level_activations, sliding_window_of)
+                                         activation_bytes, band_pays, model_level_activations,
+                                         sliding_window_of)
 from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
                                       trainable_params)
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
@@ -249,11 +250,12 @@ def wide_heads_chunked(plan: Plan) -> bool:
 
 def sliding_band_applies(layer, plan: Plan) -> bool:
     """Whether vramplan's trainer runs a sliding-window layer through its chunked attention over the window's band
-    (switch ``sliding_band_attention``): where the window is shorter than the row. Its steps leave transformers'
+    (switch ``sliding_band_attention``): where the row is long enough for the band to pay
+    (vramplan.memory.activations.band_pays). Its steps leave transformers'
     sliding mask out of unpadded, unpacked rows (vramplan.train.attention.sliding_masks_left_out, and
     vramplan.train.graphs.packing_decided for captured steps); padded or packed rows keep it and run SDPA."""
     return (plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("sliding_band_attention")
-            and sliding_window_of(layer, plan.seq_len) > 0)
+            and band_pays(sliding_window_of(layer, plan.seq_len), plan.seq_len))
 
 
 def band_window_of(layer, plan: Plan) -> int:

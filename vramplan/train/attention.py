@@ -23,13 +23,15 @@ cached decoding) goes to transformers' own function.
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 import math
 from typing import Callable
 
 import torch
 
-from vramplan.memory.activations import FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows, chunked_attention_chunks
+from vramplan.memory.activations import (FLASH_MAX_HEAD_DIM, band_pays, chunked_attention_chunk_rows,
+                                         chunked_attention_chunks)
 from vramplan.train import switches
 from vramplan_kernels.attention_rows import softmax_grad_rows, softmax_rows
 from vramplan_kernels.dispatch import use_triton
@@ -247,7 +249,8 @@ def bands_sliding_windows() -> bool:
 @contextlib.contextmanager
 def sliding_masks_left_out():
     """While a step's forward builds its masks: leave transformers' sliding-window mask out of unpadded rows whose
-    queries and keys align, where the installed sdpa function applies the windows itself (:func:`bands_sliding_windows`).
+    queries and keys align and are long enough for the band to pay (vramplan.memory.activations.band_pays), where the
+    installed sdpa function applies the windows itself (:func:`bands_sliding_windows`).
     transformers never asks (``allow_is_causal_skip`` off) for packed rows, padded ones, or masks with any other
     pattern (a vision block's bidirectional attention): those keep theirs. Captured steps decide the same in
     vramplan.train.graphs.packing_decided, which also knows the packing without a host sync."""
@@ -259,10 +262,12 @@ def sliding_masks_left_out():
     original = masking_utils._ignore_causal_mask_sdpa
     signature = inspect.signature(original)
 
+    @functools.wraps(original)  # its signature stays transformers' for packing_decided's wrapper to bind
     def skip_sliding_mask(*args, **kwargs):
         given = signature.bind(*args, **kwargs).arguments
-        if (given.get("local_attention_size") is not None and given.get("padding_mask") is None
-                and given.get("q_length") == given.get("kv_length")):
+        window, rows = given.get("local_attention_size"), given.get("q_length")
+        if (window is not None and given.get("padding_mask") is None and rows == given.get("kv_length")
+                and band_pays(window, rows)):
             return True
         return original(*args, **kwargs)
 

@@ -44,6 +44,7 @@ checkpoints, and a shape whose capture failed (noted once).
 from __future__ import annotations
 
 import contextlib
+import functools
 import inspect
 from dataclasses import dataclass
 
@@ -124,6 +125,7 @@ def packing_decided(packed: bool):
         original_skip = masking_utils._ignore_causal_mask_sdpa
         signature = inspect.signature(original_skip)
 
+        @functools.wraps(original_skip)
         def skip_causal_mask(*args, **kwargs):
             given = signature.bind(*args, **kwargs).arguments
             local = given.get("local_attention_size")

@@ -56,12 +56,13 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: ``sliding_band_attention``: sliding-window layers (Gemma 2/3/4's local layers) whose window is shorter than the row,
 #: in unpadded, unpacked rows, through the same chunked attention over the window's band (each chunk of queries reads the
 #: keys from ``window - 1`` before its first query to its last), where SDPA gets an explicit mask and computes the
-#: whole square: the speed model prices Gemma-4-E2B's 28 sliding layers at 8,192 tokens at 310 ms of a 640 ms step.
-#: Off until a GPU A/B.
+#: whole square, at rows of at least ``memory.activations.SLIDING_BAND_MIN_WINDOWS`` windows, where it pays. Session
+#: 15's H100 A/B in fresh processes (benchmarks/results/session15/call1/trainer.jsonl): Gemma-4-E2B at 8,192 tokens
+#: 674.3 -> 516.5 ms a step (1.31x), 0.15 GB less reserved; at 2,048 tokens (four windows) it cost 13 ms.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
             "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": True,
             "prefetch_paged": False, "wide_head_attention": True, "wide_head_fused_rows": True,
-            "sliding_band_attention": False}
+            "sliding_band_attention": True}
 
 
 def _listed(env: str) -> set[str]:
