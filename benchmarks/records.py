@@ -56,6 +56,10 @@ SESSION14_AB = (_RESULTS / "session14" / "call1" / "trainer.jsonl",)
 #: Session 14's campaign with the fused rows on: Gemma-4-E2B at 1,024 (rank 32), 4,096 and 8,192 tokens, E4B at 2,048
 #: and 4,096, fresh processes, CUDA graphs.
 SESSION14 = (_RESULTS / "session14" / "call2" / "trainer.jsonl",)
+#: Session 15's A/B of sliding-window layers over their band (switch ``sliding_band_attention``): Gemma-4-E2B at 8,192
+#: tokens masked, band, masked, band in fresh processes (call1/trainer.jsonl's 8,192-token lines; its shorter runs took
+#: the band below today's threshold, SLIDING_BAND_MIN_WINDOWS, so no shipped configuration ran them).
+SESSION15_AB = (_RESULTS / "session15" / "ab-band-8192.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -119,6 +123,11 @@ HELD_OUT = (
     HeldOut("session14", SESSION14, "session 14 campaign",
             "session 14's runs of Gemma 4 with the fused attention rows on (session14/call2/trainer.jsonl: E2B at "
             "1,024, 4,096 and 8,192 tokens, E4B at 2,048 and 4,096), none fitted"),
+    HeldOut("session15_ab", SESSION15_AB, "session 15, sliding band",
+            "session 15's A/B of Gemma-4-E2B's sliding layers over their band or under SDPA's mask at 8,192 tokens "
+            "(session15/ab-band-8192.jsonl, fresh processes), none fitted",
+            "the band's efficiency (throughput.CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY) was read off this A/B, so "
+            "its speed is no clean hold-out"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
@@ -151,7 +160,7 @@ def switches_ran(record: dict) -> dict[str, bool]:
     before every step (``prefetch_paged``): every line that does not say otherwise (bitsandbytes' own behaviour).
     Wide heads through chunked matmuls (``wide_head_attention``) and their fused row passes (``wide_head_fused_rows``):
     only lines that say so, none before session 13; sliding windows' bands the same way (``sliding_band_attention``),
-    none before session 14."""
+    none before session 15."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),

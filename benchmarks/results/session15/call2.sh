@@ -17,6 +17,3 @@ TRAINER_ARGS="--band-min-windows 8" timeout 70 benchmarks/run_on_gpu.sh trainer:
 timeout 240 benchmarks/run_on_gpu.sh disable:sliding_band_attention trainer:$E2B:/tmp/g-6144.json \
   trainer:gemma-4-e4b-text:/tmp/g-8192.json disable: trainer:$E2B:/tmp/g-6144.json \
   trainer:gemma-4-e4b-text:/tmp/g-8192.json | cut -c1-100; pack
-# where E2B's allocator slack at 8,192 tokens (0.45-0.55 GB reserved - allocated, twice 4,096's) comes from, stage by stage
-PYTHONPATH="$PWD:/tmp/shim:/tmp/site" timeout 75 python3 -m benchmarks.memory_stages --config gemma-4-e2b-text \
-  --grid '{"seq": 8192, "batch": 1, "rank": 16, "gc": true}' > "$W/stages-e2b-8192.jsonl" 2>"$W/stages-err.log"; pack
