@@ -60,6 +60,9 @@ SESSION14 = (_RESULTS / "session14" / "call2" / "trainer.jsonl",)
 #: tokens masked, band, masked, band in fresh processes (call1/trainer.jsonl's 8,192-token lines; its shorter runs took
 #: the band below today's threshold, SLIDING_BAND_MIN_WINDOWS, so no shipped configuration ran them).
 SESSION15_AB = (_RESULTS / "session15" / "ab-band-8192.jsonl",)
+#: Session 15's runs of the band's shipped threshold (call2/trainer.jsonl's lines at SLIDING_BAND_MIN_WINDOWS 12):
+#: Gemma-4-E2B at 4,096 tokens (masked), at 6,144 masked and banded, E4B at 8,192 masked and banded; fresh processes.
+SESSION15 = (_RESULTS / "session15" / "held-out.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -128,6 +131,9 @@ HELD_OUT = (
             "(session15/ab-band-8192.jsonl, fresh processes), none fitted",
             "the band's efficiency (throughput.CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY) was read off this A/B, so "
             "its speed is no clean hold-out"),
+    HeldOut("session15", SESSION15, "session 15, band threshold",
+            "session 15's runs at the band's shipped threshold (session15/held-out.jsonl: E2B at 4,096 tokens under "
+            "SDPA's mask, E2B at 6,144 and E4B at 8,192 both ways), none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -332,6 +332,11 @@ def test_held_out_error_on_the_committed_measurements():
     assert result["held_out_by_group"]["session14_ab"]["within_15_percent"] == 2
     campaign14 = result["held_out_by_group"]["session14"]
     assert campaign14["count"] == 5 and campaign14["within_15_percent"] == 5 and campaign14["mean_abs_error"] < 0.08
+    # session 15: the band's A/B at E2B 8,192 (its efficiency read off it) and the runs at its threshold: E2B at 6,144
+    # tokens priced +18% and +22% both ways (the masked run too, so not the band), E4B's band +14.5%
+    assert result["held_out_by_group"]["session15_ab"]["within_15_percent"] == 2
+    threshold = result["held_out_by_group"]["session15"]
+    assert threshold["count"] == 5 and threshold["within_15_percent"] >= 3 and threshold["max_abs_error"] < 0.25
     campaign13 = result["held_out_by_group"]["session13"]
     assert campaign13["count"] == 7 and campaign13["within_15_percent"] == 7 and campaign13["mean_abs_error"] < 0.05
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
