@@ -243,7 +243,8 @@ CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.199
 #: keys of which a query reads one. Session 15's H100 A/B of Gemma-4-E2B at 8,192 tokens in fresh processes
 #: (benchmarks/results/session15/call1/trainer.jsonl): 674.3 -> 516.5 ms a step, so the 28 sliding layers' 309.7 ms
 #: under SDPA's mask (as priced, and as graph-profiled at 2,048 tokens in session 14) became 151.7 ms for the 8.4 TFLOP
-#: its chunks compute over forward, recompute and backward: this fraction of the bf16 peak. With the PyTorch row passes the kernel table's 1.65x slower.
+#: its chunks compute over forward, recompute and backward: this fraction of the bf16 peak. With the PyTorch row
+#: passes, the kernel table's 1.65x slower (benchmarks/results/session15/call1/kernels-sliding/kernels.md).
 CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY = 0.0558
 CHUNKED_BAND_ATTENTION_EFFICIENCY = CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY / 1.65
 #: What vramplan's calibration records as its stack's attention efficiency (``Factors``): the flash rate.

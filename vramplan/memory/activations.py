@@ -31,10 +31,11 @@ CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS = 3.0
 
 #: The shortest row, in windows, whose sliding-window layers run the chunked attention over their band instead of SDPA
 #: under the band mask. SDPA computes the whole masked square (time ∝ tokens²), the band about two windows of keys per
-#: query (∝ tokens · window). On the H100, Gemma-4-E2B's sliding layer (8 heads of 256, window 512, fused rows) took
-#: 0.92 ms forward and backward over the band against SDPA's 0.61 at 2,048 tokens, 4.13 against 8.77 at 8,192
-#: (benchmarks/results/session15/kernels-sliding), and the step under the band 127 ms against 115 at 2,048 tokens, 517
-#: against 674 at 8,192: they cross near eight windows (4,096 tokens). Twelve keeps the band where it wins clearly.
+#: query (∝ tokens · window). On the H100 (benchmarks/results/session15/), Gemma-4-E2B's sliding layer (8 heads of 256,
+#: window 512, fused rows) took 0.93 ms forward and backward over the band against SDPA's 0.61 at 2,048 tokens, 1.99
+#: against 2.21 at 4,096, 4.15 against 8.68 at 8,192; E4B's (two K/V heads) 5.78 against 8.58 at 8,192, so it crosses
+#: near eleven windows. E2B's step with the band: 127 against 115 ms at 2,048 tokens, 245 against 250 at 4,096, 438
+#: against 500 at 6,144. Twelve windows is one threshold that wins on both.
 SLIDING_BAND_MIN_WINDOWS = 12
 
 
