@@ -255,10 +255,11 @@ def test_short_rows_keep_transformers_mask(gemma4_folder, monkeypatch):
 def test_gemma4_steps_through_the_band_train_like_steps_under_the_mask(tmp_path, monkeypatch):
     """A tiny Gemma 4 (window 8) trained six optimizer steps on unpacked 24-token and packed 16-token rows: eager with
     the switch off (every sliding layer under transformers' mask), then with it on eagerly and through captured
-    graphs (the unpacked rows' sliding layers over the band). The first step's gradients and every step's loss agree,
-    and the band ran. In fp32: in bf16 the first step's LoRA gradients of this random model differ by up to 15%
-    between SDPA and the band (session 15, call 2), sums of near-cancelling terms, and after six steps AdamW turns
-    that into whole steps of either sign (call 1); the kernels' bf16 error is the shape test's above."""
+    graphs (the unpacked rows' sliding layers over the band). The band ran, every step's loss agrees, and the first
+    step's gradients agree within bf16's reach on this model: its LoRA gradients sum nearly cancelling terms, and
+    SDPA against the band moved one by 15% in relative norm on the H100 (session 15, call 2), where the same step in
+    fp32 on the CPU agrees to 5e-6 (test_eager_steps_leave_the_sliding_mask_to_the_band). Not the adapters after six
+    AdamW steps: AdamW turns such differences in a near-zero gradient into whole steps of either sign (call 1)."""
     from vramplan.plan import Plan
     from vramplan.train.graphs import StepGraphs
     from vramplan.train.loss import accumulate_gradients
@@ -266,7 +267,7 @@ def test_gemma4_steps_through_the_band_train_like_steps_under_the_mask(tmp_path,
     from vramplan.train.recipe import make_optimizer
 
     folder = build_model(gemma4_config(), tmp_path / "gemma4")
-    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full", compute_dtype="fp32")
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="full")
     batches = unpacked_and_packed_steps()  # the same data each step: the loss must fall
     windows = []
     original_apply = attention.ChunkedAttention.apply
@@ -294,9 +295,9 @@ def test_gemma4_steps_through_the_band_train_like_steps_under_the_mask(tmp_path,
     (_, masked_losses, masked_grads), *banded = results
     assert masked_losses[-1] < masked_losses[0]
     for run, losses, grads in banded:
-        torch.testing.assert_close(torch.tensor(losses), torch.tensor(masked_losses), rtol=1e-3, atol=1e-3, msg=run)
+        torch.testing.assert_close(torch.tensor(losses), torch.tensor(masked_losses), rtol=2e-3, atol=2e-3, msg=run)
         for got, want in zip(grads, masked_grads):
-            assert (got - want).norm() <= 1e-2 * want.norm() + 1e-6, (run, (got - want).norm(), want.norm())
+            assert (got - want).norm() <= 0.25 * want.norm() + 1e-6, (run, (got - want).norm(), want.norm())
 
 
 @pytest.mark.parametrize("outer", [False, True])

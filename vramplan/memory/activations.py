@@ -51,13 +51,27 @@ def sliding_window_of(layer, seq: int) -> int:
     return window if window < seq else 0
 
 
+#: Chunk heights of 256 rows and more are whole multiples of this, shorter ones of 16. A chunk's keys are a multiple
+#: of its height, and an odd count leaves the bf16 scores' rows unaligned for cuBLAS: on the H100, Gemma-4-E2B's full
+#: layer at 6,144 tokens took 20.0 ms forward and backward in 341-row chunks (the 64 MiB budget's) against 10.6 in
+#: 320-row ones (benchmarks/results/session15/call3/chunk_rows.jsonl, eager timings).
+CHUNK_ROW_MULTIPLE = 64
+
+
+def _aligned_rows(rows: int) -> int:
+    """``rows`` down to a whole multiple of :data:`CHUNK_ROW_MULTIPLE` from 256 rows, of 16 below (at least 16)."""
+    step = CHUNK_ROW_MULTIPLE if rows >= 256 else 16
+    return max(16, rows // step * step)
+
+
 def chunked_attention_chunk_rows(batch: int, heads: int, seq: int, window: int = 0) -> int:
     """Queries in each chunk of a layer's chunked attention over ``seq`` tokens: as many as keep one chunk's fp32
-    scores within :data:`CHUNKED_ATTENTION_SCORE_BYTES` (at least 16), the whole row when it fits. Under a sliding
-    ``window`` at most ``window`` queries, which read at most 2·window − 1 keys."""
+    scores within :data:`CHUNKED_ATTENTION_SCORE_BYTES`, aligned (:func:`_aligned_rows`), the whole row when it
+    fits. Under a sliding ``window`` at most ``window`` queries, which read at most 2·window − 1 keys."""
     if window and window < seq:
-        return min(window, max(16, CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * min(seq, 2 * window))))
-    return min(seq, max(16, CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * seq)))
+        budget_rows = CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * min(seq, 2 * window))
+        return min(window, _aligned_rows(budget_rows))
+    return min(seq, _aligned_rows(CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * seq)))
 
 
 def chunked_attention_chunks(queries: int, keys: int, chunk: int, causal: bool = True, window: int = 0):
