@@ -163,6 +163,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["wide_head_fused_rows"] = switches.enabled("wide_head_fused_rows")  # their row passes in one Triton launch
     record["sliding_band_attention"] = switches.enabled("sliding_band_attention")  # sliding windows over their band
     record["sliding_band_min_windows"] = activations.SLIDING_BAND_MIN_WINDOWS  # ... from rows this many windows long
+    record["chunk_alignment"] = [activations.CHUNK_ROW_MULTIPLE, activations.BAND_KEY_MULTIPLE]  # rows, band keys
     record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
@@ -196,9 +197,14 @@ def main() -> None:
     parser.add_argument("--band-min-windows", type=int, metavar="N",
                         help="sliding-window layers over their band from rows of N windows (an A/B of the threshold "
                              "vramplan.memory.activations.SLIDING_BAND_MIN_WINDOWS); the lines record it")
+    parser.add_argument("--unaligned-chunks", action="store_true",
+                        help="the chunked attention's chunks as before session 15: heights straight off the budget, "
+                             "band keys from window - 1 before the first query (an A/B of their alignment)")
     args = parser.parse_args()
     if args.band_min_windows:
         activations.SLIDING_BAND_MIN_WINDOWS = args.band_min_windows
+    if args.unaligned_chunks:
+        activations.CHUNK_ROW_MULTIPLE = activations.BAND_KEY_MULTIPLE = 1
     from vramplan.train.allocator import prefer_expandable_segments
 
     prefer_expandable_segments()  # as `vramplan train` does (children inherit it)
@@ -275,7 +281,8 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
                                 *(["--random-init"] if args.random_init else []),
                                 *(["--no-nvml-sampler"] if args.no_nvml_sampler else []),
                                 "--sampler-ab", str(args.sampler_ab), "--overlap-ab", str(args.overlap_ab),
-                                *(["--band-min-windows", str(args.band_min_windows)] if args.band_min_windows else [])],
+                                *(["--band-min-windows", str(args.band_min_windows)] if args.band_min_windows else []),
+                                *(["--unaligned-chunks"] if args.unaligned_chunks else [])],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode or not lines:

@@ -53,13 +53,18 @@ def test_band_with_the_fused_rows(window, chunk):
 
 
 def test_chunks_read_only_the_band():
-    """Under a window the chunks are at most ``window`` queries and each reads at most 2·window − 1 keys: the mean keys
-    a query computes stay near the window at any length, where the causal square's grow with it."""
+    """Under a window the chunks are at most ``window`` queries and each reads the keys from the multiple of 8 at or
+    before ``window - 1`` keys ahead of its first query: whole multiples of 8 keys at Gemma 4's shape (cuBLAS's
+    aligned rows), the mean keys a query computes near the window at any length, where the causal square's grow."""
+    from vramplan.memory.activations import chunked_attention_chunks
+
     rows = chunked_attention_chunk_rows(1, 8, 8192, 512)
     assert rows == 512
+    assert {(upto - first) % 8 for _, _, first, upto in chunked_attention_chunks(8192, 8192, rows, True, 512)} == {0}
+    assert max(upto - first for _, _, first, upto in chunked_attention_chunks(8192, 8192, rows, True, 512)) == 1024
     assert chunked_attention_keys_per_query(8192, rows, 512) < 1024 < chunked_attention_keys_per_query(8192, 256)
     assert chunked_attention_keys_per_query(40, 5, 8) == pytest.approx(sum(
-        (min(40, s + 5) - max(0, s - 7)) * 5 for s in range(0, 40, 5)) / 40)
+        (min(40, s + 5) - max(0, (s - 7) // 8 * 8)) * 5 for s in range(0, 40, 5)) / 40)
 
 
 @pytest.fixture(scope="module")

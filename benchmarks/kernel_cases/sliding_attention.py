@@ -1,5 +1,6 @@
 """Attention of sliding-window layers (Gemma 4's local layers: 256-wide heads, window 512), forward+backward, bf16:
-vramplan's chunked attention over the window's band (fused row passes, and in PyTorch) against SDPA under the
+vramplan's chunked attention over the window's band (fused row passes, and in PyTorch; the fused one also with its
+chunks' first keys unaligned, as before session 15) against SDPA under the
 explicit band mask transformers gives it, which computes the whole masked square, and SDPA's causal kernel, which
 is not the same function (every key up to the query) but the cost of the square's causal half. Shapes are (batch,
 query heads, K/V heads, tokens, head width, window). Timed from a CUDA graph too, as the trainer replays it.
@@ -11,6 +12,7 @@ import torch
 
 from benchmarks.fwd_bwd import forward_backward
 from benchmarks.harness import Case
+from vramplan.memory import activations
 from vramplan.train import switches
 from vramplan.train.attention import band_mask, chunked_attention
 
@@ -35,6 +37,19 @@ def _band(fused: bool, window: int):
     return fn
 
 
+def _unaligned(step):
+    """``step`` (forward and backward) with the band's chunks reading from exactly ``window - 1`` keys before their
+    first query, as before session 15, instead of from a multiple of ``activations.BAND_KEY_MULTIPLE``."""
+    def run():
+        shipped = activations.BAND_KEY_MULTIPLE
+        activations.BAND_KEY_MULTIPLE = 1
+        try:
+            return step()
+        finally:
+            activations.BAND_KEY_MULTIPLE = shipped
+    return run
+
+
 def _sdpa_masked(mask):
     def fn(q, k, v):
         return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0, enable_gqa=True)
@@ -55,6 +70,7 @@ def cases(device, shapes=None) -> list[Case]:
         grad = torch.randn(b, h, s, d, device=device, dtype=torch.bfloat16, generator=g)
         mask = band_mask(s, window, device)[None, None]
         variants = {"vramplan band, fused rows": _step(_band(True, window), q, k, v, grad),
+                    "vramplan band, fused rows, unaligned keys": _unaligned(_step(_band(True, window), q, k, v, grad)),
                     "vramplan band": _step(_band(False, window), q, k, v, grad),
                     "sdpa, band mask (transformers)": _step(_sdpa_masked(mask), q, k, v, grad),
                     "sdpa causal (not the same function)": _step(_sdpa_causal, q, k, v, grad)}

@@ -60,27 +60,35 @@ CHUNK_ROW_MULTIPLE = 64
 
 def _aligned_rows(rows: int) -> int:
     """``rows`` down to a whole multiple of :data:`CHUNK_ROW_MULTIPLE` from 256 rows, of 16 below (at least 16)."""
-    step = CHUNK_ROW_MULTIPLE if rows >= 256 else 16
+    step = CHUNK_ROW_MULTIPLE if rows >= 256 else min(16, CHUNK_ROW_MULTIPLE)
     return max(16, rows // step * step)
 
 
 def chunked_attention_chunk_rows(batch: int, heads: int, seq: int, window: int = 0) -> int:
     """Queries in each chunk of a layer's chunked attention over ``seq`` tokens: as many as keep one chunk's fp32
     scores within :data:`CHUNKED_ATTENTION_SCORE_BYTES`, aligned (:func:`_aligned_rows`), the whole row when it
-    fits. Under a sliding ``window`` at most ``window`` queries, which read at most 2·window − 1 keys."""
+    fits. Under a sliding ``window`` at most ``window`` queries, which read about 2·window keys at most."""
     if window and window < seq:
         budget_rows = CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * min(seq, 2 * window))
         return min(window, _aligned_rows(budget_rows))
     return min(seq, _aligned_rows(CHUNKED_ATTENTION_SCORE_BYTES // max(1, 4 * batch * heads * seq)))
 
 
+#: A band chunk's first key, rounded down to a whole multiple of this: its keys then run from an aligned first to its
+#: last query (a multiple of its aligned height), so the bf16 rows cuBLAS reads are aligned, as the chunk heights are
+#: (:data:`CHUNK_ROW_MULTIPLE`); a window of 512 otherwise gives 1,023 keys. The up to seven keys more lie before
+#: the window and are masked like any other. Not yet timed on its own (session 15 ran out of device time).
+BAND_KEY_MULTIPLE = 8
+
+
 def chunked_attention_chunks(queries: int, keys: int, chunk: int, causal: bool = True, window: int = 0):
     """(start, stop, first key, keys end) of each chunk of queries in the chunked attention (vramplan.train.attention
     walks these): a causal chunk reads the keys up to its last query, under a sliding ``window`` only from
-    ``window - 1`` keys before its first query; any other chunk reads every key."""
+    ``window - 1`` keys before its first query (from the multiple of :data:`BAND_KEY_MULTIPLE` at or before that);
+    any other chunk reads every key."""
     for start in range(0, queries, chunk):
         stop = min(queries, start + chunk)
-        first = max(0, start - window + 1) if causal and window else 0
+        first = max(0, (start - window + 1) // BAND_KEY_MULTIPLE * BAND_KEY_MULTIPLE) if causal and window else 0
         yield start, stop, first, (min(keys, stop) if causal else keys)
 
 
@@ -93,7 +101,7 @@ def chunked_attention_keys_per_query(seq: int, rows: int, window: int = 0) -> fl
 def chunked_attention_workspace_bytes(layer, batch: int, seq: int, fused: bool = False, window: int = 0) -> int:
     """The chunked attention's transient buffers at a layer's backward: :data:`CHUNKED_ATTENTION_PEAK_CHUNKS` (or, with
     ``fused`` row passes, :data:`CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS`) score chunks of b·heads·rows·keys fp32 values
-    (the chunk that reads the most keys: every key, or over a sliding ``window``'s band at most rows + window − 1)."""
+    (the chunk that reads the most keys: every key, or over a sliding ``window``'s band about rows + window)."""
     rows = chunked_attention_chunk_rows(batch, layer.heads, seq, window)
     keys = max(upto - first for _, _, first, upto in chunked_attention_chunks(seq, seq, rows, True, window))
     chunks = CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS if fused else CHUNKED_ATTENTION_PEAK_CHUNKS
