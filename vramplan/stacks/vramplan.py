@@ -248,20 +248,16 @@ def wide_heads_chunked(plan: Plan) -> bool:
     return plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("wide_head_attention")
 
 
-def sliding_band_applies(layer, plan: Plan) -> bool:
-    """Whether vramplan's trainer runs a sliding-window layer through its chunked attention over the window's band
-    (switch ``sliding_band_attention``): where the row is long enough for the band to pay
-    (vramplan.memory.activations.band_pays). Its steps leave transformers'
-    sliding mask out of unpadded, unpacked rows (vramplan.train.attention.sliding_masks_left_out, and
-    vramplan.train.graphs.packing_decided for captured steps); padded or packed rows keep it and run SDPA."""
-    return (plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("sliding_band_attention")
-            and band_pays(sliding_window_of(layer, plan.seq_len), plan.seq_len))
-
-
 def band_window_of(layer, plan: Plan) -> int:
-    """The sliding window a layer's chunked attention bands (:func:`sliding_band_applies`), else 0: what the planner's
-    memory, speed and notes all read."""
-    return sliding_window_of(layer, plan.seq_len) if sliding_band_applies(layer, plan) else 0
+    """The sliding window a layer's chunked attention bands in vramplan's trainer (switch ``sliding_band_attention``),
+    else 0: where the row is long enough for the band to pay (vramplan.memory.activations.band_pays). What the
+    planner's memory, speed and notes all read. Its steps leave transformers' sliding mask out of unpadded, unpacked
+    rows (vramplan.train.attention.sliding_masks_left_out, and vramplan.train.graphs.packing_decided for captured
+    steps); padded or packed rows keep it and run SDPA."""
+    window = sliding_window_of(layer, plan.seq_len)
+    applies = (plan.stack == "vramplan" and plan.attention != "eager" and switches.enabled("sliding_band_attention")
+               and band_pays(window, plan.seq_len))
+    return window if applies else 0
 
 
 def attention_kernel_of(layer, plan: Plan) -> str:
@@ -269,6 +265,6 @@ def attention_kernel_of(layer, plan: Plan) -> str:
     if plan.attention == "eager":
         return "eager"
     wide = layer.head_dim > FLASH_MAX_HEAD_DIM and wide_heads_chunked(plan)
-    if not (wide or sliding_band_applies(layer, plan)):
+    if not (wide or band_window_of(layer, plan)):
         return "flash"
     return "chunked_fused" if switches.enabled("wide_head_fused_rows") else "chunked"

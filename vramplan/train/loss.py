@@ -82,20 +82,18 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         world = parallel.size
     denominator = total_targets.clamp(min=1) / world
     loss_sum = torch.zeros((), device=total_targets.device)
-    for index, mb in enumerate(micro_batches):
-        if graphs is not None and parallel is None:
-            with attention.sliding_masks_left_out():  # its shapes' eager passes; captures decide in packing_decided
+    with attention.sliding_masks_left_out():  # eager forwards (a graph's too); captures decide in packing_decided
+        for index, mb in enumerate(micro_batches):
+            if graphs is not None and parallel is None:
                 loss = graphs.summed_loss(mb, denominator)
-        elif parallel is None:
-            with attention.sliding_masks_left_out():
+            elif parallel is None:
                 loss, _ = summed_loss(model, mb)
-            (loss / denominator).backward()
-        else:
-            with parallel.gradient_sync(last=index == len(micro_batches) - 1):
-                with attention.sliding_masks_left_out():
-                    loss, _ = parallel.module(mb["input_ids"], mb["position_ids"], mb["labels"])
                 (loss / denominator).backward()
-        loss_sum += loss.detach()
+            else:
+                with parallel.gradient_sync(last=index == len(micro_batches) - 1):
+                    loss, _ = parallel.module(mb["input_ids"], mb["position_ids"], mb["labels"])
+                    (loss / denominator).backward()
+            loss_sum += loss.detach()
     if parallel is not None:
         loss_sum = parallel.all_reduce_sum(loss_sum)
     mean_loss = loss_sum / total_targets.clamp(min=1)

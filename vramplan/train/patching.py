@@ -158,18 +158,22 @@ def add_expert_lora(layer: nn.Module, targets: tuple[str, ...], rank: int, alpha
     return adapted
 
 
-def has_wide_heads(model: nn.Module) -> bool:
-    """Whether any attention module of ``model`` has heads wider than SDPA's flash kernels take (read off the modules:
-    a heterogeneous config, as Gemma 4's is in newer transformers, refuses a global ``head_dim``)."""
-    return any(isinstance(getattr(m, "head_dim", None), int) and m.head_dim > attention.FLASH_MAX_HEAD_DIM
+def _attention_attribute_over(model: nn.Module, name: str, bound: int) -> bool:
+    """Whether some attention module of ``model`` has an int ``name`` above ``bound`` (read off the modules: a
+    heterogeneous config, as Gemma 4's is in newer transformers, refuses a global ``head_dim``)."""
+    return any(isinstance(getattr(m, name, None), int) and getattr(m, name) > bound
                for m in model.modules() if "Attention" in type(m).__name__)
+
+
+def has_wide_heads(model: nn.Module) -> bool:
+    """Whether any attention module of ``model`` has heads wider than SDPA's flash kernels take."""
+    return _attention_attribute_over(model, "head_dim", attention.FLASH_MAX_HEAD_DIM)
 
 
 def has_sliding_windows(model: nn.Module) -> bool:
     """Whether some attention module of ``model`` names a sliding window (Gemma 2/3/4's local layers, as
     ``sliding_window``): what lets the chunked attention apply a window whose mask was left out."""
-    return any(isinstance(getattr(m, "sliding_window", None), int) and m.sliding_window > 0
-               for m in model.modules() if "Attention" in type(m).__name__)
+    return _attention_attribute_over(model, "sliding_window", 0)
 
 
 def apply_kernel_patches(model: nn.Module, captured: bool = False) -> list[str]:
