@@ -63,6 +63,9 @@ SESSION15_AB = (_RESULTS / "session15" / "ab-band-8192.jsonl",)
 #: Session 15's runs of the band's shipped threshold (call2/trainer.jsonl's lines at SLIDING_BAND_MIN_WINDOWS 12):
 #: Gemma-4-E2B at 4,096 tokens (masked), at 6,144 masked and banded, E4B at 8,192 masked and banded; fresh processes.
 SESSION15 = (_RESULTS / "session15" / "held-out.jsonl",)
+#: Session 16's A/B of the chunks aligned for cuBLAS (switch ``aligned_attention_chunks``) or as sessions 13-15 ran them,
+#: band on by default: Gemma-4-E2B at 6,144 and 8,192 tokens, E4B at 8,192; fresh processes (call1/trainer.jsonl).
+SESSION16_ALIGNED = (_RESULTS / "session16" / "call1" / "trainer.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -134,6 +137,11 @@ HELD_OUT = (
     HeldOut("session15", SESSION15, "session 15, band threshold",
             "session 15's runs at the band's shipped threshold (session15/held-out.jsonl: E2B at 4,096 tokens under "
             "SDPA's mask, E2B at 6,144 and E4B at 8,192 both ways), none fitted"),
+    HeldOut("session16_aligned", SESSION16_ALIGNED, "session 16, aligned chunks",
+            "session 16's A/B of the chunked attention's chunks aligned for cuBLAS or not (session16/call1/trainer.jsonl: "
+            "E2B at 6,144 and 8,192 tokens, E4B at 8,192, band on, fresh processes), none fitted",
+            "the unaligned chunks' cost (throughput.UNALIGNED_CHUNK_SLOWDOWN) was read off kernel tables, and the "
+            "band's efficiency off session 15's unaligned 8,192-token A/B: the aligned lines are a clean hold-out"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)
@@ -166,7 +174,8 @@ def switches_ran(record: dict) -> dict[str, bool]:
     before every step (``prefetch_paged``): every line that does not say otherwise (bitsandbytes' own behaviour).
     Wide heads through chunked matmuls (``wide_head_attention``) and their fused row passes (``wide_head_fused_rows``):
     only lines that say so, none before session 13; sliding windows' bands the same way (``sliding_band_attention``),
-    none before session 15."""
+    none before session 15. Chunks aligned for cuBLAS (``aligned_attention_chunks``): lines whose ``chunk_alignment``
+    says so, none before session 16."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),
@@ -175,4 +184,5 @@ def switches_ran(record: dict) -> dict[str, bool]:
             "prefetch_paged": record.get("prefetch_paged", True),
             "wide_head_attention": bool(record.get("wide_head_attention")),
             "wide_head_fused_rows": bool(record.get("wide_head_fused_rows")),
-            "sliding_band_attention": bool(record.get("sliding_band_attention"))}
+            "sliding_band_attention": bool(record.get("sliding_band_attention")),
+            "aligned_attention_chunks": record.get("chunk_alignment", [1, 1]) != [1, 1]}

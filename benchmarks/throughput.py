@@ -126,13 +126,14 @@ NO_PREFETCH_MARK = ":no-prefetch"  # a key's mark for a run that prefetched its 
 CHUNKED_WIDE_MARK = ":wide-chunked"  # heads over 256 through vramplan's chunked attention (switch wide_head_attention)
 FUSED_ROWS_MARK = ":fused-rows"  # its row passes fused in Triton (switch wide_head_fused_rows)
 BAND_MARK = ":sliding-band"  # sliding windows through the chunked attention over their band (sliding_band_attention)
+ALIGNED_MARK = ":aligned-chunks"  # its chunks' heights and band keys aligned for cuBLAS (aligned_attention_chunks)
 #: Each switch a key marks, with its mark and the state the mark stands for (``prefetch_paged`` marks its off
 #: state: every line before session 12 prefetched), in the order the marks follow each other
 SWITCH_MARKS = {"fused_optimizer": (FUSED, True), "int8_vocab_major": (VOCAB_MAJOR, True),
                 "overlap_optimizer": (OVERLAP_MARK, True), "queued_optimizer": (QUEUED_MARK, True),
                 "rope_gemma4": (ROPE_GEMMA4_MARK, True), "prefetch_paged": (NO_PREFETCH_MARK, False),
                 "wide_head_attention": (CHUNKED_WIDE_MARK, True), "wide_head_fused_rows": (FUSED_ROWS_MARK, True),
-                "sliding_band_attention": (BAND_MARK, True)}
+                "sliding_band_attention": (BAND_MARK, True), "aligned_attention_chunks": (ALIGNED_MARK, True)}
 
 
 def switch_marks(ran: dict[str, bool]) -> str:

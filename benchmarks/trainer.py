@@ -163,7 +163,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["wide_head_fused_rows"] = switches.enabled("wide_head_fused_rows")  # their row passes in one Triton launch
     record["sliding_band_attention"] = switches.enabled("sliding_band_attention")  # sliding windows over their band
     record["sliding_band_min_windows"] = activations.SLIDING_BAND_MIN_WINDOWS  # ... from rows this many windows long
-    record["chunk_alignment"] = [activations.CHUNK_ROW_MULTIPLE, activations.BAND_KEY_MULTIPLE]  # rows, band keys
+    record["aligned_attention_chunks"] = switches.enabled("aligned_attention_chunks")  # chunks aligned for cuBLAS
+    record["chunk_alignment"] = list(activations.chunk_multiples())  # their height and band first-key multiples
     record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])
@@ -199,12 +200,13 @@ def main() -> None:
                              "vramplan.memory.activations.SLIDING_BAND_MIN_WINDOWS); the lines record it")
     parser.add_argument("--unaligned-chunks", action="store_true",
                         help="the chunked attention's chunks as before session 15: heights straight off the budget, "
-                             "band keys from window - 1 before the first query (an A/B of their alignment)")
+                             "band keys from window - 1 before the first query (switch aligned_attention_chunks off)")
     args = parser.parse_args()
     if args.band_min_windows:
         activations.SLIDING_BAND_MIN_WINDOWS = args.band_min_windows
-    if args.unaligned_chunks:
-        activations.CHUNK_ROW_MULTIPLE = activations.BAND_KEY_MULTIPLE = 1
+    if args.unaligned_chunks:  # in the environment, so the --fresh children inherit it
+        os.environ[switches.DISABLE_ENV] = ",".join(filter(None, (os.environ.get(switches.DISABLE_ENV),
+                                                                  "aligned_attention_chunks")))
     from vramplan.train.allocator import prefer_expandable_segments
 
     prefer_expandable_segments()  # as `vramplan train` does (children inherit it)

@@ -526,3 +526,27 @@ def test_chunked_wide_heads_price_what_session_13_profiled():
     assert fused == pytest.approx(0.00825, rel=0.05)
     assert 1.05 < fused_tok_s / after < 1.15
     assert all(f < e for f, e in zip(fused_ops, eager_ops))
+
+
+def test_unaligned_chunks_cost_what_the_kernel_tables_timed():
+    """Switch ``aligned_attention_chunks`` off gives the chunks sessions 13-15 ran: Gemma-4-E2B's full layer at 6,144
+    tokens in the budget's 341-row chunks (320 aligned), its sliding band in chunks of 1,023 keys (1,024). Priced,
+    the unaligned share of the work at 1.86x: the band's step at 8,192 tokens as session 15 measured it unaligned
+    (516.5 ms) and as session 16 measured it aligned (443.6 ms), each within 5%."""
+    from vramplan.memory.activations import chunked_attention_chunk_rows, chunked_attention_chunks
+    from vramplan.throughput import UNALIGNED_CHUNK_SLOWDOWN, unaligned_chunk_cost
+
+    h100 = resolve_gpu("h100")
+    gemma = architecture(resolve_model("gemma-4-e2b-text"))
+    plan = Plan(model="gemma-4-e2b-text", seq_len=8192, cuda_graphs=True)
+    aligned_s = 8192 / predict_tokens_per_s(gemma, plan, h100)
+    assert chunked_attention_chunk_rows(1, 8, 6144) == 320
+    assert unaligned_chunk_cost(6144, 320) == unaligned_chunk_cost(8192, 512, 512) == 1.0
+    with switches.forced(aligned_attention_chunks=False):
+        assert chunked_attention_chunk_rows(1, 8, 6144) == 341
+        keys = {upto - first for _, _, first, upto in chunked_attention_chunks(8192, 8192, 512, True, 512)}
+        assert keys == {512, 1023}
+        assert unaligned_chunk_cost(6144, 341) == UNALIGNED_CHUNK_SLOWDOWN  # every chunk 341 rows high
+        assert 1.8 < unaligned_chunk_cost(8192, 512, 512) < UNALIGNED_CHUNK_SLOWDOWN  # the first chunk reads 512 keys
+        unaligned_s = 8192 / predict_tokens_per_s(gemma, plan, h100)
+    assert aligned_s == pytest.approx(0.4436, rel=0.05) and unaligned_s == pytest.approx(0.5165, rel=0.05)

@@ -2,6 +2,8 @@
 function as SDPA under transformers' sliding mask, chunk by chunk and through a tiny Gemma 4's training step whose
 sliding masks the captured step leaves out (vramplan.train.graphs.packing_decided)."""
 
+import contextlib
+
 import pytest
 import torch
 
@@ -261,10 +263,14 @@ def test_gemma4_steps_through_the_band_train_like_steps_under_the_mask(tmp_path,
     """A tiny Gemma 4 (window 8) trained six optimizer steps on unpacked 24-token and packed 16-token rows: eager with
     the switch off (every sliding layer under transformers' mask), then with it on eagerly and through captured
     graphs (the unpacked rows' sliding layers over the band). The band ran, every step's loss agrees, and the first
-    step's gradients agree within bf16's reach on this model: its LoRA gradients sum nearly cancelling terms, and
-    SDPA against the band moved one by 15% in relative norm on the H100 (session 15, call 2), where the same step in
-    fp32 on the CPU agrees to 5e-6 (test_eager_steps_leave_the_sliding_mask_to_the_band). Not the adapters after six
-    AdamW steps: AdamW turns such differences in a near-zero gradient into whole steps of either sign (call 1)."""
+    step's gradients sit as close to the masked step's as a second correct masked step does: the same step with SDPA's
+    math kernel instead of its fused ones. bf16 alone moves these gradients (their LoRA terms nearly cancel): one
+    matrix by 15% and 26% of its norm on the H100 in sessions 15 and 16 under a fixed bound, where the same step in fp32
+    on the CPU agrees to 5e-6 (test_eager_steps_leave_the_sliding_mask_to_the_band); hence a bound measured in the
+    run, over all adapters together. Not the adapters after six AdamW steps: AdamW turns such differences in a
+    near-zero gradient into whole steps of either sign (session 15, call 1)."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
     from vramplan.plan import Plan
     from vramplan.train.graphs import StepGraphs
     from vramplan.train.loss import accumulate_gradients
@@ -277,10 +283,14 @@ def test_gemma4_steps_through_the_band_train_like_steps_under_the_mask(tmp_path,
     windows = []
     original_apply = attention.ChunkedAttention.apply
     monkeypatch.setattr(attention.ChunkedAttention, "apply", lambda *a: windows.append(a[7]) or original_apply(*a))
-    results = []
+    results = {}
+    runs = {"masked": (False, False, None), "masked, SDPA math": (False, False, SDPBackend.MATH),
+            "band": (True, False, None), "band, graphs": (True, True, None)}
     try:
-        for band, use_graphs in ((False, False), (True, False), (True, True)):
-            with switches.forced(sliding_band_attention=band):
+        for run, (band, use_graphs, backend) in runs.items():
+            windows.clear()
+            with switches.forced(sliding_band_attention=band), \
+                    (sdpa_kernel([backend]) if backend is not None else contextlib.nullcontext()):
                 torch.manual_seed(0)
                 model, _ = load_for_training(folder, plan, torch.device("cuda"))
                 params = lora_parameters(model)
@@ -289,20 +299,22 @@ def test_gemma4_steps_through_the_band_train_like_steps_under_the_mask(tmp_path,
                 losses, first_grads = [], None
                 for micro_batches in batches:
                     losses.append(accumulate_gradients(model, micro_batches, graphs=graphs)[0])
-                    first_grads = first_grads or [p.grad.detach().float().cpu() for p in params]
+                    if first_grads is None:
+                        first_grads = torch.cat([p.grad.detach().float().flatten().cpu() for p in params])
                     optimizer.step()
                     optimizer.zero_grad(set_to_none=graphs is None)
-                results.append((f"band={band}, graphs={use_graphs}", losses, first_grads))
-                assert (8 in windows) == band
+                results[run] = (losses, first_grads)
+                assert (8 in windows) == band, run
             attention.uninstall()
     finally:
         attention.uninstall()
-    (_, masked_losses, masked_grads), *banded = results
+    masked_losses, masked_grads = results.pop("masked")
     assert masked_losses[-1] < masked_losses[0]
-    for run, losses, grads in banded:
+    floor = (results.pop("masked, SDPA math")[1] - masked_grads).norm() / masked_grads.norm()
+    for run, (losses, grads) in results.items():
         torch.testing.assert_close(torch.tensor(losses), torch.tensor(masked_losses), rtol=2e-3, atol=2e-3, msg=run)
-        for got, want in zip(grads, masked_grads):
-            assert (got - want).norm() <= 0.25 * want.norm() + 1e-6, (run, (got - want).norm(), want.norm())
+        moved = (grads - masked_grads).norm() / masked_grads.norm()
+        assert moved <= max(3 * floor, 0.05), (run, float(moved), float(floor))
 
 
 @pytest.mark.parametrize("outer", [False, True])

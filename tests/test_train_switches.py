@@ -90,6 +90,7 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
             pass
     # a measured line says what stepped it; before it did, only the opt-in switch turned the kernel on
     assert switches_ran({"fused_optimizer": True})["fused_optimizer"]
+    assert switches_ran({"chunk_alignment": [64, 8]})["aligned_attention_chunks"]  # lines since session 16 say
     assert switches_ran({"enabled": "fused_optimizer"})["fused_optimizer"]
     assert switches_ran({"enabled": "flat_optimizer"}) == switches_ran({}) == {"fused_optimizer": False,
                                                                                "int8_vocab_major": False,
@@ -99,7 +100,8 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
                                                                                "prefetch_paged": True,
                                                                                "wide_head_attention": False,
                                                                                "wide_head_fused_rows": False,
-                                                                               "sliding_band_attention": False}
+                                                                               "sliding_band_attention": False,
+                                                                               "aligned_attention_chunks": False}
     assert not switches_ran({"prefetch_paged": False})["prefetch_paged"]  # bitsandbytes' own behaviour until then
     assert switches_ran({"wide_head_attention": True})["wide_head_attention"]  # SDPA's kernels before session 13
     assert switches_ran({"enabled": "rope_gemma4"})["rope_gemma4"]

@@ -72,8 +72,8 @@ from vramplan.catalog import GpuSpec, read_json, profiles_dir
 from vramplan.errors import VramplanError
 from vramplan.occupancy import (FLASH_BACKWARD, FLASH_BACKWARD_256, FLASH_FORWARD, WIDE_BACKWARD, WIDE_FORWARD, Tiling,
                                  fill)
-from vramplan.memory.activations import (FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows, chunked_attention_keys_per_query,
-                                         sliding_window_of)
+from vramplan.memory.activations import (FLASH_MAX_HEAD_DIM, chunked_attention_chunk_rows, chunked_attention_chunks,
+                                         chunked_attention_keys_per_query, sliding_window_of)
 from vramplan.memory.adapters import paged_tensors
 from vramplan.memory.logits import dequant_slice_rows, int8_head_block, loss_chunk_tokens
 from vramplan.plan import EXPERT_TARGETS, Plan
@@ -243,10 +243,21 @@ CHUNKED_FUSED_WIDE_HEAD_ATTENTION_EFFICIENCY = 0.199
 #: keys of which a query reads one. Session 15's H100 A/B of Gemma-4-E2B at 8,192 tokens in fresh processes
 #: (benchmarks/results/session15/call1/trainer.jsonl): 674.3 -> 516.5 ms a step, so the 28 sliding layers' 309.7 ms
 #: under SDPA's mask (as priced, and as graph-profiled at 2,048 tokens in session 14) became 151.7 ms for the 8.4 TFLOP
-#: its chunks compute over forward, recompute and backward: this fraction of the bf16 peak. With the PyTorch row
-#: passes, the kernel table's 1.65x slower (benchmarks/results/session15/call1/kernels-sliding/kernels.md).
-CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY = 0.0558
-CHUNKED_BAND_ATTENTION_EFFICIENCY = CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY / 1.65
+#: its chunks compute over forward, recompute and backward: 5.58% of the bf16 peak, in chunks of 1,023 keys, 97% of
+#: the work unaligned (:func:`unaligned_chunk_cost` 1.83); aligned, this fraction. Session 16's aligned run of the
+#: same step (call 1: 443.6 ms) is held out for it. With the PyTorch row passes, 2.2x slower (session 16's kernel
+#: table, aligned, 2,048 to 8,192 tokens: 2.18-2.24x; benchmarks/results/session16/call1/kernels/kernels.md).
+CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY = 0.102
+CHUNKED_BAND_ATTENTION_EFFICIENCY = CHUNKED_FUSED_BAND_ATTENTION_EFFICIENCY / 2.2
+#: cuBLAS reads bf16 rows aligned to 16 bytes: a chunk whose height or key count is no whole multiple of this many
+#: elements runs its matmuls off the aligned kernels.
+ALIGNED_ELEMENTS = 8
+#: How much more time such an unaligned chunk takes on the H100, forward and backward, the fused row passes included:
+#: Gemma-4-E2B's full layer at 6,144 tokens in 341-row chunks against 320-row ones 1.88x for the same work (session
+#: 15's call 3, benchmarks/results/session15/call3/chunk_rows.jsonl), its sliding layer's band at 2,048 to 8,192
+#: tokens with 1,023-key chunks against 1,024 1.80-1.85x (session 16's call 1 kernel table); geometric mean. E4B's
+#: band (two K/V heads) lost more, 2.7x at 8,192 tokens: the sessions 15 lines of E4B's band are priced fast.
+UNALIGNED_CHUNK_SLOWDOWN = 1.86
 #: What vramplan's calibration records as its stack's attention efficiency (``Factors``): the flash rate.
 FLASH_ATTENTION_EFFICIENCY = FLASH_ATTENTION.forward_efficiency
 
@@ -406,6 +417,18 @@ def attention_kernel(layer: Layer, masked: bool) -> AttentionKernel:
     return MASKED_FLASH_ATTENTION if masked else FLASH_ATTENTION
 
 
+def unaligned_chunk_cost(seq: int, rows: int, window: int = 0) -> float:
+    """How much slower a layer's chunked attention runs than if all its chunks were aligned: the share of its score work
+    in chunks whose height or key count is no whole multiple of :data:`ALIGNED_ELEMENTS` costs
+    :data:`UNALIGNED_CHUNK_SLOWDOWN` times as much (a row's length odd in bf16 takes cuBLAS off its aligned kernels)."""
+    work = unaligned = 0
+    for start, stop, first, upto in chunked_attention_chunks(seq, seq, rows, True, window):
+        scores = (stop - start) * (upto - first)
+        work += scores
+        unaligned += scores if (stop - start) % ALIGNED_ELEMENTS or (upto - first) % ALIGNED_ELEMENTS else 0
+    return 1.0 + (UNALIGNED_CHUNK_SLOWDOWN - 1.0) * unaligned / max(1, work)
+
+
 def chunked_attention_efficiency(layer: Layer, plan: Plan) -> float:
     """The fraction of the bf16 peak a layer's chunked attention runs at: its row passes fused or not, over a wide
     head's causal rows or a sliding window's band."""
@@ -433,7 +456,7 @@ def attention_seconds(arch: Architecture, plan: Plan, rate: float, sms: int,
             rows = chunked_attention_chunk_rows(plan.micro_batch, layer.heads, plan.seq_len, window)
             keys = chunked_attention_keys_per_query(plan.seq_len, rows, window)
             seconds_at_peak = ((forwards + ATTENTION_BACKWARD_PASSES) * _attention_forward_flops(layer, plan, keys)
-                               / chunked_attention_efficiency(layer, plan))
+                               * unaligned_chunk_cost(plan.seq_len, rows, window) / chunked_attention_efficiency(layer, plan))
             if wide_heads:
                 wide += seconds_at_peak
             else:

@@ -59,10 +59,16 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: whole square, at rows of at least ``memory.activations.SLIDING_BAND_MIN_WINDOWS`` windows, where it pays. Session
 #: 15's H100 A/B in fresh processes (benchmarks/results/session15/call1/trainer.jsonl): Gemma-4-E2B at 8,192 tokens
 #: 674.3 -> 516.5 ms a step (1.31x), 0.15 GB less reserved; at 2,048 tokens (four windows) it cost 13 ms.
+#: ``aligned_attention_chunks``: the chunked attention's chunk heights in whole multiples of 64 rows and a band's first
+#: key on a multiple of 8 (``memory.activations.chunk_multiples``), so cuBLAS reads the bf16 scores in aligned rows; off,
+#: heights straight off the score budget and a band from ``window - 1`` keys back, as sessions 13-15 ran them. Session
+#: 16's H100 A/B in fresh processes (benchmarks/results/session16/call1/trainer.jsonl): Gemma-4-E2B at 6,144 tokens
+#: 439.4 -> 324.7 ms a step (1.35x: 341-row chunks became 320), at 8,192 514.8 -> 443.6 (1.16x: the band's 1,023 keys
+#: became 1,024), E4B at 8,192 851.8 -> 683.6 (1.25x); the same memory.
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
             "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": True,
             "prefetch_paged": False, "wide_head_attention": True, "wide_head_fused_rows": True,
-            "sliding_band_attention": True}
+            "sliding_band_attention": True, "aligned_attention_chunks": True}
 
 
 def _listed(env: str) -> set[str]:
