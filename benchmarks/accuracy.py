@@ -41,7 +41,7 @@ from vramplan.calibration import (Calibration, CalibrationKey, CalibrationPoint,
                                   point_from, split_estimate)
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
-from benchmarks.records import CAMPAIGN, HELD_OUT, plan_of, switches_ran
+from benchmarks.records import CAMPAIGN, HELD_OUT, band_min_windows_ran, plan_of, priced_as_ran, switches_ran
 from vramplan.train import switches
 from vramplan.plan import Plan
 
@@ -66,7 +66,7 @@ def _row(record: dict, stack: str) -> dict | None:
         return None
     plan = Plan.from_dict(record["plan"]) if isinstance(record.get("plan"), dict) else plan_of(record, stack)
     profile = resolve_model(plan.model)
-    with switches.forced(**switches_ran(record)):  # priced as it ran
+    with priced_as_ran(switches_ran(record), band_min_windows_ran(record)):
         estimate = estimate_plan(plan, profile)
     return {"stack": plan.stack, "plan": plan, "profile": profile, "measured": record["nvml_used_delta"],
             "peak_alloc": record.get("peak_alloc"), "peak_reserved": record.get("peak_reserved"),

@@ -8,10 +8,13 @@ grid's ``flat_optimizer``) means the adapters were stepped as one flat tensor.""
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
+from vramplan.memory import activations
 from vramplan.plan import Plan
+from vramplan.train import switches
 
 _RESULTS = Path(__file__).resolve().parent / "results"
 #: Session 9's held-out campaign of vramplan's trainer as it ships (CUDA graphs with causal captures, default
@@ -186,3 +189,18 @@ def switches_ran(record: dict) -> dict[str, bool]:
             "wide_head_fused_rows": bool(record.get("wide_head_fused_rows")),
             "sliding_band_attention": bool(record.get("sliding_band_attention")),
             "aligned_attention_chunks": record.get("chunk_alignment", [1, 1]) != [1, 1]}
+
+
+def band_min_windows_ran(record: dict) -> int:
+    """The band's threshold a line ran under (``activations.SLIDING_BAND_MIN_WINDOWS``, recorded since session 15's
+    call 2); session 15's call 1, before the threshold, took the band at any length (1). Lines that never ran the band
+    do not care."""
+    return int(record.get("sliding_band_min_windows") or 1)
+
+
+@contextlib.contextmanager
+def priced_as_ran(ran: dict[str, bool], band_min_windows: int):
+    """The planner and the speed model as a line ran: its switches (:func:`switches_ran`) and its band threshold
+    (:func:`band_min_windows_ran`)."""
+    with switches.forced(**ran), activations.band_threshold(band_min_windows):
+        yield

@@ -25,7 +25,7 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
-from benchmarks.records import HELD_OUT, plan_of, switches_ran
+from benchmarks.records import HELD_OUT, band_min_windows_ran, plan_of, priced_as_ran, switches_ran
 from vramplan.plan import Plan
 from vramplan.train import switches
 from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
@@ -81,10 +81,16 @@ class Run:
     masked_captures: bool = True
     #: the switches it ran under that the speed model prices (``records.switches_ran``; the key marks them)
     ran: dict[str, bool] = field(default_factory=lambda: switches_ran({}))
+    #: the band's threshold it ran under (``records.band_min_windows_ran``; the key marks it where the band was on)
+    band_min_windows: int = 1
 
     def switches(self) -> dict[str, bool]:
         """What ``switches.forced`` takes to price it as it ran."""
         return dict(self.ran)
+
+    def as_ran(self):
+        """The context that prices it as it ran: its switches and its band threshold."""
+        return priced_as_ran(self.ran, self.band_min_windows)
 
     @property
     def step_s(self) -> float:
@@ -158,13 +164,15 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
             plan = plan_of(record, stack)
             causal = bool(record.get("causal_captures")) and plan.captures_steps
             ran = switches_ran(record)
-            key = run_key(stack, plan) + switch_marks(ran) + (CAUSAL if causal else "")
-            plans.setdefault(key, (stack, plan, ran))
+            band_from = band_min_windows_ran(record)
+            key = (run_key(stack, plan) + switch_marks(ran) + (f":band-from-{band_from}" if ran["sliding_band_attention"]
+                                                               else "") + (CAUSAL if causal else ""))
+            plans.setdefault(key, (stack, plan, ran, band_from))
             times.setdefault(key, []).append(float(record["step_s"]))
     return [Run(key, stack, plan.model, plan, tuple(times[key]),
                 "graphs_causal" if key.endswith(CAUSAL) else group_of(plan, later),
-                masked_captures=not key.endswith(CAUSAL), ran=ran)
-            for key, (stack, plan, ran) in plans.items()]
+                masked_captures=not key.endswith(CAUSAL), ran=ran, band_min_windows=band_from)
+            for key, (stack, plan, ran, band_from) in plans.items()]
 
 
 def load_later_runs() -> list[Run]:
@@ -205,7 +213,7 @@ def _checkpointed(run: Run) -> float:
     arch = architecture(resolve_model(run.model))
     if "checkpointed" in captured_phases(arch, run.plan):  # the hooks ran once, while capturing
         return 0.0
-    with switches.forced(**run.switches()):
+    with run.as_ran():
         return step_host_ops(arch, run.plan)["checkpointed"]
 
 
@@ -218,7 +226,7 @@ def _terms(run: Run) -> dict[str, float]:
 
 def run_seconds(run: Run, factors: Factors) -> dict[str, float]:
     """The model's step-time terms for ``run`` with ``factors``, its plan priced as it ran (which optimizer stepped it)."""
-    with switches.forced(**run.switches()):
+    with run.as_ran():
         return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), factors,
                             run.masked_captures)
 

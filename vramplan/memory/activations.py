@@ -10,6 +10,7 @@ the scores, the probabilities and a boolean mask at once.
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -39,6 +40,18 @@ CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS = 3.0
 #: near eleven windows. E2B's step with the band: 127 against 115 ms at 2,048 tokens, 245 against 250 at 4,096, 438
 #: against 500 at 6,144. Twelve windows is one threshold that wins on both.
 SLIDING_BAND_MIN_WINDOWS = 12
+
+
+@contextlib.contextmanager
+def band_threshold(windows: int):
+    """:data:`SLIDING_BAND_MIN_WINDOWS` at ``windows`` for the duration: a measured line is priced at the threshold it
+    ran under, whatever today's is."""
+    global SLIDING_BAND_MIN_WINDOWS
+    saved, SLIDING_BAND_MIN_WINDOWS = SLIDING_BAND_MIN_WINDOWS, windows
+    try:
+        yield
+    finally:
+        SLIDING_BAND_MIN_WINDOWS = saved
 
 
 def band_pays(window: int, seq: int) -> bool:
