@@ -1,6 +1,8 @@
 """The throughput model: FLOPs by hand, the directions it must move in, and its error on held-out runs."""
 
 
+import json
+
 import pytest
 
 from vramplan.arch import from_config
@@ -550,3 +552,24 @@ def test_unaligned_chunks_cost_what_the_kernel_tables_timed():
         assert 1.8 < unaligned_chunk_cost(8192, 512, 512) < UNALIGNED_CHUNK_SLOWDOWN  # the first chunk reads 512 keys
         unaligned_s = 8192 / predict_tokens_per_s(gemma, plan, h100)
     assert aligned_s == pytest.approx(0.4436, rel=0.05) and unaligned_s == pytest.approx(0.5165, rel=0.05)
+
+
+def test_a_measured_line_is_priced_at_the_band_threshold_it_ran_under(monkeypatch, tmp_path):
+    """Session 15's Gemma-4-E2B line at 4,096 tokens ran with the band switched on but under a 12-window threshold, so
+    SDPA's mask ran: priced so whatever today's threshold is; a line from before the threshold (session 15's call 1)
+    took the band at any length."""
+    from benchmarks.throughput import load_runs, run_seconds
+    from vramplan.memory import activations
+
+    line = {"model": "gemma-4-e2b-text", "seq": 4096, "batch": 1, "rank": 16, "gc": True, "cuda_graphs": 1,
+            "causal_captures": True, "sliding_band_attention": True, "step_s": 0.25, "tok_s": 16384.0}
+    masked_line = dict(line, sliding_band_attention=False)
+    priced = {}
+    for name, record in {"threshold 12": dict(line, sliding_band_min_windows=12), "before the threshold": line,
+                         "switched off": masked_line}.items():
+        path = tmp_path / f"{name}.jsonl"
+        path.write_text(json.dumps(record) + "\n")
+        (run,) = load_runs({"vramplan": path})
+        monkeypatch.setattr(activations, "SLIDING_BAND_MIN_WINDOWS", 2)
+        priced[name] = sum(run_seconds(run, factors_for("vramplan")).values())
+    assert priced["threshold 12"] == priced["switched off"] != priced["before the threshold"]
