@@ -98,8 +98,8 @@ def campaign_rows(paths=CAMPAIGN, role: str = CAMPAIGN_ROLE) -> list[dict]:
 #: its half, a shape no campaign row has), one JSON result a line (results/session10/calibrate_models.sh).
 CALIBRATE_RUNS = tuple(sorted((RESULTS / "session10").glob("calibrate-*.jsonl")))
 #: The switches those runs' trainer ran under where they change what the planner prices: SDPA's kernels on Gemma 4's
-#: wide heads (the chunked attention came in session 13).
-CALIBRATE_RUNS_SWITCHES = {"wide_head_attention": False}
+#: wide heads (the chunked attention came in session 13) and under its sliding mask (the band in session 15).
+CALIBRATE_RUNS_SWITCHES = {"wide_head_attention": False, "sliding_band_attention": False}
 
 
 def repriced(point: CalibrationPoint) -> CalibrationPoint:

@@ -34,12 +34,16 @@ CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS = 3.0
 
 #: The shortest row, in windows, whose sliding-window layers run the chunked attention over their band instead of SDPA
 #: under the band mask. SDPA computes the whole masked square (time ∝ tokens²), the band about two windows of keys per
-#: query (∝ tokens · window). On the H100 (benchmarks/results/session15/), Gemma-4-E2B's sliding layer (8 heads of 256,
-#: window 512, fused rows) took 0.93 ms forward and backward over the band against SDPA's 0.61 at 2,048 tokens, 1.99
-#: against 2.21 at 4,096, 4.15 against 8.68 at 8,192; E4B's (two K/V heads) 5.78 against 8.58 at 8,192, so it crosses
-#: near eleven windows. E2B's step with the band: 127 against 115 ms at 2,048 tokens, 245 against 250 at 4,096, 438
-#: against 500 at 6,144. Twelve windows is one threshold that wins on both.
-SLIDING_BAND_MIN_WINDOWS = 12
+#: query (∝ tokens · window). On the H100, Gemma-4-E2B's sliding layer (8 heads of 256, window 512, fused rows, chunks
+#: aligned) took 0.55 ms forward and backward over the band against SDPA's 0.61 at 2,048 tokens (four windows), 1.12
+#: against 2.24 at 4,096, 2.26 against 8.62 at 8,192; E4B's (two K/V heads) 2.17 against 8.62 at 8,192
+#: (benchmarks/results/session16/call1/kernels/). The step adds the chunks' host and recompute work: the speed model,
+#: within 1.6% of session 15's unaligned band at 2,048 and 4,096 tokens and of session 16's aligned one at 8,192,
+#: puts E2B's step with the band even with the measured masked step at four windows (113.5 against 114.5 ms) and
+#: ahead from there (E2B 1.12x at six windows with the masked step measured 7% over its price, as at four and eight;
+#: 1.19x at eight). Six windows (3,072 tokens on Gemma 4) keeps a margin at the crossing. Twelve until session 16,
+#: when the band's unaligned 1,023-key chunks ran it 1.8x slower.
+SLIDING_BAND_MIN_WINDOWS = 6
 
 
 @contextlib.contextmanager
