@@ -256,7 +256,7 @@ ALIGNED_ELEMENTS = 8
 #: Gemma-4-E2B's full layer at 6,144 tokens in 341-row chunks against 320-row ones 1.88x for the same work (session
 #: 15's call 3, benchmarks/results/session15/call3/chunk_rows.jsonl), its sliding layer's band at 2,048 to 8,192
 #: tokens with 1,023-key chunks against 1,024 1.80-1.85x (session 16's call 1 kernel table); geometric mean. E4B's
-#: band (two K/V heads) lost more, 2.7x at 8,192 tokens: the sessions 15 lines of E4B's band are priced fast.
+#: band (two K/V heads) lost more, 2.7x at 8,192 tokens: session 15's lines of E4B's band are priced fast.
 UNALIGNED_CHUNK_SLOWDOWN = 1.86
 #: What vramplan's calibration records as its stack's attention efficiency (``Factors``): the flash rate.
 FLASH_ATTENTION_EFFICIENCY = FLASH_ATTENTION.forward_efficiency
