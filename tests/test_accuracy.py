@@ -143,17 +143,19 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     assert wide["n"] == 6 and wide["max"] < 0.04 and stats["session13_ab_calibrated_by_calibrate_runs"]["max"] < 0.03
     fused = stats["session14_ab_uncalibrated"]  # the A/B of the fused attention rows: -3.0%, corrected 0.5%
     assert fused["n"] == 4 and fused["max"] < 0.04 and stats["session14_ab_calibrated_by_calibrate_runs"]["max"] < 0.01
-    campaign14 = stats["session14_uncalibrated"]  # Gemma 4 with them at 1,024-8,192 tokens: 3.7% mean, 6.8% max
-    assert campaign14["n"] == 5 and campaign14["mean"] < 0.04 and campaign14["max"] < 0.07
-    assert stats["session14_calibrated_by_calibrate_runs"]["max"] < 0.05  # E2B at 8,192 tokens: -4.4%
-    band = stats["session15_ab_uncalibrated"]  # E2B at 8,192 tokens, band or mask: -6.4% to -7.5%, corrected -4.3% mean
-    assert band["n"] == 4 and band["max"] < 0.08 and stats["session15_ab_calibrated_by_calibrate_runs"]["max"] < 0.06
-    threshold = stats["session15_uncalibrated"]  # E2B 4,096-6,144, E4B 8,192 at the band's threshold: 5.0% mean, 6.2% max
-    assert threshold["n"] == 5 and threshold["max"] < 0.07 and stats["session15_calibrated_by_calibrate_runs"]["max"] < 0.04
-    aligned = stats["session16_aligned_uncalibrated"]  # E2B 6,144-8,192, E4B 8,192, chunks aligned or not: 6.4% max
-    assert aligned["n"] == 6 and aligned["max"] < 0.07 and stats["session16_aligned_calibrated_by_calibrate_runs"]["max"] < 0.04
+    # Gemma 4 at 6,144 and 8,192 tokens were priced 4.7-7.5% low until the captured prologue's cached blocks
+    # (memory.activations.captured_prologue_bytes) counted in the slack; now 2.1-4.2%, corrected within 1.7%
+    campaign14 = stats["session14_uncalibrated"]  # Gemma 4 with them at 1,024-8,192 tokens: 2.7% mean, 3.7% max
+    assert campaign14["n"] == 5 and campaign14["mean"] < 0.03 and campaign14["max"] < 0.045
+    assert stats["session14_calibrated_by_calibrate_runs"]["max"] < 0.02  # E2B at 8,192 tokens: -1.2%
+    band = stats["session15_ab_uncalibrated"]  # E2B at 8,192 tokens, band or mask: -3.1% to -4.2%, corrected 0.9% mean
+    assert band["n"] == 4 and band["max"] < 0.05 and stats["session15_ab_calibrated_by_calibrate_runs"]["max"] < 0.025
+    threshold = stats["session15_uncalibrated"]  # E2B 4,096-6,144, E4B 8,192 at the band's threshold: 3.0% mean, 3.7% max
+    assert threshold["n"] == 5 and threshold["max"] < 0.045 and stats["session15_calibrated_by_calibrate_runs"]["max"] < 0.02
+    aligned = stats["session16_aligned_uncalibrated"]  # E2B 6,144-8,192, E4B 8,192, chunks aligned or not: 3.2% max
+    assert aligned["n"] == 6 and aligned["max"] < 0.04 and stats["session16_aligned_calibrated_by_calibrate_runs"]["max"] < 0.01
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
-    assert shipped["n"] == 94 and shipped["mean"] < 0.025
+    assert shipped["n"] == 94 and shipped["mean"] < 0.02
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     assert len(outside) == 3 and all(r["error_calibrated_by_calibrate_runs"] > 0 for r in outside)
@@ -162,8 +164,8 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
     """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (117 runs; the matrix's
-    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 3.2% mean / 13.3% max, inside 8% / 15%;
-    calibrated 2.1% mean, inside 3%, 12.6% max, NOT inside 6%: the eager offloaded-checkpoint runs above."""
+    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.8% mean / 13.3% max, inside 8% / 15%;
+    calibrated 1.8% mean, inside 3%, 12.6% max, NOT inside 6%: the eager offloaded-checkpoint runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
     assert unc["n"] == 117 and unc["mean"] <= 0.08 and unc["max"] <= 0.15

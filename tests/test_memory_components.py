@@ -89,6 +89,29 @@ def test_fragmentation_rules():
     assert unreused_segment_bytes(10, 5, 3, allocated_peak=20) == 0
     assert pooled_fragmentation_bytes(1000) == 170_000_000  # the measured floor
     assert pooled_fragmentation_bytes(10 * 10**9) == 500_000_000  # 5% of large transients
+    # a captured step's eager prologue: its cached blocks count where they exceed the floor, never eagerly
+    assert pooled_fragmentation_bytes(1000, captured=True, prologue=10**6) == 129_000_000
+    assert pooled_fragmentation_bytes(1000, captured=True, prologue=3 * 10**8) == 3 * 10**8
+    assert pooled_fragmentation_bytes(1000, prologue=3 * 10**8) == 170_000_000
+
+
+def test_a_captured_prologue_holds_the_lookups_and_their_scaled_copies():
+    """Gemma-4-E2B at 8,192 tokens: the embeddings (1,536 wide) and the per-layer rows (35 layers of 256), each
+    looked up and scaled, so two of the rows at once beside the embeddings: 319 MB. Llama does not scale its one
+    lookup: 33.6 MB. Priced into E2B's captured slack from about 4,096 tokens, never into Llama's at any length."""
+    from vramplan.estimate import estimate_plan
+    from vramplan.memory.activations import captured_prologue_bytes
+    from vramplan.plan import Plan
+
+    tokens = 8192
+    assert captured_prologue_bytes(GEMMA, tokens, 2) == tokens * 1536 * 2 + 2 * tokens * 35 * 256 * 2
+    assert captured_prologue_bytes(LLAMA, tokens, 2) == tokens * 2048 * 2
+
+    def slack(model, seq):
+        return estimate_plan(Plan(model=model, seq_len=seq, cuda_graphs=True), resolve_model(model)).components["fragmentation"]
+    assert slack("gemma-4-e2b-text", 8192) - slack("gemma-4-e2b-text", 2048) == captured_prologue_bytes(GEMMA, 8192, 2) \
+        - 129_000_000
+    assert slack("llama-3.2-1b", 8192) == slack("llama-3.2-1b", 2048)
 
 
 def test_peak_is_max_over_phases_not_a_sum():

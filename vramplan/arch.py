@@ -98,6 +98,11 @@ class Architecture:
     def num_layers(self) -> int:
         return len(self.layers)
 
+    @property
+    def scales_embeddings(self) -> bool:
+        """Gemma's embeddings multiply the looked-up rows by a scale: the lookup and its product exist at once."""
+        return self.model_type.startswith("gemma")
+
     @cached_property
     def embedding_params(self) -> int:
         """The token embedding; an untied LM head is counted separately (``lm_head_params``)."""

@@ -853,7 +853,7 @@ def prologue_host_ops(arch: Architecture) -> float:
     """The forward's frozen embedding lookups, in host ops: the part of a micro-batch's forward that
     runs before the first decoder layer and that a CUDA graph leaves eager (vramplan.train.graphs:
     ``StepGraphs.prologue``)."""
-    ops = HOST_OPS_EMBEDDING_LOOKUP + (HOST_OPS_EMBEDDING_SCALE if arch.model_type.startswith("gemma") else 0)
+    ops = HOST_OPS_EMBEDDING_LOOKUP + (HOST_OPS_EMBEDDING_SCALE if arch.scales_embeddings else 0)
     if any(layer.per_layer_input for layer in arch.layers):
         ops += HOST_OPS_PER_LAYER_INPUT_LOOKUP
     return float(ops)

@@ -228,6 +228,17 @@ def per_layer_input_bytes(arch, tokens: int, act_bytes: int, copies: int) -> int
     return copies * tokens * arch.num_layers * arch.per_layer_dim * act_bytes
 
 
+def captured_prologue_bytes(arch, tokens: int, act_bytes: int) -> int:
+    """The most a replayed step's eager prologue holds at once (vramplan.train.graphs.StepGraphs.prologue): the token
+    embeddings, then Gemma 4's per-layer rows beside them, each lookup with its scaled copy where the model scales
+    (:attr:`Architecture.scales_embeddings`). It runs in the allocator's regular pool every step; freed, its blocks
+    stay cached there, where the graph's private pool never reuses them."""
+    copies = 2 if arch.scales_embeddings else 1
+    embeds = tokens * arch.hidden_size * act_bytes
+    per_layer = tokens * arch.num_layers * arch.per_layer_dim * act_bytes
+    return max(copies * embeds, embeds + copies * per_layer)
+
+
 def shared_kv_bytes(arch, tokens: int, act_bytes: int) -> int:
     """Gemma 4's shared K/V: the last non-shared layer of each attention type keeps K and V
     for the whole sequence alive until the shared layers have read them."""

@@ -26,6 +26,7 @@
 from __future__ import annotations
 
 from vramplan.memory.activations import (CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, ActivationRecipe,
+                                         captured_prologue_bytes,
                                          activation_bytes, band_pays, model_level_activations,
                                          sliding_window_of)
 from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
@@ -139,7 +140,8 @@ def step_memory(arch, plan) -> StepMemory:
         step_buffers["expert_dequant_buffers"] = expert_dequant_buffer_bytes(arch)
     static = {**weights, **adapters, **optim, **step_buffers}
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
-                                               trainable, captured=captured)
+                                               trainable, captured=captured,
+                                               prologue=captured_prologue_bytes(arch, tokens, ACT) if captured else 0)
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
     wide = [layer for layer in chunked if layer.head_dim > FLASH_MAX_HEAD_DIM]
     banded = [layer for layer in chunked if band_window_of(layer, plan)]
