@@ -113,6 +113,11 @@ def test_a_captured_prologue_holds_the_lookups_and_their_scaled_copies():
         - 129_000_000
     assert slack("llama-3.2-1b", 8192) == slack("llama-3.2-1b", 2048)
 
+    def notes(model, seq):
+        return estimate_plan(Plan(model=model, seq_len=seq, cuda_graphs=True), resolve_model(model)).notes
+    assert any("per-layer rows eagerly: 0.32 GB" in n for n in notes("gemma-4-e2b-text", 8192))
+    assert not any("eagerly:" in n for n in notes("gemma-4-e2b-text", 2048) + notes("llama-3.2-1b", 8192))
+
 
 def test_peak_is_max_over_phases_not_a_sum():
     phases = {"load": {"w": 5}, "forward": {"w": 5, "a": 3}, "backward": {"w": 5, "a": 4, "g": 1}, "optimizer_step": {"w": 5, "o": 2}}

@@ -34,7 +34,7 @@ from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_byt
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import (FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes,
                                         resident_paged_state_bytes)
-from vramplan.memory.overhead import (cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, flat_optimizer_bytes,
+from vramplan.memory.overhead import (CAPTURED_FRAGMENTATION_FLOOR_BYTES, cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, flat_optimizer_bytes,
                                        pooled_fragmentation_bytes)
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
                                      linear_weight_bytes, nf4_expert_bytes)
@@ -46,6 +46,8 @@ WIDE_HEADS_NOTE = ("{n} attention layers with {width}-wide heads run vramplan's 
                    "kernel that wide): a few {chunk_mib} MiB score chunks in the layer's working set and one more of "
                    "allocator slack; VRAMPLAN_DISABLE=wide_head_attention runs SDPA's slower memory-efficient kernels "
                    "instead")
+PROLOGUE_NOTE = ("a replayed step looks up its embeddings{per_layer} eagerly: {gb:.2f} GB of blocks the allocator keeps "
+                 "cached outside the graph's pool, counted in fragmentation")
 SLIDING_BAND_NOTE = ("{n} sliding-window layers run vramplan's chunked attention over their {window}-key band (SDPA "
                      "computes the whole masked square): score chunks of at most {chunk_mib} MiB in the layer's working "
                      "set; VRAMPLAN_DISABLE=sliding_band_attention runs SDPA instead")
@@ -139,9 +141,11 @@ def step_memory(arch, plan) -> StepMemory:
     if arch.expert_params and experts_quant == "nf4":
         step_buffers["expert_dequant_buffers"] = expert_dequant_buffer_bytes(arch)
     static = {**weights, **adapters, **optim, **step_buffers}
+    prologue = captured_prologue_bytes(arch, tokens, ACT) if captured else 0
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
-                                               trainable, captured=captured,
-                                               prologue=captured_prologue_bytes(arch, tokens, ACT) if captured else 0)
+                                               trainable, captured=captured, prologue=prologue)
+    prologue_notes = ((PROLOGUE_NOTE.format(per_layer=" and per-layer rows" if arch.per_layer_dim else "", gb=prologue / 1e9),)
+                      if prologue > CAPTURED_FRAGMENTATION_FLOOR_BYTES else ())
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
     wide = [layer for layer in chunked if layer.head_dim > FLASH_MAX_HEAD_DIM]
     banded = [layer for layer in chunked if band_window_of(layer, plan)]
@@ -166,7 +170,8 @@ def step_memory(arch, plan) -> StepMemory:
                       + ((WIDE_HEADS_NOTE.format(n=len(wide), width=wide[0].head_dim,
                                                       chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if wide else ())
                       + ((SLIDING_BAND_NOTE.format(n=len(banded), window=banded[0].sliding_window,
-                                                   chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if banded else ()))
+                                                   chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if banded else ())
+                      + prologue_notes)
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
