@@ -26,16 +26,15 @@
 from __future__ import annotations
 
 from vramplan.memory.activations import (CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, ActivationRecipe,
-                                         captured_prologue_bytes,
-                                         activation_bytes, band_pays, model_level_activations,
+                                         activation_bytes, band_pays, captured_prologue_bytes, model_level_activations,
                                          sliding_window_of)
 from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
                                       trainable_params)
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import (FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes,
                                         resident_paged_state_bytes)
-from vramplan.memory.overhead import (CAPTURED_FRAGMENTATION_FLOOR_BYTES, cublas_workspace_bytes, cuda_graph_bytes, cuda_library_bytes, flat_optimizer_bytes,
-                                       pooled_fragmentation_bytes)
+from vramplan.memory.overhead import (CAPTURED_FRAGMENTATION_FLOOR_BYTES, cublas_workspace_bytes, cuda_graph_bytes,
+                                       cuda_library_bytes, flat_optimizer_bytes, pooled_fragmentation_bytes)
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
                                      linear_weight_bytes, nf4_expert_bytes)
 from vramplan.memory import towers as mm
@@ -144,8 +143,8 @@ def step_memory(arch, plan) -> StepMemory:
     prologue = captured_prologue_bytes(arch, tokens, ACT) if captured else 0
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=captured, prologue=prologue)
-    prologue_notes = ((PROLOGUE_NOTE.format(per_layer=" and per-layer rows" if arch.per_layer_dim else "", gb=prologue / 1e9),)
-                      if prologue > CAPTURED_FRAGMENTATION_FLOOR_BYTES else ())
+    prologue_notes = ((PROLOGUE_NOTE.format(per_layer=" and per-layer rows" if arch.per_layer_dim else "",
+                                            gb=prologue / 1e9),) if prologue > CAPTURED_FRAGMENTATION_FLOOR_BYTES else ())
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
     wide = [layer for layer in chunked if layer.head_dim > FLASH_MAX_HEAD_DIM]
     banded = [layer for layer in chunked if band_window_of(layer, plan)]
