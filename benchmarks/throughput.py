@@ -84,10 +84,6 @@ class Run:
     #: the band's threshold it ran under (``records.band_min_windows_ran``; the key marks it where the band was on)
     band_min_windows: int = 1
 
-    def switches(self) -> dict[str, bool]:
-        """What ``switches.forced`` takes to price it as it ran."""
-        return dict(self.ran)
-
     def as_ran(self):
         """The context that prices it as it ran: its switches and its band threshold."""
         return priced_as_ran(self.ran, self.band_min_windows)

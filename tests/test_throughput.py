@@ -229,7 +229,7 @@ def test_graphs_speed_a_small_model_up_much_and_a_large_one_little():
         key = f"vramplan:{model}:s2048:b1:r16:full:nf4:paged_adamw8bit"
         graphed, plain = graphs[key], eager[key]
         arch = architecture(resolve_model(model))
-        with switches.forced(**graphed.switches()):  # as those runs stepped: the optimizer after the wait
+        with graphed.as_ran():  # as those runs stepped: the optimizer after the wait
             predicted = (predict_tokens_per_s(arch, graphed.plan, h100)
                          / predict_tokens_per_s(arch, graphed.plan.replace(cuda_graphs=False), h100))
         measured = plain.step_s / graphed.step_s

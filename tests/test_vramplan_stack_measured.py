@@ -63,12 +63,11 @@ def test_runs_free_of_the_replay_leak_within_10_percent():
     embeddings had stayed alive): Llama-3.2-1B under CUDA graphs with an int8 head and the fused
     optimizer (+8.6% with the old 0.25 GB graph constant, +0.0% now: the constant came from it), and Gemma-4-31B with offloaded
     checkpoints (-0.5%). Each is priced under the switches it ran with."""
-    from benchmarks.records import switches_ran
-    from vramplan.train import switches
+    from benchmarks.records import band_min_windows_ran, priced_as_ran, switches_ran
 
     rows = _session7("trainer-2.jsonl")
     assert {r["model"] for r in rows} == {"llama-3.2-1b", "gemma-4-31b"}
     assert any(r.get("cuda_graphs") for r in rows)
     for row in rows:
-        with switches.forced(**switches_ran(row)):
+        with priced_as_ran(switches_ran(row), band_min_windows_ran(row)):
             assert abs(_relative_error(row)) <= 0.03, row["model"]
