@@ -106,7 +106,7 @@ HELD_OUT = (
             "disabled, or checkpoints offloaded), none fitted"),
     HeldOut("session12", SESSION12_HELD_OUT, "session 12",
             "session 12's runs no fit saw (session12/*-held-out.jsonl: Gemma-4-E2B at ranks 32 and 128 under graphs; "
-            "Qwen3-4B, Gemma-4-E2B and offloaded checkpoints at 8,192 tokens eager)"),
+            "Qwen3-4B and Gemma-4-E2B at 2,048 tokens eager, Llama-3.2-1B's checkpoints offloaded at 8,192)"),
     HeldOut("session12_ab", SESSION12_AB, "session 12, A/B",
             "session 12's A/Bs of Gemma 4's RoPE (transformers' or the Triton kernel) and of paged states prefetched "
             "every step or once (session12/ab-rope-prefetch.jsonl), none fitted",

@@ -73,11 +73,17 @@ def losses(folder: Path) -> list[float]:
 
 
 def assert_same_adapter(a: Path, b: Path) -> None:
+    """The same weights up to reduction order. Adam moves an element by about the learning rate (1e-2) whatever
+    its gradient's size, so an element whose gradient sits at fp32 rounding level can move differently when ranks
+    sum in another order: a run read 4.0e-4 on 1 of 768. Nearly every element must agree to 3e-4 and none may
+    stray by more than a fifth of one step (2e-3); a wrongly normalised or missing gradient moves most elements."""
     wa, wb = adapter.read_adapter_weights(a), adapter.read_adapter_weights(b)
     assert wa.keys() == wb.keys()
     assert any(float(w.abs().max()) > 0 for k, w in wa.items() if "lora_B" in k)  # B moved off its zero init
     for key in wa:
-        torch.testing.assert_close(wa[key], wb[key], atol=3e-4, rtol=1e-3)
+        torch.testing.assert_close(wa[key], wb[key], atol=2e-3, rtol=0)
+        close = torch.isclose(wa[key], wb[key], atol=3e-4, rtol=1e-3)
+        assert close.float().mean() >= 0.99, f"{key}: {int((~close).sum())} of {close.numel()} differ beyond 3e-4"
 
 
 def test_ranks_take_disjoint_slices_of_the_one_rank_batch():
