@@ -148,8 +148,8 @@ def as_shipped_summary(table: list[dict], shipped_trainer: list[dict]) -> dict:
     """The issue's targets judged on the stacks as they ship: the hf stack's matrix rows (calibrated held-out rows by
     the matrix's own calibration runs) and every held-out run of vramplan's trainer since it captures its steps
     (calibrated by ``vramplan calibrate``'s runs). The matrix's vramplan rows measured sessions 1-3's eager trainer,
-    which no longer ships: its allocator held 0.17 GB beyond the allocated peak where today's eager trainer holds
-    0.08 (``memory.overhead.EAGER_FRAGMENTATION_FLOOR_BYTES``); they are reported apart, above."""
+    which no longer ships (today's eager trainer holds 0.01-0.21 GB beyond the allocated peak on Llama-3.2-1B, Qwen3-4B
+    and Gemma-4-E2B, priced at ``memory.overhead.EAGER_FRAGMENTATION_FLOOR_BYTES``); they are reported apart, above."""
     hf = [r for r in table if r["stack"] == "hf" and not r["role"].startswith("repeat")]
     hf_held = [r for r in hf if r["role"] == "held out"]
     shipped_calibrated = [r.get("error_calibrated_by_calibrate_runs", r["error_calibrated"]) for r in shipped_trainer]

@@ -44,7 +44,11 @@ def test_tiled_mlps_train_as_the_untiled_ones(work, name):
     torch.testing.assert_close(got_loss, want_loss, rtol=1e-5, atol=1e-5)
     assert len(got) == len(want) and any(g.abs().sum() > 0 for g in want)
     for g, w in zip(got, want):
-        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-5)  # fp32 sums in another order
+        # fp32 sums in another order, over bf16 matmuls whose row blocks differ: one element of 128 once strayed
+        # 1.3e-5 (0.1%); a lost or misplaced tile moves whole rows by their own size
+        # (A's gradients are zero while B sits at its zero init: then both must be)
+        assert float((g - w).norm()) <= 1e-4 * float(w.norm())
+        torch.testing.assert_close(g, w, rtol=0, atol=1e-3 * float(w.abs().max()))
 
 
 def test_tiles_are_refused_where_a_reducer_counts_gradients():
