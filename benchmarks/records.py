@@ -69,6 +69,10 @@ SESSION15 = (_RESULTS / "session15" / "held-out.jsonl",)
 #: Session 16's A/B of the chunks aligned for cuBLAS (switch ``aligned_attention_chunks``) or as sessions 13-15 ran them,
 #: band on by default: Gemma-4-E2B at 6,144 and 8,192 tokens, E4B at 8,192; fresh processes (call1/trainer.jsonl).
 SESSION16_ALIGNED = (_RESULTS / "session16" / "call1" / "trainer.jsonl",)
+#: Session 17's held-out runs of the trainer as it ships (aligned chunks, the band from six windows), chosen where older
+#: lines missed most: Gemma-4-E2B at ranks 32 and 128 under graphs and at rank 16 eager, Qwen3-4B without
+#: checkpointing, Llama-3.2-1B at 8,192 tokens; fresh processes (call1/held-out.jsonl, the save events dropped).
+SESSION17 = (_RESULTS / "session17" / "call1" / "held-out.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -145,6 +149,10 @@ HELD_OUT = (
             "E2B at 6,144 and 8,192 tokens, E4B at 8,192, band on, fresh processes), none fitted",
             "the unaligned chunks' cost (throughput.UNALIGNED_CHUNK_SLOWDOWN) was read off kernel tables, and the "
             "band's efficiency off session 15's unaligned 8,192-token A/B: the aligned lines are a clean hold-out"),
+    HeldOut("session17", SESSION17, "session 17 campaign",
+            "session 17's runs of the trainer as it ships where older lines missed most (session17/call1/held-out.jsonl: "
+            "E2B at 2,048 tokens, ranks 32 and 128 under graphs and 16 eager; Qwen3-4B at 1,024 without checkpointing; "
+            "Llama-3.2-1B at 8,192), none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -154,8 +154,12 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     assert threshold["n"] == 5 and threshold["max"] < 0.045 and stats["session15_calibrated_by_calibrate_runs"]["max"] < 0.02
     aligned = stats["session16_aligned_uncalibrated"]  # E2B 6,144-8,192, E4B 8,192, chunks aligned or not: 3.2% max
     assert aligned["n"] == 6 and aligned["max"] < 0.04 and stats["session16_aligned_calibrated_by_calibrate_runs"]["max"] < 0.01
+    # session 17's runs where older lines missed most (E2B at ranks 32 and 128 under graphs and eager, Qwen3-4B without
+    # checkpointing, Llama-3.2-1B at 8,192 tokens): 2.9% mean, 4.4% max; corrected 2.7% mean, 5.5% max
+    campaign17 = stats["session17_uncalibrated"]
+    assert campaign17["n"] == 5 and campaign17["max"] < 0.05 and stats["session17_calibrated_by_calibrate_runs"]["max"] < 0.06
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
-    assert shipped["n"] == 94 and shipped["mean"] < 0.02
+    assert shipped["n"] == 99 and shipped["mean"] < 0.02
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     assert len(outside) == 3 and all(r["error_calibrated_by_calibrate_runs"] > 0 for r in outside)
@@ -163,13 +167,13 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
 
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
-    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (117 runs; the matrix's
+    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (122 runs; the matrix's
     vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.8% mean / 13.3% max, inside 8% / 15%;
     calibrated 1.8% mean, inside 3%, 12.6% max, NOT inside 6%: the eager offloaded-checkpoint runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
-    assert unc["n"] == 117 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 109 and cal["mean"] <= 0.03 and cal["max"] <= 0.13
+    assert unc["n"] == 122 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 114 and cal["mean"] <= 0.03 and cal["max"] <= 0.13
 
 
 def test_errors_against_the_issue_targets(built):
