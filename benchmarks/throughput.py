@@ -341,6 +341,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "spread": round(run.spread, 4), "measured_tok_s": round(run.tok_s, 1),
                      "predicted_tok_s": round(predicted, 1), "error": round((predicted - run.tok_s) / run.tok_s, 4),
                      "head_quant": plan.head_quant, "lora_dtype": plan.lora_dtype, "group": run.group,
+                     "cuda_graphs": plan.cuda_graphs,
                      "fused_optimizer": run.ran["fused_optimizer"],
                      "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
@@ -349,6 +350,10 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
         errors = [abs(r["error"]) for r in rows if r["set"] == "held_out" and r["group"] == group]
         if errors:
             groups[group] = _summary(errors)
+    shipped = [r for r in rows if r["set"] == "held_out" and r["group"] in {held.name for held in HELD_OUT}]
+    shipped_summary = {name: _summary([abs(r["error"]) for r in part]) for name, part in
+                       (("all", shipped), ("captured", [r for r in shipped if r["cuda_graphs"]]),
+                        ("eager", [r for r in shipped if not r["cuda_graphs"]])) if part}
     rotations = [rotation(runs, offset) for offset in range(1, FIT_EVERY)] if rotate else []
     repeated = [r["spread"] for r in rows if r["repeats"] > 1 and r["group"] == "eager"]
     return {
@@ -360,6 +365,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
         "held_out_by_stack": {stack: _summary([abs(r["error"]) for r in held_rows if r["stack"] == stack])
                               for stack in factors},
         "held_out_by_group": groups,
+        "shipped_trainer_held_out": shipped_summary,
         "profiled": _summary([abs(r["error"]) for r in rows if r["set"] == "profiled"]) if any(
             r["set"] == "profiled" for r in rows) else None,
         "fit": {"count": len(fit)},
@@ -372,9 +378,17 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
 def markdown(result: dict) -> str:
     lines = ["# Predicted vs measured tokens/s (H100)", "",
              "Measured: median step time over a configuration's fresh measurements (repeats; spread = "
-             "(slowest - fastest) / median). Error: (predicted - measured) / measured tokens/s.", "",
-             "| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
-             "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+             "(slowest - fastest) / median). Error: (predicted - measured) / measured tokens/s.", ""]
+    shipped = result.get("shipped_trainer_held_out")
+    if shipped:
+        part = {name: f"{held['count']} configurations, mean |error| {100 * held['mean_abs_error']:.1f}%, "
+                      f"{held['within_15_percent']} within 15%" for name, held in shipped.items()}
+        lines += [f"**The trainer as it shipped** (every held-out run of vramplan's trainer since session 9, the groups "
+                  f"`records.HELD_OUT` names below, each priced with the switches it ran under): {part['all']}; its steps "
+                  f"replayed as CUDA graphs (the default): {part.get('captured', 'none')}; eager (graphs off, or checkpoints "
+                  f"offloaded): {part.get('eager', 'none')}.", ""]
+    lines += ["| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "
+              "| error | set |", "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
     groups = {"graphs": " (graphs)", "graphs_causal": " (graphs, causal)", "eager_later": " (eager, later)",
               **{held.name: f" ({held.label})" for held in HELD_OUT}}
     for r in result["rows"]:

@@ -347,6 +347,12 @@ def test_held_out_error_on_the_committed_measurements():
     # session 12 (-17.9%)
     campaign17 = result["held_out_by_group"]["session17"]
     assert campaign17["count"] == 5 and campaign17["within_15_percent"] == 4 and campaign17["max_abs_error"] < 0.2
+    # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
+    # 6.5% mean, 84 of 89 within 15%; its eager ones, host-bound, 18.7% mean, 5 of 13
+    shipped = result["shipped_trainer_held_out"]
+    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 102
+    assert shipped["captured"]["count"] == 89 and shipped["captured"]["within_15_percent"] >= 84
+    assert shipped["captured"]["mean_abs_error"] < 0.07 and shipped["eager"]["count"] == 13
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
