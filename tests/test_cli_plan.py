@@ -47,6 +47,16 @@ def test_fit_writes_a_plan_file(tmp_path):
     assert read_plan(out).seq_len == 2048
 
 
+def test_a_t4_plan_computes_in_fp16(tmp_path):
+    """The T4 has no bf16 arithmetic: the estimate and the plan file that fit writes for it compute in fp16."""
+    estimate = run("estimate", "llama-3.2-1b", "--gpu", "t4")
+    assert estimate.exit_code == 0 and "computes in fp16" in estimate.output.splitlines()[0]
+    out = tmp_path / "plan.json"
+    assert run("fit", "llama-3.2-1b", "--gpu", "t4", "--out", str(out)).exit_code == 0
+    assert read_plan(out).compute_dtype == "fp16"
+    assert "computes in fp16" not in run("estimate", "llama-3.2-1b", "--gpu", "rtx-4060").output
+
+
 def test_model_folder_and_config_path(tmp_path):
     folder = tmp_path / "my-model"
     folder.mkdir()

@@ -39,6 +39,24 @@ def test_tight_budget_trades_precision_not_sequence():
         assert better.peak_bytes > limit
 
 
+def test_a_gpu_without_bf16_gets_an_fp16_plan_and_is_told_why():
+    """T4, V100 and RTX 20xx have no bf16 arithmetic: fit plans fp16 compute there (the same bytes, as buy prices
+    it), says so, and leaves bf16 to GPUs that have it; the trainer refuses a bf16 plan on such a GPU."""
+    from vramplan.gpu import has_bf16_arithmetic
+    from vramplan.train.model import check_arithmetic
+
+    t4 = fit_plan(LLAMA, resolve_gpu("t4"))
+    assert t4.plan.compute_dtype == "fp16" and any("Computes in fp16" in line and "T4" in line for line in t4.explanation)
+    ada = fit_plan(LLAMA, resolve_gpu("rtx-4060"))
+    assert ada.plan.compute_dtype == "bf16" and not any("fp16" in line for line in ada.explanation)
+    assert fit_plan(LLAMA, resolve_gpu("2xv100-32gb")).plan.compute_dtype == "fp16"
+    assert [has_bf16_arithmetic(major) for major in (7, 8, 9)] == [False, True, True]
+    with pytest.raises(VramplanError, match=r"compute capability 7\.x.*compute_dtype.*fp16"):
+        check_arithmetic(ada.plan, 7)
+    check_arithmetic(t4.plan, 7)
+    check_arithmetic(ada.plan, 8)
+
+
 def test_effective_batch_is_kept():
     result = fit_plan(LLAMA, budget=6 * 10**9, base=Plan(model=LLAMA.name, seq_len=2048, micro_batch=8, stack="hf"))
     assert result.plan.effective_batch == 8

@@ -31,7 +31,7 @@ from typing import Any
 from vramplan.catalog import GpuSpec, ModelProfile, gpu_box, list_gpus
 from vramplan.errors import VramplanError
 from vramplan.estimate import architecture, budget_bytes, estimate_plan
-from vramplan.fit import fit_plan, leanest_plan, safety_margin
+from vramplan.fit import fit_plan, in_gpu_arithmetic, leanest_plan, safety_margin
 from vramplan.plan import Plan
 from vramplan.throughput import predict_tokens_per_s
 
@@ -110,7 +110,7 @@ def price_option(job: Job, gpu: GpuSpec) -> Option:
     """Fit the job on one GPU (or box) and price it."""
     if gpu.unified_memory:
         return Option(gpu, fits=False, lacks=NEEDS_CUDA)
-    base = job.base if gpu.supports_bf16 else job.base.replace(compute_dtype="fp16")
+    base = in_gpu_arithmetic(job.base, gpu)
     try:
         result = fit_plan(job.profile, gpu, base=base)
     except VramplanError:

@@ -187,6 +187,14 @@ def with_gpus(base: Plan, gpu: GpuSpec | None) -> Plan:
     return base.replace(gpus=count, parallel="ddp") if count > 1 and base.gpus == 1 else base
 
 
+def in_gpu_arithmetic(base: Plan, gpu: GpuSpec | None) -> Plan:
+    """``base`` computing in fp16 where ``gpu`` has no bf16 arithmetic (T4, V100, RTX 20xx): the same bytes, and the
+    only half precision those GPUs run at speed."""
+    if gpu is not None and not gpu.supports_bf16 and base.compute_dtype == "bf16":
+        return base.replace(compute_dtype="fp16")
+    return base
+
+
 def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int | None = None,
              base: Plan | None = None, adjust: Callable[[Estimate], Estimate] | None = None,
              head_quants: tuple[str, ...] | None = None) -> FitResult:
@@ -203,7 +211,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
         if gpu is None:
             raise VramplanError("fit needs a GPU or a budget: pass --gpu NAME, --gpu 12GB or --gpu auto")
         budget = gpu_budget_bytes(gpu)
-    base = with_gpus(base or Plan(model=profile.name), gpu)
+    base = in_gpu_arithmetic(with_gpus(base or Plan(model=profile.name), gpu), gpu)
     if gpu is not None and gpu.count != base.gpus:
         gpu = gpu_box(gpu, base.gpus)
     margin = safety_margin(budget)
@@ -233,7 +241,7 @@ def fit_plan(profile: ModelProfile, gpu: GpuSpec | None = None, *, budget: int |
                 priced += 1
                 est = adjust(estimate_plan(plan, profile, gpu, budget=budget))
                 if est.peak_bytes <= limit:
-                    why = _explain(profile, base, est, budget, margin, adjust)
+                    why = _explain(profile, base, est, budget, margin, adjust) + _arithmetic_note(est.plan, gpu)
                     return FitResult(est, budget, margin, why, priced, gpu.name if gpu else None, est.notes)
     where = gpu.name if gpu else f"{budget / 1e9:.2f} GB"
     if base.gpus > 1:
@@ -266,6 +274,13 @@ def _no_layout_fits(profile: ModelProfile, base: Plan, where: str, limit: int,
                   else "no catalog GPU holds it; add GPUs")
     return (f"nothing fits {where}: the leanest plan for {profile.name} at {base.seq_len} tokens needs per GPU {needs}, "
             f"at best {_gb(least - limit)} ({least - limit} bytes) more than the {_gb(limit)} usable per GPU; {suggestion}")
+
+
+def _arithmetic_note(plan: Plan, gpu: GpuSpec | None) -> tuple[str, ...]:
+    if gpu is None or gpu.supports_bf16 or plan.compute_dtype != "fp16":
+        return ()
+    return (f"Computes in fp16: the {gpu.label} has no bf16 arithmetic (compute capability below 8.0); "
+            "16-bit weights load as fp16.",)
 
 
 def _gb(n: int) -> str:

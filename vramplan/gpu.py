@@ -76,6 +76,12 @@ def match_catalog(nvml_name: str, total_bytes: int, supports_bf16: bool = True, 
     return GpuSpec(name=slug or "unknown-gpu", label=nvml_name, memory_bytes=total_bytes, supports_bf16=supports_bf16, kind="budget")
 
 
+def has_bf16_arithmetic(major: int) -> bool:
+    """Whether a GPU of compute capability ``major``.x computes in bf16: Ampere (8.x) and later. Turing (T4, RTX 20xx)
+    and Volta (V100) have none; torch emulates some ops there and Triton's bf16 dot does not compile."""
+    return major >= 8
+
+
 def detect_gpu(index: int = 0, profiles: str | Path | None = None) -> DetectedGpu:
     """The GPU at CUDA/NVML ``index``, matched to the catalog; raises VramplanError without one."""
     with _nvml() as pynvml:
@@ -84,7 +90,7 @@ def detect_gpu(index: int = 0, profiles: str | Path | None = None) -> DetectedGp
         memory = pynvml.nvmlDeviceGetMemoryInfo(handle)
         driver = _text(pynvml.nvmlSystemGetDriverVersion())
         major, _minor = pynvml.nvmlDeviceGetCudaComputeCapability(handle)
-    spec = match_catalog(name, int(memory.total), supports_bf16=major >= 8, profiles=profiles)
+    spec = match_catalog(name, int(memory.total), supports_bf16=has_bf16_arithmetic(major), profiles=profiles)
     return DetectedGpu(spec=spec, free_bytes=int(memory.free), used_bytes=int(memory.used), driver=driver, nvml_name=name)
 
 

@@ -80,6 +80,7 @@ def _summary(est: Estimate) -> str:
     lines = [f"{est.model}: {est.plan.quant}, rank {est.plan.lora_rank}, seq {est.plan.seq_len}{_soft_tokens(est)}, "
              f"batch {est.plan.micro_batch} × {est.plan.grad_accum}, checkpointing {est.plan.checkpointing}, "
              f"{est.plan.optimizer}, stack {est.plan.stack}" + (", int8 LM head" if est.plan.head_quant == "int8" else "")
+             + (", computes in fp16" if est.plan.compute_dtype == "fp16" else "")
              + _graphs(est)
              + (", flat optimizer step" if "flat_optimizer" in est.components else "")
              + (f", MLPs in {est.plan.mlp_tiles} tiles" if est.plan.mlp_tiles > 1 else "") + _layout(est.plan),
@@ -136,6 +137,8 @@ def estimate(model, quant, head_quant, rank, seq, batch, accum, checkpointing, o
              cuda_graphs, flat_optimizer, mlp_tiles, stack, gpu, gpus, parallel, cpu_offload, no_calibration, plot_path, as_json,
              modalities, images_per_example, audio_seconds, train_parts):
     """How much GPU memory a LoRA/QLoRA run of MODEL needs, component by component (per GPU on several)."""
+    from vramplan.fit import in_gpu_arithmetic
+
     profile = resolve_model(model)
     spec, budget, driver = gpu_and_budget(gpu)
     count = box_count(spec, gpus)
@@ -147,6 +150,7 @@ def estimate(model, quant, head_quant, rank, seq, batch, accum, checkpointing, o
                 flat_optimizer=flat_optimizer, mlp_tiles=mlp_tiles,
                 **multimodal_fields(modalities, images_per_example, audio_seconds, train_parts))
     spec = _box(spec, count)
+    plan = in_gpu_arithmetic(plan, spec)
     est = _adjust(_calibrated(profile, stack, spec, driver, no_calibration))(estimate_plan(plan, profile, spec, budget=budget))
     if plot_path:
         from vramplan.plot import plot_estimates

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 
 from vramplan.errors import VramplanError
+from vramplan.gpu import has_bf16_arithmetic
 from vramplan.plan import Plan
 from vramplan.train import patching
 from vramplan.train.experts import NF4Experts, is_fused_experts
@@ -25,7 +26,19 @@ DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 
 def compute_dtype(plan: Plan, device: torch.device) -> torch.dtype:
     """bf16/fp16 on a GPU as planned; fp32 on the CPU, where half-precision matmuls are slow and only tests run."""
-    return DTYPES[plan.compute_dtype] if device.type == "cuda" else torch.float32
+    if device.type != "cuda":
+        return torch.float32
+    check_arithmetic(plan, torch.cuda.get_device_capability(device)[0])
+    return DTYPES[plan.compute_dtype]
+
+
+def check_arithmetic(plan: Plan, capability_major: int) -> None:
+    """Refuse a bf16 plan on a GPU without bf16 arithmetic, where it would crawl through torch's emulation or fail to
+    compile in Triton (plans written for another GPU, or by hand; `fit` picks fp16 on such GPUs)."""
+    if plan.compute_dtype == "bf16" and not has_bf16_arithmetic(capability_major):
+        raise VramplanError(f"this GPU (compute capability {capability_major}.x) has no bf16 arithmetic and the plan "
+                            'computes in bf16: set "compute_dtype": "fp16" in the plan, or re-plan with '
+                            "`vramplan fit MODEL --gpu auto`, which computes in fp16 here")
 
 
 def read_config(model_dir: str | Path) -> dict:
