@@ -170,6 +170,7 @@ def plan_of(record: dict, stack: str = "vramplan") -> Plan:
                 optimizer=OPTIMIZERS[record.get("optim") or "paged_adamw_8bit"], stack=stack,
                 loss="full" if stack == "hf" else "chunked", lora_dtype=record.get("lora_dtype") or "fp32",
                 head_quant=record.get("head_quant") or "bf16", cuda_graphs=bool(record.get("cuda_graphs")),
+                compute_dtype=record.get("compute_dtype") or "bf16",
                 flat_optimizer="flat_optimizer" in (record.get("enabled") or "") or bool(record.get("flat_optimizer")),
                 mlp_tiles=record.get("mlp_tiles") or 1,
                 **({"loss_chunk_mb": record.get("loss_chunk_mb") or HISTORICAL_LOSS_CHUNK_MB} if stack == "vramplan" else {}))

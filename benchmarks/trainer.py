@@ -9,7 +9,7 @@ accumulate_gradients), not the CLI, on random token ids at the configured seq.
     python -m benchmarks.trainer --config llama-3.2-1b \
         --grid '[{"seq": 2048, "batch": 1, "rank": 16, "gc": true, "optim": "paged_adamw_8bit"}]'
 
-A grid entry may also name ``quant``, ``checkpointing``, ``lora_dtype``, ``head_quant``
+A grid entry may also name ``quant``, ``checkpointing``, ``lora_dtype``, ``compute_dtype``, ``head_quant``
 (``"int8"``: the frozen LM head / tied embedding as int8 rows), ``loss_chunk_mb`` and ``mlp_tiles``,
 read by ``benchmarks.records.plan_of``.
 """
