@@ -346,11 +346,12 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "set": "fit" if run.key in fitted else "profiled" if run.key in PROFILED else "held_out"})
     held_rows = [r for r in rows if r["set"] == "held_out" and r["group"] == "eager"]
     groups = {}
-    for group in ("eager", "graphs", "graphs_causal", "eager_later", *(held.name for held in HELD_OUT)):
+    held_out_names = [held.name for held in HELD_OUT]
+    for group in ("eager", "graphs", "graphs_causal", "eager_later", *held_out_names):
         errors = [abs(r["error"]) for r in rows if r["set"] == "held_out" and r["group"] == group]
         if errors:
             groups[group] = _summary(errors)
-    shipped = [r for r in rows if r["set"] == "held_out" and r["group"] in {held.name for held in HELD_OUT}]
+    shipped = [r for r in rows if r["set"] == "held_out" and r["group"] in held_out_names]
     shipped_summary = {name: _summary([abs(r["error"]) for r in part]) for name, part in
                        (("all", shipped), ("captured", [r for r in shipped if r["cuda_graphs"]]),
                         ("eager", [r for r in shipped if not r["cuda_graphs"]])) if part}
