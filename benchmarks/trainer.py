@@ -36,7 +36,8 @@ from vramplan.gpu import used_memory_bytes
 from vramplan.train import switches
 from vramplan.train.recipe import TrainConfig, make_optimizer, train_step
 from vramplan.train.optim import flat_update_pays
-from vramplan.train.model import load_for_training, lora_parameters, random_model_from_config
+from vramplan.train.loss_scale import for_dtype
+from vramplan.train.model import compute_dtype, load_for_training, lora_parameters, random_model_from_config
 from vramplan.stacks.vramplan import int8_vocab_major, steps_fused
 from vramplan.train.graphs import StepGraphs
 
@@ -109,6 +110,10 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["after_load_alloc"] = torch.cuda.memory_allocated()
     optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model, plan))
     graphs = StepGraphs.for_run(model, params, plan, device)
+    # fp16 steps scale their loss, as the trainer's do ("loss_scaling": false in the grid: as before session 18)
+    scaler = for_dtype(compute_dtype(plan, device)) if grid.get("loss_scaling", True) else None
+    if plan.compute_dtype == "fp16":
+        record["loss_scaling"] = scaler is not None
     record["load_peak_alloc"] = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
     generator = torch.Generator().manual_seed(0)
@@ -125,9 +130,13 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     for step in range(steps):
         torch.cuda.synchronize()
         started = time.time()
-        loss, _, _ = train_step(model, [batch], optimizer, params, MAX_GRAD_NORM, step, device, graphs=graphs)
+        loss, _, norm = train_step(model, [batch], optimizer, params, MAX_GRAD_NORM, step, device, graphs=graphs,
+                                   scaler=scaler)
         times.append(time.time() - started)
         losses.append(round(loss, 4))
+        if scaler is not None:
+            record.setdefault("loss_scale", []).append(scaler.scale)
+            record.setdefault("grad_norms", []).append(norm)
         if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
             driver["stack_limit"].append(stack_limit_bytes())
             driver["outside"].append(outside_pool_bytes())

@@ -33,6 +33,7 @@ class TrainState:
     epoch: int = 0
     cursor: int = 0
     tokens_seen: int = 0
+    loss_scale: dict | None = None  # fp16 steps: loss_scale.LossScale's state
 
 
 def rng_states() -> dict:
@@ -97,4 +98,5 @@ def load_checkpoint(folder: str | Path, model, optimizer, scheduler) -> TrainSta
     scheduler.load_state_dict(torch.load(folder / "scheduler.pt", weights_only=False))
     set_rng_states(torch.load(folder / "rng.pt", weights_only=False))
     saved = json.loads((folder / STATE_FILE).read_text())
-    return TrainState(step=saved["step"], epoch=saved["epoch"], cursor=saved["cursor"], tokens_seen=saved["tokens_seen"])
+    return TrainState(step=saved["step"], epoch=saved["epoch"], cursor=saved["cursor"], tokens_seen=saved["tokens_seen"],
+                      loss_scale=saved.get("loss_scale"))

@@ -57,7 +57,7 @@ def summed_loss_of_hidden(model: nn.Module, hidden: torch.Tensor, labels: torch.
 
 
 def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.Tensor]],
-                         parallel=None, graphs=None, wait: bool = True
+                         parallel=None, graphs=None, wait: bool = True, loss_scale: float = 1.0
                          ) -> tuple[float | torch.Tensor, int | torch.Tensor]:
     """Forward + backward over the micro-batches of one optimizer step; return (mean token loss, target tokens).
     ``wait=False`` returns them as tensors still on the device, so the caller can queue the optimizer's
@@ -69,7 +69,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
     a micro-batch it has captured replays as one CUDA graph (the others run eagerly, on its stream). On several ranks (``parallel``, a
     ``distributed.Parallel``) the count is summed over the ranks first, on the device, and the
     loss scaled by the world size, which DDP's and FSDP's gradient averaging divides back out:
-    the gradient is the one of the global batch as one rank would compute it.
+    the gradient is the one of the global batch as one rank would compute it. ``loss_scale``
+    multiplies what the backward sees (fp16 steps, ``loss_scale.LossScale``), not the returned loss.
     """
     if not micro_batches:
         return 0.0, 0
@@ -81,6 +82,8 @@ def accumulate_gradients(model: nn.Module, micro_batches: list[dict[str, torch.T
         total_targets = parallel.all_reduce_sum(total_targets)
         world = parallel.size
     denominator = total_targets.clamp(min=1) / world
+    if loss_scale != 1.0:
+        denominator = denominator / loss_scale
     loss_sum = torch.zeros((), device=total_targets.device)
     with attention.sliding_masks_left_out():  # eager forwards (a graph's too); captures decide in packing_decided
         for index, mb in enumerate(micro_batches):

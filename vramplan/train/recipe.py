@@ -23,7 +23,8 @@ from vramplan.stacks.vramplan import fsdp_torch_adamw_reason
 from vramplan.train import adapter, checkpoint, data, distributed, metrics, stopping, switches
 from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
 from vramplan.train.loss import accumulate_gradients
-from vramplan.train.model import load_for_training, lora_parameters, read_config
+from vramplan.train.loss_scale import LossScale, for_dtype
+from vramplan.train.model import compute_dtype, load_for_training, lora_parameters, read_config
 from vramplan.train.optim import (FusedAdamW8bit, FusedShardedAdamW8bit, eight_bit_adamw, flat_update_pays,
                                   fused_update_applies, queues_whole)
 
@@ -275,6 +276,9 @@ def train(cfg: TrainConfig) -> dict:
     state = checkpoint.TrainState()
     if cfg.resume:
         state = checkpoint.load_checkpoint(Path(cfg.resume) / "checkpoint", model, optimizer, scheduler)
+    scaler = for_dtype(compute_dtype(plan, device))  # fp16 steps only
+    if scaler is not None and state.loss_scale:
+        scaler = LossScale.from_state_dict(state.loss_scale)
     log = metrics.MetricsLog(out / "metrics.jsonl") if world.is_main else None
     if log is not None:
         log.drop_after(state.step)
@@ -299,12 +303,15 @@ def train(cfg: TrainConfig) -> dict:
                 micro_batches = [{k: v.to(device) for k, v in mb.items()} for mb in local]
                 loss, n_targets, grad_norm = train_step(model, micro_batches, optimizer, params, cfg.max_grad_norm,
                                                         state.step, device, trainee=trainee, graphs=graphs,
-                                                        scheduler=scheduler)
+                                                        scheduler=scheduler, scaler=scaler)
                 state.step += 1
                 state.tokens_seen += tokens
                 seconds = time.perf_counter() - started
                 record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "target_tokens": n_targets, "tokens_per_s": tokens / seconds, **metrics.memory_stats()}
+                if scaler is not None:  # fp16: the scale, and whether this step's update was skipped (grad_norm None)
+                    state.loss_scale = scaler.state_dict()
+                    record["loss_scale"] = scaler.scale
                 if log is not None and (state.step % cfg.log_every == 0 or state.step == steps):
                     log.write(record)
                 _update_progress(bar, record)
@@ -372,32 +379,42 @@ def export_merged(model_dir: str, adapter_dir: Path, folder: Path, plan: Plan) -
 
 
 def train_step(model, micro_batches: list[dict], optimizer, params: list, max_grad_norm: float, done: int,
-               device: torch.device, trainee=None, graphs=None, scheduler=None) -> tuple[float, int, float]:
+               device: torch.device, trainee=None, graphs=None, scheduler=None,
+               scaler: LossScale | None = None) -> tuple[float, int, float | None]:
     """One optimizer step: forward + backward over the micro-batches, clipping, the step; returns (mean
     token loss, target tokens, gradient norm) once the GPU has finished it.
 
     Overlapped (switch ``overlap_optimizer``, on by default) the loss and the norm are read only after
     the step is queued, so the host runs the optimizer's per-tensor Python while the GPU finishes the
-    backward instead of after it; a non-finite one still raises before anything is saved.
+    backward instead of after it; a non-finite one still raises before anything is saved. With
+    ``scaler`` (fp16 steps) the gradients are unscaled before clipping, and a step whose gradients
+    overflowed updates nothing, lowers the scale and returns None for its norm; it still counts as a
+    step (its rows are consumed) but the schedule waits for the next update.
     """
     overlap = switches.enabled("overlap_optimizer")
-    loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs, wait=not overlap)
+    loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs, wait=not overlap,
+                                           loss_scale=scaler.scale if scaler is not None else 1.0)
     if not overlap:
-        _finite("loss", loss, done)
+        _finite("loss", loss, done, scaler)
+    if scaler is not None:
+        scaler.unscale_(params)
+    overflowed = False
     if isinstance(optimizer, (FusedAdamW8bit, FusedShardedAdamW8bit)):
         # the norm stays on the device until after the step, which skips itself if it is not finite
         grad_norm = optimizer.clip_grad_norm_(max_grad_norm)
     else:
         grad_norm = distributed.clip_gradients(params, max_grad_norm)
-        if not overlap:
+        if scaler is not None:  # an overflow must be known before the update: one early read
+            grad_norm = float(grad_norm)
+            overflowed = not math.isfinite(grad_norm)
+        elif not overlap:
             grad_norm = _finite("gradient", float(grad_norm), done)
     queued = overlap and switches.enabled("queued_optimizer") and queues_whole(optimizer)
-    if queued:  # bitsandbytes' loop without its last sync, and one foreach zeroing: the wait is the one below
-        optimizer.step(sync=False)
-    else:
-        optimizer.step()
-    if scheduler is not None:
-        scheduler.step()
+    if not overflowed:
+        if queued:  # bitsandbytes' loop without its last sync, and one foreach zeroing: the wait is the one below
+            optimizer.step(sync=False)
+        else:
+            optimizer.step()
     if queued and graphs is not None:
         optimizer.zero_grad_queued()
     else:
@@ -405,14 +422,23 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
     if device.type == "cuda":
         torch.cuda.synchronize()
     if overlap:
-        loss, n_targets = _finite("loss", float(loss), done), int(n_targets)
-    return loss, n_targets, _finite("gradient", float(grad_norm), done)
+        loss, n_targets = _finite("loss", float(loss), done, scaler), int(n_targets)
+    grad_norm = float(grad_norm)
+    if scaler is not None:
+        scaler.update(math.isfinite(grad_norm), done)
+        if not math.isfinite(grad_norm):
+            return loss, n_targets, None  # the schedule waits for an update, as in transformers' Trainer
+    if scheduler is not None:  # after the wait: stepping it is host work, and an update happened
+        scheduler.step()
+    return loss, n_targets, _finite("gradient", grad_norm, done)
 
 
-def _finite(what: str, value: float, done: int) -> float:
+def _finite(what: str, value: float, done: int, scaler: LossScale | None = None) -> float:
     """``value`` (the step's loss or gradient norm), or the run's end with the step named."""
     if not math.isfinite(value):
-        raise VramplanError(f"the {what} became {value} at step {done + 1}; lower --lr (the last checkpoint is kept)")
+        fix = ("the model's activations overflow fp16 here; train on a GPU with bf16 arithmetic (compute capability "
+               "8.0 or newer), or lower --lr" if scaler is not None else "lower --lr")
+        raise VramplanError(f"the {what} became {value} at step {done + 1}; {fix} (the last checkpoint is kept)")
     return value
 
 

@@ -1,0 +1,131 @@
+"""fp16 steps' dynamic loss scaling: a scaled step updates what an unscaled one does, an overflowing one
+updates nothing and lowers the scale, and a resumed run keeps its scale."""
+
+import json
+
+import pytest
+import torch
+
+from train_fixtures import build_model, llama_config, models_with_data
+from vramplan.errors import VramplanError
+from vramplan.plan import Plan
+from vramplan.train import data, recipe, switches
+from vramplan.train.loss_scale import MIN_SCALE, LossScale, for_dtype
+from vramplan.train.model import load_for_training, lora_parameters
+from vramplan.train.recipe import TrainConfig, make_optimizer, make_scheduler, train, train_step
+
+CPU = torch.device("cpu")
+
+
+def test_the_scale_grows_after_clean_steps_and_halves_after_an_overflow():
+    scale = LossScale(scale=8.0, growth_interval=3)
+    for step in range(3):
+        scale.update(True, step)
+    assert (scale.scale, scale.clean_steps) == (16.0, 0)
+    scale.update(True, 3)
+    scale.update(False, 4)
+    assert (scale.scale, scale.clean_steps, scale.skipped_steps) == (8.0, 0, 1)
+    assert LossScale.from_state_dict(json.loads(json.dumps(scale.state_dict()))) == scale
+
+
+def test_gradients_that_overflow_at_every_scale_end_the_run_with_the_fix_named():
+    scale = LossScale(scale=MIN_SCALE)
+    with pytest.raises(VramplanError, match=r"overflow fp16 at every loss scale \(step 7\).*bf16"):
+        scale.update(False, 6)
+
+
+def test_only_fp16_arithmetic_is_scaled():
+    assert isinstance(for_dtype(torch.float16), LossScale)
+    assert for_dtype(torch.bfloat16) is None and for_dtype(torch.float32) is None
+
+
+@pytest.fixture(scope="module")
+def llama(tmp_path_factory):
+    return build_model(llama_config(), tmp_path_factory.mktemp("scale") / "llama")
+
+
+def batches(n: int = 2) -> list[dict]:
+    rows = [[data.to_example(list(range(3 + i, 30 + 2 * i)), [True] * (27 + i))] for i in range(n)]
+    return [data.collate([row], 0) for row in rows]
+
+
+def stepper(llama, optimizer_name: str):
+    """A tiny Llama with random adapters (B nonzero, so every adapter weight gets a gradient), its optimizer and schedule."""
+    plan = Plan(model="tiny", lora_rank=4, seq_len=64, checkpointing="none", optimizer=optimizer_name)
+    model, _ = load_for_training(llama, plan, CPU)
+    torch.manual_seed(1)
+    params = lora_parameters(model)
+    with torch.no_grad():
+        for param in params:
+            param.normal_(std=0.1)
+    optimizer, _ = make_optimizer(params, plan, 1e-3, 0.0, CPU)
+    return model, params, optimizer, make_scheduler(optimizer, "constant", 0, 10)
+
+
+OPTIMIZERS = ["adamw", "paged_adamw8bit", "fused"]
+
+
+def run_optimizer(monkeypatch, name: str) -> str:
+    if name == "fused":  # the fused 8-bit AdamW: its norm stays on the device and its step skips itself
+        monkeypatch.setenv(switches.ENABLE_ENV, "fused_optimizer")
+        return "adamw8bit"
+    return name
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_a_scaled_step_updates_what_an_unscaled_one_does(llama, monkeypatch, name):
+    """Multiplying the loss and dividing the gradients by a power of two is exact in fp32: the same update."""
+    optimizer_name = run_optimizer(monkeypatch, name)
+    results = []
+    for scaler in (None, LossScale(scale=2.0 ** 12)):
+        model, params, optimizer, scheduler = stepper(llama, optimizer_name)
+        norms = [train_step(model, batches(), optimizer, params, 1.0, step, CPU, scheduler=scheduler, scaler=scaler)[2]
+                 for step in range(3)]
+        results.append((norms, [p.detach().clone() for p in params]))
+    (plain_norms, plain), (scaled_norms, scaled) = results
+    assert scaled_norms == pytest.approx(plain_norms, rel=1e-6)
+    for a, b in zip(plain, scaled):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_an_overflowing_step_updates_nothing_and_lowers_the_scale(llama, monkeypatch, name):
+    model, params, optimizer, scheduler = stepper(llama, run_optimizer(monkeypatch, name))
+    def overflow(module, args, output):  # what an activation gradient overflowing fp16 hands back
+        output.register_hook(lambda grad: grad * float("inf"))
+
+    poisoned = model.model.norm.register_forward_hook(overflow)
+    before = [p.detach().clone() for p in params]
+    scaler = LossScale(scale=2.0 ** 12)
+    loss, targets, norm = train_step(model, batches(), optimizer, params, 1.0, 0, CPU, scheduler=scheduler, scaler=scaler)
+    assert norm is None and loss > 0 and targets > 0
+    assert (scaler.scale, scaler.skipped_steps) == (2.0 ** 11, 1)
+    for a, b in zip(before, params):
+        assert torch.equal(a, b)
+    assert all(p.grad is None or not p.grad.any() for p in params)  # nothing of the bad step is carried over
+    assert scheduler.last_epoch == 0  # as in transformers' Trainer: a skipped update leaves the schedule where it was
+    poisoned.remove()
+    _, _, norm = train_step(model, batches(), optimizer, params, 1.0, 1, CPU, scheduler=scheduler, scaler=scaler)
+    assert norm is not None and norm > 0
+    assert any(not torch.equal(a, b) for a, b in zip(before, params))
+    assert (scaler.scale, scaler.clean_steps) == (2.0 ** 11, 1)
+
+
+def test_a_resumed_fp16_run_keeps_its_scale(tmp_path, monkeypatch):
+    """The CPU computes in fp32, so the scale is forced here as a GPU without bf16 would start it."""
+    work = models_with_data(tmp_path, {"llama": llama_config})
+    monkeypatch.setattr(recipe, "for_dtype", lambda dtype: LossScale(scale=2.0 ** 10, growth_interval=3))
+    plan = Plan(model="llama", lora_rank=8, seq_len=64, micro_batch=2, checkpointing="full")
+
+    def config(out, **changes):
+        return TrainConfig(plan=plan, model_dir=str(work / "llama"), data=str(work / "train.jsonl"), output=str(out),
+                           lr=1e-2, warmup_steps=0, progress=False, steps=8, **changes)
+
+    straight = train(config(tmp_path / "straight"))
+    train(config(tmp_path / "split", stop_after=4))
+    saved = json.loads((tmp_path / "split" / "checkpoint" / "trainer_state.json").read_text())["loss_scale"]
+    assert (saved["scale"], saved["clean_steps"]) == (2.0 ** 11, 1)  # grown after 3 clean steps, one more since
+    resumed = train(config(tmp_path / "split", resume=str(tmp_path / "split")))
+    records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["loss_scale"] for r in records] == [2.0 ** 10] * 2 + [2.0 ** 11] * 3 + [2.0 ** 12] * 3
+    assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5)
