@@ -280,7 +280,7 @@ def _arithmetic_note(plan: Plan, gpu: GpuSpec | None) -> tuple[str, ...]:
     if gpu is None or gpu.supports_bf16 or plan.compute_dtype != "fp16":
         return ()
     return (f"Computes in fp16: the {gpu.label} has no bf16 arithmetic (compute capability below 8.0); "
-            "16-bit weights load as fp16.",)
+            "16-bit weights load as fp16, and the trainer scales the loss so small gradients survive fp16's range.",)
 
 
 def _gb(n: int) -> str:
