@@ -257,7 +257,9 @@ def test_held_out_error_on_the_committed_measurements():
     before the hf recipe's host ops were counted: 11.6%, 10.9%, 35.3%, 22); with the other
     two thirds fitted 9.4% and 14.3% mean. Repeats of one configuration differ by up to 22%, and nine
     Llama-3.2-1B configurations the model gives one step time were measured at 0.163-0.258 s
-    (host-bound steps): no prediction is within 15% of all of those, which bounds what any model reaches."""
+    (host-bound steps): no prediction is within 15% of all of those, which bounds what any model reaches.
+    Since session 18 vramplan's seconds per host op is fitted on session 12's eager runs of the trainer as it
+    ships (``throughput.HOST_OP_FIT_GROUP``), not on those first runs: the numbers above are sessions 1-3's."""
     from benchmarks.throughput import PROFILED, evaluate, load_runs, split
 
     runs = load_runs()
@@ -305,18 +307,21 @@ def test_held_out_error_on_the_committed_measurements():
     # the eager offloaded-checkpoint run at 4,096 tokens came out 1.8x faster than priced (-45%; sessions 1-3's
     # eager trainer read -14.7% there), where the same plan at 2,048 tokens read -7.5% in session 11's eager runs
     # (+7.5% and -15.4% the other two): host-bound eager steps vary between processes
-    # (8.6% mean, 11 of 13 within 15% since the prefetches of paged states are priced)
+    # (8.6% mean, 11 of 13 within 15% since the prefetches of paged states are priced; 7.9% since vramplan's host op
+    # is fitted on session 12's eager runs, the offloaded one -35%)
     remeasured = result["held_out_by_group"]["remeasured"]
     assert remeasured["count"] == 13 and remeasured["mean_abs_error"] < 0.09 and remeasured["within_15_percent"] >= 11
     offload = [r for r in result["rows"] if r["group"] == "remeasured" and r["checkpointing"] == "offload"]
-    assert len(offload) == 1 and offload[0]["error"] < -0.4
+    assert len(offload) == 1 and offload[0]["error"] < -0.3
     # session 11's short rows on the trainer queued whole: 11.9% mean, 3 of 4 within 15% (Gemma-4-E4B at 1,024
     # tokens +19.4%; Gemma-4-E2B +10.5% at 512 and +14.8% at 1,024, Qwen3-0.6B -3.0%)
     # (5.5% mean, all 4 within 15% since the prefetches are priced)
     short = result["held_out_by_group"]["short_rows"]
     assert short["count"] == 4 and short["mean_abs_error"] < 0.06 and short["within_15_percent"] == 4
+    # session 11's eager runs: 10.1% mean, 2 of 3 within 15% at sessions 1-3's 44 µs a host op; 15.4% at session 12's
+    # 36 µs (its offloaded Llama-3.2-1B at 2,048 tokens -31%): one host-bound Llama step of two sessions' hosts
     eager = result["held_out_by_group"]["eager_11"]
-    assert eager["count"] == 3 and eager["mean_abs_error"] < 0.11 and eager["max_abs_error"] < 0.16
+    assert eager["count"] == 3 and eager["within_15_percent"] == 2 and eager["max_abs_error"] < 0.33
     # session 12's A/Bs (the Llama pair fitted PREFETCH_S): Gemma 4 with and without the Triton RoPE within 11%;
     # its rank sweep, measured with the prefetches, 10.7% mean (20.1% before they were priced)
     ab = result["held_out_by_group"]["session12_ab"]
@@ -325,8 +330,11 @@ def test_held_out_error_on_the_committed_measurements():
     # clean hold-outs of its efficiency, +8.3% and +7.3%)
     wide = result["held_out_by_group"]["session13_ab"]
     assert wide["count"] == 4 and wide["within_15_percent"] == 4
+    # session 12's rank sweep under graphs (its 5 eager runs fit vramplan's seconds per host op, so not held out)
     sweep = result["held_out_by_group"]["session12_fit"]
-    assert sweep["count"] == 13 and sweep["mean_abs_error"] < 0.12
+    assert sweep["count"] == 8 and sweep["mean_abs_error"] < 0.06
+    host_fit = [r for r in result["rows"] if r["group"] == "session12_fit" and r["set"] == "fit"]
+    assert len(host_fit) == 5 and not any(r["cuda_graphs"] for r in host_fit)
     # session 13's campaign of the trainer with session 12's defaults (prefetched once, Gemma 4's Triton RoPE when
     # captured), priced by the commit that ran it: 4.3% mean, all 7 within 15% (max +7.5%)
     # session 14: the fused attention rows' A/B (their efficiency read off it: no clean hold-out for speed) and the
@@ -343,22 +351,27 @@ def test_held_out_error_on_the_committed_measurements():
     assert campaign13["count"] == 7 and campaign13["within_15_percent"] == 7 and campaign13["mean_abs_error"] < 0.05
     # session 17 re-measured where older lines missed most, on the trainer as it ships: E2B at ranks 32 and 128 under
     # graphs +9.5% and +13.4% (+34.6% and +21.4% in session 12), Qwen3-4B without checkpointing -2.9% (+30.6% on the
-    # old eager matrix), Llama-3.2-1B at 8,192 +8.8% (+18.4%); E2B eager -18.8%, host-bound and priced slow, as in
-    # session 12 (-17.9%)
+    # old eager matrix), Llama-3.2-1B at 8,192 +8.8% (+18.4%); E2B eager -18.8% at sessions 1-3's 44 µs a host op
+    # (-17.9% in session 12), within 15% at session 12's eager runs' 36 µs
     campaign17 = result["held_out_by_group"]["session17"]
-    assert campaign17["count"] == 5 and campaign17["within_15_percent"] == 4 and campaign17["max_abs_error"] < 0.2
+    assert campaign17["count"] == 5 and campaign17["within_15_percent"] == 5 and campaign17["max_abs_error"] < 0.15
     # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
-    # 6.5% mean, 84 of 89 within 15%; its eager ones, host-bound, 18.7% mean, 5 of 13
+    # 6.5% mean, 84 of 89 within 15%; its eager ones, host-bound, 18.7% mean, 5 of 13 at sessions 1-3's host op; 11.2%
+    # mean, 6 of the 8 still held out at session 12's
     shipped = result["shipped_trainer_held_out"]
-    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 102
+    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 97
     assert shipped["captured"]["count"] == 89 and shipped["captured"]["within_15_percent"] >= 84
-    assert shipped["captured"]["mean_abs_error"] < 0.07 and shipped["eager"]["count"] == 13
+    assert shipped["captured"]["mean_abs_error"] < 0.07 and shipped["eager"]["count"] == 8
+    assert shipped["eager"]["within_15_percent"] >= 6 and shipped["eager"]["mean_abs_error"] < 0.12
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
-    assert result["held_out"]["mean_abs_error"] < 0.105
-    assert result["held_out"]["median_abs_error"] < 0.09
-    assert result["held_out"]["within_15_percent"] >= 25
+    # the hf stack's third, fitted as before; sessions 1-3's vramplan rows measured a trainer whose host work cost more
+    # than today's (12.8% mean at the 44 µs they fitted): at today's 36 µs every one is priced faster than it ran
+    hf = result["held_out_by_stack"]["hf"]
+    assert hf["count"] == 15 and hf["mean_abs_error"] < 0.075 and hf["within_15_percent"] >= 13
+    first = [r for r in result["rows"] if r["group"] == "eager" and r["stack"] == "vramplan" and r["set"] == "held_out"]
+    assert len(first) == 16 and all(r["error"] > 0 for r in first)
     assert result["same_work"]["configurations"] >= 3 and result["same_work"]["spread"] > 0.3
     # the fitted factors are physical: tens of µs of host work per op, matmuls below cuBLAS's own rate
     for factors in result["factors"].values():
