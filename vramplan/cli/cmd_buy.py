@@ -78,7 +78,8 @@ def buy(model, seq, tokens_text, data_path, tokenizer_dir, epochs, batch, stack,
     about, calib = gpu_catalog_about(), calibration()
     notes = [f"prices and GPU figures: profiles/gpus.json, {_age(about.get('date', '?'))}",
              f"speed model: profiles/calibration/throughput/h100.json, {_age(calib.get('date', '?'))}, fitted on {calib.get('gpu', '?')}; "
-             f"held-out error {100 * calib.get('held_out', {}).get('mean_abs_error', float('nan')):.0f}% mean",
+             f"held-out error {100 * calib.get('held_out', {}).get('mean_abs_error', float('nan')):.0f}% mean over "
+             f"{calib.get('held_out', {}).get('count', '?')} measured configurations",
              "boxes (2x, 4x, 8x): memory per GPU and the communication model are not yet measured on several GPUs; "
              "price = GPUs × the per-GPU price"]
     if how == "estimated from characters":
