@@ -121,3 +121,28 @@ def test_graph_body_makes_no_host_sync(tmp_path, arch):
             graphs.body(static)
         finally:
             torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma4"])
+def test_fp16_steps_scale_their_loss_and_train_like_bf16_steps(tmp_path, arch):
+    """fp16 arithmetic, which fit plans on GPUs without bf16 (T4, V100): the same run as bf16 (CUDA graphs on) with the
+    trainer's dynamic loss scaling. Its losses stay finite and fall as bf16's do; the scale is logged each step, and
+    only a few steps (an overflow at the first scale, 2^16) update nothing."""
+    import math
+
+    folder = build_model(llama_config() if arch == "llama" else gemma4_config(), tmp_path / arch)
+    data = write_jsonl(tmp_path / "train.jsonl", chat_records(24))
+    runs = {}
+    for dtype in ("bf16", "fp16"):
+        plan = Plan(model="t", lora_rank=8, seq_len=64, micro_batch=2, checkpointing="full", compute_dtype=dtype)
+        summary = train(TrainConfig(plan=plan, model_dir=str(folder), data=str(data), output=str(tmp_path / dtype),
+                                    steps=24, lr=1e-2, warmup_steps=2, progress=False))
+        assert summary["steps"] == 24
+        runs[dtype] = [json.loads(line) for line in (tmp_path / dtype / "metrics.jsonl").read_text().splitlines()]
+    fp16, bf16 = runs["fp16"], runs["bf16"]
+    assert all("loss_scale" not in r for r in bf16) and all(r["loss_scale"] >= 1 for r in fp16)
+    assert all(math.isfinite(r["loss"]) for r in fp16)
+    assert sum(r["grad_norm"] is None for r in fp16) <= 4
+    mean = lambda records: sum(r["loss"] for r in records) / len(records)  # noqa: E731
+    assert mean(fp16[-3:]) < 0.8 * mean(fp16[:3])
+    assert mean(fp16[-3:]) == pytest.approx(mean(bf16[-3:]), rel=0.15)
