@@ -129,3 +129,29 @@ def test_a_resumed_fp16_run_keeps_its_scale(tmp_path, monkeypatch):
     records = [json.loads(line) for line in (tmp_path / "split" / "metrics.jsonl").read_text().splitlines()]
     assert [r["loss_scale"] for r in records] == [2.0 ** 10] * 2 + [2.0 ** 11] * 3 + [2.0 ** 12] * 3
     assert resumed["loss"] == pytest.approx(straight["loss"], rel=1e-5)
+
+
+def test_sharded_gradients_unscale_in_place(tmp_path):
+    """FSDP2's gradients are DTensors: the unscaling divides their shards (one gloo rank, in a process of its own)."""
+    import subprocess
+    import sys
+
+    script = tmp_path / "sharded.py"
+    script.write_text(
+        "import torch, torch.distributed as dist\n"
+        f"dist.init_process_group('gloo', init_method='file://{tmp_path / 'rendezvous'}', rank=0, world_size=1)\n"
+        "from torch.distributed.fsdp import fully_shard\n"
+        "from torch.distributed.tensor import DTensor\n"
+        "from vramplan.train.loss_scale import LossScale\n"
+        "torch.manual_seed(0)\n"
+        "layer = torch.nn.Linear(8, 4)\n"
+        "fully_shard(layer)\n"
+        "layer(torch.randn(3, 8)).sum().backward()\n"
+        "assert isinstance(layer.weight.grad, DTensor)\n"
+        "before = [p.grad.full_tensor().clone() for p in layer.parameters()]\n"
+        "LossScale(scale=4.0).unscale_(list(layer.parameters()))\n"
+        "assert all(torch.equal(p.grad.full_tensor(), b / 4) for p, b in zip(layer.parameters(), before))\n"
+        "dist.destroy_process_group()\n"
+        "print('unscaled')\n")
+    done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0 and "unscaled" in done.stdout, done.stderr[-2000:]
