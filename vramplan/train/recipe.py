@@ -459,8 +459,9 @@ def _update_progress(bar, record: dict) -> None:
     if bar is None:
         return
     peak = record.get("peak_allocated")
+    scale = {"scale": f"{record['loss_scale']:g}"} if "loss_scale" in record else {}  # fp16 steps
     bar.set_postfix(loss=f"{record['loss']:.4f}", tok_s=f"{record['tokens_per_s']:.0f}",
-                    peak=f"{peak / 1e9:.2f}GB" if peak else "-")
+                    peak=f"{peak / 1e9:.2f}GB" if peak else "-", **scale)
     bar.update(1)
 
 
