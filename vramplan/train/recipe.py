@@ -282,8 +282,11 @@ def train(cfg: TrainConfig) -> dict:
     log = metrics.MetricsLog(out / "metrics.jsonl") if world.is_main else None
     if log is not None:
         log.drop_after(state.step)
-    save = lambda: checkpoint.save_checkpoint(out / "checkpoint", model, plan, cfg.model_dir, optimizer, scheduler,  # noqa: E731
-                                              state, main=world.is_main)
+    def save() -> None:
+        if scaler is not None:  # fp16: the scale goes with the checkpoint, so a resumed run keeps it
+            state.loss_scale = scaler.state_dict()
+        checkpoint.save_checkpoint(out / "checkpoint", model, plan, cfg.model_dir, optimizer, scheduler, state,
+                                   main=world.is_main)
 
     # 5. The loop.
     collate = (lambda rows: mm_data.collate(rows, dataset.pad_token_id, processor)) if plan.multimodal else None
@@ -310,7 +313,6 @@ def train(cfg: TrainConfig) -> dict:
                 record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "target_tokens": n_targets, "tokens_per_s": tokens / seconds, **metrics.memory_stats()}
                 if scaler is not None:  # fp16: the scale, and whether this step's update was skipped (grad_norm None)
-                    state.loss_scale = scaler.state_dict()
                     record["loss_scale"] = scaler.scale
                 if log is not None and (state.step % cfg.log_every == 0 or state.step == steps):
                     log.write(record)
@@ -425,8 +427,9 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
         loss, n_targets = _finite("loss", float(loss), done, scaler), int(n_targets)
     grad_norm = float(grad_norm)
     if scaler is not None:
-        scaler.update(math.isfinite(grad_norm), done)
-        if not math.isfinite(grad_norm):
+        finite = math.isfinite(grad_norm)
+        scaler.update(finite, done)
+        if not finite:
             return loss, n_targets, None  # the schedule waits for an update, as in transformers' Trainer
     if scheduler is not None:  # after the wait: stepping it is host work, and an update happened
         scheduler.step()
