@@ -373,6 +373,22 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
+_mm_out_dtype = True  # whether this torch's CUDA mm takes ``out_dtype`` (torch >= 2.8); cleared on the first refusal
+
+
+def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """``a @ b`` of 16-bit matrices with an fp32 result: cuBLAS accumulates in fp32 either way, and writing fp32 keeps
+    a product that overflows fp16 (a loss-scaled weight gradient) finite. Without ``out_dtype`` (the CPU, older torch),
+    the inputs are upcast first."""
+    global _mm_out_dtype
+    if a.is_cuda and _mm_out_dtype:
+        try:
+            return torch.mm(a, b, out_dtype=torch.float32)
+        except (RuntimeError, TypeError):
+            _mm_out_dtype = False
+    return torch.mm(a.float(), b.float())
+
+
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as [rows, last dim]: a view when t is contiguous (one host op, where reshape costs two)."""
     if t.dim() == 2:
@@ -431,11 +447,21 @@ class QLoRALinearFunction(torch.autograd.Function):
             # the scale rides in the matmul (addmm's alpha over an ignored input): one launch, not mm + mul_
             zero = _zero(g_c)
             g_xa = torch.addmm(zero, g_c, _cast(b_c, compute), beta=0, alpha=ctx.scale)  # [M, r]: the gradient at x·Aᵀ
+            # fp16 steps scale their loss (train.loss_scale): a weight gradient sums over every token and passes
+            # fp16's 65,504 long before the per-token gradients do, so it is produced in fp32
+            wide = compute == torch.float16
             flat = _flat_of(lora_a)
-            sink = flat.grad_sink(lora_a, lora_b, compute) if flat is not None and all(ctx.needs_input_grad[2:4]) else None
-            if sink is not None:  # into the flat gradient buffer, cast once for all adapters at the end
+            sink = (flat.grad_sink(lora_a, lora_b, torch.float32 if wide else compute)
+                    if flat is not None and all(ctx.needs_input_grad[2:4]) else None)
+            if sink is not None and wide:
+                sink[1].add_(mm_fp32(g_c.t(), xa), alpha=ctx.scale)
+                sink[0].add_(mm_fp32(g_xa.t(), _cast(x2, compute)))
+            elif sink is not None:  # into the flat gradient buffer, cast once for all adapters at the end
                 sink[1].addmm_(g_c.t(), xa, alpha=ctx.scale)
                 sink[0].addmm_(g_xa.t(), _cast(x2, compute))
+            elif wide:
+                grad_b = _cast(mm_fp32(g_c.t(), xa).mul_(ctx.scale), lora_b.dtype)
+                grad_a = _cast(mm_fp32(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
             else:
                 grad_b = _cast(torch.addmm(zero, g_c.t(), xa, beta=0, alpha=ctx.scale), lora_b.dtype)
                 grad_a = _cast(torch.mm(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
@@ -512,7 +538,9 @@ class _FlatAdapters:
     * their compute-dtype copies come from one cast of the whole tensor per optimizer step,
       instead of two casts per module;
     * with ``grad`` (the flat gradient whose views are the adapters' ``.grad``), the backward
-      adds dA and dB straight into a flat compute-dtype buffer (``addmm_``, the scale folded in) and autograd gets no gradient for them: at the end of the backward one ``add_``
+      adds dA and dB straight into a flat compute-dtype buffer (``addmm_``, the scale folded in; fp32 for fp16 steps,
+      whose loss-scaled weight gradients pass fp16's range) and autograd gets no gradient for them: at the end of the
+      backward one ``add_``
       moves the whole buffer into ``grad`` (the same values autograd's per-tensor cast and
       accumulate would give), and one ``zero_`` clears it. Two launches per step instead of two
       casts per adapted linear. Off under ``create_graph`` (the normal path then runs).

@@ -126,8 +126,8 @@ def test_graph_body_makes_no_host_sync(tmp_path, arch):
 @pytest.mark.parametrize("arch", ["llama", "gemma4"])
 def test_fp16_steps_scale_their_loss_and_train_like_bf16_steps(tmp_path, arch):
     """fp16 arithmetic, which fit plans on GPUs without bf16 (T4, V100): the same run as bf16 (CUDA graphs on) with the
-    trainer's dynamic loss scaling. Its losses stay finite and fall as bf16's do; the scale is logged each step, and
-    only a few steps (an overflow at the first scale, 2^16) update nothing."""
+    trainer's dynamic loss scaling. Its losses stay finite and fall as bf16's do; every step updates (a backward
+    whose gradients overflowed runs again at half the scale), and the scale and the overflows are logged each step."""
     import math
 
     folder = build_model(llama_config() if arch == "llama" else gemma4_config(), tmp_path / arch)
@@ -142,7 +142,8 @@ def test_fp16_steps_scale_their_loss_and_train_like_bf16_steps(tmp_path, arch):
     fp16, bf16 = runs["fp16"], runs["bf16"]
     assert all("loss_scale" not in r for r in bf16) and all(r["loss_scale"] >= 1 for r in fp16)
     assert all(math.isfinite(r["loss"]) for r in fp16)
-    assert sum(r["grad_norm"] is None for r in fp16) <= 4
+    assert all(math.isfinite(r["grad_norm"]) for r in fp16)
+    assert fp16[-1]["loss_scale_overflows"] <= 16  # 2^16 down to 1 at the most (session 19, skipping: 8 steps)
     mean = lambda records: sum(r["loss"] for r in records) / len(records)  # noqa: E731
     assert mean(fp16[-3:]) < 0.8 * mean(fp16[:3])
     assert mean(fp16[-3:]) == pytest.approx(mean(bf16[-3:]), rel=0.15)

@@ -1,5 +1,5 @@
-"""fp16 steps' dynamic loss scaling: a scaled step updates what an unscaled one does, an overflowing one
-updates nothing and lowers the scale, and a resumed run keeps its scale."""
+"""fp16 steps' dynamic loss scaling: a scaled step updates what an unscaled one does, an overflowing backward
+runs again at half the scale and then updates what a clean one does, and a resumed run keeps its scale."""
 
 import json
 
@@ -24,8 +24,10 @@ def test_the_scale_grows_after_clean_steps_and_halves_after_an_overflow():
     assert (scale.scale, scale.clean_steps) == (16.0, 0)
     scale.update(True, 3)
     scale.update(False, 4)
-    assert (scale.scale, scale.clean_steps, scale.skipped_steps) == (8.0, 0, 1)
+    assert (scale.scale, scale.clean_steps, scale.overflows) == (8.0, 0, 1)
     assert LossScale.from_state_dict(json.loads(json.dumps(scale.state_dict()))) == scale
+    # session 18's checkpoints counted skipped steps
+    assert LossScale.from_state_dict({"scale": 4.0, "growth_interval": 3, "clean_steps": 1, "skipped_steps": 2}).overflows == 2
 
 
 def test_gradients_that_overflow_at_every_scale_end_the_run_with_the_fix_named():
@@ -88,27 +90,45 @@ def test_a_scaled_step_updates_what_an_unscaled_one_does(llama, monkeypatch, nam
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("name", OPTIMIZERS)
-def test_an_overflowing_step_updates_nothing_and_lowers_the_scale(llama, monkeypatch, name):
-    model, params, optimizer, scheduler = stepper(llama, run_optimizer(monkeypatch, name))
-    def overflow(module, args, output):  # what an activation gradient overflowing fp16 hands back
-        output.register_hook(lambda grad: grad * float("inf"))
+def poison(model, passes: int | None = None):
+    """Make the final norm's output gradient infinite (what an activation gradient overflowing fp16 hands back) in the
+    first ``passes`` backward passes, or in all of them; returns the hook's handle."""
+    count = [0]
 
-    poisoned = model.model.norm.register_forward_hook(overflow)
-    before = [p.detach().clone() for p in params]
+    def overflow(module, args, output):
+        count[0] += 1
+        if passes is None or count[0] <= passes:
+            output.register_hook(lambda grad: grad * float("inf"))
+
+    return model.model.norm.register_forward_hook(overflow)
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+def test_an_overflowing_pass_runs_again_at_half_the_scale_and_updates_what_a_clean_one_does(llama, monkeypatch, name):
+    optimizer_name = run_optimizer(monkeypatch, name)
+    model, params, optimizer, scheduler = stepper(llama, optimizer_name)
+    handle = poison(model, passes=len(batches()))  # the first pass over the step's two micro-batches overflows
     scaler = LossScale(scale=2.0 ** 12)
     loss, targets, norm = train_step(model, batches(), optimizer, params, 1.0, 0, CPU, scheduler=scheduler, scaler=scaler)
-    assert norm is None and loss > 0 and targets > 0
-    assert (scaler.scale, scaler.skipped_steps) == (2.0 ** 11, 1)
-    for a, b in zip(before, params):
-        assert torch.equal(a, b)
-    assert all(p.grad is None or not p.grad.any() for p in params)  # nothing of the bad step is carried over
-    assert scheduler.last_epoch == 0  # as in transformers' Trainer: a skipped update leaves the schedule where it was
-    poisoned.remove()
-    _, _, norm = train_step(model, batches(), optimizer, params, 1.0, 1, CPU, scheduler=scheduler, scaler=scaler)
-    assert norm is not None and norm > 0
-    assert any(not torch.equal(a, b) for a, b in zip(before, params))
-    assert (scaler.scale, scaler.clean_steps) == (2.0 ** 11, 1)
+    handle.remove()
+    assert (scaler.scale, scaler.overflows, scaler.clean_steps) == (2.0 ** 11, 1, 1)
+    assert scheduler.last_epoch == 1  # one update, one schedule step
+    clean_model, clean_params, clean_optimizer, clean_scheduler = stepper(llama, optimizer_name)
+    clean_loss, clean_targets, clean_norm = train_step(clean_model, batches(), clean_optimizer, clean_params, 1.0, 0,
+                                                       CPU, scheduler=clean_scheduler, scaler=None)
+    assert (loss, targets) == (pytest.approx(clean_loss, rel=1e-6), clean_targets)
+    assert norm == pytest.approx(clean_norm, rel=1e-6)  # nothing of the overflowed pass is carried over
+    for ours, clean in zip(params, clean_params):
+        torch.testing.assert_close(ours, clean, rtol=1e-6, atol=1e-7)
+
+
+def test_gradients_that_overflow_at_every_scale_end_the_step_with_the_fix_named(llama):
+    model, params, optimizer, scheduler = stepper(llama, "adamw")
+    poison(model)
+    before = [p.detach().clone() for p in params]
+    with pytest.raises(VramplanError, match=r"overflow fp16 at every loss scale \(step 3\)"):
+        train_step(model, batches(), optimizer, params, 1.0, 2, CPU, scheduler=scheduler, scaler=LossScale(scale=4 * MIN_SCALE))
+    assert all(torch.equal(a, b) for a, b in zip(before, params))
 
 
 def test_a_resumed_fp16_run_keeps_its_scale(tmp_path, monkeypatch):

@@ -310,3 +310,46 @@ def test_module_casts_adapters_once_per_optimizer_step():
         b.mul_(2)  # an in-place torch op bumps the version
     assert torch.equal(layer._lora_copies.get(a, b, torch.bfloat16)[2], b.detach().to(torch.bfloat16))
     assert torch.equal(layer(x), qlora_linear(x, layer.weight, a, b, layer.scale))
+
+
+def _loss_scaled_fp16_problem(tokens=2048):
+    """fp16 activations and a loss-scaled output gradient (64 a token: inside fp16's range) whose adapter gradients,
+    summed over the tokens, pass fp16's 65,504; the fp64 reference gradients."""
+    g = _gen(3)
+    weight = torch.randn(16, 32, generator=g).to(torch.float16)
+    x = torch.randn(tokens, 32, generator=g).abs().to(torch.float16).requires_grad_()
+    a = (torch.rand(4, 32, generator=g) * 0.1).requires_grad_()
+    b = (torch.rand(16, 4, generator=g) * 0.1).requires_grad_()
+    grad_y = torch.full((tokens, 16), 64.0, dtype=torch.float16)
+    x64, g64 = x.detach().double(), grad_y.double()
+    grad_b = 2.0 * g64.t() @ (x64 @ a.detach().double().t())
+    grad_a = (2.0 * g64 @ b.detach().double()).t() @ x64
+    assert min(grad_a.abs().max(), grad_b.abs().max()) > torch.finfo(torch.float16).max  # fp16 would overflow
+    return x, weight, a, b, grad_y, grad_a, grad_b
+
+
+def test_fp16_adapter_gradients_past_fp16s_range_stay_finite():
+    """fp16 steps scale their loss (``train.loss_scale``): a weight gradient sums over every token and passes fp16's
+    65,504 where each token's gradient is far inside it, so the backward writes dA and dB in fp32."""
+    x, weight, a, b, grad_y, ref_a, ref_b = _loss_scaled_fp16_problem()
+    y = qlora_linear(x, weight, a, b, 2.0)
+    assert y.dtype == torch.float16
+    grad_a, grad_b = torch.autograd.grad(y, (a, b), grad_y)
+    torch.testing.assert_close(grad_a.double(), ref_a, rtol=5e-3, atol=0)
+    torch.testing.assert_close(grad_b.double(), ref_b, rtol=5e-3, atol=0)
+
+
+def test_fp16_adapter_gradients_into_the_flat_buffer_stay_finite():
+    """The same through the flat gradient buffer the flat optimizer step reads (``flat_adapters``)."""
+    x, weight, a, b, grad_y, ref_a, ref_b = _loss_scaled_fp16_problem()
+    flat = torch.nn.Parameter(torch.cat([a.detach().flatten(), b.detach().flatten()]))
+    grad = torch.zeros_like(flat)
+    qlora_module.flat_adapters(flat, grad)
+    try:
+        a_view = flat[:a.numel()].view_as(a)
+        b_view = flat[a.numel():].view_as(b)
+        qlora_linear(x, weight, a_view, b_view, 2.0).backward(grad_y)
+    finally:
+        qlora_module._flat_adapters.clear()
+    torch.testing.assert_close(grad[:a.numel()].view_as(a).double(), ref_a, rtol=5e-3, atol=0)
+    torch.testing.assert_close(grad[a.numel():].view_as(b).double(), ref_b, rtol=5e-3, atol=0)

@@ -41,7 +41,8 @@ CHUNKED_FUSED_ATTENTION_PEAK_CHUNKS = 3.0
 #: within 1.6% of session 15's unaligned band at 2,048 and 4,096 tokens and of session 16's aligned one at 8,192,
 #: puts E2B's step with the band even with the measured masked step at four windows (113.5 against 114.5 ms) and
 #: ahead from there (E2B 1.12x at six windows with the masked step measured 7% over its price, as at four and eight;
-#: 1.19x at eight). Six windows (3,072 tokens on Gemma 4) keeps a margin at the crossing. Twelve until session 16,
+#: 1.19x at eight). Six windows (3,072 tokens on Gemma 4) keeps a margin at the crossing; measured there (session 19,
+#: fresh processes, rank 16): E2B's step 1.12x with the band, 18,786 against 16,743 tok/s. Twelve until session 16,
 #: when the band's unaligned 1,023-key chunks ran it 1.8x slower.
 SLIDING_BAND_MIN_WINDOWS = 6
 

@@ -312,8 +312,8 @@ def train(cfg: TrainConfig) -> dict:
                 seconds = time.perf_counter() - started
                 record = {"step": state.step, "loss": loss, "lr": scheduler.get_last_lr()[0], "grad_norm": grad_norm,
                           "target_tokens": n_targets, "tokens_per_s": tokens / seconds, **metrics.memory_stats()}
-                if scaler is not None:  # fp16: the scale, and whether this step's update was skipped (grad_norm None)
-                    record["loss_scale"] = scaler.scale
+                if scaler is not None:  # fp16: the scale, and how many backward passes overflowed so far (each run again)
+                    record["loss_scale"], record["loss_scale_overflows"] = scaler.scale, scaler.overflows
                 if log is not None and (state.step % cfg.log_every == 0 or state.step == steps):
                     log.write(record)
                 _update_progress(bar, record)
@@ -382,58 +382,59 @@ def export_merged(model_dir: str, adapter_dir: Path, folder: Path, plan: Plan) -
 
 def train_step(model, micro_batches: list[dict], optimizer, params: list, max_grad_norm: float, done: int,
                device: torch.device, trainee=None, graphs=None, scheduler=None,
-               scaler: LossScale | None = None) -> tuple[float, int, float | None]:
+               scaler: LossScale | None = None) -> tuple[float, int, float]:
     """One optimizer step: forward + backward over the micro-batches, clipping, the step; returns (mean
     token loss, target tokens, gradient norm) once the GPU has finished it.
 
     Overlapped (switch ``overlap_optimizer``, on by default) the loss and the norm are read only after
     the step is queued, so the host runs the optimizer's per-tensor Python while the GPU finishes the
     backward instead of after it; a non-finite one still raises before anything is saved. With
-    ``scaler`` (fp16 steps) the gradients are unscaled before clipping, and a step whose gradients
-    overflowed updates nothing, lowers the scale and returns None for its norm; it still counts as a
-    step (its rows are consumed) but the schedule waits for the next update.
+    ``scaler`` (fp16 steps) the gradients are unscaled before clipping and their norm is read before the
+    update: where they overflowed, the scale is halved and the same micro-batches run again, so every
+    step updates (``loss_scale``).
     """
     overlap = switches.enabled("overlap_optimizer")
-    loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs, wait=not overlap,
-                                           loss_scale=scaler.scale if scaler is not None else 1.0)
-    if not overlap:
-        _finite("loss", loss, done, scaler)
-    if scaler is not None:
-        scaler.unscale_(params)
-    overflowed = False
-    if isinstance(optimizer, (FusedAdamW8bit, FusedShardedAdamW8bit)):
-        # the norm stays on the device until after the step, which skips itself if it is not finite
-        grad_norm = optimizer.clip_grad_norm_(max_grad_norm)
-    else:
-        grad_norm = distributed.clip_gradients(params, max_grad_norm)
-        if scaler is not None:  # an overflow must be known before the update: one early read
-            grad_norm = float(grad_norm)
-            overflowed = not math.isfinite(grad_norm)
-        elif not overlap:
-            grad_norm = _finite("gradient", float(grad_norm), done)
     queued = overlap and switches.enabled("queued_optimizer") and queues_whole(optimizer)
-    if not overflowed:
-        if queued:  # bitsandbytes' loop without its last sync, and one foreach zeroing: the wait is the one below
-            optimizer.step(sync=False)
+    while True:
+        loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs, wait=not overlap,
+                                               loss_scale=scaler.scale if scaler is not None else 1.0)
+        if not overlap:
+            _finite("loss", loss, done, scaler)
+        if scaler is not None:
+            scaler.unscale_(params)
+        if isinstance(optimizer, (FusedAdamW8bit, FusedShardedAdamW8bit)):
+            # the norm stays on the device until after the step, which skips itself if it is not finite
+            grad_norm = optimizer.clip_grad_norm_(max_grad_norm)
         else:
-            optimizer.step()
-    if queued and graphs is not None:
-        optimizer.zero_grad_queued()
+            grad_norm = distributed.clip_gradients(params, max_grad_norm)
+            if scaler is None and not overlap:
+                grad_norm = _finite("gradient", float(grad_norm), done)
+        if scaler is None or math.isfinite(grad_norm := float(grad_norm)):  # fp16: one early read
+            break
+        scaler.update(False, done)  # halved (or the run ends with the fix named), and the same batches again
+        _zero_gradients(optimizer, queued, graphs)
+    if queued:  # bitsandbytes' loop without its last sync, and one foreach zeroing: the wait is the one below
+        optimizer.step(sync=False)
     else:
-        optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
+        optimizer.step()
+    _zero_gradients(optimizer, queued, graphs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     if overlap:
         loss, n_targets = _finite("loss", float(loss), done, scaler), int(n_targets)
     grad_norm = float(grad_norm)
     if scaler is not None:
-        finite = math.isfinite(grad_norm)
-        scaler.update(finite, done)
-        if not finite:
-            return loss, n_targets, None  # the schedule waits for an update, as in transformers' Trainer
-    if scheduler is not None:  # after the wait: stepping it is host work, and an update happened
+        scaler.update(True, done)
+    if scheduler is not None:  # after the wait: stepping it is host work
         scheduler.step()
     return loss, n_targets, _finite("gradient", grad_norm, done)
+
+
+def _zero_gradients(optimizer, queued: bool, graphs) -> None:
+    if queued and graphs is not None:
+        optimizer.zero_grad_queued()
+    else:
+        optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
 
 
 def _finite(what: str, value: float, done: int, scaler: LossScale | None = None) -> float:
