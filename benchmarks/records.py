@@ -73,6 +73,12 @@ SESSION16_ALIGNED = (_RESULTS / "session16" / "call1" / "trainer.jsonl",)
 #: lines missed most: Gemma-4-E2B at ranks 32 and 128 under graphs and at rank 16 eager, Qwen3-4B without
 #: checkpointing, Llama-3.2-1B at 8,192 tokens; fresh processes (call1/held-out.jsonl, the save events dropped).
 SESSION17 = (_RESULTS / "session17" / "call1" / "held-out.jsonl",)
+#: Session 19's runs of the trainer as it ships: fp16 arithmetic (what fit plans for GPUs without bf16) with its loss
+#: scaled, beside bf16, on Llama-3.2-1B and Gemma-4-E2B at 2,048 tokens (call1/fp16.jsonl, call3/fp16-fixed.jsonl), and
+#: the band's threshold, E2B at 3,072 tokens over the band and under SDPA's mask (call1/band-threshold.jsonl); fresh
+#: processes. Left out: fp16 runs without the scaling (the trainer before session 18) and E2B's fp16 runs, whose every
+#: step overflowed and was skipped (the trainer now runs such a step again at half the scale).
+SESSION19 = (_RESULTS / "session19" / "held-out.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -153,6 +159,12 @@ HELD_OUT = (
             "session 17's runs of the trainer as it ships where older lines missed most (session17/call1/held-out.jsonl: "
             "E2B at 2,048 tokens, ranks 32 and 128 under graphs and 16 eager; Qwen3-4B at 1,024 without checkpointing; "
             "Llama-3.2-1B at 8,192), none fitted"),
+    HeldOut("session19", SESSION19, "session 19, fp16 and band threshold",
+            "session 19's runs of the trainer as it ships (session19/held-out.jsonl: Llama-3.2-1B at 2,048 tokens in "
+            "loss-scaled fp16 and in bf16, twice; Gemma-4-E2B in bf16 at 2,048 tokens, twice, and at 3,072 over the band "
+            "and under SDPA's mask), none fitted",
+            "the fp16 steps' wait before the update (throughput.optimizer_overlapped) was priced after the Llama fp16 "
+            "runs were seen, with no constant fitted to them"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

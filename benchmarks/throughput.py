@@ -110,7 +110,8 @@ def run_key(stack: str, plan: Plan) -> str:
     return (f"{stack}:{plan.model}:s{plan.seq_len}:b{plan.micro_batch}:r{plan.lora_rank}:{plan.checkpointing}"
             f":{plan.quant}:{plan.optimizer}" + (f":head-{plan.head_quant}" if plan.head_quant != "bf16" else "")
             + (f":lora-{plan.lora_dtype}" if plan.lora_dtype != "fp32" else "") + (":graphs" if plan.captures_steps else "")
-            + (":flat" if plan.steps_flat else "") + (f":tiles-{plan.mlp_tiles}" if plan.mlp_tiles > 1 else ""))
+            + (":flat" if plan.steps_flat else "") + (f":tiles-{plan.mlp_tiles}" if plan.mlp_tiles > 1 else "")
+            + (f":{plan.compute_dtype}" if plan.compute_dtype != "bf16" else ""))
 
 
 def group_of(plan: Plan, later: bool) -> str:
@@ -364,7 +365,8 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
                      "quant": plan.quant, "optimizer": plan.optimizer, "repeats": len(run.step_times),
                      "spread": round(run.spread, 4), "measured_tok_s": round(run.tok_s, 1),
                      "predicted_tok_s": round(predicted, 1), "error": round((predicted - run.tok_s) / run.tok_s, 4),
-                     "head_quant": plan.head_quant, "lora_dtype": plan.lora_dtype, "group": run.group,
+                     "head_quant": plan.head_quant, "lora_dtype": plan.lora_dtype, "compute_dtype": plan.compute_dtype,
+                     "group": run.group,
                      "cuda_graphs": plan.cuda_graphs,
                      "fused_optimizer": run.ran["fused_optimizer"],
                      "set": "fit" if run.key in fitted or host_op_fitted(run) else "profiled" if run.key in PROFILED else "held_out"})
@@ -419,7 +421,8 @@ def markdown(result: dict) -> str:
     for r in result["rows"]:
         repeats = f"{r['repeats']} ({100 * r['spread']:.0f}%)" if r["repeats"] > 1 else "1"
         model = r["model"] + "".join(f", {v} {name}" for name, v, default in
-                                     (("head", r.get("head_quant"), "bf16"), ("LoRA", r.get("lora_dtype"), "fp32"))
+                                     (("head", r.get("head_quant"), "bf16"), ("LoRA", r.get("lora_dtype"), "fp32"),
+                                      ("arithmetic", r.get("compute_dtype"), "bf16"))
                                      if v and v != default) + (", fused AdamW" if r.get("fused_optimizer") else "")
         lines.append(f"| {r['stack']} | {model} | {r['seq']} | {r['batch']} | {r['rank']} | {r['checkpointing']} | "
                      f"{r['quant']} | {r['optimizer']} | {repeats} | {r['measured_tok_s']:,.0f} | "

@@ -158,22 +158,29 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     # checkpointing, Llama-3.2-1B at 8,192 tokens): 2.9% mean, 4.4% max; corrected 2.7% mean, 5.5% max
     campaign17 = stats["session17_uncalibrated"]
     assert campaign17["n"] == 5 and campaign17["max"] < 0.05 and stats["session17_calibrated_by_calibrate_runs"]["max"] < 0.06
+    # session 19's fp16 and bf16 runs (Llama-3.2-1B, Gemma-4-E2B at 2,048 tokens) and E2B at the band's threshold:
+    # 2.8% mean, 7.6% max; corrected 2.7% mean, 6.9% max (Llama-3.2-1B in bf16, both runs). Runs of one plan read
+    # 128 MiB apart outside torch's pool twice here (Llama-3.2-1B's 0.35 and 0.21 GB, E2B's): the max is the low
+    # reading of a 2 GB run
+    campaign19 = stats["session19_uncalibrated"]
+    assert campaign19["n"] == 8 and campaign19["max"] < 0.08 and stats["session19_calibrated_by_calibrate_runs"]["max"] < 0.07
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
-    assert shipped["n"] == 99 and shipped["mean"] < 0.02
+    assert shipped["n"] == 107 and shipped["mean"] < 0.02
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
-    assert len(outside) == 3 and all(r["error_calibrated_by_calibrate_runs"] > 0 for r in outside)
-    assert all(r["checkpointing"] == "offload" or r["model"] == "qwen3-0.6b" for r in outside)
+    assert len(outside) == 5 and all(r["error_calibrated_by_calibrate_runs"] > 0 for r in outside)
+    assert all(r["checkpointing"] == "offload" or r["measured_bytes"] < 2.1e9 for r in outside)
+    assert all(r["measured_bytes"] - r["measured_peak_reserved"] < 0.22e9 for r in outside)  # the low outside-pool step
 
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
-    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (122 runs; the matrix's
+    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (130 runs; the matrix's
     vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.8% mean / 13.3% max, inside 8% / 15%;
     calibrated 1.8% mean, inside 3%, 12.6% max, NOT inside 6%: the eager offloaded-checkpoint runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
-    assert unc["n"] == 122 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 114 and cal["mean"] <= 0.03 and cal["max"] <= 0.13
+    assert unc["n"] == 130 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 122 and cal["mean"] <= 0.03 and cal["max"] <= 0.13
 
 
 def test_errors_against_the_issue_targets(built):
