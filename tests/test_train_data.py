@@ -37,13 +37,24 @@ def test_prompt_completion_and_text(tok):
 @pytest.mark.parametrize("line, problem", [
     ("{not json", "not valid JSON"),
     ('{"question": "a"}', "unknown example shape"),
-    ("", "empty line"),
     ('{"messages": []}', "messages"),
     ('{"text": ""}', "text"),
 ])
 def test_malformed_line_names_file_and_line(tmp_path, line, problem):
     path = write_jsonl(tmp_path / "d.jsonl", ['{"text": "the cat"}', line, '{"text": "a dog"}'])
     with pytest.raises(VramplanError, match=rf"d.jsonl:2: .*{problem}"):
+        data.read_jsonl(path)
+
+
+def test_blank_lines_are_passed_over_and_later_lines_keep_their_numbers(tmp_path):
+    path = tmp_path / "d.jsonl"
+    path.write_text('{"text": "the cat"}\n\n   \n{"text": "a dog"}\n\n')
+    assert [r["text"] for r in data.read_jsonl(path)] == ["the cat", "a dog"]
+    path.write_text('{"text": "the cat"}\n\n{not json\n')
+    with pytest.raises(VramplanError, match=r"d.jsonl:3: not valid JSON"):
+        data.read_jsonl(path)
+    path.write_text("\n \n")
+    with pytest.raises(VramplanError, match="has no examples"):
         data.read_jsonl(path)
 
 

@@ -43,7 +43,8 @@ class Dataset:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    """Parse and validate every line; a bad one raises with the file and line number."""
+    """Parse and validate every line; a bad one raises with the file and line number. Blank lines (a trailing one,
+    a file joined from parts) are passed over, as the Hugging Face ``datasets`` JSON reader passes over them."""
     path = Path(path)
     if not path.is_file():
         raise VramplanError(f"data file {path} does not exist; pass a JSONL file with --data")
@@ -52,7 +53,7 @@ def read_jsonl(path: str | Path) -> list[dict]:
         for number, line in enumerate(handle, start=1):
             where = f"{path}:{number}"
             if not line.strip():
-                raise VramplanError(f"{where}: empty line; remove it (every line must be one JSON example)")
+                continue
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as err:
