@@ -2,6 +2,7 @@
 runs again at half the scale and then updates what a clean one does, and a resumed run keeps its scale."""
 
 import json
+import math
 
 import pytest
 import torch
@@ -175,3 +176,31 @@ def test_sharded_gradients_unscale_in_place(tmp_path):
         "print('unscaled')\n")
     done = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=120)
     assert done.returncode == 0 and "unscaled" in done.stdout, done.stderr[-2000:]
+
+
+def test_fp16_arithmetic_past_its_range_runs_each_step_again_until_it_fits(tmp_path, monkeypatch):
+    """Real fp16 arithmetic (the trainer's CPU path in fp16, as a T4 computes) with the scale started where the
+    backward overflows fp16 (2^24 x a token's gradient): the first step runs again at halved scales until its gradients
+    are finite, then every step updates, and the run trains exactly as one started at a scale that never overflowed."""
+    from vramplan.train import model as model_module
+
+    work = models_with_data(tmp_path, {"llama": llama_config})
+    fp32 = model_module.compute_dtype
+    in_fp16 = lambda plan, device: torch.float16 if plan.compute_dtype == "fp16" else fp32(plan, device)  # noqa: E731
+    monkeypatch.setattr(model_module, "compute_dtype", in_fp16)
+    monkeypatch.setattr(recipe, "compute_dtype", in_fp16)
+    plan = Plan(model="llama", lora_rank=8, seq_len=64, micro_batch=2, checkpointing="none", compute_dtype="fp16")
+    runs = {}
+    for start in (2.0 ** 24, 2.0 ** 8):
+        monkeypatch.setattr(recipe, "for_dtype", lambda dtype, start=start: LossScale(scale=start))
+        out = tmp_path / f"start-{start:g}"
+        train(TrainConfig(plan=plan, model_dir=str(work / "llama"), data=str(work / "train.jsonl"), output=str(out),
+                          lr=1e-2, warmup_steps=0, progress=False, steps=6))
+        runs[start] = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    high, low = runs[2.0 ** 24], runs[2.0 ** 8]
+    assert high[0]["loss_scale_overflows"] >= 4 and high[0]["loss_scale"] <= 2.0 ** 20  # fell on the first step
+    assert all(r["loss_scale_overflows"] == 0 for r in low)
+    assert all(math.isfinite(r["grad_norm"]) for r in high)
+    assert [r["grad_norm"] for r in high] == pytest.approx([r["grad_norm"] for r in low], rel=2e-3)
+    assert [r["loss"] for r in high] == pytest.approx([r["loss"] for r in low], rel=2e-3)
+    assert high[-1]["loss"] < high[0]["loss"]
