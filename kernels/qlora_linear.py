@@ -44,6 +44,7 @@ import triton.language as tl
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from vramplan_kernels.dispatch import Switch, interpreting, sm_count, use_triton
+from vramplan_kernels.wide_matmul import matmul_fp32
 from vramplan_kernels.nf4 import (
     NF4Tensor,
     _absmax_of_blocks,
@@ -373,22 +374,6 @@ def _cast(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-_mm_out_dtype = True  # whether this torch's CUDA mm takes ``out_dtype`` (torch >= 2.8); cleared on the first refusal
-
-
-def mm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """``a @ b`` of 16-bit matrices with an fp32 result: cuBLAS accumulates in fp32 either way, and writing fp32 keeps
-    a product that overflows fp16 (a loss-scaled weight gradient) finite. Without ``out_dtype`` (the CPU, older torch),
-    the inputs are upcast first."""
-    global _mm_out_dtype
-    if a.is_cuda and _mm_out_dtype:
-        try:
-            return torch.mm(a, b, out_dtype=torch.float32)
-        except (RuntimeError, TypeError):
-            _mm_out_dtype = False
-    return torch.mm(a.float(), b.float())
-
-
 def _rows(t: torch.Tensor) -> torch.Tensor:
     """t as [rows, last dim]: a view when t is contiguous (one host op, where reshape costs two)."""
     if t.dim() == 2:
@@ -454,14 +439,14 @@ class QLoRALinearFunction(torch.autograd.Function):
             sink = (flat.grad_sink(lora_a, lora_b, torch.float32 if wide else compute)
                     if flat is not None and all(ctx.needs_input_grad[2:4]) else None)
             if sink is not None and wide:
-                sink[1].add_(mm_fp32(g_c.t(), xa), alpha=ctx.scale)
-                sink[0].add_(mm_fp32(g_xa.t(), _cast(x2, compute)))
+                sink[1].add_(matmul_fp32(g_c.t(), xa), alpha=ctx.scale)
+                sink[0].add_(matmul_fp32(g_xa.t(), _cast(x2, compute)))
             elif sink is not None:  # into the flat gradient buffer, cast once for all adapters at the end
                 sink[1].addmm_(g_c.t(), xa, alpha=ctx.scale)
                 sink[0].addmm_(g_xa.t(), _cast(x2, compute))
             elif wide:
-                grad_b = _cast(mm_fp32(g_c.t(), xa).mul_(ctx.scale), lora_b.dtype)
-                grad_a = _cast(mm_fp32(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
+                grad_b = _cast(matmul_fp32(g_c.t(), xa).mul_(ctx.scale), lora_b.dtype)
+                grad_a = _cast(matmul_fp32(g_xa.t(), _cast(x2, compute)), lora_a.dtype)
             else:
                 grad_b = _cast(torch.addmm(zero, g_c.t(), xa, beta=0, alpha=ctx.scale), lora_b.dtype)
                 grad_a = _cast(torch.mm(g_xa.t(), _cast(x2, compute)), lora_a.dtype)

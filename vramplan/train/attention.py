@@ -35,26 +35,7 @@ from vramplan.memory.activations import (FLASH_MAX_HEAD_DIM, band_pays, chunked_
 from vramplan.train import switches
 from vramplan_kernels.attention_rows import softmax_grad_rows, softmax_rows
 from vramplan_kernels.dispatch import use_triton
-
-_FP32_OUT_MATMUL = True  # until a torch without ``bmm(..., out_dtype=)`` says otherwise
-
-
-def scores_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with fp32 output from 16-bit inputs (cuBLAS accumulates in fp32 either way; rounding the
-    scores to bf16 would move Gemma's unscaled logits by ~0.1). Upcasts where the fp32-out matmul is missing."""
-    global _FP32_OUT_MATMUL
-    if a.dtype in (torch.bfloat16, torch.float16) and a.is_cuda and _FP32_OUT_MATMUL:
-        try:
-            return _bmm_fp32(a, b)
-        except (TypeError, RuntimeError, NotImplementedError):  # a torch without bmm(out_dtype=): upcast from now on
-            _FP32_OUT_MATMUL = False
-    return torch.matmul(a.float(), b.float()) if a.dtype != torch.float64 else torch.matmul(a, b)
-
-
-def _bmm_fp32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    lead = a.shape[:-2]
-    out = torch.bmm(a.reshape(-1, *a.shape[-2:]), b.reshape(-1, *b.shape[-2:]), out_dtype=torch.float32)
-    return out.view(*lead, a.shape[-2], b.shape[-1])
+from vramplan_kernels.wide_matmul import matmul_fp32
 
 
 def _accumulator(t: torch.Tensor) -> torch.dtype:
@@ -125,7 +106,7 @@ class ChunkedAttention(torch.autograd.Function):
         fused = causal and fused_rows_apply(q)
         for start, stop, first, upto in chunked_attention_chunks(s, keys, chunk, causal, window):
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, g * (stop - start), d)
-            scores = scores_fp32(qc, k[:, :, first:upto].transpose(-1, -2))
+            scores = matmul_fp32(qc, k[:, :, first:upto].transpose(-1, -2))
             if fused:  # scale, mask, log-sum-exp and the bf16 probabilities in one Triton pass
                 probs, chunk_lse = softmax_rows(scores, scale, True, start - first, stop - start, v.dtype, window)
             else:
@@ -155,18 +136,18 @@ class ChunkedAttention(torch.autograd.Function):
             qc = q5[:, :, :, start:stop].reshape(b, h_kv, rows, d)
             doc = do5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)
             kc, vc = k[:, :, first:upto], v[:, :, first:upto]
-            scores = scores_fp32(qc, kc.transpose(-1, -2))
+            scores = matmul_fp32(qc, kc.transpose(-1, -2))
             chunk_lse = lse[:, :, :, start:stop].reshape(b, h_kv, rows, 1)
             delta = (doc.to(grad_v.dtype) * o5[:, :, :, start:stop].reshape(b, h_kv, rows, -1)).sum(-1, keepdim=True)
             if ctx.fused:  # P again and dS = P ⊙ (dP − δ)·scale, both bf16, in one Triton pass
-                probs, grad_scores = softmax_grad_rows(scores, scores_fp32(doc, vc.transpose(-1, -2)), chunk_lse,
+                probs, grad_scores = softmax_grad_rows(scores, matmul_fp32(doc, vc.transpose(-1, -2)), chunk_lse,
                                                        delta, scale, True, start - first, stop - start, q.dtype, window)
                 del scores
                 grad_v[:, :, first:upto] += torch.matmul(probs.transpose(-1, -2), doc)
             else:
                 probs, _ = _probabilities(scores, chunk_lse, scale, mask, g, start, stop, first, upto, causal, window)
                 grad_v[:, :, first:upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
-                grad_scores = _scaled(scores_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs), scale).to(q.dtype)
+                grad_scores = _scaled(matmul_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs), scale).to(q.dtype)
             grad_q[:, :, :, start:stop] = torch.matmul(grad_scores, kc).view(b, h_kv, g, stop - start, d)
             grad_k[:, :, first:upto] += torch.matmul(grad_scores.transpose(-1, -2), qc)
         return grad_q.view(b, h, s, d), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None, None
