@@ -91,9 +91,9 @@ def test_a_scaled_step_updates_what_an_unscaled_one_does(llama, monkeypatch, nam
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
-def poison(model, passes: int | None = None):
+def poison(model, passes: int | None = None) -> list[int]:
     """Make the final norm's output gradient infinite (what an activation gradient overflowing fp16 hands back) in the
-    first ``passes`` backward passes, or in all of them; returns the hook's handle."""
+    first ``passes`` forward passes of a micro-batch, or in all of them; returns the count of forwards so far."""
     count = [0]
 
     def overflow(module, args, output):
@@ -101,24 +101,29 @@ def poison(model, passes: int | None = None):
         if passes is None or count[0] <= passes:
             output.register_hook(lambda grad: grad * float("inf"))
 
-    return model.model.norm.register_forward_hook(overflow)
+    model.model.norm.register_forward_hook(overflow)
+    return count
 
 
+@pytest.mark.parametrize("settled", [True, False], ids=["settled", "seeking"])
 @pytest.mark.parametrize("name", OPTIMIZERS)
-def test_an_overflowing_pass_runs_again_at_half_the_scale_and_updates_what_a_clean_one_does(llama, monkeypatch, name):
+def test_an_overflowing_pass_runs_again_at_half_the_scale_and_updates_what_a_clean_one_does(llama, monkeypatch, name,
+                                                                                            settled):
+    """Once a step has updated (``settled``) an overflow runs the whole step again; before, the scale is sought on the
+    step's first micro-batch alone (one forward an overflow, then one that holds), and then the whole step runs."""
     optimizer_name = run_optimizer(monkeypatch, name)
     model, params, optimizer, scheduler = stepper(llama, optimizer_name)
-    handle = poison(model, passes=len(batches()))  # the first pass over the step's two micro-batches overflows
-    scaler = LossScale(scale=2.0 ** 12)
+    forwards = poison(model, passes=1)  # the first micro-batch's first forward overflows
+    scaler = LossScale(scale=2.0 ** 12, settled=settled)
     loss, targets, norm = train_step(model, batches(), optimizer, params, 1.0, 0, CPU, scheduler=scheduler, scaler=scaler)
-    handle.remove()
-    assert (scaler.scale, scaler.overflows, scaler.clean_steps) == (2.0 ** 11, 1, 1)
+    assert (scaler.scale, scaler.overflows, scaler.clean_steps, scaler.settled) == (2.0 ** 11, 1, 1, True)
+    assert forwards[0] == (2 + 2 if settled else 1 + 1 + 2)
     assert scheduler.last_epoch == 1  # one update, one schedule step
     clean_model, clean_params, clean_optimizer, clean_scheduler = stepper(llama, optimizer_name)
     clean_loss, clean_targets, clean_norm = train_step(clean_model, batches(), clean_optimizer, clean_params, 1.0, 0,
                                                        CPU, scheduler=clean_scheduler, scaler=None)
     assert (loss, targets) == (pytest.approx(clean_loss, rel=1e-6), clean_targets)
-    assert norm == pytest.approx(clean_norm, rel=1e-6)  # nothing of the overflowed pass is carried over
+    assert norm == pytest.approx(clean_norm, rel=1e-6)  # nothing of the overflowed passes is carried over
     for ours, clean in zip(params, clean_params):
         torch.testing.assert_close(ours, clean, rtol=1e-6, atol=1e-7)
 
@@ -180,8 +185,9 @@ def test_sharded_gradients_unscale_in_place(tmp_path):
 
 def test_fp16_arithmetic_past_its_range_runs_each_step_again_until_it_fits(tmp_path, monkeypatch):
     """Real fp16 arithmetic (the trainer's CPU path in fp16, as a T4 computes) with the scale started where the
-    backward overflows fp16 (2^24 x a token's gradient): the first step runs again at halved scales until its gradients
-    are finite, then every step updates, and the run trains exactly as one started at a scale that never overflowed."""
+    backward overflows fp16 (2^24 x a token's gradient): the first step seeks its scale on its first micro-batch at
+    halved scales until its gradients are finite, then every step updates, and the run trains exactly as one started
+    at a scale that never overflowed."""
     from vramplan.train import model as model_module
 
     work = models_with_data(tmp_path, {"llama": llama_config})
@@ -189,7 +195,7 @@ def test_fp16_arithmetic_past_its_range_runs_each_step_again_until_it_fits(tmp_p
     in_fp16 = lambda plan, device: torch.float16 if plan.compute_dtype == "fp16" else fp32(plan, device)  # noqa: E731
     monkeypatch.setattr(model_module, "compute_dtype", in_fp16)
     monkeypatch.setattr(recipe, "compute_dtype", in_fp16)
-    plan = Plan(model="llama", lora_rank=8, seq_len=64, micro_batch=2, checkpointing="none", compute_dtype="fp16")
+    plan = Plan(model="llama", lora_rank=8, seq_len=64, grad_accum=2, checkpointing="none", compute_dtype="fp16")
     runs = {}
     for start in (2.0 ** 24, 2.0 ** 8):
         monkeypatch.setattr(recipe, "for_dtype", lambda dtype, start=start: LossScale(scale=start))

@@ -11,7 +11,9 @@ Where GradScaler skips a step whose gradients overflowed, the trainer halves S a
 micro-batches again (``recipe.train_step``): no batch is lost. It matters at the start, where S
 falls from 2^16 to what the model's gradients allow: Gemma-4-E2B's (random weights, 2,048 tokens)
 overflowed at every S from 2^16 to 2^10 on an H100 (benchmarks/results/session19), six or more
-skipped steps, a tenth of a 60-step run. bf16 has fp32's range and needs none of this.
+skipped steps, a tenth of a 60-step run. Until a step has updated, that search runs on the step's
+first micro-batch alone, so a plan accumulating 16 micro-batches a step pays one pass an overflow,
+not sixteen. bf16 has fp32's range and needs none of this.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ class LossScale:
     growth_interval: int = 2000
     clean_steps: int = 0
     overflows: int = 0  # backward passes whose gradients overflowed, each run again at half the scale
+    settled: bool = False  # a step has updated at this run's scale: until then it is sought on one micro-batch
 
     def unscale_(self, params: list[torch.Tensor]) -> None:
         """Divide the gradients by S in place (a power of two: exact unless they under- or overflow)."""
@@ -45,6 +48,7 @@ class LossScale:
         """After a backward pass: grow S after enough clean steps; halve it after an overflow (the caller runs
         the pass again), or end the run once no scale keeps the gradients finite."""
         if finite:
+            self.settled = True
             self.clean_steps += 1
             if self.clean_steps >= self.growth_interval:
                 self.scale, self.clean_steps = self.scale * 2.0, 0

@@ -391,12 +391,14 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
     backward instead of after it; a non-finite one still raises before anything is saved. With
     ``scaler`` (fp16 steps) the gradients are unscaled before clipping and their norm is read before the
     update: where they overflowed, the scale is halved and the same micro-batches run again, so every
-    step updates (``loss_scale``).
+    step updates (``loss_scale``). Until a step has updated, the scale is sought on the first micro-batch alone.
     """
     overlap = switches.enabled("overlap_optimizer")
     queued = overlap and switches.enabled("queued_optimizer") and queues_whole(optimizer)
     while True:
-        loss, n_targets = accumulate_gradients(model, micro_batches, trainee, graphs=graphs, wait=not overlap,
+        probing = scaler is not None and not scaler.settled and len(micro_batches) > 1
+        loss, n_targets = accumulate_gradients(model, micro_batches[:1] if probing else micro_batches, trainee,
+                                               graphs=graphs, wait=not overlap,
                                                loss_scale=scaler.scale if scaler is not None else 1.0)
         if not overlap:
             _finite("loss", loss, done, scaler)
@@ -410,8 +412,11 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
             if scaler is None and not overlap:
                 grad_norm = _finite("gradient", float(grad_norm), done)
         if scaler is None or math.isfinite(grad_norm := float(grad_norm)):  # fp16: one early read
-            break
-        scaler.update(False, done)  # halved (or the run ends with the fix named), and the same batches again
+            if not probing:
+                break
+            scaler.settled = True  # the scale holds on one micro-batch: now the whole step
+        else:
+            scaler.update(False, done)  # halved (or the run ends with the fix named), and the same batches again
         _zero_gradients(optimizer, queued, graphs)
     if queued:  # bitsandbytes' loop without its last sync, and one foreach zeroing: the wait is the one below
         optimizer.step(sync=False)
