@@ -33,11 +33,16 @@ def _finite(t) -> bool:
 
 
 def first_overflow(model, batch, scale: float) -> list[dict]:
-    """The modules whose backward got finite output gradients and gave non-finite input gradients, in backward order."""
-    found, handles = [], []
+    """The modules whose backward got finite output gradients and gave non-finite input gradients, in backward order;
+    ``loss`` first where the loss's own gradient (at the first module the backward reaches) was already non-finite."""
+    found, handles, reached = [], [], [False]
 
     def hook(name):
         def on_backward(module, grad_input, grad_output):
+            if not reached[0]:
+                reached[0] = True
+                if not all(_finite(g) for g in grad_output):
+                    found.append({"module": "loss", "type": "the loss's gradient", "grad_output_max": float("inf")})
             if all(_finite(g) for g in grad_output) and not all(_finite(g) for g in grad_input):
                 found.append({"module": name, "type": type(module).__name__,
                               "grad_output_max": max(float(g.abs().max()) for g in grad_output
@@ -55,12 +60,12 @@ def first_overflow(model, batch, scale: float) -> list[dict]:
     return found[:8]
 
 
-def threshold(folder, plan, batch, device, random_init: bool) -> dict:
+def threshold(folder, plan, batch, device, random_init: bool, scales=tuple(SCALES)) -> dict:
     """The highest scale whose adapter gradients stay finite, the max |grad| there (unscaled), and the culprits at 2^16."""
     model, _ = load_for_training(folder, plan, device, random_init_from_config=random_init)
     params = lora_parameters(model)
     result = {"finite_at": None, "by_scale": {}}
-    for scale in SCALES:
+    for scale in scales:
         for p in params:
             p.grad = None
         loss, _ = accumulate_gradients(model, [batch], loss_scale=scale)
@@ -74,7 +79,7 @@ def threshold(folder, plan, batch, device, random_init: bool) -> dict:
     for p in params:
         p.grad = None
     if plan.checkpointing == "none":
-        result["first_non_finite_modules"] = first_overflow(model, batch, SCALES[0])
+        result["first_non_finite_modules"] = first_overflow(model, batch, scales[0])
         names = {id(p): n for n, p in model.named_parameters()}
         bad = [names.get(id(p), "?") for p in params if p.grad is not None and not bool(torch.isfinite(p.grad).all())]
         result["non_finite_adapter_grads"] = {"count": len(bad), "of": len(params), "first": bad[:6]}
@@ -99,6 +104,8 @@ def main() -> None:
     parser.add_argument("--model", default=None, help="a profile config (random weights); default the tests' tiny Gemma 4")
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--variants", default=None, help="comma-separated indices of the variants to run (default all)")
+    parser.add_argument("--scales", default=None, help="comma-separated powers of two to try, highest first "
+                        "(default 16,14,...,0)")
     parser.add_argument("--device", default="cuda", help="cpu: a smoke test (fp32 there, so nothing overflows)")
     args = parser.parse_args()
     device = torch.device(args.device)
@@ -133,7 +140,8 @@ def main() -> None:
                     cuda_graphs=False, loss="full" if label == "full loss" else "chunked")
         with without_patches(unpatched):
             try:
-                row = threshold(folder, plan, batch, device, random_init)
+                row = threshold(folder, plan, batch, device, random_init,
+                                scales=[2.0 ** int(k) for k in args.scales.split(",")] if args.scales else SCALES)
             except Exception as err:  # a variant that cannot run says why and the others go on
                 row = {"error": f"{type(err).__name__}: {err}"[:300]}
         print(json.dumps({"model": args.model or "tiny gemma4", "seq": args.seq, "variant": label,

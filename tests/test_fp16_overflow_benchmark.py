@@ -1,0 +1,26 @@
+"""benchmarks/fp16_overflow.py, the diagnosis of where an fp16 step's scaled gradients overflow, on the CPU in real fp16
+arithmetic (the trainer's CPU path with its compute dtype set to fp16, as a T4 computes)."""
+
+import torch
+
+from benchmarks import fp16_overflow
+from train_fixtures import VOCAB, build_model, gemma4_config
+from vramplan.plan import Plan
+from vramplan.train import model as model_module
+
+
+def test_the_highest_finite_scale_and_the_modules_where_the_overflow_starts(tmp_path, monkeypatch):
+    fp32 = model_module.compute_dtype
+    monkeypatch.setattr(model_module, "compute_dtype",
+                        lambda plan, device: torch.float16 if plan.compute_dtype == "fp16" else fp32(plan, device))
+    folder = build_model(gemma4_config(), tmp_path / "gemma4")
+    ids = torch.randint(4, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
+    batch = {"input_ids": ids, "labels": torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1),
+             "position_ids": torch.arange(32).expand(1, -1)}
+    plan = Plan(model="t", lora_rank=8, seq_len=32, checkpointing="none", compute_dtype="fp16", cuda_graphs=False)
+    row = fp16_overflow.threshold(str(folder), plan, batch, torch.device("cpu"), False, scales=[2.0 ** 30, 2.0 ** 8])
+    assert row["finite_at"] == 2.0 ** 8  # a token's gradient x 2^30 is past fp16's 65,504; x 2^8 is not
+    assert not row["by_scale"]["2^30"]["finite"] and row["by_scale"]["2^8"]["max_grad"] > 0
+    culprits = row["first_non_finite_modules"]  # the loss's own gradient, or a module's finite in and non-finite out
+    assert culprits and all(c["module"] == "loss" or c["grad_output_max"] < float("inf") for c in culprits)
+    assert row["non_finite_adapter_grads"]["count"] > 0
