@@ -395,9 +395,9 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
     """
     overlap = switches.enabled("overlap_optimizer")
     queued = overlap and switches.enabled("queued_optimizer") and queues_whole(optimizer)
+    seeking = scaler is not None and not scaler.settled and len(micro_batches) > 1
     while True:
-        probing = scaler is not None and not scaler.settled and len(micro_batches) > 1
-        loss, n_targets = accumulate_gradients(model, micro_batches[:1] if probing else micro_batches, trainee,
+        loss, n_targets = accumulate_gradients(model, micro_batches[:1] if seeking else micro_batches, trainee,
                                                graphs=graphs, wait=not overlap,
                                                loss_scale=scaler.scale if scaler is not None else 1.0)
         if not overlap:
@@ -412,9 +412,9 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
             if scaler is None and not overlap:
                 grad_norm = _finite("gradient", float(grad_norm), done)
         if scaler is None or math.isfinite(grad_norm := float(grad_norm)):  # fp16: one early read
-            if not probing:
+            if not seeking:
                 break
-            scaler.settled = True  # the scale holds on one micro-batch: now the whole step
+            seeking = False  # the scale holds on one micro-batch: now the whole step
         else:
             scaler.update(False, done)  # halved (or the run ends with the fix named), and the same batches again
         _zero_gradients(optimizer, queued, graphs)
