@@ -4,15 +4,12 @@ arithmetic (the trainer's CPU path with its compute dtype set to fp16, as a T4 c
 import torch
 
 from benchmarks import fp16_overflow
-from train_fixtures import VOCAB, build_model, gemma4_config
+from train_fixtures import VOCAB, build_model, compute_in_fp16, gemma4_config
 from vramplan.plan import Plan
-from vramplan.train import model as model_module
 
 
 def test_the_highest_finite_scale_and_the_modules_where_the_overflow_starts(tmp_path, monkeypatch):
-    fp32 = model_module.compute_dtype
-    monkeypatch.setattr(model_module, "compute_dtype",
-                        lambda plan, device: torch.float16 if plan.compute_dtype == "fp16" else fp32(plan, device))
+    compute_in_fp16(monkeypatch)
     folder = build_model(gemma4_config(), tmp_path / "gemma4")
     ids = torch.randint(4, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
     batch = {"input_ids": ids, "labels": torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1),

@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from train_fixtures import build_model, llama_config, models_with_data
+from train_fixtures import build_model, compute_in_fp16, llama_config, models_with_data
 from vramplan.errors import VramplanError
 from vramplan.plan import Plan
 from vramplan.train import data, recipe, switches
@@ -188,13 +188,8 @@ def test_fp16_arithmetic_past_its_range_runs_each_step_again_until_it_fits(tmp_p
     backward overflows fp16 (2^24 x a token's gradient): the first step seeks its scale on its first micro-batch at
     halved scales until its gradients are finite, then every step updates, and the run trains exactly as one started
     at a scale that never overflowed."""
-    from vramplan.train import model as model_module
-
     work = models_with_data(tmp_path, {"llama": llama_config})
-    fp32 = model_module.compute_dtype
-    in_fp16 = lambda plan, device: torch.float16 if plan.compute_dtype == "fp16" else fp32(plan, device)  # noqa: E731
-    monkeypatch.setattr(model_module, "compute_dtype", in_fp16)
-    monkeypatch.setattr(recipe, "compute_dtype", in_fp16)
+    compute_in_fp16(monkeypatch)
     plan = Plan(model="llama", lora_rank=8, seq_len=64, grad_accum=2, checkpointing="none", compute_dtype="fp16")
     runs = {}
     for start in (2.0 ** 24, 2.0 ** 8):

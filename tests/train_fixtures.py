@@ -146,6 +146,17 @@ def chat_records(n: int = 24) -> list[dict]:
     return out
 
 
+def compute_in_fp16(monkeypatch) -> None:
+    """The trainer's CPU path in real fp16 arithmetic (as a T4 computes) where a plan says fp16: the CPU otherwise
+    computes in fp32 (``train.model.compute_dtype``)."""
+    from vramplan.train import model, recipe
+
+    fp32 = model.compute_dtype
+    in_fp16 = lambda plan, device: torch.float16 if plan.compute_dtype == "fp16" else fp32(plan, device)  # noqa: E731
+    monkeypatch.setattr(model, "compute_dtype", in_fp16)
+    monkeypatch.setattr(recipe, "compute_dtype", in_fp16)
+
+
 def models_with_data(root: Path, configs: dict) -> Path:
     """A folder with a tiny chat dataset (``train.jsonl``) and one random model per named config."""
     write_jsonl(root / "train.jsonl", chat_records(24))
