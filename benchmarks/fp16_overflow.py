@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from benchmarks.harness import random_batch
 from vramplan.plan import Plan
 from vramplan.train import patching, switches
 from vramplan.train.loss import accumulate_gradients
@@ -119,11 +120,7 @@ def main() -> None:
         sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "tests"))
         from train_fixtures import VOCAB, build_model, gemma4_config
         folder, random_init, vocab = str(build_model(gemma4_config(), work / "m")), False, VOCAB
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(4, vocab, (1, args.seq), generator=generator)
-    labels = torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1)
-    batch = {"input_ids": ids.to(device), "labels": labels.to(device),
-             "position_ids": torch.arange(args.seq).expand(1, -1).to(device)}
+    batch = random_batch(vocab, 1, args.seq, device, low=4)
     norms = {n for n, _ in patching.KERNEL_PATCHES if "Norm" in n}
     mlps = {n for n, _ in patching.KERNEL_PATCHES if n not in norms}
     variants = [("as shipped", "full", None, set(), "fp16"), ("as shipped", "none", None, set(), "fp16"),

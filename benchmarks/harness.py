@@ -146,3 +146,12 @@ def write_results(name: str, payload: dict[str, Any], table_md: str) -> None:
     RESULTS.mkdir(parents=True, exist_ok=True)
     (RESULTS / f"{name}.json").write_text(json.dumps(payload, indent=2) + "\n")
     (RESULTS / f"{name}.md").write_text(table_md + "\n")
+
+
+def random_batch(vocab: int, rows: int, seq: int, device, seed: int = 0, low: int = 0) -> dict[str, torch.Tensor]:
+    """One micro-batch of seeded random token ids (from ``low`` up) predicting their next token, unpacked rows: the
+    trainer benchmarks' input, the same on every run of one seed."""
+    ids = torch.randint(low, vocab, (rows, seq), generator=torch.Generator().manual_seed(seed))
+    labels = torch.cat([ids[:, 1:], torch.full((rows, 1), -100)], dim=1)
+    return {"input_ids": ids.to(device), "labels": labels.to(device),
+            "position_ids": torch.arange(seq).expand(rows, -1).to(device)}

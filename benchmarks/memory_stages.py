@@ -24,6 +24,7 @@ import tempfile
 import torch
 
 from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
+from benchmarks.harness import random_batch
 from benchmarks.records import plan_of
 from benchmarks.trainer import build_random_model
 from vramplan.catalog import resolve_model
@@ -124,10 +125,7 @@ def main() -> None:
     optimizer, _ = make_optimizer(params, plan, 2e-4, 0.0, device, flat=flat_update_pays(model, plan))
     graphs = StepGraphs.for_run(model, params, plan, device)
     ledger.stage("optimizer and graph holder")
-    ids = torch.randint(0, vocab, (plan.micro_batch, plan.seq_len), generator=torch.Generator().manual_seed(0))
-    labels = torch.cat([ids[:, 1:], torch.full((plan.micro_batch, 1), -100)], dim=1)
-    batch = {"input_ids": ids.to(device), "labels": labels.to(device),
-             "position_ids": torch.arange(plan.seq_len).expand(plan.micro_batch, -1).to(device)}
+    batch = random_batch(vocab, plan.micro_batch, plan.seq_len, device)
     handles = watch_modules(model, ledger)
     ledger.watch("start")
     for step in range(args.steps):

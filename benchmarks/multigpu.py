@@ -28,6 +28,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from benchmarks.harness import random_batch
 from vramplan.catalog import resolve_model
 from vramplan.plan import Plan
 from vramplan.train import distributed
@@ -60,11 +61,7 @@ def prediction(plan: Plan, model: str) -> dict:
 
 
 def batch_of(plan: Plan, vocab: int, rank: int, device: torch.device) -> dict[str, torch.Tensor]:
-    generator = torch.Generator().manual_seed(1000 + rank)  # each rank its own rows, as in training
-    ids = torch.randint(0, vocab, (plan.micro_batch, plan.seq_len), generator=generator)
-    labels = torch.cat([ids[:, 1:], torch.full((plan.micro_batch, 1), -100)], dim=1)
-    positions = torch.arange(plan.seq_len).expand(plan.micro_batch, -1)
-    return {"input_ids": ids.to(device), "labels": labels.to(device), "position_ids": positions.to(device)}
+    return random_batch(vocab, plan.micro_batch, plan.seq_len, device, seed=1000 + rank)  # each rank its own rows
 
 
 def measure(args, world: distributed.World, device: torch.device) -> dict:

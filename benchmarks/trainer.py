@@ -28,7 +28,7 @@ import torch
 
 from vramplan.catalog import resolve_model
 from vramplan.memory import activations
-from benchmarks.harness import synced_seconds
+from benchmarks.harness import random_batch, synced_seconds
 from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
@@ -116,11 +116,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         record["loss_scaling"] = scaler is not None
     record["load_peak_alloc"] = torch.cuda.max_memory_allocated()
     torch.cuda.reset_peak_memory_stats()
-    generator = torch.Generator().manual_seed(0)
-    ids = torch.randint(0, vocab, (plan.micro_batch, plan.seq_len), generator=generator)
-    labels = torch.cat([ids[:, 1:], torch.full((plan.micro_batch, 1), -100)], dim=1)
-    batch = {"input_ids": ids.to(device), "labels": labels.to(device),
-             "position_ids": torch.arange(plan.seq_len).expand(plan.micro_batch, -1).to(device)}
+    batch = random_batch(vocab, plan.micro_batch, plan.seq_len, device)
     times, losses = [], []
     from vramplan.measure import NvmlPeakSampler
 

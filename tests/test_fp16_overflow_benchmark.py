@@ -4,6 +4,7 @@ arithmetic (the trainer's CPU path with its compute dtype set to fp16, as a T4 c
 import torch
 
 from benchmarks import fp16_overflow
+from benchmarks.harness import random_batch
 from train_fixtures import VOCAB, build_model, compute_in_fp16, gemma4_config
 from vramplan.plan import Plan
 
@@ -11,9 +12,7 @@ from vramplan.plan import Plan
 def test_the_highest_finite_scale_and_the_modules_where_the_overflow_starts(tmp_path, monkeypatch):
     compute_in_fp16(monkeypatch)
     folder = build_model(gemma4_config(), tmp_path / "gemma4")
-    ids = torch.randint(4, VOCAB, (1, 32), generator=torch.Generator().manual_seed(0))
-    batch = {"input_ids": ids, "labels": torch.cat([ids[:, 1:], torch.full((1, 1), -100)], dim=1),
-             "position_ids": torch.arange(32).expand(1, -1)}
+    batch = random_batch(VOCAB, 1, 32, "cpu", low=4)
     plan = Plan(model="t", lora_rank=8, seq_len=32, checkpointing="none", compute_dtype="fp16", cuda_graphs=False)
     row = fp16_overflow.threshold(str(folder), plan, batch, torch.device("cpu"), False, scales=[2.0 ** 30, 2.0 ** 8])
     assert row["finite_at"] == 2.0 ** 8  # a token's gradient x 2^30 is past fp16's 65,504; x 2^8 is not
