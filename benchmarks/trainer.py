@@ -136,6 +136,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
             driver["stack_limit"].append(stack_limit_bytes())
             driver["outside"].append(outside_pool_bytes())
+    if scaler is not None:
+        record["loss_scale_overflows"] = scaler.overflows  # backward passes run again at half the scale
     if sampler is not None:
         sampler.__exit__(None, None, None)
     def step():
