@@ -58,6 +58,24 @@ def synced_seconds(step: Callable[[], Any], n: int) -> list[float]:
     return times
 
 
+def host_dispatch_us(device, ops: int = 2000, rounds: int = 5) -> float:
+    """Host µs to queue one tiny in-place add on ``device`` (best of ``rounds``): a probe of the host's speed. Steps
+    that are not replayed as CUDA graphs are bound by the host's dispatch, which differs between machines of one GPU
+    model, so an eager line needs its host's probe beside its tokens/s to be compared with another's."""
+    import time
+
+    x = torch.zeros(1, device=device)
+    best = float("inf")
+    for _ in range(rounds):
+        torch.cuda.synchronize(device) if x.is_cuda else None
+        started = time.perf_counter()
+        for _ in range(ops):
+            x.add_(1)
+        best = min(best, (time.perf_counter() - started) / ops)
+    torch.cuda.synchronize(device) if x.is_cuda else None
+    return round(best * 1e6, 3)
+
+
 def median_ms(fn: Callable[[], Any]) -> float:
     import triton.testing
 

@@ -28,7 +28,7 @@ import torch
 
 from vramplan.catalog import resolve_model
 from vramplan.memory import activations
-from benchmarks.harness import random_batch, synced_seconds
+from benchmarks.harness import host_dispatch_us, random_batch, synced_seconds
 from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
@@ -101,7 +101,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
             random_init: bool = False, sample_nvml: bool = True, ab_rounds: int = 0,
             overlap_rounds: int = 0) -> tuple[dict, list[float]]:
     plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
-    record: dict = {}
+    record: dict = {"host_dispatch_us": host_dispatch_us(device)}  # the host's speed: eager steps are bound by it
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model, _ = load_for_training(folder, plan, device, random_init_from_config=random_init)
@@ -115,6 +115,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     if plan.compute_dtype == "fp16":
         record["loss_scaling"] = scaler is not None
     record["load_peak_alloc"] = torch.cuda.max_memory_allocated()
+    reserved = {"load": torch.cuda.max_memory_reserved()}  # torch's pool at its peak by phase: where slack appears
     torch.cuda.reset_peak_memory_stats()
     batch = random_batch(vocab, plan.micro_batch, plan.seq_len, device)
     times, losses = [], []
@@ -134,6 +135,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
             record.setdefault("loss_scale", []).append(scaler.scale)
             record.setdefault("grad_norms", []).append(norm)
         if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
+            reserved["first_step" if step == 0 else "last_step"] = torch.cuda.max_memory_reserved()
             driver["stack_limit"].append(stack_limit_bytes())
             driver["outside"].append(outside_pool_bytes())
     if scaler is not None:
@@ -182,6 +184,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         record["nvml_peak_step_delta"] = sampler.peak_delta  # sampled peak during the steps, above the reading at their start
     record["peak_alloc"] = torch.cuda.max_memory_allocated()
     record["peak_reserved"] = torch.cuda.max_memory_reserved()
+    record["peak_reserved_by_phase"] = reserved
     del model, optimizer, params, batch, graphs
     return record, times
 

@@ -50,3 +50,19 @@ def test_repeated_ops_are_timed_per_op():
     so bytes_moved (one op's traffic) over that time is the op's bandwidth."""
     case = Case("nf4_dequantize", "s", {"vramplan": lambda: None}, bytes_moved=10**6, cuda_graph=True, repeats=4)
     assert time_variants(case, _timer(0.02), _timer(0.008)) == ({"vramplan": 0.005}, {"vramplan": 0.002})
+
+
+def test_host_dispatch_probe_times_one_queued_op_and_grows_with_the_work_per_op():
+    """The probe is µs per op: queuing a bigger op on the CPU (a 1e6-element add) costs more than a 1-element one."""
+    from benchmarks.harness import host_dispatch_us
+
+    tiny = host_dispatch_us(torch.device("cpu"), ops=200, rounds=3)
+    assert 0 < tiny < 1000
+    x = torch.zeros(1_000_000)
+    import time
+
+    started = time.perf_counter()
+    for _ in range(200):
+        x.add_(1)
+    big_us = (time.perf_counter() - started) / 200 * 1e6
+    assert big_us > tiny
