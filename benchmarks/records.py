@@ -79,6 +79,10 @@ SESSION17 = (_RESULTS / "session17" / "call1" / "held-out.jsonl",)
 #: processes. Left out: fp16 runs without the scaling (the trainer before session 18) and E2B's fp16 runs, whose every
 #: step overflowed and was skipped (the trainer now runs such a step again at half the scale).
 SESSION19 = (_RESULTS / "session19" / "held-out.jsonl",)
+#: Session 20's campaign of the trainer as it ships, its grid and predictions committed before it ran
+#: (session20/campaign.json, predicted.txt): 16 configurations over 8 models, 1,024-8,192 tokens, ranks 8-128, batches
+#: 1-4, checkpointing full, none and offloaded, graphs and eager, bf16 and fp16; fresh processes.
+SESSION20 = (_RESULTS / "session20" / "call1" / "campaign-1.jsonl", _RESULTS / "session20" / "call2" / "campaign-2.jsonl")
 
 
 @dataclass(frozen=True)
@@ -165,6 +169,10 @@ HELD_OUT = (
             "and under SDPA's mask), none fitted",
             "the fp16 steps' wait before the update (throughput.optimizer_overlapped) was priced after the Llama fp16 "
             "runs were seen, with no constant fitted to them"),
+    HeldOut("session20", SESSION20, "session 20 campaign",
+            "session 20's campaign of the trainer as it ships, its grid and predictions committed before it ran "
+            "(session20/campaign.json: 16 configurations over 8 models, 1,024-8,192 tokens, ranks 8-128, batches 1-4, "
+            "checkpointing full, none and offloaded, graphs and eager, bf16 and fp16), none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -361,14 +361,22 @@ def test_held_out_error_on_the_committed_measurements():
     assert campaign19["count"] == 5 and campaign19["within_15_percent"] == 5 and campaign19["max_abs_error"] < 0.10
     fp16 = [r for r in result["rows"] if r["group"] == "session19" and r["compute_dtype"] == "fp16"]
     assert len(fp16) == 1 and abs(fp16[0]["error"]) < 0.10
+    # session 20's campaign, its grid and predictions committed before it ran (16 configurations, 8 models): every
+    # captured one within 15% (max 12.9%); the two eager ones priced slower than they ran, Qwen3-4B -21% and
+    # Llama-3.2-1B's offloaded checkpoints -34%: eager steps are bound by the host, faster on this one than on
+    # session 12's, whose runs set the seconds per host op
+    campaign20 = result["held_out_by_group"]["session20"]
+    assert campaign20["count"] == 16 and campaign20["within_15_percent"] == 14
+    rows20 = [r for r in result["rows"] if r["group"] == "session20"]
+    assert all(abs(r["error"]) < 0.15 for r in rows20 if "graphs" in r["key"])
+    assert sorted(r["error"] < -0.15 for r in rows20 if "graphs" not in r["key"]) == [True, True]
     # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
-    # 6.4% mean, 89 of 94 within 15%; its eager ones, host-bound, 18.7% mean, 5 of 13 at sessions 1-3's host op; 11.2%
-    # mean, 6 of the 8 still held out at session 12's
+    # 6.2% mean, 103 of 108 within 15%; its eager ones, host-bound, 14.5% mean, 6 of 10 at session 12's host op
     shipped = result["shipped_trainer_held_out"]
-    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 102
-    assert shipped["captured"]["count"] == 94 and shipped["captured"]["within_15_percent"] >= 89
-    assert shipped["captured"]["mean_abs_error"] < 0.07 and shipped["eager"]["count"] == 8
-    assert shipped["eager"]["within_15_percent"] >= 6 and shipped["eager"]["mean_abs_error"] < 0.12
+    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 118
+    assert shipped["captured"]["count"] == 108 and shipped["captured"]["within_15_percent"] >= 103
+    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 10
+    assert shipped["eager"]["within_15_percent"] >= 6 and shipped["eager"]["mean_abs_error"] < 0.15
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
