@@ -97,9 +97,27 @@ def nvml_call_us(calls: int = 200) -> float:
     return round((time.perf_counter() - started) / calls * 1e6, 1)
 
 
+def summarize_pools(snapshot: list[dict]) -> dict:
+    """torch's segments after the steps, per pool (the default one, or a CUDA graph's private pool): how many, their
+    bytes, what their blocks hold allocated, and the largest free blocks (where reserved bytes sit unallocated)."""
+    pools: dict[str, dict] = {}
+    for segment in snapshot:
+        private = tuple(segment.get("segment_pool_id") or (0, 0)) != (0, 0)
+        name = ("graph" if private else "default") + (":expandable" if segment.get("is_expandable") else "")
+        pool = pools.setdefault(name, {"segments": 0, "bytes": 0, "allocated": 0, "free_blocks": []})
+        pool["segments"] += 1
+        pool["bytes"] += segment["total_size"]
+        pool["allocated"] += segment["allocated_size"]
+        pool["free_blocks"] += [b["size"] for b in segment["blocks"] if b["state"] == "inactive"]
+    for pool in pools.values():
+        free = sorted(pool.pop("free_blocks"), reverse=True)
+        pool.update(free_blocks=len(free), largest_free=free[:8])
+    return pools
+
+
 def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.device,
             random_init: bool = False, sample_nvml: bool = True, ab_rounds: int = 0,
-            overlap_rounds: int = 0) -> tuple[dict, list[float]]:
+            overlap_rounds: int = 0, pool_summary: bool = False) -> tuple[dict, list[float]]:
     plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
     record: dict = {"host_dispatch_us": host_dispatch_us(device)}  # the host's speed: eager steps are bound by it
     torch.cuda.empty_cache()
@@ -185,6 +203,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["peak_alloc"] = torch.cuda.max_memory_allocated()
     record["peak_reserved"] = torch.cuda.max_memory_reserved()
     record["peak_reserved_by_phase"] = reserved
+    if pool_summary:
+        record["pool_summary"] = summarize_pools(torch.cuda.memory_snapshot())
     del model, optimizer, params, batch, graphs
     return record, times
 
@@ -204,6 +224,8 @@ def main() -> None:
                         help="after the timed steps, ROUNDS rounds of queued, overlapped and waiting optimizer steps (overlap_ab)")
     parser.add_argument("--random-init", action="store_true",
                         help="write only config.json and build seeded random weights on the GPU layer by layer (31B and up)")
+    parser.add_argument("--pool-summary", action="store_true",
+                        help="record torch's segments per pool after the steps (benchmarks.trainer.summarize_pools)")
     parser.add_argument("--folder", help="a model folder built already (by the --fresh parent); skips building one")
     parser.add_argument("--band-min-windows", type=int, metavar="N",
                         help="sliding-window layers over their band from rows of N windows (an A/B of the threshold "
@@ -245,7 +267,7 @@ def main() -> None:
         try:
             measured, times = run_one(g, folder, vocab, args.steps, device, args.random_init,
                                       sample_nvml=not args.no_nvml_sampler, ab_rounds=args.sampler_ab,
-                                      overlap_rounds=args.overlap_ab)
+                                      overlap_rounds=args.overlap_ab, pool_summary=args.pool_summary)
             rec.update(measured)
             used = used_memory_bytes()
             rec["nvml_used_delta"] = (used - base_used) if base_used is not None and used is not None else None
@@ -294,7 +316,8 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
                                 *(["--no-nvml-sampler"] if args.no_nvml_sampler else []),
                                 "--sampler-ab", str(args.sampler_ab), "--overlap-ab", str(args.overlap_ab),
                                 *(["--band-min-windows", str(args.band_min_windows)] if args.band_min_windows else []),
-                                *(["--unaligned-chunks"] if args.unaligned_chunks else [])],
+                                *(["--unaligned-chunks"] if args.unaligned_chunks else []),
+                                *(["--pool-summary"] if args.pool_summary else [])],
                                capture_output=True, text=True)
         lines = [line for line in child.stdout.splitlines() if line.startswith("{")]
         if child.returncode or not lines:
