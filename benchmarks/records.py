@@ -83,6 +83,10 @@ SESSION19 = (_RESULTS / "session19" / "held-out.jsonl",)
 #: (session20/campaign.json, predicted.txt): 16 configurations over 8 models, 1,024-8,192 tokens, ranks 8-128, batches
 #: 1-4, checkpointing full, none and offloaded, graphs and eager, bf16 and fp16; fresh processes.
 SESSION20 = (_RESULTS / "session20" / "call1" / "campaign-1.jsonl", _RESULTS / "session20" / "call2" / "campaign-2.jsonl")
+#: Session 20's runs after its campaign, on another machine (call3/host-and-slack.jsonl, the first lines probing the
+#: host's dispatch): Llama-3.2-1B at 2,048 tokens eager; Qwen3-1.7B at rank 128 without checkpointing under graphs
+#: (the campaign's memory outlier, again) and eager.
+SESSION20_FOLLOWUP = (_RESULTS / "session20" / "call3" / "host-and-slack.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -173,6 +177,10 @@ HELD_OUT = (
             "session 20's campaign of the trainer as it ships, its grid and predictions committed before it ran "
             "(session20/campaign.json: 16 configurations over 8 models, 1,024-8,192 tokens, ranks 8-128, batches 1-4, "
             "checkpointing full, none and offloaded, graphs and eager, bf16 and fp16), none fitted"),
+    HeldOut("session20_followup", SESSION20_FOLLOWUP, "session 20, after the campaign",
+            "session 20's runs after its campaign, on another machine, its host's dispatch probed "
+            "(session20/call3/host-and-slack.jsonl: Llama-3.2-1B at 2,048 tokens eager; Qwen3-1.7B at rank 128 "
+            "without checkpointing under graphs and eager), none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

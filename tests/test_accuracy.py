@@ -170,26 +170,30 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     campaign20 = stats["session20_uncalibrated"]
     assert campaign20["n"] == 16 and campaign20["mean"] < 0.035 and campaign20["max"] < 0.13
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
-    assert shipped["n"] == 123 and shipped["mean"] < 0.021
+    # after it, Qwen3-1.7B's outlier again under graphs (the same bytes: 1.96 GB reserved, never allocated) and eager,
+    # where its pool held 0.35 GB beyond its allocations
+    followup = stats["session20_followup_uncalibrated"]
+    assert followup["n"] == 3 and followup["max"] < 0.13
+    assert shipped["n"] == 126 and shipped["mean"] < 0.021
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     over = [r for r in outside if r["error_calibrated_by_calibrate_runs"] > 0]
-    assert len(outside) == 7 and len(over) == 6
+    assert len(outside) == 8 and len(over) == 6
     assert all(r["checkpointing"] == "offload" or r["measured_bytes"] < 2.1e9 for r in over)
     assert all(r["measured_bytes"] - r["measured_peak_reserved"] < 0.22e9 for r in over)  # the low outside-pool step
     under = [r for r in outside if r not in over]
-    assert [(r["model"], r["rank"], r["checkpointing"]) for r in under] == [("qwen3-1.7b", 128, "none")]
-    assert under[0]["measured_peak_reserved"] - under[0]["measured_peak_allocated"] > 1.9e9
+    assert [(r["model"], r["rank"], r["checkpointing"]) for r in under] == [("qwen3-1.7b", 128, "none")] * 2
+    assert all(r["measured_peak_reserved"] - r["measured_peak_allocated"] > 1.9e9 for r in under)
 
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
-    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (146 runs; the matrix's
+    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (149 runs; the matrix's
     vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.8% mean / 13.3% max, inside 8% / 15%;
-    calibrated 2.0% mean, inside 3%, 12.6% max, NOT inside 6%: the runs above."""
+    calibrated 2.1% mean, inside 3%, 12.6% max, NOT inside 6%: the runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
-    assert unc["n"] == 146 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 138 and cal["mean"] <= 0.03 and cal["max"] <= 0.13
+    assert unc["n"] == 149 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 141 and cal["mean"] <= 0.03 and cal["max"] <= 0.13
 
 
 def test_errors_against_the_issue_targets(built):

@@ -66,3 +66,21 @@ def test_host_dispatch_probe_times_one_queued_op_and_grows_with_the_work_per_op(
         x.add_(1)
     big_us = (time.perf_counter() - started) / 200 * 1e6
     assert big_us > tiny
+
+
+def test_pool_summary_splits_the_graph_pool_from_the_default_one_and_names_the_slack():
+    """summarize_pools reads torch.cuda.memory_snapshot()'s segment records (this is their format in torch 2.11-2.13):
+    a CUDA graph's private pool apart from the default one, with the reserved bytes no block holds."""
+    from benchmarks.trainer import summarize_pools
+
+    def segment(pool_id, size, blocks, expandable=False):
+        return {"segment_pool_id": pool_id, "is_expandable": expandable, "total_size": size,
+                "allocated_size": sum(s for s, state in blocks if state == "active_allocated"),
+                "blocks": [{"size": s, "state": state} for s, state in blocks]}
+
+    pools = summarize_pools([segment((0, 0), 100, [(60, "active_allocated"), (40, "inactive")], expandable=True),
+                             segment((1, 2), 50, [(10, "active_allocated"), (30, "inactive"), (10, "inactive")]),
+                             segment((1, 2), 20, [(20, "inactive")])])
+    assert pools == {"default:expandable": {"segments": 1, "bytes": 100, "allocated": 60, "free_blocks": 1,
+                                            "largest_free": [40]},
+                     "graph": {"segments": 2, "bytes": 70, "allocated": 10, "free_blocks": 3, "largest_free": [30, 20, 10]}}

@@ -370,13 +370,18 @@ def test_held_out_error_on_the_committed_measurements():
     rows20 = [r for r in result["rows"] if r["group"] == "session20"]
     assert all(abs(r["error"]) < 0.15 for r in rows20 if "graphs" in r["key"])
     assert sorted(r["error"] < -0.15 for r in rows20 if "graphs" not in r["key"]) == [True, True]
+    # after it, on another machine: Llama-3.2-1B at 2,048 tokens eager -0.2% (session 11's host ran it 24% slower,
+    # the campaign's ran its offloaded twin 34% faster than priced); Qwen3-1.7B at rank 128 without checkpointing
+    # +6.3% under graphs, +10.5% eager
+    followup = result["held_out_by_group"]["session20_followup"]
+    assert followup["count"] == 3 and followup["within_15_percent"] == 3
     # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
-    # 6.2% mean, 103 of 108 within 15%; its eager ones, host-bound, 14.5% mean, 6 of 10 at session 12's host op
+    # 6.2% mean, 104 of 109 within 15%; its eager ones, host-bound, 13.0% mean, 8 of 12 at session 12's host op
     shipped = result["shipped_trainer_held_out"]
-    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 118
-    assert shipped["captured"]["count"] == 108 and shipped["captured"]["within_15_percent"] >= 103
-    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 10
-    assert shipped["eager"]["within_15_percent"] >= 6 and shipped["eager"]["mean_abs_error"] < 0.15
+    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 121
+    assert shipped["captured"]["count"] == 109 and shipped["captured"]["within_15_percent"] >= 104
+    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 12
+    assert shipped["eager"]["within_15_percent"] >= 8 and shipped["eager"]["mean_abs_error"] < 0.14
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
