@@ -241,3 +241,41 @@ def priced_as_ran(ran: dict[str, bool], band_min_windows: int):
     (:func:`band_min_windows_ran`)."""
     with switches.forced(**ran), activations.band_threshold(band_min_windows):
         yield
+
+
+def base_reading(record: dict) -> int | None:
+    """A fresh-process line's first reading outside torch's pool (NVML's device-wide used memory less torch's
+    reserved bytes, after loading, before the first step): the reading its memory is measured above, loading adding
+    nothing outside the pool (eager lines: within 2 MiB of the baseline itself). None for lines without it."""
+    outside = (record.get("driver") or {}).get("outside")
+    return outside[0] if outside and record.get("fresh_process") else None
+
+
+def lowest_base_readings(paths) -> dict[str, int]:
+    """Per model, the lowest :func:`base_reading` among the lines of ``paths``: what a process reads when no earlier
+    process's memory is still on the device (every first child of a benchmark parent reads it)."""
+    import json
+
+    lowest: dict[str, int] = {}
+    for path in paths:
+        for line in Path(path).read_text().splitlines():
+            record = json.loads(line)
+            base = base_reading(record)
+            if base is not None:
+                lowest[record["model"]] = min(lowest.get(record["model"], base), base)
+    return lowest
+
+
+def previous_process_bytes(record: dict, lowest: dict[str, int]) -> int:
+    """What a line's baseline held of the process before it. benchmarks/trainer.py runs a parent's configurations one
+    child after another; after a child that made a CUDA managed allocation (paged optimizer states: 128 MiB reserved
+    whatever their size, ``memory.overhead.MANAGED_FIRST_ALLOCATION_BYTES``), the next child's first NVML reading
+    still counts 44-120 MiB of that reserve. A child that pages its own states takes it over instead of reserving
+    128 MiB more, so its memory above its baseline reads that much low: session 19's two bf16 runs of one
+    Llama-3.2-1B plan, first and later child, read 128 MiB apart above their baselines and 24 MiB apart in device
+    memory at the end; a child that pages nothing leaves the reserve outside its footprint (Llama-3.2-1B at rank 8:
+    226 MiB above its baseline at the end whether that was 1,822 or 1,938 MiB). Every parent's first child, and every
+    child after one that paged nothing, reads the lowest baseline (results/session20/README.md). 0 for lines
+    without the reading; the caller decides whether the run paged."""
+    base = base_reading(record)
+    return 0 if base is None else max(0, base - lowest.get(record["model"], base))

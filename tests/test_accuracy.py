@@ -112,8 +112,8 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     """Session 11 re-measured the 13 vramplan configurations of the matrix that sessions 1-3 measured on their eager
     trainer and no campaign had repeated (ranks 8-128, bf16, unpaged 8-bit AdamW, batch 2, no and offloaded
     checkpointing). Held out from every calibration: 3.4% mean uncalibrated, 2.9% mean corrected by `vramplan
-    calibrate`'s runs. One row misses the 6% bound: Llama-3.2-1B with its checkpoints offloaded, +12.6%, whose
-    allocated peak the planner gets within 1% (1.70 GB) but whose eager run held 0.19 GB beyond it where the
+    calibrate`'s runs. One row misses the 6% bound: Llama-3.2-1B with its checkpoints offloaded, +8.7% (+12.6% above its
+    own baseline, which held 64 MiB of the process before it: records.previous_process_bytes), whose allocated peak the planner gets within 1% (1.70 GB) but whose eager run held 0.19 GB beyond it where the
     planner's fixed allowances (CUDA libraries, the allocator's floor) give 0.46. Before the planner counted a
     captured step's bf16 adapter copies, the two high-rank rows read -10.5% (Llama-3.2-1B, rank 128) and -11.1%
     (Qwen3-4B, rank 64); -4.7% and -6.4% after; +1.7% and -0.4% since it prices the slack a captured run's first
@@ -159,28 +159,27 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     campaign17 = stats["session17_uncalibrated"]
     assert campaign17["n"] == 5 and campaign17["max"] < 0.05 and stats["session17_calibrated_by_calibrate_runs"]["max"] < 0.06
     # session 19's fp16 and bf16 runs (Llama-3.2-1B, Gemma-4-E2B at 2,048 tokens) and E2B at the band's threshold:
-    # 2.8% mean, 7.6% max; corrected 2.7% mean, 6.9% max (Llama-3.2-1B in bf16, both runs). Runs of one plan read
-    # 128 MiB apart outside torch's pool twice here (Llama-3.2-1B's 0.35 and 0.21 GB, E2B's): the max is the low
-    # reading of a 2 GB run
+    # 1.5% mean, 2.9% max; corrected 0.9% mean, 2.2% max. Above each run's own baseline it read 2.8% / 7.6%: two
+    # runs of one plan 128 MiB apart, the later child's baseline holding the reserve the one before it left
     campaign19 = stats["session19_uncalibrated"]
-    assert campaign19["n"] == 8 and campaign19["max"] < 0.08 and stats["session19_calibrated_by_calibrate_runs"]["max"] < 0.07
-    # session 20's campaign (16 configurations over 8 models, registered before it ran): 3.1% mean, 12.5% max; the
+    assert campaign19["n"] == 8 and campaign19["max"] < 0.035 and stats["session19_calibrated_by_calibrate_runs"]["max"] < 0.03
+    # session 20's campaign (16 configurations over 8 models, registered before it ran): 2.8% mean, 12.5% max; the
     # max is Qwen3-1.7B at rank 128 without checkpointing under graphs, whose pool reserved 1.96 GB it never
-    # allocated (-12.5%), and the next Llama-3.2-1B's offloaded checkpoints (+9.9%, the same bytes as session 11's run)
+    # allocated (-12.5%)
     campaign20 = stats["session20_uncalibrated"]
-    assert campaign20["n"] == 16 and campaign20["mean"] < 0.035 and campaign20["max"] < 0.13
+    assert campaign20["n"] == 16 and campaign20["mean"] < 0.03 and campaign20["max"] < 0.13
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
     # after it, Qwen3-1.7B's outlier again under graphs (the same bytes: 1.96 GB reserved, never allocated) and eager,
     # where its pool held 0.35 GB beyond its allocations
     followup = stats["session20_followup_uncalibrated"]
     assert followup["n"] == 3 and followup["max"] < 0.13
-    assert shipped["n"] == 126 and shipped["mean"] < 0.021
+    assert shipped["n"] == 126 and shipped["mean"] < 0.017
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     over = [r for r in outside if r["error_calibrated_by_calibrate_runs"] > 0]
-    assert len(outside) == 8 and len(over) == 6
-    assert all(r["checkpointing"] == "offload" or r["measured_bytes"] < 2.1e9 for r in over)
-    assert all(r["measured_bytes"] - r["measured_peak_reserved"] < 0.22e9 for r in over)  # the low outside-pool step
+    # sessions 11's eager Llama-3.2-1B with its checkpoints offloaded at 4,096 tokens (+8.7%) and Qwen3-0.6B (+7.0%)
+    assert len(outside) == 4 and len(over) == 2
+    assert all(r["checkpointing"] == "offload" or r["measured_bytes"] < 1.3e9 for r in over)
     under = [r for r in outside if r not in over]
     assert [(r["model"], r["rank"], r["checkpointing"]) for r in under] == [("qwen3-1.7b", 128, "none")] * 2
     assert all(r["measured_peak_reserved"] - r["measured_peak_allocated"] > 1.9e9 for r in under)
@@ -188,12 +187,12 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
     """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (149 runs; the matrix's
-    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.8% mean / 13.3% max, inside 8% / 15%;
-    calibrated 2.1% mean, inside 3%, 12.6% max, NOT inside 6%: the runs above."""
+    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.6% mean / 12.5% max, inside 8% / 15%;
+    calibrated 1.7% mean, inside 3%, 12.0% max, NOT inside 6%: the runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
     assert unc["n"] == 149 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 141 and cal["mean"] <= 0.03 and cal["max"] <= 0.13
+    assert cal["n"] == 141 and cal["mean"] <= 0.03 and cal["max"] <= 0.125
 
 
 def test_errors_against_the_issue_targets(built):
@@ -291,3 +290,23 @@ def test_plans_fit_chose_for_8_12_and_16_gb_ran_inside_their_caps():
         assert row["measured_process_bytes"] <= row["cap_gb"] * 1e9
         assert row["predicted_bytes"] <= row["cap_gb"] * 1e9
         assert abs(row["predicted_bytes"] / row["measured_process_bytes"] - 1) < 0.09  # the plans' own error
+
+
+def test_a_paging_run_counts_the_reserve_the_process_before_it_left(built):
+    """records.previous_process_bytes: session 19 ran one Llama-3.2-1B bf16 plan twice, as a parent's first child
+    (baseline 1,822 MiB) and after a paging child (1,926 MiB): above their own baselines they read 128 MiB apart, with
+    the reserve added back within 24 MiB. A run that pages nothing (Llama-3.2-1B at rank 8) gets nothing added."""
+    from benchmarks.accuracy import _lowest_bases
+
+    lowest = _lowest_bases()
+    assert round(lowest["llama-3.2-1b"] / 2**20) == 1822 and round(lowest["gemma-4-e2b-text"] / 2**20) == 1838
+    rows = built[1]["rows"]
+    pair = [r for r in rows if r["role"] == "held out (session 19, fp16 and band threshold)"
+            and r["model"] == "llama-3.2-1b"]
+    raw = sorted({r["measured_above_own_baseline_bytes"] for r in pair})
+    fixed = sorted({r["measured_bytes"] for r in pair})
+    assert len(raw) == 2 and raw[1] - raw[0] >= 120 * 2**20
+    assert fixed[1] - fixed[0] <= 24 * 2**20
+    unpaged = [r for r in rows if r["model"] == "llama-3.2-1b" and r["rank"] == 8 and r["role"].startswith("held out (")]
+    assert unpaged and all(r["previous_process_bytes"] == 0 for r in unpaged)
+    assert any(r["previous_process_bytes"] > 0 for r in rows)
