@@ -293,9 +293,9 @@ def test_plans_fit_chose_for_8_12_and_16_gb_ran_inside_their_caps():
 
 
 def test_a_paging_run_counts_the_reserve_the_process_before_it_left(built):
-    """records.previous_process_bytes: session 19 ran one Llama-3.2-1B bf16 plan twice, as a parent's first child
-    (baseline 1,822 MiB) and after a paging child (1,926 MiB): above their own baselines they read 128 MiB apart, with
-    the reserve added back within 24 MiB. A run that pages nothing (Llama-3.2-1B at rank 8) gets nothing added."""
+    """records.previous_process_bytes: session 19 ran one Llama-3.2-1B plan in fp16 as a parent's first child
+    (baseline 1,822 MiB) and in bf16 after a paging child (1,926 and 1,938 MiB), the same torch peak: above their own
+    baselines they read 128 MiB apart, with the reserve added back within 24 MiB. A run that pages nothing (Llama-3.2-1B at rank 8) gets nothing added."""
     from benchmarks.accuracy import _lowest_bases
 
     lowest = _lowest_bases()
