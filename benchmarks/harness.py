@@ -65,14 +65,19 @@ def host_dispatch_us(device, ops: int = 2000, rounds: int = 5) -> float:
     import time
 
     x = torch.zeros(1, device=device)
+
+    def drained() -> None:
+        if x.is_cuda:
+            torch.cuda.synchronize(device)
+
     best = float("inf")
     for _ in range(rounds):
-        torch.cuda.synchronize(device) if x.is_cuda else None
+        drained()
         started = time.perf_counter()
         for _ in range(ops):
             x.add_(1)
         best = min(best, (time.perf_counter() - started) / ops)
-    torch.cuda.synchronize(device) if x.is_cuda else None
+    drained()
     return round(best * 1e6, 3)
 
 

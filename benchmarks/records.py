@@ -267,15 +267,15 @@ def lowest_base_readings(paths) -> dict[str, int]:
 
 
 def previous_process_bytes(record: dict, lowest: dict[str, int]) -> int:
-    """What a line's baseline held of the process before it. benchmarks/trainer.py runs a parent's configurations one
-    child after another; after a child that made a CUDA managed allocation (paged optimizer states: 128 MiB reserved
-    whatever their size, ``memory.overhead.MANAGED_FIRST_ALLOCATION_BYTES``), the next child's first NVML reading
-    still counts 44-120 MiB of that reserve. A child that pages its own states takes it over instead of reserving
-    128 MiB more, so its memory above its baseline reads that much low: session 19's Llama-3.2-1B plan in fp16
-    (a first child) and in bf16 (a later one), the same torch peak, read 128 MiB apart above their baselines and 24 MiB apart in device
-    memory at the end; a child that pages nothing leaves the reserve outside its footprint (Llama-3.2-1B at rank 8:
-    226 MiB above its baseline at the end whether that was 1,822 or 1,938 MiB). Every parent's first child, and every
-    child after one that paged nothing, reads the lowest baseline (results/session20/README.md). 0 for lines
-    without the reading; the caller decides whether the run paged."""
+    """What a line's baseline held of the processes before it. benchmarks/trainer.py runs a parent's configurations
+    one child after another. A child that made a CUDA managed allocation (paged optimizer states: 128 MiB reserved
+    whatever their size, ``memory.overhead.MANAGED_FIRST_ALLOCATION_BYTES``) leaves 44-120 MiB of that reserve on the
+    device until a later process pages and takes it over, and a later child's first NVML reading counts it. A child
+    that pages takes it over instead of reserving 128 MiB of its own, so its memory above its baseline reads that
+    much low: session 19's Llama-3.2-1B plan in fp16 (a first child) and in bf16 (a later one), the same torch peak,
+    read 128 MiB apart above their baselines and 24 MiB apart in device memory at the end. A child that pages nothing
+    leaves the reserve outside its footprint (Llama-3.2-1B at rank 8: 226 MiB above its baseline at the end from
+    1,822 or 1,938 MiB alike). Every parent's first child reads the lowest baseline (results/session20/README.md).
+    0 for lines without the reading; the caller decides whether the run paged."""
     base = base_reading(record)
     return 0 if base is None else max(0, base - lowest.get(record["model"], base))
