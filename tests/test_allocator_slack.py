@@ -66,3 +66,24 @@ def test_paged_states_beyond_the_threshold_count_outside_torchs_pool():
                                     - est.components["fragmentation"] - resident)
     small = estimate_plan(plan.replace(lora_rank=16), resolve_model(plan.model))
     assert "paged_states_resident" not in small.components
+
+
+def test_captured_plans_without_checkpointing_at_a_high_rank_warn_of_the_slack_measured():
+    """Session 20: Qwen3-1.7B at rank 128 without checkpointing under CUDA graphs reserved 1.96 GB beyond its
+    allocations, its eager twin 0.35 GB and captured rank-8/16 runs 0.15-0.19 GB; the planner prices 0.50 GB and says
+    so for captured plans without checkpointing from rank 64, and for no other plan."""
+    from vramplan.plan import Plan
+    from vramplan.stacks.vramplan import UNCHECKPOINTED_CAPTURE_NOTE
+
+    marker = UNCHECKPOINTED_CAPTURE_NOTE.split(":")[0].split("{")[0]
+
+    def warned(**kw) -> bool:
+        plan = Plan(**dict(dict(model="qwen3-1.7b", seq_len=1024, lora_rank=128, checkpointing="none"), **kw))
+        return any(note.startswith(marker) for note in estimate_plan(plan, resolve_model(plan.model)).notes)
+
+    records = [json.loads(line) for line in (_RESULTS / "session20" / "call3" / "host-and-slack.jsonl").read_text().splitlines()]
+    captured, eager = [r for r in records if r.get("model") == "qwen3-1.7b"]
+    assert captured["cuda_graphs"] and captured["peak_reserved"] - captured["peak_alloc"] > 1.9e9
+    assert not eager["cuda_graphs"] and eager["peak_reserved"] - eager["peak_alloc"] < 0.4e9
+    assert warned() and warned(lora_rank=64)
+    assert not warned(lora_rank=16) and not warned(checkpointing="full") and not warned(cuda_graphs=False)

@@ -47,6 +47,15 @@ WIDE_HEADS_NOTE = ("{n} attention layers with {width}-wide heads run vramplan's 
                    "instead")
 PROLOGUE_NOTE = ("a replayed step looks up its embeddings{per_layer} eagerly: {gb:.2f} GB of blocks the allocator keeps "
                  "cached outside the graph's pool, counted in fragmentation")
+#: A step replayed as a CUDA graph without checkpointing keeps its whole forward in the graph's private pool, which
+#: takes no expandable segments (torch 2.11). One such run at a high rank held far more than priced: Qwen3-1.7B at rank
+#: 128 and 1,024 tokens reserved 1.96 GB beyond its allocations on the H100, where 0.50 GB is priced, twice (session 20,
+#: benchmarks/results/session20); ranks 8 and 16 held 0.15-0.19 GB. Until its cause is measured, such plans say so
+#: from this rank (64 is not measured).
+UNCHECKPOINTED_CAPTURE_RANK = 64
+UNCHECKPOINTED_CAPTURE_NOTE = ("no checkpointing under CUDA graphs at rank {rank}: a measured run of this kind (Qwen3-1.7B, "
+                               "rank 128) held 1.96 GB of allocator slack where 0.50 GB was priced; leave that headroom, "
+                               "or checkpoint (--checkpointing full) or replay eagerly (--no-cuda-graphs)")
 SLIDING_BAND_NOTE = ("{n} sliding-window layers run vramplan's chunked attention over their {window}-key band (SDPA "
                      "computes the whole masked square): score chunks of at most {chunk_mib} MiB in the layer's working "
                      "set; VRAMPLAN_DISABLE=sliding_band_attention runs SDPA instead")
@@ -170,7 +179,10 @@ def step_memory(arch, plan) -> StepMemory:
                                                       chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if wide else ())
                       + ((SLIDING_BAND_NOTE.format(n=len(banded), window=banded[0].sliding_window,
                                                    chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if banded else ())
-                      + prologue_notes)
+                      + prologue_notes
+                      + ((UNCHECKPOINTED_CAPTURE_NOTE.format(rank=plan.lora_rank),)
+                         if captured and plan.checkpointing == "none" and plan.lora_rank >= UNCHECKPOINTED_CAPTURE_RANK
+                         else ()))
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
