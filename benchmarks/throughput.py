@@ -481,6 +481,10 @@ def calibration_file(result: dict, date: str) -> dict:
                   "host op); fitted by benchmarks/throughput.py on the runs marked 'fit' in benchmarks/results/throughput.json",
         # what `vramplan buy` quotes: every held-out run of the trainer as it shipped since session 9
         "held_out": result["shipped_trainer_held_out"]["all"],
+        # ... split by how the steps ran: replayed as CUDA graphs, or eagerly (host-bound: graphs off, or offloaded
+        # checkpoints), whose error is the host's as much as the model's
+        "held_out_captured": result["shipped_trainer_held_out"]["captured"],
+        "held_out_eager": result["shipped_trainer_held_out"]["eager"],
         "held_out_first_matrix": result["held_out"],
         "stacks": result["factors"],
     }

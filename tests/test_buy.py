@@ -184,3 +184,22 @@ def test_single_gpus_are_priced_with_captured_steps_and_boxes_without(options):
     assert captured["host"] < eager["host"] / 10
     short = h100.plan.replace(seq_len=2048)
     assert predict_tokens_per_s(arch, short, h100.gpu) > predict_tokens_per_s(arch, short.replace(cuda_graphs=False), h100.gpu)
+
+
+def test_speed_error_is_quoted_apart_for_captured_and_eager_steps():
+    """The shipped calibration splits the held-out error by how the steps ran; an older file without the split is
+    quoted whole."""
+    from vramplan.cli.cmd_buy import held_out_error_note
+    from vramplan.throughput import calibration
+
+    shipped = calibration()
+    assert shipped["held_out_captured"]["count"] + shipped["held_out_eager"]["count"] == shipped["held_out"]["count"]
+    assert shipped["held_out_captured"]["mean_abs_error"] < shipped["held_out_eager"]["mean_abs_error"]
+    note = held_out_error_note(shipped)
+    assert f"over {shipped['held_out_captured']['count']} whose steps replay as CUDA graphs" in note
+    assert f"over {shipped['held_out_eager']['count']} eager" in note
+    older = {"held_out": shipped["held_out"]}
+    assert held_out_error_note(older) == f"held-out error {100 * shipped['held_out']['mean_abs_error']:.0f}% mean " \
+                                         f"over {shipped['held_out']['count']} measured configurations"
+    result = run("buy", "llama-3.2-1b", "--tokens", "10M")
+    assert result.exit_code == 0 and "whose steps replay as CUDA graphs" in result.output

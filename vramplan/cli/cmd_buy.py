@@ -47,6 +47,20 @@ def _plan_text(plan: Plan | None) -> str:
     return f"{layout}{plan.quant} r{plan.lora_rank} b{plan.micro_batch}×{plan.grad_accum} {ckpt} {plan.optimizer}{flat}{graphs}"
 
 
+def held_out_error_note(calib: dict) -> str:
+    """The speed model's held-out error as measured, split where the calibration says how the steps ran: a step
+    replayed as a CUDA graph hides the host's work behind the GPU's, an eager one (no "graphs" in its plan) is bound by
+    the host, whose speed differs between machines of one GPU model."""
+    def pct(stats: dict) -> str:
+        return f"{100 * stats.get('mean_abs_error', float('nan')):.0f}% mean over {stats.get('count', '?')}"
+
+    whole = f"held-out error {pct(calib.get('held_out', {}))} measured configurations"
+    if "held_out_captured" not in calib or "held_out_eager" not in calib:
+        return whole
+    return (f"{whole}: {pct(calib['held_out_captured'])} whose steps replay as CUDA graphs, "
+            f"{pct(calib['held_out_eager'])} eager (plans without \"graphs\", bound by the host's CPU)")
+
+
 @main.command()
 @click.argument("model")
 @click.option("--seq", type=int, default=2048, show_default=True, help="Sequence length in tokens.")
@@ -78,8 +92,7 @@ def buy(model, seq, tokens_text, data_path, tokenizer_dir, epochs, batch, stack,
     about, calib = gpu_catalog_about(), calibration()
     notes = [f"prices and GPU figures: profiles/gpus.json, {_age(about.get('date', '?'))}",
              f"speed model: profiles/calibration/throughput/h100.json, {_age(calib.get('date', '?'))}, fitted on {calib.get('gpu', '?')}; "
-             f"held-out error {100 * calib.get('held_out', {}).get('mean_abs_error', float('nan')):.0f}% mean over "
-             f"{calib.get('held_out', {}).get('count', '?')} measured configurations",
+             + held_out_error_note(calib),
              "boxes (2x, 4x, 8x): memory per GPU and the communication model are not yet measured on several GPUs; "
              "price = GPUs × the per-GPU price"]
     if how == "estimated from characters":
