@@ -309,7 +309,7 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
     import subprocess
     import sys
 
-    for g in grid:
+    for index, g in enumerate(grid):
         child = subprocess.run([sys.executable, "-m", "benchmarks.trainer", "--config", args.config, "--grid",
                                 json.dumps([g]), "--steps", str(args.steps), "--folder", folder,
                                 *(["--random-init"] if args.random_init else []),
@@ -326,7 +326,9 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
         else:
             rec = json.loads(lines[-1])
             rec.update(with_mfu(rec, rate))
-        rec.update(params=n_params, fresh_process=True)
+        # its place in the parent's series: a later child's baseline can hold a paging child's reserve
+        # (records.previous_process_bytes), a first child's never does
+        rec.update(params=n_params, fresh_process=True, child_index=index)
         print(json.dumps(rec), flush=True)
     shutil.rmtree(folder, ignore_errors=True)
 
