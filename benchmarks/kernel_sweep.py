@@ -46,17 +46,19 @@ def sweep_rope(tokens_choices=(None, 1, 2, 4), warps_choices=(None, 2, 4, 8), re
 
 
 def sweep_rmsnorm() -> None:
-    defaults = rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS
+    defaults = rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS, rmsnorm_module._FUSED_DW_SUM
     for case in rmsnorm_cases.cases("cuda"):
         others = _others(case)
         settings = [defaults]
-        if case.extra.get("dw"):
-            settings = list(itertools.product((2, 4, 8, 16), (2048, 4096, 8192)))
-        for programs, tile in settings:
-            rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS = programs, tile
-            print(_line(case, {"dw_programs_per_sm": programs, "dw_tile_elements": tile},
+        if case.extra.get("dw"):  # dW summed in one launch at every setting, and torch's sum at the default
+            settings = [(p, t, True) for p, t in itertools.product((2, 4, 8, 16), (2048, 4096, 8192))]
+            settings.append((*defaults[:2], False))
+        for programs, tile, fused_sum in settings:
+            (rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS,
+             rmsnorm_module._FUSED_DW_SUM) = programs, tile, fused_sum
+            print(_line(case, {"dw_programs_per_sm": programs, "dw_tile_elements": tile, "fused_dw_sum": fused_sum},
                         graph_median_ms(case.variants["vramplan"]), others), flush=True)
-    rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS = defaults
+    rmsnorm_module._DW_PROGRAMS_PER_SM, rmsnorm_module._DW_TILE_ELEMENTS, rmsnorm_module._FUSED_DW_SUM = defaults
 
 
 def main() -> None:

@@ -11,12 +11,14 @@ accumulate_gradients), not the CLI, on random token ids at the configured seq.
 
 A grid entry may also name ``quant``, ``checkpointing``, ``lora_dtype``, ``compute_dtype``, ``head_quant``
 (``"int8"``: the frozen LM head / tied embedding as int8 rows), ``loss_chunk_mb`` and ``mlp_tiles``,
-read by ``benchmarks.records.plan_of``.
+read by ``benchmarks.records.plan_of``; ``memory_history`` (a ``.pickle.gz`` path) records the allocator's
+history over the steps there (``benchmarks.memory_history``).
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import gc
 import json
 import os
@@ -28,6 +30,7 @@ import torch
 
 from vramplan.catalog import resolve_model
 from vramplan.memory import activations
+from benchmarks import memory_history
 from benchmarks.harness import host_dispatch_us, random_batch, synced_seconds
 from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
@@ -142,6 +145,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     # the sampler's thread polls NVML every 2 ms beside the timed steps; --no-nvml-sampler times them without it
     sampler = NvmlPeakSampler().__enter__() if sample_nvml else None
     driver = {"stack_limit": [stack_limit_bytes()], "outside": [outside_pool_bytes()]}  # before the first step
+    history = contextlib.ExitStack()
+    history.enter_context(memory_history.recorded(grid.get("memory_history")))  # "memory_history": a .pickle.gz path
     for step in range(steps):
         torch.cuda.synchronize()
         started = time.time()
@@ -156,6 +161,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
             reserved["first_step" if step == 0 else "last_step"] = torch.cuda.max_memory_reserved()
             driver["stack_limit"].append(stack_limit_bytes())
             driver["outside"].append(outside_pool_bytes())
+    history.close()
     if scaler is not None:
         record["loss_scale_overflows"] = scaler.overflows  # backward passes run again at half the scale
     if sampler is not None:

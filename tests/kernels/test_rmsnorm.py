@@ -124,3 +124,17 @@ def test_from_hf_reads_each_convention():
 def test_rejects_unknown_cast_mode():
     with pytest.raises(ValueError, match="cast_mode"):
         rms_norm(torch.ones(2, 4), None, 1e-6, cast_mode="t5")
+
+
+@pytest.mark.parametrize("partials,cols", [(1, 37), (4, 130), (130, 200)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_dw_partials_summed_in_one_launch(partials, cols, dtype):
+    """dW's partials (one row per backward program; an H100 runs 528) summed over programs and cast
+    in one kernel: more rows than a tile holds, and columns over several programs."""
+    from vramplan_kernels.rmsnorm import _summed_dw
+
+    partial = torch.randn(partials, cols, generator=torch.Generator().manual_seed(2))
+    with kernel_mode("triton"):
+        got = _summed_dw(partial, dtype)
+    assert got.dtype == dtype and got.shape == (cols,)
+    torch.testing.assert_close(got, partial.sum(0).to(dtype), rtol=1e-5 if dtype == torch.float32 else 1e-2, atol=1e-5)
