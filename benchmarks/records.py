@@ -215,7 +215,8 @@ def switches_ran(record: dict) -> dict[str, bool]:
     Wide heads through chunked matmuls (``wide_head_attention``) and their fused row passes (``wide_head_fused_rows``):
     only lines that say so, none before session 13; sliding windows' bands the same way (``sliding_band_attention``),
     none before session 15. Chunks aligned for cuBLAS (``aligned_attention_chunks``): lines whose ``chunk_alignment``
-    says so, none before session 16."""
+    says so, none before session 16. Captures made compact (``compact_captures``): lines that say so, none before
+    session 21."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),
@@ -225,7 +226,8 @@ def switches_ran(record: dict) -> dict[str, bool]:
             "wide_head_attention": bool(record.get("wide_head_attention")),
             "wide_head_fused_rows": bool(record.get("wide_head_fused_rows")),
             "sliding_band_attention": bool(record.get("sliding_band_attention")),
-            "aligned_attention_chunks": record.get("chunk_alignment", [1, 1]) != [1, 1]}
+            "aligned_attention_chunks": record.get("chunk_alignment", [1, 1]) != [1, 1],
+            "compact_captures": bool(record.get("compact_captures"))}
 
 
 def band_min_windows_ran(record: dict) -> int:

@@ -496,6 +496,10 @@ class LoRACopies:
         self._key = None
         self._copies: tuple[torch.Tensor, ...] | None = None
 
+    def drop(self) -> None:
+        """Forgets the copies (the next ``get`` makes new ones): a CUDA graph's capture drops the eager pass's."""
+        self._key = self._copies = None
+
     @classmethod
     def _optimizer_stepped(cls, *_args) -> None:
         cls._generation += 1

@@ -205,3 +205,42 @@ def test_filling_the_static_inputs_keeps_no_step_alive(tmp_path, arch):
         del embeds, per_layer
     assert lookups and all(ref() is None for ref in lookups)
     assert static.embeds.grad_fn is None and not static.embeds.requires_grad
+
+
+def test_first_eager_pass_adds_into_one_buffer_made_before_it(tmp_path):
+    """A shape's first pass runs eagerly; its backward adds into gradients made before it, views of one buffer,
+    rather than leaving a tensor per adapter among its activations (whose pages they would keep mapped through
+    the capture), and computes the eager step's gradients."""
+    folder = build_model(llama_config(), tmp_path / "llama")
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="none")
+    model, params = load_with_random_adapters(folder, plan, "cpu")
+    batch = _batch(model.config.vocab_size, packed=False)
+    denominator = (batch["labels"] != -100).sum().float()
+    eager_loss, _ = summed_loss(model, batch)
+    (eager_loss / denominator).backward()
+    eager_grads = _grads(params)
+    for p in params:
+        p.grad = None
+
+    graphs = StepGraphs(model, params)
+    graphs._grads_in_place()  # what summed_loss does before a run's first pass (its eager pass needs a CUDA stream)
+    assert len({p.grad.untyped_storage().data_ptr() for p in params}) == 1
+    loss, _ = summed_loss(model, batch)
+    (loss / denominator).backward()
+    torch.testing.assert_close(loss, eager_loss)
+    assert all(p.grad is held for p, held in zip(params, graphs.grad_tensors))  # added into, not replaced
+    for got, want in zip(_grads(params), eager_grads):
+        torch.testing.assert_close(got, want)
+
+
+def test_capture_drops_the_eager_passes_adapter_copies(tmp_path):
+    folder = build_model(llama_config(), tmp_path / "llama")
+    plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="none")
+    model, params = load_with_random_adapters(folder, plan, "cpu")
+    modules = [m for m in model.modules() if getattr(m, "_lora_copies", None) is not None]
+    for m in modules:  # what a bf16 forward makes (this CPU model computes in fp32, which needs no copies)
+        m._lora_copies.get(m.lora_A.weight, m.lora_B.weight, torch.bfloat16)
+    holders = [m._lora_copies for m in modules]
+    assert holders and all(h._copies is not None for h in holders)
+    StepGraphs(model, params)._drop_eager_copies()
+    assert all(h._copies is None and h._key is None for h in holders)

@@ -101,7 +101,9 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
                                                                                "wide_head_attention": False,
                                                                                "wide_head_fused_rows": False,
                                                                                "sliding_band_attention": False,
-                                                                               "aligned_attention_chunks": False}
+                                                                               "aligned_attention_chunks": False,
+                                                                               "compact_captures": False}
+    assert switches_ran({"compact_captures": True})["compact_captures"]  # captures as before, until session 21
     assert not switches_ran({"prefetch_paged": False})["prefetch_paged"]  # bitsandbytes' own behaviour until then
     assert switches_ran({"wide_head_attention": True})["wide_head_attention"]  # SDPA's kernels before session 13
     assert switches_ran({"enabled": "rope_gemma4"})["rope_gemma4"]

@@ -15,9 +15,15 @@ What the graph holds, and what it may not:
   target tokens of the whole accumulated batch, so accumulation stays exact).
 * Gradients accumulate into ``.grad`` tensors allocated before capture, outside the graph's
   memory: the captured backward adds into them, so several micro-batches accumulate and the
-  optimizer, run eagerly, reads them. They are zeroed in place, never set to None.
+  optimizer, run eagerly, reads them. They are zeroed in place, never set to None. They are
+  views of one buffer made before the first, eager, pass: left to that pass's backward they
+  land one by one among its activations, and each keeps its page of the pool mapped after the
+  pass, so the pages cannot go back before the capture (measured on the H100: Qwen3-1.7B at
+  rank 128 without checkpointing reserved 7.17 GB for 5.20 GB allocated, with 1.0 GB free in
+  the regular pool after the steps; benchmarks/results/session21).
 * Each graph casts the adapters to the compute dtype itself (``LoRACopies`` is invalidated
-  before capture), so a replay never reads a copy another graph or the eager path made.
+  before capture), so a replay never reads a copy another graph or the eager path made. The
+  eager pass's copies are dropped before the capture, for the same reason as the gradients.
 * Checkpointed layers recompute through ``recompute.checkpoint_without_leaf`` inside a capture:
   torch 2.11's own non-reentrant checkpoint roots a node on a CPU leaf, whose end-of-backward
   stream sync breaks the capture.
@@ -51,7 +57,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from vramplan.train import attention
+from vramplan.train import attention, switches
 from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 
 #: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs; all
@@ -172,8 +178,6 @@ def routes_experts(model: nn.Module) -> bool:
 def steps_will_replay(model: nn.Module, plan) -> bool:
     """Whether the run's steps will replay as CUDA graphs, as far as load time can tell (a GPU and one process
     aside, which ``StepGraphs.for_run`` checks): the plan asks, the environment allows, no routed experts."""
-    from vramplan.train import switches
-
     return plan.captures_steps and switches.enabled("cuda_graphs") and not routes_experts(model)
 
 
@@ -205,8 +209,6 @@ class StepGraphs:
                 world_size: int = 1) -> "StepGraphs | None":
         """The run's graphs when the plan asks for them (``plan.captures_steps``), the environment does
         not switch them off (``VRAMPLAN_DISABLE=cuda_graphs``) and the run can hold them; else None."""
-        from vramplan.train import switches
-
         if switches.enabled("cuda_graphs") and cls.available(model, plan, device, world_size):
             return cls(model, params)
         return None
@@ -243,7 +245,7 @@ class StepGraphs:
         An eager micro-batch, or a ``zero_grad(set_to_none=True)``, may have replaced or dropped one:
         its value moves back into the captured tensor, so a replay never writes to freed memory."""
         if self.grad_tensors is None:
-            self.grad_tensors = [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+            self.grad_tensors = self._held_gradients()
         for p, held in zip(self.params, self.grad_tensors):
             if p.grad is not held:
                 if p.grad is None:
@@ -252,6 +254,26 @@ class StepGraphs:
                     held.copy_(p.grad)
                 p.grad = held
 
+    def _held_gradients(self) -> list[torch.Tensor]:
+        """The tensors the graphs add into: views of one zeroed buffer (one allocation, pages of their own), or the
+        gradients already there (an optimizer's flat buffer) and a tensor each for the rest."""
+        kinds = {(p.dtype, p.device) for p in self.params}
+        if any(p.grad is not None for p in self.params) or len(kinds) != 1 or \
+                not all(p.is_contiguous() for p in self.params):
+            return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        (dtype, device), = kinds
+        sizes = [p.numel() for p in self.params]
+        flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        return [view.view_as(p) for view, p in zip(torch.split(flat, sizes), self.params)]
+
+    def _drop_eager_copies(self) -> None:
+        """Drops the adapters' compute-dtype copies the eager pass made (each module's ``LoRACopies``): the capture
+        makes its own, and these would keep the pages they sit on mapped through it."""
+        for module in self.model.modules():
+            copies = getattr(module, "_lora_copies", None)
+            if copies is not None:
+                copies.drop()
+
     def _capture(self, embeds, per_layer, batch, packed: bool):
         from vramplan_kernels.qlora_linear import LoRACopies
 
@@ -259,6 +281,8 @@ class StepGraphs:
         self._grads_in_place()  # captured kernels record, they do not run: the replay after this computes
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
+        if switches.enabled("compact_captures"):
+            self._drop_eager_copies()
         torch.cuda.empty_cache()  # the eager first pass's cached blocks: the graph's pool takes their place
         LoRACopies._generation += 1  # the graph makes its own compute-dtype copies of the adapters
         try:
@@ -297,6 +321,8 @@ class StepGraphs:
     def summed_loss(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor) -> torch.Tensor:
         """One micro-batch's forward and backward, through its graph when it has one (capturing it
         when due) and eagerly otherwise; returns its summed token loss."""
+        if self.grad_tensors is None and switches.enabled("compact_captures"):
+            self._grads_in_place()  # before the first pass, so its backward adds into them (see the module docstring)
         if any(k not in ("input_ids", "position_ids", "labels") for k in batch):
             return self._eager(batch, denominator)
         packed = is_packed(batch["position_ids"])
