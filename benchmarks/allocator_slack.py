@@ -3,10 +3,11 @@ minus allocated) and the paged optimizer states NVML counts.
 
 The planner prices the slack as ``memory.overhead``'s fragmentation. Two regimes, measured apart:
 
-* Captured steps (CUDA graphs): the slack grows with the trainable parameters. The first pass of a shape runs
-  eagerly and leaves its adapter-sized buffers (the adapters' bf16 copies, their gradients' bf16 temporaries)
-  cached in the regular pool, which the graph's private pool never reuses. Fitted as a floor plus bytes a
-  trainable parameter on session 12's rank sweep (Llama-3.2-1B and Qwen3-4B at ranks 8 to 256).
+* Captured steps (CUDA graphs): the slack grew with the trainable parameters while a shape's eager first pass
+  made the gradients and the adapters' bf16 copies among its activations, whose pages they kept mapped through the
+  capture. Fitted as a floor plus bytes a trainable parameter on session 12's rank sweep (Llama-3.2-1B and Qwen3-4B
+  at ranks 8 to 256). Captures made compact (switch ``compact_captures``, session 21) hold the floor at every rank:
+  session 21's sweep (``compact_graph_slack_fit``) checks that the slope is gone, and the floor is kept.
 * Eager steps: no fit. Session 12's eager Llama-3.2-1B runs (``eager_slack``) held 0.01-0.14 GB; the held-out
   Qwen3-4B and Gemma-4-E2B runs 0.19-0.21, so a Llama-only median would under-price the larger models, and the
   planner keeps its earlier eager constant.
@@ -38,6 +39,9 @@ GRAPH_SWEEP = _RESULTS / "session12" / "rank-sweep-fit.jsonl"
 #: Session 12's eager Llama-3.2-1B runs, ranks 8-256 and 1,024-4,096 tokens: they fit the paged states' threshold
 #: (Qwen3-4B's, Gemma-4-E2B's and the offloaded run's, eager-held-out.jsonl, are held out).
 EAGER_RUNS = _RESULTS / "session12" / "eager-fit.jsonl"
+#: Session 21's captured runs with compact captures: Llama-3.2-1B, Qwen3-1.7B and Qwen3-4B at ranks 8-256,
+#: checkpointed or not (call 3; the rank-128 run with the switch off is its A/B).
+COMPACT_SWEEP = _RESULTS / "session21" / "call3" / "compact.jsonl"
 
 
 @dataclass(frozen=True)
@@ -73,6 +77,13 @@ def graph_slack_fit(path: Path = GRAPH_SWEEP) -> SlackFit:
     return SlackFit(floor_bytes=int(floor), bytes_per_trainable=slope, runs=len(rows))
 
 
+def compact_graph_slack_fit(path: Path = COMPACT_SWEEP) -> SlackFit:
+    """The same line through the captured runs made compact (``compact_captures``)."""
+    rows = [r for r in measured_runs(path) if r.get("cuda_graphs") and r.get("compact_captures")]
+    floor, slope = least_squares([r["trainable"] for r in rows], [slack(r) for r in rows])
+    return SlackFit(floor_bytes=int(floor), bytes_per_trainable=slope, runs=len(rows))
+
+
 def eager_slack(path: Path = EAGER_RUNS) -> list[int]:
     """The eager fitting runs' slack, run by run (reported, not fitted)."""
     return [slack(r) for r in measured_runs(path) if not r.get("cuda_graphs")]
@@ -99,6 +110,8 @@ def paged_residency_threshold(paths: tuple[Path, ...] = (GRAPH_SWEEP, EAGER_RUNS
 
 def main() -> None:
     json.dump({"regime": "graphs", **graph_slack_fit().__dict__}, sys.stdout)
+    print()
+    json.dump({"regime": "graphs, compact captures", **compact_graph_slack_fit().__dict__}, sys.stdout)
     print()
     json.dump({"regime": "eager", "slack_bytes": eager_slack()}, sys.stdout)
     print()

@@ -87,6 +87,16 @@ SESSION20 = (_RESULTS / "session20" / "call1" / "campaign-1.jsonl", _RESULTS / "
 #: host's dispatch): Llama-3.2-1B at 2,048 tokens eager; Qwen3-1.7B at rank 128 without checkpointing under graphs
 #: (the campaign's memory outlier, again) and eager.
 SESSION20_FOLLOWUP = (_RESULTS / "session20" / "call3" / "host-and-slack.jsonl",)
+#: Session 21's eager campaign, its grid and predictions committed before it ran (session21/campaign.json,
+#: predicted.txt): six host-bound plans over four models, each line with its host's probe (call2/eager.jsonl).
+SESSION21_EAGER = (_RESULTS / "session21" / "call2" / "eager.jsonl",)
+#: Session 21's captured runs without checkpointing as the trainer shipped until then (call1/pools.jsonl: Qwen3-1.7B at
+#: 1,024 tokens, ranks 16, 64 and 128, Llama-3.2-1B at rank 128; torch's pools summed per pool after the steps).
+SESSION21_SLACK = (_RESULTS / "session21" / "call1" / "pools.jsonl",)
+#: Session 21's captured runs with compact captures (call3/compact.jsonl: Llama-3.2-1B, Qwen3-1.7B and Qwen3-4B at
+#: ranks 8-256, checkpointed or not, and the rank-128 A/B with the switch off). They set the captured slack's slope to
+#: none (benchmarks.allocator_slack.compact_graph_slack_fit), so they are held out for speed only.
+SESSION21_COMPACT = (_RESULTS / "session21" / "call3" / "compact.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -181,6 +191,17 @@ HELD_OUT = (
             "session 20's runs after its campaign, on another machine, its host's dispatch probed "
             "(session20/call3/host-and-slack.jsonl: Llama-3.2-1B at 2,048 tokens eager; Qwen3-1.7B at rank 128 "
             "without checkpointing under graphs and eager), none fitted"),
+    HeldOut("session21_eager", SESSION21_EAGER, "session 21, eager campaign",
+            "session 21's eager campaign, its grid and predictions committed before it ran (session21/campaign.json: "
+            "Llama-3.2-1B three ways, Qwen3-0.6B, Qwen3-4B and Gemma-4-E2B, graphs off or checkpoints offloaded), none "
+            "fitted"),
+    HeldOut("session21_slack", SESSION21_SLACK, "session 21, captures before compact",
+            "session 21's captured runs without checkpointing as the trainer shipped before compact captures "
+            "(session21/call1/pools.jsonl: Qwen3-1.7B at ranks 16, 64 and 128, Llama-3.2-1B at 128), none fitted"),
+    HeldOut("session21_compact", SESSION21_COMPACT, "session 21, compact captures",
+            "session 21's captured runs with compact captures (session21/call3/compact.jsonl: Llama-3.2-1B, Qwen3-1.7B "
+            "and Qwen3-4B at ranks 8-256), which set the captured slack's slope and none of the speed model's "
+            "constants", memory=False),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -173,26 +173,36 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     # where its pool held 0.35 GB beyond its allocations
     followup = stats["session20_followup_uncalibrated"]
     assert followup["n"] == 3 and followup["max"] < 0.13
-    assert shipped["n"] == 126 and shipped["mean"] < 0.017
+    # session 21's eager campaign (registered before it ran: six host-bound plans over four models): 2.7% mean, 6.8% max
+    eager21 = stats["session21_eager_uncalibrated"]
+    assert eager21["n"] == 6 and eager21["mean"] < 0.03 and eager21["max"] < 0.07
+    # and its captured runs without checkpointing as the trainer shipped before compact captures: the slack again,
+    # Qwen3-1.7B at ranks 64 and 128 and Llama-3.2-1B at 128 (-8% to -12.5%)
+    slack21 = stats["session21_slack_uncalibrated"]
+    assert slack21["n"] == 4 and slack21["max"] < 0.13
+    assert shipped["n"] == 136 and shipped["mean"] < 0.019
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     over = [r for r in outside if r["error_calibrated_by_calibrate_runs"] > 0]
-    # sessions 11's eager Llama-3.2-1B with its checkpoints offloaded at 4,096 tokens (+8.7%) and Qwen3-0.6B (+7.0%)
-    assert len(outside) == 4 and len(over) == 2
+    # sessions 11's eager Llama-3.2-1B with its checkpoints offloaded at 4,096 tokens (+8.7%), Qwen3-0.6B (+7.0%), and
+    # session 21's eager Qwen3-0.6B (+7.5%): small runs
+    assert len(outside) == 8 and len(over) == 3
     assert all(r["checkpointing"] == "offload" or r["measured_bytes"] < 1.3e9 for r in over)
     under = [r for r in outside if r not in over]
-    assert [(r["model"], r["rank"], r["checkpointing"]) for r in under] == [("qwen3-1.7b", 128, "none")] * 2
-    assert all(r["measured_peak_reserved"] - r["measured_peak_allocated"] > 1.9e9 for r in under)
+    # every one a captured run without checkpointing at rank 64 or more before compact captures (sessions 20-21)
+    assert sorted((r["model"], r["rank"], r["checkpointing"]) for r in under) == sorted(
+        [("qwen3-1.7b", 128, "none")] * 3 + [("qwen3-1.7b", 64, "none"), ("llama-3.2-1b", 128, "none")])
+    assert all(r["measured_peak_reserved"] - r["measured_peak_allocated"] > 0.8e9 for r in under)
 
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
-    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (149 runs; the matrix's
-    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.6% mean / 12.5% max, inside 8% / 15%;
-    calibrated 1.7% mean, inside 3%, 12.0% max, NOT inside 6%: the runs above."""
+    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (159 runs; the matrix's
+    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.7% mean / 12.5% max, inside 8% / 15%;
+    calibrated 1.9% mean, inside 3%, 12.0% max, NOT inside 6%: the runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
-    assert unc["n"] == 149 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 141 and cal["mean"] <= 0.03 and cal["max"] <= 0.125
+    assert unc["n"] == 159 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 151 and cal["mean"] <= 0.03 and cal["max"] <= 0.125
 
 
 def test_errors_against_the_issue_targets(built):

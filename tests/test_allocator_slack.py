@@ -10,6 +10,7 @@ from benchmarks.records import _RESULTS, plan_of
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
 from vramplan.memory import optimizer, overhead
+from vramplan.train import switches
 
 
 def test_captured_slack_constants_are_the_rank_sweeps_fit():
@@ -17,6 +18,20 @@ def test_captured_slack_constants_are_the_rank_sweeps_fit():
     assert fit.runs == 8
     assert overhead.CAPTURED_FRAGMENTATION_FLOOR_BYTES == pytest.approx(fit.floor_bytes, rel=0.01)
     assert overhead.CAPTURED_FRAGMENTATION_PER_TRAINABLE == pytest.approx(fit.bytes_per_trainable, abs=0.01)
+
+
+def test_compact_captures_hold_the_floor_at_every_rank():
+    """Session 21: with the gradients made before the eager first pass and its adapter copies dropped before the capture,
+    the captured runs' slack no longer grows with the adapters (the slope fell from 2.64 bytes a parameter to under
+    0.2), and each run's sits within 0.05 GB of the floor the planner keeps, ranks 8 to 256."""
+    fit = allocator_slack.compact_graph_slack_fit()
+    assert fit.runs == 9 and fit.bytes_per_trainable < 0.2
+    rows = [r for r in allocator_slack.measured_runs(allocator_slack.COMPACT_SWEEP) if r.get("compact_captures")]
+    assert max(r["trainable"] for r in rows) > 500e6
+    for row in rows:
+        assert allocator_slack.slack(row) == pytest.approx(overhead.CAPTURED_FRAGMENTATION_FLOOR_BYTES, abs=0.05e9)
+    off = [r for r in allocator_slack.measured_runs(allocator_slack.COMPACT_SWEEP) if not r.get("compact_captures")]
+    assert len(off) == 1 and allocator_slack.slack(off[0]) > 1.9e9  # its A/B: the same plan as before the switch
 
 
 def test_eager_slack_of_the_fitting_runs_sits_under_the_eager_floor():
@@ -29,13 +44,21 @@ def test_resident_paged_threshold_is_the_fit():
     assert optimizer.RESIDENT_PAGED_THRESHOLD_BYTES == allocator_slack.paged_residency_threshold()
 
 
-def test_captured_slack_grows_with_rank_and_eager_does_not():
+def test_captured_slack_grew_with_rank_before_compact_captures_and_eager_never_did():
     plan = plan_of({"model": "llama-3.2-1b", "seq": 2048, "batch": 1, "gc": True, "rank": 16, "cuda_graphs": 1})
     profile = resolve_model(plan.model)
-    frag = {(rank, graphs): estimate_plan(plan.replace(lora_rank=rank, cuda_graphs=graphs), profile).components["fragmentation"]
-            for rank in (16, 256) for graphs in (True, False)}
-    assert frag[256, True] > frag[16, True] + 0.3e9
-    assert frag[256, False] == frag[16, False] == overhead.EAGER_FRAGMENTATION_FLOOR_BYTES
+
+    def fragmentation(compact: bool) -> dict:
+        with switches.forced(compact_captures=compact):
+            return {(rank, graphs): estimate_plan(plan.replace(lora_rank=rank, cuda_graphs=graphs),
+                                                  profile).components["fragmentation"]
+                    for rank in (16, 256) for graphs in (True, False)}
+
+    before, now = fragmentation(False), fragmentation(True)
+    assert before[256, True] > before[16, True] + 0.3e9
+    assert now[256, True] == now[16, True] == overhead.CAPTURED_FRAGMENTATION_FLOOR_BYTES
+    for frag in (before, now):
+        assert frag[256, False] == frag[16, False] == overhead.EAGER_FRAGMENTATION_FLOOR_BYTES
 
 
 @pytest.mark.parametrize("name", ["rank-sweep-held-out.jsonl", "eager-held-out.jsonl"])
@@ -45,7 +68,8 @@ def test_held_out_runs_within_6_percent(name):
     for line in (_RESULTS / "session12" / name).read_text().splitlines():
         record = json.loads(line)
         plan = plan_of(record)
-        est = estimate_plan(plan, resolve_model(plan.model))
+        with switches.forced(compact_captures=False):  # as they ran
+            est = estimate_plan(plan, resolve_model(plan.model))
         predicted = est.peak_bytes - est.components["cuda_context"]
         assert predicted == pytest.approx(record["nvml_used_delta"], rel=0.06), (record["model"], record["rank"])
 
@@ -68,18 +92,20 @@ def test_paged_states_beyond_the_threshold_count_outside_torchs_pool():
     assert "paged_states_resident" not in small.components
 
 
-def test_captured_plans_without_checkpointing_at_a_high_rank_warn_of_the_slack_measured():
+def test_captured_plans_without_checkpointing_at_a_high_rank_warned_of_the_slack_measured_until_compact_captures():
     """Session 20: Qwen3-1.7B at rank 128 without checkpointing under CUDA graphs reserved 1.96 GB beyond its
-    allocations, its eager twin 0.35 GB and captured rank-8/16 runs 0.15-0.19 GB; the planner prices 0.50 GB and says
-    so for captured plans without checkpointing from rank 64, and for no other plan."""
+    allocations, its eager twin 0.35 GB and captured rank-8/16 runs 0.15-0.19 GB; the planner priced 0.50 GB and said
+    so for captured plans without checkpointing from rank 64, and for no other plan. Compact captures (session 21)
+    removed the slack, and the note with it."""
     from vramplan.plan import Plan
     from vramplan.stacks.vramplan import UNCHECKPOINTED_CAPTURE_NOTE
 
     marker = UNCHECKPOINTED_CAPTURE_NOTE.split(":")[0].split("{")[0]
 
-    def warned(**kw) -> bool:
+    def warned(compact: bool = False, **kw) -> bool:
         plan = Plan(**dict(dict(model="qwen3-1.7b", seq_len=1024, lora_rank=128, checkpointing="none"), **kw))
-        return any(note.startswith(marker) for note in estimate_plan(plan, resolve_model(plan.model)).notes)
+        with switches.forced(compact_captures=compact):
+            return any(note.startswith(marker) for note in estimate_plan(plan, resolve_model(plan.model)).notes)
 
     records = [json.loads(line) for line in (_RESULTS / "session20" / "call3" / "host-and-slack.jsonl").read_text().splitlines()]
     captured, eager = [r for r in records if r.get("model") == "qwen3-1.7b"]
@@ -87,3 +113,4 @@ def test_captured_plans_without_checkpointing_at_a_high_rank_warn_of_the_slack_m
     assert not eager["cuda_graphs"] and eager["peak_reserved"] - eager["peak_alloc"] < 0.4e9
     assert warned() and warned(lora_rank=64)
     assert not warned(lora_rank=16) and not warned(checkpointing="full") and not warned(cuda_graphs=False)
+    assert not warned(compact=True)

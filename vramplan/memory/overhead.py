@@ -119,16 +119,20 @@ POOLED_FRAGMENTATION = 0.05
 EAGER_FRAGMENTATION_FLOOR_BYTES = 170_000_000
 CAPTURED_FRAGMENTATION_FLOOR_BYTES = 129_000_000
 
-#: A captured run's slack grows with its adapters: a shape's first pass runs eagerly and leaves adapter-sized
-#: buffers (the adapters' bf16 copies, their gradients' bf16 temporaries) cached in the regular pool, which the
-#: graph's private pool never reuses. Bytes a trainable parameter, the slope of session 12's rank sweep (Llama-3.2-1B
-#: and Qwen3-4B at ranks 8-256, 5.6-528 M parameters: 0.10-1.53 GB); Gemma-4-E2B's ranks 32 and 128 held out.
+#: A captured run's slack grew with its adapters while the trainer let a shape's eager first pass make the gradients
+#: and the adapters' bf16 copies among its activations: they kept those pages of the regular pool mapped through the
+#: capture (session 21's allocator history, benchmarks.memory_history). Bytes a trainable parameter, the slope of
+#: session 12's rank sweep (Llama-3.2-1B and Qwen3-4B at ranks 8-256, 5.6-528 M parameters: 0.10-1.53 GB);
+#: Gemma-4-E2B's ranks 32 and 128 held out. Captures made compact (switch ``compact_captures``, on since session 21)
+#: leave none of it: 0.09-0.17 GB of slack at every rank, 8-256 (session 21, call 3: Llama-3.2-1B, Qwen3-1.7B and
+#: Qwen3-4B, Qwen3-4B at rank 256 from 1.53 to 0.15 GB), which the floor prices.
 CAPTURED_FRAGMENTATION_PER_TRAINABLE = 2.64
 
 
-def pooled_fragmentation_bytes(transient: int, trainable: int = 0, captured: bool = False, prologue: int = 0) -> int:
+def pooled_fragmentation_bytes(transient: int, trainable: int = 0, captured: bool = False, prologue: int = 0,
+                               compact: bool = True) -> int:
     """Fragmentation when transient buffers recur in identical sizes: a fraction of the transient bytes, at least
-    the measured floor; a captured step adds the first eager pass's adapter-sized buffers. A captured step's eager
+    the measured floor; a captured step not made ``compact`` adds the first eager pass's adapter-sized buffers. A captured step's eager
     ``prologue`` (``activations.captured_prologue_bytes``) leaves its blocks cached in the regular pool every step,
     where the graph's pool never reuses them; the floor's blocks are cached there too, so the larger of the two
     counts. Gemma 4's per-layer rows make it the larger from about 4,096 tokens: on the H100, reserved - allocated
@@ -137,4 +141,4 @@ def pooled_fragmentation_bytes(transient: int, trainable: int = 0, captured: boo
     if not captured:
         return max(int(POOLED_FRAGMENTATION * transient), EAGER_FRAGMENTATION_FLOOR_BYTES)
     return (max(int(POOLED_FRAGMENTATION * transient), CAPTURED_FRAGMENTATION_FLOOR_BYTES, prologue)
-            + int(CAPTURED_FRAGMENTATION_PER_TRAINABLE * trainable))
+            + (0 if compact else int(CAPTURED_FRAGMENTATION_PER_TRAINABLE * trainable)))

@@ -47,11 +47,11 @@ WIDE_HEADS_NOTE = ("{n} attention layers with {width}-wide heads run vramplan's 
                    "instead")
 PROLOGUE_NOTE = ("a replayed step looks up its embeddings{per_layer} eagerly: {gb:.2f} GB of blocks the allocator keeps "
                  "cached outside the graph's pool, counted in fragmentation")
-#: A step replayed as a CUDA graph without checkpointing keeps its whole forward in the graph's private pool, which
-#: takes no expandable segments (torch 2.11). One such run at a high rank held far more than priced: Qwen3-1.7B at rank
-#: 128 and 1,024 tokens reserved 1.96 GB beyond its allocations on the H100, where 0.50 GB is priced, twice (session 20,
-#: benchmarks/results/session20); ranks 8 and 16 held 0.15-0.19 GB. Until its cause is measured, such plans say so
-#: from this rank (64 is not measured).
+#: Before compact captures (switch ``compact_captures``), a captured run without checkpointing at a high rank held far
+#: more than priced: Qwen3-1.7B at rank 128 and 1,024 tokens reserved 1.96 GB beyond its allocations on the H100, where
+#: 0.50 GB was priced (session 20). The cause (session 21's allocator history): the eager first pass made the gradients
+#: and the adapters' bf16 copies among its activations, and they kept those pages mapped through the capture. With the
+#: switch off, such plans say so from this rank; with it on (the default) the same run held 0.15 GB.
 UNCHECKPOINTED_CAPTURE_RANK = 64
 UNCHECKPOINTED_CAPTURE_NOTE = ("no checkpointing under CUDA graphs at rank {rank}: a measured run of this kind (Qwen3-1.7B, "
                                "rank 128) held 1.96 GB of allocator slack where 0.50 GB was priced; leave that headroom, "
@@ -150,8 +150,9 @@ def step_memory(arch, plan) -> StepMemory:
         step_buffers["expert_dequant_buffers"] = expert_dequant_buffer_bytes(arch)
     static = {**weights, **adapters, **optim, **step_buffers}
     prologue = captured_prologue_bytes(arch, tokens, ACT) if captured else 0
+    compact = switches.enabled("compact_captures")
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
-                                               trainable, captured=captured, prologue=prologue)
+                                               trainable, captured=captured, prologue=prologue, compact=compact)
     prologue_notes = ((PROLOGUE_NOTE.format(per_layer=" and per-layer rows" if arch.per_layer_dim else "",
                                             gb=prologue / 1e9),) if prologue > CAPTURED_FRAGMENTATION_FLOOR_BYTES else ())
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
@@ -181,8 +182,8 @@ def step_memory(arch, plan) -> StepMemory:
                                                    chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if banded else ())
                       + prologue_notes
                       + ((UNCHECKPOINTED_CAPTURE_NOTE.format(rank=plan.lora_rank),)
-                         if captured and plan.checkpointing == "none" and plan.lora_rank >= UNCHECKPOINTED_CAPTURE_RANK
-                         else ()))
+                         if captured and not compact and plan.checkpointing == "none"
+                         and plan.lora_rank >= UNCHECKPOINTED_CAPTURE_RANK else ()))
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B
