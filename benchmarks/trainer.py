@@ -31,7 +31,7 @@ import torch
 from vramplan.catalog import resolve_model
 from vramplan.memory import activations
 from benchmarks import memory_history
-from benchmarks.harness import host_dispatch_us, random_batch, synced_seconds
+from benchmarks.harness import host_autograd_us, host_dispatch_us, random_batch, synced_seconds
 from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
@@ -122,7 +122,8 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
             random_init: bool = False, sample_nvml: bool = True, ab_rounds: int = 0,
             overlap_rounds: int = 0, pool_summary: bool = False) -> tuple[dict, list[float]]:
     plan = plan_of(dict({"cuda_graphs": True}, **grid, model=os.path.basename(folder)))  # graphs unless the grid says not
-    record: dict = {"host_dispatch_us": host_dispatch_us(device)}  # the host's speed: eager steps are bound by it
+    # the host's speed, two probes: eager steps are bound by it
+    record: dict = {"host_dispatch_us": host_dispatch_us(device), "host_autograd_us": host_autograd_us(device)}
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats()
     model, _ = load_for_training(folder, plan, device, random_init_from_config=random_init)

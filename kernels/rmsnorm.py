@@ -37,7 +37,9 @@ _MAX_FUSED_BYTES = 65536
 # sizes): Gemma's q_norm (65536 rows of 256) went from 0.60 to 0.34 ms forward+backward with
 # 16-row tiles whose dW is summed over rows once, after the loop. Swept again in CUDA graphs on an
 # H200 (benchmarks/results/session8/sweep.jsonl: 2-16 programs per SM × 2,048-8,192-element tiles):
-# 4 × 2,048 was fastest on all four shapes, Gemma-4-E2B's 1,536-wide rows 0.061 -> 0.052 ms.
+# 4 × 2,048 was fastest on all four shapes, Gemma-4-E2B's 1,536-wide rows 0.061 -> 0.052 ms. Session 21 (H100, with the
+# partials summed in one launch, benchmarks/results/session21/call1/rmsnorm-sweep.jsonl): 4 × 2,048 still fastest for
+# E2B (0.057 ms, torch.compile 0.063); 2 per SM was 3-9% faster on the wider rows, kept at 4 for one setting everywhere.
 _DW_PROGRAMS_PER_SM = 4
 _DW_TILE_ELEMENTS = 2048
 # dW's partials summed and cast in one Triton launch (_dw_sum_kernel) rather than torch's sum and cast:
