@@ -27,6 +27,17 @@ def _grads(params):
     return [p.grad.detach().clone() for p in params]
 
 
+def _eager_step(model, params, batch):
+    """The eager step's denominator, summed loss and gradients (left cleared): what a graph's body must match."""
+    denominator = (batch["labels"] != -100).sum().float()
+    loss, _ = summed_loss(model, batch)
+    (loss / denominator).backward()
+    grads = _grads(params)
+    for p in params:
+        p.grad = None
+    return denominator, loss, grads
+
+
 @pytest.mark.parametrize("arch", ["llama", "gemma4"])
 @pytest.mark.parametrize("packed", [False, True])
 def test_graph_body_equals_eager_step(tmp_path, arch, packed):
@@ -36,13 +47,7 @@ def test_graph_body_equals_eager_step(tmp_path, arch, packed):
     model, params = load_with_random_adapters(folder, plan, "cpu")
     batch = _batch(model.config.get_text_config().vocab_size, packed)
     assert is_packed(batch["position_ids"]) == packed
-    denominator = (batch["labels"] != -100).sum().float()
-
-    eager_loss, _ = summed_loss(model, batch)
-    (eager_loss / denominator).backward()
-    eager_grads = _grads(params)
-    for p in params:
-        p.grad = None
+    denominator, eager_loss, eager_grads = _eager_step(model, params, batch)
 
     graphs = StepGraphs(model, params)
     embeds, per_layer = graphs.prologue(batch)
@@ -215,12 +220,7 @@ def test_first_eager_pass_adds_into_one_buffer_made_before_it(tmp_path):
     plan = Plan(model="tiny", quant="nf4", lora_rank=4, seq_len=24, checkpointing="none")
     model, params = load_with_random_adapters(folder, plan, "cpu")
     batch = _batch(model.config.vocab_size, packed=False)
-    denominator = (batch["labels"] != -100).sum().float()
-    eager_loss, _ = summed_loss(model, batch)
-    (eager_loss / denominator).backward()
-    eager_grads = _grads(params)
-    for p in params:
-        p.grad = None
+    denominator, eager_loss, eager_grads = _eager_step(model, params, batch)
 
     graphs = StepGraphs(model, params)
     graphs._grads_in_place()  # what summed_loss does before a run's first pass (its eager pass needs a CUDA stream)
