@@ -12,8 +12,8 @@ The planner prices the slack as ``memory.overhead``'s fragmentation. Two regimes
   Qwen3-4B and Gemma-4-E2B runs 0.19-0.21, so a Llama-only median would under-price the larger models, and the
   planner keeps its earlier eager constant.
 
-Beyond the pool, the same runs fit the paged optimizer states NVML counts on the GPU
-(``memory.optimizer.resident_paged_state_bytes``): nothing up to a threshold, every byte beyond it.
+Beyond the pool, the same runs' driver readings say how NVML counts the paged optimizer states on the GPU
+(``memory.optimizer.resident_paged_state_bytes``): in whole 128 MiB chunks (``managed_chunk_residuals``).
 
 Every other run stays held out. ``python -m benchmarks.allocator_slack`` prints the fit; tests/test_allocator_slack.py
 holds the planner's constants to it.
@@ -22,6 +22,7 @@ holds the planner's constants to it.
 from __future__ import annotations
 
 import json
+import math
 import statistics
 import sys
 from dataclasses import dataclass
@@ -30,14 +31,14 @@ from pathlib import Path
 from benchmarks.records import _RESULTS, plan_of
 from vramplan.catalog import resolve_model
 from vramplan.estimate import architecture
-from vramplan.memory.overhead import cuda_library_bytes
+from vramplan.memory.optimizer import MANAGED_CHUNK_BYTES
 from vramplan.stacks.vramplan import managed_optimizer_bytes
 
 #: Session 12's rank sweep under CUDA graphs: Llama-3.2-1B and Qwen3-4B (Gemma-4-E2B's rows, rank-sweep-held-out.jsonl,
 #: are held out).
 GRAPH_SWEEP = _RESULTS / "session12" / "rank-sweep-fit.jsonl"
-#: Session 12's eager Llama-3.2-1B runs, ranks 8-256 and 1,024-4,096 tokens: they fit the paged states' threshold
-#: (Qwen3-4B's, Gemma-4-E2B's and the offloaded run's, eager-held-out.jsonl, are held out).
+#: Session 12's eager Llama-3.2-1B runs, ranks 8-256 and 1,024-4,096 tokens: with the rank sweep they show how NVML
+#: counts the paged states (Qwen3-4B's, Gemma-4-E2B's and the offloaded run's, eager-held-out.jsonl, are held out).
 EAGER_RUNS = _RESULTS / "session12" / "eager-fit.jsonl"
 #: Session 21's captured runs with compact captures: Llama-3.2-1B, Qwen3-1.7B and Qwen3-4B at ranks 8-256,
 #: checkpointed or not (call 3; the rank-128 run with the switch off is its A/B).
@@ -95,17 +96,21 @@ def managed_bytes(record: dict) -> int:
     return managed_optimizer_bytes(architecture(resolve_model(plan.model)), plan)
 
 
-def beyond_libraries(record: dict) -> int:
-    """What the process held outside torch's pool beyond the planner's library allowance."""
-    return record["nvml_used_delta"] - record["peak_reserved"] - cuda_library_bytes("vramplan", managed_bytes(record) > 0)
-
-
-def paged_residency_threshold(paths: tuple[Path, ...] = (GRAPH_SWEEP, EAGER_RUNS), step: int = 10_000_000) -> int:
-    """The threshold T of ``max(0, managed − T)`` (the managed states NVML counts) closest, in squares, to what the
-    fitting runs held beyond their libraries; searched in ``step``-byte steps up to 2 GB."""
-    points = [(managed_bytes(r), beyond_libraries(r)) for path in paths for r in measured_runs(path)]
-    return min(range(0, 2_000_000_000, step),
-               key=lambda t: sum((max(0, managed - t) - extra) ** 2 for managed, extra in points))
+def managed_chunk_residuals(paths: tuple[Path, ...] = (GRAPH_SWEEP, EAGER_RUNS)) -> list[dict]:
+    """Per fitting run: how much NVML's reading outside torch's pool grew over the first step (the driver readings a
+    trainer line records before and after it), less ceil(managed states / 128 MiB) chunks; and the baseline's excess
+    over the lowest of the runs (a previous process's chunk left on the device, which a paging run takes over)."""
+    runs = [r for path in paths for r in measured_runs(path)]
+    lowest = min(r["driver"]["outside"][0] for r in runs)
+    out = []
+    for r in runs:
+        before, after = r["driver"]["outside"][:2]
+        managed = managed_bytes(r)
+        chunks = math.ceil(managed / MANAGED_CHUNK_BYTES) if managed else 0
+        out.append({"model": r["model"], "rank": r["rank"], "captured": bool(r.get("cuda_graphs")),
+                    "managed": managed, "residual": after - before - chunks * MANAGED_CHUNK_BYTES,
+                    "baseline_excess": before - lowest})
+    return out
 
 
 def main() -> None:
@@ -115,8 +120,9 @@ def main() -> None:
     print()
     json.dump({"regime": "eager", "slack_bytes": eager_slack()}, sys.stdout)
     print()
-    json.dump({"resident_paged_threshold_bytes": paged_residency_threshold()}, sys.stdout)
-    print()
+    for row in managed_chunk_residuals():
+        json.dump({"regime": "outside the pool, less the managed chunks", **row}, sys.stdout)
+        print()
 
 
 if __name__ == "__main__":

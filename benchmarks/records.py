@@ -97,6 +97,12 @@ SESSION21_SLACK = (_RESULTS / "session21" / "call1" / "pools.jsonl",)
 #: ranks 8-256, checkpointed or not, and the rank-128 A/B with the switch off). They set the captured slack's slope to
 #: none (benchmarks.allocator_slack.compact_graph_slack_fit), so they are held out for speed only.
 SESSION21_COMPACT = (_RESULTS / "session21" / "call3" / "compact.jsonl",)
+#: Session 21's held-out campaign of compact captures, its grid and predictions committed before it ran
+#: (session21/campaign-compact.json, predicted-compact.txt): Gemma-4-E4B, Llama-3.2-3B twice, Qwen3-0.6B without
+#: checkpointing at 4,096 tokens, Llama-3.1-8B (call4/compact-held-out.jsonl; its Gemma-4-E2B line ran past its
+#: timeout), and after it Llama-3.2-1B at 2,048 tokens eager beside both host probes (call4/eager-probes.jsonl).
+SESSION21_COMPACT_HELD_OUT = (_RESULTS / "session21" / "call4" / "compact-held-out.jsonl",
+                              _RESULTS / "session21" / "call4" / "eager-probes.jsonl")
 
 
 @dataclass(frozen=True)
@@ -202,6 +208,10 @@ HELD_OUT = (
             "session 21's captured runs with compact captures (session21/call3/compact.jsonl: Llama-3.2-1B, Qwen3-1.7B "
             "and Qwen3-4B at ranks 8-256), which set the captured slack's slope and none of the speed model's "
             "constants", memory=False),
+    HeldOut("session21_compact_held_out", SESSION21_COMPACT_HELD_OUT, "session 21, compact captures held out",
+            "session 21's campaign of compact captures, registered before it ran (session21/call4: Gemma-4-E4B at rank "
+            "64, Llama-3.2-3B at rank 256 and without checkpointing, Qwen3-0.6B at 4,096 tokens without checkpointing, "
+            "Llama-3.1-8B at rank 128), and Llama-3.2-1B eager with both host probes, none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -163,46 +163,55 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     # runs of one plan 128 MiB apart, the later child's baseline holding the reserve the one before it left
     campaign19 = stats["session19_uncalibrated"]
     assert campaign19["n"] == 8 and campaign19["max"] < 0.035 and stats["session19_calibrated_by_calibrate_runs"]["max"] < 0.03
-    # session 20's campaign (16 configurations over 8 models, registered before it ran): 2.8% mean, 12.5% max; the
+    # session 20's campaign (16 configurations over 8 models, registered before it ran): 2.6% mean, 9.5% max; the
     # max is Qwen3-1.7B at rank 128 without checkpointing under graphs, whose pool reserved 1.96 GB it never
-    # allocated (-12.5%)
+    # allocated (-9.5%; the trainer's compact captures, since, reserve 0.15 GB there)
     campaign20 = stats["session20_uncalibrated"]
-    assert campaign20["n"] == 16 and campaign20["mean"] < 0.03 and campaign20["max"] < 0.13
+    assert campaign20["n"] == 16 and campaign20["mean"] < 0.03 and campaign20["max"] < 0.10
     shipped = stats["shipped_trainer_held_out_calibrated_by_calibrate_runs"]
     # after it, Qwen3-1.7B's outlier again under graphs (the same bytes: 1.96 GB reserved, never allocated) and eager,
     # where its pool held 0.35 GB beyond its allocations
     followup = stats["session20_followup_uncalibrated"]
-    assert followup["n"] == 3 and followup["max"] < 0.13
+    assert followup["n"] == 3 and followup["max"] < 0.10
     # session 21's eager campaign (registered before it ran: six host-bound plans over four models): 2.7% mean, 6.8% max
     eager21 = stats["session21_eager_uncalibrated"]
     assert eager21["n"] == 6 and eager21["mean"] < 0.03 and eager21["max"] < 0.07
     # and its captured runs without checkpointing as the trainer shipped before compact captures: the slack again,
     # Qwen3-1.7B at ranks 64 and 128 and Llama-3.2-1B at 128 (-8% to -12.5%)
     slack21 = stats["session21_slack_uncalibrated"]
-    assert slack21["n"] == 4 and slack21["max"] < 0.13
-    assert shipped["n"] == 136 and shipped["mean"] < 0.019
+    assert slack21["n"] == 4 and slack21["max"] < 0.12
+    # session 21's campaign of compact captures (registered before it ran; five models, ranks 64-256): 3.7% mean,
+    # 6.4% max; corrected 3.8% / 6.0%
+    compact = stats["session21_compact_held_out_uncalibrated"]
+    assert compact["n"] == 6 and compact["mean"] < 0.04 and compact["max"] < 0.065
+    assert stats["session21_compact_held_out_calibrated_by_calibrate_runs"]["max"] < 0.061
+    assert shipped["n"] == 142 and shipped["mean"] < 0.019
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     over = [r for r in outside if r["error_calibrated_by_calibrate_runs"] > 0]
     # sessions 11's eager Llama-3.2-1B with its checkpoints offloaded at 4,096 tokens (+8.7%), Qwen3-0.6B (+7.0%), and
     # session 21's eager Qwen3-0.6B (+7.5%): small runs
-    assert len(outside) == 8 and len(over) == 3
+    assert len(outside) == 9 and len(over) == 3
     assert all(r["checkpointing"] == "offload" or r["measured_bytes"] < 1.3e9 for r in over)
     under = [r for r in outside if r not in over]
-    # every one a captured run without checkpointing at rank 64 or more before compact captures (sessions 20-21)
-    assert sorted((r["model"], r["rank"], r["checkpointing"]) for r in under) == sorted(
+    # five captured runs without checkpointing at rank 64 or more before compact captures (sessions 20-21), whose pools
+    # held 0.9-1.96 GB they never allocated, and Llama-3.2-3B at rank 256 with compact captures (-6.0%)
+    before = [r for r in under if r["measured_peak_reserved"] - r["measured_peak_allocated"] > 0.8e9]
+    assert sorted((r["model"], r["rank"], r["checkpointing"]) for r in before) == sorted(
         [("qwen3-1.7b", 128, "none")] * 3 + [("qwen3-1.7b", 64, "none"), ("llama-3.2-1b", 128, "none")])
-    assert all(r["measured_peak_reserved"] - r["measured_peak_allocated"] > 0.8e9 for r in under)
+    (compact_miss,) = [r for r in under if r not in before]
+    assert (compact_miss["model"], compact_miss["rank"]) == ("llama-3.2-3b", 256)
+    assert compact_miss["error_calibrated_by_calibrate_runs"] > -0.061
 
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
-    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (159 runs; the matrix's
-    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.7% mean / 12.5% max, inside 8% / 15%;
-    calibrated 1.9% mean, inside 3%, 12.0% max, NOT inside 6%: the runs above."""
+    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (165 runs; the matrix's
+    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.7% mean / 11.6% max, inside 8% / 15%;
+    calibrated 1.9% mean, inside 3%, 11.0% max, NOT inside 6%: the runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
-    assert unc["n"] == 159 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 151 and cal["mean"] <= 0.03 and cal["max"] <= 0.125
+    assert unc["n"] == 165 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 157 and cal["mean"] <= 0.03 and cal["max"] <= 0.115
 
 
 def test_errors_against_the_issue_targets(built):
@@ -235,15 +244,17 @@ def test_calibration_helps_whichever_configuration_it_measured(built):
 
 def test_the_worst_small_runs_read_the_low_outside_pool_step(built):
     """Every held-out trainer run the calibration misses by more than 5% is an eager run of sessions 2-3 under
-    2.5 GB whose memory outside torch's pool read the low step (0.15 GB): Qwen3-0.6B, whose adapters bitsandbytes
-    does not page (priced so; its pool is what is under-predicted), and two Llama-3.2-1B runs that page and
-    still read it (batch 4 at 1,024 tokens, CPU offload), which the paging rule does not explain."""
+    2.7 GB whose memory outside torch's pool read a step below what today's trainer maps: Qwen3-0.6B, whose adapters
+    bitsandbytes does not page (priced so; its pool is what is under-predicted), two Llama-3.2-1B runs that page and
+    still read the low step, 0.15 GB (batch 4 at 1,024 tokens, CPU offload), and Llama-3.2-1B at rank 128, whose
+    0.18 GB of paged states read one 128 MiB chunk (0.29 GB) where today's trainer maps two."""
     worst = [r for r in built[1]["rows"] if r["role"] == "held out" and r["stack"] == "vramplan"
              and abs(r["error_calibrated"]) > 0.05]
     assert worst and {r["model"] for r in worst} <= {"qwen3-0.6b", "llama-3.2-1b"}
     for r in worst:
-        assert r["measured_bytes"] < 2.5e9
-        assert abs(r["measured_bytes"] - r["measured_peak_reserved"] - 0.153e9) < 0.01e9
+        assert r["measured_bytes"] < 2.7e9
+        outside = r["measured_bytes"] - r["measured_peak_reserved"]
+        assert min(abs(outside - 0.153e9), abs(outside - 0.287e9)) < 0.01e9
 
 
 def test_paged_optimizer_states_decide_the_outside_pool_step():

@@ -382,12 +382,16 @@ def test_held_out_error_on_the_committed_measurements():
     assert result["held_out_by_group"]["session21_compact"]["within_15_percent"] == 9
     eager21 = [r for r in result["rows"] if r["group"] == "session21_eager"]
     assert len(eager21) == 6 and all(-0.38 < r["error"] < -0.25 for r in eager21)
+    # session 21's campaign of compact captures, registered before it ran: every captured run within 15% (5.8-9.4%);
+    # Llama-3.2-1B eager after it, on that third host, -20%
+    compact = [r for r in result["rows"] if r["group"] == "session21_compact_held_out"]
+    assert len(compact) == 6 and all(abs(r["error"]) < 0.10 for r in compact if r["cuda_graphs"])
     # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
-    # 6.1% mean, 117 of 122 within 15%; its eager ones, host-bound, 19.1% mean, 8 of 18 at session 12's host op
+    # 6.1% mean, 122 of 127 within 15%; its eager ones, host-bound, 19.2% mean, 8 of 19 at session 12's host op
     shipped = result["shipped_trainer_held_out"]
-    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 140
-    assert shipped["captured"]["count"] == 122 and shipped["captured"]["within_15_percent"] >= 117
-    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 18
+    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 146
+    assert shipped["captured"]["count"] == 127 and shipped["captured"]["within_15_percent"] >= 122
+    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 19
     assert shipped["eager"]["within_15_percent"] >= 8 and shipped["eager"]["mean_abs_error"] < 0.20
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 from vramplan.errors import VramplanError
 from vramplan.memory.adapters import PAGED_MIN_NUMEL
 
@@ -42,28 +44,31 @@ def managed_state_bytes(paged: int, optimizer: str) -> int:
 
     bitsandbytes' paged optimizers allocate their moments with cudaMallocManaged: never from
     torch's caching allocator, and the driver moves the pages to host memory under pressure
-    instead of failing, so they cannot make a step run out of memory. On the H100 NVML's used
-    memory did not grow with small ones: Llama-3.2-1B at r=128 (0.18 GB of states) read the
-    same 0.287 GB above torch's reserved pool as at r=16, Qwen3-4B at r=32 (0.13 GB) read 0.153 GB,
-    the floor of any run (benchmarks/results/trainer_h100.jsonl); larger ones it counts in part
-    (``resident_paged_state_bytes``, priced as its own component). An fp32 master copy
+    instead of failing, so they cannot make a step run out of memory. Without pressure the driver keeps
+    them on the GPU, and NVML counts them there in 128 MiB chunks (``resident_paged_state_bytes``,
+    priced as its own component beyond the first chunk). An fp32 master copy
     (``master_weights``) is the trainer's own tensor and stays resident.
     """
     return paged * _STATE_BYTES[optimizer] if optimizer in PAGED else 0
 
 
-#: NVML reads a paged optimizer's states on the GPU only beyond this many bytes of them: Llama-3.2-1B's and
-#: Qwen3-4B's up to 0.26 GB read no more than the 128 MiB of the first managed allocation
-#: (``overhead.MANAGED_FIRST_ALLOCATION_BYTES``), Llama-3.2-1B's 0.36 GB at rank 256 read 0.17-0.27 GB more and
-#: Qwen3-4B's 1.06 GB 0.70 GB more. Fitted on session 12's rank sweep (``benchmarks.allocator_slack``); the
-#: driver's reason for the threshold is not established.
-RESIDENT_PAGED_THRESHOLD_BYTES = 220_000_000
+#: NVML counts a paged optimizer's states on the GPU in whole 128 MiB chunks: every process that pages maps
+#: ceil(states / 128 MiB) of them, the first of which ``overhead.MANAGED_FIRST_ALLOCATION_BYTES`` prices. Read off the
+#: driver's own readings (NVML's used memory less torch's reserved pool, before and after the first step) of session
+#: 12's rank sweep and eager fitting runs: 10 of 13 grew by their regime's constant plus exactly that many chunks (the
+#: other 3 started on a baseline holding a previous process's chunk, and read one less). The planner until session 21
+#: took them as none up to 0.22 GB and every byte beyond, fitted on NVML less torch's *peak* reserved, which the
+#: captured slack of those runs (released after the capture) had lowered; with compact captures the peak is the pool
+#: at the end, and the chunks show (Qwen3-1.7B at rank 128, 0.28 GB of states: 0.40 GB of chunks).
+MANAGED_CHUNK_BYTES = 128 * 2**20
 
 
 def resident_paged_state_bytes(managed: int) -> int:
     """The part of the managed (paged) states NVML counts in the process once the driver has moved them to the GPU:
     without memory pressure the driver keeps them there, so they hold GPU memory a long run has to leave free."""
-    return max(0, managed - RESIDENT_PAGED_THRESHOLD_BYTES)
+    if not managed:
+        return 0
+    return (math.ceil(managed / MANAGED_CHUNK_BYTES) - 1) * MANAGED_CHUNK_BYTES  # the first is in the libraries
 
 
 def managed_state_note(managed: int, optimizer: str = "") -> tuple[str, ...]:
