@@ -62,7 +62,7 @@ priced as its eager one (``masked_captures`` prices the measured runs as they ra
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -385,22 +385,6 @@ def factors_for(stack: str, profiles: str | Path | None = None) -> Factors:
     if stack not in stacks:
         raise VramplanError(f"no throughput calibration for stack '{stack}'; calibrated: {', '.join(stacks)}")
     return Factors(**{name: float(stacks[stack][name]) for name in FACTOR_FIELDS})
-
-
-#: What the host probe (``benchmarks.harness.host_dispatch_us``: µs to queue one tiny op, best of five rounds) read
-#: on a host whose eager steps the fitted seconds per host op priced right: session 20's third call, Llama-3.2-1B
-#: eager at 2,048 tokens, 12,805 tok/s measured for 12,784 priced, probe 7.09 µs. Eager steps of one plan ran a third
-#: apart on hosts of one GPU model (sessions 11, 12 and 20), which the probe is there to tell apart.
-REFERENCE_HOST_DISPATCH_US = 7.1
-
-
-def for_host(factors: Factors, host_dispatch_us: float | None) -> Factors:
-    """``factors`` with the host's cost per op scaled to a host whose probe reads ``host_dispatch_us`` (unchanged
-    without a reading): the host term is Python, the dispatcher and the driver, all of which the probe runs."""
-    if not host_dispatch_us:
-        return factors
-    scale = host_dispatch_us / REFERENCE_HOST_DISPATCH_US
-    return replace(factors, seconds_per_host_op=factors.seconds_per_host_op * scale)
 
 
 # ------------------------------------------------------------------ work per step

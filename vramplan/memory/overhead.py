@@ -132,10 +132,10 @@ CAPTURED_FRAGMENTATION_PER_TRAINABLE = 2.64
 def pooled_fragmentation_bytes(transient: int, trainable: int = 0, captured: bool = False, prologue: int = 0,
                                compact: bool = True) -> int:
     """Fragmentation when transient buffers recur in identical sizes: a fraction of the transient bytes, at least
-    the measured floor; a captured step not made ``compact`` adds the first eager pass's adapter-sized buffers. A captured step's eager
-    ``prologue`` (``activations.captured_prologue_bytes``) leaves its blocks cached in the regular pool every step,
-    where the graph's pool never reuses them; the floor's blocks are cached there too, so the larger of the two
-    counts. Gemma 4's per-layer rows make it the larger from about 4,096 tokens: on the H100, reserved - allocated
+    the measured floor; a captured step not made ``compact`` adds the first eager pass's adapter-sized buffers. A
+    captured step's eager ``prologue`` (``activations.captured_prologue_bytes``) leaves its blocks cached in the
+    regular pool every step, where the graph's pool never reuses them; the floor's blocks are cached there too, so the
+    larger of the two counts. Gemma 4's per-layer rows make it the larger from about 4,096 tokens: on the H100, reserved - allocated
     of Gemma-4-E2B's captured steps held 0.24-0.29 GB at 2,048 and 4,096 tokens, 0.33-0.39 at 6,144 and 0.45-0.56
     at 8,192, E4B's 0.47-0.61 at 8,192 (sessions 14-16), where the floor priced 0.26 and 0.34 at every length."""
     if not captured:

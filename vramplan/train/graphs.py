@@ -258,8 +258,8 @@ class StepGraphs:
         """The tensors the graphs add into: views of one zeroed buffer (one allocation, pages of their own), or the
         gradients already there (an optimizer's flat buffer) and a tensor each for the rest."""
         kinds = {(p.dtype, p.device) for p in self.params}
-        if any(p.grad is not None for p in self.params) or len(kinds) != 1 or \
-                not all(p.is_contiguous() for p in self.params):
+        if (any(p.grad is not None for p in self.params) or len(kinds) != 1
+                or not all(p.is_contiguous() for p in self.params)):
             return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
         (dtype, device), = kinds
         sizes = [p.numel() for p in self.params]
