@@ -71,18 +71,17 @@ def least_squares(xs: list[float], ys: list[float]) -> tuple[float, float]:
     return mean_y - slope * mean_x, slope
 
 
-def graph_slack_fit(path: Path = GRAPH_SWEEP) -> SlackFit:
-    """The captured runs' slack against their trainable parameters."""
-    rows = [r for r in measured_runs(path) if r.get("cuda_graphs")]
+def graph_slack_fit(path: Path = GRAPH_SWEEP, compact: bool = False) -> SlackFit:
+    """The captured runs' slack against their trainable parameters (``compact``: only the runs made with compact
+    captures)."""
+    rows = [r for r in measured_runs(path) if r.get("cuda_graphs") and (r.get("compact_captures") or not compact)]
     floor, slope = least_squares([r["trainable"] for r in rows], [slack(r) for r in rows])
     return SlackFit(floor_bytes=int(floor), bytes_per_trainable=slope, runs=len(rows))
 
 
 def compact_graph_slack_fit(path: Path = COMPACT_SWEEP) -> SlackFit:
-    """The same line through the captured runs made compact (``compact_captures``)."""
-    rows = [r for r in measured_runs(path) if r.get("cuda_graphs") and r.get("compact_captures")]
-    floor, slope = least_squares([r["trainable"] for r in rows], [slack(r) for r in rows])
-    return SlackFit(floor_bytes=int(floor), bytes_per_trainable=slope, runs=len(rows))
+    """The same line through session 21's captured runs made compact (``compact_captures``)."""
+    return graph_slack_fit(path, compact=True)
 
 
 def eager_slack(path: Path = EAGER_RUNS) -> list[int]:
