@@ -332,7 +332,9 @@ def markdown(rows: list[dict], stats: dict) -> str:
                   "CUDA managed allocation reserves 128 MiB), the next child's baseline NVML reading still counts "
                   "44-120 MiB of that reserve, and a child that pages too takes it over instead of reserving its own: "
                   "its memory above its baseline reads that much low, its device memory at the end the same within "
-                  "24 MiB. Every parent's first child reads the lowest baseline (93 of 93 lines). Measured here: a "
+                  "24 MiB. Every parent's first child read the lowest baseline through session 21's third call (93 of 93 "
+                  "lines); on its fourth machine all five started 132 MiB high, a chunk left on the device before the "
+                  "call. Measured here: a "
                   "paging run's memory above its baseline plus its baseline's excess over the lowest of its model's "
                   f"lines. Above each run's own baseline instead: uncalibrated {100 * raw['mean']:.1f}% mean, "
                   f"{100 * raw['max']:.1f}% max over the same {raw['n']} runs.", ""]

@@ -308,7 +308,9 @@ def previous_process_bytes(record: dict, lowest: dict[str, int]) -> int:
     much low: session 19's Llama-3.2-1B plan in fp16 (a first child) and in bf16 (a later one), the same torch peak,
     read 128 MiB apart above their baselines and 24 MiB apart in device memory at the end. A child that pages nothing
     leaves the reserve outside its footprint (Llama-3.2-1B at rank 8: 226 MiB above its baseline at the end from
-    1,822 or 1,938 MiB alike). Every parent's first child reads the lowest baseline (results/session20/README.md).
+    1,822 or 1,938 MiB alike). Every parent's first child read the lowest baseline (results/session20/README.md)
+    until session 21's fourth machine, which held a chunk from before the call: its five first children started
+    132 MiB high (results/session21/README.md).
     0 for lines without the reading; the caller decides whether the run paged."""
     base = base_reading(record)
     return 0 if base is None else max(0, base - lowest.get(record["model"], base))
