@@ -121,6 +121,7 @@ def main() -> None:
         from train_fixtures import VOCAB, build_model, gemma4_config
         folder, random_init, vocab = str(build_model(gemma4_config(), work / "m")), False, VOCAB
     batch = random_batch(vocab, 1, args.seq, device, low=4)
+    scales = [2.0 ** int(k) for k in args.scales.split(",")] if args.scales else SCALES
     norms = {n for n, _ in patching.KERNEL_PATCHES if "Norm" in n}
     mlps = {n for n, _ in patching.KERNEL_PATCHES if n not in norms}
     variants = [("as shipped", "full", None, set(), "fp16"), ("as shipped", "none", None, set(), "fp16"),
@@ -137,8 +138,7 @@ def main() -> None:
                     cuda_graphs=False, loss="full" if label == "full loss" else "chunked")
         with without_patches(unpatched):
             try:
-                row = threshold(folder, plan, batch, device, random_init,
-                                scales=[2.0 ** int(k) for k in args.scales.split(",")] if args.scales else SCALES)
+                row = threshold(folder, plan, batch, device, random_init, scales)
             except Exception as err:  # a variant that cannot run says why and the others go on
                 row = {"error": f"{type(err).__name__}: {err}"[:300]}
         print(json.dumps({"model": args.model or "tiny gemma4", "seq": args.seq, "variant": label,

@@ -18,7 +18,6 @@ history over the steps there (``benchmarks.memory_history``).
 from __future__ import annotations
 
 import argparse
-import contextlib
 import gc
 import json
 import os
@@ -146,23 +145,21 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     # the sampler's thread polls NVML every 2 ms beside the timed steps; --no-nvml-sampler times them without it
     sampler = NvmlPeakSampler().__enter__() if sample_nvml else None
     driver = {"stack_limit": [stack_limit_bytes()], "outside": [outside_pool_bytes()]}  # before the first step
-    history = contextlib.ExitStack()
-    history.enter_context(memory_history.recorded(grid.get("memory_history")))  # "memory_history": a .pickle.gz path
-    for step in range(steps):
-        torch.cuda.synchronize()
-        started = time.time()
-        loss, _, norm = train_step(model, [batch], optimizer, params, MAX_GRAD_NORM, step, device, graphs=graphs,
-                                   scaler=scaler)
-        times.append(time.time() - started)
-        losses.append(round(loss, 4))
-        if scaler is not None:
-            record.setdefault("loss_scale", []).append(scaler.scale)
-            record.setdefault("grad_norms", []).append(norm)
-        if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
-            reserved["first_step" if step == 0 else "last_step"] = torch.cuda.max_memory_reserved()
-            driver["stack_limit"].append(stack_limit_bytes())
-            driver["outside"].append(outside_pool_bytes())
-    history.close()
+    with memory_history.recorded(grid.get("memory_history")):  # "memory_history": a .pickle.gz path
+        for step in range(steps):
+            torch.cuda.synchronize()
+            started = time.time()
+            loss, _, norm = train_step(model, [batch], optimizer, params, MAX_GRAD_NORM, step, device, graphs=graphs,
+                                       scaler=scaler)
+            times.append(time.time() - started)
+            losses.append(round(loss, 4))
+            if scaler is not None:
+                record.setdefault("loss_scale", []).append(scaler.scale)
+                record.setdefault("grad_norms", []).append(norm)
+            if step in (0, steps - 1):  # after the first step (graphs captured) and after the last
+                reserved["first_step" if step == 0 else "last_step"] = torch.cuda.max_memory_reserved()
+                driver["stack_limit"].append(stack_limit_bytes())
+                driver["outside"].append(outside_pool_bytes())
     if scaler is not None:
         record["loss_scale_overflows"] = scaler.overflows  # backward passes run again at half the scale
     if sampler is not None:
