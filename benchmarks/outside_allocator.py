@@ -14,7 +14,9 @@ benchmark's children do, and each line adds the device's used memory (NVML, ever
 which never starts CUDA, before and after the child, and NVML's per-process listing inside the child after its
 context and after its probe. A paging child left part of its 128 MiB managed reserve on the device (sessions 19-21's
 baselines), and ``vramplan calibrate`` measures device-wide: whether NVML's per-process figure sees that leftover
-decides whether calibrate can measure past it.
+decides whether calibrate can measure past it. ``prepaged:COUNT:BYTES`` is ``paged`` after one small managed allocation
+made before the baseline: if it takes over what an earlier process left, a run measured above that baseline reads the
+same whether or not one did.
 """
 
 from __future__ import annotations
@@ -52,14 +54,20 @@ def probe(name: str) -> dict:
 
     torch.zeros(1, device="cuda")
     context = {"device_used": used_memory_bytes(), "processes": listing()}
+    kind, *args = name.split(":")
+    if kind == "prepaged":  # a managed allocation before the baseline: does it take over a chunk left on the device?
+        import bitsandbytes.functional as F
+
+        F.fill(F.get_paged(4096, dtype=torch.uint8, device=torch.device("cuda", 0)), 0)
+        torch.cuda.synchronize()
+        context["after_first_managed"] = used_memory_bytes()
     a = torch.randn(64, 64, device="cuda", dtype=torch.bfloat16)
     (a @ a).sum().item()  # cuBLAS exists before the baseline unless the probe is the matmul
     before = outside()
-    kind, *args = name.split(":")
     if kind == "matmul":
         x = torch.randn(256, 256, device="cuda")
         torch.nn.functional.linear(x, x, x[0]).sum().item()  # fp32 addmm with bias: the cuBLASLt path
-    elif kind == "paged":
+    elif kind in ("paged", "prepaged"):
         import bitsandbytes.functional as F
 
         count, nbytes = int(args[0]), int(args[1])
