@@ -30,7 +30,6 @@ rows in the same shape; ``emulated_cap_check`` fits plans for 8/12/16 GB and run
 from __future__ import annotations
 
 import argparse
-import functools
 import json
 import shutil
 from collections import defaultdict
@@ -43,7 +42,7 @@ from vramplan.calibration import (Calibration, CalibrationKey, CalibrationPoint,
 from vramplan.catalog import resolve_model
 from vramplan.estimate import architecture, estimate_plan
 from vramplan.stacks.vramplan import managed_optimizer_bytes
-from benchmarks.records import (CAMPAIGN, HELD_OUT, band_min_windows_ran, lowest_base_readings, plan_of, previous_process_bytes,
+from benchmarks.records import (CAMPAIGN, HELD_OUT, band_min_windows_ran, plan_of, previous_process_bytes,
                                 priced_as_ran, switches_ran)
 from vramplan.train import switches
 from vramplan.plan import Plan
@@ -64,12 +63,6 @@ MEASURED_ON = "2026-11-24"
 TARGETS = {"uncalibrated": (0.08, 0.15), "calibrated": (0.03, 0.06)}  # (mean, max) relative error
 
 
-@functools.lru_cache(maxsize=None)
-def _lowest_bases() -> dict[str, int]:
-    """``records.lowest_base_readings`` over every held-out campaign's lines (the only lines with base readings)."""
-    return lowest_base_readings(tuple(path for held in HELD_OUT for path in held.paths))
-
-
 def _row(record: dict, stack: str) -> dict | None:
     if record.get("error") or record.get("fitted") is False or record.get("nvml_used_delta") is None:
         return None
@@ -77,10 +70,9 @@ def _row(record: dict, stack: str) -> dict | None:
     profile = resolve_model(plan.model)
     with priced_as_ran(switches_ran(record), band_min_windows_ran(record)):
         estimate = estimate_plan(plan, profile)
-        managed = plan.stack == "vramplan" and managed_optimizer_bytes(architecture(profile), plan) > 0
-    # a run that makes a managed allocation takes over what the process before it left of its own (the reserve its
-    # baseline already counted); one that makes none leaves that reserve where it is, outside its footprint
-    previous = previous_process_bytes(record, _lowest_bases()) if managed else 0
+        managed = managed_optimizer_bytes(architecture(profile), plan) if plan.stack == "vramplan" else 0
+    # a run that paged into a chunk the process before it left reads that chunk low above its own baseline
+    previous = previous_process_bytes(record, managed)
     return {"stack": plan.stack, "plan": plan, "profile": profile, "measured": record["nvml_used_delta"] + previous,
             "measured_raw": record["nvml_used_delta"], "previous_process": previous,
             "peak_alloc": record.get("peak_alloc"), "peak_reserved": record.get("peak_reserved"),
@@ -328,15 +320,17 @@ def markdown(rows: list[dict], stats: dict) -> str:
     if "as_shipped_uncalibrated_above_own_baseline" in stats:
         raw = stats["as_shipped_uncalibrated_above_own_baseline"]
         lines += ["**The process before** (`records.previous_process_bytes`): the trainer benchmark runs a parent's "
-                  "configurations one child process after another. After a child that paged its optimizer states (a "
-                  "CUDA managed allocation reserves 128 MiB), the next child's baseline NVML reading still counts "
-                  "44-120 MiB of that reserve, and a child that pages too takes it over instead of reserving its own: "
-                  "its memory above its baseline reads that much low, its device memory at the end the same within "
-                  "24 MiB. Every parent's first child read the lowest baseline through session 21's third call (93 of 93 "
-                  "lines); on its fourth machine all five started 132 MiB high, a chunk left on the device before the "
-                  "call. Measured here: a "
-                  "paging run's memory above its baseline plus its baseline's excess over the lowest of its model's "
-                  f"lines. Above each run's own baseline instead: uncalibrated {100 * raw['mean']:.1f}% mean, "
+                  "configurations one child process after another. A child that paged its optimizer states (CUDA "
+                  "managed memory, mapped 128 MiB at a time) can leave 44-132 MiB of a chunk on the device, counted in "
+                  "the next child's baseline, and a later child that pages sometimes takes that chunk over instead of "
+                  "mapping one of its own: its memory above its baseline then reads one chunk low. The driver's "
+                  "readings say when: such a run's memory outside torch's pool grew over its first step by one chunk "
+                  "less than its states need (16-20 MiB beyond them eager, 76-108 captured, where the others grew 148 "
+                  "and 202-218). A leftover in the baseline does not say it: Llama-3.1-8B at rank 128, "
+                  "Llama-3.2-3B at rank 256 and Qwen3-1.7B at rank 64 started 118-132 MiB high and mapped all their "
+                  "own chunks. Measured here: a run's memory above its baseline, plus one chunk where it took one over "
+                  "(session 22; until then every paging run got its baseline's excess added). Above each run's own "
+                  f"baseline: uncalibrated {100 * raw['mean']:.1f}% mean, "
                   f"{100 * raw['max']:.1f}% max over the same {raw['n']} runs.", ""]
     lines += [
              "Calibrated as `vramplan calibrate` does, per stack and model: the first configuration listed and the same "

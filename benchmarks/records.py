@@ -9,10 +9,12 @@ grid's ``flat_optimizer``) means the adapters were stepped as one flat tensor.""
 from __future__ import annotations
 
 import contextlib
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
 from vramplan.memory import activations
+from vramplan.memory.optimizer import MANAGED_CHUNK_BYTES
 from vramplan.plan import Plan
 from vramplan.train import switches
 
@@ -276,41 +278,33 @@ def priced_as_ran(ran: dict[str, bool], band_min_windows: int):
         yield
 
 
-def base_reading(record: dict) -> int | None:
-    """A fresh-process line's first reading outside torch's pool (NVML's device-wide used memory less torch's
-    reserved bytes, after loading, before the first step): the reading its memory is measured above, loading adding
-    nothing outside the pool (eager lines: within 2 MiB of the baseline itself). None for lines without it."""
+#: How much NVML's reading outside torch's pool grows over a fresh process's first step beyond its paged states'
+#: 128 MiB chunks (``memory.optimizer.MANAGED_CHUNK_BYTES``): kernel images, cuBLAS, the first chunk's bookkeeping;
+#: on the H100 148 MiB eager and 218 MiB captured, to the MiB over sessions 9-21's lines (202-204 for Gemma 4's
+#: captured steps from 3,072 tokens), its steps eager or captured (``cuda_graphs``) the key.
+OUTSIDE_GROWTH_BEYOND_CHUNKS = {False: 148 * 2**20, True: 218 * 2**20}
+
+
+def took_over_chunk(record: dict, managed: int) -> bool:
+    """Whether a run paged its optimizer states (``managed`` bytes of them) into a managed chunk a process before it
+    left on the device. benchmarks/trainer.py runs a parent's configurations one child process after another; a
+    child that pages can leave 44-132 MiB of its chunk behind, counted in the next child's baseline, and a later run
+    that pages sometimes takes that chunk over instead of mapping one of its own: then its reading outside the pool
+    grows one chunk less than its states need (16-20 MiB beyond them eager, 76-108 captured, against 148 and 218).
+    A baseline holding a leftover does not say it happened: Llama-3.1-8B at rank 128, Llama-3.2-3B at rank 256 and
+    Qwen3-1.7B at rank 64 started 118-132 MiB high and mapped every chunk of their own. Lines without the driver's
+    readings (``driver.outside``, recorded since session 9) never count as having taken one over."""
     outside = (record.get("driver") or {}).get("outside")
-    return outside[0] if outside and record.get("fresh_process") else None
+    if not managed or not outside or len(outside) < 2 or not record.get("fresh_process"):
+        return False
+    chunks = math.ceil(managed / MANAGED_CHUNK_BYTES)
+    beyond_chunks = outside[1] - outside[0] - chunks * MANAGED_CHUNK_BYTES
+    return beyond_chunks < OUTSIDE_GROWTH_BEYOND_CHUNKS[bool(record.get("cuda_graphs"))] - MANAGED_CHUNK_BYTES // 2
 
 
-def lowest_base_readings(paths) -> dict[str, int]:
-    """Per model, the lowest :func:`base_reading` among the lines of ``paths``: what a process reads when no earlier
-    process's memory is still on the device (every first child of a benchmark parent reads it)."""
-    import json
-
-    lowest: dict[str, int] = {}
-    for path in paths:
-        for line in Path(path).read_text().splitlines():
-            record = json.loads(line)
-            base = base_reading(record)
-            if base is not None:
-                lowest[record["model"]] = min(lowest.get(record["model"], base), base)
-    return lowest
-
-
-def previous_process_bytes(record: dict, lowest: dict[str, int]) -> int:
-    """What a line's baseline held of the processes before it. benchmarks/trainer.py runs a parent's configurations
-    one child after another. A child that made a CUDA managed allocation (paged optimizer states: 128 MiB reserved
-    whatever their size, ``memory.overhead.MANAGED_FIRST_ALLOCATION_BYTES``) leaves 44-120 MiB of that reserve on the
-    device until a later process pages and takes it over, and a later child's first NVML reading counts it. A child
-    that pages takes it over instead of reserving 128 MiB of its own, so its memory above its baseline reads that
-    much low: session 19's Llama-3.2-1B plan in fp16 (a first child) and in bf16 (a later one), the same torch peak,
-    read 128 MiB apart above their baselines and 24 MiB apart in device memory at the end. A child that pages nothing
-    leaves the reserve outside its footprint (Llama-3.2-1B at rank 8: 226 MiB above its baseline at the end from
-    1,822 or 1,938 MiB alike). Every parent's first child read the lowest baseline (results/session20/README.md)
-    until session 21's fourth machine, which held a chunk from before the call: its five first children started
-    132 MiB high (results/session21/README.md).
-    0 for lines without the reading; the caller decides whether the run paged."""
-    base = base_reading(record)
-    return 0 if base is None else max(0, base - lowest.get(record["model"], base))
+def previous_process_bytes(record: dict, managed: int) -> int:
+    """What a run's memory above its own baseline misses of its footprint on a clean device: one chunk where it took
+    over a chunk a process before it left (:func:`took_over_chunk`), else nothing. Session 19 ran one Llama-3.2-1B
+    plan in fp16 as a parent's first child and in bf16 after a paging child, the same torch peak: above their
+    baselines they read 128 MiB apart, and the bf16 runs' outside growth was one chunk short."""
+    return MANAGED_CHUNK_BYTES if took_over_chunk(record, managed) else 0

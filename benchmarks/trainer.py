@@ -331,8 +331,8 @@ def run_each_in_own_process(args, grid: list[dict], folder: str, n_params: int, 
         else:
             rec = json.loads(lines[-1])
             rec.update(with_mfu(rec, rate))
-        # its place in the parent's series: a later child's baseline can hold a paging child's reserve
-        # (records.previous_process_bytes), a first child's never does
+        # its place in the parent's series: a later child's baseline can hold a chunk a paging child left, which it
+        # may take over (records.previous_process_bytes)
         rec.update(params=n_params, fresh_process=True, child_index=index)
         print(json.dumps(rec), flush=True)
     shutil.rmtree(folder, ignore_errors=True)

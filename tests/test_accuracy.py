@@ -112,9 +112,11 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     """Session 11 re-measured the 13 vramplan configurations of the matrix that sessions 1-3 measured on their eager
     trainer and no campaign had repeated (ranks 8-128, bf16, unpaged 8-bit AdamW, batch 2, no and offloaded
     checkpointing). Held out from every calibration: 3.4% mean uncalibrated, 2.9% mean corrected by `vramplan
-    calibrate`'s runs. One row misses the 6% bound: Llama-3.2-1B with its checkpoints offloaded, +8.7% (+12.6% above its
-    own baseline, which held 64 MiB of the process before it: records.previous_process_bytes), whose allocated peak the planner gets within 1% (1.70 GB) but whose eager run held 0.19 GB beyond it where the
-    planner's fixed allowances (CUDA libraries, the allocator's floor) give 0.46. Before the planner counted a
+    calibrate`'s runs. Llama-3.2-1B with its checkpoints offloaded missed the 6% bound (+8.7%) until session 22 read
+    its driver readings: it had taken over a chunk a process before it left (records.previous_process_bytes), so its
+    memory above its own baseline reads 128 MiB low, not the 64 MiB its baseline's excess said; +5.1% with the chunk
+    (+12.6% above its own baseline). The planner gets its allocated peak within 1% (1.70 GB); its eager run held
+    0.04 GB beyond it where the planner's floor gives 0.17. Before the planner counted a
     captured step's bf16 adapter copies, the two high-rank rows read -10.5% (Llama-3.2-1B, rank 128) and -11.1%
     (Qwen3-4B, rank 64); -4.7% and -6.4% after; +1.7% and -0.4% since it prices the slack a captured run's first
     eager pass leaves behind (session 12's rank sweep)."""
@@ -125,8 +127,7 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     stats = built[1]["summary"]
     assert stats["remeasured_uncalibrated"]["mean"] < 0.03
     assert stats["remeasured_calibrated_by_calibrate_runs"]["mean"] < 0.025
-    misses = [r for r in rows if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
-    assert [(r["model"], r["checkpointing"]) for r in misses] == [("llama-3.2-1b", "offload")]
+    assert max(abs(r["error_calibrated_by_calibrate_runs"]) for r in rows) < 0.06
     high_rank = [r for r in rows if r["rank"] >= 64]
     assert len(high_rank) == 2 and all(abs(r["error_uncalibrated"]) < 0.025 for r in high_rank)
     # with session 11's four short rows (the step queued whole) and three eager runs, and session 12's fifteen held-out
@@ -180,38 +181,36 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     # Qwen3-1.7B at ranks 64 and 128 and Llama-3.2-1B at 128 (-8% to -12.5%)
     slack21 = stats["session21_slack_uncalibrated"]
     assert slack21["n"] == 4 and slack21["max"] < 0.12
-    # session 21's campaign of compact captures (registered before it ran; five models, ranks 64-256): 3.7% mean,
-    # 6.4% max; corrected 3.8% / 6.0%
+    # session 21's campaign of compact captures (registered before it ran; five models, ranks 64-256): 3.1% mean,
+    # 6.4% max; corrected 3.2% / 4.5%
     compact = stats["session21_compact_held_out_uncalibrated"]
-    assert compact["n"] == 6 and compact["mean"] < 0.04 and compact["max"] < 0.065
-    assert stats["session21_compact_held_out_calibrated_by_calibrate_runs"]["max"] < 0.061
+    assert compact["n"] == 6 and compact["mean"] < 0.035 and compact["max"] < 0.065
+    assert stats["session21_compact_held_out_calibrated_by_calibrate_runs"]["max"] < 0.05
     assert shipped["n"] == 142 and shipped["mean"] < 0.019
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     over = [r for r in outside if r["error_calibrated_by_calibrate_runs"] > 0]
-    # sessions 11's eager Llama-3.2-1B with its checkpoints offloaded at 4,096 tokens (+8.7%), Qwen3-0.6B (+7.0%), and
-    # session 21's eager Qwen3-0.6B (+7.5%): small runs
-    assert len(outside) == 9 and len(over) == 3
-    assert all(r["checkpointing"] == "offload" or r["measured_bytes"] < 1.3e9 for r in over)
+    # session 11's eager Qwen3-0.6B (+7.0%) and session 21's (+7.5%): small runs, where the eager allocator's floor
+    # (0.17 GB) is 0.1 GB above what their pools held
+    assert len(outside) == 7 and len(over) == 2
+    assert all(r["measured_bytes"] < 1.3e9 and r["model"] == "qwen3-0.6b" for r in over)
     under = [r for r in outside if r not in over]
     # five captured runs without checkpointing at rank 64 or more before compact captures (sessions 20-21), whose pools
-    # held 0.9-1.96 GB they never allocated, and Llama-3.2-3B at rank 256 with compact captures (-6.0%)
-    before = [r for r in under if r["measured_peak_reserved"] - r["measured_peak_allocated"] > 0.8e9]
-    assert sorted((r["model"], r["rank"], r["checkpointing"]) for r in before) == sorted(
+    # held 0.9-1.96 GB they never allocated. Llama-3.2-3B at rank 256 with compact captures read -6.0% until session 22
+    # found that it had mapped every chunk of its own (-4.5%)
+    assert all(r["measured_peak_reserved"] - r["measured_peak_allocated"] > 0.8e9 for r in under)
+    assert sorted((r["model"], r["rank"], r["checkpointing"]) for r in under) == sorted(
         [("qwen3-1.7b", 128, "none")] * 3 + [("qwen3-1.7b", 64, "none"), ("llama-3.2-1b", 128, "none")])
-    (compact_miss,) = [r for r in under if r not in before]
-    assert (compact_miss["model"], compact_miss["rank"]) == ("llama-3.2-3b", 256)
-    assert compact_miss["error_calibrated_by_calibrate_runs"] > -0.061
 
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
     """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (165 runs; the matrix's
-    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.7% mean / 11.6% max, inside 8% / 15%;
-    calibrated 1.9% mean, inside 3%, 11.0% max, NOT inside 6%: the runs above."""
+    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.6% mean / 9.6% max, inside 8% / 15%;
+    calibrated 1.8% mean, inside 3%, 9.1% max, NOT inside 6%: the runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
     assert unc["n"] == 165 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 157 and cal["mean"] <= 0.03 and cal["max"] <= 0.115
+    assert cal["n"] == 157 and cal["mean"] <= 0.03 and cal["max"] <= 0.095
 
 
 def test_errors_against_the_issue_targets(built):
@@ -313,21 +312,22 @@ def test_plans_fit_chose_for_8_12_and_16_gb_ran_inside_their_caps():
         assert abs(row["predicted_bytes"] / row["measured_process_bytes"] - 1) < 0.09  # the plans' own error
 
 
-def test_a_paging_run_counts_the_reserve_the_process_before_it_left(built):
-    """records.previous_process_bytes: session 19 ran one Llama-3.2-1B plan in fp16 as a parent's first child
-    (baseline 1,822 MiB) and in bf16 after a paging child (1,926 and 1,938 MiB), the same torch peak: above their own
-    baselines they read 128 MiB apart, with the reserve added back within 24 MiB. A run that pages nothing (Llama-3.2-1B at rank 8) gets nothing added."""
-    from benchmarks.accuracy import _lowest_bases
-
-    lowest = _lowest_bases()
-    assert round(lowest["llama-3.2-1b"] / 2**20) == 1822 and round(lowest["gemma-4-e2b-text"] / 2**20) == 1838
+def test_a_paging_run_counts_the_chunk_it_took_over_from_the_process_before_it(built):
+    """records.previous_process_bytes: session 19 ran one Llama-3.2-1B plan in fp16 as a parent's first child and in
+    bf16 after a paging child, the same torch peak: above their own baselines they read 128 MiB apart, and the bf16
+    runs' outside growth was one chunk short; with that chunk added back they agree within 24 MiB. A run that pages
+    nothing (Llama-3.2-1B at rank 8) gets nothing added, and neither do runs that started above a leftover chunk
+    but mapped all of their own (session 21's Llama-3.1-8B at rank 128 and Llama-3.2-3B at rank 256)."""
     rows = built[1]["rows"]
     pair = [r for r in rows if r["role"] == "held out (session 19, fp16 and band threshold)"
             and r["model"] == "llama-3.2-1b"]
     raw = sorted({r["measured_above_own_baseline_bytes"] for r in pair})
     fixed = sorted({r["measured_bytes"] for r in pair})
     assert len(raw) == 2 and raw[1] - raw[0] >= 120 * 2**20
-    assert fixed[1] - fixed[0] <= 24 * 2**20
+    assert fixed[-1] - fixed[0] <= 24 * 2**20
     unpaged = [r for r in rows if r["model"] == "llama-3.2-1b" and r["rank"] == 8 and r["role"].startswith("held out (")]
     assert unpaged and all(r["previous_process_bytes"] == 0 for r in unpaged)
-    assert any(r["previous_process_bytes"] > 0 for r in rows)
+    own_chunks = [r for r in rows if r["role"] == "held out (session 21, compact captures held out)"
+                  and (r["model"], r["rank"]) in {("llama-3.1-8b", 128), ("llama-3.2-3b", 256)}]
+    assert len(own_chunks) == 2 and all(r["previous_process_bytes"] == 0 for r in own_chunks)
+    assert {r["previous_process_bytes"] for r in rows} == {0, 128 * 2**20}
