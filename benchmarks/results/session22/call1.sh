@@ -15,3 +15,14 @@ PYTHONPATH="$PWD:/tmp/shim:/tmp/site" timeout 60 python3 -m benchmarks.outside_a
 cut -c1-150 "$W/leftover.jsonl"; pack
 timeout 100 benchmarks/run_on_gpu.sh kernels:glu | tail -12; pack
 timeout 290 benchmarks/run_on_gpu.sh tests | tail -30; pack
+# 4. (#5, as time allows) the eager trainer's slack: reserved - allocated at the peak, 0.01-0.35 GB over 17 runs, priced
+#    at one 0.17 GB floor; Qwen3-4B at 2,048 tokens (0.205 GB, the same to the byte in sessions 12 and 21) and Qwen3-0.6B
+#    at 1,024 (0.067), eager, fresh processes, pool summaries and the allocator's history (benchmarks.memory_history).
+export STEPS=3
+for job in 75:qwen3-4b:2048 50:qwen3-0.6b:1024; do
+  IFS=: read -r t model seq <<<"$job"
+  echo "[{\"seq\": $seq, \"rank\": 16, \"gc\": true, \"batch\": 1, \"cuda_graphs\": false,
+          \"memory_history\": \"$W/history-eager-$model-$seq.pickle.gz\"}]" > "/tmp/eager-$model.json"
+  timeout "$t" benchmarks/run_on_gpu.sh "trainer:$model:/tmp/eager-$model.json" | cut -c1-110
+  mv "$W/trainer.jsonl" "$W/eager-slack-$model.jsonl" 2>/dev/null; pack
+done
