@@ -321,8 +321,8 @@ def markdown(rows: list[dict], stats: dict) -> str:
         raw = stats["as_shipped_uncalibrated_above_own_baseline"]
         lines += ["**The process before** (`records.previous_process_bytes`): the trainer benchmark runs a parent's "
                   "configurations one child process after another. A child that paged its optimizer states (CUDA "
-                  "managed memory, mapped 128 MiB at a time) can leave 44-132 MiB of a chunk on the device, counted in "
-                  "the next child's baseline, and a later child that pages sometimes takes that chunk over instead of "
+                  "managed memory, mapped 128 MiB at a time) can leave part of a chunk on the device, counted in later "
+                  "children's baselines (36-188 MiB above the lowest), and a later child that pages sometimes takes that chunk over instead of "
                   "mapping one of its own: its memory above its baseline then reads one chunk low. The driver's "
                   "readings say when: such a run's memory outside torch's pool grew over its first step by one chunk "
                   "less than its states need (16-20 MiB beyond them eager, 76-108 captured, where the others grew 148 "
