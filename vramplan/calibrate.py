@@ -165,6 +165,12 @@ def measure_run(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None =
 
     from vramplan.measure import NvmlPeakSampler
 
+    if plan.stack == "vramplan":
+        # measure the allocator `vramplan train` runs under: session 10's dry runs, made without expandable segments,
+        # held 0.09-0.39 GB beyond their allocations, growing with the sequence; the trainer's eager runs 0.01-0.35
+        from vramplan.train.allocator import prefer_expandable_segments
+
+        prefer_expandable_segments()
     device = torch.device("cuda", device_index)
     torch.zeros(1, device=device)  # the CUDA context exists before the baseline: NVML deltas exclude it
     gc.collect()

@@ -16,7 +16,12 @@ EXPANDABLE = "expandable_segments:True"
 
 
 def prefer_expandable_segments() -> None:
-    """Ask for expandable segments unless the environment configures the allocator already
-    (read when the allocator starts: call before the process's first CUDA allocation)."""
-    if not os.environ.get(ALLOC_CONF_ENV) and not os.environ.get("PYTORCH_ALLOC_CONF"):
-        os.environ[ALLOC_CONF_ENV] = EXPANDABLE
+    """Ask for expandable segments unless the environment configures the allocator already (read when the
+    allocator starts; where CUDA has started already, set for the segments made from now on)."""
+    if os.environ.get(ALLOC_CONF_ENV) or os.environ.get("PYTORCH_ALLOC_CONF"):
+        return
+    os.environ[ALLOC_CONF_ENV] = EXPANDABLE
+    import torch
+
+    if torch.cuda.is_initialized() and hasattr(torch.cuda.memory, "_set_allocator_settings"):
+        torch.cuda.memory._set_allocator_settings(EXPANDABLE)
