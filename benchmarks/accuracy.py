@@ -104,8 +104,10 @@ def campaign_rows(paths=CAMPAIGN, role: str = CAMPAIGN_ROLE) -> list[dict]:
 #: its half, a shape no campaign row has), one JSON result a line (results/session10/calibrate_models.sh).
 CALIBRATE_RUNS = tuple(sorted((RESULTS / "session10").glob("calibrate-*.jsonl")))
 #: The switches those runs' trainer ran under where they change what the planner prices: SDPA's kernels on Gemma 4's
-#: wide heads (the chunked attention came in session 13) and under its sliding mask (the band in session 15).
-CALIBRATE_RUNS_SWITCHES = {"wide_head_attention": False, "sliding_band_attention": False}
+#: wide heads (the chunked attention came in session 13) and under its sliding mask (the band in session 15), and the
+#: allocator without expandable segments (`vramplan calibrate` has asked for them since session 22, as `vramplan
+#: train` does).
+CALIBRATE_RUNS_SWITCHES = {"wide_head_attention": False, "sliding_band_attention": False, "expandable_segments": False}
 
 
 def repriced(point: CalibrationPoint) -> CalibrationPoint:
@@ -154,8 +156,8 @@ def as_shipped_summary(table: list[dict], shipped_trainer: list[dict]) -> dict:
     """The issue's targets judged on the stacks as they ship: the hf stack's matrix rows (calibrated held-out rows by
     the matrix's own calibration runs) and every held-out run of vramplan's trainer since it captures its steps
     (calibrated by ``vramplan calibrate``'s runs). The matrix's vramplan rows measured sessions 1-3's eager trainer,
-    which no longer ships (today's eager trainer holds 0.01-0.21 GB beyond the allocated peak on Llama-3.2-1B, Qwen3-4B
-    and Gemma-4-E2B, priced at ``memory.overhead.EAGER_FRAGMENTATION_FLOOR_BYTES``); they are reported apart, above."""
+    which no longer ships (without expandable segments: priced as they ran, at
+    ``memory.overhead.UNFITTED_EAGER_FRAGMENTATION_BYTES``); they are reported apart, above."""
     hf = [r for r in table if r["stack"] == "hf" and not r["role"].startswith("repeat")]
     hf_held = [r for r in hf if r["role"] == "held out"]
     shipped_calibrated = [r.get("error_calibrated_by_calibrate_runs", r["error_calibrated"]) for r in shipped_trainer]

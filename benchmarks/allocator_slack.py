@@ -8,9 +8,12 @@ The planner prices the slack as ``memory.overhead``'s fragmentation. Two regimes
   capture. Fitted as a floor plus bytes a trainable parameter on session 12's rank sweep (Llama-3.2-1B and Qwen3-4B
   at ranks 8 to 256). Captures made compact (switch ``compact_captures``, session 21) hold the floor at every rank:
   session 21's sweep (``compact_graph_slack_fit``) checks that the slope is gone, and the floor is kept.
-* Eager steps: no fit. Session 12's eager Llama-3.2-1B runs (``eager_slack``) held 0.01-0.14 GB; the held-out
-  Qwen3-4B and Gemma-4-E2B runs 0.19-0.21, so a Llama-only median would under-price the larger models, and the
-  planner keeps its earlier eager constant.
+* Eager steps: the slack grows with the adapters' gradients that torch's small pool serves (each at most 1 MiB):
+  the first backward makes them one by one among its own small transients, in 2 MiB segments that stay mapped
+  around them (the captured steps' story in the small pool). Fitted as a floor plus bytes a small-pool gradient byte
+  on session 12's eager Llama-3.2-1B runs (``eager_slack_fit``: ranks 8-256, 1,024-4,096 tokens; at rank 256 most
+  gradients are over 1 MiB and the slack fell to 0.01 GB). Session 22 chose the feature after seeing every eager
+  line; until then one 0.17 GB constant priced them all (0.01-0.35 GB measured).
 
 Beyond the pool, the same runs' driver readings say how NVML counts the paged optimizer states on the GPU
 (``memory.optimizer.resident_paged_state_bytes``): in whole 128 MiB chunks (``managed_chunk_residuals``).
@@ -31,6 +34,7 @@ from pathlib import Path
 from benchmarks.records import _RESULTS, plan_of
 from vramplan.catalog import resolve_model
 from vramplan.estimate import architecture
+from vramplan.memory.adapters import small_pool_gradient_bytes
 from vramplan.memory.optimizer import MANAGED_CHUNK_BYTES
 from vramplan.stacks.vramplan import managed_optimizer_bytes
 
@@ -84,9 +88,18 @@ def compact_graph_slack_fit(path: Path = COMPACT_SWEEP) -> SlackFit:
     return graph_slack_fit(path, compact=True)
 
 
-def eager_slack(path: Path = EAGER_RUNS) -> list[int]:
-    """The eager fitting runs' slack, run by run (reported, not fitted)."""
-    return [slack(r) for r in measured_runs(path) if not r.get("cuda_graphs")]
+def small_pool_gradients(record: dict) -> int:
+    """The bytes of the run's adapter gradients torch's small pool serves (``memory.adapters.small_pool_gradient_bytes``)."""
+    plan = plan_of(record)
+    return small_pool_gradient_bytes(architecture(resolve_model(plan.model)), plan, 4 if plan.lora_dtype == "fp32" else 2)
+
+
+def eager_slack_fit(path: Path = EAGER_RUNS) -> SlackFit:
+    """The eager runs' slack against their small-pool gradient bytes (``bytes_per_trainable`` is then bytes a
+    small-pool gradient byte)."""
+    rows = [r for r in measured_runs(path) if not r.get("cuda_graphs")]
+    floor, slope = least_squares([small_pool_gradients(r) for r in rows], [slack(r) for r in rows])
+    return SlackFit(floor_bytes=int(floor), bytes_per_trainable=slope, runs=len(rows))
 
 
 def managed_bytes(record: dict) -> int:
@@ -117,7 +130,7 @@ def main() -> None:
     print()
     json.dump({"regime": "graphs, compact captures", **compact_graph_slack_fit().__dict__}, sys.stdout)
     print()
-    json.dump({"regime": "eager", "slack_bytes": eager_slack()}, sys.stdout)
+    json.dump({"regime": "eager, against small-pool gradient bytes", **eager_slack_fit().__dict__}, sys.stdout)
     print()
     for row in managed_chunk_residuals():
         json.dump({"regime": "outside the pool, less the managed chunks", **row}, sys.stdout)

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from benchmarks import allocator_slack
-from benchmarks.records import _RESULTS, plan_of
+from benchmarks.records import _RESULTS, plan_of, switches_ran
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
 from vramplan.memory import optimizer, overhead
@@ -34,10 +34,29 @@ def test_compact_captures_hold_the_floor_at_every_rank():
     assert len(off) == 1 and allocator_slack.slack(off[0]) > 1.9e9  # its A/B: the same plan as before the switch
 
 
-def test_eager_slack_of_the_fitting_runs_sits_under_the_eager_floor():
-    """Llama-3.2-1B's eager runs held less than the planner's eager constant, which also covers larger models'."""
-    slack = allocator_slack.eager_slack()
-    assert len(slack) == 5 and max(slack) < overhead.EAGER_FRAGMENTATION_FLOOR_BYTES
+def test_eager_slack_constants_are_the_eager_runs_fit():
+    """Session 12's eager Llama-3.2-1B runs: the slack grows with the adapters' gradients that torch's small pool serves
+    (at rank 256 most are over 1 MiB and it fell to 0.01 GB); the planner's eager floor and slope are that line."""
+    fit = allocator_slack.eager_slack_fit()
+    assert fit.runs == 5 and fit.bytes_per_trainable > 1
+    assert overhead.EAGER_FRAGMENTATION_FLOOR_BYTES == pytest.approx(fit.floor_bytes, rel=0.01)
+    assert overhead.EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE == pytest.approx(fit.bytes_per_trainable, abs=0.01)
+
+
+@pytest.mark.parametrize("path", ["session11/trainer-eager.jsonl", "session12/eager-held-out.jsonl",
+                                  "session21/call2/eager.jsonl"])
+def test_eager_slack_of_runs_outside_the_fit_within_0_07_gb(path):
+    """Qwen3-0.6B, Qwen3-4B, Gemma-4-E2B and Llama-3.2-1B (checkpointed, offloaded, and without checkpointing at
+    rank 64), eager: the slack priced from their small-pool gradients within 0.07 GB of what their pools held (the
+    widest: Gemma-4-E2B with its chunked wide heads, 0.23 for 0.17, and Llama-3.2-1B offloaded at 8,192 tokens, 0.08
+    for 0.03), where one 0.17 GB constant missed by up to 0.14 (session 22 chose the feature after seeing these runs)."""
+    for record in allocator_slack.measured_runs(_RESULTS / path):
+        if record.get("cuda_graphs"):
+            continue
+        plan = plan_of(record)
+        with switches.forced(**switches_ran(record)):
+            fragmentation = estimate_plan(plan, resolve_model(plan.model)).components["fragmentation"]
+        assert fragmentation == pytest.approx(allocator_slack.slack(record), abs=0.07e9), (plan.model, plan.lora_rank)
 
 
 def test_nvml_counts_paged_states_in_whole_128_mib_chunks():
@@ -58,7 +77,7 @@ def test_nvml_counts_paged_states_in_whole_128_mib_chunks():
     assert optimizer.resident_paged_state_bytes(optimizer.MANAGED_CHUNK_BYTES + 1) == optimizer.MANAGED_CHUNK_BYTES
 
 
-def test_captured_slack_grew_with_rank_before_compact_captures_and_eager_never_did():
+def test_captured_slack_grew_with_rank_before_compact_captures_and_eager_fell():
     plan = plan_of({"model": "llama-3.2-1b", "seq": 2048, "batch": 1, "gc": True, "rank": 16, "cuda_graphs": 1})
     profile = resolve_model(plan.model)
 
@@ -71,8 +90,8 @@ def test_captured_slack_grew_with_rank_before_compact_captures_and_eager_never_d
     before, now = fragmentation(False), fragmentation(True)
     assert before[256, True] > before[16, True] + 0.3e9
     assert now[256, True] == now[16, True] == overhead.CAPTURED_FRAGMENTATION_FLOOR_BYTES
-    for frag in (before, now):
-        assert frag[256, False] == frag[16, False] == overhead.EAGER_FRAGMENTATION_FLOOR_BYTES
+    for frag in (before, now):  # eager: rank 256's gradients are mostly too large for the small pool
+        assert frag[256, False] < frag[16, False] < 0.1e9
 
 
 @pytest.mark.parametrize("name", ["rank-sweep-held-out.jsonl", "eager-held-out.jsonl"])

@@ -14,7 +14,7 @@ from vramplan.errors import VramplanError
 from vramplan.estimate import architecture, budget_bytes, estimate_plan
 from vramplan.fit import fit_plan, leanest_per_layout, safety_margin
 from vramplan.memory.distributed import nccl_buffer_bytes, ring_bytes_all_reduce
-from vramplan.memory.overhead import EAGER_FRAGMENTATION_FLOOR_BYTES
+from vramplan.memory.overhead import UNFITTED_EAGER_FRAGMENTATION_BYTES
 from vramplan.plan import Plan, read_plan
 from vramplan.stacks.distributed import WEIGHT_COMPONENTS
 from vramplan.throughput import predict_tokens_per_s, step_comm_bytes, step_seconds
@@ -61,11 +61,11 @@ def test_ddp_holds_the_whole_model_per_rank_plus_buckets_and_nccl():
     assert ddp.components["weights_quantized"] == single.components["weights_quantized"]
     assert ddp.components["ddp_grad_buckets"] == ddp.components["lora_grads"]  # the reducer's copy
     # the one-GPU run replays CUDA graphs, which DDP does not (nor their memory, nor the adapters' copies they hold,
-    # nor the slack their first eager pass leaves: DDP's allocator holds the eager floor instead)
+    # nor the slack their first eager pass leaves: DDP's allocator holds the eager constant instead)
     assert ddp.peak_bytes == single.peak_bytes - single.components["cuda_graphs"] \
         - single.components["lora_compute_copies"] + nccl_buffer_bytes() + ddp.components["lora_grads"] \
         - single.components["fragmentation"] + ddp.components["fragmentation"]
-    assert ddp.components["fragmentation"] == EAGER_FRAGMENTATION_FLOOR_BYTES
+    assert ddp.components["fragmentation"] == UNFITTED_EAGER_FRAGMENTATION_BYTES
     assert ddp.components["cuda_context"] == single.components["cuda_context"]  # one process per GPU
     assert any("own CUDA context" in n for n in ddp.notes)
 

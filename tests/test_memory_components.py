@@ -8,7 +8,10 @@ from vramplan.memory.activations import attention_scores_bytes, checkpoint_bytes
 from vramplan.memory.adapters import lora_param_count
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_peak_bytes, loss_chunk_tokens
 from vramplan.memory.optimizer import optimizer_state_bytes
-from vramplan.memory.overhead import pooled_fragmentation_bytes, unreused_segment_bytes
+from vramplan.memory.overhead import (CAPTURED_FRAGMENTATION_FLOOR_BYTES, UNFITTED_EAGER_FRAGMENTATION_BYTES,
+                                      EAGER_FRAGMENTATION_FLOOR_BYTES,
+                                      EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE, pooled_fragmentation_bytes,
+                                      unreused_segment_bytes)
 from vramplan.memory.peak import assemble
 from vramplan.memory.weights import int8_weight_bytes, nf4_weight_bytes
 from vramplan.plan import ALL_LINEAR
@@ -87,12 +90,17 @@ def test_activation_pieces():
 def test_fragmentation_rules():
     assert unreused_segment_bytes(10, 5, 3, allocated_peak=15) == 3
     assert unreused_segment_bytes(10, 5, 3, allocated_peak=20) == 0
-    assert pooled_fragmentation_bytes(1000) == 170_000_000  # the measured floor
+    assert pooled_fragmentation_bytes(1000) == UNFITTED_EAGER_FRAGMENTATION_BYTES  # a process the floor was not fitted on
+    assert pooled_fragmentation_bytes(1000, small_gradients=0) == EAGER_FRAGMENTATION_FLOOR_BYTES  # the fitted floor
+    # eager: the small pool's share of the gradients (session 12's fit: 1.64 bytes a byte)
+    assert pooled_fragmentation_bytes(1000, small_gradients=10**8) == EAGER_FRAGMENTATION_FLOOR_BYTES + int(
+        EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE * 10**8)
+    assert pooled_fragmentation_bytes(1000, captured=True, small_gradients=10**8) == CAPTURED_FRAGMENTATION_FLOOR_BYTES
     assert pooled_fragmentation_bytes(10 * 10**9) == 500_000_000  # 5% of large transients
     # a captured step's eager prologue: its cached blocks count where they exceed the floor, never eagerly
     assert pooled_fragmentation_bytes(1000, captured=True, prologue=10**6) == 129_000_000
     assert pooled_fragmentation_bytes(1000, captured=True, prologue=3 * 10**8) == 3 * 10**8
-    assert pooled_fragmentation_bytes(1000, prologue=3 * 10**8) == 170_000_000
+    assert pooled_fragmentation_bytes(1000, prologue=3 * 10**8, small_gradients=0) == EAGER_FRAGMENTATION_FLOOR_BYTES
 
 
 def test_a_captured_prologue_holds_the_lookups_and_their_scaled_copies():

@@ -8,7 +8,7 @@ import pytest
 
 from vramplan.catalog import resolve_model
 from vramplan.estimate import estimate_plan
-from benchmarks.records import plan_of
+from benchmarks.records import band_min_windows_ran, plan_of, priced_as_ran, switches_ran
 
 ROWS = [json.loads(line) for line in (Path(__file__).resolve().parent.parent / "benchmarks/results/trainer_h100.jsonl")
         .read_text().splitlines()]
@@ -16,8 +16,10 @@ ROWS = [r for r in ROWS if "nvml_used_delta" in r]
 
 
 def _relative_error(row) -> float:
+    """Priced under the switches the row ran with (sessions 2-3's: no expandable segments, among others)."""
     plan = plan_of(row)
-    est = estimate_plan(plan, resolve_model(plan.model))
+    with priced_as_ran(switches_ran(row), band_min_windows_ran(row)):
+        est = estimate_plan(plan, resolve_model(plan.model))
     predicted = est.peak_bytes - est.components["cuda_context"]
     return (predicted - row["nvml_used_delta"]) / row["nvml_used_delta"]
 

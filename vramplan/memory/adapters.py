@@ -81,6 +81,17 @@ def paged_tensors(arch, plan, flat: bool = False) -> int:
     return sum(1 for n in _language_numels(arch, plan) if n >= PAGED_MIN_NUMEL)
 
 
+#: torch's caching allocator serves requests of at most 1 MiB from its small pool, in 2 MiB segments of their own
+#: (c10/cuda/CUDACachingAllocator.cpp, ``kSmallSize``).
+SMALL_POOL_MAX_BYTES = 2**20
+
+
+def small_pool_gradient_bytes(arch, plan, dtype_bytes: int) -> int:
+    """The language model's adapter gradients that torch's small pool serves (each at most 1 MiB): rank-16 adapters'
+    all, rank-256 ones' few (A and B of 2,048-wide layers are 2 MiB in fp32)."""
+    return sum(n * dtype_bytes for n in _language_numels(arch, plan) if n * dtype_bytes <= SMALL_POOL_MAX_BYTES)
+
+
 def lora_param_bytes(trainable: int, dtype_bytes: int) -> int:
     """The adapter weights themselves (fp32 by PEFT's default, or bf16)."""
     return trainable * dtype_bytes

@@ -109,14 +109,23 @@ def unreused_segment_bytes(persistent: int, logits_set: int, layer_set: int, all
 #: chunks, one layer's buffers), so cached blocks are reused; a stated 5% margin.
 POOLED_FRAGMENTATION = 0.05
 
-#: What the caching allocator holds beyond the allocated peak even when shapes repeat: 2 MB segment rounding of
-#: the small-block pool, the freed smaller sizes of the dequantization buffer as it grew to the largest weight,
-#: the loss chunk's buffer. Eager: measured reserved − allocated on an H100, 0.17, 0.20 and 0.17 GB (sessions 2-3:
-#: Llama-3.2-1B at 2,048 and 4,096 tokens, Gemma-4-E2B at 2,048). Session 12's eager runs spread around it and
-#: no one constant holds them (``benchmarks.allocator_slack``): Llama-3.2-1B 0.01-0.14 GB, Qwen3-4B and
-#: Gemma-4-E2B 0.19-0.21, `vramplan calibrate`'s dry runs (session 10) 0.09-0.39, growing with the model and the
-#: sequence. Captured: the intercept of the line below, fitted on session 12's rank sweep.
-EAGER_FRAGMENTATION_FLOOR_BYTES = 170_000_000
+#: What the caching allocator holds beyond the allocated peak even when shapes repeat. Eager steps: the adapters'
+#: gradients are made one by one during the first backward, among that pass's own small transients; those that
+#: torch's small pool serves (at most 1 MiB each, ``memory.adapters.small_pool_gradient_bytes``) keep its 2 MiB
+#: segments mapped around them. A floor plus bytes a small-pool gradient byte, fitted on session 12's eager
+#: Llama-3.2-1B runs (benchmarks.allocator_slack.eager_slack_fit: 0.01-0.14 GB at ranks 8-256, 23-80 MB of such
+#: gradients; at rank 256 most are larger and the slack fell to 0.01 GB). It prices the held-out eager runs within
+#: 0.05 GB but one (Qwen3-4B 0.23 for 0.205, Gemma-4-E2B 0.17 for 0.17-0.19, Qwen3-0.6B 0.075 for 0.065; Qwen3-1.7B at
+#: rank 128 without checkpointing 0.49 for 0.35), where one 0.17 GB constant had missed by up to 0.18 (session 22,
+#: which chose the feature after seeing those runs). Captured: the intercept of the line below, fitted on session
+#: 12's rank sweep.
+EAGER_FRAGMENTATION_FLOOR_BYTES = 9_594_000
+EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE = 1.637
+#: The eager constant before session 22, from sessions 2-3's runs, made without expandable segments: 0.17, 0.20 and
+#: 0.17 GB on Llama-3.2-1B at 2,048 and 4,096 tokens and Gemma-4-E2B at 2,048. Kept where the line above was not
+#: measured: without expandable segments (switch ``expandable_segments`` off), and on DDP and FSDP2 ranks, whose
+#: reducers and sharded gradients allocate otherwise.
+UNFITTED_EAGER_FRAGMENTATION_BYTES = 170_000_000
 CAPTURED_FRAGMENTATION_FLOOR_BYTES = 129_000_000
 
 #: A captured run's slack grew with its adapters while the trainer let a shape's eager first pass make the gradients
@@ -130,15 +139,19 @@ CAPTURED_FRAGMENTATION_PER_TRAINABLE = 2.64
 
 
 def pooled_fragmentation_bytes(transient: int, trainable: int = 0, captured: bool = False, prologue: int = 0,
-                               compact: bool = True) -> int:
+                               compact: bool = True, small_gradients: int | None = None) -> int:
     """Fragmentation when transient buffers recur in identical sizes: a fraction of the transient bytes, at least
-    the measured floor; a captured step not made ``compact`` adds the first eager pass's adapter-sized buffers. A
+    the measured floor; an eager step adds its share of the gradients the small pool serves (``small_gradients``
+    bytes; None: a process the line was not fitted on, priced at ``UNFITTED_EAGER_FRAGMENTATION_BYTES``), a captured
+    step not made ``compact`` the first eager pass's adapter-sized buffers. A
     captured step's eager ``prologue`` (``activations.captured_prologue_bytes``) leaves its blocks cached in the
     regular pool every step, where the graph's pool never reuses them; the floor's blocks are cached there too, so the
     larger of the two counts. Gemma 4's per-layer rows make it the larger from about 4,096 tokens: on the H100, reserved - allocated
     of Gemma-4-E2B's captured steps held 0.24-0.29 GB at 2,048 and 4,096 tokens, 0.33-0.39 at 6,144 and 0.45-0.56
     at 8,192, E4B's 0.47-0.61 at 8,192 (sessions 14-16), where the floor priced 0.26 and 0.34 at every length."""
     if not captured:
-        return max(int(POOLED_FRAGMENTATION * transient), EAGER_FRAGMENTATION_FLOOR_BYTES)
+        floor = (UNFITTED_EAGER_FRAGMENTATION_BYTES if small_gradients is None else
+                 EAGER_FRAGMENTATION_FLOOR_BYTES + int(EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE * small_gradients))
+        return max(int(POOLED_FRAGMENTATION * transient), floor)
     return (max(int(POOLED_FRAGMENTATION * transient), CAPTURED_FRAGMENTATION_FLOOR_BYTES, prologue)
             + (0 if compact else int(CAPTURED_FRAGMENTATION_PER_TRAINABLE * trainable)))

@@ -29,7 +29,7 @@ from vramplan.memory.activations import (CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MA
                                          activation_bytes, band_pays, captured_prologue_bytes, model_level_activations,
                                          sliding_window_of)
 from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
-                                      trainable_params)
+                                      small_pool_gradient_bytes, trainable_params)
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import (FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes,
                                         resident_paged_state_bytes)
@@ -152,7 +152,9 @@ def step_memory(arch, plan) -> StepMemory:
     prologue = captured_prologue_bytes(arch, tokens, ACT) if captured else 0
     compact = switches.enabled("compact_captures")
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
-                                               trainable, captured=captured, prologue=prologue, compact=compact)
+                                               trainable, captured=captured, prologue=prologue, compact=compact,
+                                               small_gradients=small_pool_gradient_bytes(arch, plan, lora_bytes)
+                                               if plan.gpus == 1 and switches.enabled("expandable_segments") else None)
     prologue_notes = ((PROLOGUE_NOTE.format(per_layer=" and per-layer rows" if arch.per_layer_dim else "",
                                             gb=prologue / 1e9),) if prologue > CAPTURED_FRAGMENTATION_FLOOR_BYTES else ())
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]

@@ -16,9 +16,12 @@ EXPANDABLE = "expandable_segments:True"
 
 
 def prefer_expandable_segments() -> None:
-    """Ask for expandable segments unless the environment configures the allocator already (read when the
-    allocator starts; where CUDA has started already, set for the segments made from now on)."""
-    if os.environ.get(ALLOC_CONF_ENV) or os.environ.get("PYTORCH_ALLOC_CONF"):
+    """Ask for expandable segments unless the environment configures the allocator already or the switch
+    ``expandable_segments`` is off (read when the allocator starts; where CUDA has started already, set for the
+    segments made from now on)."""
+    from vramplan.train import switches
+
+    if os.environ.get(ALLOC_CONF_ENV) or os.environ.get("PYTORCH_ALLOC_CONF") or not switches.enabled("expandable_segments"):
         return
     os.environ[ALLOC_CONF_ENV] = EXPANDABLE
     import torch
