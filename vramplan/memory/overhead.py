@@ -114,11 +114,12 @@ POOLED_FRAGMENTATION = 0.05
 #: torch's small pool serves (at most 1 MiB each, ``memory.adapters.small_pool_gradient_bytes``) keep its 2 MiB
 #: segments mapped around them. A floor plus bytes a small-pool gradient byte, fitted on session 12's eager
 #: Llama-3.2-1B runs (benchmarks.allocator_slack.eager_slack_fit: 0.01-0.14 GB at ranks 8-256, 23-80 MB of such
-#: gradients; at rank 256 most are larger and the slack fell to 0.01 GB). It prices the held-out eager runs within
-#: 0.05 GB but one (Qwen3-4B 0.23 for 0.205, Gemma-4-E2B 0.17 for 0.17-0.19, Qwen3-0.6B 0.075 for 0.065; Qwen3-1.7B at
-#: rank 128 without checkpointing 0.49 for 0.35), where one 0.17 GB constant had missed by up to 0.18 (session 22,
-#: which chose the feature after seeing those runs). Captured: the intercept of the line below, fitted on session
-#: 12's rank sweep.
+#: gradients; at rank 256 most are larger and the slack fell to 0.01 GB). It prices the other eager runs with
+#: checkpointing within 0.07 GB (Qwen3-4B 0.23 for 0.205, Gemma-4-E2B 0.17 for 0.19 and, with its chunked wide heads'
+#: score chunks, 0.23 for 0.17; Qwen3-0.6B 0.075 for 0.065), and Qwen3-1.7B at rank 128 without checkpointing at 0.49
+#: for 0.35, where one 0.17 GB constant had missed by up to 0.18 (session 22, which chose the feature after seeing
+#: those runs; session22/campaign-eager.json is registered to hold it out). Captured: the intercept of the line below,
+#: fitted on session 12's rank sweep.
 EAGER_FRAGMENTATION_FLOOR_BYTES = 9_594_000
 EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE = 1.637
 #: The eager constant before session 22, from sessions 2-3's runs, made without expandable segments: 0.17, 0.20 and

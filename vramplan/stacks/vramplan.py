@@ -151,10 +151,12 @@ def step_memory(arch, plan) -> StepMemory:
     static = {**weights, **adapters, **optim, **step_buffers}
     prologue = captured_prologue_bytes(arch, tokens, ACT) if captured else 0
     compact = switches.enabled("compact_captures")
+    # the eager slack's line was fitted on one process with expandable segments; elsewhere its older constant
+    fitted_eager = plan.gpus == 1 and switches.enabled("expandable_segments")
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=captured, prologue=prologue, compact=compact,
                                                small_gradients=small_pool_gradient_bytes(arch, plan, lora_bytes)
-                                               if plan.gpus == 1 and switches.enabled("expandable_segments") else None)
+                                               if fitted_eager else None)
     prologue_notes = ((PROLOGUE_NOTE.format(per_layer=" and per-layer rows" if arch.per_layer_dim else "",
                                             gb=prologue / 1e9),) if prologue > CAPTURED_FRAGMENTATION_FLOOR_BYTES else ())
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
