@@ -102,8 +102,10 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
                                                                                "wide_head_fused_rows": False,
                                                                                "sliding_band_attention": False,
                                                                                "aligned_attention_chunks": False,
-                                                                               "compact_captures": False}
+                                                                               "compact_captures": False,
+                                                                               "expandable_segments": False}
     assert switches_ran({"compact_captures": True})["compact_captures"]  # captures as before, until session 21
+    assert switches_ran({"alloc_conf": "expandable_segments:True"})["expandable_segments"]  # lines since session 9
     assert not switches_ran({"prefetch_paged": False})["prefetch_paged"]  # bitsandbytes' own behaviour until then
     assert switches_ran({"wide_head_attention": True})["wide_head_attention"]  # SDPA's kernels before session 13
     assert switches_ran({"enabled": "rope_gemma4"})["rope_gemma4"]
