@@ -291,12 +291,12 @@ def took_over_chunk(record: dict, managed: int) -> bool:
     """Whether a run paged its optimizer states (``managed`` bytes of them) into a managed chunk a process before it
     left on the device. benchmarks/trainer.py runs a parent's configurations one child process after another; a
     child that pages can leave part of its chunk behind, counted in later children's baselines (36-188 MiB above the
-    lowest), and a later run that pages sometimes takes that chunk over instead of mapping one of its own: then its reading outside the pool
-    grows one chunk less than its states need (16-20 MiB beyond them eager, 76-108 captured, against 148 and 218).
-    A baseline holding a leftover does not say it happened: Llama-3.1-8B at rank 128, Llama-3.2-3B at rank 256 and
-    Qwen3-1.7B at rank 64 started 118-132 MiB high and mapped every chunk of their own (36 of the held-out lines took
-    one over, 11 paging lines that started 44-132 MiB high did not). Lines without the driver's
-    readings (``driver.outside``, recorded since session 9) never count as having taken one over."""
+    lowest), and a later run that pages sometimes takes that chunk over instead of mapping one of its own: then its
+    reading outside the pool grows one chunk less than its states need (16-20 MiB beyond them eager, 76-108
+    captured, against 148 and 218). A baseline holding a leftover does not say it happened: Llama-3.1-8B at rank 128,
+    Llama-3.2-3B at rank 256 and Qwen3-1.7B at rank 64 started 118-132 MiB high and mapped every chunk of their own
+    (36 of the held-out lines took one over, 11 paging lines that started 44-132 MiB high did not). Lines without the
+    driver's readings (``driver.outside``, recorded since session 9) never count as having taken one over."""
     outside = (record.get("driver") or {}).get("outside")
     if not managed or not outside or len(outside) < 2 or not record.get("fresh_process"):
         return False
