@@ -104,10 +104,10 @@ def campaign_rows(paths=CAMPAIGN, role: str = CAMPAIGN_ROLE) -> list[dict]:
 #: its half, a shape no campaign row has), one JSON result a line (results/session10/calibrate_models.sh).
 CALIBRATE_RUNS = tuple(sorted((RESULTS / "session10").glob("calibrate-*.jsonl")))
 #: The switches those runs' trainer ran under where they change what the planner prices: SDPA's kernels on Gemma 4's
-#: wide heads (the chunked attention came in session 13) and under its sliding mask (the band in session 15), and the
-#: allocator without expandable segments (`vramplan calibrate` has asked for them since session 22, as `vramplan
-#: train` does).
-CALIBRATE_RUNS_SWITCHES = {"wide_head_attention": False, "sliding_band_attention": False, "expandable_segments": False}
+#: wide heads (the chunked attention came in session 13) and under its sliding mask (the band in session 15). The
+#: allocator's settings each run records (``alloc_conf``, since session 22, when `vramplan calibrate` began to ask for
+#: expandable segments as `vramplan train` does); session 10's runs had none.
+CALIBRATE_RUNS_SWITCHES = {"wide_head_attention": False, "sliding_band_attention": False}
 
 
 def repriced(point: CalibrationPoint) -> CalibrationPoint:
@@ -130,7 +130,8 @@ def calibrations_from_runs(paths=CALIBRATE_RUNS) -> dict[tuple[str, str], Calibr
             key = result["key"]
             # the family as this code names it (the runs' may predate model_family's folder mapping)
             family = model_family(resolve_model(result["profile"]))
-            with switches.forced(**CALIBRATE_RUNS_SWITCHES):
+            expandable = "expandable_segments:True" in ((result.get("run") or {}).get("alloc_conf") or "")
+            with switches.forced(**CALIBRATE_RUNS_SWITCHES, expandable_segments=expandable):
                 grouped[(key["stack"], family)] += [repriced(CalibrationPoint(**p)) for p in result["calibration"]["points"]]
             created[(key["stack"], family)] = result["calibration"]["created"]
     return {(stack, family): new_calibration(CalibrationKey(gpu=GPU, family=family, stack=stack, torch_minor=TORCH_MINOR),

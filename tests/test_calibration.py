@@ -415,3 +415,17 @@ def test_a_model_folder_calibrates_the_family_its_named_profile_reads(tmp_path):
     unknown.mkdir()
     (unknown / "config.json").write_text(json.dumps(dict(resolve_model("llama-3.2-1b").config, model_type="brandnew")))
     assert model_family(resolve_model(str(unknown))) == "brandnew"
+
+
+def test_a_dry_run_records_the_allocator_it_measured_under():
+    """A calibration's run says which allocator settings it measured under, so its points are priced as they ran
+    (benchmarks.accuracy.calibrations_from_runs; session 10's dry runs had no expandable segments, and said nothing)."""
+    from benchmarks.records import switches_ran
+    from vramplan.calibrate import MeasuredRun
+    from vramplan.plan import Plan
+
+    record = MeasuredRun(plan=Plan(model="llama-3.2-1b"), fitted=True, steps=3, measured_process_bytes=1,
+                         alloc_conf="expandable_segments:True").to_record()
+    assert record["alloc_conf"] == "expandable_segments:True" and switches_ran(record)["expandable_segments"]
+    bare = MeasuredRun(plan=Plan(model="llama-3.2-1b"), fitted=True, steps=3, measured_process_bytes=1).to_record()
+    assert not switches_ran(bare)["expandable_segments"]

@@ -24,6 +24,7 @@ measured above the same NVML baseline, taken before the first: what the first lo
 from __future__ import annotations
 
 import gc
+import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -49,13 +50,14 @@ class MeasuredRun:
     batch_shape: tuple[int, int] = (0, 0)
     error: str | None = None
     baseline_used: int | None = None  # the NVML reading the process figure is measured above
+    alloc_conf: str = ""  # torch's allocator settings the run measured under (``PYTORCH_CUDA_ALLOC_CONF``)
 
     def to_record(self) -> dict[str, Any]:
         return {"model": self.plan.model, "stack": self.plan.stack, "plan": self.plan.to_dict(), "fitted": self.fitted,
                 "steps": self.steps, "nvml_used_delta": self.measured_process_bytes,
                 "after_load_alloc": self.after_load_allocated, "allocated_by_phase": self.allocated_by_phase,
                 "peak_alloc": max(self.allocated_by_phase.values(), default=0), "peak_reserved": self.peak_reserved,
-                "batch_shape": list(self.batch_shape), "error": self.error}
+                "batch_shape": list(self.batch_shape), "error": self.error, "alloc_conf": self.alloc_conf}
 
 
 @dataclass
@@ -176,7 +178,8 @@ def measure_run(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None =
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    run = MeasuredRun(plan=plan, fitted=True, steps=0, measured_process_bytes=0)
+    run = MeasuredRun(plan=plan, fitted=True, steps=0, measured_process_bytes=0,
+                      alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "")
     sampler = NvmlPeakSampler(device_index, baseline_used=baseline_used)
     run.baseline_used = sampler.baseline_used
     try:
