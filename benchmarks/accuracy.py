@@ -130,7 +130,7 @@ def calibrations_from_runs(paths=CALIBRATE_RUNS) -> dict[tuple[str, str], Calibr
             key = result["key"]
             # the family as this code names it (the runs' may predate model_family's folder mapping)
             family = model_family(resolve_model(result["profile"]))
-            expandable = "expandable_segments:True" in ((result.get("run") or {}).get("alloc_conf") or "")
+            expandable = switches_ran(result.get("run") or {})["expandable_segments"]  # its run's alloc_conf
             with switches.forced(**CALIBRATE_RUNS_SWITCHES, expandable_segments=expandable):
                 grouped[(key["stack"], family)] += [repriced(CalibrationPoint(**p)) for p in result["calibration"]["points"]]
             created[(key["stack"], family)] = result["calibration"]["created"]

@@ -24,7 +24,6 @@ measured above the same NVML baseline, taken before the first: what the first lo
 from __future__ import annotations
 
 import gc
-import os
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -167,19 +166,18 @@ def measure_run(plan: Plan, model_dir: str, steps: int = 3, batch: dict | None =
 
     from vramplan.measure import NvmlPeakSampler
 
+    from vramplan.train.allocator import allocator_settings, prefer_expandable_segments
+
     if plan.stack == "vramplan":
         # measure the allocator `vramplan train` runs under: session 10's dry runs, made without expandable segments,
         # held 0.09-0.39 GB beyond their allocations, growing with the sequence; the trainer's eager runs 0.01-0.35
-        from vramplan.train.allocator import prefer_expandable_segments
-
         prefer_expandable_segments()
     device = torch.device("cuda", device_index)
     torch.zeros(1, device=device)  # the CUDA context exists before the baseline: NVML deltas exclude it
     gc.collect()
     torch.cuda.empty_cache()
     torch.cuda.reset_peak_memory_stats(device)
-    run = MeasuredRun(plan=plan, fitted=True, steps=0, measured_process_bytes=0,
-                      alloc_conf=os.environ.get("PYTORCH_CUDA_ALLOC_CONF") or os.environ.get("PYTORCH_ALLOC_CONF") or "")
+    run = MeasuredRun(plan=plan, fitted=True, steps=0, measured_process_bytes=0, alloc_conf=allocator_settings())
     sampler = NvmlPeakSampler(device_index, baseline_used=baseline_used)
     run.baseline_used = sampler.baseline_used
     try:

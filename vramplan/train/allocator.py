@@ -11,17 +11,22 @@ from __future__ import annotations
 
 import os
 
+from vramplan.train import switches
+
 ALLOC_CONF_ENV = "PYTORCH_CUDA_ALLOC_CONF"
 EXPANDABLE = "expandable_segments:True"
+
+
+def allocator_settings() -> str:
+    """The allocator settings the environment gives this process (torch reads either name), or ""."""
+    return os.environ.get(ALLOC_CONF_ENV) or os.environ.get("PYTORCH_ALLOC_CONF") or ""
 
 
 def prefer_expandable_segments() -> None:
     """Ask for expandable segments unless the environment configures the allocator already or the switch
     ``expandable_segments`` is off (read when the allocator starts; where CUDA has started already, set for the
     segments made from now on)."""
-    from vramplan.train import switches
-
-    if os.environ.get(ALLOC_CONF_ENV) or os.environ.get("PYTORCH_ALLOC_CONF") or not switches.enabled("expandable_segments"):
+    if allocator_settings() or not switches.enabled("expandable_segments"):
         return
     os.environ[ALLOC_CONF_ENV] = EXPANDABLE
     import torch
