@@ -25,17 +25,15 @@ holds the planner's constants to it.
 from __future__ import annotations
 
 import json
-import math
 import statistics
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.records import _RESULTS, plan_of
+from benchmarks.records import _RESULTS, outside_growth_beyond_chunks, plan_of
 from vramplan.catalog import resolve_model
 from vramplan.estimate import architecture
 from vramplan.memory.adapters import small_pool_gradient_bytes
-from vramplan.memory.optimizer import MANAGED_CHUNK_BYTES
 from vramplan.stacks.vramplan import managed_optimizer_bytes
 
 #: Session 12's rank sweep under CUDA graphs: Llama-3.2-1B and Qwen3-4B (Gemma-4-E2B's rows, rank-sweep-held-out.jsonl,
@@ -91,7 +89,7 @@ def compact_graph_slack_fit(path: Path = COMPACT_SWEEP) -> SlackFit:
 def small_pool_gradients(record: dict) -> int:
     """The bytes of the run's adapter gradients torch's small pool serves (``memory.adapters.small_pool_gradient_bytes``)."""
     plan = plan_of(record)
-    return small_pool_gradient_bytes(architecture(resolve_model(plan.model)), plan, 4 if plan.lora_dtype == "fp32" else 2)
+    return small_pool_gradient_bytes(architecture(resolve_model(plan.model)), plan)
 
 
 def eager_slack_fit(path: Path = EAGER_RUNS) -> SlackFit:
@@ -116,12 +114,10 @@ def managed_chunk_residuals(paths: tuple[Path, ...] = (GRAPH_SWEEP, EAGER_RUNS))
     lowest = min(r["driver"]["outside"][0] for r in runs)
     out = []
     for r in runs:
-        before, after = r["driver"]["outside"][:2]
         managed = managed_bytes(r)
-        chunks = math.ceil(managed / MANAGED_CHUNK_BYTES) if managed else 0
         out.append({"model": r["model"], "rank": r["rank"], "captured": bool(r.get("cuda_graphs")),
-                    "managed": managed, "residual": after - before - chunks * MANAGED_CHUNK_BYTES,
-                    "baseline_excess": before - lowest})
+                    "managed": managed, "residual": outside_growth_beyond_chunks(r, managed),
+                    "baseline_excess": r["driver"]["outside"][0] - lowest})
     return out
 
 

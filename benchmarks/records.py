@@ -300,9 +300,15 @@ def took_over_chunk(record: dict, managed: int) -> bool:
     outside = (record.get("driver") or {}).get("outside")
     if not managed or not outside or len(outside) < 2 or not record.get("fresh_process"):
         return False
-    chunks = math.ceil(managed / MANAGED_CHUNK_BYTES)
-    beyond_chunks = outside[1] - outside[0] - chunks * MANAGED_CHUNK_BYTES
-    return beyond_chunks < OUTSIDE_GROWTH_BEYOND_CHUNKS[bool(record.get("cuda_graphs"))] - MANAGED_CHUNK_BYTES // 2
+    return (outside_growth_beyond_chunks(record, managed)
+            < OUTSIDE_GROWTH_BEYOND_CHUNKS[bool(record.get("cuda_graphs"))] - MANAGED_CHUNK_BYTES // 2)
+
+
+def outside_growth_beyond_chunks(record: dict, managed: int) -> int:
+    """How much a line's reading outside torch's pool (``driver.outside``) grew over its first step beyond the
+    ceil(``managed`` / 128 MiB) chunks its paged states need."""
+    before, after = record["driver"]["outside"][:2]
+    return after - before - math.ceil(managed / MANAGED_CHUNK_BYTES) * MANAGED_CHUNK_BYTES
 
 
 def previous_process_bytes(record: dict, managed: int) -> int:

@@ -86,9 +86,11 @@ def paged_tensors(arch, plan, flat: bool = False) -> int:
 SMALL_POOL_MAX_BYTES = 2**20
 
 
-def small_pool_gradient_bytes(arch, plan, dtype_bytes: int) -> int:
-    """The language model's adapter gradients that torch's small pool serves (each at most 1 MiB): rank-16 adapters'
-    all, rank-256 ones' few (A and B of 2,048-wide layers are 2 MiB in fp32)."""
+def small_pool_gradient_bytes(arch, plan) -> int:
+    """The language model's adapter gradients (in the adapters' dtype, ``plan.lora_dtype``) that torch's small pool
+    serves (each at most 1 MiB): rank-16 adapters' all, rank-256 ones' few (A and B of 2,048-wide layers are 2 MiB in
+    fp32)."""
+    dtype_bytes = 4 if plan.lora_dtype == "fp32" else 2
     return sum(n * dtype_bytes for n in _language_numels(arch, plan) if n * dtype_bytes <= SMALL_POOL_MAX_BYTES)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from vramplan.memory.optimizer import MANAGED_CHUNK_BYTES
+
 #: The CUDA context of a PyTorch process (primary context, module images loaded at init):
 #: nvidia-smi/pynvml see 0.4–0.6 GB on current GPUs before any tensor exists.
 CUDA_CONTEXT_BYTES = 500_000_000
@@ -30,7 +32,8 @@ VRAMPLAN_LIBRARY_BYTES = 290_000_000
 #: that pages nothing does not pay it: torch AdamW, the fused 8-bit AdamW, bitsandbytes' unpaged AdamW8bit,
 #: and a paged one whose adapters are all under bitsandbytes' paging size (``memory.adapters.PAGED_MIN_NUMEL``:
 #: Qwen3-0.6B's and 1.7B's at rank 16, Llama-3.2-1B's at rank 8), as session 9 saw (results/session9/README.md).
-MANAGED_FIRST_ALLOCATION_BYTES = 128 * 2**20
+#: It is the first of the chunks NVML counts paged states in (``memory.optimizer.MANAGED_CHUNK_BYTES``).
+MANAGED_FIRST_ALLOCATION_BYTES = MANAGED_CHUNK_BYTES
 
 
 #: torch hands cuBLAS a workspace from its caching allocator (inside torch's allocated and

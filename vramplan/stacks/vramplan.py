@@ -155,7 +155,7 @@ def step_memory(arch, plan) -> StepMemory:
     fitted_eager = plan.gpus == 1 and switches.enabled("expandable_segments")
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=captured, prologue=prologue, compact=compact,
-                                               small_gradients=small_pool_gradient_bytes(arch, plan, lora_bytes)
+                                               small_gradients=small_pool_gradient_bytes(arch, plan)
                                                if fitted_eager else None)
     prologue_notes = ((PROLOGUE_NOTE.format(per_layer=" and per-layer rows" if arch.per_layer_dim else "",
                                             gb=prologue / 1e9),) if prologue > CAPTURED_FRAGMENTATION_FLOOR_BYTES else ())

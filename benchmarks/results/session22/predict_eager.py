@@ -17,4 +17,4 @@ for model, grid in json.load(open(sys.argv[1])):
         est = estimate_plan(plan, prof)
         print(model, json.dumps(g), round((est.peak_bytes - est.components["cuda_context"]) / 1e9, 3), "fragmentation",
               round(est.components["fragmentation"] / 1e9, 3), "small-pool gradients MB",
-              round(small_pool_gradient_bytes(architecture(prof), plan, 4) / 1e6))
+              round(small_pool_gradient_bytes(architecture(prof), plan) / 1e6))
