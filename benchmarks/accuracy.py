@@ -101,13 +101,15 @@ def campaign_rows(paths=CAMPAIGN, role: str = CAMPAIGN_ROLE) -> list[dict]:
 
 
 #: `vramplan calibrate` as a user runs it (the CLI on a model folder: an eager dry run of a 3,072-token plan and
-#: its half, a shape no campaign row has), one JSON result a line (results/session10/calibrate_models.sh).
-CALIBRATE_RUNS = tuple(sorted((RESULTS / "session10").glob("calibrate-*.jsonl")))
-#: The switches those runs' trainer ran under where they change what the planner prices: SDPA's kernels on Gemma 4's
-#: wide heads (the chunked attention came in session 13) and under its sliding mask (the band in session 15). The
-#: allocator's settings each run records (``alloc_conf``, since session 22, when `vramplan calibrate` began to ask for
-#: expandable segments as `vramplan train` does); session 10's runs had none.
-CALIBRATE_RUNS_SWITCHES = {"wide_head_attention": False, "sliding_band_attention": False}
+#: its half, a shape no campaign row has), one JSON result a line (results/session10/calibrate_models.sh), each file
+#: with the switches its trainer ran under where they differ from today's and change what the planner prices.
+#: Session 10's ran before SDPA's kernels left Gemma 4's wide heads (the chunked attention, session 13) and its
+#: sliding mask (the band, session 15); session 23 re-ran Llama-3.2-1B and Qwen3-0.6B as calibrate now runs. A later
+#: run of a model supersedes an earlier one. The allocator's settings each run records (``alloc_conf``, since session
+#: 22, when `vramplan calibrate` began to ask for expandable segments as `vramplan train` does); session 10's had none.
+CALIBRATE_RUNS = {**{path: {"wide_head_attention": False, "sliding_band_attention": False}
+                     for path in sorted((RESULTS / "session10").glob("calibrate-*.jsonl"))},
+                  RESULTS / "session23" / "call1" / "calibrate.jsonl": {}}
 
 
 def repriced(point: CalibrationPoint) -> CalibrationPoint:
@@ -118,22 +120,23 @@ def repriced(point: CalibrationPoint) -> CalibrationPoint:
     return replace(point, static_bytes=static, per_token_bytes=per_token)
 
 
-def calibrations_from_runs(paths=CALIBRATE_RUNS) -> dict[tuple[str, str], Calibration]:
+def calibrations_from_runs(runs=CALIBRATE_RUNS) -> dict[tuple[str, str], Calibration]:
     """One calibration per (stack, family) from the points those runs stored, refitted over all of a
     family's points as the store does when a second model of it is calibrated (``add_points``)."""
-    grouped, created = defaultdict(list), {}
-    for path in paths:
+    newest = {}  # (stack, model) -> (result, the switches its trainer ran under)
+    for path, ran in runs.items():
         for line in path.read_text().splitlines():
             result = json.loads(line)
-            if not result.get("calibration"):
-                continue
-            key = result["key"]
-            # the family as this code names it (the runs' may predate model_family's folder mapping)
-            family = model_family(resolve_model(result["profile"]))
-            expandable = switches_ran(result.get("run") or {})["expandable_segments"]  # its run's alloc_conf
-            with switches.forced(**CALIBRATE_RUNS_SWITCHES, expandable_segments=expandable):
-                grouped[(key["stack"], family)] += [repriced(CalibrationPoint(**p)) for p in result["calibration"]["points"]]
-            created[(key["stack"], family)] = result["calibration"]["created"]
+            if result.get("calibration"):
+                newest[(result["key"]["stack"], result["profile"])] = (result, ran)
+    grouped, created = defaultdict(list), {}
+    for (stack, model), (result, ran) in newest.items():
+        # the family as this code names it (the runs' may predate model_family's folder mapping)
+        family = model_family(resolve_model(model))
+        expandable = switches_ran(result.get("run") or {})["expandable_segments"]  # its run's alloc_conf
+        with switches.forced(**ran, expandable_segments=expandable):
+            grouped[(stack, family)] += [repriced(CalibrationPoint(**p)) for p in result["calibration"]["points"]]
+        created[(stack, family)] = max(created.get((stack, family), ""), result["calibration"]["created"])
     return {(stack, family): new_calibration(CalibrationKey(gpu=GPU, family=family, stack=stack, torch_minor=TORCH_MINOR),
                                              points, created=created[(stack, family)])
             for (stack, family), points in grouped.items()}

@@ -182,25 +182,31 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     slack21 = stats["session21_slack_uncalibrated"]
     assert slack21["n"] == 4 and slack21["max"] < 0.12
     # session 21's campaign of compact captures (registered before it ran; five models, ranks 64-256) and Llama-3.2-1B
-    # eager after both host probes: 3.8% mean, 6.9% max (the eager run, whose pool held 0.06 GB beyond its
-    # allocations where the same plan's held 0.10 in three other sessions); corrected 3.9% / 7.5%
+    # eager after both host probes: 3.0% mean, 5.0% max; corrected 2.9% / 5.8%. Until session 23 four of them counted
+    # as having taken over a chunk (records.took_over_chunk), where the probe had loaded cuBLAS before the first
+    # reading (3.8% / 6.9%, corrected 3.9% / 7.5%)
     compact = stats["session21_compact_held_out_uncalibrated"]
-    assert compact["n"] == 6 and compact["mean"] < 0.04 and compact["max"] < 0.07
-    assert stats["session21_compact_held_out_calibrated_by_calibrate_runs"]["max"] < 0.08
-    assert shipped["n"] == 142 and shipped["mean"] < 0.019
+    assert compact["n"] == 6 and compact["mean"] < 0.035 and compact["max"] < 0.055
+    assert stats["session21_compact_held_out_calibrated_by_calibrate_runs"]["max"] < 0.06
+    # session 22's eager campaign (registered before it ran, run in session 23): 2.9% mean, 7.1% max; its eager slack,
+    # priced by the small pool's gradients, is too high at Qwen3-4B's rank 64 (0.43 GB for 0.07) and Qwen3-0.6B's 128
+    # (0.32 for 0.14), where session 12's Llama-3.2-1B set the line
+    eager23 = stats["session23_eager_uncalibrated"]
+    assert eager23["n"] == 6 and eager23["mean"] < 0.03 and eager23["max"] < 0.075
+    assert shipped["n"] == 148 and shipped["mean"] < 0.019
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     over = [r for r in outside if r["error_calibrated_by_calibrate_runs"] > 0]
-    # two eager runs: Qwen3-1.7B at rank 128 without checkpointing (+6.4%: its pool held 0.35 GB beyond its allocations,
-    # priced 0.49 from its 0.29 GB of small-pool gradients) and Llama-3.2-1B after both host probes (-7.5%: 0.06 GB, the
-    # same plan 0.10 in three other sessions). Session 11's and 21's eager Qwen3-0.6B read +7.0% and +7.5% until
-    # session 22 priced the eager slack by the small pool's gradients (0.17 GB before, for 0.06 held)
-    assert len(outside) == 7 and len(over) == 1
-    assert [(r["model"], r["rank"], r["checkpointing"]) for r in over] == [("qwen3-1.7b", 128, "none")]
-    assert not over[0]["measured_peak_reserved"] - over[0]["measured_peak_allocated"] > 0.4e9  # eager, not captured
-    eager_under = [r for r in outside if r["model"] == "llama-3.2-1b" and r["checkpointing"] == "full"]
-    assert len(eager_under) == 1 and eager_under[0]["role"] == "held out (session 21, compact captures held out)"
-    under = [r for r in outside if r not in over and r not in eager_under]
+    # three eager runs over: Qwen3-1.7B at rank 128 without checkpointing (+6.5%: its pool held 0.35 GB beyond its
+    # allocations, priced 0.49 from its 0.29 GB of small-pool gradients), session 23's Qwen3-4B at rank 64 (+7.1%) and
+    # Qwen3-0.6B at rank 128 (+8.0%), whose pools held 0.07 and 0.14 GB. Session 11's and 21's eager Qwen3-0.6B read
+    # +7.0% and +7.5% until session 22 priced the eager slack by the small pool's gradients (0.17 GB before, for 0.06
+    # held); Llama-3.2-1B after both host probes read -7.5% until session 23 read its probe's cuBLAS (-0.8%)
+    assert len(outside) == 8 and len(over) == 3
+    assert sorted((r["model"], r["rank"], r["checkpointing"]) for r in over) == [
+        ("qwen3-0.6b", 128, "full"), ("qwen3-1.7b", 128, "none"), ("qwen3-4b", 64, "full")]
+    assert all(r["measured_peak_reserved"] - r["measured_peak_allocated"] < 0.4e9 for r in over)  # eager, not captured
+    under = [r for r in outside if r not in over]
     # five captured runs without checkpointing at rank 64 or more before compact captures (sessions 20-21), whose pools
     # held 0.9-1.96 GB they never allocated. Llama-3.2-3B at rank 256 with compact captures read -6.0% until session 22
     # found that it had mapped every chunk of its own (-4.5%)
@@ -210,13 +216,13 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
 
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
-    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (165 runs; the matrix's
+    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (171 runs; the matrix's
     vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.6% mean / 9.6% max, inside 8% / 15%;
-    calibrated 1.8% mean, inside 3%, 9.1% max, NOT inside 6%: the runs above."""
+    calibrated 1.8% mean, inside 3%, 9.0% max, NOT inside 6%: the runs above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
-    assert unc["n"] == 165 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 157 and cal["mean"] <= 0.03 and cal["max"] <= 0.095
+    assert unc["n"] == 171 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 163 and cal["mean"] <= 0.03 and cal["max"] <= 0.095
 
 
 def test_errors_against_the_issue_targets(built):
@@ -337,3 +343,26 @@ def test_a_paging_run_counts_the_chunk_it_took_over_from_the_process_before_it(b
                   and (r["model"], r["rank"]) in {("llama-3.1-8b", 128), ("llama-3.2-3b", 256)}]
     assert len(own_chunks) == 2 and all(r["previous_process_bytes"] == 0 for r in own_chunks)
     assert {r["previous_process_bytes"] for r in rows} == {0, 128 * 2**20}
+
+
+def test_a_run_whose_host_probe_loaded_cublas_first_took_no_chunk_over(built):
+    """records.host_probe_loaded_bytes: the autograd probe's matmuls ran before the first driver reading from session
+    21's call 4 to session 23's call 2, loading 132 MiB of cuBLAS there: those lines start 1,954 MiB outside the pool
+    where a clean device reads 1,822, and grow that much less over their first step. Session 23's eager Qwen3-1.7B,
+    which pages nothing, grew 16 MiB; none of that campaign's paging runs took a chunk over, nor did the session-21
+    lines' captured E4B, Qwen3-0.6B and Llama-3.2-1B (they had, read against the unprobed constants)."""
+    from benchmarks.records import SESSION23_EAGER, host_probe_loaded_bytes, took_over_chunk
+
+    lines = [json.loads(line) for line in SESSION23_EAGER[0].read_text().splitlines()]
+    lines = [line for line in lines if "driver" in line]
+    assert len(lines) == 6 and all(host_probe_loaded_bytes(line) == 132 * 2**20 for line in lines)
+    unpaged = next(line for line in lines if line["model"] == "qwen3-1.7b")
+    growth = unpaged["driver"]["outside"][1] - unpaged["driver"]["outside"][0]
+    assert growth == 16 * 2**20  # 148 MiB, less the probe's 132
+    paging = [line for line in lines if line is not unpaged]  # each grew one chunk (its states: 21-243 MiB) + 16 MiB
+    assert all(line["driver"]["outside"][1] - line["driver"]["outside"][0] in (144 * 2**20, 272 * 2**20)
+               for line in paging)
+    assert not any(took_over_chunk(line, 100 * 2**20) for line in paging)
+    rows = [r for r in built[1]["rows"] if r["role"] == "held out (session 23, eager campaign)"]
+    assert len(rows) == 6 and all(r["previous_process_bytes"] == 0 for r in rows)
+    assert host_probe_loaded_bytes({"host_autograd_us": 20.0, "host_probes_after_steps": True}) == 0

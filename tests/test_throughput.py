@@ -386,13 +386,18 @@ def test_held_out_error_on_the_committed_measurements():
     # Llama-3.2-1B eager after it, on that third host, -20%
     compact = [r for r in result["rows"] if r["group"] == "session21_compact_held_out"]
     assert len(compact) == 6 and all(abs(r["error"]) < 0.10 for r in compact if r["cuda_graphs"])
+    # session 22's eager campaign, registered before it ran (session 23, one more host): 9.5% mean, 4 of 6 within 15%
+    # (Llama-3.1-8B -15.2%, Qwen3-0.6B at rank 128 +16.9%)
+    eager23 = [r for r in result["rows"] if r["group"] == "session23_eager"]
+    assert len(eager23) == 6 and sum(abs(r["error"]) < 0.15 for r in eager23) == 4
+    assert all(abs(r["error"]) < 0.18 for r in eager23)
     # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
-    # 6.1% mean, 122 of 127 within 15%; its eager ones, host-bound, 19.2% mean, 8 of 19 at session 12's host op
+    # 6.1% mean, 122 of 127 within 15%; its eager ones, host-bound, 16.9% mean, 12 of 25 at session 12's host op
     shipped = result["shipped_trainer_held_out"]
-    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 146
+    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 152
     assert shipped["captured"]["count"] == 127 and shipped["captured"]["within_15_percent"] >= 122
-    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 19
-    assert shipped["eager"]["within_15_percent"] >= 8 and shipped["eager"]["mean_abs_error"] < 0.20
+    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 25
+    assert shipped["eager"]["within_15_percent"] >= 12 and shipped["eager"]["mean_abs_error"] < 0.18
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
