@@ -16,5 +16,7 @@ for job in 230:qwen3-4b 110:qwen3-0.6b; do
   timeout "${job%%:*}" benchmarks/run_on_gpu.sh "trainer:${job#*:}:/tmp/sweep-${job#*:}.json" | cut -c1-110; pack
 done
 mv "$W/trainer.jsonl" "$W/slack-sweep.jsonl" 2>/dev/null; pack
+# the calibrations are the H100's: on another GPU the sweep alone
+nvidia-smi --query-gpu=name --format=csv,noheader | grep -q H100 || exit 0
 export PYTHONPATH="$PWD:/tmp/shim:/tmp/site"
 timeout 200 bash benchmarks/results/session10/calibrate_models.sh gemma-4-e2b-text qwen3-4b gemma-4-e4b-text; pack
