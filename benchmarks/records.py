@@ -296,9 +296,10 @@ def priced_as_ran(ran: dict[str, bool], band_min_windows: int):
 #: captured steps from 3,072 tokens), its steps eager or captured (``cuda_graphs``) the key.
 OUTSIDE_GROWTH_BEYOND_CHUNKS = {False: 148 * 2**20, True: 218 * 2**20}
 #: What the host's autograd probe (``host_autograd_us``, on every line since session 21's call 4; after the steps since
-#: session 23's call 3) maps before the first driver reading: its matmuls load cuBLAS, 132 MiB of that growth. Such lines start 132 MiB higher outside the
-#: pool (1,954 MiB against 1,822 on a clean device) and grow that much less over their first step: session 23's
-#: eager Qwen3-1.7B, which pages nothing, grew 16 MiB; its captured lines grew 86-88 beyond their chunks.
+#: session 23's call 3) maps before the first driver reading: its matmuls load cuBLAS, 132 MiB of that growth. Such
+#: lines start 132 MiB higher outside the pool (1,954 MiB against 1,822 on a clean device) and grow that much less over
+#: their first step: session 23's eager Qwen3-1.7B, which pages nothing, grew 16 MiB; the captured lines of session
+#: 21's call 4 grew 86-88 beyond their chunks.
 HOST_PROBE_LOADED_BYTES = 132 * 2**20
 
 

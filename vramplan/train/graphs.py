@@ -58,8 +58,8 @@ import torch
 from torch import nn
 
 from vramplan.train import attention, switches
-from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 from vramplan.train.held_gradients import held_gradients, point_gradients_at
+from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 
 #: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs; all
 #: share one memory pool). With widths padded to one, shapes still differ by packed or not and by

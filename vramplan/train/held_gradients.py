@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from vramplan.train import switches
+
 
 def held_gradients(params: list[torch.Tensor]) -> list[torch.Tensor]:
     """The tensors to hold the gradients of ``params``: views of one zeroed buffer (one allocation, pages of their
@@ -39,8 +41,6 @@ def point_gradients_at(params: list[torch.Tensor], held: list[torch.Tensor]) -> 
 def hold_eager_gradients(params: list[torch.Tensor]) -> bool:
     """Before an eager step's first backward: the gradients made as one buffer where none exist yet (the first step;
     later steps zero them in place, ``zero_grad(set_to_none=False)``). Whether the step holds them."""
-    from vramplan.train import switches
-
     if not params or not switches.enabled("held_eager_gradients"):
         return False
     if any(p.grad is None for p in params):

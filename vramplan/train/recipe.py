@@ -22,8 +22,8 @@ from vramplan.plan import Plan
 from vramplan.stacks.vramplan import fsdp_torch_adamw_reason
 from vramplan.train import adapter, checkpoint, data, distributed, metrics, stopping, switches
 from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
-from vramplan.train.loss import accumulate_gradients
 from vramplan.train.held_gradients import hold_eager_gradients
+from vramplan.train.loss import accumulate_gradients
 from vramplan.train.loss_scale import LossScale, for_dtype
 from vramplan.train.model import compute_dtype, load_for_training, lora_parameters, read_config
 from vramplan.train.optim import (FusedAdamW8bit, FusedShardedAdamW8bit, eight_bit_adamw, flat_update_pays,
