@@ -257,9 +257,8 @@ def switches_ran(record: dict) -> dict[str, bool]:
     only lines that say so, none before session 13; sliding windows' bands the same way (``sliding_band_attention``),
     none before session 15. Chunks aligned for cuBLAS (``aligned_attention_chunks``): lines whose ``chunk_alignment``
     says so, none before session 16. Captures made compact (``compact_captures``): lines that say so, none before
-    session 21. Eager gradients held in one buffer (``held_eager_gradients``): lines that say so, none before
-    session 23. Expandable segments (``expandable_segments``): lines whose ``alloc_conf`` names them, every line
-    since session 9 and none of sessions 2-3's."""
+    session 21. Expandable segments (``expandable_segments``): lines whose ``alloc_conf`` names them, every line since
+    session 9 and none of sessions 2-3's."""
     return {"fused_optimizer": bool(record.get("fused_optimizer")) or "fused_optimizer" in (record.get("enabled") or ""),
             "int8_vocab_major": bool(record.get("int8_vocab_major")),
             "overlap_optimizer": bool(record.get("overlap_optimizer")),
@@ -271,7 +270,6 @@ def switches_ran(record: dict) -> dict[str, bool]:
             "sliding_band_attention": bool(record.get("sliding_band_attention")),
             "aligned_attention_chunks": record.get("chunk_alignment", [1, 1]) != [1, 1],
             "compact_captures": bool(record.get("compact_captures")),
-            "held_eager_gradients": bool(record.get("held_eager_gradients")),
             "expandable_segments": "expandable_segments:True" in (record.get("alloc_conf") or "")}
 
 

@@ -196,7 +196,6 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
     record["aligned_attention_chunks"] = switches.enabled("aligned_attention_chunks")  # chunks aligned for cuBLAS
     record["chunk_alignment"] = list(activations.chunk_multiples())  # their height and band first-key multiples
     record["compact_captures"] = switches.enabled("compact_captures")  # gradients in one buffer, eager copies dropped
-    record["held_eager_gradients"] = switches.enabled("held_eager_gradients")  # eager gradients in one buffer
     record["clipped"] = True  # the recipe's clipping ran in each step (train_step; lines before session 10 had none)
     if graphs is not None:
         record["cuda_graphs"] = len([g for g in graphs.graphs.values() if g is not None])

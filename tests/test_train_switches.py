@@ -103,7 +103,6 @@ def test_forced_sets_switches_for_its_block_and_restores_the_environment(monkeyp
                                                                                "sliding_band_attention": False,
                                                                                "aligned_attention_chunks": False,
                                                                                "compact_captures": False,
-                                                                               "held_eager_gradients": False,
                                                                                "expandable_segments": False}
     assert switches_ran({"compact_captures": True})["compact_captures"]  # captures as before, until session 21
     assert switches_ran({"alloc_conf": "expandable_segments:True"})["expandable_segments"]  # lines since session 9

@@ -58,7 +58,6 @@ import torch
 from torch import nn
 
 from vramplan.train import attention, switches
-from vramplan.train.held_gradients import held_gradients, point_gradients_at
 from vramplan.train.loss import summed_loss, summed_loss_of_hidden
 
 #: Beyond this many captured shapes the rest run eagerly (each graph keeps its own inputs; all
@@ -246,8 +245,26 @@ class StepGraphs:
         An eager micro-batch, or a ``zero_grad(set_to_none=True)``, may have replaced or dropped one:
         its value moves back into the captured tensor, so a replay never writes to freed memory."""
         if self.grad_tensors is None:
-            self.grad_tensors = held_gradients(self.params)
-        point_gradients_at(self.params, self.grad_tensors)
+            self.grad_tensors = self._held_gradients()
+        for p, held in zip(self.params, self.grad_tensors):
+            if p.grad is not held:
+                if p.grad is None:
+                    held.zero_()
+                else:
+                    held.copy_(p.grad)
+                p.grad = held
+
+    def _held_gradients(self) -> list[torch.Tensor]:
+        """The tensors the graphs add into: views of one zeroed buffer (one allocation, pages of their own), or the
+        gradients already there (an optimizer's flat buffer) and a tensor each for the rest."""
+        kinds = {(p.dtype, p.device) for p in self.params}
+        if (any(p.grad is not None for p in self.params) or len(kinds) != 1
+                or not all(p.is_contiguous() for p in self.params)):
+            return [torch.zeros_like(p) if p.grad is None else p.grad for p in self.params]
+        (dtype, device), = kinds
+        sizes = [p.numel() for p in self.params]
+        flat = torch.zeros(sum(sizes), dtype=dtype, device=device)
+        return [view.view_as(p) for view, p in zip(torch.split(flat, sizes), self.params)]
 
     def _drop_eager_copies(self) -> None:
         """Drops the adapters' compute-dtype copies the eager pass made (each module's ``LoRACopies``): the capture

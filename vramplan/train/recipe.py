@@ -22,7 +22,6 @@ from vramplan.plan import Plan
 from vramplan.stacks.vramplan import fsdp_torch_adamw_reason
 from vramplan.train import adapter, checkpoint, data, distributed, metrics, stopping, switches
 from vramplan.train.graphs import WIDTH_BUCKETS, StepGraphs
-from vramplan.train.held_gradients import hold_eager_gradients
 from vramplan.train.loss import accumulate_gradients
 from vramplan.train.loss_scale import LossScale, for_dtype
 from vramplan.train.model import compute_dtype, load_for_training, lora_parameters, read_config
@@ -397,8 +396,6 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
     overlap = switches.enabled("overlap_optimizer")
     queued = overlap and switches.enabled("queued_optimizer") and queues_whole(optimizer)
     seeking = scaler is not None and not scaler.settled and len(micro_batches) > 1
-    # gradients zeroed in place, not dropped: the ones captured graphs add into, or eager ones held in one buffer
-    held = graphs is not None or (trainee is None and hold_eager_gradients(params))
     while True:
         loss, n_targets = accumulate_gradients(model, micro_batches[:1] if seeking else micro_batches, trainee,
                                                graphs=graphs, wait=not overlap,
@@ -420,12 +417,12 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
             seeking = False  # the scale holds on one micro-batch: now the whole step
         else:
             scaler.update(False, done)  # halved (or the run ends with the fix named), and the same batches again
-        _zero_gradients(optimizer, queued, held)
+        _zero_gradients(optimizer, queued, graphs)
     if queued:  # bitsandbytes' loop without its last sync, and one foreach zeroing: the wait is the one below
         optimizer.step(sync=False)
     else:
         optimizer.step()
-    _zero_gradients(optimizer, queued, held)
+    _zero_gradients(optimizer, queued, graphs)
     if device.type == "cuda":
         torch.cuda.synchronize()
     if overlap:
@@ -438,11 +435,11 @@ def train_step(model, micro_batches: list[dict], optimizer, params: list, max_gr
     return loss, n_targets, _finite("gradient", grad_norm, done)
 
 
-def _zero_gradients(optimizer, queued: bool, held: bool) -> None:
-    if queued and held:
+def _zero_gradients(optimizer, queued: bool, graphs) -> None:
+    if queued and graphs is not None:
         optimizer.zero_grad_queued()
     else:
-        optimizer.zero_grad(set_to_none=not held)  # held gradients are added into: zeroed where they are
+        optimizer.zero_grad(set_to_none=graphs is None)  # captured graphs add into the gradients they hold
 
 
 def _finite(what: str, value: float, done: int, scaler: LossScale | None = None) -> float:

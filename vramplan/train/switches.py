@@ -70,11 +70,6 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: pass's adapter copies dropped before the capture, so the pages the pass mapped go back before the graph's pool grows
 #: (``train.graphs``); off, the gradients are made by that pass's backward among its activations, as through session 20.
 #: Session 21 (H100, Qwen3-1.7B at rank 128 without checkpointing): off, 7.17 GB reserved for 5.20 GB allocated.
-#: ``held_eager_gradients``: eager steps (no CUDA graphs, one process) make the adapters' gradients as one buffer before
-#: their first backward and zero them in place after each step (``train.held_gradients``), as compact captures do;
-#: off, each backward makes them one by one among its transients and each step drops them, as through session 23,
-#: whose eager runs held 0.05-0.35 GB beyond their allocations, in step with the gradients torch's small pool serves.
-#: Off until an H100 A/B says what it holds.
 #: ``expandable_segments``: `vramplan train` and `vramplan calibrate` ask torch's allocator for expandable segments
 #: (``train.allocator``) unless the user configured it; every trainer line since session 9 ran with them. Off, the
 #: allocator caches separately allocated segments: sessions 2-3's eager runs (the accuracy matrix) held 0.11-0.34 GB
@@ -83,7 +78,7 @@ SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_o
             "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": True,
             "prefetch_paged": False, "wide_head_attention": True, "wide_head_fused_rows": True,
             "sliding_band_attention": True, "aligned_attention_chunks": True, "compact_captures": True,
-            "held_eager_gradients": False, "expandable_segments": True}
+            "expandable_segments": True}
 
 
 def _listed(env: str) -> set[str]:
