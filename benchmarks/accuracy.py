@@ -333,10 +333,11 @@ def markdown(rows: list[dict], stats: dict) -> str:
                   "chunk low. The driver's "
                   "readings say when: such a run's memory outside torch's pool grew over its first step by one chunk "
                   "less than its states need (16-20 MiB beyond them eager, 76-108 captured, where the others grew 148 "
-                  "and 202-218). A leftover in the baseline does not say it: Llama-3.1-8B at rank 128, "
-                  "Llama-3.2-3B at rank 256 and Qwen3-1.7B at rank 64 started 118-132 MiB high and mapped all their "
-                  "own chunks. Measured here: a run's memory above its baseline, plus one chunk where it took one over "
-                  "(session 22; until then every paging run got its baseline's excess added). Above each run's own "
+                  "and 202-218; 132 MiB less where the host probe had loaded cuBLAS before the first reading, "
+                  "`records.host_probe_loaded_bytes`, session 23). A high start does not say it: Qwen3-1.7B at rank 64 "
+                  "started 118 MiB high on a leftover and mapped all its own chunks. Measured here: a run's memory "
+                  "above its baseline, plus one chunk where it took one over (session 22; until then every paging run "
+                  "got its baseline's excess added). Above each run's own "
                   f"baseline: uncalibrated {100 * raw['mean']:.1f}% mean, "
                   f"{100 * raw['max']:.1f}% max over the same {raw['n']} runs.", ""]
     lines += [
