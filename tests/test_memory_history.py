@@ -28,3 +28,34 @@ def test_growth_beside_free_bytes_is_reported_with_its_request():
     assert (second["reserved_before"], second["allocated_before"], second["free_before"]) == (20 * MB, 0, 20 * MB)
     assert second["request"] == "qlora_linear.py:10:backward_dx"  # named by the allocation that followed it
     assert second["stream"] == 7
+
+
+def test_each_pool_peaks_on_its_own():
+    """pool_peaks: a large pool that peaks before a small pool's gradients exist. At the whole trace's peak the small
+    pool held only its adapters; at its own peak it held a transient and the gradient too, packed. A block live
+    before the trace began (the adapters) is read back from the snapshot's end state."""
+    from benchmarks.memory_history import pool_peaks
+
+    small, large = 0, 1024 * MB
+    def block(size, state):
+        return {"size": size, "state": state}
+    segments = [
+        {"address": small, "total_size": 8 * MB, "segment_type": "small", "device": 0,
+         # at the end: the adapters (from before the trace), the hole, the gradient, then free space
+         "blocks": [block(2 * MB, "active_allocated"), block(1 * MB, "inactive"), block(1 * MB, "active_allocated"),
+                    block(4 * MB, "inactive")]},
+        {"address": large, "total_size": 64 * MB, "segment_type": "large", "device": 0,
+         "blocks": [block(64 * MB, "inactive")]},
+    ]
+    trace = [
+        {"action": "alloc", "addr": large, "size": 48 * MB, "frames": _frames("forward")},  # activations: the peak
+        {"action": "free_completed", "addr": large, "size": 48 * MB},
+        {"action": "alloc", "addr": small + 2 * MB, "size": MB, "frames": _frames("cast")},  # a transient
+        {"action": "alloc", "addr": small + 3 * MB, "size": MB, "frames": _frames("backward")},  # a gradient
+        {"action": "free_completed", "addr": small + 2 * MB, "size": MB},
+    ]
+    rows = {r["pool"]: r for r in pool_peaks({"device_traces": [trace], "segments": segments})}
+    assert rows["large"]["peak_live"] == 48 * MB and rows["large"]["live_at_total_peak"] == 48 * MB
+    assert rows["small"]["live_at_total_peak"] == 2 * MB  # the adapters alone when the step peaked
+    assert rows["small"]["peak_live"] == 4 * MB and rows["small"]["holes_at_peak"] == 0
+    assert rows["small"]["live_at_peak_by_request"]["before the trace"] == 2 * MB
