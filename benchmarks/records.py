@@ -17,6 +17,7 @@ from vramplan.memory import activations
 from vramplan.memory.optimizer import MANAGED_CHUNK_BYTES
 from vramplan.plan import Plan
 from vramplan.train import switches
+from vramplan.train.allocator import EXPANDABLE
 
 _RESULTS = Path(__file__).resolve().parent / "results"
 #: Session 9's held-out campaign of vramplan's trainer as it ships (CUDA graphs with causal captures, default
@@ -270,7 +271,7 @@ def switches_ran(record: dict) -> dict[str, bool]:
             "sliding_band_attention": bool(record.get("sliding_band_attention")),
             "aligned_attention_chunks": record.get("chunk_alignment", [1, 1]) != [1, 1],
             "compact_captures": bool(record.get("compact_captures")),
-            "expandable_segments": "expandable_segments:True" in (record.get("alloc_conf") or "")}
+            "expandable_segments": EXPANDABLE in (record.get("alloc_conf") or "")}
 
 
 def band_min_windows_ran(record: dict) -> int:
