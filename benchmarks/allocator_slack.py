@@ -9,8 +9,8 @@ The planner prices the slack as ``memory.overhead``'s fragmentation. Two regimes
   at ranks 8 to 256). Captures made compact (switch ``compact_captures``, session 21) hold the floor at every rank:
   session 21's sweep (``compact_graph_slack_fit``) checks that the slope is gone, and the floor is kept.
 * Eager steps: the slack grows with the adapters' gradients that torch's small pool serves (each at most 1 MiB):
-  the first backward makes them one by one among its own small transients, in 2 MiB segments that stay mapped
-  around them (the captured steps' story in the small pool). Fitted as a floor plus bytes a small-pool gradient byte
+  that pool peaks when they all exist, the step as a whole earlier, and what the large pool frees by then cannot
+  serve it (session 23, ``benchmarks.memory_history.pool_peaks``). Fitted as a floor plus bytes a small-pool gradient byte
   on session 12's eager Llama-3.2-1B runs (``eager_slack_fit``: ranks 8-256, 1,024-4,096 tokens; at rank 256 most
   gradients are over 1 MiB and the slack fell to 0.01 GB). Session 22 chose the feature after seeing every eager
   line; until then one 0.17 GB constant priced them all (0.01-0.35 GB measured).

@@ -112,17 +112,21 @@ def unreused_segment_bytes(persistent: int, logits_set: int, layer_set: int, all
 #: chunks, one layer's buffers), so cached blocks are reused; a stated 5% margin.
 POOLED_FRAGMENTATION = 0.05
 
-#: What the caching allocator holds beyond the allocated peak even when shapes repeat. Eager steps: the adapters'
-#: gradients are made one by one during the first backward, among that pass's own small transients; those that
-#: torch's small pool serves (at most 1 MiB each, ``memory.adapters.small_pool_gradient_bytes``) keep its 2 MiB
-#: segments mapped around them. A floor plus bytes a small-pool gradient byte, fitted on session 12's eager
+#: What the caching allocator holds beyond the allocated peak even when shapes repeat. Eager steps: torch's small pool
+#: (requests of at most 1 MiB) peaks when every adapter gradient it serves exists
+#: (``memory.adapters.small_pool_gradient_bytes``), the step as a whole earlier, and what the large pool frees by then
+#: cannot serve the small pool (session 23's allocator histories, ``benchmarks.memory_history.pool_peaks``: the small
+#: pool 125 and 38.6 MiB under its own peak when the step peaked, for 126 and 38 MiB of gradients; holes 1-7 MiB). A
+#: floor plus bytes a small-pool gradient byte, fitted on session 12's eager
 #: Llama-3.2-1B runs (benchmarks.allocator_slack.eager_slack_fit: 0.01-0.14 GB at ranks 8-256, 23-80 MB of such
 #: gradients; at rank 256 most are larger and the slack fell to 0.01 GB). It prices the other eager runs with
 #: checkpointing within 0.07 GB (Qwen3-4B 0.23 for 0.205, Gemma-4-E2B 0.17 for 0.19 and, with its chunked wide heads'
 #: score chunks, 0.23 for 0.17; Qwen3-0.6B 0.075 for 0.065), and Qwen3-1.7B at rank 128 without checkpointing at 0.49
 #: for 0.35, where one 0.17 GB constant had missed by up to 0.18 (session 22, which chose the feature after seeing
-#: those runs; session22/campaign-eager.json is registered to hold it out). Captured: the intercept of the line below,
-#: fitted on session 12's rank sweep.
+#: those runs). Held out by that campaign (session 23) it holds at rank 16 and prices Qwen3-4B at rank 64 and
+#: Qwen3-0.6B at 128 high (0.43 GB for 0.07, 0.32 for 0.14): there the gradients grow faster through the backward than
+#: the checkpoints shrink, so the step peaks when they all exist. Captured: the intercept of the line below, fitted on
+#: session 12's rank sweep.
 EAGER_FRAGMENTATION_FLOOR_BYTES = 9_594_000
 EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE = 1.637
 #: The eager constant before session 22, from sessions 2-3's runs, made without expandable segments: 0.17, 0.20 and
