@@ -104,12 +104,14 @@ def campaign_rows(paths=CAMPAIGN, role: str = CAMPAIGN_ROLE) -> list[dict]:
 #: its half, a shape no campaign row has), one JSON result a line (results/session10/calibrate_models.sh), each file
 #: with the switches its trainer ran under where they differ from today's and change what the planner prices.
 #: Session 10's ran before SDPA's kernels left Gemma 4's wide heads (the chunked attention, session 13) and its
-#: sliding mask (the band, session 15); session 23 re-ran Llama-3.2-1B and Qwen3-0.6B as calibrate now runs. A later
+#: sliding mask (the band, session 15); sessions 23 and 24 re-ran Llama-3.2-1B, Qwen3-0.6B, Gemma-4-E2B, Qwen3-4B
+#: and Gemma-4-E4B as calibrate now runs. A later
 #: run of a model supersedes an earlier one. The allocator's settings each run records (``alloc_conf``, since session
 #: 22, when `vramplan calibrate` began to ask for expandable segments as `vramplan train` does); session 10's had none.
 CALIBRATE_RUNS = {**{path: {"wide_head_attention": False, "sliding_band_attention": False}
                      for path in sorted((RESULTS / "session10").glob("calibrate-*.jsonl"))},
-                  RESULTS / "session23" / "call1" / "calibrate.jsonl": {}}
+                  RESULTS / "session23" / "call1" / "calibrate.jsonl": {},
+                  RESULTS / "session24" / "call2" / "calibrate.jsonl": {}}
 
 
 def repriced(point: CalibrationPoint) -> CalibrationPoint:
@@ -135,7 +137,9 @@ def calibrations_from_runs(runs=CALIBRATE_RUNS) -> dict[tuple[str, str], Calibra
         family = model_family(resolve_model(model))
         expandable = switches_ran(result.get("run") or {})["expandable_segments"]  # its run's alloc_conf
         with switches.forced(**ran, expandable_segments=expandable):
-            grouped[(stack, family)] += [repriced(CalibrationPoint(**p)) for p in result["calibration"]["points"]]
+            # its own points: a store that calibrated another model of the family first holds that model's too
+            grouped[(stack, family)] += [repriced(CalibrationPoint(**p)) for p in result["calibration"]["points"]
+                                         if p["plan"]["model"] == model]
         created[(stack, family)] = max(created.get((stack, family), ""), result["calibration"]["created"])
     return {(stack, family): new_calibration(CalibrationKey(gpu=GPU, family=family, stack=stack, torch_minor=TORCH_MINOR),
                                              points, created=created[(stack, family)])

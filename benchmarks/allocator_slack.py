@@ -8,12 +8,14 @@ The planner prices the slack as ``memory.overhead``'s fragmentation. Two regimes
   capture. Fitted as a floor plus bytes a trainable parameter on session 12's rank sweep (Llama-3.2-1B and Qwen3-4B
   at ranks 8 to 256). Captures made compact (switch ``compact_captures``, session 21) hold the floor at every rank:
   session 21's sweep (``compact_graph_slack_fit``) checks that the slope is gone, and the floor is kept.
-* Eager steps: the slack grows with the adapters' gradients that torch's small pool serves (each at most 1 MiB):
-  that pool peaks when they all exist, the step as a whole earlier, and what the large pool frees by then cannot
-  serve it (session 23, ``benchmarks.memory_history.pool_peaks``). Fitted as a floor plus bytes a small-pool gradient byte
-  on session 12's eager Llama-3.2-1B runs (``eager_slack_fit``: ranks 8-256, 1,024-4,096 tokens; at rank 256 most
-  gradients are over 1 MiB and the slack fell to 0.01 GB). Session 22 chose the feature after seeing every eager
-  line; until then one 0.17 GB constant priced them all (0.01-0.35 GB measured).
+* Eager steps: the slack is the adapters' gradients torch's small pool serves (each at most 1 MiB) that the step
+  makes after its allocated peak: that pool peaks when they all exist, and what the large pool has let go by then
+  cannot serve it (session 23, ``benchmarks.memory_history.pool_peaks``). A step that peaks where its backward starts
+  makes all of them after; one that peaks at its end, where the gradients have outgrown the checkpoints they
+  replace, few or none. Byte for byte, plus a floor: the mean of the rest over session 12's eager Llama-3.2-1B runs
+  (``eager_slack_fit``: ranks 8-256, 1,024-4,096 tokens). Session 24 priced the timing, after session 23's registered
+  rank sweep bore it out; session 22's line (1.64 bytes a small-pool gradient byte) and before it one 0.17 GB
+  constant had priced every eager line whatever its timing.
 
 Beyond the pool, the same runs' driver readings say how NVML counts the paged optimizer states on the GPU
 (``memory.optimizer.resident_paged_state_bytes``): in whole 128 MiB chunks (``managed_chunk_residuals``).
@@ -30,11 +32,11 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from benchmarks.records import _RESULTS, outside_growth_beyond_chunks, plan_of
+from benchmarks.records import (_RESULTS, band_min_windows_ran, outside_growth_beyond_chunks, plan_of, priced_as_ran,
+                                switches_ran)
 from vramplan.catalog import resolve_model
 from vramplan.estimate import architecture
-from vramplan.memory.adapters import small_pool_gradient_bytes
-from vramplan.stacks.vramplan import managed_optimizer_bytes
+from vramplan.stacks.vramplan import managed_optimizer_bytes, step_memory
 
 #: Session 12's rank sweep under CUDA graphs: Llama-3.2-1B and Qwen3-4B (Gemma-4-E2B's rows, rank-sweep-held-out.jsonl,
 #: are held out).
@@ -86,18 +88,20 @@ def compact_graph_slack_fit(path: Path = COMPACT_SWEEP) -> SlackFit:
     return graph_slack_fit(path, compact=True)
 
 
-def small_pool_gradients(record: dict) -> int:
-    """The bytes of the run's adapter gradients torch's small pool serves (``memory.adapters.small_pool_gradient_bytes``)."""
+def small_gradients_after_peak(record: dict) -> int:
+    """The run's adapter gradients torch's small pool serves that its step makes after its allocated peak, as the
+    planner prices them for the plan as it ran (``memory.overhead.small_gradients_after_peak``)."""
     plan = plan_of(record)
-    return small_pool_gradient_bytes(architecture(resolve_model(plan.model)), plan)
+    with priced_as_ran(switches_ran(record), band_min_windows_ran(record)):
+        return step_memory(architecture(resolve_model(plan.model)), plan).small_gradients_after_peak
 
 
 def eager_slack_fit(path: Path = EAGER_RUNS) -> SlackFit:
-    """The eager runs' slack against their small-pool gradient bytes (``bytes_per_trainable`` is then bytes a
-    small-pool gradient byte)."""
+    """The eager runs' slack less their small-pool gradients made after the peak, byte for byte: the mean of the rest
+    is the floor (``bytes_per_trainable`` is the one byte a gradient byte the timing gives, not fitted)."""
     rows = [r for r in measured_runs(path) if not r.get("cuda_graphs")]
-    floor, slope = least_squares([small_pool_gradients(r) for r in rows], [slack(r) for r in rows])
-    return SlackFit(floor_bytes=int(floor), bytes_per_trainable=slope, runs=len(rows))
+    floor = statistics.fmean(slack(r) - small_gradients_after_peak(r) for r in rows)
+    return SlackFit(floor_bytes=int(floor), bytes_per_trainable=1.0, runs=len(rows))
 
 
 def managed_bytes(record: dict) -> int:

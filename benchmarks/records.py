@@ -110,6 +110,9 @@ SESSION21_COMPACT_HELD_OUT = (_RESULTS / "session21" / "call4" / "compact-held-o
 #: predicted-eager.txt: six plans over six models, ranks 16-128, the eager slack priced by the small-pool gradients),
 #: run in session 23 in fresh processes (session23/call1/eager-campaign.jsonl).
 SESSION23_EAGER = (_RESULTS / "session23" / "call1" / "eager-campaign.jsonl",)
+#: Session 24's eager campaign, its grid and predictions committed before it ran (session24/campaign-eager-timing.json,
+#: predicted-eager-timing.txt: an eager step's gradients priced by when they come), fresh processes (call3).
+SESSION24_EAGER_TIMING = (_RESULTS / "session24" / "call3" / "eager-timing.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -223,6 +226,10 @@ HELD_OUT = (
             "session 22's eager campaign, registered before it ran and run in session 23 (session22/campaign-eager.json: "
             "Llama-3.2-3B, Qwen3-1.7B, Gemma-4-E4B and Llama-3.1-8B at rank 16, Qwen3-4B at 64, Qwen3-0.6B at 128, "
             "eager, checkpointed), none fitted"),
+    HeldOut("session24_eager_timing", SESSION24_EAGER_TIMING, "session 24, eager gradients' timing",
+            "session 24's eager campaign, registered before it ran (session24/campaign-eager-timing.json: Llama-3.2-3B at "
+            "ranks 128 and 32, Qwen3-1.7B at 64 and 128, Llama-3.2-1B at 128 and at 64 with batch 2, checkpointed), "
+            "its backward's peak and slack priced by when the gradients come, none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -161,7 +161,7 @@ def test_dataset_tokens_counted_with_the_models_tokenizer(tmp_path):
 
 
 def test_single_gpus_are_priced_with_captured_steps_and_boxes_without(options):
-    """One GPU replays its steps as CUDA graphs (the trainer's default), so a GPU faster than the host
+    """One GPU replays its steps as CUDA graphs (the trainer's default) where they fit, so a GPU faster than the host
     can feed eagerly is priced at its own speed; a box's ranks run eagerly (no graphs on several GPUs)."""
     from vramplan.estimate import architecture
     from vramplan.throughput import captured_phases, predict_tokens_per_s, step_seconds
@@ -173,8 +173,10 @@ def test_single_gpus_are_priced_with_captured_steps_and_boxes_without(options):
     # a single GPU captures unless its plan offloads (checkpoints or, under FSDP2, the frozen weights)
     offloaded = [o for o in singles if o.plan.checkpointing == "offload" or o.plan.cpu_offload]
     assert len(offloaded) < len(singles) / 2
-    assert all(captured_phases(arch, o.plan) for o in singles if o not in offloaded)
-    assert not any(captured_phases(arch, o.plan) for o in boxes + offloaded)
+    # where graphs would not fit beside the chosen rank (8 GB cards at rank 32), the plan gives them up, priced eager
+    assert all(captured_phases(arch, o.plan) or not o.plan.cuda_graphs for o in singles if o not in offloaded)
+    assert sum(bool(captured_phases(arch, o.plan)) for o in singles) > len(singles) / 2
+    assert not any(captured_phases(arch, o.plan) for o in boxes + offloaded + [o for o in singles if not o.plan.cuda_graphs])
     h100 = next(o for o in singles if o.gpu.name == "h100")
     assert h100.tokens_per_s == pytest.approx(predict_tokens_per_s(arch, h100.plan, h100.gpu), rel=1e-6)
     # captured, the host's part is one replay's (not ~15,000 ops'); at this job's 4,096 tokens the 8B's captured

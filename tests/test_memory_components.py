@@ -10,7 +10,7 @@ from vramplan.memory.logits import chunked_logits_bytes, full_logits_peak_bytes,
 from vramplan.memory.optimizer import optimizer_state_bytes
 from vramplan.memory.overhead import (CAPTURED_FRAGMENTATION_FLOOR_BYTES, UNFITTED_EAGER_FRAGMENTATION_BYTES,
                                       EAGER_FRAGMENTATION_FLOOR_BYTES,
-                                      EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE, pooled_fragmentation_bytes,
+                                      pooled_fragmentation_bytes,
                                       unreused_segment_bytes)
 from vramplan.memory.peak import assemble
 from vramplan.memory.weights import int8_weight_bytes, nf4_weight_bytes
@@ -92,9 +92,8 @@ def test_fragmentation_rules():
     assert unreused_segment_bytes(10, 5, 3, allocated_peak=20) == 0
     assert pooled_fragmentation_bytes(1000) == UNFITTED_EAGER_FRAGMENTATION_BYTES  # a process the floor was not fitted on
     assert pooled_fragmentation_bytes(1000, small_gradients=0) == EAGER_FRAGMENTATION_FLOOR_BYTES  # the fitted floor
-    # eager: the small pool's share of the gradients (session 12's fit: 1.64 bytes a byte)
-    assert pooled_fragmentation_bytes(1000, small_gradients=10**8) == EAGER_FRAGMENTATION_FLOOR_BYTES + int(
-        EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE * 10**8)
+    # eager: the small pool's gradients made after the step's peak, byte for byte
+    assert pooled_fragmentation_bytes(1000, small_gradients=10**8) == EAGER_FRAGMENTATION_FLOOR_BYTES + 10**8
     assert pooled_fragmentation_bytes(1000, captured=True, small_gradients=10**8) == CAPTURED_FRAGMENTATION_FLOOR_BYTES
     assert pooled_fragmentation_bytes(10 * 10**9) == 500_000_000  # 5% of large transients
     # a captured step's eager prologue: its cached blocks count where they exceed the floor, never eagerly
@@ -161,9 +160,10 @@ def test_step_buffers_the_trainer_keeps_from_its_first_matmul():
     assert "dequant_buffer" not in hf.components
 
 
-def test_a_captured_step_holds_its_adapters_bf16_copies():
-    """Each CUDA graph casts fp32 adapters to bf16 itself and keeps the copies for its replays: 2 bytes a
-    trainable parameter. Eager steps and bf16 adapters (no copy to make) carry none."""
+def test_fp32_adapters_bf16_copies_are_held_through_the_step():
+    """fp32 adapters are cast to bf16 once a step and the copies held to the next optimizer step (``LoRACopies``; each
+    CUDA graph casts its own and keeps them for its replays): 2 bytes a trainable parameter, captured or eager. bf16
+    adapters (no copy to make) carry none."""
     from vramplan.estimate import estimate_plan
     from vramplan.plan import Plan
     from vramplan.stacks.vramplan import trainable_params
@@ -173,9 +173,30 @@ def test_a_captured_step_holds_its_adapters_bf16_copies():
     captured = Plan(model="llama-3.2-1b", lora_rank=128)
     assert captured.captures_steps
     trainable = trainable_params(architecture(profile), captured)
-    assert estimate_plan(captured, profile).components["lora_compute_copies"] == 2 * trainable
-    for plan in (captured.replace(cuda_graphs=False), captured.replace(lora_dtype="bf16")):
-        assert "lora_compute_copies" not in estimate_plan(plan, profile).components
+    for plan in (captured, captured.replace(cuda_graphs=False)):
+        assert estimate_plan(plan, profile).components["lora_compute_copies"] == 2 * trainable
+    assert "lora_compute_copies" not in estimate_plan(captured.replace(lora_dtype="bf16"), profile).components
+
+
+def test_an_eager_backward_lets_checkpoints_go_as_gradients_come():
+    """An eager step of one micro-batch makes each layer's adapter gradients as it lets that layer's checkpoint go, so
+    its backward peaks at its start or its end, never with both whole: at rank 256 (0.72 GB of gradients for 0.13 of
+    checkpoints at 2,048 tokens) the backward holds the gradients and a layer's working set, not the checkpoints too.
+    Accumulating micro-batches hold the gradients from the first on, so they price both (as captured steps do)."""
+    from vramplan.estimate import architecture
+    from vramplan.plan import Plan
+    from vramplan.stacks.vramplan import step_memory
+
+    arch = architecture(resolve_model("llama-3.2-1b"))
+    for rank in (16, 256):
+        eager = Plan(model="llama-3.2-1b", lora_rank=rank, cuda_graphs=False)
+        one, accumulating = step_memory(arch, eager), step_memory(arch, eager.replace(grad_accum=4))
+        grads = one.phases["backward"]["lora_grads"]
+        checkpoints = one.phases["forward"]["activations"]
+        layer_set = accumulating.phases["backward"]["activations"] - checkpoints
+        assert accumulating.phases["backward"]["lora_grads"] == grads
+        assert one.phases["backward"]["activations"] == max(checkpoints - grads, 0) + layer_set
+        assert (grads > checkpoints) == (rank == 256)
 
 
 def test_fused_token_limit_matches_the_kernel():

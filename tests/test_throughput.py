@@ -391,13 +391,17 @@ def test_held_out_error_on_the_committed_measurements():
     eager23 = [r for r in result["rows"] if r["group"] == "session23_eager"]
     assert len(eager23) == 6 and sum(abs(r["error"]) < 0.15 for r in eager23) == 4
     assert all(abs(r["error"]) < 0.18 for r in eager23)
+    # session 24's eager campaign, registered before it ran (for its memory): priced 1.6% slower to 61% faster than
+    # it ran (29% mean, 1 of 6 within 15%); its steps took 0.26-0.39 s whatever their work, host-bound on that host
+    eager24 = [r for r in result["rows"] if r["group"] == "session24_eager_timing"]
+    assert len(eager24) == 6 and sum(abs(r["error"]) < 0.15 for r in eager24) == 1
     # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
-    # 6.1% mean, 122 of 127 within 15%; its eager ones, host-bound, 16.9% mean, 12 of 25 at session 12's host op
+    # 6.1% mean, 122 of 127 within 15%; its eager ones, host-bound, 19.3% mean, 13 of 31 at session 12's host op
     shipped = result["shipped_trainer_held_out"]
-    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 152
+    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 158
     assert shipped["captured"]["count"] == 127 and shipped["captured"]["within_15_percent"] >= 122
-    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 25
-    assert shipped["eager"]["within_15_percent"] >= 12 and shipped["eager"]["mean_abs_error"] < 0.18
+    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 31
+    assert shipped["eager"]["within_15_percent"] >= 13 and shipped["eager"]["mean_abs_error"] < 0.20
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}

@@ -27,12 +27,13 @@ def _relative_error(row) -> float:
 #: Qwen3-0.6B's eager runs of sessions 2-3 held 0.17 GB more in torch's pool than the planner prices. The
 #: planner had charged them the 128 MiB of a first managed allocation they never made (bitsandbytes pages no
 #: adapter this small), which hid that; priced without it they read 11% under. Session 9's runs of the
-#: trainer as it ships (CUDA graphs) read within 1% (test_session9_campaign_within_8_percent).
-UNDER_PRICED_POOL = ("qwen3-0.6b",)
+#: trainer as it ships (CUDA graphs) read within 1% (test_session9_campaign_within_8_percent). Since session 24 prices
+#: the adapters' bf16 copies eager steps hold too, the 2,048-token run reads -9.8%; the 4,096-token one -12.1%.
+UNDER_PRICED_POOL = (("qwen3-0.6b", 4096),)
 
 
 @pytest.mark.parametrize("row", [pytest.param(r, marks=pytest.mark.xfail(
-    r["model"] in UNDER_PRICED_POOL, reason="eager pool of sessions 2-3 under-priced by 0.17 GB", strict=True))
+    (r["model"], r["seq"]) in UNDER_PRICED_POOL, reason="eager pool of sessions 2-3 under-priced by 0.17 GB", strict=True))
     for r in ROWS], ids=lambda r: f"{r['model']}-s{r['seq']}-b{r['batch']}-r{r['rank']}")
 def test_trainer_measurements_within_10_percent(row):
     assert abs(_relative_error(row)) <= 0.10

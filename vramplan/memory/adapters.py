@@ -108,10 +108,11 @@ def lora_grad_bytes(trainable: int, dtype_bytes: int) -> int:
 ADAPTER_COPY_BYTES = 2
 
 
-def captured_adapter_copy_bytes(trainable: int) -> int:
-    """fp32 adapters' bf16 copies held in a captured step's graph pool: each graph casts the adapters itself
-    (vramplan/train/graphs.py) and keeps the copies for its replays, beside every other tensor of the step.
-    Measured on the H100 (benchmarks/results/session11/matrix-*.jsonl, session 9's campaign): torch's allocated
-    peak grows 10 bytes a trainable parameter under graphs (Llama-3.2-1B, rank 16 to 128 at 2,048 tokens:
-    +0.79 GB for 78.9 M parameters), where weights, gradients and 8-bit states account for 8."""
+def adapter_copy_bytes(trainable: int) -> int:
+    """fp32 adapters' bf16 copies, made on a step's first forward and held to the next optimizer step
+    (``LoRACopies``; a captured step's graph casts the adapters itself, vramplan/train/graphs.py, and keeps the copies
+    for its replays). Measured on the H100: under graphs torch's allocated peak grows 10 bytes a trainable parameter
+    (Llama-3.2-1B, rank 16 to 128 at 2,048 tokens: +0.79 GB for 78.9 M parameters; benchmarks/results/session11,
+    session 9's campaign), where weights, gradients and 8-bit states account for 8. Eager steps hold them too (session
+    24: the eager allocated peaks agree within 20 MB once these and the gradients' timing are priced)."""
     return ADAPTER_COPY_BYTES * trainable

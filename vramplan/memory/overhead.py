@@ -113,22 +113,16 @@ def unreused_segment_bytes(persistent: int, logits_set: int, layer_set: int, all
 POOLED_FRAGMENTATION = 0.05
 
 #: What the caching allocator holds beyond the allocated peak even when shapes repeat. Eager steps: torch's small pool
-#: (requests of at most 1 MiB) peaks when every adapter gradient it serves exists
-#: (``memory.adapters.small_pool_gradient_bytes``), the step as a whole earlier, and what the large pool frees by then
-#: cannot serve the small pool (session 23's allocator histories, ``benchmarks.memory_history.pool_peaks``: the small
-#: pool 125 and 38.6 MiB under its own peak when the step peaked, for 126 and 38 MiB of gradients; holes 1-7 MiB). A
-#: floor plus bytes a small-pool gradient byte, fitted on session 12's eager
-#: Llama-3.2-1B runs (benchmarks.allocator_slack.eager_slack_fit: 0.01-0.14 GB at ranks 8-256, 23-80 MB of such
-#: gradients; at rank 256 most are larger and the slack fell to 0.01 GB). It prices the other eager runs with
-#: checkpointing within 0.07 GB (Qwen3-4B 0.23 for 0.205, Gemma-4-E2B 0.17 for 0.19 and, with its chunked wide heads'
-#: score chunks, 0.23 for 0.17; Qwen3-0.6B 0.075 for 0.065), and Qwen3-1.7B at rank 128 without checkpointing at 0.49
-#: for 0.35, where one 0.17 GB constant had missed by up to 0.18 (session 22, which chose the feature after seeing
-#: those runs). Held out by that campaign (session 23) it holds at rank 16 and prices Qwen3-4B at rank 64 and
-#: Qwen3-0.6B at 128 high (0.43 GB for 0.07, 0.32 for 0.14): there the gradients grow faster through the backward than
-#: the checkpoints shrink, so the step peaks when they all exist. Captured: the intercept of the line below, fitted on
-#: session 12's rank sweep.
-EAGER_FRAGMENTATION_FLOOR_BYTES = 9_594_000
-EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE = 1.637
+#: (requests of at most 1 MiB) peaks when every adapter gradient it serves exists, and what the large pool has let go
+#: by then cannot serve it (session 23's allocator histories, ``benchmarks.memory_history.pool_peaks``: holes of
+#: 1-7 MiB, the small pool 125 and 38.6 MiB under its own peak when the step peaked, for 126 and 38 MiB of
+#: gradients). So the slack is those gradients made after the step's allocated peak, byte for byte
+#: (``small_gradients_after_peak``), plus this floor: the mean of the rest over session 12's eager Llama-3.2-1B runs
+#: (``benchmarks.allocator_slack.eager_slack_fit``: ranks 8-256, 1,024-4,096 tokens). Session 24 set it so, after the
+#: registered rank sweep (Qwen3-4B at ranks 8-128, Qwen3-0.6B at 16-128) bore out the timing; session 22's line
+#: (9.6 MB + 1.64 bytes a small-pool gradient byte, whatever the timing) had priced Qwen3-4B at rank 64 at 0.43 GB
+#: for 0.07-0.10 held. Captured: the intercept of the line below, fitted on session 12's rank sweep.
+EAGER_FRAGMENTATION_FLOOR_BYTES = 39_615_000
 #: The eager constant before session 22, from sessions 2-3's runs, made without expandable segments: 0.17, 0.20 and
 #: 0.17 GB on Llama-3.2-1B at 2,048 and 4,096 tokens and Gemma-4-E2B at 2,048. Kept where the line above was not
 #: measured: without expandable segments (switch ``expandable_segments`` off), and on DDP and FSDP2 ranks, whose
@@ -146,11 +140,29 @@ CAPTURED_FRAGMENTATION_FLOOR_BYTES = 129_000_000
 CAPTURED_FRAGMENTATION_PER_TRAINABLE = 2.64
 
 
+def small_gradients_after_peak(small: int, checkpoints: int, layer_set: int, loss: int, gradients: int,
+                               made_in_backward: bool = True) -> int:
+    """The small pool's adapter gradients (``small`` bytes) made after an eager step's allocated peak: the slack
+    ``pooled_fragmentation_bytes`` prices. The step peaks where the backward starts (every checkpoint held, the
+    loss's buffers or a layer's working set on top) or where it ends (every gradient made, ``gradients`` bytes in
+    all). Peaking at the start, all of ``small`` comes after; at the end, only as much as the large pool let go
+    between the two, so at high ranks, where gradients outgrow checkpoints, none (session 23's pool histories and
+    its registered rank sweep, run in session 24: slack over small-pool gradients 1.2-1.7 while the start is the
+    peak, 0.4 and 0.8 where the end overtakes it). Gradients that exist before the backward (``made_in_backward``
+    False) come after no peak of it: all of ``small``, as fitted."""
+    if not made_in_backward:
+        return small
+    start = checkpoints + max(loss, layer_set)
+    end = gradients + layer_set
+    # so the step's allocated peak plus this is the larger of the start's with every such byte and the end's
+    return min(small, max(0, start - end + small))
+
+
 def pooled_fragmentation_bytes(transient: int, trainable: int = 0, captured: bool = False, prologue: int = 0,
                                compact: bool = True, small_gradients: int | None = None) -> int:
     """Fragmentation when transient buffers recur in identical sizes: a fraction of the transient bytes, at least
-    the measured floor; an eager step adds its share of the gradients the small pool serves (``small_gradients``
-    bytes; None: a process the line was not fitted on, priced at ``UNFITTED_EAGER_FRAGMENTATION_BYTES``), a captured
+    the measured floor; an eager step adds the gradients the small pool serves after its peak (``small_gradients``
+    bytes, ``small_gradients_after_peak``; None: a process the line was not fitted on, priced at ``UNFITTED_EAGER_FRAGMENTATION_BYTES``), a captured
     step not made ``compact`` the first eager pass's adapter-sized buffers. A
     captured step's eager ``prologue`` (``activations.captured_prologue_bytes``) leaves its blocks cached in the
     regular pool every step, where the graph's pool never reuses them; the floor's blocks are cached there too, so the
@@ -159,7 +171,7 @@ def pooled_fragmentation_bytes(transient: int, trainable: int = 0, captured: boo
     at 8,192, E4B's 0.47-0.61 at 8,192 (sessions 14-16), where the floor priced 0.26 and 0.34 at every length."""
     if not captured:
         floor = (UNFITTED_EAGER_FRAGMENTATION_BYTES if small_gradients is None else
-                 EAGER_FRAGMENTATION_FLOOR_BYTES + int(EAGER_FRAGMENTATION_PER_SMALL_GRADIENT_BYTE * small_gradients))
+                 EAGER_FRAGMENTATION_FLOOR_BYTES + small_gradients)
         return max(int(POOLED_FRAGMENTATION * transient), floor)
     return (max(int(POOLED_FRAGMENTATION * transient), CAPTURED_FRAGMENTATION_FLOOR_BYTES, prologue)
             + (0 if compact else int(CAPTURED_FRAGMENTATION_PER_TRAINABLE * trainable)))

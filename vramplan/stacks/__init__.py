@@ -17,6 +17,8 @@ class StepMemory:
     library_bytes: int
     resident_paged: int = 0  # paged optimizer states NVML counts on the GPU (memory.optimizer.resident_paged_state_bytes)
     notes: tuple[str, ...] = field(default_factory=tuple)
+    # an eager step's small-pool gradients made after its allocated peak, the slack's feature (None: not priced so)
+    small_gradients_after_peak: int | None = None
 
 
 def step_memory(arch, plan) -> StepMemory:

@@ -28,13 +28,14 @@ from __future__ import annotations
 from vramplan.memory.activations import (CHUNKED_ATTENTION_SCORE_BYTES, FLASH_MAX_HEAD_DIM, ActivationRecipe,
                                          activation_bytes, band_pays, captured_prologue_bytes, model_level_activations,
                                          sliding_window_of)
-from vramplan.memory.adapters import (captured_adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
+from vramplan.memory.adapters import (adapter_copy_bytes, lora_grad_bytes, lora_param_bytes, paged_params,
                                       small_pool_gradient_bytes, trainable_params)
 from vramplan.memory.logits import chunked_logits_bytes, full_logits_forward_bytes, full_logits_peak_bytes, held_logits_bytes
 from vramplan.memory.optimizer import (FUSED_8BIT, PAGED, managed_state_bytes, managed_state_note, optimizer_state_bytes,
                                         resident_paged_state_bytes)
 from vramplan.memory.overhead import (CAPTURED_FRAGMENTATION_FLOOR_BYTES, cublas_workspace_bytes, cuda_graph_bytes,
-                                       cuda_library_bytes, flat_optimizer_bytes, pooled_fragmentation_bytes)
+                                       cuda_library_bytes, flat_optimizer_bytes, pooled_fragmentation_bytes,
+                                       small_gradients_after_peak)
 from vramplan.memory.weights import (dense_bytes, dequant_buffer_bytes, expert_dequant_buffer_bytes, head_weight_bytes,
                                      linear_weight_bytes, nf4_expert_bytes)
 from vramplan.memory import towers as mm
@@ -123,12 +124,16 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_kept:
         model_level["tower_activations"] = tower_kept
 
+    grads_made_in_backward = gradients_made_in_backward(arch, plan, captured)
     softcap = arch.final_logit_softcapping is not None
     if plan.loss == "chunked":
         # the chunked loss computes its gradient during the forward: its buffers peak there, not in backward
         forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h, int8_head=plan.head_quant == "int8",
                                                    budget=plan.loss_chunk_mb * 2**20, vocab_major=int8_vocab_major())
         backward_parts = {"activations": persistent + layer_set}
+        if grads_made_in_backward:
+            # each layer's checkpoints go as its gradients come: the backward peaks at its start or at its end
+            backward_parts = {"activations": max(persistent - grads["lora_grads"], 0) + layer_set}
     else:
         forward_loss = full_logits_forward_bytes(tokens, arch.vocab_size, ACT, softcap)
         loss = full_logits_peak_bytes(tokens, arch.vocab_size, ACT, softcap)
@@ -140,8 +145,8 @@ def step_memory(arch, plan) -> StepMemory:
     step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
     if captured:
         step_buffers["cuda_graphs"] = cuda_graph_bytes()
-        if lora_bytes == 4:
-            step_buffers["lora_compute_copies"] = captured_adapter_copy_bytes(trainable)
+    if lora_bytes == 4:
+        step_buffers["lora_compute_copies"] = adapter_copy_bytes(trainable)
     if flat_step_applies(arch, plan):
         step_buffers["flat_optimizer"] = flat_optimizer_bytes(trainable)
     if dequant := dequant_buffer_bytes(arch, plan.quant, tokens):
@@ -153,10 +158,11 @@ def step_memory(arch, plan) -> StepMemory:
     compact = switches.enabled("compact_captures")
     # the eager slack's line was fitted on one process with expandable segments; elsewhere its older constant
     fitted_eager = plan.gpus == 1 and switches.enabled("expandable_segments")
+    after_peak = (small_gradients_after_peak(small_pool_gradient_bytes(arch, plan), persistent, layer_set, forward_loss,
+                                             grads["lora_grads"], grads_made_in_backward) if fitted_eager else None)
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=captured, prologue=prologue, compact=compact,
-                                               small_gradients=small_pool_gradient_bytes(arch, plan)
-                                               if fitted_eager else None)
+                                               small_gradients=after_peak)
     prologue_notes = ((PROLOGUE_NOTE.format(per_layer=" and per-layer rows" if arch.per_layer_dim else "",
                                             gb=prologue / 1e9),) if prologue > CAPTURED_FRAGMENTATION_FLOOR_BYTES else ())
     chunked = [layer for layer in arch.layers if attention_kernel_of(layer, plan).startswith("chunked")]
@@ -177,7 +183,7 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
-    return StepMemory(phases=phases, fragmentation=fragmentation, library_bytes=cuda_library_bytes("vramplan", managed_allocation=managed > 0),
+    return StepMemory(phases=phases, fragmentation=fragmentation, small_gradients_after_peak=after_peak, library_bytes=cuda_library_bytes("vramplan", managed_allocation=managed > 0),
                       resident_paged=resident_paged_state_bytes(managed),
                       notes=managed_state_note(managed, optimizer) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ())
                       + ((WIDE_HEADS_NOTE.format(n=len(wide), width=wide[0].head_dim,
@@ -254,6 +260,14 @@ def flat_step_applies(arch, plan) -> bool:
     """Whether the trainer steps this plan's adapters as one flat tensor: ``Plan.steps_flat`` on a
     model family that does not decline it (:data:`FLAT_DECLINED`)."""
     return plan.steps_flat and arch.model_type not in FLAT_DECLINED
+
+
+def gradients_made_in_backward(arch, plan, captured: bool) -> bool:
+    """Whether a step's adapter gradients come into being layer by layer through its backward, each layer's as its
+    checkpoints are let go: an eager step of one micro-batch on one GPU, its adapters stepped apart. A capture makes
+    them one buffer first (``compact_captures``), so does the flat step, and accumulation keeps them from the first
+    micro-batch on."""
+    return not captured and not flat_step_applies(arch, plan) and plan.grad_accum == 1 and plan.gpus == 1
 
 
 def graphs_apply(arch, plan) -> bool:
