@@ -145,7 +145,7 @@ def step_memory(arch, plan) -> StepMemory:
     step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
     if captured:
         step_buffers["cuda_graphs"] = cuda_graph_bytes()
-    if lora_bytes == 4:
+    if lora_bytes == 4 and plan.parallel != "fsdp":  # FSDP2 gathers the adapters anew each layer: no copy is kept
         step_buffers["lora_compute_copies"] = adapter_copy_bytes(trainable)
     if flat_step_applies(arch, plan):
         step_buffers["flat_optimizer"] = flat_optimizer_bytes(trainable)
@@ -183,7 +183,8 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_working:  # a frozen tower's layers exist one at a time, in the forward only
         for phase in ("forward", "backward") if set(plan.train_parts) - {"language"} else ("forward",):
             phases[phase]["tower_working_set"] = tower_working
-    return StepMemory(phases=phases, fragmentation=fragmentation, small_gradients_after_peak=after_peak, library_bytes=cuda_library_bytes("vramplan", managed_allocation=managed > 0),
+    return StepMemory(phases=phases, fragmentation=fragmentation, small_gradients_after_peak=after_peak,
+                      library_bytes=cuda_library_bytes("vramplan", managed_allocation=managed > 0),
                       resident_paged=resident_paged_state_bytes(managed),
                       notes=managed_state_note(managed, optimizer) + optimizer_notes + (EXPERTS_NOTE[experts_note] if arch.expert_params else ())
                       + ((WIDE_HEADS_NOTE.format(n=len(wide), width=wide[0].head_dim,
@@ -266,8 +267,9 @@ def gradients_made_in_backward(arch, plan, captured: bool) -> bool:
     """Whether a step's adapter gradients come into being layer by layer through its backward, each layer's as its
     checkpoints are let go: an eager step of one micro-batch on one GPU, its adapters stepped apart. A capture makes
     them one buffer first (``compact_captures``), so does the flat step, and accumulation keeps them from the first
-    micro-batch on."""
-    return not captured and not flat_step_applies(arch, plan) and plan.grad_accum == 1 and plan.gpus == 1
+    micro-batch on. FSDP2 and DDP ranks (their reducers' buffers, ``stacks.distributed``) are priced as before."""
+    return (not captured and not flat_step_applies(arch, plan) and plan.grad_accum == 1 and plan.gpus == 1
+            and plan.parallel == "none")
 
 
 def graphs_apply(arch, plan) -> bool:
