@@ -145,7 +145,7 @@ def step_memory(arch, plan) -> StepMemory:
     step_buffers = {"cublas_workspaces": cublas_workspace_bytes()}
     if captured:
         step_buffers["cuda_graphs"] = cuda_graph_bytes()
-    if lora_bytes == 4 and plan.parallel != "fsdp":  # FSDP2 gathers the adapters anew each layer: no copy is kept
+    if lora_bytes == 4:  # each module keeps its last copies (under FSDP2 too: of the gathered adapters)
         step_buffers["lora_compute_copies"] = adapter_copy_bytes(trainable)
     if flat_step_applies(arch, plan):
         step_buffers["flat_optimizer"] = flat_optimizer_bytes(trainable)
