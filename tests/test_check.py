@@ -99,8 +99,8 @@ def test_bad_input_exits_2(job, tmp_path):
 
 @pytest.mark.gpu
 def test_dry_run_runs_the_worst_batch(tmp_path):
-    """In its own process, as a user runs it: inside pytest's, earlier GPU tests leave pages mapped that a tiny
-    model's dry run fits in without the driver's reading moving (session 24: 0 bytes, after the calibration tests)."""
+    """In its own process, as a user runs it. Inside pytest's, after the other GPU tests, the dry run read 0 bytes above
+    its baseline (session 24): what earlier tests left mapped can likely hold a tiny model's steps."""
     import subprocess
     import sys
 
