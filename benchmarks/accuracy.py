@@ -105,9 +105,9 @@ def campaign_rows(paths=CAMPAIGN, role: str = CAMPAIGN_ROLE) -> list[dict]:
 #: with the switches its trainer ran under where they differ from today's and change what the planner prices.
 #: Session 10's ran before SDPA's kernels left Gemma 4's wide heads (the chunked attention, session 13) and its
 #: sliding mask (the band, session 15); sessions 23 and 24 re-ran Llama-3.2-1B, Qwen3-0.6B, Gemma-4-E2B, Qwen3-4B
-#: and Gemma-4-E4B as calibrate now runs. A later
-#: run of a model supersedes an earlier one. The allocator's settings each run records (``alloc_conf``, since session
-#: 22, when `vramplan calibrate` began to ask for expandable segments as `vramplan train` does); session 10's had none.
+#: and Gemma-4-E4B as calibrate now runs. A later run of a model supersedes an earlier one. The allocator's settings
+#: each run records (``alloc_conf``, since session 22, when `vramplan calibrate` began to ask for expandable segments
+#: as `vramplan train` does); session 10's had none.
 CALIBRATE_RUNS = {**{path: {"wide_head_attention": False, "sliding_band_attention": False}
                      for path in sorted((RESULTS / "session10").glob("calibrate-*.jsonl"))},
                   RESULTS / "session23" / "call1" / "calibrate.jsonl": {},

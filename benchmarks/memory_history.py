@@ -73,17 +73,21 @@ def segment_growth(snapshot: dict, device: int = 0) -> list[dict]:
     return rows
 
 
+def _holds(segment: dict, event: dict) -> bool:
+    """Whether a trace event's address lies in the segment."""
+    return segment["address"] <= event.get("addr", -1) < segment["address"] + segment["total_size"]
+
+
 def _live_at_start(segment: dict, trace: list[dict]) -> dict[int, tuple[int, str]]:
     """The segment's blocks live when the trace began: its live blocks at the end (the snapshot's), with the trace's
     allocations taken back and its frees put back, newest first."""
-    low, high = segment["address"], segment["address"] + segment["total_size"]
     live, address = {}, segment["address"]
     for block in segment["blocks"]:
         if block["state"] == "active_allocated":
             live[address] = block["size"]
         address += block["size"]
     for event in reversed(trace):
-        if low <= event.get("addr", -1) < high:
+        if _holds(segment, event):
             if event["action"] == "alloc":
                 live.pop(event["addr"], None)
             elif event["action"] == "free_completed":
@@ -105,7 +109,7 @@ def pool_peaks(snapshot: dict, device: int = 0) -> list[dict]:
     total_peak, at_total_peak = sum(used), list(used)
     for index, event in enumerate(trace):
         for k, segment in enumerate(segments):
-            if not segment["address"] <= event.get("addr", -1) < segment["address"] + segment["total_size"]:
+            if not _holds(segment, event):
                 continue
             if event["action"] == "alloc":
                 live[k][event["addr"]] = (event["size"], _request(event.get("frames", [])) or "?")

@@ -140,18 +140,15 @@ CAPTURED_FRAGMENTATION_FLOOR_BYTES = 129_000_000
 CAPTURED_FRAGMENTATION_PER_TRAINABLE = 2.64
 
 
-def small_gradients_after_peak(small: int, checkpoints: int, layer_set: int, loss: int, gradients: int,
-                               made_in_backward: bool = True) -> int:
+def small_gradients_after_peak(small: int, checkpoints: int, layer_set: int, loss: int, gradients: int) -> int:
     """The small pool's adapter gradients (``small`` bytes) made after an eager step's allocated peak: the slack
     ``pooled_fragmentation_bytes`` prices. The step peaks where the backward starts (every checkpoint held, the
     loss's buffers or a layer's working set on top) or where it ends (every gradient made, ``gradients`` bytes in
     all). Peaking at the start, all of ``small`` comes after; at the end, only as much as the large pool let go
     between the two, so at high ranks, where gradients outgrow checkpoints, none (session 23's pool histories and
     its registered rank sweep, run in session 24: slack over small-pool gradients 1.2-1.7 while the start is the
-    peak, 0.4 and 0.8 where the end overtakes it). Gradients that exist before the backward (``made_in_backward``
-    False) come after no peak of it: all of ``small``, as fitted."""
-    if not made_in_backward:
-        return small
+    peak, 0.4 and 0.8 where the end overtakes it). For a step whose gradients the backward makes layer by layer
+    (``stacks.vramplan.gradients_made_in_backward``)."""
     start = checkpoints + max(loss, layer_set)
     end = gradients + layer_set
     # so the step's allocated peak plus this is the larger of the start's with every such byte and the end's

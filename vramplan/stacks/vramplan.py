@@ -124,16 +124,15 @@ def step_memory(arch, plan) -> StepMemory:
     if tower_kept:
         model_level["tower_activations"] = tower_kept
 
-    grads_made_in_backward = gradients_made_in_backward(arch, plan, captured)
+    grads_made_in_backward = gradients_made_in_backward(arch, plan)
     softcap = arch.final_logit_softcapping is not None
     if plan.loss == "chunked":
         # the chunked loss computes its gradient during the forward: its buffers peak there, not in backward
         forward_loss = loss = chunked_logits_bytes(tokens, arch.vocab_size, h, int8_head=plan.head_quant == "int8",
                                                    budget=plan.loss_chunk_mb * 2**20, vocab_major=int8_vocab_major())
-        backward_parts = {"activations": persistent + layer_set}
-        if grads_made_in_backward:
-            # each layer's checkpoints go as its gradients come: the backward peaks at its start or at its end
-            backward_parts = {"activations": max(persistent - grads["lora_grads"], 0) + layer_set}
+        # made in the backward, each layer's gradients come as its checkpoints go: it peaks at its start or its end
+        kept = max(persistent - grads["lora_grads"], 0) if grads_made_in_backward else persistent
+        backward_parts = {"activations": kept + layer_set}
     else:
         forward_loss = full_logits_forward_bytes(tokens, arch.vocab_size, ACT, softcap)
         loss = full_logits_peak_bytes(tokens, arch.vocab_size, ACT, softcap)
@@ -158,8 +157,10 @@ def step_memory(arch, plan) -> StepMemory:
     compact = switches.enabled("compact_captures")
     # the eager slack's line was fitted on one process with expandable segments; elsewhere its older constant
     fitted_eager = plan.gpus == 1 and switches.enabled("expandable_segments")
-    after_peak = (small_gradients_after_peak(small_pool_gradient_bytes(arch, plan), persistent, layer_set, forward_loss,
-                                             grads["lora_grads"], grads_made_in_backward) if fitted_eager else None)
+    # gradients that exist before the backward (accumulated, one flat buffer) come after no peak of it: all count
+    small = small_pool_gradient_bytes(arch, plan) if fitted_eager else None
+    after_peak = (small_gradients_after_peak(small, persistent, layer_set, forward_loss, grads["lora_grads"])
+                  if small is not None and grads_made_in_backward else small)
     fragmentation = pooled_fragmentation_bytes(persistent + sum(model_level.values()) + max(layer_set, loss),
                                                trainable, captured=captured, prologue=prologue, compact=compact,
                                                small_gradients=after_peak)
@@ -263,13 +264,13 @@ def flat_step_applies(arch, plan) -> bool:
     return plan.steps_flat and arch.model_type not in FLAT_DECLINED
 
 
-def gradients_made_in_backward(arch, plan, captured: bool) -> bool:
+def gradients_made_in_backward(arch, plan) -> bool:
     """Whether a step's adapter gradients come into being layer by layer through its backward, each layer's as its
     checkpoints are let go: an eager step of one micro-batch on one GPU, its adapters stepped apart. A capture makes
     them one buffer first (``compact_captures``), so does the flat step, and accumulation keeps them from the first
     micro-batch on. FSDP2 and DDP ranks (their reducers' buffers, ``stacks.distributed``) are priced as before."""
-    return (not captured and not flat_step_applies(arch, plan) and plan.grad_accum == 1 and plan.gpus == 1
-            and plan.parallel == "none")
+    return (not graphs_apply(arch, plan) and not flat_step_applies(arch, plan) and plan.grad_accum == 1
+            and plan.gpus == 1 and plan.parallel == "none")
 
 
 def graphs_apply(arch, plan) -> bool:
