@@ -6,8 +6,7 @@
 # 2. (#6) session 24's eager campaign ran four steps a line and read 29% mean speed error (steps 0.26-0.39 s whatever
 #    their work); two of its plans again with eight steps say whether the short runs or the host did it.
 export TRITON_CACHE_AUTOTUNING=1 TRAINER_ARGS=--pool-summary
-W=/tmp/s25; mkdir -p "$W"; ROOT=$OUT; export OUT=$W
-pack() { cp "$W"/* "$ROOT"/ 2>/dev/null; }
+W=/tmp/s25; source benchmarks/device_staging.sh
 echo "[{\"seq\": 2048, \"rank\": 16, \"gc\": true, \"batch\": 1, \"cuda_graphs\": false,
         \"memory_history\": \"$W/history-eager-e2b-2048.pickle.gz\"}]" > /tmp/eager-e2b.json
 STEPS=3 timeout 120 benchmarks/run_on_gpu.sh "trainer:gemma-4-e2b-text:/tmp/eager-e2b.json" | cut -c1-110
