@@ -279,6 +279,7 @@ def main() -> None:
             rec.update(measured)
             used = used_memory_bytes()
             rec["nvml_used_delta"] = (used - base_used) if base_used is not None and used is not None else None
+            rec["step_times"] = [round(t, 4) for t in times]  # each step's wall seconds: how long warming up took
             tail = sorted(times[1:]) or times
             rec["step_s"] = tail[len(tail) // 2]
             rec["tok_s"] = g["batch"] * g["seq"] / rec["step_s"]
