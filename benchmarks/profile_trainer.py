@@ -113,7 +113,7 @@ def print_syncs(events, steps: int, one_step) -> None:
 
     def record(message, *_args, **_kwargs) -> None:  # called where the op ran: the stack is the op's
         frames = [f for f in traceback.extract_stack()[:-1]
-                  if not any(part in f.filename for part in ("/torch/", "warnings", "profile_trainer"))]
+                  if not any(part in f.filename for part in ("site-packages/torch/", "warnings", "profile_trainer"))]
         where = " < ".join(f"{os.path.basename(f.filename)}:{f.lineno} {f.name}" for f in frames[::-1][:4])
         key = f"{where or 'elsewhere'}: {str(message)[:70]}"
         flagged[key] = flagged.get(key, 0) + 1

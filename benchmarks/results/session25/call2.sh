@@ -11,3 +11,8 @@ for model in llama-3.2-1b qwen3-0.6b qwen3-1.7b llama-3.2-3b qwen3-4b gemma-4-e2
   pack
 done
 mv "$W/trainer.jsonl" "$W/eager-steady.jsonl"; pack
+# call 1's --syncs flagged one wait inside the decoder's forward, its frames hidden by a filter that dropped every path
+# holding "/torch/" (the device's site-packages live under /opt/torch/): where it is
+export PYTHONPATH="$PWD:/tmp/shim:/tmp/site" PYTHONUNBUFFERED=1
+timeout 60 python3 -m benchmarks.profile_trainer --config llama-3.2-1b --seq 1024 --syncs --rows 5 > "$W/profile-syncs.txt" 2>&1
+grep "^sync" "$W/profile-syncs.txt" | cut -c1-400; pack
