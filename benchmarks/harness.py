@@ -81,37 +81,6 @@ def host_dispatch_us(device, ops: int = 2000, rounds: int = 5) -> float:
     return round(best * 1e6, 3)
 
 
-def host_autograd_us(device, layers: int = 24, rounds: int = 5) -> float:
-    """Host µs an op of a tiny forward and backward through ``layers`` linear-and-SiLU layers on ``device`` (best of
-    ``rounds``): a second probe of the host, beside :func:`host_dispatch_us`. Session 21's eager steps ran 1.49x faster
-    on a host whose dispatch probe read only 1.24x faster; an eager step's host time is mostly Python modules and
-    autograd's engine, which this probe runs and the tiny add does not."""
-    import time
-
-    x = torch.randn(4, 16, device=device)
-    weights = [torch.randn(16, 16, device=device, requires_grad=True) for _ in range(layers)]
-    ops = 4 * layers  # forward: matmul, SiLU; backward: their two gradient ops (the sum and its backward aside)
-
-    def once() -> None:
-        hidden = x
-        for weight in weights:
-            hidden = torch.nn.functional.silu(hidden @ weight)
-        hidden.sum().backward()
-
-    best = float("inf")
-    for _ in range(rounds):
-        once()
-        if x.is_cuda:
-            torch.cuda.synchronize(device)
-        started = time.perf_counter()
-        for _ in range(20):
-            once()
-        if x.is_cuda:
-            torch.cuda.synchronize(device)
-        best = min(best, (time.perf_counter() - started) / (20 * ops))
-    return round(best * 1e6, 3)
-
-
 def median_ms(fn: Callable[[], Any]) -> float:
     import triton.testing
 

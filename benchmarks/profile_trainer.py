@@ -86,7 +86,10 @@ def main() -> None:
         torch.cuda.synchronize()
         wall = (time.time() - started) / args.steps
     events = prof.key_averages()
-    device_total = sum(e.self_device_time_total for e in events) / 1e6 / args.steps
+    # the kernels' own rows, as torch's table totals them: an operator's self device time is its kernels' again, and
+    # a user range's (the optimizer's step) spans them too (summing every row read ~2x busy until session 25)
+    device_total = sum(e.self_device_time_total for e in events if e.device_type == torch.autograd.DeviceType.CUDA
+                       and not e.is_user_annotation) / 1e6 / args.steps
     print(f"wall {wall * 1e3:.1f} ms/step, GPU busy {device_total * 1e3:.1f} ms/step, "
           f"{sum(e.count for e in events if e.device_type == torch.autograd.DeviceType.CPU) // args.steps} host ops/step")
     print(events.table(sort_by="self_cpu_time_total", row_limit=args.rows, max_name_column_width=60))

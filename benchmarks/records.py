@@ -113,6 +113,16 @@ SESSION23_EAGER = (_RESULTS / "session23" / "call1" / "eager-campaign.jsonl",)
 #: Session 24's eager campaign, its grid and predictions committed before it ran (session24/campaign-eager-timing.json,
 #: predicted-eager-timing.txt: an eager step's gradients priced by when they come), fresh processes (call3).
 SESSION24_EAGER_TIMING = (_RESULTS / "session24" / "call3" / "eager-timing.jsonl",)
+#: Session 25's eager runs on two H100 machines: call 1 ran two of session 24's plans with eight steps and one more
+#: (call1/eager-eight-steps.jsonl), call 2 the campaign registered in session25/campaign-eager-steady.json (seven
+#: plans of sessions 21-24 with twelve steps, each step's time recorded; call2/eager-steady.jsonl). Call 2's host
+#: probed 34-42 µs an op, call 1's 25-31.
+SESSION25_EAGER = (_RESULTS / "session25" / "call1" / "eager-eight-steps.jsonl",
+                   _RESULTS / "session25" / "call2" / "eager-steady.jsonl")
+#: The probed eager runs no hold-out counts, which set the host the speed model's host cost holds for
+#: (``vramplan.host.REFERENCE_AUTOGRAD_OP_US``, ``benchmarks.throughput.reference_host_fit``): session 24's rank sweep
+#: of Qwen3-4B and Qwen3-0.6B (call2/slack-sweep.jsonl).
+REFERENCE_HOST_RUNS = (_RESULTS / "session24" / "call2" / "slack-sweep.jsonl",)
 
 
 @dataclass(frozen=True)
@@ -230,6 +240,10 @@ HELD_OUT = (
             "session 24's eager campaign, registered before it ran (session24/campaign-eager-timing.json: Llama-3.2-3B at "
             "ranks 128 and 32, Qwen3-1.7B at 64 and 128, Llama-3.2-1B at 128 and at 64 with batch 2, checkpointed), "
             "its backward's peak and slack priced by when the gradients come, none fitted"),
+    HeldOut("session25_eager", SESSION25_EAGER, "session 25, eager on two hosts",
+            "session 25's eager runs of plans from sessions 21-24 on two H100 machines (call1/eager-eight-steps.jsonl: "
+            "eight steps; call2/eager-steady.jsonl: the twelve-step campaign registered in "
+            "session25/campaign-eager-steady.json), none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -25,12 +25,13 @@ import numpy as np
 from vramplan.atomic import write_json_atomic
 from vramplan.catalog import resolve_gpu, resolve_model
 from vramplan.estimate import architecture
-from benchmarks.records import HELD_OUT, band_min_windows_ran, plan_of, priced_as_ran, switches_ran
+from vramplan.host import host_scale
+from benchmarks.records import HELD_OUT, REFERENCE_HOST_RUNS, band_min_windows_ran, plan_of, priced_as_ran, switches_ran
 from vramplan.plan import Plan
 from vramplan.train import switches
 from vramplan.throughput import FLASH_ATTENTION_EFFICIENCY as FLASH_RATE
 from vramplan.throughput import MATMUL_EFFICIENCY as MATMUL_RATE
-from vramplan.throughput import _recomputes, captured_phases, combine, Factors, overlap, step_host_ops, step_seconds
+from vramplan.throughput import FACTOR_FIELDS, _recomputes, captured_phases, combine, Factors, factors_for, overlap, step_host_ops, step_seconds
 
 ROOT = Path(__file__).resolve().parent.parent
 RESULTS = ROOT / "benchmarks" / "results"
@@ -83,6 +84,8 @@ class Run:
     ran: dict[str, bool] = field(default_factory=lambda: switches_ran({}))
     #: the band's threshold it ran under (``records.band_min_windows_ran``; the key marks it where the band was on)
     band_min_windows: int = 1
+    #: its host's autograd probe (``host_autograd_us``, the median over its measurements), None where any was unprobed
+    host_us: float | None = None
 
     def as_ran(self):
         """The context that prices it as it ran: its switches and its band threshold."""
@@ -151,6 +154,7 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
     ``flat_optimizer`` (``records.plan_of``). ``later``:
     the runs are LATER_SOURCES', grouped by :func:`group_of`."""
     times: dict[str, list[float]] = {}
+    probes: dict[str, list[float | None]] = {}
     plans: dict[str, tuple[str, Plan, dict[str, bool]]] = {}
     for stack, paths in sources.items():
         lines = [line for path in (paths if isinstance(paths, tuple) else (paths,)) for line in path.read_text().splitlines()]
@@ -166,9 +170,11 @@ def load_runs(sources: dict[str, Path | tuple[Path, ...]] = SOURCES, later: bool
                                                                else "") + (CAUSAL if causal else ""))
             plans.setdefault(key, (stack, plan, ran, band_from))
             times.setdefault(key, []).append(float(record["step_s"]))
+            probes.setdefault(key, []).append(record.get("host_autograd_us"))
     return [Run(key, stack, plan.model, plan, tuple(times[key]),
                 "graphs_causal" if key.endswith(CAUSAL) else group_of(plan, later),
-                masked_captures=not key.endswith(CAUSAL), ran=ran, band_min_windows=band_from)
+                masked_captures=not key.endswith(CAUSAL), ran=ran, band_min_windows=band_from,
+                host_us=statistics.median(probes[key]) if None not in probes[key] else None)
             for key, (stack, plan, ran, band_from) in plans.items()]
 
 
@@ -222,10 +228,11 @@ def _terms(run: Run) -> dict[str, float]:
 
 
 def run_seconds(run: Run, factors: Factors) -> dict[str, float]:
-    """The model's step-time terms for ``run`` with ``factors``, its plan priced as it ran (which optimizer stepped it)."""
+    """The model's step-time terms for ``run`` with ``factors``, its plan priced as it ran (which optimizer stepped it)
+    on the host it ran on (its probe where it has one)."""
     with run.as_ran():
-        return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU), factors,
-                            run.masked_captures)
+        return step_seconds(architecture(resolve_model(run.model)), run.plan, resolve_gpu(GPU),
+                            replace(factors, host_scale=host_scale(run.host_us)), run.masked_captures)
 
 
 #: The grids searched. Matmul efficiency stops at the H100's measured bf16 GEMM rate (702-798 of
@@ -309,6 +316,27 @@ def host_op_fitted(run: Run) -> bool:
     return run.group == HOST_OP_FIT_GROUP and run.stack == "vramplan" and not run.plan.captures_steps
 
 
+#: The probe readings searched for the reference host (µs an op; H100 machines read 21-42).
+REFERENCE_HOST_US = np.arange(15.0, 45.05, 0.1)
+
+
+def reference_host_fit(paths: tuple[Path, ...] = REFERENCE_HOST_RUNS) -> tuple[float, float]:
+    """The probe reading the calibrated host cost per op holds for (``vramplan.host.REFERENCE_AUTOGRAD_OP_US``) and
+    the mean relative step-time error there: the reading that minimises that error over ``paths``' probed eager runs,
+    each priced on its own host (its probe over the reading), the calibration's factors as they are."""
+    runs = [r for r in load_runs({"vramplan": paths}) if r.host_us and not r.plan.captures_steps]
+    factors = factors_for("vramplan")
+    terms = [run_seconds(replace(r, host_us=None), factors) for r in runs]
+
+    def error(reference: float) -> float:
+        return statistics.mean(abs(combine(dict(t, host=t["host"] * r.host_us / reference,
+                                                host_after_sync=t["host_after_sync"] * r.host_us / reference))
+                                       - r.step_s) / r.step_s for r, t in zip(runs, terms))
+
+    best = min(REFERENCE_HOST_US, key=error)
+    return round(float(best), 1), float(error(best))
+
+
 def predicted_tok_s(run: Run, factors: Factors) -> float:
     return run.plan.micro_batch * run.plan.seq_len / combine(run_seconds(run, factors))
 
@@ -386,7 +414,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
     return {
         "gpu": GPU,
         "split": f"per stack, in order of first measurement, configurations 1, 1+{FIT_EVERY}, 1+2*{FIT_EVERY}, ... fitted",
-        "factors": {stack: f.__dict__ for stack, f in factors.items()},
+        "factors": {stack: {name: getattr(f, name) for name in FACTOR_FIELDS} for stack, f in factors.items()},
         "rows": rows,
         "held_out": _summary([abs(r["error"]) for r in held_rows]),
         "held_out_by_stack": {stack: _summary([abs(r["error"]) for r in held_rows if r["stack"] == stack])
@@ -411,7 +439,9 @@ def markdown(result: dict) -> str:
         part = {name: f"{held['count']} configurations, mean |error| {100 * held['mean_abs_error']:.1f}%, "
                       f"{held['within_15_percent']} within 15%" for name, held in shipped.items()}
         lines += [f"**The trainer as it shipped** (every held-out run of vramplan's trainer since session 9, the groups "
-                  f"`records.HELD_OUT` names below, each priced with the switches it ran under): {part['all']}; its steps "
+                  f"`records.HELD_OUT` names below, each priced with the switches it ran under and, where its line "
+                  f"probed its host (`host_autograd_us`, since session 21's call 4), for that host: "
+                  f"`vramplan.host.host_scale`): {part['all']}; its steps "
                   f"replayed as CUDA graphs (the default): {part.get('captured', 'none')}; eager (graphs off, or checkpoints "
                   f"offloaded): {part.get('eager', 'none')}.", ""]
     lines += ["| stack | model | seq | batch | rank | ckpt | quant | optimizer | repeats (spread) | measured | predicted "

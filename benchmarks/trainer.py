@@ -30,7 +30,8 @@ import torch
 from vramplan.catalog import resolve_model
 from vramplan.memory import activations
 from benchmarks import memory_history
-from benchmarks.harness import host_autograd_us, host_dispatch_us, random_batch, synced_seconds
+from benchmarks.harness import host_dispatch_us, random_batch, synced_seconds
+from vramplan.host import autograd_op_us
 from benchmarks.driver_memory import outside_pool_bytes, stack_limit_bytes, triton_kernels_with_local_memory
 from benchmarks.mfu import bf16_matmul_tflops, model_flops, utilisation_of
 from benchmarks.records import plan_of
@@ -211,7 +212,7 @@ def run_one(grid: dict, folder: str, vocab: int, steps: int, device: torch.devic
         record["pool_summary"] = summarize_pools(torch.cuda.memory_snapshot())
     # the host's speed, two probes (eager steps are bound by it), after the steps: run before them (session 21's call 4
     # to session 23's call 2) the autograd probe's matmuls loaded cuBLAS and placed its workspace ahead of the run
-    record |= {"host_dispatch_us": host_dispatch_us(device), "host_autograd_us": host_autograd_us(device),
+    record |= {"host_dispatch_us": host_dispatch_us(device), "host_autograd_us": autograd_op_us(device),
                "host_probes_after_steps": True}
     del model, optimizer, params, batch, graphs
     return record, times

@@ -199,7 +199,12 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     eager24 = stats["session24_eager_timing_uncalibrated"]
     assert eager24["n"] == 6 and eager24["mean"] < 0.015 and eager24["max"] < 0.02
     assert stats["session24_eager_timing_calibrated_by_calibrate_runs"]["max"] < 0.03
-    assert shipped["n"] == 154 and shipped["mean"] < 0.019
+    # session 25's eager runs on two hosts (eight and twelve steps; Gemma-4-E2B and E4B among them, which allocated
+    # 0.15 GB beyond their price in session 24's lines): 1.3% mean, 3.8% max; corrected 1.1% / 2.5%
+    eager25 = stats["session25_eager_uncalibrated"]
+    assert eager25["n"] == 10 and eager25["mean"] < 0.015 and eager25["max"] < 0.04
+    assert stats["session25_eager_calibrated_by_calibrate_runs"]["max"] < 0.03
+    assert shipped["n"] == 164 and shipped["mean"] < 0.019
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     over = [r for r in outside if r["error_calibrated_by_calibrate_runs"] > 0]
@@ -219,15 +224,15 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
 
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
-    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (177 runs; the matrix's
-    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.4% mean / 9.6% max, inside 8% / 15%;
-    calibrated 1.8% mean, inside 3%, 9.8% max, NOT inside 6%: the runs above, all five of them captured without
+    """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 (187 runs; the matrix's
+    vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.3% mean / 9.6% max, inside 8% / 15%;
+    calibrated 1.7% mean, inside 3%, 9.8% max, NOT inside 6%: the runs above, all five of them captured without
     checkpointing before compact captures (Qwen3-1.7B at ranks 64 and 128, -9.7% and -9.8%); every other run inside 6%
     since session 24 priced an eager step's gradients by when they come."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
-    assert unc["n"] == 177 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 169 and cal["mean"] <= 0.03 and cal["max"] <= 0.10
+    assert unc["n"] == 187 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 179 and cal["mean"] <= 0.03 and cal["max"] <= 0.10
     outside = [r for r in built[1]["rows"] if abs(r.get("error_calibrated_by_calibrate_runs", 0)) > 0.06]
     assert outside and all(r["model"] == "qwen3-1.7b" and r["checkpointing"] == "none" for r in outside)
 

@@ -84,13 +84,3 @@ def test_pool_summary_splits_the_graph_pool_from_the_default_one_and_names_the_s
     assert pools == {"default:expandable": {"segments": 1, "bytes": 100, "allocated": 60, "free_blocks": 1,
                                             "largest_free": [40]},
                      "graph": {"segments": 2, "bytes": 70, "allocated": 10, "free_blocks": 3, "largest_free": [30, 20, 10]}}
-
-
-def test_host_autograd_probe_times_an_op_of_a_forward_and_backward():
-    """µs per op of a tiny linear-and-SiLU stack, forward and backward: more than one bare queued add (it runs modules'
-    Python and autograd's engine as well), and it leaves its weights' gradients written."""
-    from benchmarks.harness import host_autograd_us, host_dispatch_us
-
-    autograd = host_autograd_us(torch.device("cpu"), layers=4, rounds=2)
-    assert 0 < autograd < 10_000
-    assert autograd > host_dispatch_us(torch.device("cpu"), ops=200, rounds=3)

@@ -68,6 +68,7 @@ class CalibrationResult:
     gpu_free_bytes: int
     shorter_predicted: Estimate | None = None  # the second shape (half the sequence), when it ran
     shorter_run: MeasuredRun | None = None
+    host: Any = None  # host.HostProbe: this machine's host speed, probed after the runs
 
     @property
     def predicted_above_context(self) -> int:
@@ -265,6 +266,7 @@ def run_calibration(plan: Plan, model_dir: str, steps: int = 3, batch: dict | No
         points.append(point_from(shorter_est, shorter_run.measured_process_bytes, fitted=shorter_run.fitted))
     key = CalibrationKey(gpu=detected.spec.name, family=model_family(profile), stack=plan.stack,
                          driver_major=driver_major(detected.driver), torch_minor=torch_minor())
+    host = probe_host(detected.spec.name, device_index, store)
     calibration = None
     if store:
         calibration = add_points(key, points)
@@ -273,7 +275,22 @@ def run_calibration(plan: Plan, model_dir: str, steps: int = 3, batch: dict | No
 
             add_points(key, points, Path(also_in))
     return CalibrationResult(predicted=est, run=run, key=key, calibration=calibration, gpu_free_bytes=detected.free_bytes,
-                             shorter_predicted=shorter_est, shorter_run=shorter_run)
+                             shorter_predicted=shorter_est, shorter_run=shorter_run, host=host)
+
+
+def probe_host(gpu: str, device_index: int = 0, store: bool = True):
+    """Time this machine's host driving the GPU (``vramplan.host``) and keep the reading for later predictions here:
+    eager steps' speed follows it."""
+    import datetime
+
+    import torch
+
+    from vramplan.host import HostProbe, autograd_op_us, store_probe
+
+    reading = autograd_op_us(torch.device("cuda", device_index))
+    if store:
+        return store_probe(reading, gpu)
+    return HostProbe(autograd_op_us=reading, gpu=gpu, measured=datetime.date.today().isoformat())
 
 
 def fit_and_calibrate(model_dir: str, base: Plan, steps: int = 3, device_index: int = 0):

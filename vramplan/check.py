@@ -125,16 +125,27 @@ def worst_batch_tensors(worst: WorstBatch, stack: str) -> dict:
     return {"input_ids": batch["input_ids"], "attention_mask": mask, "labels": labels}
 
 
-def predicted_tokens_per_s(profile: ModelProfile, plan: Plan, gpu: GpuSpec | None) -> float | None:
-    """Training tokens per second from the throughput model (vramplan.throughput); None when the
-    GPU's speed is unknown (a bare budget such as 12GB, or a GPU the catalog lacks)."""
+def predicted_tokens_per_s(profile: ModelProfile, plan: Plan, gpu: GpuSpec | None,
+                           host_us: float | None = None) -> float | None:
+    """Training tokens per second from the throughput model (vramplan.throughput) on a host whose probe read
+    ``host_us`` (None: the reference host); None when the GPU's speed is unknown (a bare budget such as 12GB, or a
+    GPU the catalog lacks)."""
     from vramplan.throughput import LINK_BYTES_PER_S, predict_tokens_per_s
 
     if gpu is None or not (gpu.bf16_tflops or gpu.fp16_tflops) or not gpu.bandwidth_gbs:
         return None
     if plan.gpus > 1 and gpu.interconnect not in LINK_BYTES_PER_S:
         return None  # the box's link is unknown: its communication time cannot be predicted
-    return predict_tokens_per_s(architecture(profile), plan, gpu)
+    return predict_tokens_per_s(architecture(profile), plan, gpu, host_us=host_us)
+
+
+def probe_for(gpu: GpuSpec | None):
+    """The host probe ``vramplan calibrate`` stored on this machine, where it drove this GPU model (a check usually
+    runs where the job will); None otherwise."""
+    from vramplan.host import stored_probe
+
+    probe = stored_probe()
+    return probe if probe is not None and gpu is not None and probe.gpu == gpu.name else None
 
 
 @dataclass
@@ -148,6 +159,7 @@ class CheckResult:
     nearest: Any = None  # FitResult when it does not fit and something does
     nearest_error: str | None = None
     dry_run: Any = None  # calibrate.MeasuredRun with --dry-run
+    host: Any = None  # host.HostProbe the speed was predicted for; None: the reference host
 
     @property
     def fits(self) -> bool:
@@ -179,6 +191,7 @@ class CheckResult:
             "plan": self.plan.to_dict(), "estimate": self.estimate.to_dict(),
             "nearest_plan": self.nearest.plan.to_dict() if self.nearest else None, "nearest_error": self.nearest_error,
             "dry_run": self.dry_run.to_record() if self.dry_run is not None else None,
+            "host_probe_us": self.host.autograd_op_us if self.host is not None else None,
         }
 
 
@@ -204,10 +217,11 @@ def check_plan(plan: Plan, profile: ModelProfile, records: list[dict], tokenizer
         worst = worst_micro_batch(records, tokenizer, plan, overlong)
         shaped = plan.replace(seq_len=worst.width, micro_batch=worst.rows)
     est = adjust(estimate_plan(shaped, profile, gpu, budget=budget))
-    rate = predicted_tokens_per_s(profile, plan, gpu)
+    host = probe_for(gpu)
+    rate = predicted_tokens_per_s(profile, plan, gpu, host.autograd_op_us if host is not None else None)
     seconds = worst.total_tokens * epochs / rate if rate else None
     result = CheckResult(plan=plan, worst=worst, estimate=est, budget_bytes=budget, tokens_per_s=rate,
-                         seconds_to_finish=seconds)
+                         seconds_to_finish=seconds, host=host)
     if not result.fits:
         try:
             result.nearest = fit_plan(profile, gpu, budget=budget, base=plan, adjust=adjust)

@@ -38,9 +38,10 @@ How they carry over to other GPUs: the efficiencies are fractions of a catalog p
 transfer as far as another GPU reaches the same fraction of its peak. The host cost per op is
 not a GPU property at all: it is Python, PyTorch's dispatcher and the CUDA driver on the CPU
 that feeds the GPU, so it is used unchanged for every GPU in the catalog and for every GPU of
-a box (each rank has its own process and core). It was measured on the H100 machine's CPU; a
-slower host (a desktop with a consumer GPU is usually faster per thread, a busy cloud VM
-slower) shifts it, and a host-bound plan's speed with it, by the same factor. A GPU that is
+a box (each rank has its own process and core). It holds for a host whose probe
+(``vramplan.host.autograd_op_us``) reads ``vramplan.host.REFERENCE_AUTOGRAD_OP_US``; H100 machines
+read 22-42 µs an op, and a host-bound plan's speed moves with the reading (``Factors.host_scale``:
+``vramplan calibrate`` probes its machine, and predictions there use it). A GPU that is
 faster than the H100 speeds a host-bound plan up not at all.
 
 CUDA graphs (vramplan's trainer on one GPU, a model without routed experts:
@@ -358,6 +359,9 @@ class Factors:
     matmul_efficiency: float
     attention_efficiency: float  # hf: its NF4 recipe's fp32 work (attention, the upcast LM head)
     bandwidth_efficiency: float
+    #: how much longer the host running the plan takes per op than the one the host costs hold for
+    #: (``vramplan.host.host_scale`` of its probe): every host second scales with it, the profiled ones too
+    host_scale: float = 1.0
 
 
 @lru_cache(maxsize=None)
@@ -380,11 +384,15 @@ def calibration(profiles: str | Path | None = None) -> dict[str, Any]:
     return _calibration(profiles_dir(profiles))
 
 
-def factors_for(stack: str, profiles: str | Path | None = None) -> Factors:
+def factors_for(stack: str, profiles: str | Path | None = None, host_us: float | None = None) -> Factors:
+    """``stack``'s calibrated factors, on a host whose probe read ``host_us`` (``vramplan.host.autograd_op_us``;
+    None: the reference host)."""
+    from vramplan.host import host_scale
+
     stacks = calibration(profiles)["stacks"]
     if stack not in stacks:
         raise VramplanError(f"no throughput calibration for stack '{stack}'; calibrated: {', '.join(stacks)}")
-    return Factors(**{name: float(stacks[stack][name]) for name in FACTOR_FIELDS})
+    return Factors(**{name: float(stacks[stack][name]) for name in FACTOR_FIELDS}, host_scale=host_scale(host_us))
 
 
 # ------------------------------------------------------------------ work per step
@@ -941,7 +949,7 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
             after_s += tensors * ZERO_GRAD_S_PER_TENSOR
         else:
             before_s += profiled
-    return before_s, after_s
+    return before_s * factors.host_scale, after_s * factors.host_scale
 
 
 def optimizer_queued(plan: Plan) -> bool:
@@ -1107,7 +1115,8 @@ def combine(seconds: dict[str, float]) -> float:
     return max(compute, seconds.get("comm", 0.0)) + seconds.get("comm_exposed", 0.0)
 
 
-def predict_tokens_per_s(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors | None = None) -> float:
+def predict_tokens_per_s(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: Factors | None = None,
+                         host_us: float | None = None) -> float:
     """Predicted training tokens per second of ``plan`` on ``gpu`` (on all ``plan.gpus`` GPUs of a box:
     N × a rank's tokens over the step time, communication included).
 
@@ -1117,7 +1126,8 @@ def predict_tokens_per_s(arch: Architecture, plan: Plan, gpu: GpuSpec, factors: 
     traffic of NF4/int8 dequantization, activations, logits, materialized attention
     scores and the optimizer; offloaded checkpoints over PCIe; and the host's dispatch of every op.
     Not counted: data loading, logging, checkpoint saving, paged-optimizer evictions (the
-    plan fits, so its states stay resident), thermal throttling.
+    plan fits, so its states stay resident), thermal throttling. ``host_us``: the host's probe
+    (``vramplan.host``), where ``factors`` are not given.
     """
-    seconds = combine(step_seconds(arch, plan, gpu, factors))
+    seconds = combine(step_seconds(arch, plan, gpu, factors or factors_for(plan.stack, host_us=host_us)))
     return plan.gpus * plan.micro_batch * plan.seq_len / seconds

@@ -10,6 +10,7 @@ from vramplan.catalog import gpu_catalog_about, resolve_model
 from vramplan.cli import main
 from vramplan.cli.output import emit_json, gb, json_option, table
 from vramplan.errors import VramplanError
+from vramplan.host import REFERENCE_AUTOGRAD_OP_US
 from vramplan.plan import STACKS, Plan
 
 
@@ -58,7 +59,8 @@ def held_out_error_note(calib: dict) -> str:
     if "held_out_captured" not in calib or "held_out_eager" not in calib:
         return whole
     return (f"{whole}: {pct(calib['held_out_captured'])} whose steps replay as CUDA graphs, "
-            f"{pct(calib['held_out_eager'])} eager (plans without \"graphs\", bound by the host's CPU)")
+            f"{pct(calib['held_out_eager'])} eager (plans without \"graphs\", bound by the host's CPU; priced for a "
+            f"host whose probe reads {REFERENCE_AUTOGRAD_OP_US:g} µs an op, where H100 machines read 22-42)")
 
 
 @main.command()

@@ -52,6 +52,8 @@ def report_lines(result: CalibrationResult) -> list[str]:
     lines.append(table(rows, ["", "predicted", "measured", "error"], colalign=("left", "right", "right", "right")))
     if result.calibration is not None:
         lines.append(f"stored in {result.calibration.source}: {result.calibration.describe()}")
+    if result.host is not None:
+        lines.append(result.host.describe())
     return lines
 
 
@@ -90,7 +92,8 @@ def calibrate(plan_path, model_dir, stack, steps, data_path, one_shape, no_store
     if as_json:
         emit_json({"key": result.key.to_dict(), "predicted": result.predicted.to_dict(), "run": result.run.to_record(),
                    "shorter_run": result.shorter_run.to_record() if result.shorter_run else None,
-                   "calibration": result.calibration.to_dict() if result.calibration else None})
+                   "calibration": result.calibration.to_dict() if result.calibration else None,
+                   "host": result.host.__dict__ if result.host is not None else None})
     else:
         click.echo("\n".join(report_lines(result)))
     if not result.run.fitted:

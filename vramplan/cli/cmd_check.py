@@ -33,7 +33,8 @@ def _report(result, seq_len: int) -> list[str]:
                      + (f" ({run.error})" if run.error else ""))
     if result.tokens_per_s:
         lines.append(f"predicted {result.tokens_per_s:,.0f} tokens/s; one pass over the data in "
-                     f"{_duration(result.seconds_to_finish)}")
+                     f"{_duration(result.seconds_to_finish)}"
+                     + (f" ({result.host.describe()})" if result.host is not None else ""))
     lines += [f"note: {n}" for n in est.notes]
     if not result.fits:
         if result.nearest is not None:
