@@ -2,7 +2,7 @@
 
 An eager step (no CUDA graphs: checkpoints offloaded, MoE models, several GPUs, the hf recipe) is bound by its host:
 the Python modules, autograd's engine and the driver's launches that queue its kernels. Hosts sold with one GPU model
-differ here by half: twelve-step eager runs of one plan took 0.134 s a step on one H100 machine and 0.235 s on
+differ here by half: eager runs of one plan took 0.134 s a step on one H100 machine and 0.241 s on
 another (Llama-3.2-1B at 4,096 tokens, rank 128; benchmarks/results/session25). A tiny autograd loop times the same
 work (:func:`autograd_op_us`): it read 27.7 and 38.9 µs an op on those two machines. The speed model's fitted host
 cost per op (``vramplan.throughput.Factors.seconds_per_host_op``) holds for a host whose probe reads

@@ -40,7 +40,7 @@ not a GPU property at all: it is Python, PyTorch's dispatcher and the CUDA drive
 that feeds the GPU, so it is used unchanged for every GPU in the catalog and for every GPU of
 a box (each rank has its own process and core). It holds for a host whose probe
 (``vramplan.host.autograd_op_us``) reads ``vramplan.host.REFERENCE_AUTOGRAD_OP_US``; H100 machines
-read 22-42 µs an op, and a host-bound plan's speed moves with the reading (``Factors.host_scale``:
+read 21-42 µs an op, and a host-bound plan's speed moves with the reading (``Factors.host_scale``:
 ``vramplan calibrate`` probes its machine, and predictions there use it). A GPU that is
 faster than the H100 speeds a host-bound plan up not at all.
 

@@ -60,7 +60,7 @@ def held_out_error_note(calib: dict) -> str:
         return whole
     return (f"{whole}: {pct(calib['held_out_captured'])} whose steps replay as CUDA graphs, "
             f"{pct(calib['held_out_eager'])} eager (plans without \"graphs\", bound by the host's CPU; priced for a "
-            f"host whose probe reads {REFERENCE_AUTOGRAD_OP_US:g} µs an op, where H100 machines read 22-42)")
+            f"host whose probe reads {REFERENCE_AUTOGRAD_OP_US:g} µs an op, where H100 machines read 21-42)")
 
 
 @main.command()
