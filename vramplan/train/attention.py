@@ -115,6 +115,7 @@ class ChunkedAttention(torch.autograd.Function):
             del scores
             out[:, :, :, start:stop] = torch.matmul(probs, v[:, :, first:upto]).view(b, h_kv, g, stop - start, -1)
             lse[:, :, :, start:stop] = chunk_lse.view(b, h_kv, g, stop - start)
+            del probs  # before the next chunk's scores: one chunk's buffers at a time, as the planner prices them
         out = out.view(b, h, s, -1)
         ctx.save_for_backward(q, k, v, out, lse, mask)
         ctx.scale, ctx.causal, ctx.chunk, ctx.fused, ctx.window = scale, causal, chunk, fused, window
@@ -146,10 +147,14 @@ class ChunkedAttention(torch.autograd.Function):
                 grad_v[:, :, first:upto] += torch.matmul(probs.transpose(-1, -2), doc)
             else:
                 probs, _ = _probabilities(scores, chunk_lse, scale, mask, g, start, stop, first, upto, causal, window)
+                del scores
                 grad_v[:, :, first:upto] += torch.matmul(probs.to(v.dtype).transpose(-1, -2), doc)
                 grad_scores = _scaled(matmul_fp32(doc, vc.transpose(-1, -2)).sub_(delta).mul_(probs), scale).to(q.dtype)
             grad_q[:, :, :, start:stop] = torch.matmul(grad_scores, kc).view(b, h_kv, g, stop - start, d)
             grad_k[:, :, first:upto] += torch.matmul(grad_scores.transpose(-1, -2), qc)
+            # before the next chunk's: held across it, this chunk's score-sized buffers had made the widest chunk's
+            # backward hold 3.75 chunks of fp32 scores where 3 are priced (the fused rows; 2.5 in PyTorch)
+            del probs, grad_scores
         return grad_q.view(b, h, s, d), grad_k.to(k.dtype), grad_v.to(v.dtype), None, None, None, None, None
 
 
