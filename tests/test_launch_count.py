@@ -38,10 +38,12 @@ def test_one_step_counted_by_phase_and_component(family, layers, monkeypatch):
         assert rope.get("triton", 0) >= layers and (phase == "forward" or rope.get("launch", 0) == 0)
     # per LoRA linear: dequant (Triton) + 3 aten launches in the recompute; in the backward dequant + 5
     # (dX, the gradient at x·Aᵀ, dA and dB into the flat buffer, the LoRA part of dX), plus a copy where
-    # a gradient arrives non-contiguous
+    # a gradient arrives non-contiguous; but the first layer's q, k and v, whose input comes from the frozen
+    # embeddings and needs no gradient (the trainer drops transformers' hook that asked for one), skip the
+    # dequantization and dX
     assert table["recompute"]["qlora_linear"]["launch"] == 3 * linears
     assert table["backward"]["qlora_linear"]["launch"] <= 6 * linears
-    assert table["backward"]["qlora_linear"]["triton"] == linears
+    assert table["backward"]["qlora_linear"]["triton"] == linears - 3
 
 
 def _per_layer(counts: dict, ops: dict, layers: tuple[int, int], phase: str) -> tuple[float, float]:
