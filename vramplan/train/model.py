@@ -296,9 +296,10 @@ def enable_checkpointing(model: nn.Module, offload: bool = False) -> None:
 def drop_input_grad_hooks(model: nn.Module) -> None:
     """Undo the hook transformers' checkpointing sets on the input embeddings (``enable_input_require_grads``, which
     reentrant checkpoints need to see a gradient). The trainer's checkpoints are non-reentrant; with the hook, autograd
-    recorded the frozen path from the embeddings on. On Gemma 4 that path is the per-layer inputs' projection and norm,
-    and the norm kept its input, b·s·layers·d_pl values, to the end of the backward: 36.7 MB on Gemma-4-E2B at 2,048
-    tokens (session 25's allocator history). The backward also ran through that projection for nothing."""
+    recorded the frozen path from the embeddings on. On Gemma 4 that path is the per-layer inputs' projection and norm:
+    the norm kept its input, b·s·layers·d_pl values, to the end of the backward, and each layer's backward made a
+    gradient of the whole per-layer tensor to accumulate, 36.7 MB each on Gemma-4-E2B at 2,048 tokens (session 25's
+    allocator history). The backward also ran through that projection for nothing."""
     if getattr(model, "_require_grads_hooks", None) or getattr(model, "_require_grads_hook", None) is not None:
         model.disable_input_require_grads()
 
