@@ -326,6 +326,8 @@ def reference_host_fit(paths: tuple[Path, ...] = REFERENCE_HOST_RUNS) -> tuple[f
     each priced on its own host (its probe over the reading), the calibration's factors as they are."""
     runs = [r for r in load_runs({"vramplan": paths}) if r.host_us and not r.plan.captures_steps]
     factors = factors_for("vramplan")
+    # the host terms scale linearly with Factors.host_scale (host_seconds_split): priced once at the reference and
+    # scaled here, rather than through step_seconds at every reading searched (the same fit, 100x slower)
     terms = [run_seconds(replace(r, host_us=None), factors) for r in runs]
 
     def error(reference: float) -> float:

@@ -281,16 +281,12 @@ def run_calibration(plan: Plan, model_dir: str, steps: int = 3, batch: dict | No
 def probe_host(gpu: str, device_index: int = 0, store: bool = True):
     """Time this machine's host driving the GPU (``vramplan.host``) and keep the reading for later predictions here:
     eager steps' speed follows it."""
-    import datetime
-
     import torch
 
     from vramplan.host import HostProbe, autograd_op_us, store_probe
 
     reading = autograd_op_us(torch.device("cuda", device_index))
-    if store:
-        return store_probe(reading, gpu)
-    return HostProbe(autograd_op_us=reading, gpu=gpu, measured=datetime.date.today().isoformat())
+    return store_probe(reading, gpu) if store else HostProbe.taken_now(reading, gpu)
 
 
 def fit_and_calibrate(model_dir: str, base: Plan, steps: int = 3, device_index: int = 0):

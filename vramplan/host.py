@@ -72,6 +72,11 @@ class HostProbe:
     gpu: str
     measured: str
 
+    @classmethod
+    def taken_now(cls, probe_us: float, gpu: str) -> "HostProbe":
+        """A reading taken today."""
+        return cls(autograd_op_us=float(probe_us), gpu=gpu, measured=date.today().isoformat())
+
     def describe(self) -> str:
         return (f"host probed {self.autograd_op_us:.1f} µs an op driving the {self.gpu} on {self.measured} "
                 f"(reference {REFERENCE_AUTOGRAD_OP_US:.1f}): eager steps' host time x{host_scale(self.autograd_op_us):.2f}")
@@ -87,7 +92,7 @@ def store_probe(probe_us: float, gpu: str, directory: Path | None = None) -> Hos
     """Keep this machine's reading for later predictions (atomically: a failed write leaves the old one)."""
     from vramplan.atomic import write_json_atomic
 
-    probe = HostProbe(autograd_op_us=float(probe_us), gpu=gpu, measured=date.today().isoformat())
+    probe = HostProbe.taken_now(probe_us, gpu)
     path = _probe_path(directory)
     path.parent.mkdir(parents=True, exist_ok=True)
     write_json_atomic(path, probe.__dict__)
