@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Session 26, call 1 (~8 minutes, an H200: no H100 started), most needed first:
+# Session 26, the H200 call (~8 minutes; registered when no H100 started), most needed first:
 # 1. (#6) the campaign registered in campaign-h200.json / predicted-h200.txt: six plans on a GPU no speed factor was
 #    fitted on, each priced at its own host's probe.
 # 2. (#5) the eager Gemma-4-E2B step's allocator history again (session 25's two trainer fixes: about 107 MB expected
