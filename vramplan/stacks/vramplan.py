@@ -48,15 +48,6 @@ WIDE_HEADS_NOTE = ("{n} attention layers with {width}-wide heads run vramplan's 
                    "instead")
 PROLOGUE_NOTE = ("a replayed step looks up its embeddings{per_layer} eagerly: {gb:.2f} GB of blocks the allocator keeps "
                  "cached outside the graph's pool, counted in fragmentation")
-#: Before compact captures (switch ``compact_captures``), a captured run without checkpointing at a high rank held far
-#: more than priced: Qwen3-1.7B at rank 128 and 1,024 tokens reserved 1.96 GB beyond its allocations on the H100, where
-#: 0.50 GB was priced (session 20). The cause (session 21's allocator history): the eager first pass made the gradients
-#: and the adapters' bf16 copies among its activations, and they kept those pages mapped through the capture. With the
-#: switch off, such plans say so from this rank; with it on (the default) the same run held 0.15 GB.
-UNCHECKPOINTED_CAPTURE_RANK = 64
-UNCHECKPOINTED_CAPTURE_NOTE = ("no checkpointing under CUDA graphs at rank {rank}: a measured run of this kind (Qwen3-1.7B, "
-                               "rank 128) held 1.96 GB of allocator slack where 0.50 GB was priced; leave that headroom, "
-                               "or checkpoint (--checkpointing full) or replay eagerly (--no-cuda-graphs)")
 SLIDING_BAND_NOTE = ("{n} sliding-window layers run vramplan's chunked attention over their {window}-key band (SDPA "
                      "computes the whole masked square): score chunks of at most {chunk_mib} MiB in the layer's working "
                      "set; VRAMPLAN_DISABLE=sliding_band_attention runs SDPA instead")
@@ -154,7 +145,7 @@ def step_memory(arch, plan) -> StepMemory:
         step_buffers["expert_dequant_buffers"] = expert_dequant_buffer_bytes(arch)
     static = {**weights, **adapters, **optim, **step_buffers}
     prologue = captured_prologue_bytes(arch, tokens, ACT) if captured else 0
-    compact = switches.enabled("compact_captures")
+    compact = switches.enabled("compact_captures")  # retired: off only where a benchmark prices a line of its day
     # the eager slack's line was fitted on one process with expandable segments; elsewhere its older constant
     fitted_eager = plan.gpus == 1 and switches.enabled("expandable_segments")
     # gradients that exist before the backward (accumulated, one flat buffer) come after no peak of it: all count
@@ -192,10 +183,7 @@ def step_memory(arch, plan) -> StepMemory:
                                                       chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if wide else ())
                       + ((SLIDING_BAND_NOTE.format(n=len(banded), window=banded[0].sliding_window,
                                                    chunk_mib=CHUNKED_ATTENTION_SCORE_BYTES // 2**20),) if banded else ())
-                      + prologue_notes
-                      + ((UNCHECKPOINTED_CAPTURE_NOTE.format(rank=plan.lora_rank),)
-                         if captured and not compact and plan.checkpointing == "none"
-                         and plan.lora_rank >= UNCHECKPOINTED_CAPTURE_RANK else ()))
+                      + prologue_notes)
 
 
 #: Model families the trainer does not step flat: on Gemma-4-E2B it was 18% slower in an eager A/B

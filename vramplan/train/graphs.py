@@ -281,8 +281,7 @@ class StepGraphs:
         self._grads_in_place()  # captured kernels record, they do not run: the replay after this computes
         graph = torch.cuda.CUDAGraph()
         torch.cuda.synchronize()
-        if switches.enabled("compact_captures"):
-            self._drop_eager_copies()
+        self._drop_eager_copies()
         torch.cuda.empty_cache()  # the eager first pass's cached blocks: the graph's pool takes their place
         LoRACopies._generation += 1  # the graph makes its own compute-dtype copies of the adapters
         try:
@@ -321,7 +320,7 @@ class StepGraphs:
     def summed_loss(self, batch: dict[str, torch.Tensor], denominator: torch.Tensor) -> torch.Tensor:
         """One micro-batch's forward and backward, through its graph when it has one (capturing it
         when due) and eagerly otherwise; returns its summed token loss."""
-        if self.grad_tensors is None and switches.enabled("compact_captures"):
+        if self.grad_tensors is None:
             self._grads_in_place()  # before the first pass, so its backward adds into them (see the module docstring)
         if any(k not in ("input_ids", "position_ids", "labels") for k in batch):
             return self._eager(batch, denominator)

@@ -66,10 +66,6 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 #: 16's H100 A/B in fresh processes (benchmarks/results/session16/call1/trainer.jsonl): Gemma-4-E2B at 6,144 tokens
 #: 439.4 -> 324.7 ms a step (1.35x: 341-row chunks became 320), at 8,192 514.8 -> 443.6 (1.16x: the band's 1,023 keys
 #: became 1,024), E4B at 8,192 851.8 -> 683.6 (1.25x); the same memory.
-#: ``compact_captures``: under CUDA graphs, the gradients made as one buffer before a shape's first, eager, pass and that
-#: pass's adapter copies dropped before the capture, so the pages the pass mapped go back before the graph's pool grows
-#: (``train.graphs``); off, the gradients are made by that pass's backward among its activations, as through session 20.
-#: Session 21 (H100, Qwen3-1.7B at rank 128 without checkpointing): off, 7.17 GB reserved for 5.20 GB allocated.
 #: ``expandable_segments``: `vramplan train` and `vramplan calibrate` ask torch's allocator for expandable segments
 #: (``train.allocator``) unless the user configured it; every trainer line since session 9 ran with them. Off, the
 #: allocator caches separately allocated segments: sessions 2-3's eager runs (the accuracy matrix) held 0.11-0.34 GB
@@ -77,16 +73,30 @@ ENABLE_ENV = "VRAMPLAN_ENABLE"
 SWITCHES = {"rope": True, "flat_optimizer": False, "cuda_graphs": True, "fused_optimizer": False,
             "int8_vocab_major": True, "overlap_optimizer": True, "queued_optimizer": True, "rope_gemma4": True,
             "prefetch_paged": False, "wide_head_attention": True, "wide_head_fused_rows": True,
-            "sliding_band_attention": True, "aligned_attention_chunks": True, "compact_captures": True,
-            "expandable_segments": True}
+            "sliding_band_attention": True, "aligned_attention_chunks": True, "expandable_segments": True}
 
 
 def _listed(env: str) -> set[str]:
     return {part.strip() for part in os.environ.get(env, "").split(",") if part.strip()}
 
 
+#: Switches whose A/B ended for good: the trainer always runs the state given here and the environment no longer turns
+#: them, but a benchmark still prices a line measured the other way as it ran (:func:`forced`).
+#: ``compact_captures``: under CUDA graphs, the gradients made as one buffer before a shape's first, eager, pass and that
+#: pass's adapter copies dropped before the capture, so the pages the pass mapped go back before the graph's pool grows
+#: (``train.graphs``). Through session 20 that pass's backward made the gradients among its activations. Session 21's A/B
+#: (H100, Qwen3-1.7B at rank 128 without checkpointing, benchmarks/results/session21/call3/compact.jsonl): 7.17 GB
+#: reserved for 5.20 GB allocated before, 5.35 after, at the same speed (28,114 and 28,107 tok/s). Retired in session 26:
+#: the old path cost up to 2 GB and bought nothing, and the planner priced it 10% low.
+RETIRED = {"compact_captures": True}
+_forced_retired: dict[str, bool] = {}
+
+
 def enabled(name: str) -> bool:
-    """The switch's default, unless ``$VRAMPLAN_DISABLE`` or ``$VRAMPLAN_ENABLE`` lists it."""
+    """The switch's default, unless ``$VRAMPLAN_DISABLE`` or ``$VRAMPLAN_ENABLE`` lists it (a retired switch: its
+    state, unless a benchmark has :func:`forced` it)."""
+    if name in RETIRED:
+        return _forced_retired.get(name, RETIRED[name])
     default = SWITCHES[name]
     if name in _listed(DISABLE_ENV):
         return False
@@ -97,18 +107,22 @@ def enabled(name: str) -> bool:
 def forced(**states: bool):
     """The named switches on (True) or off (False) for the duration, whatever the environment says:
     a benchmark prices a measured run under the switches it ran with, not today's defaults."""
-    unknown = set(states) - set(SWITCHES)
+    unknown = set(states) - set(SWITCHES) - set(RETIRED)
     if unknown:
-        raise KeyError(f"unknown switch {', '.join(sorted(unknown))}; known: {', '.join(SWITCHES)}")
+        raise KeyError(f"unknown switch {', '.join(sorted(unknown))}; known: {', '.join([*SWITCHES, *RETIRED])}")
     saved = {env: os.environ.get(env) for env in (ENABLE_ENV, DISABLE_ENV)}
+    saved_retired = dict(_forced_retired)
+    _forced_retired.update({name: on for name, on in states.items() if name in RETIRED})
     enable, disable = _listed(ENABLE_ENV), _listed(DISABLE_ENV)
-    for name, on in states.items():
+    for name, on in ((name, on) for name, on in states.items() if name not in RETIRED):
         (enable if on else disable).add(name)
         (disable if on else enable).discard(name)
     os.environ[ENABLE_ENV], os.environ[DISABLE_ENV] = ",".join(sorted(enable)), ",".join(sorted(disable))
     try:
         yield
     finally:
+        _forced_retired.clear()
+        _forced_retired.update(saved_retired)
         for env, value in saved.items():
             if value is None:
                 os.environ.pop(env, None)
