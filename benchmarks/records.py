@@ -119,6 +119,12 @@ SESSION24_EAGER_TIMING = (_RESULTS / "session24" / "call3" / "eager-timing.jsonl
 #: probed 34-42 µs an op, call 1's 25-31.
 SESSION25_EAGER = (_RESULTS / "session25" / "call1" / "eager-eight-steps.jsonl",
                    _RESULTS / "session25" / "call2" / "eager-steady.jsonl")
+#: Session 26's H100 call, both campaigns registered before it ran: session 25's host-probe campaign
+#: (session25/campaign-host-probe.json: four eager plans no line had run, each to be priced at its own probe;
+#: call-h100/host-probe.jsonl) and the two captured Qwen3-1.7B plans without checkpointing whose runs before compact
+#: captures were #5's only held-out runs outside 6% (session26/campaign-shipped-captures.json; shipped-captures.jsonl).
+SESSION26_HOST_PROBE = (_RESULTS / "session26" / "call-h100" / "host-probe.jsonl",)
+SESSION26_SHIPPED_CAPTURES = (_RESULTS / "session26" / "call-h100" / "shipped-captures.jsonl",)
 #: The probed eager runs no hold-out counts, which set the host the speed model's host cost holds for
 #: (``vramplan.host.REFERENCE_AUTOGRAD_OP_US``, ``benchmarks.throughput.reference_host_fit``): session 24's rank sweep
 #: of Qwen3-4B and Qwen3-0.6B (call2/slack-sweep.jsonl).
@@ -244,6 +250,13 @@ HELD_OUT = (
             "session 25's eager runs of plans from sessions 21-24 on two H100 machines (call1/eager-eight-steps.jsonl: "
             "eight steps; call2/eager-steady.jsonl: the twelve-step campaign registered in "
             "session25/campaign-eager-steady.json), none fitted"),
+    HeldOut("session26_host_probe", SESSION26_HOST_PROBE, "session 26, host-probe campaign",
+            "session 25's registered host-probe campaign, run in session 26 (session25/campaign-host-probe.json: "
+            "Llama-3.2-1B offloaded at rank 32, Qwen3-1.7B at 2,048 tokens, Llama-3.2-3B and Gemma-4-E2B at 4,096, "
+            "eager), none fitted"),
+    HeldOut("session26_shipped_captures", SESSION26_SHIPPED_CAPTURES, "session 26, compact captures again",
+            "session 26's registered campaign (session26/campaign-shipped-captures.json: Qwen3-1.7B at 1,024 tokens, "
+            "ranks 128 and 64, no checkpointing, captured as the trainer ships), none fitted"),
 )
 
 #: The chunked loss's budget before it became a plan field (kernels/linear_cross_entropy.py, until head_quant)

@@ -204,7 +204,14 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
     eager25 = stats["session25_eager_uncalibrated"]
     assert eager25["n"] == 10 and eager25["mean"] < 0.015 and eager25["max"] < 0.04
     assert stats["session25_eager_calibrated_by_calibrate_runs"]["max"] < 0.03
-    assert shipped["n"] == 164 and shipped["mean"] < 0.019
+    # session 26's H100 call, both campaigns registered before it ran: session 25's four eager plans (1.2% mean, 1.9%
+    # max) and on today's trainer the two captured Qwen3-1.7B plans without checkpointing whose runs before compact
+    # captures read -9.7% and -9.8% corrected: -3.0% and -3.9% uncalibrated, 4.1% max corrected
+    probe26 = stats["session26_host_probe_uncalibrated"]
+    assert probe26["n"] == 4 and probe26["max"] < 0.02
+    again = stats["session26_shipped_captures_uncalibrated"]
+    assert again["n"] == 2 and again["max"] < 0.04 and stats["session26_shipped_captures_calibrated_by_calibrate_runs"]["max"] < 0.045
+    assert shipped["n"] == 170 and shipped["mean"] < 0.019
     held = [r for r in built[1]["rows"] if r["role"].startswith("held out (session")]
     outside = [r for r in held if abs(r["error_calibrated_by_calibrate_runs"]) > 0.06]
     over = [r for r in outside if r["error_calibrated_by_calibrate_runs"] > 0]
@@ -225,19 +232,19 @@ def test_the_matrix_re_measured_on_the_shipped_trainer(built):
 
 def test_the_stacks_as_they_ship_against_the_issue_targets(built):
     """The hf stack's matrix and every held-out run of vramplan's trainer since session 9 on a path it still takes
-    (69 runs; the matrix's vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.1% mean / 7.5% max,
-    inside 8% / 15%; calibrated 1.6% mean / 4.8% max, inside 3% / 6%. With the 118 captured runs made before compact
+    (75 runs; the matrix's vramplan rows measured sessions 1-3's eager trainer): uncalibrated 2.1% mean / 7.5% max,
+    inside 8% / 15%; calibrated 1.7% mean / 4.8% max, inside 3% / 6%. With the 118 captured runs made before compact
     captures (a path retired in session 26): 9.8% max calibrated, its only runs outside 6% the four above."""
     stats = built[1]["summary"]
     unc, cal = stats["as_shipped_uncalibrated"], stats["as_shipped_calibrated_held_out"]
-    assert unc["n"] == 69 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
-    assert cal["n"] == 61 and cal["mean"] <= 0.03 and cal["max"] <= 0.06
+    assert unc["n"] == 75 and unc["mean"] <= 0.08 and unc["max"] <= 0.15
+    assert cal["n"] == 67 and cal["mean"] <= 0.03 and cal["max"] <= 0.06
     retired = [r for r in built[1]["rows"] if r["retired_path"]]  # and nine fitted ones: session 12's allowances, session 21's A/B
     assert all(r["stack"] == "vramplan" and r["role"].startswith(("held out (", "fitted (")) for r in retired)
     held = [r for r in retired if r["role"].startswith("held out (")]
     assert len(held) == stats["retired_path_captures_before_compact_uncalibrated"]["n"] == 118
     every = stats["held_out_since_session9_calibrated_held_out"]
-    assert every["n"] == 179 and every["max"] > 0.06
+    assert every["n"] == 185 and every["max"] > 0.06
     outside = [r for r in built[1]["rows"] if abs(r.get("error_calibrated_by_calibrate_runs", 0)) > 0.06]
     assert outside and all(r["retired_path"] for r in outside)
 

@@ -404,11 +404,18 @@ def test_held_out_error_on_the_committed_measurements():
     # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
     # 6.1% mean, 122 of 127 within 15%; its eager ones, host-bound, 15.2% mean, 23 of 40, each on its host's probe
     # where it has one (19.3% mean, 13 of 31 before session 25, all at the reference host)
+    # session 26's H100 call: session 25's host-probe campaign, registered before it ran with a target of 3 of 4 within
+    # 15% on each line's probe, met 1 of 4 (Llama-3.2-1B offloaded +14.1%; Qwen3-1.7B +23.7%, Llama-3.2-3B +15.5%:
+    # the host ran slower than its 27-32 µs probe says; Gemma-4-E2B at 4,096 tokens -49.2%: its sliding layers' band
+    # priced at a full host op a chunk op). The two captured Qwen3-1.7B plans of its second campaign: +4.4%, -3.3%
+    probe26 = [r for r in result["rows"] if r["group"] == "session26_host_probe"]
+    assert len(probe26) == 4 and sum(abs(r["error"]) < 0.15 for r in probe26) == 1
+    assert result["held_out_by_group"]["session26_shipped_captures"]["within_15_percent"] == 2
     shipped = result["shipped_trainer_held_out"]
-    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 167
-    assert shipped["captured"]["count"] == 127 and shipped["captured"]["within_15_percent"] >= 122
-    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 40
-    assert shipped["eager"]["within_15_percent"] >= 23 and shipped["eager"]["mean_abs_error"] < 0.16
+    assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 173
+    assert shipped["captured"]["count"] == 129 and shipped["captured"]["within_15_percent"] >= 124
+    assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 44
+    assert shipped["eager"]["within_15_percent"] >= 24 and shipped["eager"]["mean_abs_error"] < 0.17
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
