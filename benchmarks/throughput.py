@@ -339,6 +339,42 @@ def reference_host_fit(paths: tuple[Path, ...] = REFERENCE_HOST_RUNS) -> tuple[f
     return round(float(best), 1), float(error(best))
 
 
+def host_residuals(paths: tuple[Path, ...] | None = None) -> list[dict]:
+    """What each probed eager line's host did beyond its probe: the host scale that prices its step exactly (the
+    calibration's factors, its plan as it ran) over the one its probe gives (``vramplan.host.host_scale``). One file is
+    one call, one machine, its configurations in fresh processes; 1 is a host exactly as fast as its probe says.
+    ``paths``: every held-out campaign's files and the reference host's runs."""
+    paths = paths or (*(path for held in HELD_OUT for path in held.paths), *REFERENCE_HOST_RUNS)
+    factors = factors_for("vramplan")
+    out = []
+    for path in paths:
+        for run in load_runs({"vramplan": path}):
+            if not run.host_us or run.plan.captures_steps:
+                continue
+            terms = run_seconds(replace(run, host_us=None), factors)
+
+            def step(scale: float, terms=terms) -> float:
+                return combine(dict(terms, host=terms["host"] * scale, host_after_sync=terms["host_after_sync"] * scale))
+
+            low, high = 0.01, 100.0  # the step grows with the host's scale: bisect for the one that prices it exactly
+            while high - low > 1e-4:
+                low, high = (low, (low + high) / 2) if step((low + high) / 2) > run.step_s else ((low + high) / 2, high)
+            exact = (low + high) / 2
+            out.append({"file": str(path.relative_to(RESULTS)), "model": run.model, "seq": run.plan.seq_len,
+                        "rank": run.plan.lora_rank, "checkpointing": run.plan.checkpointing, "probe_us": run.host_us,
+                        "residual": round(exact / host_scale(run.host_us), 3)})
+    return out
+
+
+def residual_spread(rows: list[dict]) -> dict:
+    """Per machine (file) with three lines or more: its residuals' median and range."""
+    by_file: dict[str, list[float]] = {}
+    for row in rows:
+        by_file.setdefault(row["file"], []).append(row["residual"])
+    return {file: {"lines": len(values), "median": statistics.median(values), "low": min(values), "high": max(values)}
+            for file, values in by_file.items() if len(values) >= 3}
+
+
 def predicted_tok_s(run: Run, factors: Factors) -> float:
     return run.plan.micro_batch * run.plan.seq_len / combine(run_seconds(run, factors))
 
@@ -429,6 +465,7 @@ def evaluate(runs: list[Run] | None = None, rotate: bool = True, later: list[Run
         "repeats": {"configurations": len(repeated), "max_spread": round(max(repeated, default=0.0), 4)},
         "same_work": same_work_spread([r for r in rows if r["group"] == "eager"]),
         "rotations": rotations,
+        "host_residuals": residual_spread(host_residuals()),
     }
 
 
@@ -492,6 +529,16 @@ def markdown(result: dict) -> str:
                      f"a spread of {100 * same['spread']:.0f}%: host-bound steps whose settings change no host op"
                      + (" (slowest/fastest above 1.15/0.85: no one prediction is within 15% of all of them)."
                         if same["slowest_s"] / same["fastest_s"] > 1.15 / 0.85 else "."))
+    residuals = result.get("host_residuals")
+    if residuals:
+        lines += ["", "**What a host did beyond its probe** (`host_residuals`: the host scale that prices a probed eager "
+                  "line exactly over the one its probe gives; one file is one machine, its plans in fresh processes). "
+                  f"On {sum(r['high'] / r['low'] > 1.15 / 0.85 for r in residuals.values())} of {len(residuals)} "
+                  "machines the highest is more than 1.15 / 0.85 times the lowest: no one host scale, a probe's or a "
+                  "measured one, prices each of that machine's lines within 15%:", "",
+                  "| machine (file) | lines | median | low | high |", "|---|---|---|---|---|"]
+        lines += [f"| {file} | {r['lines']} | {r['median']:.2f} | {r['low']:.2f} | {r['high']:.2f} |"
+                  for file, r in residuals.items()]
     lines += ["", "Factors (vramplan's seconds per host op fitted on the eager runs of `records.HELD_OUT`'s "
               f"`{HOST_OP_FIT_GROUP}`, the trainer as it ships, marked fit above; sessions 1-3's vramplan rows marked fit "
               "set only the checkpoint hooks' ops, with hf's. They measured a trainer whose host work cost more, and "

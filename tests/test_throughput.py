@@ -663,3 +663,18 @@ def test_reference_host_is_the_fit_of_the_probed_runs_no_hold_out_counts():
     reference, error = reference_host_fit()
     assert reference == pytest.approx(REFERENCE_AUTOGRAD_OP_US, abs=0.05) and error < 0.12
     assert not set(REFERENCE_HOST_RUNS) & {path for held in HELD_OUT for path in held.paths}
+
+
+def test_a_machine_runs_eager_lines_beyond_its_probe_by_more_than_15_percent_apart():
+    """What each probed eager line's host did beyond its probe (``host_residuals``): one machine's plans, in fresh
+    processes, need host scales up to 1.39 / 0.89 apart (session 24's rank sweep), wider than 1.15 / 0.85, so no
+    price scaled by a probe, or by one measured step on that machine, is within 15% of all of them."""
+    from benchmarks.throughput import host_residuals, residual_spread
+
+    rows = host_residuals()
+    assert len(rows) == 35 and all(0.4 < r["residual"] < 1.5 for r in rows)
+    spread = residual_spread(rows)
+    assert len(spread) == 6
+    wide = [file for file, r in spread.items() if r["high"] / r["low"] > 1.15 / 0.85]
+    assert {"session24/call2/slack-sweep.jsonl", "session24/call3/eager-timing.jsonl"} <= set(wide)
+    assert spread["session25/call2/eager-steady.jsonl"]["high"] / spread["session25/call2/eager-steady.jsonl"]["low"] < 1.1
