@@ -1,7 +1,10 @@
 """The throughput model: FLOPs by hand, the directions it must move in, and its error on held-out runs."""
 
 
+import contextlib
 import json
+import statistics
+from pathlib import Path
 
 import pytest
 
@@ -191,14 +194,19 @@ def test_a_captured_step_charges_one_replay_for_its_graph():
 
 def test_the_prologue_is_carved_out_of_the_forward():
     """The embedding lookups a graph leaves eager, as benchmarks.launch_count.count_graph_prologue counted
-    them (Llama 1, Gemma 4 9); splitting them off changes no eager total."""
-    from vramplan.throughput import HOST_OPS_PER_MODEL
+    them (Llama 1, Gemma 4 9); splitting them off changes no eager total. A checkpoint's hooks see every op of the
+    layers' forward but the chunked attention's, which its autograd Function runs unrecorded (Gemma 4's wide heads)."""
+    from vramplan.throughput import HOST_OPS_PER_MODEL, chunked_attention_host_ops
 
     for model, lookups in (("llama-3.2-1b", 1), ("gemma-3-1b", 2), ("gemma-4-e2b-text", 9)):
         arch = architecture(resolve_model(model))
-        ops = step_host_ops(arch, Plan(model=model))
+        plan = Plan(model=model)
+        ops = step_host_ops(arch, plan)
         assert ops["prologue"] == lookups
-        assert ops["checkpointed"] == ops["forward"] + ops["prologue"] - HOST_OPS_PER_MODEL["vramplan"][0]
+        unrecorded = sum(chunked_attention_host_ops(layer, plan)[0] for layer in arch.layers)
+        assert (unrecorded > 0) == model.startswith("gemma-4")
+        assert ops["checkpointed"] == pytest.approx(ops["forward"] + ops["prologue"] - unrecorded
+                                                    - HOST_OPS_PER_MODEL["vramplan"][0])
 
 
 @pytest.mark.parametrize("change", [dict(cuda_graphs=False), dict(checkpointing="offload"), dict(stack="hf"),
@@ -381,7 +389,7 @@ def test_held_out_error_on_the_committed_measurements():
     assert result["held_out_by_group"]["session21_slack"]["within_15_percent"] == 4
     assert result["held_out_by_group"]["session21_compact"]["within_15_percent"] == 9
     eager21 = [r for r in result["rows"] if r["group"] == "session21_eager"]
-    assert len(eager21) == 6 and all(-0.38 < r["error"] < -0.25 for r in eager21)
+    assert len(eager21) == 6 and all(-0.38 < r["error"] < -0.2 for r in eager21)
     # session 21's campaign of compact captures, registered before it ran: every captured run within 15% (5.8-9.4%);
     # Llama-3.2-1B eager after it, on that third host, -20% on the reference host, -37% on its probe (36.0 µs an op,
     # read before the steps; the step ran 0.128 s)
@@ -398,24 +406,28 @@ def test_held_out_error_on_the_committed_measurements():
     eager24 = [r for r in result["rows"] if r["group"] == "session24_eager_timing"]
     assert len(eager24) == 6 and sum(abs(r["error"]) < 0.15 for r in eager24) == 5
     # session 25's eager runs on two hosts (probes 25-31 and 34-42 µs: 0.134 and 0.241 s a step of one plan): on
-    # their probes 6.1% mean, 8 of 9 within 15% (Llama-3.2-1B at batch 2 -17.0%); on the reference host 2 of 9
+    # their probes 6.1% mean, 8 of 9 within 15% (Llama-3.2-1B at batch 2 -17.0%); on the reference host 2 of 9. Since
+    # session 26 prices the chunked attention's ops as unrecorded, its Gemma-4-E2B and E4B +14.8% and +14.1% (were +4.5%
+    # and +5.8%): 8.2% mean
     eager25 = result["held_out_by_group"]["session25_eager"]
-    assert eager25["count"] == 9 and eager25["within_15_percent"] == 8 and eager25["mean_abs_error"] < 0.07
+    assert eager25["count"] == 9 and eager25["within_15_percent"] == 8 and eager25["mean_abs_error"] < 0.09
     # every held-out run of the trainer as it shipped since session 9, together: its captured steps (the default)
     # 6.1% mean, 122 of 127 within 15%; its eager ones, host-bound, 15.2% mean, 23 of 40, each on its host's probe
     # where it has one (19.3% mean, 13 of 31 before session 25, all at the reference host)
     # session 26's H100 call: session 25's host-probe campaign, registered before it ran with a target of 3 of 4 within
     # 15% on each line's probe, met 1 of 4 (Llama-3.2-1B offloaded +14.1%; Qwen3-1.7B +23.7%, Llama-3.2-3B +15.5%:
-    # the host ran slower than its 27-32 µs probe says; Gemma-4-E2B at 4,096 tokens -49.2%: its sliding layers' band
-    # priced at a full host op a chunk op). The two captured Qwen3-1.7B plans of its second campaign: +4.4%, -3.3%
+    # the host ran 12-24% slower than its 27-32 µs probe says; Gemma-4-E2B at 4,096 tokens -49.2%: its sliding layers'
+    # band priced at a recorded op a chunk op). With the chunked attention's ops priced as unrecorded (after the call):
+    # E2B +11.8%, 2 of 4. The two captured Qwen3-1.7B plans of its second campaign: +4.4%, -3.3%
     probe26 = [r for r in result["rows"] if r["group"] == "session26_host_probe"]
-    assert len(probe26) == 4 and sum(abs(r["error"]) < 0.15 for r in probe26) == 1
+    assert len(probe26) == 4 and sum(abs(r["error"]) < 0.15 for r in probe26) == 2
+    assert all(0.1 < r["error"] < 0.25 for r in probe26)
     assert result["held_out_by_group"]["session26_shipped_captures"]["within_15_percent"] == 2
     shipped = result["shipped_trainer_held_out"]
     assert shipped["all"]["count"] == shipped["captured"]["count"] + shipped["eager"]["count"] == 173
     assert shipped["captured"]["count"] == 129 and shipped["captured"]["within_15_percent"] >= 124
     assert shipped["captured"]["mean_abs_error"] < 0.065 and shipped["eager"]["count"] == 44
-    assert shipped["eager"]["within_15_percent"] >= 24 and shipped["eager"]["mean_abs_error"] < 0.17
+    assert shipped["eager"]["within_15_percent"] >= 25 and shipped["eager"]["mean_abs_error"] < 0.16
     profiled = [r for r in result["rows"] if r["set"] == "profiled"]
     assert {r["key"] for r in profiled} == set(PROFILED)
     assert {r["group"] for r in profiled} == {"graphs", "graphs_causal"}
@@ -677,4 +689,42 @@ def test_a_machine_runs_eager_lines_beyond_its_probe_by_more_than_15_percent_apa
     assert len(spread) == 6
     wide = [file for file, r in spread.items() if r["high"] / r["low"] > 1.15 / 0.85]
     assert {"session24/call2/slack-sweep.jsonl", "session24/call3/eager-timing.jsonl"} <= set(wide)
-    assert spread["session25/call2/eager-steady.jsonl"]["high"] / spread["session25/call2/eager-steady.jsonl"]["low"] < 1.1
+    assert spread["session25/call2/eager-steady.jsonl"]["high"] / spread["session25/call2/eager-steady.jsonl"]["low"] < 1.15
+
+
+def test_the_chunked_attentions_ops_cost_what_a_dispatch_and_its_loop_cost():
+    """UNRECORDED_OP_SHARE is read off measurements no speed line is: the reference host's runs, whose dispatched add
+    cost 0.274 of a recorded op, and the CPU's chunk op at 1.21 dispatched adds. Gemma-4-E2B's eager step at 4,096
+    tokens (the sliding layers' band in 8 chunks, the wide heads' in 2) prices 1.7x faster than with each of those ops
+    a recorded one (2.2x faster than before session 26, when a checkpoint's hooks were priced on them too); a captured
+    step replays them and prices the same kernels."""
+    from benchmarks.records import REFERENCE_HOST_RUNS
+    from vramplan.throughput import UNRECORDED_OP_SHARE, device_kernels, unrecorded_host_ops
+
+    lines = [json.loads(line) for path in REFERENCE_HOST_RUNS for line in path.read_text().splitlines()]
+    dispatch = statistics.median(r["host_dispatch_us"] / r["host_autograd_us"] for r in lines if r.get("host_dispatch_us"))
+    cpu = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/session26/unrecorded-ops-cpu.json").read_text())
+    assert UNRECORDED_OP_SHARE == pytest.approx(dispatch * cpu["chunk_op_over_dispatch"], abs=0.01)
+    gemma = architecture(resolve_model("gemma-4-e2b-text"))
+    plan = Plan(model="gemma-4-e2b-text", seq_len=4096, cuda_graphs=False)
+    assert unrecorded_host_ops(gemma, plan)["forward"] > 0.5 * step_host_ops(gemma, plan)["forward"]
+    priced = predict_tokens_per_s(gemma, plan, resolve_gpu("h100"))
+    with priced_with_share(1.0):
+        as_recorded = predict_tokens_per_s(gemma, plan, resolve_gpu("h100"))
+        kernels = device_kernels(gemma, plan.replace(cuda_graphs=True))
+    assert 1.5 < priced / as_recorded < 2.0
+    assert device_kernels(gemma, plan.replace(cuda_graphs=True)) == kernels
+    llama = architecture(resolve_model("llama-3.2-1b"))
+    assert not any(unrecorded_host_ops(llama, Plan(model="llama-3.2-1b", seq_len=4096)).values())
+
+
+@contextlib.contextmanager
+def priced_with_share(share: float):
+    """The module's share of a recorded op set to ``share`` for the duration (the pricing before session 26: 1)."""
+    import vramplan.throughput as throughput
+
+    saved, throughput.UNRECORDED_OP_SHARE = throughput.UNRECORDED_OP_SHARE, share
+    try:
+        yield
+    finally:
+        throughput.UNRECORDED_OP_SHARE = saved

@@ -147,6 +147,16 @@ HOST_OPS_CHUNKED_ATTENTION = {"call": 5, "forward_chunk": 30, "backward_chunk": 
 #: The same with its row passes fused (switch ``wide_head_fused_rows``): the mask, log-sum-exp, exp and casts become
 #: one launch forward, and the recomputed probabilities and dS one launch backward.
 HOST_OPS_CHUNKED_ATTENTION_FUSED = {"call": 5, "forward_chunk": 19, "backward_chunk": 31}
+#: What one of those ops costs the host, as a share of a recorded op (:class:`Factors` ``seconds_per_host_op``): they
+#: run inside an autograd Function (vramplan.train.attention.ChunkedAttention), so autograd records none of them and no
+#: checkpoint hook packs their tensors; each is a dispatch, a launch and the loop's Python. Read off two measurements,
+#: none of them a speed line: on the reference host's runs (``benchmarks.records.REFERENCE_HOST_RUNS``) a dispatched
+#: in-place add cost 0.274 of a recorded op (their probes' median, ``host_dispatch_us`` over ``host_autograd_us``), and
+#: on the CPU a chunk's op cost 1.21 dispatched adds (``benchmarks/unrecorded_ops.py``,
+#: benchmarks/results/session26/unrecorded-ops-cpu.json). Until session 26 they were priced as recorded ops, and
+#: checkpointed: Gemma-4-E2B's eager step at 4,096 tokens, its sliding layers' band in 8 chunks, ran 2.0x faster than
+#: priced (session 26's H100 call).
+UNRECORDED_OP_SHARE = 0.33
 #: Gemma 4's per-layer embedding gating with its two linears (not recomputed: it follows the
 #: layer's last saved tensor; on hf its linears are quantized, which HOST_OPS_PER_DEQUANT adds)
 HOST_OPS_PER_LAYER_INPUT = {"vramplan": (8, 0, 16), "hf": (8, 0, 16)}
@@ -795,6 +805,7 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
 
     stack = plan.stack
     phases = [float(c) for c in HOST_OPS_PER_MODEL[stack]]
+    chunk_ops = [0.0, 0.0, 0.0]
     rope_unfused = stack == "vramplan" and arch.model_type.startswith(ROPE_UNPATCHED_MODEL_TYPES) \
         and not switches.gemma4_rope_fused(graphs_apply(arch, plan))
     quantized = plan.quant != "bf16"
@@ -817,13 +828,13 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
             list(HOST_OPS_PER_LAYER[stack]),
             _per_pass(HOST_OPS_ROPE_UNFUSED if layer.has_kv else HOST_OPS_ROPE_UNFUSED_Q_ONLY, int(rope_unfused)),
             _per_pass(HOST_OPS_PER_LAYER_INPUT[stack], 1 if layer.per_layer_input else 0),
-            chunked_attention_host_ops(layer, plan),
         ]
         for counts in per_layer:
             phases = [p + c for p, c in zip(phases, counts)]
+        chunk_ops = [c + u for c, u in zip(chunk_ops, chunked_attention_host_ops(layer, plan))]
         if layer.experts:  # hf loops over the experts in Python; vramplan's grouped path does not
             phases = [p + (layer.experts * 3 if stack == "hf" else 12) for p in phases]
-    forward, recompute, backward = phases
+    forward, recompute, backward = (p + c for p, c in zip(phases, chunk_ops))
     prologue = prologue_host_ops(arch)
     head_passes, head_slices = int8_head_walks(arch, plan)
     forward += head_passes * head_slices * HEAD_SLICE_COSTS[int8_vocab_major()][0]  # the fused loss runs in the forward
@@ -838,10 +849,20 @@ def step_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
         "forward": forward - prologue,
         "recompute": recompute if recomputes else 0.0,
         "backward": backward,
-        "checkpointed": forward - HOST_OPS_PER_MODEL[stack][0] if recomputes else 0.0,  # the layers' part
+        # the layers' part autograd records (a checkpoint's pack hook sees each saved tensor; none of the chunked
+        # attention's, inside its Function: unrecorded_host_ops)
+        "checkpointed": forward - chunk_ops[0] - HOST_OPS_PER_MODEL[stack][0] if recomputes else 0.0,
         "optimizer": optimizer / plan.grad_accum,
         "step": HOST_OPS_PER_STEP[stack] / plan.grad_accum,
     }
+
+
+def unrecorded_host_ops(arch: Architecture, plan: Plan) -> dict[str, float]:
+    """The ops of one micro-batch's forward, recompute and backward (each counted in :func:`step_host_ops`) that run
+    inside the chunked attention's autograd Function: autograd records none of them, so each costs the host a
+    dispatch and a launch (:data:`UNRECORDED_OP_SHARE` of a recorded op), and each still launches a kernel."""
+    counts = [sum(ops) for ops in zip(*(chunked_attention_host_ops(layer, plan) for layer in arch.layers))]
+    return dict(zip(("forward", "recompute", "backward"), counts or (0.0, 0.0, 0.0)))
 
 
 def chunked_attention_host_ops(layer: Layer, plan: Plan) -> list[float]:
@@ -927,6 +948,8 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
     captured = captured_phases(arch, plan)
     ops = step_host_ops(arch, plan)
     ops["checkpointed"] *= factors.checkpoint_host_ops
+    for phase, unrecorded in unrecorded_host_ops(arch, plan).items():
+        ops[phase] -= (1 - UNRECORDED_OP_SHARE) * (unrecorded if _recomputes(plan) or phase != "recompute" else 0.0)
     # the fused optimizer reads the norm after its step; the overlapped trainer reads everything after it,
     # but bitsandbytes' step still ends on a sync unless queued whole
     stepped_after_replay = captured and not steps_fused(plan)
