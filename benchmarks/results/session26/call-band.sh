@@ -7,7 +7,7 @@ python3 -c "import json
 c = json.load(open('benchmarks/results/session26/campaign-band-eager.json'))
 for m, grid in c['plans'].items():
     for g in grid: json.dump([g], open(f'/tmp/band-{m}-{g[\"seq\"]}.json', 'w'))"
-for plan in gemma-4-e2b-text:4096 gemma-4-e4b-text:4096; do
+for plan in ${BAND_PLANS:-gemma-4-e2b-text:4096 gemma-4-e4b-text:4096}; do
   model=${plan%%:*}; seq=${plan##*:}
   for off in sliding_band_attention ""; do
     VRAMPLAN_DISABLE=$off STEPS=8 timeout 85 benchmarks/run_on_gpu.sh "trainer:$model:/tmp/band-$model-$seq.json" | grep step_s | cut -c1-90
