@@ -949,7 +949,8 @@ def host_seconds_split(arch: Architecture, plan: Plan, factors: Factors) -> tupl
     ops = step_host_ops(arch, plan)
     ops["checkpointed"] *= factors.checkpoint_host_ops
     for phase, unrecorded in unrecorded_host_ops(arch, plan).items():
-        ops[phase] -= (1 - UNRECORDED_OP_SHARE) * (unrecorded if _recomputes(plan) or phase != "recompute" else 0.0)
+        if ops[phase]:  # no recompute without checkpointing
+            ops[phase] -= (1 - UNRECORDED_OP_SHARE) * unrecorded
     # the fused optimizer reads the norm after its step; the overlapped trainer reads everything after it,
     # but bitsandbytes' step still ends on a sync unless queued whole
     stepped_after_replay = captured and not steps_fused(plan)

@@ -135,8 +135,9 @@ CAPTURED_FRAGMENTATION_FLOOR_BYTES = 129_000_000
 #: capture (session 21's allocator history, benchmarks.memory_history). Bytes a trainable parameter, the slope of
 #: session 12's rank sweep (Llama-3.2-1B and Qwen3-4B at ranks 8-256, 5.6-528 M parameters: 0.10-1.53 GB);
 #: Gemma-4-E2B's ranks 32 and 128 held out. Captures made compact (``compact_captures``, on since session 21, the
-#: trainer's only path since session 26: the planner prices this only for lines measured before) leave none of it: 0.09-0.17 GB of slack at every rank, 8-256 (session 21, call 3: Llama-3.2-1B, Qwen3-1.7B and
-#: Qwen3-4B, Qwen3-4B at rank 256 from 1.53 to 0.15 GB), which the floor prices.
+#: trainer's only path since session 26: the planner prices this only for lines measured before) leave none of it:
+#: 0.09-0.17 GB of slack at every rank, 8-256 (session 21, call 3: Llama-3.2-1B, Qwen3-1.7B and Qwen3-4B, Qwen3-4B at
+#: rank 256 from 1.53 to 0.15 GB), which the floor prices.
 CAPTURED_FRAGMENTATION_PER_TRAINABLE = 2.64
 
 
