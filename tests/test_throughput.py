@@ -689,7 +689,8 @@ def test_a_machine_runs_eager_lines_beyond_its_probe_by_more_than_15_percent_apa
     assert len(spread) == 6
     wide = [file for file, r in spread.items() if r["high"] / r["low"] > 1.15 / 0.85]
     assert {"session24/call2/slack-sweep.jsonl", "session24/call3/eager-timing.jsonl"} <= set(wide)
-    assert spread["session25/call2/eager-steady.jsonl"]["high"] / spread["session25/call2/eager-steady.jsonl"]["low"] < 1.15
+    steady = spread["session25/call2/eager-steady.jsonl"]
+    assert steady["high"] / steady["low"] < 1.15
 
 
 def test_the_chunked_attentions_ops_cost_what_a_dispatch_and_its_loop_cost():
@@ -702,8 +703,10 @@ def test_the_chunked_attentions_ops_cost_what_a_dispatch_and_its_loop_cost():
     from vramplan.throughput import UNRECORDED_OP_SHARE, device_kernels, unrecorded_host_ops
 
     lines = [json.loads(line) for path in REFERENCE_HOST_RUNS for line in path.read_text().splitlines()]
-    dispatch = statistics.median(r["host_dispatch_us"] / r["host_autograd_us"] for r in lines if r.get("host_dispatch_us"))
-    cpu = json.loads((Path(__file__).resolve().parent.parent / "benchmarks/results/session26/unrecorded-ops-cpu.json").read_text())
+    dispatch = statistics.median(r["host_dispatch_us"] / r["host_autograd_us"] for r in lines
+                                 if r.get("host_dispatch_us"))
+    cpu_reading = Path(__file__).resolve().parent.parent / "benchmarks/results/session26/unrecorded-ops-cpu.json"
+    cpu = json.loads(cpu_reading.read_text())
     assert UNRECORDED_OP_SHARE == pytest.approx(dispatch * cpu["chunk_op_over_dispatch"], abs=0.01)
     gemma = architecture(resolve_model("gemma-4-e2b-text"))
     plan = Plan(model="gemma-4-e2b-text", seq_len=4096, cuda_graphs=False)
@@ -720,7 +723,7 @@ def test_the_chunked_attentions_ops_cost_what_a_dispatch_and_its_loop_cost():
 
 @contextlib.contextmanager
 def priced_with_share(share: float):
-    """The module's share of a recorded op set to ``share`` for the duration (the pricing before session 26: 1)."""
+    """The module's share of a recorded op set to ``share`` for the duration (1: each costs a recorded op)."""
     import vramplan.throughput as throughput
 
     saved, throughput.UNRECORDED_OP_SHARE = throughput.UNRECORDED_OP_SHARE, share
