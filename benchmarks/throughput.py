@@ -320,20 +320,25 @@ def host_op_fitted(run: Run) -> bool:
 REFERENCE_HOST_US = np.arange(15.0, 45.05, 0.1)
 
 
+def step_at_host_scale(terms: dict[str, float], scale: float) -> float:
+    """A step's seconds from its terms priced on the reference host, on a host ``scale`` times as slow: its host terms
+    grow linearly with ``Factors.host_scale`` (``vramplan.throughput.host_seconds_split``), the rest not at all."""
+    return combine(dict(terms, host=terms["host"] * scale, host_after_sync=terms["host_after_sync"] * scale))
+
+
 def reference_host_fit(paths: tuple[Path, ...] = REFERENCE_HOST_RUNS) -> tuple[float, float]:
     """The probe reading the calibrated host cost per op holds for (``vramplan.host.REFERENCE_AUTOGRAD_OP_US``) and
     the mean relative step-time error there: the reading that minimises that error over ``paths``' probed eager runs,
     each priced on its own host (its probe over the reading), the calibration's factors as they are."""
     runs = [r for r in load_runs({"vramplan": paths}) if r.host_us and not r.plan.captures_steps]
     factors = factors_for("vramplan")
-    # the host terms scale linearly with Factors.host_scale (host_seconds_split): priced once at the reference and
-    # scaled here, rather than through step_seconds at every reading searched (the same fit, 100x slower)
+    # priced once at the reference and scaled here, rather than through step_seconds at every reading searched (the
+    # same fit, 100x slower)
     terms = [run_seconds(replace(r, host_us=None), factors) for r in runs]
 
     def error(reference: float) -> float:
-        return statistics.mean(abs(combine(dict(t, host=t["host"] * r.host_us / reference,
-                                                host_after_sync=t["host_after_sync"] * r.host_us / reference))
-                                       - r.step_s) / r.step_s for r, t in zip(runs, terms))
+        return statistics.mean(abs(step_at_host_scale(t, r.host_us / reference) - r.step_s) / r.step_s
+                               for r, t in zip(runs, terms))
 
     best = min(REFERENCE_HOST_US, key=error)
     return round(float(best), 1), float(error(best))
@@ -352,13 +357,10 @@ def host_residuals(paths: tuple[Path, ...] | None = None) -> list[dict]:
             if not run.host_us or run.plan.captures_steps:
                 continue
             terms = run_seconds(replace(run, host_us=None), factors)
-
-            def step(scale: float, terms=terms) -> float:
-                return combine(dict(terms, host=terms["host"] * scale, host_after_sync=terms["host_after_sync"] * scale))
-
             low, high = 0.01, 100.0  # the step grows with the host's scale: bisect for the one that prices it exactly
             while high - low > 1e-4:
-                low, high = (low, (low + high) / 2) if step((low + high) / 2) > run.step_s else ((low + high) / 2, high)
+                middle = (low + high) / 2
+                low, high = (low, middle) if step_at_host_scale(terms, middle) > run.step_s else (middle, high)
             exact = (low + high) / 2
             out.append({"file": str(path.relative_to(RESULTS)), "model": run.model, "seq": run.plan.seq_len,
                         "rank": run.plan.lora_rank, "checkpointing": run.plan.checkpointing, "probe_us": run.host_us,
